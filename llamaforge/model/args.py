@@ -1,0 +1,131 @@
+"""ModelArgs: the one description of a Llama model's shape.
+
+Every checkpoint parser (Meta params.json, Hugging Face config.json, GGUF metadata) returns one of
+these, and the model is built from nothing else. Values are validated when the object is made;
+derived values (`n_kv_heads`, `head_dim`, `hidden_dim`) are filled in only when not given, never
+overwritten.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from llamaforge.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1-style frequency-dependent rotary scaling (Meta's `apply_scaling`)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.factor <= 0 or self.low_freq_factor <= 0 or self.high_freq_factor <= self.low_freq_factor:
+            raise ConfigError(
+                f"invalid rope scaling {self}: need factor > 0 and high_freq_factor > low_freq_factor > 0"
+            )
+        if self.original_max_position_embeddings <= 0:
+            raise ConfigError(f"rope scaling original_max_position_embeddings must be > 0, got {self}")
+
+
+@dataclass
+class ModelArgs:
+    """Shape of a Llama-family transformer, named as in Meta's reference `ModelArgs`.
+
+    Args:
+        dim: model width (embedding size).
+        n_layers: number of transformer blocks.
+        n_heads: attention heads for queries.
+        vocab_size: rows of the embedding table; must be known (> 0) before a model is built.
+        n_kv_heads: key/value heads (grouped-query attention); defaults to `n_heads`.
+        head_dim: size of one head; defaults to `dim // n_heads`.
+        hidden_dim: SwiGLU inner size. When None it is Meta's formula from `multiple_of` and
+            `ffn_dim_multiplier`; Hugging Face and GGUF give it directly.
+        multiple_of, ffn_dim_multiplier: Meta's inputs to the hidden size formula.
+        norm_eps: RMSNorm epsilon.
+        rope_theta: rotary base frequency.
+        rope_scaling: Llama 3.1-style scaling of rotary frequencies, or None.
+        max_seq_len: the model's context length (positions it was trained for).
+        tie_embeddings: the output projection shares the token embedding matrix.
+    """
+
+    dim: int
+    n_layers: int
+    n_heads: int
+    vocab_size: int
+    n_kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    hidden_dim: Optional[int] = None
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScaling] = None
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "n_layers", "n_heads", "max_seq_len", "multiple_of"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"ModelArgs.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.vocab_size, int) or self.vocab_size <= 0:
+            raise ConfigError(
+                f"ModelArgs.vocab_size must be a positive integer, got {self.vocab_size!r}; "
+                "a params.json with vocab_size -1 takes it from the tokenizer, so pass tokenizer_path"
+            )
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads != 0:
+            raise ConfigError(
+                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
+            )
+        if self.head_dim is None:
+            if self.dim % self.n_heads != 0:
+                raise ConfigError(f"dim ({self.dim}) is not divisible by n_heads ({self.n_heads})")
+            self.head_dim = self.dim // self.n_heads
+        if self.head_dim <= 0 or self.head_dim % 2 != 0:
+            raise ConfigError(f"head_dim must be a positive even number for rotary embeddings, got {self.head_dim}")
+        if self.hidden_dim is None:
+            self.hidden_dim = meta_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+        if self.hidden_dim <= 0:
+            raise ConfigError(f"hidden_dim must be positive, got {self.hidden_dim}")
+        if not self.norm_eps > 0:
+            raise ConfigError(f"norm_eps must be > 0, got {self.norm_eps}")
+        if not self.rope_theta > 0:
+            raise ConfigError(f"rope_theta must be > 0, got {self.rope_theta}")
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
+
+    @property
+    def n_params(self) -> int:
+        """Number of parameters of a model of this shape."""
+        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        ffn = 3 * self.dim * self.hidden_dim
+        block = attn + ffn + 2 * self.dim
+        output = 0 if self.tie_embeddings else self.vocab_size * self.dim
+        return self.vocab_size * self.dim + self.n_layers * block + self.dim + output
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ModelArgs":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown ModelArgs fields {unknown}; known fields are {sorted(known)}")
+        return cls(**values)
+
+
+def meta_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
+    """SwiGLU hidden size as Meta's `FeedForward` computes it from `dim`."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
