@@ -1,0 +1,154 @@
+"""The Llama building blocks as pure tensor maths: RMSNorm, rotary embeddings, attention, SwiGLU.
+
+Follows Meta's reference `llama/model.py` (numerics included: norms and the attention softmax run in
+float32, rotary embeddings rotate interleaved pairs in float32), written without fairscale so the same
+modules serve one device, tensor-parallel surgery, quantized and LoRA layers: attention and feed-forward
+receive nothing but their `nn.Linear` projections, which other code may swap.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llamaforge.model.args import ModelArgs, RopeScaling
+from llamaforge.model.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 and cast back (as Meta's reference does)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: Optional[RopeScaling]) -> torch.Tensor:
+    """Inverse frequencies (head_dim // 2,) in float32, with Llama 3.1 scaling when given."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+    if scaling is None:
+        return freqs
+    # Meta's llama3 `apply_scaling`: keep high frequencies, divide low ones by `factor`,
+    # blend smoothly in between.
+    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / freqs
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    blended = (1 - smooth) * freqs / scaling.factor + smooth * freqs
+    out = torch.where(wavelen < high_wavelen, freqs, blended)
+    return torch.where(wavelen > low_wavelen, freqs / scaling.factor, out)
+
+
+class RotaryEmbedding(nn.Module):
+    """Cos/sin tables for positions [0, max_seq_len) and the rotation of interleaved pairs."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.head_dim = args.head_dim
+        self.theta = args.rope_theta
+        self.scaling = args.rope_scaling
+        self.max_seq_len = args.max_seq_len
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self.reset_tables()
+
+    def reset_tables(self, device: Optional[torch.device] = None) -> None:
+        """(Re)compute the tables, e.g. on the real device after building on the meta device."""
+        device = device or self.cos.device
+        freqs = rope_frequencies(self.head_dim, self.theta, self.scaling)
+        angles = torch.outer(torch.arange(self.max_seq_len, dtype=torch.float32), freqs)  # (L, hd/2)
+        self.cos = torch.cos(angles).to(device)
+        self.sin = torch.sin(angles).to(device)
+
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """Rotate x (B, T, H, hd) at positions input_pos (B, T); pairs (x[2i], x[2i+1]) as in Meta."""
+        cos = self.cos[input_pos].unsqueeze(2)  # (B, T, 1, hd/2)
+        sin = self.sin[input_pos].unsqueeze(2)
+        xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
+        x0, x1 = xf[..., 0], xf[..., 1]
+        out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (B, T, H, hd/2, 2)
+        return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with rotary positions, reading and writing an optional KV cache."""
+
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.n_kv_heads
+        self.head_dim = args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: RotaryEmbedding,
+        input_pos: torch.Tensor,
+        cache: Optional[KVCache] = None,
+        slots: Optional[torch.Tensor] = None,
+        kv_len: Optional[int] = None,
+    ) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        # Heads are views of the projection outputs: (B, T, H, hd) for this and the next lines.
+        xq = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
+        xk = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
+        xv = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
+        xq, xk = rope(xq, input_pos), rope(xk, input_pos)
+        q = xq.transpose(1, 2)  # (B, H, T, hd)
+        k, v = xk.transpose(1, 2), xv.transpose(1, 2)  # (B, Hkv, T, hd)
+        if cache is None:
+            # No cache (training, scoring): causal attention within this chunk.
+            mask = input_pos[:, None, None, :] <= input_pos[:, None, :, None]  # (B, 1, T, T)
+        else:
+            k, v = cache.update(self.layer_id, input_pos, k, v, slots=slots, kv_len=kv_len)  # (B, Hkv, L, hd)
+            key_pos = torch.arange(k.shape[2], device=x.device)
+            mask = key_pos[None, None, None, :] <= input_pos[:, None, :, None]  # (B, 1, T, L)
+        if self.n_kv_heads != self.n_heads:
+            rep = self.n_heads // self.n_kv_heads
+            k = k.repeat_interleave(rep, dim=1)  # (B, H, L, hd): query head h reads kv head h // rep
+            v = v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, hd)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))  # (B, T, H*hd) -> (B, T, dim)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.attention = Attention(args, layer_id)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x, rope, input_pos, cache=None, slots=None, kv_len=None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, input_pos, cache, slots, kv_len)
+        return h + self.feed_forward(self.ffn_norm(h))

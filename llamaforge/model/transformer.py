@@ -1,0 +1,109 @@
+"""The Llama transformer: token ids and positions in, logits out.
+
+No I/O, no tokenizer, no device strings, no torch.distributed: `build_model` puts weights that were
+loaded elsewhere into a model made on the meta device, without ever holding two copies.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import torch
+from torch import nn
+
+from llamaforge.errors import CheckpointError
+from llamaforge.model.args import ModelArgs
+from llamaforge.model.kv_cache import KVCache
+from llamaforge.model.layers import RMSNorm, RotaryEmbedding, TransformerBlock
+
+
+class Transformer(nn.Module):
+    """A Llama decoder with Meta's parameter names (`tok_embeddings`, `layers.N.attention.wq`, ...)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(args)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def hidden_states(
+        self,
+        tokens: torch.Tensor,
+        input_pos: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
+        slots: Optional[torch.Tensor] = None,
+        kv_len: Optional[int] = None,
+    ) -> torch.Tensor:
+        """Final normalised hidden states (B, T, dim) for tokens (B, T) at positions input_pos.
+
+        input_pos is (B, T) or (T,) shared by all rows; None means 0..T-1. With a cache, keys and
+        values are written at those positions and attention reads the first `kv_len` cached positions.
+        """
+        bsz, seqlen = tokens.shape
+        if input_pos is None:
+            input_pos = torch.arange(seqlen, device=tokens.device)
+        if input_pos.dim() == 1:
+            input_pos = input_pos.unsqueeze(0).expand(bsz, seqlen)  # (B, T)
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        for layer in self.layers:
+            h = layer(h, self.rope, input_pos, cache, slots, kv_len)
+        return self.norm(h)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        input_pos: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
+        slots: Optional[torch.Tensor] = None,
+        kv_len: Optional[int] = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits in float32: (B, T, vocab), or (B, 1, vocab) for the last position when `last_only`."""
+        h = self.hidden_states(tokens, input_pos, cache, slots, kv_len)
+        if last_only:
+            h = h[:, -1:]
+        return self.output(h).float()
+
+
+def build_model(
+    args: ModelArgs,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Transformer:
+    """Make a Transformer on `device` in `dtype` holding exactly the weights of `state_dict`.
+
+    The model is created on the meta device and the tensors are assigned, so no random init runs and
+    weights are never held twice. Missing or unexpected keys raise CheckpointError naming them.
+    """
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = {k: v for k, v in model.state_dict().items()}
+    if args.tie_embeddings:
+        expected.pop("output.weight", None)
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint does not match the model shape: missing keys {missing[:10]}"
+            f"{' ...' if len(missing) > 10 else ''}, unexpected keys {unexpected[:10]}"
+            f"{' ...' if len(unexpected) > 10 else ''}"
+        )
+    for name, param in expected.items():
+        tensor = state_dict[name]
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise CheckpointError(
+                f"weight {name} has shape {tuple(tensor.shape)} but the config implies {tuple(param.shape)}"
+            )
+    converted = {name: state_dict[name].to(device=device, dtype=dtype) for name in expected}
+    model.load_state_dict(converted, strict=False, assign=True)
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    model.rope.reset_tables(device)
+    return model.eval()
