@@ -1,0 +1,212 @@
+"""The three tokenizer libraries behind one small interface.
+
+Every back-end answers the same five questions: encode text (special-token strings in it either
+kept as text or mapped to their ids), decode ids, the vocabulary size, and the piece <-> id maps.
+BOS/EOS handling, id validation and everything model-specific live in `llamaforge.tokenizer`.
+
+- `SentencePieceBackend`: Llama 1/2 `tokenizer.model`; `encode` is `SentencePieceProcessor.encode`.
+- `TiktokenBackend`: Llama 3 `tokenizer.model`; `encode` is Meta's llama3 `Tokenizer.encode`
+  (chunks of at most 400k characters and 25k consecutive (non-)whitespace characters).
+- `HFBackend`: a `tokenizers.Tokenizer` (a `tokenizer.json`, or a GGUF vocabulary rebuilt as one);
+  special added tokens are only matched when asked (`encode_special_tokens`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Protocol
+
+from llamaforge.errors import TokenizerError
+
+
+class Backend(Protocol):
+    """What `Tokenizer` needs from a tokenizer library."""
+
+    n_words: int
+
+    def encode(self, text: str, allow_special: bool) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def id_to_piece(self, token_id: int) -> str: ...
+
+    def token_to_id(self, piece: str) -> int | None: ...
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 byte values to printable characters.
+
+    Printable Latin-1 bytes map to themselves; the other 68 (controls, space, ...) to U+0100 upwards,
+    in byte order. Byte-level BPE vocabularies (GPT-2, Llama 3's tokenizer.json, GGUF "gpt2") are
+    spelled in this alphabet.
+    """
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    out = {b: chr(b) for b in keep}
+    extra = 0
+    for b in range(256):
+        if b not in out:
+            out[b] = chr(0x100 + extra)
+            extra += 1
+    return out
+
+
+_BYTE_TO_CHAR = bytes_to_unicode()
+_CHAR_TO_BYTE = {c: b for b, c in _BYTE_TO_CHAR.items()}
+
+
+def special_splitter(specials: dict[str, int]) -> re.Pattern[str] | None:
+    """A regex that finds special-token strings, leftmost first and the longest at each position."""
+    names = sorted((s for s in specials if s), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, names))) if names else None
+
+
+def split_specials(text: str, pattern: re.Pattern[str] | None) -> Iterator[tuple[str, bool]]:
+    """Yield `(fragment, is_special)` pieces of `text`, splitting out every special-token string."""
+    if pattern is None:
+        if text:
+            yield text, False
+        return
+    pos = 0
+    for m in pattern.finditer(text):
+        if m.start() > pos:
+            yield text[pos : m.start()], False
+        yield m.group(), True
+        pos = m.end()
+    if pos < len(text):
+        yield text[pos:], False
+
+
+class SentencePieceBackend:
+    """A sentencepiece model (`SentencePieceProcessor`), as Meta's Llama 1/2 tokenizer uses it."""
+
+    def __init__(self, processor: object) -> None:
+        sp = processor
+        self.sp = sp
+        self.n_words: int = sp.vocab_size()  # type: ignore[attr-defined]
+        self.special_tokens: dict[str, int] = {
+            sp.id_to_piece(i): i  # type: ignore[attr-defined]
+            for i in range(self.n_words)
+            if sp.is_control(i) or sp.is_unknown(i)  # type: ignore[attr-defined]
+        }
+        self._pattern = special_splitter(self.special_tokens)
+
+    def encode(self, text: str, allow_special: bool) -> list[int]:
+        if not allow_special:
+            return list(self.sp.encode(text))  # type: ignore[attr-defined]
+        out: list[int] = []
+        for frag, is_special in split_specials(text, self._pattern):
+            out.extend([self.special_tokens[frag]] if is_special else self.sp.encode(frag))  # type: ignore[attr-defined]
+        return out
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(ids)  # type: ignore[attr-defined]
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self.sp.id_to_piece(token_id)  # type: ignore[attr-defined]
+
+    def token_to_id(self, piece: str) -> int | None:
+        i = self.sp.piece_to_id(piece)  # type: ignore[attr-defined]
+        return i if self.sp.id_to_piece(i) == piece else None  # type: ignore[attr-defined]
+
+
+TIKTOKEN_MAX_ENCODE_CHARS = 400_000  # tiktoken panics on longer inputs (Meta's limit)
+MAX_NO_WHITESPACES_CHARS = 25_000  # longest run of (non-)whitespace per call (tiktoken issue #195)
+
+
+def split_runs(text: str, max_run: int) -> Iterator[str]:
+    """Cut `text` so no piece holds more than `max_run` consecutive whitespace or non-whitespace chars.
+
+    Same cuts as Meta llama3's `_split_whitespaces_or_nonwhitespaces`: a new piece starts at the
+    character that would make the current run one too long.
+    """
+    start = 0
+    run = 0
+    in_space = text[0].isspace() if text else False
+    for i, ch in enumerate(text):
+        space = ch.isspace()
+        if space != in_space:
+            in_space, run = space, 1
+            continue
+        run += 1
+        if run > max_run:
+            yield text[start:i]
+            start, run = i, 1
+    yield text[start:]
+
+
+class TiktokenBackend:
+    """A `tiktoken.Encoding` driven the way Meta's llama3 `Tokenizer` drives it."""
+
+    def __init__(self, encoding: object, special_tokens: dict[str, int]) -> None:
+        self.enc = encoding
+        self.n_words: int = encoding.n_vocab  # type: ignore[attr-defined]
+        self.special_tokens = dict(special_tokens)
+        self._id_to_special = {i: s for s, i in special_tokens.items()}
+
+    def encode(self, text: str, allow_special: bool) -> list[int]:
+        allowed: object = "all" if allow_special else set()
+        out: list[int] = []
+        for i in range(0, len(text), TIKTOKEN_MAX_ENCODE_CHARS):
+            for piece in split_runs(text[i : i + TIKTOKEN_MAX_ENCODE_CHARS], MAX_NO_WHITESPACES_CHARS):
+                out.extend(self.enc.encode(piece, allowed_special=allowed, disallowed_special=()))  # type: ignore[attr-defined]
+        return out
+
+    def decode(self, ids: list[int]) -> str:
+        return self.enc.decode(ids)  # type: ignore[attr-defined]
+
+    def id_to_piece(self, token_id: int) -> str:
+        """The token spelled in GPT-2's byte alphabet (as Hugging Face's Llama 3 tokenizer.json does)."""
+        if token_id in self._id_to_special:
+            return self._id_to_special[token_id]
+        raw: bytes = self.enc.decode_single_token_bytes(token_id)  # type: ignore[attr-defined]
+        return "".join(_BYTE_TO_CHAR[b] for b in raw)
+
+    def token_to_id(self, piece: str) -> int | None:
+        if piece in self.special_tokens:
+            return self.special_tokens[piece]
+        try:
+            raw = bytes(_CHAR_TO_BYTE[c] for c in piece)
+            return self.enc.encode_single_token(raw)  # type: ignore[attr-defined]
+        except KeyError:
+            return None
+
+
+class HFBackend:
+    """A Hugging Face `tokenizers.Tokenizer`; special added tokens are matched only when allowed."""
+
+    def __init__(self, tokenizer: object) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        if not hasattr(tokenizer, "encode_special_tokens"):
+            raise TokenizerError(
+                "this version of the `tokenizers` library cannot keep special tokens out of user text; "
+                "install tokenizers>=0.19"
+            )
+        self.with_special = tokenizer
+        self.with_special.encode_special_tokens = False  # type: ignore[attr-defined]
+        # a second copy whose special added tokens are plain text (thread-safe: nothing is toggled)
+        self.plain = HFTokenizer.from_str(tokenizer.to_str())  # type: ignore[attr-defined]
+        self.plain.encode_special_tokens = True
+        self.n_words: int = tokenizer.get_vocab_size(with_added_tokens=True)  # type: ignore[attr-defined]
+        self.special_tokens: dict[str, int] = {
+            tok.content: i
+            for i, tok in tokenizer.get_added_tokens_decoder().items()  # type: ignore[attr-defined]
+            if tok.special
+        }
+
+    def encode(self, text: str, allow_special: bool) -> list[int]:
+        tok = self.with_special if allow_special else self.plain
+        return tok.encode(text, add_special_tokens=False).ids  # type: ignore[attr-defined]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.with_special.decode(ids, skip_special_tokens=False)  # type: ignore[attr-defined]
+
+    def id_to_piece(self, token_id: int) -> str:
+        piece = self.with_special.id_to_token(token_id)  # type: ignore[attr-defined]
+        if piece is None:
+            raise TokenizerError(f"token id {token_id} has no piece in this vocabulary")
+        return piece
+
+    def token_to_id(self, piece: str) -> int | None:
+        return self.with_special.token_to_id(piece)  # type: ignore[attr-defined]

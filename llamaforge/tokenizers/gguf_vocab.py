@@ -1,0 +1,324 @@
+"""GGUF vocabularies: read the metadata, rebuild the tokenizer llama.cpp runs.
+
+A GGUF file carries no tokenizer file, only llama.cpp's metadata keys (`tokenizer.ggml.*`). This
+module turns those into a Hugging Face `tokenizers.Tokenizer` that gives the ids llama.cpp's
+tokenizer (`src/llama-vocab.cpp`) gives:
+
+- `tokenizer.ggml.model == "gpt2"`: byte-level BPE. The tokens and merges go into a BPE model; the
+  text is split with the regexes llama.cpp picks for `tokenizer.ggml.pre` (see `gguf_pretok`), then
+  mapped to the byte alphabet (`ByteLevel`).
+- `tokenizer.ggml.model == "llama"`: sentencepiece-style BPE over scores. llama.cpp merges, again
+  and again, the adjacent pair whose concatenation is the vocabulary piece with the highest score.
+  A BPE model whose merges are every (left, right) split of every piece, ranked by the piece's
+  score, does the same (as transformers' GGUF converter does). Spaces become "▁", one "▁" is put
+  before each stretch of text when `add_space_prefix` (llama.cpp does this at the start and after
+  every special token, as the `Prepend` normalizer does per segment), and characters the
+  vocabulary lacks fall back to `<0xNN>` byte tokens.
+
+Token types decide what is special: control (3) and unknown (2) tokens are matched in text only
+when the caller allows special tokens; user-defined (4) tokens are always matched whole, as
+llama.cpp does; unused (5) and byte (6) tokens are never produced from text by name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+
+from llamaforge.errors import TokenizerError
+from llamaforge.tokenizers.gguf_pretok import PRE_TOKENIZERS
+
+logger = logging.getLogger(__name__)
+
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+
+# Token texts llama.cpp treats as "end of generation" whatever their stored type (it forces them to
+# control); the subset that names the end of a turn, in the order we prefer for `eot_id`.
+EOG_TEXTS = (
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>",
+    "<|end_of_text|>", "<EOT>", "<end_of_utterance>",
+)  # fmt: skip
+EOT_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>", "<EOT>")
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def _field_value(field: Any) -> Any:
+    """One `gguf.ReaderField` as a plain python value (str, int, float, bool or list of them)."""
+    from gguf import GGUFValueType
+
+    types = list(field.types)
+    if not types:
+        return None
+
+    def scalar(part: Any, kind: Any) -> Any:
+        if kind == GGUFValueType.STRING:
+            return bytes(part).decode("utf-8", errors="replace")
+        values = part.tolist()
+        value = values[0] if len(values) == 1 else values
+        return bool(value) if kind == GGUFValueType.BOOL else value
+
+    if types[0] == GGUFValueType.ARRAY:
+        sub = types[-1]
+        if sub == GGUFValueType.STRING:
+            return [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
+        if sub == GGUFValueType.ARRAY:  # nested arrays: rare; the reader's own conversion handles them
+            return field.contents() if hasattr(field, "contents") else None
+        out = [v for i in field.data for v in field.parts[i].tolist()]
+        return [bool(v) for v in out] if sub == GGUFValueType.BOOL else out
+    return scalar(field.parts[field.data[0]], types[0])
+
+
+def metadata_from_reader(reader: Any) -> dict[str, Any]:
+    """Every metadata key of an open `gguf.GGUFReader` as plain python values.
+
+    Strings are decoded (invalid UTF-8 replaced), numbers are python ints/floats, booleans bools,
+    arrays lists. The `GGUF.*` header pseudo-keys the reader adds (version, tensor and kv counts)
+    are kept. Tensors are not touched.
+    """
+    return {name: _field_value(f) for name, f in reader.fields.items()}
+
+
+def read_gguf_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a GGUF file's metadata (not its tensors) into a dict of plain python values.
+
+    Args:
+        path: a `.gguf` file, with or without tensors (a vocabulary-only file works).
+
+    Returns:
+        key -> value, e.g. `"tokenizer.ggml.tokens" -> list[str]`, `"llama.context_length" -> int`.
+
+    Raises:
+        TokenizerError: the file is missing, not GGUF, or truncated.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise TokenizerError(f"cannot read GGUF file {path!r}: {e}") from e
+    if magic != b"GGUF":
+        raise TokenizerError(f"{path!r} is not a GGUF file: it starts with {magic!r}, expected b'GGUF'")
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(path, "r")
+        return metadata_from_reader(reader)
+    except Exception as e:  # the reader raises ValueError, IndexError, struct errors... on bad files
+        raise TokenizerError(
+            f"cannot read the GGUF metadata of {path!r} ({type(e).__name__}: {e}); "
+            "the file is truncated or corrupt - download it again"
+        ) from e
+
+
+# --------------------------------------------------------------------------- vocabulary
+
+
+@dataclass
+class GGUFVocab:
+    """A GGUF vocabulary rebuilt as a `tokenizers.Tokenizer`, with the facts llama.cpp reads beside it."""
+
+    tokenizer: HFTokenizer
+    kind: str  # "gguf-gpt2" | "gguf-llama"
+    tokens: list[str]
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int
+    eot_id: int | None
+    add_bos: bool
+    chat_template: str | None
+    special_tokens: dict[str, int]
+    stop_ids: set[int] = field(default_factory=set)
+
+
+def _get_id(fields: dict[str, Any], key: str, default: int | None, n_tokens: int) -> int | None:
+    value = fields.get(key)
+    if default is not None and not 0 <= default < n_tokens:
+        default = None
+    if value is None:
+        return default
+    if not isinstance(value, int) or not 0 <= value < n_tokens:
+        logger.warning("GGUF %s = %r is outside the vocabulary of %d tokens; ignored", key, value, n_tokens)
+        return default
+    return value
+
+
+def _list(fields: dict[str, Any], key: str, n: int, default: Any, source: str) -> list[Any]:
+    value = fields.get(key)
+    if value is None:
+        return [default] * n
+    if not isinstance(value, list) or len(value) < n:
+        got = len(value) if isinstance(value, list) else type(value).__name__
+        raise TokenizerError(f"{source}: GGUF key {key} should be a list of {n} values (one per token), got {got}")
+    return value[:n]
+
+
+def build_gguf_vocab(fields: dict[str, Any], source: str = "GGUF metadata") -> GGUFVocab:
+    """Build the tokenizer a GGUF file's `tokenizer.ggml.*` metadata describes.
+
+    Args:
+        fields: metadata as returned by `read_gguf_metadata`.
+        source: how to name the origin in error messages (usually the file path).
+
+    Raises:
+        TokenizerError: no vocabulary, an unsupported `tokenizer.ggml.model` or `tokenizer.ggml.pre`,
+            or inconsistent arrays.
+    """
+    model = fields.get("tokenizer.ggml.model")
+    if model is None:
+        raise TokenizerError(f"{source}: no tokenizer.ggml.model key; this GGUF holds no vocabulary")
+    if model not in ("gpt2", "llama"):
+        raise TokenizerError(
+            f"{source}: tokenizer.ggml.model = {model!r} is not supported; "
+            "llamaforge reads 'gpt2' (byte-level BPE) and 'llama' (sentencepiece) vocabularies"
+        )
+    tokens = fields.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise TokenizerError(f"{source}: tokenizer.ggml.tokens is missing or not a list of strings")
+    n = len(tokens)
+    tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]  # as llama.cpp does
+    types = _list(fields, "tokenizer.ggml.token_type", n, TOKEN_NORMAL, source)
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        if t in vocab:
+            raise TokenizerError(f"{source}: duplicate token {t!r} in the vocabulary (ids {vocab[t]} and {i})")
+        vocab[t] = i
+
+    # llama.cpp forces end-of-generation tokens to control, whatever the file says
+    types = [TOKEN_CONTROL if t in EOG_TEXTS and ty == TOKEN_NORMAL else ty for t, ty in zip(tokens, types)]
+
+    if model == "gpt2":
+        pre_name = fields.get("tokenizer.ggml.pre") or ""
+        if not pre_name:
+            logger.warning("%s: no tokenizer.ggml.pre; using llama.cpp's 'default' pre-tokenizer", source)
+            pre_name = "default"
+        pre = PRE_TOKENIZERS.get(pre_name)
+        if pre is None:
+            raise TokenizerError(
+                f"{source}: tokenizer.ggml.pre = {pre_name!r} is not a pre-tokenizer llamaforge knows; "
+                f"known: {', '.join(sorted(PRE_TOKENIZERS))}"
+            )
+        hf = _byte_level_bpe(fields, vocab, source, pre.regexes, pre.ignore_merges)
+        kind, add_bos_default = "gguf-gpt2", pre.add_bos
+        bos = _get_id(fields, "tokenizer.ggml.bos_token_id", None, n) if pre.has_bos else None
+        eos = _get_id(fields, "tokenizer.ggml.eos_token_id", None, n)
+    else:
+        scores = _list(fields, "tokenizer.ggml.scores", n, 0.0, source)
+        add_prefix = bool(fields.get("tokenizer.ggml.add_space_prefix", True))
+        unk = _get_id(fields, "tokenizer.ggml.unknown_token_id", 0, n)
+        hf = _sentencepiece_bpe(tokens, scores, types, vocab, unk, add_prefix, source)
+        kind, add_bos_default = "gguf-llama", True
+        bos = _get_id(fields, "tokenizer.ggml.bos_token_id", 1, n)
+        eos = _get_id(fields, "tokenizer.ggml.eos_token_id", 2, n)
+
+    special = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (TOKEN_CONTROL, TOKEN_UNKNOWN)}
+    user_defined = [t for t, ty in zip(tokens, types) if ty == TOKEN_USER_DEFINED]
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    hf.add_tokens([AddedToken(t, special=False, normalized=False) for t in user_defined])
+    if hf.get_vocab_size(with_added_tokens=True) != n:
+        raise TokenizerError(f"{source}: rebuilding the vocabulary of {n} tokens gave a different size")
+
+    eot = _get_id(fields, "tokenizer.ggml.eot_token_id", None, n)
+    if eot is None:
+        eot = next((special[t] for t in EOT_TEXTS if t in special), None)
+    eom = _get_id(fields, "tokenizer.ggml.eom_token_id", None, n)
+    stops = {special[t] for t in EOG_TEXTS if t in special}
+    stops |= {i for i in (eos, eot, eom) if i is not None}
+    add_bos = fields.get("tokenizer.ggml.add_bos_token")
+    pad = _get_id(fields, "tokenizer.ggml.padding_token_id", None, n)
+    template = fields.get("tokenizer.chat_template")
+    return GGUFVocab(
+        tokenizer=hf,
+        kind=kind,
+        tokens=tokens,
+        bos_id=bos,
+        eos_id=eos,
+        pad_id=-1 if pad is None else pad,
+        eot_id=eot,
+        add_bos=add_bos_default if add_bos is None else bool(add_bos),
+        chat_template=template if isinstance(template, str) and template else None,
+        special_tokens=special,
+        stop_ids=stops,
+    )
+
+
+def _byte_level_bpe(
+    fields: dict[str, Any], vocab: dict[str, int], source: str, regexes: tuple[str, ...], ignore_merges: bool
+) -> HFTokenizer:
+    raw = fields.get("tokenizer.ggml.merges")
+    if not isinstance(raw, list):
+        raise TokenizerError(f"{source}: a 'gpt2' vocabulary needs tokenizer.ggml.merges, which is missing")
+    merges = []
+    for m in raw:
+        pos = m.find(" ", 1)  # llama.cpp splits at the first space after the first character
+        if pos < 0:
+            raise TokenizerError(f"{source}: merge {m!r} has no space separating its two halves")
+        merges.append((m[:pos], m[pos + 1 :]))
+    try:
+        bpe = models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges, dropout=None)
+    except Exception as e:
+        raise TokenizerError(f"{source}: the merges do not fit the vocabulary ({e})") from e
+    hf = HFTokenizer(bpe)
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)]
+    )
+    hf.decoder = decoders.ByteLevel()
+    return hf
+
+
+def sentencepiece_merges(tokens: list[str], scores: list[float], mergeable: list[bool]) -> list[tuple[str, str]]:
+    """Merges that make BPE reproduce sentencepiece/llama.cpp score-ordered merging.
+
+    For every mergeable piece, every split into two mergeable pieces is a merge; merges are ranked
+    by the piece's score, best first (ties: lower id first, then the longer left half).
+    """
+    index = {t: i for i, (t, ok) in enumerate(zip(tokens, mergeable)) if ok}
+    ranked = []
+    for piece, i in index.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in index and right in index:
+                ranked.append((-float(scores[i]), i, -cut, left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
+
+
+def _sentencepiece_bpe(
+    tokens: list[str],
+    scores: list[float],
+    types: list[int],
+    vocab: dict[str, int],
+    unk: int | None,
+    add_prefix: bool,
+    source: str,
+) -> HFTokenizer:
+    mergeable = [ty in (TOKEN_NORMAL, TOKEN_USER_DEFINED) for ty in types]
+    merges = sentencepiece_merges(tokens, scores, mergeable)
+    has_bytes = all(f"<0x{b:02X}>" in vocab for b in range(256))
+    try:
+        bpe = models.BPE(
+            vocab=vocab,
+            merges=merges,
+            unk_token=tokens[unk] if unk is not None else None,
+            fuse_unk=True,
+            byte_fallback=has_bytes,
+            dropout=None,
+        )
+    except Exception as e:
+        raise TokenizerError(f"{source}: cannot build a BPE model from the vocabulary ({e})") from e
+    hf = HFTokenizer(bpe)
+    steps = [normalizers.Prepend("▁")] if add_prefix else []
+    hf.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "▁")])
+    hf.pre_tokenizer = None
+    dec = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_prefix:
+        dec.append(decoders.Strip(" ", 1, 0))
+    hf.decoder = decoders.Sequence(dec)
+    return hf
