@@ -15,6 +15,7 @@ import heapq
 import importlib.util
 import io
 import json
+import pickle
 import random
 from pathlib import Path
 
@@ -466,6 +467,8 @@ def test_special_strings_stay_text(toks: dict[str, Tokenizer], name: str) -> Non
     assert tok.decode(ids) == s
     for text, i in tok.special_tokens.items():
         assert tok.encode(text, allow_special=True) == [i]
+    copy = pickle.loads(pickle.dumps(tok))  # e.g. for data-loader worker processes
+    assert copy.encode(s) == ids and copy.encode(s, allow_special=True) == tok.encode(s, allow_special=True)
 
 
 @pytest.mark.parametrize("name", ["sp", "gguf_llama"])

@@ -176,6 +176,18 @@ class HFBackend:
     """A Hugging Face `tokenizers.Tokenizer`; special added tokens are matched only when allowed."""
 
     def __init__(self, tokenizer: object) -> None:
+        self._setup(tokenizer)
+
+    def __getstate__(self) -> dict[str, str]:
+        # `encode_special_tokens` is not part of a tokenizers.Tokenizer's pickled state: rebuild both copies
+        return {"json": self.with_special.to_str()}  # type: ignore[attr-defined]
+
+    def __setstate__(self, state: dict[str, str]) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self._setup(HFTokenizer.from_str(state["json"]))
+
+    def _setup(self, tokenizer: object) -> None:
         from tokenizers import Tokenizer as HFTokenizer
 
         if not hasattr(tokenizer, "encode_special_tokens"):

@@ -191,7 +191,7 @@ def build_gguf_vocab(fields: dict[str, Any], source: str = "GGUF metadata") -> G
         vocab[t] = i
 
     # llama.cpp forces end-of-generation tokens to control, whatever the file says
-    types = [TOKEN_CONTROL if t in EOG_TEXTS and ty == TOKEN_NORMAL else ty for t, ty in zip(tokens, types)]
+    types = [TOKEN_CONTROL if t in EOG_TEXTS and ty in (TOKEN_NORMAL, TOKEN_USER_DEFINED) else ty for t, ty in zip(tokens, types)]
 
     if model == "gpt2":
         pre_name = fields.get("tokenizer.ggml.pre") or ""

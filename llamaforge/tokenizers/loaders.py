@@ -35,6 +35,7 @@ LLAMA3_PATTERN = (
 LLAMA3_NUM_RESERVED_SPECIAL_TOKENS = 256
 
 _TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/]+={0,2} [0-9]+$")
+_MAX_TOKENIZER_BYTES = 512 * 2**20  # the largest tokenizer.json files are ~35 MiB
 
 
 @dataclass
@@ -107,19 +108,24 @@ def _magic(path: Path) -> bytes:
 def load(path: str | os.PathLike[str]) -> tuple[Loaded, Path]:
     """Load the tokenizer at `path` (a file or a directory), its kind recognised from its contents."""
     file = resolve(path)
-    try:
-        data = file.read_bytes()
-    except OSError as e:
-        raise TokenizerError(f"cannot read tokenizer file {str(file)!r}: {e}") from e
     what = (
         "a sentencepiece tokenizer.model, a tiktoken tokenizer.model, "
         "a Hugging Face tokenizer.json or a GGUF file"
     )
+    if _magic(file) == b"GGUF":  # a model file can be gigabytes: read only its metadata
+        return from_gguf_metadata(read_gguf_metadata(file), str(file)), file
+    try:
+        size = file.stat().st_size
+        if size > _MAX_TOKENIZER_BYTES:
+            raise TokenizerError(
+                f"{str(file)!r} ({size / 2**20:.0f} MiB) is too large to be a tokenizer file and is not GGUF; "
+                f"expected {what}"
+            )
+        data = file.read_bytes()
+    except OSError as e:
+        raise TokenizerError(f"cannot read tokenizer file {str(file)!r}: {e}") from e
     if not data:
         raise TokenizerError(f"tokenizer file {str(file)!r} is empty; expected {what}")
-    if data[:4] == b"GGUF":
-        del data
-        return from_gguf_metadata(read_gguf_metadata(file), str(file)), file
     head = data.lstrip(b"\xef\xbb\xbf \t\r\n")
     if head[:1] == b"{":
         return load_hf_json(data, file), file
