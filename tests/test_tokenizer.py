@@ -330,6 +330,18 @@ def test_gguf_gpt2_vocab_matches_hf_pretokenizers(files: dict[str, Path], toks: 
         assert tok.decode(tok.encode(s)) == s
 
 
+def test_gguf_user_defined_tokens_are_matched_and_decoded_as_text(files: dict[str, Path], tmp_path: Path) -> None:
+    fields = read_gguf_metadata(files["gguf_gpt-2"])
+    tokens = fields["tokenizer.ggml.tokens"] + ["<é>"]  # user-defined tokens are stored as plain text
+    types = fields["tokenizer.ggml.token_type"] + [4]
+    tok = Tokenizer.from_file(write_gguf(
+        tmp_path / "ud.gguf", "gpt2", tokens, types, merges=fields["tokenizer.ggml.merges"], pre="gpt-2"
+    ))  # fmt: skip
+    ids = tok.encode("a<é>b")
+    assert len(tokens) - 1 in ids and "<é>" not in tok.special_tokens  # matched even without allow_special
+    assert tok.decode(ids) == "a<é>b"
+
+
 def test_gguf_llama_bpe_vocab_matches_tiktoken(toks: dict[str, Tokenizer]) -> None:
     gg, tt = toks["gguf_llama-bpe"], toks["tiktoken"]
     assert gg.add_bos  # llama.cpp's default for llama-bpe

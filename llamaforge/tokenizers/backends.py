@@ -173,19 +173,26 @@ class TiktokenBackend:
 
 
 class HFBackend:
-    """A Hugging Face `tokenizers.Tokenizer`; special added tokens are matched only when allowed."""
+    """A Hugging Face `tokenizers.Tokenizer`; special added tokens are matched only when allowed.
 
-    def __init__(self, tokenizer: object) -> None:
+    `piece_bytes` (one entry per id), when given, replaces the library's decoder: decoding joins the
+    tokens' bytes and reads them as UTF-8, which is how llama.cpp detokenizes a GGUF byte-level
+    vocabulary (whose user-defined tokens are stored as plain text, not in the byte alphabet).
+    """
+
+    def __init__(self, tokenizer: object, piece_bytes: list[bytes] | None = None) -> None:
+        self._piece_bytes = piece_bytes
         self._setup(tokenizer)
 
-    def __getstate__(self) -> dict[str, str]:
+    def __getstate__(self) -> dict[str, object]:
         # `encode_special_tokens` is not part of a tokenizers.Tokenizer's pickled state: rebuild both copies
-        return {"json": self.with_special.to_str()}  # type: ignore[attr-defined]
+        return {"json": self.with_special.to_str(), "piece_bytes": self._piece_bytes}  # type: ignore[attr-defined]
 
-    def __setstate__(self, state: dict[str, str]) -> None:
+    def __setstate__(self, state: dict[str, object]) -> None:
         from tokenizers import Tokenizer as HFTokenizer
 
-        self._setup(HFTokenizer.from_str(state["json"]))
+        self._piece_bytes = state["piece_bytes"]  # type: ignore[assignment]
+        self._setup(HFTokenizer.from_str(state["json"]))  # type: ignore[arg-type]
 
     def _setup(self, tokenizer: object) -> None:
         from tokenizers import Tokenizer as HFTokenizer
@@ -212,6 +219,9 @@ class HFBackend:
         return tok.encode(text, add_special_tokens=False).ids  # type: ignore[attr-defined]
 
     def decode(self, ids: list[int]) -> str:
+        if self._piece_bytes is not None:
+            table = self._piece_bytes
+            return b"".join([table[i] for i in ids]).decode("utf-8", errors="replace")
         return self.with_special.decode(ids, skip_special_tokens=False)  # type: ignore[attr-defined]
 
     def id_to_piece(self, token_id: int) -> str:

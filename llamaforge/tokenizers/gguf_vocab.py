@@ -135,6 +135,7 @@ class GGUFVocab:
     chat_template: str | None
     special_tokens: dict[str, int]
     stop_ids: set[int] = field(default_factory=set)
+    piece_bytes: list[bytes] | None = None  # byte-level vocabularies: what each id decodes to
 
 
 def _get_id(fields: dict[str, Any], key: str, default: int | None, n_tokens: int) -> int | None:
@@ -245,7 +246,26 @@ def build_gguf_vocab(fields: dict[str, Any], source: str = "GGUF metadata") -> G
         chat_template=template if isinstance(template, str) and template else None,
         special_tokens=special,
         stop_ids=stops,
+        piece_bytes=_byte_level_pieces(tokens, types) if model == "gpt2" else None,
     )
+
+
+def _byte_level_pieces(tokens: list[str], types: list[int]) -> list[bytes]:
+    """What llama.cpp's `token_to_piece` gives for each token of a byte-level vocabulary.
+
+    Normal tokens are spelled in GPT-2's byte alphabet; control, user-defined and unknown tokens
+    are their text as it stands.
+    """
+    from llamaforge.tokenizers.backends import bytes_to_unicode
+
+    to_byte = {c: b for b, c in bytes_to_unicode().items()}
+    out = []
+    for t, ty in zip(tokens, types):
+        if ty in (TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNKNOWN):
+            out.append(t.encode("utf-8"))
+        else:
+            out.append(b"".join(bytes([to_byte[c]]) if c in to_byte else c.encode("utf-8") for c in t))
+    return out
 
 
 def _byte_level_bpe(

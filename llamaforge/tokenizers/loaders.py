@@ -213,7 +213,7 @@ def from_gguf_metadata(fields: dict[str, Any], source: str = "GGUF metadata") ->
     """The tokenizer described by GGUF metadata (as returned by `read_gguf_metadata`)."""
     v = build_gguf_vocab(fields, source)
     return Loaded(
-        backend=HFBackend(v.tokenizer),
+        backend=HFBackend(v.tokenizer, v.piece_bytes),
         kind=v.kind,
         bos_id=v.bos_id,
         eos_id=v.eos_id,
