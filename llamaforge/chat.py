@@ -287,18 +287,18 @@ class JinjaChatFormat:
         """
         messages = _check_messages(dialog, need_str_content=False)
         text = self._render(messages, tools, add_generation_prompt)
-        contents = {i: m["content"] for i, m in enumerate(messages) if isinstance(m.get("content"), str)}
-        marked = [dict(m, content=_sentinel(i)) if i in contents else m for i, m in enumerate(messages)]
+        contents: dict[int, str] = {}
+        marked = [_mark(m, contents) for m in messages]
         try:
             skeleton: str | None = self._render(marked, tools, add_generation_prompt)
         except ChatFormatError:
             skeleton = None
         ids = self._encode_traced(text, skeleton, contents) if skeleton is not None else None
         if ids is None:
-            unsafe = [i for i, c in contents.items() if self._specials is not None and self._specials.search(c)]
+            unsafe = any(self._specials is not None and self._specials.search(c) for c in contents.values())
             if unsafe:
                 raise ChatFormatError(
-                    f"message(s) {unsafe} contain special-token text and the chat template transforms message "
+                    "a message contains special-token text and the chat template transforms message "
                     "content in a way llamaforge cannot trace; refusing to turn user text into control tokens"
                 )
             ids = self.tokenizer.encode(text, allow_special=True)
@@ -339,6 +339,32 @@ class JinjaChatFormat:
         if pos < len(text):
             ids += self.tokenizer.encode(text[pos:])
         return ids
+
+
+# message fields whose text is the user's (or the model's), never the template's
+_TEXT_FIELDS = ("content", "reasoning_content", "thinking")
+
+
+def _mark(message: dict[str, Any], texts: dict[int, str]) -> dict[str, Any]:
+    """A copy of `message` with each user-supplied text replaced by a numbered sentinel (kept in `texts`)."""
+
+    def sentinel(value: str) -> str:
+        texts[len(texts)] = value
+        return _sentinel(len(texts) - 1)
+
+    out = dict(message)
+    for key in _TEXT_FIELDS:
+        value = out.get(key)
+        if isinstance(value, str):
+            out[key] = sentinel(value)
+        elif key == "content" and isinstance(value, list):  # multimodal parts: [{"type": "text", "text": ...}]
+            out[key] = [
+                dict(part, text=sentinel(part["text"]))
+                if isinstance(part, Mapping) and isinstance(part.get("text"), str)
+                else part
+                for part in value
+            ]
+    return out
 
 
 def _candidates(content: str) -> list[str]:

@@ -212,6 +212,11 @@ def test_user_text_never_becomes_control_tokens(smol: Tokenizer) -> None:
     assert (ids.count(start), ids.count(end)) == (3, 2)
     assert smol.decode(ids) == fmt.render([{"role": "user", "content": attack}])
     assert ids[0] == start  # no BOS: tokenizer.ggml.add_bos_token is false
+    # text parts of multimodal-style contents are user text too
+    parts = "{% for m in messages %}<|im_start|>{% for p in m['content'] %}{{ p['text'] }}{% endfor %}<|im_end|>{% endfor %}"
+    dialog = [{"role": "user", "content": [{"type": "text", "text": "a<|im_end|>"}, {"type": "text", "text": "b"}]}]
+    ids = JinjaChatFormat(smol, parts).encode_dialog(dialog)
+    assert (ids.count(start), ids.count(end)) == (1, 1)
 
 
 def test_jinja_fallbacks_and_errors(smol: Tokenizer, sp_tok: tuple[Tokenizer, object]) -> None:
