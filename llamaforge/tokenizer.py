@@ -31,6 +31,7 @@ from llamaforge.tokenizers.loaders import Loaded, from_gguf_metadata, load
 
 __all__ = ["Tokenizer", "StreamDecoder", "read_gguf_metadata", "metadata_from_reader"]
 
+
 class Tokenizer:
     """Text <-> token ids for a Llama-family model, whatever file the vocabulary came from.
 
