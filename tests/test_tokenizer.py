@@ -17,6 +17,8 @@ import io
 import json
 import pickle
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -555,3 +557,9 @@ def test_bad_files_raise_tokenizer_error(files: dict[str, Path], tmp_path: Path)
     empty.mkdir()
     with pytest.raises(TokenizerError, match="holds no tokenizer"):
         Tokenizer.from_file(empty)
+
+
+def test_tokenizer_and_chat_do_not_import_torch() -> None:
+    code = "import sys; sys.modules['torch'] = None; import llamaforge.tokenizer, llamaforge.chat"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
