@@ -591,6 +591,25 @@ def test_hf_other_architecture(tiny, tmp_path):
         load(out)
 
 
+def test_hf_mistral_sliding_window_caps_context(tiny, tmp_path):
+    args, sd = tiny
+    out = save_hf(args, sd, tmp_path / "hf", extra_config={
+        "model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": 128})
+    ckpt = load(out)
+    assert ckpt.args.max_seq_len == 128  # up to the window a Mistral is exactly a Llama
+    assert_same_tensors(ckpt.state_dict, sd)
+
+
+def test_gguf_type_that_cannot_be_decoded(tiny, tmp_path):
+    args, sd = tiny
+    raw = torch.randint(0, 256, (64, 64 // 32 * 40), dtype=torch.uint8)  # Q8_1: 40-byte blocks of 32
+    bad = {**sd, "layers.1.attention.wo.weight": GGUFQuantTensor(raw, "Q8_1", (64, 64))}
+    path = save_gguf(args, bad, tmp_path / "m.gguf")
+    for keep in (False, True):
+        with pytest.raises(CheckpointError, match=r"tensor 'blk\.1\.attn_output\.weight' has type Q8_1.*requantize"):
+            load(path, keep_quantized=keep)
+
+
 def _truncate(path: Path, keep: float) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
@@ -699,6 +718,18 @@ def test_save_checks_the_state_dict(tiny, tmp_path):
     with pytest.raises(CheckpointError, match=r"missing tensor\(s\): output\.weight"):
         save_hf(args, bad, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_save_handles_shared_and_view_tensors(tiny, tmp_path):
+    args, sd = tiny
+    big = torch.randn(1000, 64)
+    shared = {**sd, "output.weight": sd["tok_embeddings.weight"], "layers.0.attention.wq.weight": big[:64]}
+    assert_same_tensors(load(save_hf(args, shared, tmp_path / "hf")).state_dict, shared)  # safetensors refuses shared storage
+    meta = save_meta(args, shared, tmp_path / "meta")
+    tensor_bytes = sum(v.numel() * v.element_size() for v in shared.values())
+    # the 256 KB `big` is not written whole (that would add 240 KB); 100 KB covers torch.save's overhead
+    assert (meta / "consolidated.00.pth").stat().st_size < tensor_bytes + 100_000
+    assert_same_tensors(load(meta).state_dict, shared)
 
 
 def test_checkpoint_dataclass_fields(tiny, tmp_path):

@@ -330,6 +330,10 @@ def args_from_gguf(gf: GGUFFile) -> ModelArgs:
     missing = [f"{arch}.{k}" for k in required if f"{arch}.{k}" not in md]
     if missing:
         raise CheckpointError(f"{src}: GGUF metadata lacks {', '.join(missing)}; the file is incomplete")
+    for key in required:
+        value = _get(md, f"{arch}.{key}")
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise CheckpointError(f"{src}: GGUF metadata {arch}.{key} = {value!r} is not a positive integer")
     dim = _get(md, f"{arch}.embedding_length")
     n_heads = _get(md, f"{arch}.attention.head_count")
     head_dim = _get(md, f"{arch}.attention.key_length") or (dim // n_heads if n_heads else None)

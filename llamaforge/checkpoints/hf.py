@@ -81,6 +81,8 @@ def _rope(config: dict[str, Any], source: str) -> tuple[float, Optional[RopeScal
             scaling = params
     if not scaling:
         return float(theta), None
+    if not isinstance(scaling, dict):
+        raise CheckpointError(f"{source}/config.json: rope_scaling must be an object, got {scaling!r}")
     kind = scaling.get("rope_type") or scaling.get("type") or "default"
     if kind == "default":
         return float(theta), None

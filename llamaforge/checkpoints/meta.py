@@ -263,6 +263,8 @@ def split_meta_shards(
                          args.vocab_size if vocab_parallel_embedding else args.dim)):
         if value % n:
             raise CheckpointError(f"cannot split into {n} model-parallel shards: {what}={value} is not divisible by {n}")
+    if n == 1:
+        return [dict(state_dict)]
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
     for key, tensor in state_dict.items():
         tmpl = keymaps.template(key)
@@ -272,6 +274,7 @@ def split_meta_shards(
         if key == "tok_embeddings.weight" and vocab_parallel_embedding:
             cat_dim = 0
         for rank in range(n):
+            # clone: torch.save of a view would write the whole underlying tensor into every shard
             shards[rank][key] = tensor.clone() if cat_dim is None else tensor.chunk(n, dim=cat_dim)[rank].clone()
     return shards
 

@@ -63,9 +63,9 @@ def _check_destination(out: Path, overwrite: bool) -> None:
 def atomic_dir(out_dir: PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir` in one rename."""
     out = Path(out_dir)
-    _check_destination(out, overwrite)
     if out.exists() and not out.is_dir():
-        raise CheckpointError(f"{out} exists and is a file; a checkpoint folder is written there")
+        raise CheckpointError(f"{out} exists and is a file; a checkpoint is a folder, give a folder path")
+    _check_destination(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -124,9 +124,14 @@ def resolve_dtype(dtype: DTypeLike) -> Optional[torch.dtype]:
 
 
 def materialize(state_dict: dict[str, Any], dtype: DTypeLike = None) -> dict[str, torch.Tensor]:
-    """Plain contiguous CPU tensors: GGUFQuantTensor dequantized, floats cast to `dtype` if given."""
+    """Plain contiguous CPU tensors: GGUFQuantTensor dequantized, floats cast to `dtype` if given.
+
+    A tensor that is a view into a bigger storage, or shares storage with another (tied weights), is
+    copied: torch.save would write the whole storage, and safetensors refuses shared tensors.
+    """
     target = resolve_dtype(dtype)
     out = {}
+    seen: set[int] = set()
     for key, value in state_dict.items():
         if isinstance(value, gguf_format.GGUFQuantTensor):
             value = value.dequantize()
@@ -135,7 +140,12 @@ def materialize(state_dict: dict[str, Any], dtype: DTypeLike = None) -> dict[str
         value = value.detach().to("cpu")
         if target is not None and value.is_floating_point():
             value = value.to(target)
-        out[key] = value.contiguous()
+        value = value.contiguous()
+        storage = value.untyped_storage()
+        if storage.nbytes() != value.numel() * value.element_size() or storage.data_ptr() in seen:
+            value = value.clone()
+        seen.add(value.untyped_storage().data_ptr())
+        out[key] = value
     return out
 
 
@@ -323,7 +333,7 @@ def save_gguf(
             for key, (value, vtype) in gguf_format.metadata_from_args(args).items():
                 writer.add_key_value(key, value, GGUFValueType[vtype])
             for key, value in meta.items():
-                if key.startswith("tokenizer."):
+                if key.startswith("tokenizer.") and value != []:  # gguf-py cannot store empty arrays
                     vtype, sub = _gguf_type(key, value)
                     writer.add_key_value(key, value, GGUFValueType[vtype], GGUFValueType[sub] if sub else None)
             if args.rope_scaling is not None:
