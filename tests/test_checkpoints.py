@@ -184,6 +184,16 @@ def test_meta_model_parallel_shards_are_merged(tiny, tmp_path, vocab_parallel):
     assert_same_tensors(ckpt.state_dict, sd)  # merged equals the original exactly
 
 
+def test_meta_unknown_params_are_named_in_a_warning(tiny, tmp_path, caplog):
+    args, sd = tiny
+    out = save_meta(args, sd, tmp_path / "m")
+    params = json.loads((out / "params.json").read_text())
+    (out / "params.json").write_text(json.dumps({**params, "use_qk_norm": False, "moe_args": None}))
+    with caplog.at_level("WARNING", logger="llamaforge.checkpoints.meta"):
+        load(out)
+    assert "ignoring unknown keys ['moe_args', 'use_qk_norm']" in caplog.text
+
+
 def test_meta_vocab_size_minus_one_comes_from_embedding(tiny, tmp_path):
     args, sd = tiny
     out = save_meta(args, sd, tmp_path / "m", num_shards=2)
@@ -290,13 +300,14 @@ def test_gguf_f32_round_trip_is_exact(tiny, tmp_path):
     assert_same_tensors(ckpt.state_dict, sd)
 
 
-def test_gguf_f16_keeps_f16(tiny, tmp_path):
+@pytest.mark.parametrize("dtype, torch_dtype", [("f16", torch.float16), ("bf16", torch.bfloat16)])
+def test_gguf_f16_bf16_keep_their_dtype(tiny, tmp_path, dtype, torch_dtype):
     args, sd = tiny
-    ckpt = load(save_gguf(args, sd, tmp_path / "m.gguf", dtype="f16"))
+    ckpt = load(save_gguf(args, sd, tmp_path / "m.gguf", dtype=dtype))
     for key, want in sd.items():
         got = ckpt.state_dict[key]
-        if want.ndim == 2:  # weights stored as F16 (as llama.cpp does), norms as F32
-            assert got.dtype == torch.float16 and torch.equal(got, want.half()), key
+        if want.ndim == 2:  # weights stored as F16/BF16 (as llama.cpp does), norms as F32
+            assert got.dtype == torch_dtype and torch.equal(got, want.to(torch_dtype)), key
         else:
             assert got.dtype == torch.float32 and torch.equal(got, want), key
 

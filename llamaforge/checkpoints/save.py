@@ -306,7 +306,7 @@ def save_gguf(
         out_path: destination file.
         tokenizer_metadata: GGUF metadata to copy through: its `tokenizer.*` keys (and general.name) are
             written, e.g. `Checkpoint.gguf_metadata` of a loaded GGUF model.
-        dtype: "f32", "f16" (2-D weights in F16, norms in F32, as llama.cpp does) or "q8_0" (2-D weights
+        dtype: "f32", "f16" or "bf16" (2-D weights in F16/BF16, norms in F32, as llama.cpp does) or "q8_0" (2-D weights
             whose rows are a multiple of 32 in Q8_0, others F16, norms F32).
         name: general.name (default: the metadata's, else "llamaforge").
         overwrite: replace an existing file.
@@ -317,9 +317,10 @@ def save_gguf(
     import gguf
     from gguf.constants import GGMLQuantizationType, GGUFValueType, LlamaFileType
 
-    kind = {"f32": "f32", "float32": "f32", "f16": "f16", "float16": "f16", "q8_0": "q8_0"}.get(str(dtype).lower())
+    kind = {"f32": "f32", "float32": "f32", "f16": "f16", "float16": "f16", "bf16": "bf16", "bfloat16": "bf16",
+            "q8_0": "q8_0"}.get(str(dtype).lower().replace("torch.", ""))
     if kind is None:
-        raise CheckpointError(f"save_gguf dtype must be 'f32', 'f16' or 'q8_0', got {dtype!r}")
+        raise CheckpointError(f"save_gguf dtype must be 'f32', 'f16', 'bf16' or 'q8_0', got {dtype!r}")
     _check(args, state_dict)
     meta = dict(tokenizer_metadata or {})
     with atomic_file(out_path, overwrite=overwrite) as tmp:
@@ -327,7 +328,7 @@ def save_gguf(
         try:
             writer.add_name(name or meta.get("general.name") or "llamaforge")
             writer.add_file_type({"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16,
-                                  "q8_0": LlamaFileType.MOSTLY_Q8_0}[kind])
+                                  "bf16": LlamaFileType.MOSTLY_BF16, "q8_0": LlamaFileType.MOSTLY_Q8_0}[kind])
             if kind == "q8_0" or any(isinstance(v, gguf_format.GGUFQuantTensor) for v in state_dict.values()):
                 writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
             for key, (value, vtype) in gguf_format.metadata_from_args(args).items():
@@ -360,6 +361,8 @@ def _add_tensor(writer: Any, name: str, value: Any, kind: str, qtypes: Any) -> N
     array = value.detach().to("cpu", torch.float32).contiguous().numpy()
     if array.ndim < 2 or kind == "f32":
         writer.add_tensor(name, array)
+    elif kind == "bf16":
+        writer.add_tensor(name, gguf.quants.quantize(array, qtypes.BF16), raw_dtype=qtypes.BF16)
     elif kind == "q8_0" and array.shape[-1] % 32 == 0:
         writer.add_tensor(name, gguf.quants.quantize(array, qtypes.Q8_0), raw_dtype=qtypes.Q8_0)
     else:
