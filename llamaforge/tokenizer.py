@@ -159,6 +159,37 @@ class Tokenizer:
         """A fresh `StreamDecoder` over this tokenizer."""
         return StreamDecoder(self)
 
+    def save(self, folder: str | os.PathLike[str]) -> list[str]:
+        """Write this tokenizer's files into `folder` so that a checkpoint there carries it.
+
+        A sentencepiece or tiktoken model is copied as `tokenizer.model`. A `tokenizers`-backed
+        vocabulary (tokenizer.json, or a GGUF vocabulary rebuilt as one) is written as `tokenizer.json`
+        plus a `tokenizer_config.json` holding the chat template, BOS/EOS tokens and `add_bos_token`.
+
+        Returns:
+            The names of the files written.
+        """
+        import json
+        import shutil
+        from pathlib import Path
+
+        out = Path(folder)
+        hf = getattr(self._backend, "with_special", None)
+        if hf is None:
+            if not self.source or not Path(self.source).is_file():
+                raise TokenizerError(f"cannot save this {self.kind} tokenizer: its source file is unknown")
+            shutil.copyfile(self.source, out / "tokenizer.model")
+            return ["tokenizer.model"]
+        (out / "tokenizer.json").write_text(hf.to_str(pretty=True))
+        config: dict[str, Any] = {"add_bos_token": self.add_bos, "add_eos_token": False}
+        for key, token_id in (("bos_token", self.bos_id), ("eos_token", self.eos_id)):
+            if token_id is not None:
+                config[key] = self._backend.id_to_piece(token_id)
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
+        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        return ["tokenizer.json", "tokenizer_config.json"]
+
 
 class StreamDecoder:
     """Decode a stream of ids into text pieces, never splitting a UTF-8 character.

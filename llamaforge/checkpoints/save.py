@@ -206,7 +206,7 @@ def save_meta(
         _write_json(tmp / "params.json", params)
         for rank, shard in enumerate(shards):
             torch.save(shard, tmp / f"consolidated.{rank:02d}.pth")
-        _copy_tokenizer(tokenizer_path, tmp, with_config=False)
+        _copy_tokenizer(tokenizer_path, tmp, with_config=True)
     return Path(out_dir)
 
 

@@ -1,0 +1,117 @@
+"""Convert any checkpoint llamaforge reads into Meta, Hugging Face or GGUF format.
+
+Weights go through the Meta-named state dict of `llamaforge.checkpoints`; quantized GGUF tensors are
+dequantized on the way (a Meta or HF copy of a Q4 file holds exactly the Q4 values). The tokenizer goes
+with the weights: a tokenizer file is copied; a GGUF vocabulary becomes tokenizer.json +
+tokenizer_config.json (chat template included) for Meta/HF output, and stays GGUF metadata for GGUF output.
+All writes are atomic (see checkpoints/save.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+from llamaforge import checkpoints
+from llamaforge.errors import ConfigError
+
+log = logging.getLogger("llamaforge")
+
+PathLike = Union[str, os.PathLike]
+FORMATS = ("meta", "hf", "gguf")
+
+
+def convert(
+    source: PathLike,
+    output: PathLike,
+    *,
+    to: str,
+    dtype: Optional[str] = None,
+    tokenizer_path: Optional[PathLike] = None,
+    shards: int = 1,
+    overwrite: bool = False,
+) -> Path:
+    """Read `source` (any format) and write it to `output` in format `to` ("meta", "hf" or "gguf").
+
+    Args:
+        dtype: float32/bfloat16/float16 for Meta and HF (None keeps the stored dtype; dequantized GGUF
+            weights are float32); f32/f16/q8_0 for GGUF (default f32).
+        tokenizer_path: the tokenizer to ship, when the source carries none.
+        shards: model-parallel shards for Meta output.
+        overwrite: replace an existing output.
+    """
+    from llamaforge.tokenizer import Tokenizer
+
+    if to not in FORMATS:
+        raise ConfigError(f"unknown output format {to!r}; choose one of {', '.join(FORMATS)}")
+    if not isinstance(shards, int) or shards < 1:
+        raise ConfigError(f"shards must be a positive integer, got {shards!r}")
+    if shards != 1 and to != "meta":
+        raise ConfigError("--shards applies to Meta output only")
+    ckpt = checkpoints.load(source, progress=True)
+    if tokenizer_path is not None:
+        tokenizer = Tokenizer.from_file(tokenizer_path)
+    elif ckpt.gguf_metadata is not None:
+        tokenizer = Tokenizer.from_gguf_metadata(ckpt.gguf_metadata, source=str(ckpt.source))
+    elif ckpt.tokenizer_path is not None:
+        tokenizer = Tokenizer.from_file(ckpt.tokenizer_path)
+    else:
+        tokenizer = None
+
+    if to == "gguf":
+        metadata = ckpt.gguf_metadata or (_gguf_tokenizer_metadata(tokenizer) if tokenizer is not None else None)
+        return checkpoints.save_gguf(ckpt.args, ckpt.state_dict, output, tokenizer_metadata=metadata,
+                                     dtype=dtype or "f32", overwrite=overwrite)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_file = None
+        if tokenizer is not None:
+            if ckpt.gguf_metadata is None and tokenizer_path is None and ckpt.tokenizer_path is not None:
+                tok_file = ckpt.tokenizer_path
+            else:
+                written = tokenizer.save(tmp)
+                tok_file = Path(tmp) / written[0]
+        if to == "meta":
+            return checkpoints.save_meta(ckpt.args, ckpt.state_dict, output, tokenizer_path=tok_file, dtype=dtype,
+                                         num_shards=shards, overwrite=overwrite)
+        extra = {k: v for k, v in (("bos_token_id", getattr(tokenizer, "bos_id", None)),
+                                   ("eos_token_id", getattr(tokenizer, "eos_id", None))) if v is not None}
+        return checkpoints.save_hf(ckpt.args, ckpt.state_dict, output, tokenizer_path=tok_file, dtype=dtype,
+                                   extra_config=extra, overwrite=overwrite)
+
+
+def _gguf_tokenizer_metadata(tokenizer) -> Optional[dict]:
+    """GGUF `tokenizer.*` keys for a tokenizer that did not come from a GGUF file.
+
+    A sentencepiece model becomes llama.cpp's "llama" vocabulary (pieces, scores, token types), as
+    llama.cpp's converter writes it. Other kinds are not rebuilt here: the GGUF is written without a
+    vocabulary (a warning says so) and is loaded with `tokenizer_path`.
+    """
+    if tokenizer.kind == "sentencepiece" and tokenizer.source:
+        return sentencepiece_gguf_metadata(tokenizer.source)
+    log.warning("a %s tokenizer is not embedded in GGUF output; load the file with tokenizer_path", tokenizer.kind)
+    return None
+
+
+def sentencepiece_gguf_metadata(model_file: PathLike) -> dict:
+    """The `tokenizer.*` GGUF keys llama.cpp's converter writes for a sentencepiece vocabulary."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    types = []  # llama.cpp's token types: normal 1, unknown 2, control 3, unused 5, byte 6
+    for i in range(sp.vocab_size()):
+        types.append(2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i)
+                     else 5 if sp.is_unused(i) else 1)
+    return {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(sp.vocab_size())],
+        "tokenizer.ggml.scores": [sp.get_score(i) for i in range(sp.vocab_size())],
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.bos_token_id": sp.bos_id(),
+        "tokenizer.ggml.eos_token_id": sp.eos_id(),
+        "tokenizer.ggml.unknown_token_id": sp.unk_id(),
+        "tokenizer.ggml.add_bos_token": True,
+        "tokenizer.ggml.add_eos_token": False,
+    }
