@@ -27,7 +27,7 @@ from llamaforge.model.args import ModelArgs, RopeScaling
 
 def tiny_args(**overrides) -> ModelArgs:
     values = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=160, norm_eps=1e-5,
-                  rope_theta=10000.0, max_seq_len=256)
+                  rope_theta=10000.0, max_seq_len=4096)  # the context a Meta folder implies
     values.update(overrides)
     return ModelArgs(**values)
 
@@ -149,9 +149,10 @@ def test_meta_round_trip(tiny, tmp_path, tokenizer_file):
 def test_meta_params_json_uses_metas_keys(tiny, tmp_path):
     args, sd = tiny
     params = json.loads((save_meta(args, sd, tmp_path / "m") / "params.json").read_text())
-    # Llama 2-like (theta 10000): no rope_theta key, which Llama 2's reference ModelArgs would reject
+    # Llama 2-like (theta 10000): no rope_theta key, which Llama 2's reference ModelArgs would reject, and
+    # never max_seq_len, which Meta's build passes itself beside **params
     assert set(params) == {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
-                           "ffn_dim_multiplier", "norm_eps", "max_seq_len"}
+                           "ffn_dim_multiplier", "norm_eps"}
     from llamaforge.model.args import meta_hidden_dim
     assert meta_hidden_dim(params["dim"], params["multiple_of"], params["ffn_dim_multiplier"]) == 160
 

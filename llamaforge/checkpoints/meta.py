@@ -159,8 +159,8 @@ def params_from_args(args: ModelArgs) -> dict[str, Any]:
             params["rope_low_freq_factor"] = rs.low_freq_factor
         if rs.original_max_position_embeddings != 8192:
             params["rope_original_max_position_embeddings"] = rs.original_max_position_embeddings
-    if default_max_seq_len(params, args.vocab_size) != args.max_seq_len:
-        params["max_seq_len"] = args.max_seq_len
+    # Never max_seq_len: Meta's build passes it as a keyword beside **params, so a params.json holding it
+    # makes Meta's own code fail ("got multiple values for keyword argument 'max_seq_len'").
     return params
 
 
