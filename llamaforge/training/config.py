@@ -1,0 +1,198 @@
+"""TrainConfig: every setting of a training run, from a TOML file, flags or Python.
+
+A TOML file holds the flat settings at the top level, the shape of a model trained from scratch in
+a `[model_args]` table (ModelArgs fields; `vocab_size` defaults to the tokenizer's), and LoRA in a
+`[lora]` table:
+
+    data = ["corpus.txt"]          # text / JSONL files or folders
+    tokenizer = "tok.model"        # from scratch; a fine-tuned checkpoint brings its own
+    out_dir = "runs/tiny"
+    optimizer = "adamw"            # or "sgd"
+    lr = 1e-3
+    max_steps = 300
+    [model_args]
+    dim = 128
+    n_layers = 4
+    n_heads = 4
+    max_seq_len = 256
+
+Unknown keys are errors that list the known ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from llamaforge.errors import ConfigError
+from llamaforge.training.lora import LORA_TARGETS
+from llamaforge.training.optim import OPTIMIZERS
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA adapters: rank r, scale alpha / r, dropout, and the projections that get one."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["wq", "wv"])
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            raise ConfigError(f"lora.rank must be a positive integer, got {self.rank!r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        bad = sorted(set(self.targets) - set(LORA_TARGETS))
+        if bad or not self.targets:
+            raise ConfigError(f"lora.targets {self.targets} has unknown names {bad}; choose from {list(LORA_TARGETS)}")
+
+
+@dataclass
+class TrainConfig:
+    """A training run. See the module docstring for the TOML layout.
+
+    Model: `model` is a checkpoint to fine-tune (Meta/HF folder or .gguf; "default" is the default
+    model); without it, a model of shape `model_args` is trained from scratch with `tokenizer`.
+    Data: `data` files/folders, cut into windows of `seq_len` tokens; `val_fraction` goes to validation.
+    Optimization: `optimizer` ("sgd": w - lr * mean gradient, or "adamw"), `lr` with `warmup_steps`
+    linear warmup then cosine decay to `min_lr` (default lr/10) at `max_steps`; `grad_clip` (0: off);
+    a step uses `batch_size * grad_accum * world_size` windows.
+    Precision/memory: `autocast` "bf16" runs matmuls in bfloat16 (weights stay float32);
+    `activation_checkpointing` recomputes each block in the backward pass; `fsdp` shards the model
+    across processes under torchrun (DDP otherwise).
+    Output in `out_dir`: checkpoint.pt (resumable state), log.jsonl, loss.png, and the exported model
+    (`export`: "auto", "meta", "hf", "gguf" or "none") in `out_dir/model`.
+    """
+
+    data: list[str] = field(default_factory=list)
+    out_dir: str = "runs/train"
+    model: Optional[str] = None
+    tokenizer: Optional[str] = None
+    model_args: Optional[dict[str, Any]] = None
+    init_std: float = 0.02
+    # data
+    seq_len: int = 256
+    val_fraction: float = 0.05
+    data_dir: Optional[str] = None
+    # optimization
+    optimizer: str = "adamw"
+    lr: float = 3e-4
+    min_lr: Optional[float] = None
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    max_steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    # precision, memory, devices
+    device: str = "auto"
+    autocast: str = "none"
+    activation_checkpointing: bool = False
+    fsdp: bool = False
+    lora: Optional[LoRAConfig] = None
+    # progress, evaluation, checkpoints
+    eval_every: int = 50
+    eval_batches: int = 8
+    save_every: int = 50
+    log_every: int = 1
+    sample_every: int = 0
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_tokens: int = 48
+    sample_temperature: float = 0.8
+    resume: bool = True
+    export: str = "auto"
+    export_dtype: Optional[str] = None
+    seed: int = 1337
+    progress: bool = True
+    plot: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, (str, Path)):
+            self.data = [str(self.data)]
+        if isinstance(self.lora, dict):
+            self.lora = LoRAConfig(**_known(LoRAConfig, self.lora, "[lora]"))
+        elif self.lora is True:
+            self.lora = LoRAConfig()
+        elif self.lora is False:
+            self.lora = None
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
+        positive = ("seq_len", "max_steps", "batch_size", "grad_accum", "eval_batches", "sample_tokens")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("warmup_steps", "eval_every", "save_every", "log_every", "sample_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} must be an integer >= 0 (0 disables it), got {value!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.autocast not in ("none", "bf16", "fp16"):
+            raise ConfigError(f"autocast must be 'none', 'bf16' or 'fp16', got {self.autocast!r}")
+        if self.export not in ("auto", "meta", "hf", "gguf", "none"):
+            raise ConfigError(f"export must be 'auto', 'meta', 'hf', 'gguf' or 'none', got {self.export!r}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ConfigError("grad_clip and weight_decay must be >= 0")
+        if not self.data:
+            raise ConfigError("no training data: set `data` to text/JSONL files or folders")
+        if self.model is None and self.model_args is None:
+            raise ConfigError("set `model` (a checkpoint to fine-tune) or `[model_args]` (a shape to train from scratch)")
+        if self.model is not None and self.model_args is not None:
+            raise ConfigError("set either `model` (fine-tune) or `[model_args]` (from scratch), not both")
+        if self.model is None and self.tokenizer is None:
+            raise ConfigError("training from scratch needs `tokenizer` (make one with `llamaforge tokenizer train`)")
+
+    @property
+    def out_path(self) -> Path:
+        return Path(self.out_dir)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values only (lists, dicts, numbers, strings), as stored in checkpoints."""
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        return cls(**_known(cls, values, "the training config"))
+
+    @classmethod
+    def from_toml(cls, path: str | Path, overrides: Optional[dict[str, Any]] = None) -> "TrainConfig":
+        """Read a TOML config; `overrides` (e.g. from command-line flags) win over the file.
+
+        Relative paths in `data`, `tokenizer`, `model` and `out_dir` are taken relative to the
+        current directory, as on a command line.
+        """
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover
+            try:
+                import tomli as tomllib
+            except ImportError as exc:
+                raise ConfigError("reading TOML on Python 3.10 needs `pip install tomli`") from exc
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"training config {p} does not exist")
+        try:
+            values = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p} is not valid TOML: {exc}") from None
+        values.update(overrides or {})
+        return cls.from_dict(values)
+
+
+def _known(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {unknown} in {where}; known settings are {sorted(names)}")
+    return dict(values)
