@@ -1,0 +1,355 @@
+"""Weight-only quantization by module surgery: GGUF-block Linear and Embedding layers.
+
+A GGUF Q4/Q5/Q6/Q8 weight stays in its blocks (4.5-8.5 bits per weight) in memory. After the model
+is built (on the meta device or not), `quantize_model(model, from_state=...)` swaps each
+`nn.Linear` / `nn.Embedding` whose weight arrived quantized for a `QuantizedLinear` /
+`QuantizedEmbedding`; `quantize_model_weights(model, "q8_0")` does the same for a float checkpoint
+by quantizing each Linear's weight first. The tied output layer of a model whose `output.weight` is
+`tok_embeddings.weight` becomes a `QuantizedLinear` over the very same bytes as the embedding.
+
+The raw blocks are non-persistent buffers: a quantized model's `state_dict()` holds only its float
+tensors, so `load_state_dict(float_part, strict=True)` works before or after the surgery.
+
+Accuracy: on CPUs with the C++ kernels (see llamaforge.kernels) activations are quantized to int8
+per block of 32 as llama.cpp does, so a layer's output differs from `F.linear(x, dequantize())` by
+about 1e-2 of the output norm; the PyTorch fallback (CUDA/MPS, other CPUs, `backend="torch"`,
+LLAMAFORGE_KERNELS=torch, or inputs that require grad) is exact up to matmul rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Optional, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llamaforge import kernels
+from llamaforge.errors import ConfigError
+
+__all__ = [
+    "QuantTensorLike",
+    "QuantizedLinear",
+    "QuantizedEmbedding",
+    "quantize_model",
+    "quantize_model_weights",
+]
+
+_BACKENDS = ("auto", "torch")
+
+
+class QuantTensorLike(Protocol):
+    """What `quantize_model` needs of a quantized checkpoint tensor (e.g. checkpoints' GGUFQuantTensor)."""
+
+    raw: torch.Tensor  # uint8 (rows, bytes_per_row)
+    qtype: str  # "Q4_1", "Q8_0", ...
+    shape: Sequence[int]  # (out_features, in_features)
+
+
+def _check_backend(backend: str) -> str:
+    if backend not in _BACKENDS:
+        raise ConfigError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    return backend
+
+
+class QuantizedLinear(nn.Module):
+    """`y = x @ W.T + b` with W held as GGUF blocks (uint8 buffer `qweight`, (out_features, bytes_per_row)).
+
+    forward(x) takes x (..., in_features) in float32, bfloat16 or float16 and returns the same dtype.
+    """
+
+    def __init__(
+        self,
+        qweight: torch.Tensor,
+        qtype: str,
+        out_features: int,
+        in_features: int,
+        bias: Optional[torch.Tensor] = None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        """Wrap GGUF bytes; prefer `from_gguf` / `from_float`, which validate their input.
+
+        Args:
+            qweight: uint8 (out_features, bytes_per_row), contiguous; used as is (not copied).
+            qtype: GGUF type name ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K").
+            out_features, in_features: the float weight's shape.
+            bias: optional float (out_features,), kept as a Parameter.
+            backend: "auto" (C++ kernels on CPU where available) or "torch" (always dequantize).
+        """
+        super().__init__()
+        info = kernels.qtype_info(qtype)
+        kernels.check_raw(qweight, info, (out_features, in_features))
+        self.qtype = info.name
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.backend = _check_backend(backend)
+        self._type_id = info.type_id
+        self.register_buffer("qweight", qweight.contiguous(), persistent=False)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self._ext = kernels.get_extension() if backend == "auto" else None
+
+    @classmethod
+    def from_gguf(
+        cls,
+        raw: torch.Tensor,
+        qtype: str,
+        shape: Sequence[int],
+        bias: Optional[torch.Tensor] = None,
+        *,
+        backend: str = "auto",
+    ) -> "QuantizedLinear":
+        """A layer over GGUF bytes `raw` (uint8 (out, bytes_per_row)) holding a weight of `shape` (out, in).
+
+        Raises ConfigError for an unsupported type or an in_features that is not a multiple of the
+        block size, CheckpointError when the bytes do not match the shape.
+        """
+        info = kernels.qtype_info(qtype)
+        if not isinstance(raw, torch.Tensor):
+            raw = torch.as_tensor(raw)
+        out_features, in_features = kernels.check_raw(raw, info, shape)
+        return cls(raw, info.name, out_features, in_features, bias, backend=backend)
+
+    @classmethod
+    def from_float(
+        cls, weight: torch.Tensor, qtype: str = "Q8_0", bias: Optional[torch.Tensor] = None, *, backend: str = "auto"
+    ) -> "QuantizedLinear":
+        """Quantize a float weight (out, in) to `qtype` (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) with gguf-py's quantizer."""
+        info = kernels.qtype_info(qtype)
+        if weight.dim() != 2:
+            raise ConfigError(f"from_float needs a 2-D weight, got shape {tuple(weight.shape)}")
+        raw = kernels.quantize_numpy(weight, info.name).to(weight.device)
+        return cls(raw, info.name, weight.shape[0], weight.shape[1], bias, backend=backend)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight as float32 (out_features, in_features): exactly gguf.quants.dequantize of the blocks."""
+        return kernels.dequantize(self.qweight, self.qtype, self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ext = self._ext
+        if ext is not None and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
+            if torch.compiler.is_compiling():
+                return torch.ops.llamaforge.qlinear(
+                    x, self.qweight, self._type_id, self.out_features, self.in_features, self.bias, kernels.GEMM_MIN_ROWS
+                )
+            return ext.qlinear(
+                x, self.qweight, self._type_id, self.out_features, self.in_features, self.bias, kernels.GEMM_MIN_ROWS
+            )
+        if x.shape[-1] != self.in_features:
+            raise ConfigError(f"input has {x.shape[-1]} features, this layer takes {self.in_features}")
+        weight = kernels.dequantize_torch(self.qweight, self.qtype, self.in_features).to(x.dtype)
+        return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        path = "cpp" if self._ext is not None else "torch"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype}, "
+            f"bias={self.bias is not None}, kernels={path}"
+        )
+
+
+class QuantizedEmbedding(nn.Module):
+    """An embedding table held as GGUF blocks; a lookup dequantizes only the requested rows (exactly).
+
+    The output dtype follows the module's floating dtype (`.to(torch.bfloat16)` etc., float32 by default).
+    """
+
+    def __init__(
+        self,
+        qweight: torch.Tensor,
+        qtype: str,
+        num_embeddings: int,
+        embedding_dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        """Wrap GGUF bytes (num_embeddings, bytes_per_row); prefer `from_gguf`."""
+        super().__init__()
+        info = kernels.qtype_info(qtype)
+        kernels.check_raw(qweight, info, (num_embeddings, embedding_dim))
+        self.qtype = info.name
+        self.num_embeddings = int(num_embeddings)
+        self.embedding_dim = int(embedding_dim)
+        self.register_buffer("qweight", qweight.contiguous(), persistent=False)
+        # Zero-size float buffer whose dtype/device follow .to(): it decides the output dtype.
+        self.register_buffer("_dtype_probe", torch.empty(0, dtype=dtype, device=qweight.device), persistent=False)
+
+    @classmethod
+    def from_gguf(
+        cls, raw: torch.Tensor, qtype: str, shape: Sequence[int], *, dtype: torch.dtype = torch.float32
+    ) -> "QuantizedEmbedding":
+        """An embedding over GGUF bytes `raw` for a (num_embeddings, embedding_dim) table."""
+        info = kernels.qtype_info(qtype)
+        if not isinstance(raw, torch.Tensor):
+            raw = torch.as_tensor(raw)
+        rows, dim = kernels.check_raw(raw, info, shape)
+        return cls(raw, info.name, rows, dim, dtype=dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """The whole table as float32 (num_embeddings, embedding_dim), exactly as gguf-py dequantizes it."""
+        return kernels.dequantize(self.qweight, self.qtype, self.num_embeddings, self.embedding_dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        out = kernels.dequantize_rows(self.qweight, tokens, self.qtype, self.num_embeddings, self.embedding_dim)
+        dtype = self._dtype_probe.dtype
+        return out if dtype == torch.float32 else out.to(dtype)
+
+    def as_linear(self, *, backend: str = "auto") -> QuantizedLinear:
+        """A QuantizedLinear (embedding_dim -> num_embeddings) sharing these bytes: the tied output layer."""
+        return QuantizedLinear(self.qweight, self.qtype, self.num_embeddings, self.embedding_dim, backend=backend)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.qtype}"
+
+
+def _module_name(key: str) -> str:
+    return key[: -len(".weight")] if key.endswith(".weight") else key
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _float_bias(module: nn.Module) -> Optional[torch.Tensor]:
+    bias = getattr(module, "bias", None)
+    if bias is None or bias.device.type == "meta":
+        return None if bias is None else torch.zeros(bias.shape, dtype=torch.float32)
+    return bias.detach()
+
+
+def quantize_model(
+    model: nn.Module,
+    *,
+    from_state: Mapping[str, QuantTensorLike],
+    tie_output: Optional[bool] = None,
+    backend: str = "auto",
+) -> nn.Module:
+    """Swap the model's Linear/Embedding modules whose weights arrive quantized; returns the model.
+
+    Args:
+        model: built model (on the meta device or not) with Meta-style module names.
+        from_state: state-dict names ("layers.0.attention.wq.weight"; the ".weight" may be left off)
+            -> quantized tensors with `.raw`, `.qtype`, `.shape` (e.g. GGUFQuantTensor).
+        tie_output: replace `output` by a QuantizedLinear sharing the quantized `tok_embeddings`
+            bytes. None (default) does so when `output.weight` is `tok_embeddings.weight` and no
+            quantized `output.weight` was given.
+        backend: "auto" or "torch" (force the PyTorch path), passed to every new layer.
+
+    Returns:
+        The same model object, modified in place. A Linear bias that is still on the meta device
+        becomes a zero float bias to be filled by a later `load_state_dict`.
+
+    Raises:
+        ConfigError naming the key when it names no module, a module that is not nn.Linear /
+        nn.Embedding, or a shape that differs from the module's.
+    """
+    _check_backend(backend)
+    embed_name = "tok_embeddings"
+    tied = False
+    if tie_output is None:
+        emb, out = getattr(model, embed_name, None), getattr(model, "output", None)
+        tied = (
+            isinstance(emb, nn.Embedding)
+            and isinstance(out, nn.Linear)
+            and out.weight is emb.weight
+            and not any(_module_name(k) == "output" for k in from_state)
+        )
+    else:
+        tied = tie_output
+    modules = dict(model.named_modules())
+    replaced: dict[str, nn.Module] = {}
+    for key, qt in from_state.items():
+        name = _module_name(key)
+        module = modules.get(name)
+        if module is None:
+            raise ConfigError(f"quantized weight {key!r} names no module of the model; modules with weights "
+                              f"include {[n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Embedding))][:8]}")
+        shape = tuple(int(s) for s in qt.shape)
+        if isinstance(module, nn.Linear):
+            if shape != (module.out_features, module.in_features):
+                raise ConfigError(f"quantized weight {key!r} has shape {shape}, module {name} expects "
+                                  f"{(module.out_features, module.in_features)}")
+            new: nn.Module = QuantizedLinear.from_gguf(qt.raw, qt.qtype, shape, _float_bias(module), backend=backend)
+        elif isinstance(module, nn.Embedding):
+            if shape != (module.num_embeddings, module.embedding_dim):
+                raise ConfigError(f"quantized weight {key!r} has shape {shape}, module {name} expects "
+                                  f"{(module.num_embeddings, module.embedding_dim)}")
+            dtype = module.weight.dtype if module.weight.dtype.is_floating_point else torch.float32
+            new = QuantizedEmbedding.from_gguf(qt.raw, qt.qtype, shape, dtype=dtype)
+        else:
+            raise ConfigError(f"quantized weight {key!r} belongs to {name} ({type(module).__name__}); only nn.Linear "
+                              "and nn.Embedding modules can be quantized")
+        replaced[name] = new
+    for name, new in replaced.items():
+        _set_module(model, name, new)
+    if tied:
+        emb = getattr(model, embed_name, None)
+        if not isinstance(emb, QuantizedEmbedding):
+            raise ConfigError("tie_output=True needs a quantized tok_embeddings (give 'tok_embeddings.weight' in from_state)")
+        _set_module(model, "output", emb.as_linear(backend=backend))
+    return model
+
+
+def quantize_model_weights(
+    model: nn.Module,
+    scheme: str = "q8_0",
+    *,
+    skip: Iterable[str] = (),
+    include_embeddings: bool = False,
+    backend: str = "auto",
+) -> nn.Module:
+    """Quantize a float model's nn.Linear weights to GGUF blocks in place; returns the model.
+
+    A tied output layer (`output.weight is tok_embeddings.weight`) is quantized together with the
+    embedding, which then shares its bytes (skip "output" to keep both in float).
+
+    Args:
+        model: a model whose weights are loaded (not on the meta device).
+        scheme: "q8_0" or "q4_0" (also "q4_1", "q5_0", "q5_1"), as gguf-py/llama.cpp quantize them.
+        skip: module names to leave in float (e.g. ["output"]).
+        include_embeddings: also quantize untied nn.Embedding tables.
+        backend: "auto" or "torch", passed to every new layer.
+
+    Raises:
+        ConfigError for an unknown scheme, or a layer whose in_features is not a multiple of 32
+        (name it in `skip` to keep it in float).
+    """
+    if str(scheme).upper() not in kernels.QUANTIZABLE:
+        raise ConfigError(f"scheme must be one of {[q.lower() for q in kernels.QUANTIZABLE]}, got {scheme!r}")
+    info = kernels.qtype_info(scheme)
+    skip = set(skip)
+    emb, out = getattr(model, "tok_embeddings", None), getattr(model, "output", None)
+    tied = isinstance(emb, nn.Embedding) and isinstance(out, nn.Linear) and out.weight is emb.weight
+    replaced: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if name in skip or not isinstance(module, (nn.Linear, nn.Embedding)):
+            continue
+        if tied and name in ("output", "tok_embeddings"):
+            if name == "output" or "output" in skip:
+                continue  # the pair is quantized once, at the embedding, and shared below
+        elif isinstance(module, nn.Embedding) and not include_embeddings:
+            continue
+        weight = module.weight
+        if weight.device.type == "meta":
+            raise ConfigError(f"module {name} has no weights yet (meta device); load the checkpoint before quantizing")
+        if weight.shape[1] % info.block:
+            raise ConfigError(
+                f"module {name} has in_features {weight.shape[1]}, not a multiple of {info.block}; "
+                f"{info.name} cannot hold it (pass skip=[{name!r}] to keep it in float)"
+            )
+        raw = kernels.quantize_numpy(weight, info.name).to(weight.device)
+        if isinstance(module, nn.Linear):
+            replaced[name] = QuantizedLinear(
+                raw, info.name, module.out_features, module.in_features, _float_bias(module), backend=backend
+            )
+        else:
+            replaced[name] = QuantizedEmbedding(
+                raw, info.name, module.num_embeddings, module.embedding_dim, dtype=weight.dtype
+            )
+    for name, new in replaced.items():
+        _set_module(model, name, new)
+    if tied and isinstance(replaced.get("tok_embeddings"), QuantizedEmbedding):
+        _set_module(model, "output", replaced["tok_embeddings"].as_linear(backend=backend))
+    return model

