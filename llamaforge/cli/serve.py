@@ -1,0 +1,51 @@
+"""`llamaforge serve`: an OpenAI-compatible HTTP server (and a chat page at /) with continuous batching."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from llamaforge.cli.common import add_model_flags, build_from_flags
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API", description=__doc__)
+    add_model_flags(p, max_seq_len=None, max_batch_size=8)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--served-model-name", default=None, help="model id clients use (default: the file name)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot before 429s")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="most prompt tokens computed per engine step")
+    p.add_argument("--no-prefix-reuse", action="store_true", help="never reuse cached prompt prefixes")
+    p.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="seconds running requests get to finish on Ctrl-C before they are cancelled")
+    p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from llamaforge.server.app import create_app
+    except ImportError as exc:
+        print(f"error: serving needs FastAPI and uvicorn ({exc}); pip install 'llamaforge[serve]'", file=sys.stderr)
+        return 2
+    for name, value in (("--max-batch-size", args.max_batch_size), ("--max-queue", args.max_queue),
+                        ("--prefill-chunk", args.prefill_chunk)):
+        if value < 1:
+            print(f"error: {name} must be at least 1, got {value}", file=sys.stderr)
+            return 2
+    llama = build_from_flags(args)
+    logging.getLogger("llamaforge").setLevel(logging.INFO)
+    app = create_app(
+        llama, model_name=args.served_model_name, api_key=args.api_key, n_slots=args.max_batch_size,
+        max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, prefix_reuse=not args.no_prefix_reuse,
+    )
+    print(f"llamaforge: serving {app.state.model_name} on http://{args.host}:{args.port} "
+          f"(chat page at /, OpenAI API at /v1)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=args.shutdown_timeout)
+    return 0

@@ -1,0 +1,491 @@
+"""The serving engine: one thread owns the model and runs a continuous batch over the KV cache's slots.
+
+Requests (`Job`s) wait in a bounded queue and join the running batch at step boundaries when enough
+slots are free (admission control: a slot holds a whole sequence of up to `max_seq_len` positions, and
+the API layer checks `prompt + max_tokens <= max_seq_len`, so an admitted request never runs out of
+cache mid-way). Each loop iteration
+1. applies cancellations (a client went away: its slots are free at once) and runs embedding jobs;
+2. admits waiting jobs, reusing cached prefixes (`server/slots.py`);
+3. computes up to `prefill_chunk` prompt tokens of the jobs being prefilled (chunked, so a long
+   prompt never stalls the others for long); a job whose prompt is done samples its first tokens;
+4. runs one decode step for every running sequence together: each row names its slot and its own
+   position, so sequences of different lengths, sampling settings and ages share one forward.
+Prefill runs one request at a time (batch 1) and decode rows are independent, so a request's greedy
+tokens are the same alone or in any batch. Results go back through each job's `sink` callback (called
+on the engine thread); nothing a request does can stop the loop: failures end that request only.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from llamaforge.model.kv_cache import KVCache
+from llamaforge.model.transformer import Transformer
+from llamaforge.server.sampler import (
+    Constraint, RowParams, RowState, TokenInfo, choose, logprob_info, make_generator, prompt_logprob_info,
+)
+from llamaforge.server.slots import SlotPool
+from llamaforge.server.text import TextStream
+
+log = logging.getLogger("llamaforge.server")
+
+
+class QueueFull(Exception):
+    """The waiting queue is full (HTTP 429)."""
+
+
+class EngineClosed(Exception):
+    """The engine is shutting down or has stopped (HTTP 503)."""
+
+
+# -- what goes in and what comes out ------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One request: a prompt and how to continue it, `n` times."""
+
+    prompt: list[int]
+    max_tokens: int
+    params: RowParams = field(default_factory=RowParams)
+    n: int = 1
+    seed: Optional[int] = None  # choice i uses seed + i
+    stop_ids: frozenset[int] = frozenset()
+    stop: tuple[str, ...] = ()
+    logprobs: Optional[int] = None  # None: no logprobs; k: the chosen token's and the top k
+    prompt_logprobs: Optional[int] = None  # echo with logprobs: top k for prompt tokens
+    constraint: Optional[Callable[[], Constraint]] = None  # a fresh constraint per choice
+    id: int = -1
+
+
+@dataclass
+class Delta:
+    """New output of choice `index`: text safe to show and the tokens generated (with logprobs)."""
+
+    index: int
+    text: str
+    tokens: list[TokenInfo]
+
+
+@dataclass
+class Finish:
+    """Choice `index` is complete."""
+
+    index: int
+    reason: str  # "stop" | "length"
+    completion_tokens: int
+
+
+@dataclass
+class PromptDone:
+    """The prompt is computed: how many of its tokens came from the cache, and their logprobs if asked."""
+
+    cached_tokens: int
+    logprobs: Optional[list[TokenInfo]] = None
+
+
+@dataclass
+class Failure:
+    """The request failed; no more events follow."""
+
+    status: int
+    message: str
+
+
+Event = Union[Delta, Finish, PromptDone, Failure]
+Sink = Callable[[Event], None]
+
+
+# -- the engine's own bookkeeping ---------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Seq:
+    job: "_Active"
+    index: int
+    slot: int
+    row: RowState
+    text: TextStream
+    pos: int = 0  # positions whose keys/values are in the slot
+    last: int = -1  # the token to feed next
+    n_gen: int = 0
+    done: bool = False
+
+
+@dataclass(eq=False)
+class _Active:
+    job: Job
+    sink: Sink
+    slots: list[int]
+    cached: int
+    next_pos: int  # next prompt position to compute
+    seqs: list[_Seq] = field(default_factory=list)
+    prompt_infos: list[TokenInfo] = field(default_factory=list)
+    open_seqs: int = 0
+
+
+class Engine:
+    """Continuous batching over one model; thread-safe `submit`, `cancel` and `embed`."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer,
+        *,
+        n_slots: int,
+        max_seq_len: int,
+        device: torch.device,
+        max_queue: int = 64,
+        prefill_chunk: int = 256,
+        prefix_reuse: bool = True,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.max_seq_len = max_seq_len
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        self.prefix_reuse = prefix_reuse
+        self.vocab_size = model.args.vocab_size
+        dtype = model.norm.weight.dtype
+        self.cache = KVCache.for_model(model.args, n_slots, max_seq_len, dtype=dtype, device=device)
+        self.pool = SlotPool(self.cache)
+        self._lock = threading.Condition()
+        self._waiting: deque[tuple[Job, Sink]] = deque()
+        self._cancelled: set[int] = set()
+        self._embeds: deque[tuple[list[list[int]], concurrent.futures.Future]] = deque()
+        self._prefilling: list[_Active] = []
+        self._decoding: list[_Seq] = []
+        self._next_id = 0
+        self._closing = False
+        self._thread: Optional[threading.Thread] = None
+        self.generated_tokens = 0
+        self.steps = 0
+
+    @property
+    def n_slots(self) -> int:
+        return self.cache.n_slots
+
+    # -- the thread-safe surface ----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the engine thread."""
+        self._thread = threading.Thread(target=self._run, name="llamaforge-engine", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the loop: running and waiting requests end with a 503 Failure; then join the thread."""
+        with self._lock:
+            self._closing = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, job: Job, sink: Sink) -> int:
+        """Queue a job; events go to `sink` on the engine thread. Returns the job id for `cancel`.
+
+        Raises:
+            QueueFull: `max_queue` jobs are already waiting.
+            EngineClosed: the engine is shutting down.
+        """
+        with self._lock:
+            if self._closing:
+                raise EngineClosed("the server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting for a slot; retry later")
+            job.id = self._next_id
+            self._next_id += 1
+            self._waiting.append((job, sink))
+            self._lock.notify_all()
+        return job.id
+
+    def cancel(self, job_id: int) -> None:
+        """Stop a job (e.g. its client disconnected): its slots are freed at the next step boundary."""
+        with self._lock:
+            self._cancelled.add(job_id)
+            self._lock.notify_all()
+
+    def embed(self, inputs: list[list[int]]) -> concurrent.futures.Future:
+        """Mean-pooled, L2-normalised final hidden states, one vector per token list (a Future)."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._closing:
+                raise EngineClosed("the server is shutting down")
+            self._embeds.append((inputs, fut))
+            self._lock.notify_all()
+        return fut
+
+    def stats(self) -> dict:
+        """Occupancy and counters, for /health."""
+        with self._lock:
+            waiting = len(self._waiting)
+        s = self.pool.stats
+        return {
+            "slots": self.n_slots, "slots_free": self.pool.n_free, "running": len(self._decoding),
+            "prefilling": len(self._prefilling), "waiting": waiting, "max_queue": self.max_queue,
+            "generated_tokens": self.generated_tokens, "decode_steps": self.steps,
+            "prompt_tokens": s.prompt_tokens, "prompt_tokens_cached": s.reused_tokens,
+        }
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._lock:
+                    while not (self._closing or self._waiting or self._cancelled or self._embeds
+                               or self._prefilling or self._decoding):
+                        self._lock.wait()
+                    if self._closing:
+                        break
+                    cancelled, self._cancelled = self._cancelled, set()
+                    embeds = list(self._embeds)
+                    self._embeds.clear()
+                    if cancelled:
+                        self._waiting = deque((j, s) for j, s in self._waiting if j.id not in cancelled)
+                    admitted = self._take_admissible()
+                try:
+                    self._cancel_running(cancelled)
+                    self._run_embeddings(embeds)
+                    for job, sink in admitted:
+                        self._admit(job, sink)
+                    self._prefill_step()
+                    self._decode_step()
+                except Exception as exc:  # a bug must not kill the loop: fail what is running, go on
+                    log.exception("engine step failed")
+                    self._fail_everything(500, f"internal error in the engine: {exc}")
+        self._fail_everything(503, "the server is shutting down")
+
+    def _take_admissible(self) -> list[tuple[Job, Sink]]:
+        out, free = [], self.pool.n_free
+        while self._waiting and self._waiting[0][0].n <= free:
+            job, sink = self._waiting.popleft()
+            free -= job.n
+            out.append((job, sink))
+        return out
+
+    def _admit(self, job: Job, sink: Sink) -> None:
+        reuse = self.prefix_reuse and job.prompt_logprobs is None
+        slots, cached = self.pool.acquire(job.prompt, job.n, reuse=reuse)
+        act = _Active(job, sink, slots, cached, next_pos=cached)
+        for i, slot in enumerate(slots):
+            seed = None if job.seed is None else job.seed + i
+            row = RowState(job.params, make_generator(seed, self.device), self.vocab_size, job.prompt,
+                           job.constraint() if job.constraint else None)
+            act.seqs.append(_Seq(act, i, slot, row, TextStream(self.tokenizer.stream_decoder(), job.stop)))
+        act.open_seqs = job.n
+        self._prefilling.append(act)
+
+    def _prefill_step(self) -> None:
+        budget = self.prefill_chunk
+        for act in list(self._prefilling):
+            if budget <= 0:
+                break
+            job = act.job
+            try:
+                start = act.next_pos
+                end = min(len(job.prompt), start + budget)
+                primary = act.slots[0]
+                tokens = torch.tensor([job.prompt[start:end]], dtype=torch.long, device=self.device)  # (1, T)
+                want_all = job.prompt_logprobs is not None
+                logits = self.model(
+                    tokens, torch.arange(start, end, device=self.device), self.cache,
+                    slots=torch.tensor([primary], device=self.device), kv_len=end, last_only=not want_all,
+                )[0]  # (T or 1, V)
+                self.pool.extend(primary, job.prompt[start:end])
+                budget -= end - start
+                act.next_pos = end
+                if want_all:
+                    # logits[j] predicts prompt[start + j + 1]; the first prompt token has no logprob.
+                    infos = prompt_logprob_info(logits, job.prompt[start:end + 1], job.prompt_logprobs)
+                    act.prompt_infos.extend(infos if start == 0 else infos[1:])
+                if end < len(job.prompt):
+                    continue
+                self._prefilling.remove(act)
+                self._send(act, PromptDone(act.cached, act.prompt_infos if want_all else None))
+                for seq in act.seqs:
+                    if seq.slot != primary:
+                        self.pool.copy_prefix(primary, seq.slot, len(job.prompt))
+                    seq.pos = len(job.prompt)
+                if job.max_tokens == 0:
+                    for seq in act.seqs:
+                        self._finish(seq, "length")
+                    continue
+                last = logits[-1:].expand(len(act.seqs), -1)  # (n, V): every choice starts from it
+                self._take_tokens(act.seqs, last)
+            except Exception as exc:
+                log.exception("prefill failed")
+                self._fail(act, 500, f"prefill failed: {exc}")
+
+    def _decode_step(self) -> None:
+        seqs = [s for s in self._decoding if not s.done]
+        if not seqs:
+            return
+        tokens = torch.tensor([[s.last] for s in seqs], dtype=torch.long, device=self.device)  # (B, 1)
+        pos = torch.tensor([[s.pos] for s in seqs], dtype=torch.long, device=self.device)  # (B, 1)
+        slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=self.device)  # (B,)
+        kv_len = max(s.pos for s in seqs) + 1
+        try:
+            logits = self.model(tokens, pos, self.cache, slots=slots, kv_len=kv_len, last_only=True)[:, -1]
+        except Exception as exc:
+            log.exception("decode step failed")
+            for act in {id(s.job): s.job for s in seqs}.values():
+                self._fail(act, 500, f"decode step failed: {exc}")
+            return
+        self.steps += 1
+        for s in seqs:
+            self.pool.extend(s.slot, [s.last])
+            s.pos += 1
+        self._take_tokens(seqs, logits)
+
+    def _take_tokens(self, seqs: Sequence[_Seq], logits: torch.Tensor) -> None:
+        """Sample one token per sequence from logits (B, V) and send it on."""
+        rows = [s.row for s in seqs]
+        chosen = choose(logits, rows)
+        ok = [i for i, c in enumerate(chosen) if not isinstance(c, Exception)]
+        infos = logprob_info(logits, [chosen[i] if i in ok else 0 for i in range(len(seqs))],
+                             [seqs[i].job.job.logprobs if i in ok else None for i in range(len(seqs))])
+        for i, seq in enumerate(seqs):
+            if seq.done:  # its request failed on an earlier row of this batch
+                continue
+            if isinstance(chosen[i], Exception):
+                self._fail(seq.job, 500, f"sampling failed: {chosen[i]}")
+                continue
+            try:
+                self._advance(seq, chosen[i], infos[i])
+            except Exception as exc:
+                log.exception("advancing a sequence failed")
+                self._fail(seq.job, 500, f"internal error: {exc}")
+
+    def _advance(self, seq: _Seq, token: int, info: Optional[TokenInfo]) -> None:
+        job = seq.job.job
+        seq.n_gen += 1
+        self.generated_tokens += 1
+        if token in job.stop_ids:
+            tail = seq.text.flush()
+            if tail:
+                self._send(seq.job, Delta(seq.index, tail, []))
+            self._finish(seq, "stop")
+            return
+        seq.row.record(token)
+        if seq.row.constraint is not None:
+            seq.row.constraint.advance(token)
+        text, hit = seq.text.push(token)
+        reason = None
+        if hit or (seq.row.constraint is not None and seq.row.constraint.is_finished()):
+            reason = "stop"
+        elif seq.n_gen >= job.max_tokens or seq.pos + 1 >= self.max_seq_len:
+            reason = "length"
+        if reason is not None and not hit:
+            text += seq.text.flush()
+        self._send(seq.job, Delta(seq.index, text, [info] if info is not None else [TokenInfo(token)]))
+        if seq.done:  # the client is gone
+            return
+        if reason is not None:
+            self._finish(seq, reason)
+            return
+        seq.last = token
+        if seq not in self._decoding:
+            self._decoding.append(seq)
+
+    # -- endings --------------------------------------------------------------------------------
+
+    def _finish(self, seq: _Seq, reason: str) -> None:
+        if seq.done:
+            return
+        seq.done = True
+        self.pool.release(seq.slot)
+        if seq in self._decoding:
+            self._decoding.remove(seq)
+        seq.job.open_seqs -= 1
+        self._send(seq.job, Finish(seq.index, reason, seq.n_gen))
+
+    def _drop(self, act: _Active, *, keep_cache: bool) -> None:
+        if act in self._prefilling:
+            self._prefilling.remove(act)
+            keep_cache = False  # a partly computed prompt is not worth keeping
+        for seq in act.seqs:
+            if not seq.done:
+                seq.done = True
+                self.pool.release(seq.slot, keep=keep_cache)
+                if seq in self._decoding:
+                    self._decoding.remove(seq)
+        act.open_seqs = 0
+
+    def _fail(self, act: _Active, status: int, message: str) -> None:
+        if act.open_seqs == 0:
+            return
+        self._drop(act, keep_cache=False)
+        self._send(act, Failure(status, message))
+
+    def _cancel_running(self, ids: set[int]) -> None:
+        if not ids:
+            return
+        acts = {id(a): a for a in self._prefilling if a.job.id in ids}
+        acts.update({id(s.job): s.job for s in self._decoding if s.job.job.id in ids})
+        for act in acts.values():
+            self._drop(act, keep_cache=True)
+
+    def _fail_everything(self, status: int, message: str) -> None:
+        acts = {id(a): a for a in self._prefilling}
+        acts.update({id(s.job): s.job for s in self._decoding})
+        for act in acts.values():
+            self._fail(act, status, message)
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), deque()
+            embeds = list(self._embeds)
+            self._embeds.clear()
+        for job, sink in waiting:
+            _safe_call(sink, Failure(status, message))
+        for _, fut in embeds:
+            fut.set_exception(EngineClosed(message))
+
+    def _send(self, act: _Active, event: Event) -> None:
+        if not _safe_call(act.sink, event):
+            self._drop(act, keep_cache=True)  # nobody is listening any more
+
+    # -- embeddings -----------------------------------------------------------------------------
+
+    def _run_embeddings(self, jobs: list[tuple[list[list[int]], concurrent.futures.Future]]) -> None:
+        for inputs, fut in jobs:
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                vectors = []
+                for ids in inputs:
+                    tokens = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, T)
+                    hidden = self.model.hidden_states(tokens)[0].float()  # (T, dim)
+                    vec = hidden.mean(dim=0)
+                    vectors.append(torch.nn.functional.normalize(vec, dim=0).tolist())
+                fut.set_result(vectors)
+            except Exception as exc:
+                log.exception("embedding failed")
+                fut.set_exception(exc)
+
+
+def _safe_call(sink: Sink, event: Event) -> bool:
+    try:
+        sink(event)
+        return True
+    except Exception:  # the receiving side is gone (closed event loop, ...)
+        log.debug("dropping an event for a closed request", exc_info=True)
+        return False
+
+
+def wait_idle(engine: Engine, timeout: float = 5.0) -> bool:
+    """Wait until no request is running or waiting (for tests and shutdown); True if it got idle."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = engine.stats()
+        if st["running"] == 0 and st["prefilling"] == 0 and st["waiting"] == 0:
+            return True
+        time.sleep(0.02)
+    return False

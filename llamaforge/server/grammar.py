@@ -1,0 +1,127 @@
+"""Constrained decoding for `response_format` and forced tool calls, with llguidance.
+
+llguidance (Microsoft's low-level guidance library, also used by llama.cpp and vLLM) compiles a JSON
+schema to a grammar over the model's own token table and, at each step, says which tokens may come
+next; the sampler sets the others to -inf. The output is then valid JSON matching the schema whenever
+generation ends by itself (a `length` finish can still cut it short, as with OpenAI). JSON is written
+with ", " and ": " separators and no other whitespace, so a small model cannot wander off in spaces.
+
+The token table comes from `server/vocab.py`; control tokens are marked (0xFF prefix, llguidance's
+convention) so they never satisfy a grammar, and the request's stop ids are the grammar's end tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any, Callable, Optional
+
+import torch
+
+from llamaforge.server.vocab import special_ids, token_bytes_table
+
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+class GrammarError(ValueError):
+    """The schema cannot be compiled (the message says why); a 400 for the client."""
+
+
+class GrammarUnavailable(RuntimeError):
+    """llguidance is not installed."""
+
+
+class LLGuidanceConstraint:
+    """One sequence's grammar state, as the sampler's `Constraint`."""
+
+    def __init__(self, matcher: Any, vocab_size: int):
+        self.matcher = matcher
+        self.vocab_size = vocab_size
+        self._bits = torch.arange(32, dtype=torch.int32)
+
+    def allowed(self) -> torch.Tensor:
+        words = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.int32)  # (ceil(V/32),)
+        mask = ((words[:, None] >> self._bits) & 1).flatten()  # (32 * words,): bit j of word i is token 32i + j
+        out = torch.zeros(self.vocab_size, dtype=torch.bool)
+        n = min(self.vocab_size, mask.numel())
+        out[:n] = mask[:n].bool()
+        return out
+
+    def advance(self, token: int) -> None:
+        if not self.matcher.consume_token(token):
+            raise RuntimeError(f"the grammar rejected token {token}: {self.matcher.get_error()}")
+
+    def is_finished(self) -> bool:
+        return self.matcher.is_stopped()
+
+
+class GrammarCompiler:
+    """Builds constraint factories for one tokenizer; the llguidance token table is made once, lazily."""
+
+    def __init__(self, tokenizer, vocab_size: int, stop_ids: frozenset[int]):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.stop_ids = sorted(stop_ids)
+        self._lltok = None
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def available() -> bool:
+        try:
+            import llguidance  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    def _tokenizer(self):
+        with self._lock:
+            if self._lltok is None:
+                try:
+                    import llguidance
+                except ImportError as exc:
+                    raise GrammarUnavailable(
+                        "structured output needs the llguidance package: pip install 'llamaforge[serve]'"
+                    ) from exc
+                tok = self.tokenizer
+                specials = special_ids(tok)
+                table = [b"\xff" + t if i in specials else t for i, t in enumerate(token_bytes_table(tok))]
+                table += [b""] * (self.vocab_size - len(table))  # model rows past the tokenizer's vocabulary
+
+                class _Wrapped:
+                    eos_token_id = self.stop_ids[0] if self.stop_ids else tok.eos_id
+                    bos_token_id = tok.bos_id
+                    tokens = table
+                    special_token_ids = sorted(specials)
+
+                    def __call__(self, text):
+                        if isinstance(text, bytes):
+                            text = text.decode("utf-8", errors="replace")
+                        return tok.encode(text)
+
+                self._lltok = llguidance.LLTokenizer(
+                    llguidance.TokenizerWrapper(_Wrapped()), eos_token=self.stop_ids or None
+                )
+            return self._lltok
+
+    def json_schema(self, schema: Optional[dict]) -> Callable[[], LLGuidanceConstraint]:
+        """A factory of constraints for JSON matching `schema` (None: any JSON object).
+
+        Raises:
+            GrammarError: the schema is not one llguidance can compile (the reason is in the message).
+            GrammarUnavailable: llguidance is not installed.
+        """
+        import llguidance
+
+        lltok = self._tokenizer()
+        schema = {"type": "object"} if schema is None else schema
+        try:
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=JSON_OPTIONS)
+        except (ValueError, TypeError) as exc:
+            raise GrammarError(f"the JSON schema is not valid: {exc}") from exc
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, lltok)
+        if is_error:
+            raise GrammarError(f"the JSON schema cannot be used for constrained decoding: {messages[0]}")
+        template = llguidance.LLMatcher(lltok, grammar, log_level=0)
+        if template.is_error():
+            raise GrammarError(f"the JSON schema cannot be used for constrained decoding: {template.get_error()}")
+        return lambda: LLGuidanceConstraint(template.deep_copy(), self.vocab_size)

@@ -1,0 +1,262 @@
+"""Turning a validated API request into engine `Job`s: prompts to token ids, parameters checked.
+
+Everything a request can get wrong that the schema cannot see is found here and reported as a 400
+naming the parameter: a prompt that does not fit the context (never truncated), `max_tokens` past
+it, token ids outside the vocabulary, a bad `logit_bias`, more choices than slots, an unknown model,
+a schema the grammar engine rejects, a dialog the chat format refuses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from llamaforge.errors import LlamaforgeError
+from llamaforge.server.engine import Job
+from llamaforge.server.errors import APIError, bad_request
+from llamaforge.server.grammar import GrammarCompiler, GrammarError, GrammarUnavailable
+from llamaforge.server.sampler import RowParams
+from llamaforge.server.schemas import (
+    MAX_STOP_STRINGS, ChatCompletionRequest, CompletionRequest, EmbeddingRequest, SamplingFields,
+)
+from llamaforge.server import tools as tooling
+
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+@dataclass
+class Prepared:
+    """The jobs of one request and what the response builder needs to know about them."""
+
+    jobs: list[Job]
+    n: int
+    prompt_texts: list[str] = field(default_factory=list)
+    tool_names: set[str] = field(default_factory=set)  # non-empty: parse tool calls from the answer
+    forced_tool: bool = False
+
+
+class Preparer:
+    """Request validation and encoding for one served model."""
+
+    def __init__(self, *, tokenizer, chat_format, max_seq_len: int, vocab_size: int, n_slots: int,
+                 model_id: str, aliases: set[str] = frozenset(), grammar: Optional[GrammarCompiler] = None):
+        self.tokenizer = tokenizer
+        self.chat_format = chat_format
+        self.max_seq_len = max_seq_len
+        self.vocab_size = vocab_size
+        self.n_slots = n_slots
+        self.model_id = model_id
+        self.model_names = {model_id, *aliases}
+        self.grammar = grammar
+
+    # -- shared checks --------------------------------------------------------------------------
+
+    def check_model(self, name: Optional[str]) -> None:
+        if name is not None and name not in self.model_names:
+            raise bad_request(f"the model {name!r} is not served here; this server serves {self.model_id!r} "
+                              f"(see GET /v1/models)", "model", "model_not_found")
+
+    def _token_ids(self, ids: list[int], param: str) -> list[int]:
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise bad_request(f"{param} has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}", param)
+        return list(ids)
+
+    def _check_fits(self, prompt: list[int], max_tokens: Optional[int], default: Optional[int], param: str) -> int:
+        if not prompt:
+            raise bad_request("the prompt is empty; give at least one token", param, "empty_prompt")
+        room = self.max_seq_len - len(prompt)
+        if room < 1:
+            raise bad_request(
+                f"the prompt has {len(prompt)} tokens but this server's context is {self.max_seq_len} tokens "
+                f"(prompt + completion); shorten the prompt or restart the server with a larger --max-seq-len "
+                f"(prompts are never truncated)", param, "context_length_exceeded")
+        if max_tokens is None:
+            return room if default is None else min(default, room)
+        if max_tokens > room:
+            raise bad_request(
+                f"max_tokens={max_tokens} does not fit: the prompt has {len(prompt)} tokens and the context is "
+                f"{self.max_seq_len}, so at most {room} tokens can be generated", "max_tokens",
+                "context_length_exceeded")
+        return max_tokens
+
+    def _params(self, req: SamplingFields) -> RowParams:
+        bias = []
+        for key, value in (req.logit_bias or {}).items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise bad_request(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
+            if not 0 <= token < self.vocab_size:
+                raise bad_request(f"logit_bias token {token} is outside the vocabulary [0, {self.vocab_size})",
+                                  "logit_bias")
+            if not -100 <= value <= 100:
+                raise bad_request(f"logit_bias values must be in [-100, 100], got {value} for token {token}",
+                                  "logit_bias")
+            bias.append((token, float(value)))
+        return RowParams(
+            temperature=1.0 if req.temperature is None else float(req.temperature),
+            top_p=1.0 if req.top_p is None else float(req.top_p),
+            top_k=max(0, req.top_k or 0),
+            min_p=float(req.min_p or 0.0),
+            presence_penalty=float(req.presence_penalty or 0.0),
+            frequency_penalty=float(req.frequency_penalty or 0.0),
+            repetition_penalty=1.0 if req.repetition_penalty is None else float(req.repetition_penalty),
+            logit_bias=tuple(bias),
+        )
+
+    def _stops(self, stop: Union[None, str, list[str]]) -> tuple[str, ...]:
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(stops) > MAX_STOP_STRINGS:
+            raise bad_request(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}", "stop")
+        return tuple(s for s in stops if s)
+
+    def _check_n(self, n: int, best_of: Optional[int] = None) -> None:
+        if n > self.n_slots:
+            raise bad_request(f"n={n} is more than this server's {self.n_slots} slots (--max-batch-size)", "n")
+        if best_of is not None and best_of != n:
+            raise bad_request("best_of is not supported (only best_of == n)", "best_of")
+
+    # -- endpoints ------------------------------------------------------------------------------
+
+    def completion(self, req: CompletionRequest) -> Prepared:
+        self.check_model(req.model)
+        self._check_n(req.n, req.best_of)
+        if req.suffix:
+            raise bad_request("suffix (fill-in-the-middle) is not supported", "suffix")
+        prompts = self._prompts(req.prompt, "prompt", bos=True)
+        params, stops = self._params(req), self._stops(req.stop)
+        jobs, texts = [], []
+        for ids, text in prompts:
+            max_tokens = self._check_fits(ids, req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, "prompt")
+            jobs.append(Job(
+                ids, max_tokens, params, n=req.n, seed=req.seed, stop_ids=self.tokenizer.stop_ids, stop=stops,
+                logprobs=req.logprobs, prompt_logprobs=req.logprobs if req.echo else None,
+            ))
+            texts.append(text)
+        return Prepared(jobs, req.n, texts)
+
+    def chat(self, req: ChatCompletionRequest) -> Prepared:
+        self.check_model(req.model)
+        self._check_n(req.n)
+        if req.top_logprobs and not req.logprobs:
+            raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
+        if req.max_tokens is not None and req.max_completion_tokens is not None \
+                and req.max_tokens != req.max_completion_tokens:
+            raise bad_request("max_tokens and max_completion_tokens disagree; give one", "max_completion_tokens")
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        messages = [self._message(i, m) for i, m in enumerate(req.messages)]
+        tools = tooling.tool_specs(req.tools) if req.tools else []
+        choice = req.tool_choice
+        if choice is not None and not isinstance(choice, str) and choice.function.name not in \
+                {t["function"]["name"] for t in tools}:
+            raise bad_request(f"tool_choice names {choice.function.name!r}, which is not in tools", "tool_choice")
+        if choice == "required" and not tools:
+            raise bad_request("tool_choice='required' needs tools", "tool_choice")
+        use_tools = bool(tools) and choice != "none"
+        prompt = self._encode_chat(messages, tools if use_tools else None)
+        forced = use_tools and choice is not None and choice != "auto"
+        constraint = None
+        if forced:
+            name = None if isinstance(choice, str) else choice.function.name
+            constraint = self._constraint(tooling.forced_call_schema(tools, name), "tool_choice")
+        elif req.response_format is not None and req.response_format.type != "text":
+            fmt = req.response_format
+            if fmt.type == "json_schema":
+                if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                    raise bad_request("response_format json_schema needs json_schema.schema", "response_format")
+                constraint = self._constraint(fmt.json_schema.schema_, "response_format")
+            else:
+                constraint = self._constraint(None, "response_format")
+        max_tokens = self._check_fits(prompt, max_tokens, None, "messages")
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        job = Job(prompt, max_tokens, self._params(req), n=req.n, seed=req.seed,
+                  stop_ids=frozenset(self.chat_format.stop_ids), stop=self._stops(req.stop), logprobs=logprobs,
+                  constraint=constraint)
+        names = {t["function"]["name"] for t in tools} if use_tools else set()
+        return Prepared([job], req.n, tool_names=names, forced_tool=forced)
+
+    def embedding_inputs(self, req: EmbeddingRequest, dim: int) -> list[list[int]]:
+        self.check_model(req.model)
+        if req.dimensions is not None and req.dimensions != dim:
+            raise bad_request(f"this model's embeddings have {dim} dimensions; got dimensions={req.dimensions}",
+                              "dimensions")
+        out = []
+        for ids, _ in self._prompts(req.input, "input", bos=True):
+            if not ids:
+                raise bad_request("an input is empty", "input")
+            if len(ids) > self.max_seq_len:
+                raise bad_request(f"an input has {len(ids)} tokens but the context is {self.max_seq_len}; "
+                                  "inputs are never truncated", "input", "context_length_exceeded")
+            out.append(ids)
+        return out
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _prompts(self, prompt: Any, param: str, *, bos: bool) -> list[tuple[list[int], str]]:
+        """(ids, text) per prompt from str | list[str] | list[int] | list[list[int]]."""
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if not prompt:
+            raise bad_request(f"{param} is an empty list", param)
+        if all(isinstance(p, int) for p in prompt):
+            prompt = [prompt]
+        out = []
+        for p in prompt:
+            if isinstance(p, str):
+                ids = self.tokenizer.encode(p, bos=bos and self.tokenizer.add_bos)
+                out.append((ids, p))
+            else:
+                ids = self._token_ids(p, param)
+                out.append((ids, self.tokenizer.decode(ids) if ids else ""))
+        return out
+
+    def _message(self, i: int, m: Any) -> dict:
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if getattr(part, "text", None) is None:
+                    raise bad_request(f"messages[{i}] has a {part.type} part; this model takes text only",
+                                      f"messages.{i}.content")
+                texts.append(part.text)
+            content = "".join(texts)
+        if content is None and m.role != "assistant":
+            raise bad_request(f"messages[{i}] ({m.role}) has no content", f"messages.{i}.content")
+        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
+        if m.tool_calls:
+            msg["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        if m.tool_call_id:
+            msg["tool_call_id"] = m.tool_call_id
+        if m.name:
+            msg["name"] = m.name
+        return msg
+
+    def _encode_chat(self, messages: list[dict], tools: Optional[list[dict]]) -> list[int]:
+        fmt = self.chat_format
+        has_tool_parts = any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
+        try:
+            if tooling.template_supports_tools(fmt):
+                return fmt.encode_dialog(tooling.template_messages(messages), tools=tools)
+            if tools or has_tool_parts:
+                messages = tooling.hermes_messages(messages, tools)
+            plain = [{"role": m["role"], "content": m.get("content") or ""} for m in messages]
+            if fmt.name == "llama2":
+                from llamaforge.chat import has_special_tags
+
+                if has_special_tags(plain):
+                    raise bad_request("special tags ([INST], [/INST], <<SYS>>, <</SYS>>) are not allowed in "
+                                      "messages for this model's chat format", "messages")
+            return fmt.encode_dialog(plain)
+        except LlamaforgeError as exc:
+            raise bad_request(f"the chat format rejected the messages: {exc}", "messages") from exc
+
+    def _constraint(self, schema: Optional[dict], param: str):
+        if self.grammar is None:
+            raise APIError(400, "structured output is not available on this server", param=param)
+        try:
+            return self.grammar.json_schema(schema)
+        except GrammarError as exc:
+            raise bad_request(str(exc), param, "invalid_schema") from exc
+        except GrammarUnavailable as exc:
+            raise APIError(400, str(exc), param=param, code="unsupported")

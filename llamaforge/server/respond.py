@@ -1,0 +1,298 @@
+"""From engine events to OpenAI responses: whole JSON bodies, or server-sent events ending in [DONE].
+
+`JobRun` submits a request's jobs and hands their events to the asyncio side (the engine calls the
+sink on its own thread; `call_soon_threadsafe` moves each event onto the event loop). Leaving a
+`JobRun` early - a client that disconnected, a server shutting down - cancels its jobs, which frees
+their slots at the engine's next step.
+
+Usage counts are exact: `prompt_tokens` is the length of each prompt in tokens (once per prompt, not
+per choice), `completion_tokens` every token each choice generated, the token that ended it (EOS,
+end of turn) included; `prompt_tokens_details.cached_tokens` says how many prompt tokens came from
+the prefix cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Optional
+
+from llamaforge.server.engine import Delta, Engine, EngineClosed, Failure, Finish, PromptDone, QueueFull
+from llamaforge.server.errors import APIError
+from llamaforge.server.prepare import Prepared
+from llamaforge.server.sampler import TokenInfo
+from llamaforge.server.tools import parse_tool_calls
+from llamaforge.server.vocab import token_bytes
+
+
+class JobRun:
+    """The events of one request's jobs, as an async iterator of (job index, event)."""
+
+    def __init__(self, engine: Engine, prepared: Prepared):
+        self.engine = engine
+        self.prepared = prepared
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.ids: list[int] = []
+        self.open = len(prepared.jobs) * prepared.n
+        try:
+            for k, job in enumerate(prepared.jobs):
+                self.ids.append(engine.submit(job, self._sink(k)))
+        except QueueFull as exc:
+            self.cancel()
+            raise APIError(429, f"the server is busy: {exc}", code="queue_full") from exc
+        except EngineClosed as exc:
+            self.cancel()
+            raise APIError(503, str(exc), code="shutting_down") from exc
+
+    def _sink(self, k: int):
+        def put(event) -> None:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (k, event))
+        return put
+
+    def cancel(self) -> None:
+        for job_id in self.ids:
+            self.engine.cancel(job_id)
+
+    async def events(self) -> AsyncIterator[tuple[int, Any]]:
+        """Yield events until every choice has finished; a Failure raises APIError."""
+        try:
+            while self.open > 0:
+                k, event = await self.queue.get()
+                if isinstance(event, Failure):
+                    raise APIError(event.status, event.message)
+                if isinstance(event, Finish):
+                    self.open -= 1
+                yield k, event
+        finally:
+            if self.open > 0:
+                self.cancel()
+
+
+@dataclass
+class _Choice:
+    text: list[str] = field(default_factory=list)
+    tokens: list[TokenInfo] = field(default_factory=list)
+    finish: Optional[str] = None
+    completion_tokens: int = 0
+
+
+class ResponseBuilder:
+    """Collects events and writes OpenAI bodies and chunks for one request."""
+
+    def __init__(self, kind: str, prepared: Prepared, model: str, tokenizer):
+        self.kind = kind  # "completion" | "chat"
+        self.prepared = prepared
+        self.model = model
+        self.tokenizer = tokenizer
+        self.id = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        n = prepared.n
+        self.choices = [_Choice() for _ in range(len(prepared.jobs) * n)]
+        self.prompt_infos: dict[int, list[TokenInfo]] = {}
+        self.cached = 0
+
+    def index(self, k: int, i: int) -> int:
+        return k * self.prepared.n + i
+
+    def add(self, k: int, event) -> None:
+        if isinstance(event, PromptDone):
+            self.cached += event.cached_tokens
+            if event.logprobs is not None:
+                self.prompt_infos[k] = event.logprobs
+        elif isinstance(event, Delta):
+            c = self.choices[self.index(k, event.index)]
+            c.text.append(event.text)
+            c.tokens.extend(event.tokens)
+        elif isinstance(event, Finish):
+            c = self.choices[self.index(k, event.index)]
+            c.finish, c.completion_tokens = event.reason, event.completion_tokens
+
+    def usage(self) -> dict:
+        prompt = sum(len(j.prompt) for j in self.prepared.jobs)
+        completion = sum(c.completion_tokens for c in self.choices)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": self.cached}}
+
+    # -- token strings for logprobs -------------------------------------------------------------
+
+    def _tok_str(self, token: int) -> str:
+        return token_bytes(self.tokenizer, token).decode("utf-8", errors="replace")
+
+    def _chat_logprob(self, t: TokenInfo) -> dict:
+        return {"token": self._tok_str(t.id), "logprob": t.logprob, "bytes": list(token_bytes(self.tokenizer, t.id)),
+                "top_logprobs": [{"token": self._tok_str(i), "logprob": lp,
+                                  "bytes": list(token_bytes(self.tokenizer, i))} for i, lp in t.top]}
+
+    def _completion_logprobs(self, infos: list[TokenInfo], offset: int) -> dict:
+        tokens = [self._tok_str(t.id) for t in infos]
+        offsets, pos = [], offset
+        for s in tokens:
+            offsets.append(pos)
+            pos += len(s)
+        top = []
+        for t in infos:
+            if t.logprob is None:
+                top.append(None)
+            else:
+                d: dict[str, float] = {}
+                for i, lp in t.top:
+                    d.setdefault(self._tok_str(i), lp)
+                top.append(d)
+        return {"tokens": tokens, "token_logprobs": [t.logprob for t in infos], "top_logprobs": top,
+                "text_offset": offsets}
+
+    # -- whole responses ------------------------------------------------------------------------
+
+    def body(self) -> dict:
+        choices = []
+        for idx, c in enumerate(self.choices):
+            k = idx // self.prepared.n
+            text = "".join(c.text)
+            if self.kind == "completion":
+                logprobs = None
+                infos = [t for t in c.tokens if t.logprob is not None]
+                if self.prepared.jobs[k].prompt_logprobs is not None:
+                    text = self.prepared.prompt_texts[k] + text
+                    infos = self.prompt_infos.get(k, []) + infos
+                elif self.prepared.jobs[k].logprobs is None:
+                    infos = None
+                if infos is not None:
+                    logprobs = self._completion_logprobs(infos, 0)
+                choices.append({"index": idx, "text": text, "logprobs": logprobs, "finish_reason": c.finish})
+            else:
+                choices.append(self._chat_choice(idx, c, text))
+        obj = "text_completion" if self.kind == "completion" else "chat.completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "system_fingerprint": None, "choices": choices, "usage": self.usage()}
+
+    def _chat_choice(self, idx: int, c: _Choice, text: str) -> dict:
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        finish = c.finish
+        if self.prepared.tool_names:
+            content, calls = parse_tool_calls(text, self.prepared.tool_names)
+            if calls:
+                message = {"role": "assistant", "content": content, "tool_calls": calls}
+                if finish == "stop":
+                    finish = "tool_calls"
+        logprobs = None
+        if self.prepared.jobs[0].logprobs is not None:
+            logprobs = {"content": [self._chat_logprob(t) for t in c.tokens if t.logprob is not None]}
+        return {"index": idx, "message": message, "logprobs": logprobs, "finish_reason": finish}
+
+    # -- streaming chunks -----------------------------------------------------------------------
+
+    def chunk(self, choices: list[dict], usage: Optional[dict] = None) -> str:
+        obj = "text_completion" if self.kind == "completion" else "chat.completion.chunk"
+        body: dict[str, Any] = {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                                "system_fingerprint": None, "choices": choices}
+        if usage is not None:
+            body["usage"] = usage
+        return sse(body)
+
+
+def sse(body: Any) -> str:
+    """One server-sent event carrying JSON."""
+    return "data: " + json.dumps(body, ensure_ascii=False) + "\n\n"
+
+
+async def stream_events(run: JobRun, rb: ResponseBuilder, include_usage: bool) -> AsyncIterator[str]:
+    """The SSE body of a streaming request, ending in `data: [DONE]`; an error mid-way is an error event."""
+    buffered = bool(rb.prepared.tool_names)  # tool calls are only known once the answer is complete
+    started: set[int] = set()
+    try:
+        async for k, event in run.events():
+            rb.add(k, event)
+            if isinstance(event, PromptDone) and rb.kind == "completion" \
+                    and rb.prepared.jobs[k].prompt_logprobs is not None:
+                for i in range(rb.prepared.n):  # echo: the prompt comes first
+                    lp = rb._completion_logprobs(event.logprobs or [], 0) if event.logprobs is not None else None
+                    yield rb.chunk([{"index": rb.index(k, i), "text": rb.prepared.prompt_texts[k],
+                                     "logprobs": lp, "finish_reason": None}])
+            if isinstance(event, (Delta, Finish)):
+                idx = rb.index(k, event.index)
+                for piece in _chunks_for(rb, k, idx, event, started, buffered):
+                    yield piece
+        if include_usage:
+            yield rb.chunk([], rb.usage())
+    except APIError as exc:
+        yield sse(exc.body())
+    finally:
+        if run.open > 0:  # the client went away (or the server is stopping): free the slots now
+            run.cancel()
+    yield "data: [DONE]\n\n"
+
+
+def _chunks_for(rb: ResponseBuilder, k: int, idx: int, event, started: set[int], buffered: bool):
+    job = rb.prepared.jobs[k]
+    if rb.kind == "completion":
+        if isinstance(event, Delta):
+            if event.text or (job.logprobs is not None and event.tokens):
+                infos = [t for t in event.tokens if t.logprob is not None]
+                lp = rb._completion_logprobs(infos, 0) if job.logprobs is not None else None
+                yield rb.chunk([{"index": idx, "text": event.text, "logprobs": lp, "finish_reason": None}])
+        else:
+            yield rb.chunk([{"index": idx, "text": "", "logprobs": None, "finish_reason": event.reason}])
+        return
+    if idx not in started:
+        started.add(idx)
+        yield rb.chunk([{"index": idx, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                         "finish_reason": None}])
+    if isinstance(event, Delta):
+        if buffered:
+            return
+        infos = [t for t in event.tokens if t.logprob is not None]
+        if event.text or (job.logprobs is not None and infos):
+            lp = {"content": [rb._chat_logprob(t) for t in infos]} if job.logprobs is not None else None
+            yield rb.chunk([{"index": idx, "delta": {"content": event.text}, "logprobs": lp, "finish_reason": None}])
+        return
+    finish = event.reason
+    if buffered:
+        choice = rb._chat_choice(idx, rb.choices[idx], "".join(rb.choices[idx].text))
+        delta: dict[str, Any] = {}
+        if choice["message"].get("content"):
+            delta["content"] = choice["message"]["content"]
+        if choice["message"].get("tool_calls"):
+            delta["tool_calls"] = [dict(c, index=j) for j, c in enumerate(choice["message"]["tool_calls"])]
+        finish = choice["finish_reason"]
+        if delta:
+            yield rb.chunk([{"index": idx, "delta": delta, "logprobs": choice["logprobs"], "finish_reason": None}])
+    yield rb.chunk([{"index": idx, "delta": {}, "logprobs": None, "finish_reason": finish}])
+
+
+class ClientGone(Exception):
+    """The client disconnected before its response was ready."""
+
+
+async def collect(run: JobRun, rb: ResponseBuilder, receive) -> dict:
+    """Wait for the whole response, cancelling the jobs if the client goes away meanwhile.
+
+    `receive` is the request's ASGI receive: once the body is read, its next message is
+    `http.disconnect`, which arrives when the client closes the connection.
+    """
+
+    async def consume() -> None:
+        async for k, event in run.events():
+            rb.add(k, event)
+
+    async def disconnected() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(consume())
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()  # re-raises APIError from a Failure
+            return rb.body()
+        raise ClientGone()
+    finally:
+        for t in (task, watch):
+            if not t.done():
+                t.cancel()
+        if run.open > 0:
+            run.cancel()

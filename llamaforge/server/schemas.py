@@ -1,0 +1,172 @@
+"""Request and response bodies of the OpenAI-compatible API, as pydantic models (no torch here).
+
+Requests are validated strictly (a string is not a number, `true` is not an integer), each field with
+OpenAI's range, so a bad body becomes a 400 naming the field (see `server/errors.py`). Unknown fields
+are ignored, as clients often send extras (`user`, `metadata`, `store`). Fields OpenAI has and we do
+not implement either have a documented meaning here or are rejected with a 400 that says so.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_STOP_STRINGS = 16
+MAX_TOP_LOGPROBS = 20
+MAX_N = 16
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class SamplingFields(_Strict):
+    """The sampling parameters both generation endpoints share."""
+
+    model: Optional[str] = None
+    temperature: Optional[float] = Field(None, ge=0, le=2, description="0 is greedy; default 1.0 (OpenAI)")
+    top_p: Optional[float] = Field(None, gt=0, le=1, description="nucleus threshold with Meta's semantics")
+    top_k: Optional[int] = Field(None, ge=-1, description="keep the k most likely tokens; 0 or -1: all")
+    min_p: Optional[float] = Field(None, ge=0, le=1, description="drop tokens below min_p * p(best)")
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    repetition_penalty: Optional[float] = Field(None, gt=0, le=10, description="CTRL/HF-style, over prompt and output")
+    logit_bias: Optional[Dict[str, float]] = Field(None, description="token id (as a string) -> bias in [-100, 100]")
+    n: int = Field(1, ge=1, le=MAX_N, description="number of choices")
+    stop: Optional[Union[str, List[str]]] = None
+    seed: Optional[int] = Field(None, ge=-(2**63), lt=2**64)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    max_tokens: Optional[int] = Field(None, ge=0)
+    user: Optional[str] = None
+
+
+class CompletionRequest(SamplingFields):
+    """POST /v1/completions."""
+
+    prompt: Union[str, List[str], List[int], List[List[int]]]
+    echo: bool = False
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    suffix: Optional[str] = None
+    best_of: Optional[int] = Field(None, ge=1, le=MAX_N)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url", "input_audio", "file"]
+
+
+class FunctionCall(_Strict):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Optional[Union[str, List[Union[TextPart, ImagePart]]]] = None
+    name: Optional[str] = None
+    tool_calls: Optional[List[ToolCall]] = None
+    tool_call_id: Optional[str] = None
+
+
+class FunctionDef(_Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: Optional[str] = None
+    parameters: Optional[Dict[str, Any]] = None
+    strict: Optional[bool] = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaSpec(_Strict):
+    name: str = "response"
+    description: Optional[str] = None
+    schema_: Optional[Dict[str, Any]] = Field(None, alias="schema")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaSpec] = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    """POST /v1/chat/completions."""
+
+    messages: List[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=0)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: Optional[ResponseFormat] = None
+    tools: Optional[List[Tool]] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
+    parallel_tool_calls: Optional[bool] = None
+
+
+class EmbeddingRequest(_Strict):
+    """POST /v1/embeddings: mean-pooled final hidden states, L2-normalised."""
+
+    input: Union[str, List[str], List[int], List[List[int]]]
+    model: Optional[str] = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Optional[int] = Field(None, ge=1)
+    user: Optional[str] = None
+
+
+# -- responses (plain dicts are built in handlers; these document the shapes for the OpenAPI spec) --
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "llamaforge"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: List[ModelCard]

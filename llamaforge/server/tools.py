@@ -1,0 +1,150 @@
+"""Function calling: OpenAI `tools` / `tool_choice` through the model's chat template.
+
+A chat template that knows about tools (it mentions `tools`) is rendered with them, and tool calls and
+results in the history are passed as the template expects them (Hugging Face's convention). A template
+that does not gets the common Hermes/Qwen convention written into the system message: the tools as
+JSON inside <tools></tools>, calls as <tool_call>{"name": ..., "arguments": {...}}</tool_call>, and
+tool results as <tool_response></tool_response> in a user turn.
+
+The answer is parsed back into `tool_calls`: every <tool_call>...</tool_call> block, or else an answer
+that is just a JSON object with "name" and "arguments" (or Llama 3.1's "parameters"). When
+`tool_choice` is "required" or names a function, decoding is constrained to such a JSON object (see
+`forced_call_schema`), so the call is well-formed JSON with arguments matching the function's schema.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any, Optional
+
+TOOL_CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+
+HERMES_SYSTEM = (
+    "You can call functions to help answer. The functions are described as JSON schemas within "
+    "<tools></tools>:\n<tools>\n{tools}\n</tools>\n"
+    "To call a function, answer with a JSON object of the function's name and arguments within "
+    "<tool_call></tool_call> tags:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": <args-json-object>}}\n"
+    "</tool_call>"
+)
+
+
+def template_supports_tools(chat_format: Any) -> bool:
+    """True when the model's Jinja template renders `tools` itself."""
+    template = getattr(chat_format, "template", None)
+    return isinstance(template, str) and "tools" in template
+
+
+def tool_specs(tools: list[Any]) -> list[dict]:
+    """The tools as plain OpenAI dicts (`{"type": "function", "function": {...}}`)."""
+    return [t.model_dump(exclude_none=True, by_alias=True) for t in tools]
+
+
+def hermes_messages(messages: list[dict], tools: Optional[list[dict]]) -> list[dict]:
+    """Rewrite a dialog for a template without tool support (tools in the system message)."""
+    out: list[dict] = []
+    for msg in messages:
+        role, content = msg["role"], msg.get("content") or ""
+        if role == "assistant" and msg.get("tool_calls"):
+            calls = "\n".join(
+                "<tool_call>\n" + json.dumps({"name": c["function"]["name"],
+                                              "arguments": _loads_or_str(c["function"]["arguments"])})
+                + "\n</tool_call>" for c in msg["tool_calls"]
+            )
+            out.append({"role": "assistant", "content": (content + "\n" if content else "") + calls})
+        elif role == "tool":
+            text = f"<tool_response>\n{content}\n</tool_response>"
+            if out and out[-1]["role"] == "user" and out[-1].get("_tool"):
+                out[-1]["content"] += "\n" + text
+            else:
+                out.append({"role": "user", "content": text, "_tool": True})
+        else:
+            out.append({"role": role, "content": content})
+    for m in out:
+        m.pop("_tool", None)
+    if tools:
+        described = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tools)
+        system = HERMES_SYSTEM.format(tools=described)
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + system}
+        else:
+            out.insert(0, {"role": "system", "content": system})
+    return out
+
+
+def template_messages(messages: list[dict]) -> list[dict]:
+    """Messages for a template with tool support: tool-call arguments as objects (HF convention)."""
+    out = []
+    for msg in messages:
+        msg = dict(msg)
+        if msg.get("tool_calls"):
+            msg["tool_calls"] = [
+                {"id": c.get("id"), "type": "function",
+                 "function": {"name": c["function"]["name"], "arguments": _loads_or_str(c["function"]["arguments"])}}
+                for c in msg["tool_calls"]
+            ]
+        if msg.get("content") is None:
+            msg["content"] = ""
+        out.append(msg)
+    return out
+
+
+def forced_call_schema(tools: list[dict], name: Optional[str]) -> dict:
+    """JSON schema of one call `{"name": ..., "arguments": {...}}` to the named tool (any tool if None)."""
+    chosen = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
+    options = [
+        {"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
+         "properties": {"name": {"const": f["name"]},
+                        "arguments": f.get("parameters") or {"type": "object"}}}
+        for f in chosen
+    ]
+    return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+def parse_tool_calls(text: str, tool_names: set[str]) -> tuple[Optional[str], list[dict]]:
+    """Split an answer into (content, tool_calls); calls to unknown functions are left as text."""
+    calls, spans = [], []
+    for m in TOOL_CALL_RE.finditer(text):
+        call = _as_call(m.group(1), tool_names)
+        if call is not None:
+            calls.append(call)
+            spans.append(m.span())
+    if not calls:
+        call = _as_call(text.strip(), tool_names)
+        if call is not None:
+            return None, [call]
+        return text, []
+    rest, pos = [], 0
+    for a, b in spans:
+        rest.append(text[pos:a])
+        pos = b
+    rest.append(text[pos:])
+    content = "".join(rest).strip()
+    return (content or None), calls
+
+
+def _as_call(blob: str, tool_names: set[str]) -> Optional[dict]:
+    try:
+        obj = json.loads(blob)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(obj, dict) or obj.get("name") not in tool_names:
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):
+        args = _loads_or_str(args)
+    return {
+        "id": "call_" + uuid.uuid4().hex[:24],
+        "type": "function",
+        "function": {"name": obj["name"], "arguments": args if isinstance(args, str) else json.dumps(args)},
+    }
+
+
+def _loads_or_str(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value

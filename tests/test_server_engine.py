@@ -1,0 +1,335 @@
+"""The serving engine on a tiny random model: continuous batching never changes results.
+
+A tiny random Llama (dim 64, 2 layers) with the default model's real tokenizer runs in milliseconds.
+Tolerances: token ids must be identical (greedy, and seeded sampling with the same generator);
+logprobs agree with a full uncached forward within 1e-4 (float32); embeddings within 1e-5.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+
+from llamaforge.generation import SamplingParams, generate
+from llamaforge.model import ModelArgs, Transformer
+from llamaforge.server.engine import Delta, Engine, Failure, Finish, Job, PromptDone, QueueFull, wait_idle
+from llamaforge.server.sampler import RowParams, RowState, process_row
+
+CPU = torch.device("cpu")
+MAX_SEQ = 128
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from llamaforge.default_model import default_model_path
+    from llamaforge.tokenizer import Tokenizer
+
+    try:
+        return Tokenizer.from_file(default_model_path())
+    except Exception as exc:  # the default model package is a test dependency
+        pytest.skip(f"default model tokenizer unavailable: {exc}")
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    m = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tokenizer.n_words,
+                              hidden_dim=128, max_seq_len=MAX_SEQ))
+    with torch.no_grad():
+        m.output.weight.mul_(8)  # peaked distributions: greedy choices far from ties
+    return m.eval()
+
+
+@pytest.fixture()
+def engine(model, tokenizer):
+    eng = Engine(model, tokenizer, n_slots=4, max_seq_len=MAX_SEQ, device=CPU, max_queue=8, prefill_chunk=16)
+    eng.start()
+    yield eng
+    eng.close()
+
+
+def run(engine, jobs, timeout=60.0, on_event=None):
+    """Submit jobs together; return per job {"choices": [{"tokens", "text", "finish"}], "prompt": PromptDone}."""
+    results = [{"choices": [{"tokens": [], "text": "", "finish": None, "n_gen": 0} for _ in range(j.n)],
+                "prompt": None, "failure": None} for j in jobs]
+    left = [sum(j.n for j in jobs)]
+    done = threading.Event()
+    lock = threading.Lock()
+
+    def sink_for(k):
+        def sink(ev):
+            res = results[k]
+            if on_event is not None:
+                on_event(k, ev)
+            if isinstance(ev, PromptDone):
+                res["prompt"] = ev
+            elif isinstance(ev, Delta):
+                res["choices"][ev.index]["tokens"] += [t.id for t in ev.tokens]
+                res["choices"][ev.index]["text"] += ev.text
+                res["choices"][ev.index].setdefault("infos", []).extend(ev.tokens)
+            elif isinstance(ev, (Finish, Failure)):
+                if isinstance(ev, Finish):
+                    res["choices"][ev.index]["finish"] = ev.reason
+                    res["choices"][ev.index]["n_gen"] = ev.completion_tokens
+                    n_done = 1
+                else:
+                    res["failure"] = ev
+                    n_done = sum(1 for c in res["choices"] if c["finish"] is None)
+                with lock:
+                    left[0] -= n_done
+                    if left[0] <= 0:
+                        done.set()
+        return sink
+
+    for k, job in enumerate(jobs):
+        engine.submit(job, sink_for(k))
+    assert done.wait(timeout), "the engine did not finish the jobs"
+    return results
+
+
+def greedy(prompt, max_tokens=10, **kw):
+    return Job(list(prompt), max_tokens, RowParams(temperature=0), stop_ids=frozenset({0, 2}), **kw)
+
+
+PROMPTS = ["Hello there", "The capital of France is a city that", "x", "Once upon a time, in a land far away, there"]
+
+
+def encode(tokenizer, texts):
+    return [tokenizer.encode(t, bos=True) for t in texts]
+
+
+def test_batched_greedy_equals_solo_and_the_reference_loop(engine, model, tokenizer):
+    prompts = encode(tokenizer, PROMPTS)
+    solo, solo_steps = [], 0
+    for p in prompts:
+        before = engine.steps
+        solo.append(run(engine, [greedy(p)])[0]["choices"][0]["tokens"])
+        solo_steps += engine.steps - before
+    before = engine.steps
+    batched = [r["choices"][0]["tokens"] for r in run(engine, [greedy(p) for p in prompts])]
+    assert engine.steps - before < solo_steps  # the requests really shared decode steps
+    assert batched == solo
+    for p, toks in zip(prompts, solo):
+        ref, _ = generate(model, [p], max_gen_len=10, max_seq_len=MAX_SEQ, params=SamplingParams(temperature=0),
+                          stop_ids=[0, 2], device=CPU)
+        assert toks == ref[0]
+
+
+def test_requests_join_a_running_batch_without_changing_it(engine, tokenizer):
+    prompts = encode(tokenizer, PROMPTS[:2])
+    alone = [run(engine, [greedy(p, 24)])[0]["choices"][0]["tokens"] for p in prompts]
+    late: dict = {}
+    started = threading.Event()
+
+    def on_event(k, ev):
+        if k == 0 and isinstance(ev, Delta) and not started.is_set():
+            started.set()
+
+    t = threading.Thread(target=lambda: late.update(r=run(engine, [greedy(prompts[1], 24)])))
+    first = None
+
+    def go():
+        started.wait(10)
+        t.start()
+
+    threading.Thread(target=go).start()
+    first = run(engine, [greedy(prompts[0], 24)], on_event=on_event)
+    t.join(30)
+    assert first[0]["choices"][0]["tokens"] == alone[0]
+    assert late["r"][0]["choices"][0]["tokens"] == alone[1]
+
+
+def test_seeded_sampling_is_the_core_sampler_alone_or_batched(engine, model, tokenizer):
+    prompts = encode(tokenizer, PROMPTS[:3])
+    params = RowParams(temperature=0.8, top_p=0.9, top_k=50)
+
+    def job(p, seed):
+        return Job(p, 12, params, seed=seed, stop_ids=frozenset({0, 2}))
+
+    alone = [run(engine, [job(p, 7 + i)])[0]["choices"][0]["tokens"] for i, p in enumerate(prompts)]
+    together = [r["choices"][0]["tokens"] for r in run(engine, [job(p, 7 + i) for i, p in enumerate(prompts)])]
+    assert together == alone
+    for i, p in enumerate(prompts):
+        gen = torch.Generator().manual_seed(7 + i)
+        ref, _ = generate(model, [p], max_gen_len=12, max_seq_len=MAX_SEQ,
+                          params=SamplingParams(temperature=0.8, top_p=0.9, top_k=50), stop_ids=[0, 2], device=CPU,
+                          generator=gen)
+        assert alone[i] == ref[0]
+
+
+def test_n_choices_share_the_prompt_and_use_seed_plus_index(engine, tokenizer):
+    p = encode(tokenizer, PROMPTS[1:2])[0]
+    params = RowParams(temperature=1.0)
+    res = run(engine, [Job(p, 8, params, n=3, seed=11, stop_ids=frozenset({0, 2}))])[0]
+    for i in range(3):
+        single = run(engine, [Job(p, 8, params, seed=11 + i, stop_ids=frozenset({0, 2}))])[0]
+        assert res["choices"][i]["tokens"] == single["choices"][0]["tokens"]
+    assert len({tuple(c["tokens"]) for c in res["choices"]}) > 1  # different seeds, different samples
+
+
+def test_prefix_reuse_from_finished_and_running_slots(model, tokenizer):
+    shared = "You are a helpful assistant. Answer briefly and politely. Question:"
+    a, b = encode(tokenizer, [shared + " What is red?", shared + " Where is Paris?"])
+    common = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    plain = Engine(model, tokenizer, n_slots=4, max_seq_len=MAX_SEQ, device=CPU, prefix_reuse=False)
+    plain.start()
+    try:
+        want_b = run(plain, [greedy(b)])[0]["choices"][0]["tokens"]
+    finally:
+        plain.close()
+    eng = Engine(model, tokenizer, n_slots=4, max_seq_len=MAX_SEQ, device=CPU)
+    eng.start()
+    try:
+        run(eng, [greedy(a)])
+        res = run(eng, [greedy(b)])[0]  # a's finished slot still holds the shared prefix
+        assert res["prompt"].cached_tokens == common
+        assert res["choices"][0]["tokens"] == want_b
+        # while a long request runs, a new one copies its prefix from that busy slot
+        got: dict = {}
+        prefilled = threading.Event()
+        t = threading.Thread(target=lambda: got.update(a=run(
+            eng, [greedy(a, 40)], on_event=lambda k, ev: isinstance(ev, PromptDone) and prefilled.set())))
+        t.start()
+        assert prefilled.wait(10)
+        copies = eng.pool.stats.copies
+        b2 = list(b[:common]) + tokenizer.encode(" Who are you?")
+        res2 = run(eng, [greedy(b2)])[0]
+        t.join(30)
+        assert res2["prompt"].cached_tokens >= common
+        assert eng.pool.stats.copies >= copies  # either the finished slot or a copy from the running one
+    finally:
+        eng.close()
+
+
+def test_stop_string_spanning_tokens_and_max_tokens(engine, tokenizer):
+    p = encode(tokenizer, PROMPTS[3:4])[0]
+    full = run(engine, [greedy(p, 16)])[0]["choices"][0]
+    text = full["text"]
+    assert full["finish"] == "length" and full["n_gen"] == 16
+    stop = text[len(text) // 3: len(text) // 3 + 5]
+    assert stop and len(stop.strip()) > 0
+    cut = run(engine, [greedy(p, 16, stop=(stop,))])[0]["choices"][0]
+    assert cut["finish"] == "stop"
+    assert cut["text"] == text[: text.find(stop)]
+
+
+def test_logprobs_match_an_uncached_forward(engine, model, tokenizer):
+    p = encode(tokenizer, PROMPTS[1:2])[0]
+    res = run(engine, [Job(p, 6, RowParams(temperature=0), stop_ids=frozenset({0, 2}), logprobs=3,
+                           prompt_logprobs=2)])[0]
+    choice = res["choices"][0]
+    seq = p + choice["tokens"]
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([seq]))[0], dim=-1)  # (T, V)
+    for j, info in enumerate(choice["infos"]):
+        pos = len(p) + j
+        assert info.logprob == pytest.approx(float(lp[pos - 1, seq[pos]]), abs=1e-4)
+        assert [t for t, _ in info.top] == torch.topk(lp[pos - 1], 3).indices.tolist()
+    prompt_infos = res["prompt"].logprobs
+    assert prompt_infos[0].logprob is None and len(prompt_infos) == len(p)
+    for j in range(1, len(p)):
+        assert prompt_infos[j].logprob == pytest.approx(float(lp[j - 1, p[j]]), abs=1e-4)
+
+
+def test_max_tokens_zero_and_logit_bias(engine, tokenizer):
+    p = encode(tokenizer, PROMPTS[:1])[0]
+    res = run(engine, [Job(p, 0, RowParams(temperature=0), stop_ids=frozenset({0, 2}))])[0]["choices"][0]
+    assert res["tokens"] == [] and res["finish"] == "length"
+    forced = RowParams(temperature=0, logit_bias=((42, 100.0),))
+    res = run(engine, [Job(p, 5, forced, stop_ids=frozenset({0, 2}))])[0]["choices"][0]
+    assert res["tokens"] == [42] * 5
+    base = run(engine, [greedy(p, 1)])[0]["choices"][0]["tokens"][0]
+    banned = RowParams(temperature=0, logit_bias=((base, -100.0),))
+    assert run(engine, [Job(p, 1, banned, stop_ids=frozenset({0, 2}))])[0]["choices"][0]["tokens"][0] != base
+
+
+def test_penalties_follow_their_formulas():
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0])
+    row = RowState(RowParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25), torch.Generator(),
+                   4, prompt=[0])
+    row.record(1)
+    row.record(1)
+    row.record(3)
+    out = process_row(logits, row)
+    # token 0: in the prompt only -> 2 / 2; token 1: seen twice -> -1 * 2 - 2 * 0.5 - 0.25;
+    # token 2: unseen; token 3: once -> 3 / 2 - 0.5 - 0.25
+    assert out.tolist() == pytest.approx([1.0, -3.25, 0.5, 0.75])
+
+
+def test_constrained_json_from_a_random_model(engine, tokenizer):
+    from llamaforge.server.grammar import GrammarCompiler
+
+    schema = {"type": "object", "additionalProperties": False, "required": ["name", "n", "ok"],
+              "properties": {"name": {"type": "string", "maxLength": 6},
+                             "n": {"type": "integer", "minimum": 0, "maximum": 999}, "ok": {"type": "boolean"}}}
+    factory = GrammarCompiler(tokenizer, tokenizer.n_words, frozenset({0, 2})).json_schema(schema)
+    p = encode(tokenizer, ["Give me JSON:"])[0]
+    res = run(engine, [Job(p, 60, RowParams(temperature=1.0), n=2, seed=3, stop_ids=frozenset({0, 2}),
+                           constraint=factory)])[0]
+    for choice in res["choices"]:
+        assert choice["finish"] == "stop"
+        obj = json.loads(choice["text"])
+        assert set(obj) == {"name", "n", "ok"} and isinstance(obj["name"], str) and len(obj["name"]) <= 6
+        assert isinstance(obj["n"], int) and 0 <= obj["n"] <= 999 and isinstance(obj["ok"], bool)
+
+
+def test_cancel_frees_the_slots_at_once(engine, tokenizer):
+    p = encode(tokenizer, PROMPTS[:1])[0]
+    got_token = threading.Event()
+    events = []
+
+    def sink(ev):
+        events.append(ev)
+        if isinstance(ev, Delta):
+            got_token.set()
+
+    job = Job(p, 100, RowParams(temperature=0), n=2, stop_ids=frozenset())
+    job_id = engine.submit(job, sink)
+    assert got_token.wait(10)
+    engine.cancel(job_id)
+    assert wait_idle(engine, 10)
+    assert engine.pool.n_free == engine.n_slots
+    assert sum(len(e.tokens) for e in events if isinstance(e, Delta)) < 2 * 100
+    assert not any(isinstance(e, Finish) for e in events)
+
+
+def test_bounded_queue_and_failures_stay_with_their_request(model, tokenizer):
+    eng = Engine(model, tokenizer, n_slots=2, max_seq_len=MAX_SEQ, device=CPU, max_queue=2)
+    for _ in range(2):
+        eng.submit(greedy([1, 2, 3]), lambda ev: None)
+    with pytest.raises(QueueFull):
+        eng.submit(greedy([1, 2, 3]), lambda ev: None)
+    eng.close()
+
+    class Broken:
+        def allowed(self):
+            raise RuntimeError("boom")
+
+        def advance(self, token):
+            pass
+
+        def is_finished(self):
+            return False
+
+    eng = Engine(model, tokenizer, n_slots=2, max_seq_len=MAX_SEQ, device=CPU)
+    eng.start()
+    try:
+        p = encode(tokenizer, PROMPTS[:1])[0]
+        bad, good = run(eng, [Job(p, 5, RowParams(temperature=0), constraint=Broken), greedy(p, 5)])
+        assert isinstance(bad["failure"], Failure) and "boom" in bad["failure"].message
+        assert good["choices"][0]["finish"] == "length" and len(good["choices"][0]["tokens"]) == 5
+        assert eng._thread.is_alive() and wait_idle(eng, 5) and eng.pool.n_free == 2
+    finally:
+        eng.close()
+
+
+def test_embeddings_are_normalised_mean_hidden_states(engine, model):
+    ids = [[1, 5, 9, 13], [7, 8]]
+    vectors = engine.embed(ids).result(timeout=10)
+    for seq, vec in zip(ids, vectors):
+        with torch.no_grad():
+            want = torch.nn.functional.normalize(model.hidden_states(torch.tensor([seq]))[0].mean(0), dim=0)
+        assert torch.allclose(torch.tensor(vec), want, atol=1e-5)
