@@ -77,8 +77,22 @@ def accuracy(net: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def train(epochs: int = 30, mini_batch_size: int = 10, eta: float = 3.0, seed: int = 1, verbose: bool = True,
-          net: Optional[nn.Module] = None) -> list[float]:
-    """Nielsen's `SGD(training_data, epochs, mini_batch_size, eta, test_data)`; returns test accuracy per epoch."""
+          net: Optional[nn.Module] = None, threads: Optional[int] = 1) -> list[float]:
+    """Nielsen's `SGD(training_data, epochs, mini_batch_size, eta, test_data)`; returns test accuracy per epoch.
+
+    `threads`: torch CPU threads while training (one is fastest for matrices this small; None: unchanged).
+    """
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _train(epochs, mini_batch_size, eta, seed, verbose, net)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train(epochs: int, mini_batch_size: int, eta: float, seed: int, verbose: bool,
+           net: Optional[nn.Module]) -> list[float]:
     x_train, y_train, x_test, labels_test = load_digits_data(seed=seed)
     net = net or build_network(seed=seed)
     optimizer = SGD(net.parameters(), lr=eta)

@@ -4,8 +4,9 @@ A text longer than the model's window cannot be scored in one forward pass. The 
 tokens moves forward `stride` tokens at a time (the method of Hugging Face's "Perplexity of
 fixed-length models"): every token except the first is scored exactly once, in the first window
 that reaches it, so after the first window each scored token sees at least `window - stride`
-tokens of context (stride = window: disjoint chunks, fastest, most pessimistic; stride = 1: the
-most context, slowest). The default stride is window // 2.
+tokens of context (stride = window - 1: chunks overlapping by the one token that conditions the
+next chunk, fastest, least context; stride = 1: the most context, slowest). The default stride is
+window // 2.
 
     perplexity = exp( (1/N) * sum_t -log p(x_t | x_<t within its window) )
 
@@ -72,7 +73,7 @@ def perplexity(
         model: a llamaforge Transformer (e.g. `Llama.build(...).model`), any weight format.
         token_ids: the text's ids (with BOS first when the model expects it).
         window: tokens per forward pass (default: min(model context, 1024)).
-        stride: tokens the window moves (default window // 2); 1 <= stride <= window.
+        stride: tokens the window moves (default window // 2); 1 <= stride < window.
         batch_size: windows per forward pass.
         device: where the model is (default: its first parameter's device).
         progress: show a progress bar.
@@ -81,12 +82,13 @@ def perplexity(
         ConfigError: fewer than 2 tokens, or a window/stride out of range.
     """
     args = model.args
-    window = window or min(args.max_seq_len, 1024)
-    stride = stride or max(1, window // 2)
+    window = min(args.max_seq_len, 1024) if window is None else window
+    stride = max(1, window // 2) if stride is None else stride
     if window > args.max_seq_len or window < 2:
         raise ConfigError(f"window={window} must be in [2, {args.max_seq_len}] (the model's context length)")
-    if not 1 <= stride <= window:
-        raise ConfigError(f"stride={stride} must be in [1, window={window}]")
+    if not 1 <= stride < window:
+        raise ConfigError(f"stride={stride} must be in [1, window - 1 = {window - 1}]: a window's first token "
+                          "is context only, so windows must overlap by at least one token")
     if len(token_ids) < 2:
         raise ConfigError(f"perplexity needs at least 2 tokens, got {len(token_ids)}")
     device = device or next(model.parameters()).device
