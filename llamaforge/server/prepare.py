@@ -35,6 +35,15 @@ class Prepared:
     forced_tool: bool = False
 
 
+def check_text(text: str, param: str) -> None:
+    """A 400 for text that is not valid Unicode (JSON allows lone surrogates such as "\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad_request(f"{param} is not valid Unicode text: {exc.reason} at position {exc.start}", param,
+                          "invalid_text") from None
+
+
 class Preparer:
     """Request validation and encoding for one served model."""
 
@@ -62,7 +71,8 @@ class Preparer:
             raise bad_request(f"{param} has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}", param)
         return list(ids)
 
-    def _check_fits(self, prompt: list[int], max_tokens: Optional[int], default: Optional[int], param: str) -> int:
+    def _check_fits(self, prompt: list[int], max_tokens: Optional[int], default: Optional[int], param: str,
+                    max_param: str = "max_tokens") -> int:
         if not prompt:
             raise bad_request("the prompt is empty; give at least one token", param, "empty_prompt")
         room = self.max_seq_len - len(prompt)
@@ -76,7 +86,7 @@ class Preparer:
         if max_tokens > room:
             raise bad_request(
                 f"max_tokens={max_tokens} does not fit: the prompt has {len(prompt)} tokens and the context is "
-                f"{self.max_seq_len}, so at most {room} tokens can be generated", "max_tokens",
+                f"{self.max_seq_len}, so at most {room} tokens can be generated", max_param,
                 "context_length_exceeded")
         return max_tokens
 
@@ -107,6 +117,8 @@ class Preparer:
 
     def _stops(self, stop: Union[None, str, list[str]]) -> tuple[str, ...]:
         stops = [stop] if isinstance(stop, str) else list(stop or [])
+        for s in stops:
+            check_text(s, "stop")
         if len(stops) > MAX_STOP_STRINGS:
             raise bad_request(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}", "stop")
         return tuple(s for s in stops if s)
@@ -168,7 +180,8 @@ class Preparer:
                 constraint = self._constraint(fmt.json_schema.schema_, "response_format")
             else:
                 constraint = self._constraint(None, "response_format")
-        max_tokens = self._check_fits(prompt, max_tokens, None, "messages")
+        max_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        max_tokens = self._check_fits(prompt, max_tokens, None, "messages", max_param)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         job = Job(prompt, max_tokens, self._params(req), n=req.n, seed=req.seed,
                   stop_ids=frozenset(self.chat_format.stop_ids), stop=self._stops(req.stop), logprobs=logprobs,
@@ -204,6 +217,7 @@ class Preparer:
         out = []
         for p in prompt:
             if isinstance(p, str):
+                check_text(p, param)
                 ids = self.tokenizer.encode(p, bos=bos and self.tokenizer.add_bos)
                 out.append((ids, p))
             else:
@@ -221,6 +235,8 @@ class Preparer:
                                       f"messages.{i}.content")
                 texts.append(part.text)
             content = "".join(texts)
+        if content is not None:
+            check_text(content, f"messages.{i}.content")
         if content is None and m.role != "assistant":
             raise bad_request(f"messages[{i}] ({m.role}) has no content", f"messages.{i}.content")
         msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
