@@ -1,0 +1,147 @@
+"""Small pieces of the server, each on its own: stop strings, slot reuse, tool calls, token bytes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from llamaforge.model.kv_cache import KVCache
+from llamaforge.server.slots import SlotPool, common_prefix_len
+from llamaforge.server.text import TextStream
+from llamaforge.server.tools import forced_call_schema, hermes_messages, parse_tool_calls
+
+
+class CharDecoder:
+    """A stream decoder over a toy vocabulary: token id -> its string."""
+
+    def __init__(self, vocab):
+        self.vocab = vocab
+
+    def push(self, token_id):
+        return self.vocab[token_id]
+
+    def flush(self):
+        return ""
+
+
+def feed(stops, pieces):
+    vocab = dict(enumerate(pieces))
+    ts = TextStream(CharDecoder(vocab), stops)
+    out, hit = [], False
+    for i in range(len(pieces)):
+        text, hit = ts.push(i)
+        out.append(text)
+        if hit:
+            break
+    if not hit:
+        out.append(ts.flush())
+    return out, hit
+
+
+def test_stop_string_spanning_tokens_is_cut_and_never_leaks():
+    out, hit = feed(["END"], ["Hello ", "wor", "ld E", "N", "D more"])
+    assert hit and "".join(out) == "Hello world "
+    assert out == ["Hello ", "wor", "ld ", "", ""]  # "E" and "N" are held back until settled
+
+
+def test_held_back_text_is_released_when_it_is_not_a_stop():
+    out, hit = feed(["END"], ["a E", "N", "x", "b"])
+    assert not hit and "".join(out) == "a ENxb" and out[:2] == ["a ", ""]
+    out, hit = feed(["END"], ["tail E"])  # generation ends inside a possible stop: flushed
+    assert not hit and "".join(out) == "tail E"
+
+
+def test_earliest_of_several_stops_wins():
+    out, hit = feed(["cd", "b"], ["abcd"])
+    assert hit and out == ["a"]
+    out, hit = feed(["\n\n"], ["one\n", "\ntwo"])
+    assert hit and "".join(out) == "one"
+
+
+def test_common_prefix_len():
+    a = list(range(200))
+    assert common_prefix_len(a, a) == 200
+    assert common_prefix_len(a, a[:70] + [-1]) == 70
+    assert common_prefix_len([], a) == 0
+
+
+def test_slot_pool_reuses_and_copies_prefixes():
+    cache = KVCache(1, 3, 16, 1, 2, dtype=torch.float32, device=torch.device("cpu"))
+    pool = SlotPool(cache)
+    slots, cached = pool.acquire([1, 2, 3, 4], 1)
+    assert cached == 0
+    (s0,) = slots
+    cache.k[:, s0, :, :4] = torch.arange(8.0).view(1, 1, 4, 2)  # pretend the prompt was computed
+    pool.extend(s0, [1, 2, 3, 4])
+    # while s0 is busy, a prompt sharing 3 tokens gets them copied into a free slot
+    (s1,), cached = pool.acquire([1, 2, 3, 9, 9], 1)
+    assert s1 != s0 and cached == 3 and pool.stats.copies == 1
+    assert torch.equal(cache.k[:, s1, :, :3], cache.k[:, s0, :, :3])
+    pool.release(s0)
+    # the same prompt again: the finished slot is reused, all but the last token
+    (s2,), cached = pool.acquire([1, 2, 3, 4], 1)
+    assert s2 == s0 and cached == 3
+    # n > 1 takes extra slots; a slot released without keeping forgets its prefix
+    pool.release(s1, keep=False)
+    assert pool.cached[s1] == []
+
+
+def test_tool_calls_are_parsed_from_hermes_blocks_and_bare_json():
+    names = {"get_weather", "add"}
+    text = 'Sure.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    content, calls = parse_tool_calls(text, names)
+    assert content == "Sure." and calls[0]["function"]["name"] == "get_weather"
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
+    content, calls = parse_tool_calls('{"name": "add", "parameters": {"a": 1, "b": 2}}', names)
+    assert content is None and json.loads(calls[0]["function"]["arguments"]) == {"a": 1, "b": 2}
+    assert parse_tool_calls('{"name": "rm_rf", "arguments": {}}', names) == ('{"name": "rm_rf", "arguments": {}}', [])
+    assert parse_tool_calls("<tool_call>not json</tool_call>", names)[1] == []
+
+
+def test_hermes_rewrite_of_a_tool_dialog():
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "1+2?"},
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "3"},
+    ]
+    out = hermes_messages(msgs, tools)
+    assert [m["role"] for m in out] == ["system", "user", "assistant", "user"]
+    assert out[0]["content"].startswith("Be brief.") and '"name": "add"' in out[0]["content"]
+    assert '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>' in out[2]["content"]
+    assert out[3]["content"] == "<tool_response>\n3\n</tool_response>"
+
+
+def test_forced_call_schema():
+    tools = [{"type": "function", "function": {"name": "a", "parameters": {"type": "object"}}},
+             {"type": "function", "function": {"name": "b"}}]
+    assert forced_call_schema(tools, "b")["properties"]["name"] == {"const": "b"}
+    assert len(forced_call_schema(tools, None)["anyOf"]) == 2
+
+
+def test_token_bytes_spell_the_text():
+    from llamaforge.default_model import default_model_path
+    from llamaforge.server.vocab import token_bytes_table
+    from llamaforge.tokenizer import Tokenizer
+
+    try:
+        tok = Tokenizer.from_file(default_model_path())
+    except Exception as exc:
+        pytest.skip(f"default model tokenizer unavailable: {exc}")
+    table = token_bytes_table(tok)
+    for text in ["Hello, wörld!", "日本語 🙂", "  spaces\tand\nnewlines", '{"a": [1, 2]}']:
+        assert b"".join(table[i] for i in tok.encode(text)) == text.encode("utf-8")
+    assert table[tok.eos_id] == tok.id_to_piece(tok.eos_id).encode()
+
+
+def test_validation_errors_name_the_json_path():
+    from llamaforge.server.errors import from_validation_errors
+
+    err = from_validation_errors([{"loc": ("body", "messages", 0, "content", "str"), "msg": "bad", "type": "x"}])
+    assert err.status == 400 and err.param == "messages.0.content"
+    err = from_validation_errors([{"loc": ("body",), "msg": "x", "type": "json_invalid", "ctx": {"error": "eof"}}])
+    assert err.code == "invalid_json"
