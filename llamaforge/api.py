@@ -95,7 +95,8 @@ class Llama:
             max_seq_len: longest prompt + generation; None uses the model's own context length,
                 bounded by the memory the KV cache of `max_batch_size` sequences may take.
             max_batch_size: most prompts per call.
-            model_parallel_size: accepted for Meta compatibility; one process merges shards itself.
+            model_parallel_size: Meta's argument; None means the launch's world size. One process merges
+                a checkpoint's model-parallel shards; under torchrun each rank takes its slice.
             seed: seeds torch's global generator, as Meta's build does.
             device: "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:N" or "mps".
             dtype: "float32", "bfloat16", "float16" or None for the device's default
@@ -112,17 +113,20 @@ class Llama:
             raise ConfigError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
         if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 1):
             raise ConfigError(f"max_seq_len must be a positive integer or None, got {max_seq_len!r}")
-        if devices.world_size() > 1:
+        world = devices.world_size()
+        if model_parallel_size is not None and model_parallel_size != world:
             raise ConfigError(
-                f"this process is one of {devices.world_size()} (WORLD_SIZE is set by torchrun); multi-process "
-                "tensor-parallel runs are not supported yet: run a single process, which merges "
-                "model-parallel checkpoint shards by itself"
+                f"model_parallel_size={model_parallel_size} but this launch has {world} process(es); leave it "
+                "None (checkpoint shards are merged and re-split for any world size that divides the heads)"
             )
-        if model_parallel_size not in (None, 1):
-            log.info("model_parallel_size=%s: one process merges the checkpoint's shards", model_parallel_size)
         torch.manual_seed(seed)
         dev = devices.resolve_device(device)
         torch_dtype = devices.resolve_dtype(dtype, dev)
+        rank = 0
+        if world > 1:
+            from llamaforge import parallel
+
+            rank, world = parallel.init(dev)
         path = Path(ckpt_dir) if ckpt_dir is not None else default_model_path()
 
         start = time.perf_counter()
@@ -141,7 +145,12 @@ class Llama:
                 max_seq_len, args.max_seq_len,
             )
             args = dataclasses.replace(args, max_seq_len=max_seq_len)
-        model = build_model(args, ckpt.state_dict, device=dev, dtype=torch_dtype)
+        if world > 1:
+            model = build_model(parallel.local_args(args, world), parallel.shard_for_rank(ckpt.state_dict, rank, world),
+                                device=dev, dtype=torch_dtype)
+            model = parallel.apply_tensor_parallel(model)
+        else:
+            model = build_model(args, ckpt.state_dict, device=dev, dtype=torch_dtype)
         log.info(
             "loaded %s (%s, %.1fM parameters) on %s in %s in %.2fs",
             path, ckpt.format, args.n_params / 1e6, dev, torch_dtype, time.perf_counter() - start,
