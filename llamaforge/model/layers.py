@@ -72,14 +72,17 @@ class RotaryEmbedding(nn.Module):
         self.cos = torch.cos(angles).to(device)
         self.sin = torch.sin(angles).to(device)
 
-    def forward(self, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        """Rotate x (B, T, H, hd) at positions input_pos (B, T); pairs (x[2i], x[2i+1]) as in Meta."""
-        cos = self.cos[input_pos].unsqueeze(2)  # (B, T, 1, hd/2)
-        sin = self.sin[input_pos].unsqueeze(2)
-        xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
-        x0, x1 = xf[..., 0], xf[..., 1]
-        out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (B, T, H, hd/2, 2)
-        return out.flatten(-2).type_as(x)
+    def tables(self, input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cos and sin at positions input_pos (B, T), shaped (B, T, 1, hd/2) to broadcast over heads."""
+        return self.cos[input_pos].unsqueeze(2), self.sin[input_pos].unsqueeze(2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, T, H, hd) by the angles of `RotaryEmbedding.tables`; pairs (x[2i], x[2i+1]) as in Meta."""
+    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (B, T, H, hd/2, 2)
+    return out.flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
@@ -99,33 +102,27 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rope: RotaryEmbedding,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor,
         input_pos: torch.Tensor,
         cache: Optional[KVCache] = None,
         slots: Optional[torch.Tensor] = None,
         kv_len: Optional[int] = None,
     ) -> torch.Tensor:
+        """x (B, T, dim); rope = cos/sin tables at the positions; mask (B, 1, T, keys) True where visible."""
         bsz, seqlen, _ = x.shape
         # Heads are views of the projection outputs: (B, T, H, hd) for this and the next lines.
         xq = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
         xk = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
         xv = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
-        xq, xk = rope(xq, input_pos), rope(xk, input_pos)
+        xq, xk = apply_rope(xq, *rope), apply_rope(xk, *rope)
         q = xq.transpose(1, 2)  # (B, H, T, hd)
         k, v = xk.transpose(1, 2), xv.transpose(1, 2)  # (B, Hkv, T, hd)
-        if cache is None:
-            # No cache (training, scoring): causal attention within this chunk.
-            mask = input_pos[:, None, None, :] <= input_pos[:, None, :, None]  # (B, 1, T, T)
-        else:
+        if cache is not None:
             k, v = cache.update(self.layer_id, input_pos, k, v, slots=slots, kv_len=kv_len)  # (B, Hkv, L, hd)
-            key_pos = torch.arange(k.shape[2], device=x.device)
-            mask = key_pos[None, None, None, :] <= input_pos[:, None, :, None]  # (B, 1, T, L)
-        if self.n_kv_heads != self.n_heads:
-            rep = self.n_heads // self.n_kv_heads
-            k = k.repeat_interleave(rep, dim=1)  # (B, H, L, hd): query head h reads kv head h // rep
-            v = v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, hd)
-        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))  # (B, T, H*hd) -> (B, T, dim)
+        # Query head h reads kv head h // (H / Hkv), as Meta's repeat_kv, without copying the cache.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))  # (B, H, T, hd) -> (B, T, H*hd) -> (B, T, dim)
 
 
 class FeedForward(nn.Module):
@@ -149,6 +146,6 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, rope, input_pos, cache=None, slots=None, kv_len=None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, input_pos, cache, slots, kv_len)
+    def forward(self, x, rope, mask, input_pos, cache=None, slots=None, kv_len=None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, mask, input_pos, cache, slots, kv_len)
         return h + self.feed_forward(self.ffn_norm(h))

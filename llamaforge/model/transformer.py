@@ -49,9 +49,15 @@ class Transformer(nn.Module):
             input_pos = torch.arange(seqlen, device=tokens.device)
         if input_pos.dim() == 1:
             input_pos = input_pos.unsqueeze(0).expand(bsz, seqlen)  # (B, T)
+        if cache is None:  # training, scoring: causal attention within these tokens
+            key_pos = input_pos
+        else:  # the first kv_len cached positions of each row's slot
+            key_pos = torch.arange(kv_len or cache.max_seq_len, device=tokens.device).unsqueeze(0)
+        mask = key_pos[:, None, None, :] <= input_pos[:, None, :, None]  # (B, 1, T, keys)
+        rope = self.rope.tables(input_pos)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
-            h = layer(h, self.rope, input_pos, cache, slots, kv_len)
+            h = layer(h, rope, mask, input_pos, cache, slots, kv_len)
         return self.norm(h)
 
     def forward(
