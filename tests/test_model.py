@@ -103,3 +103,13 @@ def test_bad_model_args_raise(kw, match):
     base.update(kw)
     with pytest.raises(ConfigError, match=match):
         ModelArgs(**base)
+
+
+@torch.no_grad()
+def test_hidden_states_of_an_intermediate_layer():
+    model = tiny()
+    tokens = torch.randint(0, 101, (2, 5))
+    torch.testing.assert_close(model.hidden_states(tokens, layer=0), model.tok_embeddings(tokens))
+    full = model.hidden_states(tokens)
+    torch.testing.assert_close(model.norm(model.hidden_states(tokens, layer=2)), full)
+    assert not torch.allclose(model.hidden_states(tokens, layer=1), model.hidden_states(tokens, layer=2))

@@ -38,11 +38,14 @@ class Transformer(nn.Module):
         cache: Optional[KVCache] = None,
         slots: Optional[torch.Tensor] = None,
         kv_len: Optional[int] = None,
+        layer: Optional[int] = None,
     ) -> torch.Tensor:
         """Final normalised hidden states (B, T, dim) for tokens (B, T) at positions input_pos.
 
         input_pos is (B, T) or (T,) shared by all rows; None means 0..T-1. With a cache, keys and
         values are written at those positions and attention reads the first `kv_len` cached positions.
+        `layer=k` stops after the first k blocks and returns their (un-normalised) output instead;
+        `layer=0` is the token embeddings.
         """
         bsz, seqlen = tokens.shape
         if input_pos is None:
@@ -56,9 +59,11 @@ class Transformer(nn.Module):
         mask = key_pos[:, None, None, :] <= input_pos[:, None, :, None]  # (B, 1, T, keys)
         rope = self.rope.tables(input_pos)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
-        for layer in self.layers:
-            h = layer(h, rope, mask, input_pos, cache, slots, kv_len)
-        return self.norm(h)
+        if layer is not None and not 0 <= layer <= len(self.layers):
+            raise ValueError(f"layer must be in [0, {len(self.layers)}], got {layer}")
+        for block in self.layers[:layer]:
+            h = block(h, rope, mask, input_pos, cache, slots, kv_len)
+        return h if layer is not None else self.norm(h)
 
     def forward(
         self,
