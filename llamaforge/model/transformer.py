@@ -11,7 +11,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from llamaforge.errors import CheckpointError
+from llamaforge.errors import CheckpointError, ConfigError
 from llamaforge.model.args import ModelArgs
 from llamaforge.model.kv_cache import KVCache
 from llamaforge.model.layers import RMSNorm, RotaryEmbedding, TransformerBlock
@@ -60,7 +60,7 @@ class Transformer(nn.Module):
         rope = self.rope.tables(input_pos)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         if layer is not None and not 0 <= layer <= len(self.layers):
-            raise ValueError(f"layer must be in [0, {len(self.layers)}], got {layer}")
+            raise ConfigError(f"layer must be in [0, {len(self.layers)}], got {layer}")
         for block in self.layers[:layer]:
             h = block(h, rope, mask, input_pos, cache, slots, kv_len)
         return h if layer is not None else self.norm(h)
