@@ -219,6 +219,15 @@ def test_chat_logprobs_and_prefix_cache(client, model_id):
     assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
 
 
+def test_tokenize_counts_like_the_core(server, llama):
+    msgs = [{"role": "user", "content": QUESTIONS[0]}]
+    got = post(server, "/tokenize", {"messages": msgs}).json()
+    assert got["tokens"] == llama.chat_format.encode_dialog(msgs) and got["max_model_len"] == MAX_SEQ
+    got = post(server, "/tokenize", {"prompt": "Hello world"}).json()
+    assert got["count"] == len(llama.tokenizer.encode("Hello world", bos=llama.tokenizer.add_bos))
+    assert_error(post(server, "/tokenize", {"prompt": "x"}, key=None), 401)
+
+
 def test_embeddings(client, model_id):
     r = client.embeddings.create(model=model_id, input=["hello world", "the cat sat"])  # base64 on the wire
     assert [d.index for d in r.data] == [0, 1] and len(r.data[0].embedding) == 576

@@ -9,6 +9,7 @@ stopped with the app's lifespan):
     POST /v1/completions        text completion (stream with "stream": true)
     POST /v1/chat/completions   chat in the model's own chat format (stream with "stream": true)
     POST /v1/embeddings         mean-pooled final hidden states, L2-normalised
+    POST /tokenize              a prompt's or a dialog's token ids and count (vLLM's extension)
 
 Every error is `{"error": {"message", "type", "param", "code"}}`: 400 for bad requests (wrong types,
 out-of-range values, too-long prompts, unknown models), 401 without the API key, 404 for unknown
@@ -38,7 +39,9 @@ from llamaforge.server.errors import APIError, error_body, from_validation_error
 from llamaforge.server.grammar import GrammarCompiler
 from llamaforge.server.prepare import Preparer
 from llamaforge.server.respond import ClientGone, JobRun, ResponseBuilder, collect, stream_events
-from llamaforge.server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ErrorResponse
+from llamaforge.server.schemas import (
+    ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ErrorResponse, TokenizeRequest,
+)
 
 log = logging.getLogger("llamaforge.server")
 
@@ -63,7 +66,8 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        if self.api_key is not None and scope.get("path", "").startswith("/v1"):
+        path = scope.get("path", "")
+        if self.api_key is not None and (path.startswith("/v1") or path == "/tokenize"):
             given = headers.get(b"authorization", b"")
             token = given[7:] if given[:7].lower() == b"bearer " else b""
             if not secrets.compare_digest(token, self.api_key):
@@ -115,7 +119,7 @@ def create_app(
     Args:
         llama: the model, tokenizer and chat format to serve.
         model_name: the id clients use (default: the checkpoint's file or folder name).
-        api_key: when set, /v1 routes need `Authorization: Bearer <api_key>`.
+        api_key: when set, /v1 routes and /tokenize need `Authorization: Bearer <api_key>`.
         n_slots: sequences decoded together (KV cache slots); default `llama.max_batch_size`.
         max_queue: requests that may wait for a slot before new ones get 429.
         prefill_chunk: most prompt tokens computed per engine step.
@@ -215,6 +219,12 @@ def create_app(
     @app.post("/v1/chat/completions", responses=ERRORS)
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         return await generate("chat", req, request)
+
+    @app.post("/tokenize", responses=ERRORS)
+    async def tokenize(req: TokenizeRequest):
+        """Count a prompt's tokens, e.g. to choose a max_tokens that fits (the chat page does)."""
+        ids = await run_in_threadpool(prep.tokenize, req)
+        return {"count": len(ids), "max_model_len": llama.max_seq_len, "tokens": ids}
 
     @app.post("/v1/embeddings", responses=ERRORS)
     async def embeddings(req: EmbeddingRequest):

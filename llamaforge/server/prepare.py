@@ -17,7 +17,7 @@ from llamaforge.server.errors import APIError, bad_request
 from llamaforge.server.grammar import GrammarCompiler, GrammarError, GrammarUnavailable
 from llamaforge.server.sampler import RowParams
 from llamaforge.server.schemas import (
-    MAX_STOP_STRINGS, ChatCompletionRequest, CompletionRequest, EmbeddingRequest, SamplingFields,
+    MAX_STOP_STRINGS, ChatCompletionRequest, CompletionRequest, EmbeddingRequest, SamplingFields, TokenizeRequest,
 )
 from llamaforge.server import tools as tooling
 
@@ -188,6 +188,16 @@ class Preparer:
                   constraint=constraint)
         names = {t["function"]["name"] for t in tools} if use_tools else set()
         return Prepared([job], req.n, tool_names=names, forced_tool=forced)
+
+    def tokenize(self, req: TokenizeRequest) -> list[int]:
+        """The prompt ids a completion (`prompt`) or chat (`messages`) request would use."""
+        self.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise bad_request("give exactly one of prompt and messages", "prompt")
+        if req.prompt is not None:
+            check_text(req.prompt, "prompt")
+            return self.tokenizer.encode(req.prompt, bos=req.add_special_tokens and self.tokenizer.add_bos)
+        return self._encode_chat([self._message(i, m) for i, m in enumerate(req.messages)], None)
 
     def embedding_inputs(self, req: EmbeddingRequest, dim: int) -> list[list[int]]:
         self.check_model(req.model)

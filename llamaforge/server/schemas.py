@@ -140,6 +140,15 @@ class EmbeddingRequest(_Strict):
     user: Optional[str] = None
 
 
+class TokenizeRequest(_Strict):
+    """POST /tokenize (vLLM's extension): a prompt, or chat messages rendered with the chat format."""
+
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[List[ChatMessage]] = None
+    add_special_tokens: bool = True
+
+
 # -- responses (plain dicts are built in handlers; these document the shapes for the OpenAPI spec) --
 
 
