@@ -146,3 +146,13 @@ def test_chat_jsonl_prepares_a_mask(tmp_path):
     f.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     with pytest.raises(ConfigError, match="no 'assistant' message"):
         prepare_data([f], tok, tmp_path / "out2", val_fraction=0.0, chat_format=Llama2ChatFormat(tok))
+
+
+def test_validation_files_replace_the_random_split(tmp_path):
+    tok = tokenizer()
+    train_file, val_file = tmp_path / "train.txt", tmp_path / "val.txt"
+    train_file.write_text("the cat sat on a mat.\n\n" * 50)
+    val_file.write_text("a red fish.\n")
+    p = prepare_data([train_file], tok, tmp_path / "out", val_fraction=0.5, val_sources=[val_file])
+    assert TokenFile.open(p.val_stem).ids.tolist() == tok.encode("a red fish.\n", bos=True, eos=True)
+    assert p.n_train_tokens == len(tok.encode(train_file.read_text(), bos=True, eos=True))

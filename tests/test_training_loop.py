@@ -150,3 +150,48 @@ def test_bad_settings_fail_before_training(tmp_path):
     small.write_text("The cat sat. " * 3)
     with pytest.raises(ConfigError, match="training split has .* fewer than seq_len"):
         train(tiny_config(tmp_path / "r2", data=[str(small)], seq_len=60))
+
+
+def test_export_in_hugging_face_format_loads_back(tmp_path):
+    result = train(tiny_config(tmp_path / "hf", max_steps=2, eval_every=0, export="hf"))
+    assert (result.exported / "config.json").is_file() and (result.exported / "model.safetensors").is_file()
+    llama = Llama.build(str(result.exported), max_seq_len=64, max_batch_size=1, device="cpu")
+    state = load_state(tmp_path / "hf" / "checkpoint.pt")["model"]
+    for name, tensor in llama.model.state_dict().items():
+        torch.testing.assert_close(tensor, state[name], rtol=0, atol=0)  # q/k permuted for HF and back
+
+
+def test_lora_chat_fine_tune_of_a_gguf_model_with_a_chat_template(tmp_path):
+    """The default model's path in miniature: GGUF source with its vocabulary and ChatML template,
+    tied embeddings, chat JSONL with assistant-only loss, merged export back to GGUF."""
+    from llamaforge import checkpoints
+    from llamaforge.default_model import default_model_path
+    from llamaforge.errors import CheckpointNotFoundError
+    from llamaforge.model import ModelArgs, Transformer
+    from llamaforge.tokenizer import read_gguf_metadata
+    from llamaforge.training.modeling import init_weights
+
+    try:
+        metadata = read_gguf_metadata(default_model_path())
+    except CheckpointNotFoundError:
+        pytest.skip("the default model package is not installed")
+    vocab = len(metadata["tokenizer.ggml.tokens"])
+    torch.manual_seed(0)
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, multiple_of=32,
+                     max_seq_len=128, tie_embeddings=True)
+    model = Transformer(args)
+    init_weights(model, 0.05)
+    sd = {k: v for k, v in model.state_dict().items() if k != "output.weight"}
+    source = checkpoints.save_gguf(args, sd, tmp_path / "tiny.gguf", tokenizer_metadata=metadata)
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"Say {w}."},
+                                                       {"role": "assistant", "content": f"{w}!"}]})
+                              for w in ("red", "blue", "green", "cat", "dog", "sun", "moon", "tree") * 3) + "\n")
+    result = train(tiny_config(tmp_path / "run", model=str(source), model_args=None, tokenizer=None,
+                               data=[str(chat)], val_fraction=0.2, seq_len=48, max_steps=3, eval_every=3,
+                               lora=dict(rank=2, alpha=4.0, targets=["wq", "wv", "w1"]), lr=0.02))
+    assert result.exported == tmp_path / "run" / "model" / "model.gguf"
+    tuned = Llama.build(str(result.exported), max_seq_len=128, max_batch_size=1, device="cpu")
+    assert tuned.chat_format.name == "jinja" and tuned.model.args.tie_embeddings
+    out = tuned.chat_completion([[{"role": "user", "content": "Say red."}]], temperature=0, max_gen_len=4)
+    assert isinstance(out[0]["generation"]["content"], str)

@@ -57,7 +57,8 @@ class TrainConfig:
 
     Model: `model` is a checkpoint to fine-tune (Meta/HF folder or .gguf; "default" is the default
     model); without it, a model of shape `model_args` is trained from scratch with `tokenizer`.
-    Data: `data` files/folders, cut into windows of `seq_len` tokens; `val_fraction` goes to validation.
+    Data: `data` files/folders, cut into windows of `seq_len` tokens; `val_fraction` goes to validation
+    (or `val_data` files are the validation set).
     Optimization: `optimizer` ("sgd": w - lr * mean gradient, or "adamw"), `lr` with `warmup_steps`
     linear warmup then cosine decay to `min_lr` (default lr/10) at `max_steps`; `grad_clip` (0: off);
     a step uses `batch_size * grad_accum * world_size` windows.
@@ -77,6 +78,7 @@ class TrainConfig:
     # data
     seq_len: int = 256
     val_fraction: float = 0.05
+    val_data: Optional[list[str]] = None
     data_dir: Optional[str] = None
     # optimization
     optimizer: str = "adamw"
@@ -116,6 +118,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.data, (str, Path)):
             self.data = [str(self.data)]
+        if isinstance(self.val_data, (str, Path)):
+            self.val_data = [str(self.val_data)]
         if isinstance(self.lora, dict):
             self.lora = LoRAConfig(**_known(LoRAConfig, self.lora, "[lora]"))
         elif self.lora is True:

@@ -12,7 +12,8 @@ preparing a corpus never holds it in memory.
   answer) are targets.
 
 Each piece goes to validation with probability `val_fraction`, decided by a generator seeded with
-`seed` (at least one piece does when there are two or more). Prepared files are reused when the
+`seed` (at least one piece does when there are two or more), unless validation files are given
+(`val_sources`). Prepared files are reused when the
 sources, tokenizer and settings are unchanged (a fingerprint in `prepared.json`).
 """
 
@@ -192,7 +193,7 @@ def _fingerprint(paths: Sequence[Path], tokenizer: Any, settings: dict) -> str:
 def prepare_data(
     sources: Sequence[str | Path], tokenizer: Any, out_dir: str | Path, *, val_fraction: float = 0.05,
     seed: int = 0, chat_format: Any = None, piece_chars: int = 16384, text_field: str = "text",
-    vocab_size: Optional[int] = None,
+    vocab_size: Optional[int] = None, val_sources: Optional[Sequence[str | Path]] = None,
 ) -> PreparedData:
     """Tokenize `sources` (text or JSONL files, or folders of them) into train/val token files in out_dir.
 
@@ -204,6 +205,8 @@ def prepare_data(
         seed: seeds the split.
         chat_format: the model's chat format, needed for `messages` records.
         vocab_size: the model's vocabulary size (default: the tokenizer's), for the id range check.
+        val_sources: files for validation; when given, `val_fraction` is ignored and all of `sources`
+            trains.
 
     Returns:
         PreparedData.
@@ -211,19 +214,23 @@ def prepare_data(
     if not 0 <= val_fraction < 1:
         raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
     paths = _expand(sources)
+    val_paths = _expand(val_sources) if val_sources else []
+    if val_paths:
+        val_fraction = 0.0
     out = Path(out_dir)
-    settings = dict(val_fraction=val_fraction, seed=seed, piece_chars=piece_chars, text_field=text_field)
-    fp = _fingerprint(paths, tokenizer, settings)
+    settings = dict(val_fraction=val_fraction, seed=seed, piece_chars=piece_chars, text_field=text_field,
+                    val_sources=[str(p) for p in val_paths])
+    fp = _fingerprint(paths + val_paths, tokenizer, settings)
     marker = out / "prepared.json"
     if marker.is_file():
         info = json.loads(marker.read_text())
         if info.get("fingerprint") == fp:
             return _prepared_from(out, info)
     vocab = vocab_size or tokenizer.n_words
-    has_mask = any(p.suffix.lower() in (".jsonl", ".ndjson") and _has_messages(p) for p in paths)
+    has_mask = any(p.suffix.lower() in (".jsonl", ".ndjson") and _has_messages(p) for p in paths + val_paths)
     rng = np.random.default_rng(seed)
     train = TokenWriter(out / "train", vocab, has_mask)
-    val = TokenWriter(out / "val", vocab, has_mask) if val_fraction > 0 else None
+    val = TokenWriter(out / "val", vocab, has_mask) if val_fraction > 0 or val_paths else None
     held: Optional[Piece] = None  # the first piece, kept back so that validation gets at least one
     n_pieces = n_val = 0
     try:
@@ -232,16 +239,19 @@ def prepare_data(
                 if has_mask and mask is None:
                     mask = [1] * len(ids)
                 n_pieces += 1
-                if val is not None and held is None:
+                if val_fraction > 0 and held is None:
                     held = (ids, mask)
                     continue
-                if val is not None and rng.random() < val_fraction:
+                if val_fraction > 0 and rng.random() < val_fraction:
                     val.append(ids, mask)
                     n_val += 1
                 else:
                     train.append(ids, mask)
         if held is not None:
             (val if n_val == 0 and n_pieces > 1 else train).append(*held)
+        for path in val_paths:
+            for ids, mask in iter_pieces(path, tokenizer, chat_format, piece_chars, text_field):
+                val.append(ids, [1] * len(ids) if has_mask and mask is None else mask)
         train.close()
         if val is not None:
             val.close()

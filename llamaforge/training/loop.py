@@ -138,7 +138,7 @@ class _Run:
             chat_format = None
         data_dir = Path(cfg.data_dir) if cfg.data_dir else self.out / "data"
         kwargs = dict(val_fraction=cfg.val_fraction, seed=cfg.seed, chat_format=chat_format,
-                      vocab_size=self.args.vocab_size)
+                      vocab_size=self.args.vocab_size, val_sources=cfg.val_data)
         if self.info.is_main:
             prepared = prepare_data(cfg.data, self.tokenizer, data_dir, **kwargs)
         dist_utils.barrier(self.info)
