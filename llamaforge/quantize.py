@@ -67,24 +67,34 @@ class QuantizedLinear(nn.Module):
         bias: Optional[torch.Tensor] = None,
         *,
         backend: str = "auto",
+        layout: str = "gguf",
     ) -> None:
-        """Wrap GGUF bytes; prefer `from_gguf` / `from_float`, which validate their input.
+        """Wrap quantized bytes; prefer `from_gguf` / `from_float`, which validate their input.
 
         Args:
-            qweight: uint8 (out_features, bytes_per_row), contiguous; used as is (not copied).
+            qweight: uint8 bytes of the weight in `layout`: for "gguf" (out_features, bytes_per_row).
+                Used as is (not copied) unless it is repacked.
             qtype: GGUF type name ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K").
             out_features, in_features: the float weight's shape.
             bias: optional float (out_features,), kept as a Parameter.
             backend: "auto" (C++ kernels on CPU where available) or "torch" (always dequantize).
+            layout: "gguf", or "x8" for bytes already repacked by `llamaforge.kernels.repack`. With
+                backend "auto", GGUF bytes of Q4_0/Q4_1/Q8_0 are repacked to "x8" when the C++
+                kernels are available (same size, ~3x faster).
         """
         super().__init__()
         info = kernels.qtype_info(qtype)
-        kernels.check_raw(qweight, info, (out_features, in_features))
+        self.backend = _check_backend(backend)
+        qweight = _checked_bytes(qweight, info, out_features, in_features, layout)
+        if backend == "auto" and layout == "gguf":
+            qweight, layout = kernels.repack(qweight, info.name, out_features, in_features)
         self.qtype = info.name
         self.in_features = int(in_features)
         self.out_features = int(out_features)
-        self.backend = _check_backend(backend)
+        self.layout = layout
         self._type_id = info.type_id
+        self._layout_id = kernels.LAYOUT_IDS[layout]
+        self._gemm_rows = kernels.gemm_rows(layout)
         self.register_buffer("qweight", qweight.contiguous(), persistent=False)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self._ext = kernels.get_extension() if backend == "auto" else None
@@ -123,28 +133,30 @@ class QuantizedLinear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The weight as float32 (out_features, in_features): exactly gguf.quants.dequantize of the blocks."""
-        return kernels.dequantize(self.qweight, self.qtype, self.out_features, self.in_features)
+        return kernels.dequantize(self.qweight, self.qtype, self.out_features, self.in_features, self.layout)
+
+    def gguf_bytes(self) -> torch.Tensor:
+        """The weight's GGUF bytes (out_features, bytes_per_row), undoing any repacking (for saving)."""
+        return kernels.to_gguf_layout(self.qweight, self.qtype, self.out_features, self.in_features, self.layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ext = self._ext
         if ext is not None and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
+            args = (x, self.qweight, self._type_id, self.out_features, self.in_features, self.bias,
+                    self._gemm_rows, self._layout_id)
             if torch.compiler.is_compiling():
-                return torch.ops.llamaforge.qlinear(
-                    x, self.qweight, self._type_id, self.out_features, self.in_features, self.bias, kernels.GEMM_MIN_ROWS
-                )
-            return ext.qlinear(
-                x, self.qweight, self._type_id, self.out_features, self.in_features, self.bias, kernels.GEMM_MIN_ROWS
-            )
+                return torch.ops.llamaforge.qlinear(*args)
+            return ext.qlinear(*args)
         if x.shape[-1] != self.in_features:
             raise ConfigError(f"input has {x.shape[-1]} features, this layer takes {self.in_features}")
-        weight = kernels.dequantize_torch(self.qweight, self.qtype, self.in_features).to(x.dtype)
-        return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+        return kernels.qlinear(x, self.qweight, self.qtype, self.out_features, self.in_features, self.bias,
+                               layout=self.layout, use_cpp=False)
 
     def extra_repr(self) -> str:
         path = "cpp" if self._ext is not None else "torch"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype}, "
-            f"bias={self.bias is not None}, kernels={path}"
+            f"layout={self.layout}, bias={self.bias is not None}, kernels={path}"
         )
 
 
@@ -162,44 +174,75 @@ class QuantizedEmbedding(nn.Module):
         embedding_dim: int,
         *,
         dtype: torch.dtype = torch.float32,
+        layout: str = "gguf",
+        repack: bool = True,
     ) -> None:
-        """Wrap GGUF bytes (num_embeddings, bytes_per_row); prefer `from_gguf`."""
+        """Wrap quantized bytes (num_embeddings rows) in `layout`; prefer `from_gguf`.
+
+        With `repack`, GGUF bytes are repacked like QuantizedLinear's, so that `as_linear()` (the
+        tied output layer) gets the fast layout while sharing the same memory.
+        """
         super().__init__()
         info = kernels.qtype_info(qtype)
-        kernels.check_raw(qweight, info, (num_embeddings, embedding_dim))
+        qweight = _checked_bytes(qweight, info, num_embeddings, embedding_dim, layout)
+        if repack and layout == "gguf":
+            qweight, layout = kernels.repack(qweight, info.name, num_embeddings, embedding_dim)
         self.qtype = info.name
         self.num_embeddings = int(num_embeddings)
         self.embedding_dim = int(embedding_dim)
+        self.layout = layout
         self.register_buffer("qweight", qweight.contiguous(), persistent=False)
         # Zero-size float buffer whose dtype/device follow .to(): it decides the output dtype.
         self.register_buffer("_dtype_probe", torch.empty(0, dtype=dtype, device=qweight.device), persistent=False)
 
     @classmethod
     def from_gguf(
-        cls, raw: torch.Tensor, qtype: str, shape: Sequence[int], *, dtype: torch.dtype = torch.float32
+        cls,
+        raw: torch.Tensor,
+        qtype: str,
+        shape: Sequence[int],
+        *,
+        dtype: torch.dtype = torch.float32,
+        repack: bool = True,
     ) -> "QuantizedEmbedding":
         """An embedding over GGUF bytes `raw` for a (num_embeddings, embedding_dim) table."""
         info = kernels.qtype_info(qtype)
         if not isinstance(raw, torch.Tensor):
             raw = torch.as_tensor(raw)
         rows, dim = kernels.check_raw(raw, info, shape)
-        return cls(raw, info.name, rows, dim, dtype=dtype)
+        return cls(raw, info.name, rows, dim, dtype=dtype, repack=repack)
 
     def dequantize(self) -> torch.Tensor:
         """The whole table as float32 (num_embeddings, embedding_dim), exactly as gguf-py dequantizes it."""
-        return kernels.dequantize(self.qweight, self.qtype, self.num_embeddings, self.embedding_dim)
+        return kernels.dequantize(self.qweight, self.qtype, self.num_embeddings, self.embedding_dim, self.layout)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        out = kernels.dequantize_rows(self.qweight, tokens, self.qtype, self.num_embeddings, self.embedding_dim)
+        out = kernels.dequantize_rows(
+            self.qweight, tokens, self.qtype, self.num_embeddings, self.embedding_dim, self.layout
+        )
         dtype = self._dtype_probe.dtype
         return out if dtype == torch.float32 else out.to(dtype)
 
     def as_linear(self, *, backend: str = "auto") -> QuantizedLinear:
         """A QuantizedLinear (embedding_dim -> num_embeddings) sharing these bytes: the tied output layer."""
-        return QuantizedLinear(self.qweight, self.qtype, self.num_embeddings, self.embedding_dim, backend=backend)
+        return QuantizedLinear(
+            self.qweight, self.qtype, self.num_embeddings, self.embedding_dim, backend=backend, layout=self.layout
+        )
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.qtype}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.qtype}, layout={self.layout}"
+
+
+def _checked_bytes(qweight: torch.Tensor, info: kernels.QType, rows: int, cols: int, layout: str) -> torch.Tensor:
+    if layout not in kernels.LAYOUTS:
+        raise ConfigError(f"layout must be one of {kernels.LAYOUTS}, got {layout!r}")
+    if not isinstance(qweight, torch.Tensor):
+        qweight = torch.as_tensor(qweight)
+    if layout == "gguf":
+        kernels.check_raw(qweight, info, (rows, cols))
+    elif info.name not in kernels.X8_FORMATS or tuple(qweight.shape) != kernels.x8_shape(info.name, rows, cols):
+        raise ConfigError(f"x8 bytes {tuple(qweight.shape)} do not hold a {info.name} weight of shape {(rows, cols)}")
+    return qweight
 
 
 def _module_name(key: str) -> str:
@@ -277,7 +320,7 @@ def quantize_model(
                 raise ConfigError(f"quantized weight {key!r} has shape {shape}, module {name} expects "
                                   f"{(module.num_embeddings, module.embedding_dim)}")
             dtype = module.weight.dtype if module.weight.dtype.is_floating_point else torch.float32
-            new = QuantizedEmbedding.from_gguf(qt.raw, qt.qtype, shape, dtype=dtype)
+            new = QuantizedEmbedding.from_gguf(qt.raw, qt.qtype, shape, dtype=dtype, repack=backend == "auto")
         else:
             raise ConfigError(f"quantized weight {key!r} belongs to {name} ({type(module).__name__}); only nn.Linear "
                               "and nn.Embedding modules can be quantized")
@@ -346,7 +389,8 @@ def quantize_model_weights(
             )
         else:
             replaced[name] = QuantizedEmbedding(
-                raw, info.name, module.num_embeddings, module.embedding_dim, dtype=weight.dtype
+                raw, info.name, module.num_embeddings, module.embedding_dim, dtype=weight.dtype,
+                repack=backend == "auto",
             )
     for name, new in replaced.items():
         _set_module(model, name, new)

@@ -60,34 +60,43 @@ def ref_dequant(raw: np.ndarray, qtype: str) -> torch.Tensor:
 
 def check_forward(y: torch.Tensor, ref: torch.Tensor, layer: QuantizedLinear, rows: int) -> None:
     assert y.shape == ref.shape and y.dtype == ref.dtype
-    int8_path = layer._ext is not None and rows < kernels.GEMM_MIN_ROWS
+    int8_path = layer._ext is not None and (rows < layer._gemm_rows or layer._gemm_rows == 0)
     tol = INT8_REL_TOL if int8_path else EXACT_REL_TOL
     assert rel_err(y, ref) <= tol, (layer.qtype, rows, rel_err(y, ref), tol)
 
 
 @pytest.mark.parametrize("qtype", ALL_QTYPES)
 def test_dequantize_is_exact(qtype: str) -> None:
-    raw = make_raw(qtype, 48, 512)
+    raw = make_raw(qtype, 45, 512)  # 45 rows: the x8 layout's last group of 8 is partial
     ref = ref_dequant(raw, qtype)
-    layer = QuantizedLinear.from_gguf(torch.from_numpy(raw), qtype, (48, 512))
-    assert torch.equal(layer.dequantize(), ref)
+    for backend in BACKENDS:
+        layer = QuantizedLinear.from_gguf(torch.from_numpy(raw), qtype, (45, 512), backend=backend)
+        expect_x8 = backend == "auto" and HAS_CPP and qtype in kernels.X8_FORMATS
+        assert layer.layout == ("x8" if expect_x8 else "gguf")
+        assert torch.equal(layer.dequantize(), ref)
+        assert np.array_equal(layer.gguf_bytes().numpy(), raw)  # the repacking is undone exactly (in torch)
     assert torch.equal(kernels.dequantize_torch(torch.from_numpy(raw), qtype, 512), ref)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("qtype", ALL_QTYPES)
 def test_forward_matches_linear(qtype: str, backend: str) -> None:
-    out_f, in_f = 72, 512
-    raw = make_raw(qtype, out_f, in_f, seed=1)
-    w = ref_dequant(raw, qtype)
-    layer = QuantizedLinear.from_gguf(torch.from_numpy(raw), qtype, (out_f, in_f), backend=backend)
-    assert (layer._ext is not None) == (backend == "auto" and HAS_CPP)
-    g = torch.Generator().manual_seed(0)
-    # vector, every int8 row-tile remainder (1..5 rows), a (B, T) batch, and a prefill-sized input
-    for shape in [(in_f,), (1, in_f), (2, in_f), (3, in_f), (5, in_f), (2, 3, in_f), (kernels.GEMM_MIN_ROWS + 3, in_f)]:
-        x = torch.randn(shape, generator=g)
-        rows = x.numel() // in_f
-        check_forward(layer(x), F.linear(x, w), layer, rows)
+    in_f = 512
+    for out_f in (72, 37):  # whole and partial groups of 8 rows
+        raw = make_raw(qtype, out_f, in_f, seed=1)
+        w = ref_dequant(raw, qtype)
+        layer = QuantizedLinear.from_gguf(torch.from_numpy(raw), qtype, (out_f, in_f), backend=backend)
+        assert (layer._ext is not None) == (backend == "auto" and HAS_CPP)
+        g = torch.Generator().manual_seed(0)
+        # vector, every int8 row-tile remainder (1..5 rows), a (B, T) batch, and a prefill-sized input
+        for shape in [(in_f,), (1, in_f), (2, in_f), (3, in_f), (5, in_f), (2, 3, in_f), (kernels.GEMM_MIN_ROWS + 3, in_f)]:
+            x = torch.randn(shape, generator=g)
+            rows = x.numel() // in_f
+            check_forward(layer(x), F.linear(x, w), layer, rows)
+        # the PyTorch path over the layer's own bytes (as on CUDA/MPS), whatever their layout
+        x = torch.randn(3, in_f, generator=g)
+        y = kernels.qlinear(x, layer.qweight, qtype, out_f, in_f, layout=layer.layout, use_cpp=False)
+        assert rel_err(y, F.linear(x, w)) <= EXACT_REL_TOL
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -117,7 +126,7 @@ def test_from_float_uses_gguf_quantizer() -> None:
     for qtype in kernels.QUANTIZABLE:
         layer = QuantizedLinear.from_float(weight, qtype)
         expected = gguf.quants.quantize(weight.numpy(), gguf.GGMLQuantizationType[qtype])
-        assert np.array_equal(layer.qweight.numpy(), expected)
+        assert np.array_equal(layer.gguf_bytes().numpy(), expected)
         # 4-bit formats keep ~10% of the weight norm as error, 8-bit ~0.5%
         assert rel_err(layer.dequantize(), weight) <= (0.02 if qtype == "Q8_0" else 0.2)
 
@@ -292,7 +301,7 @@ def test_quantize_model_weights(scheme: str, tol: float) -> None:
     assert isinstance(modules["tok_embeddings"], QuantizedEmbedding)  # tied: quantized once, shared
     assert modules["output"].qweight.data_ptr() == modules["tok_embeddings"].qweight.data_ptr()
     expected = gguf.quants.quantize(ref.layers[0].feed_forward.w1.weight.detach().numpy(), gguf.GGMLQuantizationType[scheme.upper()])
-    assert np.array_equal(modules["layers.0.feed_forward.w1"].qweight.numpy(), expected)
+    assert np.array_equal(modules["layers.0.feed_forward.w1"].gguf_bytes().numpy(), expected)
     tokens = torch.tensor([[3, 1, 4, 1, 5, 9]])
     with torch.no_grad():
         assert rel_err(model(tokens), ref(tokens)) <= tol  # weight quantization error, not kernel error

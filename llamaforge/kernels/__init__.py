@@ -1,10 +1,13 @@
 """Quantized (GGUF block) matmul kernels: a C++ AVX2 extension built on first use, and a PyTorch fallback.
 
 `qlinear(x, raw, qtype, out_features, in_features, bias)` computes `F.linear(x, dequantized, bias)`
-straight from the GGUF blocks: on a CPU that can run them with the C++ kernels (int8 activations,
+straight from the blocks: on a CPU that can run them with the C++ kernels (int8 activations,
 integer dot products, ~1e-2 relative error of the output norm), elsewhere by dequantizing in
 PyTorch (exact up to matmul rounding). `dequantize` / `dequantize_rows` are exact everywhere.
-The layers built on these live in `llamaforge.quantize`.
+
+Weights are held in one of two layouts: "gguf" (the file's bytes, every type) or "x8" (Q4_0,
+Q4_1 and Q8_0 repacked by `repack` into groups of 8 interleaved rows for the C++ kernels, ~3x
+faster, same size). The layers built on these live in `llamaforge.quantize`.
 """
 
 from __future__ import annotations
@@ -14,20 +17,26 @@ from typing import Optional
 import torch
 
 from llamaforge.kernels.formats import (
+    LAYOUTS,
     QTYPES,
     QUANTIZABLE,
+    X8_FORMATS,
     QType,
     check_raw,
     dequantize_torch,
     qtype_info,
     quantize_numpy,
+    x8_shape,
+    x8_to_gguf,
 )
 from llamaforge.kernels.loader import backend_name, build_extension, default_cache_dir, get_extension
 
 __all__ = [
+    "LAYOUTS",
     "QTYPES",
     "QUANTIZABLE",
     "QType",
+    "X8_FORMATS",
     "GEMM_MIN_ROWS",
     "backend_name",
     "build_extension",
@@ -40,11 +49,41 @@ __all__ = [
     "qlinear",
     "qtype_info",
     "quantize_numpy",
+    "repack",
+    "to_gguf_layout",
+    "x8_shape",
 ]
 
-# From this many activation rows on (prefill), the C++ path dequantizes weight tiles and runs an
-# fp32 GEMM instead of int8 dot products; measured on 2 AVX2 cores (benchmarks/kernels.py).
+# For weights in the "gguf" layout (K-quants, Q5_*), from this many activation rows on (prefill)
+# the C++ path dequantizes weight tiles and runs an fp32 GEMM instead of int8 row dot products.
+# The x8 kernels beat the GEMM at every row count measured (benchmarks/kernels.py), so they never do.
 GEMM_MIN_ROWS = 48
+LAYOUT_IDS = {"gguf": 0, "x8": 1}
+
+
+def gemm_rows(layout: str) -> int:
+    """The `gemm_rows` argument of the C++ qlinear for weights in `layout` (0 = never)."""
+    return GEMM_MIN_ROWS if layout == "gguf" else 0
+
+
+def repack(raw: torch.Tensor, qtype: str, out_features: int, in_features: int) -> tuple[torch.Tensor, str]:
+    """GGUF bytes -> (bytes, layout) in the fastest layout the C++ kernels have for `qtype` on this machine.
+
+    Returns `raw` itself and "gguf" when there is no faster layout (no kernels, non-CPU tensor,
+    a type without an x8 layout).
+    """
+    info = qtype_info(qtype)
+    ext = get_extension()
+    if ext is None or info.name not in X8_FORMATS or raw.device.type != "cpu":
+        return raw, "gguf"
+    return ext.repack_x8(raw.contiguous(), info.type_id, out_features, in_features), "x8"
+
+
+def to_gguf_layout(raw: torch.Tensor, qtype: str, out_features: int, in_features: int, layout: str) -> torch.Tensor:
+    """The GGUF bytes (out_features, bytes_per_row) of a weight held in `layout` (exact, any device)."""
+    if layout == "gguf":
+        return raw
+    return x8_to_gguf(raw, qtype_info(qtype).name, out_features, in_features)
 
 
 def qlinear(
@@ -55,6 +94,7 @@ def qlinear(
     in_features: int,
     bias: Optional[torch.Tensor] = None,
     *,
+    layout: str = "gguf",
     use_cpp: bool = True,
 ) -> torch.Tensor:
     """`F.linear(x, dequantize(raw), bias)` for x (..., in_features); the result has x's dtype.
@@ -65,39 +105,46 @@ def qlinear(
     info = qtype_info(qtype)
     ext = get_extension() if use_cpp else None
     if ext is not None and x.device.type == "cpu" and raw.device.type == "cpu":
+        args = (x, raw, info.type_id, out_features, in_features, bias, gemm_rows(layout), LAYOUT_IDS[layout])
         if torch.compiler.is_compiling():
-            return torch.ops.llamaforge.qlinear(x, raw, info.type_id, out_features, in_features, bias, GEMM_MIN_ROWS)
-        return ext.qlinear(x, raw, info.type_id, out_features, in_features, bias, GEMM_MIN_ROWS)
-    weight = dequantize_torch(raw, info.name, in_features).to(x.dtype)
+            return torch.ops.llamaforge.qlinear(*args)
+        return ext.qlinear(*args)
+    gguf_raw = to_gguf_layout(raw, info.name, out_features, in_features, layout)
+    weight = dequantize_torch(gguf_raw, info.name, in_features).to(x.dtype)
     return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
 
-def dequantize(raw: torch.Tensor, qtype: str, out_features: int, in_features: int) -> torch.Tensor:
+def dequantize(raw: torch.Tensor, qtype: str, out_features: int, in_features: int, layout: str = "gguf") -> torch.Tensor:
     """All rows as float32 (out_features, in_features), bit-identical to gguf.quants.dequantize."""
     info = qtype_info(qtype)
     ext = get_extension()
     if ext is not None and raw.device.type == "cpu" and raw.is_contiguous():
-        return ext.dequantize(raw, info.type_id, out_features, in_features)
-    return dequantize_torch(raw, info.name, in_features)
+        return ext.dequantize(raw, info.type_id, out_features, in_features, LAYOUT_IDS[layout])
+    gguf_raw = to_gguf_layout(raw, info.name, out_features, in_features, layout)
+    return dequantize_torch(gguf_raw, info.name, in_features)
 
 
-def dequantize_rows(raw: torch.Tensor, index: torch.Tensor, qtype: str, out_features: int, in_features: int) -> torch.Tensor:
+def dequantize_rows(
+    raw: torch.Tensor, index: torch.Tensor, qtype: str, out_features: int, in_features: int, layout: str = "gguf"
+) -> torch.Tensor:
     """Rows `index` (any shape) as float32 index.shape + (in_features,): an exact embedding lookup."""
     info = qtype_info(qtype)
     ext = get_extension()
     if ext is not None and raw.device.type == "cpu" and index.device.type == "cpu" and raw.is_contiguous():
-        return ext.dequantize_rows(raw, index, info.type_id, out_features, in_features)
+        return ext.dequantize_rows(raw, index, info.type_id, out_features, in_features, LAYOUT_IDS[layout])
+    if layout != "gguf":
+        raw = to_gguf_layout(raw, info.name, out_features, in_features, layout)
     return dequantize_torch(raw[index], info.name, in_features)
 
 
 def _qlinear_impl(
-    x: torch.Tensor, raw: torch.Tensor, type_id: int, n: int, k: int, bias: Optional[torch.Tensor], gemm_rows: int
+    x: torch.Tensor, raw: torch.Tensor, type_id: int, n: int, k: int, bias: Optional[torch.Tensor], gemm: int, layout: int
 ) -> torch.Tensor:
     ext = get_extension()
-    if ext is None:
+    if ext is None:  # only reachable if a traced graph outlives the kernels; keep it correct
         name = next(q.name for q in QTYPES.values() if q.type_id == type_id)
-        return qlinear(x, raw, name, n, k, bias, use_cpp=False)
-    return ext.qlinear(x, raw, type_id, n, k, bias, gemm_rows)
+        return qlinear(x, raw, name, n, k, bias, layout=LAYOUTS[layout], use_cpp=False)
+    return ext.qlinear(x, raw, type_id, n, k, bias, gemm, layout)
 
 
 # An opaque op for torch.compile (eager calls go straight to the extension, which is cheaper).
@@ -106,6 +153,6 @@ _qlinear_op = torch.library.custom_op("llamaforge::qlinear", _qlinear_impl, muta
 
 @_qlinear_op.register_fake
 def _qlinear_fake(
-    x: torch.Tensor, raw: torch.Tensor, type_id: int, n: int, k: int, bias: Optional[torch.Tensor], gemm_rows: int
+    x: torch.Tensor, raw: torch.Tensor, type_id: int, n: int, k: int, bias: Optional[torch.Tensor], gemm: int, layout: int
 ) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], n))

@@ -51,6 +51,11 @@ QTYPES: dict[str, QType] = {
 # Formats gguf-py can quantize to (the others can only be loaded).
 QUANTIZABLE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 
+# Formats the C++ kernels repack into the "x8" layout (8 interleaved rows per block; see qx8.h):
+# name -> (bytes per super-block of 8 rows x 32 columns, offset of the quants in it).
+X8_FORMATS = {"Q4_0": (144, 16), "Q4_1": (160, 32), "Q8_0": (272, 16)}
+LAYOUTS = ("gguf", "x8")
+
 
 def qtype_info(qtype: str) -> QType:
     """The QType named `qtype` (case-insensitive, e.g. "Q4_1" or "q8_0"); ConfigError if unsupported."""
@@ -202,6 +207,32 @@ def dequantize_torch(raw: torch.Tensor, qtype: str, in_features: int) -> torch.T
     lead = raw.shape[:-1]
     blocks = raw.reshape(-1, info.bytes)  # (rows * blocks_per_row, bytes)
     return _DEQUANT[info.name](blocks).reshape(*lead, in_features)
+
+
+def x8_shape(qtype: str, out_features: int, in_features: int) -> tuple[int, int]:
+    """Shape of the x8 tensor holding a (out_features, in_features) weight of `qtype`."""
+    return (out_features + 7) // 8, in_features // 32 * X8_FORMATS[qtype][0]
+
+
+def x8_to_gguf(raw: torch.Tensor, qtype: str, out_features: int, in_features: int) -> torch.Tensor:
+    """Undo the x8 repacking: x8 bytes -> GGUF bytes (out_features, bytes_per_row), on raw's device."""
+    sb_bytes, qoff = X8_FORMATS[qtype]
+    groups, nb = raw.shape[0], in_features // 32
+    sb = raw.reshape(groups, nb, sb_bytes)
+    scales = [sb[:, :, :16].reshape(groups, nb, 8, 2)]  # d of the 8 rows: (G, nb, row, 2 bytes)
+    if qtype == "Q4_1":
+        scales.append(sb[:, :, 16:32].reshape(groups, nb, 8, 2))  # m
+    if qtype == "Q8_0":
+        v = sb[:, :, qoff:].reshape(groups, nb, 8, 8, 4)  # (G, nb, k, row, t): column 4k+t
+    else:
+        p = sb[:, :, qoff:].reshape(groups, nb, 4, 8, 4)  # (G, nb, j, row, t): low nibble k=j, high k=j+4
+        v = torch.cat([p & 0x0F, p >> 4], dim=2)  # (G, nb, k, row, t)
+    v = v.permute(0, 3, 1, 2, 4).reshape(groups, 8, nb, 32)  # (G, row, nb, column in block)
+    if qtype != "Q8_0":
+        v = v[..., :16] | (v[..., 16:] << 4)  # GGUF packing: columns e and e+16 share byte e
+    scales = [x.permute(0, 2, 1, 3) for x in scales]  # (G, row, nb, 2)
+    blocks = torch.cat([*scales, v], dim=-1)  # (G, row, nb, bytes per block)
+    return blocks.reshape(groups * 8, -1)[:out_features]
 
 
 def quantize_numpy(weight: torch.Tensor, qtype: str) -> torch.Tensor:
