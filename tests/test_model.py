@@ -113,3 +113,20 @@ def test_hidden_states_of_an_intermediate_layer():
     full = model.hidden_states(tokens)
     torch.testing.assert_close(model.norm(model.hidden_states(tokens, layer=2)), full)
     assert not torch.allclose(model.hidden_states(tokens, layer=1), model.hidden_states(tokens, layer=2))
+
+
+@torch.no_grad()
+def test_int_start_position_equals_explicit_positions():
+    """The mask-free fast paths (int start) give the logits of explicit per-row positions."""
+    model = tiny()
+    tokens = torch.randint(0, 101, (2, 9))
+    caches = [KVCache.for_model(model.args, 2, 16, dtype=torch.float32, device=CPU) for _ in range(2)]
+    fast = [model(tokens[:, :4], 0, caches[0]), model(tokens[:, 4:7], 4, caches[0]), model(tokens[:, 7:8], 7, caches[0])]
+    slow = [model(tokens[:, :4], torch.arange(4).expand(2, 4), caches[1], kv_len=4),
+            model(tokens[:, 4:7], torch.arange(4, 7).expand(2, 3), caches[1], kv_len=7),
+            model(tokens[:, 7:8], torch.tensor([[7], [7]]), caches[1], kv_len=8)]
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model(tokens, 0), model(tokens, torch.arange(9)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(model(tokens[:, 2:], 2)[:, -1], model(tokens[:, 2:], torch.arange(2, 9))[:, -1],
+                               atol=1e-5, rtol=0)

@@ -83,19 +83,13 @@ def iterate(
 
     if min_prompt_len == total_len:
         if want_logprobs:
-            logits = model(tokens, torch.arange(total_len, device=device), cache, kv_len=total_len)
+            logits = model(tokens, 0, cache)
             logprobs[:, 1:] = _token_logprobs(logits[:, :-1], tokens[:, 1:])
         return
 
     prev_pos = 0
     for cur_pos in range(min_prompt_len, total_len):
-        logits = model(
-            tokens[:, prev_pos:cur_pos],
-            torch.arange(prev_pos, cur_pos, device=device),
-            cache,
-            kv_len=cur_pos,
-            last_only=not want_logprobs,
-        )  # (B, T or 1, V)
+        logits = model(tokens[:, prev_pos:cur_pos], prev_pos, cache, last_only=not want_logprobs)  # (B, T or 1, V)
         next_token = sample(logits[:, -1], params, generator)
         from_prompt = prompt_mask[:, cur_pos]
         next_token = torch.where(from_prompt, tokens[:, cur_pos], next_token)

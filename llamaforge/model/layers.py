@@ -103,7 +103,7 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor,
+        mask: Optional[torch.Tensor],
         input_pos: torch.Tensor,
         cache: Optional[KVCache] = None,
         slots: Optional[torch.Tensor] = None,
@@ -121,7 +121,10 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_id, input_pos, k, v, slots=slots, kv_len=kv_len)  # (B, Hkv, L, hd)
         # Query head h reads kv head h // (H / Hkv), as Meta's repeat_kv, without copying the cache.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+        # No mask means: causal from position 0 (T > 1), or one query that sees every key (T == 1).
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and seqlen > 1, enable_gqa=q.shape[1] != k.shape[1]
+        )
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))  # (B, H, T, hd) -> (B, T, H*hd) -> (B, T, dim)
 
 

@@ -6,7 +6,7 @@ loaded elsewhere into a model made on the meta device, without ever holding two 
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -34,29 +34,46 @@ class Transformer(nn.Module):
     def hidden_states(
         self,
         tokens: torch.Tensor,
-        input_pos: Optional[torch.Tensor] = None,
+        input_pos: Union[int, torch.Tensor, None] = None,
         cache: Optional[KVCache] = None,
         slots: Optional[torch.Tensor] = None,
         kv_len: Optional[int] = None,
         layer: Optional[int] = None,
     ) -> torch.Tensor:
-        """Final normalised hidden states (B, T, dim) for tokens (B, T) at positions input_pos.
+        """Final normalised hidden states (B, T, dim) for tokens (B, T).
 
-        input_pos is (B, T) or (T,) shared by all rows; None means 0..T-1. With a cache, keys and
-        values are written at those positions and attention reads the first `kv_len` cached positions.
-        `layer=k` stops after the first k blocks and returns their (un-normalised) output instead;
-        `layer=0` is the token embeddings.
+        input_pos: an int `start` (every row at positions start..start+T-1, as Meta's `start_pos`; with a
+            cache, attention reads positions [0, start+T)), or a tensor of positions, (B, T) per row or
+            (T,) shared, with `kv_len` cached positions read (default: the whole cache); None means 0.
+        cache, slots: the KV cache to write and read, and the slot of each row (rows 0..B-1 by default).
+        layer: stop after the first `layer` blocks and return their (un-normalised) output instead;
+            0 gives the token embeddings.
         """
         bsz, seqlen = tokens.shape
+        device = tokens.device
         if input_pos is None:
-            input_pos = torch.arange(seqlen, device=tokens.device)
-        if input_pos.dim() == 1:
-            input_pos = input_pos.unsqueeze(0).expand(bsz, seqlen)  # (B, T)
-        if cache is None:  # training, scoring: causal attention within these tokens
-            key_pos = input_pos
-        else:  # the first kv_len cached positions of each row's slot
-            key_pos = torch.arange(kv_len or cache.max_seq_len, device=tokens.device).unsqueeze(0)
-        mask = key_pos[:, None, None, :] <= input_pos[:, None, :, None]  # (B, 1, T, keys)
+            input_pos = 0
+        if isinstance(input_pos, int):
+            # Shared positions: the common cases need no mask tensor (a mask slows CPU attention ~5x).
+            start = input_pos
+            input_pos = torch.arange(start, start + seqlen, device=device).unsqueeze(0).expand(bsz, seqlen)
+            if cache is not None:
+                kv_len = start + seqlen
+            if seqlen == 1 or start == 0:
+                mask = None  # one query sees every cached key; from 0 it is plain causal attention
+            else:
+                key_pos = torch.arange(kv_len if cache is not None else seqlen, device=device)
+                mask = key_pos[None, None, None, :] <= input_pos[:1, None, :, None]  # (1, 1, T, keys)
+                if cache is None:
+                    mask = input_pos[:1, None, None, :] <= input_pos[:1, None, :, None]
+        else:
+            if input_pos.dim() == 1:
+                input_pos = input_pos.unsqueeze(0).expand(bsz, seqlen)  # (B, T)
+            if cache is None:  # training, scoring: causal attention within these tokens
+                key_pos = input_pos
+            else:  # the first kv_len cached positions of each row's slot
+                key_pos = torch.arange(kv_len or cache.max_seq_len, device=device).unsqueeze(0)
+            mask = key_pos[:, None, None, :] <= input_pos[:, None, :, None]  # (B, 1, T, keys)
         rope = self.rope.tables(input_pos)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         if layer is not None and not 0 <= layer <= len(self.layers):
@@ -68,7 +85,7 @@ class Transformer(nn.Module):
     def forward(
         self,
         tokens: torch.Tensor,
-        input_pos: Optional[torch.Tensor] = None,
+        input_pos: Union[int, torch.Tensor, None] = None,
         cache: Optional[KVCache] = None,
         slots: Optional[torch.Tensor] = None,
         kv_len: Optional[int] = None,
