@@ -194,6 +194,11 @@ def test_echo_logprobs_n_seed_and_stop(client, model_id, llama):
     assert len(c.logprobs.tokens) == n_prompt + 4 and c.logprobs.token_logprobs[0] is None
     assert all(lp <= 0 for lp in c.logprobs.token_logprobs[1:])
     assert all(len(t) <= 2 for t in c.logprobs.top_logprobs[1:])
+    plain = client.completions.create(model=model_id, prompt=prompt, max_tokens=4, temperature=0, echo=True)
+    assert plain.choices[0].text == c.text and plain.choices[0].logprobs is None
+    streamed = client.completions.create(model=model_id, prompt=prompt, max_tokens=4, temperature=0, echo=True,
+                                         stream=True)
+    assert "".join(x.choices[0].text for x in streamed if x.choices) == c.text
     # the logprobs of the generated tokens agree with the core's (float32, 1e-3)
     core = llama.text_completion([prompt], temperature=0, max_gen_len=4, logprobs=True)[0]
     assert c.logprobs.token_logprobs[n_prompt:] == pytest.approx(core["logprobs"], abs=1e-3)

@@ -23,86 +23,21 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 
 from llamaforge.model.kv_cache import KVCache
 from llamaforge.model.transformer import Transformer
-from llamaforge.server.sampler import (
-    Constraint, RowParams, RowState, TokenInfo, choose, logprob_info, make_generator, prompt_logprob_info,
-)
+from llamaforge.server.jobs import Delta, EngineClosed, Event, Failure, Finish, Job, PromptDone, QueueFull, Sink
+from llamaforge.server.sampler import RowState, TokenInfo, choose, logprob_info, make_generator, prompt_logprob_info
 from llamaforge.server.slots import SlotPool
 from llamaforge.server.text import TextStream
 
 log = logging.getLogger("llamaforge.server")
 
-
-class QueueFull(Exception):
-    """The waiting queue is full (HTTP 429)."""
-
-
-class EngineClosed(Exception):
-    """The engine is shutting down or has stopped (HTTP 503)."""
-
-
-# -- what goes in and what comes out ------------------------------------------------------------
-
-
-@dataclass
-class Job:
-    """One request: a prompt and how to continue it, `n` times."""
-
-    prompt: list[int]
-    max_tokens: int
-    params: RowParams = field(default_factory=RowParams)
-    n: int = 1
-    seed: Optional[int] = None  # choice i uses seed + i
-    stop_ids: frozenset[int] = frozenset()
-    stop: tuple[str, ...] = ()
-    logprobs: Optional[int] = None  # None: no logprobs; k: the chosen token's and the top k
-    prompt_logprobs: Optional[int] = None  # echo with logprobs: top k for prompt tokens
-    constraint: Optional[Callable[[], Constraint]] = None  # a fresh constraint per choice
-    id: int = -1
-
-
-@dataclass
-class Delta:
-    """New output of choice `index`: text safe to show and the tokens generated (with logprobs)."""
-
-    index: int
-    text: str
-    tokens: list[TokenInfo]
-
-
-@dataclass
-class Finish:
-    """Choice `index` is complete."""
-
-    index: int
-    reason: str  # "stop" | "length"
-    completion_tokens: int
-
-
-@dataclass
-class PromptDone:
-    """The prompt is computed: how many of its tokens came from the cache, and their logprobs if asked."""
-
-    cached_tokens: int
-    logprobs: Optional[list[TokenInfo]] = None
-
-
-@dataclass
-class Failure:
-    """The request failed; no more events follow."""
-
-    status: int
-    message: str
-
-
-Event = Union[Delta, Finish, PromptDone, Failure]
-Sink = Callable[[Event], None]
-
+__all__ = ["Engine", "Job", "Delta", "Finish", "PromptDone", "Failure", "Event", "QueueFull", "EngineClosed",
+           "wait_idle"]
 
 # -- the engine's own bookkeeping ---------------------------------------------------------------
 
@@ -193,9 +128,14 @@ class Engine:
         """Queue a job; events go to `sink` on the engine thread. Returns the job id for `cancel`.
 
         Raises:
+            ValueError: the job can never run here (empty prompt, more choices than slots, or prompt +
+                max_tokens longer than `max_seq_len`); the API layer checks this first.
             QueueFull: `max_queue` jobs are already waiting.
             EngineClosed: the engine is shutting down.
         """
+        if not job.prompt or job.n > self.n_slots or len(job.prompt) + job.max_tokens > self.max_seq_len:
+            raise ValueError(f"job cannot fit: {len(job.prompt)} prompt tokens + max_tokens {job.max_tokens} "
+                             f"(context {self.max_seq_len}), n={job.n} (slots {self.n_slots})")
         with self._lock:
             if self._closing:
                 raise EngineClosed("the server is shutting down")
@@ -256,13 +196,18 @@ class Engine:
                     self._cancel_running(cancelled)
                     self._run_embeddings(embeds)
                     for job, sink in admitted:
-                        self._admit(job, sink)
+                        try:
+                            self._admit(job, sink)
+                        except Exception as exc:  # e.g. a constraint that cannot start: this job only
+                            log.exception("admitting a request failed")
+                            _safe_call(sink, Failure(500, f"could not start the request: {exc}"))
                     self._prefill_step()
                     self._decode_step()
                 except Exception as exc:  # a bug must not kill the loop: fail what is running, go on
                     log.exception("engine step failed")
-                    self._fail_everything(500, f"internal error in the engine: {exc}")
-        self._fail_everything(503, "the server is shutting down")
+                    self._fail_running(500, f"internal error in the engine: {exc}")
+        self._fail_running(503, "the server is shutting down")
+        self._fail_waiting(503, "the server is shutting down")
 
     def _take_admissible(self) -> list[tuple[Job, Sink]]:
         out, free = [], self.pool.n_free
@@ -273,13 +218,15 @@ class Engine:
         return out
 
     def _admit(self, job: Job, sink: Sink) -> None:
+        rows = []  # made before any slot is taken, so a failure here leaks nothing
+        for i in range(job.n):
+            seed = None if job.seed is None else job.seed + i
+            rows.append(RowState(job.params, make_generator(seed, self.device), self.vocab_size, job.prompt,
+                                 job.constraint() if job.constraint else None))
         reuse = self.prefix_reuse and job.prompt_logprobs is None
         slots, cached = self.pool.acquire(job.prompt, job.n, reuse=reuse)
         act = _Active(job, sink, slots, cached, next_pos=cached)
-        for i, slot in enumerate(slots):
-            seed = None if job.seed is None else job.seed + i
-            row = RowState(job.params, make_generator(seed, self.device), self.vocab_size, job.prompt,
-                           job.constraint() if job.constraint else None)
+        for i, (slot, row) in enumerate(zip(slots, rows)):
             act.seqs.append(_Seq(act, i, slot, row, TextStream(self.tokenizer.stream_decoder(), job.stop)))
         act.open_seqs = job.n
         self._prefilling.append(act)
@@ -434,11 +381,19 @@ class Engine:
         for act in acts.values():
             self._drop(act, keep_cache=True)
 
-    def _fail_everything(self, status: int, message: str) -> None:
+    def _fail_running(self, status: int, message: str) -> None:
         acts = {id(a): a for a in self._prefilling}
         acts.update({id(s.job): s.job for s in self._decoding})
         for act in acts.values():
             self._fail(act, status, message)
+        # whatever the bookkeeping says, every slot is free again (their caches are not trusted)
+        self._prefilling.clear()
+        self._decoding.clear()
+        for slot in range(self.n_slots):
+            if self.pool.busy[slot]:
+                self.pool.release(slot, keep=False)
+
+    def _fail_waiting(self, status: int, message: str) -> None:
         with self._lock:
             waiting, self._waiting = list(self._waiting), deque()
             embeds = list(self._embeds)

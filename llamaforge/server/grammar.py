@@ -12,6 +12,7 @@ convention) so they never satisfy a grammar, and the request's stop ids are the 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import threading
 from typing import Any, Callable, Optional
@@ -67,11 +68,7 @@ class GrammarCompiler:
 
     @staticmethod
     def available() -> bool:
-        try:
-            import llguidance  # noqa: F401
-        except ImportError:
-            return False
-        return True
+        return importlib.util.find_spec("llguidance") is not None
 
     def _tokenizer(self):
         with self._lock:

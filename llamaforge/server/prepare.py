@@ -31,6 +31,7 @@ class Prepared:
     jobs: list[Job]
     n: int
     prompt_texts: list[str] = field(default_factory=list)
+    echo: bool = False  # completions: the prompt comes first in the text (and its logprobs in logprobs)
     tool_names: set[str] = field(default_factory=set)  # non-empty: parse tool calls from the answer
     forced_tool: bool = False
 
@@ -146,7 +147,7 @@ class Preparer:
                 logprobs=req.logprobs, prompt_logprobs=req.logprobs if req.echo else None,
             ))
             texts.append(text)
-        return Prepared(jobs, req.n, texts)
+        return Prepared(jobs, req.n, texts, echo=req.echo)
 
     def chat(self, req: ChatCompletionRequest) -> Prepared:
         self.check_model(req.model)

@@ -154,13 +154,10 @@ class ResponseBuilder:
             text = "".join(c.text)
             if self.kind == "completion":
                 logprobs = None
-                infos = [t for t in c.tokens if t.logprob is not None]
-                if self.prepared.jobs[k].prompt_logprobs is not None:
+                if self.prepared.echo:
                     text = self.prepared.prompt_texts[k] + text
-                    infos = self.prompt_infos.get(k, []) + infos
-                elif self.prepared.jobs[k].logprobs is None:
-                    infos = None
-                if infos is not None:
+                if self.prepared.jobs[k].logprobs is not None:
+                    infos = self.prompt_infos.get(k, []) + [t for t in c.tokens if t.logprob is not None]
                     logprobs = self._completion_logprobs(infos, 0)
                 choices.append({"index": idx, "text": text, "logprobs": logprobs, "finish_reason": c.finish})
             else:
@@ -206,8 +203,7 @@ async def stream_events(run: JobRun, rb: ResponseBuilder, include_usage: bool) -
     try:
         async for k, event in run.events():
             rb.add(k, event)
-            if isinstance(event, PromptDone) and rb.kind == "completion" \
-                    and rb.prepared.jobs[k].prompt_logprobs is not None:
+            if isinstance(event, PromptDone) and rb.kind == "completion" and rb.prepared.echo:
                 for i in range(rb.prepared.n):  # echo: the prompt comes first
                     lp = rb._completion_logprobs(event.logprobs or [], 0) if event.logprobs is not None else None
                     yield rb.chunk([{"index": rb.index(k, i), "text": rb.prepared.prompt_texts[k],

@@ -1,0 +1,234 @@
+"""Load benchmark of `llamaforge serve`: N concurrent streaming requests, loopback only, bounded.
+
+    python benchmarks/serve_load.py                    # starts a server on 127.0.0.1, N = 1, 4, 16
+    python benchmarks/serve_load.py --url http://127.0.0.1:8000 --levels 1,4
+
+For each N it sends N different greedy streaming completions at once (N = 1: each prompt alone, one
+after another, which also gives the reference outputs) and reports the total generated tokens per
+second (all tokens / wall time), time to first token and per-token latency (the gaps between a
+stream's tokens) percentiles. It then checks that every concurrent output equals the same request run
+alone: batching may change speed, never results. Exit status 1 if any output differs.
+
+Every request goes to 127.0.0.1 (a --url elsewhere is refused), the number of requests is fixed by
+--levels and --max-tokens, and the whole run stops after --deadline seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+from urllib.parse import urlparse
+
+import httpx
+
+PROMPTS = [
+    "The history of the city of Rome begins",
+    "Here is a simple recipe for bread. First,",
+    "The three laws of motion, as described by Newton, are",
+    "Once upon a time, in a small village by the sea, there lived",
+    "Python is a programming language that",
+    "The main causes of the French Revolution were",
+    "To plant a tree, you should",
+    "The solar system consists of the Sun and",
+    "My favourite book is about a detective who",
+    "In mathematics, a prime number is",
+    "The best way to learn a new language is",
+    "Photosynthesis is the process by which plants",
+    "A good cup of coffee needs",
+    "The ocean covers most of the Earth and",
+    "During the winter, many animals",
+    "The internet was invented to",
+]
+
+
+@dataclass
+class Stream:
+    prompt: str
+    sent: float = 0.0
+    token_times: list[float] = field(default_factory=list)
+    text: str = ""
+    completion_tokens: int = 0
+    error: Optional[str] = None
+
+
+def one_request(base: str, prompt: str, max_tokens: int, headers: dict, timeout: float) -> Stream:
+    """A greedy streaming completion; every chunk with text is one arrival time."""
+    s = Stream(prompt)
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    s.sent = time.perf_counter()
+    try:
+        with httpx.stream("POST", base + "/v1/completions", json=body, headers=headers, timeout=timeout) as resp:
+            if resp.status_code != 200:
+                s.error = f"HTTP {resp.status_code}: {resp.read().decode()[:200]}"
+                return s
+            for line in resp.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    s.error = chunk["error"]["message"]
+                    return s
+                if chunk.get("usage"):
+                    s.completion_tokens = chunk["usage"]["completion_tokens"]
+                for choice in chunk["choices"]:
+                    if choice.get("text"):
+                        s.token_times.append(time.perf_counter())
+                        s.text += choice["text"]
+    except httpx.HTTPError as exc:
+        s.error = f"{type(exc).__name__}: {exc}"
+    return s
+
+
+def run_level(base: str, prompts: list[str], max_tokens: int, headers: dict, timeout: float) -> tuple[list[Stream], float]:
+    """Send all prompts at once; return the streams and the wall time."""
+    results: list[Optional[Stream]] = [None] * len(prompts)
+    barrier = threading.Barrier(len(prompts))
+
+    def work(i: int) -> None:
+        barrier.wait()
+        results[i] = one_request(base, prompts[i], max_tokens, headers, timeout)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, time.perf_counter() - start  # type: ignore[return-value]
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    k = (len(values) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def summarise(n: int, streams: list[Stream], wall: float) -> dict:
+    tokens = sum(s.completion_tokens for s in streams)
+    ttft = [s.token_times[0] - s.sent for s in streams if s.token_times]
+    gaps = [b - a for s in streams for a, b in zip(s.token_times, s.token_times[1:])]
+    return {
+        "n": n, "requests": len(streams), "tokens": tokens, "wall_s": round(wall, 3),
+        "tokens_per_s": round(tokens / wall, 2) if wall > 0 else None,
+        "ttft_p50_ms": round(1000 * percentile(ttft, 0.5), 1), "ttft_p90_ms": round(1000 * percentile(ttft, 0.9), 1),
+        "ttft_max_ms": round(1000 * max(ttft), 1) if ttft else None,
+        "itl_p50_ms": round(1000 * percentile(gaps, 0.5), 1), "itl_p90_ms": round(1000 * percentile(gaps, 0.9), 1),
+        "itl_p99_ms": round(1000 * percentile(gaps, 0.99), 1),
+        "errors": [s.error for s in streams if s.error],
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "llamaforge", "serve", "--host", "127.0.0.1", "--port", str(port),
+           "--max-seq-len", str(args.max_seq_len), "--max-batch-size", str(max(args.levels)),
+           "--max-queue", str(2 * max(args.levels)), "--log-level", "warning"]
+    if args.model:
+        cmd.insert(4, args.model)
+    if not args.prefix_reuse:
+        cmd.append("--no-prefix-reuse")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with {proc.returncode}:\n{proc.stdout.read()}")
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise SystemExit("the server did not start within 300 s")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", help="a running server on 127.0.0.1 (default: start one)")
+    p.add_argument("--model", help="checkpoint for the started server (default: the default model)")
+    p.add_argument("--levels", default="1,4,16", help="concurrency levels (default 1,4,16)")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens per request (default 32)")
+    p.add_argument("--max-seq-len", type=int, default=256, help="context of the started server")
+    p.add_argument("--prefix-reuse", action="store_true", help="let the started server reuse cached prefixes")
+    p.add_argument("--api-key", help="API key of the --url server")
+    p.add_argument("--deadline", type=float, default=900, help="stop after this many seconds (default 900)")
+    p.add_argument("--json", help="also write the results as JSON here")
+    args = p.parse_args(argv)
+    args.levels = [int(x) for x in args.levels.split(",")]
+    if max(args.levels) > len(PROMPTS) or min(args.levels) < 1:
+        raise SystemExit(f"levels must be between 1 and {len(PROMPTS)}")
+    proc = None
+    if args.url:
+        if urlparse(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):
+            raise SystemExit("this benchmark only talks to a server on this machine (127.0.0.1)")
+        base = args.url.rstrip("/")
+    else:
+        proc, base = start_server(args)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    started = time.monotonic()
+    try:
+        info = httpx.get(base + "/health", timeout=10).json()
+        one_request(base, "Warm-up:", 4, headers, 120)
+        need = max(args.levels)
+        # N = 1: every prompt alone, one after another; these are also the reference outputs.
+        solo, solo_wall = [], 0.0
+        for prompt in PROMPTS[:need]:
+            if time.monotonic() - started > args.deadline:
+                raise SystemExit("deadline reached")
+            streams, wall = run_level(base, [prompt], args.max_tokens, headers, args.deadline)
+            solo += streams
+            solo_wall += wall
+        rows = []
+        if 1 in args.levels:
+            rows.append(summarise(1, solo, solo_wall))
+        mismatches = []
+        for n in args.levels:
+            if n == 1:
+                continue
+            if time.monotonic() - started > args.deadline:
+                raise SystemExit("deadline reached")
+            streams, wall = run_level(base, PROMPTS[:n], args.max_tokens, headers, args.deadline)
+            rows.append(summarise(n, streams, wall))
+            mismatches += [(n, i) for i, s in enumerate(streams) if s.text != solo[i].text]
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
+    base_rate = rows[0]["tokens_per_s"] if rows and rows[0]["n"] == 1 else None
+    print(f"model {info.get('model')}, {info.get('slots')} slots, context {info.get('max_seq_len')}, "
+          f"{args.max_tokens} tokens per request, greedy, prefix reuse {'on' if args.prefix_reuse else 'off'}\n")
+    print("| N | requests | tokens | wall s | tokens/s | speed-up | TTFT p50 / p90 / max ms | per-token p50 / p90 / p99 ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        speed = f"{r['tokens_per_s'] / base_rate:.1f}x" if base_rate else "-"
+        print(f"| {r['n']} | {r['requests']} | {r['tokens']} | {r['wall_s']} | {r['tokens_per_s']} | {speed} | "
+              f"{r['ttft_p50_ms']} / {r['ttft_p90_ms']} / {r['ttft_max_ms']} | "
+              f"{r['itl_p50_ms']} / {r['itl_p90_ms']} / {r['itl_p99_ms']} |")
+    errors = [e for r in rows for e in r["errors"]]
+    print(f"\nconcurrent greedy outputs equal to the same requests alone: "
+          f"{'yes' if not mismatches else 'NO ' + str(mismatches)}; errors: {errors or 'none'}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"server": info, "rows": rows, "mismatches": mismatches}, f, indent=2)
+    return 1 if mismatches or errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""What goes into the serving engine (a `Job`) and what comes out (events), plus its two refusals.
+
+The engine calls a job's sink on its own thread with, in order: one `PromptDone` when the prompt is
+computed, `Delta`s as each choice produces tokens, and one `Finish` per choice - or a single `Failure`
+that ends the job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Union
+
+from llamaforge.server.sampler import Constraint, RowParams, TokenInfo
+
+
+class QueueFull(Exception):
+    """The waiting queue is full (HTTP 429)."""
+
+
+class EngineClosed(Exception):
+    """The engine is shutting down or has stopped (HTTP 503)."""
+
+
+# -- what goes in and what comes out ------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One request: a prompt and how to continue it, `n` times."""
+
+    prompt: list[int]
+    max_tokens: int
+    params: RowParams = field(default_factory=RowParams)
+    n: int = 1
+    seed: Optional[int] = None  # choice i uses seed + i
+    stop_ids: frozenset[int] = frozenset()
+    stop: tuple[str, ...] = ()
+    logprobs: Optional[int] = None  # None: no logprobs; k: the chosen token's and the top k
+    prompt_logprobs: Optional[int] = None  # echo with logprobs: top k for prompt tokens
+    constraint: Optional[Callable[[], Constraint]] = None  # a fresh constraint per choice
+    id: int = -1
+
+
+@dataclass
+class Delta:
+    """New output of choice `index`: text safe to show and the tokens generated (with logprobs)."""
+
+    index: int
+    text: str
+    tokens: list[TokenInfo]
+
+
+@dataclass
+class Finish:
+    """Choice `index` is complete."""
+
+    index: int
+    reason: str  # "stop" | "length"
+    completion_tokens: int
+
+
+@dataclass
+class PromptDone:
+    """The prompt is computed: how many of its tokens came from the cache, and their logprobs if asked."""
+
+    cached_tokens: int
+    logprobs: Optional[list[TokenInfo]] = None
+
+
+@dataclass
+class Failure:
+    """The request failed; no more events follow."""
+
+    status: int
+    message: str
+
+
+Event = Union[Delta, Finish, PromptDone, Failure]
+Sink = Callable[[Event], None]
