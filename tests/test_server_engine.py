@@ -260,6 +260,7 @@ def test_penalties_follow_their_formulas():
 
 
 def test_constrained_json_from_a_random_model(engine, tokenizer):
+    pytest.importorskip("llguidance")
     from llamaforge.server.grammar import GrammarCompiler
 
     schema = {"type": "object", "additionalProperties": False, "required": ["name", "n", "ok"],
