@@ -259,6 +259,13 @@ def test_json_schema_and_forced_tool_call(client, model_id):
     call = r.choices[0].message.tool_calls[0]
     assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
     assert set(json.loads(call.function.arguments)) == {"city"}
+    stream = client.chat.completions.create(
+        model=model_id, messages=[{"role": "user", "content": "Weather in Paris?"}], max_tokens=40, temperature=0,
+        tools=tools, tool_choice={"type": "function", "function": {"name": "get_weather"}}, stream=True)
+    chunks = [c for c in stream if c.choices]
+    calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    assert [tc.function.arguments for tc in calls] == [call.function.arguments]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
 def test_errors_have_openai_shape(server, client, model_id):
