@@ -99,6 +99,26 @@ def test_forward_matches_linear(qtype: str, backend: str) -> None:
         assert rel_err(y, F.linear(x, w)) <= EXACT_REL_TOL
 
 
+@pytest.mark.skipif(not HAS_CPP, reason="C++ kernels unavailable")
+@pytest.mark.parametrize("qtype", list(kernels.X8_FORMATS))
+def test_avx2_and_vnni_tiles_agree_exactly(qtype: str) -> None:
+    # Both compute the same int32 block sums and the same float operations, so results are identical;
+    # where the CPU has no AVX-512 VNNI both runs take the AVX2 tiles.
+    ext = kernels.get_extension()
+    raw = make_raw(qtype, 45, 256, seed=8)
+    layer = QuantizedLinear.from_gguf(torch.from_numpy(raw), qtype, (45, 256))
+    assert layer.layout == "x8"
+    for rows in (1, 3, 4, 5, 8, 9, 13):
+        x = torch.randn(rows, 256)
+        was = ext.use_vnni(False)
+        try:
+            y_avx2 = layer(x)
+        finally:
+            ext.use_vnni(was)
+        assert torch.equal(layer(x), y_avx2)
+        check_forward(y_avx2, F.linear(x, ref_dequant(raw, qtype)), layer, rows)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs_are_upcast(dtype: torch.dtype) -> None:
     raw = make_raw("Q4_1", 64, 256, seed=2)
