@@ -121,25 +121,27 @@ def test_batched_greedy_equals_solo_and_the_reference_loop(engine, model, tokeni
 def test_requests_join_a_running_batch_without_changing_it(engine, tokenizer):
     prompts = encode(tokenizer, PROMPTS[:2])
     alone = [run(engine, [greedy(p, 24)])[0]["choices"][0]["tokens"] for p in prompts]
-    late: dict = {}
-    started = threading.Event()
+    order, late_tokens, late_done = [], [], threading.Event()  # events in the order the engine sent them
 
-    def on_event(k, ev):
-        if k == 0 and isinstance(ev, Delta) and not started.is_set():
-            started.set()
+    def late_sink(ev):
+        order.append(("late", type(ev).__name__))
+        if isinstance(ev, Delta):
+            late_tokens.extend(t.id for t in ev.tokens)
+        elif isinstance(ev, (Finish, Failure)):
+            late_done.set()
 
-    t = threading.Thread(target=lambda: late.update(r=run(engine, [greedy(prompts[1], 24)])))
-    first = None
+    def on_first(k, ev):
+        order.append(("first", type(ev).__name__))
+        if isinstance(ev, Delta) and ("late", "submitted") not in order:
+            # submitted (from the engine thread) right after the first request's first token
+            order.append(("late", "submitted"))
+            engine.submit(greedy(prompts[1], 24), late_sink)
 
-    def go():
-        started.wait(10)
-        t.start()
-
-    threading.Thread(target=go).start()
-    first = run(engine, [greedy(prompts[0], 24)], on_event=on_event)
-    t.join(30)
+    first = run(engine, [greedy(prompts[0], 24)], on_event=on_first)
+    assert late_done.wait(30)
     assert first[0]["choices"][0]["tokens"] == alone[0]
-    assert late["r"][0]["choices"][0]["tokens"] == alone[1]
+    assert late_tokens == alone[1]
+    assert order.index(("late", "PromptDone")) < order.index(("first", "Finish"))  # they really overlapped
 
 
 def test_seeded_sampling_is_the_core_sampler_alone_or_batched(engine, model, tokenizer):
