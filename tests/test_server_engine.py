@@ -190,18 +190,31 @@ def test_prefix_reuse_from_finished_and_running_slots(model, tokenizer):
         assert res["prompt"].cached_tokens == common
         assert res["choices"][0]["tokens"] == want_b
         # while a long request runs, a new one copies its prefix from that busy slot
-        got: dict = {}
-        prefilled = threading.Event()
-        t = threading.Thread(target=lambda: got.update(a=run(
-            eng, [greedy(a, 40)], on_event=lambda k, ev: isinstance(ev, PromptDone) and prefilled.set())))
-        t.start()
-        assert prefilled.wait(10)
-        copies = eng.pool.stats.copies
         b2 = list(b[:common]) + tokenizer.encode(" Who are you?")
-        res2 = run(eng, [greedy(b2)])[0]
-        t.join(30)
-        assert res2["prompt"].cached_tokens >= common
-        assert eng.pool.stats.copies >= copies  # either the finished slot or a copy from the running one
+        copies = eng.pool.stats.copies
+        late: dict = {"tokens": [], "done": threading.Event()}
+
+        def late_sink(ev):
+            if isinstance(ev, PromptDone):
+                late["prompt"] = ev
+            elif isinstance(ev, Delta):
+                late["tokens"] += [t.id for t in ev.tokens]
+            elif isinstance(ev, (Finish, Failure)):
+                late["done"].set()
+
+        def on_event(k, ev):
+            if isinstance(ev, PromptDone):  # submitted from the engine thread: `a` is certainly still running
+                eng.submit(greedy(b2), late_sink)
+
+        run(eng, [greedy(a, 40)], on_event=on_event)
+        assert late["done"].wait(30)
+        assert late["prompt"].cached_tokens >= common and eng.pool.stats.copies == copies + 1
+        plain2 = Engine(model, tokenizer, n_slots=4, max_seq_len=MAX_SEQ, device=CPU, prefix_reuse=False)
+        plain2.start()
+        try:
+            assert late["tokens"] == run(plain2, [greedy(b2)])[0]["choices"][0]["tokens"]
+        finally:
+            plain2.close()
     finally:
         eng.close()
 
