@@ -294,22 +294,19 @@ def test_constrained_json_from_a_random_model(engine, tokenizer):
 
 def test_cancel_frees_the_slots_at_once(engine, tokenizer):
     p = encode(tokenizer, PROMPTS[:1])[0]
-    got_token = threading.Event()
-    events = []
+    events, ids = [], []
 
     def sink(ev):
         events.append(ev)
-        if isinstance(ev, Delta):
-            got_token.set()
+        if isinstance(ev, Delta) and len(events) == 2:  # PromptDone, then the first token
+            engine.cancel(ids[0])  # from the engine thread: handled at the next step boundary
 
-    job = Job(p, 100, RowParams(temperature=0), n=2, stop_ids=frozenset())
-    job_id = engine.submit(job, sink)
-    assert got_token.wait(10)
-    engine.cancel(job_id)
-    assert wait_idle(engine, 10)
+    ids.append(engine.submit(Job(p, 100, RowParams(temperature=0), n=2, stop_ids=frozenset()), sink))
+    assert wait_idle(engine, 30)
     assert engine.pool.n_free == engine.n_slots
-    assert sum(len(e.tokens) for e in events if isinstance(e, Delta)) < 2 * 100
-    assert not any(isinstance(e, Finish) for e in events)
+    # the first token of both choices, and at most one more decode step already under way
+    assert sum(len(e.tokens) for e in events if isinstance(e, Delta)) <= 4
+    assert not any(isinstance(e, (Finish, Failure)) for e in events)
 
 
 def test_bounded_queue_and_failures_stay_with_their_request(model, tokenizer):
