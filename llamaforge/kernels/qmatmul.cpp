@@ -90,7 +90,10 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t qt, int64_t
     const int64_t nb = K / 32;
     std::vector<int8_t> q(static_cast<size_t>(M * K));
     std::vector<float> d(static_cast<size_t>(M * nb)), s(static_cast<size_t>(M * nb));
-    quantize_rows(xf.data_ptr<float>(), M, K, q.data(), d.data(), s.data());
+    const float* xp = xf.data_ptr<float>();
+    at::parallel_for(0, M, std::max<int64_t>(1, 32768 / K), [&](int64_t m0, int64_t m1) {
+      quantize_rows(xp + m0 * K, m1 - m0, K, q.data() + m0 * K, d.data() + m0 * nb, s.data() + m0 * nb);
+    });
     const Act a{q.data(), d.data(), s.data(), K, nb};
     // Give each thread at least ~96 KiB of weight bytes times row tiles: waking the second thread
     // costs a few microseconds, more than a smaller share of the work saves.
@@ -163,14 +166,17 @@ namespace py = pybind11;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "llamaforge GGUF weight-only quantized matmul kernels (AVX2/FMA/F16C)";
+  // The GIL is released while the kernels run, as torch's own ops do (other Python threads go on).
+  using release = py::call_guard<py::gil_scoped_release>;
   m.def("qlinear", &qlinear, "y = x @ dequantize(w).T + bias", py::arg("x"), py::arg("w"), py::arg("qt"),
-        py::arg("N"), py::arg("K"), py::arg("bias") = py::none(), py::arg("gemm_rows") = 0, py::arg("layout") = 0);
+        py::arg("N"), py::arg("K"), py::arg("bias") = py::none(), py::arg("gemm_rows") = 0, py::arg("layout") = 0,
+        release());
   m.def("dequantize", &dequantize, "dequantize all rows (exact)", py::arg("w"), py::arg("qt"), py::arg("N"),
-        py::arg("K"), py::arg("layout") = 0);
+        py::arg("K"), py::arg("layout") = 0, release());
   m.def("dequantize_rows", &dequantize_rows, "dequantize selected rows (exact)", py::arg("w"), py::arg("idx"),
-        py::arg("qt"), py::arg("N"), py::arg("K"), py::arg("layout") = 0);
+        py::arg("qt"), py::arg("N"), py::arg("K"), py::arg("layout") = 0, release());
   m.def("repack_x8", &repack_x8, "GGUF bytes -> x8 layout", py::arg("raw"), py::arg("qt"), py::arg("N"),
-        py::arg("K"));
+        py::arg("K"), release());
   m.def("x8_supported", &x8_supported, "whether a GGML type id has the x8 layout");
   m.def(
       "use_vnni",
