@@ -21,7 +21,6 @@ from __future__ import annotations
 from typing import Iterable, Mapping, Optional, Protocol, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llamaforge import kernels
@@ -53,8 +52,10 @@ def _check_backend(backend: str) -> str:
 
 
 class QuantizedLinear(nn.Module):
-    """`y = x @ W.T + b` with W held as GGUF blocks (uint8 buffer `qweight`, (out_features, bytes_per_row)).
+    """`y = x @ W.T + b` with W held as GGUF blocks in the uint8 buffer `qweight`.
 
+    `layout` says how the bytes are arranged: "gguf" (as in the file, (out_features, bytes_per_row))
+    or "x8" (Q4_0/Q4_1/Q8_0 repacked for the C++ kernels; `gguf_bytes()` gives the file's bytes back).
     forward(x) takes x (..., in_features) in float32, bfloat16 or float16 and returns the same dtype.
     """
 
@@ -138,6 +139,30 @@ class QuantizedLinear(nn.Module):
     def gguf_bytes(self) -> torch.Tensor:
         """The weight's GGUF bytes (out_features, bytes_per_row), undoing any repacking (for saving)."""
         return kernels.to_gguf_layout(self.qweight, self.qtype, self.out_features, self.in_features, self.layout)
+
+    @classmethod
+    def concat(cls, layers: Sequence["QuantizedLinear"]) -> "QuantizedLinear":
+        """One layer computing the concatenated outputs of `layers` (e.g. wq|wk|wv, or w1|w3): fewer calls.
+
+        All layers must share qtype and in_features; the result's output is
+        `torch.cat([layer(x) for layer in layers], dim=-1)` (the same numbers: rows are independent).
+        """
+        if not layers:
+            raise ConfigError("concat needs at least one QuantizedLinear")
+        first = layers[0]
+        for layer in layers[1:]:
+            if (layer.qtype, layer.in_features) != (first.qtype, first.in_features):
+                raise ConfigError(
+                    f"cannot concatenate a {layer.qtype} layer with in_features {layer.in_features} to a "
+                    f"{first.qtype} layer with in_features {first.in_features}"
+                )
+        raw = torch.cat([layer.gguf_bytes() for layer in layers], dim=0)
+        biases = [layer.bias for layer in layers]
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.cat([b.detach() if b is not None else torch.zeros(layer.out_features, device=raw.device)
+                              for b, layer in zip(biases, layers)])
+        return cls(raw, first.qtype, raw.shape[0], first.in_features, bias, backend=first.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ext = self._ext
