@@ -82,6 +82,7 @@ class Llama:
         *,
         device: devices.DeviceLike = "auto",
         dtype: devices.DTypeLike = None,
+        quantize: Optional[str] = None,
         progress: bool = True,
     ) -> "Llama":
         """Load a checkpoint and its tokenizer, ready to generate.
@@ -100,7 +101,11 @@ class Llama:
             seed: seeds torch's global generator, as Meta's build does.
             device: "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:N" or "mps".
             dtype: "float32", "bfloat16", "float16" or None for the device's default
-                (bf16 on CUDA where supported, fp16 on MPS, fp32 on CPU).
+                (bf16 on CUDA where supported, fp16 on MPS, fp32 on CPU). With None on the CPU, a GGUF
+                file's quantized weights (Q4_0, Q4_1, Q8_0, K-quants, ...) stay quantized and run on
+                llama.cpp-style integer kernels; an explicit dtype dequantizes them (dtype="float32"
+                is the exact reference path).
+            quantize: "q8_0" or "q4_0" to quantize a float checkpoint's linear layers after loading.
             progress: show a progress bar while a large checkpoint loads.
 
         Returns:
@@ -130,7 +135,8 @@ class Llama:
         path = Path(ckpt_dir) if ckpt_dir is not None else default_model_path()
 
         start = time.perf_counter()
-        ckpt = checkpoints.load(path, progress=progress)
+        keep_quantized = dtype is None and dev.type == "cpu" and world == 1
+        ckpt = checkpoints.load(path, progress=progress, keep_quantized=keep_quantized)
         tokenizer = _load_tokenizer(ckpt, tokenizer_path)
         args = ckpt.args
         if tokenizer.n_words > args.vocab_size:
@@ -151,6 +157,10 @@ class Llama:
             model = parallel.apply_tensor_parallel(model)
         else:
             model = build_model(args, ckpt.state_dict, device=dev, dtype=torch_dtype)
+        if quantize is not None:
+            from llamaforge.quantize import quantize_model_weights
+
+            model = quantize_model_weights(model, quantize)
         log.info(
             "loaded %s (%s, %.1fM parameters) on %s in %s in %.2fs",
             path, ckpt.format, args.n_params / 1e6, dev, torch_dtype, time.perf_counter() - start,

@@ -84,7 +84,7 @@ def default_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def default_llama():
-    """The default model, built once for the session in float32 on the CPU."""
+    """The default model, built once for the session on the CPU, dequantized to float32 (the reference path)."""
     from llamaforge import Llama
 
-    return Llama.build(max_seq_len=512, max_batch_size=4, device="cpu")
+    return Llama.build(max_seq_len=512, max_batch_size=4, device="cpu", dtype="float32")

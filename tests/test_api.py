@@ -175,3 +175,37 @@ def test_convert_chains_keep_results(tiny_checkpoints, built, tmp_path, chain):
     prompt_tokens = [ref.tokenizer.encode(p, bos=True) for p in PROMPTS]
     assert [gen.tokenizer.encode(p, bos=True) for p in PROMPTS] == prompt_tokens
     assert gen.generate(prompt_tokens, 8, temperature=0) == ref.generate(prompt_tokens, 8, temperature=0)
+
+
+def test_default_cpu_build_keeps_gguf_weights_quantized(default_gguf, default_llama):
+    """dtype=None on the CPU runs the Q4_1/Q8_0 blocks as they are: memory stays near the file size.
+
+    Tolerance: int8 activations (as llama.cpp) move logits by a few percent of their range, so the
+    check is on agreement with the float32 reference: the same argmax at >= 90% of positions.
+    """
+    from llamaforge.quantize import QuantizedEmbedding, QuantizedLinear
+
+    gen = Llama.build(max_seq_len=256, device="cpu")
+    assert isinstance(gen.model.layers[0].attention.wq, QuantizedLinear)
+    assert isinstance(gen.model.tok_embeddings, QuantizedEmbedding)
+    assert isinstance(gen.model.output, QuantizedLinear)  # tied: the embedding's own bytes
+    held = sum(t.numel() * t.element_size() for t in list(gen.model.parameters()) + list(gen.model.buffers())
+               if t.device.type != "meta" and t is not gen.model.rope.cos and t is not gen.model.rope.sin)
+    assert held <= 1.2 * default_gguf.stat().st_size
+    ids = torch.tensor([gen.tokenizer.encode("The capital of France is Paris. The capital of Germany is Berlin.")])
+    with torch.inference_mode():
+        q, f = gen.model(ids)[0], default_llama.model(ids)[0]
+    assert (q.argmax(-1) == f.argmax(-1)).float().mean() >= 0.9
+    answer = gen.chat_completion([[{"role": "user", "content": "Say hello."}]], temperature=0, max_gen_len=32)[0]
+    assert answer["generation"]["content"].strip()
+
+
+def test_quantize_a_float_checkpoint(tiny_checkpoints, built):
+    from llamaforge.quantize import QuantizedLinear
+
+    gen = Llama.build(tiny_checkpoints.hf, max_seq_len=64, device="cpu", quantize="q8_0")
+    assert isinstance(gen.model.layers[1].feed_forward.w2, QuantizedLinear)
+    ids = torch.tensor([gen.tokenizer.encode(PROMPTS[0], bos=True)])
+    with torch.inference_mode():
+        q, f = gen.model(ids)[0], built["hf"].model(ids)[0]
+    assert (q.argmax(-1) == f.argmax(-1)).float().mean() >= 0.8

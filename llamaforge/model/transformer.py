@@ -6,7 +6,7 @@ loaded elsewhere into a model made on the meta device, without ever holding two 
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -100,7 +100,7 @@ class Transformer(nn.Module):
 
 def build_model(
     args: ModelArgs,
-    state_dict: Mapping[str, torch.Tensor],
+    state_dict: Mapping[str, Any],
     *,
     device: torch.device,
     dtype: torch.dtype,
@@ -108,11 +108,15 @@ def build_model(
     """Make a Transformer on `device` in `dtype` holding exactly the weights of `state_dict`.
 
     The model is created on the meta device and the tensors are assigned, so no random init runs and
-    weights are never held twice. Missing or unexpected keys raise CheckpointError naming them.
+    weights are never held twice. Values that are quantized tensors (with `.raw`, `.qtype`, `.shape`,
+    e.g. GGUF Q4/Q8 blocks) become quantized modules (`llamaforge.quantize`) instead of being
+    dequantized. Missing or unexpected keys raise CheckpointError naming them.
     """
+    quantized = {k: v for k, v in state_dict.items() if not isinstance(v, torch.Tensor)}
+    floats = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
     with torch.device("meta"):
         model = Transformer(args)
-    expected = {k: v for k, v in model.state_dict().items()}
+    expected = dict(model.state_dict())
     if args.tie_embeddings:
         expected.pop("output.weight", None)
     missing = sorted(set(expected) - set(state_dict))
@@ -124,14 +128,15 @@ def build_model(
             f"{' ...' if len(unexpected) > 10 else ''}"
         )
     for name, param in expected.items():
-        tensor = state_dict[name]
-        if tuple(tensor.shape) != tuple(param.shape):
-            raise CheckpointError(
-                f"weight {name} has shape {tuple(tensor.shape)} but the config implies {tuple(param.shape)}"
-            )
-    converted = {name: state_dict[name].to(device=device, dtype=dtype) for name in expected}
-    model.load_state_dict(converted, strict=False, assign=True)
-    if args.tie_embeddings:
+        shape = tuple(state_dict[name].shape)
+        if shape != tuple(param.shape):
+            raise CheckpointError(f"weight {name} has shape {shape} but the config implies {tuple(param.shape)}")
+    if quantized:
+        from llamaforge.quantize import quantize_model
+
+        quantize_model(model, from_state=quantized)
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in floats.items()}, strict=False, assign=True)
+    if args.tie_embeddings and isinstance(model.output, nn.Linear) and isinstance(model.tok_embeddings, nn.Embedding):
         model.output.weight = model.tok_embeddings.weight
     model.rope.reset_tables(device)
-    return model.eval()
+    return model.to(device).eval()
