@@ -45,7 +45,8 @@ def model(tokenizer):
 
 @pytest.fixture()
 def engine(model, tokenizer):
-    eng = Engine(model, tokenizer, n_slots=4, max_seq_len=MAX_SEQ, device=CPU, max_queue=8, prefill_chunk=16)
+    eng = Engine(model, tokenizer, n_slots=4, max_seq_len=MAX_SEQ, device=CPU, max_queue=8, chunk=8,
+                 prefill_budget=16)
     eng.start()
     yield eng
     eng.close()
@@ -144,6 +145,32 @@ def test_requests_join_a_running_batch_without_changing_it(engine, tokenizer):
     assert order.index(("late", "PromptDone")) < order.index(("first", "Finish"))  # they really overlapped
 
 
+def test_decode_attention_is_bitwise_independent_of_the_longest_row(model):
+    """What batch invariance rests on: with kv_len a multiple of KV_ALIGN, more masked positions change a
+    row's logits by exactly nothing, so a row does not feel the longest row of its batch. (The other
+    half, that a linear layer's row does not depend on the batch size, holds for llama.cpp-style integer
+    kernels; float GEMMs may differ in the last bit, as they do here.)"""
+    from llamaforge.model.kv_cache import KVCache
+    from llamaforge.server.engine import KV_ALIGN, _round_up
+
+    torch.manual_seed(1)
+    cache = KVCache.for_model(model.args, 3, 256, dtype=torch.float32, device=CPU)
+    cache.k.normal_()
+    cache.v.normal_()
+    pos = [5, 70, 120]
+    tokens = torch.tensor([[11], [22], [33]])
+    positions = torch.tensor([[p] for p in pos])
+    with torch.no_grad():
+        tight = model(tokens, positions, cache, slots=torch.arange(3), kv_len=_round_up(max(pos) + 1, KV_ALIGN),
+                      last_only=True)
+        assert torch.equal(tight, model(tokens, positions, cache, slots=torch.arange(3), kv_len=256, last_only=True))
+        for i, p in enumerate(pos):
+            def alone(kv_len):
+                return model(tokens[i:i + 1], positions[i:i + 1], cache, slots=torch.tensor([i]), kv_len=kv_len,
+                             last_only=True)
+            assert torch.equal(alone(_round_up(p + 1, KV_ALIGN)), alone(_round_up(max(pos) + 1, KV_ALIGN)))
+
+
 def test_seeded_sampling_is_the_core_sampler_alone_or_batched(engine, model, tokenizer):
     prompts = encode(tokenizer, PROMPTS[:3])
     params = RowParams(temperature=0.8, top_p=0.9, top_k=50)
@@ -176,18 +203,20 @@ def test_prefix_reuse_from_finished_and_running_slots(model, tokenizer):
     shared = "You are a helpful assistant. Answer briefly and politely. Question:"
     a, b = encode(tokenizer, [shared + " What is red?", shared + " Where is Paris?"])
     common = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
-    plain = Engine(model, tokenizer, n_slots=4, max_seq_len=MAX_SEQ, device=CPU, prefix_reuse=False)
+    reusable = common // 8 * 8  # whole canonical chunks of 8
+    assert reusable >= 8
+    plain = Engine(model, tokenizer, n_slots=4, max_seq_len=MAX_SEQ, device=CPU, prefix_reuse=False, chunk=8)
     plain.start()
     try:
         want_b = run(plain, [greedy(b)])[0]["choices"][0]["tokens"]
     finally:
         plain.close()
-    eng = Engine(model, tokenizer, n_slots=4, max_seq_len=MAX_SEQ, device=CPU)
+    eng = Engine(model, tokenizer, n_slots=4, max_seq_len=MAX_SEQ, device=CPU, chunk=8)
     eng.start()
     try:
         run(eng, [greedy(a)])
         res = run(eng, [greedy(b)])[0]  # a's finished slot still holds the shared prefix
-        assert res["prompt"].cached_tokens == common
+        assert res["prompt"].cached_tokens == reusable
         assert res["choices"][0]["tokens"] == want_b
         # while a long request runs, a new one copies its prefix from that busy slot
         b2 = list(b[:common]) + tokenizer.encode(" Who are you?")
@@ -208,8 +237,8 @@ def test_prefix_reuse_from_finished_and_running_slots(model, tokenizer):
 
         run(eng, [greedy(a, 40)], on_event=on_event)
         assert late["done"].wait(30)
-        assert late["prompt"].cached_tokens >= common and eng.pool.stats.copies == copies + 1
-        plain2 = Engine(model, tokenizer, n_slots=4, max_seq_len=MAX_SEQ, device=CPU, prefix_reuse=False)
+        assert late["prompt"].cached_tokens == reusable and eng.pool.stats.copies == copies + 1
+        plain2 = Engine(model, tokenizer, n_slots=4, max_seq_len=MAX_SEQ, device=CPU, prefix_reuse=False, chunk=8)
         plain2.start()
         try:
             assert late["tokens"] == run(plain2, [greedy(b2)])[0]["choices"][0]["tokens"]

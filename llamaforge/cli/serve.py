@@ -17,7 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: the file name)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot before 429s")
-    p.add_argument("--prefill-chunk", type=int, default=256, help="most prompt tokens computed per engine step")
+    p.add_argument("--prefill-budget", type=int, default=256,
+                   help="most prompt tokens computed between two decode steps (default 256)")
     p.add_argument("--no-prefix-reuse", action="store_true", help="never reuse cached prompt prefixes")
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds running requests get to finish on Ctrl-C before they are cancelled")
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: serving needs FastAPI and uvicorn ({exc}); pip install 'llamaforge[serve]'", file=sys.stderr)
         return 2
     for name, value in (("--max-batch-size", args.max_batch_size), ("--max-queue", args.max_queue),
-                        ("--prefill-chunk", args.prefill_chunk)):
+                        ("--prefill-budget", args.prefill_budget)):
         if value < 1:
             print(f"error: {name} must be at least 1, got {value}", file=sys.stderr)
             return 2
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("llamaforge").setLevel(logging.INFO)
     app = create_app(
         llama, model_name=args.served_model_name, api_key=args.api_key, n_slots=args.max_batch_size,
-        max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, prefix_reuse=not args.no_prefix_reuse,
+        max_queue=args.max_queue, prefill_budget=args.prefill_budget, prefix_reuse=not args.no_prefix_reuse,
     )
     print(f"llamaforge: serving {app.state.model_name} on http://{args.host}:{args.port} "
           f"(chat page at /, OpenAI API at /v1)", flush=True)

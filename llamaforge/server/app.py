@@ -110,7 +110,7 @@ def create_app(
     api_key: Optional[str] = None,
     n_slots: Optional[int] = None,
     max_queue: int = 64,
-    prefill_chunk: int = 256,
+    prefill_budget: int = 256,
     prefix_reuse: bool = True,
     max_body_bytes: int = DEFAULT_MAX_BODY,
 ) -> FastAPI:
@@ -122,7 +122,7 @@ def create_app(
         api_key: when set, /v1 routes and /tokenize need `Authorization: Bearer <api_key>`.
         n_slots: sequences decoded together (KV cache slots); default `llama.max_batch_size`.
         max_queue: requests that may wait for a slot before new ones get 429.
-        prefill_chunk: most prompt tokens computed per engine step.
+        prefill_budget: most prompt tokens computed per engine step (in canonical chunks of 64).
         prefix_reuse: reuse cached keys/values of shared prompt prefixes.
         max_body_bytes: larger request bodies get 413.
     """
@@ -131,7 +131,7 @@ def create_app(
     names = {name} | ({str(source), source.name} if source else set())
     engine = Engine(llama.model, llama.tokenizer, n_slots=n_slots or llama.max_batch_size,
                     max_seq_len=llama.max_seq_len, device=llama.device, max_queue=max_queue,
-                    prefill_chunk=prefill_chunk, prefix_reuse=prefix_reuse)
+                    prefill_budget=prefill_budget, prefix_reuse=prefix_reuse)
     stop_ids = frozenset(llama.tokenizer.stop_ids) | frozenset(llama.chat_format.stop_ids)
     grammar = GrammarCompiler(llama.tokenizer, llama.model.args.vocab_size, stop_ids)
     prep = Preparer(tokenizer=llama.tokenizer, chat_format=llama.chat_format, max_seq_len=llama.max_seq_len,

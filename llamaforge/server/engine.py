@@ -6,13 +6,23 @@ the API layer checks `prompt + max_tokens <= max_seq_len`, so an admitted reques
 cache mid-way). Each loop iteration
 1. applies cancellations (a client went away: its slots are free at once) and runs embedding jobs;
 2. admits waiting jobs, reusing cached prefixes (`server/slots.py`);
-3. computes up to `prefill_chunk` prompt tokens of the jobs being prefilled (chunked, so a long
-   prompt never stalls the others for long); a job whose prompt is done samples its first tokens;
+3. computes up to `prefill_budget` prompt tokens of the jobs being prefilled, so a long prompt never
+   stalls the others for long; a job whose prompt is done samples its first tokens;
 4. runs one decode step for every running sequence together: each row names its slot and its own
    position, so sequences of different lengths, sampling settings and ages share one forward.
-Prefill runs one request at a time (batch 1) and decode rows are independent, so a request's greedy
-tokens are the same alone or in any batch. Results go back through each job's `sink` callback (called
-on the engine thread); nothing a request does can stop the loop: failures end that request only.
+Results go back through each job's `sink` callback (called on the engine thread); nothing a request
+does can stop the loop: failures end that request only.
+
+Batching changes speed, never results. A row's numbers must not depend on the other rows, which
+matters doubly with llama.cpp-style kernels that quantize activations to int8 (a rounding flip turns a
+1e-7 difference into a different token). So:
+- prefill runs one request at a time (batch 1) in canonical chunks: positions [0, C), [C, 2C), ...
+  with C = `chunk`, each attending over exactly the positions up to its end, whatever else runs;
+- a decode step attends over `kv_len` rounded up to a multiple of `KV_ALIGN` (64): past that, more
+  masked positions leave a row's attention bit-for-bit unchanged (checked by the tests), so a row's
+  result does not depend on the longest row in the batch;
+- prefix reuse only takes whole canonical chunks of earlier prompts (not generated tokens, whose keys
+  were computed by decode steps), so a reused prefix holds exactly the values a fresh prefill computes.
 """
 
 from __future__ import annotations
@@ -35,6 +45,12 @@ from llamaforge.server.slots import SlotPool
 from llamaforge.server.text import TextStream
 
 log = logging.getLogger("llamaforge.server")
+
+KV_ALIGN = 64  # decode steps attend over a multiple of this many positions
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 __all__ = ["Engine", "Job", "Delta", "Finish", "PromptDone", "Failure", "Event", "QueueFull", "EngineClosed",
            "wait_idle"]
@@ -79,7 +95,8 @@ class Engine:
         max_seq_len: int,
         device: torch.device,
         max_queue: int = 64,
-        prefill_chunk: int = 256,
+        prefill_budget: int = 256,
+        chunk: int = 64,
         prefix_reuse: bool = True,
     ):
         self.model = model
@@ -87,12 +104,15 @@ class Engine:
         self.device = device
         self.max_seq_len = max_seq_len
         self.max_queue = max_queue
-        self.prefill_chunk = prefill_chunk
+        self.chunk = chunk
+        self.prefill_budget = max(prefill_budget, chunk)
         self.prefix_reuse = prefix_reuse
         self.vocab_size = model.args.vocab_size
         dtype = model.norm.weight.dtype
-        self.cache = KVCache.for_model(model.args, n_slots, max_seq_len, dtype=dtype, device=device)
-        self.pool = SlotPool(self.cache)
+        # Positions past max_seq_len are never written; they let kv_len round up to KV_ALIGN.
+        cache_len = _round_up(max_seq_len, KV_ALIGN)
+        self.cache = KVCache.for_model(model.args, n_slots, cache_len, dtype=dtype, device=device)
+        self.pool = SlotPool(self.cache, granule=chunk)
         self._lock = threading.Condition()
         self._waiting: deque[tuple[Job, Sink]] = deque()
         self._cancelled: set[int] = set()
@@ -232,45 +252,55 @@ class Engine:
         self._prefilling.append(act)
 
     def _prefill_step(self) -> None:
-        budget = self.prefill_chunk
+        """Compute prompt chunks, first come first served, until the step's budget is spent."""
+        budget = self.prefill_budget
         for act in list(self._prefilling):
-            if budget <= 0:
-                break
-            job = act.job
             try:
-                start = act.next_pos
-                end = min(len(job.prompt), start + budget)
-                primary = act.slots[0]
-                tokens = torch.tensor([job.prompt[start:end]], dtype=torch.long, device=self.device)  # (1, T)
-                want_all = job.prompt_logprobs is not None
-                logits = self.model(
-                    tokens, torch.arange(start, end, device=self.device), self.cache,
-                    slots=torch.tensor([primary], device=self.device), kv_len=end, last_only=not want_all,
-                )[0]  # (T or 1, V)
-                self.pool.extend(primary, job.prompt[start:end])
-                budget -= end - start
-                act.next_pos = end
-                if want_all:
-                    # logits[j] predicts prompt[start + j + 1]; the first prompt token has no logprob.
-                    infos = prompt_logprob_info(logits, job.prompt[start:end + 1], job.prompt_logprobs)
-                    act.prompt_infos.extend(infos if start == 0 else infos[1:])
-                if end < len(job.prompt):
-                    continue
-                self._prefilling.remove(act)
-                self._send(act, PromptDone(act.cached, act.prompt_infos if want_all else None))
-                for seq in act.seqs:
-                    if seq.slot != primary:
-                        self.pool.copy_prefix(primary, seq.slot, len(job.prompt))
-                    seq.pos = len(job.prompt)
-                if job.max_tokens == 0:
-                    for seq in act.seqs:
-                        self._finish(seq, "length")
-                    continue
-                last = logits[-1:].expand(len(act.seqs), -1)  # (n, V): every choice starts from it
-                self._take_tokens(act.seqs, last)
+                while budget > 0 and act in self._prefilling:
+                    budget -= self._prefill_chunk(act)
             except Exception as exc:
                 log.exception("prefill failed")
                 self._fail(act, 500, f"prefill failed: {exc}")
+            if budget <= 0:
+                break
+
+    def _prefill_chunk(self, act: _Active) -> int:
+        """One canonical chunk [start, start + C) (start is a multiple of C); returns its length."""
+        job = act.job
+        start = act.next_pos
+        end = min(len(job.prompt), start + self.chunk)
+        primary = act.slots[0]
+        tokens = torch.tensor([job.prompt[start:end]], dtype=torch.long, device=self.device)  # (1, T)
+        want_all = job.prompt_logprobs is not None
+        logits = self.model(
+            tokens, torch.arange(start, end, device=self.device), self.cache,
+            slots=torch.tensor([primary], device=self.device), kv_len=end, last_only=not want_all,
+        )[0]  # (T or 1, V)
+        if end - start == self.chunk:  # only whole chunks are reusable bit for bit
+            self.pool.extend(primary, job.prompt[start:end])
+        act.next_pos = end
+        if want_all:
+            # logits[j] predicts prompt[start + j + 1]; the first prompt token has no logprob.
+            infos = prompt_logprob_info(logits, job.prompt[start:end + 1], job.prompt_logprobs)
+            act.prompt_infos.extend(infos if start == 0 else infos[1:])
+        if end == len(job.prompt):
+            self._prompt_done(act, logits[-1:])
+        return end - start
+
+    def _prompt_done(self, act: _Active, last_logits: torch.Tensor) -> None:
+        """The prompt is in the cache: copy it to the sibling slots and sample every choice's first token."""
+        job = act.job
+        self._prefilling.remove(act)
+        self._send(act, PromptDone(act.cached, act.prompt_infos if job.prompt_logprobs is not None else None))
+        for seq in act.seqs:
+            if seq.slot != act.slots[0]:
+                self.pool.copy_prefix(act.slots[0], seq.slot, len(job.prompt))
+            seq.pos = len(job.prompt)
+        if job.max_tokens == 0:
+            for seq in act.seqs:
+                self._finish(seq, "length")
+            return
+        self._take_tokens(act.seqs, last_logits.expand(len(act.seqs), -1))  # (n, V): every choice starts here
 
     def _decode_step(self) -> None:
         seqs = [s for s in self._decoding if not s.done]
@@ -279,7 +309,7 @@ class Engine:
         tokens = torch.tensor([[s.last] for s in seqs], dtype=torch.long, device=self.device)  # (B, 1)
         pos = torch.tensor([[s.pos] for s in seqs], dtype=torch.long, device=self.device)  # (B, 1)
         slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=self.device)  # (B,)
-        kv_len = max(s.pos for s in seqs) + 1
+        kv_len = min(_round_up(max(s.pos for s in seqs) + 1, KV_ALIGN), self.cache.max_seq_len)
         try:
             logits = self.model(tokens, pos, self.cache, slots=slots, kv_len=kv_len, last_only=True)[:, -1]
         except Exception as exc:
@@ -289,7 +319,6 @@ class Engine:
             return
         self.steps += 1
         for s in seqs:
-            self.pool.extend(s.slot, [s.last])
             s.pos += 1
         self._take_tokens(seqs, logits)
 

@@ -1,6 +1,8 @@
 """The server's view of the KV cache's slot pool: who holds which slot, and what each slot has cached.
 
-Every slot remembers the tokens whose keys and values it holds, also after its sequence has finished.
+Every slot remembers the prompt tokens whose keys and values it holds as whole canonical prefill
+chunks (multiples of `granule`; see `server/engine.py` for why only those), also after its sequence
+has finished.
 A new request takes the free slot that already holds the longest prefix of its prompt (a shared system
 prompt, the earlier turns of a chat), and when another slot - free or still running - holds a longer
 one, that prefix is copied into the chosen slot (one tensor copy within the cache), so only the rest of
@@ -38,8 +40,9 @@ class PoolStats:
 class SlotPool:
     """Assignment of cache slots to sequences, with prefix reuse."""
 
-    def __init__(self, cache: KVCache):
+    def __init__(self, cache: KVCache, granule: int = 1):
         self.cache = cache
+        self.granule = granule  # reused prefixes are whole multiples of this (canonical prefill chunks)
         self.n_slots = cache.n_slots
         self.cached: list[list[int]] = [[] for _ in range(self.n_slots)]
         self.busy = [False] * self.n_slots
@@ -63,15 +66,16 @@ class SlotPool:
         if len(free) < n:
             raise RuntimeError(f"asked for {n} slots with {len(free)} free")  # the engine checks first
         limit = max(0, len(prompt) - 1)
-        lcp = [common_prefix_len(self.cached[i], prompt) if reuse else 0 for i in range(self.n_slots)]
-        best_free = max(free, key=lambda i: (lcp[i], -self.last_used[i]))
-        source = max(range(self.n_slots), key=lambda i: lcp[i])
-        if lcp[best_free] > 0 and lcp[best_free] >= lcp[source]:
-            primary, cached_len = best_free, min(lcp[best_free], limit)
+        usable = [self._usable(common_prefix_len(self.cached[i], prompt), limit) if reuse else 0
+                  for i in range(self.n_slots)]
+        best_free = max(free, key=lambda i: (usable[i], -self.last_used[i]))
+        source = max(range(self.n_slots), key=lambda i: usable[i])
+        if usable[best_free] > 0 and usable[best_free] >= usable[source]:
+            primary, cached_len = best_free, usable[best_free]
         else:
             # Keep the useful caches: take the least recently used free slot, copy the prefix in.
-            primary = min(free, key=lambda i: (self.last_used[i], lcp[i]))
-            cached_len = min(lcp[source], limit)
+            primary = min(free, key=lambda i: (self.last_used[i], usable[i]))
+            cached_len = usable[source]
             if cached_len > 0 and source != primary:
                 self.copy_prefix(source, primary, cached_len)
                 self.stats.copies += 1
@@ -84,6 +88,9 @@ class SlotPool:
         self.stats.prompt_tokens += len(prompt)
         self.stats.reused_tokens += cached_len
         return slots, cached_len
+
+    def _usable(self, lcp: int, limit: int) -> int:
+        return (min(lcp, limit) // self.granule) * self.granule
 
     def copy_prefix(self, src: int, dst: int, length: int) -> None:
         """Copy the keys and values of positions [0, length) from slot src to slot dst."""
