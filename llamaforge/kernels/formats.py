@@ -52,8 +52,8 @@ QTYPES: dict[str, QType] = {
 QUANTIZABLE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 
 # Formats the C++ kernels repack into the "x8" layout (8 interleaved rows per block; see qx8.h):
-# name -> (bytes per super-block of 8 rows x 32 columns, offset of the quants in it).
-X8_FORMATS = {"Q4_0": (144, 16), "Q4_1": (160, 32), "Q8_0": (272, 16)}
+# name -> (columns per super-block, bytes per super-block of 8 rows).
+X8_FORMATS = {"Q4_0": (32, 144), "Q4_1": (32, 160), "Q8_0": (32, 272), "Q4_K": (256, 1184), "Q5_K": (256, 1440)}
 LAYOUTS = ("gguf", "x8")
 
 
@@ -211,27 +211,61 @@ def dequantize_torch(raw: torch.Tensor, qtype: str, in_features: int) -> torch.T
 
 def x8_shape(qtype: str, out_features: int, in_features: int) -> tuple[int, int]:
     """Shape of the x8 tensor holding a (out_features, in_features) weight of `qtype`."""
-    return (out_features + 7) // 8, in_features // 32 * X8_FORMATS[qtype][0]
+    cols, sb_bytes = X8_FORMATS[qtype]
+    return (out_features + 7) // 8, in_features // cols * sb_bytes
+
+
+def _x8_values(planes: torch.Tensor, fifth: torch.Tensor | None = None) -> torch.Tensor:
+    """Nibble planes (..., 4 j, 8 rows, 4 t) [+ fifth-bit planes (..., 8 rows, 4 t)] -> (..., 8 k, 8 rows, 4 t)."""
+    v = torch.cat([planes & 0x0F, planes >> 4], dim=-3)  # low nibble: k = j, high nibble: k = j + 4
+    if fifth is not None:
+        shifts = torch.arange(8, device=planes.device, dtype=torch.uint8).reshape(8, 1, 1)
+        v = v | (((fifth.unsqueeze(-3) >> shifts) & 1) << 4)
+    return v
+
+
+def _pack_scale_min_k4(sc: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
+    """Inverse of the Q4_K/Q5_K scale unpacking: (..., 8) six-bit scales and mins -> (..., 12) bytes."""
+    lo = (sc[..., :4] & 0x3F) | ((sc[..., 4:] >> 4) << 6)
+    mid = (mn[..., :4] & 0x3F) | ((mn[..., 4:] >> 4) << 6)
+    hi = (sc[..., 4:] & 0x0F) | ((mn[..., 4:] & 0x0F) << 4)
+    return torch.cat([lo, mid, hi], dim=-1)
 
 
 def x8_to_gguf(raw: torch.Tensor, qtype: str, out_features: int, in_features: int) -> torch.Tensor:
     """Undo the x8 repacking: x8 bytes -> GGUF bytes (out_features, bytes_per_row), on raw's device."""
-    sb_bytes, qoff = X8_FORMATS[qtype]
-    groups, nb = raw.shape[0], in_features // 32
-    sb = raw.reshape(groups, nb, sb_bytes)
-    scales = [sb[:, :, :16].reshape(groups, nb, 8, 2)]  # d of the 8 rows: (G, nb, row, 2 bytes)
-    if qtype == "Q4_1":
-        scales.append(sb[:, :, 16:32].reshape(groups, nb, 8, 2))  # m
-    if qtype == "Q8_0":
-        v = sb[:, :, qoff:].reshape(groups, nb, 8, 8, 4)  # (G, nb, k, row, t): column 4k+t
+    cols, sb_bytes = X8_FORMATS[qtype]
+    groups, nsb = raw.shape[0], in_features // cols
+    sb = raw.reshape(groups, nsb, sb_bytes)
+    d = sb[:, :, :16].reshape(groups, nsb, 8, 2).permute(0, 2, 1, 3)  # (G, row, nsb, 2 bytes)
+    if qtype in ("Q4_K", "Q5_K"):
+        dmin = sb[:, :, 16:32].reshape(groups, nsb, 8, 2).permute(0, 2, 1, 3)
+        sc = sb[:, :, 32:96].reshape(groups, nsb, 8, 8).permute(0, 3, 1, 2)  # (G, row, nsb, sub)
+        mn = sb[:, :, 96:160].reshape(groups, nsb, 8, 8).permute(0, 3, 1, 2)
+        planes = sb[:, :, 160:1184].reshape(groups, nsb, 8, 4, 8, 4)  # (G, nsb, sub, j, row, t)
+        fifth = sb[:, :, 1184:].reshape(groups, nsb, 8, 8, 4) if qtype == "Q5_K" else None
+        v = _x8_values(planes, fifth)  # (G, nsb, sub, k, row, t)
+        v = v.permute(0, 4, 1, 2, 3, 5).reshape(groups, 8, nsb, 8, 32)  # (G, row, nsb, sub, column)
+        pairs = v.reshape(groups, 8, nsb, 4, 2, 32)  # sub-blocks 2i and 2i+1 share bytes
+        qs = ((pairs[..., 0, :] & 0x0F) | ((pairs[..., 1, :] & 0x0F) << 4)).reshape(groups, 8, nsb, 128)
+        parts = [d, dmin, _pack_scale_min_k4(sc, mn)]
+        if qtype == "Q5_K":
+            shifts = torch.arange(8, device=raw.device, dtype=torch.uint8).reshape(8, 1)
+            parts.append((((v >> 4) & 1) << shifts).sum(dim=-2, dtype=torch.uint8))  # (G, row, nsb, 32)
+        blocks = torch.cat([*parts, qs], dim=-1)
     else:
-        p = sb[:, :, qoff:].reshape(groups, nb, 4, 8, 4)  # (G, nb, j, row, t): low nibble k=j, high k=j+4
-        v = torch.cat([p & 0x0F, p >> 4], dim=2)  # (G, nb, k, row, t)
-    v = v.permute(0, 3, 1, 2, 4).reshape(groups, 8, nb, 32)  # (G, row, nb, column in block)
-    if qtype != "Q8_0":
-        v = v[..., :16] | (v[..., 16:] << 4)  # GGUF packing: columns e and e+16 share byte e
-    scales = [x.permute(0, 2, 1, 3) for x in scales]  # (G, row, nb, 2)
-    blocks = torch.cat([*scales, v], dim=-1)  # (G, row, nb, bytes per block)
+        scales = [d]
+        if qtype == "Q4_1":
+            scales.append(sb[:, :, 16:32].reshape(groups, nsb, 8, 2).permute(0, 2, 1, 3))  # m
+        qoff = 32 if qtype == "Q4_1" else 16
+        if qtype == "Q8_0":
+            v = sb[:, :, qoff:].reshape(groups, nsb, 8, 8, 4)  # (G, nsb, k, row, t): column 4k+t
+        else:
+            v = _x8_values(sb[:, :, qoff:].reshape(groups, nsb, 4, 8, 4))
+        v = v.permute(0, 3, 1, 2, 4).reshape(groups, 8, nsb, 32)  # (G, row, nsb, column in block)
+        if qtype != "Q8_0":
+            v = v[..., :16] | (v[..., 16:] << 4)  # GGUF packing: columns e and e+16 share byte e
+        blocks = torch.cat([*scales, v], dim=-1)  # (G, row, nsb, bytes per block)
     return blocks.reshape(groups * 8, -1)[:out_features]
 
 

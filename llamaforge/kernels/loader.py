@@ -33,7 +33,7 @@ import torch
 log = logging.getLogger("llamaforge.kernels")
 
 SOURCE = Path(__file__).with_name("qmatmul.cpp")
-HEADERS = ("qcommon.h", "qrows.h", "qx8.h")  # included by SOURCE
+HEADERS = ("qcommon.h", "qrows.h", "qx8.h", "qx8_tiles.h")  # included by SOURCE
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 ENV_BACKEND = "LLAMAFORGE_KERNELS"

@@ -3,9 +3,9 @@
 // Weights come in one of two layouts (the `layout` argument):
 //   0 "gguf": GGUF's own bytes, one row of blocks per output feature - every supported type
 //             (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K); kernels in qrows.h.
-//   1 "x8":   Q4_0/Q4_1/Q8_0 repacked at load time into groups of 8 interleaved rows (qx8.h),
-//             about 3x faster; same bytes per weight. On CPUs with AVX-512 VNNI (checked at run
-//             time) these use vpdpbusd on 256-bit vectors; the rest of the code is plain AVX2.
+//   1 "x8":   Q4_0/Q4_1/Q8_0/Q4_K/Q5_K repacked at load time into groups of 8 interleaved rows
+//             (qx8.h), 2-4x faster; same bytes per weight (+3% for K-quants). On CPUs with AVX-512
+//             VNNI (checked at run time) their tiles use vpdpbusd (qx8_tiles.h); all else is AVX2.
 // As in llama.cpp, each activation row is quantized to int8 in blocks of 32 (qcommon.h); a block's
 // dot product is an integer one (_mm256_maddubs_epi16 + _mm256_madd_epi16) scaled once in float.
 // Rows (or row groups) are split across threads with at::parallel_for (torch's OpenMP pool).
@@ -26,6 +26,21 @@
 #include "qrows.h"
 #include "qx8.h"
 
+// The x8 tiles twice: plain AVX2, and AVX-512 VNNI for CPUs that have it (chosen at run time).
+#define LFQ_TILE_NS tiles_avx2
+#define LFQ_TILE_VNNI 0
+#include "qx8_tiles.h"
+#undef LFQ_TILE_NS
+#undef LFQ_TILE_VNNI
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
+#define LFQ_TILE_NS tiles_vnni
+#define LFQ_TILE_VNNI 1
+#include "qx8_tiles.h"
+#undef LFQ_TILE_NS
+#undef LFQ_TILE_VNNI
+#pragma GCC pop_options
+
 namespace {
 
 using namespace lfq;
@@ -42,7 +57,8 @@ void check_weight(const at::Tensor& w, int64_t qt, int64_t N, int64_t K, int64_t
   TORCH_CHECK(K > 0 && K % ti.block == 0, "llamaforge kernels: in_features ", K, " is not a multiple of ", ti.block);
   const bool ok = layout == LAYOUT_GGUF
                       ? w.size(0) == N && w.size(1) == K / ti.block * ti.bytes
-                      : w.size(0) == (N + 7) / 8 && w.size(1) == K / 32 * x8_bytes(qt);
+                      : w.size(0) == (N + 7) / 8 && K % x8_format(qt).cols == 0 &&
+                            w.size(1) == K / x8_format(qt).cols * x8_format(qt).bytes;
   TORCH_CHECK(ok, "llamaforge kernels: weight bytes ", w.sizes(), " do not match shape (", N, ", ", K,
               ") in layout ", layout);
 }
@@ -100,8 +116,12 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t qt, int64_t
     const int64_t work = std::max<int64_t>(1, bpr * ((M + 3) / 4));
     if (layout == LAYOUT_X8) {
       const int64_t grain = std::max<int64_t>(1, (int64_t{96} << 10) / work);
+      const bool vnni = vnni_enabled();
       at::parallel_for(0, (N + 7) / 8, grain, [&](int64_t g0, int64_t g1) {
-        x8_dispatch(qt, wp, g0, g1, N, K, a, M, yp);
+        if (vnni)
+          tiles_vnni::dispatch(qt, wp, g0, g1, N, K, a, M, yp);
+        else
+          tiles_avx2::dispatch(qt, wp, g0, g1, N, K, a, M, yp);
       });
     } else {
       const int64_t grain = std::max<int64_t>(1, (int64_t{96} << 10) / work);
@@ -151,7 +171,7 @@ at::Tensor dequantize_rows(const at::Tensor& w, const at::Tensor& idx, int64_t q
 at::Tensor repack_x8(const at::Tensor& raw, int64_t qt, int64_t N, int64_t K) {
   check_weight(raw, qt, N, K, LAYOUT_GGUF);
   TORCH_CHECK(x8_supported(qt), "llamaforge kernels: no x8 layout for GGML type id ", qt);
-  const int64_t G = (N + 7) / 8, gbytes = K / 32 * x8_bytes(qt), bpr = raw.size(1);
+  const int64_t G = (N + 7) / 8, gbytes = K / x8_format(qt).cols * x8_format(qt).bytes, bpr = raw.size(1);
   at::Tensor out = at::empty({G, gbytes}, at::kByte);
   const uint8_t* rp = raw.data_ptr<uint8_t>();
   uint8_t* op = out.data_ptr<uint8_t>();
