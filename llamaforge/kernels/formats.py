@@ -53,7 +53,10 @@ QUANTIZABLE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 
 # Formats the C++ kernels repack into the "x8" layout (8 interleaved rows per block; see qx8.h):
 # name -> (columns per super-block, bytes per super-block of 8 rows).
-X8_FORMATS = {"Q4_0": (32, 144), "Q4_1": (32, 160), "Q8_0": (32, 272), "Q4_K": (256, 1184), "Q5_K": (256, 1440)}
+X8_FORMATS = {
+    "Q4_0": (32, 144), "Q4_1": (32, 160), "Q8_0": (32, 272), "Q4_K": (256, 1184), "Q5_K": (256, 1440),
+    "Q6_K": (256, 1680),
+}
 LAYOUTS = ("gguf", "x8")
 
 
@@ -238,7 +241,19 @@ def x8_to_gguf(raw: torch.Tensor, qtype: str, out_features: int, in_features: in
     groups, nsb = raw.shape[0], in_features // cols
     sb = raw.reshape(groups, nsb, sb_bytes)
     d = sb[:, :, :16].reshape(groups, nsb, 8, 2).permute(0, 2, 1, 3)  # (G, row, nsb, 2 bytes)
-    if qtype in ("Q4_K", "Q5_K"):
+    if qtype == "Q6_K":
+        scales = sb[:, :, 16:144].reshape(groups, nsb, 16, 8).permute(0, 3, 1, 2)  # (G, row, nsb, half)
+        v = _x8_values(sb[:, :, 144:1168].reshape(groups, nsb, 8, 4, 8, 4))  # low 4 bits (G, nsb, sub, k, row, t)
+        hi = sb[:, :, 1168:].reshape(groups, nsb, 8, 2, 1, 8, 4)  # (G, nsb, sub, k // 4, 1, row, t)
+        shifts = torch.arange(0, 8, 2, device=raw.device, dtype=torch.uint8).reshape(4, 1, 1)
+        v = v | (((hi >> shifts) & 3).reshape(groups, nsb, 8, 8, 8, 4) << 4)  # bits 4-5 of value k
+        v = v.permute(0, 4, 1, 2, 3, 5).reshape(groups, 8, nsb, 2, 2, 2, 32)  # (G, row, nsb, h, s, c, col)
+        # GGUF: ql[64h + 32c + e] = v[4h+c] low | v[4h+2+c] low << 4; qh[32h + e] = sum_s4 v[4h+s4] >> 4 << 2 s4
+        ql = ((v[:, :, :, :, 0] & 0x0F) | ((v[:, :, :, :, 1] & 0x0F) << 4)).reshape(groups, 8, nsb, 128)
+        v4 = v.reshape(groups, 8, nsb, 2, 4, 32)
+        qh = (((v4 >> 4) & 3) << shifts.reshape(4, 1)).sum(dim=-2, dtype=torch.uint8).reshape(groups, 8, nsb, 64)
+        blocks = torch.cat([ql, qh, scales, d], dim=-1)
+    elif qtype in ("Q4_K", "Q5_K"):
         dmin = sb[:, :, 16:32].reshape(groups, nsb, 8, 2).permute(0, 2, 1, 3)
         sc = sb[:, :, 32:96].reshape(groups, nsb, 8, 8).permute(0, 3, 1, 2)  # (G, row, nsb, sub)
         mn = sb[:, :, 96:160].reshape(groups, nsb, 8, 8).permute(0, 3, 1, 2)

@@ -86,17 +86,19 @@ inline void scale_min_k4(const uint8_t* q, uint8_t* sc, uint8_t* mn) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Activations: int8 blocks of 32 with a float scale d and s = d * sum(q).
+// Activations: int8 blocks of 32 with a float scale d, s = d * sum(q), and the integer sums of q
+// over each half of 16 (h, for Q6_K's per-16 scales).
 
 struct Act {
-  const int8_t* q;
-  const float* d;
-  const float* s;
+  const int8_t* q;   // (M, K)
+  const float* d;    // (M, nb)
+  const float* s;    // (M, nb)
+  const int32_t* h;  // (M, nb, 2)
   int64_t K;
   int64_t nb;
 };
 
-inline void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* d, float* s) {
+inline void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* d, float* s, int32_t* hs) {
   const int64_t nb = K / 32;
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -118,7 +120,10 @@ inline void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float
       __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, id), rnd));
       __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, id), rnd));
       __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, id), rnd));
-      const int32_t sum = hsum_i32(_mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)));
+      const int32_t half0 = hsum_i32(_mm256_add_epi32(i0, i1)), half1 = hsum_i32(_mm256_add_epi32(i2, i3));
+      const int32_t sum = half0 + half1;
+      hs[(m * nb + b) * 2] = half0;
+      hs[(m * nb + b) * 2 + 1] = half1;
       __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
       packed = _mm256_permutevar8x32_epi32(packed, perm);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + m * K + b * 32), packed);

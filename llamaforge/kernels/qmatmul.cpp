@@ -3,7 +3,7 @@
 // Weights come in one of two layouts (the `layout` argument):
 //   0 "gguf": GGUF's own bytes, one row of blocks per output feature - every supported type
 //             (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K); kernels in qrows.h.
-//   1 "x8":   Q4_0/Q4_1/Q8_0/Q4_K/Q5_K repacked at load time into groups of 8 interleaved rows
+//   1 "x8":   Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K repacked at load time into groups of 8 interleaved rows
 //             (qx8.h), 2-4x faster; same bytes per weight (+3% for K-quants). On CPUs with AVX-512
 //             VNNI (checked at run time) their tiles use vpdpbusd (qx8_tiles.h); all else is AVX2.
 // As in llama.cpp, each activation row is quantized to int8 in blocks of 32 (qcommon.h); a block's
@@ -106,11 +106,13 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t qt, int64_t
     const int64_t nb = K / 32;
     std::vector<int8_t> q(static_cast<size_t>(M * K));
     std::vector<float> d(static_cast<size_t>(M * nb)), s(static_cast<size_t>(M * nb));
+    std::vector<int32_t> hs(static_cast<size_t>(M * nb * 2));
     const float* xp = xf.data_ptr<float>();
     at::parallel_for(0, M, std::max<int64_t>(1, 32768 / K), [&](int64_t m0, int64_t m1) {
-      quantize_rows(xp + m0 * K, m1 - m0, K, q.data() + m0 * K, d.data() + m0 * nb, s.data() + m0 * nb);
+      quantize_rows(xp + m0 * K, m1 - m0, K, q.data() + m0 * K, d.data() + m0 * nb, s.data() + m0 * nb,
+                    hs.data() + m0 * nb * 2);
     });
-    const Act a{q.data(), d.data(), s.data(), K, nb};
+    const Act a{q.data(), d.data(), s.data(), hs.data(), K, nb};
     // Give each thread at least ~96 KiB of weight bytes times row tiles: waking the second thread
     // costs a few microseconds, more than a smaller share of the work saves.
     const int64_t work = std::max<int64_t>(1, bpr * ((M + 3) / 4));

@@ -1,8 +1,8 @@
 // The "x8" layout: eight weight rows interleaved per block of 32 columns, so that one integer dot
 // product yields the eight rows' results in the eight int32 lanes of a vector (no horizontal sums,
 // one float scaling per 8 rows) - the idea of llama.cpp's repacked CPU kernels. For Q4_0, Q4_1,
-// Q8_0 (super-block = 8 rows x 32 columns) and Q4_K, Q5_K (8 rows x 256 columns). Bytes per weight
-// are GGUF's (K-quants +3%: their packed 6-bit scales are stored unpacked); a last partial group
+// Q8_0 (super-block = 8 rows x 32 columns) and Q4_K, Q5_K, Q6_K (8 rows x 256 columns). Bytes per
+// weight are GGUF's (Q4_K/Q5_K +3%: their packed 6-bit scales are stored unpacked); a last partial group
 // of rows is zero-filled. The tensor is (ceil(N / 8), K / columns * bytes): a group's super-blocks
 // are contiguous.
 //
@@ -18,6 +18,9 @@
 //   Q4_K: d[8] f16 | dmin[8] f16 | sc[8 sub][8 rows] u8 | mn[8 sub][8 rows] u8 | 8 nibble planes
 //                                                                          (1184 bytes)
 //   Q5_K: as Q4_K, then 8 fifth-bit planes                                 (1440 bytes)
+//   Q6_K: d[8] f16 | sc[16 halves][8 rows] i8 | 8 nibble planes | 8 two-bit planes (1680 bytes)
+//         two-bit plane (64 bytes): bits 2(k % 4), 2(k % 4) + 1 of byte 32(k / 4) + 4r + t hold
+//         bits 4-5 of W_k(r, t); the 6-bit value minus 32 times the half's scale times d is w.
 #pragma once
 
 #include "qcommon.h"
@@ -36,6 +39,7 @@ inline X8Format x8_format(int64_t qt) {
     case T_Q8_0: return {32, 272};
     case T_Q4_K: return {256, 1184};
     case T_Q5_K: return {256, 1440};
+    case T_Q6_K: return {256, 1680};
     default: return {0, 0};
   }
 }
@@ -44,9 +48,10 @@ inline bool x8_supported(int64_t qt) { return x8_format(qt).cols > 0; }
 
 // Offsets inside a super-block of the quants of 32-column sub-block j, and of its fifth-bit plane.
 inline int64_t x8_qoff(int64_t qt, int64_t j) {
-  return qt == T_Q4_1 ? 32 : (qt == T_Q4_K || qt == T_Q5_K) ? 160 + 128 * j : 16;
+  return qt == T_Q4_1 ? 32 : (qt == T_Q4_K || qt == T_Q5_K) ? 160 + 128 * j : qt == T_Q6_K ? 144 + 128 * j : 16;
 }
-constexpr int64_t X8_QH_OFF = 1184;
+constexpr int64_t X8_QH_OFF = 1184;       // Q5_K fifth-bit planes (32 bytes per sub-block)
+constexpr int64_t X8_Q6_HI_OFF = 1168;    // Q6_K two-bit planes (64 bytes per sub-block)
 
 // The integer values of one GGUF block (32 for Q4_0/Q4_1/Q8_0, 256 for Q4_K/Q5_K), in column order.
 inline void gguf_block_values(int64_t qt, const uint8_t* blk, uint8_t* v) {
@@ -58,6 +63,14 @@ inline void gguf_block_values(int64_t qt, const uint8_t* blk, uint8_t* v) {
       v[e] = qs[e] & 0xF;
       v[e + 16] = qs[e] >> 4;
     }
+  } else if (qt == T_Q6_K) {
+    for (int h = 0; h < 2; ++h)
+      for (int s4 = 0; s4 < 4; ++s4)
+        for (int e = 0; e < 32; ++e) {
+          const int l = (blk[64 * h + 32 * (s4 & 1) + e] >> (4 * (s4 >> 1))) & 0xF;
+          const int hb = (blk[128 + 32 * h + e] >> (2 * s4)) & 3;
+          v[128 * h + 32 * s4 + e] = static_cast<uint8_t>(l | (hb << 4));
+        }
   } else {
     const bool five = qt == T_Q5_K;
     const uint8_t* qs = blk + (five ? 48 : 16);
@@ -79,9 +92,12 @@ inline void repack_x8_group(int64_t qt, const uint8_t* raw, int64_t bpr, int64_t
     std::memset(p, 0, f.bytes);
     for (int64_t r = 0; r < rows; ++r) {
       const uint8_t* blk = raw + r * bpr + sb * ti.bytes;
-      std::memcpy(p + 2 * r, blk, 2);                                            // d
-      if (qt == T_Q4_1 || kquant) std::memcpy(p + 16 + 2 * r, blk + 2, 2);     // m or dmin
-      if (kquant) {
+      const bool q6 = qt == T_Q6_K;
+      std::memcpy(p + 2 * r, blk + (q6 ? 208 : 0), 2);                                // d
+      if (qt == T_Q4_1 || (kquant && !q6)) std::memcpy(p + 16 + 2 * r, blk + 2, 2);  // m or dmin
+      if (q6) {
+        for (int hh = 0; hh < 16; ++hh) p[16 + 8 * hh + r] = blk[192 + hh];
+      } else if (kquant) {
         uint8_t sc[8], mn[8];
         scale_min_k4(blk + 4, sc, mn);
         for (int j = 0; j < 8; ++j) {
@@ -100,6 +116,9 @@ inline void repack_x8_group(int64_t qt, const uint8_t* raw, int64_t bpr, int64_t
             } else {
               q[32 * (k & 3) + 4 * r + t] |= static_cast<uint8_t>(k < 4 ? (val & 0xF) : (val & 0xF) << 4);
               if (qt == T_Q5_K) p[X8_QH_OFF + 32 * j + 4 * r + t] |= static_cast<uint8_t>(((val >> 4) & 1) << k);
+              if (q6)
+                p[X8_Q6_HI_OFF + 64 * j + 32 * (k / 4) + 4 * r + t] |=
+                    static_cast<uint8_t>(((val >> 4) & 3) << (2 * (k & 3)));
             }
           }
         }
@@ -115,12 +134,13 @@ inline void dequant_row_x8(int64_t qt, const uint8_t* w, int64_t n, int64_t K, f
   const uint8_t* g = w + (n / 8) * nsb * f.bytes;
   for (int64_t sb = 0; sb < nsb; ++sb) {
     const uint8_t* p = g + sb * f.bytes;
+    const bool q6 = qt == T_Q6_K, k45 = qt == T_Q4_K || qt == T_Q5_K;
     const float dd = fp16(p + 2 * r);
-    const float mm = (qt == T_Q4_1 || f.cols == 256) ? fp16(p + 16 + 2 * r) : 0.0f;
+    const float mm = (qt == T_Q4_1 || k45) ? fp16(p + 16 + 2 * r) : 0.0f;
     for (int64_t j = 0; j < f.cols / 32; ++j) {
       const uint8_t* q = p + x8_qoff(qt, j);
-      const float dl = f.cols == 256 ? dd * static_cast<float>(p[32 + 8 * j + r]) : 0.0f;
-      const float ml = f.cols == 256 ? mm * static_cast<float>(p[96 + 8 * j + r]) : 0.0f;
+      const float dl = k45 ? dd * static_cast<float>(p[32 + 8 * j + r]) : 0.0f;
+      const float ml = k45 ? mm * static_cast<float>(p[96 + 8 * j + r]) : 0.0f;
       for (int k = 0; k < 8; ++k) {
         for (int t = 0; t < 4; ++t) {
           float* o = out + sb * f.cols + 32 * j + 4 * k + t;
@@ -131,7 +151,11 @@ inline void dequant_row_x8(int64_t qt, const uint8_t* w, int64_t n, int64_t K, f
           const uint8_t byte = q[32 * (k & 3) + 4 * r + t];
           int val = k < 4 ? (byte & 0xF) : (byte >> 4);
           if (qt == T_Q5_K) val |= ((p[X8_QH_OFF + 32 * j + 4 * r + t] >> k) & 1) << 4;
-          if (qt == T_Q4_0)
+          if (q6) {
+            val |= ((p[X8_Q6_HI_OFF + 64 * j + 32 * (k / 4) + 4 * r + t] >> (2 * (k & 3))) & 3) << 4;
+            const float dh = dd * static_cast<float>(static_cast<int8_t>(p[16 + 8 * (2 * j + k / 4) + r]));
+            *o = dh * static_cast<float>(val - 32);
+          } else if (qt == T_Q4_0)
             *o = dd * static_cast<float>(val - 8);
           else if (qt == T_Q4_1)
             *o = dd * static_cast<float>(val) + mm;

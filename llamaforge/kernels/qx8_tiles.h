@@ -57,6 +57,46 @@ inline void dot_u(const uint8_t* q, const uint8_t* qh, const int8_t* const* xb, 
   }
 }
 
+// Q6_K: int32 lanes += dot products of a sub-block's 6-bit values (nibble plane + two-bit plane)
+// with MR activation blocks, the first 16 columns into sa, the last 16 into sb (their scales differ).
+template <int MR>
+inline void dot_q6(const uint8_t* q, const uint8_t* hp, const int8_t* const* xb, __m256i* sa, __m256i* sb) {
+  const __m256i lo4 = _mm256_set1_epi8(0x0F);
+  const __m256i three = _mm256_set1_epi8(3);
+  const __m256i ha = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(hp));
+  const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(hp + 32));
+#if !LFQ_TILE_VNNI
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i s16a[MR], s16b[MR];
+  for (int i = 0; i < MR; ++i) s16a[i] = s16b[i] = _mm256_setzero_si256();
+#endif
+  for (int j = 0; j < 4; ++j) {
+    const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * j));
+    const __m256i lo = _mm256_or_si256(
+        _mm256_and_si256(p, lo4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(ha, 2 * j), three), 4));
+    const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(p, 4), lo4),
+                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * j), three), 4));
+    for (int i = 0; i < MR; ++i) {
+#if LFQ_TILE_VNNI
+      sa[i] = _mm256_dpbusd_epi32(sa[i], lo, bcast4(xb[i] + 4 * j));
+      sb[i] = _mm256_dpbusd_epi32(sb[i], hi, bcast4(xb[i] + 16 + 4 * j));
+#else
+      s16a[i] = _mm256_add_epi16(s16a[i], _mm256_maddubs_epi16(lo, bcast4(xb[i] + 4 * j)));
+      s16b[i] = _mm256_add_epi16(s16b[i], _mm256_maddubs_epi16(hi, bcast4(xb[i] + 16 + 4 * j)));
+#endif
+    }
+#if !LFQ_TILE_VNNI
+    if (j & 1) {  // an int16 lane holds 2 products of 6-bit weights (2 * 2 * 63 * 127 < 2^15)
+      for (int i = 0; i < MR; ++i) {
+        sa[i] = _mm256_add_epi32(sa[i], _mm256_madd_epi16(s16a[i], ones));
+        sb[i] = _mm256_add_epi32(sb[i], _mm256_madd_epi16(s16b[i], ones));
+        s16a[i] = s16b[i] = _mm256_setzero_si256();
+      }
+    }
+#endif
+  }
+}
+
 // int32 lanes += 32-column dot products of an int8 plane (Q8_0) with MR activation blocks.
 template <int MR>
 inline void dot_s8(const uint8_t* q, const int8_t* const* xb, __m256i* s32) {
@@ -90,11 +130,17 @@ inline void dot_s8(const uint8_t* q, const int8_t* const* xb, __m256i* s32) {
 template <int64_t QT, int MR>
 inline void tile(const uint8_t* gw, int64_t nsb, const Act& a, int64_t m0, float* y, int64_t ldy, int64_t nvalid) {
   constexpr bool KQ = QT == T_Q4_K || QT == T_Q5_K;
-  constexpr int64_t SB = QT == T_Q4_0 ? 144 : QT == T_Q4_1 ? 160 : QT == T_Q8_0 ? 272 : QT == T_Q4_K ? 1184 : 1440;
+  constexpr int64_t SB = QT == T_Q4_0   ? 144
+                         : QT == T_Q4_1 ? 160
+                         : QT == T_Q8_0 ? 272
+                         : QT == T_Q4_K ? 1184
+                         : QT == T_Q5_K ? 1440
+                                        : 1680;
   __m256 acc[MR];
   const int8_t* xq[MR];
   const float* xd[MR];
   const float* xs[MR];
+  const int32_t* xh[MR];
   const int8_t* xb[MR];
   __m256i s32[MR];
   for (int i = 0; i < MR; ++i) {
@@ -102,11 +148,32 @@ inline void tile(const uint8_t* gw, int64_t nsb, const Act& a, int64_t m0, float
     xq[i] = a.q + (m0 + i) * a.K;
     xd[i] = a.d + (m0 + i) * a.nb;
     xs[i] = a.s + (m0 + i) * a.nb;
+    xh[i] = a.h + (m0 + i) * a.nb * 2;
   }
   for (int64_t sb = 0; sb < nsb; ++sb) {
     const uint8_t* p = gw + sb * SB;
     const __m256 dvec = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    if constexpr (!KQ) {
+    if constexpr (QT == T_Q6_K) {
+      __m256i s32b[MR];
+      for (int64_t j = 0; j < 8; ++j) {
+        const int64_t b = sb * 8 + j;
+        const __m256 sca = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 16 + 16 * j))));
+        const __m256 scb = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 24 + 16 * j))));
+        const __m256 dva = _mm256_mul_ps(dvec, sca), dvb = _mm256_mul_ps(dvec, scb);
+        for (int i = 0; i < MR; ++i) {
+          xb[i] = xq[i] + 32 * b;
+          s32[i] = s32b[i] = _mm256_setzero_si256();
+        }
+        dot_q6<MR>(p + 144 + 128 * j, p + 1168 + 64 * j, xb, s32, s32b);
+        for (int i = 0; i < MR; ++i) {  // the values are stored + 32: subtract 32 * sum(x) per half
+          const __m256i ia = _mm256_sub_epi32(s32[i], _mm256_set1_epi32(32 * xh[i][2 * b]));
+          const __m256i ib = _mm256_sub_epi32(s32b[i], _mm256_set1_epi32(32 * xh[i][2 * b + 1]));
+          const __m256 xdv = _mm256_set1_ps(xd[i][b]);
+          acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia), _mm256_mul_ps(dva, xdv), acc[i]);
+          acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ib), _mm256_mul_ps(dvb, xdv), acc[i]);
+        }
+      }
+    } else if constexpr (!KQ) {
       const int64_t b = sb;
       for (int i = 0; i < MR; ++i) {
         xb[i] = xq[i] + 32 * b;
@@ -186,6 +253,7 @@ inline void dispatch(int64_t qt, const uint8_t* w, int64_t g0, int64_t g1, int64
     case T_Q8_0: return groups<T_Q8_0>(w, g0, g1, N, K, a, M, y);
     case T_Q4_K: return groups<T_Q4_K>(w, g0, g1, N, K, a, M, y);
     case T_Q5_K: return groups<T_Q5_K>(w, g0, g1, N, K, a, M, y);
+    case T_Q6_K: return groups<T_Q6_K>(w, g0, g1, N, K, a, M, y);
     default: return;
   }
 }
