@@ -18,9 +18,11 @@ matters doubly with llama.cpp-style kernels that quantize activations to int8 (a
 1e-7 difference into a different token). So:
 - prefill runs one request at a time (batch 1) in canonical chunks: positions [0, C), [C, 2C), ...
   with C = `chunk`, each attending over exactly the positions up to its end, whatever else runs;
-- a decode step attends over `kv_len` rounded up to a multiple of `KV_ALIGN` (64): past that, more
-  masked positions leave a row's attention bit-for-bit unchanged (checked by the tests), so a row's
-  result does not depend on the longest row in the batch;
+- a decode step (`decode_logits`) attends over `kv_len` rounded up to a multiple of `KV_ALIGN` (64)
+  with PyTorch's math attention: past that length more masked positions leave a row's attention bit
+  for bit unchanged, and the math kernel computes each row alone (the fused CPU kernel splits work by
+  batch size and threads), so a row's result depends neither on the longest row nor on how many rows
+  run (checked by the tests; linear layers must be row-exact too, as the integer kernels are);
 - prefix reuse only takes whole canonical chunks of earlier prompts (not generated tokens, whose keys
   were computed by decode steps), so a reused prefix holds exactly the values a fresh prefill computes.
 """
@@ -36,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llamaforge.model.kv_cache import KVCache
 from llamaforge.model.transformer import Transformer
@@ -51,6 +54,14 @@ KV_ALIGN = 64  # decode steps attend over a multiple of this many positions
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+def decode_logits(model: Transformer, cache: KVCache, tokens: torch.Tensor, pos: torch.Tensor,
+                  slots: torch.Tensor) -> torch.Tensor:
+    """One decode step, batch-invariant: tokens, pos (B, 1) in slots (B,) -> last logits (B, V)."""
+    kv_len = min(_round_up(int(pos.max()) + 1, KV_ALIGN), cache.max_seq_len)
+    with sdpa_kernel(SDPBackend.MATH):
+        return model(tokens, pos, cache, slots=slots, kv_len=kv_len, last_only=True)[:, -1]
 
 __all__ = ["Engine", "Job", "Delta", "Finish", "PromptDone", "Failure", "Event", "QueueFull", "EngineClosed",
            "wait_idle"]
@@ -309,9 +320,8 @@ class Engine:
         tokens = torch.tensor([[s.last] for s in seqs], dtype=torch.long, device=self.device)  # (B, 1)
         pos = torch.tensor([[s.pos] for s in seqs], dtype=torch.long, device=self.device)  # (B, 1)
         slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=self.device)  # (B,)
-        kv_len = min(_round_up(max(s.pos for s in seqs) + 1, KV_ALIGN), self.cache.max_seq_len)
         try:
-            logits = self.model(tokens, pos, self.cache, slots=slots, kv_len=kv_len, last_only=True)[:, -1]
+            logits = decode_logits(self.model, self.cache, tokens, pos, slots)
         except Exception as exc:
             log.exception("decode step failed")
             for act in {id(s.job): s.job for s in seqs}.values():
