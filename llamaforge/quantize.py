@@ -55,7 +55,7 @@ class QuantizedLinear(nn.Module):
     """`y = x @ W.T + b` with W held as GGUF blocks in the uint8 buffer `qweight`.
 
     `layout` says how the bytes are arranged: "gguf" (as in the file, (out_features, bytes_per_row))
-    or "x8" (Q4_0/Q4_1/Q8_0 repacked for the C++ kernels; `gguf_bytes()` gives the file's bytes back).
+    or "x8" (all but Q5_0/Q5_1, repacked for the C++ kernels; `gguf_bytes()` gives the file's bytes back).
     forward(x) takes x (..., in_features) in float32, bfloat16 or float16 and returns the same dtype.
     """
 
@@ -80,7 +80,7 @@ class QuantizedLinear(nn.Module):
             bias: optional float (out_features,), kept as a Parameter.
             backend: "auto" (C++ kernels on CPU where available) or "torch" (always dequantize).
             layout: "gguf", or "x8" for bytes already repacked by `llamaforge.kernels.repack`. With
-                backend "auto", GGUF bytes of Q4_0/Q4_1/Q8_0 are repacked to "x8" when the C++
+                backend "auto", GGUF bytes of any type but Q5_0/Q5_1 are repacked to "x8" when the C++
                 kernels are available (same size, ~3x faster).
         """
         super().__init__()

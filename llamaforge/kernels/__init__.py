@@ -5,8 +5,8 @@ straight from the blocks: on a CPU that can run them with the C++ kernels (int8 
 integer dot products, ~1e-2 relative error of the output norm), elsewhere by dequantizing in
 PyTorch (exact up to matmul rounding). `dequantize` / `dequantize_rows` are exact everywhere.
 
-Weights are held in one of two layouts: "gguf" (the file's bytes, every type) or "x8" (Q4_0,
-Q4_1 and Q8_0 repacked by `repack` into groups of 8 interleaved rows for the C++ kernels, ~3x
+Weights are held in one of two layouts: "gguf" (the file's bytes, every type) or "x8" (all types
+but Q5_0/Q5_1, repacked by `repack` into groups of 8 interleaved rows for the C++ kernels, 2-4x
 faster, same size). The layers built on these live in `llamaforge.quantize`.
 """
 

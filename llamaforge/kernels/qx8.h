@@ -53,7 +53,7 @@ inline int64_t x8_qoff(int64_t qt, int64_t j) {
 constexpr int64_t X8_QH_OFF = 1184;       // Q5_K fifth-bit planes (32 bytes per sub-block)
 constexpr int64_t X8_Q6_HI_OFF = 1168;    // Q6_K two-bit planes (64 bytes per sub-block)
 
-// The integer values of one GGUF block (32 for Q4_0/Q4_1/Q8_0, 256 for Q4_K/Q5_K), in column order.
+// The integer values of one GGUF block (32 for Q4_0/Q4_1/Q8_0, 256 for the K-quants), in column order.
 inline void gguf_block_values(int64_t qt, const uint8_t* blk, uint8_t* v) {
   if (qt == T_Q8_0) {
     std::memcpy(v, blk + 2, 32);
