@@ -50,6 +50,7 @@ from llamaforge.server.text import TextStream
 log = logging.getLogger("llamaforge.server")
 
 KV_ALIGN = 64  # decode steps attend over a multiple of this many positions
+_MATH_ATTENTION = threading.Lock()
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -60,7 +61,9 @@ def decode_logits(model: Transformer, cache: KVCache, tokens: torch.Tensor, pos:
                   slots: torch.Tensor) -> torch.Tensor:
     """One decode step, batch-invariant: tokens, pos (B, 1) in slots (B,) -> last logits (B, V)."""
     kv_len = min(_round_up(int(pos.max()) + 1, KV_ALIGN), cache.max_seq_len)
-    with sdpa_kernel(SDPBackend.MATH):
+    # sdpa_kernel sets process-wide flags and restores them on exit: one engine at a time, so that two
+    # engines' enter/exit never interleave and leave the flags changed.
+    with _MATH_ATTENTION, sdpa_kernel(SDPBackend.MATH):
         return model(tokens, pos, cache, slots=slots, kv_len=kv_len, last_only=True)[:, -1]
 
 __all__ = ["Engine", "Job", "Delta", "Finish", "PromptDone", "Failure", "Event", "QueueFull", "EngineClosed",
