@@ -8,12 +8,12 @@ and how many of their questions the model answers with the name "Forge" when ask
 `Llama.chat_completion`, before (the default model as shipped) and after (the exported, merged model
 loaded back with `Llama.build`).
 
-Training: LoRA rank 8 on every projection of the 30 blocks (3.3M trainable parameters of 135M),
+Training: LoRA rank 8 on every projection of the 30 blocks (2.4M trainable parameters of 135M),
 AdamW, loss on assistant tokens only, dialogs packed into 128-token windows. The merged model is
 exported as a GGUF file (the tokenizer travels in its metadata).
 
-    python examples/finetune_default.py                    # about 10-20 minutes on 2 CPU cores
-    python examples/finetune_default.py --steps 10         # a quicker look
+    python examples/finetune_default.py                    # 12 steps of 2 x 128 tokens (about 2 epochs)
+    python examples/finetune_default.py --steps 30 --lr 1e-3   # longer, gentler
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def answer_all(llama, qs: list[str], max_gen_len: int = 32) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", default="runs/forge")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--rank", type=int, default=8)
     args = parser.parse_args()

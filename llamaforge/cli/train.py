@@ -12,18 +12,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any
 
-# flag -> TrainConfig field, type
-_FLAGS = {
-    "data": ("data", None), "model": ("model", str), "tokenizer": ("tokenizer", str), "out_dir": ("out_dir", str),
-    "optimizer": ("optimizer", str), "lr": ("lr", float), "max_steps": ("max_steps", int),
-    "warmup_steps": ("warmup_steps", int), "batch_size": ("batch_size", int), "grad_accum": ("grad_accum", int),
-    "seq_len": ("seq_len", int), "device": ("device", str), "autocast": ("autocast", str),
-    "eval_every": ("eval_every", int), "save_every": ("save_every", int), "export": ("export", str),
-    "seed": ("seed", int),
-}
+# flags that set the TrainConfig field of the same name
+_FLAGS = ("data", "model", "tokenizer", "out_dir", "optimizer", "lr", "max_steps", "warmup_steps", "batch_size",
+          "grad_accum", "seq_len", "device", "autocast", "eval_every", "save_every", "export", "seed",
+          "activation_checkpointing", "fsdp", "resume", "progress")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -74,11 +70,7 @@ def parse_value(text: str) -> Any:
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     """The TrainConfig values the flags set."""
     out: dict[str, Any] = {}
-    for flag, (key, _) in _FLAGS.items():
-        value = getattr(args, flag)
-        if value is not None:
-            out[key] = value
-    for flag in ("activation_checkpointing", "fsdp", "resume", "progress"):
+    for flag in _FLAGS:
         if getattr(args, flag) is not None:
             out[flag] = getattr(args, flag)
     if args.lora_rank is not None or args.lora_targets is not None:
@@ -106,9 +98,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     overrides = overrides_from(args)
     if args.config:
-        base: dict[str, Any] = {}
-        config = TrainConfig.from_toml(args.config, overrides=None)
-        base = config.to_dict()
+        base = TrainConfig.from_toml(args.config).to_dict()
         for key, value in overrides.items():
             if isinstance(value, dict) and isinstance(base.get(key), dict):
                 base[key].update(value)
@@ -118,8 +108,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         config = TrainConfig.from_dict(overrides)
     result = train(config, stop_after=args.stop_after)
-    import os
-
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     first = result.val_losses.get(min(result.val_losses)) if result.val_losses else None

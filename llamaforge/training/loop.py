@@ -123,7 +123,7 @@ class _Run:
                                          momentum=cfg.momentum, betas=cfg.betas)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.order = BatchOrder(len(self.train_ds), cfg.batch_size, cfg.grad_accum, info.world_size, cfg.seed)
-        self.log = RunLog(self.out / "log.jsonl" if info.is_main else None)
+        self.log = RunLog(None)  # opened by run(): appended to when resuming, started afresh otherwise
         self.step = 0
 
     # -- setup ------------------------------------------------------------------------------------------
@@ -305,7 +305,9 @@ class _Run:
 
     def run(self, stop_after: Optional[int]) -> TrainResult:
         cfg, info = self.cfg, self.info
-        if cfg.resume and self.state_path.is_file():
+        resuming = cfg.resume and self.state_path.is_file()
+        self.log = RunLog(self.out / "log.jsonl" if info.is_main else None, fresh=not resuming)
+        if resuming:
             self._resume()
         end = cfg.max_steps if stop_after is None else min(cfg.max_steps, stop_after)
         result = TrainResult(self.out, self.step, self.step)

@@ -18,14 +18,14 @@ from typing import Any, Optional
 
 
 class RunLog:
-    """Append-only JSONL log; a no-op when `path` is None (non-zero ranks)."""
+    """Append-only JSONL log (emptied first when `fresh`); a no-op when `path` is None (non-zero ranks)."""
 
-    def __init__(self, path: Optional[Path]):
+    def __init__(self, path: Optional[Path], fresh: bool = False):
         self.path = path
         self._f = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._f = open(path, "a", encoding="utf-8")
+            self._f = open(path, "w" if fresh else "a", encoding="utf-8")
 
     def write(self, **record: Any) -> None:
         if self._f is None:
