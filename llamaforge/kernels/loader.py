@@ -1,7 +1,7 @@
 """Build-on-first-use loader for the C++ quantized matmul kernels (qmatmul.cpp).
 
 The extension is compiled once with `torch.utils.cpp_extension.load` (gcc, ninja) into a cache
-directory named after a hash of the sources (qmatmul.cpp and its headers), the compiler flags and the torch/Python versions, so a
+directory named after a hash of the sources (qmatmul.cpp, qkernels.cpp and their headers), the compiler flags and the torch/Python versions, so a
 new source or a new torch builds a new module and an unchanged one is imported straight from the
 cached .so without running the compiler. Where the kernels cannot run (no x86-64 AVX2/FMA/F16C,
 no compiler, a failed build, or LLAMAFORGE_KERNELS=torch in the environment), `get_extension()`
@@ -32,8 +32,9 @@ import torch
 
 log = logging.getLogger("llamaforge.kernels")
 
-SOURCE = Path(__file__).with_name("qmatmul.cpp")
-HEADERS = ("qcommon.h", "qrows.h", "qx8.h", "qx8_tiles.h")  # included by SOURCE
+SOURCE = Path(__file__).with_name("qmatmul.cpp")  # the Python bindings
+SOURCES = (SOURCE, SOURCE.with_name("qkernels.cpp"))  # two translation units, compiled in parallel
+HEADERS = ("qcommon.h", "qkernels.h", "qrows.h", "qx8.h", "qx8_tiles.h")
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 ENV_BACKEND = "LLAMAFORGE_KERNELS"
@@ -53,9 +54,9 @@ def default_cache_dir() -> Path:
 
 def extension_name() -> str:
     """Module name of the extension: changes whenever the source, flags, torch or Python change."""
-    h = hashlib.sha256(SOURCE.read_bytes())
-    for header in HEADERS:
-        h.update(SOURCE.with_name(header).read_bytes())
+    h = hashlib.sha256()
+    for path in (*SOURCES, *(SOURCE.with_name(header) for header in HEADERS)):
+        h.update(path.read_bytes())
     h.update(repr((CFLAGS, LDFLAGS, torch.__version__, sys.version_info[:2], platform.machine())).encode())
     return f"llamaforge_qmatmul_{h.hexdigest()[:16]}"
 
@@ -111,7 +112,7 @@ def build_extension(cache_dir: Optional[os.PathLike] = None, *, verbose: bool = 
     build_dir.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(
         name=name,
-        sources=[str(SOURCE)],
+        sources=[str(path) for path in SOURCES],
         extra_cflags=list(CFLAGS),
         extra_ldflags=list(LDFLAGS),
         build_directory=str(build_dir),

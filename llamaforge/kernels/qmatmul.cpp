@@ -13,7 +13,8 @@
 // with at::mm instead. dequantize* reproduce gguf-py's numpy dequantization bit for bit (the build
 // uses -ffp-contract=off so that no multiply-add is fused behind our back).
 
-// Only the torch headers needed (torch/extension.h would triple the compile time).
+// Only the torch headers needed (torch/extension.h would triple the compile time). The kernels
+// themselves are in qkernels.cpp, a torch-free translation unit that compiles in parallel.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -23,29 +24,12 @@
 #include <vector>
 
 #include "qcommon.h"
-#include "qrows.h"
+#include "qkernels.h"
 #include "qx8.h"
-
-// The x8 tiles twice: plain AVX2, and AVX-512 VNNI for CPUs that have it (chosen at run time).
-#define LFQ_TILE_NS tiles_avx2
-#define LFQ_TILE_VNNI 0
-#include "qx8_tiles.h"
-#undef LFQ_TILE_NS
-#undef LFQ_TILE_VNNI
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
-#define LFQ_TILE_NS tiles_vnni
-#define LFQ_TILE_VNNI 1
-#include "qx8_tiles.h"
-#undef LFQ_TILE_NS
-#undef LFQ_TILE_VNNI
-#pragma GCC pop_options
 
 namespace {
 
 using namespace lfq;
-
-constexpr int64_t LAYOUT_GGUF = 0, LAYOUT_X8 = 1;
 
 void check_weight(const at::Tensor& w, int64_t qt, int64_t N, int64_t K, int64_t layout) {
   const TypeInfo ti = type_info(qt);
@@ -61,13 +45,6 @@ void check_weight(const at::Tensor& w, int64_t qt, int64_t N, int64_t K, int64_t
                             w.size(1) == K / x8_format(qt).cols * x8_format(qt).bytes;
   TORCH_CHECK(ok, "llamaforge kernels: weight bytes ", w.sizes(), " do not match shape (", N, ", ", K,
               ") in layout ", layout);
-}
-
-void dequant_any(int64_t layout, int64_t qt, const uint8_t* w, int64_t bpr, int64_t n, int64_t K, float* out) {
-  if (layout == LAYOUT_X8)
-    dequant_row_x8(qt, w, n, K, out);
-  else
-    dequant_row(qt, w + n * bpr, K, out);
 }
 
 }  // namespace
@@ -121,14 +98,14 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t qt, int64_t
       const bool vnni = vnni_enabled();
       at::parallel_for(0, (N + 7) / 8, grain, [&](int64_t g0, int64_t g1) {
         if (vnni)
-          tiles_vnni::dispatch(qt, wp, g0, g1, N, K, a, M, yp);
+          matmul_x8_vnni(qt, wp, g0, g1, N, K, a, M, yp);
         else
-          tiles_avx2::dispatch(qt, wp, g0, g1, N, K, a, M, yp);
+          matmul_x8_avx2(qt, wp, g0, g1, N, K, a, M, yp);
       });
     } else {
       const int64_t grain = std::max<int64_t>(1, (int64_t{96} << 10) / work);
       at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-        matmul_dispatch(qt, wp, bpr, n0, n1, K, a, M, yp, N);
+        matmul_gguf(qt, wp, bpr, n0, n1, K, a, M, yp, N);
       });
     }
   }
