@@ -98,7 +98,9 @@ class QuantizedLinear(nn.Module):
         self._gemm_rows = kernels.gemm_rows(layout)
         self.register_buffer("qweight", qweight.contiguous(), persistent=False)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
-        self._ext = kernels.get_extension() if backend == "auto" else None
+        # Whether forward runs the C++ kernels on CPU inputs (the module object itself is looked up per
+        # call, so that layers can be deep-copied and pickled).
+        self.uses_kernels = backend == "auto" and kernels.get_extension() is not None
 
     @classmethod
     def from_gguf(
@@ -165,20 +167,19 @@ class QuantizedLinear(nn.Module):
         return cls(raw, first.qtype, raw.shape[0], first.in_features, bias, backend=first.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ext = self._ext
-        if ext is not None and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
+        if self.uses_kernels and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
             args = (x, self.qweight, self._type_id, self.out_features, self.in_features, self.bias,
                     self._gemm_rows, self._layout_id)
             if torch.compiler.is_compiling():
                 return torch.ops.llamaforge.qlinear(*args)
-            return ext.qlinear(*args)
+            return kernels.get_extension().qlinear(*args)
         if x.shape[-1] != self.in_features:
             raise ConfigError(f"input has {x.shape[-1]} features, this layer takes {self.in_features}")
         return kernels.qlinear(x, self.qweight, self.qtype, self.out_features, self.in_features, self.bias,
                                layout=self.layout, use_cpp=False)
 
     def extra_repr(self) -> str:
-        path = "cpp" if self._ext is not None else "torch"
+        path = "cpp" if self.uses_kernels else "torch"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype}, "
             f"layout={self.layout}, bias={self.bias is not None}, kernels={path}"

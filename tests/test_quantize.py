@@ -60,7 +60,7 @@ def ref_dequant(raw: np.ndarray, qtype: str) -> torch.Tensor:
 
 def check_forward(y: torch.Tensor, ref: torch.Tensor, layer: QuantizedLinear, rows: int) -> None:
     assert y.shape == ref.shape and y.dtype == ref.dtype
-    int8_path = layer._ext is not None and (rows < layer._gemm_rows or layer._gemm_rows == 0)
+    int8_path = layer.uses_kernels and (rows < layer._gemm_rows or layer._gemm_rows == 0)
     tol = INT8_REL_TOL if int8_path else EXACT_REL_TOL
     assert rel_err(y, ref) <= tol, (layer.qtype, rows, rel_err(y, ref), tol)
 
@@ -86,7 +86,7 @@ def test_forward_matches_linear(qtype: str, backend: str) -> None:
         raw = make_raw(qtype, out_f, in_f, seed=1)
         w = ref_dequant(raw, qtype)
         layer = QuantizedLinear.from_gguf(torch.from_numpy(raw), qtype, (out_f, in_f), backend=backend)
-        assert (layer._ext is not None) == (backend == "auto" and HAS_CPP)
+        assert layer.uses_kernels == (backend == "auto" and HAS_CPP)
         g = torch.Generator().manual_seed(0)
         # vector, every int8 row-tile remainder (1..5 rows), a (B, T) batch, and a prefill-sized input
         for shape in [(in_f,), (1, in_f), (2, in_f), (3, in_f), (5, in_f), (2, 3, in_f), (kernels.GEMM_MIN_ROWS + 3, in_f)]:
@@ -162,6 +162,19 @@ def test_concat_fuses_projections() -> None:
     assert rel_err(fused(x), parts) <= 1e-6  # same integer sums, same float operations per row
     with pytest.raises(ConfigError, match="cannot concatenate"):
         QuantizedLinear.concat([layers[0], QuantizedLinear.from_float(torch.randn(8, 128), "Q8_0")])
+
+
+def test_layers_deepcopy_and_save() -> None:
+    import copy
+    import io
+
+    layer = QuantizedLinear.from_float(torch.randn(16, 64), "Q8_0")
+    x = torch.randn(2, 64)
+    assert torch.equal(copy.deepcopy(layer)(x), layer(x))
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf, weights_only=False)(x), layer(x))
 
 
 def test_inputs_requiring_grad_take_the_exact_path() -> None:
