@@ -114,7 +114,9 @@ def weight_files(src: Path, bits: list[int], threads: int) -> dict[int, Path]:
     import ctypes
 
     import llama_cpp
+    from llama_cpp._logger import set_verbose
 
+    set_verbose(False)  # the quantizer logs every tensor otherwise
     folder = WORK / "models"
     folder.mkdir(parents=True, exist_ok=True)
     ftypes = {8: llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, 16: llama_cpp.LLAMA_FTYPE_MOSTLY_F16,
@@ -137,14 +139,27 @@ def weight_files(src: Path, bits: list[int], threads: int) -> dict[int, Path]:
 
 
 def prompts(model: Path, n: int, length: int) -> list[list[int]]:
-    """`n` prompts of exactly `length` token ids: windows of TEXT at different offsets (no BOS)."""
+    """`n` prompts of exactly `length` token ids (no BOS).
+
+    The first, which the batch-1 figures and the greedy comparison use, is a ChatML question about
+    TEXT (the default model is an instruct model: its answer is more decided than a continuation of
+    free text, so engines part later at near-ties). The others are windows of TEXT at different offsets.
+    """
     from llamaforge.tokenizer import Tokenizer
 
-    ids = Tokenizer.from_file(model).encode(TEXT)
-    stride = max(1, (len(ids) - length) // max(1, n - 1)) if len(ids) > length else 0
+    tok = Tokenizer.from_file(model)
+    head = tok.encode("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                      "<|im_end|>\n<|im_start|>user\nRead this, then answer the question after it.\n\n",
+                      allow_special=True)
+    tail = tok.encode("\n\nQuestion: what changed in Europe after the printing press? Answer in a few "
+                      "sentences.<|im_end|>\n<|im_start|>assistant\n", allow_special=True)
+    ids = tok.encode(TEXT)
+    first = head + ids[: max(0, length - len(head) - len(tail))] + tail
+    first = (first + ids * (1 + length // len(ids)))[:length]
+    stride = max(1, (len(ids) - length) // max(1, n - 2)) if len(ids) > length else 0
     if len(ids) < length + stride * (n - 1):
         ids = ids * (1 + (length + stride * (n - 1)) // len(ids))
-    return [ids[i * stride: i * stride + length] for i in range(n)]
+    return [first] + [ids[i * stride: i * stride + length] for i in range(n - 1)]
 
 
 def bandwidth(threads: int) -> dict:

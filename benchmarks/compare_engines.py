@@ -43,7 +43,14 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, MiB (getrusage: KiB on Linux)."""
+    """Peak resident set size of this process so far, MiB.
+
+    VmHWM of /proc/self/status, which starts afresh at exec; getrusage's ru_maxrss would not do: Linux
+    carries it over fork and exec, so it would start at compare.py's own resident size.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -280,6 +287,9 @@ def _versions(engine: str) -> dict:
 
 
 if __name__ == "__main__":
+    # benchmarks/ (this file's folder, sys.path[0]) holds a kernels.py that would shadow the `kernels`
+    # package transformers looks for; this process imports nothing from beside it
+    sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
     config = json.loads(sys.argv[1]) if sys.argv[1] != "-" else json.load(sys.stdin)
     try:
         result = run(config)

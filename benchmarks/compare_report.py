@@ -58,7 +58,7 @@ def render(meta: dict, cells: list[dict], decode: Callable[[list[int]], str]) ->
         "#### Batch 1",
         "",
         "| bits | engine | file → dtype | load s | prefill tok/s | decode tok/s | roofline tok/s | % of roofline "
-        "| weights read/token MiB | peak RSS MiB | RSS over imports MiB | over weights | load avg |",
+        "| weights read/token MiB | peak RSS MiB | RSS over imports: loaded / peak MiB | peak over weights | load avg |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for bits in bits_list:
@@ -74,10 +74,11 @@ def render(meta: dict, cells: list[dict], decode: Callable[[list[int]], str]) ->
             bound = bw["roofline_gbs"] * 1e9 / per_tok if per_tok else None
             over = c["peak_rss_b1_mb"] - c["rss_after_imports_mb"]
             out.append(
-                f"| {bits} | {e} | {c['file']} → {c['dtype']} | {_f(c['load_s'], '{:.2f}')} | "
+                f"| {bits} | {e} | {c['file'].split('.')[-2]} → {c['dtype']} | {_f(c['load_s'], '{:.2f}')} | "
                 f"{_f(b1['prefill_tok_s'], '{:.0f}')} | {_f(b1['decode_tok_s'])} | {_f(bound, '{:.0f}')} | "
                 f"{_f(100 * b1['decode_tok_s'] / bound if bound else None, '{:.0f}%')} | "
-                f"{_f(per_tok / MiB, '{:.0f}')} | {_f(c['peak_rss_b1_mb'], '{:.0f}')} | {_f(over, '{:.0f}')} | "
+                f"{_f(per_tok / MiB, '{:.0f}')} | {_f(c['peak_rss_b1_mb'], '{:.0f}')} | "
+                f"{_f(c['rss_after_load_mb'] - c['rss_after_imports_mb'], '{:.0f}')} / {_f(over, '{:.0f}')} | "
                 f"{_f(over * MiB / c['bytes_held'] if c['bytes_held'] else None, '{:.2f}x')} | "
                 f"{c['loadavg_start']:.1f}–{c['loadavg_end']:.1f} |"
             )
