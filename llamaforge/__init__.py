@@ -15,6 +15,8 @@ from llamaforge.errors import (
     GenerationError,
     LlamaforgeError,
     TokenizerError,
+    TrainingDiverged,
+    TrainingError,
 )
 
 __version__ = "0.1.0"
@@ -37,6 +39,8 @@ __all__ = [
     "GenerationError",
     "DeviceError",
     "ChatFormatError",
+    "TrainingError",
+    "TrainingDiverged",
 ]
 
 if TYPE_CHECKING:

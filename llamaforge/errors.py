@@ -37,3 +37,11 @@ class DeviceError(LlamaforgeError, RuntimeError):
 
 class ChatFormatError(LlamaforgeError, ValueError):
     """A dialog does not fit the model's chat format (roles out of order, no template)."""
+
+
+class TrainingError(LlamaforgeError, RuntimeError):
+    """A training run cannot go on (diverged loss, data or resume mismatch)."""
+
+
+class TrainingDiverged(TrainingError):
+    """The loss or the gradient norm became NaN or infinite; the weights were not updated with it."""

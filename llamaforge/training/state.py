@@ -18,18 +18,10 @@ from typing import Any
 
 import torch
 
-from llamaforge.errors import CheckpointError, LlamaforgeError
+from llamaforge.errors import CheckpointError, TrainingDiverged, TrainingError  # noqa: F401 (re-exported)
 
 STATE_VERSION = 1
 STATE_FILE = "checkpoint.pt"
-
-
-class TrainingError(LlamaforgeError, RuntimeError):
-    """A training run cannot go on (diverged loss, data or resume mismatch)."""
-
-
-class TrainingDiverged(TrainingError):
-    """The loss or the gradient norm became NaN or infinite; the weights were not updated with it."""
 
 
 def _fsync_dir(folder: Path) -> None:
