@@ -115,6 +115,12 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TokenizerError(f"encode() takes a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate ("\ud800") is not text any library can encode
+            raise TokenizerError(
+                f"cannot encode this text: {exc.reason} at position {exc.start}; it must be valid Unicode"
+            ) from None
         ids = self._backend.encode(text, allow_special)
         if bos:
             if self.bos_id is None:

@@ -563,3 +563,13 @@ def test_tokenizer_and_chat_do_not_import_torch() -> None:
     code = "import sys; sys.modules['torch'] = None; import llamaforge.tokenizer, llamaforge.chat"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_lone_surrogates_are_a_tokenizer_error(toks: dict[str, Tokenizer]) -> None:
+    for name, tok in toks.items():
+        try:
+            tok.encode("a\ud800b")
+        except TokenizerError:
+            continue
+        except Exception as exc:  # noqa: BLE001 - the point is which exception
+            raise AssertionError(f"{name}: {type(exc).__name__} instead of TokenizerError") from exc
