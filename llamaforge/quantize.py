@@ -18,7 +18,7 @@ LLAMAFORGE_KERNELS=torch, or inputs that require grad) is exact up to matmul rou
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Optional, Protocol, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -69,6 +69,7 @@ class QuantizedLinear(nn.Module):
         *,
         backend: str = "auto",
         layout: str = "gguf",
+        repack: bool = True,
     ) -> None:
         """Wrap quantized bytes; prefer `from_gguf` / `from_float`, which validate their input.
 
@@ -79,15 +80,16 @@ class QuantizedLinear(nn.Module):
             out_features, in_features: the float weight's shape.
             bias: optional float (out_features,), kept as a Parameter.
             backend: "auto" (C++ kernels on CPU where available) or "torch" (always dequantize).
-            layout: "gguf", or "x8" for bytes already repacked by `llamaforge.kernels.repack`. With
-                backend "auto", GGUF bytes of any type but Q5_0/Q5_1 are repacked to "x8" when the C++
-                kernels are available (same size, ~3x faster).
+            layout: "gguf", or "x8" for bytes already repacked by `llamaforge.kernels.repack`.
+            repack: with backend "auto", repack GGUF bytes of any type but Q5_0/Q5_1 to "x8" when the
+                C++ kernels are available: a copy of the same size, 2-4x faster kernels. False keeps
+                `qweight` itself (e.g. a view of a memory-mapped file: nothing copied).
         """
         super().__init__()
         info = kernels.qtype_info(qtype)
         self.backend = _check_backend(backend)
         qweight = _checked_bytes(qweight, info, out_features, in_features, layout)
-        if backend == "auto" and layout == "gguf":
+        if repack and backend == "auto" and layout == "gguf":
             qweight, layout = kernels.repack(qweight, info.name, out_features, in_features)
         self.qtype = info.name
         self.in_features = int(in_features)
@@ -111,6 +113,7 @@ class QuantizedLinear(nn.Module):
         bias: Optional[torch.Tensor] = None,
         *,
         backend: str = "auto",
+        repack: bool = True,
     ) -> "QuantizedLinear":
         """A layer over GGUF bytes `raw` (uint8 (out, bytes_per_row)) holding a weight of `shape` (out, in).
 
@@ -121,7 +124,7 @@ class QuantizedLinear(nn.Module):
         if not isinstance(raw, torch.Tensor):
             raw = torch.as_tensor(raw)
         out_features, in_features = kernels.check_raw(raw, info, shape)
-        return cls(raw, info.name, out_features, in_features, bias, backend=backend)
+        return cls(raw, info.name, out_features, in_features, bias, backend=backend, repack=repack)
 
     @classmethod
     def from_float(
@@ -294,6 +297,8 @@ def quantize_model(
     from_state: Mapping[str, QuantTensorLike],
     tie_output: Optional[bool] = None,
     backend: str = "auto",
+    repack: bool = True,
+    on_converted: Optional[Callable[[str, torch.Tensor], None]] = None,
 ) -> nn.Module:
     """Swap the model's Linear/Embedding modules whose weights arrive quantized; returns the model.
 
@@ -305,6 +310,12 @@ def quantize_model(
             bytes. None (default) does so when `output.weight` is `tok_embeddings.weight` and no
             quantized `output.weight` was given.
         backend: "auto" or "torch" (force the PyTorch path), passed to every new layer.
+        repack: repack bytes for the fast kernels (a copy; see QuantizedLinear). False keeps the
+            given tensors (zero-copy over a memory-mapped file, slower kernels).
+        on_converted: called as `on_converted(key, raw)` once the layer for `key` no longer needs
+            `raw` (it holds a repacked copy), so a loader can release the bytes, e.g.
+            madvise(MADV_DONTNEED) on its file mapping, and keep peak memory near one copy. Not
+            called for tensors the layer keeps using.
 
     Returns:
         The same model object, modified in place. A Linear bias that is still on the meta device
@@ -340,17 +351,23 @@ def quantize_model(
             if shape != (module.out_features, module.in_features):
                 raise ConfigError(f"quantized weight {key!r} has shape {shape}, module {name} expects "
                                   f"{(module.out_features, module.in_features)}")
-            new: nn.Module = QuantizedLinear.from_gguf(qt.raw, qt.qtype, shape, _float_bias(module), backend=backend)
+            new: nn.Module = QuantizedLinear.from_gguf(
+                qt.raw, qt.qtype, shape, _float_bias(module), backend=backend, repack=repack
+            )
         elif isinstance(module, nn.Embedding):
             if shape != (module.num_embeddings, module.embedding_dim):
                 raise ConfigError(f"quantized weight {key!r} has shape {shape}, module {name} expects "
                                   f"{(module.num_embeddings, module.embedding_dim)}")
             dtype = module.weight.dtype if module.weight.dtype.is_floating_point else torch.float32
-            new = QuantizedEmbedding.from_gguf(qt.raw, qt.qtype, shape, dtype=dtype, repack=backend == "auto")
+            new = QuantizedEmbedding.from_gguf(
+                qt.raw, qt.qtype, shape, dtype=dtype, repack=repack and backend == "auto"
+            )
         else:
             raise ConfigError(f"quantized weight {key!r} belongs to {name} ({type(module).__name__}); only nn.Linear "
                               "and nn.Embedding modules can be quantized")
         replaced[name] = new
+        if on_converted is not None and new.qweight.data_ptr() != qt.raw.data_ptr():
+            on_converted(key, qt.raw)
     for name, new in replaced.items():
         _set_module(model, name, new)
     if tied:
