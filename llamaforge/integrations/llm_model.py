@@ -107,12 +107,21 @@ class LlamaforgeLLM:
             raise ConfigError("system_prompt needs chat=true: a raw text completion has no system message")
         if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
+        self.generation = check_generation_config(config)
+        if max_seq_len is not None and (
+            isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1
+        ):
+            raise ConfigError(f"max_seq_len must be a positive integer or null, got {max_seq_len!r}")
+        if max_seq_len is not None and max_seq_len <= self.generation["max_gen_len"]:
+            raise ConfigError(
+                f"max_seq_len={max_seq_len} leaves no room for a prompt with max_gen_len="
+                f"{self.generation['max_gen_len']}; raise max_seq_len or lower config.max_gen_len"
+            )
         self.model_path = model
         self.device = device
         self.dtype = dtype
         self.max_seq_len = max_seq_len
         self.max_batch_size = max_batch_size
-        self.generation = check_generation_config(config)
         self.chat = chat
         self.system_prompt = system_prompt
         self._llama = llama
