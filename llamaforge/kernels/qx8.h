@@ -82,7 +82,8 @@ inline void gguf_block_values(int64_t qt, const uint8_t* blk, uint8_t* v) {
 }
 
 // Repack rows [0, rows) (rows <= 8) of GGUF bytes into one group of x8 super-blocks.
-inline void repack_x8_group(int64_t qt, const uint8_t* raw, int64_t bpr, int64_t rows, int64_t K, uint8_t* out) {
+template <int64_t qt>
+void repack_x8_group_t(const uint8_t* raw, int64_t bpr, int64_t rows, int64_t K, uint8_t* out) {
   const TypeInfo ti = type_info(qt);
   const X8Format f = x8_format(qt);
   const bool kquant = f.cols == 256;
@@ -128,7 +129,8 @@ inline void repack_x8_group(int64_t qt, const uint8_t* raw, int64_t bpr, int64_t
 }
 
 // Row n of an x8 tensor dequantized exactly (the float operations gguf-py applies to the GGUF block).
-inline void dequant_row_x8(int64_t qt, const uint8_t* w, int64_t n, int64_t K, float* out) {
+template <int64_t qt>
+void dequant_row_x8_t(const uint8_t* w, int64_t n, int64_t K, float* out) {
   const X8Format f = x8_format(qt);
   const int64_t nsb = K / f.cols, r = n % 8;
   const uint8_t* g = w + (n / 8) * nsb * f.bytes;
@@ -164,6 +166,31 @@ inline void dequant_row_x8(int64_t qt, const uint8_t* w, int64_t n, int64_t K, f
         }
       }
     }
+  }
+}
+
+// The two above for a type id known at run time (templates, so each type's loops are specialized).
+inline void repack_x8_group(int64_t qt, const uint8_t* raw, int64_t bpr, int64_t rows, int64_t K, uint8_t* out) {
+  switch (qt) {
+    case T_Q4_0: return repack_x8_group_t<T_Q4_0>(raw, bpr, rows, K, out);
+    case T_Q4_1: return repack_x8_group_t<T_Q4_1>(raw, bpr, rows, K, out);
+    case T_Q8_0: return repack_x8_group_t<T_Q8_0>(raw, bpr, rows, K, out);
+    case T_Q4_K: return repack_x8_group_t<T_Q4_K>(raw, bpr, rows, K, out);
+    case T_Q5_K: return repack_x8_group_t<T_Q5_K>(raw, bpr, rows, K, out);
+    case T_Q6_K: return repack_x8_group_t<T_Q6_K>(raw, bpr, rows, K, out);
+    default: return;
+  }
+}
+
+inline void dequant_row_x8(int64_t qt, const uint8_t* w, int64_t n, int64_t K, float* out) {
+  switch (qt) {
+    case T_Q4_0: return dequant_row_x8_t<T_Q4_0>(w, n, K, out);
+    case T_Q4_1: return dequant_row_x8_t<T_Q4_1>(w, n, K, out);
+    case T_Q8_0: return dequant_row_x8_t<T_Q8_0>(w, n, K, out);
+    case T_Q4_K: return dequant_row_x8_t<T_Q4_K>(w, n, K, out);
+    case T_Q5_K: return dequant_row_x8_t<T_Q5_K>(w, n, K, out);
+    case T_Q6_K: return dequant_row_x8_t<T_Q6_K>(w, n, K, out);
+    default: return;
   }
 }
 
