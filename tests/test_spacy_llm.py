@@ -134,6 +134,16 @@ def test_installed_entry_points_are_found_without_import(tmp_path):
     assert result == "ok"
 
 
+def test_llamaforge_import_does_not_import_spacy():
+    code = (
+        "import sys, llamaforge, llamaforge.integrations, llamaforge.integrations.llm_model, "
+        "llamaforge.integrations.alignment\n"
+        "assert not {'spacy', 'spacy_llm', 'thinc'} & set(sys.modules), sorted(sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
 # -- settings ------------------------------------------------------------------------------------
 
 
@@ -285,6 +295,20 @@ def test_sharded_docs_get_one_answer_per_shard(monkeypatch):
     assert docs[1]._.llm_reply == " ".join(shards)  # the Raw task joins its shards' answers
     assert "".join(shards).replace("[", " ").replace("]", " ").split() == long_text.split()
     assert max(seen) <= 2 and sum(seen) == len(shards) + 2
+
+
+def test_added_from_python_like_spacy_llms_own_models(monkeypatch):
+    monkeypatch.setattr(LlamaforgeLLM, "generate", lambda self, prompts: ["POSITIVE" for _ in prompts])
+    nlp = spacy.blank("en")
+    llm = nlp.add_pipe(
+        "llm",
+        config={
+            "task": {"@llm_tasks": "spacy.TextCat.v3", "labels": ["POSITIVE", "NEGATIVE"]},
+            "model": {"@llm_models": "llamaforge.Llama.v1", "max_seq_len": 1024, "config": {"max_gen_len": 4}},
+        },
+    )
+    assert isinstance(llm._model, LlamaforgeLLM) and llm._model.generation["max_gen_len"] == 4
+    assert nlp("What a lovely day.").cats == {"POSITIVE": 1.0, "NEGATIVE": 0.0}
 
 
 def test_pipe_equals_one_doc_at_a_time_on_a_real_model(tiny_checkpoints):
