@@ -43,13 +43,8 @@ def layer_states(model, tokens: torch.Tensor, layer: Optional[int]) -> torch.Ten
     """
     if layer is None:
         return model.hidden_states(tokens)
-    n = len(model.layers)
-    depth = layer if layer >= 0 else n + 1 + layer
-    input_pos = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand(tokens.shape)  # (B, T)
-    h = model.tok_embeddings(tokens)  # (B, T, dim)
-    for block in model.layers[:depth]:
-        h = block(h, model.rope, input_pos)
-    return h
+    depth = layer if layer >= 0 else len(model.layers) + 1 + layer
+    return model.hidden_states(tokens, layer=depth)
 
 
 class LlamaforgeVectors:
