@@ -118,6 +118,12 @@ def test_avx2_and_vnni_tiles_agree_exactly(qtype: str) -> None:
             ext.use_vnni(was)
         assert torch.equal(layer(x), y_avx2)
         check_forward(y_avx2, F.linear(x, ref_dequant(raw, qtype)), layer, rows)
+        # split across threads at every group of 8 rows: the same numbers
+        was = ext.min_bytes_per_thread(1)
+        try:
+            assert torch.equal(layer(x), y_avx2)
+        finally:
+            ext.min_bytes_per_thread(was)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -31,6 +31,11 @@ namespace {
 
 using namespace lfq;
 
+int64_t& min_bytes_per_thread() {
+  static int64_t bytes = int64_t{96} << 10;
+  return bytes;
+}
+
 void check_weight(const at::Tensor& w, int64_t qt, int64_t N, int64_t K, int64_t layout) {
   const TypeInfo ti = type_info(qt);
   TORCH_CHECK(ti.block > 0, "llamaforge kernels: unsupported GGML type id ", qt);
@@ -90,11 +95,11 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t qt, int64_t
                     hs.data() + m0 * nb * 2);
     });
     const Act a{q.data(), d.data(), s.data(), hs.data(), K, nb};
-    // Give each thread at least ~96 KiB of weight bytes times row tiles: waking the second thread
-    // costs a few microseconds, more than a smaller share of the work saves.
+    // Give each thread at least min_bytes_per_thread() of weight bytes times row tiles: waking a
+    // sleeping worker costs more than a smaller share of the work saves.
     const int64_t work = std::max<int64_t>(1, bpr * ((M + 3) / 4));
     if (layout == LAYOUT_X8) {
-      const int64_t grain = std::max<int64_t>(1, (int64_t{96} << 10) / work);
+      const int64_t grain = std::max<int64_t>(1, min_bytes_per_thread() / work);
       const bool vnni = vnni_enabled();
       at::parallel_for(0, (N + 7) / 8, grain, [&](int64_t g0, int64_t g1) {
         if (vnni)
@@ -103,7 +108,7 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t qt, int64_t
           matmul_x8_avx2(qt, wp, g0, g1, N, K, a, M, yp);
       });
     } else {
-      const int64_t grain = std::max<int64_t>(1, (int64_t{96} << 10) / work);
+      const int64_t grain = std::max<int64_t>(1, min_bytes_per_thread() / work);
       at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
         matmul_gguf(qt, wp, bpr, n0, n1, K, a, M, yp, N);
       });
@@ -177,6 +182,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("repack_x8", &repack_x8, "GGUF bytes -> x8 layout", py::arg("raw"), py::arg("qt"), py::arg("N"),
         py::arg("K"), release());
   m.def("x8_supported", &x8_supported, "whether a GGML type id has the x8 layout");
+  m.def(
+      "min_bytes_per_thread",
+      [](std::optional<int64_t> n) {
+        const int64_t was = min_bytes_per_thread();
+        if (n.has_value()) min_bytes_per_thread() = std::max<int64_t>(1, *n);
+        return was;
+      },
+      "weight bytes (times 4-row tiles) below which a matmul stays on one thread; `n` sets it",
+      py::arg("n") = py::none());
   m.def(
       "use_vnni",
       [](std::optional<bool> on) {
