@@ -48,6 +48,13 @@ TEXT = (
     "shaped, and baked until the crust sings as it cools."
 )
 
+# the fixed answer after the first prompt, for the teacher-forced comparison (argmax at every position)
+ANSWER = (
+    "After the printing press, books became cheaper and far more common. More people learned to read, ideas "
+    "spread faster across borders, and scholars could share identical texts. It helped the Reformation, the "
+    "scientific revolution and the first newspapers.<|im_end|>\n"
+)
+
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """The command line; --quick changes the defaults of the sizes it does not set explicitly."""
@@ -247,6 +254,10 @@ def main(argv: list[str]) -> None:
     src = Path(args.model) if args.model else default_model()
     files = weight_files(src, args.bits, args.threads)
     batch = prompts(src, max(args.batch_sizes + [1]), args.prompt_len)
+    from llamaforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(src)
+    forced = batch[0] + tok.encode(ANSWER, allow_special=True)
     bw = bandwidth(args.threads)
     print(f"[compare] memory bandwidth: copy {bw['copy_gbs']:.1f} GB/s, read {bw['read_gbs']:.1f} GB/s", flush=True)
     cells = []
@@ -260,7 +271,7 @@ def main(argv: list[str]) -> None:
             cfg = {"engine": engine, "model": str(files[bits]), "dtype": dtype, "threads": args.threads,
                    "prompt_len": args.prompt_len, "gen_len": args.gen_len, "runs": args.runs, "prompts": batch,
                    "batch_sizes": args.batch_sizes, "batch_gen_len": args.batch_gen_len,
-                   "batch_runs": args.batch_runs}
+                   "batch_runs": args.batch_runs, "forced": forced}
             print(f"[compare] {bits:>2}-bit {engine:<12} ({files[bits].name}, {dtype}) load avg "
                   f"{os.getloadavg()[0]:.1f} ...", end=" ", flush=True)
             res = run_cell(cfg, args.timeout)
@@ -271,9 +282,6 @@ def main(argv: list[str]) -> None:
                   f"{b1['decode_tok_s']:.1f} tok/s peak {res['peak_rss_b1_mb']:.0f} MiB ({res['wall_s']:.0f}s)",
                   flush=True)
             cells.append(res)
-    from llamaforge.tokenizer import Tokenizer
-
-    tok = Tokenizer.from_file(src)
     command = "python benchmarks/compare.py " + " ".join(shlex.quote(a) for a in argv)
     meta = {"date": started.strftime("%Y-%m-%d %H:%M"), "minutes": (_dt.datetime.now() - started).seconds / 60,
             "command": command.strip(), "machine": machine(), "bandwidth": bw, "args": vars(args) | {"out": None},

