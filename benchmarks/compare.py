@@ -76,6 +76,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--timeout", type=int, default=1800, help="seconds one engine process may take")
     p.add_argument("--out", type=Path, help="markdown file to write (default benchmarks/_work/results/)")
     p.add_argument("--no-setup", action="store_true", help="do not run setup_peers.sh first")
+    p.add_argument("--render", type=Path, metavar="JSON", help="only rewrite the tables of a saved run's .json")
     a = p.parse_args(argv)
     quick = {"bits": [4, 32], "gen_len": 64, "runs": 2, "batch_sizes": [4, 16], "batch_gen_len": 32,
              "batch_runs": 1}
@@ -244,9 +245,31 @@ def run_cell(cfg: dict, timeout: int) -> dict:
     return res
 
 
+def rerender(saved: Path) -> None:
+    """Print and rewrite the markdown of a saved run (its .json) with the current report code."""
+    import json as _json
+
+    from compare_report import render
+
+    data = _json.loads(saved.read_text())
+    try:
+        from llamaforge.tokenizer import Tokenizer
+
+        src = default_model()
+        decode = Tokenizer.from_file(src).decode
+    except Exception:  # noqa: BLE001  (tables without the text column's words)
+        decode = lambda toks: " ".join(map(str, toks))  # noqa: E731
+    text = render(data["meta"], data["cells"], decode=decode)
+    print(text)
+    saved.with_suffix(".md").write_text(text)
+
+
 def main(argv: list[str]) -> None:
     """Bootstrap into the venv, run every (bits, engine) cell, write the report."""
     args = parse_args(argv)
+    if args.render:
+        rerender(args.render)
+        return
     bootstrap(argv, args)
     from compare_report import render  # beside this file
 

@@ -10,7 +10,7 @@ Every engine is driven through the same black box, `gen(prompts, n) -> new token
 (greedy, no stop tokens, prompts of equal length given as token ids), timed with n = 1 and n = N:
     prefill tok/s = batch * prompt_len / T(1)          (one forward over the prompt + one argmax)
     decode  tok/s = batch * (N - 1) / (T(N) - T(1))     (the N - 1 one-token steps that follow)
-each T the median of `runs` timings after one warm-up call of each length. Engines:
+each T the median of `runs` timings after one warm-up call of each length ("best": the fastest). Engines:
     llamaforge    `Llama.build(file, dtype=...)` + `Llama.generate(..., temperature=0, stop_ids=())`
     llama.cpp     llama-cpp-python: batch 1 through `Llama.generate` (its sampler chain, top_k=1, temp=0),
                   batches through the low-level `llama_batch` API with one sequence id per prompt (as
@@ -93,27 +93,37 @@ def module_weight_bytes(module) -> tuple[int, int]:
     return held - embed_only, held
 
 
-def time_gen(gen: GenFn, prompts: Sequence[Sequence[int]], n: int, runs: int) -> tuple[float, list]:
-    """Median wall time of `runs` calls gen(prompts, n) (after one warm-up call), and the last output."""
+def _timed(gen: GenFn, prompts: Sequence[Sequence[int]], n: int) -> tuple[float, list]:
+    t0 = time.perf_counter()
     out = gen(prompts, n)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        out = gen(prompts, n)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+    return time.perf_counter() - t0, out
 
 
 def measure(gen: GenFn, prompts: list[list[int]], gen_len: int, runs: int) -> dict:
-    """prefill/decode figures of `gen` on `prompts` (all the same length)."""
-    t1, _ = time_gen(gen, prompts, 1, runs)
-    tn, out = time_gen(gen, prompts, gen_len, runs)
+    """prefill/decode figures of `gen` on `prompts` (all the same length).
+
+    One warm-up call of each length, then `runs` pairs of timed calls, the short and the long one in
+    turn (so a burst of load on the machine falls on both). Figures from the medians, and "best" ones
+    from the fastest calls, which a shared machine disturbs least.
+    """
+    gen(prompts, 1)
+    gen(prompts, gen_len)
+    t1s, tns, out = [], [], None
+    for _ in range(runs):
+        t1s.append(_timed(gen, prompts, 1)[0])
+        tn, out = _timed(gen, prompts, gen_len)
+        tns.append(tn)
     b, p = len(prompts), len(prompts[0])
+    t1, tn, t1_min, tn_min = statistics.median(t1s), statistics.median(tns), min(t1s), min(tns)
     return {
         "t1_s": t1,
         "tn_s": tn,
+        "t1_all_s": t1s,
+        "tn_all_s": tns,
         "prefill_tok_s": b * p / t1,
         "decode_tok_s": b * (gen_len - 1) / (tn - t1) if tn > t1 else float("nan"),
+        "prefill_best_tok_s": b * p / t1_min,
+        "decode_best_tok_s": b * (gen_len - 1) / (tn_min - t1_min) if tn_min > t1_min else float("nan"),
         "tokens": [list(map(int, row)) for row in out],
     }
 
