@@ -375,6 +375,7 @@ def quantize_model(
         if not isinstance(emb, QuantizedEmbedding):
             raise ConfigError("tie_output=True needs a quantized tok_embeddings (give 'tok_embeddings.weight' in from_state)")
         _set_module(model, "output", emb.as_linear(backend=backend))
+    _install_fused_decode(model)
     return model
 
 
@@ -439,4 +440,13 @@ def quantize_model_weights(
         _set_module(model, name, new)
     if tied and isinstance(replaced.get("tok_embeddings"), QuantizedEmbedding):
         _set_module(model, "output", replaced["tok_embeddings"].as_linear(backend=backend))
+    _install_fused_decode(model)
     return model
+
+
+def _install_fused_decode(model: nn.Module) -> None:
+    """Give a Transformer the C++ one-token step where the kernels exist (it checks each call that it applies)."""
+    if hasattr(model, "decode_step") and kernels.get_extension() is not None:
+        from llamaforge.kernels.decode import FusedDecode
+
+        model.decode_step = FusedDecode()

@@ -1,11 +1,11 @@
 """Build-on-first-use loader for the C++ quantized matmul kernels (qmatmul.cpp).
 
 The extension is compiled once with `torch.utils.cpp_extension.load` (gcc, ninja) into a cache
-directory named after a hash of the sources (qmatmul.cpp, qkernels.cpp and their headers), the compiler flags and the torch/Python versions, so a
-new source or a new torch builds a new module and an unchanged one is imported straight from the
-cached .so without running the compiler. Where the kernels cannot run (no x86-64 AVX2/FMA/F16C,
-no compiler, a failed build, or LLAMAFORGE_KERNELS=torch in the environment), `get_extension()`
-returns None and callers use the pure-PyTorch path; which path is used is logged once.
+directory named after a hash of the sources (qmatmul.cpp, qkernels.cpp, qdecode.cpp and their headers), the
+compiler flags and the torch/Python versions, so a new source or a new torch builds a new module and an
+unchanged one is imported straight from the cached .so without running the compiler. Where the kernels
+cannot run (no x86-64 AVX2/FMA/F16C, no compiler, a failed build, or LLAMAFORGE_KERNELS=torch in the
+environment), `get_extension()` returns None and callers use the pure-PyTorch path; which path is used is logged once.
 
 Environment:
     LLAMAFORGE_KERNELS       "auto" (default: build/load the C++ kernels when the CPU can run them)
@@ -33,8 +33,8 @@ import torch
 log = logging.getLogger("llamaforge.kernels")
 
 SOURCE = Path(__file__).with_name("qmatmul.cpp")  # the Python bindings
-SOURCES = (SOURCE, SOURCE.with_name("qkernels.cpp"))  # two translation units, compiled in parallel
-HEADERS = ("qcommon.h", "qkernels.h", "qrows.h", "qx8.h", "qx8_tiles.h")
+SOURCES = (SOURCE, SOURCE.with_name("qkernels.cpp"), SOURCE.with_name("qdecode.cpp"))  # compiled in parallel
+HEADERS = ("qcommon.h", "qdecode.h", "qkernels.h", "qops.h", "qrows.h", "qx8.h", "qx8_tiles.h")
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 ENV_BACKEND = "LLAMAFORGE_KERNELS"
@@ -96,7 +96,7 @@ def build_extension(cache_dir: Optional[os.PathLike] = None, *, verbose: bool = 
         verbose: show the compiler command lines and output.
 
     Returns:
-        The extension module (functions `qlinear`, `dequantize`, `dequantize_rows`).
+        The extension module (functions `qlinear`, `dequantize`, `dequantize_rows`, `repack_x8`; class `Decoder`).
 
     Raises:
         Whatever the compiler or the import raised (RuntimeError, OSError, ImportError).

@@ -25,11 +25,11 @@
 
 #include "qcommon.h"
 #include "qkernels.h"
+#include "qdecode.h"
+#include "qops.h"
 #include "qx8.h"
 
-namespace {
-
-using namespace lfq;
+namespace lfq {
 
 int64_t& min_bytes_per_thread() {
   static int64_t bytes = int64_t{96} << 10;
@@ -52,6 +52,62 @@ void check_weight(const at::Tensor& w, int64_t qt, int64_t N, int64_t K, int64_t
               ") in layout ", layout);
 }
 
+void QuantizedRows::quantize(const float* x, int64_t M, int64_t k) {
+  K = k;
+  nb = K / 32;
+  q.resize(static_cast<size_t>(M * K));
+  d.resize(static_cast<size_t>(M * nb));
+  s.resize(static_cast<size_t>(M * nb));
+  h.resize(static_cast<size_t>(M * nb * 2));
+  at::parallel_for(0, M, std::max<int64_t>(1, 32768 / K), [&](int64_t m0, int64_t m1) {
+    quantize_rows(x + m0 * K, m1 - m0, K, q.data() + m0 * K, d.data() + m0 * nb, s.data() + m0 * nb,
+                  h.data() + m0 * nb * 2);
+  });
+}
+
+void matmul_many(const QWeight* const* ws, float* const* ys, int n, const Act& a, int64_t M) {
+  // Units of work: groups of 8 rows (x8) or single rows (gguf), numbered across all the weights.
+  std::vector<int64_t> first(static_cast<size_t>(n) + 1, 0);
+  int64_t bytes = 0;
+  for (int i = 0; i < n; ++i) {
+    const QWeight& q = *ws[i];
+    first[i + 1] = first[i] + (q.layout == LAYOUT_X8 ? (q.N + 7) / 8 : q.N);
+    bytes += q.w.numel();
+  }
+  const int64_t units = first[n];
+  if (M == 0 || units == 0) return;
+  // Give each thread at least min_bytes_per_thread() of weight bytes times row tiles: waking a
+  // sleeping worker costs more than a smaller share of the work saves.
+  const int64_t work = std::max<int64_t>(1, bytes / units * ((M + 3) / 4));
+  const int64_t grain = std::max<int64_t>(1, min_bytes_per_thread() / work);
+  const bool vnni = vnni_enabled();
+  at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+    for (int i = 0; i < n; ++i) {
+      const int64_t lo = std::max(u0, first[i]) - first[i], hi = std::min(u1, first[i + 1]) - first[i];
+      if (lo >= hi) continue;
+      const QWeight& q = *ws[i];
+      const uint8_t* wp = q.w.data_ptr<uint8_t>();
+      if (q.layout != LAYOUT_X8)
+        matmul_gguf(q.qt, wp, q.w.size(1), lo, hi, q.K, a, M, ys[i], q.N);
+      else if (vnni)
+        matmul_x8_vnni(q.qt, wp, lo, hi, q.N, q.K, a, M, ys[i]);
+      else
+        matmul_x8_avx2(q.qt, wp, lo, hi, q.N, q.K, a, M, ys[i]);
+    }
+  });
+  for (int i = 0; i < n; ++i) {
+    const QWeight& q = *ws[i];
+    if (!q.bias.defined()) continue;
+    const float* b = q.bias.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < q.N; ++j) ys[i][m * q.N + j] += b[j];
+  }
+}
+
+}  // namespace lfq
+
+namespace {
+using namespace lfq;
 }  // namespace
 
 // y = x @ dequantize(w).T (+ bias). x: (..., K) float tensor; returns (..., N) in x's dtype.
@@ -85,34 +141,12 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t qt, int64_t
       at::mm_out(ys, x2, wt.narrow(0, 0, nt).t());
     }
   } else {
-    const int64_t nb = K / 32;
-    std::vector<int8_t> q(static_cast<size_t>(M * K));
-    std::vector<float> d(static_cast<size_t>(M * nb)), s(static_cast<size_t>(M * nb));
-    std::vector<int32_t> hs(static_cast<size_t>(M * nb * 2));
-    const float* xp = xf.data_ptr<float>();
-    at::parallel_for(0, M, std::max<int64_t>(1, 32768 / K), [&](int64_t m0, int64_t m1) {
-      quantize_rows(xp + m0 * K, m1 - m0, K, q.data() + m0 * K, d.data() + m0 * nb, s.data() + m0 * nb,
-                    hs.data() + m0 * nb * 2);
-    });
-    const Act a{q.data(), d.data(), s.data(), hs.data(), K, nb};
-    // Give each thread at least min_bytes_per_thread() of weight bytes times row tiles: waking a
-    // sleeping worker costs more than a smaller share of the work saves.
-    const int64_t work = std::max<int64_t>(1, bpr * ((M + 3) / 4));
-    if (layout == LAYOUT_X8) {
-      const int64_t grain = std::max<int64_t>(1, min_bytes_per_thread() / work);
-      const bool vnni = vnni_enabled();
-      at::parallel_for(0, (N + 7) / 8, grain, [&](int64_t g0, int64_t g1) {
-        if (vnni)
-          matmul_x8_vnni(qt, wp, g0, g1, N, K, a, M, yp);
-        else
-          matmul_x8_avx2(qt, wp, g0, g1, N, K, a, M, yp);
-      });
-    } else {
-      const int64_t grain = std::max<int64_t>(1, min_bytes_per_thread() / work);
-      at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-        matmul_gguf(qt, wp, bpr, n0, n1, K, a, M, yp, N);
-      });
-    }
+    QuantizedRows rows;
+    rows.quantize(xf.data_ptr<float>(), M, K);
+    const QWeight q{w, qt, N, K, layout, at::Tensor()};
+    const QWeight* ws[1] = {&q};
+    float* ys[1] = {yp};
+    matmul_many(ws, ys, 1, rows.act(), M);
   }
   if (bias.has_value() && bias->defined()) y.add_(bias->to(at::kFloat));
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
@@ -200,4 +234,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "whether the AVX-512 VNNI tiles are used; `on` switches them off (or back on where supported)",
       py::arg("on") = py::none());
+
+  // The fused decode step (qdecode.h). A weight is (bytes, qt, N, K, layout, bias or None); a layer is
+  // (attention_norm, ffn_norm, [wq, wk, wv, wo, w1, w2, w3]).
+  using WeightSpec = std::tuple<at::Tensor, int64_t, int64_t, int64_t, int64_t, std::optional<at::Tensor>>;
+  using LayerSpec = std::tuple<at::Tensor, at::Tensor, std::vector<WeightSpec>>;
+  py::class_<Decoder>(m, "Decoder")
+      .def(py::init([](const std::vector<LayerSpec>& specs, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                       double norm_eps, at::Tensor cos, at::Tensor sin) {
+             std::vector<DecoderLayer> layers;
+             for (const auto& [attention_norm, ffn_norm, weights] : specs) {
+               TORCH_CHECK(weights.size() == 7, "decoder: a layer has 7 weights (wq wk wv wo w1 w2 w3)");
+               std::vector<QWeight> q;
+               for (const auto& [w, qt, N, K, layout, bias] : weights)
+                 q.push_back(QWeight{w, qt, N, K, layout, bias.has_value() ? *bias : at::Tensor()});
+               layers.push_back(DecoderLayer{attention_norm, ffn_norm, q[0], q[1], q[2], q[3], q[4], q[5], q[6]});
+             }
+             return Decoder(std::move(layers), n_heads, n_kv_heads, head_dim, norm_eps, std::move(cos),
+                            std::move(sin));
+           }),
+           py::arg("layers"), py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("norm_eps"),
+           py::arg("cos"), py::arg("sin"))
+      .def("step", &Decoder::step, "all blocks for one new token per row (see qdecode.h)", py::arg("x"),
+           py::arg("pos"), py::arg("slots"), py::arg("k_cache"), py::arg("v_cache"), py::arg("kv_len"), release());
 }

@@ -6,7 +6,7 @@ loaded elsewhere into a model made on the meta device, without ever holding two 
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -30,6 +30,10 @@ class Transformer(nn.Module):
         self.rope = RotaryEmbedding(args)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        # Optional fast path for one-token steps with a cache: called as
+        # decode_step(self, h, input_pos, cache, slots, kv_len) with the token embeddings h, it returns
+        # the blocks' output or None where it does not apply. llamaforge.quantize installs a C++ one.
+        self.decode_step: Optional[Callable[..., Optional[torch.Tensor]]] = None
 
     def hidden_states(
         self,
@@ -53,6 +57,10 @@ class Transformer(nn.Module):
         device = tokens.device
         if input_pos is None:
             input_pos = 0
+        if seqlen == 1 and cache is not None and layer is None and self.decode_step is not None:
+            out = self.decode_step(self, self.tok_embeddings(tokens), input_pos, cache, slots, kv_len)
+            if out is not None:
+                return self.norm(out)
         if isinstance(input_pos, int):
             # Shared positions: the common cases need no mask tensor (a mask slows CPU attention ~5x).
             start = input_pos

@@ -1,0 +1,206 @@
+// The fused decode step (qdecode.h): for one new token per row, each block computes
+//   h = x + wo(attention(rope(wq(norm(x))), rope(wk(norm(x))), wv(norm(x))))
+//   out = h + w2(silu(w1(norm(h))) * w3(norm(h)))
+// exactly as llamaforge/model/layers.py does (float32 norms, softmax and rotary; int8 activations
+// into the quantized matmuls, as QuantizedLinear), without a Python call per operation: at batch 1
+// the PyTorch ops between the matmuls cost more than the matmuls. Keys and values are read where
+// they lie in the cache (no gather). Each row is computed on its own, so a row's result does not
+// depend on the other rows of the batch.
+
+#include "qdecode.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <limits>
+
+namespace lfq {
+namespace {
+
+float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
+  float s = hsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// y += p * x
+void axpy(float p, const float* x, float* y, int64_t n) {
+  const __m256 pv = _mm256_set1_ps(p);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_add_ps(_mm256_loadu_ps(y + i), _mm256_mul_ps(pv, _mm256_loadu_ps(x + i))));
+  for (; i < n; ++i) y[i] += p * x[i];
+}
+
+// out = x / sqrt(mean(x^2) + eps) * w, row by row (RMSNorm).
+void rms_norm(const float* x, const float* w, int64_t B, int64_t dim, float eps, float* out) {
+  for (int64_t b = 0; b < B; ++b) {
+    const float* xr = x + b * dim;
+    const float r = 1.0f / std::sqrt(dot(xr, xr, dim) / static_cast<float>(dim) + eps);
+    for (int64_t i = 0; i < dim; ++i) out[b * dim + i] = xr[i] * r * w[i];
+  }
+}
+
+// Rotate interleaved pairs (x[2i], x[2i+1]) of each of n_heads heads by the angles at one position.
+void rope(float* x, int64_t n_heads, int64_t head_dim, const float* cos, const float* sin) {
+  for (int64_t h = 0; h < n_heads; ++h) {
+    float* xh = x + h * head_dim;
+    for (int64_t i = 0; i < head_dim / 2; ++i) {
+      const float x0 = xh[2 * i], x1 = xh[2 * i + 1];
+      xh[2 * i] = x0 * cos[i] - x1 * sin[i];
+      xh[2 * i + 1] = x0 * sin[i] + x1 * cos[i];
+    }
+  }
+}
+
+}  // namespace
+
+Decoder::Decoder(std::vector<DecoderLayer> layers, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                 double norm_eps, at::Tensor cos, at::Tensor sin)
+    : layers_(std::move(layers)), n_heads_(n_heads), n_kv_heads_(n_kv_heads), head_dim_(head_dim),
+      eps_(static_cast<float>(norm_eps)), cos_(std::move(cos)), sin_(std::move(sin)) {
+  TORCH_CHECK(n_kv_heads > 0 && n_heads % n_kv_heads == 0 && head_dim % 2 == 0,
+              "decoder: n_heads must be a multiple of n_kv_heads and head_dim even");
+  TORCH_CHECK(cos_.scalar_type() == at::kFloat && cos_.is_contiguous() && cos_.dim() == 2 &&
+                  cos_.size(1) == head_dim / 2 && sin_.sizes() == cos_.sizes() && sin_.is_contiguous() &&
+                  sin_.scalar_type() == at::kFloat,
+              "decoder: rotary tables must be contiguous float32 (positions, head_dim / 2)");
+  for (const DecoderLayer& l : layers_) {
+    const int64_t dim = l.attention_norm.numel();
+    for (const QWeight* q : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w1, &l.w2, &l.w3}) {
+      check_weight(q->w, q->qt, q->N, q->K, q->layout);
+      TORCH_CHECK(!q->bias.defined() || (q->bias.scalar_type() == at::kFloat && q->bias.is_contiguous() &&
+                                         q->bias.numel() == q->N),
+                  "decoder: a bias must be contiguous float32 (out_features,)");
+    }
+    TORCH_CHECK(l.attention_norm.scalar_type() == at::kFloat && l.ffn_norm.scalar_type() == at::kFloat &&
+                    l.attention_norm.is_contiguous() && l.ffn_norm.is_contiguous() && l.ffn_norm.numel() == dim,
+                "decoder: norm weights must be contiguous float32 (dim,)");
+    TORCH_CHECK(l.wq.K == dim && l.wk.K == dim && l.wv.K == dim && l.w1.K == dim && l.w3.K == dim &&
+                    l.wq.N == n_heads * head_dim && l.wk.N == n_kv_heads * head_dim &&
+                    l.wv.N == n_kv_heads * head_dim && l.wo.K == l.wq.N && l.wo.N == dim &&
+                    l.w3.N == l.w1.N && l.w2.K == l.w1.N && l.w2.N == dim,
+                "decoder: projection shapes do not fit dim ", dim, ", ", n_heads, " heads, ", n_kv_heads,
+                " kv heads of ", head_dim);
+  }
+}
+
+at::Tensor Decoder::step(const at::Tensor& x_in, const at::Tensor& pos_in, const at::Tensor& slots_in,
+                         at::Tensor& kc, at::Tensor& vc, int64_t kv_len) const {
+  const int64_t n_layers = static_cast<int64_t>(layers_.size());
+  TORCH_CHECK(n_layers > 0, "decoder: no layers");
+  const int64_t dim = layers_[0].attention_norm.numel(), hd = head_dim_, H = n_heads_, Hkv = n_kv_heads_;
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 3 && x_in.size(1) == 1 && x_in.size(2) == dim,
+              "decoder: x must be float32 (B, 1, ", dim, "), got ", x_in.sizes());
+  const int64_t B = x_in.size(0);
+  TORCH_CHECK(kc.scalar_type() == at::kFloat && vc.scalar_type() == at::kFloat && kc.is_contiguous() &&
+                  vc.is_contiguous() && kc.dim() == 5 && kc.sizes() == vc.sizes() && kc.size(0) == n_layers &&
+                  kc.size(2) == Hkv && kc.size(4) == hd,
+              "decoder: the KV cache must be contiguous float32 (", n_layers, ", slots, ", Hkv, ", L, ", hd, ")");
+  const int64_t S = kc.size(1), L = kc.size(3);
+  const at::Tensor pos_t = pos_in.to(at::kLong).contiguous(), slots_t = slots_in.to(at::kLong).contiguous();
+  TORCH_CHECK(pos_t.numel() == B && slots_t.numel() == B, "decoder: pos and slots need one entry per row");
+  const int64_t* pos = pos_t.data_ptr<int64_t>();
+  const int64_t* slots = slots_t.data_ptr<int64_t>();
+  kv_len = std::min(kv_len, L);
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(pos[b] >= 0 && pos[b] < L && pos[b] < cos_.size(0), "decoder: position ", pos[b],
+                " is outside the cache (", L, ") or the rotary tables (", cos_.size(0), ")");
+    TORCH_CHECK(slots[b] >= 0 && slots[b] < S, "decoder: slot ", slots[b], " is not in [0, ", S, ")");
+  }
+
+  at::Tensor out = x_in.contiguous().clone();
+  float* x = out.data_ptr<float>();
+  const int64_t hidden = layers_[0].w1.N;
+  std::vector<float> xn(B * dim), q(B * H * hd), k(B * Hkv * hd), v(B * Hkv * hd), attn(B * H * hd),
+      proj(B * dim), gate(B * hidden), up(B * hidden);
+  QuantizedRows rows;
+  const float scale = static_cast<float>(std::sqrt(static_cast<double>(hd)));
+  const float* cos = cos_.data_ptr<float>();
+  const float* sin = sin_.data_ptr<float>();
+
+  for (int64_t l = 0; l < n_layers; ++l) {
+    const DecoderLayer& ly = layers_[l];
+    float* kl = kc.data_ptr<float>() + l * S * Hkv * L * hd;
+    float* vl = vc.data_ptr<float>() + l * S * Hkv * L * hd;
+
+    // Attention: projections from one quantization of the normed input.
+    rms_norm(x, ly.attention_norm.data_ptr<float>(), B, dim, eps_, xn.data());
+    rows.quantize(xn.data(), B, dim);
+    {
+      const QWeight* ws[3] = {&ly.wq, &ly.wk, &ly.wv};
+      float* ys[3] = {q.data(), k.data(), v.data()};
+      matmul_many(ws, ys, 3, rows.act(), B);
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t half = hd / 2;
+      rope(q.data() + b * H * hd, H, hd, cos + pos[b] * half, sin + pos[b] * half);
+      rope(k.data() + b * Hkv * hd, Hkv, hd, cos + pos[b] * half, sin + pos[b] * half);
+      for (int64_t g = 0; g < Hkv; ++g) {
+        const int64_t at = ((slots[b] * Hkv + g) * L + pos[b]) * hd;
+        std::copy_n(k.data() + (b * Hkv + g) * hd, hd, kl + at);
+        std::copy_n(v.data() + (b * Hkv + g) * hd, hd, vl + at);
+      }
+    }
+    // One task per (row, query head); query head h reads kv head h / (H / Hkv).
+    int64_t keys_max = 0;
+    for (int64_t b = 0; b < B; ++b) keys_max = std::max(keys_max, std::min(pos[b] + 1, kv_len));
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, keys_max * hd));
+    at::parallel_for(0, B * H, grain, [&](int64_t t0, int64_t t1) {
+      std::vector<float> p(static_cast<size_t>(keys_max));
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / H, h = t % H, g = h / (H / Hkv);
+        const int64_t n = std::min(pos[b] + 1, kv_len);
+        const float* qh = q.data() + (b * H + h) * hd;
+        const float* kh = kl + (slots[b] * Hkv + g) * L * hd;
+        const float* vh = vl + (slots[b] * Hkv + g) * L * hd;
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < n; ++j) {
+          p[j] = dot(qh, kh + j * hd, hd) / scale;
+          mx = std::max(mx, p[j]);
+        }
+        float sum = 0.0f;
+        for (int64_t j = 0; j < n; ++j) {
+          p[j] = std::exp(p[j] - mx);
+          sum += p[j];
+        }
+        float* o = attn.data() + (b * H + h) * hd;
+        std::fill_n(o, hd, 0.0f);
+        for (int64_t j = 0; j < n; ++j) axpy(p[j] / sum, vh + j * hd, o, hd);
+      }
+    });
+    rows.quantize(attn.data(), B, H * hd);
+    {
+      const QWeight* ws[1] = {&ly.wo};
+      float* ys[1] = {proj.data()};
+      matmul_many(ws, ys, 1, rows.act(), B);
+    }
+    for (int64_t i = 0; i < B * dim; ++i) x[i] += proj[i];
+
+    // Feed-forward: w2(silu(w1 h) * w3 h), w1 and w3 from one quantization.
+    rms_norm(x, ly.ffn_norm.data_ptr<float>(), B, dim, eps_, xn.data());
+    rows.quantize(xn.data(), B, dim);
+    {
+      const QWeight* ws[2] = {&ly.w1, &ly.w3};
+      float* ys[2] = {gate.data(), up.data()};
+      matmul_many(ws, ys, 2, rows.act(), B);
+    }
+    for (int64_t i = 0; i < B * hidden; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+    rows.quantize(gate.data(), B, hidden);
+    {
+      const QWeight* ws[1] = {&ly.w2};
+      float* ys[1] = {proj.data()};
+      matmul_many(ws, ys, 1, rows.act(), B);
+    }
+    for (int64_t i = 0; i < B * dim; ++i) x[i] += proj[i];
+  }
+  return out;
+}
+
+}  // namespace lfq

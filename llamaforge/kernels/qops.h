@@ -1,0 +1,46 @@
+// What the bindings (qmatmul.cpp) and the fused decode step (qdecode.cpp) share: a quantized weight
+// as the kernels see it, activation rows quantized once for several weights, and the threaded
+// matmul over one or more weights that read the same activations.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "qcommon.h"
+
+namespace lfq {
+
+// A weight in GGUF blocks: uint8 bytes `w` in `layout` (LAYOUT_GGUF or LAYOUT_X8) holding an (N, K)
+// matrix of GGML type `qt`; `bias` (N,) float32 or undefined.
+struct QWeight {
+  at::Tensor w;
+  int64_t qt = 0, N = 0, K = 0, layout = 0;
+  at::Tensor bias;
+};
+
+// Raises c10::Error (a RuntimeError in Python) unless w holds an (N, K) weight of type qt in layout.
+void check_weight(const at::Tensor& w, int64_t qt, int64_t N, int64_t K, int64_t layout);
+
+// Activation rows quantized to int8 blocks of 32 (qcommon.h), reusable across calls of one size.
+struct QuantizedRows {
+  std::vector<int8_t> q;
+  std::vector<float> d, s;
+  std::vector<int32_t> h;
+  int64_t K = 0, nb = 0;
+
+  // Quantize x (M, K) row-major, threads over rows.
+  void quantize(const float* x, int64_t M, int64_t K);
+  Act act() const { return Act{q.data(), d.data(), s.data(), h.data(), K, nb}; }
+};
+
+// y_i (M, N_i) = x @ W_i.T (+ bias_i) for weights W_0..W_{n-1} that share K, from activations
+// quantized once: one parallel region over all their rows, so small matrices (wk, wv) share threads
+// with big ones instead of each waking the pool.
+void matmul_many(const QWeight* const* ws, float* const* ys, int n, const Act& a, int64_t M);
+
+// Weight bytes (times 4-row tiles) below which a matmul stays on one thread.
+int64_t& min_bytes_per_thread();
+
+}  // namespace lfq
