@@ -35,7 +35,7 @@ class RMSNorm(nn.Module):
 
 def rope_frequencies(head_dim: int, theta: float, scaling: Optional[RopeScaling]) -> torch.Tensor:
     """Inverse frequencies (head_dim // 2,) in float32, with Llama 3.1 scaling when given."""
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device="cpu")[: head_dim // 2].float() / head_dim))
     if scaling is None:
         return freqs
     # Meta's llama3 `apply_scaling`: keep high frequencies, divide low ones by `factor`,
@@ -68,7 +68,8 @@ class RotaryEmbedding(nn.Module):
         """(Re)compute the tables, e.g. on the real device after building on the meta device."""
         device = device or self.cos.device
         freqs = rope_frequencies(self.head_dim, self.theta, self.scaling)
-        angles = torch.outer(torch.arange(self.max_seq_len, dtype=torch.float32), freqs)  # (L, hd/2)
+        # Computed on the CPU whatever the default device (on "meta" there would be nothing to compute).
+        angles = torch.outer(torch.arange(self.max_seq_len, dtype=torch.float32, device="cpu"), freqs)  # (L, hd/2)
         self.cos = torch.cos(angles).to(device)
         self.sin = torch.sin(angles).to(device)
 

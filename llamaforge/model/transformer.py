@@ -106,6 +106,16 @@ class Transformer(nn.Module):
         return self.output(h).float()
 
 
+class _SkipInit(torch.overrides.TorchFunctionMode):
+    """Skip `torch.nn.init` calls while modules are made on the meta device: their values are replaced anyway,
+    and a meta `normal_` (nn.Embedding's init) first imports torch._dynamo, ~1 s of a ~2 s load."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs.get("tensor")
+        return func(*args, **(kwargs or {}))
+
+
 def build_model(
     args: ModelArgs,
     state_dict: Mapping[str, Any],
@@ -122,7 +132,7 @@ def build_model(
     """
     quantized = {k: v for k, v in state_dict.items() if not isinstance(v, torch.Tensor)}
     floats = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipInit():
         model = Transformer(args)
     expected = dict(model.state_dict())
     if args.tie_embeddings:
