@@ -43,6 +43,8 @@ class QuantTensorLike(Protocol):
     raw: torch.Tensor  # uint8 (rows, bytes_per_row)
     qtype: str  # "Q4_1", "Q8_0", ...
     shape: Sequence[int]  # (out_features, in_features)
+    # Optional: `release()`, called once the layer holds a repacked copy and no longer needs `raw`
+    # (GGUFQuantTensor drops its file pages from memory, keeping load-time peak memory near one copy).
 
 
 def _check_backend(backend: str) -> str:
@@ -298,7 +300,6 @@ def quantize_model(
     tie_output: Optional[bool] = None,
     backend: str = "auto",
     repack: bool = True,
-    on_converted: Optional[Callable[[str, torch.Tensor], None]] = None,
 ) -> nn.Module:
     """Swap the model's Linear/Embedding modules whose weights arrive quantized; returns the model.
 
@@ -312,10 +313,6 @@ def quantize_model(
         backend: "auto" or "torch" (force the PyTorch path), passed to every new layer.
         repack: repack bytes for the fast kernels (a copy; see QuantizedLinear). False keeps the
             given tensors (zero-copy over a memory-mapped file, slower kernels).
-        on_converted: called as `on_converted(key, raw)` once the layer for `key` no longer needs
-            `raw` (it holds a repacked copy), so a loader can release the bytes, e.g.
-            madvise(MADV_DONTNEED) on its file mapping, and keep peak memory near one copy. Not
-            called for tensors the layer keeps using.
 
     Returns:
         The same model object, modified in place. A Linear bias that is still on the meta device
@@ -366,8 +363,9 @@ def quantize_model(
             raise ConfigError(f"quantized weight {key!r} belongs to {name} ({type(module).__name__}); only nn.Linear "
                               "and nn.Embedding modules can be quantized")
         replaced[name] = new
-        if on_converted is not None and new.qweight.data_ptr() != qt.raw.data_ptr():
-            on_converted(key, qt.raw)
+        release = getattr(qt, "release", None)
+        if callable(release) and new.qweight.data_ptr() != qt.raw.data_ptr():
+            release()  # the layer holds its own copy
     for name, new in replaced.items():
         _set_module(model, name, new)
     if tied:

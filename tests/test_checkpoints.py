@@ -461,6 +461,31 @@ def test_default_model_keep_quantized_and_gguf_round_trip(default_gguf, tmp_path
     assert torch.equal(again.state_dict["layers.7.feed_forward.w1.weight"].raw, ckpt.state_dict["layers.7.feed_forward.w1.weight"].raw)
 
 
+def _mapped_kib(path) -> int:
+    """Resident KiB of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if line[:1].isalnum() and "-" in line.split(" ", 1)[0]:
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
+def test_released_pages_leave_memory_and_read_back_the_file(default_gguf):
+    ckpt = load(default_gguf, keep_quantized=True)
+    quantized = [t for t in ckpt.state_dict.values() if isinstance(t, GGUFQuantTensor)]
+    copies = [t.raw.clone() for t in quantized]  # touches every page
+    touched = _mapped_kib(Path(default_gguf).resolve())
+    for t in quantized:
+        t.release()
+    released = _mapped_kib(Path(default_gguf).resolve())
+    weights_kib = sum(t.raw.numel() for t in quantized) // 1024
+    assert touched - released >= 0.95 * weights_kib  # all but the partial pages at tensor edges
+    assert all(torch.equal(t.raw, c) for t, c in zip(quantized, copies))  # read again from the file
+
+
 # -- bad input ---------------------------------------------------------------------------------------------
 
 def test_detect_format_from_contents(tiny, tmp_path):

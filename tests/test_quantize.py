@@ -288,6 +288,10 @@ class FakeGGUFQuantTensor:
 
     def __init__(self, raw: np.ndarray, qtype: str, shape: tuple[int, int]) -> None:
         self.raw, self.qtype, self.shape = torch.from_numpy(raw), qtype, shape
+        self.released = False
+
+    def release(self) -> None:
+        self.released = True
 
 
 def quant_state(model: ToyModel, qtype: str = "Q8_0") -> dict[str, FakeGGUFQuantTensor]:
@@ -335,14 +339,13 @@ def test_quantize_model_swaps_exactly_the_quantized_modules(on_meta: bool, backe
 def test_quantize_model_zero_copy_and_release_hook() -> None:
     model = ToyModel()
     qstate = quant_state(model)
-    released: list[str] = []
-    quantize_model(model, from_state=qstate, on_converted=lambda key, raw: released.append(key))
-    # repacked layers hold copies, so every key was released (nothing is released without kernels)
-    assert sorted(released) == (sorted(qstate) if HAS_CPP else [])
+    quantize_model(model, from_state=qstate)
+    # repacked layers hold copies, so every tensor was released (nothing is released without kernels)
+    assert sorted(k for k, t in qstate.items() if t.released) == (sorted(qstate) if HAS_CPP else [])
     kept = ToyModel()
-    released.clear()
-    quantize_model(kept, from_state=qstate, repack=False, on_converted=lambda key, raw: released.append(key))
-    assert released == []
+    qstate = quant_state(kept)
+    quantize_model(kept, from_state=qstate, repack=False)
+    assert not any(t.released for t in qstate.values())
     wq = kept.get_submodule("layers.0.attention.wq")
     assert wq.layout == "gguf" and wq.qweight.data_ptr() == qstate["layers.0.attention.wq.weight"].raw.data_ptr()
     x = torch.randn(2, 64)

@@ -63,6 +63,21 @@ class GGUFQuantTensor:
     raw: torch.Tensor
     qtype: str
     shape: tuple[int, int]
+    mapping: Any = field(default=None, repr=False, compare=False)  # the mmap.mmap that `raw` views, if any
+
+    def release(self) -> None:
+        """Drop the file pages under `raw` from this process's memory once a copy of them is held elsewhere.
+
+        The mapping is a private, unmodified map of the file, so a later read of `raw` reads the file
+        again: nothing is lost. Only whole pages inside `raw` are dropped (neighbours stay mapped).
+        """
+        if self.mapping is None or self.raw.numel() == 0 or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = self.raw.data_ptr() - _address(self.mapping)
+        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+        last = (start + self.raw.numel()) // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first:
+            self.mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
 
     @property
     def ndim(self) -> int:
@@ -103,6 +118,11 @@ class GGUFFile:
         if info.nbytes == 0:
             return torch.empty(0, dtype=torch.uint8)
         return torch.frombuffer(self.buffer, dtype=torch.uint8, count=info.nbytes, offset=info.offset)
+
+
+def _address(buffer: Any) -> int:
+    """The address of a writable buffer's first byte (an mmap opened with ACCESS_COPY)."""
+    return torch.frombuffer(buffer, dtype=torch.uint8, count=1).data_ptr()
 
 
 class _Reader:
@@ -419,7 +439,7 @@ def _tensor(gf: GGUFFile, info: GGUFTensorInfo, keep_quantized: bool) -> Any:
         )
     if keep_quantized and len(info.shape) == 2:
         rows = info.shape[0]
-        return GGUFQuantTensor(raw=raw.view(rows, -1), qtype=info.qtype, shape=(rows, info.shape[1]))
+        return GGUFQuantTensor(raw=raw.view(rows, -1), qtype=info.qtype, shape=(rows, info.shape[1]), mapping=gf.buffer)
     return dequantize(raw, info.qtype, info.shape)
 
 
