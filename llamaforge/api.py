@@ -161,6 +161,10 @@ class Llama:
             from llamaforge.quantize import quantize_model_weights
 
             model = quantize_model_weights(model, quantize)
+        if dev.type == "cpu" and world == 1:
+            from llamaforge.kernels.decode import enable_fused_decode
+
+            enable_fused_decode(model)  # one C++ call per one-token step where the model qualifies
         log.info(
             "loaded %s (%s, %.1fM parameters) on %s in %s in %.2fs",
             path, ckpt.format, args.n_params / 1e6, dev, torch_dtype, time.perf_counter() - start,

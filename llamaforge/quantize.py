@@ -443,8 +443,7 @@ def quantize_model_weights(
 
 
 def _install_fused_decode(model: nn.Module) -> None:
-    """Give a Transformer the C++ one-token step where the kernels exist (it checks each call that it applies)."""
-    if hasattr(model, "decode_step") and kernels.get_extension() is not None:
-        from llamaforge.kernels.decode import FusedDecode
+    """Give a Transformer the C++ one-token step (it checks on each call that it applies)."""
+    from llamaforge.kernels.decode import enable_fused_decode
 
-        model.decode_step = FusedDecode()
+    enable_fused_decode(model)

@@ -1,11 +1,11 @@
 // The fused decode step (qdecode.h): for one new token per row, each block computes
 //   h = x + wo(attention(rope(wq(norm(x))), rope(wk(norm(x))), wv(norm(x))))
 //   out = h + w2(silu(w1(norm(h))) * w3(norm(h)))
-// exactly as llamaforge/model/layers.py does (float32 norms, softmax and rotary; int8 activations
-// into the quantized matmuls, as QuantizedLinear), without a Python call per operation: at batch 1
-// the PyTorch ops between the matmuls cost more than the matmuls. Keys and values are read where
-// they lie in the cache (no gather). Each row is computed on its own, so a row's result does not
-// depend on the other rows of the batch.
+// and then logits = output(norm(out)), as llamaforge/model/layers.py does (float32 norms, softmax and
+// rotary; quantized weights take int8 activations as QuantizedLinear does, float32 weights float32
+// dot products), without a Python call per operation: at batch 1 the PyTorch ops between the matmuls
+// cost more than the matmuls. Keys and values are read where they lie in the cache (no gather). Each
+// row is computed on its own, so a row's result does not depend on the other rows of the batch.
 
 #include "qdecode.h"
 
@@ -59,12 +59,26 @@ void rope(float* x, int64_t n_heads, int64_t head_dim, const float* cos, const f
   }
 }
 
+bool any_quantized(const QWeight* const* ws, int n) {
+  for (int i = 0; i < n; ++i)
+    if (!is_float_type(ws[i]->qt)) return true;
+  return false;
+}
+
+// ys_i = x (M, K) @ W_i.T, quantizing x into `rows` only if a weight needs it.
+void project(const QWeight* const* ws, float* const* ys, int n, const float* x, int64_t M, int64_t K,
+             QuantizedRows& rows) {
+  if (any_quantized(ws, n)) rows.quantize(x, M, K);
+  matmul_many(ws, ys, n, rows.act(), x, M);
+}
+
 }  // namespace
 
 Decoder::Decoder(std::vector<DecoderLayer> layers, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
-                 double norm_eps, at::Tensor cos, at::Tensor sin)
-    : layers_(std::move(layers)), n_heads_(n_heads), n_kv_heads_(n_kv_heads), head_dim_(head_dim),
-      eps_(static_cast<float>(norm_eps)), cos_(std::move(cos)), sin_(std::move(sin)) {
+                 double norm_eps, at::Tensor cos, at::Tensor sin, at::Tensor norm, QWeight output)
+    : layers_(std::move(layers)), norm_(std::move(norm)), output_(std::move(output)), n_heads_(n_heads),
+      n_kv_heads_(n_kv_heads), head_dim_(head_dim), eps_(static_cast<float>(norm_eps)), cos_(std::move(cos)),
+      sin_(std::move(sin)) {
   TORCH_CHECK(n_kv_heads > 0 && n_heads % n_kv_heads == 0 && head_dim % 2 == 0,
               "decoder: n_heads must be a multiple of n_kv_heads and head_dim even");
   TORCH_CHECK(cos_.scalar_type() == at::kFloat && cos_.is_contiguous() && cos_.dim() == 2 &&
@@ -89,12 +103,17 @@ Decoder::Decoder(std::vector<DecoderLayer> layers, int64_t n_heads, int64_t n_kv
                 "decoder: projection shapes do not fit dim ", dim, ", ", n_heads, " heads, ", n_kv_heads,
                 " kv heads of ", head_dim);
   }
+  TORCH_CHECK(!layers_.empty(), "decoder: no layers");
+  check_weight(output_.w, output_.qt, output_.N, output_.K, output_.layout);
+  TORCH_CHECK(norm_.scalar_type() == at::kFloat && norm_.is_contiguous() &&
+                  norm_.numel() == layers_[0].attention_norm.numel() && output_.K == norm_.numel() &&
+                  (!output_.bias.defined() || output_.bias.numel() == output_.N),
+              "decoder: the final norm and output projection do not fit dim ", norm_.numel());
 }
 
 at::Tensor Decoder::step(const at::Tensor& x_in, const at::Tensor& pos_in, const at::Tensor& slots_in,
                          at::Tensor& kc, at::Tensor& vc, int64_t kv_len) const {
   const int64_t n_layers = static_cast<int64_t>(layers_.size());
-  TORCH_CHECK(n_layers > 0, "decoder: no layers");
   const int64_t dim = layers_[0].attention_norm.numel(), hd = head_dim_, H = n_heads_, Hkv = n_kv_heads_;
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 3 && x_in.size(1) == 1 && x_in.size(2) == dim,
               "decoder: x must be float32 (B, 1, ", dim, "), got ", x_in.sizes());
@@ -132,11 +151,10 @@ at::Tensor Decoder::step(const at::Tensor& x_in, const at::Tensor& pos_in, const
 
     // Attention: projections from one quantization of the normed input.
     rms_norm(x, ly.attention_norm.data_ptr<float>(), B, dim, eps_, xn.data());
-    rows.quantize(xn.data(), B, dim);
     {
       const QWeight* ws[3] = {&ly.wq, &ly.wk, &ly.wv};
       float* ys[3] = {q.data(), k.data(), v.data()};
-      matmul_many(ws, ys, 3, rows.act(), B);
+      project(ws, ys, 3, xn.data(), B, dim, rows);
     }
     for (int64_t b = 0; b < B; ++b) {
       const int64_t half = hd / 2;
@@ -175,32 +193,36 @@ at::Tensor Decoder::step(const at::Tensor& x_in, const at::Tensor& pos_in, const
         for (int64_t j = 0; j < n; ++j) axpy(p[j] / sum, vh + j * hd, o, hd);
       }
     });
-    rows.quantize(attn.data(), B, H * hd);
     {
       const QWeight* ws[1] = {&ly.wo};
       float* ys[1] = {proj.data()};
-      matmul_many(ws, ys, 1, rows.act(), B);
+      project(ws, ys, 1, attn.data(), B, H * hd, rows);
     }
     for (int64_t i = 0; i < B * dim; ++i) x[i] += proj[i];
 
     // Feed-forward: w2(silu(w1 h) * w3 h), w1 and w3 from one quantization.
     rms_norm(x, ly.ffn_norm.data_ptr<float>(), B, dim, eps_, xn.data());
-    rows.quantize(xn.data(), B, dim);
     {
       const QWeight* ws[2] = {&ly.w1, &ly.w3};
       float* ys[2] = {gate.data(), up.data()};
-      matmul_many(ws, ys, 2, rows.act(), B);
+      project(ws, ys, 2, xn.data(), B, dim, rows);
     }
     for (int64_t i = 0; i < B * hidden; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
-    rows.quantize(gate.data(), B, hidden);
     {
       const QWeight* ws[1] = {&ly.w2};
       float* ys[1] = {proj.data()};
-      matmul_many(ws, ys, 1, rows.act(), B);
+      project(ws, ys, 1, gate.data(), B, hidden, rows);
     }
     for (int64_t i = 0; i < B * dim; ++i) x[i] += proj[i];
   }
-  return out;
+  rms_norm(x, norm_.data_ptr<float>(), B, dim, eps_, xn.data());
+  at::Tensor logits = at::empty({B, 1, output_.N}, at::kFloat);
+  {
+    const QWeight* ws[1] = {&output_};
+    float* ys[1] = {logits.data_ptr<float>()};
+    project(ws, ys, 1, xn.data(), B, dim, rows);
+  }
+  return logits;
 }
 
 }  // namespace lfq

@@ -1,5 +1,5 @@
-// The fused decode step: every transformer block of a quantized Llama for one new token per row,
-// in one call from Python (qdecode.cpp). Same maths as llamaforge/model/layers.py for T == 1.
+// The fused decode step: a Llama's blocks, final norm and output projection for one new token per
+// row, in one call from Python (qdecode.cpp); weights quantized or float. Same maths as llamaforge/model/layers.py for T == 1.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -17,19 +17,22 @@ struct DecoderLayer {
 
 class Decoder {
  public:
-  // cos, sin: float32 (max positions, head_dim / 2), the model's rotary tables.
+  // cos, sin: float32 (max positions, head_dim / 2), the model's rotary tables; norm: the final
+  // RMSNorm's float32 (dim,) weight; output: the (vocab, dim) output projection.
   Decoder(std::vector<DecoderLayer> layers, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, double norm_eps,
-          at::Tensor cos, at::Tensor sin);
+          at::Tensor cos, at::Tensor sin, at::Tensor norm, QWeight output);
 
   // x: float32 (B, 1, dim) token embeddings; pos, slots: int64 (B,); k_cache, v_cache: float32
   // (n_layers, slots, n_kv_heads, max_seq_len, head_dim). Writes each row's keys and values at
-  // (slot, pos) and attends over its positions [0, min(pos + 1, kv_len)). Returns the last block's
-  // output (B, 1, dim), before the final norm.
+  // (slot, pos) and attends over its positions [0, min(pos + 1, kv_len)). Returns the logits
+  // (B, 1, vocab) in float32.
   at::Tensor step(const at::Tensor& x, const at::Tensor& pos, const at::Tensor& slots, at::Tensor& k_cache,
                   at::Tensor& v_cache, int64_t kv_len) const;
 
  private:
   std::vector<DecoderLayer> layers_;
+  at::Tensor norm_;
+  QWeight output_;
   int64_t n_heads_, n_kv_heads_, head_dim_;
   float eps_;
   at::Tensor cos_, sin_;

@@ -21,6 +21,8 @@
 #include <ATen/ops/mm.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "qcommon.h"
@@ -37,6 +39,13 @@ int64_t& min_bytes_per_thread() {
 }
 
 void check_weight(const at::Tensor& w, int64_t qt, int64_t N, int64_t K, int64_t layout) {
+  if (is_float_type(qt)) {
+    const at::ScalarType want = qt == T_F32 ? at::kFloat : qt == T_F16 ? at::kHalf : at::kBFloat16;
+    TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == want && w.dim() == 2 && w.is_contiguous() &&
+                    w.size(0) == N && w.size(1) == K && layout == LAYOUT_GGUF,
+                "llamaforge kernels: a float weight must be a contiguous CPU (", N, ", ", K, ") tensor of ", want);
+    return;
+  }
   const TypeInfo ti = type_info(qt);
   TORCH_CHECK(ti.block > 0, "llamaforge kernels: unsupported GGML type id ", qt);
   TORCH_CHECK(layout == LAYOUT_GGUF || (layout == LAYOUT_X8 && x8_supported(qt)),
@@ -65,14 +74,62 @@ void QuantizedRows::quantize(const float* x, int64_t M, int64_t k) {
   });
 }
 
-void matmul_many(const QWeight* const* ws, float* const* ys, int n, const Act& a, int64_t M) {
+namespace {
+
+// 8 weights from a float/half/bfloat16 row, as float32.
+template <int64_t QT>
+inline __m256 load8(const void* w, int64_t k) {
+  if constexpr (QT == T_F32) {
+    return _mm256_loadu_ps(static_cast<const float*>(w) + k);
+  } else if constexpr (QT == T_F16) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + k)));
+  } else {  // bfloat16: the high half of a float32
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + k));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+}
+
+// y[:, n0:n1] = x (M, K) @ W[n0:n1].T for a plain float weight, four activation rows per pass over a
+// weight row (so each row is read once per four activation rows).
+template <int64_t QT>
+void matmul_float(const void* w, int64_t n0, int64_t n1, int64_t K, const float* x, int64_t M, float* y, int64_t N) {
+  using elem = std::conditional_t<QT == T_F32, float, uint16_t>;
+  const int64_t k8 = K / 8 * 8;
+  for (int64_t n = n0; n < n1; ++n) {
+    const elem* row = static_cast<const elem*>(w) + n * K;
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int64_t mr = std::min<int64_t>(4, M - m0);
+      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int64_t k = 0; k < k8; k += 8) {
+        const __m256 wv = load8<QT>(row, k);
+        for (int64_t i = 0; i < mr; ++i)
+          acc[i] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (m0 + i) * K + k), acc[i]);
+      }
+      for (int64_t i = 0; i < mr; ++i) {
+        float s = hsum(acc[i]);
+        for (int64_t k = k8; k < K; ++k) {
+          float wk;
+          if constexpr (QT == T_F32) wk = row[k];
+          else if constexpr (QT == T_F16) wk = _cvtsh_ss(row[k]);
+          else { const uint32_t b = static_cast<uint32_t>(row[k]) << 16; std::memcpy(&wk, &b, 4); }
+          s += wk * x[(m0 + i) * K + k];
+        }
+        y[(m0 + i) * N + n] = s;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void matmul_many(const QWeight* const* ws, float* const* ys, int n, const Act& a, const float* x, int64_t M) {
   // Units of work: groups of 8 rows (x8) or single rows (gguf), numbered across all the weights.
   std::vector<int64_t> first(static_cast<size_t>(n) + 1, 0);
   int64_t bytes = 0;
   for (int i = 0; i < n; ++i) {
     const QWeight& q = *ws[i];
     first[i + 1] = first[i] + (q.layout == LAYOUT_X8 ? (q.N + 7) / 8 : q.N);
-    bytes += q.w.numel();
+    bytes += q.w.numel() * q.w.element_size();
   }
   const int64_t units = first[n];
   if (M == 0 || units == 0) return;
@@ -86,6 +143,16 @@ void matmul_many(const QWeight* const* ws, float* const* ys, int n, const Act& a
       const int64_t lo = std::max(u0, first[i]) - first[i], hi = std::min(u1, first[i + 1]) - first[i];
       if (lo >= hi) continue;
       const QWeight& q = *ws[i];
+      if (q.qt == T_F32) {
+        matmul_float<T_F32>(q.w.data_ptr(), lo, hi, q.K, x, M, ys[i], q.N);
+        continue;
+      } else if (q.qt == T_F16) {
+        matmul_float<T_F16>(q.w.data_ptr(), lo, hi, q.K, x, M, ys[i], q.N);
+        continue;
+      } else if (q.qt == T_BF16) {
+        matmul_float<T_BF16>(q.w.data_ptr(), lo, hi, q.K, x, M, ys[i], q.N);
+        continue;
+      }
       const uint8_t* wp = q.w.data_ptr<uint8_t>();
       if (q.layout != LAYOUT_X8)
         matmul_gguf(q.qt, wp, q.w.size(1), lo, hi, q.K, a, M, ys[i], q.N);
@@ -114,6 +181,7 @@ using namespace lfq;
 at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t qt, int64_t N, int64_t K,
                    const std::optional<at::Tensor>& bias, int64_t gemm_rows, int64_t layout) {
   check_weight(w, qt, N, K, layout);
+  TORCH_CHECK(!is_float_type(qt), "llamaforge kernels: qlinear takes quantized weights (use F.linear for float ones)");
   TORCH_CHECK(x.device().is_cpu() && x.dim() >= 1 && x.size(-1) == K,
               "llamaforge kernels: input must be a CPU tensor with last dimension ", K, ", got ", x.sizes());
   const at::Tensor xf = x.to(at::kFloat).contiguous();
@@ -146,7 +214,7 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t qt, int64_t
     const QWeight q{w, qt, N, K, layout, at::Tensor()};
     const QWeight* ws[1] = {&q};
     float* ys[1] = {yp};
-    matmul_many(ws, ys, 1, rows.act(), M);
+    matmul_many(ws, ys, 1, rows.act(), nullptr, M);
   }
   if (bias.has_value() && bias->defined()) y.add_(bias->to(at::kFloat));
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
@@ -235,26 +303,30 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "whether the AVX-512 VNNI tiles are used; `on` switches them off (or back on where supported)",
       py::arg("on") = py::none());
 
-  // The fused decode step (qdecode.h). A weight is (bytes, qt, N, K, layout, bias or None); a layer is
+  // The fused decode step (qdecode.h). A weight is (tensor, qt, N, K, layout, bias or None): GGUF bytes,
+  // or a float (N, K) tensor with qt 0 (F32), 1 (F16), 30 (BF16); a layer is
   // (attention_norm, ffn_norm, [wq, wk, wv, wo, w1, w2, w3]).
   using WeightSpec = std::tuple<at::Tensor, int64_t, int64_t, int64_t, int64_t, std::optional<at::Tensor>>;
   using LayerSpec = std::tuple<at::Tensor, at::Tensor, std::vector<WeightSpec>>;
   py::class_<Decoder>(m, "Decoder")
       .def(py::init([](const std::vector<LayerSpec>& specs, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
-                       double norm_eps, at::Tensor cos, at::Tensor sin) {
+                       double norm_eps, at::Tensor cos, at::Tensor sin, at::Tensor norm, const WeightSpec& output) {
+             auto weight = [](const WeightSpec& spec) {
+               const auto& [w, qt, N, K, layout, bias] = spec;
+               return QWeight{w, qt, N, K, layout, bias.has_value() ? *bias : at::Tensor()};
+             };
              std::vector<DecoderLayer> layers;
              for (const auto& [attention_norm, ffn_norm, weights] : specs) {
                TORCH_CHECK(weights.size() == 7, "decoder: a layer has 7 weights (wq wk wv wo w1 w2 w3)");
                std::vector<QWeight> q;
-               for (const auto& [w, qt, N, K, layout, bias] : weights)
-                 q.push_back(QWeight{w, qt, N, K, layout, bias.has_value() ? *bias : at::Tensor()});
+               for (const WeightSpec& spec : weights) q.push_back(weight(spec));
                layers.push_back(DecoderLayer{attention_norm, ffn_norm, q[0], q[1], q[2], q[3], q[4], q[5], q[6]});
              }
              return Decoder(std::move(layers), n_heads, n_kv_heads, head_dim, norm_eps, std::move(cos),
-                            std::move(sin));
+                            std::move(sin), std::move(norm), weight(output));
            }),
            py::arg("layers"), py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("norm_eps"),
-           py::arg("cos"), py::arg("sin"))
-      .def("step", &Decoder::step, "all blocks for one new token per row (see qdecode.h)", py::arg("x"),
+           py::arg("cos"), py::arg("sin"), py::arg("norm"), py::arg("output"))
+      .def("step", &Decoder::step, "logits for one new token per row (see qdecode.h)", py::arg("x"),
            py::arg("pos"), py::arg("slots"), py::arg("k_cache"), py::arg("v_cache"), py::arg("kv_len"), release());
 }

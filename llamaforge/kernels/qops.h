@@ -12,8 +12,13 @@
 
 namespace lfq {
 
+// GGML type ids of plain float weights: `w` is then a contiguous (N, K) tensor of that dtype.
+constexpr int64_t T_F32 = 0, T_F16 = 1, T_BF16 = 30;
+inline bool is_float_type(int64_t qt) { return qt == T_F32 || qt == T_F16 || qt == T_BF16; }
+
 // A weight in GGUF blocks: uint8 bytes `w` in `layout` (LAYOUT_GGUF or LAYOUT_X8) holding an (N, K)
-// matrix of GGML type `qt`; `bias` (N,) float32 or undefined.
+// matrix of GGML type `qt`, or a plain float (N, K) tensor (T_F32 / T_F16 / T_BF16, layout 0);
+// `bias` (N,) float32 or undefined.
 struct QWeight {
   at::Tensor w;
   int64_t qt = 0, N = 0, K = 0, layout = 0;
@@ -35,10 +40,11 @@ struct QuantizedRows {
   Act act() const { return Act{q.data(), d.data(), s.data(), h.data(), K, nb}; }
 };
 
-// y_i (M, N_i) = x @ W_i.T (+ bias_i) for weights W_0..W_{n-1} that share K, from activations
-// quantized once: one parallel region over all their rows, so small matrices (wk, wv) share threads
-// with big ones instead of each waking the pool.
-void matmul_many(const QWeight* const* ws, float* const* ys, int n, const Act& a, int64_t M);
+// y_i (M, N_i) = x @ W_i.T (+ bias_i) for weights W_0..W_{n-1} that share K: one parallel region
+// over all their rows, so small matrices (wk, wv) share threads with big ones instead of each waking
+// the pool. Quantized weights read `a` (x quantized once), float weights read x itself (float32
+// products and sums, the weight converted on the fly).
+void matmul_many(const QWeight* const* ws, float* const* ys, int n, const Act& a, const float* x, int64_t M);
 
 // Weight bytes (times 4-row tiles) below which a matmul stays on one thread.
 int64_t& min_bytes_per_thread();

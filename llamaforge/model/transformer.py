@@ -30,9 +30,10 @@ class Transformer(nn.Module):
         self.rope = RotaryEmbedding(args)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        # Optional fast path for one-token steps with a cache: called as
-        # decode_step(self, h, input_pos, cache, slots, kv_len) with the token embeddings h, it returns
-        # the blocks' output or None where it does not apply. llamaforge.quantize installs a C++ one.
+        # Optional fast path for one-token steps with a cache: called by forward as
+        # decode_step(self, tokens, input_pos, cache, slots, kv_len), it returns the logits or None
+        # where it does not apply. llamaforge.kernels.decode has a C++ one (installed by Llama.build on
+        # CPU and by llamaforge.quantize).
         self.decode_step: Optional[Callable[..., Optional[torch.Tensor]]] = None
 
     def hidden_states(
@@ -57,10 +58,6 @@ class Transformer(nn.Module):
         device = tokens.device
         if input_pos is None:
             input_pos = 0
-        if seqlen == 1 and cache is not None and layer is None and self.decode_step is not None:
-            out = self.decode_step(self, self.tok_embeddings(tokens), input_pos, cache, slots, kv_len)
-            if out is not None:
-                return self.norm(out)
         if isinstance(input_pos, int):
             # Shared positions: the common cases need no mask tensor (a mask slows CPU attention ~5x).
             start = input_pos
@@ -100,6 +97,10 @@ class Transformer(nn.Module):
         last_only: bool = False,
     ) -> torch.Tensor:
         """Logits in float32: (B, T, vocab), or (B, 1, vocab) for the last position when `last_only`."""
+        if tokens.shape[1] == 1 and cache is not None and self.decode_step is not None:
+            logits = self.decode_step(self, tokens, 0 if input_pos is None else input_pos, cache, slots, kv_len)
+            if logits is not None:
+                return logits
         h = self.hidden_states(tokens, input_pos, cache, slots, kv_len)
         if last_only:
             h = h[:, -1:]
