@@ -18,7 +18,7 @@ LLAMAFORGE_KERNELS=torch, or inputs that require grad) is exact up to matmul rou
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping, Optional, Protocol, Sequence
+from typing import Iterable, Mapping, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
