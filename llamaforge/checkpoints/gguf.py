@@ -409,7 +409,8 @@ def load_gguf(
     """Load a Llama GGUF file as (ModelArgs, Meta-named state dict, plain-python metadata).
 
     Float tensors keep their stored dtype (F32/F16/BF16) and share the file mapping; quantized ones
-    are dequantized to float32, or, with `keep_quantized`, 2-D ones are returned as GGUFQuantTensor.
+    are dequantized to float32, or, with `keep_quantized`, 2-D ones (and 2-D F16/BF16 ones) are
+    returned as GGUFQuantTensor.
 
     Raises:
         CheckpointError: see `read_gguf`, `args_from_gguf`; unknown/missing tensors; undecodable types.
@@ -428,8 +429,15 @@ def load_gguf(
     return args, state_dict, dict(gf.metadata)
 
 
+# Float types that `keep_quantized` also keeps as stored bytes (weight-only 16-bit layers on the CPU).
+_KEPT_FLOATS = ("F16", "BF16")
+
+
 def _tensor(gf: GGUFFile, info: GGUFTensorInfo, keep_quantized: bool) -> Any:
     raw = gf.raw(info)
+    if keep_quantized and info.qtype in _KEPT_FLOATS and len(info.shape) == 2:
+        rows = info.shape[0]
+        return GGUFQuantTensor(raw=raw.view(rows, -1), qtype=info.qtype, shape=(rows, info.shape[1]), mapping=gf.buffer)
     if info.qtype in _AS_STORED:
         return raw.view(_AS_STORED[info.qtype]).reshape(info.shape)
     if not can_dequantize(info.qtype):

@@ -2,7 +2,8 @@
 
 A quantized 2-D weight of shape (out_features, in_features) is stored as GGUF stores it: a uint8
 tensor (out_features, bytes_per_row), each row a run of blocks (32 weights per block for
-Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, 256 per super-block for Q4_K/Q5_K/Q6_K). The byte layouts are
+Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, 256 per super-block for Q4_K/Q5_K/Q6_K; F16 and BF16 weights are held the
+same way, as their bytes, "blocks" of one weight). The byte layouts are
 llama.cpp's (ggml-common.h); `dequantize_torch` ports gguf-py's numpy `dequantize_blocks` operation
 for operation, so it is bit-identical to `gguf.quants.dequantize` and runs on any device (it is the
 fallback path on CUDA/MPS and on CPUs without the C++ kernels). `quantize_numpy` uses gguf-py's
@@ -45,6 +46,9 @@ QTYPES: dict[str, QType] = {
         QType("Q4_K", 12, 256, 144),
         QType("Q5_K", 13, 256, 176),
         QType("Q6_K", 14, 256, 210),
+        # 16-bit floats, kept as stored (weight-only: the matmul converts them to float32 on the fly).
+        QType("F16", 1, 1, 2),
+        QType("BF16", 30, 1, 2),
     )
 }
 
@@ -188,7 +192,13 @@ def _deq_q6_k(b: torch.Tensor) -> torch.Tensor:
     return (d * q).reshape(n, 256)
 
 
+def _deq_16bit(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda b: b.contiguous().view(dtype).to(torch.float32)
+
+
 _DEQUANT: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "F16": _deq_16bit(torch.float16),
+    "BF16": _deq_16bit(torch.bfloat16),
     "Q4_0": _deq_q4_0,
     "Q4_1": _deq_q4_1,
     "Q5_0": _deq_q5_0,

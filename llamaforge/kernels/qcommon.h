@@ -14,6 +14,9 @@ namespace lfq {
 // GGML type ids (gguf.GGMLQuantizationType values).
 constexpr int64_t T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8;
 constexpr int64_t T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14;
+// Plain float weights (no blocks): the kernels convert them on the fly and multiply in float32.
+constexpr int64_t T_F32 = 0, T_F16 = 1, T_BF16 = 30;
+inline bool is_float_type(int64_t qt) { return qt == T_F32 || qt == T_F16 || qt == T_BF16; }
 
 struct TypeInfo {
   int64_t block;  // weights per block
@@ -30,6 +33,9 @@ inline TypeInfo type_info(int64_t qt) {
     case T_Q4_K: return {256, 144};
     case T_Q5_K: return {256, 176};
     case T_Q6_K: return {256, 210};
+    case T_F32: return {1, 4};
+    case T_F16: return {1, 2};
+    case T_BF16: return {1, 2};
     default: return {0, 0};
   }
 }
@@ -38,6 +44,14 @@ inline float fp16(const uint8_t* p) {
   uint16_t h;
   std::memcpy(&h, p, 2);
   return _cvtsh_ss(h);
+}
+
+inline float bf16(const uint8_t* p) {
+  uint32_t b = 0;
+  std::memcpy(reinterpret_cast<uint8_t*>(&b) + 2, p, 2);
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
 }
 
 inline float hsum(__m256 v) {

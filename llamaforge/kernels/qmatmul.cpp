@@ -41,9 +41,11 @@ int64_t& min_bytes_per_thread() {
 void check_weight(const at::Tensor& w, int64_t qt, int64_t N, int64_t K, int64_t layout) {
   if (is_float_type(qt)) {
     const at::ScalarType want = qt == T_F32 ? at::kFloat : qt == T_F16 ? at::kHalf : at::kBFloat16;
-    TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == want && w.dim() == 2 && w.is_contiguous() &&
-                    w.size(0) == N && w.size(1) == K && layout == LAYOUT_GGUF,
-                "llamaforge kernels: a float weight must be a contiguous CPU (", N, ", ", K, ") tensor of ", want);
+    const bool as_bytes = w.scalar_type() == at::kByte && w.dim() == 2 && w.size(1) == K * type_info(qt).bytes;
+    TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.is_contiguous() && w.size(0) == N &&
+                    layout == LAYOUT_GGUF && ((w.scalar_type() == want && w.size(1) == K) || as_bytes),
+                "llamaforge kernels: a float weight must be a contiguous CPU (", N, ", ", K, ") tensor of ", want,
+                " or its bytes, got ", w.scalar_type(), " ", w.sizes());
     return;
   }
   const TypeInfo ti = type_info(qt);
@@ -181,7 +183,6 @@ using namespace lfq;
 at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t qt, int64_t N, int64_t K,
                    const std::optional<at::Tensor>& bias, int64_t gemm_rows, int64_t layout) {
   check_weight(w, qt, N, K, layout);
-  TORCH_CHECK(!is_float_type(qt), "llamaforge kernels: qlinear takes quantized weights (use F.linear for float ones)");
   TORCH_CHECK(x.device().is_cpu() && x.dim() >= 1 && x.size(-1) == K,
               "llamaforge kernels: input must be a CPU tensor with last dimension ", K, ", got ", x.sizes());
   const at::Tensor xf = x.to(at::kFloat).contiguous();
@@ -189,8 +190,8 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t qt, int64_t
   std::vector<int64_t> oshape(x.sizes().begin(), x.sizes().end());
   oshape.back() = N;
   at::Tensor y = at::empty(oshape, xf.options());
-  const int64_t bpr = w.size(1);
-  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const int64_t bpr = w.size(1) * w.element_size();  // bytes per row
+  const uint8_t* wp = static_cast<const uint8_t*>(w.data_ptr());
   float* yp = y.data_ptr<float>();
   if (M == 0 || N == 0) {
   } else if (gemm_rows > 0 && M >= gemm_rows) {
@@ -209,12 +210,12 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t qt, int64_t
       at::mm_out(ys, x2, wt.narrow(0, 0, nt).t());
     }
   } else {
-    QuantizedRows rows;
-    rows.quantize(xf.data_ptr<float>(), M, K);
+    QuantizedRows rows;  // float weights read x itself
+    if (!is_float_type(qt)) rows.quantize(xf.data_ptr<float>(), M, K);
     const QWeight q{w, qt, N, K, layout, at::Tensor()};
     const QWeight* ws[1] = {&q};
     float* ys[1] = {yp};
-    matmul_many(ws, ys, 1, rows.act(), nullptr, M);
+    matmul_many(ws, ys, 1, rows.act(), xf.data_ptr<float>(), M);
   }
   if (bias.has_value() && bias->defined()) y.add_(bias->to(at::kFloat));
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
@@ -224,8 +225,8 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t qt, int64_t
 at::Tensor dequantize(const at::Tensor& w, int64_t qt, int64_t N, int64_t K, int64_t layout) {
   check_weight(w, qt, N, K, layout);
   at::Tensor out = at::empty({N, K}, at::kFloat);
-  const int64_t bpr = w.size(1);
-  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const int64_t bpr = w.size(1) * w.element_size();  // bytes per row
+  const uint8_t* wp = static_cast<const uint8_t*>(w.data_ptr());
   float* op = out.data_ptr<float>();
   at::parallel_for(0, N, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) dequant_any(layout, qt, wp, bpr, r, K, op + r * K);
@@ -241,11 +242,11 @@ at::Tensor dequantize_rows(const at::Tensor& w, const at::Tensor& idx, int64_t q
   std::vector<int64_t> oshape(ix.sizes().begin(), ix.sizes().end());
   oshape.push_back(K);
   at::Tensor out = at::empty(oshape, at::kFloat);
-  const int64_t R = ix.numel(), bpr = w.size(1);
+  const int64_t R = ix.numel(), bpr = w.size(1) * w.element_size();
   const int64_t* ip = ix.data_ptr<int64_t>();
   for (int64_t r = 0; r < R; ++r)
     TORCH_CHECK_INDEX(ip[r] >= 0 && ip[r] < N, "index ", ip[r], " is out of range for an embedding of ", N, " rows");
-  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const uint8_t* wp = static_cast<const uint8_t*>(w.data_ptr());
   float* op = out.data_ptr<float>();
   at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) dequant_any(layout, qt, wp, bpr, ip[r], K, op + r * K);

@@ -12,12 +12,9 @@
 
 namespace lfq {
 
-// GGML type ids of plain float weights: `w` is then a contiguous (N, K) tensor of that dtype.
-constexpr int64_t T_F32 = 0, T_F16 = 1, T_BF16 = 30;
-inline bool is_float_type(int64_t qt) { return qt == T_F32 || qt == T_F16 || qt == T_BF16; }
-
 // A weight in GGUF blocks: uint8 bytes `w` in `layout` (LAYOUT_GGUF or LAYOUT_X8) holding an (N, K)
-// matrix of GGML type `qt`, or a plain float (N, K) tensor (T_F32 / T_F16 / T_BF16, layout 0);
+// matrix of GGML type `qt`, or a plain float weight (T_F32 / T_F16 / T_BF16, layout 0: a contiguous
+// (N, K) tensor of that dtype, or its bytes as uint8 (N, K * element size));
 // `bias` (N,) float32 or undefined.
 struct QWeight {
   at::Tensor w;

@@ -172,6 +172,12 @@ inline void matmul_dispatch(int64_t qt, const uint8_t* w, int64_t bpr, int64_t n
 
 inline void dequant_row(int64_t qt, const uint8_t* w, int64_t K, float* out) {
   switch (qt) {
+    case T_F16:
+      for (int64_t k = 0; k < K; ++k) out[k] = fp16(w + 2 * k);
+      break;
+    case T_BF16:
+      for (int64_t k = 0; k < K; ++k) out[k] = bf16(w + 2 * k);
+      break;
     case T_Q8_0:
       for (int64_t b = 0; b < K / 32; ++b, w += 34) {
         const float dd = fp16(w);
