@@ -48,7 +48,7 @@ def render(meta: dict, cells: list[dict], decode: Callable[[list[int]], str]) ->
         f"{m['transformers']}, gguf {m['gguf']}, llamaforge {m['llamaforge']}",
         f"- settings: {a['threads']} threads; prompt {a['prompt_len']} tokens; batch 1: {a['gen_len']} new tokens, "
         f"median of {a['runs']} runs after a warm-up; batched: {a['batch_gen_len']} new tokens per sequence, "
-        f"median of {a['batch_runs']}; greedy, no stop tokens; llamaforge dtype at 4/8 bits: "
+        f"median of {a['batch_runs']}; greedy, no stop tokens; llamaforge dtype at 4/8/16 bits: "
         f"`{a['llamaforge_dtype']}`",
         f"- load average (1 min) during the cells: {min(loads, default=0):.1f} to {max(loads, default=0):.1f} on "
         f"{m['cores']} cores: other jobs shared the machine, so read the ratios, not the absolute figures",
