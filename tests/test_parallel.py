@@ -28,7 +28,8 @@ def torchrun(tmp_path: Path, ckpt: Path, nproc: int) -> dict:
         [exe, "--standalone", f"--nproc_per_node={nproc}", str(Path(__file__).with_name("tp_worker.py")), str(ckpt), str(out)],
         capture_output=True, text=True, timeout=300, env=env, cwd=Path(__file__).parent.parent,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # torchrun ends stderr with its own summary: show the start too, where a worker's traceback is.
+    assert proc.returncode == 0, proc.stderr[:4000] + "\n...\n" + proc.stderr[-2000:]
     return json.loads(out.read_text())
 
 

@@ -47,7 +47,8 @@ def test_two_gloo_processes_equal_one_process_with_twice_the_accumulation(tmp_pa
          "-m", "llamaforge.cli.main", "train", str(two)],
         env=env, capture_output=True, text=True, timeout=300,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # torchrun ends stderr with its own summary: show the start too, where a worker's traceback is.
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[:4000] + "\n...\n" + proc.stderr[-2000:]
     assert "trained steps 0 -> 4" in proc.stdout
 
     one_cfg = _toml(tmp_path / "one.toml", tmp_path / "one", tmp_path / "data", grad_accum=2, extra=extra)

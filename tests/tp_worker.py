@@ -17,4 +17,5 @@ if dist.get_rank() == 0:
     with open(out, "w") as f:
         json.dump({"greedy": greedy, "logprobs": logprobs, "sampled": sampled, "world": dist.get_world_size(),
                    "local_heads": gen.model.args.n_heads}, f)
+dist.barrier()  # both ranks done before either closes its gloo connections
 dist.destroy_process_group()

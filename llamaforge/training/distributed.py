@@ -57,6 +57,9 @@ def setup(device: torch.device) -> DistInfo:
 
 def teardown(info: DistInfo) -> None:
     if info.distributed and dist.is_initialized():
+        # Every rank past its last collective before any closes its connections: a gloo peer that
+        # goes away while another still talks to it aborts that process.
+        dist.barrier()
         dist.destroy_process_group()
 
 
