@@ -229,3 +229,20 @@ def test_16bit_gguf_stays_16bit_and_decodes_as_float32(tiny_checkpoints, tmp_pat
     for a, b in zip(ours[1], theirs[1]):
         assert a == pytest.approx(b, abs=1e-4)
     assert kept.model.decode_step._decoder is not None  # the one-token steps ran fused
+
+
+def test_rebuilds_after_data_is_swapped_in_place():
+    """`param.data = ...` keeps the Parameter object but gives it new storage: the decoder must notice."""
+    model = make_model(None)
+    cache, last = prefill(model, [4], [0], n_slots=1)
+    ref_cache = copy.deepcopy(cache)
+    with torch.inference_mode():
+        model(torch.tensor([[last[0]]]), 4, copy.deepcopy(cache))
+    first = model.decode_step._decoder
+    with torch.no_grad():
+        model.layers[0].attention.wo.weight.data = torch.randn(64, 64)
+    with torch.inference_mode():
+        ours = model(torch.tensor([[last[0]]]), 4, cache)
+        ref = eager(model)(torch.tensor([[last[0]]]), 4, ref_cache)
+    assert model.decode_step._decoder is not first
+    assert rel(ours, ref) < REL_TOL
