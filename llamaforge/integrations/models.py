@@ -96,3 +96,35 @@ def clear_cache() -> None:
     """Forget every loaded model (their memory is freed once no pipeline holds a view)."""
     with _LOCK:
         _LOADED.clear()
+
+
+class LazyLlama:
+    """Base of the spaCy-side objects that hold a `Llama`: one passed in (`llama=`), or one loaded with
+    `load_llama(self.model_path, device=self.device, dtype=self.dtype, ...)` on first use.
+
+    spaCy pickles pipelines for n_process > 1: a model loaded here is left out of the pickle and the copy
+    loads its own on first use; a Llama passed in travels with it.
+    """
+
+    model_path: Optional[str]
+    device: str
+    dtype: Optional[str]
+
+    def _hold(self, llama: "object") -> None:
+        """Start with the caller's Llama, or None to load one on first use."""
+        self._llama = llama
+        self._loaded_here = False
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        if state.get("_loaded_here"):
+            state["_llama"], state["_loaded_here"] = None, False
+        return state
+
+    def _load_once(self, **view) -> bool:
+        """Load the Llama if none is held yet (`view`: load_llama's max_seq_len, max_batch_size); True if it did."""
+        if self._llama is not None:
+            return False
+        self._loaded_here = True
+        self._llama = load_llama(self.model_path, device=self.device, dtype=self.dtype, **view)
+        return True

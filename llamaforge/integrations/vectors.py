@@ -26,6 +26,7 @@ import torch
 
 from llamaforge.errors import ConfigError
 from llamaforge.integrations.alignment import encode_aligned, overlaps
+from llamaforge.integrations.models import LazyLlama
 
 POOLINGS = ("mean", "first", "last", "max")
 
@@ -47,7 +48,7 @@ def layer_states(model, tokens: torch.Tensor, layer: Optional[int]) -> torch.Ten
     return model.hidden_states(tokens, layer=depth)
 
 
-class LlamaforgeVectors:
+class LlamaforgeVectors(LazyLlama):
     """spaCy component: sets `doc.tensor` and vector/similarity hooks from a Llama's hidden states."""
 
     def __init__(
@@ -91,27 +92,14 @@ class LlamaforgeVectors:
         self.layer = layer
         self.window = _check_int("window", window, 2)
         self.batch_size = _check_int("batch_size", batch_size, 1)
-        self._llama = llama
-        self._loaded_here = False
+        self._hold(llama)
         if llama is not None:
             self._check_layer()
-
-    def __getstate__(self) -> dict:
-        # A model this object loaded itself is not pickled (spaCy pickles pipelines for n_process > 1):
-        # the copy loads its own on first use. A Llama passed in as `llama=` travels with it.
-        state = dict(self.__dict__)
-        if state.get("_loaded_here"):
-            state["_llama"], state["_loaded_here"] = None, False
-        return state
 
     @property
     def llama(self):
         """The `llamaforge.Llama` whose hidden states are used (loaded on first access)."""
-        if self._llama is None:
-            from llamaforge.integrations.models import load_llama
-
-            self._loaded_here = True
-            self._llama = load_llama(self.model_path, device=self.device, dtype=self.dtype)
+        if self._load_once():
             self._check_layer()
         return self._llama
 
