@@ -17,12 +17,12 @@ from typing import Iterator, List, Optional, Sequence, TypedDict, Union
 
 import torch
 
-from llamaforge import devices
+from llamaforge import devices, runtime
 from llamaforge.chat import Dialog, Message, chat_format_for, has_special_tags
 from llamaforge.errors import ConfigError, GenerationError, TokenizerError
 from llamaforge.generation import SamplingParams, generate, iterate
 from llamaforge.generation.generate import check_prompts
-from llamaforge.model import ModelArgs, Transformer, build_model
+from llamaforge.model import ModelArgs, Transformer
 from llamaforge.tokenizer import Tokenizer
 
 log = logging.getLogger("llamaforge")
@@ -57,8 +57,14 @@ class Llama:
         device: torch.device,
         checkpoint_format: str = "unknown",
         source: Optional[Path] = None,
+        decode_step: Optional[runtime.DecodeStep] = None,
     ):
+        """Wrap a built model and its tokenizer; `decode_step` is the one-token step generation calls
+        (default: the model's modules; `Llama.build` passes the one `llamaforge.runtime.prepare` chose)."""
+        if decode_step is not None and decode_step.model is not model:
+            raise ConfigError("decode_step must be a DecodeStep of this model (its .model is another one)")
         self.model = model
+        self.decode_step = decode_step if decode_step is not None else runtime.DecodeStep(model)
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
         self.max_batch_size = max_batch_size
@@ -151,27 +157,15 @@ class Llama:
                 max_seq_len, args.max_seq_len,
             )
             args = dataclasses.replace(args, max_seq_len=max_seq_len)
-        if world > 1:
-            model = build_model(parallel.local_args(args, world), parallel.shard_for_rank(ckpt.state_dict, rank, world),
-                                device=dev, dtype=torch_dtype)
-            model = parallel.apply_tensor_parallel(model)
-        else:
-            model = build_model(args, ckpt.state_dict, device=dev, dtype=torch_dtype)
-        if quantize is not None:
-            from llamaforge.quantize import quantize_model_weights
-
-            model = quantize_model_weights(model, quantize)
-        if dev.type == "cpu" and world == 1:
-            from llamaforge.kernels.decode import enable_fused_decode
-
-            enable_fused_decode(model)  # one C++ call per one-token step where the model qualifies
+        model, decode_step = runtime.prepare(args, ckpt.state_dict, device=dev, dtype=torch_dtype, quantize=quantize,
+                                             world=world, rank=rank)
         log.info(
             "loaded %s (%s, %.1fM parameters) on %s in %s in %.2fs",
             path, ckpt.format, args.n_params / 1e6, dev, torch_dtype, time.perf_counter() - start,
         )
         return Llama(
             model, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size, device=dev,
-            checkpoint_format=ckpt.format, source=path,
+            checkpoint_format=ckpt.format, source=path, decode_step=decode_step,
         )
 
     # -- generation on token ids ------------------------------------------------------------------
@@ -210,7 +204,7 @@ class Llama:
         return generate(
             self.model, prompt_tokens, max_gen_len=max_gen_len, max_seq_len=self.max_seq_len, params=params,
             stop_ids=self._stop_ids(stop_ids), device=self.device, logprobs=logprobs, echo=echo,
-            generator=self._generator(seed),
+            generator=self._generator(seed), decode_step=self.decode_step,
         )
 
     def text_completion(
@@ -313,7 +307,7 @@ class Llama:
         with torch.inference_mode():
             for step in iterate(
                 self.model, [prompt_tokens], total_len=total_len, params=params, stop_ids=stop_tensor,
-                device=self.device, generator=self._generator(seed),
+                device=self.device, generator=self._generator(seed), decode_step=self.decode_step,
             ):
                 token = int(step.tokens[0])
                 if token in stops:

@@ -156,6 +156,7 @@ def test_decode_rows_are_bitwise_independent_of_the_batch():
 
     from llamaforge.model.kv_cache import KVCache
     from llamaforge.quantize import quantize_model_weights
+    from llamaforge.runtime import DecodeStep
     from llamaforge.server.engine import decode_logits
 
     torch.manual_seed(0)
@@ -168,10 +169,11 @@ def test_decode_rows_are_bitwise_independent_of_the_batch():
     pos = torch.tensor([[5], [70], [120], [33], [64], [200]])
     tokens = torch.tensor([[11], [22], [33], [44], [55], [66]])
     with torch.no_grad():
-        for m in (qmodel, fmodel):
-            batch = decode_logits(m, cache, tokens, pos, torch.arange(6))
+        # the quantized model as the server runs it on the CPU (the fused step), the float one on its modules
+        for m, step in ((qmodel, DecodeStep(qmodel, fused=True)), (fmodel, DecodeStep(fmodel))):
+            batch = decode_logits(step, cache, tokens, pos, torch.arange(6))
             for i in range(6):
-                alone = decode_logits(m, cache, tokens[i:i + 1], pos[i:i + 1], torch.tensor([i]))
+                alone = decode_logits(step, cache, tokens[i:i + 1], pos[i:i + 1], torch.tensor([i]))
                 if m is qmodel:
                     assert torch.equal(alone[0], batch[i])
                 else:

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from llamaforge.errors import GenerationError
 from llamaforge.generation.sampling import SamplingParams, sample
-from llamaforge.model.kv_cache import KVCache
-from llamaforge.model.transformer import Transformer
+from llamaforge.model import KVCache, StepInput, Transformer
+from llamaforge.runtime import DecodeStep
 
 
 @dataclass
@@ -64,12 +64,17 @@ def iterate(
     device: torch.device,
     generator: Optional[torch.Generator] = None,
     logprobs: Optional[torch.Tensor] = None,
+    decode_step: Optional[DecodeStep] = None,
 ) -> Iterator[Step]:
     """Run Meta's lock-step loop, yielding one Step per position from min_prompt_len on.
 
-    `logprobs`, when given, is a (B, total_len) float32 tensor filled in place with
-    log p(token_j | tokens_<j). The caller owns early exit: stop iterating to stop the work.
+    The prompt positions [0, min_prompt_len) go through `model` (prefill); every later position is one
+    token per row through `decode_step` (default: the model's modules; `Llama` passes the one
+    `llamaforge.runtime.prepare` chose, e.g. the fused C++ step). `logprobs`, when given, is a
+    (B, total_len) float32 tensor filled in place with log p(token_j | tokens_<j). The caller owns early
+    exit: stop iterating to stop the work.
     """
+    decode = decode_step if decode_step is not None else DecodeStep(model)
     bsz = len(prompt_tokens)
     min_prompt_len = min(len(p) for p in prompt_tokens)
     tokens = torch.zeros((bsz, total_len), dtype=torch.long, device=device)
@@ -89,7 +94,11 @@ def iterate(
 
     prev_pos = 0
     for cur_pos in range(min_prompt_len, total_len):
-        logits = model(tokens[:, prev_pos:cur_pos], prev_pos, cache, last_only=not want_logprobs)  # (B, T or 1, V)
+        if prev_pos == 0:  # prefill: (B, min_prompt_len) -> logits (B, T or 1, V)
+            logits = model(tokens[:, :cur_pos], 0, cache, last_only=not want_logprobs)
+        else:  # one token per row: (B, 1) -> (B, 1, V)
+            step = StepInput.make(prev_pos, bsz, 1, device=device, cache_len=total_len)
+            logits = decode(tokens[:, prev_pos:cur_pos], step, cache)
         next_token = sample(logits[:, -1], params, generator)
         from_prompt = prompt_mask[:, cur_pos]
         next_token = torch.where(from_prompt, tokens[:, cur_pos], next_token)
@@ -118,8 +127,12 @@ def generate(
     logprobs: bool = False,
     echo: bool = False,
     generator: Optional[torch.Generator] = None,
+    decode_step: Optional[DecodeStep] = None,
 ) -> tuple[list[list[int]], Optional[list[list[float]]]]:
-    """Generate continuations of token-id prompts; returns (tokens, logprobs or None) per row."""
+    """Generate continuations of token-id prompts; returns (tokens, logprobs or None) per row.
+
+    `decode_step` runs the one-token steps (see `iterate`).
+    """
     check_prompts(prompt_tokens, model.args.vocab_size, max_seq_len)
     if not isinstance(max_gen_len, int) or max_gen_len < 0:
         raise GenerationError(f"max_gen_len must be an integer >= 0, got {max_gen_len!r}")
@@ -134,7 +147,7 @@ def generate(
     with torch.inference_mode():
         for step in iterate(
             model, prompt_tokens, total_len=total_len, params=params, stop_ids=stops,
-            device=device, generator=generator, logprobs=token_logprobs,
+            device=device, generator=generator, logprobs=token_logprobs, decode_step=decode_step,
         ):
             for row, token in enumerate(step.tokens.tolist()):
                 rows[row][step.pos] = token

@@ -131,7 +131,7 @@ def create_app(
     names = {name} | ({str(source), source.name} if source else set())
     engine = Engine(llama.model, llama.tokenizer, n_slots=n_slots or llama.max_batch_size,
                     max_seq_len=llama.max_seq_len, device=llama.device, max_queue=max_queue,
-                    prefill_budget=prefill_budget, prefix_reuse=prefix_reuse)
+                    prefill_budget=prefill_budget, prefix_reuse=prefix_reuse, decode_step=llama.decode_step)
     stop_ids = frozenset(llama.tokenizer.stop_ids) | frozenset(llama.chat_format.stop_ids)
     grammar = GrammarCompiler(llama.tokenizer, llama.model.args.vocab_size, stop_ids)
     prep = Preparer(tokenizer=llama.tokenizer, chat_format=llama.chat_format, max_seq_len=llama.max_seq_len,

@@ -40,8 +40,8 @@ from typing import Optional, Sequence
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from llamaforge.model.kv_cache import KVCache
-from llamaforge.model.transformer import Transformer
+from llamaforge.model import KVCache, StepInput, Transformer
+from llamaforge.runtime import DecodeStep
 from llamaforge.server.jobs import Delta, EngineClosed, Event, Failure, Finish, Job, PromptDone, QueueFull, Sink
 from llamaforge.server.sampler import RowState, TokenInfo, choose, logprob_info, make_generator, prompt_logprob_info
 from llamaforge.server.slots import SlotPool
@@ -57,14 +57,16 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def decode_logits(model: Transformer, cache: KVCache, tokens: torch.Tensor, pos: torch.Tensor,
+def decode_logits(decode_step: DecodeStep, cache: KVCache, tokens: torch.Tensor, pos: torch.Tensor,
                   slots: torch.Tensor) -> torch.Tensor:
     """One decode step, batch-invariant: tokens, pos (B, 1) in slots (B,) -> last logits (B, V)."""
     kv_len = min(_round_up(int(pos.max()) + 1, KV_ALIGN), cache.max_seq_len)
+    step = StepInput.make(pos, *tokens.shape, device=tokens.device, cache_len=cache.max_seq_len, slots=slots,
+                          kv_len=kv_len)
     # sdpa_kernel sets process-wide flags and restores them on exit: one engine at a time, so that two
     # engines' enter/exit never interleave and leave the flags changed.
     with _MATH_ATTENTION, sdpa_kernel(SDPBackend.MATH):
-        return model(tokens, pos, cache, slots=slots, kv_len=kv_len, last_only=True)[:, -1]
+        return decode_step(tokens, step, cache)[:, -1]
 
 __all__ = ["Engine", "Job", "Delta", "Finish", "PromptDone", "Failure", "Event", "QueueFull", "EngineClosed",
            "wait_idle"]
@@ -112,8 +114,11 @@ class Engine:
         prefill_budget: int = 256,
         chunk: int = 64,
         prefix_reuse: bool = True,
+        decode_step: Optional[DecodeStep] = None,
     ):
+        """`decode_step` runs the decode steps (default: the model's modules; `Llama.decode_step` in the server)."""
         self.model = model
+        self.decode_step = decode_step if decode_step is not None else DecodeStep(model)
         self.tokenizer = tokenizer
         self.device = device
         self.max_seq_len = max_seq_len
@@ -324,7 +329,7 @@ class Engine:
         pos = torch.tensor([[s.pos] for s in seqs], dtype=torch.long, device=self.device)  # (B, 1)
         slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=self.device)  # (B,)
         try:
-            logits = decode_logits(self.model, self.cache, tokens, pos, slots)
+            logits = decode_logits(self.decode_step, self.cache, tokens, pos, slots)
         except Exception as exc:
             log.exception("decode step failed")
             for act in {id(s.job): s.job for s in seqs}.values():
