@@ -19,7 +19,7 @@ import torch
 
 from llamaforge import devices, runtime
 from llamaforge.chat import Dialog, Message, chat_format_for, has_special_tags
-from llamaforge.errors import ConfigError, GenerationError, TokenizerError
+from llamaforge.errors import ConfigError, GenerationError
 from llamaforge.generation import SamplingParams, generate, iterate
 from llamaforge.generation.generate import check_prompts
 from llamaforge.model import ModelArgs, Transformer
@@ -143,7 +143,7 @@ class Llama:
         start = time.perf_counter()
         keep_quantized = dtype is None and dev.type == "cpu" and world == 1
         ckpt = checkpoints.load(path, progress=progress, keep_quantized=keep_quantized)
-        tokenizer = _load_tokenizer(ckpt, tokenizer_path)
+        tokenizer = Tokenizer.from_source(ckpt.tokenizer_source, tokenizer_path)
         args = ckpt.args
         if tokenizer.n_words > args.vocab_size:
             raise ConfigError(
@@ -358,18 +358,6 @@ class Llama:
         gen = torch.Generator(device=self.device)
         gen.manual_seed(int(seed))
         return gen
-
-
-def _load_tokenizer(ckpt, tokenizer_path: Optional[PathLike]) -> Tokenizer:
-    if tokenizer_path is not None:
-        return Tokenizer.from_file(tokenizer_path)
-    if ckpt.gguf_metadata is not None:
-        return Tokenizer.from_gguf_metadata(ckpt.gguf_metadata)
-    if ckpt.tokenizer_path is not None:
-        return Tokenizer.from_file(ckpt.tokenizer_path)
-    raise TokenizerError(
-        f"{ckpt.source} carries no tokenizer; pass tokenizer_path (tokenizer.model or tokenizer.json)"
-    )
 
 
 def kv_bytes_per_token(args: ModelArgs, dtype: torch.dtype) -> int:

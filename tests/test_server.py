@@ -135,8 +135,6 @@ def core_first_token(llama, prompt_ids):
 
 
 def test_chat_greedy_alone_equals_concurrent_and_starts_like_the_core(client, model_id, llama):
-    from llamaforge.server.vocab import token_bytes
-
     alone = [ask(client, model_id, q, logprobs=True) for q in QUESTIONS]
     with ThreadPoolExecutor(len(QUESTIONS)) as pool:
         together = list(pool.map(lambda q: ask(client, model_id, q), QUESTIONS))
@@ -145,7 +143,7 @@ def test_chat_greedy_alone_equals_concurrent_and_starts_like_the_core(client, mo
         prompt = llama.chat_format.encode_dialog([{"role": "user", "content": q}])
         assert r.usage.prompt_tokens == len(prompt)
         first, first_lp = core_first_token(llama, prompt)
-        assert bytes(r.choices[0].logprobs.content[0].bytes) == token_bytes(llama.tokenizer, first)
+        assert bytes(r.choices[0].logprobs.content[0].bytes) == llama.tokenizer.token_bytes(first)
         assert r.choices[0].logprobs.content[0].logprob == pytest.approx(first_lp, abs=2e-3)
         expected = 8 if r.choices[0].finish_reason == "length" else len(llama.tokenizer.encode(
             r.choices[0].message.content)) + 1  # + the end-of-turn token

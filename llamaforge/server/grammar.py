@@ -6,7 +6,7 @@ next; the sampler sets the others to -inf. The output is then valid JSON matchin
 generation ends by itself (a `length` finish can still cut it short, as with OpenAI). JSON is written
 with ", " and ": " separators and no other whitespace, so a small model cannot wander off in spaces.
 
-The token table comes from `server/vocab.py`; control tokens are marked (0xFF prefix, llguidance's
+The token table comes from `Tokenizer.token_bytes_table()`; control tokens are marked (0xFF prefix, llguidance's
 convention) so they never satisfy a grammar, and the request's stop ids are the grammar's end tokens.
 """
 
@@ -19,7 +19,6 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from llamaforge.server.vocab import special_ids, token_bytes_table
 
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
@@ -80,8 +79,8 @@ class GrammarCompiler:
                         "structured output needs the llguidance package: pip install 'llamaforge[serve]'"
                     ) from exc
                 tok = self.tokenizer
-                specials = special_ids(tok)
-                table = [b"\xff" + t if i in specials else t for i, t in enumerate(token_bytes_table(tok))]
+                specials = tok.special_ids
+                table = [b"\xff" + t if i in specials else t for i, t in enumerate(tok.token_bytes_table())]
                 table += [b""] * (self.vocab_size - len(table))  # model rows past the tokenizer's vocabulary
 
                 class _Wrapped:

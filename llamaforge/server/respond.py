@@ -25,7 +25,6 @@ from llamaforge.server.errors import APIError
 from llamaforge.server.prepare import Prepared
 from llamaforge.server.sampler import TokenInfo
 from llamaforge.server.tools import parse_tool_calls
-from llamaforge.server.vocab import token_bytes
 
 
 class JobRun:
@@ -120,12 +119,12 @@ class ResponseBuilder:
     # -- token strings for logprobs -------------------------------------------------------------
 
     def _tok_str(self, token: int) -> str:
-        return token_bytes(self.tokenizer, token).decode("utf-8", errors="replace")
+        return self.tokenizer.token_bytes(token).decode("utf-8", errors="replace")
 
     def _chat_logprob(self, t: TokenInfo) -> dict:
-        return {"token": self._tok_str(t.id), "logprob": t.logprob, "bytes": list(token_bytes(self.tokenizer, t.id)),
+        return {"token": self._tok_str(t.id), "logprob": t.logprob, "bytes": list(self.tokenizer.token_bytes(t.id)),
                 "top_logprobs": [{"token": self._tok_str(i), "logprob": lp,
-                                  "bytes": list(token_bytes(self.tokenizer, i))} for i, lp in t.top]}
+                                  "bytes": list(self.tokenizer.token_bytes(i))} for i, lp in t.top]}
 
     def _completion_logprobs(self, infos: list[TokenInfo], offset: int) -> dict:
         tokens = [self._tok_str(t.id) for t in infos]
