@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from llamaforge.model.kv_cache import KVCache
-from llamaforge.server.slots import SlotPool, common_prefix_len
-from llamaforge.server.text import TextStream
+from llamaforge.generation.slots import SlotPool, common_prefix_len
+from llamaforge.generation.text import TextStream
 from llamaforge.server.tools import forced_call_schema, hermes_messages, parse_tool_calls
 
 
@@ -125,7 +125,7 @@ def test_forced_call_schema():
 
 def test_token_bytes_spell_the_text():
     from llamaforge.default_model import default_model_path
-    from llamaforge.server.vocab import token_bytes_table
+    from llamaforge.generation.vocab import token_bytes_table
     from llamaforge.tokenizer import Tokenizer
 
     try:
