@@ -211,14 +211,15 @@ class Llama:
             if self._engine is None or self._engine.closed:
                 self._set_engine(Engine(self.model, self.tokenizer, n_slots=self.max_batch_size,
                                         max_seq_len=self.max_seq_len, device=self.device, max_queue=256))
-            self._engine.start()
+                self._engine.start()
             return self._engine
 
     def open_engine(self, *, n_slots: Optional[int] = None, max_queue: int = 64, prefill_budget: int = 256,
                     prefix_reuse: bool = True) -> Engine:
-        """Replace this Llama's engine by one with these settings (not started yet: `engine.start()`).
+        """Replace this Llama's engine by one with these settings, not started: its owner calls `start()`
+        (the server does, with its flags, when it starts; calls made before then wait for it).
 
-        The server does this with its flags. The previous engine is closed (its requests end with an error).
+        The previous engine is closed (its requests end with an error).
         """
         with self._engine_lock:
             self._set_engine(Engine(self.model, self.tokenizer, n_slots=n_slots or self.max_batch_size,
