@@ -382,3 +382,34 @@ def test_embeddings_are_normalised_mean_hidden_states(engine, model):
         with torch.no_grad():
             want = torch.nn.functional.normalize(model.hidden_states(torch.tensor([seq]))[0].mean(0), dim=0)
         assert torch.allclose(torch.tensor(vec), want, atol=1e-5)
+
+
+def test_embeddings_share_the_schedule_and_can_be_cancelled(model, tokenizer):
+    """A large embedding request runs a slice per engine step: a generation submitted after it finishes
+    first, and cancelling the request stops its work at the next input."""
+    eng = Engine(model, tokenizer, n_slots=2, max_seq_len=MAX_SEQ, device=CPU, prefill_budget=64)
+    done_inputs = []
+    embed = eng.runner.embed
+    eng.runner.embed = lambda ids: (done_inputs.append(len(ids)), embed(ids))[1]
+    inputs = [[1 + (i % 50)] * 60 for i in range(40)]  # 40 inputs of 60 tokens: one input per step
+    order = []
+    big = eng.embed(inputs)
+    big.add_done_callback(lambda f: order.append("embeddings"))
+    finished = threading.Event()
+    eng.submit(greedy(encode(tokenizer, PROMPTS[:1])[0], 5),
+               lambda ev: (order.append("generation"), finished.set()) if isinstance(ev, Finish) else None)
+    eng.start()
+    try:
+        assert finished.wait(30)
+        assert big.result(timeout=60) and order == ["generation", "embeddings"]
+        assert len(done_inputs) == 40
+        done_inputs.clear()
+        cancelled = eng.embed(inputs)
+        assert cancelled.cancel()  # pending until its last input is done
+        assert wait_idle(eng, 5)
+        eng.embed([[1, 2]]).result(timeout=10)  # the engine goes on
+        assert len(done_inputs) < 40
+    finally:
+        eng.close()
+    with pytest.raises(ValueError, match="at most"):
+        Engine(model, tokenizer, n_slots=1, max_seq_len=MAX_SEQ, device=CPU, max_embed_inputs=3).embed([[1]] * 4)
