@@ -323,16 +323,12 @@ class Llama:
         tokens, lps, texts = self._generate(prompt_tokens, max_gen_len, params, logprobs=logprobs, echo=echo,
                                             seed=seed, **options)
         results: List[CompletionPrediction] = []
-        n = len(tokens) // max(1, len(prompts))
+        n = len(tokens) // max(1, len(prompts))  # choices per prompt
         for i, toks in enumerate(tokens):
             text = self.tokenizer.decode(toks)
             if texts is not None and options.get("stop"):  # cut before the stop string, as streamed
                 text = (prompts[i // n] if echo else "") + texts[i]
-            item: CompletionPrediction = {"generation": text}
-            if logprobs:
-                item["tokens"] = [self.tokenizer.decode([t]) for t in toks]
-                item["logprobs"] = lps[i]
-            results.append(item)
+            results.append(self._with_tokens({"generation": text}, toks, lps[i] if logprobs else None))
         return results
 
     def chat_completion(
@@ -365,15 +361,11 @@ class Llama:
         tokens, lps, texts = self._generate(prompt_tokens, max_gen_len, params, logprobs=logprobs, seed=seed,
                                             **options)
         results: List[ChatPrediction] = []
-        n = len(tokens) // max(1, len(dialogs))
+        n = len(tokens) // max(1, len(dialogs))  # choices per dialog
         for i, toks in enumerate(tokens):
             content = self.tokenizer.decode(toks) if texts is None or not options.get("stop") else texts[i]
-            item: ChatPrediction = {"generation": {"role": "assistant",
-                                                   "content": UNSAFE_ERROR if unsafe[i // n] else content}}
-            if logprobs:
-                item["tokens"] = [self.tokenizer.decode([t]) for t in toks]
-                item["logprobs"] = lps[i]
-            results.append(item)
+            message: Message = {"role": "assistant", "content": UNSAFE_ERROR if unsafe[i // n] else content}
+            results.append(self._with_tokens({"generation": message}, toks, lps[i] if logprobs else None))
         return results
 
     # -- streaming --------------------------------------------------------------------------------
@@ -425,6 +417,13 @@ class Llama:
                 yield delta.text
 
     # -- helpers ----------------------------------------------------------------------------------
+
+    def _with_tokens(self, item: dict, tokens: List[int], logprobs: Optional[List[float]]) -> dict:
+        """Meta's "tokens" (each decoded on its own) and "logprobs" fields, when logprobs were asked for."""
+        if logprobs is not None:
+            item["tokens"] = [self.tokenizer.decode([t]) for t in tokens]
+            item["logprobs"] = logprobs
+        return item
 
     @staticmethod
     def _sampling(temperature, top_p, top_k=None, min_p=0.0, repetition_penalty=1.0, frequency_penalty=0.0,
