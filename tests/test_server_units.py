@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from llamaforge.model.kv_cache import KVCache
-from llamaforge.server.slots import SlotPool, common_prefix_len
-from llamaforge.server.text import TextStream
+from llamaforge.generation.slots import SlotPool, common_prefix_len
+from llamaforge.generation.text import TextStream
 from llamaforge.server.tools import forced_call_schema, hermes_messages, parse_tool_calls
 
 
