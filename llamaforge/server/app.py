@@ -10,6 +10,8 @@ stopped with the app's lifespan):
     POST /v1/chat/completions   chat in the model's own chat format (stream with "stream": true)
     POST /v1/embeddings         mean-pooled final hidden states, L2-normalised
     POST /tokenize              a prompt's or a dialog's token ids and count (vLLM's extension)
+    GET  /metrics               Prometheus metrics (server/metrics.py)
+    /api/...                    Ollama's API: chat, generate, embed, tags, show, ps, version (server/ollama.py)
 
 Every error is `{"error": {"message", "type", "param", "code"}}`: 400 for bad requests (wrong types,
 out-of-range values, too-long prompts, unknown models), 401 without the API key, 404 for unknown
@@ -37,8 +39,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llamaforge.server.engine import Engine, EngineClosed
 from llamaforge.server.errors import APIError, error_body, from_validation_errors
 from llamaforge.server.grammar import GrammarCompiler
+from llamaforge.server.metrics import CONTENT_TYPE as METRICS_TYPE
+from llamaforge.server.metrics import CountRequests, Metrics
+from llamaforge.server.model_card import describe_model
+from llamaforge.server.ollama import Backend, error_response, ollama_router
 from llamaforge.server.prepare import Preparer
-from llamaforge.server.respond import ClientGone, JobRun, ResponseBuilder, collect, stream_events
+from llamaforge.server.respond import ClientGone, JobRun, ResponseBuilder, collect, stream_chunks, stream_events
 from llamaforge.server.schemas import (
     ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ErrorResponse, TokenizeRequest,
 )
@@ -51,7 +57,7 @@ ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 429, 500, 5
 
 
 class Guard:
-    """ASGI middleware: the API key on /v1 routes (401), and request bodies over `limit` bytes (413).
+    """ASGI middleware: the API key on /v1, /api (Ollama's) and /tokenize routes (401), and bodies over `limit` bytes (413).
 
     The body is read up front (bounded) and replayed to the app; later receives pass through, so the
     app still hears of a client that disconnects.
@@ -67,7 +73,7 @@ class Guard:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         path = scope.get("path", "")
-        if self.api_key is not None and (path.startswith("/v1") or path == "/tokenize"):
+        if self.api_key is not None and (path.startswith(("/v1", "/api/")) or path == "/tokenize"):
             given = headers.get(b"authorization", b"")
             token = given[7:] if given[:7].lower() == b"bearer " else b""
             if not secrets.compare_digest(token, self.api_key):
@@ -150,17 +156,27 @@ def create_app(
 
     app = FastAPI(title="llamaforge", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible API over a llamaforge model, with continuous batching.")
+    metrics = Metrics(engine.stats)
     app.state.engine = engine
     app.state.model_name = name
+    app.state.metrics = metrics
     app.add_middleware(Guard, limit=max_body_bytes, api_key=api_key)
+    app.add_middleware(CountRequests, metrics=metrics)  # outermost: counts 401s and 413s too
+
+    def ollama_route(request: Request) -> bool:
+        return request.url.path.startswith("/api/")
 
     @app.exception_handler(APIError)
-    async def api_error(_: Request, exc: APIError):
+    async def api_error(request: Request, exc: APIError):
+        if ollama_route(request):
+            return error_response(exc)
         return JSONResponse(exc.body(), status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError):
+    async def validation_error(request: Request, exc: RequestValidationError):
         err = from_validation_errors(list(exc.errors()))
+        if ollama_route(request):
+            return error_response(err)
         return JSONResponse(err.body(), status_code=err.status)
 
     @app.exception_handler(StarletteHTTPException)
@@ -199,18 +215,33 @@ def create_app(
                            code="model_not_found")
         return card()
 
-    async def generate(kind: str, req, request: Request):
+    async def start(kind: str, req) -> tuple[JobRun, ResponseBuilder]:
         prepared = await run_in_threadpool(prep.completion if kind == "completion" else prep.chat, req)
-        run = JobRun(engine, prepared)
-        rb = ResponseBuilder(kind, prepared, name, llama.tokenizer)
+        return JobRun(engine, prepared), ResponseBuilder(kind, prepared, name, llama.tokenizer)
+
+    async def observed(body, run: JobRun, endpoint: str):
+        """`body` (an async iterator) passed through; the request counted in /metrics and logged at its end."""
+        try:
+            async for item in body:
+                yield item
+        finally:
+            await body.aclose()
+            metrics.request_done(endpoint, run.timing, run.outcome)
+
+    async def generate(kind: str, req, request: Request):
+        endpoint = "/v1/completions" if kind == "completion" else "/v1/chat/completions"
+        run, rb = await start(kind, req)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(stream_events(run, rb, include_usage), media_type="text/event-stream",
+            return StreamingResponse(observed(stream_events(run, rb, include_usage), run, endpoint),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
             return await collect(run, rb, request.receive)
         except ClientGone:
             return Response(status_code=499)
+        finally:
+            metrics.request_done(endpoint, run.timing, run.outcome)
 
     @app.post("/v1/completions", responses=ERRORS)
     async def completions(req: CompletionRequest, request: Request):
@@ -226,8 +257,15 @@ def create_app(
         ids = await run_in_threadpool(prep.tokenize, req)
         return {"count": len(ids), "max_model_len": llama.max_seq_len, "tokens": ids}
 
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics():
+        return Response(metrics.render(), media_type=METRICS_TYPE)
+
     @app.post("/v1/embeddings", responses=ERRORS)
     async def embeddings(req: EmbeddingRequest):
+        return await embed(req)
+
+    async def embed(req: EmbeddingRequest) -> dict:
         inputs = await run_in_threadpool(prep.embedding_inputs, req, llama.model.args.dim)
         try:
             vectors = await asyncio.wrap_future(engine.embed(inputs))
@@ -241,4 +279,12 @@ def create_app(
         n = sum(len(x) for x in inputs)
         return {"object": "list", "data": data, "model": name, "usage": {"prompt_tokens": n, "total_tokens": n}}
 
+    async def ollama_chunks(kind: str, req):
+        run, rb = await start(kind, req)
+        endpoint = "/api/generate" if kind == "completion" else "/api/chat"
+        return observed(stream_chunks(run, rb, include_usage=True), run, endpoint), run.timing
+
+    card_info = describe_model(llama, name)
+    app.include_router(ollama_router(Backend(model_name=name, knows=lambda m: m in names or m.removesuffix(":latest")
+                                             in names, chunks=ollama_chunks, embed=embed, **card_info)))
     return app
