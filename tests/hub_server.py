@@ -7,7 +7,8 @@
 with the Hub's error answers: 404 + X-Error-Code RepoNotFound / RevisionNotFound / EntryNotFound,
 401 + X-Error-Code GatedRepo without the right bearer token. Large files are "LFS" (ETag = SHA-256),
 small ones plain git blobs (ETag = git blob id), as on the Hub. `cut_once` makes the first GET of a
-file stop halfway and close the connection, to test resuming. Every request is recorded.
+file stop halfway and close the connection, to test resuming; `corrupt` serves a file with one byte
+changed. Every request is recorded.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class FakeHub:
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str, dict]] = []
         self.cut_once: set[str] = set()  # file names whose first GET is cut halfway
+        self.corrupt: set[str] = set()  # file names served with one byte changed (hashes in the listing kept)
         self._server: Optional[ThreadingHTTPServer] = None
 
     def add_repo(self, repo_id: str, files: dict[str, bytes], *, token: Optional[str] = None) -> str:
@@ -152,6 +154,8 @@ class FakeHub:
         etag = hashlib.sha256(data).hexdigest() if len(data) > LFS_THRESHOLD else _git_sha1(data)
         headers = {"ETag": f'"{etag}"', "X-Repo-Commit": commit, "Accept-Ranges": "bytes",
                    "Content-Type": "application/octet-stream"}
+        if name in self.corrupt:
+            data = bytes([data[0] ^ 1]) + data[1:]
         start, status = 0, 200
         rng = h.headers.get("Range")
         if rng and rng.startswith("bytes="):

@@ -103,6 +103,22 @@ def test_resume_after_a_cut_connection(hub, repo_files, monkeypatch):
     assert 0 < resumed_at <= len(repo_files[GGUF_REPO][name]) // 2  # the second request asks only for the rest
 
 
+@pytest.mark.parametrize("ref, name, kind", [(f"{GGUF_REPO}:F32", "tiny-llama-F32.gguf", "SHA-256"),
+                                             (HF_REPO, "config.json", "git blob id")])
+def test_a_download_that_does_not_match_the_hubs_hash_is_deleted(hub, repo_files, ref, name, kind):
+    from huggingface_hub import try_to_load_from_cache
+
+    from tests.hub_server import LFS_THRESHOLD
+
+    repo = ref.split(":")[0]
+    assert (len(repo_files[repo][name]) > LFS_THRESHOLD) == (kind == "SHA-256")  # an LFS file, or a plain one
+    hub.corrupt.add(name)
+    with pytest.raises(HubError, match=f"{name} of {ref} was downloaded but its {kind} is .* not the Hub's"):
+        pull(ref, progress=False)
+    cached = try_to_load_from_cache(repo, name, cache_dir=os.environ["HF_HUB_CACHE"], revision=hub.repos[repo].commit)
+    assert not isinstance(cached, str)  # neither the link nor the blob is left
+
+
 def test_build_by_reference_generates_and_loads_offline_with_no_network(hub, tiny_checkpoints, monkeypatch):
     from llamaforge import Llama
 
@@ -122,6 +138,20 @@ def test_build_by_reference_generates_and_loads_offline_with_no_network(hub, tin
     assert offline.generate(prompt, max_gen_len=6, temperature=0)[0] == expected
     with pytest.raises(CheckpointNotFoundError, match="HF_HUB_OFFLINE is set"):
         resolve_model(f"{GGUF_REPO}:F32")
+
+
+def test_training_spacy_and_info_take_references(hub, capsys):
+    import torch
+
+    from llamaforge.integrations.models import load_llama
+    from llamaforge.training.modeling import load_for_training
+
+    model, tokenizer, _ = load_for_training(f"{GGUF_REPO}:Q8_0", None, torch.device("cpu"), 16, progress=False)
+    assert model.args.n_layers == 2 and tokenizer.n_words > 0
+    assert load_llama(HF_REPO, device="cpu").checkpoint_format == "hf"
+    assert cli(["info", "--json", f"{GGUF_REPO}:F32"]) == 0
+    described = json.loads(capsys.readouterr().out)
+    assert described["format"] == "gguf" and described["path"].endswith("tiny-llama-F32.gguf")
 
 
 def test_errors_missing_repo_revision_quant_gated_and_no_network(hub, monkeypatch):
@@ -165,6 +195,20 @@ def test_cli_list_rm_and_show(hub, capsys, monkeypatch):
         plan_removal(HF_REPO)
     assert cli(["rm", "-y", f"{GGUF_REPO}:Q4_0"]) == 1
     assert "cached quants: Q8_0" in capsys.readouterr().err
+
+
+def test_rm_of_one_quant_keeps_the_others_without_delete_files(hub, monkeypatch):
+    from huggingface_hub.utils import HFCacheInfo
+
+    q8 = pull(f"{GGUF_REPO}:Q8_0", progress=False).path
+    f32 = pull(f"{GGUF_REPO}:F32", progress=False).path
+    if hasattr(HFCacheInfo, "delete_files"):  # the fallback for huggingface_hub releases that lack it
+        monkeypatch.delattr(HFCacheInfo, "delete_files")
+    removal = plan_removal(f"{GGUF_REPO}:F32")
+    assert removal.freed == f32.stat().st_size
+    blob = f32.resolve()
+    removal.execute()
+    assert not f32.exists() and not blob.exists() and q8.is_file()
 
 
 def test_cli_pull_in_a_fresh_process_reads_the_environment_and_shows_progress(hub, tmp_path):

@@ -205,5 +205,23 @@ def plan_removal(ref: ModelRef, cache: Optional[Path] = None) -> Removal:
         raise CheckpointNotFoundError(
             f"no {ref.quant} file of {ref.repo_id} is in the cache; cached quants: {', '.join(have) or 'none'}"
         )
-    strategy = info.delete_files(*targets)
+    strategy = info.delete_files(*targets) if hasattr(info, "delete_files") else _FileDeletion(info, targets)
     return Removal([str(f.file_path) for f in targets], strategy.expected_freed_size, strategy)
+
+
+class _FileDeletion:
+    """HFCacheInfo.delete_files for huggingface_hub releases before it (2.x): unlink the snapshot entries,
+    then each blob no other cached file links to."""
+
+    def __init__(self, info, targets) -> None:
+        selected = {f.file_path for f in targets}
+        kept = {f.blob_path for r in info.repos for rev in r.revisions for f in rev.files if f.file_path not in selected}
+        self.files = [f.file_path for f in targets]
+        self.blobs = {f.blob_path: f.size_on_disk for f in targets if f.blob_path not in kept}
+        self.expected_freed_size = sum(self.blobs.values())
+
+    def execute(self) -> None:
+        for path in self.files:
+            Path(path).unlink(missing_ok=True)
+        for blob in self.blobs:
+            Path(blob).unlink(missing_ok=True)
