@@ -44,7 +44,7 @@ def test_an_existing_path_is_returned_unchanged(tmp_path):
     assert resolve_model(str(folder)) == folder
 
 
-GGUF_REPO = [RepoFile("README.md", 10), RepoFile("M-Q2_K.gguf", 50), RepoFile("M-Q4_0.gguf", 90),
+GGUF_REPO = [RepoFile("README.md", 10), RepoFile("M-Q2_K.gguf", 50), RepoFile("M-IQ4_XS.gguf", 80), RepoFile("M-Q4_0.gguf", 90),
              RepoFile("M-Q8_0.gguf", 160), RepoFile("M-f16.gguf", 300), RepoFile("mmproj-M-f16.gguf", 20),
              RepoFile("big/M-Q6_K-00002-of-00002.gguf", 70), RepoFile("big/M-Q6_K-00001-of-00002.gguf", 70)]
 
@@ -55,7 +55,7 @@ def _no_index(name):
 
 def test_gguf_quant_choice_case_insensitive_with_splits_and_no_sidecars():
     quants = {m.quant for m in gguf_models(GGUF_REPO)}
-    assert quants == {"Q2_K", "Q4_0", "Q8_0", "F16", "Q6_K"}  # mmproj is not a model
+    assert quants == {"Q2_K", "IQ4_XS", "Q4_0", "Q8_0", "F16", "Q6_K"}  # mmproj is not a model
     assert plan(GGUF_REPO, "q8_0", "o/M", _no_index).files == ("M-Q8_0.gguf",)
     split = plan(GGUF_REPO, "Q6_K", "o/M", _no_index)
     assert split.files == ("big/M-Q6_K-00001-of-00002.gguf", "big/M-Q6_K-00002-of-00002.gguf")
@@ -63,13 +63,13 @@ def test_gguf_quant_choice_case_insensitive_with_splits_and_no_sidecars():
 
 
 def test_default_quant_is_q4_k_m_else_the_smallest_of_at_least_4_bits():
-    assert plan(GGUF_REPO, None, "o/M", _no_index).files == ("M-Q4_0.gguf",)  # Q2_K is smaller but 2-bit
+    assert plan(GGUF_REPO, None, "o/M", _no_index).files == ("M-Q4_0.gguf",)  # not the 2-bit Q2_K, not an i-quant
     with_default = GGUF_REPO + [RepoFile("M-Q4_K_M.gguf", 100)]
     assert plan(with_default, None, "o/M", _no_index).files == ("M-Q4_K_M.gguf",)
 
 
 def test_a_missing_quant_lists_the_ones_there_are():
-    with pytest.raises(CheckpointNotFoundError, match=r"no Q5_K_M GGUF file; it has: F16, Q2_K, Q4_0, Q6_K, Q8_0"):
+    with pytest.raises(CheckpointNotFoundError, match=r"no Q5_K_M GGUF file; it has: F16, IQ4_XS, Q2_K, Q4_0, Q6_K, Q8_0"):
         plan(GGUF_REPO, "Q5_K_M", "o/M", _no_index)
 
 

@@ -179,6 +179,10 @@ def test_cli_list_rm_and_show(hub, capsys, monkeypatch):
     assert set(listed) == {f"{GGUF_REPO}:Q8_0", f"{GGUF_REPO}:F32", HF_REPO}
     assert listed[f"{GGUF_REPO}:Q8_0"]["format"] == "gguf" and listed[HF_REPO]["format"] == "hf"
     assert listed[f"{GGUF_REPO}:Q8_0"]["size"] == Path(listed[f"{GGUF_REPO}:Q8_0"]["path"]).stat().st_size
+    assert cli(["list"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["NAME", "FORMAT", "QUANT", "SIZE", "WHERE"]
+    assert any(line.startswith(f"{GGUF_REPO}:Q8_0 ") and " gguf " in line and " Q8_0 " in line for line in table)
 
     assert cli(["show", f"{GGUF_REPO}:Q8_0"]) == 0
     shown = capsys.readouterr().out

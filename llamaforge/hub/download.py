@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -58,9 +59,11 @@ def _progress_class(enabled: bool):
 
 
 def _is_network_error(exc: BaseException) -> bool:
+    """A transport failure of whichever HTTP client this huggingface_hub release uses (httpx or requests)."""
     names = {c.__name__ for c in type(exc).__mro__}
     return bool(names & {"TransportError", "ConnectError", "TimeoutException", "ConnectionError", "Timeout",
-                         "RemoteProtocolError", "NetworkError"}) or isinstance(exc, OSError)
+                         "RemoteProtocolError", "NetworkError"}) or isinstance(exc, (ConnectionError, TimeoutError,
+                                                                                      socket.gaierror))
 
 
 def _hub_error(exc: BaseException, ref: ModelRef) -> Exception:

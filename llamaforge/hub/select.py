@@ -3,7 +3,7 @@
 GGUF repositories hold one file per quant (`Model-Q4_K_M.gguf`), or split parts
 (`Model-Q4_K_M-00001-of-00003.gguf`); the quant is the last `-`/`.`-separated tag of the name, as
 llama.cpp's `-hf` reads it. With no quant asked for: Q4_K_M, else the smallest file of at least 4 bits
-(else the smallest). Safetensors repositories need config.json, the tokenizer files and the weights
+that is not an i-quant (else the smallest). Safetensors repositories need config.json, the tokenizer files and the weights
 (the shards the index names, or model.safetensors, or the root *.safetensors files).
 """
 
@@ -96,7 +96,8 @@ def choose_gguf(models: Sequence[GGUFModel], quant: Optional[str], repo: str) ->
     for m in models:
         if m.quant == DEFAULT_QUANT:
             return m
-    sensible = [m for m in models if m.bits >= 4] or list(models)
+    # i-quants and ternary quants need an importance matrix's kernels llama.cpp has and this loader may not
+    sensible = [m for m in models if m.bits >= 4 and not (m.quant or "").startswith(("IQ", "TQ"))] or list(models)
     return min(sensible, key=lambda m: (m.size is None, m.size or 0))
 
 
