@@ -5,8 +5,10 @@
     GET  /{org}/{name}/resolve/{rev}/{file}        the bytes; Range -> 206 with Content-Range
 
 with the Hub's error answers: 404 + X-Error-Code RepoNotFound / RevisionNotFound / EntryNotFound,
-401 + X-Error-Code GatedRepo without the right bearer token. Large files are "LFS" (ETag = SHA-256),
-small ones plain git blobs (ETag = git blob id), as on the Hub. `cut_once` makes the first GET of a
+401 + X-Error-Code GatedRepo without the right bearer token. Small files are plain git blobs, served
+directly (ETag = git blob id). Large files are "LFS", and as on the Hub their /resolve/ answers a 302
+to a CDN on another origin (a second loopback port) carrying X-Linked-Etag (the SHA-256) and
+X-Linked-Size; the CDN serves the bytes (with Range), and sees no Authorization header. `cut_once` makes the first GET of a
 file stop halfway and close the connection, to test resuming; `corrupt` serves a file with one byte
 changed. Every request is recorded.
 """
@@ -43,7 +45,9 @@ class FakeHub:
         self.requests: list[tuple[str, str, dict]] = []
         self.cut_once: set[str] = set()  # file names whose first GET is cut halfway
         self.corrupt: set[str] = set()  # file names served with one byte changed (hashes in the listing kept)
+        self.served: list[tuple[str, dict]] = []  # (file name, request headers) of every GET that sent bytes
         self._server: Optional[ThreadingHTTPServer] = None
+        self._cdn: Optional[ThreadingHTTPServer] = None
 
     def add_repo(self, repo_id: str, files: dict[str, bytes], *, token: Optional[str] = None) -> str:
         commit = hashlib.sha1(repo_id.encode() + "".join(sorted(files)).encode()).hexdigest()
@@ -55,6 +59,16 @@ class FakeHub:
         assert self._server is not None
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
+
+    @property
+    def cdn_url(self) -> str:
+        assert self._cdn is not None
+        host, port = self._cdn.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def gets(self, name: str) -> list[dict]:
+        """Request headers of each GET that sent (some of) the bytes of file `name`."""
+        return [headers for served, headers in self.served if served == name]
 
     def start(self) -> "FakeHub":
         hub = self
@@ -72,15 +86,18 @@ class FakeHub:
                 hub._serve(self, body=True)
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._cdn = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        for server in (self._server, self._cdn):
+            server.daemon_threads = True
+            threading.Thread(target=server.serve_forever, daemon=True).start()
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        for server in (self._server, self._cdn):
+            if server is not None:
+                server.shutdown()
+                server.server_close()
+        self._server = self._cdn = None
 
     # -- answering ---------------------------------------------------------------------------------
 
@@ -118,6 +135,11 @@ class FakeHub:
         path = urlsplit(h.path).path
         self.requests.append((h.command, path, {k.lower(): v for k, v in h.headers.items()}))
         parts = path.strip("/").split("/")
+        if h.server is self._cdn:
+            blob = self._lfs_blob(parts[-1]) if parts[0] == "lfs" else None
+            if blob is None:
+                return self._send(h, 404, {}, b"no such blob", body)
+            return self._file(h, *blob, body)
         if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] == "revision":
             repo_id, rev = f"{parts[2]}/{parts[3]}", unquote("/".join(parts[5:]))
             repo = self._repo(h, repo_id, body)
@@ -141,8 +163,22 @@ class FakeHub:
             data = repo.files.get(name)
             if data is None:
                 return self._error(h, 404, "EntryNotFound", body, {"X-Repo-Commit": commit})
+            if len(data) > LFS_THRESHOLD:
+                sha = hashlib.sha256(data).hexdigest()
+                pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha}\nsize {len(data)}\n"
+                return self._send(h, 302, {"Location": f"{self.cdn_url}/lfs/{sha}?signature=loopback",
+                                           "X-Repo-Commit": commit, "X-Linked-Etag": f'"{sha}"',
+                                           "X-Linked-Size": len(data), "ETag": f'"{_git_sha1(pointer.encode())}"'},
+                                  b"", body)
             return self._file(h, data, name, commit, body)
         self._error(h, 404, "RepoNotFound", body)
+
+    def _lfs_blob(self, sha: str) -> Optional[tuple[bytes, str, str]]:
+        for repo in self.repos.values():
+            for name, data in repo.files.items():
+                if len(data) > LFS_THRESHOLD and hashlib.sha256(data).hexdigest() == sha:
+                    return data, name, repo.commit
+        return None
 
     def _sibling(self, name: str, data: bytes) -> dict:
         sib = {"rfilename": name, "size": len(data), "blobId": _git_sha1(data)}
@@ -153,7 +189,8 @@ class FakeHub:
     def _file(self, h, data: bytes, name: str, commit: str, body: bool) -> None:
         etag = hashlib.sha256(data).hexdigest() if len(data) > LFS_THRESHOLD else _git_sha1(data)
         headers = {"ETag": f'"{etag}"', "X-Repo-Commit": commit, "Accept-Ranges": "bytes",
-                   "Content-Type": "application/octet-stream"}
+                   "Content-Type": "application/octet-stream",
+                   "Content-Disposition": f'inline; filename="{name.rsplit("/", 1)[-1]}";'}
         if name in self.corrupt:
             data = bytes([data[0] ^ 1]) + data[1:]
         start, status = 0, 200
@@ -166,6 +203,7 @@ class FakeHub:
             data, status = data[start:end + 1], 206
         if not body:
             return self._send(h, status, {**headers, "Content-Length": len(data)}, b"", False)
+        self.served.append((name, {k.lower(): v for k, v in h.headers.items()}))
         if name in self.cut_once and start == 0:
             self.cut_once.discard(name)
             h.send_response(status)

@@ -59,10 +59,6 @@ def hub(repo_files, tmp_path, monkeypatch):
     server.stop()
 
 
-def _gets(server, name):
-    return [r for r in server.requests if r[0] == "GET" and r[1].endswith("/" + name)]
-
-
 def test_pull_gguf_by_quant_fetches_one_checked_file_into_the_hf_cache(hub, repo_files, tmp_path):
     pulled = pull(f"{GGUF_REPO}:q8_0", progress=False)
     assert pulled.format == "gguf" and pulled.quant == "Q8_0"
@@ -74,7 +70,7 @@ def test_pull_gguf_by_quant_fetches_one_checked_file_into_the_hf_cache(hub, repo
     sha = hashlib.sha256(repo_files[GGUF_REPO]["tiny-llama-Q8_0.gguf"]).hexdigest()
     assert pulled.path.resolve() == (folder / "blobs" / sha).resolve()
     assert (folder / "refs" / "main").read_text() == hub.repos[GGUF_REPO].commit
-    assert not _gets(hub, "tiny-llama-F32.gguf") and not _gets(hub, "README.md")  # only the file needed
+    assert hub.gets("tiny-llama-Q8_0.gguf") and not hub.gets("tiny-llama-F32.gguf") and not hub.gets("README.md")
     again = pull(f"{GGUF_REPO}:Q8_0", progress=False)
     assert again.downloaded == 0 and again.path == pulled.path
 
@@ -97,9 +93,9 @@ def test_resume_after_a_cut_connection(hub, repo_files, monkeypatch):
     hub.cut_once.add(name)
     pulled = pull(f"{GGUF_REPO}:F32", progress=False)
     assert pulled.path.read_bytes() == repo_files[GGUF_REPO][name]
-    gets = _gets(hub, name)
-    assert len(gets) == 2 and "range" not in gets[0][2]
-    resumed_at = int(gets[1][2]["range"].removeprefix("bytes=").removesuffix("-"))
+    gets = hub.gets(name)
+    assert len(gets) == 2 and "range" not in gets[0]
+    resumed_at = int(gets[1]["range"].removeprefix("bytes=").removesuffix("-"))
     assert 0 < resumed_at <= len(repo_files[GGUF_REPO][name]) // 2  # the second request asks only for the rest
 
 

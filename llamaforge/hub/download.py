@@ -41,14 +41,15 @@ class Pulled:
     downloaded: int  # bytes transferred by this call (0: everything was cached already)
 
 
-def _progress_class(enabled: bool):
+def _progress_class(enabled: bool, label: str):
     from tqdm.auto import tqdm
 
     class Bar(tqdm):
-        """huggingface_hub's per-file bar, in bytes, shown or hidden by `progress`."""
+        """huggingface_hub's bar for one file, in bytes, named by the file, shown or hidden by `progress`."""
 
         def __init__(self, *args, **kwargs):
             kwargs.pop("name", None)
+            kwargs["desc"] = label
             kwargs["disable"] = not enabled
             kwargs.setdefault("unit", "B")
             kwargs.setdefault("unit_scale", True)
@@ -166,7 +167,6 @@ def pull(ref: ModelRef, *, progress: bool = True) -> Pulled:
     commit = info.sha
     siblings = {s.rfilename: s for s in info.siblings or []}
     listing = [select.RepoFile(s.rfilename, s.size) for s in siblings.values()]
-    bar = _progress_class(progress)
     fetched: dict[str, Path] = {}
     downloaded = 0
 
@@ -177,7 +177,7 @@ def pull(ref: ModelRef, *, progress: bool = True) -> Pulled:
         was_cached = isinstance(try_to_load_from_cache(ref.repo_id, name, cache_dir=cache, revision=commit), str)
         try:
             path = Path(hf_hub_download(ref.repo_id, name, revision=commit, cache_dir=cache, endpoint=endpoint(),
-                                        tqdm_class=bar))
+                                        tqdm_class=_progress_class(progress, name)))
         except Exception as exc:
             if _is_hub_or_network(exc):
                 raise _hub_error(exc, ref) from None
