@@ -53,7 +53,9 @@ def hub(repo_files, tmp_path, monkeypatch):
     server.start()
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    for var in ("HF_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HUGGINGFACE_HUB_CACHE"):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no stored token (for subprocesses)
+    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))  # in-process
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HUGGINGFACE_HUB_CACHE"):
         monkeypatch.delenv(var, raising=False)
     yield server
     server.stop()
@@ -158,6 +160,9 @@ def test_errors_missing_repo_revision_quant_gated_and_no_network(hub, monkeypatc
     with pytest.raises(CheckpointNotFoundError, match="no Q4_K_M GGUF file; it has: F32, Q8_0"):
         resolve_model(f"{GGUF_REPO}:Q4_K_M")
     with pytest.raises(HubError, match="gated repository.*set HF_TOKEN"):
+        resolve_model(GATED_REPO)
+    monkeypatch.setenv("HF_TOKEN", "hf_someone_elses")
+    with pytest.raises(HubError, match="gated repository.*check that your token"):
         resolve_model(GATED_REPO)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     assert resolve_model(GATED_REPO).name == "gated-Q8_0.gguf"

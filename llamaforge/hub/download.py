@@ -70,10 +70,11 @@ def _is_network_error(exc: BaseException) -> bool:
 def _hub_error(exc: BaseException, ref: ModelRef) -> Exception:
     """A llamaforge error saying what went wrong with `ref` on the Hub, and what to do."""
     from huggingface_hub import errors as hf
+    from huggingface_hub import get_token
 
     where = endpoint()
-    token_hint = ("the token in HF_TOKEN was not accepted for it" if os.environ.get("HF_TOKEN")
-                  else "set HF_TOKEN to an access token (or run `hf auth login`)")
+    token_hint = ("check that your token (HF_TOKEN, or `hf auth login`'s) is the one with access"
+                  if get_token() else "set HF_TOKEN to an access token (or run `hf auth login`)")
     if isinstance(exc, hf.GatedRepoError):
         return HubError(
             f"{ref.repo_id} is a gated repository: accept its terms at {where}/{ref.repo_id} while logged in, "
