@@ -138,6 +138,18 @@ def test_build_by_reference_generates_and_loads_offline_with_no_network(hub, tin
         resolve_model(f"{GGUF_REPO}:F32")
 
 
+def test_a_tag_is_recorded_in_the_cache_and_found_offline(hub, monkeypatch):
+    commit = hub.repos[GGUF_REPO].commit
+    hub.repos[GGUF_REPO].branches["v1.0"] = commit
+    tagged = pull(f"{GGUF_REPO}:Q8_0@v1.0", progress=False)
+    assert tagged.commit == commit
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_model(f"{GGUF_REPO}:Q8_0@v1.0") == tagged.path
+    assert resolve_model(f"{GGUF_REPO}:Q8_0@{commit}") == tagged.path
+    with pytest.raises(CheckpointNotFoundError, match="HF_HUB_OFFLINE"):
+        resolve_model(f"{GGUF_REPO}:Q8_0@v2.0")
+
+
 def test_training_spacy_and_info_take_references(hub, capsys):
     import torch
 
@@ -192,6 +204,10 @@ def test_cli_list_rm_and_show(hub, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", open(os.devnull))  # not a terminal: rm needs --yes
     assert cli(["rm", f"{GGUF_REPO}:F32"]) == 1
     assert "pass --yes" in capsys.readouterr().err
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)  # a terminal: rm asks, and "no" keeps the files
+    monkeypatch.setattr("builtins.input", lambda prompt: "n")
+    assert cli(["rm", f"{GGUF_REPO}:F32"]) == 1
+    assert "tiny-llama-F32.gguf" in capsys.readouterr().out and len(list_models()) == 3
     assert cli(["rm", "-y", f"{GGUF_REPO}:F32"]) == 0
     assert {m.name for m in list_models()} == {f"{GGUF_REPO}:Q8_0", HF_REPO}
     assert cli(["rm", "--yes", HF_REPO]) == 0

@@ -156,7 +156,8 @@ def pull(ref: ModelRef, *, progress: bool = True) -> Pulled:
         cached = store.find_cached(ref, cache)
         if cached is None:
             raise CheckpointNotFoundError(
-                f"{ref} is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE is set; unset it to download")
+                f"{ref} is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE is set: unset it to download, "
+                "or pick a model that is cached (`llamaforge list`)")
         log.info("HF_HUB_OFFLINE is set: %s is used as cached", ref)
         return _pulled_from_cache(ref, cached, cache)
     try:
