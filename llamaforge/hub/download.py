@@ -50,7 +50,7 @@ def _progress_class(enabled: bool, label: str):
         def __init__(self, *args, **kwargs):
             kwargs.pop("name", None)
             kwargs["desc"] = label
-            kwargs["disable"] = not enabled
+            kwargs["disable"] = not enabled or store.env_true("HF_HUB_DISABLE_PROGRESS_BARS")
             kwargs.setdefault("unit", "B")
             kwargs.setdefault("unit_scale", True)
             kwargs["unit_divisor"] = 1024

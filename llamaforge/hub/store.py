@@ -34,10 +34,15 @@ def cache_dir() -> Path:
     return Path(os.path.expandvars(home)).expanduser() / "hub"
 
 
+def env_true(*names: str) -> bool:
+    """The first of these environment variables that is set holds a true value, as huggingface_hub reads them."""
+    value = next((os.environ[n] for n in names if os.environ.get(n)), "")
+    return value.upper() in ("1", "ON", "YES", "TRUE")
+
+
 def offline() -> bool:
     """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set to a true value: never touch the network."""
-    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return value.upper() in ("1", "ON", "YES", "TRUE")
+    return env_true("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
 def repo_folder(repo_id: str, cache: Optional[Path] = None) -> Path:
