@@ -54,14 +54,9 @@ def convert(
     from llamaforge.hub import resolve_model
 
     ckpt = checkpoints.load(resolve_model(source), progress=True)
-    if tokenizer_path is not None:
-        tokenizer = Tokenizer.from_file(tokenizer_path)
-    elif ckpt.gguf_metadata is not None:
-        tokenizer = Tokenizer.from_gguf_metadata(ckpt.gguf_metadata, source=str(ckpt.source))
-    elif ckpt.tokenizer_path is not None:
-        tokenizer = Tokenizer.from_file(ckpt.tokenizer_path)
-    else:
-        tokenizer = None
+    source = ckpt.tokenizer_source
+    carries = tokenizer_path is not None or source.file is not None or source.gguf_metadata is not None
+    tokenizer = Tokenizer.from_source(source, tokenizer_path) if carries else None  # converted without one
 
     if to == "gguf":
         metadata = ckpt.gguf_metadata or (_gguf_tokenizer_metadata(tokenizer) if tokenizer is not None else None)

@@ -24,12 +24,27 @@ from llamaforge.errors import CheckpointError, CheckpointNotFoundError
 from llamaforge.model.args import ModelArgs
 
 __all__ = [
-    "Checkpoint", "GGUFQuantTensor", "detect_format", "load", "save_meta", "save_hf", "save_gguf",
+    "Checkpoint", "TokenizerSource", "GGUFQuantTensor", "detect_format", "load", "save_meta", "save_hf", "save_gguf",
     "split_meta_shards", "merge_shards", "hf_to_meta_qk", "meta_to_hf_qk", "dequantize",
     "CheckpointError", "CheckpointNotFoundError",
 ]
 
 _CONSOLIDATED = re.compile(r"consolidated\.\d+\.pth")
+
+
+@dataclass(frozen=True, eq=False)
+class TokenizerSource:
+    """The tokenizer a checkpoint carries: its GGUF vocabulary, or a tokenizer file found with it (or neither).
+
+    Attributes:
+        checkpoint: where the checkpoint was loaded from.
+        file: tokenizer.model / tokenizer.json found with the checkpoint, or None.
+        gguf_metadata: the GGUF metadata holding the vocabulary, or None.
+    """
+
+    checkpoint: Path
+    file: Optional[Path]
+    gguf_metadata: Optional[dict[str, Any]]
 
 
 @dataclass
@@ -52,6 +67,11 @@ class Checkpoint:
     tokenizer_path: Optional[Path]
     gguf_metadata: Optional[dict[str, Any]]
     source: Path
+
+    @property
+    def tokenizer_source(self) -> TokenizerSource:
+        """Which tokenizer goes with this checkpoint; `llamaforge.Tokenizer.from_source` builds it."""
+        return TokenizerSource(self.source, self.tokenizer_path, self.gguf_metadata)
 
 
 def _find_tokenizer(folder: Path, prefer: tuple[str, ...], look_in_parent: bool) -> Optional[Path]:

@@ -18,9 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def describe(model=None, tokenizer_path=None) -> dict:
     """A plain dict describing a checkpoint and its tokenizer; loads no weights into a model."""
     from llamaforge import checkpoints
-    from llamaforge.api import _load_tokenizer
     from llamaforge.chat import chat_format_for
     from llamaforge.hub import resolve_model
+    from llamaforge.tokenizer import Tokenizer
 
     path = resolve_model(model)
     ckpt = checkpoints.load(path, progress=False, keep_quantized=True)
@@ -33,7 +33,7 @@ def describe(model=None, tokenizer_path=None) -> dict:
         "tensor_types": dict(dtypes),
     }
     try:
-        tok = _load_tokenizer(ckpt, tokenizer_path)
+        tok = Tokenizer.from_source(ckpt.tokenizer_source, tokenizer_path, hint="--tokenizer_path")
         info["tokenizer"] = {"kind": tok.kind, "n_words": tok.n_words, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
                              "stop_ids": sorted(tok.stop_ids), "add_bos": tok.add_bos}
         info["chat_format"] = chat_format_for(tok).name

@@ -74,6 +74,7 @@ def load_llama(
     return Llama(
         base.model, base.tokenizer, max_seq_len=max_seq_len or base.max_seq_len, max_batch_size=max_batch_size,
         device=base.device, checkpoint_format=base.checkpoint_format, source=base.source,
+        decode_step=base.decode_step,
     )
 
 

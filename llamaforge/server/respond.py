@@ -20,12 +20,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Optional
 
-from llamaforge.server.engine import Delta, Engine, EngineClosed, Failure, Finish, PromptDone, QueueFull
+from llamaforge.api import Delta, Engine, EngineClosed, Failure, Finish, PromptDone, QueueFull, TokenInfo
+from llamaforge.errors import GenerationError
 from llamaforge.server.errors import APIError
 from llamaforge.server.prepare import Prepared
-from llamaforge.server.sampler import TokenInfo
 from llamaforge.server.tools import parse_tool_calls
-from llamaforge.server.vocab import token_bytes
 
 
 class JobRun:
@@ -38,15 +37,14 @@ class JobRun:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.ids: list[int] = []
         self.open = len(prepared.jobs) * prepared.n
-        try:
-            for k, job in enumerate(prepared.jobs):
-                self.ids.append(engine.submit(job, self._sink(k)))
+        try:  # all jobs or none
+            self.ids = engine.submit_all(prepared.jobs, [self._sink(k) for k in range(len(prepared.jobs))])
         except QueueFull as exc:
-            self.cancel()
             raise APIError(429, f"the server is busy: {exc}", code="queue_full") from exc
         except EngineClosed as exc:
-            self.cancel()
             raise APIError(503, str(exc), code="shutting_down") from exc
+        except GenerationError as exc:  # can never run here: retrying does not help
+            raise APIError(400, str(exc), code="request_too_large") from exc
 
     def _sink(self, k: int):
         def put(event) -> None:
@@ -120,12 +118,12 @@ class ResponseBuilder:
     # -- token strings for logprobs -------------------------------------------------------------
 
     def _tok_str(self, token: int) -> str:
-        return token_bytes(self.tokenizer, token).decode("utf-8", errors="replace")
+        return self.tokenizer.token_bytes(token).decode("utf-8", errors="replace")
 
     def _chat_logprob(self, t: TokenInfo) -> dict:
-        return {"token": self._tok_str(t.id), "logprob": t.logprob, "bytes": list(token_bytes(self.tokenizer, t.id)),
+        return {"token": self._tok_str(t.id), "logprob": t.logprob, "bytes": list(self.tokenizer.token_bytes(t.id)),
                 "top_logprobs": [{"token": self._tok_str(i), "logprob": lp,
-                                  "bytes": list(token_bytes(self.tokenizer, i))} for i, lp in t.top]}
+                                  "bytes": list(self.tokenizer.token_bytes(i))} for i, lp in t.top]}
 
     def _completion_logprobs(self, infos: list[TokenInfo], offset: int) -> dict:
         tokens = [self._tok_str(t.id) for t in infos]
@@ -263,6 +261,28 @@ class ClientGone(Exception):
     """The client disconnected before its response was ready."""
 
 
+async def until_disconnect(receive) -> None:
+    """Return when the client closes the connection (the body having been read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def wait_or_cancel(fut, receive):
+    """The result of a concurrent Future, which is cancelled if the client goes away first."""
+    task = asyncio.ensure_future(asyncio.wrap_future(fut))
+    watch = asyncio.ensure_future(until_disconnect(receive))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise ClientGone()
+    finally:
+        fut.cancel()
+        for t in (task, watch):
+            if not t.done():
+                t.cancel()
+
+
 async def collect(run: JobRun, rb: ResponseBuilder, receive) -> dict:
     """Wait for the whole response, cancelling the jobs if the client goes away meanwhile.
 
@@ -274,12 +294,8 @@ async def collect(run: JobRun, rb: ResponseBuilder, receive) -> dict:
         async for k, event in run.events():
             rb.add(k, event)
 
-    async def disconnected() -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-
     task = asyncio.ensure_future(consume())
-    watch = asyncio.ensure_future(disconnected())
+    watch = asyncio.ensure_future(until_disconnect(receive))
     try:
         await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
         if task.done():
