@@ -16,6 +16,7 @@ engine are re-exported here, so nothing above `api` imports `generation` itself.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -103,6 +104,19 @@ class Llama:
     @property
     def args(self) -> ModelArgs:
         return self.model.args
+
+    @property
+    def weight_type(self) -> str:
+        """How most of the model's matrices are stored: a GGUF quant name ("Q4_K", "Q8_0", ...) or F32 / F16 / BF16."""
+        counts: collections.Counter = collections.Counter()
+        for module in self.model.modules():
+            qtype, weight = getattr(module, "qtype", None), getattr(module, "weight", None)
+            if isinstance(qtype, str):
+                counts[qtype] += 1
+            elif isinstance(weight, torch.Tensor) and weight.dim() == 2:
+                counts[{torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}.get(
+                    weight.dtype, str(weight.dtype))] += 1
+        return counts.most_common(1)[0][0] if counts else "unknown"
 
     @staticmethod
     def build(

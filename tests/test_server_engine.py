@@ -415,3 +415,17 @@ def test_embeddings_share_the_schedule_and_can_be_cancelled(model, tokenizer):
         eng.close()
     with pytest.raises(ValueError, match="at most"):
         Engine(model, tokenizer, n_slots=1, max_seq_len=MAX_SEQ, device=CPU, max_embed_inputs=3).embed([[1]] * 4)
+
+
+@pytest.mark.parametrize("temperature, penalty", [(1e-30, 1.0), (1.0, 2.6e-79), (1e-30, 2.6e-79)])
+def test_extreme_temperature_or_penalty_samples_the_limit_not_nan(temperature, penalty):
+    """logits / temperature or / repetition_penalty can overflow float32 (found by the server's fuzz test);
+    the draw is then softmax's limit (the most likely token), never a NaN failure."""
+    from llamaforge.generation.sampler import RowState, SamplingParams, choose
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 50) * 5
+    params = SamplingParams(temperature=temperature, top_p=0.9, repetition_penalty=penalty)
+    row = RowState(params, torch.Generator().manual_seed(1), 50, prompt=[int(logits.argmax())])
+    (token,) = choose(logits, [row])
+    assert token == int(logits.argmax())

@@ -107,7 +107,12 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[tor
     if params.top_k is not None and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits / params.temperature, dim=-1)
+    scaled = logits / params.temperature
+    if bool(torch.isposinf(scaled).any()):
+        # logits / temperature overflowed (a temperature near 0): softmax's limit there, the most likely
+        # token(s), computed without infinities. Elsewhere Meta's formula exactly.
+        scaled = (logits - logits.max(dim=-1, keepdim=True).values) / params.temperature
+    probs = torch.softmax(scaled, dim=-1)
     if params.min_p > 0:
         probs = probs.masked_fill(probs < params.min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
     return sample_top_p(probs, params.top_p, generator).reshape(-1)
@@ -178,7 +183,9 @@ def process_row(logits: torch.Tensor, row: RowState) -> torch.Tensor:
         if p.repetition_penalty != 1:
             seen = row.seen.to(out.device)
             penalised = torch.where(out > 0, out / p.repetition_penalty, out * p.repetition_penalty)
-            out = torch.where(seen, penalised, out)
+            # a penalty near 0 overflows: the largest finite logit instead, so softmax stays defined
+            big = torch.finfo(out.dtype).max
+            out = torch.where(seen, penalised.clamp(-big, big), out)
         if p.frequency_penalty or p.presence_penalty:
             out = out - counts * p.frequency_penalty - (counts > 0).to(out.dtype) * p.presence_penalty
     if row.constraint is not None:

@@ -11,8 +11,10 @@
     POST /v1/chat/completions   chat in the model's own chat format (stream with "stream": true)
     POST /v1/embeddings         mean-pooled final hidden states, L2-normalised
     POST /tokenize              a prompt's or a dialog's token ids and count (vLLM's extension)
+    GET  /metrics               Prometheus metrics (server/metrics.py)
+    /api/...                    Ollama's API: chat, generate, embed, tags, show, ps, version (routes/ollama.py)
 
-Every error is `{"error": {"message", "type", "param", "code"}}`: 400 for bad requests (wrong types,
+Every error is `{"error": {"message", "type", "param", "code"}}` (on Ollama's /api routes `{"error": "message"}`): 400 for bad requests (wrong types,
 out-of-range values, too-long prompts, requests larger than the server's limits), 401 without the API
 key, 404 for unknown routes and models, 413 for bodies over `max_body_bytes`, 429 when the waiting
 queue is full, 500/503 otherwise. On shutdown (`Served.begin_shutdown`, called by `llamaforge serve`
@@ -36,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llamaforge.api import Llama
 from llamaforge.server.auth import Guard
 from llamaforge.server.errors import APIError, error_body, from_validation_errors
+from llamaforge.server.metrics import CountRequests, Metrics
 from llamaforge.server.prepare import Preparer
 from llamaforge.server.routes import ROUTERS
 from llamaforge.server.state import Served
@@ -74,7 +77,8 @@ def create_app(
     engine = llama.open_engine(n_slots=n_slots, max_queue=max_queue, prefill_budget=prefill_budget,
                                prefix_reuse=prefix_reuse)
     prep = Preparer(llama, n_slots=engine.n_slots, max_queue=max_queue, model_id=name, aliases=names)
-    state = Served(llama, engine, prep, name, names)
+    metrics = Metrics(engine.stats)
+    state = Served(llama, engine, prep, name, names, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -90,6 +94,7 @@ def create_app(
     app.state.engine = engine
     app.state.model_name = name
     app.add_middleware(Guard, limit=max_body_bytes, api_key=api_key)
+    app.add_middleware(CountRequests, metrics=metrics)  # outermost: counts 401s and 413s too
     _install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
@@ -97,16 +102,20 @@ def create_app(
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    """Every failure as OpenAI's error body with its status."""
+    """Every failure as OpenAI's error body with its status (Ollama's `{"error": "message"}` on /api routes)."""
 
-    @app.exception_handler(APIError)
-    async def api_error(_: Request, exc: APIError):
+    def body(request: Request, exc: APIError) -> JSONResponse:
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": exc.message}, status_code=exc.status)
         return JSONResponse(exc.body(), status_code=exc.status)
 
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return body(request, exc)
+
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError):
-        err = from_validation_errors(list(exc.errors()))
-        return JSONResponse(err.body(), status_code=err.status)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        return body(request, from_validation_errors(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException):

@@ -11,7 +11,7 @@ from llamaforge.server.errors import error_body
 
 
 class Guard:
-    """ASGI middleware: the API key on /v1 routes (401), and request bodies over `limit` bytes (413).
+    """ASGI middleware: the API key on /v1, /api (Ollama's) and /tokenize routes (401), and bodies over `limit` bytes (413).
 
     The body is read up front (bounded) and replayed to the app; later receives pass through, so the
     app still hears of a client that disconnects.
@@ -27,7 +27,7 @@ class Guard:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         path = scope.get("path", "")
-        if self.api_key is not None and (path.startswith("/v1") or path == "/tokenize"):
+        if self.api_key is not None and (path.startswith(("/v1", "/api/")) or path == "/tokenize"):
             given = headers.get(b"authorization", b"")
             token = given[7:] if given[:7].lower() == b"bearer " else b""
             if not secrets.compare_digest(token, self.api_key):

@@ -10,6 +10,7 @@ from typing import Optional
 from fastapi import Request
 
 from llamaforge.api import Engine, Llama
+from llamaforge.server.metrics import Metrics
 from llamaforge.server.prepare import Preparer
 
 
@@ -20,8 +21,13 @@ class Served:
     prep: Preparer
     name: str
     names: set[str]
+    metrics: Metrics
     created: int = field(default_factory=lambda: int(time.time()))
     shutting_down: bool = False
+
+    def knows(self, model: str) -> bool:
+        """Is `model` an id of the served model (Ollama's clients add ":latest")?"""
+        return model in self.names or model.removesuffix(":latest") in self.names
 
     def card(self) -> dict:
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "llamaforge",

@@ -26,6 +26,14 @@ router = APIRouter()
 
 @router.post("/v1/embeddings", responses=ERRORS)
 async def embeddings(req: EmbeddingRequest, request: Request, s: Served = Depends(served)):
+    try:
+        return await embed(req, request, s)
+    except ClientGone:
+        return Response(status_code=499)
+
+
+async def embed(req: EmbeddingRequest, request: Request, s: Served) -> dict:
+    """The OpenAI embeddings body of `req` (ClientGone if the client leaves first); the Ollama routes use it too."""
     if s.shutting_down:
         raise APIError(503, "the server is shutting down", code="shutting_down")
     inputs = await run_in_threadpool(s.prep.embedding_inputs, req, s.llama.args.dim)
@@ -37,8 +45,6 @@ async def embeddings(req: EmbeddingRequest, request: Request, s: Served = Depend
         raise bad_request(str(exc), "input", "request_too_large") from exc
     try:
         vectors = await wait_or_cancel(fut, request.receive)
-    except ClientGone:
-        return Response(status_code=499)
     except EngineClosed as exc:
         raise APIError(503, str(exc), code="shutting_down") from exc
     data = []
