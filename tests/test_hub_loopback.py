@@ -150,7 +150,7 @@ def test_a_tag_is_recorded_in_the_cache_and_found_offline(hub, monkeypatch):
         resolve_model(f"{GGUF_REPO}:Q8_0@v2.0")
 
 
-def test_training_spacy_and_info_take_references(hub, capsys):
+def test_generate_training_spacy_and_info_take_references(hub, capsys):
     import torch
 
     from llamaforge.integrations.models import load_llama
@@ -162,6 +162,8 @@ def test_training_spacy_and_info_take_references(hub, capsys):
     assert cli(["info", "--json", f"{GGUF_REPO}:F32"]) == 0
     described = json.loads(capsys.readouterr().out)
     assert described["format"] == "gguf" and described["path"].endswith("tiny-llama-F32.gguf")
+    assert cli(["generate", f"{GGUF_REPO}:Q8_0", "-p", "hello", "--temperature", "0", "-n", "4"]) == 0
+    assert capsys.readouterr().out.strip()
 
 
 def test_errors_missing_repo_revision_quant_gated_and_no_network(hub, monkeypatch):
