@@ -53,6 +53,7 @@ def hub(repo_files, tmp_path, monkeypatch):
     server.start()
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # loopback never goes through a proxy of the CI's
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no stored token (for subprocesses)
     monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))  # in-process
     for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HUGGINGFACE_HUB_CACHE"):
