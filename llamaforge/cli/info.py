@@ -9,7 +9,7 @@ from collections import Counter
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="describe a checkpoint", description=__doc__)
-    p.add_argument("model", nargs="?", default=None, help="checkpoint (default: the default model)")
+    p.add_argument("model", nargs="?", default=None, help="checkpoint path or model reference (default: the default model)")
     p.add_argument("--tokenizer_path", "--tokenizer-path", dest="tokenizer_path", default=None)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=run)
@@ -19,10 +19,10 @@ def describe(model=None, tokenizer_path=None) -> dict:
     """A plain dict describing a checkpoint and its tokenizer; loads no weights into a model."""
     from llamaforge import checkpoints
     from llamaforge.chat import chat_format_for
-    from llamaforge.default_model import default_model_path
+    from llamaforge.hub import resolve_model
     from llamaforge.tokenizer import Tokenizer
 
-    path = model or default_model_path()
+    path = resolve_model(model)
     ckpt = checkpoints.load(path, progress=False, keep_quantized=True)
     dtypes = Counter(getattr(t, "qtype", None) or str(t.dtype).replace("torch.", "") for t in ckpt.state_dict.values())
     info = {

@@ -66,9 +66,9 @@ def load_for_training(path: str, tokenizer_path: Optional[str], device: torch.de
                       progress: bool = True) -> tuple[Transformer, Tokenizer, Source]:
     """A checkpoint as a float32 model ready to train, with its tokenizer."""
     from llamaforge import checkpoints
-    from llamaforge.default_model import default_model_path
+    from llamaforge.hub import resolve_model
 
-    p = default_model_path() if path in ("default", "") else Path(path)
+    p = resolve_model(None if path in ("default", "") else path, progress=progress)
     ckpt = checkpoints.load(p, progress=progress)
     source = ckpt.tokenizer_source
     tokenizer = Tokenizer.from_source(source, tokenizer_path, hint="`tokenizer` in the training config")
