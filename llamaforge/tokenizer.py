@@ -26,10 +26,10 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from llamaforge.errors import TokenizerError
-from llamaforge.tokenizers.gguf_vocab import metadata_from_reader, read_gguf_metadata
+from llamaforge.tokenizers.gguf_vocab import read_gguf_metadata
 from llamaforge.tokenizers.loaders import Loaded, from_gguf_metadata, load
 
-__all__ = ["Tokenizer", "StreamDecoder", "read_gguf_metadata", "metadata_from_reader"]
+__all__ = ["Tokenizer", "StreamDecoder", "read_gguf_metadata"]
 
 
 class Tokenizer:
