@@ -153,10 +153,10 @@ class Llama:
             args = dataclasses.replace(args, max_seq_len=max_seq_len)
         if world > 1:
             model = build_model(parallel.local_args(args, world), parallel.shard_for_rank(ckpt.state_dict, rank, world),
-                                device=dev, dtype=torch_dtype)
+                                device=dev, dtype=torch_dtype, max_seq_len=max_seq_len)
             model = parallel.apply_tensor_parallel(model)
         else:
-            model = build_model(args, ckpt.state_dict, device=dev, dtype=torch_dtype)
+            model = build_model(args, ckpt.state_dict, device=dev, dtype=torch_dtype, max_seq_len=max_seq_len)
         if quantize is not None:
             from llamaforge.quantize import quantize_model_weights
 

@@ -20,14 +20,15 @@ from llamaforge.model.layers import RMSNorm, RotaryEmbedding, TransformerBlock
 class Transformer(nn.Module):
     """A Llama decoder with Meta's parameter names (`tok_embeddings`, `layers.N.attention.wq`, ...)."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, max_seq_len: Optional[int] = None):
+        """`max_seq_len`: positions the rotary tables cover (default: the model's context length)."""
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.rope = RotaryEmbedding(args)
+        self.rope = RotaryEmbedding(args, max_seq_len)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # Optional fast path for one-token steps with a cache: called by forward as
@@ -123,18 +124,20 @@ def build_model(
     *,
     device: torch.device,
     dtype: torch.dtype,
+    max_seq_len: Optional[int] = None,
 ) -> Transformer:
     """Make a Transformer on `device` in `dtype` holding exactly the weights of `state_dict`.
 
     The model is created on the meta device and the tensors are assigned, so no random init runs and
     weights are never held twice. Values that are quantized tensors (with `.raw`, `.qtype`, `.shape`,
     e.g. GGUF Q4/Q8 blocks) become quantized modules (`llamaforge.quantize`) instead of being
-    dequantized. Missing or unexpected keys raise CheckpointError naming them.
+    dequantized. Missing or unexpected keys raise CheckpointError naming them. `max_seq_len` is the
+    length the rotary tables are built for (default: the context length `args` declares).
     """
     quantized = {k: v for k, v in state_dict.items() if not isinstance(v, torch.Tensor)}
     floats = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
     with torch.device("meta"), _SkipInit():
-        model = Transformer(args)
+        model = Transformer(args, max_seq_len)
     expected = dict(model.state_dict())
     if args.tie_embeddings:
         expected.pop("output.weight", None)
