@@ -389,7 +389,7 @@ def _choose_max_seq_len(
     """The caller's max_seq_len, or the model's context length bounded by memory (and said in the log)."""
     if requested is not None:
         return requested
-    per_token = kv_bytes_per_token(args, dtype) * max_batch_size
+    per_token = kv_bytes_per_token(args, dtype) * max_batch_size + 4 * args.head_dim  # + float32 cos/sin rows
     free = devices.available_memory_bytes(device)
     chosen = args.max_seq_len
     if free is not None:
