@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llamaforge.checkpoints.gguf import args_from_gguf
-from llamaforge.checkpoints.gguf_reader import read_gguf
+from llamaforge.checkpoints.gguf_reader import KEY_TYPES, read_gguf
 from llamaforge.errors import CheckpointError, LlamaforgeError, TokenizerError
 from llamaforge.tokenizer import Tokenizer, read_gguf_metadata
 
@@ -144,6 +144,57 @@ def test_fuzzed_gguf_is_a_llamaforge_error_or_a_clean_read(tmp_path: Path, edits
     try:
         gf = read_gguf(path)
         args_from_gguf(gf)
+    except LlamaforgeError:
+        pass
+    try:
+        Tokenizer.from_file(path)
+    except LlamaforgeError:
+        pass
+
+
+# -- property: any type or value under the keys llamaforge reads ----------------------------------------------
+
+_SCALARS = st.one_of(
+    st.tuples(st.just(U32), st.integers(0, 2**32 - 1)), st.tuples(st.just(I32), st.integers(-(2**31), 2**31 - 1)),
+    st.tuples(st.just(F32), st.floats(width=32)), st.tuples(st.just(BOOL), st.booleans()),
+    st.tuples(st.just(U64), st.integers(0, 2**64 - 1)), st.tuples(st.just(STR), st.text(max_size=12)),
+)
+_VALUES = st.one_of(_SCALARS, _SCALARS.flatmap(
+    lambda s: st.tuples(st.just(ARR), st.tuples(st.just(s[0]), st.lists(st.just(s[1]), max_size=40)))))
+_KEYS = st.sampled_from(sorted(k.replace("ARCH.", "llama.") for k in KEY_TYPES))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(changes=st.dictionaries(_KEYS, _VALUES, min_size=1, max_size=4))
+def test_any_value_under_a_known_key_is_a_llamaforge_error_or_loads(tmp_path: Path, changes: dict) -> None:
+    kv = {k: (t, v) for k, t, v in VOCAB_KV + MODEL_KV}
+    kv.update(changes)
+    blob = gguf_bytes([(k, t, v) for k, (t, v) in kv.items()], [("token_embd.weight", (8, len(TOKENS)), 0, 0)],
+                      data=bytes(4 * 8 * len(TOKENS)))
+    path = write(tmp_path, blob, "kv.gguf")
+    try:
+        args_from_gguf(read_gguf(path))
+    except LlamaforgeError:
+        pass
+    try:
+        Tokenizer.from_file(path)
+    except LlamaforgeError:
+        pass
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_header_of_a_real_checkpoint_is_a_llamaforge_error_or_loads(tiny_checkpoints, tmp_path: Path,
+                                                                           data: st.DataObject) -> None:
+    from llamaforge import checkpoints
+
+    blob = bytearray(tiny_checkpoints.gguf.read_bytes())
+    header_end = min(read_gguf(tiny_checkpoints.gguf).tensors.values(), key=lambda t: t.offset).offset
+    for _ in range(data.draw(st.integers(1, 4))):
+        blob[data.draw(st.integers(0, header_end - 1))] = data.draw(st.integers(0, 255))
+    path = write(tmp_path, bytes(blob), "tiny.gguf")
+    try:
+        checkpoints.load(path, keep_quantized=data.draw(st.booleans()))
     except LlamaforgeError:
         pass
     try:
