@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llamaforge import Llama, checkpoints
@@ -118,3 +119,22 @@ def test_fuzzed_params_json_is_a_checkpoint_error_or_valid_args(tmp_path_factory
     except LlamaforgeError:
         return
     assert isinstance(args, ModelArgs)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_safetensors_header_is_a_checkpoint_error_or_loads(tiny_checkpoints, tmp_path_factory,
+                                                                  data: st.DataObject) -> None:
+    folder = tmp_path_factory.mktemp("hf")
+    for f in tiny_checkpoints.hf.iterdir():
+        shutil.copy(f, folder / f.name)
+    shard = sorted(folder.glob("*.safetensors"))[0]
+    blob = bytearray(shard.read_bytes())
+    header = 8 + int.from_bytes(blob[:8], "little")
+    for _ in range(data.draw(st.integers(1, 4))):
+        blob[data.draw(st.integers(0, header - 1))] = data.draw(st.integers(0, 255))
+    shard.write_bytes(bytes(blob))
+    try:
+        checkpoints.load(folder, progress=False)
+    except LlamaforgeError:
+        pass
