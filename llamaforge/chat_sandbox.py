@@ -7,7 +7,9 @@ does not bound, so a hostile or broken template cannot hang a worker or exhaust 
 - time: a render past `RENDER_SECONDS` is stopped (an exception raised in the rendering thread at its
   next bytecode, so loops with no output stop too);
 - size: the rendered text is at most `MAX_OUTPUT` characters; `*`, `**` and `%` on strings, lists and
-  numbers, and every call or filter given a size larger than that, are refused before they run;
+  numbers, every call or filter given a size larger than that, and `replace` / `join` / `indent` /
+  `format` (filters and str methods) whose result would be larger, are refused before they run (a
+  C-level string operation cannot be stopped once started);
 - loops: `range` is jinja2's bounded one (`jinja2.sandbox.MAX_RANGE` items);
 - recursion: a macro that calls itself without end is Python's RecursionError, caught.
 
@@ -18,6 +20,7 @@ Every failure (these, and any error the template raises: undefined names, divisi
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import re
 import threading
@@ -87,6 +90,7 @@ def environment() -> Any:
         def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
             for a in (*args, *kwargs.values()):
                 _check_size(a, f"calling {getattr(__obj, '__name__', type(__obj).__name__)}")
+            _check_str_method(__obj, args, kwargs)
             out = super().call(__context, __obj, *args, **kwargs)
             if _sized(out) > MAX_OUTPUT:
                 raise _TooLarge(f"{getattr(__obj, '__name__', 'a call')} made {_sized(out)} characters or items")
@@ -105,7 +109,7 @@ def environment() -> Any:
 
     env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True,
                              extensions=[GenerationTag, jinja2.ext.loopcontrols])
-    for name in ("center", "indent", "wordwrap", "truncate", "format", "batch", "slice"):
+    for name in ("center", "indent", "wordwrap", "truncate", "format", "batch", "slice", "replace", "join"):
         env.filters[name] = _bounded_filter(env.filters[name], name)
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
@@ -114,15 +118,50 @@ def environment() -> Any:
 
 
 def _bounded_filter(f: Callable[..., Any], name: str) -> Callable[..., Any]:
-    def bounded(value: Any, *args: Any, **kwargs: Any) -> Any:
-        for a in (*args, *kwargs.values()):
-            _check_size(a, f"the {name} filter")
-        if name == "format" and isinstance(value, str) and _WIDE_FORMAT.search(value):
-            raise _TooLarge(f"the format filter with a field width of 6+ digits or '*' ({value[:40]!r})")
-        return f(value, *args, **kwargs)
+    skip = 1 if hasattr(f, "jinja_pass_arg") else 0  # the context/environment jinja2 passes first
 
-    bounded.__name__ = name
+    @functools.wraps(f)  # keeps jinja2's pass_environment / pass_eval_context marker
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        subject, rest = (args[skip], args[skip + 1:]) if len(args) > skip else (None, ())
+        for a in (*rest, *kwargs.values()):
+            _check_size(a, f"the {name} filter")
+        _check_growth(name, subject, rest, kwargs, f"the {name} filter")
+        return f(*args, **kwargs)
+
     return bounded
+
+
+_WIDE_BRACE_FORMAT = re.compile(r"\{[^{}]*:[^{}]*(\d{6,}|\{)")
+
+
+def _check_growth(name: str, subject: Any, args: tuple, kwargs: dict, what: str) -> None:
+    """Refuse, before it runs, a str operation whose result would pass MAX_OUTPUT (C code cannot be stopped)."""
+    if name == "replace" and isinstance(subject, str) and len(args) >= 2 and isinstance(args[1], str):
+        old = args[0] if isinstance(args[0], str) else str(args[0])
+        hits = len(subject) + 1 if old == "" else subject.count(old)
+        _check_size(len(subject) + hits * len(args[1]), what)
+    elif name == "join" and isinstance(subject, (list, tuple)):
+        sep = args[0] if args and isinstance(args[0], str) else kwargs.get("d", "")
+        _check_size(sum(len(x) if isinstance(x, str) else 16 for x in subject) + len(subject) * len(sep), what)
+    elif name == "indent" and isinstance(subject, str):
+        width = args[0] if args else kwargs.get("width", 4)
+        per_line = len(width) if isinstance(width, str) else width if isinstance(width, int) else 0
+        _check_size(len(subject) + (subject.count("\n") + 1) * per_line, what)
+    elif name == "format" and isinstance(subject, str) and (_WIDE_FORMAT.search(subject)
+                                                            or _WIDE_BRACE_FORMAT.search(subject)):
+        raise _TooLarge(f"{what} with a field width of 6+ digits or a nested width ({subject[:40]!r})")
+
+
+def _check_str_method(method: Any, args: tuple, kwargs: dict) -> None:
+    """The growth check for a str method a template calls (`s.replace(...)`, `sep.join(...)`, `s.format(...)`)."""
+    method = getattr(method, "__wrapped__", method)  # jinja2 wraps str.format in its own formatter
+    owner = getattr(method, "__self__", None)
+    name = getattr(method, "__name__", "")
+    if isinstance(owner, str):
+        if name == "join" and args:
+            _check_growth("join", args[0], (owner,), {}, "calling str.join")
+        elif name in ("replace", "format", "format_map"):
+            _check_growth("format" if name == "format_map" else name, owner, args, kwargs, f"calling str.{name}")
 
 
 def render(template: Any, context: dict[str, Any], origin: str, seconds: float | None = None) -> str:

@@ -121,10 +121,21 @@ def test_llama3_rejects_unknown_roles_before_they_reach_a_header(smol: Tokenizer
     ("{{ 'a'.ljust(100000000) }}", "calling ljust"),
     ("{{ range(10**9) | list }}", "calling safe_range asks for 1000000000"),
     ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "recursed"),
+    ("{{ ('x' * 1000000) | replace('x', 'y' * 1000000) }}", "replace filter asks for"),
+    ("{{ ('x' * 1000000).replace('', 'y' * 20) }}", "calling str.replace"),
+    ("{{ ('y' * 1000000).join(['a'] * 1000000) }}", "calling str.join"),
+    ("{{ (['a' * 100000] * 1000) | join('b' * 100000) }}", "join filter"),
+    ("{{ ('a\n' * 1000000) | indent(100) }}", "indent filter"),
+    ("{{ '{:>999999999}'.format(1) }}", "field width"),
+    ("{{ '{:>{w}}'.format(1, w=10) }}", "nested width"),
+    ("{{ 'abc def' | wordwrap(3) | truncate(5) | center(9) }}", "DID-NOT-FAIL"),
     ("{% set s = 'ab' * 4000000 %}{% for i in range(5) %}{{ s }}{% endfor %}", "more than 16777216 characters"),
 ])
 def test_hostile_templates_are_chat_format_errors(smol: Tokenizer, template: str, message: str) -> None:
     fmt = JinjaChatFormat(smol, template, origin="the template of hostile.gguf")
+    if message == "DID-NOT-FAIL":  # the bounded filters still work on ordinary sizes
+        assert fmt.render([{"role": "user", "content": "hi"}]) == " abc\ndef "  # as plain jinja2 renders it
+        return
     with pytest.raises(ChatFormatError, match=message) as info:
         fmt.encode_dialog([{"role": "user", "content": "hi"}])
     assert "the template of hostile.gguf" in str(info.value)
