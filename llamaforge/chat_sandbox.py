@@ -4,8 +4,9 @@ A chat template comes from a model file, so it is untrusted code. jinja2's `Immu
 stops it from reaching Python internals or mutating its inputs; this module adds what the sandbox
 does not bound, so a hostile or broken template cannot hang a worker or exhaust memory:
 
-- time: a render past `RENDER_SECONDS` is stopped (an exception raised in the rendering thread at its
-  next bytecode, so loops with no output stop too);
+- time and memory: a render past `RENDER_SECONDS`, or one that grows the process by more than
+  `MAX_MEMORY` (strings kept in lists or namespaces, no single one too large), is stopped by a watchdog
+  thread (an exception raised in the rendering thread at its next bytecode, so loops with no output stop too);
 - size: the rendered text is at most `MAX_OUTPUT` characters; `*`, `**` and `%` on strings, lists and
   numbers, every call or filter given a size larger than that, and `replace` / `join` / `indent` /
   `format` (filters and str methods) whose result would be larger, are refused before they run (a
@@ -22,14 +23,18 @@ from __future__ import annotations
 import ctypes
 import functools
 import json
+import os
 import re
 import threading
+import time
 from datetime import datetime
 from typing import Any, Callable
 
 from llamaforge.errors import ChatFormatError
 
 RENDER_SECONDS = 5.0
+MAX_MEMORY = 1 << 30  # bytes a render may grow the process by (watched, so a little more can slip through)
+POLL_SECONDS = 0.01
 MAX_OUTPUT = 1 << 24  # characters of rendered prompt (16M: far beyond any context window)
 MAX_POWER = 1 << 12  # largest exponent `**` may take
 
@@ -38,6 +43,10 @@ _WIDE_FORMAT = re.compile(r"%[-+ #0]*(\*|\d{6,})|%[-+ #0]*\d*\.(\*|\d{6,})")
 
 class _Timeout(BaseException):
     """Raised inside a render that ran past its time (BaseException: a template cannot catch it)."""
+
+
+class _OutOfMemory(BaseException):
+    """Raised inside a render once the process grew by more than MAX_MEMORY."""
 
 
 class _TooLarge(Exception):
@@ -186,6 +195,9 @@ def render(template: Any, context: dict[str, Any], origin: str, seconds: float |
     except _Timeout:
         raise ChatFormatError(f"{origin} ran longer than {seconds:g} s and was stopped; the template loops "
                               "too much for this dialog (or without end)") from None
+    except _OutOfMemory:
+        raise ChatFormatError(f"{origin} was stopped: rendering it took more than {MAX_MEMORY >> 20} MiB of "
+                              "memory") from None
     except _TooLarge as e:
         raise ChatFormatError(f"{origin} was stopped: {e}") from None
     except RecursionError:
@@ -197,26 +209,48 @@ def render(template: Any, context: dict[str, Any], origin: str, seconds: float |
     return "".join(chunks)
 
 
+def _rss_bytes() -> int | None:
+    """This process's resident memory (Linux /proc), or None where it cannot be read cheaply."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
 def _with_deadline(fn: Callable[[], None], seconds: float) -> None:
-    """Run `fn` in this thread; past `seconds`, raise _Timeout inside it (CPython's async exception)."""
+    """Run `fn` in this thread; past `seconds`, or once the process has grown by more than MAX_MEMORY
+    bytes, raise _Timeout / _OutOfMemory inside it (CPython's async exception, checked every POLL_SECONDS)."""
     tid = threading.get_ident()
     lock = threading.Lock()
-    state = {"done": False, "fired": False}
+    state: dict[str, Any] = {"done": False, "fired": None}
+    done = threading.Event()
+    start, base = time.monotonic(), _rss_bytes()
 
-    def fire() -> None:
+    def fire(exc: type[BaseException]) -> None:
         with lock:
             if not state["done"]:
-                state["fired"] = True
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), ctypes.py_object(_Timeout))
+                state["fired"] = exc
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), ctypes.py_object(exc))
 
-    timer = threading.Timer(seconds, fire)
-    timer.daemon = True
-    timer.start()
+    def watch() -> None:
+        while not done.wait(POLL_SECONDS):
+            if time.monotonic() - start > seconds:
+                return fire(_Timeout)
+            rss = _rss_bytes() if base is not None else None
+            if rss is not None and rss - base > MAX_MEMORY:
+                return fire(_OutOfMemory)
+
+    watcher = threading.Thread(target=watch, name="chat-template-watchdog", daemon=True)
+    watcher.start()
     try:
         fn()
     finally:
         with lock:
             state["done"] = True
-            if state["fired"]:  # if not delivered yet, withdraw it so it cannot surface in the caller
+            if state["fired"] is not None:  # if not delivered yet, withdraw it so it cannot surface in the caller
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), None)
-        timer.cancel()
+        done.set()

@@ -151,6 +151,15 @@ def test_a_template_that_loops_too_long_is_stopped(smol: Tokenizer, monkeypatch:
     assert JinjaChatFormat(smol, "{{ messages[0].content }}").render([{"role": "user", "content": "ok"}]) == "ok"
 
 
+def test_a_template_that_hoards_memory_is_stopped(smol: Tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(chat_sandbox, "MAX_MEMORY", 64 << 20)
+    # each string is below the size limit; kept in a growing nest of lists, together they are not
+    fmt = JinjaChatFormat(smol, "{% set ns = namespace(x=[]) %}{% for i in range(100000) %}"
+                                "{% set ns.x = [ns.x, 'a' * 4000000 ~ i] %}{% endfor %}")
+    with pytest.raises(ChatFormatError, match="more than 64 MiB of memory"):
+        fmt.encode_dialog([{"role": "user", "content": "hi"}])
+
+
 def test_template_origin_is_named_when_it_does_not_compile(smol: Tokenizer) -> None:
     with pytest.raises(ChatFormatError, match="chat template of .*SmolLM2.*does not compile"):
         JinjaChatFormat(smol, "{% for %}")
