@@ -201,7 +201,7 @@ class Llama:
             )
             args = dataclasses.replace(args, max_seq_len=max_seq_len)
         model, decode_step = runtime.prepare(args, ckpt.state_dict, device=dev, dtype=torch_dtype, quantize=quantize,
-                                             world=world, rank=rank)
+                                             world=world, rank=rank, max_seq_len=max_seq_len)
         log.info(
             "loaded %s (%s, %.1fM parameters) on %s in %s in %.2fs",
             path, ckpt.format, args.n_params / 1e6, dev, torch_dtype, time.perf_counter() - start,
@@ -533,7 +533,7 @@ def _choose_max_seq_len(
     """The caller's max_seq_len, or the model's context length bounded by memory (and said in the log)."""
     if requested is not None:
         return requested
-    per_token = kv_bytes_per_token(args, dtype) * max_batch_size
+    per_token = kv_bytes_per_token(args, dtype) * max_batch_size + 4 * args.head_dim  # + float32 cos/sin rows
     free = devices.available_memory_bytes(device)
     chosen = args.max_seq_len
     if free is not None:

@@ -7,11 +7,15 @@
 - `Llama3ChatFormat`: Meta llama3's `ChatFormat.encode_dialog_prompt` (header tokens, "\\n\\n",
   stripped content, `<|eot_id|>`, and an open assistant header at the end).
 - `JinjaChatFormat`: a model's own Jinja `chat_template` (GGUF metadata or tokenizer_config.json),
-  rendered in jinja2's immutable sandbox the way transformers' `apply_chat_template` renders it.
-  Special tokens the *template* writes become control ids; text inside message contents never
-  does: the template is rendered a second time with each content replaced by a private-use
-  sentinel, which tells where in the prompt each content landed, and special-token strings are
-  only looked for outside those places.
+  rendered the way transformers' `apply_chat_template` renders it, in a bounded sandbox (chat_sandbox.py).
+  Special tokens the *template* writes become control ids; text from the caller never does.
+
+Untrusted strings enter the chat format in one place, `_check_messages` + `_mark`: every message is
+checked (a known role, JSON-like values only), and every string the caller gave (content, name, tool
+names, descriptions and parameters, tool-call arguments, any extra field, dict keys; in messages and in
+`tools`) is replaced by a private-use sentinel for a second rendering, which tells where in the prompt
+each landed; special-token strings are only looked for outside those places. Only the role (one of a
+fixed set) and short identifier-like strings holding no special token are left as they are.
 
 `chat_format_for(tokenizer)` picks one: a chat template wins, then Llama 3 header tokens, else Llama 2.
 """
@@ -22,9 +26,9 @@ import json
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from typing import Any, Literal, Protocol, TypedDict
 
+from llamaforge import chat_sandbox
 from llamaforge.errors import ChatFormatError
 from llamaforge.tokenizer import Tokenizer
 from llamaforge.tokenizers.backends import special_splitter
@@ -67,17 +71,62 @@ class ChatFormat(Protocol):
         ...
 
 
-def _check_messages(dialog: Sequence[Mapping[str, Any]], *, need_str_content: bool = True) -> list[dict[str, Any]]:
+# Roles each format knows. A role reaches the prompt as text (a header, a template branch), so it is
+# never free text: anything else is refused.
+LLAMA2_ROLES = frozenset({"system", "user", "assistant"})
+LLAMA3_ROLES = frozenset({"system", "user", "assistant", "ipython", "tool"})
+TEMPLATE_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "ipython", "function"})
+MAX_DEPTH = 32  # nesting of a message's values (tool-call arguments are JSON objects)
+
+
+def _plain(value: Any, where: str, depth: int = 0) -> Any:
+    """A deep copy of a JSON-like value (str, number, bool, None, lists, str-keyed mappings), or a ChatFormatError.
+
+    Anything else (an object whose str() a template would print, bytes, a set) is refused: only data
+    reaches a template.
+    """
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        return value
+    if depth >= MAX_DEPTH:
+        raise ChatFormatError(f"{where} is nested more than {MAX_DEPTH} levels deep")
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ChatFormatError(f"{where} has a key {k!r} that is not a string")
+            out[k] = _plain(v, f"{where}[{k!r}]", depth + 1)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
+    raise ChatFormatError(f"{where} is a {type(value).__name__}; message values must be JSON-like "
+                          "(str, number, bool, None, list, dict)")
+
+
+def _check_messages(
+    dialog: Sequence[Mapping[str, Any]], roles: frozenset[str], *, need_str_content: bool = True
+) -> list[dict[str, Any]]:
+    """The one door for messages: a list of plain dicts with a known role and JSON-like values.
+
+    Raises:
+        ChatFormatError: not a list of mappings, an unknown role, a non-str content where the format
+            needs one, or a value that is not JSON-like.
+    """
     if isinstance(dialog, (str, bytes)) or not isinstance(dialog, Sequence):
         raise ChatFormatError(f"a dialog is a list of messages, got {type(dialog).__name__}")
     out = []
     for i, msg in enumerate(dialog):
         if not isinstance(msg, Mapping) or not isinstance(msg.get("role"), str):
-            raise ChatFormatError(f"message {i} must be a mapping with a str 'role', got {msg!r}")
+            raise ChatFormatError(f"message {i} must be a mapping with a str 'role', got {msg!r:.80}")
+        if msg["role"] not in roles:
+            raise ChatFormatError(
+                f"message {i} has role {msg['role']!r:.40}; this chat format knows the roles {sorted(roles)}"
+            )
         if need_str_content and not isinstance(msg.get("content"), str):
             got = type(msg.get("content")).__name__
             raise ChatFormatError(f"message {i} ({msg['role']}) must have a str 'content', got {got}")
-        out.append(dict(msg))
+        out.append(_plain(msg, f"message {i}"))
     return out
 
 
@@ -105,7 +154,7 @@ class Llama2ChatFormat:
         Raises:
             ChatFormatError: roles not system?, user, assistant, user, ... ending with user.
         """
-        msgs = _check_messages(dialog)
+        msgs = _check_messages(dialog, LLAMA2_ROLES)
         if not msgs:
             raise ChatFormatError("the dialog is empty; it needs at least one 'user' message")
         offset = 0
@@ -174,7 +223,7 @@ class Llama3ChatFormat:
         """Exactly Meta llama3's `ChatFormat.encode_dialog_prompt`."""
         sp = self.tokenizer.special_tokens
         ids = [sp["<|begin_of_text|>"]]
-        for msg in _check_messages(dialog):
+        for msg in _check_messages(dialog, LLAMA3_ROLES):
             ids += self.encode_header(msg["role"])
             ids += self.tokenizer.encode(msg["content"].strip())
             ids.append(sp["<|eot_id|>"])
@@ -184,53 +233,20 @@ class Llama3ChatFormat:
         """The same prompt as text."""
         turns = "".join(
             f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
-            for m in _check_messages(dialog)
+            for m in _check_messages(dialog, LLAMA3_ROLES)
         )
         return f"<|begin_of_text|>{turns}<|start_header_id|>assistant<|end_header_id|>\n\n"
 
 
 # --------------------------------------------------------------------------- Jinja templates
 
-_SENTINEL = re.compile("\U000f0000([0-9]+)\U000f0001")
+# Printable brackets (so `repr` and `tojson` keep them as they are) that templates do not write; a
+# caller's text never reaches the sentinel rendering except as identifiers, so it cannot forge one.
+_SENTINEL = re.compile("\u2983([0-9]+)\u2984")
 
 
 def _sentinel(i: int) -> str:
-    return f"\U000f0000{i}\U000f0001"
-
-
-def _environment() -> Any:
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class GenerationTag(jinja2.ext.Extension):
-        """`{% generation %}...{% endgeneration %}` (transformers' assistant-mask marker): render the body."""
-
-        tags = {"generation"}
-
-        def parse(self, parser: Any) -> Any:
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-        def _render(self, caller: Any) -> str:
-            return caller()
-
-    def raise_exception(message: str) -> None:
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False) -> str:
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    def strftime_now(fmt: str) -> str:
-        return datetime.now().strftime(fmt)
-
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
-    return env
+    return f"\u2983{i}\u2984"
 
 
 class JinjaChatFormat:
@@ -238,23 +254,21 @@ class JinjaChatFormat:
 
     name = "jinja"
 
-    def __init__(self, tokenizer: Tokenizer, template: str) -> None:
-        import jinja2
-
+    def __init__(self, tokenizer: Tokenizer, template: str, origin: str | None = None) -> None:
+        """`origin` names where the template came from in error messages (default: the tokenizer's source)."""
+        self.origin = origin or f"the chat template of {tokenizer.source or 'the tokenizer'}"
         if not isinstance(template, str) or not template.strip():
-            raise ChatFormatError("the chat template is empty")
+            raise ChatFormatError(f"{self.origin} is empty")
         try:
-            self._template = _environment().from_string(template)
-        except jinja2.TemplateError as e:
-            raise ChatFormatError(f"the model's chat template does not compile: {e}") from e
+            self._template = chat_sandbox.environment().from_string(template)
+        except Exception as e:  # noqa: BLE001 - a syntax error, or a parser recursion on hostile nesting
+            raise ChatFormatError(f"{self.origin} does not compile: {type(e).__name__}: {e}") from e
         self.tokenizer = tokenizer
         self.template = template
         self.stop_ids: frozenset[int] = tokenizer.stop_ids
         self._specials = special_splitter(tokenizer.special_tokens)
 
     def _render(self, messages: list[dict[str, Any]], tools: list[Any] | None, add_generation_prompt: bool) -> str:
-        import jinja2
-
         tok = self.tokenizer
         context: dict[str, Any] = {
             "messages": messages,
@@ -264,16 +278,13 @@ class JinjaChatFormat:
         }
         if tools is not None:
             context["tools"] = tools
-        try:
-            return self._template.render(**context)
-        except jinja2.TemplateError as e:
-            raise ChatFormatError(f"the model's chat template rejected the dialog: {e}") from e
+        return chat_sandbox.render(self._template, context, self.origin)
 
     def render(
         self, dialog: Sequence[Mapping[str, Any]], tools: list[Any] | None = None, add_generation_prompt: bool = True
     ) -> str:
         """The prompt text the template renders (as transformers' `apply_chat_template(tokenize=False)`)."""
-        return self._render(_check_messages(dialog, need_str_content=False), tools, add_generation_prompt)
+        return self._render(*_check_dialog(dialog, tools), add_generation_prompt)
 
     def encode_dialog(
         self, dialog: Sequence[Mapping[str, Any]], tools: list[Any] | None = None, add_generation_prompt: bool = True
@@ -285,27 +296,43 @@ class JinjaChatFormat:
                 special-token string in a way that cannot be traced (that string would otherwise
                 become a control token).
         """
-        messages = _check_messages(dialog, need_str_content=False)
+        messages, tools = _check_dialog(dialog, tools)
         text = self._render(messages, tools, add_generation_prompt)
         contents: dict[int, str] = {}
-        marked = [_mark(m, contents) for m in messages]
+        marked = _mark(messages, contents, self._specials)
+        marked_tools = _mark(tools, contents, self._specials) if tools is not None else None
         try:
-            skeleton: str | None = self._render(marked, tools, add_generation_prompt)
+            skeleton: str | None = self._render(marked, marked_tools, add_generation_prompt)
         except ChatFormatError:
             skeleton = None
         ids = self._encode_traced(text, skeleton, contents) if skeleton is not None else None
         if ids is None:
-            unsafe = any(self._specials is not None and self._specials.search(c) for c in contents.values())
-            if unsafe:
-                raise ChatFormatError(
-                    "a message contains special-token text and the chat template transforms message "
-                    "content in a way llamaforge cannot trace; refusing to turn user text into control tokens"
-                )
+            self._check_untraced(text, skeleton, contents)
             ids = self.tokenizer.encode(text, allow_special=True)
         tok = self.tokenizer
         if tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
             ids.insert(0, tok.bos_id)
         return ids
+
+    def _check_untraced(self, text: str, skeleton: str | None, contents: dict[int, str]) -> None:
+        """Before encoding a prompt whose caller strings could not be located: refuse if any could be a token."""
+        if self._specials is None:
+            return
+        if any(self._specials.search(c) for c in contents.values()):
+            raise ChatFormatError(
+                f"a message or tool holds special-token text and {self.origin} transforms it in a way "
+                "llamaforge cannot trace; refusing to turn caller text into control tokens"
+            )
+        # caller strings that each hold none could still form one together: the prompt may hold no
+        # special token the rendering with sentinels lacks
+        if skeleton is not None:
+            have = Counter(m.group() for m in self._specials.finditer(text))
+            allowed = Counter(m.group() for m in self._specials.finditer(skeleton))
+            if have - allowed:
+                raise ChatFormatError(
+                    f"the dialog's text forms special tokens {sorted(have - allowed)} in {self.origin}'s "
+                    "output; refusing to turn caller text into control tokens"
+                )
 
     def _encode_traced(self, text: str, skeleton: str, contents: dict[int, str]) -> list[int] | None:
         parts = _SENTINEL.split(skeleton)
@@ -341,35 +368,50 @@ class JinjaChatFormat:
         return ids
 
 
-# message fields whose text is the user's (or the model's), never the template's
-_TEXT_FIELDS = ("content", "reasoning_content", "thinking")
+def _check_dialog(dialog: Sequence[Mapping[str, Any]], tools: Any) -> tuple[list[dict[str, Any]], Any]:
+    """Messages and tools for a template, both through the one door."""
+    messages = _check_messages(dialog, TEMPLATE_ROLES, need_str_content=False)
+    if tools is not None:
+        if isinstance(tools, (str, bytes)) or not isinstance(tools, Sequence):
+            raise ChatFormatError(f"tools must be a list of tool descriptions, got {type(tools).__name__}")
+        tools = _plain(list(tools), "tools")
+    return messages, tools
 
 
-def _mark(message: dict[str, Any], texts: dict[int, str]) -> dict[str, Any]:
-    """A copy of `message` with each user-supplied text replaced by a numbered sentinel (kept in `texts`)."""
+# A caller's string left as it is in the sentinel rendering: short identifier-like text (a tool type,
+# a function or parameter name, "object") that templates compare against. It cannot hold a special
+# token (checked too), and since everything else is a sentinel, no token can span it.
+_IDENTIFIER = re.compile(r"[A-Za-z0-9_.\-]{0,64}")
 
-    def sentinel(value: str) -> str:
-        texts[len(texts)] = value
+
+def _mark(value: Any, texts: dict[int, str], specials: Any, key: str | None = None) -> Any:
+    """A copy of a checked message list (or tools) with each caller string replaced by a numbered sentinel.
+
+    The replaced strings are kept in `texts`. The `role` of a message stays (a fixed set, see
+    `_check_messages`), as do identifier-like strings without special-token text.
+    """
+
+    def mark(s: str) -> str:
+        if _IDENTIFIER.fullmatch(s) and not (specials is not None and specials.search(s)):
+            return s
+        texts[len(texts)] = s
         return _sentinel(len(texts) - 1)
 
-    out = dict(message)
-    for key in _TEXT_FIELDS:
-        value = out.get(key)
-        if isinstance(value, str):
-            out[key] = sentinel(value)
-        elif key == "content" and isinstance(value, list):  # multimodal parts: [{"type": "text", "text": ...}]
-            out[key] = [
-                dict(part, text=sentinel(part["text"]))
-                if isinstance(part, Mapping) and isinstance(part.get("text"), str)
-                else part
-                for part in value
-            ]
-    return out
+    if isinstance(value, str):
+        return value if key == "role" else mark(value)
+    if isinstance(value, dict):
+        return {mark(k): _mark(v, texts, specials, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mark(v, texts, specials) for v in value]
+    return value
 
 
 def _candidates(content: str) -> list[str]:
+    """How a template may write a string: as is, trimmed, inside JSON (`tojson`) or a printed list (repr)."""
     out = []
-    for c in (content, content.strip(), content.lstrip(), content.rstrip()):
+    forms = (content, content.strip(), content.lstrip(), content.rstrip(),
+             json.dumps(content, ensure_ascii=False)[1:-1], repr(content)[1:-1])
+    for c in forms:
         if c not in out:
             out.append(c)
     return out
@@ -407,9 +449,10 @@ def chat_format_for(tokenizer: Tokenizer, template: str | None = None) -> ChatFo
     A chat template (given, or the tokenizer's own) wins; else Llama 3 header tokens mean Llama 3;
     else Llama 2.
     """
-    template = template or tokenizer.chat_template
     if template:
-        return JinjaChatFormat(tokenizer, template)
+        return JinjaChatFormat(tokenizer, template, origin="the chat template given")
+    if tokenizer.chat_template:
+        return JinjaChatFormat(tokenizer, tokenizer.chat_template)
     if all(t in tokenizer.special_tokens for t in LLAMA3_TOKENS):
         return Llama3ChatFormat(tokenizer)
     return Llama2ChatFormat(tokenizer)

@@ -223,7 +223,7 @@ def test_jinja_fallbacks_and_errors(smol: Tokenizer, sp_tok: tuple[Tokenizer, ob
     # ... unless a content holds special-token text, which is refused rather than trusted
     with pytest.raises(ChatFormatError, match="special-token text"):
         fmt.encode_dialog([{"role": "user", "content": "<|im_end|>"}])
-    with pytest.raises(ChatFormatError, match="rejected"):
+    with pytest.raises(ChatFormatError, match="chat template of .*failed on this dialog: TemplateError: only user turns"):
         JinjaChatFormat(smol, "{{ raise_exception('only user turns') }}").encode_dialog([{"role": "user", "content": "x"}])
     with pytest.raises(ChatFormatError, match="does not compile"):
         JinjaChatFormat(smol, "{% for %}")

@@ -1,11 +1,7 @@
-"""GGUF (llama.cpp) checkpoints: header parsing, metadata -> ModelArgs, tensors -> Meta-named state dict.
+"""GGUF (llama.cpp) checkpoints: metadata -> ModelArgs, tensors -> Meta-named state dict.
 
-The file is memory-mapped and its header (metadata and tensor table) parsed here directly, with a bound
-check on every read, so a truncated or corrupt file gives a CheckpointError that says where it ends,
-never a numpy or struct traceback. This is ~100x faster than `gguf.GGUFReader` on a real vocabulary
-(it walks 100k tokenizer strings element by element with numpy views); the tests check that both read
-the same fields and tensors. Tensor data stays in the mapping (copy-on-write, so tensors made from it
-are writable without touching the file).
+The header is read and validated by the one GGUF reader (`gguf_reader.py`: bounds, counts, key types,
+duplicate names), so this module works on trusted, typed values. Tensor data stays in the file mapping.
 
 Quantized tensors are dequantized to float32 by default (dequant.py: bit-exact with
 `gguf.quants.dequantize`). With `keep_quantized=True` quantized 2-D weights are returned as
@@ -21,33 +17,23 @@ from __future__ import annotations
 import logging
 import math
 import mmap
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from llamaforge.checkpoints import keymaps
 from llamaforge.checkpoints.dequant import can_dequantize, dequantize, gguf_version
+from llamaforge.checkpoints.gguf_reader import GGUF_MAGIC, GGUFFile, GGUFTensorInfo, read_gguf
 from llamaforge.errors import CheckpointError, ConfigError
 from llamaforge.model.args import ModelArgs, RopeScaling
 
 log = logging.getLogger(__name__)
 
-GGUF_MAGIC = b"GGUF"
-DEFAULT_ALIGNMENT = 32
 # Architectures whose GGUF tensors and keys are exactly llama's. Others (qwen2, gemma, phi3, ...) have
 # biases, other norms or other names, so they are refused rather than loaded wrongly.
 LLAMA_ARCHS = ("llama",)
-
-_NUMERIC = {  # GGUF value type id -> little-endian numpy dtype
-    0: np.dtype("<u1"), 1: np.dtype("<i1"), 2: np.dtype("<u2"), 3: np.dtype("<i2"), 4: np.dtype("<u4"),
-    5: np.dtype("<i4"), 6: np.dtype("<f4"), 7: np.dtype("?"), 10: np.dtype("<u8"), 11: np.dtype("<i8"),
-    12: np.dtype("<f8"),
-}
-_STRING, _ARRAY, _FLOAT32 = 8, 9, 6
 
 
 @dataclass
@@ -92,170 +78,9 @@ class GGUFQuantTensor:
         return dequantize(self.raw, self.qtype, self.shape)
 
 
-@dataclass
-class GGUFTensorInfo:
-    """One entry of a GGUF tensor table, with the absolute byte range of its data."""
-
-    name: str
-    qtype: str
-    shape: tuple[int, ...]  # numpy/torch order: outermost first
-    offset: int
-    nbytes: int
-
-
-@dataclass
-class GGUFFile:
-    """A parsed GGUF header over a memory-mapped file."""
-
-    path: Path
-    version: int
-    metadata: dict[str, Any]
-    tensors: dict[str, GGUFTensorInfo]
-    buffer: Any = field(repr=False)
-
-    def raw(self, info: GGUFTensorInfo) -> torch.Tensor:
-        """The tensor's bytes as a flat uint8 tensor sharing the mapping (no copy)."""
-        if info.nbytes == 0:
-            return torch.empty(0, dtype=torch.uint8)
-        return torch.frombuffer(self.buffer, dtype=torch.uint8, count=info.nbytes, offset=info.offset)
-
-
 def _address(buffer: Any) -> int:
     """The address of a writable buffer's first byte (an mmap opened with ACCESS_COPY)."""
     return torch.frombuffer(buffer, dtype=torch.uint8, count=1).data_ptr()
-
-
-class _Reader:
-    """Bounds-checked little-endian reads from a buffer; any overrun is a CheckpointError."""
-
-    def __init__(self, buf: Any, size: int, path: Path) -> None:
-        self.buf, self.size, self.path, self.off = buf, size, path, 0
-
-    def need(self, n: int, what: str) -> None:
-        if n < 0 or self.off + n > self.size:
-            raise CheckpointError(
-                f"{self.path}: GGUF file ends at byte {self.size} while reading {what} "
-                f"(needs {n} bytes at offset {self.off}); the file is truncated or corrupt, download it again"
-            )
-
-    def unpack(self, fmt: str, what: str) -> tuple:
-        n = struct.calcsize(fmt)
-        self.need(n, what)
-        out = struct.unpack_from(fmt, self.buf, self.off)
-        self.off += n
-        return out
-
-    def string(self, what: str) -> str:
-        (n,) = self.unpack("<Q", what)
-        self.need(n, what)
-        raw = self.buf[self.off: self.off + n]
-        self.off += n
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise CheckpointError(f"{self.path}: {what} is not valid UTF-8 ({e}); the file is corrupt") from e
-
-    def value(self, vtype: int, what: str) -> Any:
-        if vtype in _NUMERIC:
-            dt = _NUMERIC[vtype]
-            self.need(dt.itemsize, what)
-            v = np.frombuffer(self.buf, dt, 1, self.off)[0]
-            self.off += dt.itemsize
-            return _f32(v) if vtype == _FLOAT32 else v.item()
-        if vtype == _STRING:
-            return self.string(what)
-        if vtype == _ARRAY:
-            itype, n = self.unpack("<IQ", what)
-            if itype in _NUMERIC:
-                dt = _NUMERIC[itype]
-                self.need(n * dt.itemsize, what)
-                arr = np.frombuffer(self.buf, dt, n, self.off)
-                self.off += n * dt.itemsize
-                return arr.tolist()
-            # each string or nested array takes at least 8 bytes: refuse absurd counts before looping
-            self.need(8 * n, what)
-            if itype == _STRING:
-                return [self.string(what) for _ in range(n)]
-            return [self.value(itype, what) for _ in range(n)]
-        raise CheckpointError(f"{self.path}: {what} has unknown GGUF value type {vtype}; the file is corrupt")
-
-
-def _f32(v: Any) -> float:
-    """A float32 metadata value as the shortest Python float that rounds to it (1e-05, not 9.99e-06)."""
-    return float(str(np.float32(v)))
-
-
-def read_gguf(path: str | Path) -> GGUFFile:
-    """Parse a GGUF file's header (metadata and tensor table) and map its data.
-
-    Raises:
-        CheckpointError: not a GGUF file, an unsupported version or byte order, or truncated/corrupt.
-    """
-    path = Path(path)
-    with open(path, "rb") as f:
-        size = f.seek(0, 2)
-        if size < 24:
-            raise CheckpointError(f"{path}: {size} bytes is too short for a GGUF file (truncated?)")
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    r = _Reader(buf, size, path)
-    if bytes(buf[:4]) != GGUF_MAGIC:
-        raise CheckpointError(f"{path}: not a GGUF file (first bytes {bytes(buf[:4])!r}, expected b'GGUF')")
-    r.off = 4
-    (version,) = r.unpack("<I", "the version")
-    if version & 0xFFFF == 0:
-        raise CheckpointError(f"{path}: big-endian GGUF files are not supported; convert it on a little-endian machine")
-    if version not in (2, 3):
-        raise CheckpointError(f"{path}: GGUF version {version} is not supported (versions 2 and 3 are)")
-    n_tensors, n_kv = r.unpack("<QQ", "the header counts")
-    metadata: dict[str, Any] = {}
-    for i in range(n_kv):
-        key = r.string(f"metadata key #{i}")
-        (vtype,) = r.unpack("<I", f"the type of metadata {key!r}")
-        metadata[key] = r.value(vtype, f"metadata {key!r}")
-    infos = []
-    for i in range(n_tensors):
-        name = r.string(f"tensor name #{i}")
-        (n_dims,) = r.unpack("<I", f"the rank of tensor {name!r}")
-        if n_dims > 8:
-            raise CheckpointError(f"{path}: tensor {name!r} claims {n_dims} dimensions; the file is corrupt")
-        dims = r.unpack(f"<{n_dims}Q", f"the shape of tensor {name!r}")
-        type_id, rel_offset = r.unpack("<IQ", f"the type and offset of tensor {name!r}")
-        infos.append((name, dims, type_id, rel_offset))
-    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-        raise CheckpointError(f"{path}: general.alignment={alignment!r} is not a power of two")
-    data_start = -(-r.off // alignment) * alignment
-    tensors: dict[str, GGUFTensorInfo] = {}
-    for name, dims, type_id, rel_offset in infos:
-        qtype, nbytes = _tensor_size(path, name, dims, type_id)
-        start = data_start + rel_offset
-        if start + nbytes > size:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} needs bytes {start}..{start + nbytes} but the file has only {size} "
-                f"bytes; the file is truncated (an interrupted download?), download it again"
-            )
-        tensors[name] = GGUFTensorInfo(name, qtype, tuple(int(d) for d in reversed(dims)), start, nbytes)
-    return GGUFFile(path, version, metadata, tensors, buf)
-
-
-def _tensor_size(path: Path, name: str, dims: tuple[int, ...], type_id: int) -> tuple[str, int]:
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    try:
-        qtype = GGMLQuantizationType(type_id)
-    except ValueError:
-        raise CheckpointError(
-            f"{path}: tensor {name!r} has ggml type id {type_id}, unknown to the installed gguf package "
-            f"({gguf_version()}); upgrade gguf or requantize the model"
-        ) from None
-    block, type_size = GGML_QUANT_SIZES[qtype]
-    n = math.prod(dims)
-    if dims and dims[0] % block:
-        raise CheckpointError(
-            f"{path}: tensor {name!r} ({qtype.name}) has rows of {dims[0]} values, not a multiple of its block "
-            f"size {block}; the file is corrupt"
-        )
-    return qtype.name, n // block * type_size
 
 
 # -- metadata -> ModelArgs ------------------------------------------------------------------------------

@@ -63,8 +63,8 @@ def read_config(folder: Path) -> dict[str, Any]:
         config = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{folder} has no config.json; a Hugging Face checkpoint needs one") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from e
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5000-digit number, nesting too deep
+        raise CheckpointError(f"{path} is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from e
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} must hold a JSON object, got {type(config).__name__}")
     return config
@@ -80,26 +80,53 @@ def _rope(config: dict[str, Any], source: str) -> tuple[float, Optional[RopeScal
         if not scaling:
             scaling = params
     if not scaling:
-        return float(theta), None
+        return theta, None
     if not isinstance(scaling, dict):
         raise CheckpointError(f"{source}/config.json: rope_scaling must be an object, got {scaling!r}")
     kind = scaling.get("rope_type") or scaling.get("type") or "default"
     if kind == "default":
-        return float(theta), None
+        return theta, None
     if kind != "llama3":
         raise CheckpointError(
             f"{source}/config.json: rope scaling type {kind!r} is not supported; llamaforge implements "
             "Llama 3 frequency scaling ('llama3') only"
         )
     try:
-        return float(theta), RopeScaling(
-            factor=float(scaling.get("factor", 8.0)),
-            low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
-            high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
-            original_max_position_embeddings=int(scaling.get("original_max_position_embeddings", 8192)),
+        return theta, RopeScaling(
+            factor=scaling.get("factor", 8.0),
+            low_freq_factor=scaling.get("low_freq_factor", 1.0),
+            high_freq_factor=scaling.get("high_freq_factor", 4.0),
+            original_max_position_embeddings=scaling.get("original_max_position_embeddings", 8192),
         )
     except ConfigError as e:
         raise CheckpointError(f"{source}/config.json: invalid llama3 rope scaling: {e}") from e
+
+
+# The JSON type each config.json key llamaforge reads must have (None: the key may be null). Checked
+# before any value is used, so a string where a number belongs is a CheckpointError naming the key;
+# ranges (a huge max_position_embeddings) are ModelArgs' to check. A new key is one line.
+CONFIG_TYPES: dict[str, tuple[type, ...]] = {
+    "model_type": (str,),
+    "architectures": (list, type(None)),
+    "hidden_act": (str,),
+    "attention_bias": (bool,),
+    "mlp_bias": (bool,),
+    "quantization_config": (dict, type(None)),
+    "hidden_size": (int,),
+    "intermediate_size": (int,),
+    "num_hidden_layers": (int,),
+    "num_attention_heads": (int,),
+    "num_key_value_heads": (int, type(None)),
+    "head_dim": (int, type(None)),
+    "vocab_size": (int,),
+    "max_position_embeddings": (int,),
+    "sliding_window": (int, type(None)),
+    "rms_norm_eps": (int, float),
+    "rope_theta": (int, float),
+    "rope_scaling": (dict, type(None)),
+    "rope_parameters": (dict, type(None)),
+    "tie_word_embeddings": (bool,),
+}
 
 
 def args_from_config(config: dict[str, Any], source: str) -> ModelArgs:
@@ -107,8 +134,9 @@ def args_from_config(config: dict[str, Any], source: str) -> ModelArgs:
 
     Raises:
         CheckpointError: another architecture, unsupported features (biases, activations, rope types,
-            quantization), missing keys or an invalid shape.
+            quantization), missing keys, a value of the wrong type or an invalid shape.
     """
+    keymaps.check_json_types(config, CONFIG_TYPES, f"{source}/config.json")
     model_type = config.get("model_type")
     archs = config.get("architectures") or []
     if model_type is None and any(a in SUPPORTED_MODEL_TYPES.values() for a in archs):

@@ -263,3 +263,23 @@ def check_state_dict(
             f"{source} does not match {config}: " + " | ".join(problems)
             + f". Check that {config} belongs to these weights."
         )
+
+
+def check_json_types(values: dict[str, Any], types: dict[str, tuple[type, ...]], where: str) -> None:
+    """Refuse a JSON config value of the wrong type before it is used (a string where a number belongs).
+
+    `types` maps a key to the Python types its JSON value may have (`type(None)` for null); keys not
+    present in `values` are skipped, and true/false is never taken for a number.
+
+    Raises:
+        CheckpointError: naming the key, what it must be and what it is.
+    """
+    words = {str: "a string", list: "a list", dict: "an object", int: "an integer", float: "a number",
+             bool: "true or false", type(None): "null"}
+    for key, allowed in types.items():
+        if key not in values:
+            continue
+        value = values[key]
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            must = " or ".join(words[t] for t in allowed)
+            raise CheckpointError(f"{where}: {key} must be {must}, got {value!r:.60}")

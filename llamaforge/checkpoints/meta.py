@@ -37,6 +37,15 @@ KNOWN_PARAMS = {
     "rope_theta", "use_scaled_rope", "rope_scaling_factor", "rope_high_freq_factor", "rope_low_freq_factor",
     "rope_original_max_position_embeddings", "max_seq_len", "max_batch_size",
 }
+# The JSON types of params.json's values (see keymaps.check_json_types); ranges are ModelArgs' to check.
+PARAM_TYPES: dict[str, tuple[type, ...]] = {
+    "dim": (int,), "n_layers": (int,), "n_heads": (int,), "n_kv_heads": (int, type(None)),
+    "vocab_size": (int, type(None)), "multiple_of": (int,), "ffn_dim_multiplier": (int, float, type(None)),
+    "norm_eps": (int, float), "rope_theta": (int, float), "use_scaled_rope": (bool,),
+    "rope_scaling_factor": (int, float, type(None)), "rope_high_freq_factor": (int, float, type(None)),
+    "rope_low_freq_factor": (int, float, type(None)), "rope_original_max_position_embeddings": (int, type(None)),
+    "max_seq_len": (int, type(None)), "max_batch_size": (int, type(None)),
+}
 LLAMA3_VOCAB = 128000
 ZIP_MAGIC = b"PK\x03\x04"
 
@@ -58,10 +67,11 @@ def read_params(folder: Path) -> dict[str, Any]:
         params = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{folder} has no params.json; a Meta checkpoint needs one next to its .pth files") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from e
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5000-digit number, nesting too deep
+        raise CheckpointError(f"{path} is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from e
     if not isinstance(params, dict):
         raise CheckpointError(f"{path} must hold a JSON object, got {type(params).__name__}")
+    keymaps.check_json_types(params, PARAM_TYPES, str(path))
     unknown = sorted(set(params) - KNOWN_PARAMS)
     if unknown:
         log.warning("%s: ignoring unknown keys %s", path, unknown)
@@ -74,7 +84,7 @@ def read_params(folder: Path) -> dict[str, Any]:
 def default_max_seq_len(params: dict[str, Any], vocab_size: int) -> int:
     """Context length of a Meta model whose params.json does not say (see the module docstring)."""
     if params.get("max_seq_len"):
-        return int(params["max_seq_len"])
+        return params["max_seq_len"]
     if params.get("use_scaled_rope"):
         return 131072
     if vocab_size >= LLAMA3_VOCAB:
@@ -90,14 +100,14 @@ def args_from_params(params: dict[str, Any], vocab_size: int, source: str) -> Mo
     if vocab is None or vocab <= 0:
         vocab = vocab_size
     rope_scaling = None
-    if params.get("use_scaled_rope"):
-        rope_scaling = RopeScaling(
-            factor=float(params.get("rope_scaling_factor") or 8.0),
-            low_freq_factor=float(params.get("rope_low_freq_factor") or 1.0),
-            high_freq_factor=float(params.get("rope_high_freq_factor") or 4.0),
-            original_max_position_embeddings=int(params.get("rope_original_max_position_embeddings") or 8192),
-        )
     try:
+        if params.get("use_scaled_rope"):
+            rope_scaling = RopeScaling(
+                factor=params.get("rope_scaling_factor") or 8.0,
+                low_freq_factor=params.get("rope_low_freq_factor") or 1.0,
+                high_freq_factor=params.get("rope_high_freq_factor") or 4.0,
+                original_max_position_embeddings=params.get("rope_original_max_position_embeddings") or 8192,
+            )
         return ModelArgs(
             dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"], vocab_size=vocab,
             n_kv_heads=params.get("n_kv_heads"), multiple_of=params.get("multiple_of", 256),

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     ids = tok.encode(path.read_text(encoding="utf-8", errors="replace"), bos=tok.add_bos and tok.bos_id is not None)
     if args.max_tokens is not None:
         ids = ids[: args.max_tokens]
-    window = args.window or min(llama.model.args.max_seq_len, 1024, max(2, len(ids)))
+    window = args.window or min(llama.max_seq_len, 1024, max(2, len(ids)))
     result = perplexity(llama.model, ids, window=window, stride=args.stride, batch_size=args.batch_size,
                         device=llama.device, progress=not args.json)
     if args.json:

@@ -68,8 +68,8 @@ def load_llama(
         return loaded
 
     base = get(None)
-    if max_seq_len is not None and max_seq_len > base.args.max_seq_len:
-        # A longer context than the model's own changes its rotary tables: that one is built on its own.
+    if max_seq_len is not None and max_seq_len > base.max_seq_len:
+        # Rotary tables cover the length a model was built for: a longer one is built on its own.
         base = get(max_seq_len)
     return Llama(
         base.model, base.tokenizer, max_seq_len=max_seq_len or base.max_seq_len, max_batch_size=max_batch_size,

@@ -136,7 +136,7 @@ class LlamaforgeVectors(LazyLlama):
         llama = self.llama
         tok = llama.tokenizer
         bos = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []
-        room = min(self.window, llama.args.max_seq_len) - len(bos)  # the model has no positions past its context
+        room = min(self.window, llama.max_seq_len) - len(bos)  # the model has no positions past what it was built for
         if room < 1:
             raise ConfigError(f"window={self.window} leaves no room for text after the BOS token")
         aligned, windows = [], []  # windows: (doc index, first id index, ids)

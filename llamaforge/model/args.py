@@ -9,6 +9,7 @@ overwritten.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -25,6 +26,14 @@ class RopeScaling:
     original_max_position_embeddings: int = 8192
 
     def __post_init__(self) -> None:
+        for name in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ConfigError(f"rope scaling {name} must be a finite number, got {value!r}")
+        if not isinstance(self.original_max_position_embeddings, int) or self.original_max_position_embeddings > MAX_CONTEXT:
+            raise ConfigError(
+                f"rope scaling original_max_position_embeddings must be an integer <= {MAX_CONTEXT}, got {self}"
+            )
         if self.factor <= 0 or self.low_freq_factor <= 0 or self.high_freq_factor <= self.low_freq_factor:
             raise ConfigError(
                 f"invalid rope scaling {self}: need factor > 0 and high_freq_factor > low_freq_factor > 0"
@@ -70,15 +79,7 @@ class ModelArgs:
     tie_embeddings: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("dim", "n_layers", "n_heads", "max_seq_len", "multiple_of"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"ModelArgs.{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.vocab_size, int) or self.vocab_size <= 0:
-            raise ConfigError(
-                f"ModelArgs.vocab_size must be a positive integer, got {self.vocab_size!r}; "
-                "a params.json with vocab_size -1 takes it from the tokenizer, so pass tokenizer_path"
-            )
+        _check_fields(self)
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads != 0:
@@ -95,12 +96,13 @@ class ModelArgs:
             self.hidden_dim = meta_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
         if self.hidden_dim <= 0:
             raise ConfigError(f"hidden_dim must be positive, got {self.hidden_dim}")
-        if not self.norm_eps > 0:
-            raise ConfigError(f"norm_eps must be > 0, got {self.norm_eps}")
-        if not self.rope_theta > 0:
-            raise ConfigError(f"rope_theta must be > 0, got {self.rope_theta}")
         if isinstance(self.rope_scaling, dict):
+            unknown = sorted(set(self.rope_scaling) - {f.name for f in dataclasses.fields(RopeScaling)})
+            if unknown:
+                raise ConfigError(f"unknown rope scaling fields {unknown}")
             self.rope_scaling = RopeScaling(**self.rope_scaling)
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ConfigError(f"ModelArgs.rope_scaling must be a RopeScaling, a dict or None, got {self.rope_scaling!r}")
 
     @property
     def n_params(self) -> int:
@@ -121,6 +123,49 @@ class ModelArgs:
         if unknown:
             raise ConfigError(f"unknown ModelArgs fields {unknown}; known fields are {sorted(known)}")
         return cls(**values)
+
+
+# Every field's type and range, checked before anything is sized by it: (kind, upper bound). "int" fields
+# are positive integers up to the bound (far above any released model: a file that claims more is
+# corrupt or hostile, and would make the KV cache or rotary tables allocate for it); "float" fields are
+# finite positive numbers; None is allowed where the field's default is None. A new field is one line.
+MAX_CONTEXT = 1 << 24  # 16M positions (Llama 4 Scout declares 10M)
+_FIELDS: dict[str, tuple[str, float]] = {
+    "dim": ("int", 1 << 17),
+    "n_layers": ("int", 1 << 12),
+    "n_heads": ("int", 1 << 12),
+    "vocab_size": ("int", 1 << 24),
+    "n_kv_heads": ("int", 1 << 12),
+    "head_dim": ("int", 1 << 14),
+    "hidden_dim": ("int", 1 << 20),
+    "multiple_of": ("int", 1 << 20),
+    "ffn_dim_multiplier": ("float", 1e3),
+    "norm_eps": ("float", 1.0),
+    "rope_theta": ("float", 1e12),
+    "max_seq_len": ("int", MAX_CONTEXT),
+    "tie_embeddings": ("bool", 1),
+}
+
+
+def _check_fields(args: "ModelArgs") -> None:
+    defaults = {f.name: f.default for f in dataclasses.fields(args)}
+    for name, (kind, bound) in _FIELDS.items():
+        value = getattr(args, name)
+        if value is None and defaults.get(name, ...) is None:
+            continue
+        if kind == "bool":
+            ok = isinstance(value, bool)
+        elif kind == "int":
+            ok = isinstance(value, int) and not isinstance(value, bool) and 0 < value <= bound
+        else:
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                  and 0 < value <= bound)
+        if not ok:
+            what = {"bool": "true or false", "int": f"a positive integer <= {int(bound)}",
+                    "float": f"a positive number <= {bound:g}"}[kind]
+            hint = ("; a params.json with vocab_size -1 takes it from the tokenizer, so pass tokenizer_path"
+                    if name == "vocab_size" and value == -1 else "")
+            raise ConfigError(f"ModelArgs.{name} must be {what}, got {value!r}{hint}")
 
 
 def meta_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:

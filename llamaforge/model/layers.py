@@ -53,14 +53,18 @@ def rope_frequencies(head_dim: int, theta: float, scaling: Optional[RopeScaling]
 
 
 class RotaryEmbedding(nn.Module):
-    """Cos/sin tables for positions [0, max_seq_len) and the rotation of interleaved pairs."""
+    """Cos/sin tables for positions [0, max_seq_len) and the rotation of interleaved pairs.
 
-    def __init__(self, args: ModelArgs):
+    `max_seq_len` is the length being built (Llama.build's), not the context a checkpoint declares:
+    a file that claims millions of positions must not size memory for them.
+    """
+
+    def __init__(self, args: ModelArgs, max_seq_len: Optional[int] = None):
         super().__init__()
         self.head_dim = args.head_dim
         self.theta = args.rope_theta
         self.scaling = args.rope_scaling
-        self.max_seq_len = args.max_seq_len
+        self.max_seq_len = max_seq_len or args.max_seq_len
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
         self.reset_tables()

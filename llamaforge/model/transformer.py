@@ -21,14 +21,15 @@ from llamaforge.model.step import StepInput
 class Transformer(nn.Module):
     """A Llama decoder with Meta's parameter names (`tok_embeddings`, `layers.N.attention.wq`, ...)."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, max_seq_len: Optional[int] = None):
+        """`max_seq_len`: positions the rotary tables cover (default: the model's context length)."""
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.rope = RotaryEmbedding(args)
+        self.rope = RotaryEmbedding(args, max_seq_len)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
@@ -106,10 +107,13 @@ class _SkipInit(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def empty_model(args: ModelArgs) -> Transformer:
-    """A Transformer on the meta device: its shapes and names, no memory, no random init."""
+def empty_model(args: ModelArgs, max_seq_len: Optional[int] = None) -> Transformer:
+    """A Transformer on the meta device: its shapes and names, no memory, no random init.
+
+    `max_seq_len` is the length the rotary tables are built for (default: the context length `args` declares).
+    """
     with torch.device("meta"), _SkipInit():
-        return Transformer(args)
+        return Transformer(args, max_seq_len)
 
 
 def check_weights(model: Transformer, state_dict: Mapping[str, Any]) -> None:
@@ -158,6 +162,7 @@ def build_model(
     *,
     device: torch.device,
     dtype: torch.dtype,
+    max_seq_len: Optional[int] = None,
 ) -> Transformer:
     """Make a float Transformer on `device` in `dtype` holding exactly the weights of `state_dict`.
 
@@ -172,4 +177,4 @@ def build_model(
             f"weights {quantized[:3]}{' ...' if len(quantized) > 3 else ''} are quantized tensors; build the model "
             "with llamaforge.runtime.build (or Llama.build), or dequantize them first"
         )
-    return load_weights(empty_model(args), state_dict, device=device, dtype=dtype)
+    return load_weights(empty_model(args, max_seq_len), state_dict, device=device, dtype=dtype)

@@ -55,16 +55,18 @@ class DecodeStep:
         return f"DecodeStep(fused={self.fused is not None})"
 
 
-def build(args: ModelArgs, state_dict: Mapping[str, Any], *, device: torch.device, dtype: torch.dtype) -> Transformer:
+def build(args: ModelArgs, state_dict: Mapping[str, Any], *, device: torch.device, dtype: torch.dtype,
+          max_seq_len: Optional[int] = None) -> Transformer:
     """A model holding exactly `state_dict`: float tensors assigned, quantized ones (GGUF blocks) as quantized layers.
 
     Keys and shapes of both kinds are checked first (CheckpointError naming them); the quantized layers are
-    swapped in on the meta device, so no weight is ever held twice.
+    swapped in on the meta device, so no weight is ever held twice. `max_seq_len`: the positions the rotary
+    tables cover (default: the context `args` declares; Llama.build passes the length it builds).
     """
     quantized = {k: v for k, v in state_dict.items() if not isinstance(v, torch.Tensor)}
     if not quantized:
-        return build_model(args, state_dict, device=device, dtype=dtype)
-    model = empty_model(args)
+        return build_model(args, state_dict, device=device, dtype=dtype, max_seq_len=max_seq_len)
+    model = empty_model(args, max_seq_len)
     check_weights(model, state_dict)
     quantize_model(model, from_state=quantized)
     floats = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
@@ -80,6 +82,7 @@ def prepare(
     quantize: Optional[str] = None,
     world: int = 1,
     rank: int = 0,
+    max_seq_len: Optional[int] = None,
 ) -> tuple[Transformer, DecodeStep]:
     """The model ready for inference and the decode step to call on it.
 
@@ -89,6 +92,7 @@ def prepare(
         quantize: "q8_0", "q4_0", ... to quantize the float linear layers after loading (None: as loaded).
         world, rank: a multi-process launch (torch.distributed already initialised): this rank's
             tensor-parallel slice is built instead.
+        max_seq_len: the positions the rotary tables cover (default: the context `args` declares).
 
     Returns:
         (model, decode): the model in eval mode, and its DecodeStep (fused on a one-process CPU model).
@@ -98,10 +102,10 @@ def prepare(
 
         shard = parallel.shard_for_rank(state_dict, rank, world)
         model = parallel.apply_tensor_parallel(
-            build_model(parallel.local_args(args, world), shard, device=device, dtype=dtype)
+            build_model(parallel.local_args(args, world), shard, device=device, dtype=dtype, max_seq_len=max_seq_len)
         )
     else:
-        model = build(args, state_dict, device=device, dtype=dtype)
+        model = build(args, state_dict, device=device, dtype=dtype, max_seq_len=max_seq_len)
     if quantize is not None:
         model = quantize_model_weights(model, quantize)
     return model, DecodeStep(model, fused=device.type == "cpu" and world == 1)

@@ -49,44 +49,11 @@ EOT_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftex
 # --------------------------------------------------------------------------- metadata
 
 
-def _field_value(field: Any) -> Any:
-    """One `gguf.ReaderField` as a plain python value (str, int, float, bool or list of them)."""
-    from gguf import GGUFValueType
-
-    types = list(field.types)
-    if not types:
-        return None
-
-    def scalar(part: Any, kind: Any) -> Any:
-        if kind == GGUFValueType.STRING:
-            return bytes(part).decode("utf-8", errors="replace")
-        values = part.tolist()
-        value = values[0] if len(values) == 1 else values
-        return bool(value) if kind == GGUFValueType.BOOL else value
-
-    if types[0] == GGUFValueType.ARRAY:
-        sub = types[-1]
-        if sub == GGUFValueType.STRING:
-            return [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
-        if sub == GGUFValueType.ARRAY:  # nested arrays: rare; the reader's own conversion handles them
-            return field.contents() if hasattr(field, "contents") else None
-        out = [v for i in field.data for v in field.parts[i].tolist()]
-        return [bool(v) for v in out] if sub == GGUFValueType.BOOL else out
-    return scalar(field.parts[field.data[0]], types[0])
-
-
-def metadata_from_reader(reader: Any) -> dict[str, Any]:
-    """Every metadata key of an open `gguf.GGUFReader` as plain python values.
-
-    Strings are decoded (invalid UTF-8 replaced), numbers are python ints/floats, booleans bools,
-    arrays lists. The `GGUF.*` header pseudo-keys the reader adds (version, tensor and kv counts)
-    are kept. Tensors are not touched.
-    """
-    return {name: _field_value(f) for name, f in reader.fields.items()}
-
-
 def read_gguf_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a GGUF file's metadata (not its tensors) into a dict of plain python values.
+
+    The file is read and validated by llamaforge's one GGUF reader (`checkpoints/gguf_reader.py`:
+    bounds, counts, the types of the keys read here, duplicates).
 
     Args:
         path: a `.gguf` file, with or without tensors (a vocabulary-only file works).
@@ -95,26 +62,15 @@ def read_gguf_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         key -> value, e.g. `"tokenizer.ggml.tokens" -> list[str]`, `"llama.context_length" -> int`.
 
     Raises:
-        TokenizerError: the file is missing, not GGUF, or truncated.
+        TokenizerError: the file is missing, not GGUF, truncated or corrupt.
     """
-    path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise TokenizerError(f"cannot read GGUF file {path!r}: {e}") from e
-    if magic != b"GGUF":
-        raise TokenizerError(f"{path!r} is not a GGUF file: it starts with {magic!r}, expected b'GGUF'")
-    try:
-        from gguf import GGUFReader
+    from llamaforge.checkpoints.gguf_reader import read_gguf
+    from llamaforge.errors import CheckpointError
 
-        reader = GGUFReader(path, "r")
-        return metadata_from_reader(reader)
-    except Exception as e:  # the reader raises ValueError, IndexError, struct errors... on bad files
-        raise TokenizerError(
-            f"cannot read the GGUF metadata of {path!r} ({type(e).__name__}: {e}); "
-            "the file is truncated or corrupt - download it again"
-        ) from e
+    try:
+        return read_gguf(path).metadata
+    except CheckpointError as e:
+        raise TokenizerError(f"cannot read the GGUF vocabulary: {e}") from e
 
 
 # --------------------------------------------------------------------------- vocabulary

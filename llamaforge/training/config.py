@@ -16,16 +16,18 @@ a `[model_args]` table (ModelArgs fields; `vocab_size` defaults to the tokenizer
     n_heads = 4
     max_seq_len = 256
 
-Unknown keys are errors that list the known ones.
+Unknown keys are errors that list the known ones. Every setting is checked against one rule
+(`TRAIN_RULES`, `LORA_RULES`: type and range) when the config is made, before any data is read.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from llamaforge.errors import ConfigError
 from llamaforge.training.lora import LORA_TARGETS
@@ -42,10 +44,7 @@ class LoRAConfig:
     targets: list[str] = field(default_factory=lambda: ["wq", "wv"])
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or self.rank <= 0:
-            raise ConfigError(f"lora.rank must be a positive integer, got {self.rank!r}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        check_fields(self, LORA_RULES, "lora.")
         bad = sorted(set(self.targets) - set(LORA_TARGETS))
         if bad or not self.targets:
             raise ConfigError(f"lora.targets {self.targets} has unknown names {bad}; choose from {list(LORA_TARGETS)}")
@@ -62,7 +61,8 @@ class TrainConfig:
     Optimization: `optimizer` ("sgd": w - lr * mean gradient, or "adamw"), `lr` with `warmup_steps`
     linear warmup then cosine decay to `min_lr` (default lr/10) at `max_steps`; `grad_clip` (0: off);
     a step uses `batch_size * grad_accum * world_size` windows.
-    Precision/memory: `autocast` "bf16" runs matmuls in bfloat16 (weights stay float32);
+    Precision/memory: `autocast` "bf16" runs matmuls in bfloat16 (weights stay float32; "fp16" is
+    refused: it needs loss scaling);
     `activation_checkpointing` recomputes each block in the backward pass; `fsdp` shards the model
     across processes under torchrun (DDP otherwise).
     Output in `out_dir`: checkpoint.pt (resumable state), log.jsonl, loss.png, and the exported model
@@ -126,26 +126,23 @@ class TrainConfig:
             self.lora = LoRAConfig()
         elif self.lora is False:
             self.lora = None
-        self.betas = tuple(self.betas)  # type: ignore[assignment]
-        positive = ("seq_len", "max_steps", "batch_size", "grad_accum", "eval_batches", "sample_tokens")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("warmup_steps", "eval_every", "save_every", "log_every", "sample_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ConfigError(f"{name} must be an integer >= 0 (0 disables it), got {value!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if self.autocast not in ("none", "bf16", "fp16"):
-            raise ConfigError(f"autocast must be 'none', 'bf16' or 'fp16', got {self.autocast!r}")
-        if self.export not in ("auto", "meta", "hf", "gguf", "none"):
-            raise ConfigError(f"export must be 'auto', 'meta', 'hf', 'gguf' or 'none', got {self.export!r}")
-        if self.grad_clip < 0 or self.weight_decay < 0:
-            raise ConfigError("grad_clip and weight_decay must be >= 0")
+        if isinstance(self.betas, list):
+            self.betas = tuple(self.betas)  # type: ignore[assignment]
+        check_fields(self, TRAIN_RULES)
+        if self.model_args is not None:  # the shape is checked now, not after the data is prepared
+            from llamaforge.model.args import ModelArgs
+
+            _known(ModelArgs, self.model_args, "[model_args]")
+            required = [f.name for f in dataclasses.fields(ModelArgs)
+                        if f.default is dataclasses.MISSING and f.name != "vocab_size"]
+            missing = [k for k in required if k not in self.model_args]
+            if missing:
+                raise ConfigError(f"[model_args] lacks {missing}; a model trained from scratch needs {required}")
+            ModelArgs(**{"vocab_size": 1, **self.model_args})
+        if self.min_lr is not None and self.min_lr > self.lr:
+            raise ConfigError(f"min_lr ({self.min_lr}) must not be larger than lr ({self.lr})")
+        if self.warmup_steps > self.max_steps:
+            raise ConfigError(f"warmup_steps ({self.warmup_steps}) must not exceed max_steps ({self.max_steps})")
         if not self.data:
             raise ConfigError("no training data: set `data` to text/JSONL files or folders")
         if self.model is None and self.model_args is None:
@@ -192,6 +189,129 @@ class TrainConfig:
             raise ConfigError(f"{p} is not valid TOML: {exc}") from None
         values.update(overrides or {})
         return cls.from_dict(values)
+
+
+# -- validation: one rule per setting -------------------------------------------------------------------
+#
+# Each setting has one rule: a type and range check that returns None when the value is good, or what it
+# must be. The whole config is checked when it is made (before any data is read or step 0 runs), and a new
+# setting is one line here.
+
+Rule = Callable[[Any], Optional[str]]
+
+
+def _int(low: int = 0, high: int = 2**63 - 1) -> Rule:
+    def rule(v: Any) -> Optional[str]:
+        ok = isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+        return None if ok else f"an integer in [{low}, {high}]"
+    return rule
+
+
+def _float(low: float = 0.0, high: float = math.inf, *, low_open: bool = False, high_open: bool = False) -> Rule:
+    def rule(v: Any) -> Optional[str]:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) \
+            and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+        return None if ok else f"a finite number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    return rule
+
+
+def _choice(*options: Any) -> Rule:
+    return lambda v: None if isinstance(v, (str, type(None))) and v in options else f"one of {list(options)}"
+
+
+def _is(*types: type) -> Rule:
+    names = " or ".join("None" if t is type(None) else t.__name__ for t in types)
+    return lambda v: None if isinstance(v, types) and not (isinstance(v, bool) and bool not in types) else names
+
+
+def _strings(allow_none: bool = False) -> Rule:
+    def rule(v: Any) -> Optional[str]:
+        ok = (v is None and allow_none) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+        return None if ok else "a list of strings" + (" or None" if allow_none else "")
+    return rule
+
+
+def _optional(inner: Rule) -> Rule:
+    return lambda v: None if v is None else (None if inner(v) is None else f"{inner(v)} or None")
+
+
+def _betas(v: Any) -> Optional[str]:
+    ok = isinstance(v, tuple) and len(v) == 2 and all(_float(0, 1, high_open=True)(b) is None for b in v)
+    return None if ok else "two numbers in [0, 1), e.g. [0.9, 0.95]"
+
+
+EXPORT_FORMATS = ("auto", "meta", "hf", "gguf", "none")
+# Meta/HF exports cast to a torch dtype; GGUF exports write one of save_gguf's types.
+EXPORT_DTYPES = ("float32", "fp32", "f32", "float16", "fp16", "f16", "half", "bfloat16", "bf16", "q8_0")
+
+TRAIN_RULES: dict[str, Rule] = {
+    "data": _strings(),
+    "out_dir": _is(str),
+    "model": _is(str, type(None)),
+    "tokenizer": _is(str, type(None)),
+    "model_args": _is(dict, type(None)),
+    "init_std": _float(0, 1, low_open=True),
+    "seq_len": _int(1, 1 << 24),
+    "val_fraction": _float(0, 1, high_open=True),
+    "val_data": _strings(allow_none=True),
+    "data_dir": _is(str, type(None)),
+    "optimizer": _choice(*OPTIMIZERS),
+    "lr": _float(0, 10, low_open=True),
+    "min_lr": _optional(_float(0, 10)),
+    "warmup_steps": _int(0),
+    "schedule": _choice("cosine", "constant"),
+    "max_steps": _int(1),
+    "batch_size": _int(1, 1 << 20),
+    "grad_accum": _int(1, 1 << 20),
+    "grad_clip": _float(0),
+    "weight_decay": _float(0, 1),
+    "momentum": _float(0, 1, high_open=True),
+    "betas": _betas,
+    "device": _is(str),
+    # fp16 autocast needs loss scaling (a GradScaler) to train safely; it is refused rather than ignored
+    "autocast": _choice("none", "bf16"),
+    "activation_checkpointing": _is(bool),
+    "fsdp": _is(bool),
+    "lora": _is(LoRAConfig, type(None)),
+    "eval_every": _int(0),
+    "eval_batches": _int(1),
+    "save_every": _int(0),
+    "log_every": _int(0),
+    "sample_every": _int(0),
+    "sample_prompts": _strings(),
+    "sample_tokens": _int(1, 1 << 20),
+    "sample_temperature": _float(0, 100),
+    "resume": _is(bool),
+    "export": _choice(*EXPORT_FORMATS),
+    "export_dtype": _choice(None, *EXPORT_DTYPES),
+    "seed": _int(0, 2**63 - 1),
+    "progress": _is(bool),
+    "plot": _is(bool),
+}
+
+LORA_RULES: dict[str, Rule] = {
+    "rank": _int(1, 1 << 16),
+    "alpha": _float(0, 1e6, low_open=True),
+    "dropout": _float(0, 1, high_open=True),
+    "targets": _strings(),
+}
+
+
+def check_fields(obj: Any, rules: dict[str, Rule], prefix: str = "") -> None:
+    """Check every field of a config dataclass against its rule (the tests require one per field).
+
+    Raises:
+        ConfigError: naming the first setting that is wrong, what it must be and what it is.
+    """
+    for f in dataclasses.fields(obj):
+        if f.name not in rules:
+            continue
+        value = getattr(obj, f.name)
+        must = rules[f.name](value)
+        if must is not None:
+            if f.name == "autocast" and value == "fp16":
+                must += " ('fp16' needs loss scaling, which llamaforge does not do: use 'bf16')"
+            raise ConfigError(f"{prefix}{f.name} must be {must}, got {value!r:.80}")
 
 
 def _known(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import numpy as np
 
 from llamaforge.errors import ChatFormatError, ConfigError
-from llamaforge.training.data import TokenWriter
+from llamaforge.training.data import TokenWriter, read_json_or_none, write_json_atomic
 
 Piece = tuple[list[int], Optional[list[int]]]  # ids, mask (None: every token is a target)
 
@@ -138,24 +138,16 @@ def iter_pieces(path: Path, tokenizer: Any, chat_format: Any = None, piece_chars
     bos = tokenizer.add_bos and tokenizer.bos_id is not None
     eos = tokenizer.eos_id is not None
     if path.suffix.lower() in (".jsonl", ".ndjson"):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ConfigError(f"{where}: not valid JSON ({exc})") from None
-                if isinstance(record, dict) and "messages" in record:
-                    if chat_format is None:
-                        raise ConfigError(f"{where}: chat 'messages' need a tokenizer with a chat format")
-                    ids, mask = encode_chat_example(chat_format, _check_chat(record["messages"], where))
-                    yield ids, mask
-                elif isinstance(record, dict) and isinstance(record.get(text_field), str):
-                    yield tokenizer.encode(record[text_field], bos=bos, eos=eos), None
-                else:
-                    raise ConfigError(f"{where}: each JSONL line needs a '{text_field}' string or a 'messages' list")
+        for where, record in json_lines(path):
+            if isinstance(record, dict) and "messages" in record:
+                if chat_format is None:
+                    raise ConfigError(f"{where}: chat 'messages' need a tokenizer with a chat format")
+                ids, mask = encode_chat_example(chat_format, _check_chat(record["messages"], where))
+                yield ids, mask
+            elif isinstance(record, dict) and isinstance(record.get(text_field), str):
+                yield tokenizer.encode(record[text_field], bos=bos, eos=eos), None
+            else:
+                raise ConfigError(f"{where}: each JSONL line needs a '{text_field}' string or a 'messages' list")
         return
     pieces = _text_pieces(path, piece_chars)
     current = next(pieces, None)
@@ -223,9 +215,10 @@ def prepare_data(
     fp = _fingerprint(paths + val_paths, tokenizer, settings)
     marker = out / "prepared.json"
     if marker.is_file():
-        info = json.loads(marker.read_text())
-        if info.get("fingerprint") == fp:
+        info = read_json_or_none(marker)  # None when torn (a run killed mid-write by an older version)
+        if info is not None and info.get("fingerprint") == fp:
             return _prepared_from(out, info)
+        marker.unlink()  # stale or torn: the data is prepared again below
     vocab = vocab_size or tokenizer.n_words
     has_mask = any(p.suffix.lower() in (".jsonl", ".ndjson") and _has_messages(p) for p in paths + val_paths)
     rng = np.random.default_rng(seed)
@@ -263,7 +256,7 @@ def prepare_data(
     info = {"fingerprint": fp, "sources": [str(p) for p in paths], "has_mask": has_mask,
             "n_train_tokens": train.count, "n_val_tokens": val.count if val is not None else 0,
             "val": val is not None and val.count > 0}
-    marker.write_text(json.dumps(info, indent=2) + "\n")
+    write_json_atomic(marker, info)  # last: its presence says every split file is complete
     return _prepared_from(out, info)
 
 
@@ -273,14 +266,33 @@ def _prepared_from(out: Path, info: dict) -> PreparedData:
 
 
 def _has_messages(path: Path) -> bool:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                try:
-                    return isinstance(json.loads(line), dict) and "messages" in json.loads(line)
-                except json.JSONDecodeError:
-                    return False
+    for _, record in json_lines(path):
+        return isinstance(record, dict) and "messages" in record
     return False
+
+
+def json_lines(path: Path) -> Iterator[tuple[str, Any]]:
+    """(where, record) for each non-blank line of a JSONL file.
+
+    Raises:
+        ConfigError: naming the file and line: not UTF-8 (binary data), not valid JSON, or nested
+            too deep for the parser (RecursionError), or a number too long to convert.
+    """
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ConfigError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start}); is it a binary file?") \
+                    from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError) as exc:
+                raise ConfigError(f"{where}: not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
+            yield where, record
 
 
 def _expand(sources: Sequence[str | Path]) -> list[Path]:

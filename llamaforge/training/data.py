@@ -101,7 +101,7 @@ class TokenWriter:
             os.replace(self._tmp(suffix), self.stem.with_suffix(suffix))
         meta = {"dtype": self.dtype.name, "n_tokens": self.count, "n_targets": self.n_targets,
                 "vocab_size": self.vocab_size, "has_mask": self.with_mask}
-        self.stem.with_suffix(".json").write_text(json.dumps(meta) + "\n")
+        write_json_atomic(self.stem.with_suffix(".json"), meta)
 
     def abort(self) -> None:
         """Close and delete the temporary files."""
@@ -109,6 +109,25 @@ class TokenWriter:
             if f is not None:
                 f.close()
                 self._tmp(suffix).unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Write JSON so that a reader sees the old file or the new one, never a torn one (tmp + fsync + rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(value, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json_or_none(path: Path) -> Optional[dict]:
+    """A JSON object written by `write_json_atomic`, or None if it is missing or unreadable (torn by an older writer)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 @dataclass
@@ -125,7 +144,9 @@ class TokenFile:
         info_path = stem.with_suffix(".json")
         if not info_path.is_file():
             raise ConfigError(f"no prepared token file at {stem}.bin/.json; prepare the data first")
-        info = json.loads(info_path.read_text())
+        info = read_json_or_none(info_path)
+        if info is None or not {"n_tokens", "dtype"} <= set(info):
+            raise ConfigError(f"{info_path} is unreadable (torn?); delete {stem.parent} to prepare the data again")
         n = int(info["n_tokens"])
         ids = np.memmap(stem.with_suffix(".bin"), dtype=np.dtype(info["dtype"]), mode="r", shape=(n,)) if n else \
             np.zeros(0, dtype=np.dtype(info["dtype"]))

@@ -81,11 +81,11 @@ def perplexity(
     Raises:
         ConfigError: fewer than 2 tokens, or a window/stride out of range.
     """
-    args = model.args
-    window = min(args.max_seq_len, 1024) if window is None else window
+    limit = model.rope.max_seq_len  # positions the model was built for
+    window = min(limit, 1024) if window is None else window
     stride = max(1, window // 2) if stride is None else stride
-    if window > args.max_seq_len or window < 2:
-        raise ConfigError(f"window={window} must be in [2, {args.max_seq_len}] (the model's context length)")
+    if window > limit or window < 2:
+        raise ConfigError(f"window={window} must be in [2, {limit}] (the positions the model was built for)")
     if not 1 <= stride < window:
         raise ConfigError(f"stride={stride} must be in [1, window - 1 = {window - 1}]: a window's first token "
                           "is context only, so windows must overlap by at least one token")
