@@ -159,6 +159,8 @@ def _build(model: nn.Module, watch: _Watch) -> Any:
         norms = (watch.module(block, "attention_norm"), watch.module(block, "ffn_norm"))
         if (type(attn), type(ffn), type(norms[0]), type(norms[1])) != (Attention, FeedForward, RMSNorm, RMSNorm):
             return None
+        if watch.get(attn, "q_norm") is not None or watch.get(attn, "k_norm") is not None:
+            return None  # per-head q/k norms (Qwen3) are not in the C++ step: the modules run
         weights = []
         for parent, name in ((attn, "wq"), (attn, "wk"), (attn, "wv"), (attn, "wo"), (ffn, "w1"), (ffn, "w2"),
                              (ffn, "w3")):

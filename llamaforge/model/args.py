@@ -52,6 +52,11 @@ class ModelArgs:
         rope_scaling: Llama 3.1-style scaling of rotary frequencies, or None.
         max_seq_len: the model's context length (positions it was trained for).
         tie_embeddings: the output projection shares the token embedding matrix.
+        qkv_bias: the q, k and v projections have biases (Qwen2 / Qwen2.5).
+        qk_norm: an RMSNorm over each head of q and of k, before the rotary embedding (Qwen3).
+        sliding_window: attention sees at most this many positions (Mistral, some Qwen configs); None means
+            full attention. The model is exact only up to this many positions, so `max_seq_len` must not
+            exceed it: parsers cap the context length at the window (see checkpoints/hf.py).
     """
 
     dim: int
@@ -68,6 +73,9 @@ class ModelArgs:
     rope_scaling: Optional[RopeScaling] = None
     max_seq_len: int = 2048
     tie_embeddings: bool = False
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: Optional[int] = None
 
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "max_seq_len", "multiple_of"):
@@ -99,6 +107,12 @@ class ModelArgs:
             raise ConfigError(f"norm_eps must be > 0, got {self.norm_eps}")
         if not self.rope_theta > 0:
             raise ConfigError(f"rope_theta must be > 0, got {self.rope_theta}")
+        if self.sliding_window is not None and self.max_seq_len > self.sliding_window:
+            raise ConfigError(
+                f"max_seq_len {self.max_seq_len} exceeds the sliding window {self.sliding_window}: llamaforge attends "
+                "to every cached position, which equals sliding-window attention only within the window; "
+                f"use max_seq_len <= {self.sliding_window}"
+            )
         if isinstance(self.rope_scaling, dict):
             self.rope_scaling = RopeScaling(**self.rope_scaling)
 
@@ -106,6 +120,7 @@ class ModelArgs:
     def n_params(self) -> int:
         """Number of parameters of a model of this shape."""
         attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        attn += self.qkv_bias * self.head_dim * (self.n_heads + 2 * self.n_kv_heads) + self.qk_norm * 2 * self.head_dim
         ffn = 3 * self.dim * self.hidden_dim
         block = attn + ffn + 2 * self.dim
         output = 0 if self.tie_embeddings else self.vocab_size * self.dim
