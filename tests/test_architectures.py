@@ -234,3 +234,23 @@ def test_numpy_is_float32_in_the_quantizers():  # guards the bit-exact arithmeti
     x = np.random.default_rng(0).standard_normal((4, 32)).astype(np.float32)
     scale, mn, L = make_qkx2_quants(x, np.abs(x), 15, -1.0, 0.1, 20)
     assert scale.dtype == mn.dtype == np.float32 and L.max() <= 15
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_meta_and_hf_round_trips_keep_the_architecture(kind, tmp_path):
+    """A trained checkpoint of these shapes is written as Meta (params.json names the extra parts) and HF."""
+    ref = make_hf(kind, tmp_path / kind)
+    ckpt = checkpoints.load(tmp_path / kind)
+    hf = checkpoints.save_hf(ckpt.args, ckpt.state_dict, tmp_path / "hf")
+    assert json.loads((hf / "config.json").read_text())["model_type"] == kind
+    paths = [hf]
+    if kind == "qwen3":  # this one's head_dim is not dim / n_heads, which params.json cannot say
+        with pytest.raises(checkpoints.CheckpointError, match="cannot express head_dim=32"):
+            checkpoints.save_meta(ckpt.args, ckpt.state_dict, tmp_path / "meta")
+    else:
+        paths.append(checkpoints.save_meta(ckpt.args, ckpt.state_dict, tmp_path / "meta"))
+    with torch.no_grad():
+        want = ref(TOKENS).logits
+    for path in paths:
+        assert checkpoints.load(path).args.qk_norm == (kind == "qwen3")
+        torch.testing.assert_close(our_logits(path, TOKENS), want, atol=ATOL, rtol=0)

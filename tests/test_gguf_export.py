@@ -149,3 +149,30 @@ def test_quantization_is_byte_identical_to_llama_cpp(qwen2_256, tmp_path, ftype)
         mine = ours.tensors[name]
         assert mine.qtype == info.qtype, name
         assert bytes(ours.raw(mine).numpy()) == bytes(theirs.raw(info).numpy()), name
+
+
+@pytest.mark.parametrize("dtype, tol", [("f16", 2e-3), ("bf16", 2e-2), ("q8_0", 2e-2), ("q4_0", 0.2)])
+def test_every_gguf_dtype_loads_back_close_to_the_float_model(qwen2_256, tmp_path, dtype, tol):
+    ref, hf, _ = qwen2_256
+    out = convert(hf, tmp_path / f"{dtype}.gguf", to="gguf", dtype=dtype)
+    ckpt = checkpoints.load(out)
+    model = build_model(ckpt.args, ckpt.state_dict, device=torch.device("cpu"), dtype=torch.float32)
+    with torch.no_grad():
+        want, got = ref(TOKENS).logits, model(TOKENS)
+    assert ((got - want).norm() / want.norm()).item() < tol
+
+
+def test_quantized_qwen_gguf_chats_with_its_own_template(qwen2_256, tmp_path):
+    from llamaforge import Llama
+
+    _, _, f32 = qwen2_256
+    q = checkpoints.quantize_gguf(f32, tmp_path / "q.gguf", "q4_k_m")
+    gen = Llama.build(str(q), max_seq_len=64, max_batch_size=1, device="cpu")  # weights stay Q4_K / Q6_K
+    assert type(gen.model.layers[0].attention.wq).__name__ == "QuantizedLinear"
+    assert gen.model.layers[0].attention.wq.bias is not None
+    dialog = [{"role": "user", "content": "hello"}]
+    assert gen.chat_format.render(dialog) == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+    ids = gen.chat_format.encode_dialog(dialog)
+    assert ids[0] == gen.tokenizer.special_tokens["<|im_start|>"]  # a control token from the template, not text
+    out = gen.chat_completion([dialog], max_gen_len=6, temperature=0)
+    assert isinstance(out[0]["generation"]["content"], str)
