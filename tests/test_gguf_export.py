@@ -20,6 +20,7 @@ from llamaforge.checkpoints.gguf_write import tensor_qtype
 from llamaforge.cli.main import main
 from llamaforge.convert import convert
 from llamaforge.errors import CheckpointError
+from llamaforge.kernels import get_extension
 from llamaforge.model.transformer import build_model
 from tests.test_architectures import TOKENS, make_hf
 
@@ -176,3 +177,19 @@ def test_quantized_qwen_gguf_chats_with_its_own_template(qwen2_256, tmp_path):
     assert ids[0] == gen.tokenizer.special_tokens["<|im_start|>"]  # a control token from the template, not text
     out = gen.chat_completion([dialog], max_gen_len=6, temperature=0)
     assert isinstance(out[0]["generation"]["content"], str)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_q8_0_qwen_gguf_runs_on_the_quantized_kernels_and_fused_step(kind, tmp_path):
+    from llamaforge import Llama
+
+    ref = make_hf(kind, tmp_path / kind, dim=256, hidden=512)
+    q = convert(tmp_path / kind, tmp_path / "q8.gguf", to="gguf", dtype="q8_0")
+    gen = Llama.build(str(q), max_seq_len=64, max_batch_size=1, device="cpu")
+    with torch.no_grad():
+        want, got = ref(TOKENS).logits, gen.model(TOKENS)
+    assert ((got - want).norm() / want.norm()).item() < 0.05  # int8 weights and activations: observed 0.01-0.02
+    tokens, _ = gen.generate([[5, 17, 99]], max_gen_len=4, temperature=0, stop_ids=[])
+    assert len(tokens[0]) == 4
+    if get_extension() is not None:  # the fused C++ step ran (it covers biases and q/k norms)
+        assert getattr(getattr(gen.model, "decode_step", None), "_decoder", None) is not None
