@@ -61,14 +61,16 @@ def write_qwen_tokenizer(folder: Path) -> int:
     return tok.get_vocab_size()
 
 
-def make_hf(kind: str, folder: Path, dim: int = 64, hidden: int = 96, vocab: int = 320):
-    """A tiny random transformers model of `kind`, saved with the tokenizer in `folder`; returns the model."""
+def make_hf(kind: str, folder: Path, dim: int = 64, hidden: int = 96, vocab: int = 320, head_dim: int | None = None):
+    """A tiny random transformers model of `kind`, saved with the tokenizer in `folder`; returns the model.
+
+    Qwen3's head_dim defaults to twice dim / n_heads (as in the real models, where it is not dim / n_heads)."""
     n_tok = write_qwen_tokenizer(folder)
     assert n_tok <= vocab
     cls = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
            "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
            "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}[kind]
-    extra = {"qwen3": {"head_dim": 2 * dim // 4}, "mistral": {"sliding_window": 64}}.get(kind, {})
+    extra = {"qwen3": {"head_dim": head_dim or 2 * dim // 4}, "mistral": {"sliding_window": 64}}.get(kind, {})
     config = cls[0](vocab_size=vocab, hidden_size=dim, intermediate_size=hidden, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                     tie_word_embeddings=kind == "qwen2", eos_token_id=2, **extra)
@@ -141,6 +143,17 @@ def test_gguf_written_by_llamaforge_matches_transformers(kind, tmp_path):
     again = transformers.AutoModelForCausalLM.from_pretrained(back).eval()
     with torch.no_grad():
         torch.testing.assert_close(again(TOKENS).logits, want, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_transformers_reads_the_gguf_llamaforge_writes(kind, tmp_path):
+    """A third reader of the file layout: transformers' own GGUF loader (which reads no head_dim for qwen3 and
+    takes Qwen3Config's default, 128, so this model has that one)."""
+    ref = make_hf(kind, tmp_path / kind, head_dim=128)
+    convert(tmp_path / kind, tmp_path / f"{kind}.gguf", to="gguf", dtype="f32")
+    again = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=f"{kind}.gguf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(TOKENS).logits, ref(TOKENS).logits, atol=ATOL, rtol=0)
 
 
 def _write_like_convert_hf_to_gguf(ref, kind: str, path: Path) -> None:

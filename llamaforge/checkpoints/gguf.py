@@ -503,7 +503,7 @@ def metadata_from_args(args: ModelArgs, arch: str = "llama") -> dict[str, tuple[
         f"{arch}.attention.layer_norm_rms_epsilon": (float(args.norm_eps), "FLOAT32"),
         f"{arch}.rope.freq_base": (float(args.rope_theta), "FLOAT32"),
     }
-    if args.head_dim != args.dim // args.n_heads:
+    if args.head_dim != args.dim // args.n_heads or arch != "llama":  # convert_hf_to_gguf: whenever config has head_dim
         md[f"{arch}.attention.key_length"] = (args.head_dim, "UINT32")
         md[f"{arch}.attention.value_length"] = (args.head_dim, "UINT32")
     if args.rope_scaling is not None and args.rope_scaling.original_max_position_embeddings != 8192:
