@@ -55,6 +55,33 @@ def test_k_quants_decode_within_the_formats_error(qtype, rms_bound):
     np.testing.assert_allclose(y[2, 256:], 0.5, atol=0.02)
 
 
+def _ggml_base():
+    import ctypes
+    from pathlib import Path
+
+    libs = sorted((Path(llama_cpp.__file__).parent / "lib").glob("libggml-base.so*"))
+    if not libs:
+        pytest.skip("llama-cpp-python ships no libggml-base here")
+    return ctypes.CDLL(str(libs[0]))
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("qtype, nbytes, block", [("Q4_K", 144, 256), ("Q6_K", 210, 256), ("Q4_0", 18, 32),
+                                                  ("Q5_0", 22, 32), ("Q8_0", 34, 32)])
+def test_quantizers_are_byte_identical_to_ggml(qtype, nbytes, block):
+    """Against ggml's own quantize_row_*_ref, on normal, heavy-tailed, tiny, zero, constant and positive rows."""
+    import ctypes
+
+    fn = getattr(_ggml_base(), f"quantize_row_{qtype[:2].lower()}{qtype[2:]}_ref")
+    rng = np.random.default_rng(1)
+    cases = [rng.standard_normal((32, 512)), rng.standard_normal((32, 512)) ** 3, rng.uniform(-1e-3, 1e-3, (8, 256)),
+             np.zeros((2, 256)), np.full((2, 256), 0.5), rng.uniform(0, 2, (8, 256))]
+    for x in (c.astype(np.float32) for c in cases):
+        want = np.zeros(x.size // block * nbytes, np.uint8)
+        fn(x.ctypes.data_as(ctypes.c_void_p), want.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(x.size))
+        assert np.array_equal(quantize(x, qtype).reshape(-1), want)
+
+
 def test_quantize_refuses_partial_blocks():
     with pytest.raises(CheckpointError, match="not whole Q4_K blocks of 256"):
         quantize(np.zeros((2, 100), np.float32), "Q4_K")

@@ -6,9 +6,10 @@ llama-quantize without an importance matrix calls ggml's `quantize_row_*_ref` fu
 `quantize_row_q4_K_ref` (with `make_qkx2_quants`) and `quantize_row_q6_K_ref` (with `make_qx_quants`),
 with the same float32 operations in the same order, vectorised over blocks (each C loop that sums
 becomes a loop over the block's columns, so sums are accumulated left to right exactly as in C; ggml's
-base library is built without FMA contraction, so nothing is fused there either). The tests compare
-the bytes with llama.cpp's own quantizer (llama-cpp-python) where it is installed, and always check
-that gguf-py decodes them to within the format's error.
+base library is built without -march flags, so without FMA contraction). The tests compare the bytes
+with ggml's `quantize_row_*_ref` and with llama.cpp's `llama_model_quantize` (through llama-cpp-python)
+where it is installed (identical on every case tried), and always check that gguf-py decodes them to
+within the format's error.
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ _CHUNK = 4096  # blocks per vectorised step: bounded memory on large tensors
 
 
 def _nearest_int(v: np.ndarray) -> np.ndarray:
-    """ggml's nearest_int (add 1.5 * 2^23 in float32, read the mantissa): round half to even."""
-    return np.rint(v).astype(np.int32)
+    """ggml's nearest_int: add 1.5 * 2^23 in float32 and read the low mantissa bits (round half to even for
+    |v| < 2^22; the same bits as C for anything else, inf and nan included)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        bits = (np.asarray(v, F32) + F32(12582912.0)).view(np.int32)
+    return (bits & 0x007FFFFF) - 0x00400000
 
 
 def _seq_sum(a: np.ndarray) -> np.ndarray:
@@ -51,21 +55,20 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
     sum_w = _seq_sum(w)
     sum_x = _seq_sum(w * x)
     flat = hi == lo
-    rng = np.where(flat, F32(1), hi - lo)  # flat rows are overwritten below; avoid dividing by 0
-    shifted = x - lo[:, None]
-    iscale = F32(nmax) / rng
+    iscale = F32(nmax) / np.where(flat, F32(1), hi - lo)  # flat rows are overwritten below
     scale = F32(1) / iscale
-    L = np.clip(_nearest_int(iscale[:, None] * shifted), 0, nmax)
+    L = np.clip(_nearest_int(iscale[:, None] * (x - lo[:, None])), 0, nmax)
     Lf = L.astype(F32)
     diff = scale[:, None] * Lf + lo[:, None] - x
     best = _seq_sum(w * (diff * diff))
     mn = lo.copy()
     with np.errstate(divide="ignore", invalid="ignore"):
         for step in range(nstep + 1):
+            # As in C, `min` is the best fit so far: each step scales from the current one.
             num = F32(rmin) + F32(rdelta) * F32(step)
             num = num + F32(nmax)
-            iscale = num / rng
-            laux = np.clip(_nearest_int(iscale[:, None] * shifted), 0, nmax)
+            iscale = num / np.where(flat, F32(1), hi - mn)
+            laux = np.clip(_nearest_int(iscale[:, None] * (x - mn[:, None])), 0, nmax)
             la = laux.astype(F32)
             wl = w * la
             sum_l, sum_l2, sum_xl = _seq_sum(wl), _seq_sum(wl * la), _seq_sum(wl * x)
