@@ -33,11 +33,20 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def make_model(scheme: str | None = "q8_0", n_heads: int = 4, n_kv_heads: int = 2, bias: bool = False) -> Transformer:
-    """A random tiny model: GGUF-quantized (`scheme`) or float32 (None)."""
+def make_model(scheme: str | None = "q8_0", n_heads: int = 4, n_kv_heads: int = 2, bias: bool = False,
+               qkv_bias: bool = False, qk_norm: bool = False) -> Transformer:
+    """A random tiny model: GGUF-quantized (`scheme`) or float32 (None).
+
+    qkv_bias / qk_norm give it Qwen2's biases or Qwen3's per-head q/k norms, with random values."""
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=64, n_layers=3, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=90,
-                                  hidden_dim=160, max_seq_len=48))
+                                  hidden_dim=160, max_seq_len=48, qkv_bias=qkv_bias, qk_norm=qk_norm))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.uniform_(-1, 1)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.uniform_(0.5, 1.5)
     with torch.no_grad():
         model.output.weight.mul_(8)  # peaked distributions: greedy choices far from ties
         for block in model.layers:  # norm weights that are not all ones, so that their use is checked
@@ -126,6 +135,27 @@ def test_bias_is_used(scheme):
         ref = model(torch.tensor([[last[0]]]), 4, ref_cache)
     assert step.ran_fused
     assert rel(ours, ref) < REL_TOL
+
+
+@pytest.mark.parametrize("scheme", ["q8_0", None])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_qwen_blocks_match_the_modules(arch, scheme):
+    """Qwen2's q/k/v biases and Qwen3's per-head q/k norms inside the fused step, ragged rows, several steps."""
+    model = make_model(scheme, qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3")
+    step = fused(model)
+    lengths, slots = [5, 9], [1, 0]
+    cache, last = prefill(model, lengths, slots, n_slots=2)
+    ref_cache = copy.deepcopy(cache)
+    pos, tokens = torch.tensor(lengths), torch.tensor(last).view(2, 1)
+    with torch.inference_mode():
+        for _ in range(3):
+            kv_len = int(pos.max()) + 1
+            ours = step(tokens, at(pos.view(2, 1), cache, 2, slots, kv_len), cache)
+            ref = model(tokens, pos.view(2, 1), ref_cache, slots=torch.tensor(slots), kv_len=kv_len, last_only=True)
+            assert step.ran_fused  # the fused path ran
+            assert rel(ours, ref) < REL_TOL
+            assert rel(cache.k, ref_cache.k) < REL_TOL
+            tokens, pos = ref[:, -1].argmax(-1).view(2, 1), pos + 1
 
 
 def test_a_row_does_not_depend_on_its_batch():

@@ -5,7 +5,8 @@
     checkpoints.save_hf(ckpt.args, ckpt.state_dict, "out/", tokenizer_path=ckpt.tokenizer_path)
 
 State dicts always use Meta's names with q/k rows in Meta's interleaved rotary layout (keymaps.py);
-each format's differences are handled in its own module (meta.py, hf.py, gguf.py) and writing in save.py.
+each format's differences are handled in its own module (meta.py, hf.py, gguf.py) and writing in save.py
+(Meta, HF) and gguf_write.py (GGUF, llama-quantize).
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from llamaforge.checkpoints.detect import detect_format, locate
 from llamaforge.checkpoints.gguf import GGUFQuantTensor, dequantize, load_gguf
 from llamaforge.checkpoints.hf import hf_to_meta_qk, load_hf, meta_to_hf_qk
 from llamaforge.checkpoints.meta import find_shards, load_meta, merge_shards, split_meta_shards
-from llamaforge.checkpoints.save import save_gguf, save_hf, save_meta
+from llamaforge.checkpoints.gguf_write import quantize_gguf, save_gguf
+from llamaforge.checkpoints.save import save_hf, save_meta
 from llamaforge.errors import CheckpointError, CheckpointNotFoundError
 from llamaforge.model.args import ModelArgs
 
 __all__ = [
     "Checkpoint", "TokenizerSource", "GGUFQuantTensor", "detect_format", "load", "save_meta", "save_hf", "save_gguf",
+    "quantize_gguf",
     "split_meta_shards", "merge_shards", "hf_to_meta_qk", "meta_to_hf_qk", "dequantize",
     "CheckpointError", "CheckpointNotFoundError",
 ]

@@ -4,7 +4,8 @@ At batch 1 a decode step of a small model is mostly Python and dispatcher overhe
 per block around 7 matmuls that take a few microseconds each. `FusedDecode`, which a
 `llamaforge.runtime.DecodeStep` tries first where `llamaforge.runtime.prepare` chose it (CPU, one process),
 runs the blocks, the final norm and the output projection in C++ (qdecode.cpp) with the maths of
-llamaforge/model/layers.py: float32 RMSNorm, rotary and softmax; for `QuantizedLinear` projections the
+llamaforge/model/layers.py (q/k/v biases and Qwen3's per-head q/k norms included): float32 RMSNorm,
+rotary and softmax; for `QuantizedLinear` projections the
 same int8-activation matmuls; for float32 `nn.Linear` ones float32 dot products (the same products,
 summed in another order than the BLAS: differences in the last bits); keys and values written to and
 read from the KV cache in place.
@@ -132,6 +133,7 @@ class _Watch:
 
 def _build(model: nn.Module, watch: _Watch) -> Any:
     """A C++ decoder for the model's modules, recording what it reads in `watch`; None if they do not qualify."""
+    args = model.args
     rope, norm = watch.get(model, "rope"), watch.module(model, "norm")
     cos, sin = watch.get(rope, "cos"), watch.get(rope, "sin")
     if cos.dtype != torch.float32 or cos.device.type != "cpu" or type(norm) is not RMSNorm:
@@ -146,6 +148,13 @@ def _build(model: nn.Module, watch: _Watch) -> Any:
         norms = (watch.module(block, "attention_norm"), watch.module(block, "ffn_norm"))
         if (type(attn), type(ffn), type(norms[0]), type(norms[1])) != (Attention, FeedForward, RMSNorm, RMSNorm):
             return None
+        qk_norms = tuple(watch.get(attn, name) for name in ("q_norm", "k_norm"))  # Qwen3's, or None
+        watch.modules.extend(n for n in qk_norms if n is not None)
+        if any(n is not None and type(n) is not RMSNorm for n in qk_norms):
+            return None
+        qk_weights = [None if n is None else _float32_cpu(watch.get(n, "weight")) for n in qk_norms]
+        if any(n is not None and (w is None or n.eps != args.norm_eps) for n, w in zip(qk_norms, qk_weights)):
+            return None
         weights = []
         for parent, name in ((attn, "wq"), (attn, "wk"), (attn, "wv"), (attn, "wo"), (ffn, "w1"), (ffn, "w2"),
                              (ffn, "w3")):
@@ -156,12 +165,11 @@ def _build(model: nn.Module, watch: _Watch) -> Any:
         norm_weights = [_float32_cpu(watch.get(n, "weight")) for n in norms]
         if any(w is None for w in norm_weights):
             return None
-        specs.append((*norm_weights, weights))
+        specs.append((*norm_weights, weights, *qk_weights))
     output = _weight_spec(watch.module(model, "output"), watch)
     norm_weight = _float32_cpu(watch.get(norm, "weight"))
     if output is None or norm_weight is None or any(m._forward_hooks or m._forward_pre_hooks for m in watch.modules):
         return None
-    args = model.args
     return get_extension().Decoder(
         specs, args.n_heads, args.n_kv_heads, args.head_dim, args.norm_eps, cos, sin, norm_weight, output
     )
