@@ -49,12 +49,13 @@ def test_info_describes_the_checkpoint(tiny_checkpoints, capsys):
     assert "format:      meta" in capsys.readouterr().out
 
 
-def test_errors_are_one_line_messages_not_tracebacks(tmp_path, capsys):
-    assert main(["generate", str(tmp_path / "missing"), "-p", "x"]) == 1
+def test_errors_are_one_line_messages_in_the_flags_words(tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "missing"), "-p", "x"]) == 2  # found before the model loads
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "Traceback" not in err
+    assert err.startswith("error: MODEL ") and "does not exist" in err and "Traceback" not in err
     assert main(["generate", "-p", "x", "--temperature", "0", "--max_seq_len", "0"]) == 1
-    assert "max_seq_len" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: --max-seq-len must be") and "max_seq_len" not in err
 
 
 def test_console_script_runs_as_a_module():
