@@ -115,6 +115,12 @@ class ChatSession:
         want = self.settings.values["max_gen_len"]
         reserve = min(want, max(1, limit // 2))
         n_system = 1 if self.messages and self.messages[0]["role"] == "system" else 0
+        alone = len(fmt.encode_dialog(self.messages[:n_system] + self.messages[-1:]))
+        if alone >= limit:
+            self.messages.pop()
+            self.say(f"[this message takes {alone} tokens but the context holds {limit}; shorten it, or start "
+                     f"the chat with a larger --max-seq-len]")
+            return None
         dropped = 0
         n_prompt = len(fmt.encode_dialog(self.messages))
         while n_prompt + reserve > limit and len(self.messages) - n_system > 1:
@@ -124,11 +130,6 @@ class ChatSession:
         if dropped:
             self.say(f"[context full: dropped the {dropped} oldest messages; the prompt is now {n_prompt} of "
                      f"{limit} tokens]")
-        if n_prompt >= limit:
-            self.messages.pop()
-            self.say(f"[this message takes {n_prompt} tokens with the conversation but the context holds {limit}; "
-                     f"shorten it or start with a larger --max-seq-len]")
-            return None
         return min(want, limit - n_prompt)
 
     def answer(self, text: str) -> None:
