@@ -42,6 +42,13 @@ _DTYPES = {
 
 # -- atomic writes --------------------------------------------------------------------------------------
 
+def umask_mode(base: int = 0o666) -> int:
+    """The mode `open()` would give a new file (`base` 0o777 for a folder): mkstemp's 0600 is not what users expect."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
+
+
 def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -69,7 +76,7 @@ def atomic_dir(out_dir: PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        os.chmod(tmp, 0o755)
+        os.chmod(tmp, umask_mode(0o777))
         yield tmp
         for f in tmp.iterdir():
             _fsync_path(f)
@@ -104,7 +111,7 @@ def atomic_file(out_path: PathLike, *, overwrite: bool = False) -> Iterator[Path
     try:
         yield tmp
         _fsync_path(tmp)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, out)
         _fsync_path(out.parent)
     except BaseException:

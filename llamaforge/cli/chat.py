@@ -223,6 +223,8 @@ class ChatSession:
         self.say("system prompt set")
 
     def save(self, name: str) -> None:
+        from llamaforge.checkpoints.save import umask_mode
+
         if not name:
             raise ValueError("/save needs a file name, e.g. /save chat.json")
         out = Path(name).expanduser()
@@ -233,7 +235,7 @@ class ChatSession:
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(doc, f, indent=2, ensure_ascii=False)
-            os.chmod(tmp, 0o666 & ~_umask())
+            os.chmod(tmp, umask_mode())
             os.replace(tmp, out)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -274,12 +276,6 @@ def check_messages(messages: Any, path: Path) -> list[dict[str, str]]:
     if any(role != ("user", "assistant")[i % 2] for i, role in enumerate(turns)):
         raise ValueError(f"{path}: user and assistant messages must take turns, starting with the user")
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def run(args: argparse.Namespace) -> int:
