@@ -91,7 +91,8 @@ def check_model_path(value: Optional[str], flag_name: str = "MODEL") -> None:
         return
     path = Path(value).expanduser()
     if not path.exists():
-        hint = f"; the nearest existing folder is {_nearest_parent(path)}" if path.parent != path else ""
+        nearest = _nearest_parent(path)
+        hint = f"; the nearest existing folder is {nearest}" if nearest != path.anchor else ""
         raise UsageError(f"{flag_name} {value} does not exist{hint}")
 
 

@@ -37,13 +37,18 @@ class Parser(argparse.ArgumentParser):
             message += did_you_mean(choice[2], options)
         super().error(message)
 
-    def option_strings(self) -> list[str]:
-        return [s for action in self._actions for s in action.option_strings]
+    def option_strings(self) -> dict[str, str]:
+        """Every spelling of every flag -> the flag's main spelling."""
+        return {s: action.option_strings[-1 if action.option_strings[0].startswith("-") and
+                                            not action.option_strings[0].startswith("--") else 0]
+                for action in self._actions for s in action.option_strings}
 
 
-def did_you_mean(word: str, options: Sequence[str]) -> str:
-    close = difflib.get_close_matches(word, list(options), n=2, cutoff=0.6)
-    return f"; did you mean {' or '.join(close)}?" if close else ""
+def did_you_mean(word: str, options: Sequence[str] | dict[str, str]) -> str:
+    main_spelling = options if isinstance(options, dict) else {o: o for o in options}
+    close = difflib.get_close_matches(word, list(main_spelling), n=4, cutoff=0.6)
+    unique = list(dict.fromkeys(main_spelling[c] for c in close))[:2]
+    return f"; did you mean {' or '.join(unique)}?" if unique else ""
 
 
 def build_parser() -> Parser:

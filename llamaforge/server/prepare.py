@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from llamaforge.errors import LlamaforgeError
+from llamaforge.generation.sampling import SamplingParams
 from llamaforge.server.engine import Job
 from llamaforge.server.errors import APIError, bad_request
 from llamaforge.server.grammar import GrammarCompiler, GrammarError, GrammarUnavailable
@@ -22,6 +23,9 @@ from llamaforge.server.schemas import (
 from llamaforge.server import tools as tooling
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+# A request that omits them samples as Meta's API, the CLI and the chat page do (not OpenAI's 1.0 / 1.0).
+DEFAULT_TEMPERATURE, DEFAULT_TOP_P = SamplingParams.temperature, SamplingParams.top_p
 
 
 @dataclass
@@ -106,8 +110,8 @@ class Preparer:
                                   "logit_bias")
             bias.append((token, float(value)))
         return RowParams(
-            temperature=1.0 if req.temperature is None else float(req.temperature),
-            top_p=1.0 if req.top_p is None else float(req.top_p),
+            temperature=DEFAULT_TEMPERATURE if req.temperature is None else float(req.temperature),
+            top_p=DEFAULT_TOP_P if req.top_p is None else float(req.top_p),
             top_k=max(0, req.top_k or 0),
             min_p=float(req.min_p or 0.0),
             presence_penalty=float(req.presence_penalty or 0.0),
