@@ -46,6 +46,7 @@ from llamaforge.server.schemas import (
 log = logging.getLogger("llamaforge.server")
 
 CHAT_PAGE = Path(__file__).with_name("static") / "chat.html"
+FAVICON = Path(__file__).with_name("static") / "favicon.ico"
 DEFAULT_MAX_BODY = 8 * 2**20
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 429, 500, 503)}
 
@@ -177,6 +178,11 @@ def create_app(
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def chat_page():
         return HTMLResponse(CHAT_PAGE.read_text(encoding="utf-8"))
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():
+        return Response(FAVICON.read_bytes(), media_type="image/x-icon",
+                        headers={"Cache-Control": "public, max-age=86400"})
 
     @app.get("/health")
     async def health():
