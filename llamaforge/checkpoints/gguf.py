@@ -33,6 +33,7 @@ from llamaforge.checkpoints import keymaps
 from llamaforge.checkpoints.dequant import can_dequantize, dequantize, gguf_version
 from llamaforge.errors import CheckpointError, ConfigError
 from llamaforge.model.args import ModelArgs, RopeScaling
+from llamaforge.progress import iterate_bytes
 
 log = logging.getLogger(__name__)
 
@@ -423,8 +424,8 @@ def load_gguf(
     )
     keymaps.check_state_dict(renamed, args, source=str(gf.path), config="its GGUF metadata")
     state_dict: dict[str, Any] = {}
-    total = sum(info.nbytes for info in renamed.values())
-    for meta_name, info in _progress(renamed.items(), progress and total > 1 << 30, gf.path.name):
+    for meta_name, info in iterate_bytes(renamed.items(), lambda item: item[1].nbytes, f"loading {gf.path.name}",
+                                         enabled=progress):
         state_dict[meta_name] = _tensor(gf, info, keep_quantized)
     return args, state_dict, dict(gf.metadata)
 
@@ -449,15 +450,6 @@ def _tensor(gf: GGUFFile, info: GGUFTensorInfo, keep_quantized: bool) -> Any:
         rows = info.shape[0]
         return GGUFQuantTensor(raw=raw.view(rows, -1), qtype=info.qtype, shape=(rows, info.shape[1]), mapping=gf.buffer)
     return dequantize(raw, info.qtype, info.shape)
-
-
-def _progress(items: Any, show: bool, desc: str) -> Any:
-    if not show:
-        return items
-    from tqdm import tqdm
-
-    items = list(items)
-    return tqdm(items, desc=f"loading {desc}", unit="tensor", total=len(items))
 
 
 def is_gguf(path: Path) -> bool:

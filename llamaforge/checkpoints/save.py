@@ -30,6 +30,7 @@ from llamaforge.checkpoints import keymaps
 from llamaforge.checkpoints import meta as meta_format
 from llamaforge.errors import CheckpointError
 from llamaforge.model.args import ModelArgs
+from llamaforge.progress import iterate_bytes, nbytes
 
 PathLike = Union[str, os.PathLike]
 DTypeLike = Union[None, str, torch.dtype]
@@ -139,7 +140,7 @@ def materialize(state_dict: dict[str, Any], dtype: DTypeLike = None) -> dict[str
     target = resolve_dtype(dtype)
     out = {}
     seen: set[int] = set()
-    for key, value in state_dict.items():
+    for key, value in iterate_bytes(state_dict.items(), lambda kv: nbytes(kv[1]), "converting"):
         if isinstance(value, gguf_format.GGUFQuantTensor):
             value = value.dequantize()
         if not isinstance(value, torch.Tensor):
@@ -348,7 +349,7 @@ def save_gguf(
                 factors = gguf_format.rope_factors(args.rope_scaling, args.head_dim, args.rope_theta)
                 writer.add_tensor("rope_freqs.weight", factors.numpy())
             table = keymaps.invert(keymaps.GGUF_TO_META)
-            for key, value in state_dict.items():
+            for key, value in iterate_bytes(state_dict.items(), lambda kv: nbytes(kv[1]), f"writing {Path(out_path).name}"):
                 (gguf_name,) = keymaps.rename({key: None}, table, fmt="Meta", source="state_dict")
                 _add_tensor(writer, gguf_name, value, kind, GGMLQuantizationType)
             writer.write_header_to_file()
