@@ -198,3 +198,18 @@ def test_serve_sizes_the_kv_cache_from_a_budget():
         choose_context(per_position=per, slots=8, model_context=8192, budget=2**20, requested=512)
     with pytest.raises(UsageError, match="holds only"):
         choose_context(per_position=per, slots=8, model_context=8192, budget=2**20, requested=None)
+
+
+def test_generate_streams_on_a_terminal_and_says_what_it_loads(tiny_checkpoints):
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(sys.executable, ["-m", "llamaforge", "generate", str(tiny_checkpoints.gguf), "-p", "hello",
+                                           "--temperature", "0", "-n", "4", "--device", "cpu"],
+                          encoding="utf-8", timeout=120)
+    child.expect(r"loading tiny\.gguf \([\d.]+ KB, gguf, cpu\)")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    expected = "".join(Llama.build(tiny_checkpoints.gguf, device="cpu").stream_text_completion(
+        "hello", 4, temperature=0))
+    assert ("hello" + expected) in child.before.replace("\r\n", "\n")
+    assert "=====" not in child.before  # streamed: the batch separator is not printed
