@@ -129,38 +129,46 @@ def describe_size(n_bytes: float) -> str:
     return f"{n_bytes:.1f} GB"
 
 
-def loading_line(path: Path, device: str) -> str:
-    """'loading NAME (size, format, device)': said before the weights are read."""
-    from llamaforge.checkpoints import detect
+def announce_loading(path: Path, device: str) -> None:
+    """Say 'loading NAME (size, format, device)' on stderr: name and size at once, the rest once torch is in."""
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+    print(f"loading {path.name} ({describe_size(size)}", end="", file=sys.stderr, flush=True)
+    tail = ")"
+    try:
+        from llamaforge import devices
+        from llamaforge.checkpoints import detect
 
-    where = detect.locate(path)
-    target = where.file if where.file is not None else where.folder
-    if target.is_dir():
-        size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
-    else:
-        size = target.stat().st_size
-    return f"loading {path.name} ({describe_size(size)}, {where.format}, {device})"
+        tail = f", {detect.locate(path).format}, {devices.resolve_device(device)})"
+    finally:
+        print(tail, file=sys.stderr, flush=True)
 
 
-def build_from_flags(args: argparse.Namespace, *, max_seq_len: Any = "flags", quiet: bool = False):
-    """Build a Llama from parsed flags (MODEL and --ckpt-dir are the same thing), saying what loads first."""
+_FROM_FLAGS = object()
+
+
+def build_from_flags(args: argparse.Namespace, *, max_seq_len: Any = _FROM_FLAGS):
+    """Build a Llama from parsed flags (MODEL and --ckpt-dir are the same thing), saying what loads first.
+
+    Args:
+        max_seq_len: overrides --max-seq-len (serve sizes the context itself after loading).
+    """
     if args.model and args.ckpt_dir and args.model != args.ckpt_dir:
         raise UsageError(f"MODEL ({args.model}) and --ckpt-dir ({args.ckpt_dir}) disagree; give one")
     model = args.model or args.ckpt_dir
     check_model_path(model, "MODEL" if args.model else "--ckpt-dir")
     check_model_path(args.tokenizer_path, "--tokenizer-path")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    from llamaforge import devices
-    from llamaforge.api import Llama
     from llamaforge.default_model import default_model_path
 
     path = Path(model).expanduser() if model else default_model_path()
-    if not quiet and path.exists():
-        print(loading_line(path, str(devices.resolve_device(args.device))), file=sys.stderr, flush=True)
+    if path.exists():
+        announce_loading(path, args.device)
+    from llamaforge.api import Llama
+
     return Llama.build(
         ckpt_dir=model if model else None,
         tokenizer_path=args.tokenizer_path,
-        max_seq_len=args.max_seq_len if max_seq_len == "flags" else max_seq_len,
+        max_seq_len=args.max_seq_len if max_seq_len is _FROM_FLAGS else max_seq_len,
         max_batch_size=args.max_batch_size,
         seed=args.seed,
         device=args.device,
