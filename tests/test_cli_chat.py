@@ -174,7 +174,13 @@ def test_the_repl_in_a_pty_on_the_default_model(tmp_path):
     child.send("\x1b[A")
     child.expect("/load ")
     type_line(child, "", "loaded 2 messages")
+    # a paste with blank lines is one message (bracketed paste), not three, and not the end of the session
+    child.send("\x1b[200~Say hi.\r\n\r\nThen stop.\x1b[201~\r")
+    child.expect_exact(ACCEPTED)
+    child.expect_exact(READING)
+    type_line(child, f"/save {tmp_path / 'pasted.json'}", "saved 4 messages")
     child.send("/bye\r")
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+    assert json.loads((tmp_path / "pasted.json").read_text())["messages"][2]["content"] == "Say hi.\n\nThen stop."
