@@ -28,6 +28,7 @@ from torch import nn
 
 from llamaforge import kernels
 from llamaforge.errors import ConfigError
+from llamaforge.progress import iterate_bytes, nbytes
 
 __all__ = [
     "QuantTensorLike",
@@ -410,7 +411,9 @@ def quantize_model_weights(
     emb, out = getattr(model, "tok_embeddings", None), getattr(model, "output", None)
     tied = isinstance(emb, nn.Embedding) and isinstance(out, nn.Linear) and out.weight is emb.weight
     replaced: dict[str, nn.Module] = {}
-    for name, module in model.named_modules():
+    modules = iterate_bytes(model.named_modules(), lambda nm: nbytes(getattr(nm[1], "weight", None)),
+                            f"quantizing to {info.name}")
+    for name, module in modules:
         if name in skip or not isinstance(module, (nn.Linear, nn.Embedding)):
             continue
         if tied and name in ("output", "tok_embeddings"):

@@ -49,12 +49,13 @@ def test_info_describes_the_checkpoint(tiny_checkpoints, capsys):
     assert "format:      meta" in capsys.readouterr().out
 
 
-def test_errors_are_one_line_messages_not_tracebacks(tmp_path, capsys):
-    assert main(["generate", str(tmp_path / "missing"), "-p", "x"]) == 1
+def test_errors_are_one_line_messages_in_the_flags_words(tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "missing"), "-p", "x"]) == 2  # found before the model loads
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "Traceback" not in err
+    assert err.startswith("error: MODEL ") and "does not exist" in err and "Traceback" not in err
     assert main(["generate", "-p", "x", "--temperature", "0", "--max_seq_len", "0"]) == 1
-    assert "max_seq_len" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("error: --max-seq-len must be") and "max_seq_len" not in err
 
 
 def test_console_script_runs_as_a_module():
@@ -62,3 +63,153 @@ def test_console_script_runs_as_a_module():
     assert out.returncode == 0
     for command in ("demo", "generate", "chat", "info", "convert"):
         assert command in out.stdout
+
+
+# -- conventions: flags, help, suggestions, errors ---------------------------------------------------------
+
+def walk_parsers(parser, name="llamaforge"):
+    import argparse
+
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                yield from walk_parsers(sub, f"{name} {sub_name}")
+
+
+def test_every_flag_has_help_and_a_dashed_main_spelling():
+    from llamaforge.cli.main import build_parser
+
+    names = []
+    for name, parser in walk_parsers(build_parser()):
+        names.append(name)
+        for action in parser._actions:
+            if action.dest == "help" or action.__class__.__name__ == "_SubParsersAction":
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help text"
+            long = [s for s in action.option_strings if s.startswith("--")]
+            assert not long or "_" not in long[0], f"{name} {long}: the dashed spelling comes first"
+            assert all(s.replace("_", "-") in long for s in long), f"{name} {long}: an underscore flag needs a dash twin"
+    assert {"llamaforge generate", "llamaforge chat", "llamaforge serve", "llamaforge tokenizer train"} <= set(names)
+
+
+def test_help_shows_defaults_and_metas_spellings_still_work(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = capsys.readouterr().out
+    assert "--max-seq-len MAX_SEQ_LEN, --max_seq_len MAX_SEQ_LEN" in text
+    assert "0 is greedy (default: 0.6)" in text and "(default: 64)" in text
+
+
+def test_version_and_did_you_mean(capsys):
+    from llamaforge import __version__
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"llamaforge {__version__}"
+    with pytest.raises(SystemExit) as exit_:
+        main(["genrate", "-p", "x"])
+    assert exit_.value.code == 2 and "did you mean generate?" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", "--max-seqlen", "5", "-p", "x"])
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --max-seqlen" in err and "did you mean --max-seq-len" in err
+    assert err.startswith("usage: llamaforge generate")  # the subcommand's usage, not the top level's
+
+
+def test_library_messages_are_rendered_with_flag_names():
+    from llamaforge.cli.common import cli_message
+    from llamaforge.errors import CheckpointError, ConfigError
+
+    assert cli_message(CheckpointError("out already exists; pass overwrite=True to replace it")) == \
+        "out already exists; pass --overwrite to replace it"
+    assert cli_message(ConfigError("no CUDA here; use device='auto' or device='cpu'")) == \
+        "no CUDA here; use --device auto or --device cpu"
+    assert cli_message(ConfigError("build with a larger max_seq_len")) == "build with a larger --max-seq-len"
+    assert cli_message(ConfigError("overwrite the file")) == "overwrite the file"  # words, not arguments, stay
+
+
+FAST = """
+import socket, sys
+from llamaforge.cli.main import main
+code = main(sys.argv[1:])
+print("torch imported:", "torch" in sys.modules, "code:", code)
+"""
+
+
+def test_missing_paths_and_busy_ports_fail_before_torch_is_imported(tmp_path):
+    import socket
+
+    def run(*argv):
+        out = subprocess.run([sys.executable, "-c", FAST, *argv], capture_output=True, text=True, timeout=60)
+        return out.stdout.strip(), out.stderr.strip()
+
+    out, err = run("generate", str(tmp_path / "nope.gguf"), "-p", "x")
+    assert out == "torch imported: False code: 2" and f"MODEL {tmp_path / 'nope.gguf'} does not exist" in err
+    out, err = run("info", str(tmp_path / "missing" / "model"))
+    assert out == "torch imported: False code: 2"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out, err = run("serve", "--port", str(port))
+    assert out == "torch imported: False code: 2"
+    assert f"port {port} on 127.0.0.1 is already in use; choose another with --port" in err
+
+
+def test_one_default_temperature_everywhere():
+    import re
+    from pathlib import Path
+
+    from llamaforge.cli.common import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
+    from llamaforge.generation.sampler import SamplingParams
+    from llamaforge.server.prepare import DEFAULT_TEMPERATURE as SERVER_TEMPERATURE
+
+    assert (DEFAULT_TEMPERATURE, DEFAULT_TOP_P) == (SamplingParams().temperature, SamplingParams().top_p) == (0.6, 0.9)
+    assert SERVER_TEMPERATURE == DEFAULT_TEMPERATURE
+    page = (Path(__file__).parents[1] / "llamaforge" / "server" / "static" / "chat.html").read_text()
+    assert re.search(r'id="temperature"[^>]*value="0.6"', page)
+
+
+def test_generate_for_scripts_json_and_completion_only(tiny_checkpoints, capsys):
+    flags = [str(tiny_checkpoints.meta), "--temperature", "0", "-n", "5", "-p", "hello world", "-p", "the llama"]
+    assert main(["generate", *flags, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    gen = Llama.build(tiny_checkpoints.meta, max_seq_len=64, max_batch_size=2, device="cpu")
+    expected = gen.text_completion(["hello world", "the llama"], temperature=0, max_gen_len=5)
+    assert [r["generation"] for r in rows] == [e["generation"] for e in expected]
+    assert [r["prompt"] for r in rows] == ["hello world", "the llama"]
+    assert main(["generate", *flags, "--completion-only"]) == 0
+    assert capsys.readouterr().out == "".join(e["generation"] + "\n" for e in expected)
+
+
+def test_serve_sizes_the_kv_cache_from_a_budget():
+    from llamaforge.cli.common import UsageError
+    from llamaforge.cli.serve import choose_context, parse_size
+
+    assert parse_size("2GiB") == 2 * 2**30 and parse_size("512MB") == 512 * 10**6 and parse_size("1.5g") == 1_500_000_000
+    with pytest.raises(UsageError, match="--kv-memory takes a size"):
+        parse_size("lots")
+    per = 46080  # SmolLM2-135M in float32: 2 * 30 layers * 3 kv heads * 64 * 4 bytes
+    assert choose_context(per_position=per, slots=8, model_context=8192, budget=2**40, requested=None) == 8192
+    assert choose_context(per_position=per, slots=8, model_context=8192, budget=2**30, requested=None) == 2880
+    assert choose_context(per_position=per, slots=8, model_context=8192, budget=None, requested=512) == 512
+    with pytest.raises(UsageError, match="raise --kv-memory, or lower --max-seq-len or --max-batch-size"):
+        choose_context(per_position=per, slots=8, model_context=8192, budget=2**20, requested=512)
+    with pytest.raises(UsageError, match="holds only"):
+        choose_context(per_position=per, slots=8, model_context=8192, budget=2**20, requested=None)
+
+
+def test_generate_streams_on_a_terminal_and_says_what_it_loads(tiny_checkpoints):
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(sys.executable, ["-m", "llamaforge", "generate", str(tiny_checkpoints.gguf), "-p", "hello",
+                                           "--temperature", "0", "-n", "4", "--device", "cpu"],
+                          encoding="utf-8", timeout=120)
+    child.expect(r"loading tiny\.gguf \([\d.]+ KB, gguf, cpu\)")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    expected = "".join(Llama.build(tiny_checkpoints.gguf, device="cpu").stream_text_completion(
+        "hello", 4, temperature=0))
+    assert ("hello" + expected) in child.before.replace("\r\n", "\n")
+    assert "=====" not in child.before  # streamed: the batch separator is not printed

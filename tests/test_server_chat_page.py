@@ -2,8 +2,10 @@
 
 A person's path through the page: type a message, watch the answer stream in (it must equal the API's
 greedy answer to the same messages), then start a long answer and stop it mid-way (the server frees the
-slot). Skipped cleanly when selenium, chromium or chromedriver is not installed. Set
-LLAMAFORGE_SCREENSHOT=path.png to also save the page's screenshot there (docs/images/chat-page.png).
+slot); reload and find the conversation kept; switch conversations; regenerate and edit; read a markdown
+answer (code block with a copy button, no HTML from the model); the same page at a phone's width.
+Skipped cleanly when selenium, chromium or chromedriver is not installed. Set
+LLAMAFORGE_SCREENSHOTS=folder to also save the desktop and phone screenshots there (docs/images/).
 """
 
 from __future__ import annotations
@@ -95,9 +97,7 @@ def test_chat_streams_an_answer_equal_to_the_api(server, browser, tmp_path):
     lengths = browser.execute_script("return window.__lengths")
     assert len({n for n in lengths if n > 0}) >= 2  # the text arrived in pieces, not at once
     assert "tokens" in browser.find_elements("css selector", ".meta")[-1].text
-    shot = os.environ.get("LLAMAFORGE_SCREENSHOT") or str(tmp_path / "chat-page.png")
-    browser.save_screenshot(shot)
-    assert os.path.getsize(shot) > 10_000
+    assert browser.find_element("id", "context").text.startswith("context ")
 
 
 def test_stop_ends_a_generation_and_frees_the_slot(server, browser):
@@ -124,3 +124,108 @@ def test_stop_ends_a_generation_and_frees_the_slot(server, browser):
     browser.find_element("id", "prompt").send_keys("Thanks!\n")
     wait_until(lambda: len(browser.find_elements("css selector", ".meta")) >= 3, what="the next answer")
     assert len(browser.find_elements("css selector", ".msg.assistant")) == n + 1
+
+
+def test_a_reload_keeps_the_conversation_and_the_list_switches_between_them(server, browser):
+    before = [b.text for b in browser.find_elements("css selector", ".msg")]
+    browser.refresh()
+    wait_until(lambda: "SmolLM2" in browser.find_element("id", "model").text, what="the model name")
+    assert [b.text for b in browser.find_elements("css selector", ".msg")] == before
+    assert "tokens/s" in browser.find_elements("css selector", ".meta")[-1].text
+    browser.find_element("id", "new-chat").click()
+    assert not browser.find_elements("css selector", ".msg")
+    entries = browser.find_elements("css selector", "#conversations li")  # a new chat is listed once it has a message
+    assert len(entries) == 1 and "What is the capital" in entries[0].text and "current" not in entries[0].get_attribute("class")
+    entries[0].find_element("css selector", "button.open").click()
+    assert [b.text for b in browser.find_elements("css selector", ".msg")] == before
+
+
+def test_regenerate_and_edit_the_last_message(server, browser):
+    set_field(browser, "temperature", 0)
+    set_field(browser, "max-tokens", 6)
+    answers = browser.find_elements("css selector", ".msg.assistant")
+    n = len(answers)
+    browser.find_element("css selector", ".actions.assistant button.regenerate").click()
+    wait_until(lambda: browser.find_element("id", "send").is_enabled()
+               and not browser.find_elements("css selector", ".streaming"), what="the new answer")
+    answers = browser.find_elements("css selector", ".msg.assistant")
+    assert len(answers) == n and answers[-1].text  # replaced, not added
+    user = browser.find_elements("css selector", ".msg.user")[-1].text
+    browser.find_element("css selector", ".actions.user button.edit").click()
+    assert browser.find_element("id", "prompt").get_attribute("value") == user
+    assert len(browser.find_elements("css selector", ".msg.assistant")) == n - 1
+    assert browser.find_elements("css selector", ".msg.user")[-1].text != user or n == 1
+
+
+MARKDOWN = """Here is **bold**, *italic* and `inline code`.
+
+```python
+print("<b>hi</b>")
+```
+
+- one <img src=x onerror="window.__pwned = 1">
+- [a link](https://example.com) and [bad](javascript:window.__pwned=2)
+
+<script>window.__pwned = 3</script>"""
+
+
+def test_a_markdown_answer_is_rendered_without_any_html_from_the_model(server, browser):
+    browser.execute_script("""
+        localStorage.setItem("lf.conversations", JSON.stringify([{id: "md", title: "markdown", messages: [
+          {role: "user", content: "show me markdown <i>please</i>"},
+          {role: "assistant", content: arguments[0], meta: "test"}]}]));
+        localStorage.setItem("lf.current", "md");""", MARKDOWN)
+    browser.refresh()
+    wait_until(lambda: browser.find_elements("css selector", ".msg.assistant"), what="the stored answer")
+    answer = browser.find_element("css selector", ".msg.assistant")
+    assert answer.find_element("css selector", "strong").text == "bold"
+    assert answer.find_element("css selector", "em").text == "italic"
+    code = answer.find_element("css selector", ".code pre code")
+    assert code.text == 'print("<b>hi</b>")'
+    assert "mono" in code.value_of_css_property("font-family").lower()
+    assert [a.get_attribute("href") for a in answer.find_elements("css selector", "a")] == ["https://example.com/"]
+    assert not answer.find_elements("css selector", "img, script, b, i")
+    assert "<script>window.__pwned = 3</script>" in answer.text and "<img src=x" in answer.text
+    assert "<i>please</i>" in browser.find_element("css selector", ".msg.user").text
+    assert browser.execute_script("return window.__pwned") is None
+    copy = answer.find_element("css selector", ".code .copy")
+    copy.click()
+    wait_until(lambda: copy.text == "Copied", timeout=5, what="the copy button to confirm")
+    save_screenshot(browser, "chat-page-desktop.png")
+
+
+def test_the_page_fits_a_phone(server, browser):
+    browser.set_window_size(390, 844)
+    try:
+        browser.refresh()
+        wait_until(lambda: "SmolLM2" in browser.find_element("id", "model").text, what="the model name")
+        assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+        assert not browser.find_element("id", "sidebar").is_displayed() or browser.execute_script(
+            "return document.getElementById('sidebar').getBoundingClientRect().right <= 0")
+        menu = browser.find_element("id", "menu")
+        assert menu.is_displayed()
+        context = browser.find_element("id", "context")
+        line = float(context.value_of_css_property("line-height").removesuffix("px"))
+        assert context.size["height"] < 1.5 * line  # "8192" never wraps
+        bubble = browser.find_element("css selector", ".msg.assistant")
+        assert bubble.rect["x"] >= 0 and bubble.rect["x"] + bubble.rect["width"] <= 390
+        save_screenshot(browser, "chat-page-phone.png")
+        menu.click()
+        wait_until(lambda: browser.execute_script(
+            "return document.getElementById('sidebar').getBoundingClientRect().left >= 0"), timeout=5,
+            what="the sidebar to slide in")
+        assert browser.find_element("id", "new-chat").is_displayed()
+    finally:
+        browser.set_window_size(1200, 760)
+
+
+def test_the_favicon_is_served(server):
+    resp = httpx.get(server + "/favicon.ico")
+    assert resp.status_code == 200 and resp.headers["content-type"] == "image/x-icon"
+    assert resp.content[:4] == b"\x00\x00\x01\x00"  # the ICO header
+
+
+def save_screenshot(browser, name):
+    folder = os.environ.get("LLAMAFORGE_SCREENSHOTS")
+    if folder:
+        browser.save_screenshot(os.path.join(folder, name))

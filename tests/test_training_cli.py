@@ -4,6 +4,7 @@ resume) and `llamaforge eval` on the model it exported."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -45,6 +46,13 @@ def test_train_command_stops_resumes_and_eval_reads_the_result(tmp_path, capsys)
     assert main(base) == 0
     printed = capsys.readouterr().out
     assert "trained steps 2 -> 4" in printed and f"model: {out / 'model'}" in printed
+    assert main(base) == 0  # a finished run says so instead of training 0 steps
+    printed = capsys.readouterr().out
+    assert "already finished its 4 steps" in printed and "trained steps" not in printed
+    mask = os.umask(0)
+    os.umask(mask)
+    for written in (out / "checkpoint.pt", out / "model" / "params.json", *(out / "model").glob("*.pth")):
+        assert written.stat().st_mode & 0o777 == 0o666 & ~mask, written  # the umask's mode, not mkstemp's 0600
     params = json.loads((out / "model" / "params.json").read_text())
     assert params["n_layers"] == 1  # --set reached the [model_args] table
 

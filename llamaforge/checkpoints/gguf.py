@@ -33,6 +33,7 @@ from llamaforge.checkpoints.dequant import can_dequantize, dequantize, gguf_vers
 from llamaforge.checkpoints.gguf_reader import GGUF_MAGIC, GGUFFile, GGUFTensorInfo, read_gguf
 from llamaforge.errors import CheckpointError, ConfigError
 from llamaforge.model.args import ModelArgs, RopeScaling
+from llamaforge.progress import iterate_bytes
 
 log = logging.getLogger(__name__)
 
@@ -256,9 +257,9 @@ def load_gguf(
     )
     keymaps.check_state_dict(renamed, args, source=str(gf.path), config="its GGUF metadata")
     state_dict: dict[str, Any] = {}
-    total = sum(info.nbytes for info in renamed.values())
     neox = gf.metadata.get("general.architecture") in NEOX_ARCHS
-    for meta_name, info in _progress(renamed.items(), progress and total > 1 << 30, gf.path.name):
+    for meta_name, info in iterate_bytes(renamed.items(), lambda item: item[1].nbytes, f"loading {gf.path.name}",
+                                         enabled=progress):
         value = _tensor(gf, info, keep_quantized)
         state_dict[meta_name] = _neox_to_meta(meta_name, value, args) if neox else value
     return args, state_dict, dict(gf.metadata)
@@ -294,15 +295,6 @@ def _tensor(gf: GGUFFile, info: GGUFTensorInfo, keep_quantized: bool) -> Any:
         rows = info.shape[0]
         return GGUFQuantTensor(raw=raw.view(rows, -1), qtype=info.qtype, shape=(rows, info.shape[1]), mapping=gf.buffer)
     return dequantize(raw, info.qtype, info.shape)
-
-
-def _progress(items: Any, show: bool, desc: str) -> Any:
-    if not show:
-        return items
-    from tqdm import tqdm
-
-    items = list(items)
-    return tqdm(items, desc=f"loading {desc}", unit="tensor", total=len(items))
 
 
 def is_gguf(path: Path) -> bool:

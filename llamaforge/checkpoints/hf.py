@@ -27,6 +27,7 @@ import torch
 from llamaforge.checkpoints import keymaps
 from llamaforge.errors import CheckpointError, ConfigError
 from llamaforge.model.args import ModelArgs, RopeScaling
+from llamaforge.progress import iterate_bytes
 
 log = logging.getLogger(__name__)
 
@@ -347,11 +348,7 @@ def load_hf(
     source = str(folder)
     args = args_from_config(read_config(folder), source)
     files, weight_map = weight_files(folder, chosen)
-    iterator: Any = files
-    if progress and sum(f.stat().st_size for f in files) > 1 << 30:
-        from tqdm import tqdm
-
-        iterator = tqdm(files, desc=f"loading {folder.name}", unit="file")
+    iterator = iterate_bytes(files, lambda f: f.stat().st_size, f"loading {folder.name}", enabled=progress)
     raw: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
     for path in iterator:

@@ -29,6 +29,7 @@ import torch
 from llamaforge.checkpoints import keymaps
 from llamaforge.errors import CheckpointError, ConfigError
 from llamaforge.model.args import ModelArgs, RopeScaling, meta_hidden_dim
+from llamaforge.progress import iterate_bytes
 
 log = logging.getLogger(__name__)
 
@@ -305,13 +306,8 @@ def load_meta(
     """
     params = read_params(folder)
     source = str(folder)
-    total = sum(f.stat().st_size for f in files)
-    iterator: Any = files
-    if progress and total > 1 << 30:
-        from tqdm import tqdm
-
-        iterator = tqdm(files, desc=f"loading {folder.name}", unit="shard")
-    shards = [_load_shard(f) for f in iterator]
+    shards = [_load_shard(f) for f in iterate_bytes(files, lambda f: f.stat().st_size, f"loading {folder.name}",
+                                                     enabled=progress)]
     emb = [tuple(sd["tok_embeddings.weight"].shape) for sd in shards if "tok_embeddings.weight" in sd]
     vocab = 0
     if len(emb) == len(shards) and emb and len(emb[0]) == 2 and isinstance(params.get("dim"), int):

@@ -29,6 +29,7 @@ from llamaforge.checkpoints import keymaps
 from llamaforge.checkpoints import meta as meta_format
 from llamaforge.errors import CheckpointError
 from llamaforge.model.args import ModelArgs
+from llamaforge.progress import iterate_bytes, nbytes
 
 PathLike = Union[str, os.PathLike]
 DTypeLike = Union[None, str, torch.dtype]
@@ -40,6 +41,13 @@ _DTYPES = {
 
 
 # -- atomic writes --------------------------------------------------------------------------------------
+
+def umask_mode(base: int = 0o666) -> int:
+    """The mode `open()` would give a new file (`base` 0o777 for a folder): mkstemp's 0600 is not what users expect."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
+
 
 def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -68,7 +76,7 @@ def atomic_dir(out_dir: PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        os.chmod(tmp, 0o755)
+        os.chmod(tmp, umask_mode(0o777))
         yield tmp
         for f in tmp.iterdir():
             _fsync_path(f)
@@ -103,7 +111,7 @@ def atomic_file(out_path: PathLike, *, overwrite: bool = False) -> Iterator[Path
     try:
         yield tmp
         _fsync_path(tmp)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, out)
         _fsync_path(out.parent)
     except BaseException:
@@ -131,7 +139,7 @@ def materialize(state_dict: dict[str, Any], dtype: DTypeLike = None) -> dict[str
     target = resolve_dtype(dtype)
     out = {}
     seen: set[int] = set()
-    for key, value in state_dict.items():
+    for key, value in iterate_bytes(state_dict.items(), lambda kv: nbytes(kv[1]), "converting"):
         if isinstance(value, GGUFQuantTensor):
             value = value.dequantize()
         if not isinstance(value, torch.Tensor):

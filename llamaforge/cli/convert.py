@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+from llamaforge.cli.common import check_model_path, flag
+
 FORMATS = ("meta", "hf", "gguf")
 
 
@@ -22,13 +24,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default=None,
                    help="weights dtype: float32/bfloat16/float16 (meta, hf); f32/f16/bf16/q8_0/q4_0/q4_k_m/q6_k (gguf, "
                         "default f32); default keeps the source's")
-    p.add_argument("--tokenizer_path", "--tokenizer-path", dest="tokenizer_path", default=None)
+    p.add_argument(*flag("tokenizer_path"), dest="tokenizer_path", default=None,
+                   help="tokenizer.model / tokenizer.json to ship, when the source carries none")
     p.add_argument("--shards", type=int, default=1, help="model-parallel shards for Meta output (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_model_path(args.source, "SOURCE")
+    check_model_path(args.tokenizer_path, "--tokenizer-path")
     from llamaforge.convert import convert
 
     out = convert(args.source, args.output, to=args.to, dtype=args.dtype, tokenizer_path=args.tokenizer_path,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 
 from llamaforge.cli.common import add_model_flags, add_sampling_flags, build_from_flags
 
@@ -52,15 +54,24 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     generator = build_from_flags(args)
     sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    start = time.perf_counter()
+    status(f"text completion: Meta's {len(TEXT_PROMPTS)} prompts together, up to {args.max_gen_len} tokens each ...")
     results = generator.text_completion(TEXT_PROMPTS, max_gen_len=args.max_gen_len, **sampling)
     for prompt, result in zip(TEXT_PROMPTS, results):
         print(prompt)
         print(f"> {result['generation']}")
         print("\n==================================\n")
+    status(f"chat completion: Meta's {len(DIALOGS)} dialogs together, up to {args.max_gen_len} tokens each ...")
     answers = generator.chat_completion(DIALOGS, max_gen_len=args.max_gen_len, **sampling)
     for dialog, result in zip(DIALOGS, answers):
         for msg in dialog:
             print(f"{msg['role'].capitalize()}: {msg['content']}\n")
         print(f"> {result['generation']['role'].capitalize()}: {result['generation']['content']}")
         print("\n==================================\n")
+    status(f"done in {time.perf_counter() - start:.1f}s")
     return 0
+
+
+def status(text: str) -> None:
+    """A line on stderr, so that long silences are explained and stdout stays Meta's output."""
+    print(text, file=sys.stderr, flush=True)

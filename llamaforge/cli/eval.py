@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from llamaforge.cli.common import add_model_flags, build_from_flags
+from llamaforge.cli.common import UsageError, add_model_flags, build_from_flags
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,12 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llamaforge.training.eval import perplexity
-
     path = Path(args.data)
     if not path.is_file():
-        print(f"error: {path} does not exist", flush=True)
-        return 2
+        raise UsageError(f"--data {path} is not a file" + ("" if path.exists() else " (it does not exist)"))
+    from llamaforge.training.eval import perplexity
+
     llama = build_from_flags(args)
     tok = llama.tokenizer
     ids = tok.encode(path.read_text(encoding="utf-8", errors="replace"), bos=tok.add_bos and tok.bos_id is not None)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import json
 from collections import Counter
+
+from llamaforge.cli.common import add_json_flag, check_model_path, flag, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="describe a checkpoint", description=__doc__)
     p.add_argument("model", nargs="?", default=None, help="checkpoint path or model reference (default: the default model)")
-    p.add_argument("--tokenizer_path", "--tokenizer-path", dest="tokenizer_path", default=None)
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument(*flag("tokenizer_path"), dest="tokenizer_path", default=None,
+                   help="tokenizer.model / tokenizer.json, when the checkpoint carries none")
+    add_json_flag(p)
     p.set_defaults(run=run)
 
 
@@ -43,9 +45,11 @@ def describe(model=None, tokenizer_path=None) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_model_path(args.model)
+    check_model_path(args.tokenizer_path, "--tokenizer-path")
     info = describe(args.model, args.tokenizer_path)
     if args.json:
-        print(json.dumps(info, indent=2, default=str))
+        print_json(info)
         return 0
     a = info["args"]
     print(f"path:        {info['path']}")

@@ -1,32 +1,91 @@
-"""`llamaforge serve`: an OpenAI-compatible HTTP server (and a chat page at /) with continuous batching."""
+"""`llamaforge serve`: an OpenAI-compatible HTTP server (and a chat page at /) with continuous batching.
+
+The port is checked before the model loads. The KV cache (one slot of `--max-seq-len` positions per
+concurrent request) is sized from a memory budget: `--kv-memory` (e.g. 2GiB, 512MB), by default a tenth
+of the memory free once the model is loaded; the context per slot is the model's own, cut to what the
+budget holds. The choice is printed at start.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 
-from llamaforge.cli.common import add_model_flags, build_from_flags
+from llamaforge.cli.common import UsageError, add_model_flags, build_from_flags, check_port_free, describe_size
+
+KV_MEMORY_FRACTION = 0.1  # of the memory free after loading, when --kv-memory is not given
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API", description=__doc__)
     add_model_flags(p, max_seq_len=None, max_batch_size=8)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
-    p.add_argument("--served-model-name", default=None, help="model id clients use (default: the file name)")
-    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot before 429s")
-    p.add_argument("--prefill-budget", type=int, default=256,
-                   help="most prompt tokens computed between two decode steps (default 256)")
-    p.add_argument("--no-prefix-reuse", action="store_true", help="never reuse cached prompt prefixes")
-    p.add_argument("--shutdown-timeout", type=float, default=10.0,
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--kv-memory", "--kv_memory", dest="kv_memory", default=None, metavar="SIZE",
+                   help="memory for the KV cache of all slots, e.g. 2GiB or 512MB (default: a tenth of the "
+                        "memory free after loading)")
+    p.add_argument("--api-key", "--api_key", dest="api_key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: no key)")
+    p.add_argument("--served-model-name", "--served_model_name", dest="served_model_name", default=None,
+                   help="model id clients use (default: the file name)")
+    p.add_argument("--max-queue", "--max_queue", dest="max_queue", type=int, default=64,
+                   help="requests that may wait for a slot before new ones get 429")
+    p.add_argument("--prefill-budget", "--prefill_budget", dest="prefill_budget", type=int, default=256,
+                   help="most prompt tokens computed between two decode steps")
+    p.add_argument("--no-prefix-reuse", "--no_prefix_reuse", dest="no_prefix_reuse", action="store_true",
+                   help="never reuse cached prompt prefixes")
+    p.add_argument("--shutdown-timeout", "--shutdown_timeout", dest="shutdown_timeout", type=float, default=10.0,
                    help="seconds running requests get to finish on Ctrl-C before they are cancelled")
-    p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
+    p.add_argument("--log-level", "--log_level", dest="log_level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"], help="uvicorn's log level")
     p.set_defaults(run=run)
 
 
+def parse_size(text: str) -> int:
+    """'2GiB', '512MB', '1.5g', '1000000' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m[2].lower() not in _UNITS:
+        raise UsageError(f"--kv-memory takes a size like 2GiB, 512MB or 1.5G, got {text!r}")
+    return int(float(m[1]) * _UNITS[m[2].lower()])
+
+
+def choose_context(*, per_position: int, slots: int, model_context: int, budget: int,
+                   requested: int | None) -> int:
+    """Positions per slot: --max-seq-len if given (it must fit an explicit budget), else the model's context cut
+    to the budget.
+
+    Args:
+        per_position: KV-cache bytes of one position of one slot.
+        budget: bytes for all slots; None when --max-seq-len is given without --kv-memory (no limit is set).
+    """
+    if budget is None:
+        return requested
+    fits = budget // (per_position * slots)
+    if requested is not None:
+        if requested > fits:
+            need = describe_size(requested * per_position * slots)
+            raise UsageError(f"--max-seq-len {requested} with {slots} slots needs {need} of KV cache but the budget "
+                             f"is {describe_size(budget)}; raise --kv-memory, or lower --max-seq-len or "
+                             f"--max-batch-size")
+        return requested
+    chosen = min(model_context, fits // 64 * 64)
+    if chosen < 64:
+        raise UsageError(f"a KV-cache budget of {describe_size(budget)} holds only {fits} positions per slot for "
+                         f"{slots} slots; raise --kv-memory or lower --max-batch-size")
+    return chosen
+
+
 def run(args: argparse.Namespace) -> int:
+    for name, value in (("--max-batch-size", args.max_batch_size), ("--max-queue", args.max_queue),
+                        ("--prefill-budget", args.prefill_budget)):
+        if value < 1:
+            raise UsageError(f"{name} must be at least 1, got {value}")
+    budget = parse_size(args.kv_memory) if args.kv_memory is not None else None
+    check_port_free(args.host, args.port)
     try:
         import uvicorn
 
@@ -34,12 +93,27 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(f"error: serving needs FastAPI and uvicorn ({exc}); pip install 'llamaforge[serve]'", file=sys.stderr)
         return 2
-    for name, value in (("--max-batch-size", args.max_batch_size), ("--max-queue", args.max_queue),
-                        ("--prefill-budget", args.prefill_budget)):
-        if value < 1:
-            print(f"error: {name} must be at least 1, got {value}", file=sys.stderr)
-            return 2
-    llama = build_from_flags(args)
+    from llamaforge import devices
+    from llamaforge.api import kv_bytes_per_token
+
+    # Without --max-seq-len the build is told 1 position (nothing is allocated yet); the context is chosen below.
+    llama = build_from_flags(args, max_seq_len=args.max_seq_len or 1)
+    args_ = llama.model.args
+    per_position = kv_bytes_per_token(args_, llama.model.norm.weight.dtype)
+    if budget is not None:
+        said = "--kv-memory"
+    elif args.max_seq_len is None:
+        free = devices.available_memory_bytes(llama.device)
+        budget = int((free or 8 * 2**30) * KV_MEMORY_FRACTION)
+        said = f"a tenth of the {describe_size(free)} free" if free else "a tenth of 8 GB (free memory unknown)"
+    else:
+        said = "no limit: --max-seq-len given"
+    llama.max_seq_len = choose_context(per_position=per_position, slots=args.max_batch_size,
+                                       model_context=args_.max_seq_len, budget=budget, requested=args.max_seq_len)
+    total = per_position * args.max_batch_size * llama.max_seq_len
+    print(f"llamaforge: KV cache {args.max_batch_size} slots x {llama.max_seq_len} positions = {describe_size(total)} "
+          f"({'budget ' + describe_size(budget) + ': ' if budget else ''}{said}; change with --kv-memory, --max-seq-len, --max-batch-size)",
+          flush=True)
     logging.getLogger("llamaforge").setLevel(logging.INFO)
     app = create_app(
         llama, model_name=args.served_model_name, api_key=args.api_key, n_slots=args.max_batch_size,

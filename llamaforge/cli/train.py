@@ -30,30 +30,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="checkpoint to fine-tune ('default': the default model)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model for a model trained from scratch")
     p.add_argument("--out-dir", "--out_dir", dest="out_dir", default=None, help="run folder (checkpoints, logs, model)")
-    p.add_argument("--optimizer", choices=["sgd", "adamw"], default=None)
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default=None, help="sgd or adamw (default: the config's, else adamw)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate")
-    p.add_argument("--max-steps", "--max_steps", dest="max_steps", type=int, default=None)
-    p.add_argument("--warmup-steps", dest="warmup_steps", type=int, default=None)
+    p.add_argument("--max-steps", "--max_steps", dest="max_steps", type=int, default=None, help="optimizer steps in all")
+    p.add_argument("--warmup-steps", "--warmup_steps", dest="warmup_steps", type=int, default=None,
+                   help="steps of linear learning-rate warmup")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=None, help="windows per micro-batch")
     p.add_argument("--grad-accum", dest="grad_accum", type=int, default=None, help="micro-batches per step")
     p.add_argument("--seq-len", dest="seq_len", type=int, default=None, help="tokens per training window")
     p.add_argument("--device", default=None, help="auto, cpu, cuda, mps")
     p.add_argument("--autocast", choices=["none", "bf16"], default=None, help="bf16 mixed precision")
-    p.add_argument("--eval-every", dest="eval_every", type=int, default=None)
-    p.add_argument("--save-every", dest="save_every", type=int, default=None)
-    p.add_argument("--export", choices=["auto", "meta", "hf", "gguf", "none"], default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--eval-every", "--eval_every", dest="eval_every", type=int, default=None,
+                   help="steps between validation losses and samples")
+    p.add_argument("--save-every", "--save_every", dest="save_every", type=int, default=None,
+                   help="steps between checkpoints")
+    p.add_argument("--export", choices=["auto", "meta", "hf", "gguf", "none"], default=None,
+                   help="format of the model written at the end (auto: the source's)")
+    p.add_argument("--seed", type=int, default=None, help="random seed of the run")
     p.add_argument("--lora-rank", dest="lora_rank", type=int, default=None, help="fine-tune with LoRA of this rank")
     p.add_argument("--lora-targets", dest="lora_targets", default=None, help="comma-separated, e.g. wq,wv")
-    p.add_argument("--activation-checkpointing", action="store_true", default=None)
+    p.add_argument("--activation-checkpointing", action="store_true", default=None,
+                   help="recompute activations in the backward pass (less memory, more time)")
     p.add_argument("--fsdp", action="store_true", default=None, help="shard the model (under torchrun)")
     p.add_argument("--no-resume", dest="resume", action="store_false", default=None, help="start over")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     p.add_argument("--stop-after", dest="stop_after", type=int, default=None,
                    help="stop (with a checkpoint) after this many steps; run again to resume")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="any setting, e.g. model_args.dim=128 or lora.alpha=32 (repeatable)")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
     p.set_defaults(run=run)
 
 
@@ -109,6 +114,12 @@ def run(args: argparse.Namespace) -> int:
         config = TrainConfig.from_dict(overrides)
     result = train(config, stop_after=args.stop_after)
     if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if result.start_step == result.step >= config.max_steps:
+        print(f"{result.out_dir} already finished its {config.max_steps} steps; nothing to train. Raise --max-steps to "
+              f"go on, or pass --no-resume to start over")
+        if result.exported:
+            print(f"model: {result.exported}")
         return 0
     first = result.val_losses.get(min(result.val_losses)) if result.val_losses else None
     last = result.val_losses.get(max(result.val_losses)) if result.val_losses else None

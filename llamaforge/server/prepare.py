@@ -23,6 +23,9 @@ from llamaforge.server import tools as tooling
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
+# A request that omits them samples as Meta's API, the CLI and the chat page do (not OpenAI's 1.0 / 1.0).
+DEFAULT_TEMPERATURE, DEFAULT_TOP_P = SamplingParams.temperature, SamplingParams.top_p
+
 
 @dataclass
 class Prepared:
@@ -107,8 +110,8 @@ class Preparer:
             bias.append((token, float(value)))
         try:
             return SamplingParams(
-                temperature=1.0 if req.temperature is None else float(req.temperature),
-                top_p=1.0 if req.top_p is None else float(req.top_p),
+                temperature=DEFAULT_TEMPERATURE if req.temperature is None else float(req.temperature),
+                top_p=DEFAULT_TOP_P if req.top_p is None else float(req.top_p),
                 top_k=req.top_k if req.top_k and req.top_k > 0 else None,  # 0 or -1: all tokens
                 min_p=float(req.min_p or 0.0),
                 presence_penalty=float(req.presence_penalty or 0.0),

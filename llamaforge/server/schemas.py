@@ -29,7 +29,7 @@ class SamplingFields(_Strict):
     """The sampling parameters both generation endpoints share."""
 
     model: Optional[str] = None
-    temperature: Optional[float] = Field(None, ge=0, le=2, description="0 is greedy; default 1.0 (OpenAI)")
+    temperature: Optional[float] = Field(None, ge=0, le=2, description="0 is greedy; default 0.6 (Meta's, as the CLI and the chat page)")
     top_p: Optional[float] = Field(None, ge=0, le=1, description="nucleus threshold with Meta's semantics (0: greedy)")
     top_k: Optional[int] = Field(None, ge=-1, description="keep the k most likely tokens; 0 or -1: all")
     min_p: Optional[float] = Field(None, ge=0, le=1, description="drop tokens below min_p * p(best)")

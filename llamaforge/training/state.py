@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from llamaforge.checkpoints.save import umask_mode
 from llamaforge.errors import CheckpointError, TrainingDiverged, TrainingError  # noqa: F401 (re-exported)
 
 STATE_VERSION = 1
@@ -48,6 +49,7 @@ def save_state(path: str | Path, state: dict[str, Any]) -> Path:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, umask_mode())  # mkstemp makes 0600; the run's other files follow the umask
         os.replace(tmp, out)
         _fsync_dir(out.parent)
     except BaseException:

@@ -1,17 +1,18 @@
-"""GET / (the chat page), GET /health, GET /v1/models and GET /v1/models/{id}."""
+"""GET / (the chat page), /favicon.ico, GET /health, GET /v1/models and GET /v1/models/{id}."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from llamaforge.server.errors import APIError
 from llamaforge.server.routes.common import ERRORS
 from llamaforge.server.state import Served, served
 
-CHAT_PAGE = Path(__file__).resolve().parent.parent / "static" / "chat.html"
+STATIC = Path(__file__).resolve().parent.parent / "static"
+CHAT_PAGE, FAVICON = STATIC / "chat.html", STATIC / "favicon.ico"
 
 router = APIRouter()
 
