@@ -63,8 +63,11 @@ class TrainConfig:
     linear warmup then cosine decay to `min_lr` (default lr/10) at `max_steps`; `grad_clip` (0: off);
     a step uses `batch_size * grad_accum * world_size` windows.
     Precision/memory: `autocast` "bf16" runs matmuls in bfloat16 (weights stay float32);
-    `activation_checkpointing` recomputes each block in the backward pass; `fsdp` shards the model
-    across processes under torchrun (DDP otherwise).
+    `activation_checkpointing` recomputes each block in the backward pass (None: on exactly when the
+    base is quantized); `fsdp` shards the model across processes under torchrun (DDP otherwise).
+    QLoRA: `quantize` "gguf" keeps a GGUF file's quantized weights in their blocks, "q4_0" / "q8_0" /
+    "q4_1" / "q5_0" / "q5_1" quantizes a float checkpoint's linear layers on load; the base is frozen
+    and needs a `[lora]` table.
     Output in `out_dir`: checkpoint.pt (resumable state), log.jsonl, loss.png, and the exported model
     (`export`: "auto", "meta", "hf", "gguf" or "none") in `out_dir/model`.
     """
@@ -96,9 +99,11 @@ class TrainConfig:
     # precision, memory, devices
     device: str = "auto"
     autocast: str = "none"
-    activation_checkpointing: bool = False
+    activation_checkpointing: Optional[bool] = None
     fsdp: bool = False
     lora: Optional[LoRAConfig] = None
+    # QLoRA: keep the base quantized ("gguf": a GGUF file's blocks; "q4_0", "q8_0", ...: quantized on load)
+    quantize: Optional[str] = None
     # progress, evaluation, checkpoints
     eval_every: int = 50
     eval_batches: int = 8
@@ -152,6 +157,17 @@ class TrainConfig:
             raise ConfigError("set `model` (a checkpoint to fine-tune) or `[model_args]` (a shape to train from scratch)")
         if self.model is not None and self.model_args is not None:
             raise ConfigError("set either `model` (fine-tune) or `[model_args]` (from scratch), not both")
+        if self.quantize is not None:
+            from llamaforge.kernels import QUANTIZABLE
+
+            schemes = ["gguf"] + [q.lower() for q in QUANTIZABLE]
+            if self.quantize not in schemes:
+                raise ConfigError(f"quantize must be one of {schemes} (or left out), got {self.quantize!r}")
+            if self.lora is None or self.model is None:
+                raise ConfigError("quantize keeps a fine-tuned model's base frozen and quantized, so it needs `model` "
+                                  "and a [lora] table (the adapters are what trains)")
+            if self.fsdp:
+                raise ConfigError("quantize (QLoRA) does not combine with fsdp; use DDP (fsdp = false)")
         if self.model is None and self.tokenizer is None:
             raise ConfigError("training from scratch needs `tokenizer` (make one with `llamaforge tokenizer train`)")
 

@@ -34,7 +34,8 @@ from llamaforge.training.corpus import prepare_data
 from llamaforge.training.data import IGNORE_INDEX, BatchOrder, PackedDataset, TokenFile
 from llamaforge.training.lora import apply_lora
 from llamaforge.training.modeling import (
-    Source, enable_activation_checkpointing, export_model, load_for_training, scratch_model,
+    Source, enable_activation_checkpointing, export_model, full_state_dict, load_for_training, quantized_base,
+    scratch_model,
 )
 from llamaforge.training.monitor import RunLog, plot_losses
 from llamaforge.training.optim import build_optimizer, lr_at, set_lr
@@ -103,7 +104,8 @@ class _Run:
         torch.manual_seed(cfg.seed)
         if cfg.model is not None:
             model, self.tokenizer, self.source = load_for_training(
-                cfg.model, cfg.tokenizer, device, cfg.seq_len, progress=cfg.progress and info.is_main)
+                cfg.model, cfg.tokenizer, device, cfg.seq_len, progress=cfg.progress and info.is_main,
+                quantize=cfg.quantize)
         else:
             from llamaforge.tokenizer import Tokenizer
 
@@ -116,7 +118,8 @@ class _Run:
         self._prepare_data()
         if cfg.lora is not None:
             apply_lora(model, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout)
-        if cfg.activation_checkpointing:
+        self.quantized = quantized_base(model) > 0
+        if cfg.activation_checkpointing or (cfg.activation_checkpointing is None and self.quantized):
             enable_activation_checkpointing(model)
         self.model = dist_utils.wrap(model, info, device, cfg.fsdp)
         self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.lr, weight_decay=cfg.weight_decay,
@@ -364,6 +367,8 @@ class _Run:
 
     def _export(self) -> Optional[Path]:
         full = dist_utils.model_state(self.model, trainable_only=False)  # collective under FSDP
+        if self.quantized:
+            full = full_state_dict(dist_utils.unwrap(self.model), full)
         path = None
         if self.info.is_main:
             alpha = self.cfg.lora.alpha if self.cfg.lora is not None else None
