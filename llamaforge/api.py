@@ -83,6 +83,7 @@ class Llama:
         device: devices.DeviceLike = "auto",
         dtype: devices.DTypeLike = None,
         quantize: Optional[str] = None,
+        adapters: Optional[Sequence[PathLike]] = None,
         progress: bool = True,
     ) -> "Llama":
         """Load a checkpoint and its tokenizer, ready to generate.
@@ -106,6 +107,9 @@ class Llama:
                 llama.cpp-style integer kernels; an explicit dtype dequantizes them (dtype="float32"
                 is the exact reference path).
             quantize: "q8_0" or "q4_0" to quantize a float checkpoint's linear layers after loading.
+            adapters: LoRA adapters to add, in order: PEFT folders (adapter_config.json +
+                adapter_model.safetensors) or llama.cpp GGUF LoRA files; merged into float weights,
+                applied beside quantized ones (see llamaforge.training.adapters).
             progress: show a progress bar while a large checkpoint loads.
 
         Returns:
@@ -161,6 +165,10 @@ class Llama:
             from llamaforge.quantize import quantize_model_weights
 
             model = quantize_model_weights(model, quantize)
+        if adapters:
+            from llamaforge.training.adapters import apply_adapters
+
+            apply_adapters(model, adapters)
         if dev.type == "cpu" and world == 1:
             from llamaforge.kernels.decode import enable_fused_decode
 

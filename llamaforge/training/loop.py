@@ -55,6 +55,8 @@ class TrainResult:
         val_losses: validation loss by step (step 0 is before any training).
         tokens_per_s: mean training throughput of this call (all processes together).
         exported: the path `Llama.build` loads, when the run finished and exported.
+        adapter: a LoRA run's adapters alone when it finished: a PEFT folder (`out_dir/adapter`, beside it
+            `out_dir/adapter.gguf` in llama.cpp's GGUF LoRA format); `Llama.build(base, adapters=[...])`.
         samples: generated samples by step, when `sample_every` is set.
     """
 
@@ -65,6 +67,7 @@ class TrainResult:
     val_losses: dict[int, float] = field(default_factory=dict)
     tokens_per_s: float = 0.0
     exported: Optional[Path] = None
+    adapter: Optional[Path] = None
     samples: dict[int, list[str]] = field(default_factory=dict)
 
 
@@ -357,6 +360,8 @@ class _Run:
                 self.bar.close()
         result.step = self.step
         result.tokens_per_s = tokens_per_step * len(result.losses) / run_time if run_time else 0.0
+        if self.step >= cfg.max_steps and cfg.lora is not None:
+            result.adapter = self._save_adapter()
         if self.step >= cfg.max_steps and cfg.export != "none":
             result.exported = self._export()
         self._plot()
@@ -364,6 +369,20 @@ class _Run:
                        exported=str(result.exported) if result.exported else None)
         self.log.close()
         return result
+
+    def _save_adapter(self) -> Optional[Path]:
+        from llamaforge.training.adapters import adapter_from_state_dict, save_gguf_lora, save_peft
+
+        lora = self.cfg.lora
+        state = dist_utils.model_state(self.model, trainable_only=True)  # collective under FSDP
+        path = None
+        if self.info.is_main:
+            adapter = adapter_from_state_dict(state, lora.alpha)
+            path = save_peft(adapter, self.args, self.out / "adapter", dropout=lora.dropout, base_model=self.cfg.model)
+            save_gguf_lora(adapter, self.out / "adapter.gguf")
+            self.log.write(step=self.step, event="adapter", path=str(path))
+        dist_utils.barrier(self.info)
+        return path
 
     def _export(self) -> Optional[Path]:
         full = dist_utils.model_state(self.model, trainable_only=False)  # collective under FSDP

@@ -109,6 +109,10 @@ class LoRALinear(nn.Module):
             # an unfrozen float base (not what apply_lora leaves): plain autograd, W gets its gradient too
             update = (self.dropout(x) @ self.lora_a.t().to(x.dtype)) @ self.lora_b.t().to(x.dtype)  # (..., out)
             return self.base(x) + self.scaling * update
+        if not torch.is_grad_enabled() or not (x.requires_grad or self.lora_a.requires_grad):
+            # inference: the base layer's own (possibly quantized-kernel) path plus the low-rank update
+            update = (x @ self.lora_a.t().to(x.dtype)) @ self.lora_b.t().to(x.dtype)  # (..., out)
+            return self.base(x) + self.scaling * update
         xd = self.dropout(x) if self.training else x
         return LoRAFunction.apply(x, xd, self.lora_a, self.lora_b, self.base, self.scaling)
 
