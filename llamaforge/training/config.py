@@ -2,7 +2,7 @@
 
 A TOML file holds the flat settings at the top level, the shape of a model trained from scratch in
 a `[model_args]` table (ModelArgs fields; `vocab_size` defaults to the tokenizer's), and LoRA in a
-`[lora]` table:
+`[lora]` table (and DPO / SimPO in a `[preference]` table, see TrainConfig):
 
     data = ["corpus.txt"]          # text / JSONL files or folders
     tokenizer = "tok.model"        # from scratch; a fine-tuned checkpoint brings its own
@@ -52,6 +52,24 @@ class LoRAConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    """Preference tuning (training/preference.py): `loss` "dpo" or "simpo" (reference-free), `beta`
+    (None: 0.1 for DPO, 2.0 for SimPO), SimPO's target margin `gamma`."""
+
+    loss: str = "dpo"
+    beta: Optional[float] = None
+    gamma: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("dpo", "simpo"):
+            raise ConfigError(f"preference.loss must be 'dpo' or 'simpo', got {self.loss!r}")
+        if self.beta is None:
+            self.beta = {"dpo": 0.1, "simpo": 2.0}[self.loss]
+        if not isinstance(self.beta, (int, float)) or not self.beta > 0:
+            raise ConfigError(f"preference.beta must be a number > 0, got {self.beta!r}")
+
+
+@dataclass
 class TrainConfig:
     """A training run. See the module docstring for the TOML layout.
 
@@ -68,6 +86,9 @@ class TrainConfig:
     QLoRA: `quantize` "gguf" keeps a GGUF file's quantized weights in their blocks, "q4_0" / "q8_0" /
     "q4_1" / "q5_0" / "q5_1" quantizes a float checkpoint's linear layers on load; the base is frozen
     and needs a `[lora]` table.
+    Preference tuning: a `[preference]` table (loss "dpo" / "simpo", beta, gamma) trains on JSONL pairs
+    `{"prompt" | "messages", "chosen", "rejected"}` in `data` (see training/preference.py), with LoRA or
+    full weights; `batch_size` counts pairs, `seq_len` bounds each prompt + answer.
     Output in `out_dir`: checkpoint.pt (resumable state), log.jsonl, loss.png, and the exported model
     (`export`: "auto", "meta", "hf", "gguf" or "none") in `out_dir/model`.
     """
@@ -104,6 +125,8 @@ class TrainConfig:
     lora: Optional[LoRAConfig] = None
     # QLoRA: keep the base quantized ("gguf": a GGUF file's blocks; "q4_0", "q8_0", ...: quantized on load)
     quantize: Optional[str] = None
+    # preference tuning (DPO / SimPO) on JSONL pairs instead of next-token training
+    preference: Optional[PreferenceConfig] = None
     # progress, evaluation, checkpoints
     eval_every: int = 50
     eval_batches: int = 8
@@ -131,6 +154,8 @@ class TrainConfig:
             self.lora = LoRAConfig()
         elif self.lora is False:
             self.lora = None
+        if isinstance(self.preference, dict):
+            self.preference = PreferenceConfig(**_known(PreferenceConfig, self.preference, "[preference]"))
         self.betas = tuple(self.betas)  # type: ignore[assignment]
         positive = ("seq_len", "max_steps", "batch_size", "grad_accum", "eval_batches", "sample_tokens")
         for name in positive:
