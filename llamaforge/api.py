@@ -130,6 +130,7 @@ class Llama:
         device: devices.DeviceLike = "auto",
         dtype: devices.DTypeLike = None,
         quantize: Optional[str] = None,
+        adapters: Optional[Sequence[PathLike]] = None,
         progress: bool = True,
     ) -> "Llama":
         """Load a checkpoint and its tokenizer, ready to generate.
@@ -155,6 +156,9 @@ class Llama:
                 llama.cpp-style integer kernels; an explicit dtype dequantizes them (dtype="float32"
                 is the exact reference path).
             quantize: "q8_0" or "q4_0" to quantize a float checkpoint's linear layers after loading.
+            adapters: LoRA adapters to add, in order: PEFT folders (adapter_config.json +
+                adapter_model.safetensors) or llama.cpp GGUF LoRA files; merged into float weights,
+                applied beside quantized ones (see llamaforge.training.adapters).
             progress: show a progress bar while a large checkpoint loads.
 
         Returns:
@@ -202,6 +206,10 @@ class Llama:
             args = dataclasses.replace(args, max_seq_len=max_seq_len)
         model, decode_step = runtime.prepare(args, ckpt.state_dict, device=dev, dtype=torch_dtype, quantize=quantize,
                                              world=world, rank=rank, max_seq_len=max_seq_len)
+        if adapters:
+            from llamaforge.training.adapters import apply_adapters
+
+            apply_adapters(model, adapters)  # LoRA layers: the decode step runs the modules for them
         log.info(
             "loaded %s (%s, %.1fM parameters) on %s in %s in %.2fs",
             path, ckpt.format, args.n_params / 1e6, dev, torch_dtype, time.perf_counter() - start,

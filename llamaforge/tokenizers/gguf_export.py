@@ -29,15 +29,19 @@ _GPT2_REGEX = PRE_TOKENIZERS["gpt-2"].regexes[0]
 _PROBE = "Hello world! It's 2025: naïve café, 12345 ÜBER 日本語 🤖\n\n  indented\tand <|im_start|> tokens."
 
 
-def tokenizer_gguf_metadata(tokenizer: Any, vocab_size: Optional[int] = None) -> dict[str, Any]:
+def tokenizer_gguf_metadata(tokenizer: Any, vocab_size: Optional[int] = None, *,
+                            rebuild: Optional[Any] = None) -> dict[str, Any]:
     """The GGUF `tokenizer.*` keys for a llamaforge `Tokenizer` loaded from a tokenizer.model or tokenizer.json.
 
     Args:
         tokenizer: a `llamaforge.Tokenizer` whose `source` is its file.
         vocab_size: the model's embedding rows (the vocabulary is padded to it); default the tokenizer's size.
+        rebuild: `Tokenizer.from_gguf_metadata` (passed in: this layer sits below the Tokenizer): the metadata is
+            rebuilt with it and must tokenize a probe text exactly as `tokenizer` does.
 
     Raises:
-        TokenizerError: a kind or pre-tokenizer GGUF cannot express, or a vocabulary larger than the model's.
+        TokenizerError: a kind or pre-tokenizer GGUF cannot express, a vocabulary larger than the model's, or
+            a rebuilt vocabulary that tokenizes differently.
     """
     if not tokenizer.source or not Path(tokenizer.source).is_file():
         raise TokenizerError(f"cannot embed this {tokenizer.kind} tokenizer in GGUF: its source file is unknown")
@@ -60,7 +64,8 @@ def tokenizer_gguf_metadata(tokenizer: Any, vocab_size: Optional[int] = None) ->
         raise TokenizerError(f"the tokenizer has {n} tokens but the model only {vocab_size} embedding rows")
     if tokenizer.chat_template:
         md["tokenizer.chat_template"] = tokenizer.chat_template
-    _check_round_trip(md, tokenizer)
+    if rebuild is not None:
+        _check_round_trip(md, tokenizer, rebuild)
     return md
 
 
@@ -136,12 +141,10 @@ def _byte_level_bpe(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
     return md
 
 
-def _check_round_trip(md: dict[str, Any], tokenizer: Any) -> None:
-    from llamaforge.tokenizers.loaders import from_gguf_metadata
-
-    back = from_gguf_metadata(md, source="the GGUF metadata being written").backend
+def _check_round_trip(md: dict[str, Any], tokenizer: Any, rebuild: Any) -> None:
+    back = rebuild(md, source="the GGUF metadata being written")
     want = tokenizer.encode(_PROBE, bos=False, eos=False)
-    got = back.encode(_PROBE, False)
+    got = back.encode(_PROBE, bos=False, eos=False)
     if want != got:
         raise TokenizerError(
             f"the GGUF vocabulary built from {tokenizer.source} tokenizes a probe text differently "
