@@ -139,6 +139,10 @@ def test_quantize_command_equals_convert_and_keeps_metadata(qwen2_256, tmp_path,
     assert "already exists" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="is the input file"):
         checkpoints.quantize_gguf(out, out, "q8_0", overwrite=True)
+    assert main(["quantize", str(out), str(tmp_path / "q8.gguf"), "q8_0"]) == 1  # already 4-bit: as llama-quantize
+    err = capsys.readouterr().err
+    assert "is already Q" in err and "--allow-requantize" in err
+    assert main(["quantize", "--allow-requantize", str(out), str(tmp_path / "q8.gguf"), "q8_0"]) == 0
 
 
 def _llama_cpp_logits(path, tokens: list[int]) -> np.ndarray:
