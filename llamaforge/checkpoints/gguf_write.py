@@ -217,17 +217,33 @@ def _add_tensor(writer: Any, name: str, value: Any, kind: str, n_layers: int, ti
         writer.add_tensor(name, quantize(array, qtype), raw_dtype=qtypes[qtype])
 
 
-def quantize_gguf(source: PathLike, output: PathLike, qtype: str, *, overwrite: bool = False) -> Path:
-    """`llama-quantize SOURCE OUTPUT TYPE`: requantize a GGUF file with llama.cpp's mix for TYPE.
+def quantize_gguf(
+    source: PathLike, output: PathLike, qtype: str, *, allow_requantize: bool = False, overwrite: bool = False
+) -> Path:
+    """`llama-quantize [--allow-requantize] SOURCE OUTPUT TYPE`: requantize a GGUF file with llama.cpp's mix for TYPE.
 
     Every tensor is read as float32 (quantized ones dequantized, as llama-quantize does) and written with
-    `tensor_qtype`'s choice; the metadata (context length, rope, tokenizer, chat template) is kept.
+    `tensor_qtype`'s choice; the metadata (context length, rope, tokenizer, chat template) is kept. As in
+    llama-quantize, a tensor already quantized (not F32/F16/BF16) is only requantized to another type
+    with `allow_requantize` (the errors of both quantizations add up).
 
     Raises:
-        CheckpointError: an unreadable source, an unknown TYPE, or an existing output without `overwrite`.
+        CheckpointError: an unreadable source, an unknown TYPE, a quantized source without `allow_requantize`,
+            or an existing output without `overwrite`.
     """
     kind = file_type(qtype)
-    args, state_dict, metadata = gguf_format.load_gguf(source, keep_quantized=True)
     if Path(source).resolve() == Path(output).resolve():
         raise CheckpointError(f"{output} is the input file; write the quantized model to another path")
+    args, state_dict, metadata = gguf_format.load_gguf(source, keep_quantized=True)
+    if not allow_requantize:
+        tied = "output.weight" not in state_dict
+        for key, value in state_dict.items():
+            if isinstance(value, gguf_format.GGUFQuantTensor) and value.qtype not in ("F16", "BF16"):
+                (name,) = keymaps.rename({key: None}, keymaps.invert(keymaps.GGUF_TO_META), fmt="Meta", source="")
+                if tensor_qtype(name, value.shape, kind, args.n_layers, tied) != value.qtype:
+                    raise CheckpointError(
+                        f"{source}: {name} is already {value.qtype}; requantizing it to {kind} adds a second rounding "
+                        "error. Quantize from an F32/F16/BF16 file, or pass --allow-requantize "
+                        "(allow_requantize=True) as with llama-quantize"
+                    )
     return save_gguf(args, state_dict, output, tokenizer_metadata=metadata, dtype=kind, overwrite=overwrite)
