@@ -135,6 +135,11 @@ def test_speedometer_turns_drafting_off_when_rounds_are_slower_and_probes_again(
     assert m.should_draft()
     m.record(True, 8.0, 1)  # 0.3 * 8 + 0.7 * 0.95 > 1.0: off for 3 steps
     assert [m.should_draft() for _ in range(4)] == [False, False, False, True]
+    m.record(True, 2.0, 1)  # the retry is slower again: off for twice as long
+    assert [m.should_draft() for _ in range(7)] == [False] * 6 + [True]
+    m.record(True, 0.5, 1)  # a round that pays resets the wait
+    m.record(True, 50.0, 1)
+    assert [m.should_draft() for _ in range(4)] == [False, False, False, True]
 
 
 def test_bad_arguments_are_clear_errors():

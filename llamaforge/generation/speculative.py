@@ -164,19 +164,22 @@ class Speedometer:
 
     Both rates are exponential moving averages. Drafting stays on while its time per token is no worse
     than plain decoding's; otherwise it is off for `backoff` plain steps (which refresh the plain rate),
-    then tried again. With no plain rate yet (the start, or every `reprobe` rounds, since the rates
+    then tried again; each failed try doubles the wait (up to `max_backoff`) and a round that pays resets it,
+    so text a drafter cannot predict costs a vanishing share of rounds. With no plain rate yet (the start, or every `reprobe` rounds, since the rates
     drift as the context grows) one plain step measures it. Timing only steers speed: the output does
     not depend on it.
     """
 
     alpha: float = 0.3
     backoff: int = 16
+    max_backoff: int = 512
     reprobe: int = 64
     clock: Callable[[], float] = time.perf_counter
     spec_s: Optional[float] = None  # seconds per token, speculative rounds
     plain_s: Optional[float] = None  # seconds per token, plain steps
     off_for: int = 0
     since_plain: int = 0
+    wait: int = 0  # the next backoff (0: `backoff`)
 
     def should_draft(self) -> bool:
         if self.off_for > 0:
@@ -191,8 +194,11 @@ class Speedometer:
         if speculative:
             self.spec_s = per if self.spec_s is None else (1 - self.alpha) * self.spec_s + self.alpha * per
             if self.plain_s is not None and self.spec_s > self.plain_s:
-                self.off_for = self.backoff
+                self.off_for = self.wait or self.backoff
+                self.wait = min(self.max_backoff, 2 * self.off_for)
                 self.spec_s = None  # forget: the next try measures afresh
+            elif self.plain_s is not None:
+                self.wait = 0
             self.since_plain += 1
         else:
             self.plain_s = per if self.plain_s is None else (1 - self.alpha) * self.plain_s + self.alpha * per
@@ -235,7 +241,8 @@ def speculative_greedy(
         target: the model's `Steps` (its cache is overwritten from position 0).
         prompt: token ids, at least one; prompt + output must fit target.max_seq_len.
         drafter: proposes tokens (NgramDrafter, ModelDrafter, or anything with `propose`).
-        k: most tokens drafted per round.
+        k: most tokens drafted per round (the draft length adapts below it: doubled after a round whose
+            draft was all accepted, halved after one that kept less than half).
         stop_ids: ids that end the output (kept as its last token).
         speedometer: turns drafting off while it does not pay (default: a fresh `Speedometer`).
         stats: filled with rounds, acceptance and time when given.
@@ -249,6 +256,7 @@ def speculative_greedy(
             f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceed max_seq_len {target.max_seq_len}"
         )
     meter = speedometer if speedometer is not None else Speedometer()
+    k_now = k  # draft length: doubled after a fully accepted round, halved after one that kept under half
     st = stats if stats is not None else SpecStats()
     stops = set(stop_ids)
     t_start = time.perf_counter()
@@ -260,7 +268,7 @@ def speculative_greedy(
         pos = len(context) + len(out) - 1  # position of out[-1], not yet in the cache
         room = max_new_tokens - len(out)  # a round adds accepted + 1 tokens: draft at most room - 1
         t0 = meter.clock()  # the drafting counts: a draft model's steps are part of a round's cost
-        draft = drafter.propose(context + out, min(k, room - 1)) if room > 1 and meter.should_draft() else []
+        draft = drafter.propose(context + out, min(k_now, room - 1)) if room > 1 and meter.should_draft() else []
         pred = target.verify([out[-1], *draft], pos).argmax(-1).tolist()  # (rows,)
         accepted = 0
         while accepted < len(draft) and draft[accepted] == pred[accepted]:
@@ -268,6 +276,10 @@ def speculative_greedy(
         new = draft[:accepted] + [pred[accepted]]
         meter.record(bool(draft), meter.clock() - t0, len(new))
         if draft:
+            if accepted == len(draft):
+                k_now = min(k, 2 * k_now)
+            elif 2 * accepted < len(draft):
+                k_now = max(1, k_now // 2)
             st.rounds += 1
             st.drafted += len(draft)
             st.accepted += accepted
