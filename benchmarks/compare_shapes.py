@@ -61,9 +61,10 @@ def render(meta: dict, cells: list[dict]) -> str:
            f"{bw:.1f} GB/s (best of copy/read, {a['threads_list'][-1]} threads); llamaforge {m['llamaforge']}, "
            f"llama-cpp-python {m['llama_cpp_python']}, torch {m['torch']}. Load average {meta['load_start']:.1f} at the "
            f"start, {meta['load_end']:.1f} at the end. Decode: each one-token step timed on its own, median of "
-           f"{a['steps']} steps x {a['runs']} runs ({a['long_steps']} x 1 at long prompts); best = fastest step.", ""]
+           f"{a['steps']} steps x {a['runs']} runs ({a['long_steps']} x 1 at long prompts); best = fastest step; "
+           "CPU-time: the process's CPU seconds per step (1 thread only: robust to other jobs on the cores).", ""]
     head = ["type", "thr", "engine", "load s"] + [f"prefill {p}" for p in lens] + \
-        [f"decode @{p} (best) tok/s" for p in lens] + [f"GB/s @{short} (% bw)"] + \
+        [f"decode @{p} (best) tok/s" for p in lens] + ["decode CPU-time tok/s", f"GB/s @{short} (% bw)"] + \
         [f"decode B={b} tok/s" for b in batches] + ["peak RSS MiB"]
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in cells:
@@ -75,6 +76,7 @@ def render(meta: dict, cells: list[dict]) -> str:
         row += [f"{cc[f'{p}x1']['prefill_tok_s']:.1f}" for p in lens]
         row += [f"{cc[f'{p}x1']['decode_tok_s']:.2f} ({cc[f'{p}x1']['decode_best_tok_s']:.2f})" for p in lens]
         d = cc[f"{short}x1"]
+        row.append(f"{d.get('decode_cpu_tok_s', float('nan')):.2f}" if c["threads"] == 1 else "-")
         gbs = (c["bytes_per_token"] + c["kv_bytes_per_position"] * short) * d["decode_tok_s"] / 1e9
         row.append(f"{gbs:.1f} ({100 * gbs / bw:.0f}%)")
         row += [f"{cc[f'{short}x{b}']['decode_tok_s']:.1f}" for b in batches]
@@ -84,7 +86,8 @@ def render(meta: dict, cells: list[dict]) -> str:
     out += ["", "llamaforge / llama.cpp (the faster of its flash-attention settings, per figure):", ""]
     keys = [("prefill", f"{p}x1", "prefill_tok_s") for p in lens] + \
         [("decode", f"{p}x1", "decode_tok_s") for p in lens] + \
-        [("decode", f"{short}x{b}", "decode_tok_s") for b in batches]
+        [("decode", f"{short}x{b}", "decode_tok_s") for b in batches] + \
+        ([("decode CPU-time", f"{short}x1", "decode_cpu_tok_s")] if a["threads_list"] == [1] else [])
     head = ["type", "thr"] + [f"{k} {c}" for k, c, _ in keys] + ["load (lower is better)"]
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in a["types"]:

@@ -28,14 +28,30 @@ sys.path.append(str(Path(__file__).resolve().parent))  # compare_engines' helper
 from compare_engines import gguf_weight_bytes, module_weight_bytes, peak_rss_mb, rss_mb  # noqa: E402
 
 
-def _figures(b: int, p: int, prefill_s: list[float], step_s: list[float]) -> dict:
+def clocks() -> tuple[float, float]:
+    """(wall, process CPU) seconds now."""
+    return time.perf_counter(), time.process_time()
+
+
+def since(t0: tuple[float, float]) -> tuple[float, float]:
+    w, c = clocks()
+    return w - t0[0], c - t0[1]
+
+
+def _figures(b: int, p: int, prefill: list[tuple[float, float]], steps: list[tuple[float, float]]) -> dict:
+    """Wall-clock figures, and CPU-time ones (`*_cpu`): with one thread, the process's CPU seconds are what the
+    work costs, whatever other jobs on a shared machine take of the cores (with more threads they also count
+    spinning workers, so only the one-thread CPU figures are comparable across engines)."""
+    wall, cpu = [s[0] for s in steps], [s[1] for s in steps]
     return {
-        "prefill_tok_s": b * p / min(prefill_s),
-        "prefill_s": prefill_s,
-        "decode_tok_s": b / statistics.median(step_s),
-        "decode_best_tok_s": b / min(step_s),
-        "step_ms_median": 1e3 * statistics.median(step_s),
-        "steps": len(step_s),
+        "prefill_tok_s": b * p / min(x[0] for x in prefill),
+        "prefill_cpu_tok_s": b * p / max(1e-9, min(x[1] for x in prefill)),
+        "prefill_s": prefill,
+        "decode_tok_s": b / statistics.median(wall),
+        "decode_best_tok_s": b / min(wall),
+        "decode_cpu_tok_s": b / max(1e-9, statistics.median(cpu)),
+        "step_ms_median": 1e3 * statistics.median(wall),
+        "steps": len(steps),
     }
 
 
@@ -56,14 +72,14 @@ class LlamaforgeSteps:
         b, p = len(prompts), len(prompts[0])
         cache = KVCache.for_model(self.model.args, b, p + steps + 1, dtype=torch.float32, device=torch.device("cpu"))
         with torch.inference_mode():
-            t0 = time.perf_counter()
+            t0 = clocks()
             nxt = self.model(torch.tensor(prompts), 0, cache, last_only=True)[:, -1].argmax(-1)  # (B,)
-            prefill = time.perf_counter() - t0
+            prefill = since(t0)
             times, row0 = [], [int(nxt[0])]
             for i in range(steps):
-                t0 = time.perf_counter()
+                t0 = clocks()
                 nxt = self.model(nxt.view(b, 1), p + i, cache)[:, -1].argmax(-1)
-                times.append(time.perf_counter() - t0)
+                times.append(since(t0))
                 row0.append(int(nxt[0]))
         return prefill, times, row0
 
@@ -128,19 +144,19 @@ class LlamaCppSteps:
         def argmax(i):
             return int(np.argmax(np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, i), shape=(n_vocab,))))
 
-        t0 = time.perf_counter()
+        t0 = clocks()
         last = []
         for c in range(0, len(rows), 512):
             chunk = rows[c: c + 512]
             decode(chunk)
             last += [argmax(i) for i, r in enumerate(chunk) if r[3]]
-        prefill = time.perf_counter() - t0
+        prefill = since(t0)
         nxt, times, row0 = last, [], [last[0]]
         for i in range(steps):
-            t0 = time.perf_counter()
+            t0 = clocks()
             decode([(s, p + i, nxt[s], True) for s in range(b)])
             nxt = [argmax(s) for s in range(b)]
-            times.append(time.perf_counter() - t0)
+            times.append(since(t0))
             row0.append(nxt[0])
         return prefill, times, row0
 

@@ -158,7 +158,8 @@ def test_shape_tensors_have_meta_llama_sizes():
 
 
 def _shape_cell(engine: str, fa: bool, decode: float, prefill: float) -> dict:
-    cell = {"prefill_tok_s": prefill, "decode_tok_s": decode, "decode_best_tok_s": decode * 1.1}
+    cell = {"prefill_tok_s": prefill, "decode_tok_s": decode, "decode_best_tok_s": decode * 1.1,
+            "decode_cpu_tok_s": decode}
     return {"engine": engine, "flash_attn": fa, "type": "Q4_0", "threads": 2, "load_s": 1.0, "peak_rss_mb": 900,
             "bytes_per_token": 10**9, "kv_bytes_per_position": 1000,
             "cells": {"128x1": cell, "128x4": {**cell, "decode_tok_s": 4 * decode}}}
