@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from llamaforge import kernels
-from llamaforge.kernels.decode import enable_fused_decode
-from llamaforge.model import ModelArgs, Transformer
+from llamaforge.model import ModelArgs, StepInput, Transformer
 from llamaforge.model.kv_cache import KVCache
+from llamaforge.runtime import DecodeStep
 
 pytestmark = pytest.mark.skipif(kernels.get_extension() is None, reason="the C++ kernels are not available here")
 CPU = torch.device("cpu")
@@ -34,8 +34,13 @@ def model_for(n_heads: int, n_kv_heads: int, head_dim: int) -> Transformer:
         for block in model.layers:
             block.attention.wq.weight.mul_(4)
             block.attention.wk.weight.mul_(4)
-    assert enable_fused_decode(model)
     return model.eval()
+
+
+def fused(model: Transformer) -> DecodeStep:
+    step = DecodeStep(model, fused=True)
+    assert step.fused is not None
+    return step
 
 
 @pytest.mark.parametrize(
@@ -44,17 +49,18 @@ def model_for(n_heads: int, n_kv_heads: int, head_dim: int) -> Transformer:
 )
 def test_long_context_matches_the_modules(n_heads, n_kv_heads, head_dim):
     model = model_for(n_heads, n_kv_heads, head_dim)
-    reference = copy.copy(model)
-    reference.decode_step = None  # the PyTorch modules
+    decode = fused(model)
     cache = KVCache.for_model(model.args, 2, CTX, dtype=torch.float32, device=CPU)
     ref_cache = copy.deepcopy(cache)
     prompt = torch.randint(0, 50, (2, 150), generator=torch.Generator().manual_seed(5))  # 2 full tiles + 22
     with torch.inference_mode():
         model(prompt, 0, cache)
-        reference(prompt, 0, ref_cache)
+        model(prompt, 0, ref_cache)
         step = prompt[:, -1:]
         for start in (150, 151, 192):  # 151 keys, 152, and (after a skip) a last tile of 1
-            ours, ref = model(step, start, cache), reference(step, start, ref_cache)
+            at = StepInput.make(start, 2, 1, device=CPU, cache_len=CTX)
+            ours, ref = decode(step, at, cache), model(step, start, ref_cache, last_only=True)  # fused, modules
+            assert decode.ran_fused
             assert ((ours - ref).norm() / ref.norm()).item() < REL_TOL
             step = ref[:, -1].argmax(-1, keepdim=True)
         # the next layer's input depended on this layer's attention: compare the cached keys too
@@ -63,6 +69,7 @@ def test_long_context_matches_the_modules(n_heads, n_kv_heads, head_dim):
 
 def test_rows_at_different_lengths_do_not_depend_on_each_other():
     model = model_for(4, 2, 16)
+    decode = fused(model)
     cache = KVCache.for_model(model.args, 3, CTX, dtype=torch.float32, device=CPU)
     g = torch.Generator().manual_seed(6)
     with torch.inference_mode():
@@ -70,7 +77,9 @@ def test_rows_at_different_lengths_do_not_depend_on_each_other():
             model(torch.randint(0, 50, (1, n), generator=g), 0, cache, slots=torch.tensor([slot]))
         tokens, pos = torch.tensor([[7], [8], [9]]), torch.tensor([[70], [129], [3]])
         alone_cache = copy.deepcopy(cache)
-        batch = model(tokens, pos, cache, slots=torch.arange(3), kv_len=CTX)
+        batch = decode(tokens, StepInput.make(pos, 3, 1, device=CPU, cache_len=CTX, slots=torch.arange(3), kv_len=CTX),
+                       cache)
         for r in range(3):
-            alone = model(tokens[r : r + 1], pos[r : r + 1], alone_cache, slots=torch.tensor([r]), kv_len=CTX)
+            alone = decode(tokens[r : r + 1], StepInput.make(pos[r : r + 1], 1, 1, device=CPU, cache_len=CTX,
+                                                             slots=torch.tensor([r]), kv_len=CTX), alone_cache)
             assert torch.equal(alone[0], batch[r])

@@ -22,7 +22,7 @@ from llamaforge.generation.speculative import (
     model_steps,
     speculative_greedy,
 )
-from llamaforge.kernels.decode import enable_fused_decode
+from llamaforge.runtime import DecodeStep
 from llamaforge.model import ModelArgs, Transformer
 from llamaforge.quantize import quantize_model_weights
 
@@ -32,22 +32,20 @@ SEQ = 96
 
 
 def make_model(scheme: str | None, seed: int = 0, dim: int = 64, layers: int = 3) -> Transformer:
-    """A random tiny model, quantized (`scheme`) or float32, with the fused decode step where available."""
+    """A random tiny model, quantized (`scheme`) or float32."""
     torch.manual_seed(seed)
     model = Transformer(ModelArgs(dim=dim, n_layers=layers, n_heads=4, n_kv_heads=2, vocab_size=64,
                                   hidden_dim=2 * dim + 32, max_seq_len=SEQ))
     with torch.no_grad():
         model.output.weight.mul_(6)  # peaked distributions
     model.eval()
-    if scheme is None:
-        enable_fused_decode(model)
-        return model
-    return quantize_model_weights(model, scheme)
+    return model if scheme is None else quantize_model_weights(model, scheme)
 
 
 def plain(model: Transformer, prompt: list[int], n: int) -> list[int]:
+    """Plain greedy decoding with the decode step speculation verifies with (the fused one on the CPU)."""
     tokens, _ = generate(model, [prompt], max_gen_len=n, max_seq_len=SEQ, params=SamplingParams(temperature=0.0),
-                         stop_ids=(), device=CPU)
+                         stop_ids=(), device=CPU, decode_step=DecodeStep(model, fused=True))
     return tokens[0]
 
 

@@ -32,7 +32,8 @@ from typing import Callable, Optional, Protocol, Sequence
 import torch
 
 from llamaforge.errors import GenerationError
-from llamaforge.model.kv_cache import KVCache
+from llamaforge.model import KVCache, StepInput
+from llamaforge.runtime import DecodeStep
 
 __all__ = [
     "Steps",
@@ -62,17 +63,20 @@ class Steps:
     max_seq_len: int
 
 
-def model_steps(model: torch.nn.Module, max_seq_len: int) -> Steps:
+def model_steps(model: torch.nn.Module, max_seq_len: int, decode_step: Optional[DecodeStep] = None) -> Steps:
     """`Steps` of a llamaforge Transformer over a fresh one-slot float32 KV cache of `max_seq_len`.
 
-    verify passes the rows as a batch of one-token rows, all in slot 0 at their own positions: the
-    model's decode step (the fused C++ step on CPU) then writes every row's keys and values before
-    attention and lets each row attend over [0, its position], which makes rows exact.
+    verify passes the rows as a batch of one-token rows, all in slot 0 at their own positions, to the
+    decode step (`decode_step`, default the fused C++ step on the CPU, as `Llama.decode_step` is): it
+    writes every row's keys and values before attention and lets each row attend over [0, its
+    position], which makes rows exact. Plain greedy decoding that the result must equal runs the same
+    decode step.
     """
     if max_seq_len > model.args.max_seq_len:
         raise GenerationError(f"max_seq_len {max_seq_len} exceeds the model's {model.args.max_seq_len}")
     device = model.norm.weight.device
     cache = KVCache.for_model(model.args, 1, max_seq_len, dtype=torch.float32, device=device)
+    decode = decode_step if decode_step is not None else DecodeStep(model, fused=device.type == "cpu")
 
     def prefill(tokens: Sequence[int]) -> torch.Tensor:
         x = torch.tensor([list(tokens)], dtype=torch.long, device=device)  # (1, T)
@@ -86,8 +90,9 @@ def model_steps(model: torch.nn.Module, max_seq_len: int) -> Steps:
         x = torch.tensor(list(tokens), dtype=torch.long, device=device).view(n, 1)  # (rows, 1)
         pos = torch.arange(start, start + n, device=device).view(n, 1)  # (rows, 1): one position per row
         slots = torch.zeros(n, dtype=torch.long, device=device)  # every row in the sequence's slot
+        step = StepInput.make(pos, n, 1, device=device, cache_len=max_seq_len, slots=slots, kv_len=start + n)
         with torch.inference_mode():
-            return model(x, pos, cache, slots=slots, kv_len=start + n)[:, -1]  # (rows, V)
+            return decode(x, step, cache)[:, -1]  # (rows, V)
 
     return Steps(prefill, verify, max_seq_len)
 
