@@ -231,7 +231,7 @@ class Llama:
         if self._engine is not None:
             self._engine.close()
         self._engine = engine
-        weakref.finalize(self, engine.close, 0)  # the engine thread ends with its Llama
+        weakref.finalize(self, engine.close)  # the engine thread ends with its Llama (and at exit)
 
     @property
     def grammar(self) -> GrammarCompiler:

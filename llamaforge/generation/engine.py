@@ -145,7 +145,7 @@ class Engine:
         with self._lock:
             self._closing = True
             self._lock.notify_all()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
     def check(self, job: Job) -> None:

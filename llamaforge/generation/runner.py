@@ -33,9 +33,12 @@ def round_up(n: int, multiple: int) -> int:
 
 
 def decode_logits(model: Transformer, cache: KVCache, tokens: torch.Tensor, pos: torch.Tensor,
-                  slots: torch.Tensor) -> torch.Tensor:
-    """One decode step, batch-invariant: tokens, pos (B, 1) in slots (B,) -> last logits (B, V)."""
-    kv_len = min(round_up(int(pos.max()) + 1, KV_ALIGN), cache.max_seq_len)
+                  slots: torch.Tensor, max_pos: Optional[int] = None) -> torch.Tensor:
+    """One decode step, batch-invariant: tokens, pos (B, 1) in slots (B,) -> last logits (B, V).
+
+    `max_pos` is `pos.max()` when the caller knows it (saves a tensor op per step)."""
+    max_pos = int(pos.max()) if max_pos is None else max_pos
+    kv_len = min(round_up(max_pos + 1, KV_ALIGN), cache.max_seq_len)
     # sdpa_kernel sets process-wide flags and restores them on exit: one engine at a time, so that two
     # engines' enter/exit never interleave and leave the flags changed.
     with _MATH_ATTENTION, sdpa_kernel(SDPBackend.MATH):
@@ -73,7 +76,7 @@ class Runner:
         t = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
         p = torch.tensor(pos, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
         s = torch.tensor(slots, dtype=torch.long, device=self.device)  # (B,)
-        return decode_logits(self.model, cache, t, p, s)
+        return decode_logits(self.model, cache, t, p, s, max_pos=max(pos))
 
     def lockstep(self, cache: KVCache, tokens: torch.Tensor, start: int, *, last_only: bool) -> torch.Tensor:
         """Meta's step: every row at positions [start, start + T) of rows 0..B-1 -> logits (B, T or 1, V)."""
