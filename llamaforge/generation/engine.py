@@ -40,6 +40,7 @@ from typing import Optional, Sequence
 import torch
 
 from llamaforge.errors import GenerationError
+from llamaforge.generation.checks import check_job
 from llamaforge.generation.embed import EmbedQueue, check_inputs
 from llamaforge.generation.jobs import Delta, EngineClosed, Event, Failure, Finish, Job, PromptDone, QueueFull, Sink
 from llamaforge.generation.runner import KV_ALIGN, Runner, round_up
@@ -148,22 +149,6 @@ class Engine:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
-    def check(self, job: Job) -> None:
-        """Raise GenerationError if the job can never run here (whatever else is running)."""
-        if not job.prompt:
-            raise GenerationError("the prompt is empty: give at least one token")
-        bad = [t for t in job.prompt if not 0 <= t < self.vocab_size]
-        if bad:
-            raise GenerationError(f"the prompt has token ids outside [0, {self.vocab_size}): {bad[:5]}")
-        if job.n > self.n_slots:
-            raise GenerationError(f"n={job.n} choices but the engine has {self.n_slots} slots (max_batch_size)")
-        if len(job.prompt) + job.max_tokens > self.max_seq_len:
-            raise GenerationError(f"{len(job.prompt)} prompt tokens + max_tokens {job.max_tokens} do not fit the "
-                                  f"context of {self.max_seq_len} tokens")
-        bad = [t for t, _ in job.params.logit_bias if t >= self.vocab_size]
-        if bad:
-            raise GenerationError(f"logit_bias names token ids outside [0, {self.vocab_size}): {bad[:5]}")
-
     def submit(self, job: Job, sink: Sink) -> int:
         """Queue a job; events go to `sink` on the engine thread. Returns the job id for `cancel`."""
         return self.submit_all([job], [sink])[0]
@@ -172,13 +157,13 @@ class Engine:
         """Queue the jobs of one request together, all or none; returns their ids.
 
         Raises:
-            GenerationError: a job can never run here (`check`), or there are more jobs than the queue
+            GenerationError: a job can never run here (`check_job`), or there are more jobs than the queue
                 holds (`max_queue`): neither is helped by retrying.
             QueueFull: the queue has no room for them now; retry later.
             EngineClosed: the engine is shutting down.
         """
         for job in jobs:
-            self.check(job)
+            check_job(job, self.vocab_size, self.n_slots, self.max_seq_len)
         if len(jobs) > self.max_queue:
             raise GenerationError(f"{len(jobs)} prompts in one request, but at most {self.max_queue} can wait "
                                   f"for a slot (max_queue); send fewer prompts per request")
