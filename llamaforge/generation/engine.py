@@ -116,6 +116,7 @@ class Engine:
         self._cancelled: set[int] = set()
         self._embeds = EmbedQueue(max_embed_inputs)
         self._drain: Optional[str] = None  # set by `drain`: fail everything running with this message
+        self._embed_credit = 0.0  # seconds embeddings may use while generation runs (= decode time since)
         self._prefilling: list[_Active] = []
         self._decoding: list[_Seq] = []
         self._next_id = 0
@@ -345,9 +346,11 @@ class Engine:
         seqs = [s for s in self._decoding if not s.done]
         if not seqs:
             return
+        start = time.perf_counter()
         try:
             logits = self.runner.decode(self.cache, [s.last for s in seqs], [s.pos for s in seqs],
                                         [s.slot for s in seqs])  # (B, V)
+            self._embed_credit += time.perf_counter() - start
         except Exception as exc:
             log.exception("decode step failed")
             for act in {id(s.job): s.job for s in seqs}.values():
@@ -472,12 +475,23 @@ class Engine:
     # -- embeddings -----------------------------------------------------------------------------
 
     def _embeds_step(self, budget: int) -> None:
-        """Embedding inputs in what is left of this step's prefill budget (at least one input)."""
-        if self._embeds:
-            try:
-                self._embeds.run(max(budget, 1), self.runner.embed)
-            except Exception:  # a bug in the queue itself: never the loop
-                log.exception("embedding step failed")
+        """Embedding chunks: one per loop iteration when nothing else runs; while sequences decode, in what
+        is left of this step's prefill budget but no more time than the decode steps had (a fair share:
+        a generation takes about twice as long as alone at most); a chunk that overran waits for credit."""
+        if not self._embeds:
+            return
+        generating = bool(self._decoding or self._prefilling)
+        if not generating:
+            self._embed_credit = 0.0
+        elif self._embed_credit <= 0:
+            return
+        start = time.perf_counter()
+        try:  # idle, one chunk per loop iteration: a request that arrives waits for one chunk at most
+            self._embeds.run(self.runner, max(budget, 1) if generating else 1, self._embed_credit)
+        except Exception:  # a bug in the queue itself: never the loop
+            log.exception("embedding step failed")
+        if generating:
+            self._embed_credit -= time.perf_counter() - start
 
 
 def _safe_call(sink: Sink, event: Event) -> bool:

@@ -86,8 +86,8 @@ class Runner:
         """Logits (B, T, V) of whole sequences (B, T), without a cache."""
         return self.model(tokens)
 
-    def embed(self, ids: Sequence[int]) -> list[float]:
-        """Mean-pooled, L2-normalised final hidden states of one token list."""
-        tokens = torch.tensor([list(ids)], dtype=torch.long, device=self.device)  # (1, T)
-        hidden = self.model.hidden_states(tokens)[0].float()  # (T, dim)
-        return torch.nn.functional.normalize(hidden.mean(dim=0), dim=0).tolist()
+    def hidden_sum(self, cache: KVCache, tokens: Sequence[int], start: int) -> torch.Tensor:
+        """Sum over positions of the final hidden states of tokens at [start, start + T) of a one-slot
+        cache holding the positions before them -> (dim,) float32 (embeddings, a chunk at a time)."""
+        ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)  # (1, T)
+        return self.model.hidden_states(ids, start, cache)[0].float().sum(dim=0)
