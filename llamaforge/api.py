@@ -98,6 +98,7 @@ class Llama:
         self.source = source
         self.chat_format = chat_format_for(tokenizer)
         self._engine: Optional[Engine] = None
+        self._engine_owned = False
         self._engine_lock = threading.Lock()
         self._grammar: Optional[GrammarCompiler] = None
 
@@ -228,29 +229,29 @@ class Llama:
             if self._engine is None or self._engine.closed:
                 self._set_engine(Engine(self.model, self.tokenizer, n_slots=self.max_batch_size,
                                         max_seq_len=self.max_seq_len, device=self.device, max_queue=256,
-                                        decode_step=self.decode_step))
+                                        decode_step=self.decode_step), owned=True)
                 self._engine.start()
             return self._engine
 
     def open_engine(self, *, n_slots: Optional[int] = None, max_queue: int = 64, prefill_budget: int = 256,
                     prefix_reuse: bool = True) -> Engine:
-        """Replace this Llama's engine by one with these settings, not started: its owner calls `start()`
-        (the server does, with its flags, when it starts; calls made before then wait for it).
+        """A new engine with these settings, which this Llama's calls use from now on; not started: its
+        owner (the server, with its flags) calls `start()` and `close()`. Calls made before it starts wait.
 
-        The previous engine is closed (its requests end with an error).
+        An engine this Llama made itself is closed; one opened earlier is left to its owner.
         """
         with self._engine_lock:
             self._set_engine(Engine(self.model, self.tokenizer, n_slots=n_slots or self.max_batch_size,
                                     max_seq_len=self.max_seq_len, device=self.device, max_queue=max_queue,
                                     prefill_budget=prefill_budget, prefix_reuse=prefix_reuse,
-                                    decode_step=self.decode_step))
+                                    decode_step=self.decode_step), owned=False)
             return self._engine
 
-    def _set_engine(self, engine: Engine) -> None:
-        if self._engine is not None:
+    def _set_engine(self, engine: Engine, *, owned: bool) -> None:
+        if self._engine is not None and self._engine_owned:
             self._engine.close()
-        self._engine = engine
-        weakref.finalize(self, engine.close, 0)  # the engine thread ends with its Llama
+        self._engine, self._engine_owned = engine, owned
+        weakref.finalize(self, engine.close)  # the engine thread ends with its Llama (and at exit)
 
     @property
     def grammar(self) -> GrammarCompiler:

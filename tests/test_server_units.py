@@ -144,3 +144,24 @@ def test_validation_errors_name_the_json_path():
     assert err.status == 400 and err.param == "messages.0.content"
     err = from_validation_errors([{"loc": ("body",), "msg": "x", "type": "json_invalid", "ctx": {"error": "eof"}}])
     assert err.code == "invalid_json"
+
+
+def test_the_server_imports_nothing_below_the_api():
+    """server/ is HTTP only: of llamaforge it imports `api` (the engine's types come through it),
+    `errors` and itself; the CLI and spaCy reach generation only through `api` too."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "llamaforge"
+    allowed = {"server": ("llamaforge.server", "llamaforge.api", "llamaforge.errors")}
+    for package, ok in allowed.items():
+        for path in (root / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+                for name in names:
+                    if name.startswith("llamaforge"):
+                        assert name.startswith(ok), f"{path.relative_to(root)} imports {name}"
+    for package in ("cli", "integrations"):
+        for path in (root / package).rglob("*.py"):
+            assert "llamaforge.generation" not in path.read_text(encoding="utf-8"), path
