@@ -37,7 +37,7 @@ class FusedDecode:
     """`fused(model, tokens, step, cache)` -> logits (B, 1, vocab), or None where it does not apply.
 
     tokens (B, 1); step: the StepInput of those tokens (positions (B, 1), slots, kv_len; its mask is not
-    needed: a row reads exactly its kv_len cached positions). Picklable and deep-copyable (the C++ part is
+    needed: the C++ step lets row b see cached positions [0, min(pos_b + 1, kv_len)), which is that mask). Picklable and deep-copyable (the C++ part is
     rebuilt on first use).
     """
 
