@@ -180,7 +180,7 @@ def _weight_spec(module: nn.Module, watch: _Watch) -> Optional[tuple]:
         w = watch.get(module, "qweight")
         if not module.uses_kernels or w.device.type != "cpu":
             return None
-        spec = (w, module._type_id, module.out_features, module.in_features, LAYOUT_IDS[module.layout])
+        spec = (w, module.type_id, module.out_features, module.in_features, LAYOUT_IDS[module.layout])
     elif type(module) is nn.Linear:
         w = _float32_cpu(watch.get(module, "weight"))
         if w is None or not w.is_contiguous():
