@@ -2,7 +2,7 @@
 
 Used to check that a change to the decode path adds no per-token overhead: run it before and after and compare
 the medians. On a shared, busy machine wall-clock rates mostly measure the neighbours; `--cpu-time` (one thread)
-counts the CPU time this process spent instead, which moves far less with the load. Prints one JSON line.
+counts the CPU time this process (all its threads) spent instead, which moves far less with the load. Prints one JSON line.
 
     PYTHONPATH=. python benchmarks/decode_speed.py --tokens 64 --repeats 5
     PYTHONPATH=. python benchmarks/decode_speed.py --cpu-time
@@ -29,7 +29,7 @@ def main() -> None:
         opts.threads = 1
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    clock = time.thread_time if opts.cpu_time else time.perf_counter
+    clock = time.process_time if opts.cpu_time else time.perf_counter  # process: every thread, the engine's too
     from llamaforge import Llama
 
     llama = Llama.build(max_seq_len=256, max_batch_size=1, progress=False)
