@@ -185,6 +185,11 @@ class QuantizedLinear(nn.Module):
         raw = kernels.quantize_numpy(weight, info.name).to(weight.device)
         return cls(raw, info.name, weight.shape[0], weight.shape[1], bias, backend=backend)
 
+    @property
+    def type_id(self) -> int:
+        """The GGML type id of `qtype`, as the C++ kernels take it."""
+        return self._type_id
+
     def dequantize(self) -> torch.Tensor:
         """The weight as float32 (out_features, in_features): exactly gguf.quants.dequantize of the blocks."""
         return kernels.dequantize(self.qweight, self.qtype, self.out_features, self.in_features, self.layout)
