@@ -1,7 +1,12 @@
-"""Load benchmark of `llamaforge serve`: N concurrent streaming requests, loopback only, bounded.
+"""Load benchmark of `llamaforge serve`, side by side with llama.cpp's `llama-server`, loopback only, bounded.
 
-    python benchmarks/serve_load.py                    # starts a server on 127.0.0.1, N = 1, 4, 16
+    python benchmarks/serve_load.py                    # starts llamaforge on 127.0.0.1, N = 1, 4, 16
+    python benchmarks/serve_load.py --engines llamaforge,llama-server --levels 1,4,16,32 --threads 2
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --levels 1,4
+
+`llama-server` is llama.cpp's own server, built by benchmarks/build_llama_cpp_tools.sh from the llama.cpp
+source that the pinned llama-cpp-python sdist vendors (or `--llama-server PATH`). Both servers get the same
+GGUF file, the same number of threads and parallel slots, the same context per slot and the same requests.
 
 For each N it sends N different greedy streaming completions at once (N = 1: each prompt alone, one
 after another, which also gives the reference outputs) and reports the total generated tokens per
@@ -17,12 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 from urllib.parse import urlparse
 
@@ -78,12 +85,14 @@ def one_request(base: str, prompt: str, max_tokens: int, headers: dict, timeout:
                     return s
                 if chunk.get("usage"):
                     s.completion_tokens = chunk["usage"]["completion_tokens"]
-                for choice in chunk["choices"]:
+                for choice in chunk.get("choices", []):
                     if choice.get("text"):
                         s.token_times.append(time.perf_counter())
                         s.text += choice["text"]
     except httpx.HTTPError as exc:
         s.error = f"{type(exc).__name__}: {exc}"
+    if not s.completion_tokens:  # a server that sends no usage chunk: one token per text chunk (llama-server)
+        s.completion_tokens = len(s.token_times)
     return s
 
 
@@ -135,85 +144,81 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "llamaforge", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--max-seq-len", str(args.max_seq_len), "--max-batch-size", str(max(args.levels)),
-           "--max-queue", str(2 * max(args.levels)), "--log-level", "warning"]
-    if args.model:
-        cmd.insert(4, args.model)
-    if not args.prefix_reuse:
-        cmd.append("--no-prefix-reuse")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
+def wait_ready(proc: subprocess.Popen, base: str, what: str) -> None:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}:\n{proc.stdout.read()}")
+            raise SystemExit(f"{what} exited with {proc.returncode}:\n{proc.stdout.read()}")
         try:
             if httpx.get(base + "/health", timeout=2).status_code == 200:
-                return proc, base
+                return
         except httpx.HTTPError:
-            time.sleep(0.3)
+            pass
+        time.sleep(0.3)
     proc.kill()
-    raise SystemExit("the server did not start within 300 s")
+    raise SystemExit(f"{what} did not start within 300 s")
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", help="a running server on 127.0.0.1 (default: start one)")
-    p.add_argument("--model", help="checkpoint for the started server (default: the default model)")
-    p.add_argument("--levels", default="1,4,16", help="concurrency levels (default 1,4,16)")
-    p.add_argument("--max-tokens", type=int, default=32, help="tokens per request (default 32)")
-    p.add_argument("--max-seq-len", type=int, default=256, help="context of the started server")
-    p.add_argument("--prefix-reuse", action="store_true", help="let the started server reuse cached prefixes")
-    p.add_argument("--api-key", help="API key of the --url server")
-    p.add_argument("--deadline", type=float, default=900, help="stop after this many seconds (default 900)")
-    p.add_argument("--json", help="also write the results as JSON here")
-    args = p.parse_args(argv)
-    args.levels = [int(x) for x in args.levels.split(",")]
-    if max(args.levels) > len(PROMPTS) or min(args.levels) < 1:
-        raise SystemExit(f"levels must be between 1 and {len(PROMPTS)}")
-    proc = None
-    if args.url:
-        if urlparse(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):
-            raise SystemExit("this benchmark only talks to a server on this machine (127.0.0.1)")
-        base = args.url.rstrip("/")
-    else:
-        proc, base = start_server(args)
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    started = time.monotonic()
-    try:
-        info = httpx.get(base + "/health", timeout=10).json()
-        one_request(base, "Warm-up:", 4, headers, 120)
-        need = max(args.levels)
-        # N = 1: every prompt alone, one after another; these are also the reference outputs.
-        solo, solo_wall = [], 0.0
-        for prompt in PROMPTS[:need]:
-            if time.monotonic() - started > args.deadline:
-                raise SystemExit("deadline reached")
-            streams, wall = run_level(base, [prompt], args.max_tokens, headers, args.deadline)
-            solo += streams
-            solo_wall += wall
-        rows = []
-        if 1 in args.levels:
-            rows.append(summarise(1, solo, solo_wall))
-        mismatches = []
-        for n in args.levels:
-            if n == 1:
-                continue
-            if time.monotonic() - started > args.deadline:
-                raise SystemExit("deadline reached")
-            streams, wall = run_level(base, PROMPTS[:n], args.max_tokens, headers, args.deadline)
-            rows.append(summarise(n, streams, wall))
-            mismatches += [(n, i) for i, s in enumerate(streams) if s.text != solo[i].text]
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(30)
+def start_llamaforge(args) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "llamaforge", "serve", args.model, "--host", "127.0.0.1", "--port", str(port),
+           "--max-seq-len", str(args.max_seq_len), "--max-batch-size", str(max(args.levels)),
+           "--max-queue", str(2 * max(args.levels)), "--log-level", "warning"]
+    if not args.prefix_reuse:
+        cmd.append("--no-prefix-reuse")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads)) if args.threads else None
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    base = f"http://127.0.0.1:{port}"
+    wait_ready(proc, base, "llamaforge serve")
+    return proc, base
+
+
+def start_llama_server(args) -> tuple[subprocess.Popen, str]:
+    exe = args.llama_server or str(Path(__file__).parent / "_work" / "llama.cpp" / "bin" / "llama-server")
+    if not Path(exe).is_file():
+        raise SystemExit(f"no llama-server at {exe}: run benchmarks/build_llama_cpp_tools.sh or pass --llama-server")
+    port = free_port()
+    slots = max(args.levels)
+    cmd = [exe, "-m", args.model, "--host", "127.0.0.1", "--port", str(port), "--parallel", str(slots),
+           "-c", str(args.max_seq_len * slots), "--threads", str(args.threads or os.cpu_count()),
+           "--threads-batch", str(args.threads or os.cpu_count()), "--no-webui", "--log-disable"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    wait_ready(proc, base, "llama-server")
+    return proc, base
+
+
+def measure(base: str, args, headers: dict, started: float) -> tuple[list[dict], list, list[Stream]]:
+    """Every level against one server: the rows, the (N, i) whose output differs from alone, the solo streams."""
+    one_request(base, "Warm-up:", 4, headers, 120)
+    need = max(args.levels)
+    # N = 1: every prompt alone, one after another; these are also the reference outputs.
+    solo, solo_wall = [], 0.0
+    for prompt in PROMPTS[:need]:
+        if time.monotonic() - started > args.deadline:
+            raise SystemExit("deadline reached")
+        streams, wall = run_level(base, [prompt], args.max_tokens, headers, args.deadline)
+        solo += streams
+        solo_wall += wall
+    rows = []
+    if 1 in args.levels:
+        rows.append(summarise(1, solo, solo_wall))
+    mismatches = []
+    for n in args.levels:
+        if n == 1:
+            continue
+        if time.monotonic() - started > args.deadline:
+            raise SystemExit("deadline reached")
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+        streams, wall = run_level(base, prompts, args.max_tokens, headers, args.deadline)
+        rows.append(summarise(n, streams, wall))
+        mismatches += [(n, i) for i, s in enumerate(streams) if s.text != solo[i % len(solo)].text]
+    return rows, mismatches, solo
+
+
+def print_rows(engine: str, rows: list[dict]) -> None:
     base_rate = rows[0]["tokens_per_s"] if rows and rows[0]["n"] == 1 else None
-    print(f"model {info.get('model')}, {info.get('slots')} slots, context {info.get('max_seq_len')}, "
-          f"{args.max_tokens} tokens per request, greedy, prefix reuse {'on' if args.prefix_reuse else 'off'}\n")
+    print(f"\n### {engine}\n")
     print("| N | requests | tokens | wall s | tokens/s | speed-up | TTFT p50 / p90 / max ms | per-token p50 / p90 / p99 ms |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -221,13 +226,72 @@ def main(argv=None) -> int:
         print(f"| {r['n']} | {r['requests']} | {r['tokens']} | {r['wall_s']} | {r['tokens_per_s']} | {speed} | "
               f"{r['ttft_p50_ms']} / {r['ttft_p90_ms']} / {r['ttft_max_ms']} | "
               f"{r['itl_p50_ms']} / {r['itl_p90_ms']} / {r['itl_p99_ms']} |")
-    errors = [e for r in rows for e in r["errors"]]
-    print(f"\nconcurrent greedy outputs equal to the same requests alone: "
-          f"{'yes' if not mismatches else 'NO ' + str(mismatches)}; errors: {errors or 'none'}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", help="a running server on 127.0.0.1 (default: start each of --engines)")
+    p.add_argument("--engines", default="llamaforge", help="servers to start: llamaforge, llama-server (comma list)")
+    p.add_argument("--model", help="GGUF file both servers load (default: the default model)")
+    p.add_argument("--llama-server", help="the llama-server binary (default benchmarks/_work/llama.cpp/bin)")
+    p.add_argument("--threads", type=int, default=2, help="threads of each server (default 2)")
+    p.add_argument("--levels", default="1,4,16", help="concurrency levels (default 1,4,16)")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens per request (default 32)")
+    p.add_argument("--max-seq-len", type=int, default=256, help="context per slot of the started servers")
+    p.add_argument("--prefix-reuse", action="store_true", help="let the started servers reuse cached prefixes")
+    p.add_argument("--api-key", help="API key of the --url server")
+    p.add_argument("--deadline", type=float, default=1800, help="stop after this many seconds (default 1800)")
+    p.add_argument("--json", help="also write the results as JSON here")
+    args = p.parse_args(argv)
+    args.levels = [int(x) for x in args.levels.split(",")]
+    if min(args.levels) < 1 or max(args.levels) > 64:
+        raise SystemExit("levels must be between 1 and 64")
+    if not args.model:
+        from llamaforge.default_model import default_model_path
+
+        args.model = str(default_model_path())
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    started = time.monotonic()
+    results: dict[str, dict] = {}
+    if args.url:
+        if urlparse(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):
+            raise SystemExit("this benchmark only talks to a server on this machine (127.0.0.1)")
+        rows, mismatches, _ = measure(args.url.rstrip("/"), args, headers, started)
+        results["server at " + args.url] = {"rows": rows, "mismatches": mismatches}
+    for engine in ([] if args.url else args.engines.split(",")):
+        start = {"llamaforge": start_llamaforge, "llama-server": start_llama_server}.get(engine)
+        if start is None:
+            raise SystemExit(f"unknown engine {engine!r}: llamaforge or llama-server")
+        proc, base = start(args)
+        try:
+            rows, mismatches, solo = measure(base, args, headers, started)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        results[engine] = {"rows": rows, "mismatches": mismatches, "solo_texts": [s.text for s in solo]}
+    print(f"model {args.model}, {max(args.levels)} slots of {args.max_seq_len} positions, {args.threads} threads, "
+          f"{args.max_tokens} greedy tokens per streaming completion, prefix reuse "
+          f"{'on' if args.prefix_reuse else 'off'}")
+    failed = False
+    for engine, r in results.items():
+        print_rows(engine, r["rows"])
+        errors = [e for row in r["rows"] for e in row["errors"]]
+        print(f"\nconcurrent greedy outputs equal to the same requests alone: "
+              f"{'yes' if not r['mismatches'] else 'NO ' + str(r['mismatches'])}; errors: {errors or 'none'}")
+        failed |= bool(errors) or (engine == "llamaforge" and bool(r["mismatches"]))
+    if "llamaforge" in results and "llama-server" in results:
+        print("\n### llamaforge / llama-server\n")
+        print("| N | tokens/s | TTFT p50 (lower is better) | per-token p50 |")
+        print("|---|---|---|---|")
+        for a, b in zip(results["llamaforge"]["rows"], results["llama-server"]["rows"]):
+            print(f"| {a['n']} | {a['tokens_per_s'] / b['tokens_per_s']:.2f}x | "
+                  f"{a['ttft_p50_ms']} vs {b['ttft_p50_ms']} ms | {a['itl_p50_ms']} vs {b['itl_p50_ms']} ms |")
+        same = sum(x == y for x, y in zip(results["llamaforge"]["solo_texts"], results["llama-server"]["solo_texts"]))
+        print(f"\nsolo answers identical across the two servers: {same} of {len(results['llamaforge']['solo_texts'])}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"server": info, "rows": rows, "mismatches": mismatches}, f, indent=2)
-    return 1 if mismatches or errors else 0
+            json.dump({"args": {k: v for k, v in vars(args).items()}, "results": results}, f, indent=2)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

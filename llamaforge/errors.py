@@ -45,3 +45,7 @@ class TrainingError(LlamaforgeError, RuntimeError):
 
 class TrainingDiverged(TrainingError):
     """The loss or the gradient norm became NaN or infinite; the weights were not updated with it."""
+
+
+class HubError(LlamaforgeError, OSError):
+    """A model reference cannot be fetched from the Hugging Face Hub (no network, gated or private repo)."""

@@ -25,7 +25,8 @@ log = logging.getLogger("llamaforge")
 
 # Meta's model-parallel split dimension of each per-layer weight (see checkpoints/keymaps.py).
 _COLUMN = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
-           "feed_forward.w1.weight", "feed_forward.w3.weight")
+           "feed_forward.w1.weight", "feed_forward.w3.weight",
+           "attention.wq.bias", "attention.wk.bias", "attention.wv.bias")  # per-head q/k norms are replicated
 _ROW = ("attention.wo.weight", "feed_forward.w2.weight")
 
 

@@ -7,6 +7,9 @@ is built (on the meta device or not), `quantize_model(model, from_state=...)` sw
 by quantizing each Linear's weight first. The tied output layer of a model whose `output.weight` is
 `tok_embeddings.weight` becomes a `QuantizedLinear` over the very same bytes as the embedding.
 
+Module surgery only: the fused one-token step over these layers is chosen by `llamaforge.runtime`, which
+applies quantized layers to a model loaded by `Llama.build`.
+
 The raw blocks are non-persistent buffers: a quantized model's `state_dict()` holds only its float
 tensors, so `load_state_dict(float_part, strict=True)` works before or after the surgery.
 
@@ -373,7 +376,6 @@ def quantize_model(
         if not isinstance(emb, QuantizedEmbedding):
             raise ConfigError("tie_output=True needs a quantized tok_embeddings (give 'tok_embeddings.weight' in from_state)")
         _set_module(model, "output", emb.as_linear(backend=backend))
-    _install_fused_decode(model)
     return model
 
 
@@ -438,12 +440,4 @@ def quantize_model_weights(
         _set_module(model, name, new)
     if tied and isinstance(replaced.get("tok_embeddings"), QuantizedEmbedding):
         _set_module(model, "output", replaced["tok_embeddings"].as_linear(backend=backend))
-    _install_fused_decode(model)
     return model
-
-
-def _install_fused_decode(model: nn.Module) -> None:
-    """Give a Transformer the C++ one-token step (it checks on each call that it applies)."""
-    from llamaforge.kernels.decode import enable_fused_decode
-
-    enable_fused_decode(model)

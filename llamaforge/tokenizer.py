@@ -23,13 +23,27 @@ from __future__ import annotations
 import operator
 import os
 from collections.abc import Iterable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional, Protocol
 
 from llamaforge.errors import TokenizerError
 from llamaforge.tokenizers.gguf_vocab import read_gguf_metadata
 from llamaforge.tokenizers.loaders import Loaded, from_gguf_metadata, load
 
-__all__ = ["Tokenizer", "StreamDecoder", "read_gguf_metadata"]
+__all__ = ["Tokenizer", "TokenizerSource", "StreamDecoder", "read_gguf_metadata"]
+
+
+class TokenizerSource(Protocol):
+    """Which tokenizer goes with a checkpoint (`llamaforge.checkpoints.Checkpoint.tokenizer_source` is one).
+
+    checkpoint: the checkpoint's path, for messages.
+    file: a tokenizer file found with the checkpoint (tokenizer.model / tokenizer.json), or None.
+    gguf_metadata: the GGUF metadata the checkpoint carries its vocabulary in, or None.
+    """
+
+    checkpoint: Path
+    file: Optional[Path]
+    gguf_metadata: Optional[dict[str, Any]]
 
 
 def _guarded(fn: Any, *args: Any, what: str) -> Any:
@@ -61,6 +75,7 @@ class Tokenizer:
         chat_template: the model's Jinja chat template, or None.
         kind: "sentencepiece" | "tiktoken" | "hf" | "gguf-gpt2" | "gguf-llama".
         special_tokens: strings that map to ids only with `allow_special=True` -> their ids.
+        special_ids: ids of control tokens (BOS, EOS, end-of-turn and the other special tokens).
     """
 
     def __init__(self, loaded: Loaded, source: str | None = None) -> None:
@@ -78,6 +93,10 @@ class Tokenizer:
         self.special_tokens: dict[str, int] = dict(loaded.special_tokens)
         stops = {i for i in (self.eos_id, self.eot_id) if i is not None} | set(loaded.extra_stop_ids)
         self.stop_ids: frozenset[int] = frozenset(i for i in stops if 0 <= i < self.n_words)
+        specials = set(self.special_tokens.values()) | {i for i in (self.bos_id, self.eos_id, self.eot_id)
+                                                         if i is not None}
+        self.special_ids: frozenset[int] = frozenset(i for i in specials if 0 <= i < self.n_words)
+        self._bytes_table: tuple[bytes, ...] | None = None
 
     # ------------------------------------------------------------------ construction
 
@@ -105,6 +124,32 @@ class Tokenizer:
             source: where the metadata came from, for error messages.
         """
         return cls(from_gguf_metadata(fields, source or "GGUF metadata"), source=source)
+
+    @classmethod
+    def from_source(
+        cls, source: TokenizerSource, tokenizer_path: str | os.PathLike[str] | None = None, *,
+        hint: str = "tokenizer_path",
+    ) -> Tokenizer:
+        """The tokenizer of a checkpoint: `tokenizer_path` when given, else the one the checkpoint carries
+        (its GGUF vocabulary, or the tokenizer file found beside it). The one place this choice is made.
+
+        Args:
+            source: the checkpoint's `tokenizer_source`.
+            tokenizer_path: an explicit tokenizer file (or folder), which wins.
+            hint: how the caller's user names `tokenizer_path` ("--tokenizer_path", ...), for the error.
+
+        Raises:
+            TokenizerError: the checkpoint carries no tokenizer and none was given.
+        """
+        if tokenizer_path is not None:
+            return cls.from_file(tokenizer_path)
+        if source.gguf_metadata is not None:
+            return cls.from_gguf_metadata(source.gguf_metadata, source=str(source.checkpoint))
+        if source.file is not None:
+            return cls.from_file(source.file)
+        raise TokenizerError(
+            f"{source.checkpoint} carries no tokenizer; give one (tokenizer.model or tokenizer.json) with {hint}"
+        )
 
     def __repr__(self) -> str:
         return (
@@ -176,6 +221,25 @@ class Tokenizer:
     def token_to_id(self, piece: str) -> int | None:
         """The id of a vocabulary piece, or None if the vocabulary has no such piece."""
         return self._backend.token_to_id(piece)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for in decoded text (a special token: its text), as its back-end defines
+        them: what the `bytes` of OpenAI logprobs and a grammar engine's token table need."""
+        (i,) = self._check_ids([token_id])
+        return self.token_bytes_table()[i]
+
+    def token_bytes_table(self) -> tuple[bytes, ...]:
+        """`token_bytes` of every id 0 .. n_words - 1 (computed once; b"" for a hole in the vocabulary)."""
+        if self._bytes_table is None:
+            out = []
+            for i in range(self.n_words):
+                try:
+                    out.append(self._backend.id_to_piece(i).encode("utf-8") if i in self.special_ids
+                               else self._backend.token_bytes(i))
+                except (TokenizerError, KeyError, IndexError, ValueError):  # an id with no piece (a hole)
+                    out.append(b"")
+            self._bytes_table = tuple(out)
+        return self._bytes_table
 
     def stream_decoder(self) -> StreamDecoder:
         """A fresh `StreamDecoder` over this tokenizer."""

@@ -11,7 +11,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from llamaforge.generation.sampling import sample_top_p
+from llamaforge.generation.sampler import sample_top_p
 
 
 @torch.no_grad()

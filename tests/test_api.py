@@ -120,7 +120,7 @@ def test_batch_and_prompt_limits_raise_clear_errors(built):
     with pytest.raises(GenerationError, match="temperature"):
         gen.text_completion(["a"], temperature=-1)
     with pytest.raises(GenerationError, match="top_p"):
-        gen.text_completion(["a"], top_p=0)
+        gen.text_completion(["a"], top_p=-0.5)
     with pytest.raises(GenerationError, match="list of strings"):
         gen.text_completion("a bare string")
 

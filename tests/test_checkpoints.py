@@ -595,11 +595,22 @@ def test_hf_unknown_key_is_named(tiny, tmp_path):
     args, sd = tiny
     out = save_hf(args, sd, tmp_path / "hf")
     tensors = load_file(out / "model.safetensors")
-    tensors["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
+    tensors["model.layers.0.self_attn.o_proj.bias"] = torch.zeros(64)
     tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.zeros(8)  # harmless, ignored
     save_file(tensors, out / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"unknown to the Hugging Face key table: model\.layers\.0\.self_attn\.q_proj\.bias$|"
-                                              r"q_proj\.bias\. Known"):
+    with pytest.raises(CheckpointError, match=r"unknown to the Hugging Face key table: model\.layers\.0\.self_attn\.o_proj\.bias\."):
+        load(out)
+
+
+def test_hf_bias_a_llama_config_does_not_have_is_named(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    args, sd = tiny
+    out = save_hf(args, sd, tmp_path / "hf")
+    tensors = load_file(out / "model.safetensors")
+    tensors["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)  # a Qwen2 tensor in a Llama config
+    save_file(tensors, out / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"unexpected tensor\(s\): layers\.0\.attention\.wq\.bias"):
         load(out)
 
 
@@ -682,14 +693,14 @@ def test_truncated_gguf(tiny, tmp_path, keep):
 def test_unknown_gguf_architecture(tmp_path):
     import gguf
 
-    writer = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "qwen2")
+    writer = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "gemma2")
     writer.add_block_count(1)
     writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(CheckpointError, match=r"general\.architecture is 'qwen2'.*Llama architecture"):
+    with pytest.raises(CheckpointError, match=r"general\.architecture is 'gemma2'.*'llama', 'qwen2', 'qwen3'"):
         load(tmp_path / "q.gguf")
 
 

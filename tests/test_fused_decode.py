@@ -1,6 +1,6 @@
-"""The fused C++ decode step (llamaforge.kernels.decode) against the model's own modules.
+"""The fused C++ decode step (llamaforge.runtime.fused, through a fused `DecodeStep`) against the model's modules.
 
-Reference: the same model with `decode_step = None`, i.e. its PyTorch modules (around the same C++ int8
+Reference: the same model's `forward`, i.e. its PyTorch modules (around the same C++ int8
 matmuls for a quantized model, F.linear for a float32 one). The two differ only in the float summation
 order of norms, attention, softmax and float matmuls, so on these random tiny models (no outlier
 activations that would turn a last-bit difference into a different int8 rounding) logits and cached
@@ -19,10 +19,9 @@ from torch import nn
 
 from llamaforge import kernels
 from llamaforge.generation import SamplingParams, generate
-from llamaforge.kernels.decode import enable_fused_decode
-from llamaforge.model import ModelArgs, Transformer
-from llamaforge.model.kv_cache import KVCache
+from llamaforge.model import KVCache, ModelArgs, StepInput, Transformer
 from llamaforge.quantize import quantize_model_weights
+from llamaforge.runtime import DecodeStep
 
 pytestmark = pytest.mark.skipif(kernels.get_extension() is None, reason="the C++ kernels are not available here")
 
@@ -34,11 +33,20 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def make_model(scheme: str | None = "q8_0", n_heads: int = 4, n_kv_heads: int = 2, bias: bool = False) -> Transformer:
-    """A random tiny model: GGUF-quantized (`scheme`) or float32 (None), with the fused step enabled."""
+def make_model(scheme: str | None = "q8_0", n_heads: int = 4, n_kv_heads: int = 2, bias: bool = False,
+               qkv_bias: bool = False, qk_norm: bool = False) -> Transformer:
+    """A random tiny model: GGUF-quantized (`scheme`) or float32 (None).
+
+    qkv_bias / qk_norm give it Qwen2's biases or Qwen3's per-head q/k norms, with random values."""
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=64, n_layers=3, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=90,
-                                  hidden_dim=160, max_seq_len=48))
+                                  hidden_dim=160, max_seq_len=48, qkv_bias=qkv_bias, qk_norm=qk_norm))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.uniform_(-1, 1)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.uniform_(0.5, 1.5)
     with torch.no_grad():
         model.output.weight.mul_(8)  # peaked distributions: greedy choices far from ties
         for block in model.layers:  # norm weights that are not all ones, so that their use is checked
@@ -48,15 +56,20 @@ def make_model(scheme: str | None = "q8_0", n_heads: int = 4, n_kv_heads: int = 
         block = model.layers[1].attention
         block.wq.bias = nn.Parameter(torch.randn(block.wq.out_features))
     if scheme is None:
-        assert enable_fused_decode(model)
         return model.eval()
     return quantize_model_weights(model.eval(), scheme)
 
 
-def eager(model: Transformer):
-    clone = copy.copy(model)  # shares modules and weights, runs the modules
-    clone.decode_step = None
-    return clone
+def fused(model: Transformer) -> DecodeStep:
+    step = DecodeStep(model, fused=True)
+    assert step.fused is not None
+    return step
+
+
+def at(input_pos, cache: KVCache, bsz: int = 1, slots=None, kv_len=None) -> StepInput:
+    """The StepInput of (bsz, 1) tokens at `input_pos` in `cache`."""
+    return StepInput.make(input_pos, bsz, 1, device=CPU, cache_len=cache.max_seq_len,
+                          slots=None if slots is None else torch.tensor(slots), kv_len=kv_len)
 
 
 def prefill(model: Transformer, lengths: list[int], slots: list[int], n_slots: int = 4) -> tuple[KVCache, list[int]]:
@@ -75,7 +88,7 @@ def prefill(model: Transformer, lengths: list[int], slots: list[int], n_slots: i
 def test_ragged_slots_match_the_modules(scheme):
     """Rows at different positions in shuffled slots, kv_len as the server passes it, several steps."""
     model = make_model(scheme)
-    reference = eager(model)
+    step = fused(model)
     lengths, slots = [5, 11, 2], [2, 0, 3]
     cache, last = prefill(model, lengths, slots)
     ref_cache = copy.deepcopy(cache)
@@ -84,32 +97,31 @@ def test_ragged_slots_match_the_modules(scheme):
     with torch.inference_mode():
         for _ in range(4):
             kv_len = int(pos.max()) + 1
-            args = (tokens, pos.view(3, 1))
-            kw = dict(slots=torch.tensor(slots), kv_len=kv_len, last_only=True)
-            ours = model(*args, cache, **kw)
-            ref = reference(*args, ref_cache, **kw)
+            ours = step(tokens, at(pos.view(3, 1), cache, 3, slots, kv_len), cache)
+            ref = model(tokens, pos.view(3, 1), ref_cache, slots=torch.tensor(slots), kv_len=kv_len, last_only=True)
+            assert step.ran_fused
             assert rel(ours, ref) < REL_TOL
             assert rel(cache.k, ref_cache.k) < REL_TOL and rel(cache.v, ref_cache.v) < REL_TOL
             tokens, pos = ref[:, -1].argmax(-1).view(3, 1), pos + 1
-    assert model.decode_step._decoder is not None  # the fused path ran
 
 
 @pytest.mark.parametrize("n_heads,n_kv_heads", [(4, 4), (4, 1)])
 def test_shared_start_matches_the_modules(n_heads, n_kv_heads):
     """Meta's lock-step decode (an int start for every row), multi-head and multi-query attention."""
     model = make_model("q8_0", n_heads, n_kv_heads)
-    reference = eager(model)
+    step = fused(model)
     cache = KVCache.for_model(model.args, 2, 40, dtype=torch.float32, device=CPU)
     ref_cache = copy.deepcopy(cache)
     prompt = torch.randint(0, 90, (2, 6), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         model(prompt, 0, cache)
-        reference(prompt, 0, ref_cache)
-        step = prompt[:, -1:]
+        model(prompt, 0, ref_cache)
+        tokens = prompt[:, -1:]
         for start in range(6, 10):
-            ours, ref = model(step, start, cache), reference(step, start, ref_cache)
+            ours, ref = step(tokens, at(start, cache, 2), cache), model(tokens, start, ref_cache)
+            assert step.ran_fused
             assert rel(ours, ref) < REL_TOL
-            step = ref[:, -1].argmax(-1, keepdim=True)
+            tokens = ref[:, -1].argmax(-1, keepdim=True)
 
 
 @pytest.mark.parametrize("scheme", ["q8_0", None])
@@ -117,10 +129,33 @@ def test_bias_is_used(scheme):
     model = make_model(scheme, bias=True)
     cache, last = prefill(model, [4], [0], n_slots=1)
     ref_cache = copy.deepcopy(cache)
+    step = fused(model)
     with torch.inference_mode():
-        ours = model(torch.tensor([[last[0]]]), 4, cache)
-        ref = eager(model)(torch.tensor([[last[0]]]), 4, ref_cache)
+        ours = step(torch.tensor([[last[0]]]), at(4, cache), cache)
+        ref = model(torch.tensor([[last[0]]]), 4, ref_cache)
+    assert step.ran_fused
     assert rel(ours, ref) < REL_TOL
+
+
+@pytest.mark.parametrize("scheme", ["q8_0", None])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_qwen_blocks_match_the_modules(arch, scheme):
+    """Qwen2's q/k/v biases and Qwen3's per-head q/k norms inside the fused step, ragged rows, several steps."""
+    model = make_model(scheme, qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3")
+    step = fused(model)
+    lengths, slots = [5, 9], [1, 0]
+    cache, last = prefill(model, lengths, slots, n_slots=2)
+    ref_cache = copy.deepcopy(cache)
+    pos, tokens = torch.tensor(lengths), torch.tensor(last).view(2, 1)
+    with torch.inference_mode():
+        for _ in range(3):
+            kv_len = int(pos.max()) + 1
+            ours = step(tokens, at(pos.view(2, 1), cache, 2, slots, kv_len), cache)
+            ref = model(tokens, pos.view(2, 1), ref_cache, slots=torch.tensor(slots), kv_len=kv_len, last_only=True)
+            assert step.ran_fused  # the fused path ran
+            assert rel(ours, ref) < REL_TOL
+            assert rel(cache.k, ref_cache.k) < REL_TOL
+            tokens, pos = ref[:, -1].argmax(-1).view(2, 1), pos + 1
 
 
 def test_a_row_does_not_depend_on_its_batch():
@@ -128,11 +163,11 @@ def test_a_row_does_not_depend_on_its_batch():
     lengths, slots = [5, 9, 3], [0, 1, 2]
     cache, last = prefill(model, lengths, slots)
     alone_cache = copy.deepcopy(cache)
+    step = fused(model)
     with torch.inference_mode():
-        batch = model(torch.tensor(last).view(3, 1), torch.tensor(lengths).view(3, 1), cache,
-                      slots=torch.tensor(slots), kv_len=12)
-        alone = model(torch.tensor([[last[1]]]), torch.tensor([[lengths[1]]]), alone_cache,
-                      slots=torch.tensor([1]), kv_len=12)
+        batch = step(torch.tensor(last).view(3, 1), at(torch.tensor(lengths).view(3, 1), cache, 3, slots, 12), cache)
+        alone = step(torch.tensor([[last[1]]]), at(torch.tensor([[lengths[1]]]), alone_cache, 1, [1], 12), alone_cache)
+    assert step.ran_fused
     assert torch.equal(batch[1], alone[0])
 
 
@@ -141,70 +176,81 @@ def test_greedy_generation_is_unchanged(scheme):
     model = make_model(scheme)
     prompts = [[1, 5, 9, 13, 20, 7], [1, 3], [1, 40, 41, 42]]
 
-    def run(m):
-        return generate(m, prompts, max_gen_len=10, max_seq_len=32, params=SamplingParams(temperature=0.0),
-                        stop_ids=(), device=CPU, logprobs=True)
+    def run(decode_step):
+        return generate(model, prompts, max_gen_len=10, max_seq_len=32, params=SamplingParams(temperature=0.0),
+                        stop_ids=(), device=CPU, logprobs=True, decode_step=decode_step)
 
-    ours, ref = run(model), run(eager(model))
+    step = fused(model)
+    ours, ref = run(step), run(DecodeStep(model))
+    assert step.ran_fused
     assert ours[0] == ref[0]
     for a, b in zip(ours[1], ref[1]):
         assert a == pytest.approx(b, abs=1e-4)
 
 
 def test_steps_aside_where_it_does_not_apply():
-    """Hooks, swapped modules, autograd and other dtypes run the modules (decode_step returns None)."""
+    """Hooks, swapped modules, autograd and other dtypes run the modules (the fused part returns None, and
+    the DecodeStep's result is then the modules' own)."""
     model = make_model("q8_0")
     cache, last = prefill(model, [4], [0], n_slots=1)
     tokens = torch.tensor([[last[0]]])
+    step = fused(model)
 
-    def fused():
+    def run(c=cache):
         with torch.inference_mode():
-            return model.decode_step(model, tokens, 4, cache, None, None)
+            return step.fused(model, tokens, at(4, c), c)
 
-    assert fused() is not None
+    assert run() is not None
     handle = model.layers[0].attention.wo.register_forward_hook(lambda *a: None)
-    assert fused() is None
+    assert run() is None
+    with torch.inference_mode():  # the step as the loop calls it: the modules' numbers exactly
+        ref_cache = copy.deepcopy(cache)
+        assert torch.equal(step(tokens, at(4, cache), copy.deepcopy(cache)), model(tokens, 4, ref_cache))
     handle.remove()
-    assert fused() is not None
+    assert run() is not None
     with torch.enable_grad():
-        assert model.decode_step(model, tokens, 4, cache, None, None) is None
-    half_cache = KVCache.for_model(model.args, 1, 40, dtype=torch.bfloat16, device=CPU)
-    with torch.inference_mode():
-        assert model.decode_step(model, tokens, 4, half_cache, None, None) is None
+        assert step.fused(model, tokens, at(4, cache), cache) is None
+    assert run(KVCache.for_model(model.args, 1, 40, dtype=torch.bfloat16, device=CPU)) is None
     # A projection swapped for another module (as LoRA does): the modules run, and give the same
     # result as before the swap when the new module computes the same thing.
     wq = model.layers[2].attention.wq
     model.layers[2].attention.wq = nn.Sequential(wq)
-    assert fused() is None
+    assert run() is None
     model.layers[2].attention.wq = wq
-    assert fused() is not None
+    assert run() is not None
+    assert DecodeStep(model).fused is None  # a plain DecodeStep is the modules alone
 
 
 def test_rebuilds_after_weights_change():
     model = make_model("q8_0")
     cache, last = prefill(model, [4], [0], n_slots=1)
     ref_cache = copy.deepcopy(cache)
+    step = fused(model)
+    tokens = torch.tensor([[last[0]]])
     with torch.inference_mode():
-        model(torch.tensor([[last[0]]]), 4, copy.deepcopy(cache))
-        first = model.decode_step._decoder
+        step(tokens, at(4, cache), copy.deepcopy(cache))
+        first = step.fused._decoder
         model.layers[1].ffn_norm.weight = nn.Parameter(torch.full((64,), 2.0))  # a new Parameter object
-        ours = model(torch.tensor([[last[0]]]), 4, cache)
-        ref = eager(model)(torch.tensor([[last[0]]]), 4, ref_cache)
-    assert model.decode_step._decoder is not first
+        ours = step(tokens, at(4, cache), cache)
+        ref = model(tokens, 4, ref_cache)
+    assert step.ran_fused and step.fused._decoder is not first
     assert rel(ours, ref) < REL_TOL
 
 
 def test_deepcopy_keeps_a_working_fast_path():
     model = make_model("q8_0")
     cache, last = prefill(model, [4], [0], n_slots=1)
+    step = fused(model)
+    tokens = torch.tensor([[last[0]]])
     with torch.inference_mode():
-        model(torch.tensor([[last[0]]]), 4, copy.deepcopy(cache))
-    twin = copy.deepcopy(model)
+        step(tokens, at(4, cache), copy.deepcopy(cache))
+    twin = copy.deepcopy(step)  # a copy of the model with its own step
+    assert twin.model is not model
     with torch.inference_mode():
-        a = model(torch.tensor([[last[0]]]), 4, copy.deepcopy(cache))
-        b = twin(torch.tensor([[last[0]]]), 4, copy.deepcopy(cache))
+        a = step(tokens, at(4, cache), copy.deepcopy(cache))
+        b = twin(tokens, at(4, cache), copy.deepcopy(cache))
     assert torch.equal(a, b)
-    assert twin.decode_step._decoder is not None and twin.decode_step._decoder is not model.decode_step._decoder
+    assert twin.ran_fused and twin.fused._decoder is not step.fused._decoder
 
 
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
@@ -228,7 +274,7 @@ def test_16bit_gguf_stays_16bit_and_decodes_as_float32(tiny_checkpoints, tmp_pat
     assert ours[0] == theirs[0]
     for a, b in zip(ours[1], theirs[1]):
         assert a == pytest.approx(b, abs=1e-4)
-    assert kept.model.decode_step._decoder is not None  # the one-token steps ran fused
+    assert kept.decode_step.ran_fused  # the one-token steps ran fused
 
 
 def test_rebuilds_after_data_is_swapped_in_place():
@@ -236,13 +282,15 @@ def test_rebuilds_after_data_is_swapped_in_place():
     model = make_model(None)
     cache, last = prefill(model, [4], [0], n_slots=1)
     ref_cache = copy.deepcopy(cache)
+    step = fused(model)
+    tokens = torch.tensor([[last[0]]])
     with torch.inference_mode():
-        model(torch.tensor([[last[0]]]), 4, copy.deepcopy(cache))
-    first = model.decode_step._decoder
+        step(tokens, at(4, cache), copy.deepcopy(cache))
+    first = step.fused._decoder
     with torch.no_grad():
         model.layers[0].attention.wo.weight.data = torch.randn(64, 64)
     with torch.inference_mode():
-        ours = model(torch.tensor([[last[0]]]), 4, cache)
-        ref = eager(model)(torch.tensor([[last[0]]]), 4, ref_cache)
-    assert model.decode_step._decoder is not first
+        ours = step(tokens, at(4, cache), cache)
+        ref = model(tokens, 4, ref_cache)
+    assert step.ran_fused and step.fused._decoder is not first
     assert rel(ours, ref) < REL_TOL

@@ -146,14 +146,30 @@ def test_top_p_keeps_the_token_that_crosses_the_threshold():
     "kwargs, match",
     [
         (dict(temperature=-0.1), "temperature"),
-        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=-0.1), "top_p"),
         (dict(top_p=1.5), "top_p"),
+        (dict(top_p="0.9"), "top_p"),
         (dict(top_k=0), "top_k"),
+        (dict(top_k=2.5), "top_k"),
+        (dict(top_k=True), "top_k"),
+        (dict(min_p=1.5), "min_p"),
+        (dict(repetition_penalty=0), "repetition_penalty"),
+        (dict(frequency_penalty=3), "frequency_penalty"),
+        (dict(logit_bias={"5": 1.0}), "logit_bias"),
+        (dict(logit_bias={5: 101}), "logit_bias"),
     ],
 )
 def test_bad_sampling_values_raise(kwargs, match):
     with pytest.raises(GenerationError, match=match):
         SamplingParams(**kwargs)
+
+
+def test_top_p_zero_is_meta_greedy(model):
+    """Meta accepts top_p = 0: the nucleus keeps only the most likely token, so sampling is greedy."""
+    greedy, _ = run(model, PROMPTS, max_gen_len=8)
+    torch.manual_seed(0)
+    sampled, _ = run(model, PROMPTS, max_gen_len=8, temperature=1.5, top_p=0.0)
+    assert sampled == greedy
 
 
 @pytest.mark.parametrize(

@@ -135,8 +135,6 @@ def core_first_token(llama, prompt_ids):
 
 
 def test_chat_greedy_alone_equals_concurrent_and_starts_like_the_core(client, model_id, llama):
-    from llamaforge.server.vocab import token_bytes
-
     alone = [ask(client, model_id, q, logprobs=True) for q in QUESTIONS]
     with ThreadPoolExecutor(len(QUESTIONS)) as pool:
         together = list(pool.map(lambda q: ask(client, model_id, q), QUESTIONS))
@@ -145,7 +143,7 @@ def test_chat_greedy_alone_equals_concurrent_and_starts_like_the_core(client, mo
         prompt = llama.chat_format.encode_dialog([{"role": "user", "content": q}])
         assert r.usage.prompt_tokens == len(prompt)
         first, first_lp = core_first_token(llama, prompt)
-        assert bytes(r.choices[0].logprobs.content[0].bytes) == token_bytes(llama.tokenizer, first)
+        assert bytes(r.choices[0].logprobs.content[0].bytes) == llama.tokenizer.token_bytes(first)
         assert r.choices[0].logprobs.content[0].logprob == pytest.approx(first_lp, abs=2e-3)
         expected = 8 if r.choices[0].finish_reason == "length" else len(llama.tokenizer.encode(
             r.choices[0].message.content)) + 1  # + the end-of-turn token
@@ -310,7 +308,7 @@ def test_errors_have_openai_shape(server, client, model_id):
     assert_error(post(server, "/v1/completions", {"prompt": "hi", "temperature": "hot"}), 400, param="temperature")
     assert_error(post(server, "/v1/completions", {"prompt": "hi", "max_tokens": True}), 400, param="max_tokens")
     assert_error(post(server, "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}), 400)
-    assert_error(post(server, "/v1/completions", {"prompt": "hi", "model": "gpt-4"}), 400, "model", "model_not_found")
+    assert_error(post(server, "/v1/completions", {"prompt": "hi", "model": "gpt-4"}), 404, "model", "model_not_found")
     long_prompt = "word " * (MAX_SEQ + 10)
     assert_error(post(server, "/v1/completions", {"prompt": long_prompt}), 400, "prompt", "context_length_exceeded")
     assert_error(post(server, "/v1/completions", {"prompt": "hi", "max_tokens": MAX_SEQ}), 400, "max_tokens",
@@ -368,3 +366,22 @@ def test_graceful_shutdown_finishes_running_streams(server, model_id):
         rest = [first, *lines]
     assert rest[-1] == "data: [DONE]" or [x for x in rest if x][-1] == "data: [DONE]"
     assert server["proc"].wait(30) == 0
+
+
+def test_shutdown_past_the_timeout_ends_streams_with_an_error_event_and_done():
+    """A stream still running when --shutdown-timeout runs out gets an error event and [DONE], not a cut."""
+    proc, base = start_server("--shutdown-timeout", "1")
+    try:
+        body = {"prompt": "Count from one to a thousand:", "max_tokens": MAX_SEQ - 16, "temperature": 0,
+                "stream": True, "logit_bias": {"0": -100, "1": -100, "2": -100}}  # never stops by itself
+        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as resp:
+            lines = resp.iter_lines()
+            first = next(lines)
+            proc.send_signal(signal.SIGINT)
+            rest = [x for x in [first, *lines] if x]
+        assert rest[-1] == "data: [DONE]"
+        error = json.loads(rest[-2].removeprefix("data: "))
+        assert "error" in error and "shutting down" in error["error"]["message"]
+        assert proc.wait(30) == 0
+    finally:
+        stop_server(proc)

@@ -15,8 +15,8 @@ import torch
 
 from llamaforge.generation import SamplingParams, generate
 from llamaforge.model import ModelArgs, Transformer
-from llamaforge.server.engine import Delta, Engine, Failure, Finish, Job, PromptDone, QueueFull, wait_idle
-from llamaforge.server.sampler import RowParams, RowState, process_row
+from llamaforge.generation.engine import Delta, Engine, Failure, Finish, Job, PromptDone, QueueFull, wait_idle
+from llamaforge.generation.sampler import RowState, SamplingParams, process_row
 
 CPU = torch.device("cpu")
 MAX_SEQ = 128
@@ -92,7 +92,7 @@ def run(engine, jobs, timeout=60.0, on_event=None):
 
 
 def greedy(prompt, max_tokens=10, **kw):
-    return Job(list(prompt), max_tokens, RowParams(temperature=0), stop_ids=frozenset({0, 2}), **kw)
+    return Job(list(prompt), max_tokens, SamplingParams(temperature=0), stop_ids=frozenset({0, 2}), **kw)
 
 
 PROMPTS = ["Hello there", "The capital of France is a city that", "x", "Once upon a time, in a land far away, there"]
@@ -156,7 +156,8 @@ def test_decode_rows_are_bitwise_independent_of_the_batch():
 
     from llamaforge.model.kv_cache import KVCache
     from llamaforge.quantize import quantize_model_weights
-    from llamaforge.server.engine import decode_logits
+    from llamaforge.generation.runner import decode_logits
+    from llamaforge.runtime import DecodeStep
 
     torch.manual_seed(0)
     args = ModelArgs(dim=576, n_layers=4, n_heads=9, n_kv_heads=3, vocab_size=256, hidden_dim=64, max_seq_len=256)
@@ -168,10 +169,11 @@ def test_decode_rows_are_bitwise_independent_of_the_batch():
     pos = torch.tensor([[5], [70], [120], [33], [64], [200]])
     tokens = torch.tensor([[11], [22], [33], [44], [55], [66]])
     with torch.no_grad():
-        for m in (qmodel, fmodel):
-            batch = decode_logits(m, cache, tokens, pos, torch.arange(6))
+        # the quantized model as the server runs it on the CPU (the fused step), the float one on its modules
+        for m, step in ((qmodel, DecodeStep(qmodel, fused=True)), (fmodel, DecodeStep(fmodel))):
+            batch = decode_logits(step, cache, tokens, pos, torch.arange(6))
             for i in range(6):
-                alone = decode_logits(m, cache, tokens[i:i + 1], pos[i:i + 1], torch.tensor([i]))
+                alone = decode_logits(step, cache, tokens[i:i + 1], pos[i:i + 1], torch.tensor([i]))
                 if m is qmodel:
                     assert torch.equal(alone[0], batch[i])
                 else:
@@ -180,7 +182,7 @@ def test_decode_rows_are_bitwise_independent_of_the_batch():
 
 def test_seeded_sampling_is_the_core_sampler_alone_or_batched(engine, model, tokenizer):
     prompts = encode(tokenizer, PROMPTS[:3])
-    params = RowParams(temperature=0.8, top_p=0.9, top_k=50)
+    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=50)
 
     def job(p, seed):
         return Job(p, 12, params, seed=seed, stop_ids=frozenset({0, 2}))
@@ -198,7 +200,7 @@ def test_seeded_sampling_is_the_core_sampler_alone_or_batched(engine, model, tok
 
 def test_n_choices_share_the_prompt_and_use_seed_plus_index(engine, tokenizer):
     p = encode(tokenizer, PROMPTS[1:2])[0]
-    params = RowParams(temperature=1.0)
+    params = SamplingParams(temperature=1.0, top_p=1.0)
     res = run(engine, [Job(p, 8, params, n=3, seed=11, stop_ids=frozenset({0, 2}))])[0]
     for i in range(3):
         single = run(engine, [Job(p, 8, params, seed=11 + i, stop_ids=frozenset({0, 2}))])[0]
@@ -269,7 +271,7 @@ def test_stop_string_spanning_tokens_and_max_tokens(engine, tokenizer):
 
 def test_logprobs_match_an_uncached_forward(engine, model, tokenizer):
     p = encode(tokenizer, PROMPTS[1:2])[0]
-    res = run(engine, [Job(p, 6, RowParams(temperature=0), stop_ids=frozenset({0, 2}), logprobs=3,
+    res = run(engine, [Job(p, 6, SamplingParams(temperature=0), stop_ids=frozenset({0, 2}), logprobs=3,
                            prompt_logprobs=2)])[0]
     choice = res["choices"][0]
     seq = p + choice["tokens"]
@@ -287,19 +289,19 @@ def test_logprobs_match_an_uncached_forward(engine, model, tokenizer):
 
 def test_max_tokens_zero_and_logit_bias(engine, tokenizer):
     p = encode(tokenizer, PROMPTS[:1])[0]
-    res = run(engine, [Job(p, 0, RowParams(temperature=0), stop_ids=frozenset({0, 2}))])[0]["choices"][0]
+    res = run(engine, [Job(p, 0, SamplingParams(temperature=0), stop_ids=frozenset({0, 2}))])[0]["choices"][0]
     assert res["tokens"] == [] and res["finish"] == "length"
-    forced = RowParams(temperature=0, logit_bias=((42, 100.0),))
+    forced = SamplingParams(temperature=0, logit_bias=((42, 100.0),))
     res = run(engine, [Job(p, 5, forced, stop_ids=frozenset({0, 2}))])[0]["choices"][0]
     assert res["tokens"] == [42] * 5
     base = run(engine, [greedy(p, 1)])[0]["choices"][0]["tokens"][0]
-    banned = RowParams(temperature=0, logit_bias=((base, -100.0),))
+    banned = SamplingParams(temperature=0, logit_bias=((base, -100.0),))
     assert run(engine, [Job(p, 1, banned, stop_ids=frozenset({0, 2}))])[0]["choices"][0]["tokens"][0] != base
 
 
 def test_penalties_follow_their_formulas():
     logits = torch.tensor([2.0, -1.0, 0.5, 3.0])
-    row = RowState(RowParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25), torch.Generator(),
+    row = RowState(SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25), torch.Generator(),
                    4, prompt=[0])
     row.record(1)
     row.record(1)
@@ -312,14 +314,14 @@ def test_penalties_follow_their_formulas():
 
 def test_constrained_json_from_a_random_model(engine, tokenizer):
     pytest.importorskip("llguidance")
-    from llamaforge.server.grammar import GrammarCompiler
+    from llamaforge.generation.grammar import GrammarCompiler
 
     schema = {"type": "object", "additionalProperties": False, "required": ["name", "n", "ok"],
               "properties": {"name": {"type": "string", "maxLength": 6},
                              "n": {"type": "integer", "minimum": 0, "maximum": 999}, "ok": {"type": "boolean"}}}
     factory = GrammarCompiler(tokenizer, tokenizer.n_words, frozenset({0, 2})).json_schema(schema)
     p = encode(tokenizer, ["Give me JSON:"])[0]
-    res = run(engine, [Job(p, 60, RowParams(temperature=1.0), n=2, seed=3, stop_ids=frozenset({0, 2}),
+    res = run(engine, [Job(p, 60, SamplingParams(temperature=1.0, top_p=1.0), n=2, seed=3, stop_ids=frozenset({0, 2}),
                            constraint=factory)])[0]
     for choice in res["choices"]:
         assert choice["finish"] == "stop"
@@ -337,7 +339,7 @@ def test_cancel_frees_the_slots_at_once(engine, tokenizer):
         if isinstance(ev, Delta) and len(events) == 2:  # PromptDone, then the first token
             engine.cancel(ids[0])  # from the engine thread: handled at the next step boundary
 
-    ids.append(engine.submit(Job(p, 100, RowParams(temperature=0), n=2, stop_ids=frozenset()), sink))
+    ids.append(engine.submit(Job(p, 100, SamplingParams(temperature=0), n=2, stop_ids=frozenset()), sink))
     assert wait_idle(engine, 30)
     assert engine.pool.n_free == engine.n_slots
     # the first token of both choices, and at most one more decode step already under way
@@ -367,7 +369,7 @@ def test_bounded_queue_and_failures_stay_with_their_request(model, tokenizer):
     eng.start()
     try:
         p = encode(tokenizer, PROMPTS[:1])[0]
-        bad, good = run(eng, [Job(p, 5, RowParams(temperature=0), constraint=Broken), greedy(p, 5)])
+        bad, good = run(eng, [Job(p, 5, SamplingParams(temperature=0), constraint=Broken), greedy(p, 5)])
         assert isinstance(bad["failure"], Failure) and "boom" in bad["failure"].message
         assert good["choices"][0]["finish"] == "length" and len(good["choices"][0]["tokens"]) == 5
         assert eng._thread.is_alive() and wait_idle(eng, 5) and eng.pool.n_free == 2
@@ -382,3 +384,48 @@ def test_embeddings_are_normalised_mean_hidden_states(engine, model):
         with torch.no_grad():
             want = torch.nn.functional.normalize(model.hidden_states(torch.tensor([seq]))[0].mean(0), dim=0)
         assert torch.allclose(torch.tensor(vec), want, atol=1e-5)
+
+
+def test_embeddings_share_the_schedule_and_can_be_cancelled(model, tokenizer):
+    """A large embedding request runs a slice per engine step: a generation submitted after it finishes
+    first, and cancelling the request stops its work at the next input."""
+    eng = Engine(model, tokenizer, n_slots=2, max_seq_len=MAX_SEQ, device=CPU, prefill_budget=64)
+    done_inputs = []
+    embed = eng.runner.embed
+    eng.runner.embed = lambda ids: (done_inputs.append(len(ids)), embed(ids))[1]
+    inputs = [[1 + (i % 50)] * 60 for i in range(40)]  # 40 inputs of 60 tokens: one input per step
+    order = []
+    big = eng.embed(inputs)
+    big.add_done_callback(lambda f: order.append("embeddings"))
+    finished = threading.Event()
+    eng.submit(greedy(encode(tokenizer, PROMPTS[:1])[0], 5),
+               lambda ev: (order.append("generation"), finished.set()) if isinstance(ev, Finish) else None)
+    eng.start()
+    try:
+        assert finished.wait(30)
+        assert big.result(timeout=60) and order == ["generation", "embeddings"]
+        assert len(done_inputs) == 40
+        done_inputs.clear()
+        cancelled = eng.embed(inputs)
+        assert cancelled.cancel()  # pending until its last input is done
+        assert wait_idle(eng, 5)
+        eng.embed([[1, 2]]).result(timeout=10)  # the engine goes on
+        assert len(done_inputs) < 40
+    finally:
+        eng.close()
+    with pytest.raises(ValueError, match="at most"):
+        Engine(model, tokenizer, n_slots=1, max_seq_len=MAX_SEQ, device=CPU, max_embed_inputs=3).embed([[1]] * 4)
+
+
+@pytest.mark.parametrize("temperature, penalty", [(1e-30, 1.0), (1.0, 2.6e-79), (1e-30, 2.6e-79)])
+def test_extreme_temperature_or_penalty_samples_the_limit_not_nan(temperature, penalty):
+    """logits / temperature or / repetition_penalty can overflow float32 (found by the server's fuzz test);
+    the draw is then softmax's limit (the most likely token), never a NaN failure."""
+    from llamaforge.generation.sampler import RowState, SamplingParams, choose
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 50) * 5
+    params = SamplingParams(temperature=temperature, top_p=0.9, repetition_penalty=penalty)
+    row = RowState(params, torch.Generator().manual_seed(1), 50, prompt=[int(logits.argmax())])
+    (token,) = choose(logits, [row])
+    assert token == int(logits.argmax())

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from llamaforge.model.kv_cache import KVCache
-from llamaforge.server.slots import SlotPool, common_prefix_len
-from llamaforge.server.text import TextStream
+from llamaforge.generation.slots import SlotPool, common_prefix_len
+from llamaforge.generation.text import TextStream
 from llamaforge.server.tools import forced_call_schema, hermes_messages, parse_tool_calls
 
 
@@ -125,14 +125,13 @@ def test_forced_call_schema():
 
 def test_token_bytes_spell_the_text():
     from llamaforge.default_model import default_model_path
-    from llamaforge.server.vocab import token_bytes_table
     from llamaforge.tokenizer import Tokenizer
 
     try:
         tok = Tokenizer.from_file(default_model_path())
     except Exception as exc:
         pytest.skip(f"default model tokenizer unavailable: {exc}")
-    table = token_bytes_table(tok)
+    table = tok.token_bytes_table()
     for text in ["Hello, wörld!", "日本語 🙂", "  spaces\tand\nnewlines", '{"a": [1, 2]}']:
         assert b"".join(table[i] for i in tok.encode(text)) == text.encode("utf-8")
     assert table[tok.eos_id] == tok.id_to_piece(tok.eos_id).encode()

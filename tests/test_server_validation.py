@@ -158,9 +158,13 @@ def test_engine_still_serves_after_the_abuse(client):
 
 
 def test_a_full_queue_answers_429(llama):
+    from llamaforge.api import Llama
     from llamaforge.server.app import create_app
 
-    app = create_app(llama, model_name="tiny", max_queue=1)  # the engine is never started: requests wait
+    # A Llama of its own over the same model: an app takes its Llama's engine over, and the module's
+    # `client` app must keep its own.
+    own = Llama(llama.model, llama.tokenizer, max_seq_len=llama.max_seq_len, max_batch_size=2, device=llama.device)
+    app = create_app(own, model_name="tiny", max_queue=1)  # the engine is never started: requests wait
 
     async def scenario():
         transport = httpx.ASGITransport(app=app)
@@ -178,3 +182,14 @@ def test_a_full_queue_answers_429(llama):
     assert resp.status_code == 429
     err = resp.json()["error"]
     assert err["type"] == "rate_limit_error" and err["code"] == "queue_full"
+
+
+def test_a_request_that_can_never_fit_is_a_400_that_says_the_limit(client):
+    resp = client.post("/v1/completions", json={"prompt": ["a"] * 20, "max_tokens": 1})
+    assert resp.status_code == 400
+    err = resp.json()["error"]
+    assert err["param"] == "prompt" and "at most 8" in err["message"]
+    resp = client.post("/v1/completions", json={"prompt": "a", "model": "gpt-4"})
+    assert resp.status_code == 404 and resp.json()["error"]["code"] == "model_not_found"
+    resp = client.post("/v1/completions", json={"prompt": "a", "max_tokens": 2, "top_p": 0, "temperature": 1})
+    assert resp.status_code == 200, resp.text  # Meta's top_p = 0: greedy

@@ -496,6 +496,24 @@ def test_stream_never_splits_characters(toks: dict[str, Tokenizer], name: str) -
     assert stream.flush() == "\ufffd"
 
 
+@pytest.mark.parametrize("name", KINDS)
+def test_token_bytes_spell_the_decoded_text(toks: dict[str, Tokenizer], name: str) -> None:
+    """Each back-end's token bytes join into the UTF-8 of the decoded text (byte fallback and characters split
+    over tokens included; sentencepiece kinds keep the space its decoder strips at the start); a special
+    token is its text. Exact."""
+    tok = toks[name]
+    for s in ["Hello, wörld!", "Ωmega ⟨x⟩ 🤖🎉", "tab\tand\nnewline 12", "<tool> café"]:
+        ids = tok.encode(s)
+        text = tok.decode(ids).encode("utf-8")
+        assert b"".join(tok.token_bytes(i) for i in ids) in (text, b" " + text)
+    assert tok.eos_id is None or tok.eos_id in tok.special_ids
+    for i in tok.special_ids:
+        assert tok.token_bytes(i) == tok.id_to_piece(i).encode("utf-8")
+    assert len(tok.token_bytes_table()) == tok.n_words
+    with pytest.raises(TokenizerError):
+        tok.token_bytes(tok.n_words)
+
+
 def test_bos_eos_and_bad_ids(toks: dict[str, Tokenizer]) -> None:
     tok = toks["gguf_llama"]
     assert tok.encode("hi", True, True) == [1, *tok.encode("hi"), 2]

@@ -5,7 +5,8 @@
     checkpoints.save_hf(ckpt.args, ckpt.state_dict, "out/", tokenizer_path=ckpt.tokenizer_path)
 
 State dicts always use Meta's names with q/k rows in Meta's interleaved rotary layout (keymaps.py);
-each format's differences are handled in its own module (meta.py, hf.py, gguf.py) and writing in save.py.
+each format's differences are handled in its own module (meta.py, hf.py, gguf.py) and writing in save.py
+(Meta, HF) and gguf_write.py (GGUF, llama-quantize).
 """
 
 from __future__ import annotations
@@ -19,17 +20,34 @@ from llamaforge.checkpoints.detect import detect_format, locate
 from llamaforge.checkpoints.gguf import GGUFQuantTensor, dequantize, load_gguf
 from llamaforge.checkpoints.hf import hf_to_meta_qk, load_hf, meta_to_hf_qk
 from llamaforge.checkpoints.meta import find_shards, load_meta, merge_shards, split_meta_shards
-from llamaforge.checkpoints.save import save_gguf, save_hf, save_meta
+from llamaforge.checkpoints.gguf_write import quantize_gguf, save_gguf
+from llamaforge.checkpoints.save import save_hf, save_meta
 from llamaforge.errors import CheckpointError, CheckpointNotFoundError
 from llamaforge.model.args import ModelArgs
 
 __all__ = [
-    "Checkpoint", "GGUFQuantTensor", "detect_format", "load", "save_meta", "save_hf", "save_gguf",
+    "Checkpoint", "TokenizerSource", "GGUFQuantTensor", "detect_format", "load", "save_meta", "save_hf", "save_gguf",
+    "quantize_gguf",
     "split_meta_shards", "merge_shards", "hf_to_meta_qk", "meta_to_hf_qk", "dequantize",
     "CheckpointError", "CheckpointNotFoundError",
 ]
 
 _CONSOLIDATED = re.compile(r"consolidated\.\d+\.pth")
+
+
+@dataclass(frozen=True, eq=False)
+class TokenizerSource:
+    """The tokenizer a checkpoint carries: its GGUF vocabulary, or a tokenizer file found with it (or neither).
+
+    Attributes:
+        checkpoint: where the checkpoint was loaded from.
+        file: tokenizer.model / tokenizer.json found with the checkpoint, or None.
+        gguf_metadata: the GGUF metadata holding the vocabulary, or None.
+    """
+
+    checkpoint: Path
+    file: Optional[Path]
+    gguf_metadata: Optional[dict[str, Any]]
 
 
 @dataclass
@@ -52,6 +70,11 @@ class Checkpoint:
     tokenizer_path: Optional[Path]
     gguf_metadata: Optional[dict[str, Any]]
     source: Path
+
+    @property
+    def tokenizer_source(self) -> TokenizerSource:
+        """Which tokenizer goes with this checkpoint; `llamaforge.Tokenizer.from_source` builds it."""
+        return TokenizerSource(self.source, self.tokenizer_path, self.gguf_metadata)
 
 
 def _find_tokenizer(folder: Path, prefer: tuple[str, ...], look_in_parent: bool) -> Optional[Path]:

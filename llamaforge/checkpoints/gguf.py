@@ -7,9 +7,14 @@ Quantized tensors are dequantized to float32 by default (dequant.py: bit-exact w
 `gguf.quants.dequantize`). With `keep_quantized=True` quantized 2-D weights are returned as
 `GGUFQuantTensor` (raw blocks, untouched) for quantized Linears.
 
-GGUF stores q/k rows in Meta's interleaved-pair rotary layout (llama.cpp's converter undoes Hugging
-Face's permutation), and ggml lists dimensions innermost-first, so a ggml [in, out] weight is the numpy
-and torch (out, in) matrix: no transposes or permutations are needed.
+Architectures: `llama` (Llama 1/2/3, Mistral, SmolLM, ...; optional q/k/v biases are read when present),
+`qwen2` (Qwen2 / Qwen2.5: q/k/v biases) and `qwen3` (per-head q/k RMSNorm); the differences are
+`ModelArgs` fields, detected from the tensor table. A `llama` GGUF stores q/k rows in Meta's
+interleaved-pair rotary layout (llama.cpp's converter undoes Hugging Face's permutation); `qwen2` and
+`qwen3` keep Hugging Face's rotate-half ("neox") layout, so their q/k rows (and biases and norm
+weights) are permuted here exactly as hf.py does, quantized rows included (a row of ggml blocks moves
+as a whole). ggml lists dimensions innermost-first, so a ggml [in, out] weight is the numpy and torch
+(out, in) matrix.
 """
 
 from __future__ import annotations
@@ -31,9 +36,11 @@ from llamaforge.model.args import ModelArgs, RopeScaling
 
 log = logging.getLogger(__name__)
 
-# Architectures whose GGUF tensors and keys are exactly llama's. Others (qwen2, gemma, phi3, ...) have
-# biases, other norms or other names, so they are refused rather than loaded wrongly.
-LLAMA_ARCHS = ("llama",)
+# Architectures whose GGUF tensors and keys are llama's, up to the optional parts in keymaps.GGUF_TO_META.
+# Others (gemma, phi3, ...) have other norms, activations or names, so they are refused rather than loaded wrongly.
+LLAMA_ARCHS = ("llama", "qwen2", "qwen3")
+# Those whose q/k rows are in the rotate-half layout (llama.cpp's LLAMA_ROPE_TYPE_NEOX).
+NEOX_ARCHS = ("qwen2", "qwen3")
 
 
 @dataclass
@@ -161,8 +168,8 @@ def args_from_gguf(gf: GGUFFile) -> ModelArgs:
     arch = md.get("general.architecture")
     if arch not in LLAMA_ARCHS:
         raise CheckpointError(
-            f"{src}: general.architecture is {arch!r}; llamaforge loads GGUF files of the Llama architecture "
-            f"({', '.join(repr(a) for a in LLAMA_ARCHS)}: Llama 1/2/3, Mistral 7B, TinyLlama, SmolLM, ...)"
+            f"{src}: general.architecture is {arch!r}; llamaforge loads GGUF files of the architectures "
+            f"{', '.join(repr(a) for a in LLAMA_ARCHS)} (Llama 1/2/3, Mistral 7B, TinyLlama, SmolLM, Qwen2/2.5, Qwen3)"
         )
     if md.get("split.count", 1) > 1:
         raise CheckpointError(
@@ -218,6 +225,7 @@ def args_from_gguf(gf: GGUFFile) -> ModelArgs:
             hidden_dim=_get(md, f"{arch}.feed_forward_length"),
             norm_eps=_get(md, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5), rope_theta=theta,
             rope_scaling=rope_scaling, max_seq_len=ctx, tie_embeddings="output.weight" not in gf.tensors,
+            qkv_bias="blk.0.attn_q.bias" in gf.tensors, qk_norm="blk.0.attn_q_norm.weight" in gf.tensors,
         )
     except ConfigError as e:
         raise CheckpointError(f"{src}: GGUF metadata describes an invalid model: {e}") from e
@@ -249,9 +257,21 @@ def load_gguf(
     keymaps.check_state_dict(renamed, args, source=str(gf.path), config="its GGUF metadata")
     state_dict: dict[str, Any] = {}
     total = sum(info.nbytes for info in renamed.values())
+    neox = gf.metadata.get("general.architecture") in NEOX_ARCHS
     for meta_name, info in _progress(renamed.items(), progress and total > 1 << 30, gf.path.name):
-        state_dict[meta_name] = _tensor(gf, info, keep_quantized)
+        value = _tensor(gf, info, keep_quantized)
+        state_dict[meta_name] = _neox_to_meta(meta_name, value, args) if neox else value
     return args, state_dict, dict(gf.metadata)
+
+
+def _neox_to_meta(key: str, value: Any, args: ModelArgs) -> Any:
+    """A q/k weight, bias or norm in the rotate-half layout -> Meta's interleaved pairs (others unchanged)."""
+    from llamaforge.checkpoints.hf import permute_qk_rows
+
+    if isinstance(value, GGUFQuantTensor):
+        raw = permute_qk_rows(key, value.raw, args, to_meta=True)
+        return value if raw is value.raw else GGUFQuantTensor(raw.contiguous(), value.qtype, value.shape)
+    return permute_qk_rows(key, value, args, to_meta=True)
 
 
 # Float types that `keep_quantized` also keeps as stored bytes (weight-only 16-bit layers on the CPU).
@@ -308,7 +328,7 @@ def metadata_from_args(args: ModelArgs, arch: str = "llama") -> dict[str, tuple[
         f"{arch}.attention.layer_norm_rms_epsilon": (float(args.norm_eps), "FLOAT32"),
         f"{arch}.rope.freq_base": (float(args.rope_theta), "FLOAT32"),
     }
-    if args.head_dim != args.dim // args.n_heads:
+    if args.head_dim != args.dim // args.n_heads or arch != "llama":  # convert_hf_to_gguf: whenever config has head_dim
         md[f"{arch}.attention.key_length"] = (args.head_dim, "UINT32")
         md[f"{arch}.attention.value_length"] = (args.head_dim, "UINT32")
     if args.rope_scaling is not None and args.rope_scaling.original_max_position_embeddings != 8192:

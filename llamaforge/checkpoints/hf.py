@@ -6,10 +6,13 @@ head, the first half of the rows holds the even ("real") components and the seco
 Meta and GGUF keep them interleaved in pairs. `hf_to_meta_qk` undoes the permutation once at load time
 and `meta_to_hf_qk` redoes it for saving; tests prove both against transformers' LlamaForCausalLM.
 
-config.json is read for model_type "llama" (LlamaForCausalLM) and "mistral" (MistralForCausalLM, same
-tensors). Mistral's sliding window only matters past `sliding_window` positions, so such a model's
-context length is capped at the window, where it is exactly a Llama. Rotary scaling: none/"default" and
-"llama3" are supported; "linear", "dynamic", "yarn", "longrope", ... are refused by name.
+config.json is read for model_type "llama" (LlamaForCausalLM), "mistral" (MistralForCausalLM, same
+tensors), "qwen2" (Qwen2ForCausalLM, Qwen2.5: biases on q/k/v, `ModelArgs.qkv_bias`) and "qwen3"
+(Qwen3ForCausalLM: RMSNorm per head on q and k, `ModelArgs.qk_norm`). Qwen keeps q/k in the same
+rotate-half layout, so the same permutation applies (to the q/k biases and norm weights as well).
+A sliding window only matters past `sliding_window` positions, so such a model's context length is capped
+at the window (`ModelArgs.sliding_window`), where it is exactly full attention. Rotary scaling:
+none/"default" and "llama3" are supported; "linear", "dynamic", "yarn", "longrope", ... are refused by name.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from llamaforge.model.args import ModelArgs, RopeScaling
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                         "qwen3": "Qwen3ForCausalLM"}
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
@@ -37,6 +41,20 @@ def hf_to_meta_qk(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
     dim = w.shape[1]
     # (n_heads, 2 halves, head_dim/2, dim) -> (n_heads, head_dim/2, 2, dim): pair (re, im) row by row
     return w.view(n_heads, 2, head_dim // 2, dim).transpose(1, 2).reshape(n_heads * head_dim, dim)
+
+
+def permute_qk_rows(key: str, w: torch.Tensor, args: ModelArgs, to_meta: bool) -> torch.Tensor:
+    """Apply `hf_to_meta_qk` (or its inverse) to a q/k weight, bias or per-head norm weight named `key`; others pass."""
+    if key.endswith(("wq.weight", "wq.bias")):
+        heads = args.n_heads
+    elif key.endswith(("wk.weight", "wk.bias")):
+        heads = args.n_kv_heads
+    elif key.endswith(("q_norm.weight", "k_norm.weight")):
+        heads = 1  # one head's worth of weights, shared by every head
+    else:
+        return w
+    fn = hf_to_meta_qk if to_meta else meta_to_hf_qk
+    return fn(w, heads, args.head_dim) if w.dim() == 2 else fn(w.unsqueeze(1), heads, args.head_dim).squeeze(1)
 
 
 def meta_to_hf_qk(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
@@ -151,7 +169,7 @@ def args_from_config(config: dict[str, Any], source: str) -> ModelArgs:
         problems.append(f"hidden_act={config['hidden_act']!r} (Llama uses 'silu')")
     for flag in ("attention_bias", "mlp_bias"):
         if config.get(flag):
-            problems.append(f"{flag}=true (Llama has no biases)")
+            problems.append(f"{flag}=true (a bias on the output or MLP projections)")
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "?")
         problems.append(f"quantization_config ({method}): quantized Hugging Face checkpoints")
@@ -164,12 +182,16 @@ def args_from_config(config: dict[str, Any], source: str) -> ModelArgs:
     theta, scaling = _rope(config, source)
     max_pos = config.get("max_position_embeddings", 2048)
     window = config.get("sliding_window")
-    if model_type == "mistral" and window and window < max_pos:
+    if model_type in ("qwen2", "qwen3") and not config.get("use_sliding_window", False):
+        window = None  # Qwen configs name a window but use it only with use_sliding_window
+    if window and window < max_pos:
         log.warning(
-            "%s: Mistral sliding window %d < max_position_embeddings %d: context length capped at %d, "
-            "where the model is exactly a Llama", source, window, max_pos, window,
+            "%s: sliding window %d < max_position_embeddings %d: context length capped at %d, "
+            "where full attention is exactly sliding-window attention", source, window, max_pos, window,
         )
         max_pos = window
+    else:
+        window = None
     try:
         return ModelArgs(
             dim=config["hidden_size"], n_layers=config["num_hidden_layers"], n_heads=config["num_attention_heads"],
@@ -177,13 +199,17 @@ def args_from_config(config: dict[str, Any], source: str) -> ModelArgs:
             head_dim=config.get("head_dim"), hidden_dim=config["intermediate_size"],
             norm_eps=config.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
             max_seq_len=max_pos, tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3", sliding_window=window,
         )
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{source}/config.json describes an invalid model: {e}") from e
 
 
 def config_from_args(args: ModelArgs, torch_dtype: str = "float32") -> dict[str, Any]:
-    """A config.json that transformers' LlamaForCausalLM (4.x and 5.x) builds exactly this model from."""
+    """A config.json that transformers (4.x and 5.x) builds exactly this model from.
+
+    LlamaForCausalLM, or Qwen2ForCausalLM for q/k/v biases, Qwen3ForCausalLM for per-head q/k norms.
+    """
     rope_scaling = None
     if args.rope_scaling is not None:
         rs = args.rope_scaling
@@ -192,9 +218,12 @@ def config_from_args(args: ModelArgs, torch_dtype: str = "float32") -> dict[str,
             "high_freq_factor": rs.high_freq_factor,
             "original_max_position_embeddings": rs.original_max_position_embeddings,
         }
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    if args.qkv_bias and args.qk_norm:
+        raise CheckpointError("no Hugging Face architecture has both q/k/v biases and q/k norms; save as GGUF or Meta")
+    model_type = "qwen3" if args.qk_norm else "qwen2" if args.qkv_bias else "llama"
+    config = {
+        "architectures": [SUPPORTED_MODEL_TYPES[model_type]],
+        "model_type": model_type,
         "hidden_size": args.dim,
         "intermediate_size": args.hidden_dim,
         "num_hidden_layers": args.n_layers,
@@ -216,6 +245,12 @@ def config_from_args(args: ModelArgs, torch_dtype: str = "float32") -> dict[str,
         "use_cache": True,
         "torch_dtype": torch_dtype,
     }
+    if model_type != "llama":
+        del config["mlp_bias"], config["pretraining_tp"]
+        config["use_sliding_window"] = False
+        if model_type == "qwen2":  # always has q/k/v biases, no flag
+            del config["attention_bias"]
+    return config
 
 
 def _read_index(path: Path) -> dict[str, str]:
@@ -334,11 +369,7 @@ def load_hf(
     if args.tie_embeddings:
         sd.pop("output.weight", None)  # transformers ties it to the embedding and ignores a stored copy
     keymaps.check_state_dict(sd, args, source=source, config="config.json")
-    for i in range(args.n_layers):
-        for name, heads in (("wq", args.n_heads), ("wk", args.n_kv_heads)):
-            key = f"layers.{i}.attention.{name}.weight"
-            sd[key] = hf_to_meta_qk(sd[key], heads, args.head_dim)
-    return args, sd
+    return args, {key: permute_qk_rows(key, w, args, to_meta=True) for key, w in sd.items()}
 
 
 def to_hf_state_dict(args: ModelArgs, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -346,8 +377,6 @@ def to_hf_state_dict(args: ModelArgs, state_dict: dict[str, torch.Tensor]) -> di
     out = {}
     table = keymaps.invert(keymaps.HF_TO_META)
     for key, value in state_dict.items():
-        if key.endswith(("attention.wq.weight", "attention.wk.weight")):
-            heads = args.n_heads if key.endswith("wq.weight") else args.n_kv_heads
-            value = meta_to_hf_qk(value, heads, args.head_dim)
+        value = permute_qk_rows(key, value, args, to_meta=False)
         out.update(keymaps.rename({key: value}, table, fmt="Meta", source="state_dict"))
     return out

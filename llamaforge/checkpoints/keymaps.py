@@ -32,6 +32,9 @@ META_LAYER = (
     "layers.{i}.attention_norm.weight",
     "layers.{i}.ffn_norm.weight",
 )
+# Present only for the architectures whose ModelArgs ask for them.
+META_QKV_BIAS = ("layers.{i}.attention.wq.bias", "layers.{i}.attention.wk.bias", "layers.{i}.attention.wv.bias")
+META_QK_NORM = ("layers.{i}.attention.q_norm.weight", "layers.{i}.attention.k_norm.weight")
 
 # Hugging Face transformers `LlamaForCausalLM` names -> Meta names.
 HF_TO_META: dict[str, str] = {
@@ -47,6 +50,12 @@ HF_TO_META: dict[str, str] = {
     "model.layers.{i}.mlp.up_proj.weight": "layers.{i}.feed_forward.w3.weight",
     "model.layers.{i}.input_layernorm.weight": "layers.{i}.attention_norm.weight",
     "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.ffn_norm.weight",
+    # Qwen2 (biases) and Qwen3 (per-head q/k norms)
+    "model.layers.{i}.self_attn.q_proj.bias": "layers.{i}.attention.wq.bias",
+    "model.layers.{i}.self_attn.k_proj.bias": "layers.{i}.attention.wk.bias",
+    "model.layers.{i}.self_attn.v_proj.bias": "layers.{i}.attention.wv.bias",
+    "model.layers.{i}.self_attn.q_norm.weight": "layers.{i}.attention.q_norm.weight",
+    "model.layers.{i}.self_attn.k_norm.weight": "layers.{i}.attention.k_norm.weight",
 }
 
 # llama.cpp GGUF tensor names (gguf-py `MODEL_TENSOR` for arch "llama") -> Meta names.
@@ -63,6 +72,12 @@ GGUF_TO_META: dict[str, str] = {
     "blk.{i}.ffn_up.weight": "layers.{i}.feed_forward.w3.weight",
     "blk.{i}.attn_norm.weight": "layers.{i}.attention_norm.weight",
     "blk.{i}.ffn_norm.weight": "layers.{i}.ffn_norm.weight",
+    # qwen2 (biases) and qwen3 (per-head q/k norms)
+    "blk.{i}.attn_q.bias": "layers.{i}.attention.wq.bias",
+    "blk.{i}.attn_k.bias": "layers.{i}.attention.wk.bias",
+    "blk.{i}.attn_v.bias": "layers.{i}.attention.wv.bias",
+    "blk.{i}.attn_q_norm.weight": "layers.{i}.attention.q_norm.weight",
+    "blk.{i}.attn_k_norm.weight": "layers.{i}.attention.k_norm.weight",
 }
 
 # Keys some writers include that carry nothing the model needs (recomputed rotary buffers).
@@ -90,6 +105,11 @@ META_SHARD_DIM: dict[str, int | None] = {
     "layers.{i}.feed_forward.w3.weight": 0,
     "layers.{i}.attention_norm.weight": None,
     "layers.{i}.ffn_norm.weight": None,
+    "layers.{i}.attention.wq.bias": 0,
+    "layers.{i}.attention.wk.bias": 0,
+    "layers.{i}.attention.wv.bias": 0,
+    "layers.{i}.attention.q_norm.weight": None,
+    "layers.{i}.attention.k_norm.weight": None,
 }
 
 _LAYER = re.compile(r"\.(\d+)\.")
@@ -180,6 +200,11 @@ def meta_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
         "attention_norm.weight": (d,),
         "ffn_norm.weight": (d,),
     }
+    if args.qkv_bias:
+        per_layer.update({"attention.wq.bias": (args.n_heads * hd,), "attention.wk.bias": (args.n_kv_heads * hd,),
+                          "attention.wv.bias": (args.n_kv_heads * hd,)})
+    if args.qk_norm:
+        per_layer.update({"attention.q_norm.weight": (hd,), "attention.k_norm.weight": (hd,)})
     for i in range(args.n_layers):
         for name, shape in per_layer.items():
             shapes[f"layers.{i}.{name}"] = shape
@@ -192,6 +217,12 @@ def _why(key: str, args: ModelArgs) -> str:
     head = f"head_dim={args.head_dim}"
     if args.head_dim == args.dim // args.n_heads:
         head += f" = dim/n_heads = {args.dim}/{args.n_heads}"
+    if t.endswith(("q_norm.weight", "k_norm.weight")):
+        return head
+    if t.endswith("wq.bias"):
+        return f"n_heads={args.n_heads} x {head}"
+    if t.endswith(("wk.bias", "wv.bias")):
+        return f"n_kv_heads={args.n_kv_heads} x {head}"
     if t.endswith(("wq.weight", "wo.weight")):
         return f"n_heads={args.n_heads} x {head}, dim={args.dim}"
     if t.endswith(("wk.weight", "wv.weight")):

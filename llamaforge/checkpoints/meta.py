@@ -114,6 +114,7 @@ def args_from_params(params: dict[str, Any], vocab_size: int, source: str) -> Mo
             ffn_dim_multiplier=params.get("ffn_dim_multiplier"), norm_eps=params.get("norm_eps", 1e-5),
             rope_theta=params.get("rope_theta", 10000.0), rope_scaling=rope_scaling,
             max_seq_len=default_max_seq_len(params, vocab), tie_embeddings=False,
+            qkv_bias=bool(params.get("qkv_bias", False)), qk_norm=bool(params.get("qk_norm", False)),
         )
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{source}/params.json describes an invalid model: {e}") from e
@@ -169,6 +170,11 @@ def params_from_args(args: ModelArgs) -> dict[str, Any]:
             params["rope_low_freq_factor"] = rs.low_freq_factor
         if rs.original_max_position_embeddings != 8192:
             params["rope_original_max_position_embeddings"] = rs.original_max_position_embeddings
+    # Not Meta's, but needed for Qwen-shaped models (read back by args_from_params).
+    if args.qkv_bias:
+        params["qkv_bias"] = True
+    if args.qk_norm:
+        params["qk_norm"] = True
     # Never max_seq_len: Meta's build passes it as a keyword beside **params, so a params.json holding it
     # makes Meta's own code fail ("got multiple values for keyword argument 'max_seq_len'").
     return params

@@ -1,4 +1,4 @@
-"""Writing checkpoints in Meta, Hugging Face and GGUF form, atomically.
+"""Writing checkpoints in Meta and Hugging Face form (GGUF: gguf_write.py), atomically.
 
 Every writer builds its output under a temporary name in the destination's parent folder, fsyncs the
 files and the folder, and only then renames it into place with `os.replace`, so a process killed
@@ -21,10 +21,9 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
-import numpy as np
 import torch
 
-from llamaforge.checkpoints import gguf as gguf_format
+from llamaforge.checkpoints.gguf import GGUFQuantTensor
 from llamaforge.checkpoints import hf as hf_format
 from llamaforge.checkpoints import keymaps
 from llamaforge.checkpoints import meta as meta_format
@@ -133,7 +132,7 @@ def materialize(state_dict: dict[str, Any], dtype: DTypeLike = None) -> dict[str
     out = {}
     seen: set[int] = set()
     for key, value in state_dict.items():
-        if isinstance(value, gguf_format.GGUFQuantTensor):
+        if isinstance(value, GGUFQuantTensor):
             value = value.dequantize()
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{key}: expected a tensor, got {type(value).__name__}")
@@ -149,7 +148,7 @@ def materialize(state_dict: dict[str, Any], dtype: DTypeLike = None) -> dict[str
     return out
 
 
-def _check(args: ModelArgs, state_dict: dict[str, Any]) -> None:
+def check_args(args: ModelArgs, state_dict: dict[str, Any]) -> None:
     keymaps.check_state_dict(state_dict, args, source="the state dict to save", config="the ModelArgs given")
 
 
@@ -198,7 +197,7 @@ def save_meta(
     Returns:
         The output folder.
     """
-    _check(args, state_dict)
+    check_args(args, state_dict)
     params = meta_format.params_from_args(args)
     tensors = materialize(state_dict, dtype)
     shards = meta_format.split_meta_shards(tensors, args, num_shards, vocab_parallel_embedding=vocab_parallel_embedding)
@@ -233,7 +232,7 @@ def save_hf(
     """
     from safetensors.torch import save_file
 
-    _check(args, state_dict)
+    check_args(args, state_dict)
     tensors = hf_format.to_hf_state_dict(args, materialize(state_dict, dtype))
     config = hf_format.config_from_args(args, _dtype_name(tensors))
     config.update(extra_config or {})
@@ -260,110 +259,3 @@ def save_hf(
             _write_json(tmp / hf_format.SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
         _copy_tokenizer(tokenizer_path, tmp, with_config=True)
     return Path(out_dir)
-
-
-# GGUF value types for the tokenizer keys llama.cpp checks strictly; others are inferred.
-_GGUF_KEY_TYPES = {
-    "tokenizer.ggml.token_type": ("ARRAY", "INT32"),
-    "tokenizer.ggml.scores": ("ARRAY", "FLOAT32"),
-    "tokenizer.ggml.tokens": ("ARRAY", "STRING"),
-    "tokenizer.ggml.merges": ("ARRAY", "STRING"),
-}
-
-
-def _gguf_type(key: str, value: Any) -> tuple[str, Optional[str]]:
-    if key in _GGUF_KEY_TYPES:
-        return _GGUF_KEY_TYPES[key]
-    if isinstance(value, bool):
-        return "BOOL", None
-    if isinstance(value, int):
-        return ("UINT32" if 0 <= value < 1 << 32 else "INT64"), None
-    if isinstance(value, float):
-        return "FLOAT32", None
-    if isinstance(value, str):
-        return "STRING", None
-    if isinstance(value, (list, tuple)) and value:
-        sub = {_gguf_type("", v)[0] for v in value}
-        if sub <= {"UINT32", "INT64"}:
-            return "ARRAY", "INT32" if all(-(1 << 31) <= v < 1 << 31 for v in value) else "INT64"
-        if sub <= {"UINT32", "INT64", "FLOAT32"}:
-            return "ARRAY", "FLOAT32"
-        if len(sub) == 1:
-            return "ARRAY", sub.pop()
-    raise CheckpointError(f"cannot store GGUF metadata {key!r} = {str(value)[:60]!r}: unsupported or mixed value type")
-
-
-def save_gguf(
-    args: ModelArgs, state_dict: dict[str, Any], out_path: PathLike, *,
-    tokenizer_metadata: Optional[dict[str, Any]] = None, dtype: str = "f32", name: Optional[str] = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write a llama-architecture GGUF file, with the keys llama.cpp's convert_hf_to_gguf writes.
-
-    Args:
-        args: the model's shape, written as `llama.*` metadata (+ `rope_freqs.weight` for Llama 3 scaling).
-        state_dict: Meta-named tensors; GGUFQuantTensor values are written as they are.
-        out_path: destination file.
-        tokenizer_metadata: GGUF metadata to copy through: its `tokenizer.*` keys (and general.name) are
-            written, e.g. `Checkpoint.gguf_metadata` of a loaded GGUF model.
-        dtype: "f32", "f16" or "bf16" (2-D weights in F16/BF16, norms in F32, as llama.cpp does) or "q8_0" (2-D weights
-            whose rows are a multiple of 32 in Q8_0, others F16, norms F32).
-        name: general.name (default: the metadata's, else "llamaforge").
-        overwrite: replace an existing file.
-
-    Returns:
-        The output path.
-    """
-    import gguf
-    from gguf.constants import GGMLQuantizationType, GGUFValueType, LlamaFileType
-
-    kind = {"f32": "f32", "float32": "f32", "f16": "f16", "float16": "f16", "bf16": "bf16", "bfloat16": "bf16",
-            "q8_0": "q8_0"}.get(str(dtype).lower().replace("torch.", ""))
-    if kind is None:
-        raise CheckpointError(f"save_gguf dtype must be 'f32', 'f16', 'bf16' or 'q8_0', got {dtype!r}")
-    _check(args, state_dict)
-    meta = dict(tokenizer_metadata or {})
-    with atomic_file(out_path, overwrite=overwrite) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), "llama")
-        try:
-            writer.add_name(name or meta.get("general.name") or "llamaforge")
-            writer.add_file_type({"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16,
-                                  "bf16": LlamaFileType.MOSTLY_BF16, "q8_0": LlamaFileType.MOSTLY_Q8_0}[kind])
-            if kind == "q8_0" or any(isinstance(v, gguf_format.GGUFQuantTensor) for v in state_dict.values()):
-                writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-            for key, (value, vtype) in gguf_format.metadata_from_args(args).items():
-                writer.add_key_value(key, value, GGUFValueType[vtype])
-            for key, value in meta.items():
-                if key.startswith("tokenizer.") and value != []:  # gguf-py cannot store empty arrays
-                    vtype, sub = _gguf_type(key, value)
-                    writer.add_key_value(key, value, GGUFValueType[vtype], GGUFValueType[sub] if sub else None)
-            if args.rope_scaling is not None:
-                factors = gguf_format.rope_factors(args.rope_scaling, args.head_dim, args.rope_theta)
-                writer.add_tensor("rope_freqs.weight", factors.numpy())
-            table = keymaps.invert(keymaps.GGUF_TO_META)
-            for key, value in state_dict.items():
-                (gguf_name,) = keymaps.rename({key: None}, table, fmt="Meta", source="state_dict")
-                _add_tensor(writer, gguf_name, value, kind, GGMLQuantizationType)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-        finally:
-            writer.close()
-    return Path(out_path)
-
-
-def _add_tensor(writer: Any, name: str, value: Any, kind: str, qtypes: Any) -> None:
-    import gguf.quants
-
-    if isinstance(value, gguf_format.GGUFQuantTensor):
-        writer.add_tensor(name, value.raw.contiguous().numpy(), raw_dtype=qtypes[value.qtype])
-        return
-    array = value.detach().to("cpu", torch.float32).contiguous().numpy()
-    if array.ndim < 2 or kind == "f32":
-        writer.add_tensor(name, array)
-    elif kind == "bf16":
-        writer.add_tensor(name, gguf.quants.quantize(array, qtypes.BF16), raw_dtype=qtypes.BF16)
-    elif kind == "q8_0" and array.shape[-1] % 32 == 0:
-        writer.add_tensor(name, gguf.quants.quantize(array, qtypes.Q8_0), raw_dtype=qtypes.Q8_0)
-    else:
-        writer.add_tensor(name, array.astype(np.float16))

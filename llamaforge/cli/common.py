@@ -10,7 +10,8 @@ from typing import Any
 def add_model_flags(parser: argparse.ArgumentParser, *, max_seq_len: Any = None, max_batch_size: int = 4) -> None:
     """MODEL (positional) or Meta's --ckpt_dir, plus --tokenizer_path, devices and context size."""
     parser.add_argument("model", nargs="?", default=None,
-                        help="checkpoint: Meta folder, Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct)")
+                        help="checkpoint: Meta folder, Hugging Face folder, .gguf file, or a model reference "
+                             "org/name[:QUANT][@REVISION] (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--ckpt_dir", "--ckpt-dir", dest="ckpt_dir", default=None, help="same as MODEL (Meta's flag)")
     parser.add_argument("--tokenizer_path", "--tokenizer-path", dest="tokenizer_path", default=None,
                         help="tokenizer.model / tokenizer.json, when the checkpoint carries none")

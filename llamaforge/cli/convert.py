@@ -1,6 +1,7 @@
 """`llamaforge convert`: turn any checkpoint llamaforge reads (Meta, Hugging Face, GGUF) into Meta or HF format.
 
-GGUF output is also possible (float32, float16 or Q8_0 weights). Quantized GGUF weights are dequantized
+GGUF output is also possible, with the tokenizer and chat template embedded: f32, f16, bf16, or as
+llama-quantize writes them q8_0, q4_0, q4_k_m, q6_k (`--to gguf --dtype q4_k_m`). Quantized GGUF weights are dequantized
 on the way out, so a Meta or HF copy of a Q4 file holds the Q4 values exactly, in the chosen dtype.
 The tokenizer travels with the weights: its file is copied, or (from a GGUF vocabulary) written as
 tokenizer.json + tokenizer_config.json.
@@ -19,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("output", help="folder to write (a .gguf file for --to gguf)")
     p.add_argument("--to", required=True, choices=FORMATS, help="output format")
     p.add_argument("--dtype", default=None,
-                   help="weights dtype: float32/bfloat16/float16 (meta, hf), f32/f16/q8_0 (gguf); default keeps the source's")
+                   help="weights dtype: float32/bfloat16/float16 (meta, hf); f32/f16/bf16/q8_0/q4_0/q4_k_m/q6_k (gguf, "
+                        "default f32); default keeps the source's")
     p.add_argument("--tokenizer_path", "--tokenizer-path", dest="tokenizer_path", default=None)
     p.add_argument("--shards", type=int, default=1, help="model-parallel shards for Meta output (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")

@@ -9,7 +9,7 @@ from collections import Counter
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="describe a checkpoint", description=__doc__)
-    p.add_argument("model", nargs="?", default=None, help="checkpoint (default: the default model)")
+    p.add_argument("model", nargs="?", default=None, help="checkpoint path or model reference (default: the default model)")
     p.add_argument("--tokenizer_path", "--tokenizer-path", dest="tokenizer_path", default=None)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=run)
@@ -18,11 +18,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def describe(model=None, tokenizer_path=None) -> dict:
     """A plain dict describing a checkpoint and its tokenizer; loads no weights into a model."""
     from llamaforge import checkpoints
-    from llamaforge.api import _load_tokenizer
     from llamaforge.chat import chat_format_for
-    from llamaforge.default_model import default_model_path
+    from llamaforge.hub import resolve_model
+    from llamaforge.tokenizer import Tokenizer
 
-    path = model or default_model_path()
+    path = resolve_model(model)
     ckpt = checkpoints.load(path, progress=False, keep_quantized=True)
     dtypes = Counter(getattr(t, "qtype", None) or str(t.dtype).replace("torch.", "") for t in ckpt.state_dict.values())
     info = {
@@ -33,7 +33,7 @@ def describe(model=None, tokenizer_path=None) -> dict:
         "tensor_types": dict(dtypes),
     }
     try:
-        tok = _load_tokenizer(ckpt, tokenizer_path)
+        tok = Tokenizer.from_source(ckpt.tokenizer_source, tokenizer_path, hint="--tokenizer_path")
         info["tokenizer"] = {"kind": tok.kind, "n_words": tok.n_words, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
                              "stop_ids": sorted(tok.stop_ids), "add_bos": tok.add_bos}
         info["chat_format"] = chat_format_for(tok).name

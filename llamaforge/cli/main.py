@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 from llamaforge.errors import LlamaforgeError
 
 # Each module has `register(subparsers)`; heavy imports happen inside its `run`.
-COMMANDS = ["demo", "generate", "chat", "info", "convert"]
+COMMANDS = ["demo", "generate", "chat", "info", "convert", "quantize", "pull", "list", "rm", "show"]
 OPTIONAL_COMMANDS = ["serve", "train", "eval", "tokenizer"]
 
 

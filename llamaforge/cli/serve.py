@@ -47,6 +47,17 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"llamaforge: serving {app.state.model_name} on http://{args.host}:{args.port} "
           f"(chat page at /, OpenAI API at /v1)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=args.shutdown_timeout)
+    grace = max(0.0, args.shutdown_timeout - 0.5)  # leave uvicorn time to send the streams' ends
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            app.state.served.begin_shutdown(grace)  # running requests end with an error event and [DONE]
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.shutdown_timeout)
+    try:
+        Server(config).run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, once it has shut down
+        pass
     return 0

@@ -1,6 +1,16 @@
-"""Sampling and Meta-exact token generation over a Transformer and a KV cache."""
+"""THE engine (continuous batching over a slot pool), the one sampler, and Meta's lock-step mode.
 
-from llamaforge.generation.generate import generate, iterate
-from llamaforge.generation.sampling import SamplingParams, sample, sample_top_p
+No HTTP here: `Llama` (api.py) is the front door over this package, and the server, the CLI and spaCy
+go through `Llama`. See docs/architecture.md for the path of a request.
+"""
 
-__all__ = ["generate", "iterate", "SamplingParams", "sample", "sample_top_p"]
+from llamaforge.generation.checks import check_prompts
+from llamaforge.generation.engine import Engine, wait_idle
+from llamaforge.generation.generate import generate, meta_cut
+from llamaforge.generation.jobs import Delta, EngineClosed, Event, Failure, Finish, Job, PromptDone, QueueFull, Sink
+from llamaforge.generation.sampler import SamplingParams, TokenInfo, sample, sample_top_p
+
+__all__ = [
+    "Engine", "wait_idle", "generate", "meta_cut", "check_prompts", "Job", "Delta", "Finish", "PromptDone",
+    "Failure", "Event", "Sink", "QueueFull", "EngineClosed", "SamplingParams", "TokenInfo", "sample", "sample_top_p",
+]

@@ -44,17 +44,17 @@ def load_llama(
     """
     from llamaforge import devices
     from llamaforge.api import Llama
-    from llamaforge.default_model import default_model_path
+    from llamaforge.hub import resolve_model
 
     if model is not None and not isinstance(model, (str, Path)):
-        raise ConfigError(f"model must be a checkpoint path or None for the default model, got {model!r}")
+        raise ConfigError(f"model must be a checkpoint path, a model reference (org/name[:QUANT]) or None for the default model, got {model!r}")
     if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1:
         raise ConfigError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
     if max_seq_len is not None and (
         not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool) or max_seq_len < 1
     ):
         raise ConfigError(f"max_seq_len must be a positive integer or None, got {max_seq_len!r}")
-    path = (Path(model).expanduser() if model is not None else default_model_path()).resolve()
+    path = resolve_model(model, progress=False).resolve()
     dev = devices.resolve_device(device)
     torch_dtype = devices.resolve_dtype(dtype, dev)
 
@@ -74,6 +74,7 @@ def load_llama(
     return Llama(
         base.model, base.tokenizer, max_seq_len=max_seq_len or base.max_seq_len, max_batch_size=max_batch_size,
         device=base.device, checkpoint_format=base.checkpoint_format, source=base.source,
+        decode_step=base.decode_step,
     )
 
 
@@ -84,9 +85,9 @@ def preload(llama, model: Optional[str] = None) -> None:
     spaCy pipelines that name the same checkpoint (`model`, None for the default model) on the same
     device and dtype to use it rather than load another copy.
     """
-    from llamaforge.default_model import default_model_path
+    from llamaforge.hub import resolve_model
 
-    path = (Path(model).expanduser() if model is not None else default_model_path()).resolve()
+    path = resolve_model(model, progress=False).resolve()
     key = (str(path), str(llama.device), str(llama.model.norm.weight.dtype), None)
     with _LOCK:
         _LOADED[key] = llama

@@ -4,20 +4,21 @@ A quantized 2-D weight of shape (out_features, in_features) is stored as GGUF st
 tensor (out_features, bytes_per_row), each row a run of blocks (32 weights per block for
 Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, 256 per super-block for Q4_K/Q5_K/Q6_K; F16 and BF16 weights are held the
 same way, as their bytes, "blocks" of one weight). The byte layouts are
-llama.cpp's (ggml-common.h); `dequantize_torch` ports gguf-py's numpy `dequantize_blocks` operation
-for operation, so it is bit-identical to `gguf.quants.dequantize` and runs on any device (it is the
-fallback path on CUDA/MPS and on CPUs without the C++ kernels). `quantize_numpy` uses gguf-py's
+llama.cpp's (ggml-common.h); `dequantize_torch` decodes them with the one table of block decoders
+(`llamaforge.checkpoints.dequant`, bit-identical to `gguf.quants.dequantize`, any device: the fallback
+path on CUDA/MPS and on CPUs without the C++ kernels). `quantize_numpy` uses gguf-py's
 numpy quantizers (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), which match llama.cpp's reference quantizers.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
+from llamaforge.checkpoints.dequant import decode_blocks
 from llamaforge.errors import CheckpointError, ConfigError
 
 
@@ -98,128 +99,16 @@ def check_raw(raw: torch.Tensor, info: QType, shape: Sequence[int]) -> tuple[int
     return out_features, in_features
 
 
-# ------------------------------------------------------------------------------------------------
-# Exact dequantization in PyTorch. Each function takes blocks (n_blocks, bytes) uint8 and returns
-# (n_blocks, block) float32, with the same float32 operations in the same order as gguf-py.
-
-
-def _f16(blocks: torch.Tensor, offset: int) -> torch.Tensor:
-    """The float16 at byte `offset` of every block, as float32 (n_blocks, 1)."""
-    return blocks[:, offset : offset + 2].contiguous().view(torch.float16).to(torch.float32)
-
-
-def _nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """(n, 16) packed bytes -> (n, 32) values: low nibbles are elements 0..15, high nibbles 16..31."""
-    return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
-
-
-def _bits32(qh: torch.Tensor) -> torch.Tensor:
-    """(n, 4) bytes holding a little-endian uint32 -> (n, 32) uint8 bits, bit j at position j."""
-    shifts = torch.arange(8, device=qh.device, dtype=torch.uint8)
-    return ((qh.unsqueeze(-1) >> shifts) & 1).reshape(qh.shape[0], 32)  # (n, 4, 8) -> (n, 32)
-
-
-def _deq_q8_0(b: torch.Tensor) -> torch.Tensor:
-    d = _f16(b, 0)
-    x = b[:, 2:].contiguous().view(torch.int8).to(torch.float32)
-    return x * d
-
-
-def _deq_q4_0(b: torch.Tensor) -> torch.Tensor:
-    d = _f16(b, 0)
-    q = _nibbles(b[:, 2:]).to(torch.int8) - 8
-    return d * q.to(torch.float32)
-
-
-def _deq_q4_1(b: torch.Tensor) -> torch.Tensor:
-    d, m = _f16(b, 0), _f16(b, 2)
-    q = _nibbles(b[:, 4:]).to(torch.float32)
-    return (d * q) + m
-
-
-def _deq_q5_0(b: torch.Tensor) -> torch.Tensor:
-    d = _f16(b, 0)
-    q = _nibbles(b[:, 6:]) | (_bits32(b[:, 2:6]) << 4)
-    return d * (q.to(torch.int8) - 16).to(torch.float32)
-
-
-def _deq_q5_1(b: torch.Tensor) -> torch.Tensor:
-    d, m = _f16(b, 0), _f16(b, 2)
-    q = _nibbles(b[:, 8:]) | (_bits32(b[:, 4:8]) << 4)
-    return (d * q.to(torch.float32)) + m
-
-
-def _scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, 12) packed six-bit scales/mins of Q4_K/Q5_K -> two (n, 8) uint8 tensors."""
-    d, m, md = scales[:, 0:4], scales[:, 4:8], scales[:, 8:12]
-    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
-    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=-1)
-    return sc, mn
-
-
-def _deq_qk(b: torch.Tensor, five: bool) -> torch.Tensor:
-    n = b.shape[0]
-    d, dmin = _f16(b, 0), _f16(b, 2)
-    sc, mn = _scale_min_k4(b[:, 4:16])
-    dl = (d * sc.to(torch.float32)).reshape(n, 8, 1)
-    ml = (dmin * mn.to(torch.float32)).reshape(n, 8, 1)
-    qs = b[:, 48:] if five else b[:, 16:]
-    q = torch.stack([qs.reshape(n, 4, 32) & 0x0F, qs.reshape(n, 4, 32) >> 4], dim=2).reshape(n, 8, 32)
-    if five:
-        shifts = torch.arange(8, device=b.device, dtype=torch.uint8).reshape(1, 8, 1)
-        q = q | (((b[:, 16:48].reshape(n, 1, 32) >> shifts) & 1) << 4)  # (n, 8, 32)
-    return (dl * q.to(torch.float32) - ml).reshape(n, 256)
-
-
-def _deq_q4_k(b: torch.Tensor) -> torch.Tensor:
-    return _deq_qk(b, five=False)
-
-
-def _deq_q5_k(b: torch.Tensor) -> torch.Tensor:
-    return _deq_qk(b, five=True)
-
-
-def _deq_q6_k(b: torch.Tensor) -> torch.Tensor:
-    n = b.shape[0]
-    ql, qh = b[:, :128], b[:, 128:192]
-    scales = b[:, 192:208].contiguous().view(torch.int8).to(torch.float32)
-    d = (_f16(b, 208) * scales).reshape(n, 16, 1)
-    ql = ql.reshape(n, 2, 1, 64) >> torch.tensor([0, 4], device=b.device, dtype=torch.uint8).reshape(1, 1, 2, 1)
-    ql = (ql & 0x0F).reshape(n, 8, 32)  # (n, 2 halves, 2 shifts, 64) -> (n, 8, 32)
-    qh = qh.reshape(n, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], device=b.device, dtype=torch.uint8).reshape(1, 1, 4, 1)
-    qh = (qh & 0x03).reshape(n, 8, 32)
-    q = ((ql | (qh << 4)).to(torch.int8) - 32).reshape(n, 16, 16).to(torch.float32)
-    return (d * q).reshape(n, 256)
-
-
-def _deq_16bit(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda b: b.contiguous().view(dtype).to(torch.float32)
-
-
-_DEQUANT: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "F16": _deq_16bit(torch.float16),
-    "BF16": _deq_16bit(torch.bfloat16),
-    "Q4_0": _deq_q4_0,
-    "Q4_1": _deq_q4_1,
-    "Q5_0": _deq_q5_0,
-    "Q5_1": _deq_q5_1,
-    "Q8_0": _deq_q8_0,
-    "Q4_K": _deq_q4_k,
-    "Q5_K": _deq_q5_k,
-    "Q6_K": _deq_q6_k,
-}
-
-
 def dequantize_torch(raw: torch.Tensor, qtype: str, in_features: int) -> torch.Tensor:
     """Rows of GGUF blocks (rows, bytes_per_row) uint8 -> (rows, in_features) float32, on raw's device.
 
-    Bit-identical to gguf.quants.dequantize. Works for any leading shape: raw (..., bytes) gives
-    (..., in_features).
+    Bit-identical to gguf.quants.dequantize (the block decoders of `llamaforge.checkpoints.dequant`, the one
+    table). Works for any leading shape: raw (..., bytes) gives (..., in_features).
     """
     info = qtype_info(qtype)
     lead = raw.shape[:-1]
     blocks = raw.reshape(-1, info.bytes)  # (rows * blocks_per_row, bytes)
-    return _DEQUANT[info.name](blocks).reshape(*lead, in_features)
+    return decode_blocks(blocks, info.name).reshape(*lead, in_features)
 
 
 def x8_shape(qtype: str, out_features: int, in_features: int) -> tuple[int, int]:

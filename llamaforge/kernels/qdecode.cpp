@@ -1,5 +1,6 @@
 // The fused decode step (qdecode.h): for one new token per row, each block computes
-//   h = x + wo(attention(rope(wq(norm(x))), rope(wk(norm(x))), wv(norm(x))))
+//   h = x + wo(attention(rope(qn(wq(norm(x)))), rope(kn(wk(norm(x)))), wv(norm(x))))
+// (qn, kn: the per-head q/k RMSNorms of Qwen3, identity elsewhere; projections may carry biases)
 //   out = h + w2(silu(w1(norm(h))) * w3(norm(h)))
 // and then logits = output(norm(out)), as llamaforge/model/layers.py does (float32 norms, softmax and
 // rotary; quantized weights take int8 activations as QuantizedLinear does, float32 weights float32
@@ -93,6 +94,10 @@ Decoder::Decoder(std::vector<DecoderLayer> layers, int64_t n_heads, int64_t n_kv
                                          q->bias.numel() == q->N),
                   "decoder: a bias must be contiguous float32 (out_features,)");
     }
+    for (const at::Tensor* n : {&l.q_norm, &l.k_norm})
+      TORCH_CHECK(!n->defined() || (n->scalar_type() == at::kFloat && n->is_contiguous() && n->numel() == head_dim),
+                  "decoder: q/k norm weights must be contiguous float32 (head_dim,)");
+    TORCH_CHECK(l.q_norm.defined() == l.k_norm.defined(), "decoder: q_norm and k_norm come together");
     TORCH_CHECK(l.attention_norm.scalar_type() == at::kFloat && l.ffn_norm.scalar_type() == at::kFloat &&
                     l.attention_norm.is_contiguous() && l.ffn_norm.is_contiguous() && l.ffn_norm.numel() == dim,
                 "decoder: norm weights must be contiguous float32 (dim,)");
@@ -158,6 +163,10 @@ at::Tensor Decoder::step(const at::Tensor& x_in, const at::Tensor& pos_in, const
     }
     for (int64_t b = 0; b < B; ++b) {
       const int64_t half = hd / 2;
+      if (ly.q_norm.defined()) {  // each head normalised on its own, in place
+        rms_norm(q.data() + b * H * hd, ly.q_norm.data_ptr<float>(), H, hd, eps_, q.data() + b * H * hd);
+        rms_norm(k.data() + b * Hkv * hd, ly.k_norm.data_ptr<float>(), Hkv, hd, eps_, k.data() + b * Hkv * hd);
+      }
       rope(q.data() + b * H * hd, H, hd, cos + pos[b] * half, sin + pos[b] * half);
       rope(k.data() + b * Hkv * hd, Hkv, hd, cos + pos[b] * half, sin + pos[b] * half);
       for (int64_t g = 0; g < Hkv; ++g) {

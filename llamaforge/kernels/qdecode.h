@@ -13,6 +13,7 @@ namespace lfq {
 struct DecoderLayer {
   at::Tensor attention_norm, ffn_norm;  // float32 (dim,)
   QWeight wq, wk, wv, wo, w1, w2, w3;
+  at::Tensor q_norm, k_norm;  // float32 (head_dim,): RMSNorm of each q / k head before rotary (Qwen3), or undefined
 };
 
 class Decoder {

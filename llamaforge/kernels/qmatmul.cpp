@@ -306,9 +306,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   // The fused decode step (qdecode.h). A weight is (tensor, qt, N, K, layout, bias or None): GGUF bytes,
   // or a float (N, K) tensor with qt 0 (F32), 1 (F16), 30 (BF16); a layer is
-  // (attention_norm, ffn_norm, [wq, wk, wv, wo, w1, w2, w3]).
+  // (attention_norm, ffn_norm, [wq, wk, wv, wo, w1, w2, w3], q_norm or None, k_norm or None).
   using WeightSpec = std::tuple<at::Tensor, int64_t, int64_t, int64_t, int64_t, std::optional<at::Tensor>>;
-  using LayerSpec = std::tuple<at::Tensor, at::Tensor, std::vector<WeightSpec>>;
+  using LayerSpec = std::tuple<at::Tensor, at::Tensor, std::vector<WeightSpec>, std::optional<at::Tensor>,
+                               std::optional<at::Tensor>>;
   py::class_<Decoder>(m, "Decoder")
       .def(py::init([](const std::vector<LayerSpec>& specs, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
                        double norm_eps, at::Tensor cos, at::Tensor sin, at::Tensor norm, const WeightSpec& output) {
@@ -317,11 +318,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                return QWeight{w, qt, N, K, layout, bias.has_value() ? *bias : at::Tensor()};
              };
              std::vector<DecoderLayer> layers;
-             for (const auto& [attention_norm, ffn_norm, weights] : specs) {
+             for (const auto& [attention_norm, ffn_norm, weights, q_norm, k_norm] : specs) {
                TORCH_CHECK(weights.size() == 7, "decoder: a layer has 7 weights (wq wk wv wo w1 w2 w3)");
                std::vector<QWeight> q;
                for (const WeightSpec& spec : weights) q.push_back(weight(spec));
-               layers.push_back(DecoderLayer{attention_norm, ffn_norm, q[0], q[1], q[2], q[3], q[4], q[5], q[6]});
+               layers.push_back(DecoderLayer{attention_norm, ffn_norm, q[0], q[1], q[2], q[3], q[4], q[5], q[6],
+                                             q_norm.value_or(at::Tensor()), k_norm.value_or(at::Tensor())});
              }
              return Decoder(std::move(layers), n_heads, n_kv_heads, head_dim, norm_eps, std::move(cos),
                             std::move(sin), std::move(norm), weight(output));

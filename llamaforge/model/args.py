@@ -61,6 +61,11 @@ class ModelArgs:
         rope_scaling: Llama 3.1-style scaling of rotary frequencies, or None.
         max_seq_len: the model's context length (positions it was trained for).
         tie_embeddings: the output projection shares the token embedding matrix.
+        qkv_bias: the q, k and v projections have biases (Qwen2 / Qwen2.5).
+        qk_norm: an RMSNorm over each head of q and of k, before the rotary embedding (Qwen3).
+        sliding_window: attention sees at most this many positions (Mistral, some Qwen configs); None means
+            full attention. The model is exact only up to this many positions, so `max_seq_len` must not
+            exceed it: parsers cap the context length at the window (see checkpoints/hf.py).
     """
 
     dim: int
@@ -77,6 +82,9 @@ class ModelArgs:
     rope_scaling: Optional[RopeScaling] = None
     max_seq_len: int = 2048
     tie_embeddings: bool = False
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: Optional[int] = None
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -96,6 +104,12 @@ class ModelArgs:
             self.hidden_dim = meta_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
         if self.hidden_dim <= 0:
             raise ConfigError(f"hidden_dim must be positive, got {self.hidden_dim}")
+        if self.sliding_window is not None and self.max_seq_len > self.sliding_window:
+            raise ConfigError(
+                f"max_seq_len {self.max_seq_len} exceeds the sliding window {self.sliding_window}: llamaforge attends "
+                "to every cached position, which equals sliding-window attention only within the window; "
+                f"use max_seq_len <= {self.sliding_window}"
+            )
         if isinstance(self.rope_scaling, dict):
             unknown = sorted(set(self.rope_scaling) - {f.name for f in dataclasses.fields(RopeScaling)})
             if unknown:
@@ -108,6 +122,7 @@ class ModelArgs:
     def n_params(self) -> int:
         """Number of parameters of a model of this shape."""
         attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        attn += self.qkv_bias * self.head_dim * (self.n_heads + 2 * self.n_kv_heads) + self.qk_norm * 2 * self.head_dim
         ffn = 3 * self.dim * self.hidden_dim
         block = attn + ffn + 2 * self.dim
         output = 0 if self.tie_embeddings else self.vocab_size * self.dim
@@ -144,6 +159,9 @@ _FIELDS: dict[str, tuple[str, float]] = {
     "rope_theta": ("float", 1e12),
     "max_seq_len": ("int", MAX_CONTEXT),
     "tie_embeddings": ("bool", 1),
+    "qkv_bias": ("bool", 1),
+    "qk_norm": ("bool", 1),
+    "sliding_window": ("int", MAX_CONTEXT),
 }
 
 

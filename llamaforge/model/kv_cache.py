@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from llamaforge.model.step import StepInput
+
 
 class KVCache(nn.Module):
     """Keys and values of shape (n_layers, n_slots, n_kv_heads, max_seq_len, head_dim)."""
@@ -47,27 +49,21 @@ class KVCache(nn.Module):
         return self.k.shape[3]
 
     def update(
-        self,
-        layer: int,
-        input_pos: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        slots: Optional[torch.Tensor] = None,
-        kv_len: Optional[int] = None,
+        self, layer: int, step: StepInput, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, Hkv, T, hd) at input_pos (B, T); return this batch's keys and values.
+        """Write k, v (B, Hkv, T, hd) at the step's positions (B, T); return this batch's keys and values.
 
-        `slots` (B,) maps batch rows to cache slots (rows 0..B-1 when None). The returned tensors cover
-        positions [0, kv_len) (the whole cache when None), shape (B, Hkv, kv_len, hd).
+        `step.slots` (B,) maps batch rows to cache slots (rows 0..B-1 when None). The returned tensors cover
+        positions [0, step.kv_len) (the whole cache when None), shape (B, Hkv, kv_len, hd).
         """
         bsz = k.shape[0]
-        kv_len = kv_len or self.max_seq_len
+        kv_len = step.kv_len or self.max_seq_len
         k_layer, v_layer = self.k[layer], self.v[layer]  # (S, Hkv, L, hd)
+        slots = step.slots
         rows = slots if slots is not None else torch.arange(bsz, device=k.device)
         # Advanced indices on dims 0 and 2 put (B, T) first: the target is (B, T, Hkv, hd).
-        k_layer[rows[:, None], :, input_pos] = k.transpose(1, 2).to(k_layer.dtype)
-        v_layer[rows[:, None], :, input_pos] = v.transpose(1, 2).to(v_layer.dtype)
+        k_layer[rows[:, None], :, step.positions] = k.transpose(1, 2).to(k_layer.dtype)
+        v_layer[rows[:, None], :, step.positions] = v.transpose(1, 2).to(v_layer.dtype)
         if slots is None:
             return k_layer[:bsz, :, :kv_len], v_layer[:bsz, :, :kv_len]
         return k_layer[slots, :, :kv_len], v_layer[slots, :, :kv_len]

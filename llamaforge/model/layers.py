@@ -17,6 +17,7 @@ from torch import nn
 
 from llamaforge.model.args import ModelArgs, RopeScaling
 from llamaforge.model.kv_cache import KVCache
+from llamaforge.model.step import StepInput
 
 
 class RMSNorm(nn.Module):
@@ -99,39 +100,41 @@ class Attention(nn.Module):
         self.n_heads = args.n_heads
         self.n_kv_heads = args.n_kv_heads
         self.head_dim = args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        # Qwen3: RMSNorm over each head of q and k (weights shared by all heads), before the rotation.
+        self.q_norm = RMSNorm(args.head_dim, eps=args.norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(args.head_dim, eps=args.norm_eps) if args.qk_norm else None
 
     def forward(
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        mask: Optional[torch.Tensor],
-        input_pos: torch.Tensor,
+        step: StepInput,
         cache: Optional[KVCache] = None,
-        slots: Optional[torch.Tensor] = None,
-        kv_len: Optional[int] = None,
     ) -> torch.Tensor:
-        """x (B, T, dim); rope = cos/sin tables at the positions; mask (B, 1, T, keys) True where visible."""
+        """x (B, T, dim); rope = cos/sin tables at the step's positions; cache written and read when given."""
         bsz, seqlen, _ = x.shape
         # Heads are views of the projection outputs: (B, T, H, hd) for this and the next lines.
         xq = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
         xk = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
         xv = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
+        if self.q_norm is not None:
+            xq, xk = self.q_norm(xq), self.k_norm(xk)
         xq, xk = apply_rope(xq, *rope), apply_rope(xk, *rope)
         q = xq.transpose(1, 2)  # (B, H, T, hd)
         k, v = xk.transpose(1, 2), xv.transpose(1, 2)  # (B, Hkv, T, hd)
         if cache is not None:
-            k, v = cache.update(self.layer_id, input_pos, k, v, slots=slots, kv_len=kv_len)  # (B, Hkv, L, hd)
+            k, v = cache.update(self.layer_id, step, k, v)  # (B, Hkv, L, hd)
         # Query head h reads kv head h // (H / Hkv), as Meta's repeat_kv, without copying the cache.
         # No mask means: causal from position 0 (T > 1), or one query that sees every key (T == 1).
         if seqlen == 1:
-            out = decode_attention(q, k, v, mask)
+            out = decode_attention(q, k, v, step.mask)
         else:
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=q.shape[1] != k.shape[1]
+                q, k, v, attn_mask=step.mask, is_causal=step.mask is None, enable_gqa=q.shape[1] != k.shape[1]
             )
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))  # (B, H, T, hd) -> (B, T, H*hd) -> (B, T, dim)
 
@@ -175,6 +178,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, rope, mask, input_pos, cache=None, slots=None, kv_len=None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, mask, input_pos, cache, slots, kv_len)
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: StepInput, cache: Optional[KVCache] = None
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, step, cache)
         return h + self.feed_forward(self.ffn_norm(h))

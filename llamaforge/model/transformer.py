@@ -6,7 +6,7 @@ loaded elsewhere into a model made on the meta device, without ever holding two 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -15,6 +15,7 @@ from llamaforge.errors import CheckpointError, ConfigError
 from llamaforge.model.args import ModelArgs
 from llamaforge.model.kv_cache import KVCache
 from llamaforge.model.layers import RMSNorm, RotaryEmbedding, TransformerBlock
+from llamaforge.model.step import StepInput
 
 
 class Transformer(nn.Module):
@@ -31,16 +32,28 @@ class Transformer(nn.Module):
         self.rope = RotaryEmbedding(args, max_seq_len)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        # Optional fast path for one-token steps with a cache: called by forward as
-        # decode_step(self, tokens, input_pos, cache, slots, kv_len), it returns the logits or None
-        # where it does not apply. llamaforge.kernels.decode has a C++ one (installed by Llama.build on
-        # CPU and by llamaforge.quantize).
-        self.decode_step: Optional[Callable[..., Optional[torch.Tensor]]] = None
+
+    def step_input(
+        self,
+        tokens: torch.Tensor,
+        input_pos: Union[int, torch.Tensor, StepInput, None],
+        cache: Optional[KVCache] = None,
+        slots: Optional[torch.Tensor] = None,
+        kv_len: Optional[int] = None,
+    ) -> StepInput:
+        """The StepInput of tokens (B, T): `input_pos` itself if it is one, else `StepInput.make` of the arguments."""
+        if isinstance(input_pos, StepInput):
+            if slots is not None or kv_len is not None:
+                raise ConfigError("pass slots and kv_len inside the StepInput, not beside it")
+            return input_pos
+        bsz, seqlen = tokens.shape
+        return StepInput.make(input_pos, bsz, seqlen, device=tokens.device,
+                              cache_len=None if cache is None else cache.max_seq_len, slots=slots, kv_len=kv_len)
 
     def hidden_states(
         self,
         tokens: torch.Tensor,
-        input_pos: Union[int, torch.Tensor, None] = None,
+        input_pos: Union[int, torch.Tensor, StepInput, None] = None,
         cache: Optional[KVCache] = None,
         slots: Optional[torch.Tensor] = None,
         kv_len: Optional[int] = None,
@@ -48,60 +61,36 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Final normalised hidden states (B, T, dim) for tokens (B, T).
 
-        input_pos: an int `start` (every row at positions start..start+T-1, as Meta's `start_pos`; with a
-            cache, attention reads positions [0, start+T)), or a tensor of positions, (B, T) per row or
-            (T,) shared, with `kv_len` cached positions read (default: the whole cache); None means 0.
+        input_pos: a StepInput, or what `StepInput.make` takes: an int `start` (every row at positions
+            start..start+T-1, as Meta's `start_pos`), or a tensor of positions, (B, T) per row or (T,) shared,
+            with `kv_len` cached positions read (default: the whole cache); None means 0.
         cache, slots: the KV cache to write and read, and the slot of each row (rows 0..B-1 by default).
         layer: stop after the first `layer` blocks and return their (un-normalised) output instead;
             0 gives the token embeddings.
         """
-        bsz, seqlen = tokens.shape
-        device = tokens.device
-        if input_pos is None:
-            input_pos = 0
-        if isinstance(input_pos, int):
-            # Shared positions: the common cases need no mask tensor (a mask slows CPU attention ~5x).
-            start = input_pos
-            input_pos = torch.arange(start, start + seqlen, device=device).unsqueeze(0).expand(bsz, seqlen)
-            if cache is not None:
-                kv_len = start + seqlen
-            if seqlen == 1 or start == 0:
-                mask = None  # one query sees every cached key; from 0 it is plain causal attention
-            else:
-                key_pos = torch.arange(kv_len if cache is not None else seqlen, device=device)
-                mask = key_pos[None, None, None, :] <= input_pos[:1, None, :, None]  # (1, 1, T, keys)
-                if cache is None:
-                    mask = input_pos[:1, None, None, :] <= input_pos[:1, None, :, None]
-        else:
-            if input_pos.dim() == 1:
-                input_pos = input_pos.unsqueeze(0).expand(bsz, seqlen)  # (B, T)
-            if cache is None:  # training, scoring: causal attention within these tokens
-                key_pos = input_pos
-            else:  # the first kv_len cached positions of each row's slot
-                key_pos = torch.arange(kv_len or cache.max_seq_len, device=device).unsqueeze(0)
-            mask = key_pos[:, None, None, :] <= input_pos[:, None, :, None]  # (B, 1, T, keys)
-        rope = self.rope.tables(input_pos)
-        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        step = self.step_input(tokens, input_pos, cache, slots, kv_len)
         if layer is not None and not 0 <= layer <= len(self.layers):
             raise ConfigError(f"layer must be in [0, {len(self.layers)}], got {layer}")
+        rope = self.rope.tables(step.positions)
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
         for block in self.layers[:layer]:
-            h = block(h, rope, mask, input_pos, cache, slots, kv_len)
+            h = block(h, rope, step, cache)
         return h if layer is not None else self.norm(h)
 
     def forward(
         self,
         tokens: torch.Tensor,
-        input_pos: Union[int, torch.Tensor, None] = None,
+        input_pos: Union[int, torch.Tensor, StepInput, None] = None,
         cache: Optional[KVCache] = None,
         slots: Optional[torch.Tensor] = None,
         kv_len: Optional[int] = None,
         last_only: bool = False,
     ) -> torch.Tensor:
-        """Logits in float32: (B, T, vocab), or (B, 1, vocab) for the last position when `last_only`."""
-        if tokens.shape[1] == 1 and cache is not None and self.decode_step is not None:
-            logits = self.decode_step(self, tokens, 0 if input_pos is None else input_pos, cache, slots, kv_len)
-            if logits is not None:
-                return logits
+        """Logits in float32: (B, T, vocab), or (B, 1, vocab) for the last position when `last_only`.
+
+        Always the modules: the decode loop's one-token step (`llamaforge.runtime.DecodeStep`) may run a fused
+        equivalent instead, by its own choice, never by replacing this method.
+        """
         h = self.hidden_states(tokens, input_pos, cache, slots, kv_len)
         if last_only:
             h = h[:, -1:]
@@ -118,28 +107,22 @@ class _SkipInit(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def build_model(
-    args: ModelArgs,
-    state_dict: Mapping[str, Any],
-    *,
-    device: torch.device,
-    dtype: torch.dtype,
-    max_seq_len: Optional[int] = None,
-) -> Transformer:
-    """Make a Transformer on `device` in `dtype` holding exactly the weights of `state_dict`.
+def empty_model(args: ModelArgs, max_seq_len: Optional[int] = None) -> Transformer:
+    """A Transformer on the meta device: its shapes and names, no memory, no random init.
 
-    The model is created on the meta device and the tensors are assigned, so no random init runs and
-    weights are never held twice. Values that are quantized tensors (with `.raw`, `.qtype`, `.shape`,
-    e.g. GGUF Q4/Q8 blocks) become quantized modules (`llamaforge.quantize`) instead of being
-    dequantized. Missing or unexpected keys raise CheckpointError naming them. `max_seq_len` is the
-    length the rotary tables are built for (default: the context length `args` declares).
+    `max_seq_len` is the length the rotary tables are built for (default: the context length `args` declares).
     """
-    quantized = {k: v for k, v in state_dict.items() if not isinstance(v, torch.Tensor)}
-    floats = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
     with torch.device("meta"), _SkipInit():
-        model = Transformer(args, max_seq_len)
+        return Transformer(args, max_seq_len)
+
+
+def check_weights(model: Transformer, state_dict: Mapping[str, Any]) -> None:
+    """Raise CheckpointError naming the keys of `state_dict` that the model lacks or misses, or a wrong shape.
+
+    Values may be tensors or anything with a `.shape` (a quantized checkpoint tensor's logical shape).
+    """
     expected = dict(model.state_dict())
-    if args.tie_embeddings:
+    if model.args.tie_embeddings:
         expected.pop("output.weight", None)
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -153,12 +136,45 @@ def build_model(
         shape = tuple(state_dict[name].shape)
         if shape != tuple(param.shape):
             raise CheckpointError(f"weight {name} has shape {shape} but the config implies {tuple(param.shape)}")
-    if quantized:
-        from llamaforge.quantize import quantize_model
 
-        quantize_model(model, from_state=quantized)
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in floats.items()}, strict=False, assign=True)
-    if args.tie_embeddings and isinstance(model.output, nn.Linear) and isinstance(model.tok_embeddings, nn.Embedding):
+
+def load_weights(
+    model: Transformer, state_dict: Mapping[str, torch.Tensor], *, device: torch.device, dtype: torch.dtype
+) -> Transformer:
+    """Assign the float tensors of `state_dict` (every float weight the model has, checked) on `device` in `dtype`.
+
+    The model may be on the meta device, and may have had modules swapped beforehand (quantized layers hold
+    their own bytes, so their weights are not in `state_dict`). Returns the model, in eval mode.
+    """
+    check_weights(model, state_dict)
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}, strict=False,
+                          assign=True)
+    if model.args.tie_embeddings and isinstance(model.output, nn.Linear) and isinstance(model.tok_embeddings,
+                                                                                       nn.Embedding):
         model.output.weight = model.tok_embeddings.weight
     model.rope.reset_tables(device)
     return model.to(device).eval()
+
+
+def build_model(
+    args: ModelArgs,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_seq_len: Optional[int] = None,
+) -> Transformer:
+    """Make a float Transformer on `device` in `dtype` holding exactly the weights of `state_dict`.
+
+    The model is created on the meta device and the tensors are assigned, so no random init runs and
+    weights are never held twice. Missing or unexpected keys raise CheckpointError naming them. A
+    checkpoint whose values include quantized tensors (GGUF blocks) is built by `llamaforge.runtime.build`,
+    which swaps in quantized layers; here they are an error.
+    """
+    quantized = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
+    if quantized:
+        raise CheckpointError(
+            f"weights {quantized[:3]}{' ...' if len(quantized) > 3 else ''} are quantized tensors; build the model "
+            "with llamaforge.runtime.build (or Llama.build), or dequantize them first"
+        )
+    return load_weights(empty_model(args, max_seq_len), state_dict, device=device, dtype=dtype)

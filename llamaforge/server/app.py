@@ -1,110 +1,55 @@
-"""The OpenAI-compatible FastAPI app: routes, authentication, limits and OpenAI-shaped errors.
+"""The OpenAI-compatible FastAPI app: HTTP only, over a typed `Llama` and its engine.
 
-`create_app(llama)` serves one loaded `Llama` through an `Engine` (continuous batching, started and
-stopped with the app's lifespan):
+`create_app(llama)` serves one loaded `Llama`: it asks it for an engine with the server's settings
+(continuous batching, started and stopped with the app's lifespan) and includes the routers of
+`server/routes/`:
 
     GET  /                      the chat page (self-contained HTML, no CDN)
     GET  /health                {"status": "ok", ...engine occupancy}; 503 while shutting down
-    GET  /v1/models             the served model
+    GET  /v1/models             the served model (GET /v1/models/{id}: 404 model_not_found for others)
     POST /v1/completions        text completion (stream with "stream": true)
     POST /v1/chat/completions   chat in the model's own chat format (stream with "stream": true)
     POST /v1/embeddings         mean-pooled final hidden states, L2-normalised
     POST /tokenize              a prompt's or a dialog's token ids and count (vLLM's extension)
+    GET  /metrics               Prometheus metrics (server/metrics.py)
+    /api/...                    Ollama's API: chat, generate, embed, tags, show, ps, version (routes/ollama.py)
 
-Every error is `{"error": {"message", "type", "param", "code"}}`: 400 for bad requests (wrong types,
-out-of-range values, too-long prompts, unknown models), 401 without the API key, 404 for unknown
-routes, 413 for bodies over `max_body_bytes`, 429 when the waiting queue is full, 500/503 otherwise.
+Every error is `{"error": {"message", "type", "param", "code"}}` (on Ollama's /api routes `{"error": "message"}`): 400 for bad requests (wrong types,
+out-of-range values, too-long prompts, requests larger than the server's limits), 401 without the API
+key, 404 for unknown routes and models, 413 for bodies over `max_body_bytes`, 429 when the waiting
+queue is full, 500/503 otherwise. On shutdown (`Served.begin_shutdown`, called by `llamaforge serve`
+on Ctrl-C) running requests get a grace period, then end with an error (streams: an error event and
+`[DONE]`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import logging
-import secrets
-import struct
-import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llamaforge.server.engine import Engine, EngineClosed
+from llamaforge.api import Llama
+from llamaforge.server.auth import Guard
 from llamaforge.server.errors import APIError, error_body, from_validation_errors
-from llamaforge.server.grammar import GrammarCompiler
+from llamaforge.server.metrics import CountRequests, Metrics
 from llamaforge.server.prepare import Preparer
-from llamaforge.server.respond import ClientGone, JobRun, ResponseBuilder, collect, stream_events
-from llamaforge.server.schemas import (
-    ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ErrorResponse, TokenizeRequest,
-)
+from llamaforge.server.routes import ROUTERS
+from llamaforge.server.state import Served
 
 log = logging.getLogger("llamaforge.server")
 
-CHAT_PAGE = Path(__file__).with_name("static") / "chat.html"
 DEFAULT_MAX_BODY = 8 * 2**20
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 429, 500, 503)}
-
-
-class Guard:
-    """ASGI middleware: the API key on /v1 routes (401), and request bodies over `limit` bytes (413).
-
-    The body is read up front (bounded) and replayed to the app; later receives pass through, so the
-    app still hears of a client that disconnects.
-    """
-
-    def __init__(self, app, limit: int, api_key: Optional[str]):
-        self.app = app
-        self.limit = limit
-        self.api_key = api_key.encode() if api_key else None
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        path = scope.get("path", "")
-        if self.api_key is not None and (path.startswith("/v1") or path == "/tokenize"):
-            given = headers.get(b"authorization", b"")
-            token = given[7:] if given[:7].lower() == b"bearer " else b""
-            if not secrets.compare_digest(token, self.api_key):
-                return await _send_error(send, 401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
-                                         code="invalid_api_key")
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await _send_error(send, 413, f"the request body has {int(declared)} bytes; the limit is {self.limit}")
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return await self.app(scope, _replay([message], receive), send)
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.limit:
-                return await _send_error(send, 413, f"the request body is over the limit of {self.limit} bytes")
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
-        await self.app(scope, _replay([{"type": "http.request", "body": body, "more_body": False}], receive), send)
-
-
-def _replay(messages, receive):
-    pending = list(messages)
-
-    async def replayed():
-        return pending.pop(0) if pending else await receive()
-    return replayed
-
-
-async def _send_error(send, status: int, message: str, code: Optional[str] = None) -> None:
-    response = JSONResponse(error_body(status, message, code=code), status_code=status)
-    await response({"type": "http"}, None, send)
 
 
 def create_app(
-    llama,
+    llama: Llama,
     *,
     model_name: Optional[str] = None,
     api_key: Optional[str] = None,
@@ -129,39 +74,48 @@ def create_app(
     source = Path(str(llama.source)) if getattr(llama, "source", None) else None
     name = model_name or (source.name.removesuffix(".gguf") if source else "llamaforge")
     names = {name} | ({str(source), source.name} if source else set())
-    engine = Engine(llama.model, llama.tokenizer, n_slots=n_slots or llama.max_batch_size,
-                    max_seq_len=llama.max_seq_len, device=llama.device, max_queue=max_queue,
-                    prefill_budget=prefill_budget, prefix_reuse=prefix_reuse)
-    stop_ids = frozenset(llama.tokenizer.stop_ids) | frozenset(llama.chat_format.stop_ids)
-    grammar = GrammarCompiler(llama.tokenizer, llama.model.args.vocab_size, stop_ids)
-    prep = Preparer(tokenizer=llama.tokenizer, chat_format=llama.chat_format, max_seq_len=llama.max_seq_len,
-                    vocab_size=llama.model.args.vocab_size, n_slots=engine.n_slots, model_id=name, aliases=names,
-                    grammar=grammar)
-    created = int(time.time())
-    state = {"shutting_down": False}
+    engine = llama.open_engine(n_slots=n_slots, max_queue=max_queue, prefill_budget=prefill_budget,
+                               prefix_reuse=prefix_reuse)
+    prep = Preparer(llama, n_slots=engine.n_slots, max_queue=max_queue, model_id=name, aliases=names)
+    metrics = Metrics(engine.stats)
+    state = Served(llama, engine, prep, name, names, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
         log.info("serving %s with %d slots of %d positions", name, engine.n_slots, llama.max_seq_len)
         yield
-        state["shutting_down"] = True
+        state.shutting_down = True
         await run_in_threadpool(engine.close)
 
     app = FastAPI(title="llamaforge", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible API over a llamaforge model, with continuous batching.")
+    app.state.served = state
     app.state.engine = engine
     app.state.model_name = name
     app.add_middleware(Guard, limit=max_body_bytes, api_key=api_key)
+    app.add_middleware(CountRequests, metrics=metrics)  # outermost: counts 401s and 413s too
+    _install_error_handlers(app)
+    for router in ROUTERS:
+        app.include_router(router)
+    return app
 
-    @app.exception_handler(APIError)
-    async def api_error(_: Request, exc: APIError):
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every failure as OpenAI's error body with its status (Ollama's `{"error": "message"}` on /api routes)."""
+
+    def body(request: Request, exc: APIError) -> JSONResponse:
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": exc.message}, status_code=exc.status)
         return JSONResponse(exc.body(), status_code=exc.status)
 
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return body(request, exc)
+
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError):
-        err = from_validation_errors(list(exc.errors()))
-        return JSONResponse(err.body(), status_code=err.status)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        return body(request, from_validation_errors(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException):
@@ -173,72 +127,3 @@ def create_app(
     async def internal_error(_: Request, exc: Exception):
         log.exception("unhandled error")
         return JSONResponse(error_body(500, f"internal server error: {type(exc).__name__}"), status_code=500)
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def chat_page():
-        return HTMLResponse(CHAT_PAGE.read_text(encoding="utf-8"))
-
-    @app.get("/health")
-    async def health():
-        if state["shutting_down"]:
-            return JSONResponse({"status": "shutting down"}, status_code=503)
-        return {"status": "ok", "model": name, "max_seq_len": llama.max_seq_len, **engine.stats()}
-
-    def card():
-        return {"id": name, "object": "model", "created": created, "owned_by": "llamaforge",
-                "max_model_len": llama.max_seq_len}
-
-    @app.get("/v1/models", responses=ERRORS)
-    async def models():
-        return {"object": "list", "data": [card()]}
-
-    @app.get("/v1/models/{model_id:path}", responses=ERRORS)
-    async def model(model_id: str):
-        if model_id not in names:
-            raise APIError(404, f"the model {model_id!r} is not served here; see GET /v1/models", param="model",
-                           code="model_not_found")
-        return card()
-
-    async def generate(kind: str, req, request: Request):
-        prepared = await run_in_threadpool(prep.completion if kind == "completion" else prep.chat, req)
-        run = JobRun(engine, prepared)
-        rb = ResponseBuilder(kind, prepared, name, llama.tokenizer)
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(stream_events(run, rb, include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        try:
-            return await collect(run, rb, request.receive)
-        except ClientGone:
-            return Response(status_code=499)
-
-    @app.post("/v1/completions", responses=ERRORS)
-    async def completions(req: CompletionRequest, request: Request):
-        return await generate("completion", req, request)
-
-    @app.post("/v1/chat/completions", responses=ERRORS)
-    async def chat_completions(req: ChatCompletionRequest, request: Request):
-        return await generate("chat", req, request)
-
-    @app.post("/tokenize", responses=ERRORS)
-    async def tokenize(req: TokenizeRequest):
-        """Count a prompt's tokens, e.g. to choose a max_tokens that fits (the chat page does)."""
-        ids = await run_in_threadpool(prep.tokenize, req)
-        return {"count": len(ids), "max_model_len": llama.max_seq_len, "tokens": ids}
-
-    @app.post("/v1/embeddings", responses=ERRORS)
-    async def embeddings(req: EmbeddingRequest):
-        inputs = await run_in_threadpool(prep.embedding_inputs, req, llama.model.args.dim)
-        try:
-            vectors = await asyncio.wrap_future(engine.embed(inputs))
-        except EngineClosed as exc:
-            raise APIError(503, str(exc), code="shutting_down") from exc
-        data = []
-        for i, vec in enumerate(vectors):
-            emb = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode() \
-                if req.encoding_format == "base64" else vec
-            data.append({"object": "embedding", "index": i, "embedding": emb})
-        n = sum(len(x) for x in inputs)
-        return {"object": "list", "data": data, "model": name, "usage": {"prompt_tokens": n, "total_tokens": n}}
-
-    return app

@@ -2,8 +2,10 @@
 
 Everything a request can get wrong that the schema cannot see is found here and reported as a 400
 naming the parameter: a prompt that does not fit the context (never truncated), `max_tokens` past
-it, token ids outside the vocabulary, a bad `logit_bias`, more choices than slots, an unknown model,
-a schema the grammar engine rejects, a dialog the chat format refuses.
+it, token ids outside the vocabulary, a bad `logit_bias`, more choices than slots or more prompts than
+the queue holds (limits no retry can meet), a schema the grammar engine rejects, a dialog the chat
+format refuses; a `model` that is not served is a 404 `model_not_found`, as OpenAI answers. Sampling
+values are checked by the engine's `SamplingParams` (the same checks as the Python API's).
 """
 
 from __future__ import annotations
@@ -11,11 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from llamaforge.errors import LlamaforgeError
-from llamaforge.server.engine import Job
+from llamaforge.api import GrammarError, GrammarUnavailable, Job, SamplingParams, has_special_tags
+from llamaforge.errors import GenerationError, LlamaforgeError
 from llamaforge.server.errors import APIError, bad_request
-from llamaforge.server.grammar import GrammarCompiler, GrammarError, GrammarUnavailable
-from llamaforge.server.sampler import RowParams
 from llamaforge.server.schemas import (
     MAX_STOP_STRINGS, ChatCompletionRequest, CompletionRequest, EmbeddingRequest, SamplingFields, TokenizeRequest,
 )
@@ -46,25 +46,25 @@ def check_text(text: str, param: str) -> None:
 
 
 class Preparer:
-    """Request validation and encoding for one served model."""
+    """Request validation and encoding for one served `Llama`."""
 
-    def __init__(self, *, tokenizer, chat_format, max_seq_len: int, vocab_size: int, n_slots: int,
-                 model_id: str, aliases: set[str] = frozenset(), grammar: Optional[GrammarCompiler] = None):
-        self.tokenizer = tokenizer
-        self.chat_format = chat_format
-        self.max_seq_len = max_seq_len
-        self.vocab_size = vocab_size
+    def __init__(self, llama, *, n_slots: int, max_queue: int, model_id: str, aliases: set[str] = frozenset()):
+        self.llama = llama
+        self.tokenizer = llama.tokenizer
+        self.chat_format = llama.chat_format
+        self.max_seq_len = llama.max_seq_len
+        self.vocab_size = llama.args.vocab_size
         self.n_slots = n_slots
+        self.max_queue = max_queue
         self.model_id = model_id
         self.model_names = {model_id, *aliases}
-        self.grammar = grammar
 
     # -- shared checks --------------------------------------------------------------------------
 
     def check_model(self, name: Optional[str]) -> None:
         if name is not None and name not in self.model_names:
-            raise bad_request(f"the model {name!r} is not served here; this server serves {self.model_id!r} "
-                              f"(see GET /v1/models)", "model", "model_not_found")
+            raise APIError(404, f"the model {name!r} is not served here; this server serves {self.model_id!r} "
+                           f"(see GET /v1/models)", param="model", code="model_not_found")
 
     def _token_ids(self, ids: list[int], param: str) -> list[int]:
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
@@ -91,7 +91,7 @@ class Preparer:
                 "context_length_exceeded")
         return max_tokens
 
-    def _params(self, req: SamplingFields) -> RowParams:
+    def _params(self, req: SamplingFields) -> SamplingParams:
         bias = []
         for key, value in (req.logit_bias or {}).items():
             try:
@@ -105,16 +105,19 @@ class Preparer:
                 raise bad_request(f"logit_bias values must be in [-100, 100], got {value} for token {token}",
                                   "logit_bias")
             bias.append((token, float(value)))
-        return RowParams(
-            temperature=1.0 if req.temperature is None else float(req.temperature),
-            top_p=1.0 if req.top_p is None else float(req.top_p),
-            top_k=max(0, req.top_k or 0),
-            min_p=float(req.min_p or 0.0),
-            presence_penalty=float(req.presence_penalty or 0.0),
-            frequency_penalty=float(req.frequency_penalty or 0.0),
-            repetition_penalty=1.0 if req.repetition_penalty is None else float(req.repetition_penalty),
-            logit_bias=tuple(bias),
-        )
+        try:
+            return SamplingParams(
+                temperature=1.0 if req.temperature is None else float(req.temperature),
+                top_p=1.0 if req.top_p is None else float(req.top_p),
+                top_k=req.top_k if req.top_k and req.top_k > 0 else None,  # 0 or -1: all tokens
+                min_p=float(req.min_p or 0.0),
+                presence_penalty=float(req.presence_penalty or 0.0),
+                frequency_penalty=float(req.frequency_penalty or 0.0),
+                repetition_penalty=1.0 if req.repetition_penalty is None else float(req.repetition_penalty),
+                logit_bias=tuple(bias),
+            )
+        except GenerationError as exc:
+            raise bad_request(str(exc), code="invalid_value") from exc
 
     def _stops(self, stop: Union[None, str, list[str]]) -> tuple[str, ...]:
         stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -138,6 +141,10 @@ class Preparer:
         if req.suffix:
             raise bad_request("suffix (fill-in-the-middle) is not supported", "suffix")
         prompts = self._prompts(req.prompt, "prompt", bos=True)
+        if len(prompts) > self.max_queue:
+            raise bad_request(f"{len(prompts)} prompts in one request, but this server queues at most "
+                              f"{self.max_queue} (--max-queue); send fewer prompts per request", "prompt",
+                              "request_too_large")
         params, stops = self._params(req), self._stops(req.stop)
         jobs, texts = [], []
         for ids, text in prompts:
@@ -175,12 +182,7 @@ class Preparer:
             constraint = self._constraint(tooling.forced_call_schema(tools, name), "tool_choice")
         elif req.response_format is not None and req.response_format.type != "text":
             fmt = req.response_format
-            if fmt.type == "json_schema":
-                if fmt.json_schema is None or fmt.json_schema.schema_ is None:
-                    raise bad_request("response_format json_schema needs json_schema.schema", "response_format")
-                constraint = self._constraint(fmt.json_schema.schema_, "response_format")
-            else:
-                constraint = self._constraint(None, "response_format")
+            constraint = self._constraint(fmt.model_dump(by_alias=True), "response_format", response_format=True)
         max_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = self._check_fits(prompt, max_tokens, None, "messages", max_param)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -269,8 +271,6 @@ class Preparer:
                 messages = tooling.hermes_messages(messages, tools)
             plain = [{"role": m["role"], "content": m.get("content") or ""} for m in messages]
             if fmt.name == "llama2":
-                from llamaforge.chat import has_special_tags
-
                 if has_special_tags(plain):
                     raise bad_request("special tags ([INST], [/INST], <<SYS>>, <</SYS>>) are not allowed in "
                                       "messages for this model's chat format", "messages")
@@ -278,11 +278,11 @@ class Preparer:
         except LlamaforgeError as exc:
             raise bad_request(f"the chat format rejected the messages: {exc}", "messages") from exc
 
-    def _constraint(self, schema: Optional[dict], param: str):
-        if self.grammar is None:
-            raise APIError(400, "structured output is not available on this server", param=param)
+    def _constraint(self, schema: Optional[dict], param: str, *, response_format: bool = False):
+        """A constraint factory from a JSON schema, or from an OpenAI response_format (as the Python API's)."""
+        grammar = self.llama.grammar
         try:
-            return self.grammar.json_schema(schema)
+            return grammar.response_format(schema) if response_format else grammar.json_schema(schema)
         except GrammarError as exc:
             raise bad_request(str(exc), param, "invalid_schema") from exc
         except GrammarUnavailable as exc:

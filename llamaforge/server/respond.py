@@ -20,12 +20,41 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Optional
 
-from llamaforge.server.engine import Delta, Engine, EngineClosed, Failure, Finish, PromptDone, QueueFull
+from llamaforge.api import Delta, Engine, EngineClosed, Failure, Finish, PromptDone, QueueFull, TokenInfo
+from llamaforge.errors import GenerationError
 from llamaforge.server.errors import APIError
 from llamaforge.server.prepare import Prepared
-from llamaforge.server.sampler import TokenInfo
 from llamaforge.server.tools import parse_tool_calls
-from llamaforge.server.vocab import token_bytes
+
+
+@dataclass
+class Timing:
+    """When a request's events arrived (time.monotonic() seconds) and what they counted: for the log and /metrics."""
+
+    submitted: float = field(default_factory=time.monotonic)
+    first_token: Optional[float] = None  # the first generated token reached the server
+    finished: Optional[float] = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reasons: list[str] = field(default_factory=list)
+    failed: bool = False
+
+    def see(self, event) -> None:
+        now = time.monotonic()
+        if isinstance(event, Failure):
+            self.failed = True
+        elif isinstance(event, PromptDone):
+            self.cached_tokens += event.cached_tokens
+        elif isinstance(event, Delta):
+            if self.first_token is None and event.tokens:
+                self.first_token = now
+        elif isinstance(event, Finish):
+            self.completion_tokens += event.completion_tokens
+            self.finish_reasons.append(event.reason)
+            self.finished = now
+            if self.first_token is None and event.completion_tokens:
+                self.first_token = now
 
 
 class JobRun:
@@ -34,19 +63,19 @@ class JobRun:
     def __init__(self, engine: Engine, prepared: Prepared):
         self.engine = engine
         self.prepared = prepared
+        self.timing = Timing(prompt_tokens=sum(len(j.prompt) for j in prepared.jobs))
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.ids: list[int] = []
         self.open = len(prepared.jobs) * prepared.n
-        try:
-            for k, job in enumerate(prepared.jobs):
-                self.ids.append(engine.submit(job, self._sink(k)))
+        try:  # all jobs or none
+            self.ids = engine.submit_all(prepared.jobs, [self._sink(k) for k in range(len(prepared.jobs))])
         except QueueFull as exc:
-            self.cancel()
             raise APIError(429, f"the server is busy: {exc}", code="queue_full") from exc
         except EngineClosed as exc:
-            self.cancel()
             raise APIError(503, str(exc), code="shutting_down") from exc
+        except GenerationError as exc:  # can never run here: retrying does not help
+            raise APIError(400, str(exc), code="request_too_large") from exc
 
     def _sink(self, k: int):
         def put(event) -> None:
@@ -57,11 +86,19 @@ class JobRun:
         for job_id in self.ids:
             self.engine.cancel(job_id)
 
+    @property
+    def outcome(self) -> Optional[str]:
+        """None when every choice finished, else "error" (the engine failed it) or "cancelled"."""
+        if self.timing.failed:
+            return "error"
+        return "cancelled" if self.open > 0 else None
+
     async def events(self) -> AsyncIterator[tuple[int, Any]]:
         """Yield events until every choice has finished; a Failure raises APIError."""
         try:
             while self.open > 0:
                 k, event = await self.queue.get()
+                self.timing.see(event)
                 if isinstance(event, Failure):
                     raise APIError(event.status, event.message)
                 if isinstance(event, Finish):
@@ -120,12 +157,12 @@ class ResponseBuilder:
     # -- token strings for logprobs -------------------------------------------------------------
 
     def _tok_str(self, token: int) -> str:
-        return token_bytes(self.tokenizer, token).decode("utf-8", errors="replace")
+        return self.tokenizer.token_bytes(token).decode("utf-8", errors="replace")
 
     def _chat_logprob(self, t: TokenInfo) -> dict:
-        return {"token": self._tok_str(t.id), "logprob": t.logprob, "bytes": list(token_bytes(self.tokenizer, t.id)),
+        return {"token": self._tok_str(t.id), "logprob": t.logprob, "bytes": list(self.tokenizer.token_bytes(t.id)),
                 "top_logprobs": [{"token": self._tok_str(i), "logprob": lp,
-                                  "bytes": list(token_bytes(self.tokenizer, i))} for i, lp in t.top]}
+                                  "bytes": list(self.tokenizer.token_bytes(i))} for i, lp in t.top]}
 
     def _completion_logprobs(self, infos: list[TokenInfo], offset: int) -> dict:
         tokens = [self._tok_str(t.id) for t in infos]
@@ -182,13 +219,13 @@ class ResponseBuilder:
 
     # -- streaming chunks -----------------------------------------------------------------------
 
-    def chunk(self, choices: list[dict], usage: Optional[dict] = None) -> str:
+    def chunk(self, choices: list[dict], usage: Optional[dict] = None) -> dict:
         obj = "text_completion" if self.kind == "completion" else "chat.completion.chunk"
         body: dict[str, Any] = {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                                 "system_fingerprint": None, "choices": choices}
         if usage is not None:
             body["usage"] = usage
-        return sse(body)
+        return body
 
 
 def sse(body: Any) -> str:
@@ -196,8 +233,11 @@ def sse(body: Any) -> str:
     return "data: " + json.dumps(body, ensure_ascii=False) + "\n\n"
 
 
-async def stream_events(run: JobRun, rb: ResponseBuilder, include_usage: bool) -> AsyncIterator[str]:
-    """The SSE body of a streaming request, ending in `data: [DONE]`; an error mid-way is an error event."""
+async def stream_chunks(run: JobRun, rb: ResponseBuilder, include_usage: bool) -> AsyncIterator[dict]:
+    """The OpenAI chunks of a streaming request, in order; a failure mid-way raises APIError.
+
+    Leaving early (the client went away, the server is stopping) cancels the request's jobs at once.
+    """
     buffered = bool(rb.prepared.tool_names)  # tool calls are only known once the answer is complete
     started: set[int] = set()
     try:
@@ -214,11 +254,21 @@ async def stream_events(run: JobRun, rb: ResponseBuilder, include_usage: bool) -
                     yield piece
         if include_usage:
             yield rb.chunk([], rb.usage())
-    except APIError as exc:
-        yield sse(exc.body())
     finally:
         if run.open > 0:  # the client went away (or the server is stopping): free the slots now
             run.cancel()
+
+
+async def stream_events(run: JobRun, rb: ResponseBuilder, include_usage: bool) -> AsyncIterator[str]:
+    """The SSE body of a streaming request, ending in `data: [DONE]`; an error mid-way is an error event."""
+    chunks = stream_chunks(run, rb, include_usage)
+    try:
+        async for body in chunks:
+            yield sse(body)
+    except APIError as exc:
+        yield sse(exc.body())
+    finally:
+        await chunks.aclose()
     yield "data: [DONE]\n\n"
 
 
@@ -263,32 +313,49 @@ class ClientGone(Exception):
     """The client disconnected before its response was ready."""
 
 
-async def collect(run: JobRun, rb: ResponseBuilder, receive) -> dict:
-    """Wait for the whole response, cancelling the jobs if the client goes away meanwhile.
+async def until_disconnect(receive) -> None:
+    """Return when the client closes the connection (the body having been read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(work, receive):
+    """Await `work` (a coroutine or future), or raise ClientGone as soon as the client disconnects.
 
     `receive` is the request's ASGI receive: once the body is read, its next message is
     `http.disconnect`, which arrives when the client closes the connection.
     """
-
-    async def consume() -> None:
-        async for k, event in run.events():
-            rb.add(k, event)
-
-    async def disconnected() -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-
-    task = asyncio.ensure_future(consume())
-    watch = asyncio.ensure_future(disconnected())
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(until_disconnect(receive))
     try:
         await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
         if task.done():
-            task.result()  # re-raises APIError from a Failure
-            return rb.body()
+            return task.result()  # re-raises APIError from a Failure
         raise ClientGone()
     finally:
         for t in (task, watch):
             if not t.done():
                 t.cancel()
+
+
+async def wait_or_cancel(fut, receive):
+    """The result of a concurrent Future, which is cancelled if the client goes away first."""
+    try:
+        return await unless_disconnected(asyncio.wrap_future(fut), receive)
+    finally:
+        fut.cancel()
+
+
+async def collect(run: JobRun, rb: ResponseBuilder, receive) -> dict:
+    """Wait for the whole response, cancelling the jobs if the client goes away meanwhile."""
+
+    async def consume() -> dict:
+        async for k, event in run.events():
+            rb.add(k, event)
+        return rb.body()
+
+    try:
+        return await unless_disconnected(consume(), receive)
+    finally:
         if run.open > 0:
             run.cancel()

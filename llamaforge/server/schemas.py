@@ -30,7 +30,7 @@ class SamplingFields(_Strict):
 
     model: Optional[str] = None
     temperature: Optional[float] = Field(None, ge=0, le=2, description="0 is greedy; default 1.0 (OpenAI)")
-    top_p: Optional[float] = Field(None, gt=0, le=1, description="nucleus threshold with Meta's semantics")
+    top_p: Optional[float] = Field(None, ge=0, le=1, description="nucleus threshold with Meta's semantics (0: greedy)")
     top_k: Optional[int] = Field(None, ge=-1, description="keep the k most likely tokens; 0 or -1: all")
     min_p: Optional[float] = Field(None, ge=0, le=1, description="drop tokens below min_p * p(best)")
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)

@@ -1,7 +1,9 @@
 """The three tokenizer libraries behind one small interface.
 
-Every back-end answers the same five questions: encode text (special-token strings in it either
-kept as text or mapped to their ids), decode ids, the vocabulary size, and the piece <-> id maps.
+Every back-end answers the same six questions: encode text (special-token strings in it either
+kept as text or mapped to their ids), decode ids, the vocabulary size, the piece <-> id maps, and the
+bytes a token stands for in decoded text (by its library's own rule: sentencepiece's "▁" meta symbol and
+byte pieces, tiktoken's token bytes, a tokenizer.json's byte-level or byte-fallback decoder).
 BOS/EOS handling, id validation and everything model-specific live in `llamaforge.tokenizer`.
 
 - `SentencePieceBackend`: Llama 1/2 `tokenizer.model`; `encode` is `SentencePieceProcessor.encode`.
@@ -32,6 +34,19 @@ class Backend(Protocol):
     def id_to_piece(self, token_id: int) -> str: ...
 
     def token_to_id(self, piece: str) -> int | None: ...
+
+    def token_bytes(self, token_id: int) -> bytes: ...
+
+
+_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")  # sentencepiece's byte-fallback pieces
+
+
+def metaspace_bytes(piece: str) -> bytes:
+    """Bytes of a sentencepiece-style piece: "<0xAB>" is byte 0xAB, "▁" (the meta symbol) a space."""
+    m = _BYTE_PIECE.match(piece)
+    if m:
+        return bytes([int(m.group(1), 16)])
+    return piece.replace("\u2581", " ").encode("utf-8")
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -109,6 +124,9 @@ class SentencePieceBackend:
         i = self.sp.piece_to_id(piece)  # type: ignore[attr-defined]
         return i if self.sp.id_to_piece(i) == piece else None  # type: ignore[attr-defined]
 
+    def token_bytes(self, token_id: int) -> bytes:
+        return metaspace_bytes(self.sp.id_to_piece(token_id))  # type: ignore[attr-defined]
+
 
 TIKTOKEN_MAX_ENCODE_CHARS = 400_000  # tiktoken panics on longer inputs (Meta's limit)
 MAX_NO_WHITESPACES_CHARS = 25_000  # longest run of (non-)whitespace per call (tiktoken issue #195)
@@ -171,6 +189,11 @@ class TiktokenBackend:
         except KeyError:
             return None
 
+    def token_bytes(self, token_id: int) -> bytes:
+        if token_id in self._id_to_special:
+            return self._id_to_special[token_id].encode("utf-8")
+        return self.enc.decode_single_token_bytes(token_id)  # type: ignore[attr-defined]
+
 
 class HFBackend:
     """A Hugging Face `tokenizers.Tokenizer`; special added tokens are matched only when allowed.
@@ -182,6 +205,7 @@ class HFBackend:
 
     def __init__(self, tokenizer: object, piece_bytes: list[bytes] | None = None) -> None:
         self._piece_bytes = piece_bytes
+        self._byte_level: bool | None = None  # whether the decoder is byte-level, looked up when first needed
         self._setup(tokenizer)
 
     def __getstate__(self) -> dict[str, object]:
@@ -192,6 +216,7 @@ class HFBackend:
         from tokenizers import Tokenizer as HFTokenizer
 
         self._piece_bytes = state["piece_bytes"]  # type: ignore[assignment]
+        self._byte_level = None
         self._setup(HFTokenizer.from_str(state["json"]))  # type: ignore[arg-type]
 
     def _setup(self, tokenizer: object) -> None:
@@ -232,3 +257,31 @@ class HFBackend:
 
     def token_to_id(self, piece: str) -> int | None:
         return self.with_special.token_to_id(piece)  # type: ignore[attr-defined]
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if self._piece_bytes is not None:
+            return self._piece_bytes[token_id]
+        piece = self.id_to_piece(token_id)
+        if self._byte_level is None:
+            self._byte_level = _has_byte_level_decoder(self.with_special)
+        if self._byte_level:
+            try:
+                return bytes(_CHAR_TO_BYTE[c] for c in piece)
+            except KeyError:  # an added token written as plain text
+                return piece.encode("utf-8")
+        return metaspace_bytes(piece)
+
+
+def _has_byte_level_decoder(tokenizer: object) -> bool:
+    """Whether a tokenizers.Tokenizer decodes with GPT-2's byte alphabet (a ByteLevel decoder, alone or in a
+    Sequence), as opposed to a sentencepiece-style one (Metaspace / Replace("▁") + ByteFallback)."""
+    import json
+
+    def walk(node: object) -> bool:
+        if isinstance(node, dict):
+            return node.get("type") == "ByteLevel" or any(walk(v) for v in node.values())
+        if isinstance(node, list):
+            return any(walk(v) for v in node)
+        return False
+
+    return walk(json.loads(tokenizer.to_str()).get("decoder"))  # type: ignore[attr-defined]

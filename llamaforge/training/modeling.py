@@ -66,21 +66,15 @@ def load_for_training(path: str, tokenizer_path: Optional[str], device: torch.de
                       progress: bool = True) -> tuple[Transformer, Tokenizer, Source]:
     """A checkpoint as a float32 model ready to train, with its tokenizer."""
     from llamaforge import checkpoints
-    from llamaforge.default_model import default_model_path
+    from llamaforge.hub import resolve_model
 
-    p = default_model_path() if path in ("default", "") else Path(path)
+    p = resolve_model(None if path in ("default", "") else path, progress=progress)
     ckpt = checkpoints.load(p, progress=progress)
-    if tokenizer_path is not None:
-        tokenizer = Tokenizer.from_file(tokenizer_path)
-        tok_file: Optional[Path] = Path(tokenizer_path)
-    elif ckpt.gguf_metadata is not None:
-        tokenizer = Tokenizer.from_gguf_metadata(ckpt.gguf_metadata, source=str(p))
-        tok_file = None
-    elif ckpt.tokenizer_path is not None:
-        tokenizer = Tokenizer.from_file(ckpt.tokenizer_path)
-        tok_file = ckpt.tokenizer_path
-    else:
-        raise ConfigError(f"{p} carries no tokenizer; set `tokenizer` in the training config")
+    source = ckpt.tokenizer_source
+    tokenizer = Tokenizer.from_source(source, tokenizer_path, hint="`tokenizer` in the training config")
+    # the file export copies: the one given, else the checkpoint's own (None: a GGUF vocabulary)
+    tok_file = Path(tokenizer_path) if tokenizer_path is not None else (
+        source.file if source.gguf_metadata is None else None)
     args = ckpt.args
     if seq_len > args.max_seq_len:
         raise ConfigError(f"seq_len={seq_len} is longer than the model's context length {args.max_seq_len}")

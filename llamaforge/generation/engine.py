@@ -1,13 +1,17 @@
-"""The serving engine: one thread owns the model and runs a continuous batch over the KV cache's slots.
+"""THE engine: one thread owns the model and runs a continuous batch over the KV cache's slots.
+
+Every front end generates through it: `Llama` (api.py) for its Python calls and streams, and through
+`Llama` the HTTP server, the CLI and spaCy. It imports nothing of HTTP.
 
 Requests (`Job`s) wait in a bounded queue and join the running batch at step boundaries when enough
 slots are free (admission control: a slot holds a whole sequence of up to `max_seq_len` positions, and
-the API layer checks `prompt + max_tokens <= max_seq_len`, so an admitted request never runs out of
-cache mid-way). Each loop iteration
-1. applies cancellations (a client went away: its slots are free at once) and runs embedding jobs;
-2. admits waiting jobs, reusing cached prefixes (`server/slots.py`);
+`submit` refuses a job whose `prompt + max_tokens` does not fit, so an admitted request never runs out
+of cache mid-way). Each loop iteration
+1. applies cancellations (a caller went away: its slots are free at once);
+2. admits waiting jobs, reusing cached prefixes (`generation/slots.py`);
 3. computes up to `prefill_budget` prompt tokens of the jobs being prefilled, so a long prompt never
-   stalls the others for long; a job whose prompt is done samples its first tokens;
+   stalls the others for long; a job whose prompt is done samples its first tokens; embedding work
+   (`generation/embed.py`) takes what is left of that budget (at least one input);
 4. runs one decode step for every running sequence together: each row names its slot and its own
    position, so sequences of different lengths, sampling settings and ages share one forward.
 Results go back through each job's `sink` callback (called on the engine thread); nothing a request
@@ -18,11 +22,7 @@ matters doubly with llama.cpp-style kernels that quantize activations to int8 (a
 1e-7 difference into a different token). So:
 - prefill runs one request at a time (batch 1) in canonical chunks: positions [0, C), [C, 2C), ...
   with C = `chunk`, each attending over exactly the positions up to its end, whatever else runs;
-- a decode step (`decode_logits`) attends over `kv_len` rounded up to a multiple of `KV_ALIGN` (64)
-  with PyTorch's math attention: past that length more masked positions leave a row's attention bit
-  for bit unchanged, and the math kernel computes each row alone (the fused CPU kernel splits work by
-  batch size and threads), so a row's result depends neither on the longest row nor on how many rows
-  run (checked by the tests; linear layers must be row-exact too, as the integer kernels are);
+- a decode step is batch-invariant (`generation/runner.py` says how);
 - prefix reuse only takes whole canonical chunks of earlier prompts (not generated tokens, whose keys
   were computed by decode steps), so a reused prefix holds exactly the values a fresh prefill computes.
 """
@@ -38,33 +38,18 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from llamaforge.model.kv_cache import KVCache
+from llamaforge.errors import GenerationError
+from llamaforge.generation.embed import EmbedQueue, check_inputs
+from llamaforge.generation.jobs import Delta, EngineClosed, Event, Failure, Finish, Job, PromptDone, QueueFull, Sink
+from llamaforge.generation.runner import KV_ALIGN, Runner, round_up
+from llamaforge.generation.sampler import RowState, TokenInfo, choose, logprob_info, make_generator, prompt_logprob_info
+from llamaforge.generation.slots import SlotPool
+from llamaforge.generation.text import TextStream
 from llamaforge.model.transformer import Transformer
-from llamaforge.server.jobs import Delta, EngineClosed, Event, Failure, Finish, Job, PromptDone, QueueFull, Sink
-from llamaforge.server.sampler import RowState, TokenInfo, choose, logprob_info, make_generator, prompt_logprob_info
-from llamaforge.server.slots import SlotPool
-from llamaforge.server.text import TextStream
+from llamaforge.runtime import DecodeStep
 
-log = logging.getLogger("llamaforge.server")
-
-KV_ALIGN = 64  # decode steps attend over a multiple of this many positions
-_MATH_ATTENTION = threading.Lock()
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def decode_logits(model: Transformer, cache: KVCache, tokens: torch.Tensor, pos: torch.Tensor,
-                  slots: torch.Tensor) -> torch.Tensor:
-    """One decode step, batch-invariant: tokens, pos (B, 1) in slots (B,) -> last logits (B, V)."""
-    kv_len = min(_round_up(int(pos.max()) + 1, KV_ALIGN), cache.max_seq_len)
-    # sdpa_kernel sets process-wide flags and restores them on exit: one engine at a time, so that two
-    # engines' enter/exit never interleave and leave the flags changed.
-    with _MATH_ATTENTION, sdpa_kernel(SDPBackend.MATH):
-        return model(tokens, pos, cache, slots=slots, kv_len=kv_len, last_only=True)[:, -1]
+log = logging.getLogger("llamaforge.engine")
 
 __all__ = ["Engine", "Job", "Delta", "Finish", "PromptDone", "Failure", "Event", "QueueFull", "EngineClosed",
            "wait_idle"]
@@ -78,7 +63,7 @@ class _Seq:
     index: int
     slot: int
     row: RowState
-    text: TextStream
+    text: Optional[TextStream]  # None: a token-level caller without stop strings (no text is made)
     pos: int = 0  # positions whose keys/values are in the slot
     last: int = -1  # the token to feed next
     n_gen: int = 0
@@ -98,7 +83,7 @@ class _Active:
 
 
 class Engine:
-    """Continuous batching over one model; thread-safe `submit`, `cancel` and `embed`."""
+    """Continuous batching over one model; thread-safe `submit`, `submit_all`, `cancel`, `embed`, `drain`."""
 
     def __init__(
         self,
@@ -112,8 +97,11 @@ class Engine:
         prefill_budget: int = 256,
         chunk: int = 64,
         prefix_reuse: bool = True,
+        max_embed_inputs: int = 2048,
+        decode_step: Optional[DecodeStep] = None,
     ):
-        self.model = model
+        """`decode_step` runs the decode steps (default: the model's modules; `Llama` passes its own)."""
+        self.runner = Runner(model, device, decode_step)
         self.tokenizer = tokenizer
         self.device = device
         self.max_seq_len = max_seq_len
@@ -121,16 +109,15 @@ class Engine:
         self.chunk = chunk
         self.prefill_budget = max(prefill_budget, chunk)
         self.prefix_reuse = prefix_reuse
-        self.vocab_size = model.args.vocab_size
-        dtype = model.norm.weight.dtype
+        self.vocab_size = self.runner.vocab_size
         # Positions past max_seq_len are never written; they let kv_len round up to KV_ALIGN.
-        cache_len = _round_up(max_seq_len, KV_ALIGN)
-        self.cache = KVCache.for_model(model.args, n_slots, cache_len, dtype=dtype, device=device)
+        self.cache = self.runner.new_cache(n_slots, round_up(max_seq_len, KV_ALIGN))
         self.pool = SlotPool(self.cache, granule=chunk)
         self._lock = threading.Condition()
         self._waiting: deque[tuple[Job, Sink]] = deque()
         self._cancelled: set[int] = set()
-        self._embeds: deque[tuple[list[list[int]], concurrent.futures.Future]] = deque()
+        self._embeds = EmbedQueue(max_embed_inputs)
+        self._drain: Optional[str] = None  # set by `drain`: fail everything running with this message
         self._prefilling: list[_Active] = []
         self._decoding: list[_Seq] = []
         self._next_id = 0
@@ -143,10 +130,16 @@ class Engine:
     def n_slots(self) -> int:
         return self.cache.n_slots
 
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
     # -- the thread-safe surface ----------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the engine thread."""
+        """Start the engine thread (once; later calls do nothing)."""
+        if self._thread is not None:
+            return
         self._thread = threading.Thread(target=self._run, name="llamaforge-engine", daemon=True)
         self._thread.start()
 
@@ -158,28 +151,54 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def check(self, job: Job) -> None:
+        """Raise GenerationError if the job can never run here (whatever else is running)."""
+        if not job.prompt:
+            raise GenerationError("the prompt is empty: give at least one token")
+        bad = [t for t in job.prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise GenerationError(f"the prompt has token ids outside [0, {self.vocab_size}): {bad[:5]}")
+        if job.n > self.n_slots:
+            raise GenerationError(f"n={job.n} choices but the engine has {self.n_slots} slots (max_batch_size)")
+        if len(job.prompt) + job.max_tokens > self.max_seq_len:
+            raise GenerationError(f"{len(job.prompt)} prompt tokens + max_tokens {job.max_tokens} do not fit the "
+                                  f"context of {self.max_seq_len} tokens")
+        bad = [t for t, _ in job.params.logit_bias if t >= self.vocab_size]
+        if bad:
+            raise GenerationError(f"logit_bias names token ids outside [0, {self.vocab_size}): {bad[:5]}")
+
     def submit(self, job: Job, sink: Sink) -> int:
-        """Queue a job; events go to `sink` on the engine thread. Returns the job id for `cancel`.
+        """Queue a job; events go to `sink` on the engine thread. Returns the job id for `cancel`."""
+        return self.submit_all([job], [sink])[0]
+
+    def submit_all(self, jobs: Sequence[Job], sinks: Sequence[Sink]) -> list[int]:
+        """Queue the jobs of one request together, all or none; returns their ids.
 
         Raises:
-            ValueError: the job can never run here (empty prompt, more choices than slots, or prompt +
-                max_tokens longer than `max_seq_len`); the API layer checks this first.
-            QueueFull: `max_queue` jobs are already waiting.
+            GenerationError: a job can never run here (`check`), or there are more jobs than the queue
+                holds (`max_queue`): neither is helped by retrying.
+            QueueFull: the queue has no room for them now; retry later.
             EngineClosed: the engine is shutting down.
         """
-        if not job.prompt or job.n > self.n_slots or len(job.prompt) + job.max_tokens > self.max_seq_len:
-            raise ValueError(f"job cannot fit: {len(job.prompt)} prompt tokens + max_tokens {job.max_tokens} "
-                             f"(context {self.max_seq_len}), n={job.n} (slots {self.n_slots})")
+        for job in jobs:
+            self.check(job)
+        if len(jobs) > self.max_queue:
+            raise GenerationError(f"{len(jobs)} prompts in one request, but at most {self.max_queue} can wait "
+                                  f"for a slot (max_queue); send fewer prompts per request")
         with self._lock:
-            if self._closing:
-                raise EngineClosed("the server is shutting down")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting for a slot; retry later")
-            job.id = self._next_id
-            self._next_id += 1
-            self._waiting.append((job, sink))
+            if self._closing or self._drain is not None:
+                raise EngineClosed("the engine is shutting down")
+            if len(self._waiting) + len(jobs) > self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting for a slot "
+                                f"(max_queue {self.max_queue}); retry later")
+            ids = []
+            for job, sink in zip(jobs, sinks):
+                job.id = self._next_id
+                self._next_id += 1
+                self._waiting.append((job, sink))
+                ids.append(job.id)
             self._lock.notify_all()
-        return job.id
+        return ids
 
     def cancel(self, job_id: int) -> None:
         """Stop a job (e.g. its client disconnected): its slots are freed at the next step boundary."""
@@ -188,14 +207,35 @@ class Engine:
             self._lock.notify_all()
 
     def embed(self, inputs: list[list[int]]) -> concurrent.futures.Future:
-        """Mean-pooled, L2-normalised final hidden states, one vector per token list (a Future)."""
-        fut: concurrent.futures.Future = concurrent.futures.Future()
+        """Mean-pooled, L2-normalised final hidden states, one vector per token list (a Future).
+
+        The work shares the loop's steps with generation; `Future.cancel()` stops it at the next input.
+
+        Raises:
+            GenerationError: the inputs can never run here (too many, empty, longer than the context).
+            EngineClosed: the engine is shutting down.
+        """
+        problem = check_inputs(inputs, self._embeds.max_inputs, self.max_seq_len)
+        if problem is not None:
+            raise GenerationError(problem)
+        bad = [t for ids in inputs for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise GenerationError(f"the inputs have token ids outside [0, {self.vocab_size}): {bad[:5]}")
         with self._lock:
-            if self._closing:
-                raise EngineClosed("the server is shutting down")
-            self._embeds.append((inputs, fut))
+            if self._closing or self._drain is not None:
+                raise EngineClosed("the engine is shutting down")
+            fut = self._embeds.add(inputs)
             self._lock.notify_all()
         return fut
+
+    def drain(self, message: str = "the server is shutting down") -> None:
+        """End every running and waiting request now with a 503 `Failure(message)`; refuse new ones.
+
+        The loop keeps running (so each caller hears of it in order); `close` stops it.
+        """
+        with self._lock:
+            self._drain = message
+            self._lock.notify_all()
 
     def stats(self) -> dict:
         """Occupancy and counters, for /health."""
@@ -216,32 +256,37 @@ class Engine:
             while True:
                 with self._lock:
                     while not (self._closing or self._waiting or self._cancelled or self._embeds
-                               or self._prefilling or self._decoding):
+                               or self._prefilling or self._decoding or self._drain_pending()):
                         self._lock.wait()
                     if self._closing:
                         break
                     cancelled, self._cancelled = self._cancelled, set()
-                    embeds = list(self._embeds)
-                    self._embeds.clear()
+                    draining = self._drain
                     if cancelled:
                         self._waiting = deque((j, s) for j, s in self._waiting if j.id not in cancelled)
-                    admitted = self._take_admissible()
+                    admitted = self._take_admissible() if draining is None else []
+                if draining is not None:
+                    self._fail_running(503, draining)
+                    self._fail_waiting(503, draining)
+                    continue
                 try:
                     self._cancel_running(cancelled)
-                    self._run_embeddings(embeds)
                     for job, sink in admitted:
                         try:
                             self._admit(job, sink)
                         except Exception as exc:  # e.g. a constraint that cannot start: this job only
                             log.exception("admitting a request failed")
                             _safe_call(sink, Failure(500, f"could not start the request: {exc}"))
-                    self._prefill_step()
+                    self._embeds_step(self._prefill_step())
                     self._decode_step()
                 except Exception as exc:  # a bug must not kill the loop: fail what is running, go on
                     log.exception("engine step failed")
                     self._fail_running(500, f"internal error in the engine: {exc}")
-        self._fail_running(503, "the server is shutting down")
-        self._fail_waiting(503, "the server is shutting down")
+        self._fail_running(503, self._drain or "the engine is shutting down")
+        self._fail_waiting(503, self._drain or "the engine is shutting down")
+
+    def _drain_pending(self) -> bool:
+        return self._drain is not None and bool(self._waiting or self._prefilling or self._decoding or self._embeds)
 
     def _take_admissible(self) -> list[tuple[Job, Sink]]:
         out, free = [], self.pool.n_free
@@ -255,18 +300,19 @@ class Engine:
         rows = []  # made before any slot is taken, so a failure here leaks nothing
         for i in range(job.n):
             seed = None if job.seed is None else job.seed + i
-            rows.append(RowState(job.params, make_generator(seed, self.device), self.vocab_size, job.prompt,
-                                 job.constraint() if job.constraint else None))
+            rows.append(RowState(job.params, make_generator(seed, self.device, global_rng=job.global_rng),
+                                 self.vocab_size, job.prompt, job.constraint() if job.constraint else None))
         reuse = self.prefix_reuse and job.prompt_logprobs is None
         slots, cached = self.pool.acquire(job.prompt, job.n, reuse=reuse)
         act = _Active(job, sink, slots, cached, next_pos=cached)
         for i, (slot, row) in enumerate(zip(slots, rows)):
-            act.seqs.append(_Seq(act, i, slot, row, TextStream(self.tokenizer.stream_decoder(), job.stop)))
+            text = TextStream(self.tokenizer.stream_decoder(), job.stop) if job.detokenize or job.stop else None
+            act.seqs.append(_Seq(act, i, slot, row, text))
         act.open_seqs = job.n
         self._prefilling.append(act)
 
-    def _prefill_step(self) -> None:
-        """Compute prompt chunks, first come first served, until the step's budget is spent."""
+    def _prefill_step(self) -> int:
+        """Compute prompt chunks, first come first served, until the step's budget is spent; returns the rest."""
         budget = self.prefill_budget
         for act in list(self._prefilling):
             try:
@@ -277,6 +323,7 @@ class Engine:
                 self._fail(act, 500, f"prefill failed: {exc}")
             if budget <= 0:
                 break
+        return budget
 
     def _prefill_chunk(self, act: _Active) -> int:
         """One canonical chunk [start, start + C) (start is a multiple of C); returns its length."""
@@ -284,12 +331,8 @@ class Engine:
         start = act.next_pos
         end = min(len(job.prompt), start + self.chunk)
         primary = act.slots[0]
-        tokens = torch.tensor([job.prompt[start:end]], dtype=torch.long, device=self.device)  # (1, T)
         want_all = job.prompt_logprobs is not None
-        logits = self.model(
-            tokens, torch.arange(start, end, device=self.device), self.cache,
-            slots=torch.tensor([primary], device=self.device), kv_len=end, last_only=not want_all,
-        )[0]  # (T or 1, V)
+        logits = self.runner.prefill(self.cache, job.prompt[start:end], start, primary, all_logits=want_all)  # (T or 1, V)
         if end - start == self.chunk:  # only whole chunks are reusable bit for bit
             self.pool.extend(primary, job.prompt[start:end])
         act.next_pos = end
@@ -320,11 +363,9 @@ class Engine:
         seqs = [s for s in self._decoding if not s.done]
         if not seqs:
             return
-        tokens = torch.tensor([[s.last] for s in seqs], dtype=torch.long, device=self.device)  # (B, 1)
-        pos = torch.tensor([[s.pos] for s in seqs], dtype=torch.long, device=self.device)  # (B, 1)
-        slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=self.device)  # (B,)
         try:
-            logits = decode_logits(self.model, self.cache, tokens, pos, slots)
+            logits = self.runner.decode(self.cache, [s.last for s in seqs], [s.pos for s in seqs],
+                                        [s.slot for s in seqs])  # (B, V)
         except Exception as exc:
             log.exception("decode step failed")
             for act in {id(s.job): s.job for s in seqs}.values():
@@ -359,7 +400,7 @@ class Engine:
         seq.n_gen += 1
         self.generated_tokens += 1
         if token in job.stop_ids:
-            tail = seq.text.flush()
+            tail = seq.text.flush() if seq.text is not None else ""
             if tail:
                 self._send(seq.job, Delta(seq.index, tail, []))
             self._finish(seq, "stop")
@@ -367,13 +408,13 @@ class Engine:
         seq.row.record(token)
         if seq.row.constraint is not None:
             seq.row.constraint.advance(token)
-        text, hit = seq.text.push(token)
+        text, hit = seq.text.push(token) if seq.text is not None else ("", False)
         reason = None
         if hit or (seq.row.constraint is not None and seq.row.constraint.is_finished()):
             reason = "stop"
         elif seq.n_gen >= job.max_tokens or seq.pos + 1 >= self.max_seq_len:
             reason = "length"
-        if reason is not None and not hit:
+        if reason is not None and not hit and seq.text is not None:
             text += seq.text.flush()
         self._send(seq.job, Delta(seq.index, text, [info] if info is not None else [TokenInfo(token)]))
         if seq.done:  # the client is gone
@@ -438,12 +479,9 @@ class Engine:
     def _fail_waiting(self, status: int, message: str) -> None:
         with self._lock:
             waiting, self._waiting = list(self._waiting), deque()
-            embeds = list(self._embeds)
-            self._embeds.clear()
+            self._embeds.fail_all(lambda: EngineClosed(message))
         for job, sink in waiting:
             _safe_call(sink, Failure(status, message))
-        for _, fut in embeds:
-            fut.set_exception(EngineClosed(message))
 
     def _send(self, act: _Active, event: Event) -> None:
         if not _safe_call(act.sink, event):
@@ -451,21 +489,13 @@ class Engine:
 
     # -- embeddings -----------------------------------------------------------------------------
 
-    def _run_embeddings(self, jobs: list[tuple[list[list[int]], concurrent.futures.Future]]) -> None:
-        for inputs, fut in jobs:
-            if not fut.set_running_or_notify_cancel():
-                continue
+    def _embeds_step(self, budget: int) -> None:
+        """Embedding inputs in what is left of this step's prefill budget (at least one input)."""
+        if self._embeds:
             try:
-                vectors = []
-                for ids in inputs:
-                    tokens = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, T)
-                    hidden = self.model.hidden_states(tokens)[0].float()  # (T, dim)
-                    vec = hidden.mean(dim=0)
-                    vectors.append(torch.nn.functional.normalize(vec, dim=0).tolist())
-                fut.set_result(vectors)
-            except Exception as exc:
-                log.exception("embedding failed")
-                fut.set_exception(exc)
+                self._embeds.run(max(budget, 1), self.runner.embed)
+            except Exception:  # a bug in the queue itself: never the loop
+                log.exception("embedding step failed")
 
 
 def _safe_call(sink: Sink, event: Event) -> bool:

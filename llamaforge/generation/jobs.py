@@ -1,4 +1,4 @@
-"""What goes into the serving engine (a `Job`) and what comes out (events), plus its two refusals.
+"""What goes into the engine (a `Job`) and what comes out (events), plus its refusals.
 
 The engine calls a job's sink on its own thread with, in order: one `PromptDone` when the prompt is
 computed, `Delta`s as each choice produces tokens, and one `Finish` per choice - or a single `Failure`
@@ -10,14 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
-from llamaforge.server.sampler import Constraint, RowParams, TokenInfo
+from llamaforge.errors import GenerationError
+from llamaforge.generation.sampler import Constraint, SamplingParams, TokenInfo
 
 
-class QueueFull(Exception):
-    """The waiting queue is full (HTTP 429)."""
+class QueueFull(GenerationError):
+    """The waiting queue is full for now: retry later (HTTP 429)."""
 
 
-class EngineClosed(Exception):
+class EngineClosed(GenerationError):
     """The engine is shutting down or has stopped (HTTP 503)."""
 
 
@@ -30,9 +31,11 @@ class Job:
 
     prompt: list[int]
     max_tokens: int
-    params: RowParams = field(default_factory=RowParams)
+    params: SamplingParams = field(default_factory=SamplingParams)
     n: int = 1
     seed: Optional[int] = None  # choice i uses seed + i
+    global_rng: bool = False  # no seed: draw from torch's global generator (Meta's seeding), not fresh entropy
+    detokenize: bool = True  # produce text (Delta.text); token-level callers without stop strings skip it
     stop_ids: frozenset[int] = frozenset()
     stop: tuple[str, ...] = ()
     logprobs: Optional[int] = None  # None: no logprobs; k: the chosen token's and the top k

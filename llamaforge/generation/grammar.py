@@ -6,7 +6,7 @@ next; the sampler sets the others to -inf. The output is then valid JSON matchin
 generation ends by itself (a `length` finish can still cut it short, as with OpenAI). JSON is written
 with ", " and ": " separators and no other whitespace, so a small model cannot wander off in spaces.
 
-The token table comes from `server/vocab.py`; control tokens are marked (0xFF prefix, llguidance's
+The token table comes from `Tokenizer.token_bytes_table()`; control tokens are marked (0xFF prefix, llguidance's
 convention) so they never satisfy a grammar, and the request's stop ids are the grammar's end tokens.
 """
 
@@ -19,16 +19,16 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from llamaforge.server.vocab import special_ids, token_bytes_table
+from llamaforge.errors import GenerationError, LlamaforgeError
 
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
-class GrammarError(ValueError):
+class GrammarError(GenerationError):
     """The schema cannot be compiled (the message says why); a 400 for the client."""
 
 
-class GrammarUnavailable(RuntimeError):
+class GrammarUnavailable(LlamaforgeError, RuntimeError):
     """llguidance is not installed."""
 
 
@@ -80,8 +80,8 @@ class GrammarCompiler:
                         "structured output needs the llguidance package: pip install 'llamaforge[serve]'"
                     ) from exc
                 tok = self.tokenizer
-                specials = special_ids(tok)
-                table = [b"\xff" + t if i in specials else t for i, t in enumerate(token_bytes_table(tok))]
+                specials = tok.special_ids
+                table = [b"\xff" + t if i in specials else t for i, t in enumerate(tok.token_bytes_table())]
                 table += [b""] * (self.vocab_size - len(table))  # model rows past the tokenizer's vocabulary
 
                 class _Wrapped:
@@ -107,9 +107,9 @@ class GrammarCompiler:
             GrammarError: the schema is not one llguidance can compile (the reason is in the message).
             GrammarUnavailable: llguidance is not installed.
         """
+        lltok = self._tokenizer()  # GrammarUnavailable without llguidance
         import llguidance
 
-        lltok = self._tokenizer()
         schema = {"type": "object"} if schema is None else schema
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=JSON_OPTIONS)
@@ -122,3 +122,27 @@ class GrammarCompiler:
         if template.is_error():
             raise GrammarError(f"the JSON schema cannot be used for constrained decoding: {template.get_error()}")
         return lambda: LLGuidanceConstraint(template.deep_copy(), self.vocab_size)
+
+    def response_format(self, fmt: Any) -> Optional[Callable[[], LLGuidanceConstraint]]:
+        """Constraints for OpenAI's `response_format`: {"type": "text" | "json_object"} or
+        {"type": "json_schema", "json_schema": {"schema": {...}}}; None for plain text.
+
+        Raises:
+            GrammarError: the value is not one of those shapes, or its schema cannot be compiled.
+            GrammarUnavailable: llguidance is not installed.
+        """
+        if fmt is None:
+            return None
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return self.json_schema(None)
+        if kind == "json_schema":
+            spec = fmt.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, dict):
+                raise GrammarError("response_format json_schema needs json_schema.schema (a JSON schema object)")
+            return self.json_schema(schema)
+        raise GrammarError(f'response_format must be {{"type": "text" | "json_object" | "json_schema", ...}}, '
+                           f"got {fmt!r}")

@@ -1,7 +1,7 @@
-"""The server's view of the KV cache's slot pool: who holds which slot, and what each slot has cached.
+"""The engine's view of the KV cache's slot pool: who holds which slot, and what each slot has cached.
 
 Every slot remembers the prompt tokens whose keys and values it holds as whole canonical prefill
-chunks (multiples of `granule`; see `server/engine.py` for why only those), also after its sequence
+chunks (multiples of `granule`; see `generation/engine.py` for why only those), also after its sequence
 has finished.
 A new request takes the free slot that already holds the longest prefix of its prompt (a shared system
 prompt, the earlier turns of a chat), and when another slot - free or still running - holds a longer

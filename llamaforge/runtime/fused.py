@@ -1,47 +1,45 @@
 """The fused decode step: a whole one-token step of a CPU model in one C++ call.
 
 At batch 1 a decode step of a small model is mostly Python and dispatcher overhead: ~40 PyTorch ops
-per block around 7 matmuls that take a few microseconds each. `FusedDecode`, installed as
-`Transformer.decode_step` (by `enable_fused_decode`: `Llama.build` on CPU, `llamaforge.quantize`),
+per block around 7 matmuls that take a few microseconds each. `FusedDecode`, which a
+`llamaforge.runtime.DecodeStep` tries first where `llamaforge.runtime.prepare` chose it (CPU, one process),
 runs the blocks, the final norm and the output projection in C++ (qdecode.cpp) with the maths of
-llamaforge/model/layers.py: float32 RMSNorm, rotary and softmax; for `QuantizedLinear` projections the
+llamaforge/model/layers.py (q/k/v biases and Qwen3's per-head q/k norms included): float32 RMSNorm,
+rotary and softmax; for `QuantizedLinear` projections the
 same int8-activation matmuls; for float32 `nn.Linear` ones float32 dot products (the same products,
 summed in another order than the BLAS: differences in the last bits); keys and values written to and
 read from the KV cache in place.
 
 It applies only where it computes what the modules would: stock blocks whose projections are
 `QuantizedLinear` on the C++ kernels or float32 `nn.Linear`, no hooks (tensor parallel adds some),
-float32 activations and cache, CPU, no autograd. Anything else returns None and the model runs its
+float32 activations and cache, CPU, no autograd. Anything else returns None and the DecodeStep runs the
 modules. The C++ decoder holds references to the weights and is rebuilt whenever a module or weight
-tensor of the model changes (LoRA surgery, `.to()`, new Parameters).
+tensor of the model changes (LoRA surgery, `.to()`, new Parameters, `param.data = ...`): `Llama.model` is
+public, and a stale decoder would silently compute with old weights, so a ~0.1 ms check per step stays.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from llamaforge.kernels import LAYOUT_IDS, get_extension
+from llamaforge.model.kv_cache import KVCache
+from llamaforge.model.layers import Attention, FeedForward, RMSNorm, TransformerBlock
+from llamaforge.model.step import StepInput
+from llamaforge.quantize import QuantizedLinear
 
 _F32 = 0  # GGML type id of a plain float32 weight
 
 
-def enable_fused_decode(model: nn.Module) -> bool:
-    """Give a Transformer the C++ one-token step where the kernels exist; True if it now has one."""
-    if not hasattr(model, "decode_step") or get_extension() is None:
-        return False
-    if not isinstance(model.decode_step, FusedDecode):
-        model.decode_step = FusedDecode()
-    return True
-
-
 class FusedDecode:
-    """`decode_step(model, tokens, input_pos, cache, slots, kv_len)` -> logits (B, 1, vocab) or None.
+    """`fused(model, tokens, step, cache)` -> logits (B, 1, vocab), or None where it does not apply.
 
-    tokens (B, 1); input_pos: an int start or positions (B, 1) / (1,); the other arguments as in
-    `Transformer.forward`. Picklable and deep-copyable (the C++ part is rebuilt on first use).
+    tokens (B, 1); step: the StepInput of those tokens (positions (B, 1), slots, kv_len; its mask is not
+    needed: a row reads exactly its kv_len cached positions). Picklable and deep-copyable (the C++ part is
+    rebuilt on first use).
     """
 
     def __init__(self) -> None:
@@ -57,15 +55,12 @@ class FusedDecode:
     def __deepcopy__(self, memo: dict) -> "FusedDecode":
         return FusedDecode()
 
-    def __call__(
-        self,
-        model: nn.Module,
-        tokens: torch.Tensor,
-        input_pos: Union[int, torch.Tensor],
-        cache: Any,
-        slots: Optional[torch.Tensor],
-        kv_len: Optional[int],
-    ) -> Optional[torch.Tensor]:
+    @property
+    def built(self) -> bool:
+        """Whether a C++ decoder exists for the model's current modules (the last call ran fused)."""
+        return self._decoder is not None
+
+    def __call__(self, model: nn.Module, tokens: torch.Tensor, step: StepInput, cache: KVCache) -> Optional[torch.Tensor]:
         if (
             torch.is_grad_enabled()
             or tokens.device.type != "cpu"
@@ -81,14 +76,9 @@ class FusedDecode:
         if h.dtype != torch.float32:
             return None
         bsz = h.shape[0]
-        if isinstance(input_pos, int):
-            pos = torch.full((bsz,), input_pos, dtype=torch.long)
-            kv_len = input_pos + 1
-        else:
-            pos = input_pos.reshape(-1).expand(bsz) if input_pos.numel() == 1 else input_pos.reshape(bsz)
-            kv_len = kv_len or cache.max_seq_len
-        rows = slots if slots is not None else torch.arange(bsz)
-        return decoder.step(h, pos, rows, cache.k, cache.v, kv_len)
+        pos = step.positions.reshape(bsz)  # (B, 1) -> (B,)
+        rows = step.slots if step.slots is not None else torch.arange(bsz)
+        return decoder.step(h, pos, rows, cache.k, cache.v, step.kv_len or cache.max_seq_len)
 
     def _decoder_for(self, model: nn.Module) -> Any:
         """The C++ decoder for the model's current modules and weights, or None if they do not qualify."""
@@ -143,8 +133,7 @@ class _Watch:
 
 def _build(model: nn.Module, watch: _Watch) -> Any:
     """A C++ decoder for the model's modules, recording what it reads in `watch`; None if they do not qualify."""
-    from llamaforge.model.layers import Attention, FeedForward, RMSNorm, TransformerBlock
-
+    args = model.args
     rope, norm = watch.get(model, "rope"), watch.module(model, "norm")
     cos, sin = watch.get(rope, "cos"), watch.get(rope, "sin")
     if cos.dtype != torch.float32 or cos.device.type != "cpu" or type(norm) is not RMSNorm:
@@ -159,6 +148,13 @@ def _build(model: nn.Module, watch: _Watch) -> Any:
         norms = (watch.module(block, "attention_norm"), watch.module(block, "ffn_norm"))
         if (type(attn), type(ffn), type(norms[0]), type(norms[1])) != (Attention, FeedForward, RMSNorm, RMSNorm):
             return None
+        qk_norms = tuple(watch.get(attn, name) for name in ("q_norm", "k_norm"))  # Qwen3's, or None
+        watch.modules.extend(n for n in qk_norms if n is not None)
+        if any(n is not None and type(n) is not RMSNorm for n in qk_norms):
+            return None
+        qk_weights = [None if n is None else _float32_cpu(watch.get(n, "weight")) for n in qk_norms]
+        if any(n is not None and (w is None or n.eps != args.norm_eps) for n, w in zip(qk_norms, qk_weights)):
+            return None
         weights = []
         for parent, name in ((attn, "wq"), (attn, "wk"), (attn, "wv"), (attn, "wo"), (ffn, "w1"), (ffn, "w2"),
                              (ffn, "w3")):
@@ -169,12 +165,11 @@ def _build(model: nn.Module, watch: _Watch) -> Any:
         norm_weights = [_float32_cpu(watch.get(n, "weight")) for n in norms]
         if any(w is None for w in norm_weights):
             return None
-        specs.append((*norm_weights, weights))
+        specs.append((*norm_weights, weights, *qk_weights))
     output = _weight_spec(watch.module(model, "output"), watch)
     norm_weight = _float32_cpu(watch.get(norm, "weight"))
     if output is None or norm_weight is None or any(m._forward_hooks or m._forward_pre_hooks for m in watch.modules):
         return None
-    args = model.args
     return get_extension().Decoder(
         specs, args.n_heads, args.n_kv_heads, args.head_dim, args.norm_eps, cos, sin, norm_weight, output
     )
@@ -189,8 +184,6 @@ def _float32_cpu(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 def _weight_spec(module: nn.Module, watch: _Watch) -> Optional[tuple]:
     """(tensor, type id, N, K, layout id, bias) of a projection the C++ decoder can run, else None."""
-    from llamaforge.quantize import QuantizedLinear
-
     if type(module) is QuantizedLinear:
         w = watch.get(module, "qweight")
         if not module.uses_kernels or w.device.type != "cpu":

@@ -1,0 +1,41 @@
+"""GET / (the chat page), GET /health, GET /v1/models and GET /v1/models/{id}."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import HTMLResponse, JSONResponse
+
+from llamaforge.server.errors import APIError
+from llamaforge.server.routes.common import ERRORS
+from llamaforge.server.state import Served, served
+
+CHAT_PAGE = Path(__file__).resolve().parent.parent / "static" / "chat.html"
+
+router = APIRouter()
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+async def chat_page():
+    return HTMLResponse(CHAT_PAGE.read_text(encoding="utf-8"))
+
+
+@router.get("/health")
+async def health(s: Served = Depends(served)):
+    if s.shutting_down:
+        return JSONResponse({"status": "shutting down"}, status_code=503)
+    return {"status": "ok", "model": s.name, "max_seq_len": s.llama.max_seq_len, **s.engine.stats()}
+
+
+@router.get("/v1/models", responses=ERRORS)
+async def models(s: Served = Depends(served)):
+    return {"object": "list", "data": [s.card()]}
+
+
+@router.get("/v1/models/{model_id:path}", responses=ERRORS)
+async def model(model_id: str, s: Served = Depends(served)):
+    if model_id not in s.names:
+        raise APIError(404, f"the model {model_id!r} is not served here; see GET /v1/models", param="model",
+                       code="model_not_found")
+    return s.card()

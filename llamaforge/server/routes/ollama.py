@@ -1,0 +1,403 @@
+"""Ollama-compatible endpoints on the same engine as the OpenAI routes.
+
+    POST /api/chat        chat in the model's own format; streams newline-delimited JSON unless "stream": false
+    POST /api/generate    a prompt (the chat template applied, as Ollama does) or, with "raw": true, plain text
+    POST /api/embed       {"input": str | [str]} -> {"embeddings": [[...]]}; POST /api/embeddings (legacy, one prompt)
+    GET  /api/tags        the served model, as `ollama list` shows it; GET /api/ps the same as loaded models
+    POST /api/show        details, parameters, template and model_info of the served model
+    GET  /api/version     the llamaforge version
+
+Each request is translated into the OpenAI request the /v1 routes take (so it is validated, admitted,
+batched and sampled in exactly the same way), and the OpenAI chunks are translated back. Errors are
+Ollama's shape, `{"error": "message"}`, with the same status codes as the /v1 routes (404 for a model
+that is not served).
+
+Where Ollama and this server differ: the context length is the server's `--max-seq-len` (`num_ctx` is
+ignored, as are options that tune Ollama's runner: `num_thread`, `num_gpu`, `num_batch`, `use_mmap`, ...);
+`repeat_penalty` applies over prompt and output (Ollama's over the last `repeat_last_n` tokens, which is
+ignored) and is off unless given; images, `suffix`, `template` overrides and `context` are refused with a 400.
+Sampling defaults are Ollama's (temperature 0.8, top_k 40, top_p 0.9).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Optional, Union
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+import llamaforge
+from llamaforge.server.errors import APIError, from_validation_errors
+from llamaforge.server.respond import ClientGone, stream_chunks, unless_disconnected
+from llamaforge.server.routes.embeddings import embed as openai_embed
+from llamaforge.server.routes.generate import observed, start
+from llamaforge.server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from llamaforge.server.state import Served, served
+
+# Ollama's defaults (api/types.go DefaultOptions) for what a request does not set
+DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9}
+# option name -> OpenAI request field
+OPTION_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                 "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+                 "repeat_penalty": "repetition_penalty", "seed": "seed", "num_predict": "max_tokens", "stop": "stop"}
+NDJSON = "application/x-ndjson"
+
+
+class _Loose(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class OllamaMessage(_Loose):
+    role: str
+    content: Optional[str] = ""
+    images: Optional[list[Any]] = None
+    tool_calls: Optional[list[dict[str, Any]]] = None
+    tool_name: Optional[str] = None
+    thinking: Optional[str] = None
+
+
+class _GenerateFields(_Loose):
+    model: str = Field(min_length=1)
+    stream: bool = True
+    format: Optional[Union[str, dict[str, Any]]] = None
+    options: Optional[dict[str, Any]] = None
+    keep_alive: Optional[Union[int, float, str]] = None
+    think: Optional[Union[bool, str]] = None
+
+
+class OllamaChatRequest(_GenerateFields):
+    messages: list[OllamaMessage] = Field(default_factory=list)
+    tools: Optional[list[dict[str, Any]]] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = None
+
+
+class OllamaGenerateRequest(_GenerateFields):
+    prompt: Optional[str] = ""
+    system: Optional[str] = None
+    raw: bool = False
+    suffix: Optional[str] = None
+    template: Optional[str] = None
+    context: Optional[list[int]] = None
+    images: Optional[list[Any]] = None
+
+
+class OllamaEmbedRequest(_Loose):
+    model: str = Field(min_length=1)
+    input: Union[str, list[str]]
+    truncate: Optional[bool] = None
+    dimensions: Optional[int] = None
+
+
+class OllamaEmbeddingsRequest(_Loose):
+    model: str = Field(min_length=1)
+    prompt: str
+
+
+def _card(s: Served) -> dict:
+    """What Ollama's /api/tags, /api/show and /api/ps say of the served model."""
+    llama, args = s.llama, s.llama.args
+    family = getattr(args, "arch", None) or "llama"
+    source = Path(str(llama.source)) if llama.source else None
+    files = [source] if source and source.is_file() else \
+        [p for p in source.glob("*") if p.is_file()] if source and source.is_dir() else []
+    mtime = max((p.stat().st_mtime for p in files), default=s.created)
+    n = args.n_params
+    details = {"parent_model": "", "format": llama.checkpoint_format, "family": family, "families": [family],
+               "parameter_size": f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M",
+               "quantization_level": llama.weight_type}
+    info = {"general.architecture": family, "general.parameter_count": n,
+            f"{family}.context_length": llama.max_seq_len, f"{family}.embedding_length": args.dim,
+            f"{family}.block_count": args.n_layers, f"{family}.attention.head_count": args.n_heads,
+            f"{family}.attention.head_count_kv": args.n_kv_heads, f"{family}.feed_forward_length": args.hidden_dim,
+            f"{family}.vocab_size": args.vocab_size}
+    template = llama.tokenizer.chat_template or ""
+    return {"details": details, "model_info": info, "template": template,
+            "size": sum(p.stat().st_size for p in files),
+            "modified_at": datetime.fromtimestamp(mtime, timezone.utc).isoformat().replace("+00:00", "Z"),
+            "capabilities": ["completion"] + (["tools"] if "tools" in template else [])}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _parse(model: type[BaseModel], body: Any) -> Any:
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise from_validation_errors(list(exc.errors())) from exc
+
+
+def _sampling(req: _GenerateFields) -> dict[str, Any]:
+    """The OpenAI sampling fields of an Ollama request: its options over Ollama's defaults."""
+    if req.options is not None and not isinstance(req.options, dict):
+        raise APIError(400, "'options' must be an object", param="options")
+    fields: dict[str, Any] = dict(DEFAULTS)
+    for name, value in (req.options or {}).items():
+        if name in OPTION_FIELDS and value is not None:
+            fields[OPTION_FIELDS[name]] = value
+    if isinstance(fields.get("seed"), int) and fields["seed"] < 0:
+        del fields["seed"]  # Ollama: -1 is a random seed
+    if isinstance(fields.get("max_tokens"), int) and fields["max_tokens"] < 0:
+        del fields["max_tokens"]  # -1: until the context is full; -2: fill the context
+    if isinstance(fields.get("top_k"), int) and fields["top_k"] == 0:
+        fields["top_k"] = -1
+    fmt = req.format
+    if fmt == "json":
+        fields["response_format"] = {"type": "json_object"}
+    elif isinstance(fmt, dict):
+        fields["response_format"] = {"type": "json_schema", "json_schema": {"name": "response", "schema": fmt}}
+    elif fmt not in (None, ""):
+        raise APIError(400, f"'format' must be \"json\" or a JSON schema, got {fmt!r}", param="format")
+    return fields
+
+
+def _openai_message(i: int, m: OllamaMessage) -> dict[str, Any]:
+    if m.images:
+        raise APIError(400, f"messages[{i}] has images; this model takes text only", param=f"messages.{i}.images")
+    out: dict[str, Any] = {"role": m.role, "content": m.content or ""}
+    if m.tool_calls:
+        calls = []
+        for j, call in enumerate(m.tool_calls):
+            fn = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise APIError(400, f"messages[{i}].tool_calls[{j}] needs a function with a name",
+                               param=f"messages.{i}.tool_calls")
+            args = fn.get("arguments", {})
+            calls.append({"id": f"call_{i}_{j}", "type": "function",
+                          "function": {"name": fn["name"], "arguments": args if isinstance(args, str)
+                                       else json.dumps(args, ensure_ascii=False)}})
+        out["tool_calls"] = calls
+    if m.tool_name:
+        out["name"] = m.tool_name
+    return out
+
+
+def _tool_calls(calls: list[dict]) -> list[dict]:
+    """OpenAI tool calls (arguments as JSON text) -> Ollama's (arguments as an object)."""
+    out = []
+    for c in calls:
+        fn = c.get("function", {})
+        try:
+            args = json.loads(fn.get("arguments") or "{}")
+        except json.JSONDecodeError:
+            args = fn.get("arguments")
+        out.append({"function": {"name": fn.get("name"), "arguments": args}})
+    return out
+
+
+class _Answer:
+    """Accumulates OpenAI chunks of one choice into Ollama's pieces and final statistics."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.text: list[str] = []
+        self.tool_calls: list[dict] = []
+        self.finish: Optional[str] = None
+        self.usage: dict = {}
+
+    def add(self, chunk: dict) -> Optional[str]:
+        """Take one chunk; return its new text (or None)."""
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        piece = None
+        for choice in chunk.get("choices", []):
+            if self.kind == "chat":
+                delta = choice.get("delta", {})
+                piece = delta.get("content") or None
+                if delta.get("tool_calls"):
+                    self.tool_calls.extend(delta["tool_calls"])
+            else:
+                piece = choice.get("text") or None
+            if choice.get("finish_reason"):
+                self.finish = choice["finish_reason"]
+            if piece:
+                self.text.append(piece)
+        return piece
+
+    def stats(self, timing) -> dict:
+        end = timing.finished or time.monotonic()
+        first = timing.first_token or end
+        return {"done_reason": "length" if self.finish == "length" else "stop",
+                "total_duration": int((end - timing.submitted) * 1e9), "load_duration": 0,
+                "prompt_eval_count": self.usage.get("prompt_tokens", timing.prompt_tokens),
+                "prompt_eval_duration": int((first - timing.submitted) * 1e9),
+                "eval_count": self.usage.get("completion_tokens", timing.completion_tokens),
+                "eval_duration": int((end - first) * 1e9)}
+
+
+router = APIRouter(prefix="/api", tags=["ollama"])
+
+
+def _check_model(s: Served, name: str) -> None:
+    if not s.knows(name):
+        raise APIError(404, f"model '{name}' not found; this server serves '{s.name}' (GET /api/tags)",
+                       param="model", code="model_not_found")
+
+
+def _base(s: Served) -> dict:
+    return {"model": s.name, "created_at": _now()}
+
+
+async def _answer(kind: str, openai_req: Any, stream: bool, shape: Callable[..., dict], request: Request,
+                  s: Served) -> Response:
+    """Run an OpenAI request; reply with Ollama's NDJSON stream or one JSON object.
+
+    shape(piece) is a line carrying new text; shape(text, stats, answer) the last line, with the statistics.
+    """
+    run, rb = await start(kind, openai_req, s)
+    endpoint = "/api/generate" if request.url.path.endswith("/generate") else "/api/chat"
+    chunks = observed(stream_chunks(run, rb, include_usage=True), run, endpoint, s)
+    acc = _Answer(kind)
+    if stream:
+        async def lines() -> AsyncIterator[str]:
+            try:
+                async for chunk in chunks:
+                    piece = acc.add(chunk)
+                    if piece:
+                        yield json.dumps(shape(piece), ensure_ascii=False) + "\n"
+                yield json.dumps(shape("", acc.stats(run.timing), acc), ensure_ascii=False) + "\n"
+            except APIError as exc:
+                yield json.dumps({"error": exc.message}) + "\n"
+            finally:
+                await chunks.aclose()
+        return StreamingResponse(lines(), media_type=NDJSON)
+
+    async def whole() -> dict:
+        async for chunk in chunks:
+            acc.add(chunk)
+        return shape("".join(acc.text), acc.stats(run.timing), acc)
+
+    try:
+        return JSONResponse(await unless_disconnected(whole(), request.receive))
+    except ClientGone:
+        return Response(status_code=499)
+    finally:
+        await chunks.aclose()
+
+
+@router.post("/chat")
+async def chat(request: Request, s: Served = Depends(served)):
+    req: OllamaChatRequest = _parse(OllamaChatRequest, await _json(request))
+    _check_model(s, req.model)
+    if not req.messages:  # Ollama: an empty chat loads the model
+        return {**_base(s), "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "load"}
+    body: dict[str, Any] = {**_sampling(req), "messages": [_openai_message(i, m) for i, m in enumerate(req.messages)],
+                            "stream": True, "stream_options": {"include_usage": True}}
+    if req.tools:
+        body["tools"] = req.tools
+    if req.logprobs:
+        body["logprobs"] = True
+        if req.top_logprobs:
+            body["top_logprobs"] = req.top_logprobs
+
+    def shape(piece: str, stats: Optional[dict] = None, done: Optional[_Answer] = None) -> dict:
+        message: dict[str, Any] = {"role": "assistant", "content": piece}
+        if stats is None:
+            return {**_base(s), "message": message, "done": False}
+        if done.tool_calls:
+            message["tool_calls"] = _tool_calls(done.tool_calls)
+        return {**_base(s), "message": message, "done": True, **stats}
+
+    return await _answer("chat", _parse(ChatCompletionRequest, body), req.stream, shape, request, s)
+
+
+@router.post("/generate")
+async def generate(request: Request, s: Served = Depends(served)):
+    req: OllamaGenerateRequest = _parse(OllamaGenerateRequest, await _json(request))
+    _check_model(s, req.model)
+    for name in ("suffix", "template", "context", "images"):
+        if getattr(req, name):
+            raise APIError(400, f"'{name}' is not supported by this server", param=name)
+    if not req.prompt and not req.system:  # Ollama: an empty prompt loads the model
+        return {**_base(s), "response": "", "done": True, "done_reason": "load"}
+    fields = {**_sampling(req), "stream": True, "stream_options": {"include_usage": True}}
+    if req.raw:
+        kind, openai_req = "completion", _parse(CompletionRequest, {**fields, "prompt": req.prompt or ""})
+    else:
+        messages = ([{"role": "system", "content": req.system}] if req.system else []) + \
+            [{"role": "user", "content": req.prompt or ""}]
+        kind, openai_req = "chat", _parse(ChatCompletionRequest, {**fields, "messages": messages})
+
+    def shape(piece: str, stats: Optional[dict] = None, done: Optional[_Answer] = None) -> dict:
+        if stats is None:
+            return {**_base(s), "response": piece, "done": False}
+        return {**_base(s), "response": piece, "done": True, **stats}
+
+    return await _answer(kind, openai_req, req.stream, shape, request, s)
+
+
+@router.post("/embed")
+async def embed(request: Request, s: Served = Depends(served)):
+    req: OllamaEmbedRequest = _parse(OllamaEmbedRequest, await _json(request))
+    _check_model(s, req.model)
+    t0 = time.monotonic()
+    try:
+        body = await openai_embed(_parse(EmbeddingRequest, {"input": req.input, "dimensions": req.dimensions}),
+                                  request, s)
+    except ClientGone:
+        return Response(status_code=499)
+    return {"model": s.name, "embeddings": [d["embedding"] for d in body["data"]],
+            "total_duration": int((time.monotonic() - t0) * 1e9), "load_duration": 0,
+            "prompt_eval_count": body["usage"]["prompt_tokens"]}
+
+
+@router.post("/embeddings")
+async def embeddings(request: Request, s: Served = Depends(served)):
+    req: OllamaEmbeddingsRequest = _parse(OllamaEmbeddingsRequest, await _json(request))
+    _check_model(s, req.model)
+    try:
+        body = await openai_embed(_parse(EmbeddingRequest, {"input": req.prompt}), request, s)
+    except ClientGone:
+        return Response(status_code=499)
+    return {"embedding": body["data"][0]["embedding"]}
+
+
+def _listing(s: Served) -> dict:
+    card = _card(s)
+    return {"name": s.name, "model": s.name, "modified_at": card["modified_at"], "size": card["size"],
+            "digest": "", "details": card["details"]}
+
+
+@router.get("/tags")
+async def tags(s: Served = Depends(served)):
+    return {"models": [_listing(s)]}
+
+
+@router.get("/ps")
+async def ps(s: Served = Depends(served)):
+    return {"models": [{**_listing(s), "expires_at": "9999-12-31T23:59:59Z", "size_vram": 0,
+                        "context_length": s.llama.max_seq_len}]}
+
+
+@router.post("/show")
+async def show(request: Request, s: Served = Depends(served)):
+    body = await _json(request)
+    name = (body.get("model") or body.get("name")) if isinstance(body, dict) else None
+    if not isinstance(name, str) or not name:
+        raise APIError(400, "'model' is required: the name of the model to show", param="model")
+    _check_model(s, name)
+    card = _card(s)
+    return {"license": "", "modelfile": f"# served by llamaforge\nFROM {s.name}\n",
+            "parameters": "\n".join(f"{k:<16}{v}" for k, v in DEFAULTS.items()), "template": card["template"],
+            "details": card["details"], "model_info": card["model_info"], "capabilities": card["capabilities"],
+            "modified_at": card["modified_at"]}
+
+
+@router.get("/version")
+async def version():
+    return {"version": llamaforge.__version__}
+
+
+async def _json(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw or b"{}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"the request body is not valid JSON: {exc}") from exc
