@@ -212,7 +212,7 @@ MESSAGE = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(dialog=st.lists(MESSAGE, min_size=1, max_size=4))
 def test_random_messages_give_a_prompt_or_a_chat_format_error(smol: Tokenizer, dialog: list) -> None:
     for fmt in (JinjaChatFormat(smol, EVERYTHING), chat_format_for(smol)):
