@@ -422,10 +422,10 @@ class Llama:
     def stream_chat_completion(self, dialog: Dialog, max_gen_len: Optional[int] = None, temperature: float = 0.6,
                                top_p: float = 0.9, **options: Any) -> Iterator[str]:
         """Yield the assistant's answer to one dialog piece by piece."""
+        ids = self.chat_format.encode_dialog(dialog)  # checks the dialog first, as chat_completion does
         if self.chat_format.name == "llama2" and has_special_tags(dialog):
             yield UNSAFE_ERROR
             return
-        ids = self.chat_format.encode_dialog(dialog)
         options.setdefault("stop_ids", self.chat_format.stop_ids)
         yield from self._stream_text(ids, max_gen_len, temperature, top_p, options)
 
