@@ -18,6 +18,7 @@ from typing import Optional, Union
 
 from llamaforge import checkpoints
 from llamaforge.errors import ConfigError
+from llamaforge.tokenizers.gguf_export import sentencepiece_gguf_metadata  # noqa: F401 - conftest imports it from here
 
 log = logging.getLogger("llamaforge")
 
@@ -88,25 +89,3 @@ def convert(
                                    ("eos_token_id", getattr(tokenizer, "eos_id", None))) if v is not None}
         return checkpoints.save_hf(ckpt.args, ckpt.state_dict, output, tokenizer_path=tok_file, dtype=dtype,
                                    extra_config=extra, overwrite=overwrite)
-
-
-def sentencepiece_gguf_metadata(model_file: PathLike) -> dict:
-    """The `tokenizer.*` GGUF keys llama.cpp's converter writes for a sentencepiece vocabulary."""
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(model_file))
-    types = []  # llama.cpp's token types: normal 1, unknown 2, control 3, unused 5, byte 6
-    for i in range(sp.vocab_size()):
-        types.append(2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i)
-                     else 5 if sp.is_unused(i) else 1)
-    return {
-        "tokenizer.ggml.model": "llama",
-        "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(sp.vocab_size())],
-        "tokenizer.ggml.scores": [sp.get_score(i) for i in range(sp.vocab_size())],
-        "tokenizer.ggml.token_type": types,
-        "tokenizer.ggml.bos_token_id": sp.bos_id(),
-        "tokenizer.ggml.eos_token_id": sp.eos_id(),
-        "tokenizer.ggml.unknown_token_id": sp.unk_id(),
-        "tokenizer.ggml.add_bos_token": True,
-        "tokenizer.ggml.add_eos_token": False,
-    }

@@ -18,9 +18,10 @@ cannot be expressed in GGUF at all (llama.cpp's own converter writes the same ke
 from __future__ import annotations
 
 import json
+import os
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from llamaforge.errors import TokenizerError
 from llamaforge.tokenizers.gguf_pretok import PRE_TOKENIZERS
@@ -46,8 +47,6 @@ def tokenizer_gguf_metadata(tokenizer: Any, vocab_size: Optional[int] = None) ->
     if not tokenizer.source or not Path(tokenizer.source).is_file():
         raise TokenizerError(f"cannot embed this {tokenizer.kind} tokenizer in GGUF: its source file is unknown")
     if tokenizer.kind == "sentencepiece":
-        from llamaforge.convert import sentencepiece_gguf_metadata
-
         md = sentencepiece_gguf_metadata(tokenizer.source)
     elif tokenizer.kind == "hf":
         md = _byte_level_bpe(tokenizer, vocab_size or tokenizer.n_words)
@@ -68,6 +67,28 @@ def tokenizer_gguf_metadata(tokenizer: Any, vocab_size: Optional[int] = None) ->
         md["tokenizer.chat_template"] = tokenizer.chat_template
     _check_round_trip(md, tokenizer, strict=tokenizer.kind == "hf")
     return md
+
+
+def sentencepiece_gguf_metadata(model_file: Union[str, os.PathLike]) -> dict:
+    """The `tokenizer.*` GGUF keys llama.cpp's converter writes for a sentencepiece vocabulary."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    types = []  # llama.cpp's token types: normal 1, unknown 2, control 3, unused 5, byte 6
+    for i in range(sp.vocab_size()):
+        types.append(2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i)
+                     else 5 if sp.is_unused(i) else 1)
+    return {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(sp.vocab_size())],
+        "tokenizer.ggml.scores": [sp.get_score(i) for i in range(sp.vocab_size())],
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.bos_token_id": sp.bos_id(),
+        "tokenizer.ggml.eos_token_id": sp.eos_id(),
+        "tokenizer.ggml.unknown_token_id": sp.unk_id(),
+        "tokenizer.ggml.add_bos_token": True,
+        "tokenizer.ggml.add_eos_token": False,
+    }
 
 
 def _pre_regexes(spec: Any) -> Optional[tuple[str, ...]]:
