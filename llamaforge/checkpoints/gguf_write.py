@@ -107,6 +107,29 @@ def tensor_qtype(name: str, shape: tuple[int, ...], kind: str, n_layers: int, ti
     return qtype
 
 
+def metadata_from_args(args: ModelArgs, arch: str = "llama") -> dict[str, tuple[Any, str]]:
+    """The `<arch>.*` keys llama.cpp's convert_hf_to_gguf writes for these args: key -> (value, GGUF type)."""
+    md: dict[str, tuple[Any, str]] = {
+        f"{arch}.vocab_size": (args.vocab_size, "UINT32"),
+        f"{arch}.context_length": (args.max_seq_len, "UINT32"),
+        f"{arch}.embedding_length": (args.dim, "UINT32"),
+        f"{arch}.block_count": (args.n_layers, "UINT32"),
+        f"{arch}.feed_forward_length": (args.hidden_dim, "UINT32"),
+        f"{arch}.rope.dimension_count": (args.head_dim, "UINT32"),
+        f"{arch}.attention.head_count": (args.n_heads, "UINT32"),
+        f"{arch}.attention.head_count_kv": (args.n_kv_heads, "UINT32"),
+        f"{arch}.attention.layer_norm_rms_epsilon": (float(args.norm_eps), "FLOAT32"),
+        f"{arch}.rope.freq_base": (float(args.rope_theta), "FLOAT32"),
+    }
+    if args.head_dim != args.dim // args.n_heads or arch != "llama":  # convert_hf_to_gguf: whenever config has head_dim
+        md[f"{arch}.attention.key_length"] = (args.head_dim, "UINT32")
+        md[f"{arch}.attention.value_length"] = (args.head_dim, "UINT32")
+    if args.rope_scaling is not None and args.rope_scaling.original_max_position_embeddings != 8192:
+        md[f"{arch}.rope.scaling.original_context_length"] = (
+            args.rope_scaling.original_max_position_embeddings, "UINT32")
+    return md
+
+
 def _gguf_type(key: str, value: Any) -> tuple[str, Optional[str]]:
     if key in _GGUF_KEY_TYPES:
         return _GGUF_KEY_TYPES[key]
@@ -168,7 +191,7 @@ def save_gguf(
             writer.add_file_type(LlamaFileType[FILE_TYPES[kind][0]])
             if FILE_TYPES[kind][2] or any(isinstance(v, gguf_format.GGUFQuantTensor) for v in state_dict.values()):
                 writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-            for key, (value, vtype) in gguf_format.metadata_from_args(args, arch).items():
+            for key, (value, vtype) in metadata_from_args(args, arch).items():
                 writer.add_key_value(key, value, GGUFValueType[vtype])
             for key, value in meta.items():
                 if key.startswith("tokenizer.") and value != []:  # gguf-py cannot store empty arrays

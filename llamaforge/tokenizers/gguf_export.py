@@ -18,6 +18,7 @@ cannot be expressed in GGUF at all (llama.cpp's own converter writes the same ke
 from __future__ import annotations
 
 import json
+import os
 import logging
 import os
 from pathlib import Path
@@ -72,6 +73,28 @@ def tokenizer_gguf_metadata(tokenizer: Any, vocab_size: Optional[int] = None, *,
     if rebuild is not None:
         _check_round_trip(md, tokenizer, rebuild, strict=tokenizer.kind == "hf")
     return md
+
+
+def sentencepiece_gguf_metadata(model_file: Union[str, os.PathLike]) -> dict:
+    """The `tokenizer.*` GGUF keys llama.cpp's converter writes for a sentencepiece vocabulary."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    types = []  # llama.cpp's token types: normal 1, unknown 2, control 3, unused 5, byte 6
+    for i in range(sp.vocab_size()):
+        types.append(2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i)
+                     else 5 if sp.is_unused(i) else 1)
+    return {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(sp.vocab_size())],
+        "tokenizer.ggml.scores": [sp.get_score(i) for i in range(sp.vocab_size())],
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.bos_token_id": sp.bos_id(),
+        "tokenizer.ggml.eos_token_id": sp.eos_id(),
+        "tokenizer.ggml.unknown_token_id": sp.unk_id(),
+        "tokenizer.ggml.add_bos_token": True,
+        "tokenizer.ggml.add_eos_token": False,
+    }
 
 
 def _pre_regexes(spec: Any) -> Optional[tuple[str, ...]]:
@@ -160,25 +183,3 @@ def _check_round_trip(md: dict[str, Any], tokenizer: Any, rebuild: Any, strict: 
         logger.warning("%s: this sentencepiece model normalizes text in a way GGUF cannot express; llama.cpp "
                        "will tokenize such text differently", message)
         return
-
-
-def sentencepiece_gguf_metadata(model_file: Union[str, os.PathLike]) -> dict:
-    """The `tokenizer.*` GGUF keys llama.cpp's converter writes for a sentencepiece vocabulary."""
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(model_file))
-    types = []  # llama.cpp's token types: normal 1, unknown 2, control 3, unused 5, byte 6
-    for i in range(sp.vocab_size()):
-        types.append(2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i)
-                     else 5 if sp.is_unused(i) else 1)
-    return {
-        "tokenizer.ggml.model": "llama",
-        "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(sp.vocab_size())],
-        "tokenizer.ggml.scores": [sp.get_score(i) for i in range(sp.vocab_size())],
-        "tokenizer.ggml.token_type": types,
-        "tokenizer.ggml.bos_token_id": sp.bos_id(),
-        "tokenizer.ggml.eos_token_id": sp.eos_id(),
-        "tokenizer.ggml.unknown_token_id": sp.unk_id(),
-        "tokenizer.ggml.add_bos_token": True,
-        "tokenizer.ggml.add_eos_token": False,
-    }
