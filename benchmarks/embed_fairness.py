@@ -5,8 +5,9 @@
 Builds the default model (a `Llama`, as the server serves it), times a short greedy completion alone,
 then again while one embedding request of `--inputs` inputs of `--tokens` tokens runs on the same
 engine, and prints both latencies, their ratio and how much of the embedding work was done when the
-short answer arrived. While generation runs, embedding work gets about one decode step's time per
-engine step (in chunks of 32 tokens), so the short request should take at most about 2x its solo time. Not run by the tests; the numbers depend on the machine (RESULTS.md says which).
+short answer arrived. While generation runs, embedding work gets half the decode steps' time per
+engine step (in chunks of 32 tokens; engine.EMBED_SHARE), so the short request should take at most about
+1.5x its solo time. Not run by the tests; the numbers depend on the machine (RESULTS.md says which).
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 An embedding request is a list of token lists; its result (one mean-pooled, L2-normalised vector of
 final hidden states per list) is a `concurrent.futures.Future`. The engine computes it a chunk of
 `CHUNK` tokens at a time (each input in a small cache of its own, so a long input is split too), as
-the engine gives it time: while generation runs, no more than the decode steps took (so a request with
-hundreds of inputs makes running generations about twice as slow at most instead of stalling them),
+the engine gives it time: while generation runs, no more than half the time the decode steps took (a request with
+hundreds of inputs makes running generations about 1.5x as slow at most instead of stalling them; engine.EMBED_SHARE),
 and one chunk per loop iteration otherwise. A request whose caller has gone (`Future.cancel()`,
 which works until its last input is done) stops at the next chunk.
 """

@@ -52,6 +52,11 @@ from llamaforge.runtime import DecodeStep
 
 log = logging.getLogger("llamaforge.engine")
 
+# While sequences decode, embedding work gets this fraction of the decode steps' time: generation is what a
+# user watches token by token, so it keeps at least two thirds of the engine (short answers stay within ~1.5x
+# of their solo latency beside a large embedding request; measured by benchmarks/embed_fairness.py).
+EMBED_SHARE = 0.5
+
 __all__ = ["Engine", "Job", "Delta", "Finish", "PromptDone", "Failure", "Event", "QueueFull", "EngineClosed",
            "wait_idle"]
 
@@ -353,7 +358,7 @@ class Engine:
         try:
             logits = self.runner.decode(self.cache, [s.last for s in seqs], [s.pos for s in seqs],
                                         [s.slot for s in seqs])  # (B, V)
-            self._embed_credit += time.perf_counter() - start
+            self._embed_credit += EMBED_SHARE * (time.perf_counter() - start)
         except Exception as exc:
             log.exception("decode step failed")
             for act in {id(s.job): s.job for s in seqs}.values():
@@ -479,8 +484,9 @@ class Engine:
 
     def _embeds_step(self, budget: int) -> None:
         """Embedding chunks: one per loop iteration when nothing else runs; while sequences decode, in what
-        is left of this step's prefill budget but no more time than the decode steps had (a fair share:
-        a generation takes about twice as long as alone at most); a chunk that overran waits for credit."""
+        is left of this step's prefill budget but no more than EMBED_SHARE of the time the decode steps took
+        (a generation then takes at most about 1 + EMBED_SHARE times as long as alone); a chunk that overran
+        waits for credit."""
         if not self._embeds:
             return
         generating = bool(self._decoding or self._prefilling)
