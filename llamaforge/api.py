@@ -283,6 +283,7 @@ class Llama:
         stop: Union[None, str, Sequence[str]] = None,
         n: int = 1,
         response_format: Optional[Mapping[str, Any]] = None,
+        speculative: Union[None, str, "Llama"] = None,
     ) -> tuple[List[List[int]], Optional[List[List[float]]]]:
         """Meta's `generate`: continue token-id prompts.
 
@@ -304,6 +305,11 @@ class Llama:
             n: choices per prompt; the result has len(prompt_tokens) * n rows, prompt by prompt.
             response_format: {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}:
                 the output is constrained to JSON (llguidance).
+            speculative: greedy speculative decoding, with output token for token that of plain greedy
+                decoding: "ngram" (prompt lookup: drafts what followed the latest earlier occurrence of the
+                last tokens; pays off on answers that copy from the prompt) or a smaller `Llama` with the same
+                vocabulary as the draft model. Needs temperature=0 and none of logprobs, n, stop, penalties,
+                logit_bias or response_format; prompts run one after another (see generation/speculative.py).
 
         Returns:
             (tokens per row, logprobs per row or None), each cut before the first stop id.
@@ -311,7 +317,8 @@ class Llama:
         params = self._sampling(temperature, top_p, top_k, min_p, repetition_penalty, frequency_penalty,
                                 presence_penalty, logit_bias)
         tokens, lps, _ = self._generate(prompt_tokens, max_gen_len, params, logprobs=logprobs, echo=echo, seed=seed,
-                                        stop_ids=stop_ids, stop=stop, n=n, response_format=response_format)
+                                        stop_ids=stop_ids, stop=stop, n=n, response_format=response_format,
+                                        speculative=speculative)
         return tokens, lps
 
     def text_completion(
@@ -453,7 +460,8 @@ class Llama:
                               presence_penalty=presence_penalty, logit_bias=logit_bias or ())
 
     def _generate(self, prompt_tokens, max_gen_len: int, params: SamplingParams, *, logprobs: bool = False,
-                  echo: bool = False, seed=None, stop_ids=None, stop=None, n: int = 1, response_format=None):
+                  echo: bool = False, seed=None, stop_ids=None, stop=None, n: int = 1, response_format=None,
+                  speculative=None):
         """(tokens per row, logprobs per row or None, engine text per row or None) with Meta's output cut."""
         prompt_tokens = check_prompts(prompt_tokens, self.args.vocab_size, self.max_seq_len)
         self._check_batch(prompt_tokens)
@@ -462,6 +470,12 @@ class Llama:
         stop_strings = check_stop(stop)
         constraint = self.grammar.response_format(response_format) if response_format is not None else None
         engine_only = n > 1 or stop_strings or constraint is not None or params.logit_bias or params.counts_output
+        if speculative is not None:
+            if not params.greedy or logprobs or engine_only:
+                raise GenerationError(
+                    "speculative decoding reproduces plain greedy output: it needs temperature=0 and none of "
+                    "logprobs, n > 1, stop, penalties, logit_bias or response_format")
+            return self._speculative(prompt_tokens, max_gen_len, speculative, stops, echo), None, None
         if params.temperature > 0 and len(prompt_tokens) > 1 and not engine_only:
             # Meta's lock-step mode: the batch's draws in Meta's order, from one generator.
             tokens, lps = generate(self.model, prompt_tokens, max_gen_len=max_gen_len, max_seq_len=self.max_seq_len,
@@ -486,6 +500,37 @@ class Llama:
                 out_lps.append(lps)
                 texts.append("".join(choice.text))
         return out_tokens, (out_lps if logprobs else None), texts
+
+    def _speculative(self, prompt_tokens, max_gen_len: int, speculative, stops: frozenset[int],
+                     echo: bool) -> list[list[int]]:
+        """Greedy rows by speculative decoding (generation/speculative.py), cut as Meta's."""
+        from llamaforge.generation import speculative as spec
+
+        if speculative == "ngram":
+            drafter: Any = spec.NgramDrafter()
+        elif isinstance(speculative, Llama):
+            if speculative.args.vocab_size != self.args.vocab_size or \
+                    speculative.tokenizer.n_words != self.tokenizer.n_words:
+                raise GenerationError(
+                    f"the draft model's vocabulary ({speculative.tokenizer.n_words} tokens) is not this model's "
+                    f"({self.tokenizer.n_words}): a draft model must share the tokenizer")
+            length = min(self.max_seq_len, speculative.max_seq_len)
+            drafter = spec.ModelDrafter(spec.model_steps(speculative.model, length, speculative._own_decode_step()))
+        else:
+            raise GenerationError(f"speculative must be 'ngram' or a draft Llama, got {speculative!r}")
+        target = spec.model_steps(self.model, self.max_seq_len, self._own_decode_step())
+        rows = []
+        for p in prompt_tokens:
+            n_new = min(max_gen_len, self.max_seq_len - len(p))
+            if isinstance(drafter, spec.ModelDrafter):
+                n_new = min(n_new, drafter.steps.max_seq_len - len(p))
+            out = spec.speculative_greedy(target, p, n_new, drafter, stop_ids=sorted(stops))
+            rows.append(meta_cut(p + out, None, len(p), max_gen_len, echo, stops)[0])
+        return rows
+
+    def _own_decode_step(self) -> runtime.DecodeStep:
+        """A DecodeStep like this Llama's for a caller outside the engine thread (a fused step holds state)."""
+        return runtime.DecodeStep(self.model, fused=self.decode_step.fused is not None)
 
     def _stream_job(self, prompt_tokens, max_gen_len, temperature, top_p, top_k, seed, options: dict, *,
                     text: bool) -> Job:

@@ -151,3 +151,32 @@ def test_bad_arguments_are_clear_errors():
         speculative_greedy(steps, [1, 2], 4, NgramDrafter(), k=0)
     with pytest.raises(GenerationError, match="exceeds"):
         model_steps(model, SEQ + 1)
+
+
+def test_llama_generate_speculative_equals_plain_greedy():
+    """The API's speculative=... gives Llama.generate's own greedy rows (prompt lookup and a draft model)."""
+    from llamaforge.api import Llama
+    from llamaforge.default_model import default_model_path
+    from llamaforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(default_model_path())
+
+    def tiny(seed):
+        torch.manual_seed(seed)
+        model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.n_words,
+                                      hidden_dim=96, max_seq_len=SEQ)).eval()
+        with torch.no_grad():
+            model.output.weight.mul_(6)
+        model = quantize_model_weights(model, "q8_0")
+        return Llama(model, tok, max_seq_len=SEQ, max_batch_size=2, device=CPU,
+                     decode_step=DecodeStep(model, fused=kernels.get_extension() is not None))
+
+    llm, draft = tiny(0), tiny(1)
+    prompts = [PROMPTS[0], [5, 9, 2, 7, 5, 9, 2, 7]]
+    plain_rows, _ = llm.generate(prompts, max_gen_len=24, temperature=0)
+    assert llm.generate(prompts, max_gen_len=24, temperature=0, speculative="ngram")[0] == plain_rows
+    assert llm.generate(prompts, max_gen_len=24, temperature=0, speculative=draft)[0] == plain_rows
+    with pytest.raises(GenerationError, match="temperature=0"):
+        llm.generate(prompts, max_gen_len=4, temperature=0.7, speculative="ngram")
+    with pytest.raises(GenerationError, match="'ngram' or a draft Llama"):
+        llm.generate(prompts, max_gen_len=4, temperature=0, speculative="eagle")
