@@ -211,5 +211,7 @@ def test_generate_streams_on_a_terminal_and_says_what_it_loads(tiny_checkpoints)
     assert child.exitstatus == 0
     expected = "".join(Llama.build(tiny_checkpoints.gguf, device="cpu").stream_text_completion(
         "hello", 4, temperature=0))
-    assert ("hello" + expected) in child.before.replace("\r\n", "\n")
+    # (a first use of the C++ kernels may log their build on the same terminal: not part of the answer)
+    out = "\n".join(line for line in child.before.replace("\r\n", "\n").split("\n") if "kernel" not in line)
+    assert ("hello" + expected) in out
     assert "=====" not in child.before  # streamed: the batch separator is not printed
