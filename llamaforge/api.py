@@ -242,7 +242,9 @@ class Llama:
         if self._engine is not None:
             self._engine.close()
         self._engine = engine
-        weakref.finalize(self, engine.close, 0)  # the engine thread ends with its Llama
+        # The engine thread ends with its Llama, and before the interpreter does: a daemon thread still inside
+        # torch while Python finalizes aborts the process ("terminate called without an active exception").
+        weakref.finalize(self, engine.close, 5.0)
 
     @property
     def grammar(self) -> GrammarCompiler:
