@@ -2,6 +2,7 @@
 
     python benchmarks/compare.py            # full run (every weight width, batches 4/8/16), ~30-60 min
     python benchmarks/compare.py --quick    # smoke run: 4-bit and 32-bit, shorter generations, minutes
+    python benchmarks/compare.py --shape 1b # Llama 3.2 1B shape, every common type (compare_shapes.py)
 
 Any python starts it: it first runs benchmarks/setup_peers.sh (the peers' venv at benchmarks/_work/venv,
 with a pinned llama-cpp-python built from its sdist), then re-executes itself in that venv. One process
@@ -78,7 +79,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="markdown file to write (default benchmarks/_work/results/)")
     p.add_argument("--no-setup", action="store_true", help="do not run setup_peers.sh first")
     p.add_argument("--render", type=Path, metavar="JSON", help="only rewrite the tables of a saved run's .json")
+    p.add_argument("--here", action="store_true",
+                   help="run in this interpreter (it has llama-cpp-python) instead of the peers' venv")
+    s = p.add_argument_group("--shape runs (benchmarks/compare_shapes.py): llamaforge and llama.cpp only")
+    s.add_argument("--shape", choices=("1b", "3b", "8b"), help="Llama 3.2 1B / 3B, Llama 3.1 8B shapes, random weights")
+    s.add_argument("--types", type=lambda x: x.split(","),
+                   default=["Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F16", "BF16"], help="file types")
+    s.add_argument("--contexts", type=lambda x: [int(v) for v in x.split(",")], default=[128, 4096],
+                   help="prompt lengths: prefill at each, decode steps after each")
+    s.add_argument("--threads-list", type=lambda x: [int(v) for v in x.split(",")], default=[1, 2])
+    s.add_argument("--flash-attn", type=lambda x: [v == "on" for v in x.split(",")], default=[False, True],
+                   help="llama.cpp flash attention settings: on,off")
+    s.add_argument("--batches", type=lambda x: [int(v) for v in x.split(",")], default=[1, 4, 16],
+                   help="decode batch sizes (after the shortest prompt)")
+    s.add_argument("--steps", type=int, default=24, help="timed decode steps per run (short prompts)")
+    s.add_argument("--long-steps", type=int, default=12, help="timed decode steps after a long prompt")
     a = p.parse_args(argv)
+    if a.shape:
+        a.engines = [e for e in a.engines if e != "transformers"]
+        a.runs = a.runs or 2
+        return a
     quick = {"bits": [4, 32], "gen_len": 64, "runs": 2, "batch_sizes": [4, 16], "batch_gen_len": 32,
              "batch_runs": 1}
     full = {"bits": [4, 8, 16, 32], "gen_len": 128, "runs": 5, "batch_sizes": [4, 8, 16], "batch_gen_len": 64,
@@ -91,7 +111,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def bootstrap(argv: list[str], args: argparse.Namespace) -> None:
     """Set up the peers' venv and re-execute this script in it (no-op when already there)."""
-    if Path(sys.prefix).resolve() == (WORK / "venv").resolve():
+    if Path(sys.prefix).resolve() == (WORK / "venv").resolve() or args.here:
         return
     if not args.no_setup:
         subprocess.run(["bash", str(HERE / "setup_peers.sh")], check=True)
@@ -276,6 +296,12 @@ def main(argv: list[str]) -> None:
 
     started = _dt.datetime.now()
     src = Path(args.model) if args.model else default_model()
+    if args.shape:
+        from compare_shapes import run_shapes
+
+        command = "python benchmarks/compare.py " + " ".join(shlex.quote(a) for a in argv)
+        run_shapes(args, command, src, TEXT, bandwidth, machine)
+        return
     files = weight_files(src, args.bits, args.threads)
     batch = prompts(src, max(args.batch_sizes + [1]), args.prompt_len)
     from llamaforge.tokenizer import Tokenizer

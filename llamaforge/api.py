@@ -98,6 +98,7 @@ class Llama:
         self.source = source
         self.chat_format = chat_format_for(tokenizer)
         self._engine: Optional[Engine] = None
+        self._engine_owned = False
         self._engine_lock = threading.Lock()
         self._grammar: Optional[GrammarCompiler] = None
 
@@ -130,6 +131,7 @@ class Llama:
         device: devices.DeviceLike = "auto",
         dtype: devices.DTypeLike = None,
         quantize: Optional[str] = None,
+        adapters: Optional[Sequence[PathLike]] = None,
         progress: bool = True,
     ) -> "Llama":
         """Load a checkpoint and its tokenizer, ready to generate.
@@ -155,6 +157,9 @@ class Llama:
                 llama.cpp-style integer kernels; an explicit dtype dequantizes them (dtype="float32"
                 is the exact reference path).
             quantize: "q8_0" or "q4_0" to quantize a float checkpoint's linear layers after loading.
+            adapters: LoRA adapters to add, in order: PEFT folders (adapter_config.json +
+                adapter_model.safetensors) or llama.cpp GGUF LoRA files; merged into float weights,
+                applied beside quantized ones (see llamaforge.training.adapters).
             progress: show a progress bar while a large checkpoint loads.
 
         Returns:
@@ -202,6 +207,10 @@ class Llama:
             args = dataclasses.replace(args, max_seq_len=max_seq_len)
         model, decode_step = runtime.prepare(args, ckpt.state_dict, device=dev, dtype=torch_dtype, quantize=quantize,
                                              world=world, rank=rank, max_seq_len=max_seq_len)
+        if adapters:
+            from llamaforge.training.adapters import apply_adapters
+
+            apply_adapters(model, adapters)  # LoRA layers: the decode step runs the modules for them
         log.info(
             "loaded %s (%s, %.1fM parameters) on %s in %s in %.2fs",
             path, ckpt.format, args.n_params / 1e6, dev, torch_dtype, time.perf_counter() - start,
@@ -220,31 +229,29 @@ class Llama:
             if self._engine is None or self._engine.closed:
                 self._set_engine(Engine(self.model, self.tokenizer, n_slots=self.max_batch_size,
                                         max_seq_len=self.max_seq_len, device=self.device, max_queue=256,
-                                        decode_step=self.decode_step))
+                                        decode_step=self.decode_step), owned=True)
                 self._engine.start()
             return self._engine
 
     def open_engine(self, *, n_slots: Optional[int] = None, max_queue: int = 64, prefill_budget: int = 256,
                     prefix_reuse: bool = True) -> Engine:
-        """Replace this Llama's engine by one with these settings, not started: its owner calls `start()`
-        (the server does, with its flags, when it starts; calls made before then wait for it).
+        """A new engine with these settings, which this Llama's calls use from now on; not started: its
+        owner (the server, with its flags) calls `start()` and `close()`. Calls made before it starts wait.
 
-        The previous engine is closed (its requests end with an error).
+        An engine this Llama made itself is closed; one opened earlier is left to its owner.
         """
         with self._engine_lock:
             self._set_engine(Engine(self.model, self.tokenizer, n_slots=n_slots or self.max_batch_size,
                                     max_seq_len=self.max_seq_len, device=self.device, max_queue=max_queue,
                                     prefill_budget=prefill_budget, prefix_reuse=prefix_reuse,
-                                    decode_step=self.decode_step))
+                                    decode_step=self.decode_step), owned=False)
             return self._engine
 
-    def _set_engine(self, engine: Engine) -> None:
-        if self._engine is not None:
+    def _set_engine(self, engine: Engine, *, owned: bool) -> None:
+        if self._engine is not None and self._engine_owned:
             self._engine.close()
-        self._engine = engine
-        # The engine thread ends with its Llama, and before the interpreter does: a daemon thread still inside
-        # torch while Python finalizes aborts the process ("terminate called without an active exception").
-        weakref.finalize(self, engine.close, 5.0)
+        self._engine, self._engine_owned = engine, owned
+        weakref.finalize(self, engine.close)  # the engine thread ends with its Llama (and at exit)
 
     @property
     def grammar(self) -> GrammarCompiler:
@@ -415,10 +422,10 @@ class Llama:
     def stream_chat_completion(self, dialog: Dialog, max_gen_len: Optional[int] = None, temperature: float = 0.6,
                                top_p: float = 0.9, **options: Any) -> Iterator[str]:
         """Yield the assistant's answer to one dialog piece by piece."""
+        ids = self.chat_format.encode_dialog(dialog)  # checks the dialog first, as chat_completion does
         if self.chat_format.name == "llama2" and has_special_tags(dialog):
             yield UNSAFE_ERROR
             return
-        ids = self.chat_format.encode_dialog(dialog)
         options.setdefault("stop_ids", self.chat_format.stop_ids)
         yield from self._stream_text(ids, max_gen_len, temperature, top_p, options)
 

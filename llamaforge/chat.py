@@ -13,7 +13,7 @@
 Untrusted strings enter the chat format in one place, `_check_messages` + `_mark`: every message is
 checked (a known role, JSON-like values only), and every string the caller gave (content, name, tool
 names, descriptions and parameters, tool-call arguments, any extra field, dict keys; in messages and in
-`tools`) is replaced by a private-use sentinel for a second rendering, which tells where in the prompt
+`tools`) is replaced by a numbered sentinel for a second rendering, which tells where in the prompt
 each landed; special-token strings are only looked for outside those places. Only the role (one of a
 fixed set) and short identifier-like strings holding no special token are left as they are.
 
@@ -85,9 +85,7 @@ def _plain(value: Any, where: str, depth: int = 0) -> Any:
     Anything else (an object whose str() a template would print, bytes, a set) is refused: only data
     reaches a template.
     """
-    if value is None or isinstance(value, (str, bool, int)):
-        return value
-    if isinstance(value, float):
+    if value is None or isinstance(value, (str, bool, int, float)):
         return value
     if depth >= MAX_DEPTH:
         raise ChatFormatError(f"{where} is nested more than {MAX_DEPTH} levels deep")

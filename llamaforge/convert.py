@@ -66,7 +66,9 @@ def convert(
         if metadata is None and tokenizer is not None:
             from llamaforge.tokenizers.gguf_export import tokenizer_gguf_metadata
 
-            metadata = tokenizer_gguf_metadata(tokenizer, ckpt.args.vocab_size)
+            # checked: the vocabulary rebuilt from the metadata must tokenize a probe text as `tokenizer` does
+            metadata = tokenizer_gguf_metadata(tokenizer, ckpt.args.vocab_size,
+                                               rebuild=type(tokenizer).from_gguf_metadata)
         elif metadata is None:
             log.warning("no tokenizer found with %s: the GGUF is written without a vocabulary", source)
         return checkpoints.save_gguf(ckpt.args, ckpt.state_dict, output, tokenizer_metadata=metadata,

@@ -16,7 +16,13 @@ tensors, so `load_state_dict(float_part, strict=True)` works before or after the
 Accuracy: on CPUs with the C++ kernels (see llamaforge.kernels) activations are quantized to int8
 per block of 32 as llama.cpp does, so a layer's output differs from `F.linear(x, dequantize())` by
 about 1e-2 of the output norm; the PyTorch fallback (CUDA/MPS, other CPUs, `backend="torch"`,
-LLAMAFORGE_KERNELS=torch, or inputs that require grad) is exact up to matmul rounding.
+LLAMAFORGE_KERNELS=torch, inputs that require grad, or a layer whose `exact` is set, as training
+does) is exact up to matmul rounding.
+
+Training through a frozen quantized weight (QLoRA): `QuantizedLinear` is differentiable with respect to
+its input only. `DequantLinear` dequantizes the blocks in the forward pass and again in the backward
+pass (`grad_x = grad_y @ W`), so no float copy of the weight outlives one matmul and memory stays
+at the quantized size plus one layer's float weight.
 """
 
 from __future__ import annotations
@@ -26,13 +32,17 @@ from typing import Iterable, Mapping, Optional, Protocol, Sequence
 import torch
 from torch import nn
 
+import torch.nn.functional as F
+
 from llamaforge import kernels
 from llamaforge.errors import ConfigError
 from llamaforge.progress import iterate_bytes, nbytes
 
 __all__ = [
+    "DequantLinear",
     "QuantTensorLike",
     "QuantizedLinear",
+    "compute_dtype",
     "QuantizedEmbedding",
     "quantize_model",
     "quantize_model_weights",
@@ -55,6 +65,35 @@ def _check_backend(backend: str) -> str:
     if backend not in _BACKENDS:
         raise ConfigError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     return backend
+
+
+def compute_dtype(x: torch.Tensor) -> torch.Tensor:
+    """The dtype a matmul on `x` runs in: autocast's (e.g. bfloat16) when it is on for x's device, else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+class DequantLinear(torch.autograd.Function):
+    """`F.linear(x, W, b)` through a frozen quantized W, differentiable with respect to x only.
+
+    W is dequantized (exactly, to float32, then to the compute dtype) in the forward pass and again in
+    the backward pass instead of being saved: the backward keeps nothing of the layer but its blocks.
+    Under autocast the matmuls run in autocast's dtype, the result has that dtype.
+    """
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor, layer: "QuantizedLinear") -> torch.Tensor:
+        dtype = compute_dtype(x)
+        ctx.layer = layer  # type: ignore[attr-defined]
+        with torch.autocast(x.device.type, enabled=False):
+            bias = None if layer.bias is None else layer.bias.to(dtype)
+            return F.linear(x.to(dtype), layer.dequantize().to(dtype), bias)
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        layer = ctx.layer  # type: ignore[attr-defined]
+        with torch.autocast(grad.device.type, enabled=False):
+            return grad @ layer.dequantize().to(grad.dtype), None  # (..., out) @ (out, in) -> (..., in)
 
 
 class QuantizedLinear(nn.Module):
@@ -109,6 +148,9 @@ class QuantizedLinear(nn.Module):
         # Whether forward runs the C++ kernels on CPU inputs (the module object itself is looked up per
         # call, so that layers can be deep-copied and pickled).
         self.uses_kernels = backend == "auto" and kernels.get_extension() is not None
+        # True: always the exact dequantize-then-matmul path (training sets it, so that losses and
+        # gradients are those of the dequantized weights, not of int8 activations).
+        self.exact = False
 
     @classmethod
     def from_gguf(
@@ -143,6 +185,11 @@ class QuantizedLinear(nn.Module):
         raw = kernels.quantize_numpy(weight, info.name).to(weight.device)
         return cls(raw, info.name, weight.shape[0], weight.shape[1], bias, backend=backend)
 
+    @property
+    def type_id(self) -> int:
+        """The GGML type id of `qtype`, as the C++ kernels take it."""
+        return self._type_id
+
     def dequantize(self) -> torch.Tensor:
         """The weight as float32 (out_features, in_features): exactly gguf.quants.dequantize of the blocks."""
         return kernels.dequantize(self.qweight, self.qtype, self.out_features, self.in_features, self.layout)
@@ -176,7 +223,12 @@ class QuantizedLinear(nn.Module):
         return cls(raw, first.qtype, raw.shape[0], first.in_features, bias, backend=first.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.uses_kernels and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
+        if self.exact or (x.requires_grad and torch.is_grad_enabled()):
+            # The exact path, differentiable with respect to x, never keeping a float W.
+            if x.shape[-1] != self.in_features:
+                raise ConfigError(f"input has {x.shape[-1]} features, this layer takes {self.in_features}")
+            return DequantLinear.apply(x, self)
+        if self.uses_kernels and x.device.type == "cpu":
             args = (x, self.qweight, self._type_id, self.out_features, self.in_features, self.bias,
                     self._gemm_rows, self._layout_id)
             if torch.compiler.is_compiling():

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Optional, Protocol
 
 from llamaforge.errors import TokenizerError
+from llamaforge.tokenizers.backends import guarded
 from llamaforge.tokenizers.gguf_vocab import read_gguf_metadata
 from llamaforge.tokenizers.loaders import Loaded, from_gguf_metadata, load
 
@@ -44,22 +45,6 @@ class TokenizerSource(Protocol):
     checkpoint: Path
     file: Optional[Path]
     gguf_metadata: Optional[dict[str, Any]]
-
-
-def _guarded(fn: Any, *args: Any, what: str) -> Any:
-    """Call a tokenizer library; its failures (a Rust panic too, e.g. a tokenizer.json regex that hits
-    Oniguruma's backtracking limit) become a TokenizerError."""
-    try:
-        return fn(*args)
-    except TokenizerError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - whatever the back-end library raises
-        raise TokenizerError(f"{what} failed on this text ({type(exc).__name__}: {str(exc)[:200]})") from exc
-    except BaseException as exc:
-        if type(exc).__name__ != "PanicException":  # pyo3's panic derives from BaseException
-            raise
-        raise TokenizerError(f"{what} failed on this text (the tokenizer library panicked: {str(exc)[:200]}); "
-                             "its tokenizer.json may hold a regex that backtracks without end") from exc
 
 
 class Tokenizer:
@@ -182,7 +167,7 @@ class Tokenizer:
             raise TokenizerError(
                 f"cannot encode this text: {exc.reason} at position {exc.start}; it must be valid Unicode"
             ) from None
-        ids = _guarded(self._backend.encode, text, allow_special, what=f"this {self.kind} tokenizer")
+        ids = guarded(self._backend.encode, text, allow_special, what=f"this {self.kind} tokenizer")
         if bos:
             if self.bos_id is None:
                 raise TokenizerError(f"bos=True, but this {self.kind} vocabulary has no BOS token")

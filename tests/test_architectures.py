@@ -109,16 +109,19 @@ def test_hf_checkpoint_matches_transformers(kind, tmp_path):
         assert args.max_seq_len == args.sliding_window == 64
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "mistral"])
 def test_greedy_tokens_equal_transformers(kind, tmp_path):
+    """Through Llama.build (KV cache, fused decode step on CPU), from the HF folder and from its GGUF."""
     ref = make_hf(kind, tmp_path / kind)
     prompt = [5, 17, 99, 250, 3]
     with torch.no_grad():
         want = ref.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=None,
                             pad_token_id=0)[0, len(prompt):].tolist()
-    gen = Llama.build(str(tmp_path / kind), max_seq_len=64, max_batch_size=1, device="cpu", dtype="float32")
-    got, _ = gen.generate([prompt], max_gen_len=10, temperature=0, stop_ids=[])
-    assert got[0] == want
+    gguf_file = convert(tmp_path / kind, tmp_path / f"{kind}.gguf", to="gguf", dtype="f32")
+    for path in (tmp_path / kind, gguf_file):
+        gen = Llama.build(str(path), max_seq_len=64, max_batch_size=1, device="cpu", dtype="float32")
+        got, _ = gen.generate([prompt], max_gen_len=10, temperature=0, stop_ids=[])
+        assert got[0] == want, path
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "qwen3"])

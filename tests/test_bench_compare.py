@@ -124,3 +124,58 @@ def test_module_weight_bytes_counts_tied_weights_once():
     m = M()
     m.output.weight = torch.nn.Parameter(torch.zeros(10, 4))  # untied: the table is read one row a token
     assert compare_engines.module_weight_bytes(m) == (4 * (40 + 16), 4 * (40 + 40 + 16))
+
+
+# ----------------------------------------------------------------------------- --shape runs (made-up figures)
+
+import sys as _sys  # noqa: E402
+
+
+def _load_as(name: str):
+    """Import benchmarks/<name>.py under its own name (its dataclasses and `from shapes import` need that)."""
+    if name not in _sys.modules:
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+        _sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(_sys.modules[name])
+    return _sys.modules[name]
+
+
+shapes = _load_as("shapes")
+compare_shapes = _load_as("compare_shapes")
+
+
+def test_shape_tensors_have_meta_llama_sizes():
+    """Parameter counts of the shapes without their embeddings: Llama 3.2 1B 0.97B, 3B 2.8B, 3.1 8B 6.98B."""
+    for name, want in (("1b", 0.97e9), ("3b", 2.80e9), ("8b", 6.98e9)):
+        s = shapes.SHAPES[name]
+        n = sum(
+            int(__import__("math").prod(shp)) for t, shp in shapes.tensor_list(s, 49152)
+            if t not in ("token_embd.weight", "output.weight")
+        )
+        assert abs(n - want) / want < 0.02, (name, n)
+    assert [t for t, _ in shapes.tensor_list(shapes.SHAPES["8b"], 10)][-1] == "output.weight"
+    assert "output.weight" not in dict(shapes.tensor_list(shapes.SHAPES["1b"], 10))
+
+
+def _shape_cell(engine: str, fa: bool, decode: float, prefill: float) -> dict:
+    cell = {"prefill_tok_s": prefill, "decode_tok_s": decode, "decode_best_tok_s": decode * 1.1,
+            "decode_cpu_tok_s": decode}
+    return {"engine": engine, "flash_attn": fa, "type": "Q4_0", "threads": 2, "load_s": 1.0, "peak_rss_mb": 900,
+            "bytes_per_token": 10**9, "kv_bytes_per_position": 1000,
+            "cells": {"128x1": cell, "128x4": {**cell, "decode_tok_s": 4 * decode}}}
+
+
+def test_shape_report_ratios_use_llama_cpps_faster_setting():
+    meta = {"command": "x", "date": "d", "minutes": 1, "load_start": 1.0, "load_end": 2.0,
+            "bandwidth": {"roofline_gbs": 20.0},
+            "machine": {"cpu": "c", "cores": 2, "flags": "avx2", "llamaforge": "abc", "llama_cpp_python": "0.3.36",
+                        "torch": "2"},
+            "args": {"contexts": [128], "batches": [1, 4], "shape": "1b", "threads_list": [2], "types": ["Q4_0"],
+                     "steps": 8, "runs": 2, "long_steps": 4}}
+    cells = [_shape_cell("llamaforge", False, 12.0, 60.0), _shape_cell("llama.cpp", False, 10.0, 40.0),
+             _shape_cell("llama.cpp", True, 8.0, 50.0)]
+    text = compare_shapes.render(meta, cells)
+    ratio_row = [line for line in text.splitlines() if line.startswith("| Q4_0 | 2 | 1.")][0]
+    assert ratio_row.split(" | ")[2:5] == ["1.20x", "1.20x", "1.20x"]  # prefill 60/50, decode 12/10, B=4 48/40
+    # GB/s beside tok/s: (1e9 weight bytes + 128 positions x 1000 KV bytes) x 12 tok/s
+    assert "12.0 (60%)" in text

@@ -212,7 +212,7 @@ MESSAGE = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(dialog=st.lists(MESSAGE, min_size=1, max_size=4))
 def test_random_messages_give_a_prompt_or_a_chat_format_error(smol: Tokenizer, dialog: list) -> None:
     for fmt in (JinjaChatFormat(smol, EVERYTHING), chat_format_for(smol)):
@@ -223,3 +223,20 @@ def test_random_messages_give_a_prompt_or_a_chat_format_error(smol: Tokenizer, d
         # at most the template's own markers: one start per message (+ the default system turn + header)
         starts, ends = markers(smol, ids)
         assert starts <= len(dialog) + 2 and ends <= len(dialog) + 1
+
+
+def test_llama2_dialogs_are_checked_before_the_unsafe_tag_answer(tiny_checkpoints) -> None:
+    from llamaforge import Llama
+
+    llama = Llama.build(tiny_checkpoints.meta, max_seq_len=64, max_batch_size=1, device="cpu", dtype="float32")
+    assert llama.chat_format.name == "llama2"
+    bad_order = [{"role": "assistant", "content": "[INST] hi"}]
+    for call in (lambda d: llama.chat_completion([d], max_gen_len=2),
+                 lambda d: list(llama.stream_chat_completion(d, max_gen_len=2))):
+        with pytest.raises(ChatFormatError, match="role 'assistant' where 'user' was expected"):
+            call(bad_order)
+        with pytest.raises(ChatFormatError, match="a mapping with a str 'role'"):
+            call(["[INST] hi"])
+    safe_order = [{"role": "user", "content": "[INST] hi"}]
+    assert list(llama.stream_chat_completion(safe_order, max_gen_len=2)) == \
+        ["Error: special tags are not allowed as part of the prompt."]

@@ -139,6 +139,10 @@ def test_quantize_command_equals_convert_and_keeps_metadata(qwen2_256, tmp_path,
     assert "already exists" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="is the input file"):
         checkpoints.quantize_gguf(out, out, "q8_0", overwrite=True)
+    assert main(["quantize", str(out), str(tmp_path / "q8.gguf"), "q8_0"]) == 1  # already 4-bit: as llama-quantize
+    err = capsys.readouterr().err
+    assert "is already Q" in err and "--allow-requantize" in err
+    assert main(["quantize", "--allow-requantize", str(out), str(tmp_path / "q8.gguf"), "q8_0"]) == 0
 
 
 def _llama_cpp_logits(path, tokens: list[int]) -> np.ndarray:
@@ -223,3 +227,36 @@ def test_q8_0_qwen_gguf_runs_on_the_quantized_kernels_and_fused_step(kind, tmp_p
     assert len(tokens[0]) == 4
     if get_extension() is not None:  # the fused C++ step ran (it covers biases and q/k norms)
         assert gen.decode_step.ran_fused
+
+
+def test_pre_tokenizer_is_named_from_its_regexes():
+    from llamaforge.errors import TokenizerError
+    from llamaforge.tokenizers.gguf_export import gguf_pre_name
+    from llamaforge.tokenizers.gguf_pretok import PRE_TOKENIZERS
+    from tests.test_architectures import QWEN2_REGEX
+
+    split = {"type": "Split", "pattern": {"Regex": QWEN2_REGEX}, "behavior": "Isolated", "invert": False}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+    assert gguf_pre_name({"type": "Sequence", "pretokenizers": [split, byte_level]}) == "qwen2"
+    llama3 = dict(split, pattern={"Regex": PRE_TOKENIZERS["llama-bpe"].regexes[0]})
+    assert PRE_TOKENIZERS[gguf_pre_name({"type": "Sequence", "pretokenizers": [llama3, byte_level]})] == \
+        PRE_TOKENIZERS["llama-bpe"]
+    smollm = [{"type": "Digits", "individual_digits": True}, dict(byte_level, use_regex=True)]  # SmolLM2's
+    assert PRE_TOKENIZERS[gguf_pre_name({"type": "Sequence", "pretokenizers": smollm})] == PRE_TOKENIZERS["smollm"]
+    with pytest.raises(TokenizerError, match="matches none of the pre-tokenizers llama.cpp knows"):
+        gguf_pre_name({"type": "Whitespace"})
+
+
+def test_a_vocabulary_larger_than_the_model_is_refused(tmp_path):
+    from llamaforge.errors import TokenizerError
+    from llamaforge.tokenizer import Tokenizer
+    from llamaforge.tokenizers.gguf_export import tokenizer_gguf_metadata
+    from tests.test_architectures import write_qwen_tokenizer
+
+    n = write_qwen_tokenizer(tmp_path)
+    tok = Tokenizer.from_file(tmp_path / "tokenizer.json")
+    md = tokenizer_gguf_metadata(tok, n + 5)
+    assert md["tokenizer.ggml.tokens"][-1] == f"[PAD{n + 4}]" and md["tokenizer.ggml.token_type"][-1] == 5
+    assert md["tokenizer.ggml.token_type"][tok.special_tokens["<|im_end|>"]] == 3  # control
+    with pytest.raises(TokenizerError, match="embedding rows"):
+        tokenizer_gguf_metadata(tok, n - 1)

@@ -201,3 +201,14 @@ def test_fuzzed_header_of_a_real_checkpoint_is_a_llamaforge_error_or_loads(tiny_
         Tokenizer.from_file(path)
     except LlamaforgeError:
         pass
+
+
+def test_a_vocabulary_of_huge_tokens_is_refused_not_rebuilt_for_hours(tmp_path: Path) -> None:
+    # rebuilding sentencepiece merges tries every split of every token: n^2 for a token of n characters
+    kv = [(k, t, v) for k, t, v in VOCAB_KV if k not in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores",
+                                                         "tokenizer.ggml.token_type")]
+    tokens = TOKENS + ["a" * 20000 + str(i) for i in range(2)]
+    kv += [("tokenizer.ggml.tokens", ARR, (STR, tokens)), ("tokenizer.ggml.scores", ARR, (F32, [0.0] * len(tokens))),
+           ("tokenizer.ggml.token_type", ARR, (I32, [2, 3, 3] + [1] * (len(tokens) - 3)))]
+    with pytest.raises(TokenizerError, match="too long to rebuild its merges.*20001 characters"):
+        Tokenizer.from_file(write(tmp_path, gguf_bytes(kv), "huge.gguf"))

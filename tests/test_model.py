@@ -130,3 +130,41 @@ def test_int_start_position_equals_explicit_positions():
     torch.testing.assert_close(model(tokens, 0), model(tokens, torch.arange(9)), atol=1e-5, rtol=0)
     torch.testing.assert_close(model(tokens[:, 2:], 2)[:, -1], model(tokens[:, 2:], torch.arange(2, 9))[:, -1],
                                atol=1e-5, rtol=0)
+
+
+def test_step_input_says_where_tokens_sit():
+    """StepInput.make: no mask in the mask-free cases (prefill from 0, one query), per-row visibility otherwise."""
+    from llamaforge.model import StepInput
+
+    prefill = StepInput.make(0, 2, 5, device=CPU, cache_len=16)
+    assert prefill.mask is None and prefill.kv_len == 5 and prefill.positions.tolist() == [[0, 1, 2, 3, 4]] * 2
+    one = StepInput.make(3, 2, 1, device=CPU, cache_len=16)
+    assert one.mask is None and one.kv_len == 4 and one.positions.tolist() == [[3], [3]]
+    chunk = StepInput.make(3, 1, 2, device=CPU, cache_len=16)  # positions 3, 4 over keys 0..4
+    assert chunk.mask.tolist() == [[[[True] * 4 + [False], [True] * 5]]]
+    rows = StepInput.make(torch.tensor([[3], [7]]), 2, 1, device=CPU, cache_len=16, slots=torch.tensor([1, 0]),
+                          kv_len=8)
+    assert rows.mask.shape == (2, 1, 1, 8) and rows.mask[0, 0, 0].tolist() == [True] * 4 + [False] * 4
+    assert rows.mask[1].all() and rows.slots.tolist() == [1, 0]
+    # the same StepInput through the model gives what the positional arguments give; mixing both is an error
+    model = tiny()
+    tokens = torch.randint(0, 101, (2, 1))
+    caches = [KVCache.for_model(model.args, 2, 16, dtype=torch.float32, device=CPU) for _ in range(2)]
+    with torch.no_grad():
+        a = model(tokens, rows, caches[0])
+        b = model(tokens, torch.tensor([[3], [7]]), caches[1], slots=torch.tensor([1, 0]), kv_len=8)
+    assert torch.equal(a, b) and torch.equal(caches[0].k, caches[1].k)
+    with pytest.raises(ConfigError, match="inside the StepInput"):
+        model(tokens, rows, caches[0], kv_len=8)
+
+
+def test_build_model_refuses_quantized_tensors():
+    """The model builds float modules only: GGUF blocks go through llamaforge.runtime.build, which says so."""
+    class Blocks:  # what a quantized checkpoint tensor looks like (GGUFQuantTensor)
+        shape = (64, 64)
+
+    model = tiny()
+    sd = dict(model.state_dict())
+    sd["layers.0.attention.wq.weight"] = Blocks()
+    with pytest.raises(CheckpointError, match="runtime.build"):
+        build_model(model.args, sd, device=CPU, dtype=torch.float32)

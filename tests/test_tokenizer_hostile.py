@@ -2,16 +2,21 @@
 
 A pre-tokenizer regex with nested quantifiers makes Oniguruma give up ("retry-limit-in-match"), and
 the `tokenizers` library then panics: a pyo3 PanicException, a BaseException that no `except Exception`
-catches.
+catches. A property test puts random values in tokenizer_config.json and config.json.
 """
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tokenizers import Regex, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from llamaforge.errors import TokenizerError
+from llamaforge.chat import chat_format_for
+from llamaforge.errors import LlamaforgeError, TokenizerError
 from llamaforge.tokenizer import Tokenizer
 
 
@@ -23,3 +28,32 @@ def test_a_backtracking_regex_is_a_tokenizer_error(tmp_path) -> None:
     assert tok.encode("ab") == [0, 1]
     with pytest.raises(TokenizerError, match="panicked.*backtracks"):
         tok.encode("a" * 40 + "b")
+
+
+CONFIG_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 10**6) | st.text(max_size=6) | st.sampled_from(["<s>", "</s>"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=5,
+)
+TEMPLATES = st.sampled_from(["{{ messages[0]['content'] }}", "{% for %}", "{{ 1/0 }}", "", "{{ bos_token }}x"])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tok_config=st.dictionaries(st.sampled_from(["bos_token", "eos_token", "pad_token", "add_bos_token",
+                                                    "chat_template"]), CONFIG_VALUES | TEMPLATES, max_size=4),
+       model_config=st.dictionaries(st.sampled_from(["bos_token_id", "eos_token_id"]), CONFIG_VALUES, max_size=2))
+def test_fuzzed_tokenizer_configs_are_llamaforge_errors_or_load(tmp_path_factory, tok_config, model_config) -> None:
+    folder = tmp_path_factory.mktemp("tok")
+    hf = HFTokenizer(models.BPE(vocab={"a": 0, "b": 1}, merges=[]))
+    hf.add_special_tokens(["<s>", "</s>"])
+    hf.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    (folder / "config.json").write_text(json.dumps(model_config))
+    try:
+        tok = Tokenizer.from_file(folder)
+        for i in (tok.bos_id, tok.eos_id, *tok.stop_ids):
+            assert i is None or 0 <= i < tok.n_words  # no id outside the vocabulary survives loading
+        ids = chat_format_for(tok).encode_dialog([{"role": "user", "content": "ab"}])
+        assert all(0 <= i < tok.n_words for i in ids)
+    except LlamaforgeError:
+        pass

@@ -65,5 +65,5 @@ def test_lora_rejects_bad_targets():
         apply_lora(_model(tie_embeddings=True), ["output"])
     model = _model()
     model.layers[0].attention.wq = nn.Identity()
-    with pytest.raises(ConfigError, match="not a float nn.Linear"):
+    with pytest.raises(ConfigError, match="not an nn.Linear or QuantizedLinear"):
         apply_lora(model, ["wq"])

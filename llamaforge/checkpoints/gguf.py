@@ -304,28 +304,3 @@ def is_gguf(path: Path) -> bool:
             return f.read(4) == GGUF_MAGIC
     except OSError:
         return False
-
-
-def metadata_from_args(args: ModelArgs, arch: str = "llama") -> dict[str, tuple[Any, str]]:
-    """The `llama.*` keys llama.cpp's convert_hf_to_gguf writes for these args: key -> (value, GGUF type)."""
-    md: dict[str, tuple[Any, str]] = {
-        f"{arch}.vocab_size": (args.vocab_size, "UINT32"),
-        f"{arch}.context_length": (args.max_seq_len, "UINT32"),
-        f"{arch}.embedding_length": (args.dim, "UINT32"),
-        f"{arch}.block_count": (args.n_layers, "UINT32"),
-        f"{arch}.feed_forward_length": (args.hidden_dim, "UINT32"),
-        f"{arch}.rope.dimension_count": (args.head_dim, "UINT32"),
-        f"{arch}.attention.head_count": (args.n_heads, "UINT32"),
-        f"{arch}.attention.head_count_kv": (args.n_kv_heads, "UINT32"),
-        f"{arch}.attention.layer_norm_rms_epsilon": (float(args.norm_eps), "FLOAT32"),
-        f"{arch}.rope.freq_base": (float(args.rope_theta), "FLOAT32"),
-    }
-    if args.head_dim != args.dim // args.n_heads or arch != "llama":  # convert_hf_to_gguf: whenever config has head_dim
-        md[f"{arch}.attention.key_length"] = (args.head_dim, "UINT32")
-        md[f"{arch}.attention.value_length"] = (args.head_dim, "UINT32")
-    if args.rope_scaling is not None and args.rope_scaling.original_max_position_embeddings != 8192:
-        md[f"{arch}.rope.scaling.original_context_length"] = (
-            args.rope_scaling.original_max_position_embeddings, "UINT32")
-    return md
-
-

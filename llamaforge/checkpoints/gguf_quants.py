@@ -5,7 +5,7 @@ llama-quantize without an importance matrix calls ggml's `quantize_row_*_ref` fu
 `gguf.quants`, which reproduces them; Q4_K and Q6_K, which gguf-py can only decode, are written here:
 `quantize_row_q4_K_ref` (with `make_qkx2_quants`) and `quantize_row_q6_K_ref` (with `make_qx_quants`),
 with the same float32 operations in the same order, vectorised over blocks (each C loop that sums
-becomes a loop over the block's columns, so sums are accumulated left to right exactly as in C; ggml's
+becomes a float32 accumulate along the block, so sums are taken left to right exactly as in C; ggml's
 base library is built without -march flags, so without FMA contraction). The tests compare the bytes
 with ggml's `quantize_row_*_ref` and with llama.cpp's `llama_model_quantize` (through llama-cpp-python)
 where it is installed (identical on every case tried), and always check that gguf-py decodes them to
@@ -32,35 +32,42 @@ def _nearest_int(v: np.ndarray) -> np.ndarray:
     |v| < 2^22; the same bits as C for anything else, inf and nan included)."""
     with np.errstate(invalid="ignore", over="ignore"):
         bits = (np.asarray(v, F32) + F32(12582912.0)).view(np.int32)
-    return (bits & 0x007FFFFF) - 0x00400000
+    bits &= 0x007FFFFF
+    bits -= 0x00400000
+    return bits
 
 
 def _seq_sum(a: np.ndarray) -> np.ndarray:
-    """Float32 sum over the last axis, left to right, as a C `for` loop accumulates it."""
-    out = a[..., 0].copy()
-    for i in range(1, a.shape[-1]):
-        out += a[..., i]
+    """Float32 sum over the last axis, left to right, as a C `for` loop accumulates it (an accumulate is
+    sequential by definition, unlike np.sum's pairwise summation)."""
+    return np.cumsum(a, axis=-1, dtype=F32)[..., -1]
+
+
+def _col_sum(a: np.ndarray) -> np.ndarray:
+    """The same on (n, S): sum over axis 0 in order, each step a contiguous add (much faster than _seq_sum)."""
+    out = a[0].copy()
+    for row in a[1:]:
+        out += row
     return out
-
-
-def _f16_to_f32(v: np.ndarray) -> np.ndarray:
-    return v.astype(np.float16).astype(F32)
 
 
 def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float,
                      nstep: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ggml's make_qkx2_quants (use_mad false) on rows x, weights w (S, n): (scale (S,), -min (S,), L (S, n))."""
-    lo = np.minimum(x.min(axis=1), F32(0))
-    hi = x.max(axis=1)
-    sum_w = _seq_sum(w)
-    sum_x = _seq_sum(w * x)
+    """ggml's make_qkx2_quants (use_mad false) on rows x, weights w (S, n): (scale (S,), -min (S,), L (S, n)).
+
+    Computed on the transposes (n, S): the element loop of C is then the outer axis.
+    """
+    x, w = np.ascontiguousarray(x.T), np.ascontiguousarray(w.T)
+    lo = np.minimum(x.min(axis=0), F32(0))
+    hi = x.max(axis=0)
+    sum_w = _col_sum(w)
+    sum_x = _col_sum(w * x)
     flat = hi == lo
     iscale = F32(nmax) / np.where(flat, F32(1), hi - lo)  # flat rows are overwritten below
     scale = F32(1) / iscale
-    L = np.clip(_nearest_int(iscale[:, None] * (x - lo[:, None])), 0, nmax)
-    Lf = L.astype(F32)
-    diff = scale[:, None] * Lf + lo[:, None] - x
-    best = _seq_sum(w * (diff * diff))
+    L = np.clip(_nearest_int(iscale * (x - lo)), 0, nmax)
+    diff = scale * L.astype(F32) + lo - x
+    best = _col_sum(w * (diff * diff))
     mn = lo.copy()
     with np.errstate(divide="ignore", invalid="ignore"):
         for step in range(nstep + 1):
@@ -68,26 +75,26 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
             num = F32(rmin) + F32(rdelta) * F32(step)
             num = num + F32(nmax)
             iscale = num / np.where(flat, F32(1), hi - mn)
-            laux = np.clip(_nearest_int(iscale[:, None] * (x - mn[:, None])), 0, nmax)
+            laux = np.clip(_nearest_int(iscale * (x - mn)), 0, nmax)
             la = laux.astype(F32)
             wl = w * la
-            sum_l, sum_l2, sum_xl = _seq_sum(wl), _seq_sum(wl * la), _seq_sum(wl * x)
+            sum_l, sum_l2, sum_xl = _col_sum(wl), _col_sum(wl * la), _col_sum(wl * x)
             D = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
             pos = this_min > 0
             this_min = np.where(pos, F32(0), this_min)
             this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
-            d = this_scale[:, None] * la + this_min[:, None] - x
-            err = _seq_sum(w * (d * d))
+            d = this_scale * la + this_min - x
+            err = _col_sum(w * (d * d))
             better = (D > 0) & (err < best)
-            L = np.where(better[:, None], laux, L)
+            L = np.where(better, laux, L)
             best = np.where(better, err, best)
             scale = np.where(better, this_scale, scale)
             mn = np.where(better, this_min, mn)
-    L = np.where(flat[:, None], 0, L)
+    L = np.where(flat, 0, L)
     scale = np.where(flat, F32(0), scale)
-    return scale.astype(F32), (-np.where(flat, lo, mn)).astype(F32), L
+    return scale.astype(F32), (-np.where(flat, lo, mn)).astype(F32), L.T
 
 
 def _q4_k_blocks(x: np.ndarray) -> np.ndarray:
@@ -126,19 +133,23 @@ def _q4_k_blocks(x: np.ndarray) -> np.ndarray:
 
 
 def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """ggml's make_qx_quants with rmse_type 1 and no weights on rows x (S, n): (scale (S,), L (S, n) in [0, 2 nmax))."""
+    """ggml's make_qx_quants with rmse_type 1 and no weights on rows x (S, n): (scale (S,), L (S, n) in [0, 2 nmax)).
+
+    Computed on the transpose (n, S), as make_qkx2_quants.
+    """
     S = x.shape[0]
-    first = np.abs(x).argmax(axis=1)
+    first = np.abs(x).argmax(axis=1)  # the first element of largest magnitude, as C's strict `>`
     mx = x[np.arange(S), first]
     tiny = np.abs(mx) < GROUP_MAX_EPS
     mx = np.where(tiny, F32(1), mx)
+    x = np.ascontiguousarray(x.T)
     w = x * x
     wx = w * x
 
     def fit(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        l = np.clip(_nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
+        l = np.clip(_nearest_int(iscale * x), -nmax, nmax - 1)
         lf = l.astype(F32)
-        return l, _seq_sum(wx * lf), _seq_sum((w * lf) * lf)
+        return l, _col_sum(wx * lf), _col_sum((w * lf) * lf)
 
     l, sumlx, suml2 = fit(F32(-nmax) / mx)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -150,11 +161,11 @@ def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
             iscale = -(F32(nmax) + F32(0.1) * F32(step)) / mx
             laux, slx, sl2 = fit(iscale)
             better = (sl2 > 0) & (slx * slx > best * sl2)
-            l = np.where(better[:, None], laux, l)
+            l = np.where(better, laux, l)
             scale = np.where(better, slx / sl2, scale)
             best = np.where(better, scale * slx, best)
-    L = np.where(tiny[:, None], 0, l + nmax)
-    return np.where(tiny, F32(0), scale).astype(F32), L
+    L = np.where(tiny, 0, l + nmax)
+    return np.where(tiny, F32(0), scale).astype(F32), L.T
 
 
 def _q6_k_blocks(x: np.ndarray) -> np.ndarray:

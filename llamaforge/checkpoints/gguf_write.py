@@ -108,6 +108,29 @@ def tensor_qtype(name: str, shape: tuple[int, ...], kind: str, n_layers: int, ti
     return qtype
 
 
+def metadata_from_args(args: ModelArgs, arch: str = "llama") -> dict[str, tuple[Any, str]]:
+    """The `<arch>.*` keys llama.cpp's convert_hf_to_gguf writes for these args: key -> (value, GGUF type)."""
+    md: dict[str, tuple[Any, str]] = {
+        f"{arch}.vocab_size": (args.vocab_size, "UINT32"),
+        f"{arch}.context_length": (args.max_seq_len, "UINT32"),
+        f"{arch}.embedding_length": (args.dim, "UINT32"),
+        f"{arch}.block_count": (args.n_layers, "UINT32"),
+        f"{arch}.feed_forward_length": (args.hidden_dim, "UINT32"),
+        f"{arch}.rope.dimension_count": (args.head_dim, "UINT32"),
+        f"{arch}.attention.head_count": (args.n_heads, "UINT32"),
+        f"{arch}.attention.head_count_kv": (args.n_kv_heads, "UINT32"),
+        f"{arch}.attention.layer_norm_rms_epsilon": (float(args.norm_eps), "FLOAT32"),
+        f"{arch}.rope.freq_base": (float(args.rope_theta), "FLOAT32"),
+    }
+    if args.head_dim != args.dim // args.n_heads or arch != "llama":  # convert_hf_to_gguf: whenever config has head_dim
+        md[f"{arch}.attention.key_length"] = (args.head_dim, "UINT32")
+        md[f"{arch}.attention.value_length"] = (args.head_dim, "UINT32")
+    if args.rope_scaling is not None and args.rope_scaling.original_max_position_embeddings != 8192:
+        md[f"{arch}.rope.scaling.original_context_length"] = (
+            args.rope_scaling.original_max_position_embeddings, "UINT32")
+    return md
+
+
 def _gguf_type(key: str, value: Any) -> tuple[str, Optional[str]]:
     if key in _GGUF_KEY_TYPES:
         return _GGUF_KEY_TYPES[key]
@@ -169,7 +192,7 @@ def save_gguf(
             writer.add_file_type(LlamaFileType[FILE_TYPES[kind][0]])
             if FILE_TYPES[kind][2] or any(isinstance(v, gguf_format.GGUFQuantTensor) for v in state_dict.values()):
                 writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-            for key, (value, vtype) in gguf_format.metadata_from_args(args, arch).items():
+            for key, (value, vtype) in metadata_from_args(args, arch).items():
                 writer.add_key_value(key, value, GGUFValueType[vtype])
             for key, value in meta.items():
                 if key.startswith("tokenizer.") and value != []:  # gguf-py cannot store empty arrays
@@ -218,17 +241,33 @@ def _add_tensor(writer: Any, name: str, value: Any, kind: str, n_layers: int, ti
         writer.add_tensor(name, quantize(array, qtype), raw_dtype=qtypes[qtype])
 
 
-def quantize_gguf(source: PathLike, output: PathLike, qtype: str, *, overwrite: bool = False) -> Path:
-    """`llama-quantize SOURCE OUTPUT TYPE`: requantize a GGUF file with llama.cpp's mix for TYPE.
+def quantize_gguf(
+    source: PathLike, output: PathLike, qtype: str, *, allow_requantize: bool = False, overwrite: bool = False
+) -> Path:
+    """`llama-quantize [--allow-requantize] SOURCE OUTPUT TYPE`: requantize a GGUF file with llama.cpp's mix for TYPE.
 
     Every tensor is read as float32 (quantized ones dequantized, as llama-quantize does) and written with
-    `tensor_qtype`'s choice; the metadata (context length, rope, tokenizer, chat template) is kept.
+    `tensor_qtype`'s choice; the metadata (context length, rope, tokenizer, chat template) is kept. As in
+    llama-quantize, a tensor already quantized (not F32/F16/BF16) is only requantized to another type
+    with `allow_requantize` (the errors of both quantizations add up).
 
     Raises:
-        CheckpointError: an unreadable source, an unknown TYPE, or an existing output without `overwrite`.
+        CheckpointError: an unreadable source, an unknown TYPE, a quantized source without `allow_requantize`,
+            or an existing output without `overwrite`.
     """
     kind = file_type(qtype)
-    args, state_dict, metadata = gguf_format.load_gguf(source, keep_quantized=True)
     if Path(source).resolve() == Path(output).resolve():
         raise CheckpointError(f"{output} is the input file; write the quantized model to another path")
+    args, state_dict, metadata = gguf_format.load_gguf(source, keep_quantized=True)
+    if not allow_requantize:
+        tied = "output.weight" not in state_dict
+        for key, value in state_dict.items():
+            if isinstance(value, gguf_format.GGUFQuantTensor) and value.qtype not in ("F16", "BF16"):
+                (name,) = keymaps.rename({key: None}, keymaps.invert(keymaps.GGUF_TO_META), fmt="Meta", source="")
+                if tensor_qtype(name, value.shape, kind, args.n_layers, tied) != value.qtype:
+                    raise CheckpointError(
+                        f"{source}: {name} is already {value.qtype}; requantizing it to {kind} adds a second rounding "
+                        "error. Quantize from an F32/F16/BF16 file, or pass --allow-requantize "
+                        "(allow_requantize=True) as with llama-quantize"
+                    )
     return save_gguf(args, state_dict, output, tokenizer_metadata=metadata, dtype=kind, overwrite=overwrite)

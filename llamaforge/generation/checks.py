@@ -7,9 +7,12 @@ wrong type (a float seed, a string of stop ids, a None prompt) never reaches tor
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from llamaforge.errors import GenerationError
+
+if TYPE_CHECKING:
+    from llamaforge.generation.jobs import Job
 
 
 def is_int(x: Any) -> bool:
@@ -93,3 +96,20 @@ def check_n(n: Any) -> int:
     if not is_int(n) or n < 1:
         raise GenerationError(f"n must be a positive integer (choices per prompt), got {n!r}")
     return n
+
+
+def check_job(job: "Job", vocab_size: int, n_slots: int, max_seq_len: int) -> None:
+    """Raise GenerationError if an engine job can never run (whatever else is running)."""
+    if not job.prompt:
+        raise GenerationError("the prompt is empty: give at least one token")
+    bad = [t for t in job.prompt if not 0 <= t < vocab_size]
+    if bad:
+        raise GenerationError(f"the prompt has token ids outside [0, {vocab_size}): {bad[:5]}")
+    if job.n > n_slots:
+        raise GenerationError(f"n={job.n} choices but the engine has {n_slots} slots (max_batch_size)")
+    if len(job.prompt) + job.max_tokens > max_seq_len:
+        raise GenerationError(f"{len(job.prompt)} prompt tokens + max_tokens {job.max_tokens} do not fit the "
+                              f"context of {max_seq_len} tokens")
+    bad = [t for t, _ in job.params.logit_bias if t >= vocab_size]
+    if bad:
+        raise GenerationError(f"logit_bias names token ids outside [0, {vocab_size}): {bad[:5]}")

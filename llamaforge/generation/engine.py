@@ -40,6 +40,7 @@ from typing import Optional, Sequence
 import torch
 
 from llamaforge.errors import GenerationError
+from llamaforge.generation.checks import check_job
 from llamaforge.generation.embed import EmbedQueue, check_inputs
 from llamaforge.generation.jobs import Delta, EngineClosed, Event, Failure, Finish, Job, PromptDone, QueueFull, Sink
 from llamaforge.generation.runner import KV_ALIGN, Runner, round_up
@@ -118,6 +119,7 @@ class Engine:
         self._cancelled: set[int] = set()
         self._embeds = EmbedQueue(max_embed_inputs)
         self._drain: Optional[str] = None  # set by `drain`: fail everything running with this message
+        self._embed_credit = 0.0  # seconds embeddings may use while generation runs (= decode time since)
         self._prefilling: list[_Active] = []
         self._decoding: list[_Seq] = []
         self._next_id = 0
@@ -148,24 +150,8 @@ class Engine:
         with self._lock:
             self._closing = True
             self._lock.notify_all()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
-
-    def check(self, job: Job) -> None:
-        """Raise GenerationError if the job can never run here (whatever else is running)."""
-        if not job.prompt:
-            raise GenerationError("the prompt is empty: give at least one token")
-        bad = [t for t in job.prompt if not 0 <= t < self.vocab_size]
-        if bad:
-            raise GenerationError(f"the prompt has token ids outside [0, {self.vocab_size}): {bad[:5]}")
-        if job.n > self.n_slots:
-            raise GenerationError(f"n={job.n} choices but the engine has {self.n_slots} slots (max_batch_size)")
-        if len(job.prompt) + job.max_tokens > self.max_seq_len:
-            raise GenerationError(f"{len(job.prompt)} prompt tokens + max_tokens {job.max_tokens} do not fit the "
-                                  f"context of {self.max_seq_len} tokens")
-        bad = [t for t, _ in job.params.logit_bias if t >= self.vocab_size]
-        if bad:
-            raise GenerationError(f"logit_bias names token ids outside [0, {self.vocab_size}): {bad[:5]}")
 
     def submit(self, job: Job, sink: Sink) -> int:
         """Queue a job; events go to `sink` on the engine thread. Returns the job id for `cancel`."""
@@ -175,13 +161,13 @@ class Engine:
         """Queue the jobs of one request together, all or none; returns their ids.
 
         Raises:
-            GenerationError: a job can never run here (`check`), or there are more jobs than the queue
+            GenerationError: a job can never run here (`check_job`), or there are more jobs than the queue
                 holds (`max_queue`): neither is helped by retrying.
             QueueFull: the queue has no room for them now; retry later.
             EngineClosed: the engine is shutting down.
         """
         for job in jobs:
-            self.check(job)
+            check_job(job, self.vocab_size, self.n_slots, self.max_seq_len)
         if len(jobs) > self.max_queue:
             raise GenerationError(f"{len(jobs)} prompts in one request, but at most {self.max_queue} can wait "
                                   f"for a slot (max_queue); send fewer prompts per request")
@@ -363,9 +349,11 @@ class Engine:
         seqs = [s for s in self._decoding if not s.done]
         if not seqs:
             return
+        start = time.perf_counter()
         try:
             logits = self.runner.decode(self.cache, [s.last for s in seqs], [s.pos for s in seqs],
                                         [s.slot for s in seqs])  # (B, V)
+            self._embed_credit += time.perf_counter() - start
         except Exception as exc:
             log.exception("decode step failed")
             for act in {id(s.job): s.job for s in seqs}.values():
@@ -490,12 +478,23 @@ class Engine:
     # -- embeddings -----------------------------------------------------------------------------
 
     def _embeds_step(self, budget: int) -> None:
-        """Embedding inputs in what is left of this step's prefill budget (at least one input)."""
-        if self._embeds:
-            try:
-                self._embeds.run(max(budget, 1), self.runner.embed)
-            except Exception:  # a bug in the queue itself: never the loop
-                log.exception("embedding step failed")
+        """Embedding chunks: one per loop iteration when nothing else runs; while sequences decode, in what
+        is left of this step's prefill budget but no more time than the decode steps had (a fair share:
+        a generation takes about twice as long as alone at most); a chunk that overran waits for credit."""
+        if not self._embeds:
+            return
+        generating = bool(self._decoding or self._prefilling)
+        if not generating:
+            self._embed_credit = 0.0
+        elif self._embed_credit <= 0:
+            return
+        start = time.perf_counter()
+        try:  # idle, one chunk per loop iteration: a request that arrives waits for one chunk at most
+            self._embeds.run(self.runner, max(budget, 1) if generating else 1, self._embed_credit)
+        except Exception:  # a bug in the queue itself: never the loop
+            log.exception("embedding step failed")
+        if generating:
+            self._embed_credit -= time.perf_counter() - start
 
 
 def _safe_call(sink: Sink, event: Event) -> bool:

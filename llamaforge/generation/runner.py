@@ -33,9 +33,12 @@ def round_up(n: int, multiple: int) -> int:
 
 
 def decode_logits(decode_step: DecodeStep, cache: KVCache, tokens: torch.Tensor, pos: torch.Tensor,
-                  slots: torch.Tensor) -> torch.Tensor:
-    """One decode step, batch-invariant: tokens, pos (B, 1) in slots (B,) -> last logits (B, V)."""
-    kv_len = min(round_up(int(pos.max()) + 1, KV_ALIGN), cache.max_seq_len)
+                  slots: torch.Tensor, max_pos: Optional[int] = None) -> torch.Tensor:
+    """One decode step, batch-invariant: tokens, pos (B, 1) in slots (B,) -> last logits (B, V).
+
+    `max_pos` is `pos.max()` when the caller knows it (saves a tensor op per step)."""
+    max_pos = int(pos.max()) if max_pos is None else max_pos
+    kv_len = min(round_up(max_pos + 1, KV_ALIGN), cache.max_seq_len)
     step = StepInput.make(pos, *tokens.shape, device=tokens.device, cache_len=cache.max_seq_len, slots=slots,
                           kv_len=kv_len)
     # sdpa_kernel sets process-wide flags and restores them on exit: one engine at a time, so that two
@@ -80,7 +83,7 @@ class Runner:
         t = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
         p = torch.tensor(pos, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
         s = torch.tensor(slots, dtype=torch.long, device=self.device)  # (B,)
-        return decode_logits(self.decode_step, cache, t, p, s)
+        return decode_logits(self.decode_step, cache, t, p, s, max_pos=max(pos))
 
     def lockstep(self, cache: KVCache, tokens: torch.Tensor, start: int, *, last_only: bool) -> torch.Tensor:
         """Meta's step: every row at positions [start, start + T) of rows 0..B-1 -> logits (B, T or 1, V).
@@ -96,8 +99,8 @@ class Runner:
         """Logits (B, T, V) of whole sequences (B, T), without a cache."""
         return self.model(tokens)
 
-    def embed(self, ids: Sequence[int]) -> list[float]:
-        """Mean-pooled, L2-normalised final hidden states of one token list."""
-        tokens = torch.tensor([list(ids)], dtype=torch.long, device=self.device)  # (1, T)
-        hidden = self.model.hidden_states(tokens)[0].float()  # (T, dim)
-        return torch.nn.functional.normalize(hidden.mean(dim=0), dim=0).tolist()
+    def hidden_sum(self, cache: KVCache, tokens: Sequence[int], start: int) -> torch.Tensor:
+        """Sum over positions of the final hidden states of tokens at [start, start + T) of a one-slot
+        cache holding the positions before them -> (dim,) float32 (embeddings, a chunk at a time)."""
+        ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)  # (1, T)
+        return self.model.hidden_states(ids, start, cache)[0].float().sum(dim=0)

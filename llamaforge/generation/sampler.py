@@ -203,9 +203,11 @@ def choose(logits: torch.Tensor, rows: Sequence[RowState]) -> list[Union[int, Ex
     greedy_plain = [i for i, r in enumerate(rows) if r.params.greedy and not r.needs_processing]
     out: list[Union[int, Exception]] = [0] * len(rows)
     if greedy_plain:
-        # One batched argmax for the common case (no host round trip per row).
-        idx = torch.tensor(greedy_plain, dtype=torch.long, device=logits.device)
-        for i, t in zip(greedy_plain, torch.argmax(logits[idx], dim=-1).tolist()):
+        # One batched argmax for the common case (no host round trip per row). Over all rows when all are
+        # plain greedy: indexing a (B, V) tensor costs more than the argmax itself.
+        if len(greedy_plain) == len(rows):
+            return torch.argmax(logits, dim=-1).tolist()
+        for i, t in zip(greedy_plain, torch.argmax(logits[greedy_plain], dim=-1).tolist()):
             out[i] = t
     plain = set(greedy_plain)
     for i, row in enumerate(rows):

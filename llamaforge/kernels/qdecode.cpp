@@ -10,6 +10,8 @@
 
 #include "qdecode.h"
 
+#include "qattn.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
@@ -28,15 +30,6 @@ float dot(const float* a, const float* b, int64_t n) {
   float s = hsum(acc);
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
-}
-
-// y += p * x
-void axpy(float p, const float* x, float* y, int64_t n) {
-  const __m256 pv = _mm256_set1_ps(p);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(y + i, _mm256_add_ps(_mm256_loadu_ps(y + i), _mm256_mul_ps(pv, _mm256_loadu_ps(x + i))));
-  for (; i < n; ++i) y[i] += p * x[i];
 }
 
 // out = x / sqrt(mean(x^2) + eps) * w, row by row (RMSNorm).
@@ -175,31 +168,16 @@ at::Tensor Decoder::step(const at::Tensor& x_in, const at::Tensor& pos_in, const
         std::copy_n(v.data() + (b * Hkv + g) * hd, hd, vl + at);
       }
     }
-    // One task per (row, query head); query head h reads kv head h / (H / Hkv).
+    // One task per (row, KV head): its H / Hkv query heads attend together (qattn.h), reading K and V once.
     int64_t keys_max = 0;
     for (int64_t b = 0; b < B; ++b) keys_max = std::max(keys_max, std::min(pos[b] + 1, kv_len));
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, keys_max * hd));
-    at::parallel_for(0, B * H, grain, [&](int64_t t0, int64_t t1) {
-      std::vector<float> p(static_cast<size_t>(keys_max));
+    const int64_t G = H / Hkv;
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, keys_max * hd * G));
+    at::parallel_for(0, B * Hkv, grain, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t b = t / H, h = t % H, g = h / (H / Hkv);
-        const int64_t n = std::min(pos[b] + 1, kv_len);
-        const float* qh = q.data() + (b * H + h) * hd;
-        const float* kh = kl + (slots[b] * Hkv + g) * L * hd;
-        const float* vh = vl + (slots[b] * Hkv + g) * L * hd;
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j < n; ++j) {
-          p[j] = dot(qh, kh + j * hd, hd) / scale;
-          mx = std::max(mx, p[j]);
-        }
-        float sum = 0.0f;
-        for (int64_t j = 0; j < n; ++j) {
-          p[j] = std::exp(p[j] - mx);
-          sum += p[j];
-        }
-        float* o = attn.data() + (b * H + h) * hd;
-        std::fill_n(o, hd, 0.0f);
-        for (int64_t j = 0; j < n; ++j) axpy(p[j] / sum, vh + j * hd, o, hd);
+        const int64_t b = t / Hkv, g = t % Hkv;
+        attend(q.data() + (b * H + g * G) * hd, kl + (slots[b] * Hkv + g) * L * hd, vl + (slots[b] * Hkv + g) * L * hd,
+               std::min(pos[b] + 1, kv_len), hd, scale, attn.data() + (b * H + g * G) * hd, G);
       }
     });
     {

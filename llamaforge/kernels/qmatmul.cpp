@@ -91,33 +91,60 @@ inline __m256 load8(const void* w, int64_t k) {
   }
 }
 
-// y[:, n0:n1] = x (M, K) @ W[n0:n1].T for a plain float weight, four activation rows per pass over a
-// weight row (so each row is read once per four activation rows).
-template <int64_t QT>
-void matmul_float(const void* w, int64_t n0, int64_t n1, int64_t K, const float* x, int64_t M, float* y, int64_t N) {
+// NR weight rows x MR activation rows of a plain float weight: y[m][n + r] for r < NR, i < MR (m = m0 + i).
+// Each (row, activation) pair has its own accumulator, summed lane-wise in k order, so the result of
+// a pair does not depend on NR, MR or the other rows (batch invariance); the NR x MR independent
+// FMA chains are what keep the loads in flight at M = 1 (one chain waits on the FMA latency).
+template <int64_t QT, int NR, int MR>
+inline void float_tile(const void* w, int64_t n, int64_t K, const float* x, int64_t m0, float* y, int64_t N) {
   using elem = std::conditional_t<QT == T_F32, float, uint16_t>;
   const int64_t k8 = K / 8 * 8;
-  for (int64_t n = n0; n < n1; ++n) {
-    const elem* row = static_cast<const elem*>(w) + n * K;
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const int64_t mr = std::min<int64_t>(4, M - m0);
-      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-      for (int64_t k = 0; k < k8; k += 8) {
-        const __m256 wv = load8<QT>(row, k);
-        for (int64_t i = 0; i < mr; ++i)
-          acc[i] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (m0 + i) * K + k), acc[i]);
+  const elem* rows[NR];
+  for (int r = 0; r < NR; ++r) rows[r] = static_cast<const elem*>(w) + (n + r) * K;
+  __m256 acc[NR][MR];
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < MR; ++i) acc[r][i] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < k8; k += 8) {
+    __m256 xv[MR];
+    for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(x + (m0 + i) * K + k);
+    for (int r = 0; r < NR; ++r) {
+      const __m256 wv = load8<QT>(rows[r], k);
+      for (int i = 0; i < MR; ++i) acc[r][i] = _mm256_fmadd_ps(wv, xv[i], acc[r][i]);
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    for (int i = 0; i < MR; ++i) {
+      float s = hsum(acc[r][i]);
+      for (int64_t k = k8; k < K; ++k) {
+        float wk;
+        if constexpr (QT == T_F32) wk = rows[r][k];
+        else if constexpr (QT == T_F16) wk = _cvtsh_ss(rows[r][k]);
+        else { const uint32_t b = static_cast<uint32_t>(rows[r][k]) << 16; std::memcpy(&wk, &b, 4); }
+        s += wk * x[(m0 + i) * K + k];
       }
-      for (int64_t i = 0; i < mr; ++i) {
-        float s = hsum(acc[i]);
-        for (int64_t k = k8; k < K; ++k) {
-          float wk;
-          if constexpr (QT == T_F32) wk = row[k];
-          else if constexpr (QT == T_F16) wk = _cvtsh_ss(row[k]);
-          else { const uint32_t b = static_cast<uint32_t>(row[k]) << 16; std::memcpy(&wk, &b, 4); }
-          s += wk * x[(m0 + i) * K + k];
-        }
-        y[(m0 + i) * N + n] = s;
-      }
+      y[(m0 + i) * N + n + r] = s;
+    }
+  }
+}
+
+// y[:, n0:n1] = x (M, K) @ W[n0:n1].T for a plain float weight: 4 weight rows x 2 activation rows per
+// tile (8 accumulators, 4 weight streams), single rows x up to 4 activation rows at the edges.
+template <int64_t QT>
+void matmul_float(const void* w, int64_t n0, int64_t n1, int64_t K, const float* x, int64_t M, float* y, int64_t N) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    int64_t m = 0;
+    for (; m + 2 <= M; m += 2) float_tile<QT, 4, 2>(w, n, K, x, m, y, N);
+    if (m < M) float_tile<QT, 4, 1>(w, n, K, x, m, y, N);
+  }
+  for (; n < n1; ++n) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) float_tile<QT, 1, 4>(w, n, K, x, m, y, N);
+    switch (M - m) {
+      case 3: float_tile<QT, 1, 3>(w, n, K, x, m, y, N); break;
+      case 2: float_tile<QT, 1, 2>(w, n, K, x, m, y, N); break;
+      case 1: float_tile<QT, 1, 1>(w, n, K, x, m, y, N); break;
+      default: break;
     }
   }
 }

@@ -8,12 +8,25 @@ sequence frees its slot without disturbing the others. Generation creates the ca
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import nn
 
 from llamaforge.model.step import StepInput
+
+
+def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """Zeros; on the CPU from calloc, whose pages the OS maps on first touch, so a cache sized for every
+    slot at full context (the engine's) takes memory only for the positions sequences use."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    raw = np.zeros(nbytes + 64, dtype=np.uint8)  # np.zeros is calloc: no pages are written here
+    offset = -raw.ctypes.data % 64  # 64-byte aligned, as torch's own allocator
+    return torch.from_numpy(raw[offset : offset + nbytes]).view(dtype).view(shape)
 
 
 class KVCache(nn.Module):
@@ -33,8 +46,8 @@ class KVCache(nn.Module):
         super().__init__()
         shape = (n_layers, n_slots, n_kv_heads, max_seq_len, head_dim)
         # Zeros, not empty: positions past a sequence's end are masked, but 0 * NaN would still be NaN.
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("k", _lazy_zeros(shape, dtype, device), persistent=False)
+        self.register_buffer("v", _lazy_zeros(shape, dtype, device), persistent=False)
 
     @classmethod
     def for_model(cls, args, n_slots: int, max_seq_len: int, *, dtype, device) -> "KVCache":

@@ -38,7 +38,7 @@ class FusedDecode:
     """`fused(model, tokens, step, cache)` -> logits (B, 1, vocab), or None where it does not apply.
 
     tokens (B, 1); step: the StepInput of those tokens (positions (B, 1), slots, kv_len; its mask is not
-    needed: a row reads exactly its kv_len cached positions). Picklable and deep-copyable (the C++ part is
+    needed: the C++ step lets row b see cached positions [0, min(pos_b + 1, kv_len)), which is that mask). Picklable and deep-copyable (the C++ part is
     rebuilt on first use).
     """
 
@@ -188,7 +188,7 @@ def _weight_spec(module: nn.Module, watch: _Watch) -> Optional[tuple]:
         w = watch.get(module, "qweight")
         if not module.uses_kernels or w.device.type != "cpu":
             return None
-        spec = (w, module._type_id, module.out_features, module.in_features, LAYOUT_IDS[module.layout])
+        spec = (w, module.type_id, module.out_features, module.in_features, LAYOUT_IDS[module.layout])
     elif type(module) is nn.Linear:
         w = _float32_cpu(watch.get(module, "weight"))
         if w is None or not w.is_contiguous():

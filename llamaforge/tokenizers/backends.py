@@ -17,9 +17,25 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from llamaforge.errors import TokenizerError
+
+
+def guarded(fn: Any, *args: Any, what: str) -> Any:
+    """Call a tokenizer library; its failures (a Rust panic too, e.g. a tokenizer.json regex that hits
+    Oniguruma's backtracking limit) become a TokenizerError."""
+    try:
+        return fn(*args)
+    except TokenizerError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the back-end library raises
+        raise TokenizerError(f"{what} failed on this text ({type(exc).__name__}: {str(exc)[:200]})") from exc
+    except BaseException as exc:
+        if type(exc).__name__ != "PanicException":  # pyo3's panic derives from BaseException
+            raise
+        raise TokenizerError(f"{what} failed on this text (the tokenizer library panicked: {str(exc)[:200]}); "
+                             "its tokenizer.json may hold a regex that backtracks without end") from exc
 
 
 class Backend(Protocol):

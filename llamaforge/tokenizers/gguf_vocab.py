@@ -249,13 +249,28 @@ def _byte_level_bpe(
     return hf
 
 
+MAX_MERGE_WORK = 1 << 28  # character comparisons sentencepiece_merges may do (seconds, not hours)
+
+
 def sentencepiece_merges(tokens: list[str], scores: list[float], mergeable: list[bool]) -> list[tuple[str, str]]:
     """Merges that make BPE reproduce sentencepiece/llama.cpp score-ordered merging.
 
     For every mergeable piece, every split into two mergeable pieces is a merge; merges are ranked
-    by the piece's score, best first (ties: lower id first, then the longer left half).
+    by the piece's score, best first (ties: lower id first, then the longer left half). Trying every
+    split of a piece of n characters costs n^2: the sum over the vocabulary is bounded by
+    MAX_MERGE_WORK (real vocabularies need 1-30M), so a file of a few huge tokens cannot stall loading.
+
+    Raises:
+        TokenizerError: the vocabulary's pieces are too long to rebuild.
     """
     index = {t: i for i, (t, ok) in enumerate(zip(tokens, mergeable)) if ok}
+    work = sum(len(t) ** 2 for t in index)
+    if work > MAX_MERGE_WORK:
+        longest = max(index, key=len)
+        raise TokenizerError(
+            f"the vocabulary's pieces are too long to rebuild its merges (sum of squared lengths {work} > "
+            f"{MAX_MERGE_WORK}; the longest, id {index[longest]}, has {len(longest)} characters)"
+        )
     ranked = []
     for piece, i in index.items():
         for cut in range(1, len(piece)):

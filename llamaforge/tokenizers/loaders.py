@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from llamaforge.errors import TokenizerError
-from llamaforge.tokenizers.backends import Backend, HFBackend, SentencePieceBackend, TiktokenBackend
+from llamaforge.tokenizers.backends import Backend, HFBackend, SentencePieceBackend, TiktokenBackend, guarded
 from llamaforge.tokenizers.gguf_vocab import EOG_TEXTS, EOT_TEXTS, build_gguf_vocab, read_gguf_metadata
 
 # Meta llama3 `Tokenizer.pat_str`
@@ -231,7 +231,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise TokenizerError(f"cannot read {str(path)!r}: {e}") from e
     return value if isinstance(value, dict) else None
 
@@ -242,14 +242,10 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _ids(value: Any) -> list[int]:
-    if isinstance(value, bool):
-        return []
-    if isinstance(value, int):
-        return [value]
-    if isinstance(value, list):
-        return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
-    return []
+def _ids(value: Any, n_words: int) -> list[int]:
+    """Token ids from a config value (an id or a list of ids); anything else, or outside the vocabulary, is dropped."""
+    values = value if isinstance(value, list) else [value]
+    return [v for v in values if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < n_words]
 
 
 def _chat_template(config: dict[str, Any] | None, folder: Path) -> str | None:
@@ -260,7 +256,7 @@ def _chat_template(config: dict[str, Any] | None, folder: Path) -> str | None:
     if template is None:
         template = (_read_json(folder / "chat_template.json") or {}).get("chat_template")
     if isinstance(template, list):  # [{"name": ..., "template": ...}]: take "default", else the first
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        named = {str(t.get("name")): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default", next(iter(named.values()), None))
     return template if isinstance(template, str) and template else None
 
@@ -273,8 +269,9 @@ def load_hf_json(data: bytes, file: Path) -> Loaded:
     try:
         text = data.decode("utf-8-sig")
         spec = json.loads(text)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise TokenizerError(f"{source!r} starts like JSON but does not parse ({e}); truncated or corrupt") from e
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, a 5000-digit number, nesting too deep
+        raise TokenizerError(f"{source!r} starts like JSON but does not parse ({type(e).__name__}: {str(e)[:200]}); "
+                             "truncated or corrupt") from e
     if not isinstance(spec, dict) or "model" not in spec:
         raise TokenizerError(
             f"{source!r} is JSON but not a Hugging Face tokenizer.json (no 'model' entry); "
@@ -295,14 +292,15 @@ def load_hf_json(data: bytes, file: Path) -> Loaded:
         return hf.token_to_id(text) if text is not None else None
 
     # what the post-processor adds around a sequence tells whether (and which) BOS is added
-    probe_plain = hf.encode("a", add_special_tokens=False).ids
-    probe_added = hf.encode("a", add_special_tokens=True).ids
+    probe_plain = guarded(lambda: hf.encode("a", add_special_tokens=False).ids, what=source)
+    probe_added = guarded(lambda: hf.encode("a", add_special_tokens=True).ids, what=source)
     added_bos = probe_added[0] if len(probe_added) > len(probe_plain) and probe_added[1:2] == probe_plain[:1] else None
 
+    n_words = backend.n_words
     bos = lookup("bos_token")
     if bos is None:
-        bos = next(iter(_ids(model_config.get("bos_token_id"))), added_bos)
-    config_eos = _ids(gen_config.get("eos_token_id")) + _ids(model_config.get("eos_token_id"))
+        bos = next(iter(_ids(model_config.get("bos_token_id"), n_words)), added_bos)
+    config_eos = _ids(gen_config.get("eos_token_id"), n_words) + _ids(model_config.get("eos_token_id"), n_words)
     eos = lookup("eos_token")
     if eos is None and config_eos:
         eos = config_eos[0]
@@ -312,7 +310,7 @@ def load_hf_json(data: bytes, file: Path) -> Loaded:
         add_bos = added_bos is not None
     special = dict(backend.special_tokens)
     eot = next((special[t] for t in EOT_TEXTS if t in special), None)
-    stops = {special[t] for t in EOG_TEXTS if t in special} | {i for i in config_eos if 0 <= i < backend.n_words}
+    stops = {special[t] for t in EOG_TEXTS if t in special} | set(config_eos)
     return Loaded(
         backend=backend,
         kind="hf",

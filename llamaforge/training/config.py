@@ -2,7 +2,7 @@
 
 A TOML file holds the flat settings at the top level, the shape of a model trained from scratch in
 a `[model_args]` table (ModelArgs fields; `vocab_size` defaults to the tokenizer's), and LoRA in a
-`[lora]` table:
+`[lora]` table (and DPO / SimPO in a `[preference]` table, see TrainConfig):
 
     data = ["corpus.txt"]          # text / JSONL files or folders
     tokenizer = "tok.model"        # from scratch; a fine-tuned checkpoint brings its own
@@ -51,6 +51,24 @@ class LoRAConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    """Preference tuning (training/preference.py): `loss` "dpo" or "simpo" (reference-free), `beta`
+    (None: 0.1 for DPO, 2.0 for SimPO), SimPO's target margin `gamma`."""
+
+    loss: str = "dpo"
+    beta: Optional[float] = None
+    gamma: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("dpo", "simpo"):
+            raise ConfigError(f"preference.loss must be 'dpo' or 'simpo', got {self.loss!r}")
+        if self.beta is None:
+            self.beta = {"dpo": 0.1, "simpo": 2.0}[self.loss]
+        if not isinstance(self.beta, (int, float)) or not self.beta > 0:
+            raise ConfigError(f"preference.beta must be a number > 0, got {self.beta!r}")
+
+
+@dataclass
 class TrainConfig:
     """A training run. See the module docstring for the TOML layout.
 
@@ -63,8 +81,14 @@ class TrainConfig:
     a step uses `batch_size * grad_accum * world_size` windows.
     Precision/memory: `autocast` "bf16" runs matmuls in bfloat16 (weights stay float32; "fp16" is
     refused: it needs loss scaling);
-    `activation_checkpointing` recomputes each block in the backward pass; `fsdp` shards the model
-    across processes under torchrun (DDP otherwise).
+    `activation_checkpointing` recomputes each block in the backward pass (None: on exactly when the
+    base is quantized); `fsdp` shards the model across processes under torchrun (DDP otherwise).
+    QLoRA: `quantize` "gguf" keeps a GGUF file's quantized weights in their blocks, "q4_0" / "q8_0" /
+    "q4_1" / "q5_0" / "q5_1" quantizes a float checkpoint's linear layers on load; the base is frozen
+    and needs a `[lora]` table.
+    Preference tuning: a `[preference]` table (loss "dpo" / "simpo", beta, gamma) trains on JSONL pairs
+    `{"prompt" | "messages", "chosen", "rejected"}` in `data` (see training/preference.py), with LoRA or
+    full weights; `batch_size` counts pairs, `seq_len` bounds each prompt + answer.
     Output in `out_dir`: checkpoint.pt (resumable state), log.jsonl, loss.png, and the exported model
     (`export`: "auto", "meta", "hf", "gguf" or "none") in `out_dir/model`.
     """
@@ -96,9 +120,13 @@ class TrainConfig:
     # precision, memory, devices
     device: str = "auto"
     autocast: str = "none"
-    activation_checkpointing: bool = False
+    activation_checkpointing: Optional[bool] = None
     fsdp: bool = False
     lora: Optional[LoRAConfig] = None
+    # QLoRA: keep the base quantized ("gguf": a GGUF file's blocks; "q4_0", "q8_0", ...: quantized on load)
+    quantize: Optional[str] = None
+    # preference tuning (DPO / SimPO) on JSONL pairs instead of next-token training
+    preference: Optional[PreferenceConfig] = None
     # progress, evaluation, checkpoints
     eval_every: int = 50
     eval_batches: int = 8
@@ -128,6 +156,8 @@ class TrainConfig:
             self.lora = None
         if isinstance(self.betas, list):
             self.betas = tuple(self.betas)  # type: ignore[assignment]
+        if isinstance(self.preference, dict):
+            self.preference = PreferenceConfig(**_known(PreferenceConfig, self.preference, "[preference]"))
         check_fields(self, TRAIN_RULES)
         if self.model_args is not None:  # the shape is checked now, not after the data is prepared
             from llamaforge.model.args import ModelArgs
@@ -149,6 +179,17 @@ class TrainConfig:
             raise ConfigError("set `model` (a checkpoint to fine-tune) or `[model_args]` (a shape to train from scratch)")
         if self.model is not None and self.model_args is not None:
             raise ConfigError("set either `model` (fine-tune) or `[model_args]` (from scratch), not both")
+        if self.quantize is not None:
+            from llamaforge.kernels import QUANTIZABLE
+
+            schemes = ["gguf"] + [q.lower() for q in QUANTIZABLE]
+            if self.quantize not in schemes:
+                raise ConfigError(f"quantize must be one of {schemes} (or left out), got {self.quantize!r}")
+            if self.lora is None or self.model is None:
+                raise ConfigError("quantize keeps a fine-tuned model's base frozen and quantized, so it needs `model` "
+                                  "and a [lora] table (the adapters are what trains)")
+            if self.fsdp:
+                raise ConfigError("quantize (QLoRA) does not combine with fsdp; use DDP (fsdp = false)")
         if self.model is None and self.tokenizer is None:
             raise ConfigError("training from scratch needs `tokenizer` (make one with `llamaforge tokenizer train`)")
 
@@ -270,9 +311,11 @@ TRAIN_RULES: dict[str, Rule] = {
     "device": _is(str),
     # fp16 autocast needs loss scaling (a GradScaler) to train safely; it is refused rather than ignored
     "autocast": _choice("none", "bf16"),
-    "activation_checkpointing": _is(bool),
+    "activation_checkpointing": _is(bool, type(None)),  # None: on exactly when the base is quantized
     "fsdp": _is(bool),
     "lora": _is(LoRAConfig, type(None)),
+    "quantize": _is(str, type(None)),  # its values are checked with the kernels' list, after the types
+    "preference": _is(PreferenceConfig, type(None)),
     "eval_every": _int(0),
     "eval_batches": _int(1),
     "save_every": _int(0),

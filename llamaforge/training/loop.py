@@ -34,10 +34,12 @@ from llamaforge.training.corpus import prepare_data
 from llamaforge.training.data import IGNORE_INDEX, BatchOrder, PackedDataset, TokenFile
 from llamaforge.training.lora import apply_lora
 from llamaforge.training.modeling import (
-    Source, enable_activation_checkpointing, export_model, load_for_training, scratch_model,
+    Source, enable_activation_checkpointing, export_model, full_state_dict, load_for_training, quantized_base,
+    scratch_model,
 )
 from llamaforge.training.monitor import RunLog, plot_losses
 from llamaforge.training.optim import build_optimizer, lr_at, set_lr
+from llamaforge.training.preference import PreferenceObjective, load_pairs
 from llamaforge.training.state import (
     STATE_FILE, STATE_VERSION, TrainingDiverged, TrainingError, load_state, rng_state, save_state, set_rng_state,
 )
@@ -52,8 +54,11 @@ class TrainResult:
         start_step, step: the step this call started from (> 0 when resumed) and reached.
         losses: training loss of each step this call ran, in order.
         val_losses: validation loss by step (step 0 is before any training).
+        val_metrics: preference runs: reward_accuracy and preference_accuracy by step (preference.py).
         tokens_per_s: mean training throughput of this call (all processes together).
         exported: the path `Llama.build` loads, when the run finished and exported.
+        adapter: a LoRA run's adapters alone when it finished: a PEFT folder (`out_dir/adapter`, beside it
+            `out_dir/adapter.gguf` in llama.cpp's GGUF LoRA format); `Llama.build(base, adapters=[...])`.
         samples: generated samples by step, when `sample_every` is set.
     """
 
@@ -62,8 +67,10 @@ class TrainResult:
     step: int
     losses: list[float] = field(default_factory=list)
     val_losses: dict[int, float] = field(default_factory=dict)
+    val_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
     tokens_per_s: float = 0.0
     exported: Optional[Path] = None
+    adapter: Optional[Path] = None
     samples: dict[int, list[str]] = field(default_factory=dict)
 
 
@@ -103,7 +110,8 @@ class _Run:
         torch.manual_seed(cfg.seed)
         if cfg.model is not None:
             model, self.tokenizer, self.source = load_for_training(
-                cfg.model, cfg.tokenizer, device, cfg.seq_len, progress=cfg.progress and info.is_main)
+                cfg.model, cfg.tokenizer, device, cfg.seq_len, progress=cfg.progress and info.is_main,
+                quantize=cfg.quantize)
         else:
             from llamaforge.tokenizer import Tokenizer
 
@@ -113,15 +121,19 @@ class _Run:
         self.args = model.args
         if cfg.seq_len > self.args.max_seq_len:
             raise ConfigError(f"seq_len={cfg.seq_len} is longer than the model's max_seq_len={self.args.max_seq_len}")
+        self.pref: Optional[PreferenceObjective] = None
         self._prepare_data()
         if cfg.lora is not None:
             apply_lora(model, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout)
-        if cfg.activation_checkpointing:
+        self.quantized = quantized_base(model) > 0
+        if cfg.activation_checkpointing or (cfg.activation_checkpointing is None and self.quantized):
             enable_activation_checkpointing(model)
         self.model = dist_utils.wrap(model, info, device, cfg.fsdp)
         self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.lr, weight_decay=cfg.weight_decay,
                                          momentum=cfg.momentum, betas=cfg.betas)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.pref is not None:  # DPO's reference: the model as the run starts, before any resume
+            self.pref.prepare(self.model, cfg.batch_size, device, self._autocast)
         self.order = BatchOrder(len(self.train_ds), cfg.batch_size, cfg.grad_accum, info.world_size, cfg.seed)
         self.log = RunLog(None)  # opened by run(): appended to when resuming, started afresh otherwise
         self.step = 0
@@ -136,6 +148,14 @@ class _Run:
             chat_format = chat_format_for(self.tokenizer)
         except ChatFormatError:
             chat_format = None
+        if cfg.preference is not None:
+            train_pairs, val_pairs, self.data_fingerprint = load_pairs(
+                cfg.data, self.tokenizer, chat_format, cfg.seq_len, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                val_sources=cfg.val_data)
+            pc = cfg.preference
+            self.pref = PreferenceObjective(pc.loss, pc.beta, pc.gamma, train_pairs, val_pairs)
+            self.train_ds, self.val_ds = train_pairs, val_pairs
+            return
         data_dir = Path(cfg.data_dir) if cfg.data_dir else self.out / "data"
         kwargs = dict(val_fraction=cfg.val_fraction, seed=cfg.seed, chat_format=chat_format,
                       vocab_size=self.args.vocab_size, val_sources=cfg.val_data)
@@ -193,9 +213,16 @@ class _Run:
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
-        """Mean validation loss over evenly spaced windows (the same ones every time)."""
+        """Mean validation loss over evenly spaced windows (the same ones every time); preference runs
+        score every validation pair and keep their accuracies in `self.eval_metrics`."""
         if self.val_ds is None:
             return None
+        if self.pref is not None:
+            self.model.eval()
+            metrics = self.pref.evaluate(self.model, self.cfg.batch_size, self.device, self._autocast)
+            self.model.train()
+            self.eval_metrics = {k: v for k, v in metrics.items() if k != "loss"}
+            return metrics["loss"]
         cfg, world = self.cfg, self.info.world_size
         # The same windows whatever the number of processes (rounded up so that each process runs as
         # many forward passes as the others, which FSDP needs).
@@ -243,16 +270,24 @@ class _Run:
     def _train_step(self) -> tuple[float, float]:
         """One optimizer step; returns (mean loss over the global mini-batch, gradient norm)."""
         cfg, info = self.cfg, self.info
-        n_targets = max(1, self.train_ds.n_targets(self.order.step_windows(self.step)))
+        windows = self.order.step_windows(self.step)
+        if self.pref is not None:  # the mean over pairs
+            n_targets = len(windows)
+            self.step_tokens = self.train_ds.n_tokens(windows)
+        else:
+            n_targets = max(1, self.train_ds.n_targets(windows))
         scale = info.world_size / n_targets
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for micro in range(cfg.grad_accum):
-            x, y = self.train_ds.batch(self.order.micro_batch(self.step, info.rank, micro))
-            x, y = x.to(self.device), y.to(self.device)
+            batch = self.order.micro_batch(self.step, info.rank, micro)
             with dist_utils.no_sync(self.model, skip=micro < cfg.grad_accum - 1):
-                with self._autocast():
-                    logits = self.model(x)  # (B, T, V) float32
-                summed = token_loss_sum(logits, y)
+                if self.pref is not None:
+                    summed = self.pref.loss_sum(self.model, batch, self.device, self._autocast)
+                else:
+                    x, y = self.train_ds.batch(batch)
+                    with self._autocast():
+                        logits = self.model(x.to(self.device))  # (B, T, V) float32
+                    summed = token_loss_sum(logits, y.to(self.device))
                 (summed * scale).backward()
             loss_sum += summed.detach().double()
         dist_utils.all_reduce_sum(loss_sum, info)
@@ -289,8 +324,15 @@ class _Run:
         val = self.evaluate()
         if val is not None:
             result.val_losses[self.step] = val
-            self.log.write(step=self.step, val_loss=val, val_ppl=math.exp(min(val, 50)))
-            if self.bar is not None:
+            if self.pref is not None:
+                result.val_metrics[self.step] = dict(self.eval_metrics)
+                self.log.write(step=self.step, val_loss=val, **self.eval_metrics)
+            else:
+                self.log.write(step=self.step, val_loss=val, val_ppl=math.exp(min(val, 50)))
+            if self.bar is not None and self.pref is not None:
+                self.bar.write(f"step {self.step}: validation loss {val:.4f}, "
+                               + ", ".join(f"{k} {v:.3f}" for k, v in self.eval_metrics.items()))
+            elif self.bar is not None:
                 self.bar.write(f"step {self.step}: validation loss {val:.4f}, perplexity {math.exp(min(val, 50)):.2f}")
         self._plot()
 
@@ -324,7 +366,7 @@ class _Run:
         if self.step == 0 and cfg.sample_every:
             self._sample(result)
         tokens_per_step = self.order.global_batch * cfg.seq_len
-        run_time = 0.0
+        run_time, run_tokens = 0.0, 0
         try:
             while self.step < end:
                 t0 = time.perf_counter()
@@ -336,7 +378,9 @@ class _Run:
                 dt = time.perf_counter() - t0
                 run_time += dt
                 result.losses.append(loss)
-                tps = tokens_per_step / dt
+                step_tokens = self.step_tokens if self.pref is not None else tokens_per_step
+                run_tokens += step_tokens
+                tps = step_tokens / dt
                 if cfg.log_every and (self.step % cfg.log_every == 0 or self.step == end):
                     self.log.write(step=self.step, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=tps,
                                    epoch=self.order.epoch_of(self.step))
@@ -353,7 +397,9 @@ class _Run:
             if self.bar is not None:
                 self.bar.close()
         result.step = self.step
-        result.tokens_per_s = tokens_per_step * len(result.losses) / run_time if run_time else 0.0
+        result.tokens_per_s = run_tokens / run_time if run_time else 0.0
+        if self.step >= cfg.max_steps and cfg.lora is not None:
+            result.adapter = self._save_adapter()
         if self.step >= cfg.max_steps and cfg.export != "none":
             result.exported = self._export()
         self._plot()
@@ -362,8 +408,24 @@ class _Run:
         self.log.close()
         return result
 
+    def _save_adapter(self) -> Optional[Path]:
+        from llamaforge.training.adapters import adapter_from_state_dict, save_gguf_lora, save_peft
+
+        lora = self.cfg.lora
+        state = dist_utils.model_state(self.model, trainable_only=True)  # collective under FSDP
+        path = None
+        if self.info.is_main:
+            adapter = adapter_from_state_dict(state, lora.alpha)
+            path = save_peft(adapter, self.args, self.out / "adapter", dropout=lora.dropout, base_model=self.cfg.model)
+            save_gguf_lora(adapter, self.out / "adapter.gguf")
+            self.log.write(step=self.step, event="adapter", path=str(path))
+        dist_utils.barrier(self.info)
+        return path
+
     def _export(self) -> Optional[Path]:
         full = dist_utils.model_state(self.model, trainable_only=False)  # collective under FSDP
+        if self.quantized:
+            full = full_state_dict(dist_utils.unwrap(self.model), full)
         path = None
         if self.info.is_main:
             alpha = self.cfg.lora.alpha if self.cfg.lora is not None else None

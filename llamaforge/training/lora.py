@@ -15,20 +15,74 @@ the base model's names and shapes and loads anywhere.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from llamaforge.errors import ConfigError
+from llamaforge.quantize import QuantizedLinear, compute_dtype
 
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
 
 
-class LoRALinear(nn.Module):
-    """A frozen `nn.Linear` plus a trainable low-rank update scaled by alpha / rank."""
+def _base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The base layer's weight (out, in) in `dtype`; a quantized one is dequantized afresh (not kept)."""
+    if isinstance(base, QuantizedLinear):
+        return base.dequantize().to(dtype)
+    return base.weight.to(dtype)
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+
+class LoRAFunction(torch.autograd.Function):
+    """`base(x) + scaling * (xd @ A.T) @ B.T` over a frozen base, with the gradients of x, xd, A and B.
+
+    `xd` is x after LoRA dropout (the very tensor x when there is none: its two gradients are then
+    summed here, in one addmm). Saved for the backward: xd and xd @ A.T (N, r) in the compute dtype;
+    the base weight is a reference (float) or dequantized again (quantized).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, xd: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                base: nn.Module, scaling: float) -> torch.Tensor:
+        dtype = compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (N, in)
+            xd2 = x2 if xd is x else xd.reshape(-1, xd.shape[-1]).to(dtype)
+            a, b = lora_a.to(dtype), lora_b.to(dtype)  # (r, in), (out, r)
+            bias = getattr(base, "bias", None)
+            y = F.linear(x2, _base_weight(base, dtype), None if bias is None else bias.to(dtype))  # (N, out)
+            xa = xd2 @ a.t()  # (N, r)
+            y.addmm_(xa, b.t(), alpha=scaling)
+        ctx.save_for_backward(xd2, xa, a, b)
+        ctx.base, ctx.scaling, ctx.same, ctx.in_shape = base, scaling, xd is x, x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        xd2, xa, a, b = ctx.saved_tensors
+        s = ctx.scaling
+        need_x, need_xd, need_a, need_b = ctx.needs_input_grad[:4]
+        with torch.autocast(grad.device.type, enabled=False):
+            g = grad.reshape(-1, grad.shape[-1]).to(xa.dtype)  # (N, out)
+            gxa = (g @ b).mul_(s)  # (N, r)
+            grad_b = (g.t() @ xa).mul_(s) if need_b else None  # (out, r)
+            grad_a = gxa.t() @ xd2 if need_a else None  # (r, in)
+            grad_x = grad_xd = None
+            if need_x:
+                grad_x = g @ _base_weight(ctx.base, g.dtype)  # (N, in)
+                if ctx.same:
+                    grad_x.addmm_(gxa, a)
+                grad_x = grad_x.view(ctx.in_shape)
+            if need_xd and not ctx.same:
+                grad_xd = (gxa @ a).view(ctx.in_shape)
+        return grad_x, grad_xd, grad_a, grad_b, None, None
+
+
+class LoRALinear(nn.Module):
+    """A frozen `nn.Linear` or `QuantizedLinear` plus a trainable low-rank update scaled by alpha / rank."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         if not isinstance(rank, int) or rank <= 0:
             raise ConfigError(f"LoRA rank must be a positive integer, got {rank!r}")
@@ -37,7 +91,10 @@ class LoRALinear(nn.Module):
         self.alpha = alpha
         self.scaling = alpha / rank
         self.in_features, self.out_features = base.in_features, base.out_features
-        dev, dtype = base.weight.device, base.weight.dtype
+        if isinstance(base, QuantizedLinear):
+            dev, dtype = base.qweight.device, torch.float32
+        else:
+            dev, dtype = base.weight.device, base.weight.dtype
         if not dtype.is_floating_point:
             dtype = torch.float32
         self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=dev, dtype=dtype))
@@ -48,14 +105,26 @@ class LoRALinear(nn.Module):
             p.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        update = (self.dropout(x) @ self.lora_a.t().to(x.dtype)) @ self.lora_b.t().to(x.dtype)  # (..., out)
-        return self.base(x) + self.scaling * update
+        if getattr(self.base, "weight", None) is not None and self.base.weight.requires_grad:
+            # an unfrozen float base (not what apply_lora leaves): plain autograd, W gets its gradient too
+            update = (self.dropout(x) @ self.lora_a.t().to(x.dtype)) @ self.lora_b.t().to(x.dtype)  # (..., out)
+            return self.base(x) + self.scaling * update
+        if not torch.is_grad_enabled() or not (x.requires_grad or self.lora_a.requires_grad):
+            # inference: the base layer's own (possibly quantized-kernel) path plus the low-rank update
+            update = (x @ self.lora_a.t().to(x.dtype)) @ self.lora_b.t().to(x.dtype)  # (..., out)
+            return self.base(x) + self.scaling * update
+        xd = self.dropout(x) if self.training else x
+        return LoRAFunction.apply(x, xd, self.lora_a, self.lora_b, self.base, self.scaling)
+
+    def base_weight(self) -> torch.Tensor:
+        """The frozen base weight (out, in) as float32 (dequantized for a quantized base)."""
+        return _base_weight(self.base, torch.float32)
 
     def merged_weight(self) -> torch.Tensor:
-        """W + (alpha / rank) * B @ A, in float32 then cast to the base weight's dtype."""
-        w = self.base.weight
+        """W + (alpha / rank) * B @ A in float32, cast to a float base weight's dtype."""
         delta = (self.lora_b.float() @ self.lora_a.float()) * self.scaling  # (out, in)
-        return (w.float() + delta).to(w.dtype)
+        merged = self.base_weight() + delta
+        return merged if isinstance(self.base, QuantizedLinear) else merged.to(self.base.weight.dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"
@@ -77,8 +146,8 @@ def apply_lora(
         The names of the wrapped modules.
 
     Raises:
-        ConfigError: unknown target names, a target that is not a float `nn.Linear` (e.g. a quantized
-            layer: build the model in float to fine-tune it), or nothing matched.
+        ConfigError: unknown target names, a target that is neither a float `nn.Linear` nor a
+            `QuantizedLinear`, or nothing matched.
     """
     _check_targets(targets)
     for p in model.parameters():
@@ -88,10 +157,10 @@ def apply_lora(
         leaf = name.rsplit(".", 1)[-1]
         if leaf not in targets or isinstance(module, LoRALinear):
             continue
-        if type(module) is not nn.Linear:
+        if type(module) is not nn.Linear and not isinstance(module, QuantizedLinear):
             raise ConfigError(
-                f"LoRA target {name} is a {type(module).__name__}, not a float nn.Linear; load the model "
-                "in float (dequantized) to fine-tune it"
+                f"LoRA target {name} is a {type(module).__name__}, not an nn.Linear or QuantizedLinear; "
+                "LoRA adapts linear projections only"
             )
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         if leaf == "output" and getattr(getattr(model, "args", None), "tie_embeddings", False):
@@ -140,12 +209,14 @@ def merge_lora(model: nn.Module) -> int:
     """Replace every LoRALinear by a plain nn.Linear holding the merged weight; returns how many.
 
     The model's state dict then has the base model's names again (`layers.0.attention.wq.weight`).
+    A quantized base becomes a float32 nn.Linear holding the dequantized weight plus the update.
     """
     count = 0
     for name, module in lora_modules(model):
+        weight = module.merged_weight()
         merged = nn.Linear(module.in_features, module.out_features, bias=module.base.bias is not None,
-                           device=module.base.weight.device, dtype=module.base.weight.dtype)
-        merged.weight.copy_(module.merged_weight())
+                           device=weight.device, dtype=weight.dtype)
+        merged.weight.copy_(weight)
         if module.base.bias is not None:
             merged.bias.copy_(module.base.bias)
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model

@@ -3,8 +3,10 @@
 - From scratch: a `Transformer(ModelArgs)` with GPT-2-style initialisation (normal(0, init_std) for
   embeddings and projections, the residual outputs `wo` and `w2` scaled by 1/sqrt(2 * n_layers),
   norm gains 1), its vocabulary from the tokenizer.
-- Fine-tuning: any checkpoint `checkpoints.load` reads (Meta, Hugging Face, GGUF; quantized GGUF
-  weights are dequantized to float32 for training), with its own tokenizer.
+- Fine-tuning: any checkpoint `checkpoints.load` reads (Meta, Hugging Face, GGUF), with its own
+  tokenizer. Quantized GGUF weights are dequantized to float32, or, with `quantize` (QLoRA), stay in
+  their blocks ("gguf") or a float checkpoint's linear layers are quantized on load ("q4_0", "q8_0", ...):
+  the base is then frozen `QuantizedLinear` layers on the exact dequantize path, and only LoRA trains.
 - Export: LoRA adapters merged, then `checkpoints.save_meta` / `save_hf` / `save_gguf` (whose writes
   are atomic), in a form `Llama.build` loads with the tokenizer inside or beside it.
 """
@@ -20,8 +22,9 @@ from typing import Any, Optional
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from llamaforge import runtime
 from llamaforge.errors import ConfigError
-from llamaforge.model import ModelArgs, Transformer, build_model
+from llamaforge.model import ModelArgs, Transformer
 from llamaforge.tokenizer import Tokenizer
 
 
@@ -63,13 +66,19 @@ def scratch_model(model_args: dict[str, Any], tokenizer: Tokenizer, device: torc
 
 
 def load_for_training(path: str, tokenizer_path: Optional[str], device: torch.device, seq_len: int,
-                      progress: bool = True) -> tuple[Transformer, Tokenizer, Source]:
-    """A checkpoint as a float32 model ready to train, with its tokenizer."""
+                      progress: bool = True, quantize: Optional[str] = None) -> tuple[Transformer, Tokenizer, Source]:
+    """A checkpoint as a model ready to train, with its tokenizer.
+
+    Args:
+        quantize: None: every weight float32 and trainable. "gguf": a GGUF file's quantized weights stay
+            in their blocks. "q4_0", "q8_0", ...: linear layers (and a tied embedding) quantized on
+            load. Quantized layers are frozen and take the exact path (see `quantized_base`).
+    """
     from llamaforge import checkpoints
     from llamaforge.hub import resolve_model
 
     p = resolve_model(None if path in ("default", "") else path, progress=progress)
-    ckpt = checkpoints.load(p, progress=progress)
+    ckpt = checkpoints.load(p, progress=progress, keep_quantized=quantize == "gguf")
     source = ckpt.tokenizer_source
     tokenizer = Tokenizer.from_source(source, tokenizer_path, hint="`tokenizer` in the training config")
     # the file export copies: the one given, else the checkpoint's own (None: a GGUF vocabulary)
@@ -78,13 +87,50 @@ def load_for_training(path: str, tokenizer_path: Optional[str], device: torch.de
     args = ckpt.args
     if seq_len > args.max_seq_len:
         raise ConfigError(f"seq_len={seq_len} is longer than the model's context length {args.max_seq_len}")
-    state = {k: (v.dequantize() if hasattr(v, "dequantize") and not isinstance(v, torch.Tensor) else v)
-             for k, v in ckpt.state_dict.items()}
-    model = build_model(args, state, device=device, dtype=torch.float32)
+    if quantize == "gguf":
+        if device.type != "cpu":
+            raise ConfigError(f"quantize = 'gguf' keeps GGUF blocks for the CPU; on {device} use quantize = "
+                              "'q8_0' / 'q4_0' or leave quantize out")
+        state = dict(ckpt.state_dict)
+        if all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ConfigError(f"quantize = 'gguf' needs a quantized GGUF file, and {p} holds no quantized weights; "
+                              "quantize on load with quantize = 'q4_0' or 'q8_0'")
+    else:
+        state = {k: (v.dequantize() if hasattr(v, "dequantize") and not isinstance(v, torch.Tensor) else v)
+                 for k, v in ckpt.state_dict.items()}
+    model = runtime.build(args, state, device=device, dtype=torch.float32)  # GGUF blocks as quantized layers
+    if quantize not in (None, "gguf"):
+        from llamaforge.quantize import quantize_model_weights
+
+        quantize_model_weights(model, quantize)
     for p_ in model.parameters():
         p_.requires_grad_(True)
+    quantized_base(model)
     source = Source(ckpt.format, tok_file, ckpt.gguf_metadata)
     return model.train(), tokenizer, source
+
+
+def quantized_base(model: torch.nn.Module) -> int:
+    """Put every QuantizedLinear on the exact dequantize path (losses and gradients of the dequantized
+    weights, not of int8 activations); returns how many there are."""
+    from llamaforge.quantize import QuantizedLinear
+
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    for layer in layers:
+        layer.exact = True
+    return len(layers)
+
+
+def full_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state_dict` plus the dequantized float32 weight of every quantized layer (`name.weight`), which a
+    quantized model's state dict leaves out; for exporting a merged model."""
+    from llamaforge.quantize import QuantizedEmbedding, QuantizedLinear
+
+    full = dict(state_dict)
+    for name, module in model.named_modules():
+        if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+            full.setdefault(f"{name}.weight", module.dequantize())
+    return full
 
 
 def enable_activation_checkpointing(model: Transformer) -> None:

@@ -108,7 +108,12 @@ def build_optimizer(
     if name == "sgd":
         return SGD(groups, lr=lr, momentum=momentum)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+        # torch's fused AdamW (one kernel over all parameters, CPU and CUDA) instead of a Python loop per
+        # parameter: a step's optimizer cost no longer grows with the number of adapted layers.
+        params = [p for g in groups for p in g["params"]]
+        fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                    and not hasattr(p, "placements") for p in params)  # DTensor (FSDP) keeps the default
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
     raise ConfigError(f"unknown optimizer {name!r}; use one of {list(OPTIMIZERS)}")
 
 
