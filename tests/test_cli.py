@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -211,5 +212,37 @@ def test_generate_streams_on_a_terminal_and_says_what_it_loads(tiny_checkpoints)
     assert child.exitstatus == 0
     expected = "".join(Llama.build(tiny_checkpoints.gguf, device="cpu").stream_text_completion(
         "hello", 4, temperature=0))
-    assert ("hello" + expected) in child.before.replace("\r\n", "\n")
+    # (a first use of the C++ kernels may log their build on the same terminal: not part of the answer)
+    out = "\n".join(line for line in child.before.replace("\r\n", "\n").split("\n") if "kernel" not in line)
+    assert ("hello" + expected) in out
     assert "=====" not in child.before  # streamed: the batch separator is not printed
+
+
+def test_serve_gives_the_slots_what_the_kv_budget_holds(tiny_checkpoints):
+    httpx = pytest.importorskip("httpx")
+    from tests.test_server import free_port
+
+    port = free_port()
+    # tiny model: 2 layers x 2 kv heads x head_dim 16 x (k, v) x 4 bytes = 512 B a position; x 8 slots = 4 KiB
+    proc = subprocess.Popen([sys.executable, "-m", "llamaforge", "serve", str(tiny_checkpoints.gguf), "--port", str(port),
+                             "--kv-memory", "300KB", "--device", "cpu", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            assert proc.poll() is None, "the server exited"
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.25)
+        assert httpx.get(base + "/health").json()["max_seq_len"] == 64  # 300 KB / 4 KiB = 73, in whole 64s
+        got = httpx.post(base + "/v1/completions", timeout=60, json={
+            "prompt": "hello world", "max_tokens": 40, "temperature": 0}).json()["choices"][0]["text"]
+    finally:
+        proc.send_signal(2)
+        out = proc.communicate(timeout=60)[0]
+    assert "KV cache 8 slots x 64 positions = 262.1 KB (budget 300.0 KB: --kv-memory" in out
+    expected = "".join(Llama.build(tiny_checkpoints.gguf, max_seq_len=64, device="cpu").stream_text_completion(
+        "hello world", 40, temperature=0))  # decoded piece by piece, as the server does
+    assert got == expected  # positions past the first few are right: the rotary tables cover the context

@@ -35,6 +35,7 @@ from llamaforge.checkpoints.hf import permute_qk_rows
 from llamaforge.checkpoints.save import atomic_file, check_args
 from llamaforge.errors import CheckpointError
 from llamaforge.model.args import ModelArgs
+from llamaforge.progress import iterate_bytes, nbytes
 
 PathLike = Union[str, os.PathLike]
 
@@ -200,7 +201,7 @@ def save_gguf(
             if args.rope_scaling is not None:
                 factors = gguf_format.rope_factors(args.rope_scaling, args.head_dim, args.rope_theta)
                 writer.add_tensor("rope_freqs.weight", factors.numpy())
-            for key, value in state_dict.items():
+            for key, value in iterate_bytes(state_dict.items(), lambda kv: nbytes(kv[1]), f"writing {Path(out_path).name}"):
                 (gguf_name,) = names[key]
                 if arch != "llama":  # back to the rotate-half rows of qwen2 / qwen3
                     value = _meta_to_neox(key, value, args)

@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+from llamaforge.cli.common import add_json_flag, describe_size, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("list", help="list downloaded models", description=__doc__)
-    p.add_argument("--json", action="store_true", help="print JSON (name, format, quant, size, path, revision)")
+    add_json_flag(p)  # a list of {name, format, quant, size, path, revision}
     p.set_defaults(run=run)
-
-
-def human_size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,12 +18,12 @@ def run(args: argparse.Namespace) -> int:
 
     models = hub.list_models()
     if args.json:
-        print(json.dumps([m.to_dict() for m in models], indent=2))
+        print_json([m.to_dict() for m in models])
         return 0
     if not models:
         print(f"no models in {hub.cache_dir()}; get one with `llamaforge pull org/name[:QUANT]`")
         return 0
-    rows = [(m.name, m.format, m.quant or "-", human_size(m.size), str(m.path)) for m in models]
+    rows = [(m.name, m.format, m.quant or "-", describe_size(m.size), str(m.path)) for m in models]
     header = ("NAME", "FORMAT", "QUANT", "SIZE", "WHERE")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
     for row in [header] + rows:

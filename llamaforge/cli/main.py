@@ -27,7 +27,8 @@ class Parser(argparse.ArgumentParser):
     """argparse with defaults in the help and suggestions for near misses."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", HelpFormatter)
+        if kwargs.get("formatter_class") in (None, argparse.HelpFormatter, argparse.RawDescriptionHelpFormatter):
+            kwargs["formatter_class"] = HelpFormatter  # it keeps a docstring's layout too
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):

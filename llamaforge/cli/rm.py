@@ -20,10 +20,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from llamaforge import hub
-    from llamaforge.cli.list import human_size
+    from llamaforge.cli.common import describe_size
 
     removal = hub.plan_removal(args.ref)
-    print(f"will delete {human_size(removal.freed)}:")
+    print(f"will delete {describe_size(removal.freed)}:")
     for line in removal.description:
         print(f"  {line}")
     if not args.yes:

@@ -96,8 +96,9 @@ def run(args: argparse.Namespace) -> int:
     from llamaforge import devices
     from llamaforge.api import kv_bytes_per_token
 
-    # Without --max-seq-len the build is told 1 position (nothing is allocated yet); the context is chosen below.
-    llama = build_from_flags(args, max_seq_len=args.max_seq_len or 1)
+    # Without --max-seq-len the build covers the model's context (as memory allows; its rotary tables are sized
+    # to it, no KV cache is allocated yet), and the slots get what the budget holds of it, below.
+    llama = build_from_flags(args)
     args_ = llama.model.args
     per_position = kv_bytes_per_token(args_, llama.model.norm.weight.dtype)
     if budget is not None:
@@ -109,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         said = "no limit: --max-seq-len given"
     llama.max_seq_len = choose_context(per_position=per_position, slots=args.max_batch_size,
-                                       model_context=args_.max_seq_len, budget=budget, requested=args.max_seq_len)
+                                       model_context=llama.max_seq_len, budget=budget, requested=args.max_seq_len)
     total = per_position * args.max_batch_size * llama.max_seq_len
     print(f"llamaforge: KV cache {args.max_batch_size} slots x {llama.max_seq_len} positions = {describe_size(total)} "
           f"({'budget ' + describe_size(budget) + ': ' if budget else ''}{said}; change with --kv-memory, --max-seq-len, --max-batch-size)",

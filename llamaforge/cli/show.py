@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from llamaforge.cli.common import add_json_flag, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("show", help="describe a model by reference", description=__doc__)
     p.add_argument("ref", metavar="REF", help="org/name[:QUANT][@REVISION], an alias, or a path")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    add_json_flag(p)
     p.set_defaults(run=run)
 
 
@@ -23,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         described = info.describe(str(path))
         described["reference"] = str(ref) if ref else None
-        print(json.dumps(described, indent=2, default=str))
+        print_json(described)
         return 0
     if ref is not None:
         print(f"reference:   {ref}" + (f" (alias {ref.alias})" if ref.alias else ""))

@@ -22,6 +22,11 @@ async def chat_page():
     return HTMLResponse(CHAT_PAGE.read_text(encoding="utf-8"))
 
 
+@router.get("/favicon.ico", include_in_schema=False)
+async def favicon():
+    return Response(FAVICON.read_bytes(), media_type="image/x-icon", headers={"Cache-Control": "public, max-age=86400"})
+
+
 @router.get("/health")
 async def health(s: Served = Depends(served)):
     if s.shutting_down:
