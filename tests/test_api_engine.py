@@ -177,7 +177,6 @@ def test_python_api_and_server_give_the_same_tokens(llama):
     pytest.importorskip("httpx")
     from starlette.testclient import TestClient
 
-    from llamaforge.api import token_bytes
     from llamaforge.server.app import create_app
 
     p = ids(llama, PROMPTS[1])
@@ -187,5 +186,5 @@ def test_python_api_and_server_give_the_same_tokens(llama):
         for kw, (tokens, lps) in zip(cases, api):
             body = client.post("/v1/completions", json={"prompt": p, "max_tokens": 12, "logprobs": 0, **kw}).json()
             got = body["choices"][0]["logprobs"]
-            assert got["tokens"] == [token_bytes(llama.tokenizer, t).decode("utf-8", "replace") for t in tokens[0]]
+            assert got["tokens"] == [llama.tokenizer.token_bytes(t).decode("utf-8", "replace") for t in tokens[0]]
             assert got["token_logprobs"] == pytest.approx(lps[0], abs=1e-4)
