@@ -40,7 +40,7 @@ def qwen2_256(tmp_path_factory):
     return ref, root / "hf", convert(root / "hf", root / "f32.gguf", to="gguf", dtype="f32")
 
 
-@pytest.mark.parametrize("qtype, rms_bound", [("Q4_K", 0.09), ("Q6_K", 0.022)])
+@pytest.mark.parametrize("qtype, rms_bound", [("Q4_K", 0.09), ("Q5_K", 0.045), ("Q6_K", 0.022)])
 def test_k_quants_decode_within_the_formats_error(qtype, rms_bound):
     import gguf.quants
     from gguf.constants import GGMLQuantizationType
@@ -51,7 +51,7 @@ def test_k_quants_decode_within_the_formats_error(qtype, rms_bound):
     blocks = quantize(x, qtype)
     y = gguf.quants.dequantize(blocks, GGMLQuantizationType[qtype])
     assert y.shape == x.shape
-    assert np.sqrt(np.mean((y - x) ** 2)) < rms_bound  # observed 0.071 (Q4_K), 0.018 (Q6_K) on N(0, 1)
+    assert np.sqrt(np.mean((y - x) ** 2)) < rms_bound  # observed 0.071 (Q4_K), 0.035 (Q5_K), 0.018 (Q6_K) on N(0, 1)
     assert np.all(y[1, :256] == 0)
     np.testing.assert_allclose(y[2, 256:], 0.5, atol=0.02)
 
@@ -67,7 +67,8 @@ def _ggml_base():
 
 
 @needs_llama_cpp
-@pytest.mark.parametrize("qtype, nbytes, block", [("Q4_K", 144, 256), ("Q6_K", 210, 256), ("Q4_0", 18, 32),
+@pytest.mark.parametrize("qtype, nbytes, block", [("Q4_K", 144, 256), ("Q5_K", 176, 256), ("Q6_K", 210, 256),
+                                                  ("Q4_0", 18, 32),
                                                   ("Q5_0", 22, 32), ("Q8_0", 34, 32)])
 def test_quantizers_are_byte_identical_to_ggml(qtype, nbytes, block):
     """Against ggml's own quantize_row_*_ref, on normal, heavy-tailed, tiny, zero, constant and positive rows."""
@@ -105,6 +106,9 @@ def test_q4_k_m_mix_follows_llama_quant():
     assert tensor_qtype("blk.0.attn_q.bias", (256,), "q4_k_m", 16, False) is None
     assert tensor_qtype("output.weight", (300, 256), "q4_0", 16, False) == "Q6_K"  # llama.cpp does this too
     assert tensor_qtype("output.weight", (300, 256), "q8_0", 16, False) == "Q8_0"
+    # what llama.cpp calls a 70B (80 layers, GQA) gets attn_v one step up where it would be Q4_K
+    assert [tensor_qtype(f"blk.{i}.attn_v.weight", (1024, 8192), "q4_k_m", 80, False, True) for i in (9, 10)] == \
+        ["Q6_K", "Q5_K"]  # layer 9 is in the first eighth; 10 is not
 
 
 def test_convert_to_q4_k_m_types_and_logits(qwen2_256, tmp_path):

@@ -2,8 +2,9 @@
 
 llama-quantize without an importance matrix calls ggml's `quantize_row_*_ref` functions
 (ggml/src/ggml-quants.c). Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and BF16 are taken from gguf-py's
-`gguf.quants`, which reproduces them; Q4_K and Q6_K, which gguf-py can only decode, are written here:
-`quantize_row_q4_K_ref` (with `make_qkx2_quants`) and `quantize_row_q6_K_ref` (with `make_qx_quants`),
+`gguf.quants`, which reproduces them; Q4_K, Q5_K and Q6_K, which gguf-py can only decode, are written
+here: `quantize_row_q4_K_ref` / `q5_K_ref` (with `make_qkx2_quants`) and `quantize_row_q6_K_ref` (with
+`make_qx_quants`),
 with the same float32 operations in the same order, vectorised over blocks (each C loop that sums
 becomes a float32 accumulate along the block, so sums are taken left to right exactly as in C; ggml's
 base library is built without -march flags, so without FMA contraction). The tests compare the bytes
@@ -22,8 +23,9 @@ QK_K = 256
 F32 = np.float32
 GROUP_MAX_EPS = F32(1e-15)
 # Block sizes in bytes: Q4_K = f16 d, f16 dmin, 12 bytes of 6-bit scales/mins, 128 bytes of nibbles;
+# Q5_K = the same with 32 bytes of fifth bits before the nibbles;
 # Q6_K = 128 bytes low nibbles, 64 bytes high 2-bit pairs, 16 int8 scales, f16 d.
-Q4_K_BYTES, Q6_K_BYTES = 144, 210
+Q4_K_BYTES, Q5_K_BYTES, Q6_K_BYTES = 144, 176, 210
 _CHUNK = 4096  # blocks per vectorised step: bounded memory on large tensors
 
 
@@ -97,13 +99,14 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
     return scale.astype(F32), (-np.where(flat, lo, mn)).astype(F32), L.T
 
 
-def _q4_k_blocks(x: np.ndarray) -> np.ndarray:
-    """quantize_row_q4_K_ref on (nb, 256) float32 -> (nb, 144) uint8."""
+def _k_blocks(x: np.ndarray, nmax: int, rmin: float, nstep: int) -> tuple[np.ndarray, np.ndarray]:
+    """The shared part of quantize_row_q4_K_ref / q5_K_ref on (nb, 256) float32: 8 sub-blocks of 32 with
+    6-bit scales and mins. Returns (the 16-byte header d, dmin, packed scales: (nb, 16) uint8, L (nb, 8, 32))."""
     nb = x.shape[0]
     sub = x.reshape(nb * 8, 32)
     av_x = np.sqrt(_seq_sum(sub * sub) / F32(32))
     weights = av_x[:, None] + np.abs(sub)
-    scales, mins, L = make_qkx2_quants(sub, weights, 15, -1.0, 0.1, 20)
+    scales, mins, L = make_qkx2_quants(sub, weights, nmax, rmin, 0.1, nstep)
     scales, mins, L = scales.reshape(nb, 8), mins.reshape(nb, 8), L.reshape(nb, 8, 32)
     max_scale = np.maximum(scales.max(axis=1), F32(0))
     max_min = np.maximum(mins.max(axis=1), F32(0))
@@ -112,24 +115,42 @@ def _q4_k_blocks(x: np.ndarray) -> np.ndarray:
         inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0))
     ls = np.minimum(_nearest_int(inv_scale[:, None] * scales) & 0xFF, 63).astype(np.uint8)
     lm = np.minimum(_nearest_int(inv_min[:, None] * mins) & 0xFF, 63).astype(np.uint8)
-    packed = np.zeros((nb, 12), np.uint8)  # get_scale_min_k4's layout
-    packed[:, 0:4] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
-    packed[:, 4:8] = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
-    packed[:, 8:12] = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
+    head = np.zeros((nb, 16), np.uint8)
     d = (max_scale / F32(63)).astype(np.float16)
     dmin = (max_min / F32(63)).astype(np.float16)
+    head[:, 0:2] = d.view(np.uint8).reshape(nb, 2)
+    head[:, 2:4] = dmin.view(np.uint8).reshape(nb, 2)
+    head[:, 4:8] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)  # get_scale_min_k4's layout
+    head[:, 8:12] = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
+    head[:, 12:16] = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
     dj = d.astype(F32)[:, None] * ls.astype(F32)  # (nb, 8): the scales as decoded
     dm = dmin.astype(F32)[:, None] * lm.astype(F32)
     with np.errstate(divide="ignore", invalid="ignore"):
-        requant = np.clip(_nearest_int((x.reshape(nb, 8, 32) + dm[..., None]) / dj[..., None]), 0, 15)
-    L = np.where((dj != 0)[..., None], requant, L).astype(np.uint8).reshape(nb, 4, 2, 32)
+        requant = np.clip(_nearest_int((x.reshape(nb, 8, 32) + dm[..., None]) / dj[..., None]), 0, nmax)
+    return head, np.where((dj != 0)[..., None], requant, L).astype(np.uint8)
+
+
+def _q4_k_blocks(x: np.ndarray) -> np.ndarray:
+    """quantize_row_q4_K_ref on (nb, 256) float32 -> (nb, 144) uint8."""
+    nb = x.shape[0]
+    head, L = _k_blocks(x, 15, -1.0, 20)
+    L = L.reshape(nb, 4, 2, 32)
     qs = (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(nb, 128)  # 64 values -> 32 bytes: low nibble first half
-    out = np.empty((nb, Q4_K_BYTES), np.uint8)
-    out[:, 0:2] = d.view(np.uint8).reshape(nb, 2)
-    out[:, 2:4] = dmin.view(np.uint8).reshape(nb, 2)
-    out[:, 4:16] = packed
-    out[:, 16:] = qs
-    return out
+    return np.concatenate([head, qs], axis=1)
+
+
+def _q5_k_blocks(x: np.ndarray) -> np.ndarray:
+    """quantize_row_q5_K_ref on (nb, 256) float32 -> (nb, 176) uint8: header, 32 bytes of 5th bits, nibbles."""
+    nb = x.shape[0]
+    head, L = _k_blocks(x, 31, -0.5, 15)
+    L = L.reshape(nb, 4, 2, 32)  # (64-value group g, half, j)
+    low = L & 0xF
+    qs = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(nb, 128)
+    high = (L >> 4).astype(np.uint8)  # bit 2g for the first half of group g, 2g + 1 for the second
+    qh = np.zeros((nb, 32), np.uint8)
+    for g in range(4):
+        qh |= (high[:, g, 0] << (2 * g)) | (high[:, g, 1] << (2 * g + 1))
+    return np.concatenate([head, qh, qs], axis=1)
 
 
 def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
@@ -196,7 +217,7 @@ def _q6_k_blocks(x: np.ndarray) -> np.ndarray:
     return out
 
 
-_K_QUANTS = {"Q4_K": (_q4_k_blocks, Q4_K_BYTES), "Q6_K": (_q6_k_blocks, Q6_K_BYTES)}
+_K_QUANTS = {"Q4_K": (_q4_k_blocks, Q4_K_BYTES), "Q5_K": (_q5_k_blocks, Q5_K_BYTES), "Q6_K": (_q6_k_blocks, Q6_K_BYTES)}
 
 
 def quantize(array: np.ndarray, qtype: str) -> np.ndarray:
@@ -220,7 +241,7 @@ def quantize(array: np.ndarray, qtype: str) -> np.ndarray:
         try:
             return gguf.quants.quantize(array, ggml_type)
         except NotImplementedError:
-            raise CheckpointError(f"llamaforge cannot write {qtype} tensors; choose Q8_0, Q4_0, Q4_K or Q6_K") from None
+            raise CheckpointError(f"llamaforge cannot write {qtype} tensors; choose Q8_0, Q4_0, Q4_K, Q5_K or Q6_K") from None
     fn, nbytes = _K_QUANTS[qtype]
     rows = array.reshape(-1, QK_K)
     out = np.empty((rows.shape[0], nbytes), np.uint8)

@@ -11,8 +11,8 @@ Weight types:
   biases) in F32. Tensors that are already quantized (GGUFQuantTensor) are written as they are.
 - "q8_0", "q4_0", "q4_k_m", "q6_k" (as llama-quantize TYPE without an importance matrix): llama.cpp's mix
   of types per tensor (`tensor_qtype`, after src/llama-quant.cpp: for Q4_K_M the output layer and some
-  attn_v / ffn_down layers in Q6_K, the rest Q4_K; a row length that is not whole blocks falls back
-  as llama.cpp does), quantized bit for bit as its reference quantizers do (gguf_quants.py).
+  attn_v / ffn_down layers in Q6_K, the rest Q4_K, attn_v in Q5_K on what llama.cpp calls a 70B; a row
+  length that is not whole blocks falls back as llama.cpp does), quantized bit for bit as its reference quantizers do (gguf_quants.py).
 
 `quantize_gguf(IN, OUT, TYPE)` is `llamaforge quantize`: every tensor of IN read as float32 and
 written again with that mix, metadata and tokenizer kept. All writes are atomic (save.atomic_file).
@@ -51,8 +51,9 @@ FILE_TYPES: dict[str, tuple[str, str, bool]] = {
 }
 _ALIASES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 # llama-quantize's fallback when a row is not whole blocks of the chosen type (then F16 if still not).
-_FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}
-_BLOCK = {"Q4_K": 256, "Q6_K": 256, "Q5_0": 32, "Q8_0": 32, "Q4_0": 32, "F16": 1, "BF16": 1, "F32": 1}
+_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+_BLOCK = {"Q4_K": 256, "Q5_K": 256, "Q6_K": 256, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32, "Q4_0": 32, "F16": 1, "BF16": 1,
+          "F32": 1}
 
 # GGUF value types for the tokenizer keys llama.cpp checks strictly; others are inferred.
 _GGUF_KEY_TYPES = {
@@ -83,11 +84,21 @@ def _use_more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def tensor_qtype(name: str, shape: tuple[int, ...], kind: str, n_layers: int, tied: bool) -> Optional[str]:
+def is_llama_cpp_70b(args: ModelArgs) -> bool:
+    """Whether llama.cpp types this model LLM_TYPE_70B (80 layers: llama with grouped-query attention, qwen2),
+    which changes its quantization mix (attn_v one step up)."""
+    arch = gguf_arch(args)
+    return args.n_layers == 80 and (arch == "qwen2" or (arch == "llama" and args.n_heads != args.n_kv_heads))
+
+
+def tensor_qtype(
+    name: str, shape: tuple[int, ...], kind: str, n_layers: int, tied: bool, llama_70b: bool = False
+) -> Optional[str]:
     """The ggml type llama-quantize gives GGUF tensor `name` for file type `kind`; None: not quantized (F32).
 
     After llama.cpp's src/llama-quant.cpp (`tensor_allows_quantization`, `llama_tensor_get_type_impl`,
     `tensor_type_fallback`) for the llama-family tensors llamaforge writes, without an importance matrix.
+    `llama_70b`: `is_llama_cpp_70b` of the model.
     """
     if len(shape) < 2 or not name.endswith("weight") or name.endswith("_norm.weight"):
         return None
@@ -101,6 +112,8 @@ def tensor_qtype(name: str, shape: tuple[int, ...], kind: str, n_layers: int, ti
     elif kind == "q4_k_m" and layer and name.endswith(("attn_v.weight", "ffn_down.weight")):
         if _use_more_bits(int(layer.group(1)), n_layers):
             qtype = "Q6_K"
+    if llama_70b and name.endswith("attn_v.weight") and qtype == "Q4_K":  # 8 heads share each attn_v row
+        qtype = "Q5_K"
     if ncols % _BLOCK[qtype]:
         qtype = _FALLBACK.get(qtype, "F16")
         if ncols % _BLOCK[qtype]:
@@ -185,6 +198,7 @@ def save_gguf(
     table = keymaps.invert(keymaps.GGUF_TO_META)
     names = {key: keymaps.rename({key: None}, table, fmt="Meta", source="state_dict") for key in state_dict}
     tied = "output.weight" not in state_dict
+    big = is_llama_cpp_70b(args)
     with atomic_file(out_path, overwrite=overwrite) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch)
         try:
@@ -205,7 +219,8 @@ def save_gguf(
                 (gguf_name,) = names[key]
                 if arch != "llama":  # back to the rotate-half rows of qwen2 / qwen3
                     value = _meta_to_neox(key, value, args)
-                _add_tensor(writer, gguf_name, value, kind, args.n_layers, tied, GGMLQuantizationType)
+                qtype = tensor_qtype(gguf_name, tuple(value.shape), kind, args.n_layers, tied, big)
+                _add_tensor(writer, gguf_name, value, kind, qtype, GGMLQuantizationType)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
@@ -221,10 +236,9 @@ def _meta_to_neox(key: str, value: Any, args: ModelArgs) -> Any:
     return permute_qk_rows(key, value, args, to_meta=False)
 
 
-def _add_tensor(writer: Any, name: str, value: Any, kind: str, n_layers: int, tied: bool, qtypes: Any) -> None:
+def _add_tensor(writer: Any, name: str, value: Any, kind: str, qtype: Optional[str], qtypes: Any) -> None:
     import gguf.quants
 
-    qtype = tensor_qtype(name, tuple(value.shape), kind, n_layers, tied)
     if isinstance(value, gguf_format.GGUFQuantTensor):
         if not FILE_TYPES[kind][2] or value.qtype == qtype:
             writer.add_tensor(name, value.raw.contiguous().numpy(), raw_dtype=qtypes[value.qtype])
@@ -264,7 +278,7 @@ def quantize_gguf(
         for key, value in state_dict.items():
             if isinstance(value, gguf_format.GGUFQuantTensor) and value.qtype not in ("F16", "BF16"):
                 (name,) = keymaps.rename({key: None}, keymaps.invert(keymaps.GGUF_TO_META), fmt="Meta", source="")
-                if tensor_qtype(name, value.shape, kind, args.n_layers, tied) != value.qtype:
+                if tensor_qtype(name, value.shape, kind, args.n_layers, tied, is_llama_cpp_70b(args)) != value.qtype:
                     raise CheckpointError(
                         f"{source}: {name} is already {value.qtype}; requantizing it to {kind} adds a second rounding "
                         "error. Quantize from an F32/F16/BF16 file, or pass --allow-requantize "
