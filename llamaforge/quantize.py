@@ -67,7 +67,7 @@ def _check_backend(backend: str) -> str:
     return backend
 
 
-def compute_dtype(x: torch.Tensor) -> torch.Tensor:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a matmul on `x` runs in: autocast's (e.g. bfloat16) when it is on for x's device, else x's."""
     device = x.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
