@@ -59,8 +59,8 @@ def render(meta: dict, cells: list[dict]) -> str:
            f"{meta['date']}, {meta['minutes']:.0f} min; {m['cpu']}, {m['cores']} cores, flags {m['flags']}; "
            f"{SHAPES[a['shape']].name} with random weights (benchmarks/shapes.py); memory bandwidth "
            f"{bw:.1f} GB/s (best of copy/read, {a['threads_list'][-1]} threads); llamaforge {m['llamaforge']}, "
-           f"llama-cpp-python {m['llama_cpp_python']}, torch {m['torch']}. Load average {meta['load_start']:.1f} at the "
-           f"start, {meta['load_end']:.1f} at the end. Decode: each one-token step timed on its own, median of "
+           f"llama-cpp-python {m['llama_cpp_python']}, torch {m['torch']}. Load average "
+           f"{meta['load_start']:.1f} at the start, {meta['load_end']:.1f} at the end. Decode: each one-token step timed on its own, median of "
            f"{a['steps']} steps x {a['runs']} runs ({a['long_steps']} x 1 at long prompts); best = fastest step; "
            "CPU-time: the process's CPU seconds per step (1 thread only: robust to other jobs on the cores).", ""]
     head = ["type", "thr", "engine", "load s"] + [f"prefill {p}" for p in lens] + \

@@ -169,10 +169,10 @@ class Speedometer:
 
     Both rates are exponential moving averages. Drafting stays on while its time per token is no worse
     than plain decoding's; otherwise it is off for `backoff` plain steps (which refresh the plain rate),
-    then tried again; each failed try doubles the wait (up to `max_backoff`) and a round that pays resets it,
-    so text a drafter cannot predict costs a vanishing share of rounds. With no plain rate yet (the start, or every `reprobe` rounds, since the rates
-    drift as the context grows) one plain step measures it. Timing only steers speed: the output does
-    not depend on it.
+    then tried again; each failed try doubles the wait (up to `max_backoff`) and a round that pays resets
+    it, so text a drafter cannot predict costs a vanishing share of rounds. With no plain rate yet (the
+    start, or every `reprobe` rounds, since the rates drift as the context grows) one plain step measures
+    it. Timing only steers speed: the output does not depend on it.
     """
 
     alpha: float = 0.3
