@@ -240,3 +240,27 @@ def test_llama2_dialogs_are_checked_before_the_unsafe_tag_answer(tiny_checkpoint
     safe_order = [{"role": "user", "content": "[INST] hi"}]
     assert list(llama.stream_chat_completion(safe_order, max_gen_len=2)) == \
         ["Error: special tags are not allowed as part of the prompt."]
+
+
+def test_developer_role_over_http_is_the_system_prompt_of_meta_formats(tiny_checkpoints) -> None:
+    pytest.importorskip("fastapi")
+    import torch
+    from starlette.testclient import TestClient
+
+    from llamaforge.api import Llama
+    from llamaforge.model import ModelArgs, Transformer
+    from llamaforge.server.app import create_app
+
+    tok = Tokenizer.from_file(tiny_checkpoints.tokenizer)
+    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=tok.n_words, hidden_dim=64,
+                                  max_seq_len=128)).eval()
+    llama = Llama(model, tok, max_seq_len=128, max_batch_size=1, device=torch.device("cpu"))
+    assert llama.chat_format.name == "llama2"
+    with TestClient(create_app(llama, model_name="tiny"), raise_server_exceptions=False) as client:
+        def tokens(role: str) -> list[int]:
+            resp = client.post("/tokenize", json={"messages": [{"role": role, "content": "be brief"},
+                                                               {"role": "user", "content": "hi"}]})
+            assert resp.status_code == 200, resp.text
+            return resp.json()["tokens"]
+
+        assert tokens("developer") == tokens("system")
