@@ -18,7 +18,6 @@ cannot be expressed in GGUF at all (llama.cpp's own converter writes the same ke
 from __future__ import annotations
 
 import json
-import os
 import logging
 import os
 from pathlib import Path
