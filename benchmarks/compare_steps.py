@@ -5,9 +5,9 @@ that a long prompt's prefill noise swamps), this times the decode steps themselv
 tokens per row, each of `steps` one-token steps (B rows) is timed on its own; decode tok/s = B / median
 step time ("best": B / fastest step). Prefill tok/s = B * P / the prefill's time (fastest of `runs`).
 Both engines are driven at the same level:
-    llamaforge  `Llama.build(file)`, then its model: `model(tokens (B, P), 0, cache, last_only=True)` and
-                `model(next (B, 1), pos, cache)` over a `KVCache` (the calls `generate` makes; on the CPU
-                the one-token call is the fused C++ step)
+    llamaforge  `Llama.build(file)`, then its model and decode step: `model(tokens (B, P), 0, cache,
+                last_only=True)` and `llm.decode_step(next (B, 1), StepInput, cache)` over a `KVCache` (the
+                calls `generate` makes; on the CPU the decode step is the fused C++ step)
     llama.cpp   llama-cpp-python's low-level API: one context (`n_seq_max = B`, flash attention as asked),
                 the prompt in `llama_batch`es of `n_batch` tokens, then one `llama_decode` of B tokens per
                 step, greedy argmax of the rows' logits in numpy
@@ -67,7 +67,7 @@ class LlamaforgeSteps:
     def run(self, prompts: list[list[int]], steps: int) -> tuple[float, list[float], list[int]]:
         import torch
 
-        from llamaforge.model.kv_cache import KVCache
+        from llamaforge.model import KVCache, StepInput
 
         b, p = len(prompts), len(prompts[0])
         cache = KVCache.for_model(self.model.args, b, p + steps + 1, dtype=torch.float32, device=torch.device("cpu"))
@@ -78,7 +78,8 @@ class LlamaforgeSteps:
             times, row0 = [], [int(nxt[0])]
             for i in range(steps):
                 t0 = clocks()
-                nxt = self.model(nxt.view(b, 1), p + i, cache)[:, -1].argmax(-1)
+                step = StepInput.make(p + i, b, 1, device=torch.device("cpu"), cache_len=cache.max_seq_len)
+                nxt = self.llm.decode_step(nxt.view(b, 1), step, cache)[:, -1].argmax(-1)
                 times.append(since(t0))
                 row0.append(int(nxt[0]))
         return prefill, times, row0
