@@ -5,8 +5,13 @@ The engine (`generation/engine.py`) and Meta's loop (`generation/generate.py`) n
 read (and changed) here only.
 
 Batch invariance (the engine's promise that a row's numbers do not depend on the other rows):
-- `prefill` runs one sequence at a time (batch 1) over positions [start, end), attending over exactly
-  the positions up to `end`;
+- `prefill` runs prompt chunks of several sequences in one forward (one row each, right-padded to the
+  widest), always this way, also for a single chunk: every query sees exactly its own sequence's keys
+  up to its position (an explicit mask), attention reads `kv_len` rounded up to `KV_ALIGN` with the
+  math kernel (per row, as in decode), and the padding tokens write keys only past their own row's
+  end, in its own slot, where nothing reads before a later step overwrites them. The linear layers
+  see more rows: the x8 integer kernels compute each row alone (exact); float GEMMs, and the "gguf"
+  layout's GEMM path from `GEMM_MIN_ROWS` rows on, may differ in the last bits;
 - `decode` attends over `kv_len` rounded up to a multiple of `KV_ALIGN` (64) with PyTorch's math
   attention: past that length more masked positions leave a row's attention bit for bit unchanged,
   and the math kernel computes each row alone (the fused CPU kernel splits work by batch size and
@@ -16,6 +21,7 @@ Batch invariance (the engine's promise that a row's numbers do not depend on the
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -44,6 +50,19 @@ def decode_logits(decode_step: DecodeStep, cache: KVCache, tokens: torch.Tensor,
         return decode_step(tokens, step, cache)[:, -1]
 
 
+@dataclass(frozen=True)
+class PrefillChunk:
+    """Prompt tokens to write at positions [start, start + len(tokens)) of cache slot `slot`.
+
+    all_logits: return the logits of every token (prompt logprobs), not only of the last.
+    """
+
+    tokens: Sequence[int]
+    start: int
+    slot: int
+    all_logits: bool = False
+
+
 class Runner:
     """The model, its device and its decode step, with the few step functions generation uses.
 
@@ -65,15 +84,42 @@ class Runner:
         return KVCache.for_model(self.model.args, n_slots, max_seq_len, dtype=self.model.norm.weight.dtype,
                                  device=self.device)
 
-    def prefill(self, cache: KVCache, tokens: Sequence[int], start: int, slot: int, *,
-                all_logits: bool) -> torch.Tensor:
-        """Write tokens at positions [start, start + T) of `slot`; logits (T, V), or (1, V) of the last."""
-        ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)  # (1, T)
-        end = start + ids.shape[1]
-        return self.model(
-            ids, torch.arange(start, end, device=self.device), cache,
-            slots=torch.tensor([slot], device=self.device), kv_len=end, last_only=not all_logits,
-        )[0]
+    def prefill(self, cache: KVCache, chunks: Sequence[PrefillChunk]) -> list[torch.Tensor]:
+        """Write the chunks of several sequences in one forward; per chunk logits (T, V), or (1, V) of its last.
+
+        Rows whose padding would pass the cache or the rotary tables (a prompt ending at the context's
+        end) run in a forward of their own: the results are the same, batch invariance says so.
+        """
+        limit = min(cache.max_seq_len, self.model.rope.max_seq_len)
+        width = max(len(c.tokens) for c in chunks)
+        together = [i for i, c in enumerate(chunks) if c.start + width <= limit]
+        groups = [together] if together else []
+        groups += [[i] for i in range(len(chunks)) if i not in set(together)]
+        out: list[Optional[torch.Tensor]] = [None] * len(chunks)
+        for group in groups:
+            for i, logits in zip(group, self._prefill_rows(cache, [chunks[i] for i in group])):
+                out[i] = logits
+        return out  # type: ignore[return-value]
+
+    def _prefill_rows(self, cache: KVCache, chunks: Sequence[PrefillChunk]) -> list[torch.Tensor]:
+        lens = [len(c.tokens) for c in chunks]
+        width = max(lens)
+        ids = torch.zeros(len(chunks), width, dtype=torch.long)  # (B, W), right-padded with token 0
+        for i, c in enumerate(chunks):
+            ids[i, : lens[i]] = torch.tensor(list(c.tokens), dtype=torch.long)
+        starts = torch.tensor([c.start for c in chunks], dtype=torch.long)
+        pos = starts[:, None] + torch.arange(width)[None, :]  # (B, W)
+        kv_len = min(round_up(int(pos.max()) + 1, KV_ALIGN), cache.max_seq_len)
+        ids, pos = ids.to(self.device), pos.to(self.device)
+        step = StepInput.make(pos, *ids.shape, device=self.device, cache_len=cache.max_seq_len,
+                              slots=torch.tensor([c.slot for c in chunks], device=self.device), kv_len=kv_len)
+        with _MATH_ATTENTION, sdpa_kernel(SDPBackend.MATH):
+            hidden = self.model.hidden_states(ids, step, cache)  # (B, W, dim)
+        # Only the rows' wanted positions go through the output layer: (sum of wanted, dim).
+        wanted = [hidden[i, : lens[i]] if c.all_logits else hidden[i, lens[i] - 1 : lens[i]]
+                  for i, c in enumerate(chunks)]
+        logits = self.model.output(torch.cat(wanted)).float()  # (sum of wanted, V)
+        return list(torch.split(logits, [w.shape[0] for w in wanted]))
 
     def decode(self, cache: KVCache, tokens: Sequence[int], pos: Sequence[int], slots: Sequence[int]) -> torch.Tensor:
         """One token for each of B sequences (token, position, slot per row) -> last logits (B, V)."""
