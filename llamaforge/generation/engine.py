@@ -41,7 +41,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from llamaforge.errors import GenerationError
+from llamaforge.errors import GenerationError, LlamaforgeError
 from llamaforge.generation.embed import EmbedQueue, check_inputs
 from llamaforge.generation.jobs import Delta, EngineClosed, Event, Failure, Finish, Job, PromptDone, QueueFull, Sink
 from llamaforge.generation.runner import KV_ALIGN, PrefillChunk, Runner, round_up
@@ -50,6 +50,7 @@ from llamaforge.generation.slots import SlotPool
 from llamaforge.generation.text import TextStream
 from llamaforge.model.transformer import Transformer
 from llamaforge.runtime import DecodeStep
+from llamaforge.runtime.adapters import AdapterTable, ServedAdapter
 
 log = logging.getLogger("llamaforge.engine")
 
@@ -79,6 +80,7 @@ class _Active:
     slots: list[int]
     cached: int
     next_pos: int  # next prompt position to compute
+    adapter: Optional[ServedAdapter] = None
     seqs: list[_Seq] = field(default_factory=list)
     prompt_infos: list[TokenInfo] = field(default_factory=list)
     open_seqs: int = 0
@@ -101,9 +103,12 @@ class Engine:
         prefix_reuse: bool = True,
         max_embed_inputs: int = 2048,
         decode_step: Optional[DecodeStep] = None,
+        adapters: Optional[AdapterTable] = None,
     ):
-        """`decode_step` runs the decode steps (default: the model's modules; `Llama` passes its own)."""
-        self.runner = Runner(model, device, decode_step)
+        """`decode_step` runs the decode steps (default: the model's modules; `Llama` passes its own);
+        `adapters`: the LoRA adapters a job may name (`Job.adapter`), served in the same batches."""
+        self.runner = Runner(model, device, decode_step, adapters)
+        self.adapters = adapters
         self.tokenizer = tokenizer
         self.device = device
         self.max_seq_len = max_seq_len
@@ -168,6 +173,18 @@ class Engine:
         bad = [t for t, _ in job.params.logit_bias if t >= self.vocab_size]
         if bad:
             raise GenerationError(f"logit_bias names token ids outside [0, {self.vocab_size}): {bad[:5]}")
+        if job.adapter is not None:
+            self._adapter(job)
+
+    def _adapter(self, job: Job) -> Optional[ServedAdapter]:
+        if job.adapter is None:
+            return None
+        if self.adapters is None:
+            raise GenerationError(f"adapter {job.adapter!r} asked for, but this engine serves no LoRA adapters")
+        try:
+            return self.adapters.get(job.adapter)
+        except LlamaforgeError as exc:
+            raise GenerationError(str(exc)) from None
 
     def submit(self, job: Job, sink: Sink) -> int:
         """Queue a job; events go to `sink` on the engine thread. Returns the job id for `cancel`."""
@@ -304,9 +321,10 @@ class Engine:
             seed = None if job.seed is None else job.seed + i
             rows.append(RowState(job.params, make_generator(seed, self.device, global_rng=job.global_rng),
                                  self.vocab_size, job.prompt, job.constraint() if job.constraint else None))
+        adapter = self._adapter(job)  # it may have been removed since `submit`
         reuse = self.prefix_reuse and job.prompt_logprobs is None
-        slots, cached = self.pool.acquire(job.prompt, job.n, reuse=reuse)
-        act = _Active(job, sink, slots, cached, next_pos=cached)
+        slots, cached = self.pool.acquire(job.prompt, job.n, reuse=reuse, owner=adapter.key if adapter else 0)
+        act = _Active(job, sink, slots, cached, next_pos=cached, adapter=adapter)
         for i, (slot, row) in enumerate(zip(slots, rows)):
             text = TextStream(self.tokenizer.stream_decoder(), job.stop) if job.detokenize or job.stop else None
             act.seqs.append(_Seq(act, i, slot, row, text))
@@ -337,7 +355,7 @@ class Engine:
         for act in acts:
             end = min(len(act.job.prompt), act.next_pos + self.chunk)
             chunks.append(PrefillChunk(act.job.prompt[act.next_pos:end], act.next_pos, act.slots[0],
-                                       all_logits=act.job.prompt_logprobs is not None))
+                                       all_logits=act.job.prompt_logprobs is not None, adapter=act.adapter))
         try:
             results = self.runner.prefill(self.cache, chunks)  # per job (T or 1, V)
         except Exception as exc:
@@ -386,7 +404,7 @@ class Engine:
             return
         try:
             logits = self.runner.decode(self.cache, [s.last for s in seqs], [s.pos for s in seqs],
-                                        [s.slot for s in seqs])  # (B, V)
+                                        [s.slot for s in seqs], [s.job.adapter for s in seqs])  # (B, V)
         except Exception as exc:
             log.exception("decode step failed")
             for act in {id(s.job): s.job for s in seqs}.values():

@@ -20,6 +20,7 @@ Batch invariance (the engine's promise that a row's numbers do not depend on the
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -29,6 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llamaforge.model import KVCache, StepInput, Transformer
 from llamaforge.runtime import DecodeStep
+from llamaforge.runtime.adapters import AdapterTable, ServedAdapter
 
 KV_ALIGN = 64  # decode steps attend over a multiple of this many positions
 _MATH_ATTENTION = threading.Lock()
@@ -55,12 +57,14 @@ class PrefillChunk:
     """Prompt tokens to write at positions [start, start + len(tokens)) of cache slot `slot`.
 
     all_logits: return the logits of every token (prompt logprobs), not only of the last.
+    adapter: the LoRA adapter of this row (None: the base model).
     """
 
     tokens: Sequence[int]
     start: int
     slot: int
     all_logits: bool = False
+    adapter: Optional[ServedAdapter] = None
 
 
 class Runner:
@@ -68,12 +72,22 @@ class Runner:
 
     decode_step: runs the one-token steps (default: the model's modules; `Llama` passes the one
     `llamaforge.runtime.prepare` chose, e.g. the fused C++ step); prefill runs the model's forward.
+    adapters: the LoRA adapters served over the model; rows name theirs. A decode step runs the rows
+    without one through `decode_step` and the others through the model's modules, so a row takes the
+    same path alone and in any batch.
     """
 
-    def __init__(self, model: Transformer, device: torch.device, decode_step: Optional[DecodeStep] = None):
+    def __init__(self, model: Transformer, device: torch.device, decode_step: Optional[DecodeStep] = None,
+                 adapters: Optional[AdapterTable] = None):
         self.model = model
         self.device = device
         self.decode_step = decode_step if decode_step is not None else DecodeStep(model)
+        self.adapters = adapters
+        self._modules_step = DecodeStep(model)
+
+    def _rows(self, adapters: Sequence[Optional[ServedAdapter]]):
+        """The context of one forward whose row i uses adapters[i] (holds the table's lock)."""
+        return self.adapters.rows(adapters) if self.adapters is not None else contextlib.nullcontext()
 
     @property
     def vocab_size(self) -> int:
@@ -113,20 +127,38 @@ class Runner:
         ids, pos = ids.to(self.device), pos.to(self.device)
         step = StepInput.make(pos, *ids.shape, device=self.device, cache_len=cache.max_seq_len,
                               slots=torch.tensor([c.slot for c in chunks], device=self.device), kv_len=kv_len)
-        with _MATH_ATTENTION, sdpa_kernel(SDPBackend.MATH):
-            hidden = self.model.hidden_states(ids, step, cache)  # (B, W, dim)
-        # Only the rows' wanted positions go through the output layer: (sum of wanted, dim).
-        wanted = [hidden[i, : lens[i]] if c.all_logits else hidden[i, lens[i] - 1 : lens[i]]
-                  for i, c in enumerate(chunks)]
-        logits = self.model.output(torch.cat(wanted)).float()  # (sum of wanted, V)
+        with self._rows([c.adapter for c in chunks]):
+            with _MATH_ATTENTION, sdpa_kernel(SDPBackend.MATH):
+                hidden = self.model.hidden_states(ids, step, cache)  # (B, W, dim)
+            # Only the rows' wanted positions go through the output layer: (sum of wanted, dim).
+            wanted = [hidden[i, : lens[i]] if c.all_logits else hidden[i, lens[i] - 1 : lens[i]]
+                      for i, c in enumerate(chunks)]
+            logits = self.model.output(torch.cat(wanted)).float()  # (sum of wanted, V)
         return list(torch.split(logits, [w.shape[0] for w in wanted]))
 
-    def decode(self, cache: KVCache, tokens: Sequence[int], pos: Sequence[int], slots: Sequence[int]) -> torch.Tensor:
-        """One token for each of B sequences (token, position, slot per row) -> last logits (B, V)."""
+    def decode(self, cache: KVCache, tokens: Sequence[int], pos: Sequence[int], slots: Sequence[int],
+               adapters: Optional[Sequence[Optional[ServedAdapter]]] = None) -> torch.Tensor:
+        """One token for each of B sequences (token, position, slot, adapter per row) -> last logits (B, V)."""
         t = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
         p = torch.tensor(pos, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
         s = torch.tensor(slots, dtype=torch.long, device=self.device)  # (B,)
-        return decode_logits(self.decode_step, cache, t, p, s)
+        if adapters is None or all(a is None for a in adapters):
+            with self._rows(()):
+                return decode_logits(self.decode_step, cache, t, p, s)
+        out: Optional[torch.Tensor] = None
+        plain = [i for i, a in enumerate(adapters) if a is None]
+        adapted = [i for i, a in enumerate(adapters) if a is not None]
+        for rows, step, row_adapters in ((plain, self.decode_step, ()),
+                                         (adapted, self._modules_step, [adapters[i] for i in adapted])):
+            if not rows:
+                continue
+            idx = torch.tensor(rows, device=self.device)
+            with self._rows(row_adapters):
+                logits = decode_logits(step, cache, t[idx], p[idx], s[idx])  # (len(rows), V)
+            if out is None:
+                out = logits.new_empty((len(tokens), logits.shape[-1]))
+            out[idx] = logits
+        return out
 
     def lockstep(self, cache: KVCache, tokens: torch.Tensor, start: int, *, last_only: bool) -> torch.Tensor:
         """Meta's step: every row at positions [start, start + T) of rows 0..B-1 -> logits (B, T or 1, V).

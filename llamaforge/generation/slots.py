@@ -7,6 +7,8 @@ A new request takes the free slot that already holds the longest prefix of its p
 prompt, the earlier turns of a chat), and when another slot - free or still running - holds a longer
 one, that prefix is copied into the chosen slot (one tensor copy within the cache), so only the rest of
 the prompt is computed. Positions [0, L) of a running slot never change, so copying from it is safe.
+Each slot's prefix belongs to the model it was computed with (`owner`: 0 for the base model, a served
+LoRA adapter's key otherwise), and is reused only by requests of the same owner.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class SlotPool:
         self.n_slots = cache.n_slots
         self.cached: list[list[int]] = [[] for _ in range(self.n_slots)]
         self.busy = [False] * self.n_slots
+        self.owner = [0] * self.n_slots
         self.last_used = [0] * self.n_slots
         self._clock = 0
         self.stats = PoolStats()
@@ -54,8 +57,8 @@ class SlotPool:
     def n_free(self) -> int:
         return self.busy.count(False)
 
-    def acquire(self, prompt: Sequence[int], n: int = 1, *, reuse: bool = True) -> tuple[list[int], int]:
-        """Take n free slots for one prompt.
+    def acquire(self, prompt: Sequence[int], n: int = 1, *, reuse: bool = True, owner: int = 0) -> tuple[list[int], int]:
+        """Take n free slots for one prompt, computed by `owner` (0: the base model; else an adapter's key).
 
         Returns (slots, cached_len): the first slot already holds the keys and values of
         prompt[:cached_len] (cached_len < len(prompt), so the last prompt token is always computed and
@@ -66,8 +69,8 @@ class SlotPool:
         if len(free) < n:
             raise RuntimeError(f"asked for {n} slots with {len(free)} free")  # the engine checks first
         limit = max(0, len(prompt) - 1)
-        usable = [self._usable(common_prefix_len(self.cached[i], prompt), limit) if reuse else 0
-                  for i in range(self.n_slots)]
+        usable = [self._usable(common_prefix_len(self.cached[i], prompt), limit)
+                  if reuse and self.owner[i] == owner else 0 for i in range(self.n_slots)]
         best_free = max(free, key=lambda i: (usable[i], -self.last_used[i]))
         source = max(range(self.n_slots), key=lambda i: usable[i])
         if usable[best_free] > 0 and usable[best_free] >= usable[source]:
@@ -84,6 +87,7 @@ class SlotPool:
         for i in slots:
             self.busy[i] = True
             self.cached[i] = []
+            self.owner[i] = owner
         self.cached[primary] = list(prompt[:cached_len])
         self.stats.prompt_tokens += len(prompt)
         self.stats.reused_tokens += cached_len
@@ -100,6 +104,7 @@ class SlotPool:
         self.cache.k[:, dst, :, :length] = self.cache.k[:, src, :, :length]
         self.cache.v[:, dst, :, :length] = self.cache.v[:, src, :, :length]
         self.cached[dst] = list(self.cached[src][:length])
+        self.owner[dst] = self.owner[src]
 
     def extend(self, slot: int, tokens: Sequence[int]) -> None:
         """Record that the keys and values of `tokens` were written after the slot's cached prefix."""
