@@ -100,6 +100,7 @@ class Llama:
         self._engine: Optional[Engine] = None
         self._engine_lock = threading.Lock()
         self._grammar: Optional[GrammarCompiler] = None
+        self.adapters = runtime.AdapterTable(model)  # LoRA adapters served over this model (load_adapter)
 
     @property
     def args(self) -> ModelArgs:
@@ -220,7 +221,7 @@ class Llama:
             if self._engine is None or self._engine.closed:
                 self._set_engine(Engine(self.model, self.tokenizer, n_slots=self.max_batch_size,
                                         max_seq_len=self.max_seq_len, device=self.device, max_queue=256,
-                                        decode_step=self.decode_step))
+                                        decode_step=self.decode_step, adapters=self.adapters))
                 self._engine.start()
             return self._engine
 
@@ -235,8 +236,24 @@ class Llama:
             self._set_engine(Engine(self.model, self.tokenizer, n_slots=n_slots or self.max_batch_size,
                                     max_seq_len=self.max_seq_len, device=self.device, max_queue=max_queue,
                                     prefill_budget=prefill_budget, prefix_reuse=prefix_reuse,
-                                    decode_step=self.decode_step))
+                                    decode_step=self.decode_step, adapters=self.adapters))
             return self._engine
+
+    # -- LoRA adapters ----------------------------------------------------------------------------
+
+    def load_adapter(self, name: str, path: Union[str, Path]) -> None:
+        """Serve the PEFT LoRA adapter in folder `path` (adapter_config.json + adapter_model.safetensors) as
+        `name`: a job with `adapter=name` gets it, in the same batches as the base model and other adapters.
+
+        Raises:
+            CheckpointError: the folder is no PEFT LoRA adapter for this model.
+            ConfigError: an empty name, or a projection that cannot take an adapter.
+        """
+        self.adapters.add(name, path)
+
+    def remove_adapter(self, name: str) -> None:
+        """Stop serving adapter `name` (requests already running with it finish with it); ConfigError if unknown."""
+        self.adapters.remove(name)
 
     def _set_engine(self, engine: Engine) -> None:
         if self._engine is not None:

@@ -190,3 +190,46 @@ def test_peft_files_that_do_not_fit_the_model_are_refused(tokenizer, tmp_path):
         read_peft(tmp_path / "ok", model.args)
     with pytest.raises(CheckpointError, match="needs adapter_config.json"):
         read_peft(tmp_path / "missing", model.args)
+
+
+def test_http_serves_adapters_by_model_name_and_admin_routes_need_the_key(tokenizer, tmp_path):
+    pytest.importorskip("fastapi")
+    from starlette.testclient import TestClient
+
+    from llamaforge.api import Llama
+    from llamaforge.server.app import create_app
+
+    write_peft(tmp_path / "a", tiny(tokenizer))
+    write_peft(tmp_path / "b", tiny(tokenizer), seed=3)
+    llama = Llama(tiny(tokenizer), tokenizer, max_seq_len=MAX_SEQ, max_batch_size=4, device=CPU)
+    llama.load_adapter("serve2", tmp_path / "a")
+    auth = {"Authorization": "Bearer k"}
+    body = {"prompt": PROMPTS[1], "max_tokens": 8, "temperature": 0}
+    with TestClient(create_app(llama, model_name="tiny", api_key="k")) as c:
+        assert [m["id"] for m in c.get("/v1/models", headers=auth).json()["data"]] == ["tiny", "serve2"]
+        base = c.post("/v1/completions", json={**body, "model": "tiny"}, headers=auth).json()
+        tuned = c.post("/v1/completions", json={**body, "model": "serve2"}, headers=auth).json()
+        assert tuned["model"] == "serve2" and tuned["choices"][0]["text"] != base["choices"][0]["text"]
+        missing = c.post("/v1/completions", json={**body, "model": "other"}, headers=auth)
+        assert missing.status_code == 404 and "'serve2'" in missing.json()["error"]["message"]
+        assert c.post("/v1/load_lora_adapter", json={"lora_name": "b", "lora_path": str(tmp_path / "b")}).status_code == 401
+        bad = c.post("/v1/load_lora_adapter", json={"lora_name": "b", "lora_path": str(tmp_path / "nope")}, headers=auth)
+        assert bad.status_code == 400 and "PEFT adapter folder" in bad.json()["error"]["message"]
+        ok = c.post("/v1/load_lora_adapter", json={"lora_name": "b", "lora_path": str(tmp_path / "b")}, headers=auth)
+        assert ok.status_code == 200
+        assert c.post("/v1/completions", json={**body, "model": "b"}, headers=auth).status_code == 200
+        assert c.post("/v1/unload_lora_adapter", json={"lora_name": "b"}, headers=auth).status_code == 200
+        assert c.post("/v1/completions", json={**body, "model": "b"}, headers=auth).status_code == 404
+        assert c.post("/v1/unload_lora_adapter", json={"lora_name": "b"}, headers=auth).status_code == 404
+    with TestClient(create_app(llama, model_name="tiny")) as c:  # no API key: no admin routes
+        closed = c.post("/v1/load_lora_adapter", json={"lora_name": "b", "lora_path": str(tmp_path / "b")})
+        assert closed.status_code == 403 and "--api-key" in closed.json()["error"]["message"]
+
+
+def test_serve_flag_lora_is_name_equals_path():
+    from llamaforge.cli.serve import parse_loras
+
+    assert parse_loras(["a=/x", "b=/y=z"]) == [("a", "/x"), ("b", "/y=z")]
+    for bad in (["/x"], ["=x"], ["a="], ["a=/x", "a=/y"]):
+        with pytest.raises(ValueError, match="--lora"):
+            parse_loras(bad)

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from llamaforge.cli.common import add_model_flags, build_from_flags
+from llamaforge.errors import LlamaforgeError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,8 +23,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-prefix-reuse", action="store_true", help="never reuse cached prompt prefixes")
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds running requests get to finish on Ctrl-C before they are cancelled")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                   help="serve the PEFT LoRA adapter folder PATH as model NAME over the same base (repeatable); "
+                        "requests with different adapters share batches")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     p.set_defaults(run=run)
+
+
+def parse_loras(values: list[str]) -> list[tuple[str, str]]:
+    """--lora NAME=PATH values -> [(name, path)]; ValueError saying what is wrong."""
+    out = []
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name.strip() or not path:
+            raise ValueError(f"--lora takes NAME=PATH (a model id, then a PEFT adapter folder), got {value!r}")
+        if name in {n for n, _ in out}:
+            raise ValueError(f"--lora names {name!r} twice; give each adapter its own name")
+        out.append((name, path))
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,13 +56,25 @@ def run(args: argparse.Namespace) -> int:
         if value < 1:
             print(f"error: {name} must be at least 1, got {value}", file=sys.stderr)
             return 2
+    try:
+        loras = parse_loras(args.lora)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     llama = build_from_flags(args)
+    for name, path in loras:
+        try:
+            llama.load_adapter(name, path)
+        except LlamaforgeError as exc:
+            print(f"error: --lora {name}={path}: {exc}", file=sys.stderr)
+            return 2
     logging.getLogger("llamaforge").setLevel(logging.INFO)
     app = create_app(
         llama, model_name=args.served_model_name, api_key=args.api_key, n_slots=args.max_batch_size,
         max_queue=args.max_queue, prefill_budget=args.prefill_budget, prefix_reuse=not args.no_prefix_reuse,
     )
-    print(f"llamaforge: serving {app.state.model_name} on http://{args.host}:{args.port} "
+    adapters = f" with LoRA adapters {', '.join(n for n, _ in loras)}" if loras else ""
+    print(f"llamaforge: serving {app.state.model_name}{adapters} on http://{args.host}:{args.port} "
           f"(chat page at /, OpenAI API at /v1)", flush=True)
     grace = max(0.0, args.shutdown_timeout - 0.5)  # leave uvicorn time to send the streams' ends
 
