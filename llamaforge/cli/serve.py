@@ -1,4 +1,8 @@
-"""`llamaforge serve`: an OpenAI-compatible HTTP server (and a chat page at /) with continuous batching."""
+"""`llamaforge serve`: an OpenAI-compatible HTTP server (and a chat page at /) with continuous batching.
+
+Under `torchrun --nproc_per_node N -m llamaforge.cli.main serve MODEL` one tensor-parallel model is served:
+rank 0 listens and runs the engine, the other ranks run the same model calls (generation/mirror.py).
+"""
 
 from __future__ import annotations
 
@@ -62,6 +66,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     llama = build_from_flags(args)
+    if llama.world > 1 and llama.rank > 0:  # torchrun: rank 0 serves, the others run its model calls
+        llama.follow()
+        return 0
     for name, path in loras:
         try:
             llama.load_adapter(name, path)
@@ -89,4 +96,6 @@ def run(args: argparse.Namespace) -> int:
         Server(config).run()
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, once it has shut down
         pass
+    finally:
+        llama.stop_followers()  # the engine is closed: let the other ranks of a torchrun launch end
     return 0

@@ -104,10 +104,13 @@ class Engine:
         max_embed_inputs: int = 2048,
         decode_step: Optional[DecodeStep] = None,
         adapters: Optional[AdapterTable] = None,
+        runner: Optional[Runner] = None,
     ):
         """`decode_step` runs the decode steps (default: the model's modules; `Llama` passes its own);
-        `adapters`: the LoRA adapters a job may name (`Job.adapter`), served in the same batches."""
-        self.runner = Runner(model, device, decode_step, adapters)
+        `adapters`: the LoRA adapters a job may name (`Job.adapter`), served in the same batches;
+        `runner`: the model calls (default: a `Runner` of those; a tensor-parallel `Llama` passes a
+        `generation.mirror.Leader`, which repeats them on every rank)."""
+        self.runner = runner if runner is not None else Runner(model, device, decode_step, adapters)
         self.adapters = adapters
         self.tokenizer = tokenizer
         self.device = device
@@ -119,7 +122,8 @@ class Engine:
         self.vocab_size = self.runner.vocab_size
         # Positions past max_seq_len are never written; they let kv_len round up to KV_ALIGN.
         self.cache = self.runner.new_cache(n_slots, round_up(max_seq_len, KV_ALIGN))
-        self.pool = SlotPool(self.cache, granule=chunk)
+        self.pool = SlotPool(self.cache, granule=chunk,
+                             copy=lambda src, dst, n: self.runner.copy_prefix(self.cache, src, dst, n))
         self._lock = threading.Condition()
         self._waiting: deque[tuple[Job, Sink]] = deque()
         self._cancelled: set[int] = set()

@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from llamaforge.generation.slots import copy_positions
 from llamaforge.model import KVCache, StepInput, Transformer
 from llamaforge.runtime import DecodeStep
 from llamaforge.runtime.adapters import AdapterTable, ServedAdapter
@@ -159,6 +160,10 @@ class Runner:
                 out = logits.new_empty((len(tokens), logits.shape[-1]))
             out[idx] = logits
         return out
+
+    def copy_prefix(self, cache: KVCache, src: int, dst: int, length: int) -> None:
+        """Copy cached positions [0, length) from slot src to slot dst."""
+        copy_positions(cache, src, dst, length)
 
     def lockstep(self, cache: KVCache, tokens: torch.Tensor, start: int, *, last_only: bool) -> torch.Tensor:
         """Meta's step: every row at positions [start, start + T) of rows 0..B-1 -> logits (B, T or 1, V).

@@ -14,7 +14,7 @@ LoRA adapter's key otherwise), and is reused only by requests of the same owner.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 from llamaforge.model.kv_cache import KVCache
 
@@ -32,6 +32,13 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
+def copy_positions(cache: KVCache, src: int, dst: int, length: int) -> None:
+    """Copy the keys and values of positions [0, length) from slot src to slot dst of `cache`."""
+    # Cache tensors: (n_layers, n_slots, n_kv_heads, max_seq_len, head_dim).
+    cache.k[:, dst, :, :length] = cache.k[:, src, :, :length]
+    cache.v[:, dst, :, :length] = cache.v[:, src, :, :length]
+
+
 @dataclass
 class PoolStats:
     prompt_tokens: int = 0  # prompt tokens admitted
@@ -42,8 +49,12 @@ class PoolStats:
 class SlotPool:
     """Assignment of cache slots to sequences, with prefix reuse."""
 
-    def __init__(self, cache: KVCache, granule: int = 1):
+    def __init__(self, cache: KVCache, granule: int = 1,
+                 copy: Optional[Callable[[int, int, int], None]] = None):
+        """`copy(src, dst, length)` copies cached positions between slots (default: `copy_positions` on
+        `cache`; the engine passes its runner's, which a tensor-parallel leader repeats on every rank)."""
         self.cache = cache
+        self._copy = copy if copy is not None else (lambda src, dst, n: copy_positions(cache, src, dst, n))
         self.granule = granule  # reused prefixes are whole multiples of this (canonical prefill chunks)
         self.n_slots = cache.n_slots
         self.cached: list[list[int]] = [[] for _ in range(self.n_slots)]
@@ -100,9 +111,7 @@ class SlotPool:
         """Copy the keys and values of positions [0, length) from slot src to slot dst."""
         if length <= 0 or src == dst:
             return
-        # Cache tensors: (n_layers, n_slots, n_kv_heads, max_seq_len, head_dim).
-        self.cache.k[:, dst, :, :length] = self.cache.k[:, src, :, :length]
-        self.cache.v[:, dst, :, :length] = self.cache.v[:, src, :, :length]
+        self._copy(src, dst, length)
         self.cached[dst] = list(self.cached[src][:length])
         self.owner[dst] = self.owner[src]
 
