@@ -39,7 +39,7 @@ def write_peft(folder, model, targets=("wq", "wk", "wv", "w2"), rank=4, alpha=8,
     tensors, meta = {}, {}
     for i, layer in enumerate(model.layers):
         for leaf in targets:
-            parent = layer.attention if leaf.startswith("w") and leaf in ("wq", "wk", "wv", "wo") else layer.feed_forward
+            parent = layer.attention if leaf in ("wq", "wk", "wv", "wo") else layer.feed_forward
             lin = getattr(parent, leaf)
             lin = getattr(lin, "base", lin)
             a = torch.randn(rank, lin.in_features, generator=g) * scale
@@ -52,8 +52,8 @@ def write_peft(folder, model, targets=("wq", "wk", "wv", "w2"), rank=4, alpha=8,
             tensors[f"{stem}.lora_A.weight"], tensors[f"{stem}.lora_B.weight"] = a, hf_b
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": sorted(HF[t].split(".")[1] for t in targets),
-         "bias": "none", "fan_in_fan_out": False, "use_rslora": False}))
+        {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "bias": "none", "fan_in_fan_out": False,
+         "use_rslora": False, "target_modules": sorted(HF[t].split(".")[1] for t in targets)}))
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     return meta
 
@@ -212,11 +212,11 @@ def test_http_serves_adapters_by_model_name_and_admin_routes_need_the_key(tokeni
         assert tuned["model"] == "serve2" and tuned["choices"][0]["text"] != base["choices"][0]["text"]
         missing = c.post("/v1/completions", json={**body, "model": "other"}, headers=auth)
         assert missing.status_code == 404 and "'serve2'" in missing.json()["error"]["message"]
-        assert c.post("/v1/load_lora_adapter", json={"lora_name": "b", "lora_path": str(tmp_path / "b")}).status_code == 401
-        bad = c.post("/v1/load_lora_adapter", json={"lora_name": "b", "lora_path": str(tmp_path / "nope")}, headers=auth)
+        load_b = {"lora_name": "b", "lora_path": str(tmp_path / "b")}
+        assert c.post("/v1/load_lora_adapter", json=load_b).status_code == 401
+        bad = c.post("/v1/load_lora_adapter", json={**load_b, "lora_path": str(tmp_path / "nope")}, headers=auth)
         assert bad.status_code == 400 and "PEFT adapter folder" in bad.json()["error"]["message"]
-        ok = c.post("/v1/load_lora_adapter", json={"lora_name": "b", "lora_path": str(tmp_path / "b")}, headers=auth)
-        assert ok.status_code == 200
+        assert c.post("/v1/load_lora_adapter", json=load_b, headers=auth).status_code == 200
         assert c.post("/v1/completions", json={**body, "model": "b"}, headers=auth).status_code == 200
         assert c.post("/v1/unload_lora_adapter", json={"lora_name": "b"}, headers=auth).status_code == 200
         assert c.post("/v1/completions", json={**body, "model": "b"}, headers=auth).status_code == 404

@@ -52,13 +52,16 @@ class ServedAdapter:
 
     name: str
     key: int
-    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    weights: "LoRAWeights"
     scaling: float
     rank: int
     source: str
 
 
-def read_peft(folder: Union[str, Path], args: ModelArgs) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float, int]:
+LoRAWeights = dict[str, tuple[torch.Tensor, torch.Tensor]]  # Meta module name -> (A (r, in), B (out, r))
+
+
+def read_peft(folder: Union[str, Path], args: ModelArgs) -> tuple[LoRAWeights, float, int]:
     """A PEFT LoRA folder -> ({Meta module: (A, B)} float32 in Meta's row order, scaling, rank).
 
     Raises:
@@ -86,7 +89,8 @@ def read_peft(folder: Union[str, Path], args: ModelArgs) -> tuple[dict[str, tupl
     rank, alpha = cfg.get("r"), cfg.get("lora_alpha")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0 or isinstance(alpha, bool) \
             or not isinstance(alpha, (int, float)):
-        raise CheckpointError(f"{cfg_path}: r must be a positive integer and lora_alpha a number, got {rank!r}, {alpha!r}")
+        raise CheckpointError(f"{cfg_path}: r must be a positive integer and lora_alpha a number, "
+                              f"got {rank!r}, {alpha!r}")
     scaling = float(alpha) / (rank ** 0.5 if cfg.get("use_rslora") else rank)
     try:
         raw = load_file(str(weights_path))
