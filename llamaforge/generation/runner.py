@@ -73,9 +73,12 @@ class Runner:
 
     decode_step: runs the one-token steps (default: the model's modules; `Llama` passes the one
     `llamaforge.runtime.prepare` chose, e.g. the fused C++ step); prefill runs the model's forward.
-    adapters: the LoRA adapters served over the model; rows name theirs. A decode step runs the rows
-    without one through `decode_step` and the others through the model's modules, so a row takes the
-    same path alone and in any batch.
+    adapters: the LoRA adapters served over the model; rows name theirs. The rows without one run
+    together as always (`decode_step`: the fused C++ step on the CPU); each row with one runs in a forward
+    of its own through the model's modules (batch 1, whatever else runs): its float LoRA matmuls and the
+    modules' attention are not row-exact across batch sizes, and on int8 kernels a last-bit difference
+    can flip a token (measured on the default model with 8 adapters in one batch). Exact, at the price of
+    reading the base weights once per adapted row.
     """
 
     def __init__(self, model: Transformer, device: torch.device, decode_step: Optional[DecodeStep] = None,
@@ -103,13 +106,15 @@ class Runner:
         """Write the chunks of several sequences in one forward; per chunk logits (T, V), or (1, V) of its last.
 
         Rows whose padding would pass the cache or the rotary tables (a prompt ending at the context's
-        end) run in a forward of their own: the results are the same, batch invariance says so.
+        end) run in a forward of their own: the results are the same, batch invariance says so. So does
+        each row with a LoRA adapter (see the class docstring).
         """
         limit = min(cache.max_seq_len, self.model.rope.max_seq_len)
-        width = max(len(c.tokens) for c in chunks)
-        together = [i for i, c in enumerate(chunks) if c.start + width <= limit]
-        groups = [together] if together else []
-        groups += [[i] for i in range(len(chunks)) if i not in set(together)]
+        plain = [i for i, c in enumerate(chunks) if c.adapter is None]
+        width = max((len(chunks[i].tokens) for i in plain), default=0)
+        together = {i for i in plain if chunks[i].start + width <= limit}
+        groups = [sorted(together)] if together else []
+        groups += [[i] for i in range(len(chunks)) if i not in together]
         out: list[Optional[torch.Tensor]] = [None] * len(chunks)
         for group in groups:
             for i, logits in zip(group, self._prefill_rows(cache, [chunks[i] for i in group])):
@@ -148,11 +153,9 @@ class Runner:
                 return decode_logits(self.decode_step, cache, t, p, s)
         out: Optional[torch.Tensor] = None
         plain = [i for i, a in enumerate(adapters) if a is None]
-        adapted = [i for i, a in enumerate(adapters) if a is not None]
-        for rows, step, row_adapters in ((plain, self.decode_step, ()),
-                                         (adapted, self._modules_step, [adapters[i] for i in adapted])):
-            if not rows:
-                continue
+        groups = ([(plain, self.decode_step, ())] if plain else []) + \
+            [([i], self._modules_step, [adapters[i]]) for i, a in enumerate(adapters) if a is not None]
+        for rows, step, row_adapters in groups:
             idx = torch.tensor(rows, device=self.device)
             with self._rows(row_adapters):
                 logits = decode_logits(step, cache, t[idx], p[idx], s[idx])  # (len(rows), V)

@@ -3,12 +3,13 @@
 An `AdapterTable` belongs to one model. `add(name, path)` reads a PEFT LoRA folder (`read_peft`) and wraps
 each projection it adapts in a `RowLoRA`; a forward run inside `table.rows(adapters)` then adds, to the rows
 of adapter i only, `scale_i * (x @ A_i^T) @ B_i^T` (Hu et al. 2021), so requests with different adapters
-(and none) share one batch. Outside `rows()`, and for rows without an adapter, a `RowLoRA` is its base layer
+(and none) can share one forward. Outside `rows()`, and for rows without an adapter, a `RowLoRA` is its base layer
 exactly: the fused C++ decode step (runtime/fused.py) sees through it, and the engine runs it only for rows
 without an adapter (`generation/runner.py`).
 
-Batch invariance: a row's delta is a batched matmul (`torch.bmm`, one product per row), so it does not
-depend on how many other rows share the adapter; the base layer is unchanged.
+Batch invariance: the base layer is unchanged, but the float delta matmuls (and the modules' attention)
+are not row-exact across batch sizes, so the engine runs each adapted row in a forward of its own
+(`generation/runner.py`); a forward here may still hold many rows and adapters (`rows()`).
 
 Every loaded adapter gets a `key` never used again (a re-added name gets a new one), which the engine's
 prefix cache uses to keep keys and values computed with one adapter away from requests of another.
