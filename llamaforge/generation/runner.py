@@ -73,12 +73,12 @@ class Runner:
 
     decode_step: runs the one-token steps (default: the model's modules; `Llama` passes the one
     `llamaforge.runtime.prepare` chose, e.g. the fused C++ step); prefill runs the model's forward.
-    adapters: the LoRA adapters served over the model; rows name theirs. The rows without one run
-    together as always (`decode_step`: the fused C++ step on the CPU); each row with one runs in a forward
-    of its own through the model's modules (batch 1, whatever else runs): its float LoRA matmuls and the
-    modules' attention are not row-exact across batch sizes, and on int8 kernels a last-bit difference
-    can flip a token (measured on the default model with 8 adapters in one batch). Exact, at the price of
-    reading the base weights once per adapted row.
+    adapters: the LoRA adapters served over the model; rows name theirs. In a decode step the rows
+    without one run through `decode_step` (the fused C++ step on the CPU) and the rows with one together
+    through the model's modules (one token per row: the per-row LoRA matmuls have one row each, exact in
+    any batch). A prompt chunk with an adapter is prefilled in a forward of its own: padded to a batch's
+    width, its float LoRA matmuls would see more rows and could differ in the last bit, which the int8
+    kernels can turn into another token (seen on the default model with 8 adapters in one batch).
     """
 
     def __init__(self, model: Transformer, device: torch.device, decode_step: Optional[DecodeStep] = None,
@@ -107,7 +107,7 @@ class Runner:
 
         Rows whose padding would pass the cache or the rotary tables (a prompt ending at the context's
         end) run in a forward of their own: the results are the same, batch invariance says so. So does
-        each row with a LoRA adapter (see the class docstring).
+        each chunk with a LoRA adapter (see the class docstring).
         """
         limit = min(cache.max_seq_len, self.model.rope.max_seq_len)
         plain = [i for i, c in enumerate(chunks) if c.adapter is None]
@@ -153,9 +153,11 @@ class Runner:
                 return decode_logits(self.decode_step, cache, t, p, s)
         out: Optional[torch.Tensor] = None
         plain = [i for i, a in enumerate(adapters) if a is None]
-        groups = ([(plain, self.decode_step, ())] if plain else []) + \
-            [([i], self._modules_step, [adapters[i]]) for i, a in enumerate(adapters) if a is not None]
-        for rows, step, row_adapters in groups:
+        adapted = [i for i, a in enumerate(adapters) if a is not None]
+        for rows, step, row_adapters in ((plain, self.decode_step, ()),
+                                         (adapted, self._modules_step, [adapters[i] for i in adapted])):
+            if not rows:
+                continue
             idx = torch.tensor(rows, device=self.device)
             with self._rows(row_adapters):
                 logits = decode_logits(step, cache, t[idx], p[idx], s[idx])  # (len(rows), V)

@@ -7,9 +7,9 @@ of adapter i only, `scale_i * (x @ A_i^T) @ B_i^T` (Hu et al. 2021), so requests
 exactly: the fused C++ decode step (runtime/fused.py) sees through it, and the engine runs it only for rows
 without an adapter (`generation/runner.py`).
 
-Batch invariance: the base layer is unchanged, but the float delta matmuls (and the modules' attention)
-are not row-exact across batch sizes, so the engine runs each adapted row in a forward of its own
-(`generation/runner.py`); a forward here may still hold many rows and adapters (`rows()`).
+Batch invariance: the base layer is unchanged, and a row's delta is a batched matmul (`torch.bmm`, one
+product per row), the same whatever other rows run, as long as the row has the same number of tokens:
+the engine prefills each adapted prompt chunk in a forward of its own, unpadded (`generation/runner.py`).
 
 Every loaded adapter gets a `key` never used again (a re-added name gets a new one), which the engine's
 prefix cache uses to keep keys and values computed with one adapter away from requests of another.
