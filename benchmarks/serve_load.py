@@ -14,6 +14,10 @@ second (all tokens / wall time), time to first token and per-token latency (the 
 stream's tokens) percentiles. It then checks that every concurrent output equals the same request run
 alone: batching may change speed, never results. Exit status 1 if any output differs.
 
+With `--loras K` the started llamaforge serves K random LoRA adapters (rank 8 on every projection, PEFT
+folders written to a temporary directory) and request i names adapter i mod K, so requests with
+different adapters share each batch; compare with a run without it for the cost of the adapters.
+
 Every request goes to 127.0.0.1 (a --url elsewhere is refused), the number of requests is fixed by
 --levels and --max-tokens, and the whole run stops after --deadline seconds.
 """
@@ -26,6 +30,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -65,11 +70,14 @@ class Stream:
     error: Optional[str] = None
 
 
-def one_request(base: str, prompt: str, max_tokens: int, headers: dict, timeout: float) -> Stream:
+def one_request(base: str, prompt: str, max_tokens: int, headers: dict, timeout: float,
+                model: Optional[str] = None) -> Stream:
     """A greedy streaming completion; every chunk with text is one arrival time."""
     s = Stream(prompt)
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
+    if model is not None:
+        body["model"] = model
     s.sent = time.perf_counter()
     try:
         with httpx.stream("POST", base + "/v1/completions", json=body, headers=headers, timeout=timeout) as resp:
@@ -96,14 +104,15 @@ def one_request(base: str, prompt: str, max_tokens: int, headers: dict, timeout:
     return s
 
 
-def run_level(base: str, prompts: list[str], max_tokens: int, headers: dict, timeout: float) -> tuple[list[Stream], float]:
-    """Send all prompts at once; return the streams and the wall time."""
+def run_level(base: str, prompts: list[str], max_tokens: int, headers: dict, timeout: float,
+              models: Optional[list] = None) -> tuple[list[Stream], float]:
+    """Send all prompts at once (prompt i to model i, when given); return the streams and the wall time."""
     results: list[Optional[Stream]] = [None] * len(prompts)
     barrier = threading.Barrier(len(prompts))
 
     def work(i: int) -> None:
         barrier.wait()
-        results[i] = one_request(base, prompts[i], max_tokens, headers, timeout)
+        results[i] = one_request(base, prompts[i], max_tokens, headers, timeout, models[i] if models else None)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
     start = time.perf_counter()
@@ -138,6 +147,32 @@ def summarise(n: int, streams: list[Stream], wall: float) -> dict:
     }
 
 
+def write_random_lora(model: str, folder: Path, seed: int, rank: int = 8, scale: float = 0.02) -> str:
+    """A PEFT LoRA folder of random weights (rank `rank` on every projection) for the GGUF `model`."""
+    import torch
+    from safetensors.torch import save_file
+
+    from llamaforge import checkpoints
+
+    args = checkpoints.load(Path(model), keep_quantized=True).args
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    shapes = {"self_attn.q_proj": (q, args.dim), "self_attn.k_proj": (kv, args.dim), "self_attn.v_proj": (kv, args.dim),
+              "self_attn.o_proj": (args.dim, q), "mlp.gate_proj": (args.hidden_dim, args.dim),
+              "mlp.up_proj": (args.hidden_dim, args.dim), "mlp.down_proj": (args.dim, args.hidden_dim)}
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(args.n_layers):
+        for name, (out_f, in_f) in shapes.items():
+            stem = f"base_model.model.model.layers.{layer}.{name}"
+            tensors[f"{stem}.lora_A.weight"] = torch.randn(rank, in_f, generator=g) * scale
+            tensors[f"{stem}.lora_B.weight"] = torch.randn(out_f, rank, generator=g) * scale
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": rank,
+                                                            "target_modules": sorted(n.split(".")[1] for n in shapes)}))
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    return str(folder)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -166,6 +201,8 @@ def start_llamaforge(args) -> tuple[subprocess.Popen, str]:
            "--max-queue", str(2 * max(args.levels)), "--log-level", "warning"]
     if not args.prefix_reuse:
         cmd.append("--no-prefix-reuse")
+    for i, folder in enumerate(args.lora_dirs):
+        cmd += ["--lora", f"lora{i}={folder}"]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads)) if args.threads else None
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     base = f"http://127.0.0.1:{port}"
@@ -194,10 +231,12 @@ def measure(base: str, args, headers: dict, started: float) -> tuple[list[dict],
     need = max(args.levels)
     # N = 1: every prompt alone, one after another; these are also the reference outputs.
     solo, solo_wall = [], 0.0
-    for prompt in PROMPTS[:need]:
+    models = [f"lora{i % args.loras}" for i in range(need)] if args.loras else None
+    for i, prompt in enumerate(PROMPTS[:need]):
         if time.monotonic() - started > args.deadline:
             raise SystemExit("deadline reached")
-        streams, wall = run_level(base, [prompt], args.max_tokens, headers, args.deadline)
+        streams, wall = run_level(base, [prompt], args.max_tokens, headers, args.deadline,
+                                  models[i:i + 1] if models else None)
         solo += streams
         solo_wall += wall
     rows = []
@@ -210,7 +249,8 @@ def measure(base: str, args, headers: dict, started: float) -> tuple[list[dict],
         if time.monotonic() - started > args.deadline:
             raise SystemExit("deadline reached")
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
-        streams, wall = run_level(base, prompts, args.max_tokens, headers, args.deadline)
+        streams, wall = run_level(base, prompts, args.max_tokens, headers, args.deadline,
+                                  models[:n] if models else None)
         rows.append(summarise(n, streams, wall))
         mismatches += [(n, i) for i, s in enumerate(streams) if s.text != solo[i % len(solo)].text]
     return rows, mismatches, solo
@@ -241,6 +281,7 @@ def main(argv=None) -> int:
     p.add_argument("--prefix-reuse", action="store_true", help="let the started servers reuse cached prefixes")
     p.add_argument("--api-key", help="API key of the --url server")
     p.add_argument("--deadline", type=float, default=1800, help="stop after this many seconds (default 1800)")
+    p.add_argument("--loras", type=int, default=0, help="serve this many random LoRA adapters, request i on i mod K")
     p.add_argument("--json", help="also write the results as JSON here")
     args = p.parse_args(argv)
     args.levels = [int(x) for x in args.levels.split(",")]
@@ -251,6 +292,10 @@ def main(argv=None) -> int:
 
         args.model = str(default_model_path())
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    if args.loras and (args.url or args.engines != "llamaforge"):
+        raise SystemExit("--loras starts llamaforge itself: leave out --url and other --engines")
+    tmp = tempfile.TemporaryDirectory(prefix="serve_load_loras_")
+    args.lora_dirs = [write_random_lora(args.model, Path(tmp.name) / f"lora{i}", seed=i) for i in range(args.loras)]
     started = time.monotonic()
     results: dict[str, dict] = {}
     if args.url:
@@ -271,7 +316,8 @@ def main(argv=None) -> int:
         results[engine] = {"rows": rows, "mismatches": mismatches, "solo_texts": [s.text for s in solo]}
     print(f"model {args.model}, {max(args.levels)} slots of {args.max_seq_len} positions, {args.threads} threads, "
           f"{args.max_tokens} greedy tokens per streaming completion, prefix reuse "
-          f"{'on' if args.prefix_reuse else 'off'}")
+          f"{'on' if args.prefix_reuse else 'off'}" + (f", {args.loras} LoRA adapters (request i on i mod {args.loras})"
+                                                       if args.loras else ""))
     failed = False
     for engine, r in results.items():
         print_rows(engine, r["rows"])

@@ -35,7 +35,9 @@ from llamaforge.generation import (
     Delta, Engine, EngineClosed, Event, Failure, Finish, Job, PromptDone, QueueFull, SamplingParams, TokenInfo,
     generate, meta_cut,
 )
+from llamaforge.generation import mirror
 from llamaforge.generation.calls import run_jobs, stream_job
+from llamaforge.generation.runner import Runner
 from llamaforge.generation.checks import (
     check_max_gen_len, check_n, check_prompts, check_seed, check_stop, check_stop_ids, check_texts,
 )
@@ -83,9 +85,12 @@ class Llama:
         checkpoint_format: str = "unknown",
         source: Optional[Path] = None,
         decode_step: Optional[runtime.DecodeStep] = None,
+        rank: int = 0,
+        world: int = 1,
     ):
         """Wrap a built model and its tokenizer; `decode_step` is the one-token step generation calls
-        (default: the model's modules; `Llama.build` passes the one `llamaforge.runtime.prepare` chose)."""
+        (default: the model's modules; `Llama.build` passes the one `llamaforge.runtime.prepare` chose);
+        `rank`, `world`: this process's place in a tensor-parallel launch (the model is its slice)."""
         if decode_step is not None and decode_step.model is not model:
             raise ConfigError("decode_step must be a DecodeStep of this model (its .model is another one)")
         self.model = model
@@ -101,6 +106,8 @@ class Llama:
         self._engine_owned = False
         self._engine_lock = threading.Lock()
         self._grammar: Optional[GrammarCompiler] = None
+        self.adapters = runtime.AdapterTable(model)  # LoRA adapters served over this model (load_adapter)
+        self.rank, self.world = rank, world
 
     @property
     def args(self) -> ModelArgs:
@@ -217,7 +224,7 @@ class Llama:
         )
         return Llama(
             model, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size, device=dev,
-            checkpoint_format=ckpt.format, source=path, decode_step=decode_step,
+            checkpoint_format=ckpt.format, source=path, decode_step=decode_step, rank=rank, world=world,
         )
 
     # -- the engine -------------------------------------------------------------------------------
@@ -229,7 +236,7 @@ class Llama:
             if self._engine is None or self._engine.closed:
                 self._set_engine(Engine(self.model, self.tokenizer, n_slots=self.max_batch_size,
                                         max_seq_len=self.max_seq_len, device=self.device, max_queue=256,
-                                        decode_step=self.decode_step), owned=True)
+                                        decode_step=self.decode_step, adapters=self.adapters), owned=True)
                 self._engine.start()
             return self._engine
 
@@ -237,6 +244,8 @@ class Llama:
                     prefix_reuse: bool = True) -> Engine:
         """A new engine with these settings, which this Llama's calls use from now on; not started: its
         owner (the server, with its flags) calls `start()` and `close()`. Calls made before it starts wait.
+        Under tensor parallelism it is rank 0's, and leads the other ranks (which call `follow`); the
+        engine of the Python calls (`engine`) instead runs on every rank with the same inputs, as Meta's.
 
         An engine this Llama made itself is closed; one opened earlier is left to its owner.
         """
@@ -244,8 +253,48 @@ class Llama:
             self._set_engine(Engine(self.model, self.tokenizer, n_slots=n_slots or self.max_batch_size,
                                     max_seq_len=self.max_seq_len, device=self.device, max_queue=max_queue,
                                     prefill_budget=prefill_budget, prefix_reuse=prefix_reuse,
-                                    decode_step=self.decode_step), owned=False)
+                                    decode_step=self.decode_step, adapters=self.adapters,
+                                    runner=self._leader()), owned=False)
             return self._engine
+
+    def _leader(self) -> Optional[mirror.Leader]:
+        """Under tensor parallelism, the served engine's runner on rank 0: it repeats each model call on every rank."""
+        if self.world == 1:
+            return None
+        if self.rank != 0:
+            raise ConfigError(f"rank {self.rank} of a tensor-parallel launch runs no engine: call Llama.follow()")
+        return mirror.Leader(self.model, self.device, self.decode_step)
+
+    def follow(self) -> None:
+        """Ranks > 0 of a tensor-parallel launch: run rank 0's engine's model calls until it ends the serving
+        (`stop_followers`). Rank 0 serves (its engine leads); this is how `serve` runs under torchrun."""
+        if self.world == 1 or self.rank == 0:
+            raise ConfigError("Llama.follow() is for ranks > 0 of a tensor-parallel (torchrun) launch")
+        mirror.follow(Runner(self.model, self.device, self.decode_step))
+
+    def stop_followers(self) -> None:
+        """Rank 0 of a tensor-parallel launch, once its engine is closed: end `follow` on the other ranks."""
+        if self.world > 1 and self.rank == 0:
+            mirror.Leader(self.model, self.device, self.decode_step).stop_followers()
+
+    # -- LoRA adapters ----------------------------------------------------------------------------
+
+    def load_adapter(self, name: str, path: Union[str, Path]) -> None:
+        """Serve the PEFT LoRA adapter in folder `path` (adapter_config.json + adapter_model.safetensors) as
+        `name`: a job with `adapter=name` gets it, in the same batches as the base model and other adapters.
+
+        Raises:
+            CheckpointError: the folder is no PEFT LoRA adapter for this model.
+            ConfigError: an empty name, or a projection that cannot take an adapter.
+        """
+        if self.world > 1:
+            raise ConfigError("LoRA adapters are not served under tensor parallelism; serve them on one process")
+        self.adapters.add(name, path)
+
+    def remove_adapter(self, name: str) -> None:
+        """Stop serving adapter `name` (requests already running with it finish with it); ConfigError if unknown."""
+        self.adapters.remove(name)
+
 
     def _set_engine(self, engine: Engine, *, owned: bool) -> None:
         if self._engine is not None and self._engine_owned:

@@ -1,5 +1,7 @@
 """`llamaforge serve`: an OpenAI-compatible HTTP server (and a chat page at /) with continuous batching.
 
+Under `torchrun --nproc_per_node N -m llamaforge.cli.main serve MODEL` one tensor-parallel model is served:
+rank 0 listens and runs the engine, the other ranks run the same model calls (generation/mirror.py).
 The port is checked before the model loads. The KV cache (one slot of `--max-seq-len` positions per
 concurrent request) is sized from a memory budget: `--kv-memory` (e.g. 2GiB, 512MB), by default a tenth
 of the memory free once the model is loaded; the context per slot is the model's own, cut to what the
@@ -14,6 +16,7 @@ import re
 import sys
 
 from llamaforge.cli.common import UsageError, add_model_flags, build_from_flags, check_port_free, describe_size
+from llamaforge.errors import LlamaforgeError
 
 KV_MEMORY_FRACTION = 0.1  # of the memory free after loading, when --kv-memory is not given
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
@@ -40,9 +43,25 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="never reuse cached prompt prefixes")
     p.add_argument("--shutdown-timeout", "--shutdown_timeout", dest="shutdown_timeout", type=float, default=10.0,
                    help="seconds running requests get to finish on Ctrl-C before they are cancelled")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                   help="serve the PEFT LoRA adapter folder PATH as model NAME over the same base (repeatable); "
+                        "requests with different adapters share batches")
     p.add_argument("--log-level", "--log_level", dest="log_level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"], help="uvicorn's log level")
     p.set_defaults(run=run)
+
+
+def parse_loras(values: list[str]) -> list[tuple[str, str]]:
+    """--lora NAME=PATH values -> [(name, path)]; UsageError saying what is wrong."""
+    out = []
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name.strip() or not path:
+            raise UsageError(f"--lora takes NAME=PATH (a model id, then a PEFT adapter folder), got {value!r}")
+        if name in {n for n, _ in out}:
+            raise UsageError(f"--lora names {name!r} twice; give each adapter its own name")
+        out.append((name, path))
+    return out
 
 
 def parse_size(text: str) -> int:
@@ -85,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         if value < 1:
             raise UsageError(f"{name} must be at least 1, got {value}")
     budget = parse_size(args.kv_memory) if args.kv_memory is not None else None
+    loras = parse_loras(args.lora)
     check_port_free(args.host, args.port)
     try:
         import uvicorn
@@ -115,12 +135,21 @@ def run(args: argparse.Namespace) -> int:
     print(f"llamaforge: KV cache {args.max_batch_size} slots x {llama.max_seq_len} positions = {describe_size(total)} "
           f"({'budget ' + describe_size(budget) + ': ' if budget else ''}{said}; change with --kv-memory, --max-seq-len, --max-batch-size)",
           flush=True)
+    if llama.world > 1 and llama.rank > 0:  # torchrun: rank 0 serves, the others run its model calls
+        llama.follow()
+        return 0
+    for name, path in loras:
+        try:
+            llama.load_adapter(name, path)
+        except LlamaforgeError as exc:
+            raise UsageError(f"--lora {name}={path}: {exc}") from exc
     logging.getLogger("llamaforge").setLevel(logging.INFO)
     app = create_app(
         llama, model_name=args.served_model_name, api_key=args.api_key, n_slots=args.max_batch_size,
         max_queue=args.max_queue, prefill_budget=args.prefill_budget, prefix_reuse=not args.no_prefix_reuse,
     )
-    print(f"llamaforge: serving {app.state.model_name} on http://{args.host}:{args.port} "
+    adapters = f" with LoRA adapters {', '.join(n for n, _ in loras)}" if loras else ""
+    print(f"llamaforge: serving {app.state.model_name}{adapters} on http://{args.host}:{args.port} "
           f"(chat page at /, OpenAI API at /v1)", flush=True)
     grace = max(0.0, args.shutdown_timeout - 0.5)  # leave uvicorn time to send the streams' ends
 
@@ -135,4 +164,6 @@ def run(args: argparse.Namespace) -> int:
         Server(config).run()
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, once it has shut down
         pass
+    finally:
+        llama.stop_followers()  # the engine is closed: let the other ranks of a torchrun launch end
     return 0

@@ -9,7 +9,8 @@ slots are free (admission control: a slot holds a whole sequence of up to `max_s
 of cache mid-way). Each loop iteration
 1. applies cancellations (a caller went away: its slots are free at once);
 2. admits waiting jobs, reusing cached prefixes (`generation/slots.py`);
-3. computes up to `prefill_budget` prompt tokens of the jobs being prefilled, so a long prompt never
+3. computes up to `prefill_budget` prompt tokens of the jobs being prefilled, a chunk of several jobs in one
+   forward (as vLLM's chunked prefill), so a long prompt never
    stalls the others for long; a job whose prompt is done samples its first tokens; embedding work
    (`generation/embed.py`) takes what is left of that budget (at least one input);
 4. runs one decode step for every running sequence together: each row names its slot and its own
@@ -20,8 +21,9 @@ does can stop the loop: failures end that request only.
 Batching changes speed, never results. A row's numbers must not depend on the other rows, which
 matters doubly with llama.cpp-style kernels that quantize activations to int8 (a rounding flip turns a
 1e-7 difference into a different token). So:
-- prefill runs one request at a time (batch 1) in canonical chunks: positions [0, C), [C, 2C), ...
-  with C = `chunk`, each attending over exactly the positions up to its end, whatever else runs;
+- prefill runs in canonical chunks: positions [0, C), [C, 2C), ... with C = `chunk`; one forward
+  takes a chunk of each of several requests (one row each), and each row is computed as if alone
+  (`generation/runner.py` says how), so a chunk's keys are the same whatever else runs;
 - a decode step is batch-invariant (`generation/runner.py` says how);
 - prefix reuse only takes whole canonical chunks of earlier prompts (not generated tokens, whose keys
   were computed by decode steps), so a reused prefix holds exactly the values a fresh prefill computes.
@@ -39,16 +41,17 @@ from typing import Optional, Sequence
 
 import torch
 
-from llamaforge.errors import GenerationError
+from llamaforge.errors import GenerationError, LlamaforgeError
 from llamaforge.generation.checks import check_job
 from llamaforge.generation.embed import EmbedQueue, check_inputs
 from llamaforge.generation.jobs import Delta, EngineClosed, Event, Failure, Finish, Job, PromptDone, QueueFull, Sink
-from llamaforge.generation.runner import KV_ALIGN, Runner, round_up
+from llamaforge.generation.runner import KV_ALIGN, PrefillChunk, Runner, round_up
 from llamaforge.generation.sampler import RowState, TokenInfo, choose, logprob_info, make_generator, prompt_logprob_info
 from llamaforge.generation.slots import SlotPool
 from llamaforge.generation.text import TextStream
 from llamaforge.model.transformer import Transformer
 from llamaforge.runtime import DecodeStep
+from llamaforge.runtime.adapters import AdapterTable, ServedAdapter
 
 log = logging.getLogger("llamaforge.engine")
 
@@ -83,6 +86,7 @@ class _Active:
     slots: list[int]
     cached: int
     next_pos: int  # next prompt position to compute
+    adapter: Optional[ServedAdapter] = None
     seqs: list[_Seq] = field(default_factory=list)
     prompt_infos: list[TokenInfo] = field(default_factory=list)
     open_seqs: int = 0
@@ -105,9 +109,15 @@ class Engine:
         prefix_reuse: bool = True,
         max_embed_inputs: int = 2048,
         decode_step: Optional[DecodeStep] = None,
+        adapters: Optional[AdapterTable] = None,
+        runner: Optional[Runner] = None,
     ):
-        """`decode_step` runs the decode steps (default: the model's modules; `Llama` passes its own)."""
-        self.runner = Runner(model, device, decode_step)
+        """`decode_step` runs the decode steps (default: the model's modules; `Llama` passes its own);
+        `adapters`: the LoRA adapters a job may name (`Job.adapter`), served in the same batches;
+        `runner`: the model calls (default: a `Runner` of those; a tensor-parallel `Llama` passes a
+        `generation.mirror.Leader`, which repeats them on every rank)."""
+        self.runner = runner if runner is not None else Runner(model, device, decode_step, adapters)
+        self.adapters = adapters
         self.tokenizer = tokenizer
         self.device = device
         self.max_seq_len = max_seq_len
@@ -118,7 +128,8 @@ class Engine:
         self.vocab_size = self.runner.vocab_size
         # Positions past max_seq_len are never written; they let kv_len round up to KV_ALIGN.
         self.cache = self.runner.new_cache(n_slots, round_up(max_seq_len, KV_ALIGN))
-        self.pool = SlotPool(self.cache, granule=chunk)
+        self.pool = SlotPool(self.cache, granule=chunk,
+                             copy=lambda src, dst, n: self.runner.copy_prefix(self.cache, src, dst, n))
         self._lock = threading.Condition()
         self._waiting: deque[tuple[Job, Sink]] = deque()
         self._cancelled: set[int] = set()
@@ -158,6 +169,23 @@ class Engine:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
+    def check(self, job: Job) -> None:
+        """Raise GenerationError if the job can never run here, whatever else is running (`check_job`, and
+        an adapter this engine does not serve)."""
+        check_job(job, self.vocab_size, self.n_slots, self.max_seq_len)
+        self._adapter(job)
+
+    def _adapter(self, job: Job) -> Optional[ServedAdapter]:
+        """The served adapter a job names (None for the base model); GenerationError if it is not served."""
+        if job.adapter is None:
+            return None
+        if self.adapters is None:
+            raise GenerationError(f"adapter {job.adapter!r} asked for, but this engine serves no LoRA adapters")
+        try:
+            return self.adapters.get(job.adapter)
+        except LlamaforgeError as exc:
+            raise GenerationError(str(exc)) from None
+
     def submit(self, job: Job, sink: Sink) -> int:
         """Queue a job; events go to `sink` on the engine thread. Returns the job id for `cancel`."""
         return self.submit_all([job], [sink])[0]
@@ -166,13 +194,13 @@ class Engine:
         """Queue the jobs of one request together, all or none; returns their ids.
 
         Raises:
-            GenerationError: a job can never run here (`check_job`), or there are more jobs than the queue
+            GenerationError: a job can never run here (`check`), or there are more jobs than the queue
                 holds (`max_queue`): neither is helped by retrying.
             QueueFull: the queue has no room for them now; retry later.
             EngineClosed: the engine is shutting down.
         """
         for job in jobs:
-            check_job(job, self.vocab_size, self.n_slots, self.max_seq_len)
+            self.check(job)
         if len(jobs) > self.max_queue:
             raise GenerationError(f"{len(jobs)} prompts in one request, but at most {self.max_queue} can wait "
                                   f"for a slot (max_queue); send fewer prompts per request")
@@ -293,9 +321,10 @@ class Engine:
             seed = None if job.seed is None else job.seed + i
             rows.append(RowState(job.params, make_generator(seed, self.device, global_rng=job.global_rng),
                                  self.vocab_size, job.prompt, job.constraint() if job.constraint else None))
+        adapter = self._adapter(job)  # it may have been removed since `submit`
         reuse = self.prefix_reuse and job.prompt_logprobs is None
-        slots, cached = self.pool.acquire(job.prompt, job.n, reuse=reuse)
-        act = _Active(job, sink, slots, cached, next_pos=cached)
+        slots, cached = self.pool.acquire(job.prompt, job.n, reuse=reuse, owner=adapter.key if adapter else 0)
+        act = _Active(job, sink, slots, cached, next_pos=cached, adapter=adapter)
         for i, (slot, row) in enumerate(zip(slots, rows)):
             text = TextStream(self.tokenizer.stream_decoder(), job.stop) if job.detokenize or job.stop else None
             act.seqs.append(_Seq(act, i, slot, row, text))
@@ -303,37 +332,56 @@ class Engine:
         self._prefilling.append(act)
 
     def _prefill_step(self) -> int:
-        """Compute prompt chunks, first come first served, until the step's budget is spent; returns the rest."""
+        """Compute prompt chunks until the step's budget is spent; returns the rest.
+
+        Each forward takes the next canonical chunk of every job being prefilled, first come first
+        served, as far as the budget goes (a job's next chunk needs its previous one, so a long prompt
+        gives one chunk per forward); what is left of the budget goes to further forwards.
+        """
         budget = self.prefill_budget
-        for act in list(self._prefilling):
+        while budget > 0 and self._prefilling:
+            batch = []
+            for act in self._prefilling:
+                if budget <= 0:
+                    break
+                batch.append(act)
+                budget -= min(len(act.job.prompt), act.next_pos + self.chunk) - act.next_pos
+            self._prefill_chunks(batch)
+        return budget
+
+    def _prefill_chunks(self, acts: Sequence[_Active]) -> None:
+        """One canonical chunk [start, start + C) of each job (start is a multiple of C), in one forward."""
+        chunks = []
+        for act in acts:
+            end = min(len(act.job.prompt), act.next_pos + self.chunk)
+            chunks.append(PrefillChunk(act.job.prompt[act.next_pos:end], act.next_pos, act.slots[0],
+                                       all_logits=act.job.prompt_logprobs is not None, adapter=act.adapter))
+        try:
+            results = self.runner.prefill(self.cache, chunks)  # per job (T or 1, V)
+        except Exception as exc:
+            log.exception("prefill failed")
+            for act in acts:
+                self._fail(act, 500, f"prefill failed: {exc}")
+            return
+        for act, chunk, logits in zip(acts, chunks, results):
             try:
-                while budget > 0 and act in self._prefilling:
-                    budget -= self._prefill_chunk(act)
+                self._chunk_done(act, chunk, logits)
             except Exception as exc:
                 log.exception("prefill failed")
                 self._fail(act, 500, f"prefill failed: {exc}")
-            if budget <= 0:
-                break
-        return budget
 
-    def _prefill_chunk(self, act: _Active) -> int:
-        """One canonical chunk [start, start + C) (start is a multiple of C); returns its length."""
+    def _chunk_done(self, act: _Active, chunk: PrefillChunk, logits: torch.Tensor) -> None:
         job = act.job
-        start = act.next_pos
-        end = min(len(job.prompt), start + self.chunk)
-        primary = act.slots[0]
-        want_all = job.prompt_logprobs is not None
-        logits = self.runner.prefill(self.cache, job.prompt[start:end], start, primary, all_logits=want_all)  # (T or 1, V)
+        start, end = chunk.start, chunk.start + len(chunk.tokens)
         if end - start == self.chunk:  # only whole chunks are reusable bit for bit
-            self.pool.extend(primary, job.prompt[start:end])
+            self.pool.extend(chunk.slot, chunk.tokens)
         act.next_pos = end
-        if want_all:
+        if chunk.all_logits:
             # logits[j] predicts prompt[start + j + 1]; the first prompt token has no logprob.
             infos = prompt_logprob_info(logits, job.prompt[start:end + 1], job.prompt_logprobs)
             act.prompt_infos.extend(infos if start == 0 else infos[1:])
         if end == len(job.prompt):
             self._prompt_done(act, logits[-1:])
-        return end - start
 
     def _prompt_done(self, act: _Active, last_logits: torch.Tensor) -> None:
         """The prompt is in the cache: copy it to the sibling slots and sample every choice's first token."""
@@ -357,7 +405,7 @@ class Engine:
         start = time.perf_counter()
         try:
             logits = self.runner.decode(self.cache, [s.last for s in seqs], [s.pos for s in seqs],
-                                        [s.slot for s in seqs])  # (B, V)
+                                        [s.slot for s in seqs], [s.job.adapter for s in seqs])  # (B, V)
             self._embed_credit += EMBED_SHARE * (time.perf_counter() - start)
         except Exception as exc:
             log.exception("decode step failed")

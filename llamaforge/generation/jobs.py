@@ -41,6 +41,7 @@ class Job:
     logprobs: Optional[int] = None  # None: no logprobs; k: the chosen token's and the top k
     prompt_logprobs: Optional[int] = None  # echo with logprobs: top k for prompt tokens
     constraint: Optional[Callable[[], Constraint]] = None  # a fresh constraint per choice
+    adapter: Optional[str] = None  # the name of a LoRA adapter the engine serves (None: the base model)
     id: int = -1
 
 

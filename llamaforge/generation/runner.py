@@ -5,8 +5,13 @@ The engine (`generation/engine.py`) and Meta's loop (`generation/generate.py`) n
 read (and changed) here only.
 
 Batch invariance (the engine's promise that a row's numbers do not depend on the other rows):
-- `prefill` runs one sequence at a time (batch 1) over positions [start, end), attending over exactly
-  the positions up to `end`;
+- `prefill` runs prompt chunks of several sequences in one forward (one row each, right-padded to the
+  widest), always this way, also for a single chunk: every query sees exactly its own sequence's keys
+  up to its position (an explicit mask), attention reads `kv_len` rounded up to `KV_ALIGN` with the
+  math kernel (per row, as in decode), and the padding tokens write keys only past their own row's
+  end, in its own slot, where nothing reads before a later step overwrites them. The linear layers
+  see more rows: the x8 integer kernels compute each row alone (exact); float GEMMs, and the "gguf"
+  layout's GEMM path from `GEMM_MIN_ROWS` rows on, may differ in the last bits;
 - `decode` attends over `kv_len` rounded up to a multiple of `KV_ALIGN` (64) with PyTorch's math
   attention: past that length more masked positions leave a row's attention bit for bit unchanged,
   and the math kernel computes each row alone (the fused CPU kernel splits work by batch size and
@@ -15,14 +20,18 @@ Batch invariance (the engine's promise that a row's numbers do not depend on the
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from llamaforge.generation.slots import copy_positions
 from llamaforge.model import KVCache, StepInput, Transformer
 from llamaforge.runtime import DecodeStep
+from llamaforge.runtime.adapters import AdapterTable, ServedAdapter
 
 KV_ALIGN = 64  # decode steps attend over a multiple of this many positions
 _MATH_ATTENTION = threading.Lock()
@@ -47,17 +56,45 @@ def decode_logits(decode_step: DecodeStep, cache: KVCache, tokens: torch.Tensor,
         return decode_step(tokens, step, cache)[:, -1]
 
 
+@dataclass(frozen=True)
+class PrefillChunk:
+    """Prompt tokens to write at positions [start, start + len(tokens)) of cache slot `slot`.
+
+    all_logits: return the logits of every token (prompt logprobs), not only of the last.
+    adapter: the LoRA adapter of this row (None: the base model).
+    """
+
+    tokens: Sequence[int]
+    start: int
+    slot: int
+    all_logits: bool = False
+    adapter: Optional[ServedAdapter] = None
+
+
 class Runner:
     """The model, its device and its decode step, with the few step functions generation uses.
 
     decode_step: runs the one-token steps (default: the model's modules; `Llama` passes the one
     `llamaforge.runtime.prepare` chose, e.g. the fused C++ step); prefill runs the model's forward.
+    adapters: the LoRA adapters served over the model; rows name theirs. In a decode step the rows
+    without one run through `decode_step` (the fused C++ step on the CPU) and the rows with one together
+    through the model's modules (one token per row: the per-row LoRA matmuls have one row each, exact in
+    any batch). A prompt chunk with an adapter is prefilled in a forward of its own: padded to a batch's
+    width, its float LoRA matmuls would see more rows and could differ in the last bit, which the int8
+    kernels can turn into another token (seen on the default model with 8 adapters in one batch).
     """
 
-    def __init__(self, model: Transformer, device: torch.device, decode_step: Optional[DecodeStep] = None):
+    def __init__(self, model: Transformer, device: torch.device, decode_step: Optional[DecodeStep] = None,
+                 adapters: Optional[AdapterTable] = None):
         self.model = model
         self.device = device
         self.decode_step = decode_step if decode_step is not None else DecodeStep(model)
+        self.adapters = adapters
+        self._modules_step = DecodeStep(model)
+
+    def _rows(self, adapters: Sequence[Optional[ServedAdapter]]):
+        """The context of one forward whose row i uses adapters[i] (holds the table's lock)."""
+        return self.adapters.rows(adapters) if self.adapters is not None else contextlib.nullcontext()
 
     @property
     def vocab_size(self) -> int:
@@ -68,22 +105,73 @@ class Runner:
         return KVCache.for_model(self.model.args, n_slots, max_seq_len, dtype=self.model.norm.weight.dtype,
                                  device=self.device)
 
-    def prefill(self, cache: KVCache, tokens: Sequence[int], start: int, slot: int, *,
-                all_logits: bool) -> torch.Tensor:
-        """Write tokens at positions [start, start + T) of `slot`; logits (T, V), or (1, V) of the last."""
-        ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)  # (1, T)
-        end = start + ids.shape[1]
-        return self.model(
-            ids, torch.arange(start, end, device=self.device), cache,
-            slots=torch.tensor([slot], device=self.device), kv_len=end, last_only=not all_logits,
-        )[0]
+    def prefill(self, cache: KVCache, chunks: Sequence[PrefillChunk]) -> list[torch.Tensor]:
+        """Write the chunks of several sequences in one forward; per chunk logits (T, V), or (1, V) of its last.
 
-    def decode(self, cache: KVCache, tokens: Sequence[int], pos: Sequence[int], slots: Sequence[int]) -> torch.Tensor:
-        """One token for each of B sequences (token, position, slot per row) -> last logits (B, V)."""
+        Rows whose padding would pass the cache or the rotary tables (a prompt ending at the context's
+        end) run in a forward of their own: the results are the same, batch invariance says so. So does
+        each chunk with a LoRA adapter (see the class docstring).
+        """
+        limit = min(cache.max_seq_len, self.model.rope.max_seq_len)
+        plain = [i for i, c in enumerate(chunks) if c.adapter is None]
+        width = max((len(chunks[i].tokens) for i in plain), default=0)
+        together = {i for i in plain if chunks[i].start + width <= limit}
+        groups = [sorted(together)] if together else []
+        groups += [[i] for i in range(len(chunks)) if i not in together]
+        out: list[Optional[torch.Tensor]] = [None] * len(chunks)
+        for group in groups:
+            for i, logits in zip(group, self._prefill_rows(cache, [chunks[i] for i in group])):
+                out[i] = logits
+        return out  # type: ignore[return-value]
+
+    def _prefill_rows(self, cache: KVCache, chunks: Sequence[PrefillChunk]) -> list[torch.Tensor]:
+        lens = [len(c.tokens) for c in chunks]
+        width = max(lens)
+        ids = torch.zeros(len(chunks), width, dtype=torch.long)  # (B, W), right-padded with token 0
+        for i, c in enumerate(chunks):
+            ids[i, : lens[i]] = torch.tensor(list(c.tokens), dtype=torch.long)
+        starts = torch.tensor([c.start for c in chunks], dtype=torch.long)
+        pos = starts[:, None] + torch.arange(width)[None, :]  # (B, W)
+        kv_len = min(round_up(int(pos.max()) + 1, KV_ALIGN), cache.max_seq_len)
+        ids, pos = ids.to(self.device), pos.to(self.device)
+        step = StepInput.make(pos, *ids.shape, device=self.device, cache_len=cache.max_seq_len,
+                              slots=torch.tensor([c.slot for c in chunks], device=self.device), kv_len=kv_len)
+        with self._rows([c.adapter for c in chunks]):
+            with _MATH_ATTENTION, sdpa_kernel(SDPBackend.MATH):
+                hidden = self.model.hidden_states(ids, step, cache)  # (B, W, dim)
+            # Only the rows' wanted positions go through the output layer: (sum of wanted, dim).
+            wanted = [hidden[i, : lens[i]] if c.all_logits else hidden[i, lens[i] - 1 : lens[i]]
+                      for i, c in enumerate(chunks)]
+            logits = self.model.output(torch.cat(wanted)).float()  # (sum of wanted, V)
+        return list(torch.split(logits, [w.shape[0] for w in wanted]))
+
+    def decode(self, cache: KVCache, tokens: Sequence[int], pos: Sequence[int], slots: Sequence[int],
+               adapters: Optional[Sequence[Optional[ServedAdapter]]] = None) -> torch.Tensor:
+        """One token for each of B sequences (token, position, slot, adapter per row) -> last logits (B, V)."""
         t = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
         p = torch.tensor(pos, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
         s = torch.tensor(slots, dtype=torch.long, device=self.device)  # (B,)
-        return decode_logits(self.decode_step, cache, t, p, s, max_pos=max(pos))
+        if adapters is None or all(a is None for a in adapters):
+            with self._rows(()):
+                return decode_logits(self.decode_step, cache, t, p, s, max_pos=max(pos))
+        out: Optional[torch.Tensor] = None
+        plain = [i for i, a in enumerate(adapters) if a is None]
+        adapted = [i for i, a in enumerate(adapters) if a is not None]
+        for rows, step, row_adapters in ((plain, self.decode_step, ()),
+                                         (adapted, self._modules_step, [adapters[i] for i in adapted])):
+            if not rows:
+                continue
+            idx = torch.tensor(rows, device=self.device)
+            with self._rows(row_adapters):
+                logits = decode_logits(step, cache, t[idx], p[idx], s[idx])  # (len(rows), V)
+            if out is None:
+                out = logits.new_empty((len(tokens), logits.shape[-1]))
+            out[idx] = logits
+        return out
+
+    def copy_prefix(self, cache: KVCache, src: int, dst: int, length: int) -> None:
+        """Copy cached positions [0, length) from slot src to slot dst."""
+        copy_positions(cache, src, dst, length)
 
     def lockstep(self, cache: KVCache, tokens: torch.Tensor, start: int, *, last_only: bool) -> torch.Tensor:
         """Meta's step: every row at positions [start, start + T) of rows 0..B-1 -> logits (B, T or 1, V).

@@ -7,12 +7,14 @@ A new request takes the free slot that already holds the longest prefix of its p
 prompt, the earlier turns of a chat), and when another slot - free or still running - holds a longer
 one, that prefix is copied into the chosen slot (one tensor copy within the cache), so only the rest of
 the prompt is computed. Positions [0, L) of a running slot never change, so copying from it is safe.
+Each slot's prefix belongs to the model it was computed with (`owner`: 0 for the base model, a served
+LoRA adapter's key otherwise), and is reused only by requests of the same owner.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 from llamaforge.model.kv_cache import KVCache
 
@@ -30,6 +32,13 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
+def copy_positions(cache: KVCache, src: int, dst: int, length: int) -> None:
+    """Copy the keys and values of positions [0, length) from slot src to slot dst of `cache`."""
+    # Cache tensors: (n_layers, n_slots, n_kv_heads, max_seq_len, head_dim).
+    cache.k[:, dst, :, :length] = cache.k[:, src, :, :length]
+    cache.v[:, dst, :, :length] = cache.v[:, src, :, :length]
+
+
 @dataclass
 class PoolStats:
     prompt_tokens: int = 0  # prompt tokens admitted
@@ -40,12 +49,17 @@ class PoolStats:
 class SlotPool:
     """Assignment of cache slots to sequences, with prefix reuse."""
 
-    def __init__(self, cache: KVCache, granule: int = 1):
+    def __init__(self, cache: KVCache, granule: int = 1,
+                 copy: Optional[Callable[[int, int, int], None]] = None):
+        """`copy(src, dst, length)` copies cached positions between slots (default: `copy_positions` on
+        `cache`; the engine passes its runner's, which a tensor-parallel leader repeats on every rank)."""
         self.cache = cache
+        self._copy = copy if copy is not None else (lambda src, dst, n: copy_positions(cache, src, dst, n))
         self.granule = granule  # reused prefixes are whole multiples of this (canonical prefill chunks)
         self.n_slots = cache.n_slots
         self.cached: list[list[int]] = [[] for _ in range(self.n_slots)]
         self.busy = [False] * self.n_slots
+        self.owner = [0] * self.n_slots
         self.last_used = [0] * self.n_slots
         self._clock = 0
         self.stats = PoolStats()
@@ -54,8 +68,8 @@ class SlotPool:
     def n_free(self) -> int:
         return self.busy.count(False)
 
-    def acquire(self, prompt: Sequence[int], n: int = 1, *, reuse: bool = True) -> tuple[list[int], int]:
-        """Take n free slots for one prompt.
+    def acquire(self, prompt: Sequence[int], n: int = 1, *, reuse: bool = True, owner: int = 0) -> tuple[list[int], int]:
+        """Take n free slots for one prompt, computed by `owner` (0: the base model; else an adapter's key).
 
         Returns (slots, cached_len): the first slot already holds the keys and values of
         prompt[:cached_len] (cached_len < len(prompt), so the last prompt token is always computed and
@@ -66,8 +80,8 @@ class SlotPool:
         if len(free) < n:
             raise RuntimeError(f"asked for {n} slots with {len(free)} free")  # the engine checks first
         limit = max(0, len(prompt) - 1)
-        usable = [self._usable(common_prefix_len(self.cached[i], prompt), limit) if reuse else 0
-                  for i in range(self.n_slots)]
+        usable = [self._usable(common_prefix_len(self.cached[i], prompt), limit)
+                  if reuse and self.owner[i] == owner else 0 for i in range(self.n_slots)]
         best_free = max(free, key=lambda i: (usable[i], -self.last_used[i]))
         source = max(range(self.n_slots), key=lambda i: usable[i])
         if usable[best_free] > 0 and usable[best_free] >= usable[source]:
@@ -84,6 +98,7 @@ class SlotPool:
         for i in slots:
             self.busy[i] = True
             self.cached[i] = []
+            self.owner[i] = owner
         self.cached[primary] = list(prompt[:cached_len])
         self.stats.prompt_tokens += len(prompt)
         self.stats.reused_tokens += cached_len
@@ -96,10 +111,9 @@ class SlotPool:
         """Copy the keys and values of positions [0, length) from slot src to slot dst."""
         if length <= 0 or src == dst:
             return
-        # Cache tensors: (n_layers, n_slots, n_kv_heads, max_seq_len, head_dim).
-        self.cache.k[:, dst, :, :length] = self.cache.k[:, src, :, :length]
-        self.cache.v[:, dst, :, :length] = self.cache.v[:, src, :, :length]
+        self._copy(src, dst, length)
         self.cached[dst] = list(self.cached[src][:length])
+        self.owner[dst] = self.owner[src]
 
     def extend(self, slot: int, tokens: Sequence[int]) -> None:
         """Record that the keys and values of `tokens` were written after the slot's cached prefix."""

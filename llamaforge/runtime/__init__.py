@@ -21,9 +21,10 @@ from llamaforge.kernels import get_extension
 from llamaforge.model import KVCache, ModelArgs, StepInput, Transformer, build_model, check_weights, empty_model
 from llamaforge.model import load_weights
 from llamaforge.quantize import quantize_model, quantize_model_weights
+from llamaforge.runtime.adapters import AdapterTable
 from llamaforge.runtime.fused import FusedDecode
 
-__all__ = ["DecodeStep", "FusedDecode", "build", "prepare"]
+__all__ = ["AdapterTable", "DecodeStep", "FusedDecode", "build", "prepare"]
 
 
 class DecodeStep:

@@ -16,6 +16,8 @@ float32 activations and cache, CPU, no autograd. Anything else returns None and 
 modules. The C++ decoder holds references to the weights and is rebuilt whenever a module or weight
 tensor of the model changes (LoRA surgery, `.to()`, new Parameters, `param.data = ...`): `Llama.model` is
 public, and a stale decoder would silently compute with old weights, so a ~0.1 ms check per step stays.
+A served adapter's `RowLoRA` (runtime/adapters.py) it runs as its base layer, and steps aside (returns
+None) while a forward has an adapter active.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from llamaforge.model.kv_cache import KVCache
 from llamaforge.model.layers import Attention, FeedForward, RMSNorm, TransformerBlock
 from llamaforge.model.step import StepInput
 from llamaforge.quantize import QuantizedLinear
+from llamaforge.runtime.adapters import RowLoRA
 
 _F32 = 0  # GGML type id of a plain float32 weight
 
@@ -70,7 +73,7 @@ class FusedDecode:
         ):
             return None
         decoder = self._decoder_for(model)
-        if decoder is None:
+        if decoder is None or any(m.active for m in self._watch.row_loras):
             return None
         h = model.tok_embeddings(tokens)
         if h.dtype != torch.float32:
@@ -106,6 +109,7 @@ class _Watch:
         self.slots: list[tuple[dict, str, Any]] = []
         self.tensors: list[tuple[torch.Tensor, int]] = []
         self.modules: list[nn.Module] = []
+        self.row_loras: list[RowLoRA] = []
 
     def get(self, parent: nn.Module, name: str) -> Any:
         """parent.<name>, remembered."""
@@ -184,6 +188,9 @@ def _float32_cpu(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 def _weight_spec(module: nn.Module, watch: _Watch) -> Optional[tuple]:
     """(tensor, type id, N, K, layout id, bias) of a projection the C++ decoder can run, else None."""
+    if type(module) is RowLoRA:  # served adapters: the C++ step is its base, and steps aside while one is active
+        watch.row_loras.append(module)
+        module = watch.module(module, "base")
     if type(module) is QuantizedLinear:
         w = watch.get(module, "qweight")
         if not module.uses_kernels or w.device.type != "cpu":

@@ -64,7 +64,8 @@ def create_app(
     Args:
         llama: the model, tokenizer and chat format to serve.
         model_name: the id clients use (default: the checkpoint's file or folder name).
-        api_key: when set, /v1 routes and /tokenize need `Authorization: Bearer <api_key>`.
+        api_key: when set, /v1 routes and /tokenize need `Authorization: Bearer <api_key>`, and the routes
+            that load and unload LoRA adapters (routes/adapters.py) are open.
         n_slots: sequences decoded together (KV cache slots); default `llama.max_batch_size`.
         max_queue: requests that may wait for a slot before new ones get 429.
         prefill_budget: most prompt tokens computed per engine step (in canonical chunks of 64).
@@ -78,7 +79,7 @@ def create_app(
                                prefix_reuse=prefix_reuse)
     prep = Preparer(llama, n_slots=engine.n_slots, max_queue=max_queue, model_id=name, aliases=names)
     metrics = Metrics(engine.stats)
-    state = Served(llama, engine, prep, name, names, metrics)
+    state = Served(llama, engine, prep, name, names, metrics, admin=api_key is not None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -69,6 +69,17 @@ class Preparer:
             raise APIError(404, f"the model {name!r} is not served here; this server serves {self.model_id!r} "
                            f"(see GET /v1/models)", param="model", code="model_not_found")
 
+    def adapter_for(self, name: Optional[str]) -> Optional[str]:
+        """The LoRA adapter a request's `model` names (None: the base model); 404 if it is neither."""
+        if name is None or name in self.model_names:
+            return None
+        adapters = self.llama.adapters.names()
+        if name in adapters:
+            return name
+        raise APIError(404, f"the model {name!r} is not served here; this server serves {self.model_id!r}"
+                       f"{' and the adapters ' + ', '.join(map(repr, adapters)) if adapters else ''} "
+                       f"(see GET /v1/models)", param="model", code="model_not_found")
+
     def _token_ids(self, ids: list[int], param: str) -> list[int]:
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
@@ -139,7 +150,7 @@ class Preparer:
     # -- endpoints ------------------------------------------------------------------------------
 
     def completion(self, req: CompletionRequest) -> Prepared:
-        self.check_model(req.model)
+        adapter = self.adapter_for(req.model)
         self._check_n(req.n, req.best_of)
         if req.suffix:
             raise bad_request("suffix (fill-in-the-middle) is not supported", "suffix")
@@ -154,13 +165,13 @@ class Preparer:
             max_tokens = self._check_fits(ids, req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, "prompt")
             jobs.append(Job(
                 ids, max_tokens, params, n=req.n, seed=req.seed, stop_ids=self.tokenizer.stop_ids, stop=stops,
-                logprobs=req.logprobs, prompt_logprobs=req.logprobs if req.echo else None,
+                logprobs=req.logprobs, prompt_logprobs=req.logprobs if req.echo else None, adapter=adapter,
             ))
             texts.append(text)
         return Prepared(jobs, req.n, texts, echo=req.echo)
 
     def chat(self, req: ChatCompletionRequest) -> Prepared:
-        self.check_model(req.model)
+        adapter = self.adapter_for(req.model)
         self._check_n(req.n)
         if req.top_logprobs and not req.logprobs:
             raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
@@ -191,7 +202,7 @@ class Preparer:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         job = Job(prompt, max_tokens, self._params(req), n=req.n, seed=req.seed,
                   stop_ids=frozenset(self.chat_format.stop_ids), stop=self._stops(req.stop), logprobs=logprobs,
-                  constraint=constraint)
+                  constraint=constraint, adapter=adapter)
         names = {t["function"]["name"] for t in tools} if use_tools else set()
         return Prepared([job], req.n, tool_names=names, forced_tool=forced)
 

@@ -152,6 +152,17 @@ class TokenizeRequest(_Strict):
 # -- responses (plain dicts are built in handlers; these document the shapes for the OpenAPI spec) --
 
 
+class LoadLoraRequest(_Strict):
+    """vLLM's POST /v1/load_lora_adapter: serve the PEFT folder at `lora_path` as model `lora_name`."""
+
+    lora_name: str = Field(min_length=1, max_length=256)
+    lora_path: str = Field(min_length=1, max_length=4096)
+
+
+class UnloadLoraRequest(_Strict):
+    lora_name: str = Field(min_length=1, max_length=256)
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int

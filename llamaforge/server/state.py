@@ -24,14 +24,21 @@ class Served:
     metrics: Metrics
     created: int = field(default_factory=lambda: int(time.time()))
     shutting_down: bool = False
+    admin: bool = False  # the adapter routes are open (the server has an API key)
 
     def knows(self, model: str) -> bool:
-        """Is `model` an id of the served model (Ollama's clients add ":latest")?"""
-        return model in self.names or model.removesuffix(":latest") in self.names
+        """Is `model` an id of the served model or one of its adapters (Ollama's clients add ":latest")?"""
+        ids = self.names | set(self.llama.adapters.names())
+        return model in ids or model.removesuffix(":latest") in ids
 
     def card(self) -> dict:
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "llamaforge",
                 "max_model_len": self.llama.max_seq_len}
+
+    def cards(self) -> list[dict]:
+        """The base model's card, then one per LoRA adapter (its `parent` the base model, as vLLM lists them)."""
+        return [self.card()] + [{**self.card(), "id": name, "parent": self.name}
+                                for name in self.llama.adapters.names()]
 
     def begin_shutdown(self, grace: Optional[float] = None) -> None:
         """Refuse new requests (503); after `grace` seconds end the running ones, each stream with an

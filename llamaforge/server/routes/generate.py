@@ -22,7 +22,7 @@ async def start(kind: str, req, s: Served) -> tuple[JobRun, ResponseBuilder]:
     if s.shutting_down:
         raise APIError(503, "the server is shutting down", code="shutting_down")
     prepared = await run_in_threadpool(s.prep.completion if kind == "completion" else s.prep.chat, req)
-    return JobRun(s.engine, prepared), ResponseBuilder(kind, prepared, s.name, s.llama.tokenizer)
+    return JobRun(s.engine, prepared), ResponseBuilder(kind, prepared, prepared.jobs[0].adapter or s.name, s.llama.tokenizer)
 
 
 async def observed(body: AsyncIterator, run: JobRun, endpoint: str, s: Served) -> AsyncIterator:

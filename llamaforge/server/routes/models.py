@@ -36,12 +36,13 @@ async def health(s: Served = Depends(served)):
 
 @router.get("/v1/models", responses=ERRORS)
 async def models(s: Served = Depends(served)):
-    return {"object": "list", "data": [s.card()]}
+    return {"object": "list", "data": s.cards()}
 
 
 @router.get("/v1/models/{model_id:path}", responses=ERRORS)
 async def model(model_id: str, s: Served = Depends(served)):
-    if model_id not in s.names:
+    card = next((c for c in s.cards() if c["id"] == model_id), s.card() if model_id in s.names else None)
+    if card is None:
         raise APIError(404, f"the model {model_id!r} is not served here; see GET /v1/models", param="model",
                        code="model_not_found")
-    return s.card()
+    return card

@@ -1,0 +1,240 @@
+"""LoRA adapters served over one base model, chosen per batch row (as punica / S-LoRA serve many adapters).
+
+An `AdapterTable` belongs to one model. `add(name, path)` reads a PEFT LoRA folder (`read_peft`) and wraps
+each projection it adapts in a `RowLoRA`; a forward run inside `table.rows(adapters)` then adds, to the rows
+of adapter i only, `scale_i * (x @ A_i^T) @ B_i^T` (Hu et al. 2021), so requests with different adapters
+(and none) can share one forward. Outside `rows()`, and for rows without an adapter, a `RowLoRA` is its base layer
+exactly: the fused C++ decode step (runtime/fused.py) sees through it, and the engine runs it only for rows
+without an adapter (`generation/runner.py`).
+
+Batch invariance: the base layer is unchanged, and a row's delta is a batched matmul (`torch.bmm`, one
+product per row), the same whatever other rows run, as long as the row has the same number of tokens:
+the engine prefills each adapted prompt chunk in a forward of its own, unpadded (`generation/runner.py`).
+
+Every loaded adapter gets a `key` never used again (a re-added name gets a new one), which the engine's
+prefix cache uses to keep keys and values computed with one adapter away from requests of another.
+PEFT's files: `adapter_config.json` (peft_type LORA, r, lora_alpha) and `adapter_model.safetensors` with
+`base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight` (r, in) / `lora_B.weight` (out, r), in
+Hugging Face's row order: B of q_proj / k_proj is permuted to Meta's interleaved rotary rows, as the
+checkpoint loader does for the weights (`checkpoints/hf.py`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from llamaforge.checkpoints.hf import hf_to_meta_qk
+from llamaforge.errors import CheckpointError, ConfigError
+from llamaforge.model import ModelArgs
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MAX_CONFIG_BYTES = 1 << 20
+_HF_MODULES = {
+    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+    "mlp.up_proj": "feed_forward.w3",
+}
+_PEFT_KEY = re.compile(r"(?:base_model\.model\.)?model\.layers\.(\d+)\.(\w+\.\w+)\.lora_([AB])(?:\.default)?\.weight")
+
+
+@dataclass(eq=False)
+class ServedAdapter:
+    """One loaded adapter: {Meta module name: (A (r, in), B (out, r))} in the model's dtype, and its scale."""
+
+    name: str
+    key: int
+    weights: "LoRAWeights"
+    scaling: float
+    rank: int
+    source: str
+
+
+LoRAWeights = dict[str, tuple[torch.Tensor, torch.Tensor]]  # Meta module name -> (A (r, in), B (out, r))
+
+
+def read_peft(folder: Union[str, Path], args: ModelArgs) -> tuple[LoRAWeights, float, int]:
+    """A PEFT LoRA folder -> ({Meta module: (A, B)} float32 in Meta's row order, scaling, rank).
+
+    Raises:
+        CheckpointError: the folder is not a PEFT LoRA adapter, or not one for this model's shapes.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    if not cfg_path.is_file() or not weights_path.is_file():
+        raise CheckpointError(f"{folder} is not a PEFT adapter folder: it needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+    if cfg_path.stat().st_size > MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{cfg_path} is larger than {MAX_CONFIG_BYTES} bytes; it is no adapter config")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{cfg_path} is not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
+        got = cfg.get("peft_type") if isinstance(cfg, dict) else cfg
+        raise CheckpointError(f"{cfg_path}: only LoRA adapters (peft_type 'LORA') can be served, got {got!r}")
+    for option in ("use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern", "modules_to_save"):
+        if cfg.get(option):
+            raise CheckpointError(f"{cfg_path}: adapters with {option} cannot be served; save the adapter without it")
+    rank, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0 or isinstance(alpha, bool) \
+            or not isinstance(alpha, (int, float)):
+        raise CheckpointError(f"{cfg_path}: r must be a positive integer and lora_alpha a number, "
+                              f"got {rank!r}, {alpha!r}")
+    scaling = float(alpha) / (rank ** 0.5 if cfg.get("use_rslora") else rank)
+    try:
+        raw = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{weights_path} is not a readable safetensors file ({exc})") from None
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in raw.items():
+        m = _PEFT_KEY.fullmatch(key)
+        if m is None or m.group(2) not in _HF_MODULES or int(m.group(1)) >= args.n_layers:
+            raise CheckpointError(f"{weights_path}: tensor {key!r} is no LoRA weight of this model's projections "
+                                  f"(layers 0..{args.n_layers - 1}, {sorted(_HF_MODULES)})")
+        halves.setdefault(f"layers.{m.group(1)}.{_HF_MODULES[m.group(2)]}", {})[m.group(3)] = tensor
+    if not halves:
+        raise CheckpointError(f"{weights_path} holds no LoRA weights")
+    weights = {}
+    for meta, ab in sorted(halves.items()):
+        if set(ab) != {"A", "B"}:
+            raise CheckpointError(f"{weights_path}: {meta} has lora_{'A' if 'A' in ab else 'B'} but not its pair")
+        a, b = ab["A"].float(), ab["B"].float()
+        out_f, in_f = _shape(meta, args)
+        if tuple(a.shape) != (rank, in_f) or tuple(b.shape) != (out_f, rank):
+            raise CheckpointError(f"{weights_path}: {meta} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
+                                  f"this model needs ({rank}, {in_f}) and ({out_f}, {rank}) at r={rank}: "
+                                  "is the adapter for another model?")
+        if meta.endswith(("wq", "wk")):
+            heads = args.n_heads if meta.endswith("wq") else args.n_kv_heads
+            b = hf_to_meta_qk(b, heads, args.head_dim)  # (out, r): rows to Meta's interleaved rotary pairs
+        weights[meta] = (a.contiguous(), b.contiguous())
+    return weights, scaling, rank
+
+
+def _shape(meta: str, args: ModelArgs) -> tuple[int, int]:
+    """(out_features, in_features) of a projection named by its Meta module path."""
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    leaf = meta.rsplit(".", 1)[-1]
+    return {"wq": (q, args.dim), "wk": (kv, args.dim), "wv": (kv, args.dim), "wo": (args.dim, q),
+            "w1": (args.hidden_dim, args.dim), "w3": (args.hidden_dim, args.dim),
+            "w2": (args.dim, args.hidden_dim)}[leaf]
+
+
+class RowLoRA(nn.Module):
+    """`base(x)` plus, for the rows of each adapter active in this forward, that adapter's LoRA delta."""
+
+    def __init__(self, base: nn.Module, name: str, table: "AdapterTable"):
+        super().__init__()
+        self.base = base
+        self.name = name
+        self._table = table  # a plain object: not a submodule, not in the state dict
+
+    @property
+    def active(self) -> bool:
+        """Whether a forward now adds deltas (inside `AdapterTable.rows` with some row adapted)."""
+        return bool(self._table.active)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        for rows, adapter in self._table.active:
+            ab = adapter.weights.get(self.name)
+            if ab is None:
+                continue
+            a, b = ab
+            xs = x[rows]  # (n, T, in): the rows of this adapter
+            n = xs.shape[0]
+            h = torch.bmm(xs.to(a.dtype), a.t().unsqueeze(0).expand(n, -1, -1))  # (n, T, r)
+            delta = torch.bmm(h, b.t().unsqueeze(0).expand(n, -1, -1)) * adapter.scaling  # (n, T, out)
+            out[rows] += delta.to(out.dtype)
+        return out
+
+
+class AdapterTable:
+    """The LoRA adapters loaded over one model, by name; thread-safe `add` / `remove` / `get`.
+
+    `lock` is held by the engine around each forward, so an adapter is never added in the middle of one.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.lock = threading.RLock()
+        self._adapters: dict[str, ServedAdapter] = {}
+        self._next_key = 1
+        self.active: list[tuple[torch.Tensor, ServedAdapter]] = []  # during `rows()`: (row indices, adapter)
+
+    def names(self) -> list[str]:
+        with self.lock:
+            return sorted(self._adapters)
+
+    def get(self, name: str) -> ServedAdapter:
+        """The adapter called `name`; ConfigError naming the loaded ones if there is none."""
+        with self.lock:
+            adapter = self._adapters.get(name)
+            if adapter is None:
+                raise ConfigError(f"no LoRA adapter {name!r} is loaded; loaded: {sorted(self._adapters) or 'none'}")
+            return adapter
+
+    def add(self, name: str, path: Union[str, Path]) -> ServedAdapter:
+        """Load the PEFT adapter at `path` as `name` (replacing one of that name); returns it.
+
+        Raises:
+            CheckpointError: the folder is no PEFT LoRA adapter for this model.
+            ConfigError: an empty name, or a projection that cannot take an adapter.
+        """
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"an adapter needs a non-empty name, got {name!r}")
+        weights, scaling, rank = read_peft(path, self.model.args)
+        ref = self.model.norm.weight
+        weights = {k: (a.to(ref.device, ref.dtype), b.to(ref.device, ref.dtype)) for k, (a, b) in weights.items()}
+        with self.lock:
+            for module_name in weights:
+                self._wrap(module_name)
+            adapter = ServedAdapter(name, self._next_key, weights, scaling, rank, str(path))
+            self._next_key += 1
+            self._adapters[name] = adapter
+            return adapter
+
+    def remove(self, name: str) -> None:
+        """Unload `name` (running requests with it finish with it); ConfigError if it is not loaded."""
+        with self.lock:
+            self.get(name)
+            del self._adapters[name]
+
+    @contextlib.contextmanager
+    def rows(self, adapters: Sequence[Optional[ServedAdapter]]) -> Iterator[None]:
+        """Within: batch row i of a forward gets `adapters[i]`'s delta (None: the base model alone)."""
+        groups: dict[int, list[int]] = {}
+        by_key = {}
+        for i, adapter in enumerate(adapters):
+            if adapter is not None:
+                groups.setdefault(adapter.key, []).append(i)
+                by_key[adapter.key] = adapter
+        with self.lock:
+            device = self.model.norm.weight.device
+            self.active = [(torch.tensor(rows, device=device), by_key[key]) for key, rows in groups.items()]
+            try:
+                yield
+            finally:
+                self.active = []
+
+    def _wrap(self, module_name: str) -> None:
+        parent_name, _, leaf = module_name.rpartition(".")
+        parent = self.model.get_submodule(parent_name)
+        current = getattr(parent, leaf)
+        if isinstance(current, RowLoRA):
+            return
+        if not hasattr(current, "in_features") or not hasattr(current, "out_features"):
+            raise ConfigError(f"{module_name} is a {type(current).__name__}, which cannot take a LoRA adapter")
+        setattr(parent, leaf, RowLoRA(current, module_name, self))
