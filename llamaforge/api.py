@@ -17,6 +17,7 @@ engine are re-exported here, so nothing above `api` imports `generation` itself.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -197,7 +198,8 @@ class Llama:
 
         start = time.perf_counter()
         keep_quantized = dtype is None and dev.type == "cpu" and world == 1
-        ckpt = checkpoints.load(path, progress=progress, keep_quantized=keep_quantized)
+        ckpt = _on_own_thread(lambda: checkpoints.load(path, progress=progress, keep_quantized=keep_quantized),
+                              world)
         tokenizer = Tokenizer.from_source(ckpt.tokenizer_source, tokenizer_path)
         args = ckpt.args
         if tokenizer.n_words > args.vocab_size:
@@ -212,12 +214,17 @@ class Llama:
                 max_seq_len, args.max_seq_len,
             )
             args = dataclasses.replace(args, max_seq_len=max_seq_len)
-        model, decode_step = runtime.prepare(args, ckpt.state_dict, device=dev, dtype=torch_dtype, quantize=quantize,
-                                             world=world, rank=rank, max_seq_len=max_seq_len)
-        if adapters:
-            from llamaforge.training.adapters import apply_adapters
 
-            apply_adapters(model, adapters)  # LoRA layers: the decode step runs the modules for them
+        def make() -> tuple[Transformer, runtime.DecodeStep]:
+            made, step = runtime.prepare(args, ckpt.state_dict, device=dev, dtype=torch_dtype, quantize=quantize,
+                                         world=world, rank=rank, max_seq_len=max_seq_len)
+            if adapters:
+                from llamaforge.training.adapters import apply_adapters
+
+                apply_adapters(made, adapters)  # LoRA layers: the decode step runs the modules for them
+            return made, step
+
+        model, decode_step = _on_own_thread(make, world)
         log.info(
             "loaded %s (%s, %.1fM parameters) on %s in %s in %.2fs",
             path, ckpt.format, args.n_params / 1e6, dev, torch_dtype, time.perf_counter() - start,
@@ -623,6 +630,25 @@ _SAMPLING_OPTIONS = ("min_p", "repetition_penalty", "frequency_penalty", "presen
 def _sampling_options(options: dict) -> dict:
     """Take the sampler's keyword arguments out of `options` (the rest go to `_generate`)."""
     return {k: options.pop(k) for k in _SAMPLING_OPTIONS if k in options}
+
+
+def _on_own_thread(fn, world: int = 1):
+    """`fn()` on a short-lived thread of its own (its result or exception returned here); under a multi-process
+    launch on the caller's thread.
+
+    libgomp gives every thread that runs OpenMP work a pool of workers that lives as long as the thread. Loading
+    (repacking weights, converting dtypes) on the caller's thread would leave the caller a pool beside the engine
+    thread's, and with more OpenMP threads than cores libgomp stops spinning between parallel regions: each of
+    the ~200 small regions of a decode step then pays a wake-up (half the batch-1 speed of the 135M model,
+    benchmarks/RESULTS.md). Done on a thread of its own, the work's pool ends with it.
+    """
+    if world > 1:
+        return fn()
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llamaforge-load")
+    try:
+        return pool.submit(fn).result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def kv_bytes_per_token(args: ModelArgs, dtype: torch.dtype) -> int:
