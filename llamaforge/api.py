@@ -31,7 +31,7 @@ import torch
 
 from llamaforge import devices, runtime
 from llamaforge.chat import Dialog, Message, chat_format_for, has_special_tags
-from llamaforge.errors import ConfigError, GenerationError, TokenizerError
+from llamaforge.errors import ConfigError, GenerationError
 from llamaforge.generation import (
     Delta, Engine, EngineClosed, Event, Failure, Finish, Job, PromptDone, QueueFull, SamplingParams, TokenInfo,
     generate, meta_cut,

@@ -101,7 +101,7 @@ def atomic_file(out_path: PathLike, *, overwrite: bool = False) -> Iterator[Path
     """Yield a temporary file path beside `out_path`; on success it replaces `out_path` in one rename."""
     out = Path(out_path)
     if out.is_dir():
-        raise CheckpointError(f"{out} is a directory; give a file path for the GGUF output")
+        raise CheckpointError(f"{out} is a directory; give a file path to write")
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} already exists; pass overwrite=True to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -112,13 +112,12 @@ class TokenWriter:
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
-    """Write JSON so that a reader sees the old file or the new one, never a torn one (tmp + fsync + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(value, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write JSON so that a reader sees the old file or the new one, never a torn one (checkpoints' atomic_file:
+    temporary file, fsync, rename, fsync of the folder)."""
+    from llamaforge.checkpoints.save import atomic_file
+
+    with atomic_file(path, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
 
 
 def read_json_or_none(path: Path) -> Optional[dict]:
