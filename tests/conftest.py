@@ -91,6 +91,20 @@ def default_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
+def default_tokenizer():
+    """The default model's tokenizer, loaded once; only a missing default model package skips (a tokenizer that
+    fails to load is a failure)."""
+    from llamaforge.errors import CheckpointNotFoundError
+    from llamaforge.tokenizer import Tokenizer
+
+    try:
+        path = default_model_path()
+    except CheckpointNotFoundError as exc:
+        pytest.skip(f"default model package not installed: {exc}")
+    return Tokenizer.from_file(path)
+
+
+@pytest.fixture(scope="session")
 def default_llama():
     """The default model, built once for the session on the CPU, dequantized to float32 (the reference path)."""
     from llamaforge import Llama

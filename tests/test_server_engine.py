@@ -13,7 +13,7 @@ import threading
 import pytest
 import torch
 
-from llamaforge.generation import SamplingParams, generate
+from llamaforge.generation import generate
 from llamaforge.model import ModelArgs, Transformer
 from llamaforge.generation.engine import Delta, Engine, Failure, Finish, Job, PromptDone, QueueFull, wait_idle
 from llamaforge.generation.sampler import RowState, SamplingParams, process_row

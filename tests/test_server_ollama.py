@@ -157,18 +157,16 @@ def test_metrics_count_requests_tokens_and_latency(served):
     assert after[("llamaforge_engine_generated_tokens_total", ())] >= body["usage"]["completion_tokens"]
 
 
-def test_the_api_key_guards_the_ollama_routes_too():
+def test_the_api_key_guards_the_ollama_routes_too(default_tokenizer):
     """In process (no second server): /api routes answer 401 without the key, and work with it."""
     import torch
     from starlette.testclient import TestClient
 
     from llamaforge.api import Llama
-    from llamaforge.default_model import default_model_path
     from llamaforge.model import ModelArgs, Transformer
     from llamaforge.server.app import create_app
-    from llamaforge.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_file(default_model_path())
+    tok = default_tokenizer
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=tok.n_words, hidden_dim=64,
                                   max_seq_len=64)).eval()

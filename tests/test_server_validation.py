@@ -26,18 +26,10 @@ MAX_SEQ = 64
 
 
 @pytest.fixture(scope="module")
-def llama():
+def llama(default_tokenizer):
     from llamaforge.api import Llama
-    from llamaforge.default_model import default_model_path
-    from llamaforge.tokenizer import Tokenizer
 
-    from llamaforge.errors import CheckpointNotFoundError
-
-    try:  # only a missing default model package skips; a tokenizer that fails to load is a failure
-        path = default_model_path()
-    except CheckpointNotFoundError as exc:
-        pytest.skip(f"default model package not installed: {exc}")
-    tok = Tokenizer.from_file(path)
+    tok = default_tokenizer
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=tok.n_words, hidden_dim=64,
                                   max_seq_len=MAX_SEQ)).eval()

@@ -153,13 +153,11 @@ def test_bad_arguments_are_clear_errors():
         model_steps(model, SEQ + 1)
 
 
-def test_llama_generate_speculative_equals_plain_greedy():
+def test_llama_generate_speculative_equals_plain_greedy(default_tokenizer):
     """The API's speculative=... gives Llama.generate's own greedy rows (prompt lookup and a draft model)."""
     from llamaforge.api import Llama
-    from llamaforge.default_model import default_model_path
-    from llamaforge.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_file(default_model_path())
+    tok = default_tokenizer
 
     def tiny(seed):
         torch.manual_seed(seed)
