@@ -40,6 +40,7 @@ from llamaforge.progress import iterate_bytes, nbytes
 
 __all__ = [
     "DequantLinear",
+    "Int8Linear",
     "QuantTensorLike",
     "QuantizedLinear",
     "compute_dtype",
@@ -432,6 +433,45 @@ def quantize_model(
     return model
 
 
+class Int8Linear(nn.Module):
+    """`y = (x @ W8.T) * scale + b`: int8 weights, one scale per output row, for GPUs (gpt-fast's int8 scheme).
+
+    `quantize="int8"`. Symmetric per-row quantization (scale = max |w| / 127 of each row); the weight is
+    converted to the activations' dtype inside the matmul, which `torch.compile` fuses into one kernel on
+    CUDA (`Llama.build(compile=True)`), so decode reads one byte per weight instead of two. On the CPU the
+    GGUF schemes run on integer kernels and are the faster choice; this layer runs there too (tests).
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)  # (out,)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(linear.weight.dtype))
+        self.register_buffer("bias", _float_bias(linear))
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight (out, in) the int8 one stands for."""
+        return self.weight.float() * self.scale.float()[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row scales"
+
+
+def _int8_linears(model: nn.Module, skip: set[str]) -> nn.Module:
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in skip}
+    for name, module in linears.items():
+        if module.weight.device.type == "meta":
+            raise ConfigError(f"module {name} has no weights yet (meta device); load the checkpoint before quantizing")
+        _set_module(model, name, Int8Linear(module))
+    return model
+
+
 def quantize_model_weights(
     model: nn.Module,
     scheme: str = "q8_0",
@@ -447,7 +487,8 @@ def quantize_model_weights(
 
     Args:
         model: a model whose weights are loaded (not on the meta device).
-        scheme: "q8_0" or "q4_0" (also "q4_1", "q5_0", "q5_1"), as gguf-py/llama.cpp quantize them.
+        scheme: "q8_0" or "q4_0" (also "q4_1", "q5_0", "q5_1"), as gguf-py/llama.cpp quantize them; or
+            "int8": int8 weights with per-row scales (`Int8Linear`, for GPUs; embeddings stay float).
         skip: module names to leave in float (e.g. ["output"]).
         include_embeddings: also quantize untied nn.Embedding tables.
         backend: "auto" or "torch", passed to every new layer.
@@ -456,8 +497,11 @@ def quantize_model_weights(
         ConfigError for an unknown scheme, or a layer whose in_features is not a multiple of 32
         (name it in `skip` to keep it in float).
     """
+    if str(scheme).lower() == "int8":
+        return _int8_linears(model, set(skip))
     if str(scheme).upper() not in kernels.QUANTIZABLE:
-        raise ConfigError(f"scheme must be one of {[q.lower() for q in kernels.QUANTIZABLE]}, got {scheme!r}")
+        schemes = [q.lower() for q in kernels.QUANTIZABLE] + ["int8"]
+        raise ConfigError(f"scheme must be one of {schemes}, got {scheme!r}")
     info = kernels.qtype_info(scheme)
     skip = set(skip)
     emb, out = getattr(model, "tok_embeddings", None), getattr(model, "output", None)
