@@ -141,6 +141,7 @@ class Llama:
         quantize: Optional[str] = None,
         adapters: Optional[Sequence[PathLike]] = None,
         progress: bool = True,
+        compile: bool = False,
     ) -> "Llama":
         """Load a checkpoint and its tokenizer, ready to generate.
 
@@ -169,6 +170,8 @@ class Llama:
                 adapter_model.safetensors) or llama.cpp GGUF LoRA files; merged into float weights,
                 applied beside quantized ones (see llamaforge.training.adapters).
             progress: show a progress bar while a large checkpoint loads.
+            compile: run the one-token decode steps through torch.compile (CUDA graphs on CUDA; see
+                llamaforge.runtime.compiled); the first step of each batch size compiles.
 
         Returns:
             A Llama ready for `generate`, `text_completion` and `chat_completion`.
@@ -217,7 +220,7 @@ class Llama:
 
         def make() -> tuple[Transformer, runtime.DecodeStep]:
             made, step = runtime.prepare(args, ckpt.state_dict, device=dev, dtype=torch_dtype, quantize=quantize,
-                                         world=world, rank=rank, max_seq_len=max_seq_len)
+                                         world=world, rank=rank, max_seq_len=max_seq_len, compile=compile)
             if adapters:
                 from llamaforge.training.adapters import apply_adapters
 

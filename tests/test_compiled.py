@@ -109,3 +109,24 @@ def test_quantize_model_weights_int8_swaps_every_linear():
     assert (after - before).norm() / before.norm() < 0.05
     with pytest.raises(ConfigError, match="int8"):
         quantize_model_weights(tiny_model(), "int3")
+
+
+@pytest.mark.slow
+def test_llama_build_compile_gives_the_same_greedy_text(tiny_checkpoints):
+    from llamaforge import Llama
+
+    kw = dict(max_seq_len=64, max_batch_size=2, device="cpu", dtype="float32")
+    plain = Llama.build(str(tiny_checkpoints.meta), **kw)
+    compiled = Llama.build(str(tiny_checkpoints.meta), compile=True, **kw)
+    assert compiled.decode_step.compiled is not None and compiled.decode_step.fused is None
+    prompts = ["the llama", "hello world of"]
+    want = plain.text_completion(prompts, temperature=0, max_gen_len=12)
+    got = compiled.text_completion(prompts, temperature=0, max_gen_len=12)
+    assert [g["generation"] for g in got] == [w["generation"] for w in want]
+
+
+def test_compile_flag_reaches_llama_build():
+    from llamaforge.cli.main import build_parser
+
+    args = build_parser().parse_args(["generate", "--compile", "hello"])
+    assert args.compile is True
