@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -42,6 +43,7 @@ _NUMERIC = {  # GGUF value type id -> little-endian numpy dtype
     12: np.dtype("<f8"),
 }
 _STRING, _ARRAY, _FLOAT32, _BOOL = 8, 9, 6, 7
+_U64 = struct.Struct("<Q")
 _FLOATS = (6, 12)
 
 # What each key llamaforge reads must hold: "int", "float" (an int is accepted), "bool", "str", or a list
@@ -102,15 +104,37 @@ class GGUFTensorInfo:
     nbytes: int
 
 
+@dataclass(frozen=True)
+class FileIdentity:
+    """Which file a mapping holds, from `fstat` of the descriptor that was mapped (not of the path later).
+
+    Any change to the file (a rewrite in place, a replacement under the same name, `touch`) changes at
+    least one of these: the kernel sets `ctime_ns` on every write or metadata change, and no call sets it
+    back. Caches derived from a file's bytes (runtime/x8_cache.py) are keyed by it.
+    """
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+
 @dataclass
 class GGUFFile:
-    """A parsed, validated GGUF header over a memory-mapped file."""
+    """A parsed, validated GGUF header over a memory-mapped file.
+
+    `data_offset`: where the (aligned) tensor data starts; the bytes before it are the header.
+    `identity`: the mapped file's identity at the time it was opened.
+    """
 
     path: Path
     version: int
     metadata: dict[str, Any]
     tensors: dict[str, GGUFTensorInfo]
     buffer: Any = field(repr=False)
+    data_offset: int = 0
+    identity: Optional[FileIdentity] = None
 
     def raw(self, info: GGUFTensorInfo) -> Any:
         """The tensor's bytes as a flat torch.uint8 tensor sharing the mapping (no copy)."""
@@ -154,6 +178,27 @@ class _Reader:
         except UnicodeDecodeError as e:
             raise self.fail(f"{what} is not valid UTF-8 ({e})") from e
 
+    def strings(self, n: int, what: str) -> list[str]:
+        """`n` strings in a row: `string` in one tight loop (a vocabulary holds ~10^5 of them)."""
+        buf, size, off, out = self.buf, self.size, self.off, []
+        length, append = _U64.unpack_from, out.append
+        try:
+            for _ in range(n):
+                if off + 8 > size:
+                    break
+                end = off + 8 + length(buf, off)[0]
+                if end > size:
+                    break
+                append(buf[off + 8: end].decode("utf-8"))
+                off = end
+        except UnicodeDecodeError as e:
+            self.off = off
+            raise self.fail(f"{what} item {len(out)} is not valid UTF-8 ({e})") from e
+        self.off = off
+        if len(out) < n:  # stopped at the end of the file: the error `string` gives there
+            self.string(f"{what} item {len(out)}")
+        return out
+
     def value(self, vtype: int, what: str) -> Any:
         if vtype in _NUMERIC:
             dt = _NUMERIC[vtype]
@@ -173,7 +218,7 @@ class _Reader:
                 return arr.tolist()
             if itype == _STRING:
                 self.need(8 * n, what)  # each string takes at least its 8-byte length: no absurd loop
-                return [self.string(what) for _ in range(n)]
+                return self.strings(n, what)
             if itype == _ARRAY:
                 raise self.fail(f"{what} is an array of arrays, which GGUF readers (llama.cpp's too) refuse")
             raise self.fail(f"{what} is an array of unknown GGUF value type {itype}")
@@ -233,6 +278,8 @@ def read_gguf(path: str | Path) -> GGUFFile:
             if size < 24:
                 raise CheckpointError(f"{path}: {size} bytes is too short for a GGUF file (truncated?)")
             buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            st = os.fstat(f.fileno())
+            identity = FileIdentity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     except OSError as e:
         raise CheckpointError(f"cannot read GGUF file {path}: {e}") from e
     r = _Reader(buf, size, path)
@@ -287,7 +334,7 @@ def read_gguf(path: str | Path) -> GGUFFile:
                 f"bytes; the file is truncated (an interrupted download?), download it again"
             )
         tensors[name] = GGUFTensorInfo(name, qtype, tuple(int(d) for d in reversed(dims)), start, nbytes)
-    return GGUFFile(path, version, metadata, tensors, buf)
+    return GGUFFile(path, version, metadata, tensors, buf, data_start, identity)
 
 
 def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
