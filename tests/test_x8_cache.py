@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zlib
 
 import pytest
 import torch
@@ -34,9 +35,13 @@ def ggufs(tiny_checkpoints, tmp_path_factory):
             for q in ("q4_k_m", "q8_0")}, args, vocab
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """The cache in a folder of this test's own, for models of any size."""
+@pytest.fixture(params=["xxh3_64", "crc32"])
+def cache(tmp_path, monkeypatch, request):
+    """The cache in a folder of this test's own, for models of any size, with each checksum."""
+    if request.param == "crc32":
+        monkeypatch.setattr(x8_cache, "_checksum", lambda: ("crc32", 8, zlib.crc32))
+    else:
+        pytest.importorskip("xxhash")
     folder = tmp_path / "cache"
     monkeypatch.setenv(x8_cache.ENV, str(folder))
     monkeypatch.setattr(x8_cache, "MIN_BYTES", 0)
