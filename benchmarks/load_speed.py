@@ -1,6 +1,6 @@
 """Load time as a user waits for it: a fresh process, the model built, the first token's logits ready.
 
-    python benchmarks/load_speed.py --shape 1b --types Q4_K_M,Q4_0,Q8_0,F16 --repeats 5
+    python benchmarks/load_speed.py --shape 1b --types Q4_K_M,Q4_0,Q8_0,F16 --repeats 5 [--baseline ../main]
 
 For each repeat and type, one fresh process per variant, in turn (so a burst of load on a shared machine
 falls on all of them):
@@ -64,9 +64,11 @@ def child(cfg: dict) -> dict:
     return res
 
 
-def run(variant: str, model: Path, threads: int, cache: Path) -> dict:
+def run(variant: str, model: Path, threads: int, cache: Path, baseline: Path | None = None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads),
            "LLAMAFORGE_X8_CACHE": str(cache) if variant == "llamaforge cached" else "off"}
+    if variant == "baseline":  # another checkout of llamaforge, as it loads
+        env["PYTHONPATH"] = str(baseline)
     cfg = {"variant": variant, "model": str(model), "threads": threads}
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], capture_output=True, text=True,
                           env=env, timeout=600)
@@ -84,6 +86,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
     p.add_argument("--cache", type=Path, help="x8 cache folder (default: a temporary one, primed first)")
+    p.add_argument("--baseline", type=Path, help="also load with the llamaforge checkout at this path (variant "
+                   "'baseline', e.g. the code before a change)")
+    p.add_argument("--model", type=Path, action="append", help="a GGUF file to load instead of the shapes (repeatable; "
+                   "'default' for the default model)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -93,8 +99,15 @@ def main() -> None:
 
     from llamaforge.default_model import default_model_path
 
-    files = shape_files(a.shape, a.types, default_model_path(), a.threads)
+    if a.model:
+        files = {m.name if str(m) != "default" else "default": default_model_path() if str(m) == "default" else m
+                 for m in a.model}
+        a.types = list(files)
+    else:
+        files = shape_files(a.shape, a.types, default_model_path(), a.threads)
     cache = a.cache or Path(tempfile.mkdtemp(prefix="x8-cache-"))
+    if a.baseline:
+        a.variants.append("baseline")
     if "llamaforge cached" in a.variants:
         for t in a.types:  # the first load writes the cache file
             run("llamaforge cached", files[t], a.threads, cache)
@@ -102,7 +115,7 @@ def main() -> None:
     for r in range(a.repeats):
         for t in a.types:
             for v in a.variants:
-                res = run(v, files[t], a.threads, cache)
+                res = run(v, files[t], a.threads, cache, a.baseline)
                 results.setdefault((t, v), []).append(res)
                 print(f"[load] {r + 1}/{a.repeats} {t:<7} {v:<18} load {res['load_s']:.2f} s (CPU {res['load_cpu_s']:.2f}),"
                       f" peak RSS {res['peak_rss_mb']:.0f} MiB, load avg {os.getloadavg()[0]:.1f}", flush=True)
