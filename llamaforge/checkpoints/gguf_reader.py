@@ -346,7 +346,21 @@ def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
     return read_gguf(path).metadata
 
 
-def _tensor_size(r: _Reader, name: str, dims: tuple[int, ...], type_id: int) -> tuple[str, int]:
+# The ggml types of the files people run: type id -> (name, values per block, bytes per block), as gguf's
+# GGML_QUANT_SIZES says (tests/test_gguf_reader.py checks it). Reading a file of these types needs no import of
+# the gguf package (~0.05-0.1 s at every load); other ids are looked up there.
+GGML_TYPES: dict[int, tuple[str, int, int]] = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 28: ("F64", 1, 8), 30: ("BF16", 1, 2),
+}
+GGML_BLOCKS: dict[str, tuple[int, int]] = {name: (block, size) for name, block, size in GGML_TYPES.values()}
+
+
+def ggml_type(r: _Reader, name: str, type_id: int) -> tuple[str, int, int]:
+    """(type name, values per block, bytes per block) of a tensor's ggml type id, or a CheckpointError."""
+    if type_id in GGML_TYPES:
+        return GGML_TYPES[type_id]
     from importlib.metadata import version
 
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -360,10 +374,14 @@ def _tensor_size(r: _Reader, name: str, dims: tuple[int, ...], type_id: int) -> 
         ) from None
     if qtype not in GGML_QUANT_SIZES:
         raise r.fail(f"tensor {name!r} has ggml type {qtype.name}, which has no block size")
-    block, type_size = GGML_QUANT_SIZES[qtype]
+    return (qtype.name, *GGML_QUANT_SIZES[qtype])
+
+
+def _tensor_size(r: _Reader, name: str, dims: tuple[int, ...], type_id: int) -> tuple[str, int]:
+    qname, block, type_size = ggml_type(r, name, type_id)
     n = math.prod(dims)
     if dims and dims[0] % block:
         raise r.fail(
-            f"tensor {name!r} ({qtype.name}) has rows of {dims[0]} values, not a multiple of its block size {block}"
+            f"tensor {name!r} ({qname}) has rows of {dims[0]} values, not a multiple of its block size {block}"
         )
-    return qtype.name, n // block * type_size
+    return qname, n // block * type_size
