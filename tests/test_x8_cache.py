@@ -125,11 +125,22 @@ def tamper_table(file):
     file.write_bytes(bytes(data))
 
 
+def another_build(file):
+    """The same weights as written by other kernels (whose x8 layout may differ): stale."""
+    data = bytearray(file.read_bytes())
+    n = int.from_bytes(data[8:16], "little")
+    header = json.loads(data[16: 16 + n])
+    build = header["key"]["build"]
+    header["key"]["build"] = build[:-1] + ("0" if build[-1] != "0" else "1")
+    data[16: 16 + n] = json.dumps(header).encode()
+    file.write_bytes(bytes(data))
+
+
 def garbage(file):
     file.write_bytes(b"\x00" * 100)
 
 
-@pytest.mark.parametrize("damage", [corrupt_one_byte, truncate, tamper_table, garbage])
+@pytest.mark.parametrize("damage", [corrupt_one_byte, truncate, tamper_table, another_build, garbage])
 def test_a_damaged_cache_file_is_detected_and_written_again(ggufs, cache, caplog, damage):
     path = ggufs[0]["q4_k_m"]
     cold, _ = logits(path, caplog)
