@@ -117,8 +117,9 @@ def main() -> None:
             for v in a.variants:
                 res = run(v, files[t], a.threads, cache, a.baseline)
                 results.setdefault((t, v), []).append(res)
-                print(f"[load] {r + 1}/{a.repeats} {t:<7} {v:<18} load {res['load_s']:.2f} s (CPU {res['load_cpu_s']:.2f}),"
-                      f" peak RSS {res['peak_rss_mb']:.0f} MiB, load avg {os.getloadavg()[0]:.1f}", flush=True)
+                print(f"[load] {r + 1}/{a.repeats} {t:<7} {v:<18} load {res['load_s']:.2f} s "
+                      f"(CPU {res['load_cpu_s']:.2f}), peak RSS {res['peak_rss_mb']:.0f} MiB, "
+                      f"load avg {os.getloadavg()[0]:.1f}", flush=True)
     print(f"\n{a.shape} shape, {a.threads} thread(s), median of {a.repeats} fresh processes per cell; load = "
           "constructor + first token's logits (imports apart); RSS over imports = peak - after imports\n")
     print("| type | engine | load s | load CPU s | build s | imports s | peak RSS MiB | RSS over imports MiB |")

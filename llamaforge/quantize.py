@@ -406,21 +406,24 @@ def quantize_model(
             if shape != (module.out_features, module.in_features):
                 raise ConfigError(f"quantized weight {key!r} has shape {shape}, module {name} expects "
                                   f"{(module.out_features, module.in_features)}")
-            new: nn.Module = QuantizedLinear(
-                qt.raw, qt.qtype, *shape, _float_bias(module), backend=backend, layout=layout, repack=repack
-            ) if layout != "gguf" else QuantizedLinear.from_gguf(
-                qt.raw, qt.qtype, shape, _float_bias(module), backend=backend, repack=repack
-            )
+            new: nn.Module
+            if layout != "gguf":  # bytes already in the kernels' layout (runtime/x8_cache.py): used as they are
+                new = QuantizedLinear(qt.raw, qt.qtype, *shape, _float_bias(module), backend=backend, layout=layout)
+            else:
+                new = QuantizedLinear.from_gguf(
+                    qt.raw, qt.qtype, shape, _float_bias(module), backend=backend, repack=repack
+                )
         elif isinstance(module, nn.Embedding):
             if shape != (module.num_embeddings, module.embedding_dim):
                 raise ConfigError(f"quantized weight {key!r} has shape {shape}, module {name} expects "
                                   f"{(module.num_embeddings, module.embedding_dim)}")
             dtype = module.weight.dtype if module.weight.dtype.is_floating_point else torch.float32
-            new = QuantizedEmbedding(
-                qt.raw, qt.qtype, *shape, dtype=dtype, layout=layout
-            ) if layout != "gguf" else QuantizedEmbedding.from_gguf(
-                qt.raw, qt.qtype, shape, dtype=dtype, repack=repack and backend == "auto"
-            )
+            if layout != "gguf":
+                new = QuantizedEmbedding(qt.raw, qt.qtype, *shape, dtype=dtype, layout=layout)
+            else:
+                new = QuantizedEmbedding.from_gguf(
+                    qt.raw, qt.qtype, shape, dtype=dtype, repack=repack and backend == "auto"
+                )
         else:
             raise ConfigError(f"quantized weight {key!r} belongs to {name} ({type(module).__name__}); only nn.Linear "
                               "and nn.Embedding modules can be quantized")

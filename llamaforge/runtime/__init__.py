@@ -63,8 +63,9 @@ def build(args: ModelArgs, state_dict: Mapping[str, Any], *, device: torch.devic
 
     Keys and shapes of both kinds are checked first (CheckpointError naming them); the quantized layers are
     swapped in on the meta device, so no weight is ever held twice; GGUF weights come already repacked from
-    the x8 cache file when it holds them (runtime/x8_cache.py), which the first load writes. `max_seq_len`: the positions the rotary
-    tables cover (default: the context `args` declares; Llama.build passes the length it builds).
+    the x8 cache file when it holds them (runtime/x8_cache.py), which the first load writes. `max_seq_len`:
+    the positions the rotary tables cover (default: the context `args` declares; Llama.build passes the
+    length it builds).
     """
     quantized = {k: v for k, v in state_dict.items() if not isinstance(v, torch.Tensor)}
     if not quantized:
