@@ -197,3 +197,19 @@ def test_small_models_write_no_cache(ggufs, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv(x8_cache.ENV, str(folder))  # MIN_BYTES as shipped: the tiny model is far below it
     logits(ggufs[0]["q8_0"], caplog)
     assert not folder.exists()
+
+
+def test_cache_files_of_deleted_models_are_pruned_by_the_next_write(ggufs, cache, caplog, tmp_path):
+    paths, _, _ = ggufs
+    doomed = tmp_path / "doomed.gguf"
+    doomed.write_bytes(paths["q8_0"].read_bytes())
+    logits(doomed, caplog)
+    (doomed_cache,) = cache.iterdir()
+    leftover = cache / f".{doomed_cache.name}.abcd.tmp"  # what a writer killed mid-way leaves
+    leftover.write_bytes(b"partial")
+    os.utime(leftover, (0, 0))
+    doomed.unlink()
+    _, did = logits(paths["q4_k_m"], caplog)  # another model's first load writes its cache file...
+    assert did == "wrote"
+    remaining = list(cache.iterdir())  # ...and prunes the deleted model's file and the old leftover
+    assert len(remaining) == 1 and remaining[0] != doomed_cache and not leftover.exists()

@@ -10,10 +10,10 @@ are the kernel's page cache (shared by every process that loads the model), and 
     $LLAMAFORGE_X8_CACHE   a folder for the cache files (default $XDG_CACHE_HOME/llamaforge/x8),
                            or "off" to repack at every load (nothing written)
 
-One cache file per model path (a changed model overwrites its own cache file). A cache file is untrusted
-input, read as such:
-- it is used only when its header names exactly the key expected from the GGUF file being loaded: the
-  mapped file's identity (device, inode, size, mtime, ctime: any write or replacement changes ctime), a
+One cache file per model path (a changed model overwrites its own cache file; each write deletes the files
+of models that no longer exist). A cache file is untrusted input, read as such:
+- it is used only when its header names exactly the key expected from the GGUF file being loaded: its
+  path, the mapped file's identity (device, inode, size, mtime, ctime: any write or replacement changes ctime), a
   SHA-256 of the GGUF header and of samples of every weight's bytes, and the kernels' build (whose name
   changes with the repack code);
 - its table of tensors must equal the one computed here from the GGUF's validated shapes (names, types,
@@ -33,6 +33,7 @@ import logging
 import mmap
 import os
 import struct
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ _PREFIX = struct.Struct("<8sQ")  # magic, header length
 ALIGN = 4096  # tensors start on page boundaries
 MIN_BYTES = 16 << 20  # below this much x8 data a repack takes milliseconds: not worth a file
 _SAMPLE = 4096  # bytes at each end of every weight that go into the key
+_MAX_HEADER = 64 << 20  # a header longer than this is not one of ours
 
 
 @dataclass
@@ -133,7 +135,7 @@ def _header(origin: GGUFFile, todo: Mapping[str, GGUFQuantTensor], build: str, c
         fingerprint.update(flat[:_SAMPLE].numpy().tobytes())
         fingerprint.update(flat[-_SAMPLE:].numpy().tobytes())
     ident = origin.identity
-    key = {"build": build, "checksum": checksum, "device": ident.device, "inode": ident.inode, "size": ident.size,
+    key = {"model": str(Path(origin.path).resolve()), "build": build, "checksum": checksum, "device": ident.device, "inode": ident.inode, "size": ident.size,
            "mtime_ns": ident.mtime_ns, "ctime_ns": ident.ctime_ns, "sha256": fingerprint.hexdigest()}
     table, offset, digits = [], 0, _checksum()[1]
     for name, w in todo.items():
@@ -237,12 +239,56 @@ def _build(path: Path, header: dict, todo: Mapping[str, GGUFQuantTensor]) -> dic
             f.seek(0)
             f.write(_encode(header))
         log.info("x8 cache: wrote %s (%.0f MiB)", path, header["file_size"] / 2**20)
+        prune(path.parent)
     except OSError as e:  # a full disk or a read-only cache folder: run from memory, as without the cache
         log.warning("x8 cache: cannot write %s (%s); the weights are repacked at every load", path, e)
         for name, w in todo.items():
             if name not in packed:
                 packed[name] = _repack(w)
     return packed
+
+
+def prune(folder: Path) -> list[Path]:
+    """Delete the cache files of models that no longer exist (and temporary files a killed writer left); returns them.
+
+    Called after each write, so a folder holds one file per model on disk. Only each file's header (at most
+    `_MAX_HEADER` bytes) is read to learn which model it belongs to.
+    """
+    gone = []
+    for file in folder.glob("*.x8"):
+        model = _model_of(file)
+        if model is not None and not os.path.exists(model):
+            gone.append(file)
+    gone += [tmp for tmp in folder.glob(".*.x8.*.tmp") if _age_s(tmp) > 3600]
+    for file in gone:
+        try:
+            file.unlink()
+        except OSError:
+            pass
+    return gone
+
+
+def _model_of(file: Path) -> Optional[str]:
+    """The model path a cache file's header names, or None if it cannot be read as one."""
+    try:
+        with open(file, "rb") as f:
+            prefix = f.read(_PREFIX.size)
+            if len(prefix) < _PREFIX.size or _PREFIX.unpack(prefix)[0] != MAGIC:
+                return None
+            length = _PREFIX.unpack(prefix)[1]
+            if length > _MAX_HEADER:
+                return None
+            model = json.loads(f.read(length)).get("key", {}).get("model")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return model if isinstance(model, str) else None
+
+
+def _age_s(file: Path) -> float:
+    try:
+        return time.time() - file.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _repack(w: GGUFQuantTensor) -> PackedWeight:
