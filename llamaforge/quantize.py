@@ -60,6 +60,7 @@ class QuantTensorLike(Protocol):
     shape: Sequence[int]  # (out_features, in_features)
     # Optional: `release()`, called once the layer holds a repacked copy and no longer needs `raw`
     # (GGUFQuantTensor drops its file pages from memory, keeping load-time peak memory near one copy).
+    # Optional: `layout` ("gguf" when absent); "x8" bytes (runtime/x8_cache.py's) are used as they are.
 
 
 def _check_backend(backend: str) -> str:
@@ -401,21 +402,29 @@ def quantize_model(
             raise ConfigError(f"quantized weight {key!r} names no module of the model; modules with weights "
                               f"include {[n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Embedding))][:8]}")
         shape = tuple(int(s) for s in qt.shape)
+        layout = getattr(qt, "layout", "gguf")
         if isinstance(module, nn.Linear):
             if shape != (module.out_features, module.in_features):
                 raise ConfigError(f"quantized weight {key!r} has shape {shape}, module {name} expects "
                                   f"{(module.out_features, module.in_features)}")
-            new: nn.Module = QuantizedLinear.from_gguf(
-                qt.raw, qt.qtype, shape, _float_bias(module), backend=backend, repack=repack
-            )
+            new: nn.Module
+            if layout != "gguf":  # bytes already in the kernels' layout (runtime/x8_cache.py): used as they are
+                new = QuantizedLinear(qt.raw, qt.qtype, *shape, _float_bias(module), backend=backend, layout=layout)
+            else:
+                new = QuantizedLinear.from_gguf(
+                    qt.raw, qt.qtype, shape, _float_bias(module), backend=backend, repack=repack
+                )
         elif isinstance(module, nn.Embedding):
             if shape != (module.num_embeddings, module.embedding_dim):
                 raise ConfigError(f"quantized weight {key!r} has shape {shape}, module {name} expects "
                                   f"{(module.num_embeddings, module.embedding_dim)}")
             dtype = module.weight.dtype if module.weight.dtype.is_floating_point else torch.float32
-            new = QuantizedEmbedding.from_gguf(
-                qt.raw, qt.qtype, shape, dtype=dtype, repack=repack and backend == "auto"
-            )
+            if layout != "gguf":
+                new = QuantizedEmbedding(qt.raw, qt.qtype, *shape, dtype=dtype, layout=layout)
+            else:
+                new = QuantizedEmbedding.from_gguf(
+                    qt.raw, qt.qtype, shape, dtype=dtype, repack=repack and backend == "auto"
+                )
         else:
             raise ConfigError(f"quantized weight {key!r} belongs to {name} ({type(module).__name__}); only nn.Linear "
                               "and nn.Embedding modules can be quantized")

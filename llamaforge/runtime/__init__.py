@@ -21,6 +21,7 @@ from llamaforge.kernels import get_extension
 from llamaforge.model import KVCache, ModelArgs, StepInput, Transformer, build_model, check_weights, empty_model
 from llamaforge.model import load_weights
 from llamaforge.quantize import quantize_model, quantize_model_weights
+from llamaforge.runtime import x8_cache
 from llamaforge.runtime.adapters import AdapterTable
 from llamaforge.runtime.compiled import CompiledDecode
 from llamaforge.runtime.fused import FusedDecode
@@ -66,15 +67,17 @@ def build(args: ModelArgs, state_dict: Mapping[str, Any], *, device: torch.devic
     """A model holding exactly `state_dict`: float tensors assigned, quantized ones (GGUF blocks) as quantized layers.
 
     Keys and shapes of both kinds are checked first (CheckpointError naming them); the quantized layers are
-    swapped in on the meta device, so no weight is ever held twice. `max_seq_len`: the positions the rotary
-    tables cover (default: the context `args` declares; Llama.build passes the length it builds).
+    swapped in on the meta device, so no weight is ever held twice; GGUF weights come already repacked from
+    the x8 cache file when it holds them (runtime/x8_cache.py), which the first load writes. `max_seq_len`:
+    the positions the rotary tables cover (default: the context `args` declares; Llama.build passes the
+    length it builds).
     """
     quantized = {k: v for k, v in state_dict.items() if not isinstance(v, torch.Tensor)}
     if not quantized:
         return build_model(args, state_dict, device=device, dtype=dtype, max_seq_len=max_seq_len)
     model = empty_model(args, max_seq_len)
     check_weights(model, state_dict)
-    quantize_model(model, from_state=quantized)
+    quantize_model(model, from_state=x8_cache.repacked(quantized))
     floats = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
     return load_weights(model, floats, device=device, dtype=dtype)
 
