@@ -91,7 +91,7 @@ class Engine:
         kv_blocks: Optional[int] = None,
     ):
         """`n_slots`: sequences decoded together at most; `kv_blocks`: the KV pool's blocks of `chunk`
-        positions (default: enough for every slot at `max_seq_len`, so nothing is ever preempted);
+        positions (default, and at most: enough for every slot at `max_seq_len`, so nothing is preempted);
         `decode_step` runs the decode steps (default: the model's modules; `Llama` passes its own);
         `adapters`: the LoRA adapters a job may name (`Job.adapter`), served in the same batches;
         `runner`: the model calls (default: a `Runner` of those; a tensor-parallel `Llama` passes a
@@ -109,8 +109,8 @@ class Engine:
         self.prefix_reuse = prefix_reuse
         self.vocab_size = self.runner.vocab_size
         self.n_slots = n_slots
-        if kv_blocks is None:
-            kv_blocks = n_slots * blocks_for(max_seq_len, chunk)
+        most = n_slots * blocks_for(max_seq_len, chunk)  # every slot at full context: more is never used
+        kv_blocks = most if kv_blocks is None else min(kv_blocks, most)
         if kv_blocks < blocks_for(max_seq_len, chunk):
             raise ConfigError(f"{kv_blocks} KV blocks of {chunk} positions cannot hold one sequence of max_seq_len "
                               f"{max_seq_len}; give more KV memory or a shorter max_seq_len")
