@@ -16,7 +16,7 @@ import torch
 
 from llamaforge.errors import ConfigError, GenerationError
 from llamaforge.generation.blocks import BlockPool
-from llamaforge.generation.engine import Delta, Engine, Failure, Finish, Job, PromptDone, wait_idle
+from llamaforge.generation.engine import Delta, Engine, Failure, Finish, Job, wait_idle
 from llamaforge.generation.runner import PrefillChunk, Runner, decode_logits
 from llamaforge.generation.sampler import SamplingParams
 from llamaforge.model import KVCache, ModelArgs, StepInput, Transformer

@@ -8,7 +8,8 @@ Requests (`Job`s) wait in a bounded queue and join the running batch at step bou
 `kv_blocks` blocks of `chunk` positions, drawn as sequences grow (`generation/scheduler.py` has the policy:
 admission with a watermark, preemption of the youngest request when blocks run out, resumed bit for bit;
 `generation/blocks.py` the books and the prefix cache). `submit` refuses a job whose `prompt + max_tokens`
-does not fit the context or, alone, the pool. Each loop iteration
+does not fit the context or, alone, the pool. Each loop iteration (steps 3 and 4 run in
+`generation/batch.py`)
 1. applies cancellations (a caller went away: its blocks are free at once);
 2. resumes preempted jobs, then admits waiting ones, sharing cached prefix blocks;
 3. computes up to `prefill_budget` prompt tokens of the jobs being prefilled, a chunk of several jobs in one
@@ -45,12 +46,13 @@ from typing import Optional, Sequence
 import torch
 
 from llamaforge.errors import ConfigError, GenerationError, LlamaforgeError
+from llamaforge.generation.batch import Batch, safe_call
 from llamaforge.generation.blocks import BlockPool
 from llamaforge.generation.checks import check_job
 from llamaforge.generation.embed import EmbedQueue, check_inputs
 from llamaforge.generation.jobs import Delta, EngineClosed, Event, Failure, Finish, Job, PromptDone, QueueFull, Sink
-from llamaforge.generation.runner import KV_ALIGN, PrefillChunk, Runner, round_up
-from llamaforge.generation.sampler import RowState, TokenInfo, choose, logprob_info, make_generator, prompt_logprob_info
+from llamaforge.generation.runner import KV_ALIGN, Runner, round_up
+from llamaforge.generation.sampler import RowState, make_generator
 from llamaforge.generation.scheduler import Active, Scheduler, Seq
 from llamaforge.generation.text import TextStream
 from llamaforge.model.kv_cache import blocks_for
@@ -120,6 +122,8 @@ class Engine:
         self.pool = BlockPool(kv_blocks, chunk, caching=prefix_reuse)
         self.sched = Scheduler(self.pool, n_slots,
                                lambda src, dst, n: self.runner.copy_block(self.cache, src, dst, n))
+        self.batch = Batch(self.runner, self.cache, self.sched, chunk=chunk, prefill_budget=self.prefill_budget,
+                           max_seq_len=max_seq_len)
         self._lock = threading.Condition()
         self._waiting: deque[tuple[Job, Sink]] = deque()
         self._cancelled: set[int] = set()
@@ -129,12 +133,19 @@ class Engine:
         self._next_id = 0
         self._closing = False
         self._thread: Optional[threading.Thread] = None
-        self.generated_tokens = 0
-        self.steps = 0
 
     @property
     def closed(self) -> bool:
         return self._closing
+
+    @property
+    def steps(self) -> int:
+        """Decode steps run so far."""
+        return self.batch.steps
+
+    @property
+    def generated_tokens(self) -> int:
+        return self.batch.generated_tokens
 
     # -- the thread-safe surface ----------------------------------------------------------------
 
@@ -277,11 +288,11 @@ class Engine:
                         self._waiting = deque((j, s) for j, s in self._waiting if j.id not in cancelled)
                     resumed, admitted = self._take_admissible() if draining is None else ([], [])
                 if draining is not None:
-                    self._fail_running(503, draining)
+                    self.batch.fail_all(503, draining)
                     self._fail_waiting(503, draining)
                     continue
                 try:
-                    self._cancel_running(cancelled)
+                    self.batch.cancel(cancelled)
                     for act in resumed:
                         self.sched.start(act, reuse=self.prefix_reuse)
                     for job, sink in admitted:
@@ -289,13 +300,13 @@ class Engine:
                             self._admit(job, sink)
                         except Exception as exc:  # e.g. a constraint that cannot start: this job only
                             log.exception("admitting a request failed")
-                            _safe_call(sink, Failure(500, f"could not start the request: {exc}"))
-                    self._embeds_step(self._prefill_step())
-                    self._decode_step()
+                            safe_call(sink, Failure(500, f"could not start the request: {exc}"))
+                    self._embeds_step(self.batch.prefill_step())
+                    self._embed_credit += EMBED_SHARE * self.batch.decode_step()
                 except Exception as exc:  # a bug must not kill the loop: fail what is running, go on
                     log.exception("engine step failed")
-                    self._fail_running(500, f"internal error in the engine: {exc}")
-        self._fail_running(503, self._drain or "the engine is shutting down")
+                    self.batch.fail_all(500, f"internal error in the engine: {exc}")
+        self.batch.fail_all(503, self._drain or "the engine is shutting down")
         self._fail_waiting(503, self._drain or "the engine is shutting down")
 
     def _drain_pending(self) -> bool:
@@ -343,196 +354,12 @@ class Engine:
         act.open_seqs = job.n
         self.sched.start(act, reuse=self._reuse(job))
 
-    def _prefill_step(self) -> int:
-        """Compute prompt chunks until the step's budget is spent; returns the rest.
-
-        Each forward takes the next canonical chunk of every job being prefilled, first come first
-        served, as far as the budget goes (a job's next chunk needs its previous one, so a long prompt
-        gives one chunk per forward); what is left of the budget goes to further forwards.
-        """
-        budget = self.prefill_budget
-        while budget > 0 and self.sched.prefilling:
-            batch = []
-            for act in self.sched.prefilling:
-                if budget <= 0:
-                    break
-                batch.append(act)
-                budget -= min(len(act.job.prompt), act.next_pos + self.chunk) - act.next_pos
-            self._prefill_chunks(batch)
-        return budget
-
-    def _prefill_chunks(self, acts: Sequence[Active]) -> None:
-        """One canonical chunk [start, start + C) of each job (start is a multiple of C), in one forward."""
-        chunks = []
-        for act in acts:
-            end = min(len(act.job.prompt), act.next_pos + self.chunk)
-            all_logits = act.job.prompt_logprobs is not None and not act.prompt_sent
-            chunks.append(PrefillChunk(act.job.prompt[act.next_pos:end], act.next_pos,
-                                       self.sched.primary(act).blocks, all_logits=all_logits, adapter=act.adapter))
-        try:
-            results = self.runner.prefill(self.cache, chunks)  # per job (T or 1, V)
-        except Exception as exc:
-            log.exception("prefill failed")
-            for act in acts:
-                self._fail(act, 500, f"prefill failed: {exc}")
-            return
-        for act, chunk, logits in zip(acts, chunks, results):
-            try:
-                self._chunk_done(act, chunk, logits)
-            except Exception as exc:
-                log.exception("prefill failed")
-                self._fail(act, 500, f"prefill failed: {exc}")
-
-    def _chunk_done(self, act: Active, chunk: PrefillChunk, logits: torch.Tensor) -> None:
-        job = act.job
-        start, end = chunk.start, chunk.start + len(chunk.tokens)
-        self.sched.chunk_written(act, end)  # full blocks of whole chunks join the prefix cache
-        act.next_pos = end
-        if chunk.all_logits:
-            # logits[j] predicts prompt[start + j + 1]; the first prompt token has no logprob.
-            infos = prompt_logprob_info(logits, job.prompt[start:end + 1], job.prompt_logprobs)
-            act.prompt_infos.extend(infos if start == 0 else infos[1:])
-        if end == len(job.prompt):
-            self._prompt_done(act, logits[-1:])
-
-    def _prompt_done(self, act: Active, last_logits: torch.Tensor) -> None:
-        """The prompt is in the cache: the choices fork from it and sample their first tokens (a resumed job's
-        choices instead replay the tokens they had generated)."""
-        job = act.job
-        self.sched.fork(act)
-        if act.prompt_sent:
-            self.sched.decoding.extend(self.sched.resume(act))
-            return
-        act.prompt_sent = True
-        self._send(act, PromptDone(act.cached, act.prompt_infos if job.prompt_logprobs is not None else None))
-        if job.max_tokens == 0:
-            for seq in act.seqs:
-                self._finish(seq, "length")
-            return
-        self._take_tokens(act.seqs, last_logits.expand(len(act.seqs), -1))  # (n, V): every choice starts here
-
-    def _decode_step(self) -> None:
-        self.sched.grow()  # each sequence gets the block of its next position, or the youngest job waits
-        seqs = [s for s in self.sched.decoding if not s.done]
-        if not seqs:
-            return
-        start = time.perf_counter()
-        try:
-            logits = self.runner.decode(self.cache, [s.last for s in seqs], [s.pos for s in seqs],
-                                        [s.blocks for s in seqs], [s.job.adapter for s in seqs])  # (B, V)
-            self._embed_credit += EMBED_SHARE * (time.perf_counter() - start)
-        except Exception as exc:
-            log.exception("decode step failed")
-            for act in {id(s.job): s.job for s in seqs}.values():
-                self._fail(act, 500, f"decode step failed: {exc}")
-            return
-        self.steps += 1
-        sampled = []
-        for i, s in enumerate(seqs):
-            s.pos += 1
-            if s.replay:  # resuming after a preemption: feed the next token it had generated, drop the logits
-                s.last = s.replay.popleft()
-            else:
-                sampled.append(i)
-        if len(sampled) < len(seqs):
-            seqs, logits = [seqs[i] for i in sampled], logits[sampled]
-        self._take_tokens(seqs, logits)
-
-    def _take_tokens(self, seqs: Sequence[Seq], logits: torch.Tensor) -> None:
-        """Sample one token per sequence from logits (B, V) and send it on."""
-        if not seqs:
-            return
-        rows = [s.row for s in seqs]
-        chosen = choose(logits, rows)
-        ok = [i for i, c in enumerate(chosen) if not isinstance(c, Exception)]
-        infos = logprob_info(logits, [chosen[i] if i in ok else 0 for i in range(len(seqs))],
-                             [seqs[i].job.job.logprobs if i in ok else None for i in range(len(seqs))])
-        for i, seq in enumerate(seqs):
-            if seq.done:  # its request failed on an earlier row of this batch
-                continue
-            if isinstance(chosen[i], Exception):
-                self._fail(seq.job, 500, f"sampling failed: {chosen[i]}")
-                continue
-            try:
-                self._advance(seq, chosen[i], infos[i])
-            except Exception as exc:
-                log.exception("advancing a sequence failed")
-                self._fail(seq.job, 500, f"internal error: {exc}")
-
-    def _advance(self, seq: Seq, token: int, info: Optional[TokenInfo]) -> None:
-        job = seq.job.job
-        seq.n_gen += 1
-        self.generated_tokens += 1
-        if token in job.stop_ids:
-            tail = seq.text.flush() if seq.text is not None else ""
-            if tail:
-                self._send(seq.job, Delta(seq.index, tail, []))
-            self._finish(seq, "stop")
-            return
-        seq.row.record(token)
-        if seq.row.constraint is not None:
-            seq.row.constraint.advance(token)
-        text, hit = seq.text.push(token) if seq.text is not None else ("", False)
-        reason = None
-        if hit or (seq.row.constraint is not None and seq.row.constraint.is_finished()):
-            reason = "stop"
-        elif seq.n_gen >= job.max_tokens or seq.pos + 1 >= self.max_seq_len:
-            reason = "length"
-        if reason is not None and not hit and seq.text is not None:
-            text += seq.text.flush()
-        self._send(seq.job, Delta(seq.index, text, [info] if info is not None else [TokenInfo(token)]))
-        if seq.done:  # the client is gone
-            return
-        if reason is not None:
-            self._finish(seq, reason)
-            return
-        seq.last = token
-        seq.tokens.append(token)
-        if seq not in self.sched.decoding:
-            self.sched.decoding.append(seq)
-
-    # -- endings --------------------------------------------------------------------------------
-
-    def _finish(self, seq: Seq, reason: str) -> None:
-        if seq.done:
-            return
-        seq.done = True
-        self.sched.release(seq)
-        seq.job.open_seqs -= 1
-        self._send(seq.job, Finish(seq.index, reason, seq.n_gen))
-
-    def _drop(self, act: Active, *, keep_cache: bool) -> None:
-        self.sched.drop(act, keep=keep_cache)
-
-    def _fail(self, act: Active, status: int, message: str) -> None:
-        if act.open_seqs == 0:
-            return
-        self._drop(act, keep_cache=False)
-        self._send(act, Failure(status, message))
-
-    def _cancel_running(self, ids: set[int]) -> None:
-        if not ids:
-            return
-        for act in self.sched.running() + self.sched.preempted:
-            if act.job.id in ids:
-                self._drop(act, keep_cache=True)
-
-    def _fail_running(self, status: int, message: str) -> None:
-        for act in self.sched.running() + self.sched.preempted:
-            self._fail(act, status, message)
-        # whatever the bookkeeping says, every block is free again (their contents are not trusted)
-        self.sched.reset()
-
     def _fail_waiting(self, status: int, message: str) -> None:
         with self._lock:
             waiting, self._waiting = list(self._waiting), deque()
             self._embeds.fail_all(lambda: EngineClosed(message))
         for job, sink in waiting:
-            _safe_call(sink, Failure(status, message))
-
-    def _send(self, act: Active, event: Event) -> None:
-        if not _safe_call(act.sink, event):
-            self._drop(act, keep_cache=True)  # nobody is listening any more
+            safe_call(sink, Failure(status, message))
 
     # -- embeddings -----------------------------------------------------------------------------
 
@@ -555,15 +382,6 @@ class Engine:
             log.exception("embedding step failed")
         if generating:
             self._embed_credit -= time.perf_counter() - start
-
-
-def _safe_call(sink: Sink, event: Event) -> bool:
-    try:
-        sink(event)
-        return True
-    except Exception:  # the receiving side is gone (closed event loop, ...)
-        log.debug("dropping an event for a closed request", exc_info=True)
-        return False
 
 
 def wait_idle(engine: Engine, timeout: float = 5.0) -> bool:
