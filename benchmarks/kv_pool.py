@@ -88,14 +88,19 @@ def _rss_kib(pid: int) -> int:
 
 
 def memory(opts: argparse.Namespace) -> None:
+    from pathlib import Path
+
     import httpx
 
+    import llamaforge
+
+    tree = Path(llamaforge.__file__).resolve().parents[1]  # `-m` puts the cwd first: run in the tree measured
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "llamaforge", "serve", "--port", str(port), "--device", "cpu",
                              "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": str(opts.threads)})
+                            cwd=tree, env={**os.environ, "OMP_NUM_THREADS": str(opts.threads)})
     base = f"http://127.0.0.1:{port}"
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()

@@ -293,8 +293,8 @@ class Engine:
                     continue
                 try:
                     self.batch.cancel(cancelled)
-                    for act in resumed:
-                        self.sched.start(act, reuse=self.prefix_reuse)
+                    for act in resumed:  # prompt logprobs not yet sent need every prompt position again
+                        self.sched.start(act, reuse=self.prefix_reuse and (act.prompt_sent or self._reuse(act.job)))
                     for job, sink in admitted:
                         try:
                             self._admit(job, sink)
@@ -353,6 +353,8 @@ class Engine:
             act.seqs.append(Seq(act, i, row, text))
         act.open_seqs = job.n
         self.sched.start(act, reuse=self._reuse(job))
+        self.pool.stats.prompt_tokens += len(job.prompt)
+        self.pool.stats.reused_tokens += act.cached
 
     def _fail_waiting(self, status: int, message: str) -> None:
         with self._lock:

@@ -137,8 +137,6 @@ class Scheduler:
         act.next_pos = len(hits) * bs
         if not act.prompt_sent:
             act.cached = act.next_pos
-            self.pool.stats.prompt_tokens += p
-            self.pool.stats.reused_tokens += act.cached
         self.prefilling.append(act)
 
     def chunk_written(self, act: Active, end: int) -> None:
@@ -205,6 +203,8 @@ class Scheduler:
             seq.replay.clear()
         self.pool.release(act.reserved)
         act.reserved = []
+        if not act.prompt_sent:  # its prompt logprobs are computed again
+            act.prompt_infos = []
         self.preempted.append(act)
         self.preempted.sort(key=lambda a: a.age)
 
