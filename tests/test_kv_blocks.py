@@ -144,6 +144,8 @@ def test_block_pool_accounting_under_churn(qmodel):
         head = shared[: rng.choice([0, 8, 16, 24])]
         prompts.append(head + [rng.randrange(3, VOCAB) for _ in range(rng.randrange(1, 20))])
         lengths.append(rng.randrange(1, 50))
+    choices = [2 if k % 4 == 1 else 1 for k in range(14)]  # two greedy choices: forks, both the solo answer
+    lengths = [min(m, 64 - len(p)) if n == 2 else m for p, m, n in zip(prompts, lengths, choices)]  # fit 16 blocks
     want = solo(qmodel, prompts, lengths)
     eng = checked(engine(qmodel, kv_blocks=16, n_slots=6))
     cancel_at = {k: rng.randrange(1, 6) for k in rng.sample(range(14), 4)}
@@ -156,27 +158,30 @@ def test_block_pool_accounting_under_churn(qmodel):
 
     eng.start()
     try:
-        results = [None] * 14
+        results = [[None] * n for n in choices]
 
         def sink_for(k, ids):
-            toks = []
+            toks = [[] for _ in range(choices[k])]
 
             def sink(ev):
                 on_event(k, ev, ids)
                 if isinstance(ev, Delta):
-                    toks.extend(t.id for t in ev.tokens)
-                if isinstance(ev, (Finish, Failure)):
-                    results[k] = toks if isinstance(ev, Finish) else "failed"
+                    toks[ev.index].extend(t.id for t in ev.tokens)
+                if isinstance(ev, Finish):
+                    results[k][ev.index] = toks[ev.index]
+                if isinstance(ev, Failure):
+                    results[k] = "failed"
             return sink
 
         ids: list[int] = []
         for k in range(14):  # more than the pool holds: they are admitted as blocks come back
-            ids.append(eng.submit(job(prompts[k], lengths[k]), sink_for(k, ids)))
+            ids.append(eng.submit(job(prompts[k], lengths[k], n=choices[k]), sink_for(k, ids)))
         assert wait_idle(eng, 60)
         cancelled = [k for k in cancel_at if cancel_at[k] <= 0]
+        assert cancelled  # some requests went away mid-way
         for k in range(14):
             if k not in cancelled:
-                assert results[k] == want[k][0], k
+                assert results[k] == want[k] * choices[k], k
         pool = eng.pool
         pool.check()
         assert pool.n_in_use == 0 and all(r == 0 for r in pool.refs)
