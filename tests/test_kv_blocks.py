@@ -156,7 +156,6 @@ def test_block_pool_accounting_under_churn(qmodel):
             if cancel_at[k] == 0:
                 eng.cancel(ids[k])
 
-    eng.start()
     try:
         results = [[None] * n for n in choices]
 
@@ -176,6 +175,7 @@ def test_block_pool_accounting_under_churn(qmodel):
         ids: list[int] = []
         for k in range(14):  # more than the pool holds: they are admitted as blocks come back
             ids.append(eng.submit(job(prompts[k], lengths[k], n=choices[k]), sink_for(k, ids)))
+        eng.start()  # after the submissions: the same schedule on every run
         assert wait_idle(eng, 60)
         cancelled = [k for k in cancel_at if cancel_at[k] <= 0]
         assert cancelled  # some requests went away mid-way
