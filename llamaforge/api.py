@@ -43,7 +43,7 @@ from llamaforge.generation.checks import (
     check_max_gen_len, check_n, check_prompts, check_seed, check_stop, check_stop_ids, check_texts,
 )
 from llamaforge.generation.grammar import GrammarCompiler, GrammarError, GrammarUnavailable
-from llamaforge.model import ModelArgs, Transformer
+from llamaforge.model import KVCache, ModelArgs, Transformer
 from llamaforge.tokenizer import Tokenizer
 
 log = logging.getLogger("llamaforge")
@@ -251,9 +251,10 @@ class Llama:
             return self._engine
 
     def open_engine(self, *, n_slots: Optional[int] = None, max_queue: int = 64, prefill_budget: int = 256,
-                    prefix_reuse: bool = True) -> Engine:
+                    prefix_reuse: bool = True, kv_memory: Optional[int] = None) -> Engine:
         """A new engine with these settings, which this Llama's calls use from now on; not started: its
         owner (the server, with its flags) calls `start()` and `close()`. Calls made before it starts wait.
+        `kv_memory`: bytes of the KV block pool (default: every slot at `max_seq_len`).
         Under tensor parallelism it is rank 0's, and leads the other ranks (which call `follow`); the
         engine of the Python calls (`engine`) instead runs on every rank with the same inputs, as Meta's.
 
@@ -264,8 +265,14 @@ class Llama:
                                     max_seq_len=self.max_seq_len, device=self.device, max_queue=max_queue,
                                     prefill_budget=prefill_budget, prefix_reuse=prefix_reuse,
                                     decode_step=self.decode_step, adapters=self.adapters,
-                                    runner=self._leader()), owned=False)
+                                    runner=self._leader(), kv_blocks=self._kv_blocks(kv_memory)), owned=False)
             return self._engine
+
+    def _kv_blocks(self, kv_memory: Optional[int]) -> Optional[int]:
+        """Blocks of 64 positions `kv_memory` bytes of KV cache hold (None: the engine's default)."""
+        if kv_memory is None:
+            return None
+        return kv_memory // KVCache.bytes_per_block(self.model.args, self.model.norm.weight.dtype)
 
     def _leader(self) -> Optional[mirror.Leader]:
         """Under tensor parallelism, the served engine's runner on rank 0: it repeats each model call on every rank."""

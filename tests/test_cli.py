@@ -184,21 +184,24 @@ def test_generate_for_scripts_json_and_completion_only(tiny_checkpoints, capsys)
     assert capsys.readouterr().out == "".join(e["generation"] + "\n" for e in expected)
 
 
-def test_serve_sizes_the_kv_cache_from_a_budget():
+def test_serve_sizes_the_kv_block_pool_from_a_budget():
     from llamaforge.cli.common import UsageError
-    from llamaforge.cli.serve import choose_context, parse_size
+    from llamaforge.cli.serve import parse_size, size_pool
 
     assert parse_size("2GiB") == 2 * 2**30 and parse_size("512MB") == 512 * 10**6 and parse_size("1.5g") == 1_500_000_000
     with pytest.raises(UsageError, match="--kv-memory takes a size"):
         parse_size("lots")
-    per = 46080  # SmolLM2-135M in float32: 2 * 30 layers * 3 kv heads * 64 * 4 bytes
-    assert choose_context(per_position=per, slots=8, model_context=8192, budget=2**40, requested=None) == 8192
-    assert choose_context(per_position=per, slots=8, model_context=8192, budget=2**30, requested=None) == 2880
-    assert choose_context(per_position=per, slots=8, model_context=8192, budget=None, requested=512) == 512
-    with pytest.raises(UsageError, match="raise --kv-memory, or lower --max-seq-len or --max-batch-size"):
-        choose_context(per_position=per, slots=8, model_context=8192, budget=2**20, requested=512)
-    with pytest.raises(UsageError, match="holds only"):
-        choose_context(per_position=per, slots=8, model_context=8192, budget=2**20, requested=None)
+    per = 46080  # SmolLM2-135M in float32: 2 * 30 layers * 3 kv heads * 64 * 4 bytes; a block of 64: 2.9 MB
+    # a budget larger than 8 sequences at full context can use is cut to that: 8 x 128 blocks
+    assert size_pool(per_position=per, slots=8, model_context=8192, budget=2**40, requested=None) == (8192, 1024)
+    # 1 GiB holds 364 blocks: one sequence of the full 8192 positions, or 8 of 2900 on average
+    assert size_pool(per_position=per, slots=8, model_context=8192, budget=2**30, requested=None) == (8192, 364)
+    assert size_pool(per_position=per, slots=8, model_context=8192, budget=2**25, requested=None) == (704, 11)
+    assert size_pool(per_position=per, slots=8, model_context=8192, budget=None, requested=512) == (512, 64)
+    with pytest.raises(UsageError, match="raise --kv-memory or lower --max-seq-len"):
+        size_pool(per_position=per, slots=8, model_context=8192, budget=2**24, requested=2048)
+    with pytest.raises(UsageError, match="holds not one block"):
+        size_pool(per_position=per, slots=8, model_context=8192, budget=2**20, requested=None)
 
 
 def test_generate_streams_on_a_terminal_and_says_what_it_loads(tiny_checkpoints):
@@ -218,14 +221,14 @@ def test_generate_streams_on_a_terminal_and_says_what_it_loads(tiny_checkpoints)
     assert "=====" not in child.before  # streamed: the batch separator is not printed
 
 
-def test_serve_gives_the_slots_what_the_kv_budget_holds(tiny_checkpoints):
+def test_serve_gives_the_pool_what_the_kv_budget_holds(tiny_checkpoints):
     httpx = pytest.importorskip("httpx")
     from tests.test_server import free_port
 
     port = free_port()
-    # tiny model: 2 layers x 2 kv heads x head_dim 16 x (k, v) x 4 bytes = 512 B a position; x 8 slots = 4 KiB
+    # tiny model: 2 layers x 2 kv heads x head_dim 16 x (k, v) x 4 bytes = 512 B a position, 32 KiB a block of 64
     proc = subprocess.Popen([sys.executable, "-m", "llamaforge", "serve", str(tiny_checkpoints.gguf), "--port", str(port),
-                             "--kv-memory", "300KB", "--device", "cpu", "--log-level", "warning"],
+                             "--kv-memory", "40KB", "--device", "cpu", "--log-level", "warning"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -236,13 +239,14 @@ def test_serve_gives_the_slots_what_the_kv_budget_holds(tiny_checkpoints):
                     break
             except httpx.HTTPError:
                 time.sleep(0.25)
-        assert httpx.get(base + "/health").json()["max_seq_len"] == 64  # 300 KB / 4 KiB = 73, in whole 64s
+        assert httpx.get(base + "/health").json()["max_seq_len"] == 64  # 40 KB hold one block of 64 positions
         got = httpx.post(base + "/v1/completions", timeout=60, json={
             "prompt": "hello world", "max_tokens": 40, "temperature": 0}).json()["choices"][0]["text"]
     finally:
         proc.send_signal(2)
         out = proc.communicate(timeout=60)[0]
-    assert "KV cache 8 slots x 64 positions = 262.1 KB (budget 300.0 KB: --kv-memory" in out
+    assert "KV cache 1 block of 64 positions = 32.8 KB (budget 40.0 KB: --kv-memory), shared by up to 8 " \
+           "sequences of up to 64 positions" in out
     expected = "".join(Llama.build(tiny_checkpoints.gguf, max_seq_len=64, device="cpu").stream_text_completion(
         "hello world", 40, temperature=0))  # decoded piece by piece, as the server does
     assert got == expected  # positions past the first few are right: the rotary tables cover the context

@@ -107,15 +107,17 @@ def test_adapter_logits_equal_the_merged_model(tokenizer, tmp_path):
     with torch.no_grad():
         runner = Runner(model, CPU, adapters=table)
         cache = runner.new_cache(2, MAX_SEQ)
+        tables = cache.slot_tables.tolist()  # the blocks of slots 0 and 1
         # row 0 the adapter, row 1 the base model, in one forward
-        got = runner.prefill(cache, [PrefillChunk(ids, 0, 0, all_logits=True, adapter=served),
-                                     PrefillChunk(ids, 0, 1, all_logits=True)])
+        got = runner.prefill(cache, [PrefillChunk(ids, 0, tables[0], all_logits=True, adapter=served),
+                                     PrefillChunk(ids, 0, tables[1], all_logits=True)])
         want = ref(torch.tensor([ids]))[0]
         assert torch.allclose(got[0], want, atol=1e-4)
-        alone = Runner(base, CPU).prefill(runner.new_cache(1, MAX_SEQ), [PrefillChunk(ids, 0, 0, all_logits=True)])[0]
+        alone = Runner(base, CPU).prefill(runner.new_cache(1, MAX_SEQ), [PrefillChunk(ids, 0, tables[0],
+                                                                                      all_logits=True)])[0]
         assert torch.allclose(got[1], alone, atol=1e-5)  # the base row is the base model (float GEMMs: last bits)
         assert not torch.allclose(got[0], got[1], atol=1e-2)  # the adapter really changes the model
-        step = runner.decode(cache, [5, 5], [len(ids)] * 2, [0, 1], [served, None])  # (2, V)
+        step = runner.decode(cache, [5, 5], [len(ids)] * 2, tables, [served, None])  # (2, V)
         ref_all = ref(torch.tensor([ids + [5]]))[0, -1]
         assert torch.allclose(step[0], ref_all, atol=1e-4)
 
@@ -143,7 +145,7 @@ def test_mixed_adapters_in_one_batch_equal_each_alone(tokenizer, tmp_path, quant
         alone = [answers(eng, [greedy(p, name)])[0] for p, name in jobs]
         if quantized and step.fused is not None:
             assert step.ran_fused  # base rows alone ran the C++ step
-        eng.pool.cached = [[] for _ in range(eng.n_slots)]
+        eng.pool.clear_cache()
         together = answers(eng, [greedy(p, name) for p, name in jobs])
         assert together == alone
         assert alone[0] != alone[1] or alone[0] != alone[2]  # adapters change answers

@@ -211,7 +211,7 @@ def test_n_choices_share_the_prompt_and_use_seed_plus_index(engine, tokenizer):
     assert len({tuple(c["tokens"]) for c in res["choices"]}) > 1  # different seeds, different samples
 
 
-def test_prefix_reuse_from_finished_and_running_slots(model, tokenizer):
+def test_prefix_reuse_from_finished_and_running_requests(model, tokenizer):
     shared = "You are a helpful assistant. Answer briefly and politely. Question:"
     a, b = encode(tokenizer, [shared + " What is red?", shared + " Where is Paris?"])
     common = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
@@ -227,17 +227,17 @@ def test_prefix_reuse_from_finished_and_running_slots(model, tokenizer):
     eng.start()
     try:
         run(eng, [greedy(a)])
-        res = run(eng, [greedy(b)])[0]  # a's finished slot still holds the shared prefix
+        res = run(eng, [greedy(b)])[0]  # a's finished prompt blocks stay in the prefix cache
         assert res["prompt"].cached_tokens == reusable
         assert res["choices"][0]["tokens"] == want_b
-        # while a long request runs, a new one copies its prefix from that busy slot
+        # while a long request runs, a new one shares its prefix blocks (no copy: two references each)
         b2 = list(b[:common]) + tokenizer.encode(" Who are you?")
-        copies = eng.pool.stats.copies
         late: dict = {"tokens": [], "done": threading.Event()}
 
         def late_sink(ev):
-            if isinstance(ev, PromptDone):
-                late["prompt"] = ev
+            if isinstance(ev, PromptDone):  # on the engine thread, with `a` still running
+                late["prompt"], late["refs"] = ev, max(eng.pool.refs)
+                eng.pool.check()
             elif isinstance(ev, Delta):
                 late["tokens"] += [t.id for t in ev.tokens]
             elif isinstance(ev, (Finish, Failure)):
@@ -249,7 +249,7 @@ def test_prefix_reuse_from_finished_and_running_slots(model, tokenizer):
 
         run(eng, [greedy(a, 40)], on_event=on_event)
         assert late["done"].wait(30)
-        assert late["prompt"].cached_tokens == reusable and eng.pool.stats.copies == copies + 1
+        assert late["prompt"].cached_tokens == reusable and late["refs"] == 2
         plain2 = Engine(model, tokenizer, n_slots=4, max_seq_len=MAX_SEQ, device=CPU, prefix_reuse=False, chunk=8)
         plain2.start()
         try:
@@ -333,7 +333,7 @@ def test_constrained_json_from_a_random_model(engine, tokenizer):
         assert isinstance(obj["n"], int) and 0 <= obj["n"] <= 999 and isinstance(obj["ok"], bool)
 
 
-def test_cancel_frees_the_slots_at_once(engine, tokenizer):
+def test_cancel_frees_the_slots_and_blocks_at_once(engine, tokenizer):
     p = encode(tokenizer, PROMPTS[:1])[0]
     events, ids = [], []
 
@@ -344,7 +344,8 @@ def test_cancel_frees_the_slots_at_once(engine, tokenizer):
 
     ids.append(engine.submit(Job(p, 100, SamplingParams(temperature=0), n=2, stop_ids=frozenset()), sink))
     assert wait_idle(engine, 30)
-    assert engine.pool.n_free == engine.n_slots
+    assert engine.stats()["slots_free"] == engine.n_slots and engine.pool.n_in_use == 0
+    engine.pool.check()
     # the first token of both choices, and at most one more decode step already under way
     assert sum(len(e.tokens) for e in events if isinstance(e, Delta)) <= 4
     assert not any(isinstance(e, (Finish, Failure)) for e in events)
@@ -375,7 +376,8 @@ def test_bounded_queue_and_failures_stay_with_their_request(model, tokenizer):
         bad, good = run(eng, [Job(p, 5, SamplingParams(temperature=0), constraint=Broken), greedy(p, 5)])
         assert isinstance(bad["failure"], Failure) and "boom" in bad["failure"].message
         assert good["choices"][0]["finish"] == "length" and len(good["choices"][0]["tokens"]) == 5
-        assert eng._thread.is_alive() and wait_idle(eng, 5) and eng.pool.n_free == 2
+        assert eng._thread.is_alive() and wait_idle(eng, 5) and eng.stats()["slots_free"] == 2
+        assert eng.pool.n_in_use == 0
     finally:
         eng.close()
 
@@ -438,7 +440,8 @@ def test_extreme_temperature_or_penalty_samples_the_limit_not_nan(temperature, p
 def test_prefill_rows_are_bitwise_independent_of_the_batch():
     """Batched prefill rests on this: prompt chunks of several sequences in one forward (right-padded
     rows, different starts and lengths) give each row's logits and cached keys/values bit for bit as
-    the chunk alone, on Q8_0 linear layers (x8 integer kernels, row-exact); float GEMMs agree within 1e-5."""
+    the chunk alone, on Q8_0 linear layers (x8 integer kernels, row-exact); float GEMMs agree within 1e-5.
+    The rows' blocks lie scattered in a paged cache, as the engine's do."""
     import copy
 
     from llamaforge.generation.runner import PrefillChunk, Runner
@@ -450,12 +453,18 @@ def test_prefill_rows_are_bitwise_independent_of_the_batch():
     qmodel = quantize_model_weights(copy.deepcopy(fmodel), "q8_0")
     g = torch.Generator().manual_seed(1)
     specs = [(0, 16, False), (16, 5, True), (32, 16, False), (0, 1, False), (240, 16, False)]  # start, length, all
-    chunks = [PrefillChunk(torch.randint(0, 256, (n,), generator=g).tolist(), start, slot, all_logits=all_)
-              for slot, (start, n, all_) in enumerate(specs)]
+    tables = torch.randperm(24, generator=g)[:20].view(5, 4).tolist()  # 4 blocks of 64 per row, anywhere
+    chunks = [PrefillChunk(torch.randint(0, 256, (n,), generator=g).tolist(), start, tables[i], all_logits=all_)
+              for i, (start, n, all_) in enumerate(specs)]
+
+    def positions(cache, table, end):  # (layers, Hkv, end, hd) of one row, through its block table
+        k = cache.k[:, table]  # (layers, 4, Hkv, 64, hd)
+        return k.transpose(1, 2).reshape(k.shape[0], k.shape[2], -1, k.shape[-1])[:, :, :end]
+
     with torch.no_grad():
         for m in (qmodel, fmodel):
             runner = Runner(m, CPU)
-            base = runner.new_cache(len(chunks), 256)
+            base = runner.new_pool(24, 256, 64)
             base.k.normal_(generator=g)
             base.v.normal_(generator=g)
             batch_cache = copy.deepcopy(base)
@@ -465,7 +474,7 @@ def test_prefill_rows_are_bitwise_independent_of_the_batch():
                 alone = runner.prefill(cache, [c])[0]
                 assert alone.shape == (len(c.tokens) if c.all_logits else 1, 256)
                 end = c.start + len(c.tokens)
-                keys = (cache.k[:, c.slot, :, :end], batch_cache.k[:, c.slot, :, :end])
+                keys = (positions(cache, c.blocks, end), positions(batch_cache, c.blocks, end))
                 if m is qmodel:
                     assert torch.equal(alone, got) and torch.equal(*keys)
                 else:
@@ -496,7 +505,7 @@ def test_prompts_are_prefilled_together_with_their_solo_answers(tokenizer):
         prompts = encode(tokenizer, PROMPTS)
         solo = [run(eng, [greedy(p)])[0]["choices"][0]["tokens"] for p in prompts]
         rows_per_forward.clear()
-        eng.pool.cached = [[] for _ in range(eng.n_slots)]  # no prefix from the solo runs
+        eng.pool.clear_cache()  # no prefix from the solo runs
         together = run(eng, [greedy(p) for p in prompts])
         assert max(rows_per_forward) > 1  # several prompts shared a forward
         assert [r["choices"][0]["tokens"] for r in together] == solo

@@ -153,6 +153,8 @@ def test_metrics_count_requests_tokens_and_latency(served):
     assert grew("llamaforge_time_to_first_token_seconds_count", {("endpoint", "/v1/chat/completions")}) == 1
     assert grew("llamaforge_http_requests_total", {("route", "/v1/models/{id}"), ("status", "404")}) == 1
     assert after[("llamaforge_slots", ())] == 4
+    blocks = [after[(f"llamaforge_kv_blocks{part}", ())] for part in ("", "_in_use", "_cached", "_free")]
+    assert blocks[0] > 0 and blocks[1] == 0 and blocks[0] == sum(blocks[1:])  # idle: nothing held by a sequence
     assert after[("llamaforge_queue_depth", ())] == 0
     assert after[("llamaforge_engine_generated_tokens_total", ())] >= body["usage"]["completion_tokens"]
 

@@ -1,4 +1,4 @@
-"""Small pieces of the server, each on its own: stop strings, slot reuse, tool calls, token bytes."""
+"""Small pieces of the server, each on its own: stop strings, tool calls, token bytes (the KV block pool: test_kv_blocks.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ import json
 import pytest
 import torch
 
-from llamaforge.model.kv_cache import KVCache
-from llamaforge.generation.slots import SlotPool, common_prefix_len
 from llamaforge.generation.text import TextStream
 from llamaforge.server.tools import forced_call_schema, hermes_messages, parse_tool_calls
 
@@ -58,34 +56,6 @@ def test_earliest_of_several_stops_wins():
     assert hit and out == ["a"]
     out, hit = feed(["\n\n"], ["one\n", "\ntwo"])
     assert hit and "".join(out) == "one"
-
-
-def test_common_prefix_len():
-    a = list(range(200))
-    assert common_prefix_len(a, a) == 200
-    assert common_prefix_len(a, a[:70] + [-1]) == 70
-    assert common_prefix_len([], a) == 0
-
-
-def test_slot_pool_reuses_and_copies_prefixes():
-    cache = KVCache(1, 3, 16, 1, 2, dtype=torch.float32, device=torch.device("cpu"))
-    pool = SlotPool(cache)
-    slots, cached = pool.acquire([1, 2, 3, 4], 1)
-    assert cached == 0
-    (s0,) = slots
-    cache.k[:, s0, :, :4] = torch.arange(8.0).view(1, 1, 4, 2)  # pretend the prompt was computed
-    pool.extend(s0, [1, 2, 3, 4])
-    # while s0 is busy, a prompt sharing 3 tokens gets them copied into a free slot
-    (s1,), cached = pool.acquire([1, 2, 3, 9, 9], 1)
-    assert s1 != s0 and cached == 3 and pool.stats.copies == 1
-    assert torch.equal(cache.k[:, s1, :, :3], cache.k[:, s0, :, :3])
-    pool.release(s0)
-    # the same prompt again: the finished slot is reused, all but the last token
-    (s2,), cached = pool.acquire([1, 2, 3, 4], 1)
-    assert s2 == s0 and cached == 3
-    # n > 1 takes extra slots; a slot released without keeping forgets its prefix
-    pool.release(s1, keep=False)
-    assert pool.cached[s1] == []
 
 
 def test_tool_calls_are_parsed_from_hermes_blocks_and_bare_json():

@@ -2,10 +2,11 @@
 
 Under `torchrun --nproc_per_node N -m llamaforge.cli.main serve MODEL` one tensor-parallel model is served:
 rank 0 listens and runs the engine, the other ranks run the same model calls (generation/mirror.py).
-The port is checked before the model loads. The KV cache (one slot of `--max-seq-len` positions per
-concurrent request) is sized from a memory budget: `--kv-memory` (e.g. 2GiB, 512MB), by default a tenth
-of the memory free once the model is loaded; the context per slot is the model's own, cut to what the
-budget holds. The choice is printed at start.
+The port is checked before the model loads. The KV cache is a pool of blocks of 64 positions that the
+running sequences (at most `--max-batch-size`) draw from as they grow, sized from a memory budget:
+`--kv-memory` (e.g. 2GiB, 512MB), by default a tenth of the memory free once the model is loaded; many
+short or a few long requests fit in it. The context of one sequence is the model's own, cut to what the
+whole pool holds. The choice is printed at start.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import logging
 import re
 import sys
+from typing import Optional
 
 from llamaforge.cli.common import UsageError, add_model_flags, build_from_flags, check_port_free, describe_size
 from llamaforge.errors import LlamaforgeError
@@ -29,8 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--kv-memory", "--kv_memory", dest="kv_memory", default=None, metavar="SIZE",
-                   help="memory for the KV cache of all slots, e.g. 2GiB or 512MB (default: a tenth of the "
-                        "memory free after loading)")
+                   help="memory for the KV cache's block pool, shared by all running sequences, e.g. 2GiB or "
+                        "512MB (default: a tenth of the memory free after loading)")
     p.add_argument("--api-key", "--api_key", dest="api_key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: no key)")
     p.add_argument("--served-model-name", "--served_model_name", dest="served_model_name", default=None,
@@ -72,30 +74,32 @@ def parse_size(text: str) -> int:
     return int(float(m[1]) * _UNITS[m[2].lower()])
 
 
-def choose_context(*, per_position: int, slots: int, model_context: int, budget: int,
-                   requested: int | None) -> int:
-    """Positions per slot: --max-seq-len if given (it must fit an explicit budget), else the model's context cut
-    to the budget.
+def size_pool(*, per_position: int, slots: int, model_context: int, budget: Optional[int],
+              requested: Optional[int]) -> tuple[int, int]:
+    """(positions one sequence may hold, KV blocks of BLOCK positions in the pool).
+
+    The context is --max-seq-len if given (it must fit an explicit budget), else the model's context cut to
+    what the whole pool holds; the pool is what the budget holds, but no more than every slot at full context
+    can use. Without a budget (--max-seq-len given alone) every slot gets its full context, as before.
 
     Args:
-        per_position: KV-cache bytes of one position of one slot.
-        budget: bytes for all slots; None when --max-seq-len is given without --kv-memory (no limit is set).
+        per_position: KV-cache bytes of one position of one sequence.
+        budget: bytes for the pool; None when --max-seq-len is given without --kv-memory (no limit is set).
     """
+    from llamaforge.model.kv_cache import BLOCK_SIZE as BLOCK, blocks_for
+
     if budget is None:
-        return requested
-    fits = budget // (per_position * slots)
-    if requested is not None:
-        if requested > fits:
-            need = describe_size(requested * per_position * slots)
-            raise UsageError(f"--max-seq-len {requested} with {slots} slots needs {need} of KV cache but the budget "
-                             f"is {describe_size(budget)}; raise --kv-memory, or lower --max-seq-len or "
-                             f"--max-batch-size")
-        return requested
-    chosen = min(model_context, fits // 64 * 64)
-    if chosen < 64:
-        raise UsageError(f"a KV-cache budget of {describe_size(budget)} holds only {fits} positions per slot for "
-                         f"{slots} slots; raise --kv-memory or lower --max-batch-size")
-    return chosen
+        return requested, slots * blocks_for(requested, BLOCK)
+    blocks = budget // (per_position * BLOCK)
+    if blocks < 1:
+        raise UsageError(f"a KV-cache budget of {describe_size(budget)} holds not one block of {BLOCK} positions "
+                         f"({describe_size(per_position * BLOCK)}); raise --kv-memory")
+    if requested is not None and requested > blocks * BLOCK:
+        need = describe_size(blocks_for(requested, BLOCK) * BLOCK * per_position)
+        raise UsageError(f"--max-seq-len {requested} needs {need} of KV cache for one sequence but the budget is "
+                         f"{describe_size(budget)}; raise --kv-memory or lower --max-seq-len")
+    context = requested if requested is not None else min(model_context, blocks * BLOCK)
+    return context, min(blocks, slots * blocks_for(context, BLOCK))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -115,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from llamaforge import devices
     from llamaforge.api import kv_bytes_per_token
+    from llamaforge.model.kv_cache import BLOCK_SIZE as BLOCK
 
     # Without --max-seq-len the build covers the model's context (as memory allows; its rotary tables are sized
     # to it, no KV cache is allocated yet), and the slots get what the budget holds of it, below.
@@ -129,12 +134,12 @@ def run(args: argparse.Namespace) -> int:
         said = f"a tenth of the {describe_size(free)} free" if free else "a tenth of 8 GB (free memory unknown)"
     else:
         said = "no limit: --max-seq-len given"
-    llama.max_seq_len = choose_context(per_position=per_position, slots=args.max_batch_size,
-                                       model_context=llama.max_seq_len, budget=budget, requested=args.max_seq_len)
-    total = per_position * args.max_batch_size * llama.max_seq_len
-    print(f"llamaforge: KV cache {args.max_batch_size} slots x {llama.max_seq_len} positions = {describe_size(total)} "
-          f"({'budget ' + describe_size(budget) + ': ' if budget else ''}{said}; change with --kv-memory, --max-seq-len, --max-batch-size)",
-          flush=True)
+    llama.max_seq_len, blocks = size_pool(per_position=per_position, slots=args.max_batch_size,
+                                          model_context=llama.max_seq_len, budget=budget, requested=args.max_seq_len)
+    print(f"llamaforge: KV cache {blocks} block{'s' * (blocks != 1)} of {BLOCK} positions = {describe_size(blocks * BLOCK * per_position)} "
+          f"({'budget ' + describe_size(budget) + ': ' if budget else ''}{said}), shared by up to "
+          f"{args.max_batch_size} sequences of up to {llama.max_seq_len} positions "
+          f"(change with --kv-memory, --max-seq-len, --max-batch-size)", flush=True)
     if llama.world > 1 and llama.rank > 0:  # torchrun: rank 0 serves, the others run its model calls
         llama.follow()
         return 0
@@ -147,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(
         llama, model_name=args.served_model_name, api_key=args.api_key, n_slots=args.max_batch_size,
         max_queue=args.max_queue, prefill_budget=args.prefill_budget, prefix_reuse=not args.no_prefix_reuse,
+        kv_memory=blocks * BLOCK * per_position,
     )
     adapters = f" with LoRA adapters {', '.join(n for n, _ in loras)}" if loras else ""
     print(f"llamaforge: serving {app.state.model_name}{adapters} on http://{args.host}:{args.port} "

@@ -1,20 +1,24 @@
-"""THE engine: one thread owns the model and runs a continuous batch over the KV cache's slots.
+"""THE engine: one thread owns the model and runs a continuous batch over the KV cache's block pool.
 
 Every front end generates through it: `Llama` (api.py) for its Python calls and streams, and through
 `Llama` the HTTP server, the CLI and spaCy. It imports nothing of HTTP.
 
-Requests (`Job`s) wait in a bounded queue and join the running batch at step boundaries when enough
-slots are free (admission control: a slot holds a whole sequence of up to `max_seq_len` positions, and
-`submit` refuses a job whose `prompt + max_tokens` does not fit, so an admitted request never runs out
-of cache mid-way). Each loop iteration
-1. applies cancellations (a caller went away: its slots are free at once);
-2. admits waiting jobs, reusing cached prefixes (`generation/slots.py`);
+Requests (`Job`s) wait in a bounded queue and join the running batch at step boundaries when a slot
+(a place in the batch, at most `n_slots` sequences) and KV blocks are free: the cache is a pool of
+`kv_blocks` blocks of `chunk` positions, drawn as sequences grow (`generation/scheduler.py` has the policy:
+admission with a watermark, preemption of the youngest request when blocks run out, resumed bit for bit;
+`generation/blocks.py` the books and the prefix cache). `submit` refuses a job whose `prompt + max_tokens`
+does not fit the context or, alone, the pool. Each loop iteration (steps 3 and 4 run in
+`generation/batch.py`)
+1. applies cancellations (a caller went away: its blocks are free at once);
+2. resumes preempted jobs, then admits waiting ones, sharing cached prefix blocks;
 3. computes up to `prefill_budget` prompt tokens of the jobs being prefilled, a chunk of several jobs in one
    forward (as vLLM's chunked prefill), so a long prompt never
    stalls the others for long; a job whose prompt is done samples its first tokens; embedding work
    (`generation/embed.py`) takes what is left of that budget (at least one input);
-4. runs one decode step for every running sequence together: each row names its slot and its own
-   position, so sequences of different lengths, sampling settings and ages share one forward.
+4. gives each decoding sequence the block its next position needs (preempting if the pool is short) and
+   runs one decode step for all of them together: each row names its block table and its own position,
+   so sequences of different lengths, sampling settings and ages share one forward.
 Results go back through each job's `sink` callback (called on the engine thread); nothing a request
 does can stop the loop: failures end that request only.
 
@@ -25,8 +29,9 @@ matters doubly with llama.cpp-style kernels that quantize activations to int8 (a
   takes a chunk of each of several requests (one row each), and each row is computed as if alone
   (`generation/runner.py` says how), so a chunk's keys are the same whatever else runs;
 - a decode step is batch-invariant (`generation/runner.py` says how);
-- prefix reuse only takes whole canonical chunks of earlier prompts (not generated tokens, whose keys
-  were computed by decode steps), so a reused prefix holds exactly the values a fresh prefill computes.
+- the prefix cache only holds blocks of whole canonical chunks of earlier prompts (not generated tokens,
+  whose keys were computed by decode steps), so a reused prefix holds exactly the values a fresh prefill
+  computes; a preempted sequence recomputes its prompt by prefill and its generated tokens by decode steps.
 """
 
 from __future__ import annotations
@@ -36,19 +41,21 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 
-from llamaforge.errors import GenerationError, LlamaforgeError
+from llamaforge.errors import ConfigError, GenerationError, LlamaforgeError
+from llamaforge.generation.batch import Batch, safe_call
+from llamaforge.generation.blocks import BlockPool
 from llamaforge.generation.checks import check_job
 from llamaforge.generation.embed import EmbedQueue, check_inputs
 from llamaforge.generation.jobs import Delta, EngineClosed, Event, Failure, Finish, Job, PromptDone, QueueFull, Sink
-from llamaforge.generation.runner import KV_ALIGN, PrefillChunk, Runner, round_up
-from llamaforge.generation.sampler import RowState, TokenInfo, choose, logprob_info, make_generator, prompt_logprob_info
-from llamaforge.generation.slots import SlotPool
+from llamaforge.generation.runner import KV_ALIGN, Runner, round_up
+from llamaforge.generation.sampler import RowState, make_generator
+from llamaforge.generation.scheduler import Active, Scheduler, Seq
 from llamaforge.generation.text import TextStream
+from llamaforge.model.kv_cache import blocks_for
 from llamaforge.model.transformer import Transformer
 from llamaforge.runtime import DecodeStep
 from llamaforge.runtime.adapters import AdapterTable, ServedAdapter
@@ -62,34 +69,6 @@ EMBED_SHARE = 0.5
 
 __all__ = ["Engine", "Job", "Delta", "Finish", "PromptDone", "Failure", "Event", "QueueFull", "EngineClosed",
            "wait_idle"]
-
-# -- the engine's own bookkeeping ---------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class _Seq:
-    job: "_Active"
-    index: int
-    slot: int
-    row: RowState
-    text: Optional[TextStream]  # None: a token-level caller without stop strings (no text is made)
-    pos: int = 0  # positions whose keys/values are in the slot
-    last: int = -1  # the token to feed next
-    n_gen: int = 0
-    done: bool = False
-
-
-@dataclass(eq=False)
-class _Active:
-    job: Job
-    sink: Sink
-    slots: list[int]
-    cached: int
-    next_pos: int  # next prompt position to compute
-    adapter: Optional[ServedAdapter] = None
-    seqs: list[_Seq] = field(default_factory=list)
-    prompt_infos: list[TokenInfo] = field(default_factory=list)
-    open_seqs: int = 0
 
 
 class Engine:
@@ -111,11 +90,16 @@ class Engine:
         decode_step: Optional[DecodeStep] = None,
         adapters: Optional[AdapterTable] = None,
         runner: Optional[Runner] = None,
+        kv_blocks: Optional[int] = None,
     ):
-        """`decode_step` runs the decode steps (default: the model's modules; `Llama` passes its own);
+        """`n_slots`: sequences decoded together at most; `kv_blocks`: the KV pool's blocks of `chunk`
+        positions (default, and at most: enough for every slot at `max_seq_len`, so nothing is preempted);
+        `decode_step` runs the decode steps (default: the model's modules; `Llama` passes its own);
         `adapters`: the LoRA adapters a job may name (`Job.adapter`), served in the same batches;
         `runner`: the model calls (default: a `Runner` of those; a tensor-parallel `Llama` passes a
         `generation.mirror.Leader`, which repeats them on every rank)."""
+        if chunk < 1 or n_slots < 1:
+            raise ConfigError(f"an engine needs chunk >= 1 and n_slots >= 1, got {chunk}, {n_slots}")
         self.runner = runner if runner is not None else Runner(model, device, decode_step, adapters)
         self.adapters = adapters
         self.tokenizer = tokenizer
@@ -126,31 +110,42 @@ class Engine:
         self.prefill_budget = max(prefill_budget, chunk)
         self.prefix_reuse = prefix_reuse
         self.vocab_size = self.runner.vocab_size
-        # Positions past max_seq_len are never written; they let kv_len round up to KV_ALIGN.
-        self.cache = self.runner.new_cache(n_slots, round_up(max_seq_len, KV_ALIGN))
-        self.pool = SlotPool(self.cache, granule=chunk,
-                             copy=lambda src, dst, n: self.runner.copy_prefix(self.cache, src, dst, n))
+        self.n_slots = n_slots
+        most = n_slots * blocks_for(max_seq_len, chunk)  # every slot at full context: more is never used
+        kv_blocks = most if kv_blocks is None else min(kv_blocks, most)
+        if kv_blocks < blocks_for(max_seq_len, chunk):
+            raise ConfigError(f"{kv_blocks} KV blocks of {chunk} positions cannot hold one sequence of max_seq_len "
+                              f"{max_seq_len}; give more KV memory or a shorter max_seq_len")
+        # A block is a canonical prefill chunk. Positions past max_seq_len are never written; the rounding lets
+        # kv_len round up to KV_ALIGN.
+        self.cache = self.runner.new_pool(kv_blocks, round_up(max_seq_len, KV_ALIGN), chunk)
+        self.pool = BlockPool(kv_blocks, chunk, caching=prefix_reuse)
+        self.sched = Scheduler(self.pool, n_slots,
+                               lambda src, dst, n: self.runner.copy_block(self.cache, src, dst, n))
+        self.batch = Batch(self.runner, self.cache, self.sched, chunk=chunk, prefill_budget=self.prefill_budget,
+                           max_seq_len=max_seq_len)
         self._lock = threading.Condition()
         self._waiting: deque[tuple[Job, Sink]] = deque()
         self._cancelled: set[int] = set()
         self._embeds = EmbedQueue(max_embed_inputs)
         self._drain: Optional[str] = None  # set by `drain`: fail everything running with this message
         self._embed_credit = 0.0  # seconds embeddings may use while generation runs (= decode time since)
-        self._prefilling: list[_Active] = []
-        self._decoding: list[_Seq] = []
         self._next_id = 0
         self._closing = False
         self._thread: Optional[threading.Thread] = None
-        self.generated_tokens = 0
-        self.steps = 0
-
-    @property
-    def n_slots(self) -> int:
-        return self.cache.n_slots
 
     @property
     def closed(self) -> bool:
         return self._closing
+
+    @property
+    def steps(self) -> int:
+        """Decode steps run so far."""
+        return self.batch.steps
+
+    @property
+    def generated_tokens(self) -> int:
+        return self.batch.generated_tokens
 
     # -- the thread-safe surface ----------------------------------------------------------------
 
@@ -170,9 +165,14 @@ class Engine:
             self._thread.join(timeout)
 
     def check(self, job: Job) -> None:
-        """Raise GenerationError if the job can never run here, whatever else is running (`check_job`, and
-        an adapter this engine does not serve)."""
+        """Raise GenerationError if the job can never run here, whatever else is running (`check_job`, a
+        job larger than the whole KV pool, and an adapter this engine does not serve)."""
         check_job(job, self.vocab_size, self.n_slots, self.max_seq_len)
+        need = job.n * blocks_for(len(job.prompt) + job.max_tokens, self.chunk)
+        if need > self.pool.n_blocks:
+            raise GenerationError(f"{len(job.prompt)} prompt tokens + max_tokens {job.max_tokens} for {job.n} "
+                                  f"choice(s) need {need} KV blocks of {self.chunk} positions, but the pool holds "
+                                  f"{self.pool.n_blocks}; lower max_tokens or n, or give the server more KV memory")
         self._adapter(job)
 
     def _adapter(self, job: Job) -> Optional[ServedAdapter]:
@@ -257,15 +257,18 @@ class Engine:
             self._lock.notify_all()
 
     def stats(self) -> dict:
-        """Occupancy and counters, for /health."""
+        """Occupancy and counters, for /health and /metrics (read from any thread: a snapshot, not a lock)."""
         with self._lock:
             waiting = len(self._waiting)
-        s = self.pool.stats
+        sched, pool, s = self.sched, self.pool, self.pool.stats
         return {
-            "slots": self.n_slots, "slots_free": self.pool.n_free, "running": len(self._decoding),
-            "prefilling": len(self._prefilling), "waiting": waiting, "max_queue": self.max_queue,
-            "generated_tokens": self.generated_tokens, "decode_steps": self.steps,
+            "slots": self.n_slots, "slots_free": self.n_slots - sched.seqs_in_use, "running": len(sched.decoding),
+            "prefilling": len(sched.prefilling), "waiting": waiting + len(sched.preempted),
+            "max_queue": self.max_queue, "generated_tokens": self.generated_tokens, "decode_steps": self.steps,
             "prompt_tokens": s.prompt_tokens, "prompt_tokens_cached": s.reused_tokens,
+            "kv_blocks": pool.n_blocks, "kv_block_size": pool.block_size, "kv_blocks_in_use": pool.n_in_use,
+            "kv_blocks_cached": pool.n_cached, "kv_blocks_free": pool.n_free, "kv_block_evictions": s.evictions,
+            "preemptions": s.preemptions,
         }
 
     # -- the loop -------------------------------------------------------------------------------
@@ -275,7 +278,7 @@ class Engine:
             while True:
                 with self._lock:
                     while not (self._closing or self._waiting or self._cancelled or self._embeds
-                               or self._prefilling or self._decoding or self._drain_pending()):
+                               or self.sched.busy or self.sched.preempted or self._drain_pending()):
                         self._lock.wait()
                     if self._closing:
                         break
@@ -283,250 +286,82 @@ class Engine:
                     draining = self._drain
                     if cancelled:
                         self._waiting = deque((j, s) for j, s in self._waiting if j.id not in cancelled)
-                    admitted = self._take_admissible() if draining is None else []
+                    resumed, admitted = self._take_admissible() if draining is None else ([], [])
                 if draining is not None:
-                    self._fail_running(503, draining)
+                    self.batch.fail_all(503, draining)
                     self._fail_waiting(503, draining)
                     continue
                 try:
-                    self._cancel_running(cancelled)
+                    self.batch.cancel(cancelled)
+                    for act in resumed:  # prompt logprobs not yet sent need every prompt position again
+                        self.sched.start(act, reuse=self.prefix_reuse and (act.prompt_sent or self._reuse(act.job)))
                     for job, sink in admitted:
                         try:
                             self._admit(job, sink)
                         except Exception as exc:  # e.g. a constraint that cannot start: this job only
                             log.exception("admitting a request failed")
-                            _safe_call(sink, Failure(500, f"could not start the request: {exc}"))
-                    self._embeds_step(self._prefill_step())
-                    self._decode_step()
+                            safe_call(sink, Failure(500, f"could not start the request: {exc}"))
+                    self._embeds_step(self.batch.prefill_step())
+                    self._embed_credit += EMBED_SHARE * self.batch.decode_step()
                 except Exception as exc:  # a bug must not kill the loop: fail what is running, go on
                     log.exception("engine step failed")
-                    self._fail_running(500, f"internal error in the engine: {exc}")
-        self._fail_running(503, self._drain or "the engine is shutting down")
+                    self.batch.fail_all(500, f"internal error in the engine: {exc}")
+        self.batch.fail_all(503, self._drain or "the engine is shutting down")
         self._fail_waiting(503, self._drain or "the engine is shutting down")
 
     def _drain_pending(self) -> bool:
-        return self._drain is not None and bool(self._waiting or self._prefilling or self._decoding or self._embeds)
+        return self._drain is not None and bool(self._waiting or self.sched.busy or self.sched.preempted
+                                                or self._embeds)
 
-    def _take_admissible(self) -> list[tuple[Job, Sink]]:
-        out, free = [], self.pool.n_free
-        while self._waiting and self._waiting[0][0].n <= free:
-            job, sink = self._waiting.popleft()
-            free -= job.n
+    def _take_admissible(self) -> tuple[list[Active], list[tuple[Job, Sink]]]:
+        """Preempted jobs to resume, then waiting jobs to admit, first come first served, as far as slots and
+        blocks go (`Scheduler.fits`; the blocks are taken by `Scheduler.start` right after)."""
+        claimed = seqs = 0
+        resumed: list[Active] = []
+        for act in list(self.sched.preempted):
+            n_open = sum(1 for q in act.seqs if not q.done)
+            cost = self.sched.fits(act.job, n_open, claimed, seqs)
+            if cost is None:
+                return resumed, []
+            self.sched.preempted.remove(act)
+            resumed.append(act)
+            claimed, seqs = claimed + cost, seqs + n_open
+        out = []
+        while self._waiting:
+            job, sink = self._waiting[0]
+            cost = self.sched.fits(job, job.n, claimed, seqs)
+            if cost is None:
+                break
+            self._waiting.popleft()
             out.append((job, sink))
-        return out
+            claimed, seqs = claimed + cost, seqs + job.n
+        return resumed, out
+
+    def _reuse(self, job: Job) -> bool:
+        return self.prefix_reuse and job.prompt_logprobs is None  # prompt logprobs need every prompt position
 
     def _admit(self, job: Job, sink: Sink) -> None:
-        rows = []  # made before any slot is taken, so a failure here leaks nothing
+        rows = []  # made before any block is taken, so a failure here leaks nothing
         for i in range(job.n):
             seed = None if job.seed is None else job.seed + i
             rows.append(RowState(job.params, make_generator(seed, self.device, global_rng=job.global_rng),
                                  self.vocab_size, job.prompt, job.constraint() if job.constraint else None))
         adapter = self._adapter(job)  # it may have been removed since `submit`
-        reuse = self.prefix_reuse and job.prompt_logprobs is None
-        slots, cached = self.pool.acquire(job.prompt, job.n, reuse=reuse, owner=adapter.key if adapter else 0)
-        act = _Active(job, sink, slots, cached, next_pos=cached, adapter=adapter)
-        for i, (slot, row) in enumerate(zip(slots, rows)):
+        act = Active(job, sink, adapter=adapter)
+        for i, row in enumerate(rows):
             text = TextStream(self.tokenizer.stream_decoder(), job.stop) if job.detokenize or job.stop else None
-            act.seqs.append(_Seq(act, i, slot, row, text))
+            act.seqs.append(Seq(act, i, row, text))
         act.open_seqs = job.n
-        self._prefilling.append(act)
-
-    def _prefill_step(self) -> int:
-        """Compute prompt chunks until the step's budget is spent; returns the rest.
-
-        Each forward takes the next canonical chunk of every job being prefilled, first come first
-        served, as far as the budget goes (a job's next chunk needs its previous one, so a long prompt
-        gives one chunk per forward); what is left of the budget goes to further forwards.
-        """
-        budget = self.prefill_budget
-        while budget > 0 and self._prefilling:
-            batch = []
-            for act in self._prefilling:
-                if budget <= 0:
-                    break
-                batch.append(act)
-                budget -= min(len(act.job.prompt), act.next_pos + self.chunk) - act.next_pos
-            self._prefill_chunks(batch)
-        return budget
-
-    def _prefill_chunks(self, acts: Sequence[_Active]) -> None:
-        """One canonical chunk [start, start + C) of each job (start is a multiple of C), in one forward."""
-        chunks = []
-        for act in acts:
-            end = min(len(act.job.prompt), act.next_pos + self.chunk)
-            chunks.append(PrefillChunk(act.job.prompt[act.next_pos:end], act.next_pos, act.slots[0],
-                                       all_logits=act.job.prompt_logprobs is not None, adapter=act.adapter))
-        try:
-            results = self.runner.prefill(self.cache, chunks)  # per job (T or 1, V)
-        except Exception as exc:
-            log.exception("prefill failed")
-            for act in acts:
-                self._fail(act, 500, f"prefill failed: {exc}")
-            return
-        for act, chunk, logits in zip(acts, chunks, results):
-            try:
-                self._chunk_done(act, chunk, logits)
-            except Exception as exc:
-                log.exception("prefill failed")
-                self._fail(act, 500, f"prefill failed: {exc}")
-
-    def _chunk_done(self, act: _Active, chunk: PrefillChunk, logits: torch.Tensor) -> None:
-        job = act.job
-        start, end = chunk.start, chunk.start + len(chunk.tokens)
-        if end - start == self.chunk:  # only whole chunks are reusable bit for bit
-            self.pool.extend(chunk.slot, chunk.tokens)
-        act.next_pos = end
-        if chunk.all_logits:
-            # logits[j] predicts prompt[start + j + 1]; the first prompt token has no logprob.
-            infos = prompt_logprob_info(logits, job.prompt[start:end + 1], job.prompt_logprobs)
-            act.prompt_infos.extend(infos if start == 0 else infos[1:])
-        if end == len(job.prompt):
-            self._prompt_done(act, logits[-1:])
-
-    def _prompt_done(self, act: _Active, last_logits: torch.Tensor) -> None:
-        """The prompt is in the cache: copy it to the sibling slots and sample every choice's first token."""
-        job = act.job
-        self._prefilling.remove(act)
-        self._send(act, PromptDone(act.cached, act.prompt_infos if job.prompt_logprobs is not None else None))
-        for seq in act.seqs:
-            if seq.slot != act.slots[0]:
-                self.pool.copy_prefix(act.slots[0], seq.slot, len(job.prompt))
-            seq.pos = len(job.prompt)
-        if job.max_tokens == 0:
-            for seq in act.seqs:
-                self._finish(seq, "length")
-            return
-        self._take_tokens(act.seqs, last_logits.expand(len(act.seqs), -1))  # (n, V): every choice starts here
-
-    def _decode_step(self) -> None:
-        seqs = [s for s in self._decoding if not s.done]
-        if not seqs:
-            return
-        start = time.perf_counter()
-        try:
-            logits = self.runner.decode(self.cache, [s.last for s in seqs], [s.pos for s in seqs],
-                                        [s.slot for s in seqs], [s.job.adapter for s in seqs])  # (B, V)
-            self._embed_credit += EMBED_SHARE * (time.perf_counter() - start)
-        except Exception as exc:
-            log.exception("decode step failed")
-            for act in {id(s.job): s.job for s in seqs}.values():
-                self._fail(act, 500, f"decode step failed: {exc}")
-            return
-        self.steps += 1
-        for s in seqs:
-            s.pos += 1
-        self._take_tokens(seqs, logits)
-
-    def _take_tokens(self, seqs: Sequence[_Seq], logits: torch.Tensor) -> None:
-        """Sample one token per sequence from logits (B, V) and send it on."""
-        rows = [s.row for s in seqs]
-        chosen = choose(logits, rows)
-        ok = [i for i, c in enumerate(chosen) if not isinstance(c, Exception)]
-        infos = logprob_info(logits, [chosen[i] if i in ok else 0 for i in range(len(seqs))],
-                             [seqs[i].job.job.logprobs if i in ok else None for i in range(len(seqs))])
-        for i, seq in enumerate(seqs):
-            if seq.done:  # its request failed on an earlier row of this batch
-                continue
-            if isinstance(chosen[i], Exception):
-                self._fail(seq.job, 500, f"sampling failed: {chosen[i]}")
-                continue
-            try:
-                self._advance(seq, chosen[i], infos[i])
-            except Exception as exc:
-                log.exception("advancing a sequence failed")
-                self._fail(seq.job, 500, f"internal error: {exc}")
-
-    def _advance(self, seq: _Seq, token: int, info: Optional[TokenInfo]) -> None:
-        job = seq.job.job
-        seq.n_gen += 1
-        self.generated_tokens += 1
-        if token in job.stop_ids:
-            tail = seq.text.flush() if seq.text is not None else ""
-            if tail:
-                self._send(seq.job, Delta(seq.index, tail, []))
-            self._finish(seq, "stop")
-            return
-        seq.row.record(token)
-        if seq.row.constraint is not None:
-            seq.row.constraint.advance(token)
-        text, hit = seq.text.push(token) if seq.text is not None else ("", False)
-        reason = None
-        if hit or (seq.row.constraint is not None and seq.row.constraint.is_finished()):
-            reason = "stop"
-        elif seq.n_gen >= job.max_tokens or seq.pos + 1 >= self.max_seq_len:
-            reason = "length"
-        if reason is not None and not hit and seq.text is not None:
-            text += seq.text.flush()
-        self._send(seq.job, Delta(seq.index, text, [info] if info is not None else [TokenInfo(token)]))
-        if seq.done:  # the client is gone
-            return
-        if reason is not None:
-            self._finish(seq, reason)
-            return
-        seq.last = token
-        if seq not in self._decoding:
-            self._decoding.append(seq)
-
-    # -- endings --------------------------------------------------------------------------------
-
-    def _finish(self, seq: _Seq, reason: str) -> None:
-        if seq.done:
-            return
-        seq.done = True
-        self.pool.release(seq.slot)
-        if seq in self._decoding:
-            self._decoding.remove(seq)
-        seq.job.open_seqs -= 1
-        self._send(seq.job, Finish(seq.index, reason, seq.n_gen))
-
-    def _drop(self, act: _Active, *, keep_cache: bool) -> None:
-        if act in self._prefilling:
-            self._prefilling.remove(act)
-            keep_cache = False  # a partly computed prompt is not worth keeping
-        for seq in act.seqs:
-            if not seq.done:
-                seq.done = True
-                self.pool.release(seq.slot, keep=keep_cache)
-                if seq in self._decoding:
-                    self._decoding.remove(seq)
-        act.open_seqs = 0
-
-    def _fail(self, act: _Active, status: int, message: str) -> None:
-        if act.open_seqs == 0:
-            return
-        self._drop(act, keep_cache=False)
-        self._send(act, Failure(status, message))
-
-    def _cancel_running(self, ids: set[int]) -> None:
-        if not ids:
-            return
-        acts = {id(a): a for a in self._prefilling if a.job.id in ids}
-        acts.update({id(s.job): s.job for s in self._decoding if s.job.job.id in ids})
-        for act in acts.values():
-            self._drop(act, keep_cache=True)
-
-    def _fail_running(self, status: int, message: str) -> None:
-        acts = {id(a): a for a in self._prefilling}
-        acts.update({id(s.job): s.job for s in self._decoding})
-        for act in acts.values():
-            self._fail(act, status, message)
-        # whatever the bookkeeping says, every slot is free again (their caches are not trusted)
-        self._prefilling.clear()
-        self._decoding.clear()
-        for slot in range(self.n_slots):
-            if self.pool.busy[slot]:
-                self.pool.release(slot, keep=False)
+        self.sched.start(act, reuse=self._reuse(job))
+        self.pool.stats.prompt_tokens += len(job.prompt)
+        self.pool.stats.reused_tokens += act.cached
 
     def _fail_waiting(self, status: int, message: str) -> None:
         with self._lock:
             waiting, self._waiting = list(self._waiting), deque()
             self._embeds.fail_all(lambda: EngineClosed(message))
         for job, sink in waiting:
-            _safe_call(sink, Failure(status, message))
-
-    def _send(self, act: _Active, event: Event) -> None:
-        if not _safe_call(act.sink, event):
-            self._drop(act, keep_cache=True)  # nobody is listening any more
+            safe_call(sink, Failure(status, message))
 
     # -- embeddings -----------------------------------------------------------------------------
 
@@ -537,7 +372,7 @@ class Engine:
         waits for credit."""
         if not self._embeds:
             return
-        generating = bool(self._decoding or self._prefilling)
+        generating = self.sched.busy
         if not generating:
             self._embed_credit = 0.0
         elif self._embed_credit <= 0:
@@ -549,15 +384,6 @@ class Engine:
             log.exception("embedding step failed")
         if generating:
             self._embed_credit -= time.perf_counter() - start
-
-
-def _safe_call(sink: Sink, event: Event) -> bool:
-    try:
-        sink(event)
-        return True
-    except Exception:  # the receiving side is gone (closed event loop, ...)
-        log.debug("dropping an event for a closed request", exc_info=True)
-        return False
 
 
 def wait_idle(engine: Engine, timeout: float = 5.0) -> bool:

@@ -2,10 +2,10 @@
 
 Under `torchrun --nproc_per_node N ... serve`, each rank holds a slice of the model (`llamaforge.parallel`),
 and a forward is a collective: every rank must run it with the same inputs, in the same order. Rank 0
-owns HTTP and the engine (scheduler, sampler, slot pool); its `Leader` runner broadcasts each model call
+owns HTTP and the engine (scheduler, sampler, block pool); its `Leader` runner broadcasts each model call
 (`torch.distributed.broadcast_object_list` of plain ints, from rank 0, on the engine thread) before running
-it, and `follow` on the other ranks receives and runs the same call on its own slice and its own KV cache
-(whose heads are its share), until the leader's `stop_followers`. The row-parallel all-reduce leaves every
+it, and `follow` on the other ranks receives and runs the same call on its own slice and its own KV block pool
+(whose heads are its share; the same block tables), until the leader's `stop_followers`. The row-parallel all-reduce leaves every
 rank with the same full logits; only rank 0 samples.
 
 Served LoRA adapters are not mirrored (a rank's projections are slices): a leader refuses rows with one.
@@ -35,26 +35,26 @@ def _broadcast(message: Optional[tuple]) -> tuple:
 class Leader(Runner):
     """Rank 0's runner: each model call is broadcast to the followers first, then run here too."""
 
-    def new_cache(self, n_slots: int, max_seq_len: int) -> KVCache:
-        _broadcast(("new_cache", n_slots, max_seq_len))
-        return super().new_cache(n_slots, max_seq_len)
+    def new_pool(self, n_blocks: int, max_seq_len: int, block_size: int) -> KVCache:
+        _broadcast(("new_pool", n_blocks, max_seq_len, block_size))
+        return super().new_pool(n_blocks, max_seq_len, block_size)
 
     def prefill(self, cache: KVCache, chunks: Sequence[PrefillChunk]) -> list[torch.Tensor]:
         if any(c.adapter is not None for c in chunks):
             raise GenerationError("LoRA adapters are not served under tensor parallelism; serve them on one process")
-        _broadcast(("prefill", [(list(c.tokens), c.start, c.slot, c.all_logits) for c in chunks]))
+        _broadcast(("prefill", [(list(c.tokens), c.start, list(c.blocks), c.all_logits) for c in chunks]))
         return super().prefill(cache, chunks)
 
-    def decode(self, cache: KVCache, tokens: Sequence[int], pos: Sequence[int], slots: Sequence[int],
+    def decode(self, cache: KVCache, tokens: Sequence[int], pos: Sequence[int], blocks: Sequence[Sequence[int]],
                adapters=None) -> torch.Tensor:
         if adapters is not None and any(a is not None for a in adapters):
             raise GenerationError("LoRA adapters are not served under tensor parallelism; serve them on one process")
-        _broadcast(("decode", list(tokens), list(pos), list(slots)))
-        return super().decode(cache, tokens, pos, slots)
+        _broadcast(("decode", list(tokens), list(pos), [list(b) for b in blocks]))
+        return super().decode(cache, tokens, pos, blocks)
 
-    def copy_prefix(self, cache: KVCache, src: int, dst: int, length: int) -> None:
-        _broadcast(("copy_prefix", src, dst, length))
-        super().copy_prefix(cache, src, dst, length)
+    def copy_block(self, cache: KVCache, src: int, dst: int, length: int) -> None:
+        _broadcast(("copy_block", src, dst, length))
+        super().copy_block(cache, src, dst, length)
 
     def embed(self, ids: Sequence[int]) -> list[float]:
         _broadcast(("embed", list(ids)))
@@ -73,15 +73,15 @@ def follow(runner: Runner) -> None:
             op, *args = _broadcast(None)
             if op == _STOP:
                 return
-            if op == "new_cache":
-                cache = runner.new_cache(*args)
+            if op == "new_pool":
+                cache = runner.new_pool(*args)
             elif op == "prefill":
-                runner.prefill(cache, [PrefillChunk(tokens, start, slot, all_logits)
-                                       for tokens, start, slot, all_logits in args[0]])
+                runner.prefill(cache, [PrefillChunk(tokens, start, blocks, all_logits)
+                                       for tokens, start, blocks, all_logits in args[0]])
             elif op == "decode":
                 runner.decode(cache, *args)
-            elif op == "copy_prefix":
-                runner.copy_prefix(cache, *args)
+            elif op == "copy_block":
+                runner.copy_block(cache, *args)
             elif op == "embed":
                 runner.embed(*args)
             else:

@@ -9,7 +9,8 @@ Batch invariance (the engine's promise that a row's numbers do not depend on the
   widest), always this way, also for a single chunk: every query sees exactly its own sequence's keys
   up to its position (an explicit mask), attention reads `kv_len` rounded up to `KV_ALIGN` with the
   math kernel (per row, as in decode), and the padding tokens write keys only past their own row's
-  end, in its own slot, where nothing reads before a later step overwrites them. The linear layers
+  end, in its own current block (a chunk starts at a block boundary and is at most a block long), where
+  nothing reads before a later step overwrites them. The linear layers
   see more rows: the x8 integer kernels compute each row alone (exact); float GEMMs, and the "gguf"
   layout's GEMM path from `GEMM_MIN_ROWS` rows on, may differ in the last bits;
 - `decode` attends over `kv_len` rounded up to a multiple of `KV_ALIGN` (64) with PyTorch's math
@@ -28,8 +29,8 @@ from typing import Optional, Sequence
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from llamaforge.generation.slots import copy_positions
 from llamaforge.model import KVCache, StepInput, Transformer
+from llamaforge.model.kv_cache import blocks_for
 from llamaforge.runtime import DecodeStep
 from llamaforge.runtime.adapters import AdapterTable, ServedAdapter
 
@@ -41,15 +42,23 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def block_tables(tables: Sequence[Sequence[int]], width: int, device: torch.device) -> torch.Tensor:
+    """Rows' block tables as one (B, width) tensor; entries past a row's own are block 0, never read unmasked."""
+    return torch.tensor([list(t[:width]) + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=device)
+
+
 def decode_logits(decode_step: DecodeStep, cache: KVCache, tokens: torch.Tensor, pos: torch.Tensor,
-                  slots: torch.Tensor, max_pos: Optional[int] = None) -> torch.Tensor:
-    """One decode step, batch-invariant: tokens, pos (B, 1) in slots (B,) -> last logits (B, V).
+                  slots: Optional[torch.Tensor] = None, max_pos: Optional[int] = None,
+                  blocks: Optional[Sequence[Sequence[int]]] = None) -> torch.Tensor:
+    """One decode step, batch-invariant: tokens, pos (B, 1) in slots (B,) of a slot cache, or with block
+    tables `blocks` (one list per row) of a pooled one -> last logits (B, V).
 
     `max_pos` is `pos.max()` when the caller knows it (saves a tensor op per step)."""
     max_pos = int(pos.max()) if max_pos is None else max_pos
     kv_len = min(round_up(max_pos + 1, KV_ALIGN), cache.max_seq_len)
+    tables = None if blocks is None else block_tables(blocks, blocks_for(kv_len, cache.block_size), tokens.device)
     step = StepInput.make(pos, *tokens.shape, device=tokens.device, cache_len=cache.max_seq_len, slots=slots,
-                          kv_len=kv_len)
+                          kv_len=kv_len, blocks=tables)
     # sdpa_kernel sets process-wide flags and restores them on exit: one engine at a time, so that two
     # engines' enter/exit never interleave and leave the flags changed.
     with _MATH_ATTENTION, sdpa_kernel(SDPBackend.MATH):
@@ -58,7 +67,7 @@ def decode_logits(decode_step: DecodeStep, cache: KVCache, tokens: torch.Tensor,
 
 @dataclass(frozen=True)
 class PrefillChunk:
-    """Prompt tokens to write at positions [start, start + len(tokens)) of cache slot `slot`.
+    """Prompt tokens to write at positions [start, start + len(tokens)) of the sequence with block table `blocks`.
 
     all_logits: return the logits of every token (prompt logprobs), not only of the last.
     adapter: the LoRA adapter of this row (None: the base model).
@@ -66,7 +75,7 @@ class PrefillChunk:
 
     tokens: Sequence[int]
     start: int
-    slot: int
+    blocks: Sequence[int]
     all_logits: bool = False
     adapter: Optional[ServedAdapter] = None
 
@@ -101,9 +110,14 @@ class Runner:
         return self.model.args.vocab_size
 
     def new_cache(self, n_slots: int, max_seq_len: int) -> KVCache:
-        """A zeroed cache of n_slots sequences of max_seq_len positions, in the model's dtype."""
+        """A zeroed slot cache of n_slots sequences of max_seq_len positions, in the model's dtype."""
         return KVCache.for_model(self.model.args, n_slots, max_seq_len, dtype=self.model.norm.weight.dtype,
                                  device=self.device)
+
+    def new_pool(self, n_blocks: int, max_seq_len: int, block_size: int) -> KVCache:
+        """A zeroed pool of n_blocks blocks of block_size positions for sequences of up to max_seq_len."""
+        return KVCache.pool(self.model.args, n_blocks, max_seq_len, dtype=self.model.norm.weight.dtype,
+                            device=self.device, block_size=block_size)
 
     def prefill(self, cache: KVCache, chunks: Sequence[PrefillChunk]) -> list[torch.Tensor]:
         """Write the chunks of several sequences in one forward; per chunk logits (T, V), or (1, V) of its last.
@@ -134,8 +148,9 @@ class Runner:
         pos = starts[:, None] + torch.arange(width)[None, :]  # (B, W)
         kv_len = min(round_up(int(pos.max()) + 1, KV_ALIGN), cache.max_seq_len)
         ids, pos = ids.to(self.device), pos.to(self.device)
-        step = StepInput.make(pos, *ids.shape, device=self.device, cache_len=cache.max_seq_len,
-                              slots=torch.tensor([c.slot for c in chunks], device=self.device), kv_len=kv_len)
+        tables = block_tables([c.blocks for c in chunks], blocks_for(kv_len, cache.block_size), self.device)
+        step = StepInput.make(pos, *ids.shape, device=self.device, cache_len=cache.max_seq_len, kv_len=kv_len,
+                              blocks=tables)
         with self._rows([c.adapter for c in chunks]):
             with _MATH_ATTENTION, sdpa_kernel(SDPBackend.MATH):
                 hidden = self.model.hidden_states(ids, step, cache)  # (B, W, dim)
@@ -145,15 +160,14 @@ class Runner:
             logits = self.model.output(torch.cat(wanted)).float()  # (sum of wanted, V)
         return list(torch.split(logits, [w.shape[0] for w in wanted]))
 
-    def decode(self, cache: KVCache, tokens: Sequence[int], pos: Sequence[int], slots: Sequence[int],
+    def decode(self, cache: KVCache, tokens: Sequence[int], pos: Sequence[int], blocks: Sequence[Sequence[int]],
                adapters: Optional[Sequence[Optional[ServedAdapter]]] = None) -> torch.Tensor:
-        """One token for each of B sequences (token, position, slot, adapter per row) -> last logits (B, V)."""
+        """One token for each of B sequences (token, position, block table, adapter per row) -> logits (B, V)."""
         t = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
         p = torch.tensor(pos, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
-        s = torch.tensor(slots, dtype=torch.long, device=self.device)  # (B,)
         if adapters is None or all(a is None for a in adapters):
             with self._rows(()):
-                return decode_logits(self.decode_step, cache, t, p, s, max_pos=max(pos))
+                return decode_logits(self.decode_step, cache, t, p, max_pos=max(pos), blocks=blocks)
         out: Optional[torch.Tensor] = None
         plain = [i for i, a in enumerate(adapters) if a is None]
         adapted = [i for i, a in enumerate(adapters) if a is not None]
@@ -163,15 +177,15 @@ class Runner:
                 continue
             idx = torch.tensor(rows, device=self.device)
             with self._rows(row_adapters):
-                logits = decode_logits(step, cache, t[idx], p[idx], s[idx])  # (len(rows), V)
+                logits = decode_logits(step, cache, t[idx], p[idx], blocks=[blocks[i] for i in rows])  # (rows, V)
             if out is None:
                 out = logits.new_empty((len(tokens), logits.shape[-1]))
             out[idx] = logits
         return out
 
-    def copy_prefix(self, cache: KVCache, src: int, dst: int, length: int) -> None:
-        """Copy cached positions [0, length) from slot src to slot dst."""
-        copy_positions(cache, src, dst, length)
+    def copy_block(self, cache: KVCache, src: int, dst: int, length: int) -> None:
+        """Copy cached positions [0, length) of block src into block dst."""
+        cache.copy_block(src, dst, length)
 
     def lockstep(self, cache: KVCache, tokens: torch.Tensor, start: int, *, last_only: bool) -> torch.Tensor:
         """Meta's step: every row at positions [start, start + T) of rows 0..B-1 -> logits (B, T or 1, V).

@@ -1,7 +1,9 @@
 // Decode attention for the fused step (qdecode.cpp): the G query heads that share one KV head (grouped-
 // query attention), one new token, over that KV head's cached keys and values [0, n):
 //     out_g = softmax(q_g . K^T / sqrt(hd)) V            for g < G
-// tiled over the cache with an online softmax, as flash attention does: per tile of 64 keys, the G x 64
+// where K and V lie in blocks of the KV cache (`KVBlocks`: a sequence's block table, as vLLM's paged
+// attention reads them), tiled with an online softmax, as flash attention does: per tile of 64 keys (a
+// tile also ends where a block does, so each tile is contiguous rows), the G x 64
 // scores (each key row loaded once for all G queries), the tile maxima, the exponentials (8 lanes at a
 // time), and the weighted values (each value row loaded once for all G outputs); the running outputs and
 // sums are rescaled once per tile by exp(old max - new max). So K and V are read once per KV head, not
@@ -22,6 +24,16 @@
 namespace lfq {
 
 constexpr int64_t ATTN_TILE = 64;
+
+// Where one KV head's cached rows of one sequence lie (kv_cache.py's layout, qdecode.cpp's kv_row): blocks of
+// `size` positions, the sequence's j-th block at base + table[j] * stride, rows of hd floats within it.
+struct KVBlocks {
+  const float* base;     // this KV head's rows in block 0 of the layer
+  const int64_t* table;  // the sequence's block table
+  int64_t stride;        // floats from one block to the next
+  int64_t size;          // positions per block
+  const float* rows(int64_t j0, int64_t hd) const { return base + table[j0 / size] * stride + (j0 % size) * hd; }
+};
 
 // e^x for 8 lanes (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial for e^r).
 inline __m256 exp256(__m256 x) {
@@ -87,9 +99,10 @@ inline void attn_values(const float* p, const float* V, int64_t j0, int64_t t, i
     for (int g = 0; g < G; ++g) _mm256_storeu_ps(o + g * hd + d0 + 8 * u, acc[u][g]);
 }
 
-// out (G, hd) = attention of the G queries q (G, hd) over keys/values K, V (n, hd); n >= 1.
+// out (G, hd) = attention of the G queries q (G, hd) over the cached keys/values [0, n) of kb, vb; n >= 1.
 template <int G>
-void attend_group(const float* q, const float* K, const float* V, int64_t n, int64_t hd, float scale, float* out) {
+void attend_group(const float* q, const KVBlocks& kb, const KVBlocks& vb, int64_t n, int64_t hd, float scale,
+                  float* out) {
   constexpr int KJ = G >= 4 ? 1 : (G == 1 ? 4 : 2);  // key rows per score pass
   constexpr int DC = G >= 4 ? 1 : (G == 1 ? 4 : 2);  // output vectors per value pass
   alignas(32) float s[G * ATTN_TILE];
@@ -100,9 +113,11 @@ void attend_group(const float* q, const float* K, const float* V, int64_t n, int
   }
   std::fill_n(out, G * hd, 0.0f);
   const int64_t h8 = hd / 8 * 8;
-  for (int64_t j0 = 0; j0 < n; j0 += ATTN_TILE) {
-    const int64_t t = std::min(ATTN_TILE, n - j0);
-    attn_scores<G, KJ>(q, K, j0, t, hd, scale, s);
+  for (int64_t j0 = 0, t = 0; j0 < n; j0 += t) {
+    t = std::min({ATTN_TILE, n - j0, kb.size - j0 % kb.size});  // keys [j0, j0 + t): rows of one block
+    const float* K = kb.rows(j0, hd);
+    const float* V = vb.rows(j0, hd);
+    attn_scores<G, KJ>(q, K, 0, t, hd, scale, s);
     for (int g = 0; g < G; ++g) {
       float* sg = s + g * ATTN_TILE;
       float tmax = mx[g];
@@ -125,12 +140,12 @@ void attend_group(const float* q, const float* K, const float* V, int64_t n, int
       mx[g] = tmax;
     }
     int64_t d = 0;
-    for (; d + 8 * DC <= h8; d += 8 * DC) attn_values<G, DC>(s, V, j0, t, hd, d, c, out);
-    for (; d < h8; d += 8) attn_values<G, 1>(s, V, j0, t, hd, d, c, out);
+    for (; d + 8 * DC <= h8; d += 8 * DC) attn_values<G, DC>(s, V, 0, t, hd, d, c, out);
+    for (; d < h8; d += 8) attn_values<G, 1>(s, V, 0, t, hd, d, c, out);
     for (; d < hd; ++d) {
       for (int g = 0; g < G; ++g) {
         float od = out[g * hd + d] * c[g];
-        for (int64_t j = 0; j < t; ++j) od += s[g * ATTN_TILE + j] * V[(j0 + j) * hd + d];
+        for (int64_t j = 0; j < t; ++j) od += s[g * ATTN_TILE + j] * V[j * hd + d];
         out[g * hd + d] = od;
       }
     }
@@ -142,8 +157,8 @@ void attend_group(const float* q, const float* K, const float* V, int64_t n, int
 }
 
 // The G = n_heads / n_kv_heads query heads of one KV head: q, out (G, hd). G above 8 in groups of 8 or less.
-inline void attend(const float* q, const float* K, const float* V, int64_t n, int64_t hd, float scale, float* out,
-                   int64_t G) {
+inline void attend(const float* q, const KVBlocks& K, const KVBlocks& V, int64_t n, int64_t hd, float scale,
+                   float* out, int64_t G) {
   for (int64_t g0 = 0; g0 < G; g0 += 8) {
     const int64_t g = std::min<int64_t>(8, G - g0);
     const float* qg = q + g0 * hd;

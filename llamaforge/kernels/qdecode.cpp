@@ -5,7 +5,8 @@
 // and then logits = output(norm(out)), as llamaforge/model/layers.py does (float32 norms, softmax and
 // rotary; quantized weights take int8 activations as QuantizedLinear does, float32 weights float32
 // dot products), without a Python call per operation: at batch 1 the PyTorch ops between the matmuls
-// cost more than the matmuls. Keys and values are read where they lie in the cache (no gather). Each
+// cost more than the matmuls. Keys and values are read where they lie in the cache's blocks, through
+// each row's block table (no gather; where a position's row lives is `kv_row`'s alone). Each
 // row is computed on its own, so a row's result does not depend on the other rows of the batch.
 
 #include "qdecode.h"
@@ -51,6 +52,12 @@ void rope(float* x, int64_t n_heads, int64_t head_dim, const float* cos, const f
       xh[2 * i + 1] = x0 * sin[i] + x1 * cos[i];
     }
   }
+}
+
+// Offset of the cached row of position `pos`, KV head g, in one layer's blocks (n_blocks, Hkv, bs, hd) of a
+// sequence whose block table is `table` (model/kv_cache.py's `locate`).
+inline int64_t kv_row(const int64_t* table, int64_t pos, int64_t g, int64_t Hkv, int64_t bs, int64_t hd) {
+  return ((table[pos / bs] * Hkv + g) * bs + pos % bs) * hd;
 }
 
 bool any_quantized(const QWeight* const* ws, int n) {
@@ -109,7 +116,7 @@ Decoder::Decoder(std::vector<DecoderLayer> layers, int64_t n_heads, int64_t n_kv
               "decoder: the final norm and output projection do not fit dim ", norm_.numel());
 }
 
-at::Tensor Decoder::step(const at::Tensor& x_in, const at::Tensor& pos_in, const at::Tensor& slots_in,
+at::Tensor Decoder::step(const at::Tensor& x_in, const at::Tensor& pos_in, const at::Tensor& blocks_in,
                          at::Tensor& kc, at::Tensor& vc, int64_t kv_len) const {
   const int64_t n_layers = static_cast<int64_t>(layers_.size());
   const int64_t dim = layers_[0].attention_norm.numel(), hd = head_dim_, H = n_heads_, Hkv = n_kv_heads_;
@@ -119,17 +126,22 @@ at::Tensor Decoder::step(const at::Tensor& x_in, const at::Tensor& pos_in, const
   TORCH_CHECK(kc.scalar_type() == at::kFloat && vc.scalar_type() == at::kFloat && kc.is_contiguous() &&
                   vc.is_contiguous() && kc.dim() == 5 && kc.sizes() == vc.sizes() && kc.size(0) == n_layers &&
                   kc.size(2) == Hkv && kc.size(4) == hd,
-              "decoder: the KV cache must be contiguous float32 (", n_layers, ", slots, ", Hkv, ", L, ", hd, ")");
-  const int64_t S = kc.size(1), L = kc.size(3);
-  const at::Tensor pos_t = pos_in.to(at::kLong).contiguous(), slots_t = slots_in.to(at::kLong).contiguous();
-  TORCH_CHECK(pos_t.numel() == B && slots_t.numel() == B, "decoder: pos and slots need one entry per row");
+              "decoder: the KV cache must be contiguous float32 (", n_layers, ", blocks, ", Hkv, ", block size, ", hd,
+              ")");
+  const int64_t NB = kc.size(1), BS = kc.size(3);
+  const at::Tensor pos_t = pos_in.to(at::kLong).contiguous(), blocks_t = blocks_in.to(at::kLong).contiguous();
+  TORCH_CHECK(pos_t.numel() == B && blocks_t.dim() == 2 && blocks_t.size(0) == B,
+              "decoder: pos (B,) and blocks (B, W) need one row per token");
+  const int64_t W = blocks_t.size(1);
   const int64_t* pos = pos_t.data_ptr<int64_t>();
-  const int64_t* slots = slots_t.data_ptr<int64_t>();
-  kv_len = std::min(kv_len, L);
+  const int64_t* blocks = blocks_t.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(pos[b] >= 0 && pos[b] < L && pos[b] < cos_.size(0), "decoder: position ", pos[b],
-                " is outside the cache (", L, ") or the rotary tables (", cos_.size(0), ")");
-    TORCH_CHECK(slots[b] >= 0 && slots[b] < S, "decoder: slot ", slots[b], " is not in [0, ", S, ")");
+    TORCH_CHECK(pos[b] >= 0 && pos[b] < W * BS && pos[b] < cos_.size(0), "decoder: position ", pos[b],
+                " is outside the row's block table (", W, " blocks of ", BS, ") or the rotary tables (", cos_.size(0),
+                ")");
+    for (int64_t j = 0; j <= pos[b] / BS; ++j)
+      TORCH_CHECK(blocks[b * W + j] >= 0 && blocks[b * W + j] < NB, "decoder: block ", blocks[b * W + j],
+                  " is not in [0, ", NB, ")");
   }
 
   at::Tensor out = x_in.contiguous().clone();
@@ -144,8 +156,8 @@ at::Tensor Decoder::step(const at::Tensor& x_in, const at::Tensor& pos_in, const
 
   for (int64_t l = 0; l < n_layers; ++l) {
     const DecoderLayer& ly = layers_[l];
-    float* kl = kc.data_ptr<float>() + l * S * Hkv * L * hd;
-    float* vl = vc.data_ptr<float>() + l * S * Hkv * L * hd;
+    float* kl = kc.data_ptr<float>() + l * NB * Hkv * BS * hd;
+    float* vl = vc.data_ptr<float>() + l * NB * Hkv * BS * hd;
 
     // Attention: projections from one quantization of the normed input.
     rms_norm(x, ly.attention_norm.data_ptr<float>(), B, dim, eps_, xn.data());
@@ -163,7 +175,7 @@ at::Tensor Decoder::step(const at::Tensor& x_in, const at::Tensor& pos_in, const
       rope(q.data() + b * H * hd, H, hd, cos + pos[b] * half, sin + pos[b] * half);
       rope(k.data() + b * Hkv * hd, Hkv, hd, cos + pos[b] * half, sin + pos[b] * half);
       for (int64_t g = 0; g < Hkv; ++g) {
-        const int64_t at = ((slots[b] * Hkv + g) * L + pos[b]) * hd;
+        const int64_t at = kv_row(blocks + b * W, pos[b], g, Hkv, BS, hd);
         std::copy_n(k.data() + (b * Hkv + g) * hd, hd, kl + at);
         std::copy_n(v.data() + (b * Hkv + g) * hd, hd, vl + at);
       }
@@ -176,8 +188,11 @@ at::Tensor Decoder::step(const at::Tensor& x_in, const at::Tensor& pos_in, const
     at::parallel_for(0, B * Hkv, grain, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / Hkv, g = t % Hkv;
-        attend(q.data() + (b * H + g * G) * hd, kl + (slots[b] * Hkv + g) * L * hd, vl + (slots[b] * Hkv + g) * L * hd,
-               std::min(pos[b] + 1, kv_len), hd, scale, attn.data() + (b * H + g * G) * hd, G);
+        // kv_row(table, pos) = table[pos / BS] * (Hkv * BS * hd) + g * BS * hd + (pos % BS) * hd, as KVBlocks reads it
+        const KVBlocks kb{kl + g * BS * hd, blocks + b * W, Hkv * BS * hd, BS};
+        const KVBlocks vb{vl + g * BS * hd, blocks + b * W, Hkv * BS * hd, BS};
+        attend(q.data() + (b * H + g * G) * hd, kb, vb, std::min(pos[b] + 1, kv_len), hd, scale,
+               attn.data() + (b * H + g * G) * hd, G);
       }
     });
     {

@@ -23,11 +23,11 @@ class Decoder {
   Decoder(std::vector<DecoderLayer> layers, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, double norm_eps,
           at::Tensor cos, at::Tensor sin, at::Tensor norm, QWeight output);
 
-  // x: float32 (B, 1, dim) token embeddings; pos, slots: int64 (B,); k_cache, v_cache: float32
-  // (n_layers, slots, n_kv_heads, max_seq_len, head_dim). Writes each row's keys and values at
-  // (slot, pos) and attends over its positions [0, min(pos + 1, kv_len)). Returns the logits
-  // (B, 1, vocab) in float32.
-  at::Tensor step(const at::Tensor& x, const at::Tensor& pos, const at::Tensor& slots, at::Tensor& k_cache,
+  // x: float32 (B, 1, dim) token embeddings; pos: int64 (B,); blocks: int64 (B, W), each row's block table;
+  // k_cache, v_cache: float32 (n_layers, n_blocks, n_kv_heads, block_size, head_dim) (model/kv_cache.py).
+  // Writes each row's keys and values at its position (in block blocks[b][pos / block_size]) and attends
+  // over its positions [0, min(pos + 1, kv_len)). Returns the logits (B, 1, vocab) in float32.
+  at::Tensor step(const at::Tensor& x, const at::Tensor& pos, const at::Tensor& blocks, at::Tensor& k_cache,
                   at::Tensor& v_cache, int64_t kv_len) const;
 
  private:

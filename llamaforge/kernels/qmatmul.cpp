@@ -361,5 +361,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("layers"), py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("norm_eps"),
            py::arg("cos"), py::arg("sin"), py::arg("norm"), py::arg("output"))
       .def("step", &Decoder::step, "logits for one new token per row (see qdecode.h)", py::arg("x"),
-           py::arg("pos"), py::arg("slots"), py::arg("k_cache"), py::arg("v_cache"), py::arg("kv_len"), release());
+           py::arg("pos"), py::arg("blocks"), py::arg("k_cache"), py::arg("v_cache"), py::arg("kv_len"), release());
 }

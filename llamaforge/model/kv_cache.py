@@ -1,9 +1,21 @@
-"""A static-shape key/value cache organised as a pool of slots.
+"""A static-shape key/value cache organised as a pool of blocks of positions.
 
-Each slot holds one sequence; each batch row names its slot and its own positions, so one decode step
-serves a single prompt, Meta's ragged batch and a server's continuous batch alike, and a finished
-sequence frees its slot without disturbing the others. Generation creates the cache and passes it to
-`Transformer.forward`; the model never allocates one.
+Keys and values live in blocks of `block_size` positions, (n_layers, n_blocks, n_kv_heads, block_size,
+head_dim), as vLLM's paged attention keeps them; a sequence's *block table* lists the blocks holding its
+positions [0, block_size), [block_size, 2 block_size), ... So one decode step serves a single prompt, Meta's
+ragged batch and a server's continuous batch alike, sequences of any length share one pool, and a block
+full of a prompt prefix can sit in the tables of several sequences at once (generation/blocks.py keeps the
+pool's books: who holds which block, the prefix cache).
+
+Two ways to make one:
+- `KVCache(n_layers, n_slots, max_seq_len, ...)` / `for_model`: a *slot* cache, each of n_slots sequences
+  owning the contiguous blocks of max_seq_len positions (`slot_tables`); a step names rows by slot
+  (`StepInput.slots`, rows 0..B-1 when None). Meta's lock-step loop, speculative decoding and embeddings use it.
+- `KVCache.pool(...)`: n_blocks blocks and no slots; every step passes its rows' block tables
+  (`StepInput.blocks`). The engine's.
+
+Where a position's row lives is decided in one place, `locate` (the C++ step mirrors it in qdecode.cpp's
+`kv_row`). Generation creates the cache and passes it to `Transformer.forward`; the model never allocates one.
 """
 
 from __future__ import annotations
@@ -15,12 +27,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from llamaforge.errors import ConfigError
 from llamaforge.model.step import StepInput
+
+BLOCK_SIZE = 64  # positions per block by default: the engine's prefill chunk and the C++ attention tile
 
 
 def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
-    """Zeros; on the CPU from calloc, whose pages the OS maps on first touch, so a cache sized for every
-    slot at full context (the engine's) takes memory only for the positions sequences use."""
+    """Zeros; on the CPU from calloc, whose pages the OS maps on first touch, so a cache sized for a whole
+    budget takes memory only for the blocks sequences use."""
     if torch.device(device).type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
@@ -29,8 +44,13 @@ def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Ten
     return torch.from_numpy(raw[offset : offset + nbytes]).view(dtype).view(shape)
 
 
+def blocks_for(n_positions: int, block_size: int = BLOCK_SIZE) -> int:
+    """Blocks that hold n_positions positions."""
+    return -(-n_positions // block_size)
+
+
 class KVCache(nn.Module):
-    """Keys and values of shape (n_layers, n_slots, n_kv_heads, max_seq_len, head_dim)."""
+    """Keys and values of shape (n_layers, n_blocks, n_kv_heads, block_size, head_dim)."""
 
     def __init__(
         self,
@@ -42,50 +62,100 @@ class KVCache(nn.Module):
         *,
         dtype: torch.dtype,
         device: torch.device,
+        block_size: int = BLOCK_SIZE,
+        n_blocks: Optional[int] = None,
     ):
+        """A slot cache of n_slots sequences of max_seq_len positions; with `n_blocks` (and n_slots 0) a pool
+        of that many blocks whose sequences are at most max_seq_len long (`KVCache.pool`)."""
         super().__init__()
-        shape = (n_layers, n_slots, n_kv_heads, max_seq_len, head_dim)
+        if block_size < 1 or max_seq_len < 1:
+            raise ConfigError(f"a KV cache needs block_size >= 1 and max_seq_len >= 1, got {block_size}, {max_seq_len}")
+        width = blocks_for(max_seq_len, block_size)  # blocks of one sequence's table at most
+        if n_blocks is None:
+            n_blocks = n_slots * width
+            tables = torch.arange(n_blocks, dtype=torch.long, device=device).view(n_slots, width)
+        else:
+            tables = None
+        self.block_size = block_size
+        self._max_seq_len = max_seq_len
+        self.slot_tables: Optional[torch.Tensor] = tables  # (n_slots, width): slot s owns these blocks
+        shape = (n_layers, n_blocks, n_kv_heads, block_size, head_dim)
         # Zeros, not empty: positions past a sequence's end are masked, but 0 * NaN would still be NaN.
         self.register_buffer("k", _lazy_zeros(shape, dtype, device), persistent=False)
         self.register_buffer("v", _lazy_zeros(shape, dtype, device), persistent=False)
 
     @classmethod
-    def for_model(cls, args, n_slots: int, max_seq_len: int, *, dtype, device) -> "KVCache":
-        return cls(args.n_layers, n_slots, max_seq_len, args.n_kv_heads, args.head_dim, dtype=dtype, device=device)
+    def for_model(cls, args, n_slots: int, max_seq_len: int, *, dtype, device,
+                  block_size: int = BLOCK_SIZE) -> "KVCache":
+        """A slot cache for the model `args` describes."""
+        return cls(args.n_layers, n_slots, max_seq_len, args.n_kv_heads, args.head_dim, dtype=dtype, device=device,
+                   block_size=block_size)
+
+    @classmethod
+    def pool(cls, args, n_blocks: int, max_seq_len: int, *, dtype, device, block_size: int = BLOCK_SIZE) -> "KVCache":
+        """A pool of n_blocks blocks for the model `args` describes; steps pass block tables."""
+        if n_blocks < 1:
+            raise ConfigError(f"a KV block pool needs at least one block, got {n_blocks}")
+        return cls(args.n_layers, 0, max_seq_len, args.n_kv_heads, args.head_dim, dtype=dtype, device=device,
+                   block_size=block_size, n_blocks=n_blocks)
+
+    @staticmethod
+    def bytes_per_block(args, dtype: torch.dtype, block_size: int = BLOCK_SIZE) -> int:
+        """Bytes of keys and values one block takes over all layers."""
+        return 2 * args.n_layers * args.n_kv_heads * block_size * args.head_dim * torch.empty((), dtype=dtype).element_size()
 
     @property
     def n_slots(self) -> int:
+        return 0 if self.slot_tables is None else self.slot_tables.shape[0]
+
+    @property
+    def n_blocks(self) -> int:
         return self.k.shape[1]
 
     @property
     def max_seq_len(self) -> int:
-        return self.k.shape[3]
+        """Positions one sequence may hold."""
+        return self._max_seq_len
+
+    def block_tables(self, step: StepInput, bsz: int) -> torch.Tensor:
+        """The block table (B, W) of each row of a step: its own, or its slot's."""
+        if step.blocks is not None:
+            return step.blocks
+        if self.slot_tables is None:
+            raise ConfigError("a pooled KV cache needs each row's block table (StepInput.blocks)")
+        return self.slot_tables[step.slots] if step.slots is not None else self.slot_tables[:bsz]
+
+    def locate(self, tables: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block, offset) of each position (B, T) of rows with block tables (B, W): where its row lives."""
+        return tables.gather(1, positions // self.block_size), positions % self.block_size
 
     def update(
         self, layer: int, step: StepInput, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, Hkv, T, hd) at the step's positions (B, T); return this batch's keys and values.
 
-        `step.slots` (B,) maps batch rows to cache slots (rows 0..B-1 when None). The returned tensors cover
-        positions [0, step.kv_len) (the whole cache when None), shape (B, Hkv, kv_len, hd).
+        Rows write and read through their block tables (`block_tables`). The returned tensors cover
+        positions [0, step.kv_len) (max_seq_len when None), gathered from the blocks: (B, Hkv, kv_len, hd).
         """
-        bsz = k.shape[0]
+        bsz, n_kv = k.shape[0], k.shape[1]
         kv_len = step.kv_len or self.max_seq_len
-        k_layer, v_layer = self.k[layer], self.v[layer]  # (S, Hkv, L, hd)
-        slots = step.slots
-        rows = slots if slots is not None else torch.arange(bsz, device=k.device)
+        tables = self.block_tables(step, bsz)
+        k_layer, v_layer = self.k[layer], self.v[layer]  # (n_blocks, Hkv, block_size, hd)
+        block, offset = self.locate(tables, step.positions)  # (B, T) each
         # Advanced indices on dims 0 and 2 put (B, T) first: the target is (B, T, Hkv, hd).
-        k_layer[rows[:, None], :, step.positions] = k.transpose(1, 2).to(k_layer.dtype)
-        v_layer[rows[:, None], :, step.positions] = v.transpose(1, 2).to(v_layer.dtype)
-        if slots is None:
-            return k_layer[:bsz, :, :kv_len], v_layer[:bsz, :, :kv_len]
-        return k_layer[slots, :, :kv_len], v_layer[slots, :, :kv_len]
+        k_layer[block, :, offset] = k.transpose(1, 2).to(k_layer.dtype)
+        v_layer[block, :, offset] = v.transpose(1, 2).to(v_layer.dtype)
+        n = blocks_for(kv_len, self.block_size)
+        if n > tables.shape[1]:
+            raise ConfigError(f"kv_len {kv_len} needs {n} blocks per row, but the block tables have {tables.shape[1]}")
+        # One gather: index (B, Hkv, n) of (block, head) pairs -> (B, Hkv, n, block_size, hd), contiguous.
+        rows = tables[:, None, :n]
+        heads = torch.arange(n_kv, device=tables.device)[None, :, None]
+        keys = k_layer[rows, heads].view(bsz, n_kv, n * self.block_size, -1)[:, :, :kv_len]  # (B, Hkv, kv_len, hd)
+        values = v_layer[rows, heads].view(bsz, n_kv, n * self.block_size, -1)[:, :, :kv_len]
+        return keys, values
 
-    def clear(self, slots: Optional[torch.Tensor] = None) -> None:
-        """Zero the given slots (all when None)."""
-        if slots is None:
-            self.k.zero_()
-            self.v.zero_()
-        else:
-            self.k[:, slots] = 0
-            self.v[:, slots] = 0
+    def copy_block(self, src: int, dst: int, length: Optional[int] = None) -> None:
+        """Copy positions [0, length) (the whole block when None) of block src into block dst."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]

@@ -40,9 +40,9 @@ _F32 = 0  # GGML type id of a plain float32 weight
 class FusedDecode:
     """`fused(model, tokens, step, cache)` -> logits (B, 1, vocab), or None where it does not apply.
 
-    tokens (B, 1); step: the StepInput of those tokens (positions (B, 1), slots, kv_len; its mask is not
-    needed: the C++ step lets row b see cached positions [0, min(pos_b + 1, kv_len)), which is that mask). Picklable and deep-copyable (the C++ part is
-    rebuilt on first use).
+    tokens (B, 1); step: the StepInput of those tokens (positions (B, 1), slots or block tables, kv_len; its mask
+    is not needed: the C++ step lets row b see cached positions [0, min(pos_b + 1, kv_len)), which is that mask).
+    Picklable and deep-copyable (the C++ part is rebuilt on first use).
     """
 
     def __init__(self) -> None:
@@ -80,8 +80,8 @@ class FusedDecode:
             return None
         bsz = h.shape[0]
         pos = step.positions.reshape(bsz)  # (B, 1) -> (B,)
-        rows = step.slots if step.slots is not None else torch.arange(bsz)
-        return decoder.step(h, pos, rows, cache.k, cache.v, step.kv_len or cache.max_seq_len)
+        tables = cache.block_tables(step, bsz)  # (B, W): each row's blocks
+        return decoder.step(h, pos, tables, cache.k, cache.v, step.kv_len or cache.max_seq_len)
 
     def _decoder_for(self, model: nn.Module) -> Any:
         """The C++ decoder for the model's current modules and weights, or None if they do not qualify."""

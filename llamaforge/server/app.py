@@ -58,6 +58,7 @@ def create_app(
     prefill_budget: int = 256,
     prefix_reuse: bool = True,
     max_body_bytes: int = DEFAULT_MAX_BODY,
+    kv_memory: Optional[int] = None,
 ) -> FastAPI:
     """Build the app serving `llama` (a loaded `llamaforge.Llama`).
 
@@ -66,17 +67,18 @@ def create_app(
         model_name: the id clients use (default: the checkpoint's file or folder name).
         api_key: when set, /v1 routes and /tokenize need `Authorization: Bearer <api_key>`, and the routes
             that load and unload LoRA adapters (routes/adapters.py) are open.
-        n_slots: sequences decoded together (KV cache slots); default `llama.max_batch_size`.
+        n_slots: sequences decoded together (slots of the batch); default `llama.max_batch_size`.
         max_queue: requests that may wait for a slot before new ones get 429.
         prefill_budget: most prompt tokens computed per engine step (in canonical chunks of 64).
         prefix_reuse: reuse cached keys/values of shared prompt prefixes.
         max_body_bytes: larger request bodies get 413.
+        kv_memory: bytes of the KV cache's block pool (default: every slot at the full context).
     """
     source = Path(str(llama.source)) if getattr(llama, "source", None) else None
     name = model_name or (source.name.removesuffix(".gguf") if source else "llamaforge")
     names = {name} | ({str(source), source.name} if source else set())
     engine = llama.open_engine(n_slots=n_slots, max_queue=max_queue, prefill_budget=prefill_budget,
-                               prefix_reuse=prefix_reuse)
+                               prefix_reuse=prefix_reuse, kv_memory=kv_memory)
     prep = Preparer(llama, n_slots=engine.n_slots, max_queue=max_queue, model_id=name, aliases=names)
     metrics = Metrics(engine.stats)
     state = Served(llama, engine, prep, name, names, metrics, admin=api_key is not None)
@@ -84,7 +86,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
-        log.info("serving %s with %d slots of %d positions", name, engine.n_slots, llama.max_seq_len)
+        log.info("serving %s with %d slots of up to %d positions over %d KV blocks of %d", name, engine.n_slots,
+                 llama.max_seq_len, engine.pool.n_blocks, engine.pool.block_size)
         yield
         state.shutting_down = True
         await run_in_threadpool(engine.close)
