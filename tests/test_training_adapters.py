@@ -17,9 +17,8 @@ from torch import nn
 from llamaforge import Llama, checkpoints
 from llamaforge.errors import CheckpointError
 from llamaforge.model import ModelArgs, Transformer
-from llamaforge.training.adapters import (
-    adapter_from_state_dict, apply_adapters, read_adapter, save_gguf_lora, save_peft,
-)
+from llamaforge.checkpoints.adapters import read_adapter, save_gguf_lora, save_peft
+from llamaforge.training.adapters import adapter_from_state_dict, apply_adapters
 from llamaforge.training.lora import LoRALinear, apply_lora, lora_state_dict
 from llamaforge.training.modeling import init_weights
 from tests.test_training_support import tiny_meta_checkpoint

@@ -72,7 +72,8 @@ def build(
         quantize: "q8_0" or "q4_0" to quantize a float checkpoint's linear layers after loading.
         adapters: LoRA adapters to add, in order: PEFT folders (adapter_config.json +
             adapter_model.safetensors) or llama.cpp GGUF LoRA files; merged into float weights,
-            applied beside quantized ones (see llamaforge.training.adapters).
+            applied beside quantized ones (files: llamaforge.checkpoints.adapters; merging:
+            llamaforge.training.adapters).
         progress: show a progress bar while a large checkpoint loads.
 
     Returns:
