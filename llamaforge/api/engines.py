@@ -108,11 +108,12 @@ class EngineHost:
     # -- LoRA adapters and constrained decoding ---------------------------------------------------
 
     def load_adapter(self, name: str, path: Union[str, Path]) -> None:
-        """Serve the PEFT LoRA adapter in folder `path` (adapter_config.json + adapter_model.safetensors) as
-        `name`: a job with `adapter=name` gets it, in the same batches as the base model and other adapters.
+        """Serve the LoRA adapter at `path` (a PEFT folder: adapter_config.json + adapter_model.safetensors, or a
+        GGUF LoRA file) as `name`: a job with `adapter=name` gets it, in the same batches as the base model and
+        other adapters.
 
         Raises:
-            CheckpointError: the folder is no PEFT LoRA adapter for this model.
+            CheckpointError: `path` is no LoRA adapter for this model (or adapts more than the blocks' projections).
             ConfigError: an empty name, or a projection that cannot take an adapter.
         """
         if self.world > 1:
