@@ -303,6 +303,10 @@ def main(argv: list[str]) -> None:
         run_shapes(args, command, src, TEXT, bandwidth, machine)
         return
     files = weight_files(src, args.bits, args.threads)
+    if "llamaforge" in args.engines:
+        from compare_shapes import prime_x8_cache
+
+        prime_x8_cache(sorted(set(files.values())), args.timeout)
     batch = prompts(src, max(args.batch_sizes + [1]), args.prompt_len)
     from llamaforge.tokenizer import Tokenizer
 

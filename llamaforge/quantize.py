@@ -40,6 +40,7 @@ from llamaforge.progress import iterate_bytes, nbytes
 
 __all__ = [
     "DequantLinear",
+    "Int8Linear",
     "QuantTensorLike",
     "QuantizedLinear",
     "compute_dtype",
@@ -59,6 +60,7 @@ class QuantTensorLike(Protocol):
     shape: Sequence[int]  # (out_features, in_features)
     # Optional: `release()`, called once the layer holds a repacked copy and no longer needs `raw`
     # (GGUFQuantTensor drops its file pages from memory, keeping load-time peak memory near one copy).
+    # Optional: `layout` ("gguf" when absent); "x8" bytes (runtime/x8_cache.py's) are used as they are.
 
 
 def _check_backend(backend: str) -> str:
@@ -400,21 +402,29 @@ def quantize_model(
             raise ConfigError(f"quantized weight {key!r} names no module of the model; modules with weights "
                               f"include {[n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Embedding))][:8]}")
         shape = tuple(int(s) for s in qt.shape)
+        layout = getattr(qt, "layout", "gguf")
         if isinstance(module, nn.Linear):
             if shape != (module.out_features, module.in_features):
                 raise ConfigError(f"quantized weight {key!r} has shape {shape}, module {name} expects "
                                   f"{(module.out_features, module.in_features)}")
-            new: nn.Module = QuantizedLinear.from_gguf(
-                qt.raw, qt.qtype, shape, _float_bias(module), backend=backend, repack=repack
-            )
+            new: nn.Module
+            if layout != "gguf":  # bytes already in the kernels' layout (runtime/x8_cache.py): used as they are
+                new = QuantizedLinear(qt.raw, qt.qtype, *shape, _float_bias(module), backend=backend, layout=layout)
+            else:
+                new = QuantizedLinear.from_gguf(
+                    qt.raw, qt.qtype, shape, _float_bias(module), backend=backend, repack=repack
+                )
         elif isinstance(module, nn.Embedding):
             if shape != (module.num_embeddings, module.embedding_dim):
                 raise ConfigError(f"quantized weight {key!r} has shape {shape}, module {name} expects "
                                   f"{(module.num_embeddings, module.embedding_dim)}")
             dtype = module.weight.dtype if module.weight.dtype.is_floating_point else torch.float32
-            new = QuantizedEmbedding.from_gguf(
-                qt.raw, qt.qtype, shape, dtype=dtype, repack=repack and backend == "auto"
-            )
+            if layout != "gguf":
+                new = QuantizedEmbedding(qt.raw, qt.qtype, *shape, dtype=dtype, layout=layout)
+            else:
+                new = QuantizedEmbedding.from_gguf(
+                    qt.raw, qt.qtype, shape, dtype=dtype, repack=repack and backend == "auto"
+                )
         else:
             raise ConfigError(f"quantized weight {key!r} belongs to {name} ({type(module).__name__}); only nn.Linear "
                               "and nn.Embedding modules can be quantized")
@@ -429,6 +439,45 @@ def quantize_model(
         if not isinstance(emb, QuantizedEmbedding):
             raise ConfigError("tie_output=True needs a quantized tok_embeddings (give 'tok_embeddings.weight' in from_state)")
         _set_module(model, "output", emb.as_linear(backend=backend))
+    return model
+
+
+class Int8Linear(nn.Module):
+    """`y = (x @ W8.T) * scale + b`: int8 weights, one scale per output row, for GPUs (gpt-fast's int8 scheme).
+
+    `quantize="int8"`. Symmetric per-row quantization (scale = max |w| / 127 of each row); the weight is
+    converted to the activations' dtype inside the matmul, which `torch.compile` fuses into one kernel on
+    CUDA (`Llama.build(compile=True)`), so decode reads one byte per weight instead of two. On the CPU the
+    GGUF schemes run on integer kernels and are the faster choice; this layer runs there too (tests).
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)  # (out,)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(linear.weight.dtype))
+        self.register_buffer("bias", _float_bias(linear))
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight (out, in) the int8 one stands for."""
+        return self.weight.float() * self.scale.float()[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row scales"
+
+
+def _int8_linears(model: nn.Module, skip: set[str]) -> nn.Module:
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in skip}
+    for name, module in linears.items():
+        if module.weight.device.type == "meta":
+            raise ConfigError(f"module {name} has no weights yet (meta device); load the checkpoint before quantizing")
+        _set_module(model, name, Int8Linear(module))
     return model
 
 
@@ -447,7 +496,8 @@ def quantize_model_weights(
 
     Args:
         model: a model whose weights are loaded (not on the meta device).
-        scheme: "q8_0" or "q4_0" (also "q4_1", "q5_0", "q5_1"), as gguf-py/llama.cpp quantize them.
+        scheme: "q8_0" or "q4_0" (also "q4_1", "q5_0", "q5_1"), as gguf-py/llama.cpp quantize them; or
+            "int8": int8 weights with per-row scales (`Int8Linear`, for GPUs; embeddings stay float).
         skip: module names to leave in float (e.g. ["output"]).
         include_embeddings: also quantize untied nn.Embedding tables.
         backend: "auto" or "torch", passed to every new layer.
@@ -456,8 +506,11 @@ def quantize_model_weights(
         ConfigError for an unknown scheme, or a layer whose in_features is not a multiple of 32
         (name it in `skip` to keep it in float).
     """
+    if str(scheme).lower() == "int8":
+        return _int8_linears(model, set(skip))
     if str(scheme).upper() not in kernels.QUANTIZABLE:
-        raise ConfigError(f"scheme must be one of {[q.lower() for q in kernels.QUANTIZABLE]}, got {scheme!r}")
+        schemes = [q.lower() for q in kernels.QUANTIZABLE] + ["int8"]
+        raise ConfigError(f"scheme must be one of {schemes}, got {scheme!r}")
     info = kernels.qtype_info(scheme)
     skip = set(skip)
     emb, out = getattr(model, "tok_embeddings", None), getattr(model, "output", None)

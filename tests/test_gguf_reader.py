@@ -212,3 +212,14 @@ def test_a_vocabulary_of_huge_tokens_is_refused_not_rebuilt_for_hours(tmp_path: 
            ("tokenizer.ggml.token_type", ARR, (I32, [2, 3, 3] + [1] * (len(tokens) - 3)))]
     with pytest.raises(TokenizerError, match="too long to rebuild its merges.*20001 characters"):
         Tokenizer.from_file(write(tmp_path, gguf_bytes(kv), "huge.gguf"))
+
+
+def test_the_readers_ggml_type_table_is_ggufs() -> None:
+    """The types the reader knows without importing gguf have gguf's names, ids and block sizes."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from llamaforge.checkpoints.gguf_reader import GGML_TYPES
+
+    for type_id, (name, block, size) in GGML_TYPES.items():
+        assert GGMLQuantizationType(type_id).name == name
+        assert GGML_QUANT_SIZES[GGMLQuantizationType(type_id)] == (block, size)

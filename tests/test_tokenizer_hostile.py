@@ -57,3 +57,22 @@ def test_fuzzed_tokenizer_configs_are_llamaforge_errors_or_load(tmp_path_factory
         assert all(0 <= i < tok.n_words for i in ids)
     except LlamaforgeError:
         pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(max_size=12), min_size=1, max_size=20))
+def test_byte_level_piece_bytes_are_the_per_character_spelling(texts) -> None:
+    """`_byte_level_pieces` (one `translate` + `encode` per token) spells each normal token character by character:
+    alphabet characters as their byte, any other character in UTF-8; control tokens as their UTF-8 text."""
+    from llamaforge.tokenizers.backends import bytes_to_unicode
+    from llamaforge.tokenizers.gguf_vocab import TOKEN_CONTROL, TOKEN_NORMAL, _byte_level_pieces
+
+    to_byte = {c: b for b, c in bytes_to_unicode().items()}
+    alphabet = "".join(to_byte)
+    texts = texts + [alphabet, "\x00\x7f\xa0\xad\u0100\u0143\u0144é日本🤖"]
+    types = [TOKEN_NORMAL] * len(texts) + [TOKEN_CONTROL]
+    texts = texts + [alphabet]
+    expected = [t.encode("utf-8") if ty == TOKEN_CONTROL else
+                b"".join(bytes([to_byte[c]]) if c in to_byte else c.encode("utf-8") for c in t)
+                for t, ty in zip(texts, types)]
+    assert _byte_level_pieces(texts, types) == expected

@@ -46,6 +46,7 @@ def build(
     quantize: Optional[str] = None,
     adapters: Optional[Sequence[PathLike]] = None,
     progress: bool = True,
+    compile: bool = False,
 ) -> "Llama":
     """Load a checkpoint and its tokenizer, ready to generate.
 
@@ -75,6 +76,8 @@ def build(
             applied beside quantized ones (files: llamaforge.checkpoints.adapters; merging:
             llamaforge.training.adapters).
         progress: show a progress bar while a large checkpoint loads.
+        compile: run the one-token decode steps through torch.compile (CUDA graphs on CUDA; see
+            llamaforge.runtime.compiled); the first step of each batch size compiles.
 
     Returns:
         A Llama ready for `generate`, `text_completion` and `chat_completion`.
@@ -123,7 +126,7 @@ def build(
 
     def make() -> tuple[Transformer, runtime.DecodeStep]:
         made, step = runtime.prepare(args, ckpt.state_dict, device=dev, dtype=torch_dtype, quantize=quantize,
-                                     world=world, rank=rank, max_seq_len=max_seq_len)
+                                     world=world, rank=rank, max_seq_len=max_seq_len, compile=compile)
         if adapters:
             from llamaforge.training.adapters import apply_adapters
 

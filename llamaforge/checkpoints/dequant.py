@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from llamaforge.checkpoints.gguf_reader import GGML_BLOCKS
 from llamaforge.errors import CheckpointError
 
 
@@ -166,16 +167,16 @@ def dequantize(raw: torch.Tensor, qtype: str, shape: tuple[int, ...]) -> torch.T
     Raises:
         CheckpointError: a type neither llamaforge nor the installed gguf package can decode.
     """
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    ggml_type = GGMLQuantizationType[qtype]
-    block, type_size = GGML_QUANT_SIZES[ggml_type]
     flat = raw.reshape(-1)
     if qtype == "F32":
         return flat.view(torch.float32).reshape(shape)
     if qtype in DECODERS:
+        type_size = GGML_BLOCKS[qtype][1]
         return decode_blocks(flat.view(-1, type_size), qtype).reshape(shape)  # (n_blocks, bytes) -> shape
     import gguf.quants
+    from gguf.constants import GGMLQuantizationType
+
+    ggml_type = GGMLQuantizationType[qtype]
 
     try:
         out = gguf.quants.dequantize(flat.numpy(), ggml_type)
@@ -189,10 +190,10 @@ def dequantize(raw: torch.Tensor, qtype: str, shape: tuple[int, ...]) -> torch.T
 
 def can_dequantize(qtype: str) -> bool:
     """Whether llamaforge or gguf-py can decode this ggml type."""
+    if qtype in DECODERS or qtype == "F32":
+        return True
     import gguf.quants
     from gguf.constants import GGMLQuantizationType
 
-    if qtype in DECODERS or qtype == "F32":
-        return True
     return GGMLQuantizationType[qtype] in gguf.quants._type_traits  # noqa: SLF001 - gguf has no public query
 

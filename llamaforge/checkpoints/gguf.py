@@ -24,7 +24,7 @@ import math
 import mmap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -58,6 +58,8 @@ class GGUFQuantTensor:
     qtype: str
     shape: tuple[int, int]
     mapping: Any = field(default=None, repr=False, compare=False)  # the mmap.mmap that `raw` views, if any
+    # The GGUF file these bytes come from (what a cache of their repacked form is keyed by), if any.
+    origin: Optional[GGUFFile] = field(default=None, repr=False, compare=False)
 
     def release(self) -> None:
         """Drop the file pages under `raw` from this process's memory once a copy of them is held elsewhere.
@@ -271,7 +273,8 @@ def _neox_to_meta(key: str, value: Any, args: ModelArgs) -> Any:
 
     if isinstance(value, GGUFQuantTensor):
         raw = permute_qk_rows(key, value.raw, args, to_meta=True)
-        return value if raw is value.raw else GGUFQuantTensor(raw.contiguous(), value.qtype, value.shape)
+        return value if raw is value.raw else GGUFQuantTensor(raw.contiguous(), value.qtype, value.shape,
+                                                              origin=value.origin)
     return permute_qk_rows(key, value, args, to_meta=True)
 
 
@@ -283,7 +286,8 @@ def _tensor(gf: GGUFFile, info: GGUFTensorInfo, keep_quantized: bool) -> Any:
     raw = gf.raw(info)
     if keep_quantized and info.qtype in _KEPT_FLOATS and len(info.shape) == 2:
         rows = info.shape[0]
-        return GGUFQuantTensor(raw=raw.view(rows, -1), qtype=info.qtype, shape=(rows, info.shape[1]), mapping=gf.buffer)
+        return GGUFQuantTensor(raw=raw.view(rows, -1), qtype=info.qtype, shape=(rows, info.shape[1]), mapping=gf.buffer,
+                               origin=gf)
     if info.qtype in _AS_STORED:
         return raw.view(_AS_STORED[info.qtype]).reshape(info.shape)
     if not can_dequantize(info.qtype):
@@ -293,7 +297,8 @@ def _tensor(gf: GGUFFile, info: GGUFTensorInfo, keep_quantized: bool) -> Any:
         )
     if keep_quantized and len(info.shape) == 2:
         rows = info.shape[0]
-        return GGUFQuantTensor(raw=raw.view(rows, -1), qtype=info.qtype, shape=(rows, info.shape[1]), mapping=gf.buffer)
+        return GGUFQuantTensor(raw=raw.view(rows, -1), qtype=info.qtype, shape=(rows, info.shape[1]), mapping=gf.buffer,
+                               origin=gf)
     return dequantize(raw, info.qtype, info.shape)
 
 

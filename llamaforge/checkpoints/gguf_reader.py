@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -42,6 +43,7 @@ _NUMERIC = {  # GGUF value type id -> little-endian numpy dtype
     12: np.dtype("<f8"),
 }
 _STRING, _ARRAY, _FLOAT32, _BOOL = 8, 9, 6, 7
+_U64 = struct.Struct("<Q")
 _FLOATS = (6, 12)
 
 # What each key llamaforge reads must hold: "int", "float" (an int is accepted), "bool", "str", or a list
@@ -102,15 +104,37 @@ class GGUFTensorInfo:
     nbytes: int
 
 
+@dataclass(frozen=True)
+class FileIdentity:
+    """Which file a mapping holds, from `fstat` of the descriptor that was mapped (not of the path later).
+
+    Any change to the file (a rewrite in place, a replacement under the same name, `touch`) changes at
+    least one of these: the kernel sets `ctime_ns` on every write or metadata change, and no call sets it
+    back. Caches derived from a file's bytes (runtime/x8_cache.py) are keyed by it.
+    """
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+
 @dataclass
 class GGUFFile:
-    """A parsed, validated GGUF header over a memory-mapped file."""
+    """A parsed, validated GGUF header over a memory-mapped file.
+
+    `data_offset`: where the (aligned) tensor data starts; the bytes before it are the header.
+    `identity`: the mapped file's identity at the time it was opened.
+    """
 
     path: Path
     version: int
     metadata: dict[str, Any]
     tensors: dict[str, GGUFTensorInfo]
     buffer: Any = field(repr=False)
+    data_offset: int = 0
+    identity: Optional[FileIdentity] = None
 
     def raw(self, info: GGUFTensorInfo) -> Any:
         """The tensor's bytes as a flat torch.uint8 tensor sharing the mapping (no copy)."""
@@ -154,6 +178,27 @@ class _Reader:
         except UnicodeDecodeError as e:
             raise self.fail(f"{what} is not valid UTF-8 ({e})") from e
 
+    def strings(self, n: int, what: str) -> list[str]:
+        """`n` strings in a row: `string` in one tight loop (a vocabulary holds ~10^5 of them)."""
+        buf, size, off, out = self.buf, self.size, self.off, []
+        length, append = _U64.unpack_from, out.append
+        try:
+            for _ in range(n):
+                if off + 8 > size:
+                    break
+                end = off + 8 + length(buf, off)[0]
+                if end > size:
+                    break
+                append(buf[off + 8: end].decode("utf-8"))
+                off = end
+        except UnicodeDecodeError as e:
+            self.off = off
+            raise self.fail(f"{what} item {len(out)} is not valid UTF-8 ({e})") from e
+        self.off = off
+        if len(out) < n:  # stopped at the end of the file: the error `string` gives there
+            self.string(f"{what} item {len(out)}")
+        return out
+
     def value(self, vtype: int, what: str) -> Any:
         if vtype in _NUMERIC:
             dt = _NUMERIC[vtype]
@@ -173,7 +218,7 @@ class _Reader:
                 return arr.tolist()
             if itype == _STRING:
                 self.need(8 * n, what)  # each string takes at least its 8-byte length: no absurd loop
-                return [self.string(what) for _ in range(n)]
+                return self.strings(n, what)
             if itype == _ARRAY:
                 raise self.fail(f"{what} is an array of arrays, which GGUF readers (llama.cpp's too) refuse")
             raise self.fail(f"{what} is an array of unknown GGUF value type {itype}")
@@ -233,6 +278,8 @@ def read_gguf(path: str | Path) -> GGUFFile:
             if size < 24:
                 raise CheckpointError(f"{path}: {size} bytes is too short for a GGUF file (truncated?)")
             buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            st = os.fstat(f.fileno())
+            identity = FileIdentity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     except OSError as e:
         raise CheckpointError(f"cannot read GGUF file {path}: {e}") from e
     r = _Reader(buf, size, path)
@@ -287,7 +334,7 @@ def read_gguf(path: str | Path) -> GGUFFile:
                 f"bytes; the file is truncated (an interrupted download?), download it again"
             )
         tensors[name] = GGUFTensorInfo(name, qtype, tuple(int(d) for d in reversed(dims)), start, nbytes)
-    return GGUFFile(path, version, metadata, tensors, buf)
+    return GGUFFile(path, version, metadata, tensors, buf, data_start, identity)
 
 
 def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
@@ -299,7 +346,21 @@ def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
     return read_gguf(path).metadata
 
 
-def _tensor_size(r: _Reader, name: str, dims: tuple[int, ...], type_id: int) -> tuple[str, int]:
+# The ggml types of the files people run: type id -> (name, values per block, bytes per block), as gguf's
+# GGML_QUANT_SIZES says (tests/test_gguf_reader.py checks it). Reading a file of these types needs no import of
+# the gguf package (~0.05-0.1 s at every load); other ids are looked up there.
+GGML_TYPES: dict[int, tuple[str, int, int]] = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 28: ("F64", 1, 8), 30: ("BF16", 1, 2),
+}
+GGML_BLOCKS: dict[str, tuple[int, int]] = {name: (block, size) for name, block, size in GGML_TYPES.values()}
+
+
+def ggml_type(r: _Reader, name: str, type_id: int) -> tuple[str, int, int]:
+    """(type name, values per block, bytes per block) of a tensor's ggml type id, or a CheckpointError."""
+    if type_id in GGML_TYPES:
+        return GGML_TYPES[type_id]
     from importlib.metadata import version
 
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -313,10 +374,14 @@ def _tensor_size(r: _Reader, name: str, dims: tuple[int, ...], type_id: int) -> 
         ) from None
     if qtype not in GGML_QUANT_SIZES:
         raise r.fail(f"tensor {name!r} has ggml type {qtype.name}, which has no block size")
-    block, type_size = GGML_QUANT_SIZES[qtype]
+    return (qtype.name, *GGML_QUANT_SIZES[qtype])
+
+
+def _tensor_size(r: _Reader, name: str, dims: tuple[int, ...], type_id: int) -> tuple[str, int]:
+    qname, block, type_size = ggml_type(r, name, type_id)
     n = math.prod(dims)
     if dims and dims[0] % block:
         raise r.fail(
-            f"tensor {name!r} ({qtype.name}) has rows of {dims[0]} values, not a multiple of its block size {block}"
+            f"tensor {name!r} ({qname}) has rows of {dims[0]} values, not a multiple of its block size {block}"
         )
-    return qtype.name, n // block * type_size
+    return qname, n // block * type_size

@@ -97,8 +97,12 @@ def atomic_dir(out_dir: PathLike, *, overwrite: bool = False) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_file(out_path: PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary file path beside `out_path`; on success it replaces `out_path` in one rename."""
+def atomic_file(out_path: PathLike, *, overwrite: bool = False, durable: bool = True) -> Iterator[Path]:
+    """Yield a temporary file path beside `out_path`; on success it replaces `out_path` in one rename.
+
+    `durable=False` skips the fsyncs, for a file whose reader checks every byte anyway (a cache that a
+    torn write only makes a miss): a reader sees the old file or the whole new one, never a mixture.
+    """
     out = Path(out_path)
     if out.is_dir():
         raise CheckpointError(f"{out} is a directory; give a file path to write")
@@ -110,10 +114,12 @@ def atomic_file(out_path: PathLike, *, overwrite: bool = False) -> Iterator[Path
     tmp = Path(name)
     try:
         yield tmp
-        _fsync_path(tmp)
+        if durable:
+            _fsync_path(tmp)
         os.chmod(tmp, umask_mode())
         os.replace(tmp, out)
-        _fsync_path(out.parent)
+        if durable:
+            _fsync_path(out.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -57,6 +57,8 @@ def add_model_flags(parser: argparse.ArgumentParser, *, max_seq_len: Any = None,
     parser.add_argument("--dtype", default=None,
                         help="float32, bfloat16 or float16 (default: by device; quantized GGUF stays quantized on CPU)")
     parser.add_argument("--seed", type=int, default=1, help="random seed (Meta's build seeds with 1)")
+    parser.add_argument("--compile", action="store_true",
+                        help="decode steps through torch.compile (CUDA graphs on a GPU; the first step compiles)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is loaded and where, and speeds")
 
 
@@ -174,6 +176,7 @@ def build_from_flags(args: argparse.Namespace, *, max_seq_len: Any = _FROM_FLAGS
         seed=args.seed,
         device=args.device,
         dtype=args.dtype,
+        compile=args.compile,
     )
 
 

@@ -21,10 +21,12 @@ from llamaforge.kernels import get_extension
 from llamaforge.model import KVCache, ModelArgs, StepInput, Transformer, build_model, check_weights, empty_model
 from llamaforge.model import load_weights
 from llamaforge.quantize import quantize_model, quantize_model_weights
+from llamaforge.runtime import x8_cache
 from llamaforge.runtime.adapters import AdapterTable
+from llamaforge.runtime.compiled import CompiledDecode
 from llamaforge.runtime.fused import FusedDecode
 
-__all__ = ["AdapterTable", "DecodeStep", "FusedDecode", "build", "prepare"]
+__all__ = ["AdapterTable", "CompiledDecode", "DecodeStep", "FusedDecode", "build", "prepare"]
 
 
 class DecodeStep:
@@ -33,18 +35,22 @@ class DecodeStep:
     tokens (B, 1); step: their `StepInput` (positions (B, 1), slots, kv_len, mask); cache: the KV cache.
     With `fused`, the C++ step runs where it computes what the modules would, and steps aside (the modules
     run) for swapped modules such as LoRA, hooks (tensor parallel adds some), autograd, activations or a
-    cache that are not float32, and non-CPU tensors. Without it, always the modules.
+    cache that are not float32, and non-CPU tensors. With `compiled` (`Llama.build(compile=True)`), the
+    modules through torch.compile (runtime/compiled.py: CUDA graphs on CUDA). Else, always the modules.
     """
 
-    def __init__(self, model: Transformer, *, fused: bool = False) -> None:
+    def __init__(self, model: Transformer, *, fused: bool = False, compiled: bool = False) -> None:
         self.model = model
-        self.fused: Optional[FusedDecode] = FusedDecode() if fused and get_extension() is not None else None
+        self.fused: Optional[FusedDecode] = (
+            FusedDecode() if fused and not compiled and get_extension() is not None else None)
+        self.compiled: Optional[CompiledDecode] = CompiledDecode(model) if compiled else None
 
     def __call__(self, tokens: torch.Tensor, step: StepInput, cache: KVCache) -> torch.Tensor:
-        if self.fused is not None:
-            logits = self.fused(self.model, tokens, step, cache)
-            if logits is not None:
-                return logits
+        for special in (self.fused, self.compiled):
+            if special is not None:
+                logits = special(self.model, tokens, step, cache)
+                if logits is not None:
+                    return logits
         return self.model(tokens, step, cache, last_only=True)
 
     @property
@@ -53,7 +59,7 @@ class DecodeStep:
         return self.fused is not None and self.fused.built
 
     def __repr__(self) -> str:
-        return f"DecodeStep(fused={self.fused is not None})"
+        return f"DecodeStep(fused={self.fused is not None}, compiled={self.compiled is not None})"
 
 
 def build(args: ModelArgs, state_dict: Mapping[str, Any], *, device: torch.device, dtype: torch.dtype,
@@ -61,15 +67,17 @@ def build(args: ModelArgs, state_dict: Mapping[str, Any], *, device: torch.devic
     """A model holding exactly `state_dict`: float tensors assigned, quantized ones (GGUF blocks) as quantized layers.
 
     Keys and shapes of both kinds are checked first (CheckpointError naming them); the quantized layers are
-    swapped in on the meta device, so no weight is ever held twice. `max_seq_len`: the positions the rotary
-    tables cover (default: the context `args` declares; Llama.build passes the length it builds).
+    swapped in on the meta device, so no weight is ever held twice; GGUF weights come already repacked from
+    the x8 cache file when it holds them (runtime/x8_cache.py), which the first load writes. `max_seq_len`:
+    the positions the rotary tables cover (default: the context `args` declares; Llama.build passes the
+    length it builds).
     """
     quantized = {k: v for k, v in state_dict.items() if not isinstance(v, torch.Tensor)}
     if not quantized:
         return build_model(args, state_dict, device=device, dtype=dtype, max_seq_len=max_seq_len)
     model = empty_model(args, max_seq_len)
     check_weights(model, state_dict)
-    quantize_model(model, from_state=quantized)
+    quantize_model(model, from_state=x8_cache.repacked(quantized))
     floats = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
     return load_weights(model, floats, device=device, dtype=dtype)
 
@@ -84,6 +92,7 @@ def prepare(
     world: int = 1,
     rank: int = 0,
     max_seq_len: Optional[int] = None,
+    compile: bool = False,
 ) -> tuple[Transformer, DecodeStep]:
     """The model ready for inference and the decode step to call on it.
 
@@ -94,6 +103,8 @@ def prepare(
         world, rank: a multi-process launch (torch.distributed already initialised): this rank's
             tensor-parallel slice is built instead.
         max_seq_len: the positions the rotary tables cover (default: the context `args` declares).
+        compile: one-token steps through torch.compile (CUDA graphs on CUDA) instead of the fused C++ step
+            or the plain modules.
 
     Returns:
         (model, decode): the model in eval mode, and its DecodeStep (fused on a one-process CPU model).
@@ -109,4 +120,4 @@ def prepare(
         model = build(args, state_dict, device=device, dtype=dtype, max_seq_len=max_seq_len)
     if quantize is not None:
         model = quantize_model_weights(model, quantize)
-    return model, DecodeStep(model, fused=device.type == "cpu" and world == 1)
+    return model, DecodeStep(model, fused=device.type == "cpu" and world == 1, compiled=compile)

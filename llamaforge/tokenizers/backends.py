@@ -16,6 +16,7 @@ BOS/EOS handling, id validation and everything model-specific live in `llamaforg
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -225,7 +226,7 @@ class HFBackend:
         self._setup(tokenizer)
 
     def __getstate__(self) -> dict[str, object]:
-        # `encode_special_tokens` is not part of a tokenizers.Tokenizer's pickled state: rebuild both copies
+        # `encode_special_tokens` is not part of a tokenizers.Tokenizer's pickled state: _setup sets it again
         return {"json": self.with_special.to_str(), "piece_bytes": self._piece_bytes}  # type: ignore[attr-defined]
 
     def __setstate__(self, state: dict[str, object]) -> None:
@@ -236,8 +237,6 @@ class HFBackend:
         self._setup(HFTokenizer.from_str(state["json"]))  # type: ignore[arg-type]
 
     def _setup(self, tokenizer: object) -> None:
-        from tokenizers import Tokenizer as HFTokenizer
-
         if not hasattr(tokenizer, "encode_special_tokens"):
             raise TokenizerError(
                 "this version of the `tokenizers` library cannot keep special tokens out of user text; "
@@ -245,9 +244,9 @@ class HFBackend:
             )
         self.with_special = tokenizer
         self.with_special.encode_special_tokens = False  # type: ignore[attr-defined]
-        # a second copy whose special added tokens are plain text (thread-safe: nothing is toggled)
-        self.plain = HFTokenizer.from_str(tokenizer.to_str())  # type: ignore[attr-defined]
-        self.plain.encode_special_tokens = True
+        # `encode_special_tokens` is switched on around an encode of plain text, under this lock (a second copy
+        # of the tokenizer with it on would cost ~35 MiB and 0.1 s to build for a 50k-token vocabulary)
+        self._encode_lock = threading.Lock()
         self.n_words: int = tokenizer.get_vocab_size(with_added_tokens=True)  # type: ignore[attr-defined]
         self.special_tokens: dict[str, int] = {
             tok.content: i
@@ -256,8 +255,15 @@ class HFBackend:
         }
 
     def encode(self, text: str, allow_special: bool) -> list[int]:
-        tok = self.with_special if allow_special else self.plain
-        return tok.encode(text, add_special_tokens=False).ids  # type: ignore[attr-defined]
+        tok = self.with_special
+        with self._encode_lock:
+            if allow_special:
+                return tok.encode(text, add_special_tokens=False).ids  # type: ignore[attr-defined]
+            tok.encode_special_tokens = True  # type: ignore[attr-defined]
+            try:
+                return tok.encode(text, add_special_tokens=False).ids  # type: ignore[attr-defined]
+            finally:
+                tok.encode_special_tokens = False  # type: ignore[attr-defined]
 
     def decode(self, ids: list[int]) -> str:
         if self._piece_bytes is not None:

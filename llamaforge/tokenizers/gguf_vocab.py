@@ -212,16 +212,33 @@ def _byte_level_pieces(tokens: list[str], types: list[int]) -> list[bytes]:
     Normal tokens are spelled in GPT-2's byte alphabet; control, user-defined and unknown tokens
     are their text as it stands.
     """
+    table = _byte_alphabet_table()
+    literal = (TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNKNOWN)
+    # Each alphabet character becomes the Latin-1 character of its byte, each other character below U+0100
+    # the Latin-1 spelling of its UTF-8 bytes, and `latin-1` encoding then gives the bytes (the error handler
+    # spells the characters above U+00FF in UTF-8): one C-level pass per token, not a generator per character.
+    return [t.encode("utf-8") if ty in literal else t.translate(table).encode("latin-1", _UTF8_BEYOND_LATIN1)
+            for t, ty in zip(tokens, types)]
+
+
+_UTF8_BEYOND_LATIN1 = "llamaforge-utf8-beyond-latin1"
+
+
+def _byte_alphabet_table() -> dict[int, str]:
+    """`str.translate` table: GPT-2 alphabet character -> chr(its byte); other chars < 256 -> their UTF-8 bytes."""
+    import codecs
+
     from llamaforge.tokenizers.backends import bytes_to_unicode
 
+    try:
+        codecs.lookup_error(_UTF8_BEYOND_LATIN1)
+    except LookupError:
+        codecs.register_error(_UTF8_BEYOND_LATIN1, lambda e: (
+            e.object[e.start:e.end].encode("utf-8").decode("latin-1"), e.end))
     to_byte = {c: b for b, c in bytes_to_unicode().items()}
-    out = []
-    for t, ty in zip(tokens, types):
-        if ty in (TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNKNOWN):
-            out.append(t.encode("utf-8"))
-        else:
-            out.append(b"".join(bytes([to_byte[c]]) if c in to_byte else c.encode("utf-8") for c in t))
-    return out
+    table = {c: chr(c).encode("utf-8").decode("latin-1") for c in range(256) if chr(c) not in to_byte}
+    table.update({ord(c): chr(b) for c, b in to_byte.items()})
+    return table
 
 
 def _byte_level_bpe(

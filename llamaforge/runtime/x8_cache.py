@@ -1,0 +1,299 @@
+"""The x8 cache: a GGUF file's quantized weights already repacked for the C++ kernels, in a file mapped at load.
+
+The kernels read Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K weights in the "x8" layout (8 interleaved rows, qx8.h), so a
+quantized GGUF model is repacked at load: ~1.1 s of one core for a 1B Q4_K_M (85% of `Llama.build`), and
+even a repack that cost nothing beyond a copy would pay ~0.3 s to fault in and fill fresh memory. The first
+load therefore writes the repacked bytes to a cache file; later loads map that file read-only-in-effect
+(private, copy-on-write) and the layers view it, as llama.cpp maps its GGUF: no weight is copied, the pages
+are the kernel's page cache (shared by every process that loads the model), and peak memory is one copy.
+
+    $LLAMAFORGE_X8_CACHE   a folder for the cache files (default $XDG_CACHE_HOME/llamaforge/x8),
+                           or "off" to repack at every load (nothing written)
+
+One cache file per model path (a changed model overwrites its own cache file; each write deletes the files
+of models that no longer exist). A cache file is untrusted input, read as such:
+- it is used only when its header names exactly the key expected from the GGUF file being loaded: its
+  path, the mapped file's identity (device, inode, size, mtime, ctime: any write or replacement changes ctime), a
+  SHA-256 of the GGUF header and of samples of every weight's bytes, and the kernels' build (whose name
+  changes with the repack code);
+- its table of tensors must equal the one computed here from the GGUF's validated shapes (names, types,
+  shapes, offsets, sizes): nothing is sized by what the cache file says, and its size must be exact;
+- every tensor's checksum is checked before use, on every load: XXH3-64 (the `xxhash` package; ~0.05 s of
+  one core per GB) or, without it, CRC-32 (zlib; ~0.25 s per GB), in the same pass that brings the pages in,
+  which the first token would otherwise fault in.
+Anything else (missing, truncated, corrupt, stale, another build) is a miss: logged, the weights repacked,
+the file rewritten atomically (temporary file + rename; not fsynced, since a torn file is only a miss).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import mmap
+import os
+import struct
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+
+from llamaforge import kernels
+from llamaforge.checkpoints.gguf import GGUFQuantTensor
+from llamaforge.checkpoints.gguf_reader import GGUFFile
+from llamaforge.checkpoints.save import atomic_file
+
+log = logging.getLogger(__name__)
+
+ENV = "LLAMAFORGE_X8_CACHE"
+MAGIC = b"LFX8\x00\x00\x00\x01"  # the file format's version is its last byte
+_PREFIX = struct.Struct("<8sQ")  # magic, header length
+ALIGN = 4096  # tensors start on page boundaries
+MIN_BYTES = 16 << 20  # below this much x8 data a repack takes milliseconds: not worth a file
+_SAMPLE = 4096  # bytes at each end of every weight that go into the key
+_MAX_HEADER = 64 << 20  # a header longer than this is not one of ours
+
+
+@dataclass
+class PackedWeight:
+    """A weight already in the x8 layout, for `quantize_model` (which takes it as it is)."""
+
+    raw: torch.Tensor  # uint8 (ceil(rows / 8), bytes per group of 8 rows)
+    qtype: str
+    shape: tuple[int, int]
+    layout: str = "x8"
+
+
+def cache_dir() -> Optional[Path]:
+    """The folder cache files go in, or None when the cache is off (`LLAMAFORGE_X8_CACHE=off`)."""
+    value = os.environ.get(ENV, "")
+    if value.lower() in ("off", "0", "false", "no"):
+        return None
+    if value:
+        return Path(value)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "llamaforge" / "x8"
+
+
+def cache_path(gguf_path: Path, folder: Path) -> Path:
+    """The cache file of the model at `gguf_path` (one per resolved path)."""
+    resolved = str(Path(gguf_path).resolve())
+    digest = hashlib.sha256(resolved.encode("utf-8", "surrogateescape")).hexdigest()[:20]
+    return folder / f"{Path(gguf_path).stem[:48]}-{digest}.x8"
+
+
+def repacked(weights: Mapping[str, Any], *, folder: Optional[Path] = None,
+             min_bytes: Optional[int] = None) -> dict[str, Any]:
+    """`weights` with every GGUF weight the kernels repack replaced by its `PackedWeight`, from the cache.
+
+    Weights that are not GGUF blocks of one mapped file, or of a type without an x8 layout, are returned
+    as they are (quantize_model treats them as before). Without the C++ kernels, with the cache off, or
+    for less than `min_bytes` (default MIN_BYTES) of weights, nothing changes either: the layers repack.
+    """
+    ext = kernels.get_extension()
+    folder = cache_dir() if folder is None else folder
+    todo = {k: v for k, v in weights.items() if isinstance(v, GGUFQuantTensor) and v.origin is not None
+            and v.qtype in kernels.X8_FORMATS and v.raw.device.type == "cpu"}
+    origins = {id(v.origin) for v in todo.values()}
+    total = sum(_x8_bytes(v) for v in todo.values())
+    if ext is None or folder is None or len(origins) != 1 or total < (MIN_BYTES if min_bytes is None else min_bytes):
+        return dict(weights)
+    origin: GGUFFile = next(iter(todo.values())).origin
+    if origin.identity is None:
+        return dict(weights)
+    path = cache_path(origin.path, folder)
+    header = _header(origin, todo, ext.__name__, _checksum()[0])
+    packed = _read(path, header, todo)
+    if packed is None:
+        packed = _build(path, header, todo)
+    return {k: packed.get(k, v) for k, v in weights.items()}
+
+
+def _x8_bytes(w: GGUFQuantTensor) -> int:
+    groups, per_group = kernels.x8_shape(w.qtype, *w.shape)
+    return groups * per_group
+
+
+def _checksum() -> tuple[str, int, Callable[[Any], int]]:
+    """(name, hex digits, function) of the checksum cache files are written and checked with."""
+    try:
+        import xxhash
+    except ImportError:
+        return "crc32", 8, zlib.crc32
+    return "xxh3_64", 16, xxhash.xxh3_64_intdigest
+
+
+def _header(origin: GGUFFile, todo: Mapping[str, GGUFQuantTensor], build: str, checksum: str) -> dict:
+    """What the cache file of these weights must say: the key and the tensor table (checksums left blank)."""
+    fingerprint = hashlib.sha256(origin.buffer[: origin.data_offset])
+    for w in todo.values():
+        flat = w.raw.reshape(-1)
+        fingerprint.update(flat[:_SAMPLE].numpy().tobytes())
+        fingerprint.update(flat[-_SAMPLE:].numpy().tobytes())
+    ident = origin.identity
+    key = {"model": str(Path(origin.path).resolve()), "build": build, "checksum": checksum, "device": ident.device, "inode": ident.inode, "size": ident.size,
+           "mtime_ns": ident.mtime_ns, "ctime_ns": ident.ctime_ns, "sha256": fingerprint.hexdigest()}
+    table, offset, digits = [], 0, _checksum()[1]
+    for name, w in todo.items():
+        nbytes = _x8_bytes(w)
+        table.append([name, w.qtype, int(w.shape[0]), int(w.shape[1]), offset, nbytes, "0" * digits])
+        offset += -(-nbytes // ALIGN) * ALIGN
+    header = {"key": key, "tensors": table}
+    text_len = len(json.dumps(header).encode())  # checksums have a fixed number of hex digits
+    start = -(-(_PREFIX.size + text_len) // ALIGN) * ALIGN
+    for row in table:
+        row[4] += start
+    header["file_size"] = table[-1][4] + table[-1][5]
+    return header
+
+
+def _encode(header: dict) -> bytes:
+    text = json.dumps(header).encode()
+    return _PREFIX.pack(MAGIC, len(text)) + text
+
+
+def _read(path: Path, expected: dict, todo: Mapping[str, GGUFQuantTensor]) -> Optional[dict[str, PackedWeight]]:
+    """The cached weights if `path` holds exactly what `expected` describes with intact bytes, else None."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(_PREFIX.size)
+            want = len(_encode(expected))
+            if len(prefix) < _PREFIX.size or _PREFIX.unpack(prefix)[0] != MAGIC:
+                return _miss(path, "not an x8 cache file of this version")
+            if _PREFIX.unpack(prefix)[1] != want - _PREFIX.size:  # the header's length is known: read no more
+                return _miss(path, "it describes other weights or another build")
+            try:
+                header = json.loads(f.read(want - _PREFIX.size))
+            except ValueError:
+                return _miss(path, "its header is not valid JSON")
+            if not isinstance(header, dict) or header.get("key") != expected["key"]:
+                return _miss(path, "it was made from another file, another version of it, or another build")
+            if size != expected["file_size"]:
+                return _miss(path, f"it has {size} bytes, {expected['file_size']} expected (truncated?)", warn=True)
+            sums = _table_sums(header, expected)
+            if sums is None:
+                return _miss(path, "its tensor table is not the one these weights need", warn=True)
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    except FileNotFoundError:
+        return _miss(path, "none yet")
+    except OSError as e:
+        return _miss(path, f"cannot read it ({e})", warn=True)
+    views = [torch.frombuffer(buf, dtype=torch.uint8, count=row[5], offset=row[4]) for row in expected["tensors"]]
+    with ThreadPoolExecutor(max(1, min(len(views), torch.get_num_threads()))) as pool:
+        got = list(pool.map(_sum, views))  # zlib and xxhash release the GIL: the checks run in parallel
+    for row, value, want in zip(expected["tensors"], got, sums):
+        if value != want:
+            return _miss(path, f"tensor {row[0]!r} fails its {expected['key']['checksum']} check (corrupt)",
+                         warn=True)
+    for w in todo.values():
+        w.release()  # the key's samples were the only pages of the GGUF's weights read
+    log.info("x8 cache: mapped %s (%.0f MiB)", path, expected["file_size"] / 2**20)
+    return {row[0]: PackedWeight(v.view(*kernels.x8_shape(row[1], row[2], row[3])), row[1], (row[2], row[3]))
+            for row, v in zip(expected["tensors"], views)}
+
+
+def _table_sums(header: dict, expected: dict) -> Optional[list[int]]:
+    """The checksums of a cache file's table when everything else in it equals the expected table, else None."""
+    table = header.get("tensors")
+    if not isinstance(table, list) or len(table) != len(expected["tensors"]) or header.get("file_size") != \
+            expected["file_size"]:
+        return None
+    sums = []
+    for row, want in zip(table, expected["tensors"]):
+        if not isinstance(row, list) or row[:6] != want[:6] or len(row) != 7 or not isinstance(row[6], str):
+            return None
+        try:
+            sums.append(int(row[6], 16))
+        except ValueError:
+            return None
+    return sums
+
+
+def _sum(view: torch.Tensor) -> int:
+    return _checksum()[2](memoryview(view.numpy()))
+
+
+def _miss(path: Path, why: str, warn: bool = False) -> None:
+    (log.warning if warn else log.info)("x8 cache %s not used: %s; repacking the weights and writing it again",
+                                         path, why)
+    return None
+
+
+def _build(path: Path, header: dict, todo: Mapping[str, GGUFQuantTensor]) -> dict[str, PackedWeight]:
+    """Repack every weight (releasing its file pages as it goes) and write the cache file; returns the weights."""
+    packed: dict[str, PackedWeight] = {}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path, overwrite=True, durable=False) as tmp, open(tmp, "wb") as f:
+            f.truncate(header["file_size"])
+            for row in header["tensors"]:
+                packed[row[0]] = w = _repack(todo[row[0]])
+                f.seek(row[4])
+                f.write(memoryview(w.raw.numpy()).cast("B"))
+                row[6] = f"{_sum(w.raw):0{len(row[6])}x}"
+            f.seek(0)
+            f.write(_encode(header))
+        log.info("x8 cache: wrote %s (%.0f MiB)", path, header["file_size"] / 2**20)
+        prune(path.parent)
+    except OSError as e:  # a full disk or a read-only cache folder: run from memory, as without the cache
+        log.warning("x8 cache: cannot write %s (%s); the weights are repacked at every load", path, e)
+        for name, w in todo.items():
+            if name not in packed:
+                packed[name] = _repack(w)
+    return packed
+
+
+def prune(folder: Path) -> list[Path]:
+    """Delete the cache files of models that no longer exist (and temporary files a killed writer left); returns them.
+
+    Called after each write, so a folder holds one file per model on disk. Only each file's header (at most
+    `_MAX_HEADER` bytes) is read to learn which model it belongs to.
+    """
+    gone = []
+    for file in folder.glob("*.x8"):
+        model = _model_of(file)
+        if model is not None and not os.path.exists(model):
+            gone.append(file)
+    gone += [tmp for tmp in folder.glob(".*.x8.*.tmp") if _age_s(tmp) > 3600]
+    for file in gone:
+        try:
+            file.unlink()
+        except OSError:
+            pass
+    return gone
+
+
+def _model_of(file: Path) -> Optional[str]:
+    """The model path a cache file's header names, or None if it cannot be read as one."""
+    try:
+        with open(file, "rb") as f:
+            prefix = f.read(_PREFIX.size)
+            if len(prefix) < _PREFIX.size or _PREFIX.unpack(prefix)[0] != MAGIC:
+                return None
+            length = _PREFIX.unpack(prefix)[1]
+            if length > _MAX_HEADER:
+                return None
+            model = json.loads(f.read(length)).get("key", {}).get("model")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return model if isinstance(model, str) else None
+
+
+def _age_s(file: Path) -> float:
+    try:
+        return time.time() - file.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _repack(w: GGUFQuantTensor) -> PackedWeight:
+    raw, layout = kernels.repack(w.raw, w.qtype, *w.shape)
+    if layout != "x8":  # repacked() only takes types the kernels have an x8 layout for
+        raise RuntimeError(f"the kernels did not repack a {w.qtype} weight")
+    w.release()  # the repacked copy is held: drop the file's pages from this process
+    return PackedWeight(raw, w.qtype, (int(w.shape[0]), int(w.shape[1])))

@@ -1,0 +1,215 @@
+"""The x8 cache (runtime/x8_cache.py): a model loaded from it is the model loaded cold, bit for bit, and a cache
+file that is corrupt, truncated, tampered with or stale is detected, never used, and written again."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zlib
+
+import pytest
+import torch
+
+from llamaforge import Llama, checkpoints
+from llamaforge.kernels import get_extension
+from llamaforge.model import ModelArgs, Transformer
+from llamaforge.runtime import x8_cache
+
+pytestmark = pytest.mark.skipif(get_extension() is None, reason="the x8 layout needs the C++ kernels")
+
+TOKENS = torch.tensor([[1, 7, 42, 3, 99, 5]])
+LAST: dict = {}  # path -> the greedy tokens its last build generated
+
+
+@pytest.fixture(scope="module")
+def ggufs(tiny_checkpoints, tmp_path_factory):
+    """A Q4_K_M file (Q4_K and Q6_K weights: 256-wide rows) and a Q8_0 one, with the tiny vocabulary."""
+    root = tmp_path_factory.mktemp("x8")
+    t = tiny_checkpoints
+    args = ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=t.args.vocab_size, hidden_dim=512,
+                     max_seq_len=64)
+    torch.manual_seed(0)
+    sd = {k: v.detach().clone() for k, v in Transformer(args).state_dict().items()}
+    vocab = checkpoints.load(t.gguf).gguf_metadata
+    return {q: checkpoints.save_gguf(args, sd, root / f"m-{q}.gguf", dtype=q, tokenizer_metadata=vocab)
+            for q in ("q4_k_m", "q8_0")}, args, vocab
+
+
+@pytest.fixture(params=["xxh3_64", "crc32"])
+def cache(tmp_path, monkeypatch, request):
+    """The cache in a folder of this test's own, for models of any size, with each checksum."""
+    if request.param == "crc32":
+        monkeypatch.setattr(x8_cache, "_checksum", lambda: ("crc32", 8, zlib.crc32))
+    else:
+        pytest.importorskip("xxhash")
+    folder = tmp_path / "cache"
+    monkeypatch.setenv(x8_cache.ENV, str(folder))
+    monkeypatch.setattr(x8_cache, "MIN_BYTES", 0)
+    return folder
+
+
+def logits(path, caplog) -> tuple[torch.Tensor, str]:
+    """(the model's logits for TOKENS, what the cache did: "mapped", "wrote" or "none") of a fresh Llama.build."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=x8_cache.__name__):
+        llm = Llama.build(path, max_seq_len=32, max_batch_size=1, device="cpu", progress=False)
+        with torch.inference_mode():
+            out = llm.model(TOKENS, 0)
+        LAST[path] = llm.generate([[1, 5, 9]], max_gen_len=6, temperature=0)[0]  # the fused decode step too
+    said = " ".join(r.getMessage() for r in caplog.records if r.name == x8_cache.__name__)
+    return out, "mapped" if "mapped" in said else "wrote" if "wrote" in said else "none"
+
+
+def only_file(folder):
+    files = sorted(folder.iterdir())
+    assert len(files) == 1 and files[0].suffix == ".x8", files
+    return files[0]
+
+
+@pytest.mark.parametrize("qtype", ["q4_k_m", "q8_0"])
+def test_loaded_from_the_cache_equals_loaded_cold(ggufs, cache, caplog, monkeypatch, qtype):
+    path = ggufs[0][qtype]
+    cold, did = logits(path, caplog)
+    cold_tokens = LAST[path]
+    assert did == "wrote"
+    warm, did = logits(path, caplog)
+    assert did == "mapped"
+    assert torch.equal(warm, cold) and LAST[path] == cold_tokens
+    monkeypatch.setenv(x8_cache.ENV, "off")
+    off, did = logits(path, caplog)
+    assert did == "none" and torch.equal(off, cold)
+    assert len(list(cache.iterdir())) == 1
+
+
+def test_layers_view_the_mapped_file(ggufs, cache, caplog):
+    path = ggufs[0]["q4_k_m"]
+    logits(path, caplog)
+    llm = Llama.build(path, max_seq_len=32, max_batch_size=1, device="cpu", progress=False)
+    wq = llm.model.layers[0].attention.wq
+    assert wq.layout == "x8"
+    with open(only_file(cache), "rb") as f:
+        f.seek(0, 2)
+        size = f.tell()
+    # no copy: the layer's bytes are the file's (a private mapping; its pages are the page cache's)
+    if not os.path.exists("/proc/self/maps"):
+        pytest.skip("needs Linux's /proc/self/maps to see which file a tensor's memory maps")
+    maps = open("/proc/self/maps").read()
+    name = str(only_file(cache))
+    spans = [line.split()[0].split("-") for line in maps.splitlines() if line.endswith(name)]
+    ptr = wq.qweight.data_ptr()
+    assert any(int(a, 16) <= ptr < int(b, 16) for a, b in spans), "wq does not view the cache file"
+    assert size > wq.qweight.numel()
+
+
+def corrupt_one_byte(file):
+    header = json.loads(file.read_bytes()[16: 16 + int.from_bytes(file.read_bytes()[8:16], "little")])
+    name, _, _, _, offset, nbytes, _ = header["tensors"][1]
+    with open(file, "r+b") as f:
+        f.seek(offset + nbytes // 2)
+        byte = f.read(1)
+        f.seek(offset + nbytes // 2)
+        f.write(bytes([byte[0] ^ 0x10]))
+    return name
+
+
+def truncate(file):
+    with open(file, "r+b") as f:
+        f.truncate(file.stat().st_size - 1)
+
+
+def tamper_table(file):
+    """Shift the second tensor's offset by a page (keeping the header's length): sizes must not come from the file."""
+    data = bytearray(file.read_bytes())
+    n = int.from_bytes(data[8:16], "little")
+    header = json.loads(data[16: 16 + n])
+    header["tensors"][1][4] += 4096
+    text = json.dumps(header).encode()
+    assert len(text) == n
+    data[16: 16 + n] = text
+    file.write_bytes(bytes(data))
+
+
+def another_build(file):
+    """The same weights as written by other kernels (whose x8 layout may differ): stale."""
+    data = bytearray(file.read_bytes())
+    n = int.from_bytes(data[8:16], "little")
+    header = json.loads(data[16: 16 + n])
+    build = header["key"]["build"]
+    header["key"]["build"] = build[:-1] + ("0" if build[-1] != "0" else "1")
+    data[16: 16 + n] = json.dumps(header).encode()
+    file.write_bytes(bytes(data))
+
+
+def garbage(file):
+    file.write_bytes(b"\x00" * 100)
+
+
+@pytest.mark.parametrize("damage", [corrupt_one_byte, truncate, tamper_table, another_build, garbage])
+def test_a_damaged_cache_file_is_detected_and_written_again(ggufs, cache, caplog, damage):
+    path = ggufs[0]["q4_k_m"]
+    cold, _ = logits(path, caplog)
+    damage(only_file(cache))
+    again, did = logits(path, caplog)
+    assert did == "wrote", "a damaged cache file was used"
+    assert torch.equal(again, cold)
+    warm, did = logits(path, caplog)  # the file written again is whole
+    assert did == "mapped" and torch.equal(warm, cold)
+
+
+def test_a_changed_model_file_invalidates_its_cache(ggufs, cache, caplog, tmp_path):
+    paths, args, vocab = ggufs
+    path = tmp_path / "model.gguf"
+    path.write_bytes(paths["q8_0"].read_bytes())
+    first, _ = logits(path, caplog)
+    torch.manual_seed(1)  # other weights, same shapes, same file name
+    other = {k: v.detach().clone() for k, v in Transformer(args).state_dict().items()}
+    checkpoints.save_gguf(args, other, path, dtype="q8_0", tokenizer_metadata=vocab, overwrite=True)
+    changed, did = logits(path, caplog)
+    assert did == "wrote"
+    assert not torch.equal(changed, first)
+    os.environ[x8_cache.ENV] = "off"
+    try:
+        reference, _ = logits(path, caplog)
+    finally:
+        os.environ[x8_cache.ENV] = str(cache)
+    assert torch.equal(changed, reference)
+    os.utime(path)  # even a touch (new mtime and ctime) is a change
+    _, did = logits(path, caplog)
+    assert did == "wrote"
+    assert len(list(cache.iterdir())) == 1  # one cache file per model path, replaced
+
+
+def test_an_unwritable_cache_folder_still_loads(ggufs, tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv(x8_cache.ENV, str(blocker / "x8"))
+    monkeypatch.setattr(x8_cache, "MIN_BYTES", 0)
+    out, did = logits(ggufs[0]["q8_0"], caplog)
+    assert did == "none" and "cannot write" in caplog.text  # said, and the load went on
+    monkeypatch.setenv(x8_cache.ENV, "off")
+    ref, _ = logits(ggufs[0]["q8_0"], caplog)
+    assert torch.equal(out, ref)
+
+
+def test_small_models_write_no_cache(ggufs, tmp_path, monkeypatch, caplog):
+    folder = tmp_path / "cache"
+    monkeypatch.setenv(x8_cache.ENV, str(folder))  # MIN_BYTES as shipped: the tiny model is far below it
+    logits(ggufs[0]["q8_0"], caplog)
+    assert not folder.exists()
+
+
+def test_cache_files_of_deleted_models_are_pruned_by_the_next_write(ggufs, cache, caplog, tmp_path):
+    paths, _, _ = ggufs
+    doomed = tmp_path / "doomed.gguf"
+    doomed.write_bytes(paths["q8_0"].read_bytes())
+    logits(doomed, caplog)
+    (doomed_cache,) = cache.iterdir()
+    leftover = cache / f".{doomed_cache.name}.abcd.tmp"  # what a writer killed mid-way leaves
+    leftover.write_bytes(b"partial")
+    os.utime(leftover, (0, 0))
+    doomed.unlink()
+    _, did = logits(paths["q4_k_m"], caplog)  # another model's first load writes its cache file...
+    assert did == "wrote"
+    remaining = list(cache.iterdir())  # ...and prunes the deleted model's file and the old leftover
+    assert len(remaining) == 1 and remaining[0] != doomed_cache and not leftover.exists()
