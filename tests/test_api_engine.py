@@ -180,3 +180,39 @@ def test_python_api_and_server_give_the_same_tokens(llama):
             got = body["choices"][0]["logprobs"]
             assert got["tokens"] == [llama.tokenizer.token_bytes(t).decode("utf-8", "replace") for t in tokens[0]]
             assert got["token_logprobs"] == pytest.approx(lps[0], abs=1e-4)
+
+
+def _threads_of_model_calls(llama, fn):
+    """The names of the threads on which `fn()` called the model (a forward pre-hook records them)."""
+    names = []
+    handle = llama.model.register_forward_pre_hook(lambda m, a: names.append(threading.current_thread().name))
+    try:
+        fn()
+    finally:
+        handle.remove()
+    return names
+
+
+def test_lockstep_and_speculative_calls_run_on_the_engine_thread(llama):
+    # A caller's thread that does the model's OpenMP work keeps a libgomp pool beside the engine's, which
+    # slows every later engine step; Meta's lock-step mode and speculative decoding go to the engine thread.
+    prompts = [ids(llama, p) for p in PROMPTS[:2]]
+    lockstep = _threads_of_model_calls(llama, lambda: llama.generate(prompts, 6, temperature=0.8, seed=3))
+    spec = _threads_of_model_calls(llama, lambda: llama.generate(prompts[:1], 6, temperature=0, speculative="ngram"))
+    assert lockstep and spec
+    assert set(lockstep) == set(spec) == {"llamaforge-engine"}
+
+
+def test_engine_call_returns_raises_and_refuses_when_closed(llama):
+    from llamaforge.api import EngineClosed
+
+    engine = llama.engine
+    assert engine.call(lambda: threading.current_thread().name).result(timeout=30) == "llamaforge-engine"
+    with pytest.raises(ZeroDivisionError):
+        engine.call(lambda: 1 / 0).result(timeout=30)
+    # From the engine thread itself (a sink, say) it runs at once instead of waiting for itself.
+    assert engine.call(lambda: engine.call(lambda: 7).result(timeout=0)).result(timeout=30) == 7
+    engine.close()
+    with pytest.raises(EngineClosed):
+        engine.call(lambda: None)
+    assert llama.engine is not engine and llama.engine.call(lambda: 1).result(timeout=30) == 1  # a fresh one

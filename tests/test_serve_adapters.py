@@ -21,7 +21,8 @@ from llamaforge.generation.runner import PrefillChunk, Runner
 from llamaforge.generation.sampler import SamplingParams
 from llamaforge.model import ModelArgs, Transformer
 from llamaforge.runtime import DecodeStep
-from llamaforge.runtime.adapters import AdapterTable, read_peft
+from llamaforge.checkpoints.adapters import read_adapter
+from llamaforge.runtime.adapters import AdapterTable
 from tests.test_server_engine import PROMPTS, encode, run
 
 CPU = torch.device("cpu")
@@ -184,14 +185,35 @@ def test_peft_files_that_do_not_fit_the_model_are_refused(tokenizer, tmp_path):
     other = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=100, hidden_dim=64))
     write_peft(tmp_path / "small", other)
     with pytest.raises(CheckpointError, match="another model"):
-        read_peft(tmp_path / "small", model.args)
+        read_adapter(tmp_path / "small", model.args)
     write_peft(tmp_path / "ok", model)
     cfg = json.loads((tmp_path / "ok" / "adapter_config.json").read_text())
     (tmp_path / "ok" / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "IA3"}))
     with pytest.raises(CheckpointError, match="only LoRA"):
-        read_peft(tmp_path / "ok", model.args)
-    with pytest.raises(CheckpointError, match="needs adapter_config.json"):
-        read_peft(tmp_path / "missing", model.args)
+        read_adapter(tmp_path / "ok", model.args)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_adapter(tmp_path / "missing", model.args)
+
+
+def test_training_and_serving_read_one_adapter_file_alike(tokenizer, tmp_path):
+    # One reader (checkpoints/adapters.py): what the table serves is what training's reader gives, for a
+    # PEFT folder and for the same adapter as a GGUF LoRA file; an output-layer adapter is merged, not served.
+    from llamaforge.checkpoints.adapters import Adapter, save_gguf_lora, save_peft
+
+    model = tiny(tokenizer)
+    written = write_peft(tmp_path / "a", model)
+    read = read_adapter(tmp_path / "a", model.args)
+    save_gguf_lora(read, tmp_path / "a.gguf")
+    table = AdapterTable(model)
+    for name, path in (("peft", tmp_path / "a"), ("gguf", tmp_path / "a.gguf")):
+        served = table.add(name, path)
+        assert served.scaling == read.scaling and served.rank == read.rank and set(served.weights) == set(written)
+        for meta, (a, b) in written.items():
+            assert torch.equal(served.weights[meta][0], a) and torch.equal(served.weights[meta][1], b)
+    out_w = (torch.zeros(4, model.args.dim), torch.zeros(model.args.vocab_size, 4))
+    save_peft(Adapter({"output": out_w}, 8.0, 4), model.args, tmp_path / "head")
+    with pytest.raises(CheckpointError, match="blocks' projections only"):
+        table.add("head", tmp_path / "head")
 
 
 def test_http_serves_adapters_by_model_name_and_admin_routes_need_the_key(tokenizer, tmp_path):

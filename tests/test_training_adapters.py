@@ -17,9 +17,8 @@ from torch import nn
 from llamaforge import Llama, checkpoints
 from llamaforge.errors import CheckpointError
 from llamaforge.model import ModelArgs, Transformer
-from llamaforge.training.adapters import (
-    adapter_from_state_dict, apply_adapters, read_adapter, save_gguf_lora, save_peft,
-)
+from llamaforge.checkpoints.adapters import read_adapter, save_gguf_lora, save_peft
+from llamaforge.training.adapters import adapter_from_state_dict, apply_adapters
 from llamaforge.training.lora import LoRALinear, apply_lora, lora_state_dict
 from llamaforge.training.modeling import init_weights
 from tests.test_training_support import tiny_meta_checkpoint
@@ -80,13 +79,14 @@ def test_saved_adapters_load_in_peft_and_give_the_same_logits(tmp_path):
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
-def test_peft_trained_adapters_load_with_llama_build(tmp_path):
+@pytest.mark.parametrize("rslora", [False, True])  # rsLoRA scales by alpha / sqrt(r) instead of alpha / r
+def test_peft_trained_adapters_load_with_llama_build(tmp_path, rslora):
     from peft import LoraConfig, get_peft_model
 
     hf_dir, _ = _hf_copy(str(tmp_path))
     torch.manual_seed(0)
     peft_model = get_peft_model(_peft_model(hf_dir), LoraConfig(r=4, lora_alpha=12, target_modules=HF_TARGETS,
-                                                                init_lora_weights=False)).eval()
+                                                                init_lora_weights=False, use_rslora=rslora)).eval()
     peft_model.save_pretrained(str(tmp_path / "peft"))
     tuned = Llama.build(str(tiny_meta_checkpoint()), max_seq_len=64, max_batch_size=1, device="cpu",
                         dtype="float32", adapters=[tmp_path / "peft"])

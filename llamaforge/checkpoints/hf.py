@@ -77,16 +77,8 @@ def is_safetensors(path: Path) -> bool:
 
 def read_config(folder: Path) -> dict[str, Any]:
     """config.json as a dict, or a CheckpointError saying what is wrong with it."""
-    path = folder / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{folder} has no config.json; a Hugging Face checkpoint needs one") from None
-    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5000-digit number, nesting too deep
-        raise CheckpointError(f"{path} is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from e
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path} must hold a JSON object, got {type(config).__name__}")
-    return config
+    return keymaps.read_json_object(folder / "config.json",
+                                    f"{folder} has no config.json; a Hugging Face checkpoint needs one")
 
 
 def _rope(config: dict[str, Any], source: str) -> tuple[float, Optional[RopeScaling]]:

@@ -13,8 +13,10 @@ a state dict against it, reporting missing, unknown and wrongly shaped tensors b
 
 from __future__ import annotations
 
+import json
 import re
-from typing import Any, Iterable, Mapping
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
 
 from llamaforge.errors import CheckpointError
 from llamaforge.model.args import ModelArgs
@@ -294,6 +296,26 @@ def check_state_dict(
             f"{source} does not match {config}: " + " | ".join(problems)
             + f". Check that {config} belongs to these weights."
         )
+
+
+def read_json_object(path: Path, missing: str, max_bytes: Optional[int] = None) -> dict[str, Any]:
+    """A JSON file holding an object (config.json, params.json, adapter_config.json) as a dict.
+
+    Raises:
+        CheckpointError: `missing` when there is no such file; else what is wrong with it (larger than
+            `max_bytes`, not JSON or not UTF-8, not an object).
+    """
+    try:
+        if max_bytes is not None and path.stat().st_size > max_bytes:
+            raise CheckpointError(f"{path} is larger than {max_bytes} bytes; it is no such config")
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(missing) from None
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5000-digit number, nesting too deep
+        raise CheckpointError(f"{path} is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
 
 
 def check_json_types(values: dict[str, Any], types: dict[str, tuple[type, ...]], where: str) -> None:

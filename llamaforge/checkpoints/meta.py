@@ -19,7 +19,6 @@ original context of 8192. llamaforge also reads/writes `rope_low_freq_factor` an
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Optional
@@ -64,14 +63,8 @@ def is_torch_file(path: Path) -> bool:
 def read_params(folder: Path) -> dict[str, Any]:
     """params.json as a dict, or a CheckpointError saying what is wrong with it."""
     path = folder / "params.json"
-    try:
-        params = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{folder} has no params.json; a Meta checkpoint needs one next to its .pth files") from None
-    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5000-digit number, nesting too deep
-        raise CheckpointError(f"{path} is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from e
-    if not isinstance(params, dict):
-        raise CheckpointError(f"{path} must hold a JSON object, got {type(params).__name__}")
+    params = keymaps.read_json_object(
+        path, f"{folder} has no params.json; a Meta checkpoint needs one next to its .pth files")
     keymaps.check_json_types(params, PARAM_TYPES, str(path))
     unknown = sorted(set(params) - KNOWN_PARAMS)
     if unknown:

@@ -1,6 +1,6 @@
 """THE engine (continuous batching over a slot pool), the one sampler, and Meta's lock-step mode.
 
-No HTTP here: `Llama` (api.py) is the front door over this package, and the server, the CLI and spaCy
+No HTTP here: `Llama` (llamaforge/api/) is the front door over this package, and the server, the CLI and spaCy
 go through `Llama`. See docs/architecture.md for the path of a request.
 """
 

@@ -1,6 +1,6 @@
 """THE engine: one thread owns the model and runs a continuous batch over the KV cache's block pool.
 
-Every front end generates through it: `Llama` (api.py) for its Python calls and streams, and through
+Every front end generates through it: `Llama` (llamaforge/api/) for its Python calls and streams, and through
 `Llama` the HTTP server, the CLI and spaCy. It imports nothing of HTTP.
 
 Requests (`Job`s) wait in a bounded queue and join the running batch at step boundaries when a slot
@@ -41,7 +41,7 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -130,6 +130,7 @@ class Engine:
         self._embeds = EmbedQueue(max_embed_inputs)
         self._drain: Optional[str] = None  # set by `drain`: fail everything running with this message
         self._embed_credit = 0.0  # seconds embeddings may use while generation runs (= decode time since)
+        self._calls: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []  # `call`, run between steps
         self._next_id = 0
         self._closing = False
         self._thread: Optional[threading.Thread] = None
@@ -247,6 +248,25 @@ class Engine:
             self._lock.notify_all()
         return fut
 
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run `fn()` on the engine thread between two steps (no step runs meanwhile); a Future of its result.
+
+        For model calls made beside the jobs (Meta's lock-step mode, speculative decoding): on a caller's
+        thread their OpenMP work would leave that thread a libgomp pool beside the engine thread's, which
+        slows every later step of the engine (benchmarks/RESULTS.md); here they share the engine's.
+        From the engine thread itself (a sink) `fn` runs at once. Raises EngineClosed when shutting down.
+        """
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        if threading.current_thread() is self._thread:
+            _run_call(fn, fut)
+            return fut
+        with self._lock:
+            if self._closing or self._drain is not None:
+                raise EngineClosed("the engine is shutting down")
+            self._calls.append((fn, fut))
+            self._lock.notify_all()
+        return fut
+
     def drain(self, message: str = "the server is shutting down") -> None:
         """End every running and waiting request now with a 503 `Failure(message)`; refuse new ones.
 
@@ -277,16 +297,19 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._lock:
-                    while not (self._closing or self._waiting or self._cancelled or self._embeds
+                    while not (self._closing or self._waiting or self._cancelled or self._embeds or self._calls
                                or self.sched.busy or self.sched.preempted or self._drain_pending()):
                         self._lock.wait()
                     if self._closing:
                         break
+                    calls, self._calls = self._calls, []
                     cancelled, self._cancelled = self._cancelled, set()
                     draining = self._drain
                     if cancelled:
                         self._waiting = deque((j, s) for j, s in self._waiting if j.id not in cancelled)
                     resumed, admitted = self._take_admissible() if draining is None else ([], [])
+                for fn, fut in calls:
+                    _run_call(fn, fut)
                 if draining is not None:
                     self.batch.fail_all(503, draining)
                     self._fail_waiting(503, draining)
@@ -308,6 +331,10 @@ class Engine:
                     self.batch.fail_all(500, f"internal error in the engine: {exc}")
         self.batch.fail_all(503, self._drain or "the engine is shutting down")
         self._fail_waiting(503, self._drain or "the engine is shutting down")
+        with self._lock:
+            calls, self._calls = self._calls, []
+        for _fn, fut in calls:
+            fut.set_exception(EngineClosed("the engine is shutting down"))
 
     def _drain_pending(self) -> bool:
         return self._drain is not None and bool(self._waiting or self.sched.busy or self.sched.preempted
@@ -384,6 +411,16 @@ class Engine:
             log.exception("embedding step failed")
         if generating:
             self._embed_credit -= time.perf_counter() - start
+
+
+def _run_call(fn: Callable[[], Any], fut: concurrent.futures.Future) -> None:
+    """fn()'s result or exception into `fut` (unless its caller cancelled it)."""
+    if not fut.set_running_or_notify_cancel():
+        return
+    try:
+        fut.set_result(fn())
+    except BaseException as exc:  # the caller's to handle, on its own thread
+        fut.set_exception(exc)
 
 
 def wait_idle(engine: Engine, timeout: float = 5.0) -> bool:

@@ -127,18 +127,23 @@ inline void float_tile(const void* w, int64_t n, int64_t K, const float* x, int6
   }
 }
 
-// y[:, n0:n1] = x (M, K) @ W[n0:n1].T for a plain float weight: 4 weight rows x 2 activation rows per
-// tile (8 accumulators, 4 weight streams), 8 rows x 1 at M = 1 (8 streams: 8% faster whole-model F16
-// decode than 4), single rows x up to 4 activation rows at the edges.
+// y[:, n0:n1] = x (M, K) @ W[n0:n1].T for a plain float weight. 16-bit rows: 4 weight rows x 2 activation
+// rows per tile (8 accumulators, 4 weight streams), 8 rows x 1 at M = 1 (8 streams: 8% faster whole-model
+// F16 decode than 4), single rows x up to 4 activation rows at the edges. Float32 rows: single rows only,
+// read as one sequential stream: interleaving several float32 rows lost a third of the bandwidth here
+// (1 thread, 135M/360M/1B row lengths, M = 1: 21-28 GB/s single vs 14-23 GB/s with 8 rows, 10-16 with 2-4;
+// M = 2 and 4 alike), which made the float32 decode step of the default model 50% slower.
 template <int64_t QT>
 void matmul_float(const void* w, int64_t n0, int64_t n1, int64_t K, const float* x, int64_t M, float* y, int64_t N) {
   int64_t n = n0;
-  if (M == 1)
-    for (; n + 8 <= n1; n += 8) float_tile<QT, 8, 1>(w, n, K, x, 0, y, N);
-  for (; n + 4 <= n1; n += 4) {
-    int64_t m = 0;
-    for (; m + 2 <= M; m += 2) float_tile<QT, 4, 2>(w, n, K, x, m, y, N);
-    if (m < M) float_tile<QT, 4, 1>(w, n, K, x, m, y, N);
+  if constexpr (QT != T_F32) {
+    if (M == 1)
+      for (; n + 8 <= n1; n += 8) float_tile<QT, 8, 1>(w, n, K, x, 0, y, N);
+    for (; n + 4 <= n1; n += 4) {
+      int64_t m = 0;
+      for (; m + 2 <= M; m += 2) float_tile<QT, 4, 2>(w, n, K, x, m, y, N);
+      if (m < M) float_tile<QT, 4, 1>(w, n, K, x, m, y, N);
+    }
   }
   for (; n < n1; ++n) {
     int64_t m = 0;

