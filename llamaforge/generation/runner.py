@@ -76,10 +76,11 @@ class Runner:
 
     decode_step: runs the one-token steps (default: the model's modules; `Llama` passes the one
     `llamaforge.runtime.prepare` chose, e.g. the fused C++ step); prefill runs the model's forward.
-    adapters: the LoRA adapters served over the model; rows name theirs. In a decode step the rows
-    without one run through `decode_step` (the fused C++ step on the CPU) and the rows with one together
-    through the model's modules (one token per row: the per-row LoRA matmuls have one row each, exact in
-    any batch). A prompt chunk with an adapter is prefilled in a forward of its own: padded to a batch's
+    adapters: the LoRA adapters served over the model; rows name theirs. A decode step runs all rows,
+    adapted or not, in one call of `decode_step`: the fused C++ step adds each adapted row's deltas itself
+    (per row, exact in any batch: kernels/qlora.h), and where it steps aside the modules' `RowLoRA` do
+    (one token per row: the per-row LoRA matmuls have one row each). A prompt chunk with an adapter is
+    prefilled in a forward of its own: padded to a batch's
     width, its float LoRA matmuls would see more rows and could differ in the last bit, which the int8
     kernels can turn into another token (seen on the default model with 8 adapters in one batch).
     """
@@ -90,7 +91,6 @@ class Runner:
         self.device = device
         self.decode_step = decode_step if decode_step is not None else DecodeStep(model)
         self.adapters = adapters
-        self._modules_step = DecodeStep(model)
 
     def _rows(self, adapters: Sequence[Optional[ServedAdapter]]):
         """The context of one forward whose row i uses adapters[i] (holds the table's lock)."""
@@ -151,23 +151,8 @@ class Runner:
         t = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
         p = torch.tensor(pos, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
         s = torch.tensor(slots, dtype=torch.long, device=self.device)  # (B,)
-        if adapters is None or all(a is None for a in adapters):
-            with self._rows(()):
-                return decode_logits(self.decode_step, cache, t, p, s, max_pos=max(pos))
-        out: Optional[torch.Tensor] = None
-        plain = [i for i, a in enumerate(adapters) if a is None]
-        adapted = [i for i, a in enumerate(adapters) if a is not None]
-        for rows, step, row_adapters in ((plain, self.decode_step, ()),
-                                         (adapted, self._modules_step, [adapters[i] for i in adapted])):
-            if not rows:
-                continue
-            idx = torch.tensor(rows, device=self.device)
-            with self._rows(row_adapters):
-                logits = decode_logits(step, cache, t[idx], p[idx], s[idx])  # (len(rows), V)
-            if out is None:
-                out = logits.new_empty((len(tokens), logits.shape[-1]))
-            out[idx] = logits
-        return out
+        with self._rows(adapters or ()):
+            return decode_logits(self.decode_step, cache, t, p, s, max_pos=max(pos))
 
     def copy_prefix(self, cache: KVCache, src: int, dst: int, length: int) -> None:
         """Copy cached positions [0, length) from slot src to slot dst."""

@@ -6,7 +6,8 @@
 // rotary; quantized weights take int8 activations as QuantizedLinear does, float32 weights float32
 // dot products), without a Python call per operation: at batch 1 the PyTorch ops between the matmuls
 // cost more than the matmuls. Keys and values are read where they lie in the cache (no gather). Each
-// row is computed on its own, so a row's result does not depend on the other rows of the batch.
+// row is computed on its own, so a row's result does not depend on the other rows of the batch. Rows
+// with a LoRA adapter get its deltas after each projection it adapts (lora_add, qlora.h).
 
 #include "qdecode.h"
 
@@ -68,6 +69,22 @@ void project(const QWeight* const* ws, float* const* ys, int n, const float* x, 
 
 }  // namespace
 
+void Decoder::check_adapters(const std::vector<std::shared_ptr<LoraAdapter>>& adapters) const {
+  for (const auto& ad : adapters) {
+    TORCH_CHECK(ad && ad->layers.size() == layers_.size(), "decoder: an adapter needs ", layers_.size(), " layers");
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      const DecoderLayer& ly = layers_[l];
+      const QWeight* ws[LORA_PROJECTIONS] = {&ly.wq, &ly.wk, &ly.wv, &ly.wo, &ly.w1, &ly.w2, &ly.w3};
+      for (int p = 0; p < LORA_PROJECTIONS; ++p) {
+        const LoraPair& pair = ad->layers[l][p];
+        TORCH_CHECK(!pair.a.defined() || (pair.a.size(1) == ws[p]->K && pair.b.size(0) == ws[p]->N),
+                    "decoder: adapter pair of layer ", l, " projection ", p, " is (", pair.a.sizes(), ", ",
+                    pair.b.sizes(), ") for a weight of ", ws[p]->N, " x ", ws[p]->K);
+      }
+    }
+  }
+}
+
 Decoder::Decoder(std::vector<DecoderLayer> layers, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
                  double norm_eps, at::Tensor cos, at::Tensor sin, at::Tensor norm, QWeight output)
     : layers_(std::move(layers)), norm_(std::move(norm)), output_(std::move(output)), n_heads_(n_heads),
@@ -110,7 +127,9 @@ Decoder::Decoder(std::vector<DecoderLayer> layers, int64_t n_heads, int64_t n_kv
 }
 
 at::Tensor Decoder::step(const at::Tensor& x_in, const at::Tensor& pos_in, const at::Tensor& slots_in,
-                         at::Tensor& kc, at::Tensor& vc, int64_t kv_len) const {
+                         at::Tensor& kc, at::Tensor& vc, int64_t kv_len,
+                         const std::vector<std::shared_ptr<LoraAdapter>>& adapters,
+                         const at::Tensor& row_adapter) const {
   const int64_t n_layers = static_cast<int64_t>(layers_.size());
   const int64_t dim = layers_[0].attention_norm.numel(), hd = head_dim_, H = n_heads_, Hkv = n_kv_heads_;
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 3 && x_in.size(1) == 1 && x_in.size(2) == dim,
@@ -126,6 +145,14 @@ at::Tensor Decoder::step(const at::Tensor& x_in, const at::Tensor& pos_in, const
   const int64_t* pos = pos_t.data_ptr<int64_t>();
   const int64_t* slots = slots_t.data_ptr<int64_t>();
   kv_len = std::min(kv_len, L);
+  LoraRows lora;  // the rows of each adapter in this batch
+  at::Tensor ids_t;
+  if (row_adapter.defined()) {
+    check_adapters(adapters);
+    ids_t = row_adapter.to(at::kLong).contiguous();
+    TORCH_CHECK(ids_t.numel() == B, "decoder: row_adapter needs one entry per row");
+    lora = group_lora_rows(adapters, ids_t.data_ptr<int64_t>(), B);
+  }
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(pos[b] >= 0 && pos[b] < L && pos[b] < cos_.size(0), "decoder: position ", pos[b],
                 " is outside the cache (", L, ") or the rotary tables (", cos_.size(0), ")");
@@ -153,6 +180,7 @@ at::Tensor Decoder::step(const at::Tensor& x_in, const at::Tensor& pos_in, const
       const QWeight* ws[3] = {&ly.wq, &ly.wk, &ly.wv};
       float* ys[3] = {q.data(), k.data(), v.data()};
       project(ws, ys, 3, xn.data(), B, dim, rows);
+      for (int p = 0; p < 3; ++p) lora_add(lora, l, p, xn.data(), dim, ys[p], ws[p]->N);
     }
     for (int64_t b = 0; b < B; ++b) {
       const int64_t half = hd / 2;
@@ -184,6 +212,7 @@ at::Tensor Decoder::step(const at::Tensor& x_in, const at::Tensor& pos_in, const
       const QWeight* ws[1] = {&ly.wo};
       float* ys[1] = {proj.data()};
       project(ws, ys, 1, attn.data(), B, H * hd, rows);
+      lora_add(lora, l, 3, attn.data(), H * hd, proj.data(), dim);
     }
     for (int64_t i = 0; i < B * dim; ++i) x[i] += proj[i];
 
@@ -193,12 +222,15 @@ at::Tensor Decoder::step(const at::Tensor& x_in, const at::Tensor& pos_in, const
       const QWeight* ws[2] = {&ly.w1, &ly.w3};
       float* ys[2] = {gate.data(), up.data()};
       project(ws, ys, 2, xn.data(), B, dim, rows);
+      lora_add(lora, l, 4, xn.data(), dim, gate.data(), hidden);
+      lora_add(lora, l, 6, xn.data(), dim, up.data(), hidden);
     }
     for (int64_t i = 0; i < B * hidden; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
     {
       const QWeight* ws[1] = {&ly.w2};
       float* ys[1] = {proj.data()};
       project(ws, ys, 1, gate.data(), B, hidden, rows);
+      lora_add(lora, l, 5, gate.data(), hidden, proj.data(), dim);
     }
     for (int64_t i = 0; i < B * dim; ++i) x[i] += proj[i];
   }

@@ -360,6 +360,41 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            }),
            py::arg("layers"), py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("norm_eps"),
            py::arg("cos"), py::arg("sin"), py::arg("norm"), py::arg("output"))
-      .def("step", &Decoder::step, "logits for one new token per row (see qdecode.h)", py::arg("x"),
-           py::arg("pos"), py::arg("slots"), py::arg("k_cache"), py::arg("v_cache"), py::arg("kv_len"), release());
+      .def(
+          "step",
+          [](const Decoder& d, const at::Tensor& x, const at::Tensor& pos, const at::Tensor& slots, at::Tensor& kc,
+             at::Tensor& vc, int64_t kv_len, const std::vector<std::shared_ptr<LoraAdapter>>& adapters,
+             const std::optional<at::Tensor>& row_adapter) {
+            return d.step(x, pos, slots, kc, vc, kv_len, adapters, row_adapter.value_or(at::Tensor()));
+          },
+          "logits for one new token per row (see qdecode.h)", py::arg("x"), py::arg("pos"), py::arg("slots"),
+          py::arg("k_cache"), py::arg("v_cache"), py::arg("kv_len"),
+          py::arg("adapters") = std::vector<std::shared_ptr<LoraAdapter>>(), py::arg("row_adapter") = py::none(),
+          release());
+
+  // A LoRA adapter for the fused step's rows (qlora.h): per layer, 7 entries (wq wk wv wo w1 w2 w3),
+  // each (A float32 (r, in), B float32 (out, r)) or None; scale multiplies B A x.
+  using PairSpec = std::optional<std::tuple<at::Tensor, at::Tensor>>;
+  py::class_<LoraAdapter, std::shared_ptr<LoraAdapter>>(m, "LoraAdapter")
+      .def(py::init([](const std::vector<std::vector<PairSpec>>& layers, double scale) {
+             auto ad = std::make_shared<LoraAdapter>();
+             ad->scale = static_cast<float>(scale);
+             for (const auto& specs : layers) {
+               TORCH_CHECK(specs.size() == LORA_PROJECTIONS, "LoraAdapter: a layer has 7 entries (wq wk wv wo w1 w2 w3)");
+               std::array<LoraPair, LORA_PROJECTIONS> pairs;
+               for (int p = 0; p < LORA_PROJECTIONS; ++p) {
+                 if (!specs[p].has_value()) continue;
+                 const auto& [a, b] = *specs[p];
+                 TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu() && a.scalar_type() == at::kFloat &&
+                                 b.scalar_type() == at::kFloat && a.is_contiguous() && b.is_contiguous() &&
+                                 a.dim() == 2 && b.dim() == 2 && a.size(0) > 0 && b.size(1) == a.size(0),
+                             "LoraAdapter: A (r, in) and B (out, r) must be contiguous float32 CPU tensors, got ",
+                             a.sizes(), " and ", b.sizes());
+                 pairs[p] = LoraPair{a, b};
+               }
+               ad->layers.push_back(std::move(pairs));
+             }
+             return ad;
+           }),
+           py::arg("layers"), py::arg("scale"));
 }

@@ -4,8 +4,8 @@ An `AdapterTable` belongs to one model. `add(name, path)` reads a PEFT LoRA fold
 each projection it adapts in a `RowLoRA`; a forward run inside `table.rows(adapters)` then adds, to the rows
 of adapter i only, `scale_i * (x @ A_i^T) @ B_i^T` (Hu et al. 2021), so requests with different adapters
 (and none) can share one forward. Outside `rows()`, and for rows without an adapter, a `RowLoRA` is its base layer
-exactly: the fused C++ decode step (runtime/fused.py) sees through it, and the engine runs it only for rows
-without an adapter (`generation/runner.py`).
+exactly. The fused C++ decode step (runtime/fused.py) runs the base layer and adds the same deltas itself
+(kernels/qlora.h), reading `active` and each adapter's tensors, so decode steps of mixed batches stay fused.
 
 Batch invariance: the base layer is unchanged, and a row's delta is a batched matmul (`torch.bmm`, one
 product per row), the same whatever other rows run, as long as the row has the same number of tokens:
@@ -140,11 +140,6 @@ class RowLoRA(nn.Module):
         self.base = base
         self.name = name
         self._table = table  # a plain object: not a submodule, not in the state dict
-
-    @property
-    def active(self) -> bool:
-        """Whether a forward now adds deltas (inside `AdapterTable.rows` with some row adapted)."""
-        return bool(self._table.active)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)

@@ -16,12 +16,15 @@ float32 activations and cache, CPU, no autograd. Anything else returns None and 
 modules. The C++ decoder holds references to the weights and is rebuilt whenever a module or weight
 tensor of the model changes (LoRA surgery, `.to()`, new Parameters, `param.data = ...`): `Llama.model` is
 public, and a stale decoder would silently compute with old weights, so a ~0.1 ms check per step stays.
-A served adapter's `RowLoRA` (runtime/adapters.py) it runs as its base layer, and steps aside (returns
-None) while a forward has an adapter active.
+A served adapter's `RowLoRA` (runtime/adapters.py) it runs as its base layer plus, for the rows of each
+adapter active in the forward (`AdapterTable.rows`), that adapter's delta inside the C++ step (kernels/qlora.h):
+mixed batches of adapters and the base model stay in one fused step. Each adapter's tensors are handed to C++
+once (a `LoraAdapter` holding references to the table's tensors, kept while the adapter object lives).
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -32,9 +35,10 @@ from llamaforge.model.kv_cache import KVCache
 from llamaforge.model.layers import Attention, FeedForward, RMSNorm, TransformerBlock
 from llamaforge.model.step import StepInput
 from llamaforge.quantize import QuantizedLinear
-from llamaforge.runtime.adapters import RowLoRA
+from llamaforge.runtime.adapters import AdapterTable, RowLoRA, ServedAdapter
 
 _F32 = 0  # GGML type id of a plain float32 weight
+PROJECTIONS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # a layer's weights in the C++ decoder's order
 
 
 class FusedDecode:
@@ -48,6 +52,7 @@ class FusedDecode:
     def __init__(self) -> None:
         self._decoder: Any = None
         self._watch: Optional[_Watch] = None  # what the decoder was built from
+        self._loras: "weakref.WeakKeyDictionary[ServedAdapter, Any]" = weakref.WeakKeyDictionary()  # -> C++ adapter
 
     def __getstate__(self) -> dict:
         return {}
@@ -73,15 +78,37 @@ class FusedDecode:
         ):
             return None
         decoder = self._decoder_for(model)
-        if decoder is None or any(m.active for m in self._watch.row_loras):
+        if decoder is None:
+            return None
+        bsz = tokens.shape[0]
+        lora = self._lora_rows(bsz)
+        if lora is None:
             return None
         h = model.tok_embeddings(tokens)
         if h.dtype != torch.float32:
             return None
-        bsz = h.shape[0]
         pos = step.positions.reshape(bsz)  # (B, 1) -> (B,)
         rows = step.slots if step.slots is not None else torch.arange(bsz)
-        return decoder.step(h, pos, rows, cache.k, cache.v, step.kv_len or cache.max_seq_len)
+        return decoder.step(h, pos, rows, cache.k, cache.v, step.kv_len or cache.max_seq_len, *lora)
+
+    def _lora_rows(self, bsz: int) -> Optional[tuple]:
+        """The step's LoRA arguments: () without active adapters, ([C++ adapter], row ids (B,): index or -1),
+        or None where an active adapter's tensors are not float32 CPU ones (the modules run)."""
+        table = self._watch.table
+        if table is None or not table.active:
+            return ()
+        ids = torch.full((bsz,), -1, dtype=torch.long)
+        adapters = []
+        for rows, adapter in table.active:
+            native = self._loras.get(adapter)
+            if native is None:
+                native = _native_adapter(adapter, self._watch.n_layers)
+                if native is None:
+                    return None
+                self._loras[adapter] = native
+            ids[rows] = len(adapters)
+            adapters.append(native)
+        return adapters, ids
 
     def _decoder_for(self, model: nn.Module) -> Any:
         """The C++ decoder for the model's current modules and weights, or None if they do not qualify."""
@@ -109,7 +136,8 @@ class _Watch:
         self.slots: list[tuple[dict, str, Any]] = []
         self.tensors: list[tuple[torch.Tensor, int]] = []
         self.modules: list[nn.Module] = []
-        self.row_loras: list[RowLoRA] = []
+        self.n_layers = 0
+        self.table: Optional[AdapterTable] = None  # the served adapters' table, if any projection is a RowLoRA
 
     def get(self, parent: nn.Module, name: str) -> Any:
         """parent.<name>, remembered."""
@@ -143,6 +171,7 @@ def _build(model: nn.Module, watch: _Watch) -> Any:
     if cos.dtype != torch.float32 or cos.device.type != "cpu" or type(norm) is not RMSNorm:
         return None
     layers = watch.get(model, "layers")
+    watch.n_layers = len(layers)
     specs = []
     for i in range(len(layers)):
         block = watch.module(layers, str(i))
@@ -170,6 +199,8 @@ def _build(model: nn.Module, watch: _Watch) -> Any:
         if any(w is None for w in norm_weights):
             return None
         specs.append((*norm_weights, weights, *qk_weights))
+    if type(model.output) is RowLoRA:
+        return None  # no C++ delta for the output projection
     output = _weight_spec(watch.module(model, "output"), watch)
     norm_weight = _float32_cpu(watch.get(norm, "weight"))
     if output is None or norm_weight is None or any(m._forward_hooks or m._forward_pre_hooks for m in watch.modules):
@@ -188,8 +219,10 @@ def _float32_cpu(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 def _weight_spec(module: nn.Module, watch: _Watch) -> Optional[tuple]:
     """(tensor, type id, N, K, layout id, bias) of a projection the C++ decoder can run, else None."""
-    if type(module) is RowLoRA:  # served adapters: the C++ step is its base, and steps aside while one is active
-        watch.row_loras.append(module)
+    if type(module) is RowLoRA:  # served adapters: the C++ step runs its base, and adds active rows' deltas
+        if watch.table is not None and module._table is not watch.table:
+            return None  # two tables over one model: not a layout the engine makes
+        watch.table = module._table
         module = watch.module(module, "base")
     if type(module) is QuantizedLinear:
         w = watch.get(module, "qweight")
@@ -207,3 +240,14 @@ def _weight_spec(module: nn.Module, watch: _Watch) -> Optional[tuple]:
     if bias is not None and _float32_cpu(bias) is None:
         return None
     return (*spec, None if bias is None else bias.detach().contiguous())
+
+
+def _native_adapter(adapter: ServedAdapter, n_layers: int) -> Any:
+    """The C++ `LoraAdapter` of a served adapter (its tensors, not copies), or None unless they are float32 CPU."""
+    layers: list[list[Optional[tuple[torch.Tensor, torch.Tensor]]]] = [[None] * len(PROJECTIONS) for _ in range(n_layers)]
+    for name, (a, b) in adapter.weights.items():
+        _, layer, _, leaf = name.split(".")  # "layers.N.attention.wq"
+        if _float32_cpu(a) is None or _float32_cpu(b) is None or int(layer) >= n_layers:
+            return None
+        layers[int(layer)][PROJECTIONS.index(leaf)] = (a.contiguous(), b.contiguous())
+    return get_extension().LoraAdapter(layers, adapter.scaling)
