@@ -137,3 +137,53 @@ def test_the_native_adapter_refuses_tensors_that_do_not_fit(tmp_path):
         decoder.step(h, torch.tensor([5]), torch.tensor([0]), cache.k, cache.v, MAX_SEQ, [wrong], torch.tensor([0]))
     with pytest.raises(RuntimeError, match="names adapter 1"):
         decoder.step(h, torch.tensor([5]), torch.tensor([0]), cache.k, cache.v, MAX_SEQ, [], torch.tensor([1]))
+
+
+def test_the_delta_kernel_equals_the_pytorch_formula_and_ignores_padding():
+    """lora_add_ (kernels/qlora.h) against y + scale * (x A^T) B^T per row (1e-5); rows of other adapters,
+    padding and batch size leave a row's delta bit for bit unchanged."""
+    ext = get_extension()
+    g = torch.Generator().manual_seed(0)
+    K, N, T = 80, 100, 5  # neither a multiple of 32 nor of 8: every tail path runs
+    pairs = [(torch.randn(r, K, generator=g), torch.randn(N, r, generator=g)) for r in (3, 8)]
+    adapters = [ext.LoraAdapter([[p] + [None] * 6], s) for p, s in zip(pairs, (0.5, 2.0))]
+    x = torch.randn(4, T, K, generator=g)
+    y0 = torch.randn(4, T, N, generator=g)
+    ids = torch.tensor([1, -1, 0, 1])
+    y = y0.clone()
+    ext.lora_add_(y, x, adapters, ids, 0, 0)
+    want = y0.clone()
+    for b, i in enumerate(ids.tolist()):
+        if i >= 0:
+            (a, bb), s = pairs[i], (0.5, 2.0)[i]
+            want[b] += (x[b] @ a.t() @ bb.t()) * s
+    assert torch.equal(y[1], y0[1])
+    assert torch.allclose(y, want, atol=1e-5, rtol=1e-5)
+    alone = y0[3:4].clone()
+    ext.lora_add_(alone, x[3:4], adapters, torch.tensor([1]), 0, 0)
+    assert torch.equal(alone, y[3:4])
+    longer = torch.cat([x[3:4], torch.randn(1, 3, K, generator=g)], dim=1)  # the row padded to 8 tokens
+    out = torch.cat([y0[3:4], torch.zeros(1, 3, N)], dim=1)
+    ext.lora_add_(out, longer, adapters, torch.tensor([1]), 0, 0)
+    assert torch.equal(out[:, :T], y[3:4])
+    ext.lora_add_(y, x, adapters, ids, 0, 1)  # a projection neither adapter adapts: nothing changes
+    assert torch.allclose(y, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_adapted_prompt_chunks_share_the_batched_prefill(tmp_path, quantized):
+    """Adapted chunks padded into one forward with others give the logits of each chunk alone, within 1e-5:
+    the delta kernel computes each token row alone; float GEMMs of the base (the float model's layers, the
+    output layer of both) see more rows and move the last bits, as they do for rows without an adapter."""
+    model, table, (a, b, c) = served_model(tmp_path, quantized)
+    runner = Runner(model, CPU, DecodeStep(model, fused=True), adapters=table)
+    adapters = [a, None, c, b]
+    chunks = [PrefillChunk(PROMPTS[i % 3], 0, i, all_logits=True, adapter=x) for i, x in enumerate(adapters)]
+    calls = []
+    real = runner._prefill_rows
+    runner._prefill_rows = lambda cache, group: calls.append(len(group)) or real(cache, group)
+    together = runner.prefill(runner.new_cache(4, MAX_SEQ), chunks)
+    assert calls == [4]  # one forward
+    for i, chunk in enumerate(chunks):
+        alone = runner.prefill(runner.new_cache(4, MAX_SEQ), [chunk])[0]
+        assert torch.allclose(alone, together[i], atol=1e-5, rtol=0), i

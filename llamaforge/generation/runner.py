@@ -77,10 +77,11 @@ class Runner:
     decode_step: runs the one-token steps (default: the model's modules; `Llama` passes the one
     `llamaforge.runtime.prepare` chose, e.g. the fused C++ step); prefill runs the model's forward.
     adapters: the LoRA adapters served over the model; rows name theirs. A decode step runs all rows,
-    adapted or not, in one call of `decode_step`: the fused C++ step adds each adapted row's deltas itself
-    (per row, exact in any batch: kernels/qlora.h), and where it steps aside the modules' `RowLoRA` do
-    (one token per row: the per-row LoRA matmuls have one row each). A prompt chunk with an adapter is
-    prefilled in a forward of its own: padded to a batch's
+    adapted or not, in one call of `decode_step`: the fused C++ step adds each adapted row's deltas itself,
+    and where it steps aside the modules' `RowLoRA` do. Where the adapters have C++ tensors (a float32 CPU
+    model) every delta is the C++ kernel's, computed token row by token row in a fixed order (kernels/qlora.h),
+    so adapted prompt chunks join the batched prefill like any other. Elsewhere (`torch.bmm` deltas) a prompt
+    chunk with an adapter is prefilled in a forward of its own: padded to a batch's
     width, its float LoRA matmuls would see more rows and could differ in the last bit, which the int8
     kernels can turn into another token (seen on the default model with 8 adapters in one batch).
     """
@@ -110,12 +111,12 @@ class Runner:
 
         Rows whose padding would pass the cache or the rotary tables (a prompt ending at the context's
         end) run in a forward of their own: the results are the same, batch invariance says so. So does
-        each chunk with a LoRA adapter (see the class docstring).
+        each chunk with a LoRA adapter that has no C++ tensors (see the class docstring).
         """
         limit = min(cache.max_seq_len, self.model.rope.max_seq_len)
-        plain = [i for i, c in enumerate(chunks) if c.adapter is None]
-        width = max((len(chunks[i].tokens) for i in plain), default=0)
-        together = {i for i in plain if chunks[i].start + width <= limit}
+        batchable = [i for i, c in enumerate(chunks) if c.adapter is None or c.adapter.native is not None]
+        width = max((len(chunks[i].tokens) for i in batchable), default=0)
+        together = {i for i in batchable if chunks[i].start + width <= limit}
         groups = [sorted(together)] if together else []
         groups += [[i] for i in range(len(chunks)) if i not in together]
         out: list[Optional[torch.Tensor]] = [None] * len(chunks)

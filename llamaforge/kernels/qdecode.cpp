@@ -77,9 +77,9 @@ void Decoder::check_adapters(const std::vector<std::shared_ptr<LoraAdapter>>& ad
       const QWeight* ws[LORA_PROJECTIONS] = {&ly.wq, &ly.wk, &ly.wv, &ly.wo, &ly.w1, &ly.w2, &ly.w3};
       for (int p = 0; p < LORA_PROJECTIONS; ++p) {
         const LoraPair& pair = ad->layers[l][p];
-        TORCH_CHECK(!pair.a.defined() || (pair.a.size(1) == ws[p]->K && pair.b.size(0) == ws[p]->N),
-                    "decoder: adapter pair of layer ", l, " projection ", p, " is (", pair.a.sizes(), ", ",
-                    pair.b.sizes(), ") for a weight of ", ws[p]->N, " x ", ws[p]->K);
+        TORCH_CHECK(!pair.a.defined() || (pair.a.size(1) == ws[p]->K && pair.bt.size(1) == ws[p]->N),
+                    "decoder: adapter pair of layer ", l, " projection ", p, " is A ", pair.a.sizes(), ", B^T ",
+                    pair.bt.sizes(), " for a weight of ", ws[p]->N, " x ", ws[p]->K);
       }
     }
   }
@@ -151,7 +151,7 @@ at::Tensor Decoder::step(const at::Tensor& x_in, const at::Tensor& pos_in, const
     check_adapters(adapters);
     ids_t = row_adapter.to(at::kLong).contiguous();
     TORCH_CHECK(ids_t.numel() == B, "decoder: row_adapter needs one entry per row");
-    lora = group_lora_rows(adapters, ids_t.data_ptr<int64_t>(), B);
+    lora = group_lora_rows(adapters, ids_t.data_ptr<int64_t>(), B, 1);
   }
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(pos[b] >= 0 && pos[b] < L && pos[b] < cos_.size(0), "decoder: position ", pos[b],

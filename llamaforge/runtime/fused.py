@@ -18,13 +18,12 @@ tensor of the model changes (LoRA surgery, `.to()`, new Parameters, `param.data 
 public, and a stale decoder would silently compute with old weights, so a ~0.1 ms check per step stays.
 A served adapter's `RowLoRA` (runtime/adapters.py) it runs as its base layer plus, for the rows of each
 adapter active in the forward (`AdapterTable.rows`), that adapter's delta inside the C++ step (kernels/qlora.h):
-mixed batches of adapters and the base model stay in one fused step. Each adapter's tensors are handed to C++
-once (a `LoraAdapter` holding references to the table's tensors, kept while the adapter object lives).
+mixed batches of adapters and the base model stay in one fused step (with the adapters' C++ tensors,
+`ServedAdapter.native`, the same kernel the modules' RowLoRA calls).
 """
 
 from __future__ import annotations
 
-import weakref
 from typing import Any, Optional
 
 import torch
@@ -35,10 +34,9 @@ from llamaforge.model.kv_cache import KVCache
 from llamaforge.model.layers import Attention, FeedForward, RMSNorm, TransformerBlock
 from llamaforge.model.step import StepInput
 from llamaforge.quantize import QuantizedLinear
-from llamaforge.runtime.adapters import AdapterTable, RowLoRA, ServedAdapter
+from llamaforge.runtime.adapters import AdapterTable, RowLoRA
 
 _F32 = 0  # GGML type id of a plain float32 weight
-PROJECTIONS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # a layer's weights in the C++ decoder's order
 
 
 class FusedDecode:
@@ -52,7 +50,6 @@ class FusedDecode:
     def __init__(self) -> None:
         self._decoder: Any = None
         self._watch: Optional[_Watch] = None  # what the decoder was built from
-        self._loras: "weakref.WeakKeyDictionary[ServedAdapter, Any]" = weakref.WeakKeyDictionary()  # -> C++ adapter
 
     def __getstate__(self) -> dict:
         return {}
@@ -81,7 +78,7 @@ class FusedDecode:
         if decoder is None:
             return None
         bsz = tokens.shape[0]
-        lora = self._lora_rows(bsz)
+        lora = self._lora_rows()
         if lora is None:
             return None
         h = model.tok_embeddings(tokens)
@@ -91,24 +88,13 @@ class FusedDecode:
         rows = step.slots if step.slots is not None else torch.arange(bsz)
         return decoder.step(h, pos, rows, cache.k, cache.v, step.kv_len or cache.max_seq_len, *lora)
 
-    def _lora_rows(self, bsz: int) -> Optional[tuple]:
+    def _lora_rows(self) -> Optional[tuple]:
         """The step's LoRA arguments: () without active adapters, ([C++ adapter], row ids (B,): index or -1),
-        or None where an active adapter's tensors are not float32 CPU ones (the modules run)."""
+        or None where an active adapter has no C++ tensors (not float32 CPU: the modules run)."""
         table = self._watch.table
         if table is None or not table.active:
             return ()
-        ids = torch.full((bsz,), -1, dtype=torch.long)
-        adapters = []
-        for rows, adapter in table.active:
-            native = self._loras.get(adapter)
-            if native is None:
-                native = _native_adapter(adapter, self._watch.n_layers)
-                if native is None:
-                    return None
-                self._loras[adapter] = native
-            ids[rows] = len(adapters)
-            adapters.append(native)
-        return adapters, ids
+        return table.native
 
     def _decoder_for(self, model: nn.Module) -> Any:
         """The C++ decoder for the model's current modules and weights, or None if they do not qualify."""
@@ -136,7 +122,6 @@ class _Watch:
         self.slots: list[tuple[dict, str, Any]] = []
         self.tensors: list[tuple[torch.Tensor, int]] = []
         self.modules: list[nn.Module] = []
-        self.n_layers = 0
         self.table: Optional[AdapterTable] = None  # the served adapters' table, if any projection is a RowLoRA
 
     def get(self, parent: nn.Module, name: str) -> Any:
@@ -171,7 +156,6 @@ def _build(model: nn.Module, watch: _Watch) -> Any:
     if cos.dtype != torch.float32 or cos.device.type != "cpu" or type(norm) is not RMSNorm:
         return None
     layers = watch.get(model, "layers")
-    watch.n_layers = len(layers)
     specs = []
     for i in range(len(layers)):
         block = watch.module(layers, str(i))
@@ -240,14 +224,3 @@ def _weight_spec(module: nn.Module, watch: _Watch) -> Optional[tuple]:
     if bias is not None and _float32_cpu(bias) is None:
         return None
     return (*spec, None if bias is None else bias.detach().contiguous())
-
-
-def _native_adapter(adapter: ServedAdapter, n_layers: int) -> Any:
-    """The C++ `LoraAdapter` of a served adapter (its tensors, not copies), or None unless they are float32 CPU."""
-    layers: list[list[Optional[tuple[torch.Tensor, torch.Tensor]]]] = [[None] * len(PROJECTIONS) for _ in range(n_layers)]
-    for name, (a, b) in adapter.weights.items():
-        _, layer, _, leaf = name.split(".")  # "layers.N.attention.wq"
-        if _float32_cpu(a) is None or _float32_cpu(b) is None or int(layer) >= n_layers:
-            return None
-        layers[int(layer)][PROJECTIONS.index(leaf)] = (a.contiguous(), b.contiguous())
-    return get_extension().LoraAdapter(layers, adapter.scaling)
