@@ -83,7 +83,8 @@ def main(args, prompts: list[str], write_random_lora) -> int:
     llama = Llama.build(args.model, max_seq_len=args.max_seq_len, max_batch_size=n)
     tmp = tempfile.TemporaryDirectory(prefix="engine_ab_loras_")
     for i in range(args.loras if "loras" in variants else 0):
-        llama.load_adapter(f"lora{i}", write_random_lora(args.model, Path(tmp.name) / f"lora{i}", seed=i))
+        llama.load_adapter(f"lora{i}", write_random_lora(args.model, Path(tmp.name) / f"lora{i}", seed=i,
+                                                         dtype=args.lora_dtype))
     engine = llama.open_engine(n_slots=n, max_queue=4 * n, prefix_reuse=False)
     engine.start()
     tok = llama.tokenizer
@@ -103,7 +104,7 @@ def main(args, prompts: list[str], write_random_lora) -> int:
 
     print(f"in-process engine, model {args.model}, {n} requests at once, {args.max_tokens} greedy tokens each, "
           f"torch threads {torch.get_num_threads()}, {args.repeats} repeats, variants {variants}"
-          + (f", {args.loras} random rank-8 LoRA adapters" if "loras" in variants else ""))
+          + (f", {args.loras} random rank-8 LoRA adapters in {args.lora_dtype}" if "loras" in variants else ""))
     run_burst(engine, jobs(variants[0])[:2])  # warm-up: kernels, grammar tables
     results = {v: [] for v in variants}
     outputs = {}

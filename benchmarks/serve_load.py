@@ -167,8 +167,9 @@ def summarise(n: int, streams: list[Stream], wall: float) -> dict:
     }
 
 
-def write_random_lora(model: str, folder: Path, seed: int, rank: int = 8, scale: float = 0.02) -> str:
-    """A PEFT LoRA folder of random weights (rank `rank` on every projection) for the GGUF `model`."""
+def write_random_lora(model: str, folder: Path, seed: int, rank: int = 8, scale: float = 0.02,
+                      dtype: str = "float32") -> str:
+    """A PEFT LoRA folder of random weights (rank `rank` on every projection, saved in `dtype`) for the GGUF `model`."""
     import torch
     from safetensors.torch import save_file
 
@@ -184,8 +185,8 @@ def write_random_lora(model: str, folder: Path, seed: int, rank: int = 8, scale:
     for layer in range(args.n_layers):
         for name, (out_f, in_f) in shapes.items():
             stem = f"base_model.model.model.layers.{layer}.{name}"
-            tensors[f"{stem}.lora_A.weight"] = torch.randn(rank, in_f, generator=g) * scale
-            tensors[f"{stem}.lora_B.weight"] = torch.randn(out_f, rank, generator=g) * scale
+            tensors[f"{stem}.lora_A.weight"] = (torch.randn(rank, in_f, generator=g) * scale).to(getattr(torch, dtype))
+            tensors[f"{stem}.lora_B.weight"] = (torch.randn(out_f, rank, generator=g) * scale).to(getattr(torch, dtype))
     folder.mkdir(parents=True)
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": rank,
                                                             "target_modules": sorted(n.split(".")[1] for n in shapes)}))
@@ -305,6 +306,8 @@ def main(argv=None) -> int:
     p.add_argument("--api-key", help="API key of the --url server")
     p.add_argument("--deadline", type=float, default=1800, help="stop after this many seconds (default 1800)")
     p.add_argument("--loras", type=int, default=0, help="serve this many random LoRA adapters, request i on i mod K")
+    p.add_argument("--lora-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the dtype the random adapters are saved in (PEFT saves the training dtype)")
     p.add_argument("--json-schema", action="store_true",
                    help="chat completions, each level unconstrained and then with response_format json_schema")
     p.add_argument("--in-process", action="store_true",
@@ -329,7 +332,8 @@ def main(argv=None) -> int:
     if args.loras and (args.url or args.engines != "llamaforge"):
         raise SystemExit("--loras starts llamaforge itself: leave out --url and other --engines")
     tmp = tempfile.TemporaryDirectory(prefix="serve_load_loras_")
-    args.lora_dirs = [write_random_lora(args.model, Path(tmp.name) / f"lora{i}", seed=i) for i in range(args.loras)]
+    args.lora_dirs = [write_random_lora(args.model, Path(tmp.name) / f"lora{i}", seed=i, dtype=args.lora_dtype)
+                      for i in range(args.loras)]
     started = time.monotonic()
     results: dict[str, dict] = {}
     if args.url:

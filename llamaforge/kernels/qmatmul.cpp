@@ -373,7 +373,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           release());
 
   // A LoRA adapter (qlora.h): per layer, 7 entries (wq wk wv wo w1 w2 w3), each (A float32 (r, in),
-  // B float32 (out, r)) or None; scale multiplies B A x. Holds A and a transposed copy of B.
+  // B (out, r)), float32, bfloat16 or float16, or None; scale multiplies B A x. Holds A and a transposed copy of B.
   using PairSpec = std::optional<std::tuple<at::Tensor, at::Tensor>>;
   py::class_<LoraAdapter, std::shared_ptr<LoraAdapter>>(m, "LoraAdapter")
       .def(py::init([](const std::vector<std::vector<PairSpec>>& layers, double scale) {
@@ -385,11 +385,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                for (int p = 0; p < LORA_PROJECTIONS; ++p) {
                  if (!specs[p].has_value()) continue;
                  const auto& [a, b] = *specs[p];
-                 TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu() && a.scalar_type() == at::kFloat &&
-                                 b.scalar_type() == at::kFloat && a.is_contiguous() && b.is_contiguous() &&
-                                 a.dim() == 2 && b.dim() == 2 && a.size(0) > 0 && b.size(1) == a.size(0),
-                             "LoraAdapter: A (r, in) and B (out, r) must be contiguous float32 CPU tensors, got ",
-                             a.sizes(), " and ", b.sizes());
+                 const auto type = a.scalar_type();
+                 TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu() && b.scalar_type() == type &&
+                                 (type == at::kFloat || type == at::kBFloat16 || type == at::kHalf) &&
+                                 a.is_contiguous() && b.is_contiguous() && a.dim() == 2 && b.dim() == 2 &&
+                                 a.size(0) > 0 && b.size(1) == a.size(0),
+                             "LoraAdapter: A (r, in) and B (out, r) must be contiguous CPU tensors of one dtype "
+                             "(float32, bfloat16, float16), got ", a.sizes(), " and ", b.sizes());
                  pairs[p] = LoraPair{a, b.t().contiguous()};
                }
                ad->layers.push_back(std::move(pairs));

@@ -257,12 +257,24 @@ class AdapterTable:
 
 
 def _native(weights: LoRAWeights, scaling: float, n_layers: int) -> Any:
-    """The C++ `LoraAdapter` of these weights if they are float32 CPU tensors and the kernels are here, else None."""
+    """The C++ `LoraAdapter` of these weights if they are float32 CPU tensors and the kernels are here, else None.
+
+    A pair whose values are all bfloat16 (or float16) numbers, as in adapters saved in those dtypes, is held in
+    that dtype: the kernel reads half the bytes each step and computes with the same float32 values."""
     ext = get_extension()
     if ext is None or any(t.dtype != torch.float32 or t.device.type != "cpu" for ab in weights.values() for t in ab):
         return None
     layers: list[list] = [[None] * len(PROJECTIONS) for _ in range(n_layers)]
     for name, ab in weights.items():
         _, layer, _, leaf = name.split(".")  # "layers.N.attention.wq"
-        layers[int(layer)][PROJECTIONS.index(leaf)] = ab
+        layers[int(layer)][PROJECTIONS.index(leaf)] = _compact(*ab)
     return ext.LoraAdapter(layers, scaling)
+
+
+def _compact(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) in bfloat16 or float16 where that dtype holds their values exactly, else as they are."""
+    for dtype in (torch.bfloat16, torch.float16):
+        a16, b16 = a.to(dtype), b.to(dtype)
+        if torch.equal(a16.float(), a) and torch.equal(b16.float(), b):
+            return a16, b16
+    return a, b
