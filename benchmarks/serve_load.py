@@ -18,6 +18,12 @@ With `--loras K` the started llamaforge serves K random LoRA adapters (rank 8 on
 folders written to a temporary directory) and request i names adapter i mod K, so requests with
 different adapters share each batch; compare with a run without it for the cost of the adapters.
 
+With `--json-schema` the requests are chat completions, each level run twice in a row: unconstrained, then
+with `response_format` json_schema (`JSON_SCHEMA`), and the table gives both and their ratio.
+
+`--in-process` measures the engine itself in CPU time, alternating variants in one process (no HTTP; see
+benchmarks/engine_ab.py): `--variants base,loras,json-free,json --streams 16 --loras 8 --repeats 3`.
+
 Every request goes to 127.0.0.1 (a --url elsewhere is refused), the number of requests is fixed by
 --levels and --max-tokens, and the whole run stops after --deadline seconds.
 """
@@ -70,17 +76,30 @@ class Stream:
     error: Optional[str] = None
 
 
+JSON_SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                               "summary": {"type": "string"}}, "required": ["name", "age", "summary"]}
+
+
 def one_request(base: str, prompt: str, max_tokens: int, headers: dict, timeout: float,
-                model: Optional[str] = None) -> Stream:
-    """A greedy streaming completion; every chunk with text is one arrival time."""
+                model: Optional[str] = None, fmt: Optional[str] = None) -> Stream:
+    """A greedy streaming completion; every chunk with text is one arrival time.
+
+    fmt: None (a plain completion), "text" (a chat completion) or "json_schema" (a chat completion with
+    response_format json_schema JSON_SCHEMA)."""
     s = Stream(prompt)
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {"max_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    if fmt is None:
+        body["prompt"], path = prompt, "/v1/completions"
+    else:
+        body["messages"], path = [{"role": "user", "content": f"Answer as JSON with name, age, summary: {prompt}"}], \
+            "/v1/chat/completions"
+        if fmt == "json_schema":
+            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "r", "schema": JSON_SCHEMA}}
     if model is not None:
         body["model"] = model
     s.sent = time.perf_counter()
     try:
-        with httpx.stream("POST", base + "/v1/completions", json=body, headers=headers, timeout=timeout) as resp:
+        with httpx.stream("POST", base + path, json=body, headers=headers, timeout=timeout) as resp:
             if resp.status_code != 200:
                 s.error = f"HTTP {resp.status_code}: {resp.read().decode()[:200]}"
                 return s
@@ -94,9 +113,10 @@ def one_request(base: str, prompt: str, max_tokens: int, headers: dict, timeout:
                 if chunk.get("usage"):
                     s.completion_tokens = chunk["usage"]["completion_tokens"]
                 for choice in chunk.get("choices", []):
-                    if choice.get("text"):
+                    text = choice.get("text") or (choice.get("delta") or {}).get("content")
+                    if text:
                         s.token_times.append(time.perf_counter())
-                        s.text += choice["text"]
+                        s.text += text
     except httpx.HTTPError as exc:
         s.error = f"{type(exc).__name__}: {exc}"
     if not s.completion_tokens:  # a server that sends no usage chunk: one token per text chunk (llama-server)
@@ -105,14 +125,14 @@ def one_request(base: str, prompt: str, max_tokens: int, headers: dict, timeout:
 
 
 def run_level(base: str, prompts: list[str], max_tokens: int, headers: dict, timeout: float,
-              models: Optional[list] = None) -> tuple[list[Stream], float]:
+              models: Optional[list] = None, fmt: Optional[str] = None) -> tuple[list[Stream], float]:
     """Send all prompts at once (prompt i to model i, when given); return the streams and the wall time."""
     results: list[Optional[Stream]] = [None] * len(prompts)
     barrier = threading.Barrier(len(prompts))
 
     def work(i: int) -> None:
         barrier.wait()
-        results[i] = one_request(base, prompts[i], max_tokens, headers, timeout, models[i] if models else None)
+        results[i] = one_request(base, prompts[i], max_tokens, headers, timeout, models[i] if models else None, fmt)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
     start = time.perf_counter()
@@ -147,8 +167,9 @@ def summarise(n: int, streams: list[Stream], wall: float) -> dict:
     }
 
 
-def write_random_lora(model: str, folder: Path, seed: int, rank: int = 8, scale: float = 0.02) -> str:
-    """A PEFT LoRA folder of random weights (rank `rank` on every projection) for the GGUF `model`."""
+def write_random_lora(model: str, folder: Path, seed: int, rank: int = 8, scale: float = 0.02,
+                      dtype: str = "float32") -> str:
+    """A PEFT LoRA folder of random weights (rank `rank` on every projection, saved in `dtype`) for the GGUF `model`."""
     import torch
     from safetensors.torch import save_file
 
@@ -164,8 +185,8 @@ def write_random_lora(model: str, folder: Path, seed: int, rank: int = 8, scale:
     for layer in range(args.n_layers):
         for name, (out_f, in_f) in shapes.items():
             stem = f"base_model.model.model.layers.{layer}.{name}"
-            tensors[f"{stem}.lora_A.weight"] = torch.randn(rank, in_f, generator=g) * scale
-            tensors[f"{stem}.lora_B.weight"] = torch.randn(out_f, rank, generator=g) * scale
+            tensors[f"{stem}.lora_A.weight"] = (torch.randn(rank, in_f, generator=g) * scale).to(getattr(torch, dtype))
+            tensors[f"{stem}.lora_B.weight"] = (torch.randn(out_f, rank, generator=g) * scale).to(getattr(torch, dtype))
     folder.mkdir(parents=True)
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": rank,
                                                             "target_modules": sorted(n.split(".")[1] for n in shapes)}))
@@ -225,8 +246,11 @@ def start_llama_server(args) -> tuple[subprocess.Popen, str]:
     return proc, base
 
 
-def measure(base: str, args, headers: dict, started: float) -> tuple[list[dict], list, list[Stream]]:
-    """Every level against one server: the rows, the (N, i) whose output differs from alone, the solo streams."""
+def measure(base: str, args, headers: dict, started: float,
+            fmt: Optional[str] = None) -> tuple[list[dict], list, list[Stream]]:
+    """Every level against one server: the rows, the (N, i) whose output differs from alone, the solo streams.
+
+    fmt: the kind of request (see `one_request`)."""
     one_request(base, "Warm-up:", 4, headers, 120)
     need = max(args.levels)
     # N = 1: every prompt alone, one after another; these are also the reference outputs.
@@ -236,7 +260,7 @@ def measure(base: str, args, headers: dict, started: float) -> tuple[list[dict],
         if time.monotonic() - started > args.deadline:
             raise SystemExit("deadline reached")
         streams, wall = run_level(base, [prompt], args.max_tokens, headers, args.deadline,
-                                  models[i:i + 1] if models else None)
+                                  models[i:i + 1] if models else None, fmt)
         solo += streams
         solo_wall += wall
     rows = []
@@ -250,7 +274,7 @@ def measure(base: str, args, headers: dict, started: float) -> tuple[list[dict],
             raise SystemExit("deadline reached")
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
         streams, wall = run_level(base, prompts, args.max_tokens, headers, args.deadline,
-                                  models[:n] if models else None)
+                                  models[:n] if models else None, fmt)
         rows.append(summarise(n, streams, wall))
         mismatches += [(n, i) for i, s in enumerate(streams) if s.text != solo[i % len(solo)].text]
     return rows, mismatches, solo
@@ -282,6 +306,15 @@ def main(argv=None) -> int:
     p.add_argument("--api-key", help="API key of the --url server")
     p.add_argument("--deadline", type=float, default=1800, help="stop after this many seconds (default 1800)")
     p.add_argument("--loras", type=int, default=0, help="serve this many random LoRA adapters, request i on i mod K")
+    p.add_argument("--lora-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the dtype the random adapters are saved in (PEFT saves the training dtype)")
+    p.add_argument("--json-schema", action="store_true",
+                   help="chat completions, each level unconstrained and then with response_format json_schema")
+    p.add_argument("--in-process", action="store_true",
+                   help="A/B the engine in CPU time in this process (benchmarks/engine_ab.py), no HTTP")
+    p.add_argument("--variants", default="base,loras,json-free,json", help="--in-process: variants to alternate")
+    p.add_argument("--streams", type=int, default=16, help="--in-process: requests at once (default 16)")
+    p.add_argument("--repeats", type=int, default=3, help="--in-process: runs of each variant (default 3)")
     p.add_argument("--json", help="also write the results as JSON here")
     args = p.parse_args(argv)
     args.levels = [int(x) for x in args.levels.split(",")]
@@ -292,28 +325,36 @@ def main(argv=None) -> int:
 
         args.model = str(default_model_path())
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    if args.in_process:
+        import engine_ab  # beside this file
+
+        return engine_ab.main(args, PROMPTS, write_random_lora)
     if args.loras and (args.url or args.engines != "llamaforge"):
         raise SystemExit("--loras starts llamaforge itself: leave out --url and other --engines")
     tmp = tempfile.TemporaryDirectory(prefix="serve_load_loras_")
-    args.lora_dirs = [write_random_lora(args.model, Path(tmp.name) / f"lora{i}", seed=i) for i in range(args.loras)]
+    args.lora_dirs = [write_random_lora(args.model, Path(tmp.name) / f"lora{i}", seed=i, dtype=args.lora_dtype)
+                      for i in range(args.loras)]
     started = time.monotonic()
     results: dict[str, dict] = {}
     if args.url:
         if urlparse(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):
             raise SystemExit("this benchmark only talks to a server on this machine (127.0.0.1)")
-        rows, mismatches, _ = measure(args.url.rstrip("/"), args, headers, started)
-        results["server at " + args.url] = {"rows": rows, "mismatches": mismatches}
+        for fmt in ("text", "json_schema") if args.json_schema else (None,):
+            rows, mismatches, _ = measure(args.url.rstrip("/"), args, headers, started, fmt)
+            results["server at " + args.url + (f" ({fmt})" if fmt else "")] = {"rows": rows, "mismatches": mismatches}
     for engine in ([] if args.url else args.engines.split(",")):
         start = {"llamaforge": start_llamaforge, "llama-server": start_llama_server}.get(engine)
         if start is None:
             raise SystemExit(f"unknown engine {engine!r}: llamaforge or llama-server")
         proc, base = start(args)
         try:
-            rows, mismatches, solo = measure(base, args, headers, started)
+            for fmt in ("text", "json_schema") if args.json_schema else (None,):
+                rows, mismatches, solo = measure(base, args, headers, started, fmt)
+                results[engine + (f" ({fmt})" if fmt else "")] = {"rows": rows, "mismatches": mismatches,
+                                                                 "solo_texts": [s.text for s in solo]}
         finally:
             proc.terminate()
             proc.wait(30)
-        results[engine] = {"rows": rows, "mismatches": mismatches, "solo_texts": [s.text for s in solo]}
     print(f"model {args.model}, {max(args.levels)} slots of {args.max_seq_len} positions, {args.threads} threads, "
           f"{args.max_tokens} greedy tokens per streaming completion, prefix reuse "
           f"{'on' if args.prefix_reuse else 'off'}" + (f", {args.loras} LoRA adapters (request i on i mod {args.loras})"
@@ -324,7 +365,7 @@ def main(argv=None) -> int:
         errors = [e for row in r["rows"] for e in row["errors"]]
         print(f"\nconcurrent greedy outputs equal to the same requests alone: "
               f"{'yes' if not r['mismatches'] else 'NO ' + str(r['mismatches'])}; errors: {errors or 'none'}")
-        failed |= bool(errors) or (engine == "llamaforge" and bool(r["mismatches"]))
+        failed |= bool(errors) or (engine.startswith("llamaforge") and bool(r["mismatches"]))
     if "llamaforge" in results and "llama-server" in results:
         print("\n### llamaforge / llama-server\n")
         print("| N | tokens/s | TTFT p50 (lower is better) | per-token p50 |")
@@ -334,6 +375,12 @@ def main(argv=None) -> int:
                   f"{a['ttft_p50_ms']} vs {b['ttft_p50_ms']} ms | {a['itl_p50_ms']} vs {b['itl_p50_ms']} ms |")
         same = sum(x == y for x, y in zip(results["llamaforge"]["solo_texts"], results["llama-server"]["solo_texts"]))
         print(f"\nsolo answers identical across the two servers: {same} of {len(results['llamaforge']['solo_texts'])}")
+    if args.json_schema:
+        for engine in ([] if args.url else args.engines.split(",")):
+            free, constrained = results.get(engine + " (text)"), results.get(engine + " (json_schema)")
+            print(f"\n### {engine}: json_schema / unconstrained tokens/s\n")
+            for a, b in zip(constrained["rows"], free["rows"]):
+                print(f"| {a['n']} | {a['tokens_per_s']} vs {b['tokens_per_s']} | {a['tokens_per_s'] / b['tokens_per_s']:.1%} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": {k: v for k, v in vars(args).items()}, "results": results}, f, indent=2)

@@ -85,10 +85,12 @@ class Runner:
 
     decode_step: runs the one-token steps (default: the model's modules; `Llama` passes the one
     `llamaforge.runtime.prepare` chose, e.g. the fused C++ step); prefill runs the model's forward.
-    adapters: the LoRA adapters served over the model; rows name theirs. In a decode step the rows
-    without one run through `decode_step` (the fused C++ step on the CPU) and the rows with one together
-    through the model's modules (one token per row: the per-row LoRA matmuls have one row each, exact in
-    any batch). A prompt chunk with an adapter is prefilled in a forward of its own: padded to a batch's
+    adapters: the LoRA adapters served over the model; rows name theirs. A decode step runs all rows,
+    adapted or not, in one call of `decode_step`: the fused C++ step adds each adapted row's deltas itself,
+    and where it steps aside the modules' `RowLoRA` do. Where the adapters have C++ tensors (a float32 CPU
+    model) every delta is the C++ kernel's, computed token row by token row in a fixed order (kernels/qlora.h),
+    so adapted prompt chunks join the batched prefill like any other. Elsewhere (`torch.bmm` deltas) a prompt
+    chunk with an adapter is prefilled in a forward of its own: padded to a batch's
     width, its float LoRA matmuls would see more rows and could differ in the last bit, which the int8
     kernels can turn into another token (seen on the default model with 8 adapters in one batch).
     """
@@ -99,7 +101,6 @@ class Runner:
         self.device = device
         self.decode_step = decode_step if decode_step is not None else DecodeStep(model)
         self.adapters = adapters
-        self._modules_step = DecodeStep(model)
 
     def _rows(self, adapters: Sequence[Optional[ServedAdapter]]):
         """The context of one forward whose row i uses adapters[i] (holds the table's lock)."""
@@ -124,12 +125,12 @@ class Runner:
 
         Rows whose padding would pass the cache or the rotary tables (a prompt ending at the context's
         end) run in a forward of their own: the results are the same, batch invariance says so. So does
-        each chunk with a LoRA adapter (see the class docstring).
+        each chunk with a LoRA adapter that has no C++ tensors (see the class docstring).
         """
         limit = min(cache.max_seq_len, self.model.rope.max_seq_len)
-        plain = [i for i, c in enumerate(chunks) if c.adapter is None]
-        width = max((len(chunks[i].tokens) for i in plain), default=0)
-        together = {i for i in plain if chunks[i].start + width <= limit}
+        batchable = [i for i, c in enumerate(chunks) if c.adapter is None or c.adapter.native is not None]
+        width = max((len(chunks[i].tokens) for i in batchable), default=0)
+        together = {i for i in batchable if chunks[i].start + width <= limit}
         groups = [sorted(together)] if together else []
         groups += [[i] for i in range(len(chunks)) if i not in together]
         out: list[Optional[torch.Tensor]] = [None] * len(chunks)
@@ -165,23 +166,8 @@ class Runner:
         """One token for each of B sequences (token, position, block table, adapter per row) -> logits (B, V)."""
         t = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
         p = torch.tensor(pos, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
-        if adapters is None or all(a is None for a in adapters):
-            with self._rows(()):
-                return decode_logits(self.decode_step, cache, t, p, max_pos=max(pos), blocks=blocks)
-        out: Optional[torch.Tensor] = None
-        plain = [i for i, a in enumerate(adapters) if a is None]
-        adapted = [i for i, a in enumerate(adapters) if a is not None]
-        for rows, step, row_adapters in ((plain, self.decode_step, ()),
-                                         (adapted, self._modules_step, [adapters[i] for i in adapted])):
-            if not rows:
-                continue
-            idx = torch.tensor(rows, device=self.device)
-            with self._rows(row_adapters):
-                logits = decode_logits(step, cache, t[idx], p[idx], blocks=[blocks[i] for i in rows])  # (rows, V)
-            if out is None:
-                out = logits.new_empty((len(tokens), logits.shape[-1]))
-            out[idx] = logits
-        return out
+        with self._rows(adapters or ()):
+            return decode_logits(self.decode_step, cache, t, p, max_pos=max(pos), blocks=blocks)
 
     def copy_block(self, cache: KVCache, src: int, dst: int, length: int) -> None:
         """Copy cached positions [0, length) of block src into block dst."""

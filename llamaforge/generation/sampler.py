@@ -124,6 +124,8 @@ class Constraint(Protocol):
     def allowed(self) -> torch.Tensor:
         """Bool mask (V,) of the tokens allowed next."""
 
+    # Optional: `allows(token) -> bool`, whether one token may come next (greedy rows check the best token first).
+
     def advance(self, token: int) -> None:
         """Accept the chosen token."""
 
@@ -153,6 +155,13 @@ class RowState:
     @property
     def needs_processing(self) -> bool:
         return bool(self.params.logit_bias) or self.out_counts is not None or self.constraint is not None
+
+    @property
+    def greedy_constrained(self) -> bool:
+        """Greedy with a constraint that can check one token, and nothing else to apply: the model's best token,
+        if the constraint allows it, is the masked argmax (ties too: argmax takes the first best)."""
+        return (self.params.greedy and self.constraint is not None and hasattr(self.constraint, "allows")
+                and not self.params.logit_bias and self.out_counts is None)
 
     def record(self, token: int) -> None:
         """Note an output token (for the penalties)."""
@@ -201,17 +210,30 @@ def choose(logits: torch.Tensor, rows: Sequence[RowState]) -> list[Union[int, Ex
     a token, so one row's failure does not touch the others.
     """
     greedy_plain = [i for i, r in enumerate(rows) if r.params.greedy and not r.needs_processing]
+    checked = [i for i, r in enumerate(rows) if r.greedy_constrained]
     out: list[Union[int, Exception]] = [0] * len(rows)
-    if greedy_plain:
+    done = set()
+    if greedy_plain or checked:
         # One batched argmax for the common case (no host round trip per row). Over all rows when all are
-        # plain greedy: indexing a (B, V) tensor costs more than the argmax itself.
+        # greedy: indexing a (B, V) tensor costs more than the argmax itself.
+        greedy = sorted(greedy_plain + checked)
         if len(greedy_plain) == len(rows):
             return torch.argmax(logits, dim=-1).tolist()
-        for i, t in zip(greedy_plain, torch.argmax(logits[greedy_plain], dim=-1).tolist()):
-            out[i] = t
-    plain = set(greedy_plain)
+        best = torch.argmax(logits if len(greedy) == len(rows) else logits[greedy], dim=-1).tolist()
+        best = dict(zip(range(len(rows)) if len(greedy) == len(rows) else greedy, best))
+        for i in greedy_plain:
+            out[i] = best[i]
+        done.update(greedy_plain)
+        for i in checked:
+            try:
+                if rows[i].constraint.allows(best[i]):
+                    out[i] = best[i]
+                    done.add(i)
+            except Exception as exc:  # reported for this row only
+                out[i] = exc
+                done.add(i)
     for i, row in enumerate(rows):
-        if i in plain:
+        if i in done:
             continue
         try:
             row_logits = process_row(logits[i], row) if row.needs_processing else logits[i]

@@ -7,7 +7,8 @@
 // dot products), without a Python call per operation: at batch 1 the PyTorch ops between the matmuls
 // cost more than the matmuls. Keys and values are read where they lie in the cache's blocks, through
 // each row's block table (no gather; where a position's row lives is `kv_row`'s alone). Each
-// row is computed on its own, so a row's result does not depend on the other rows of the batch.
+// row is computed on its own, so a row's result does not depend on the other rows of the batch. Rows
+// with a LoRA adapter get its deltas after each projection it adapts (lora_add, qlora.h).
 
 #include "qdecode.h"
 
@@ -75,6 +76,22 @@ void project(const QWeight* const* ws, float* const* ys, int n, const float* x, 
 
 }  // namespace
 
+void Decoder::check_adapters(const std::vector<std::shared_ptr<LoraAdapter>>& adapters) const {
+  for (const auto& ad : adapters) {
+    TORCH_CHECK(ad && ad->layers.size() == layers_.size(), "decoder: an adapter needs ", layers_.size(), " layers");
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      const DecoderLayer& ly = layers_[l];
+      const QWeight* ws[LORA_PROJECTIONS] = {&ly.wq, &ly.wk, &ly.wv, &ly.wo, &ly.w1, &ly.w2, &ly.w3};
+      for (int p = 0; p < LORA_PROJECTIONS; ++p) {
+        const LoraPair& pair = ad->layers[l][p];
+        TORCH_CHECK(!pair.a.defined() || (pair.a.size(1) == ws[p]->K && pair.bt.size(1) == ws[p]->N),
+                    "decoder: adapter pair of layer ", l, " projection ", p, " is A ", pair.a.sizes(), ", B^T ",
+                    pair.bt.sizes(), " for a weight of ", ws[p]->N, " x ", ws[p]->K);
+      }
+    }
+  }
+}
+
 Decoder::Decoder(std::vector<DecoderLayer> layers, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
                  double norm_eps, at::Tensor cos, at::Tensor sin, at::Tensor norm, QWeight output)
     : layers_(std::move(layers)), norm_(std::move(norm)), output_(std::move(output)), n_heads_(n_heads),
@@ -117,7 +134,9 @@ Decoder::Decoder(std::vector<DecoderLayer> layers, int64_t n_heads, int64_t n_kv
 }
 
 at::Tensor Decoder::step(const at::Tensor& x_in, const at::Tensor& pos_in, const at::Tensor& blocks_in,
-                         at::Tensor& kc, at::Tensor& vc, int64_t kv_len) const {
+                         at::Tensor& kc, at::Tensor& vc, int64_t kv_len,
+                         const std::vector<std::shared_ptr<LoraAdapter>>& adapters,
+                         const at::Tensor& row_adapter) const {
   const int64_t n_layers = static_cast<int64_t>(layers_.size());
   const int64_t dim = layers_[0].attention_norm.numel(), hd = head_dim_, H = n_heads_, Hkv = n_kv_heads_;
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 3 && x_in.size(1) == 1 && x_in.size(2) == dim,
@@ -135,6 +154,14 @@ at::Tensor Decoder::step(const at::Tensor& x_in, const at::Tensor& pos_in, const
   const int64_t W = blocks_t.size(1);
   const int64_t* pos = pos_t.data_ptr<int64_t>();
   const int64_t* blocks = blocks_t.data_ptr<int64_t>();
+  LoraRows lora;  // the rows of each adapter in this batch
+  at::Tensor ids_t;
+  if (row_adapter.defined()) {
+    check_adapters(adapters);
+    ids_t = row_adapter.to(at::kLong).contiguous();
+    TORCH_CHECK(ids_t.numel() == B, "decoder: row_adapter needs one entry per row");
+    lora = group_lora_rows(adapters, ids_t.data_ptr<int64_t>(), B, 1);
+  }
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(pos[b] >= 0 && pos[b] < W * BS && pos[b] < cos_.size(0), "decoder: position ", pos[b],
                 " is outside the row's block table (", W, " blocks of ", BS, ") or the rotary tables (", cos_.size(0),
@@ -165,6 +192,7 @@ at::Tensor Decoder::step(const at::Tensor& x_in, const at::Tensor& pos_in, const
       const QWeight* ws[3] = {&ly.wq, &ly.wk, &ly.wv};
       float* ys[3] = {q.data(), k.data(), v.data()};
       project(ws, ys, 3, xn.data(), B, dim, rows);
+      for (int p = 0; p < 3; ++p) lora_add(lora, l, p, xn.data(), dim, ys[p], ws[p]->N);
     }
     for (int64_t b = 0; b < B; ++b) {
       const int64_t half = hd / 2;
@@ -199,6 +227,7 @@ at::Tensor Decoder::step(const at::Tensor& x_in, const at::Tensor& pos_in, const
       const QWeight* ws[1] = {&ly.wo};
       float* ys[1] = {proj.data()};
       project(ws, ys, 1, attn.data(), B, H * hd, rows);
+      lora_add(lora, l, 3, attn.data(), H * hd, proj.data(), dim);
     }
     for (int64_t i = 0; i < B * dim; ++i) x[i] += proj[i];
 
@@ -208,12 +237,15 @@ at::Tensor Decoder::step(const at::Tensor& x_in, const at::Tensor& pos_in, const
       const QWeight* ws[2] = {&ly.w1, &ly.w3};
       float* ys[2] = {gate.data(), up.data()};
       project(ws, ys, 2, xn.data(), B, dim, rows);
+      lora_add(lora, l, 4, xn.data(), dim, gate.data(), hidden);
+      lora_add(lora, l, 6, xn.data(), dim, up.data(), hidden);
     }
     for (int64_t i = 0; i < B * hidden; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
     {
       const QWeight* ws[1] = {&ly.w2};
       float* ys[1] = {proj.data()};
       project(ws, ys, 1, gate.data(), B, hidden, rows);
+      lora_add(lora, l, 5, gate.data(), hidden, proj.data(), dim);
     }
     for (int64_t i = 0; i < B * dim; ++i) x[i] += proj[i];
   }

@@ -6,6 +6,7 @@
 
 #include <vector>
 
+#include "qlora.h"
 #include "qops.h"
 
 namespace lfq {
@@ -27,8 +28,11 @@ class Decoder {
   // k_cache, v_cache: float32 (n_layers, n_blocks, n_kv_heads, block_size, head_dim) (model/kv_cache.py).
   // Writes each row's keys and values at its position (in block blocks[b][pos / block_size]) and attends
   // over its positions [0, min(pos + 1, kv_len)). Returns the logits (B, 1, vocab) in float32.
+  // adapters, row_adapter: LoRA adapters (qlora.h) and, per row, the index of its adapter or -1
+  // (int64 (B,); undefined: no row has one).
   at::Tensor step(const at::Tensor& x, const at::Tensor& pos, const at::Tensor& blocks, at::Tensor& k_cache,
-                  at::Tensor& v_cache, int64_t kv_len) const;
+                  at::Tensor& v_cache, int64_t kv_len, const std::vector<std::shared_ptr<LoraAdapter>>& adapters = {},
+                  const at::Tensor& row_adapter = at::Tensor()) const;
 
  private:
   std::vector<DecoderLayer> layers_;
@@ -37,6 +41,9 @@ class Decoder {
   int64_t n_heads_, n_kv_heads_, head_dim_;
   float eps_;
   at::Tensor cos_, sin_;
+
+  // Raises unless each adapter has a pair shaped (r, K), (N, r) for each projection it adapts.
+  void check_adapters(const std::vector<std::shared_ptr<LoraAdapter>>& adapters) const;
 };
 
 }  // namespace lfq

@@ -365,6 +365,68 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            }),
            py::arg("layers"), py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("norm_eps"),
            py::arg("cos"), py::arg("sin"), py::arg("norm"), py::arg("output"))
-      .def("step", &Decoder::step, "logits for one new token per row (see qdecode.h)", py::arg("x"),
-           py::arg("pos"), py::arg("blocks"), py::arg("k_cache"), py::arg("v_cache"), py::arg("kv_len"), release());
+      .def(
+          "step",
+          [](const Decoder& d, const at::Tensor& x, const at::Tensor& pos, const at::Tensor& blocks, at::Tensor& kc,
+             at::Tensor& vc, int64_t kv_len, const std::vector<std::shared_ptr<LoraAdapter>>& adapters,
+             const std::optional<at::Tensor>& row_adapter) {
+            return d.step(x, pos, blocks, kc, vc, kv_len, adapters, row_adapter.value_or(at::Tensor()));
+          },
+          "logits for one new token per row (see qdecode.h)", py::arg("x"), py::arg("pos"), py::arg("blocks"),
+          py::arg("k_cache"), py::arg("v_cache"), py::arg("kv_len"),
+          py::arg("adapters") = std::vector<std::shared_ptr<LoraAdapter>>(), py::arg("row_adapter") = py::none(),
+          release());
+
+  // A LoRA adapter (qlora.h): per layer, 7 entries (wq wk wv wo w1 w2 w3), each (A float32 (r, in),
+  // B (out, r)), float32, bfloat16 or float16, or None; scale multiplies B A x. Holds A and a transposed copy of B.
+  using PairSpec = std::optional<std::tuple<at::Tensor, at::Tensor>>;
+  py::class_<LoraAdapter, std::shared_ptr<LoraAdapter>>(m, "LoraAdapter")
+      .def(py::init([](const std::vector<std::vector<PairSpec>>& layers, double scale) {
+             auto ad = std::make_shared<LoraAdapter>();
+             ad->scale = static_cast<float>(scale);
+             for (const auto& specs : layers) {
+               TORCH_CHECK(specs.size() == LORA_PROJECTIONS, "LoraAdapter: a layer has 7 entries (wq wk wv wo w1 w2 w3)");
+               std::array<LoraPair, LORA_PROJECTIONS> pairs;
+               for (int p = 0; p < LORA_PROJECTIONS; ++p) {
+                 if (!specs[p].has_value()) continue;
+                 const auto& [a, b] = *specs[p];
+                 const auto type = a.scalar_type();
+                 TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu() && b.scalar_type() == type &&
+                                 (type == at::kFloat || type == at::kBFloat16 || type == at::kHalf) &&
+                                 a.is_contiguous() && b.is_contiguous() && a.dim() == 2 && b.dim() == 2 &&
+                                 a.size(0) > 0 && b.size(1) == a.size(0),
+                             "LoraAdapter: A (r, in) and B (out, r) must be contiguous CPU tensors of one dtype "
+                             "(float32, bfloat16, float16), got ", a.sizes(), " and ", b.sizes());
+                 pairs[p] = LoraPair{a, b.t().contiguous()};
+               }
+               ad->layers.push_back(std::move(pairs));
+             }
+             return ad;
+           }),
+           py::arg("layers"), py::arg("scale"));
+  m.def(
+      "lora_add_",
+      [](at::Tensor& y, const at::Tensor& x, const std::vector<std::shared_ptr<LoraAdapter>>& adapters,
+         const at::Tensor& row_adapter, int64_t layer, int64_t proj) {
+        TORCH_CHECK(y.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && y.is_contiguous() &&
+                        x.is_contiguous() && y.device().is_cpu() && x.device().is_cpu() && x.dim() == 3 &&
+                        y.dim() == 3 && x.size(0) == y.size(0) && x.size(1) == y.size(1),
+                    "lora_add_: y (B, T, N) and x (B, T, K) must be contiguous float32 CPU tensors, got ", y.sizes(),
+                    " and ", x.sizes());
+        TORCH_CHECK(proj >= 0 && proj < LORA_PROJECTIONS, "lora_add_: proj must be in [0, 7)");
+        const int64_t B = x.size(0), T = x.size(1), K = x.size(2), N = y.size(2);
+        for (const auto& ad : adapters) {
+          TORCH_CHECK(ad && layer >= 0 && layer < static_cast<int64_t>(ad->layers.size()),
+                      "lora_add_: layer ", layer, " is not in every adapter");
+          const LoraPair& p = ad->layers[layer][proj];
+          TORCH_CHECK(!p.a.defined() || (p.a.size(1) == K && p.bt.size(1) == N), "lora_add_: the pair of layer ",
+                      layer, " projection ", proj, " does not fit x (.., ", K, ") and y (.., ", N, ")");
+        }
+        const at::Tensor ids = row_adapter.to(at::kLong).contiguous();
+        TORCH_CHECK(ids.numel() == B, "lora_add_: row_adapter needs one entry per batch row");
+        lora_add(group_lora_rows(adapters, ids.data_ptr<int64_t>(), B, T), layer, static_cast<int>(proj),
+                 x.data_ptr<float>(), K, y.data_ptr<float>(), N);
+      },
+      "y += the LoRA deltas of projection `proj` of `layer` for the rows of each adapter (qlora.h)", py::arg("y"),
+      py::arg("x"), py::arg("adapters"), py::arg("row_adapter"), py::arg("layer"), py::arg("proj"), release());
 }

@@ -33,10 +33,11 @@ class DecodeStep:
     """`decode(tokens, step, cache)` -> float32 logits (B, 1, vocab) of one token per row, writing the cache.
 
     tokens (B, 1); step: their `StepInput` (positions (B, 1), slots, kv_len, mask); cache: the KV cache.
-    With `fused`, the C++ step runs where it computes what the modules would, and steps aside (the modules
-    run) for swapped modules such as LoRA, hooks (tensor parallel adds some), autograd, activations or a
-    cache that are not float32, and non-CPU tensors. With `compiled` (`Llama.build(compile=True)`), the
-    modules through torch.compile (runtime/compiled.py: CUDA graphs on CUDA). Else, always the modules.
+    With `fused`, the C++ step runs where it computes what the modules would (served LoRA adapters
+    included: runtime/fused.py), and steps aside (the modules run) for other swapped modules, hooks (tensor
+    parallel adds some), autograd, activations or a cache that are not float32, and non-CPU tensors. With
+    `compiled` (`Llama.build(compile=True)`), the modules through torch.compile (runtime/compiled.py: CUDA
+    graphs on CUDA). Else, always the modules.
     """
 
     def __init__(self, model: Transformer, *, fused: bool = False, compiled: bool = False) -> None:
@@ -44,19 +45,20 @@ class DecodeStep:
         self.fused: Optional[FusedDecode] = (
             FusedDecode() if fused and not compiled and get_extension() is not None else None)
         self.compiled: Optional[CompiledDecode] = CompiledDecode(model) if compiled else None
+        self.ran_fused = False  # whether the last call ran the fused C++ step (else the modules)
 
     def __call__(self, tokens: torch.Tensor, step: StepInput, cache: KVCache) -> torch.Tensor:
-        for special in (self.fused, self.compiled):
-            if special is not None:
-                logits = special(self.model, tokens, step, cache)
-                if logits is not None:
-                    return logits
+        if self.fused is not None:
+            logits = self.fused(self.model, tokens, step, cache)
+            if logits is not None:
+                self.ran_fused = True
+                return logits
+        self.ran_fused = False
+        if self.compiled is not None:
+            logits = self.compiled(self.model, tokens, step, cache)
+            if logits is not None:
+                return logits
         return self.model(tokens, step, cache, last_only=True)
-
-    @property
-    def ran_fused(self) -> bool:
-        """Whether the last step ran the fused C++ step (its decoder is built for the current modules)."""
-        return self.fused is not None and self.fused.built
 
     def __repr__(self) -> str:
         return f"DecodeStep(fused={self.fused is not None}, compiled={self.compiled is not None})"

@@ -16,8 +16,10 @@ float32 activations and cache, CPU, no autograd. Anything else returns None and 
 modules. The C++ decoder holds references to the weights and is rebuilt whenever a module or weight
 tensor of the model changes (LoRA surgery, `.to()`, new Parameters, `param.data = ...`): `Llama.model` is
 public, and a stale decoder would silently compute with old weights, so a ~0.1 ms check per step stays.
-A served adapter's `RowLoRA` (runtime/adapters.py) it runs as its base layer, and steps aside (returns
-None) while a forward has an adapter active.
+A served adapter's `RowLoRA` (runtime/adapters.py) it runs as its base layer plus, for the rows of each
+adapter active in the forward (`AdapterTable.rows`), that adapter's delta inside the C++ step (kernels/qlora.h):
+mixed batches of adapters and the base model stay in one fused step (with the adapters' C++ tensors,
+`ServedAdapter.native`, the same kernel the modules' RowLoRA calls).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from llamaforge.model.kv_cache import KVCache
 from llamaforge.model.layers import Attention, FeedForward, RMSNorm, TransformerBlock
 from llamaforge.model.step import StepInput
 from llamaforge.quantize import QuantizedLinear
-from llamaforge.runtime.adapters import RowLoRA
+from llamaforge.runtime.adapters import AdapterTable, RowLoRA
 
 _F32 = 0  # GGML type id of a plain float32 weight
 
@@ -73,15 +75,26 @@ class FusedDecode:
         ):
             return None
         decoder = self._decoder_for(model)
-        if decoder is None or any(m.active for m in self._watch.row_loras):
+        if decoder is None:
+            return None
+        bsz = tokens.shape[0]
+        lora = self._lora_rows()
+        if lora is None:
             return None
         h = model.tok_embeddings(tokens)
         if h.dtype != torch.float32:
             return None
-        bsz = h.shape[0]
         pos = step.positions.reshape(bsz)  # (B, 1) -> (B,)
         tables = cache.block_tables(step, bsz)  # (B, W): each row's blocks
-        return decoder.step(h, pos, tables, cache.k, cache.v, step.kv_len or cache.max_seq_len)
+        return decoder.step(h, pos, tables, cache.k, cache.v, step.kv_len or cache.max_seq_len, *lora)
+
+    def _lora_rows(self) -> Optional[tuple]:
+        """The step's LoRA arguments: () without active adapters, ([C++ adapter], row ids (B,): index or -1),
+        or None where an active adapter has no C++ tensors (not float32 CPU: the modules run)."""
+        table = self._watch.table
+        if table is None or not table.active:
+            return ()
+        return table.native
 
     def _decoder_for(self, model: nn.Module) -> Any:
         """The C++ decoder for the model's current modules and weights, or None if they do not qualify."""
@@ -109,7 +122,7 @@ class _Watch:
         self.slots: list[tuple[dict, str, Any]] = []
         self.tensors: list[tuple[torch.Tensor, int]] = []
         self.modules: list[nn.Module] = []
-        self.row_loras: list[RowLoRA] = []
+        self.table: Optional[AdapterTable] = None  # the served adapters' table, if any projection is a RowLoRA
 
     def get(self, parent: nn.Module, name: str) -> Any:
         """parent.<name>, remembered."""
@@ -170,6 +183,8 @@ def _build(model: nn.Module, watch: _Watch) -> Any:
         if any(w is None for w in norm_weights):
             return None
         specs.append((*norm_weights, weights, *qk_weights))
+    if type(model.output) is RowLoRA:
+        return None  # no C++ delta for the output projection
     output = _weight_spec(watch.module(model, "output"), watch)
     norm_weight = _float32_cpu(watch.get(norm, "weight"))
     if output is None or norm_weight is None or any(m._forward_hooks or m._forward_pre_hooks for m in watch.modules):
@@ -188,8 +203,10 @@ def _float32_cpu(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 def _weight_spec(module: nn.Module, watch: _Watch) -> Optional[tuple]:
     """(tensor, type id, N, K, layout id, bias) of a projection the C++ decoder can run, else None."""
-    if type(module) is RowLoRA:  # served adapters: the C++ step is its base, and steps aside while one is active
-        watch.row_loras.append(module)
+    if type(module) is RowLoRA:  # served adapters: the C++ step runs its base, and adds active rows' deltas
+        if watch.table is not None and module._table is not watch.table:
+            return None  # two tables over one model: not a layout the engine makes
+        watch.table = module._table
         module = watch.module(module, "base")
     if type(module) is QuantizedLinear:
         w = watch.get(module, "qweight")
