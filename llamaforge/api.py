@@ -43,7 +43,7 @@ from llamaforge.generation.checks import (
     check_max_gen_len, check_n, check_prompts, check_seed, check_stop, check_stop_ids, check_texts,
 )
 from llamaforge.generation.grammar import GrammarCompiler, GrammarError, GrammarUnavailable
-from llamaforge.model import ModelArgs, Transformer
+from llamaforge.model import ModelArgs, Transformer, kv_types
 from llamaforge.tokenizer import Tokenizer
 
 log = logging.getLogger("llamaforge")
@@ -115,6 +115,11 @@ class Llama:
         return self.model.args
 
     @property
+    def kv_type(self) -> str:
+        """The KV cache's element type: "float32", "float16", "bfloat16" or "q8_0" (Llama.build's `kv_type`)."""
+        return self.decode_step.kv_type
+
+    @property
     def weight_type(self) -> str:
         """How most of the model's matrices are stored: a GGUF quant name ("Q4_K", "Q8_0", ...) or F32 / F16 / BF16."""
         counts: collections.Counter = collections.Counter()
@@ -141,6 +146,7 @@ class Llama:
         quantize: Optional[str] = None,
         adapters: Optional[Sequence[PathLike]] = None,
         progress: bool = True,
+        kv_type: Optional[str] = None,
     ) -> "Llama":
         """Load a checkpoint and its tokenizer, ready to generate.
 
@@ -169,6 +175,10 @@ class Llama:
                 adapter_model.safetensors) or llama.cpp GGUF LoRA files; merged into float weights,
                 applied beside quantized ones (see llamaforge.training.adapters).
             progress: show a progress bar while a large checkpoint loads.
+            kv_type: the KV cache's element type, as llama.cpp's --cache-type-k/-v: "float32", "float16",
+                "bfloat16" or "q8_0" (blocks of 32 int8 with an fp16 scale; head_dim a multiple of 32), also
+                spelled f32 / f16 / bf16. None: float16 for a GGUF file whose weights stay quantized (as
+                llama.cpp), else the model's dtype (float32 on the CPU: the exact reference path).
 
         Returns:
             A Llama ready for `generate`, `text_completion` and `chat_completion`.
@@ -180,6 +190,7 @@ class Llama:
             raise ConfigError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
         if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 1):
             raise ConfigError(f"max_seq_len must be a positive integer or None, got {max_seq_len!r}")
+        kv_types.check_kv_type(kv_type)
         world = devices.world_size()
         if model_parallel_size is not None and model_parallel_size != world:
             raise ConfigError(
@@ -207,7 +218,10 @@ class Llama:
                 f"the tokenizer has {tokenizer.n_words} tokens but the model's vocabulary has {args.vocab_size}; "
                 f"is {tokenizer_path or 'the tokenizer'} the one that belongs to {path}?"
             )
-        max_seq_len = _choose_max_seq_len(args, max_seq_len, max_batch_size, dev, torch_dtype)
+        kv = kv_types.choose_kv_type(kv_type, model_dtype=torch_dtype, quantized_weights=any(
+            not isinstance(v, torch.Tensor) for v in ckpt.state_dict.values()))
+        kv_types.row_size(kv, args.head_dim)  # q8_0 needs head_dim in whole blocks: say so before anything is built
+        max_seq_len = _choose_max_seq_len(args, max_seq_len, max_batch_size, dev, kv)
         if max_seq_len > args.max_seq_len:
             log.warning(
                 "max_seq_len=%d is longer than the model's context length %d; quality may suffer past it",
@@ -217,7 +231,7 @@ class Llama:
 
         def make() -> tuple[Transformer, runtime.DecodeStep]:
             made, step = runtime.prepare(args, ckpt.state_dict, device=dev, dtype=torch_dtype, quantize=quantize,
-                                         world=world, rank=rank, max_seq_len=max_seq_len)
+                                         world=world, rank=rank, max_seq_len=max_seq_len, kv_type=kv)
             if adapters:
                 from llamaforge.training.adapters import apply_adapters
 
@@ -226,8 +240,8 @@ class Llama:
 
         model, decode_step = _on_own_thread(make, world)
         log.info(
-            "loaded %s (%s, %.1fM parameters) on %s in %s in %.2fs",
-            path, ckpt.format, args.n_params / 1e6, dev, torch_dtype, time.perf_counter() - start,
+            "loaded %s (%s, %.1fM parameters) on %s in %s, KV cache %s, in %.2fs",
+            path, ckpt.format, args.n_params / 1e6, dev, torch_dtype, kv, time.perf_counter() - start,
         )
         return Llama(
             model, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size, device=dev,
@@ -586,7 +600,7 @@ class Llama:
 
     def _own_decode_step(self) -> runtime.DecodeStep:
         """A DecodeStep like this Llama's for a caller outside the engine thread (a fused step holds state)."""
-        return runtime.DecodeStep(self.model, fused=self.decode_step.fused is not None)
+        return runtime.DecodeStep(self.model, fused=self.decode_step.fused is not None, kv_type=self.kv_type)
 
     def _stream_job(self, prompt_tokens, max_gen_len, temperature, top_p, top_k, seed, options: dict, *,
                     text: bool) -> Job:
@@ -651,18 +665,18 @@ def _on_own_thread(fn, world: int = 1):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def kv_bytes_per_token(args: ModelArgs, dtype: torch.dtype) -> int:
-    """Bytes of KV cache one position of one sequence takes."""
-    return 2 * args.n_layers * args.n_kv_heads * args.head_dim * torch.empty((), dtype=dtype).element_size()
+def kv_bytes_per_token(args: ModelArgs, kv_type: str) -> int:
+    """Bytes of KV cache one position of one sequence takes, keys and values in `kv_type` (model/kv_types.py)."""
+    return 2 * args.n_layers * args.n_kv_heads * kv_types.row_bytes(kv_type, args.head_dim)
 
 
 def _choose_max_seq_len(
-    args: ModelArgs, requested: Optional[int], max_batch_size: int, device: torch.device, dtype: torch.dtype
+    args: ModelArgs, requested: Optional[int], max_batch_size: int, device: torch.device, kv_type: str
 ) -> int:
     """The caller's max_seq_len, or the model's context length bounded by memory (and said in the log)."""
     if requested is not None:
         return requested
-    per_token = kv_bytes_per_token(args, dtype) * max_batch_size + 4 * args.head_dim  # + float32 cos/sin rows
+    per_token = kv_bytes_per_token(args, kv_type) * max_batch_size + 4 * args.head_dim  # + float32 cos/sin rows
     free = devices.available_memory_bytes(device)
     chosen = args.max_seq_len
     if free is not None:

@@ -101,9 +101,8 @@ class Runner:
         return self.model.args.vocab_size
 
     def new_cache(self, n_slots: int, max_seq_len: int) -> KVCache:
-        """A zeroed cache of n_slots sequences of max_seq_len positions, in the model's dtype."""
-        return KVCache.for_model(self.model.args, n_slots, max_seq_len, dtype=self.model.norm.weight.dtype,
-                                 device=self.device)
+        """A zeroed cache of n_slots sequences of max_seq_len positions, in the decode step's KV element type."""
+        return self.decode_step.new_cache(n_slots, max_seq_len)
 
     def prefill(self, cache: KVCache, chunks: Sequence[PrefillChunk]) -> list[torch.Tensor]:
         """Write the chunks of several sequences in one forward; per chunk logits (T, V), or (1, V) of its last.

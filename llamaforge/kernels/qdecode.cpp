@@ -6,7 +6,8 @@
 // rotary; quantized weights take int8 activations as QuantizedLinear does, float32 weights float32
 // dot products), without a Python call per operation: at batch 1 the PyTorch ops between the matmuls
 // cost more than the matmuls. Keys and values are read where they lie in the cache (no gather). Each
-// row is computed on its own, so a row's result does not depend on the other rows of the batch.
+// row is computed on its own, so a row's result does not depend on the other rows of the batch. The cache's
+// element type (float32, float16, bfloat16 or q8_0 blocks: qkv.h) is its tensors' dtype; rows are stored in it.
 
 #include "qdecode.h"
 
@@ -68,6 +69,61 @@ void project(const QWeight* const* ws, float* const* ys, int n, const float* x, 
 
 }  // namespace
 
+KvType kv_type_of(const at::Tensor& cache, int64_t hd) {
+  const int64_t row = cache.dim() > 0 ? cache.size(cache.dim() - 1) : -1;
+  switch (cache.scalar_type()) {
+    case at::kFloat: TORCH_CHECK(row == hd, "kv: float32 rows hold head_dim = ", hd, " values, got ", row); return KvType::F32;
+    case at::kHalf: TORCH_CHECK(row == hd, "kv: float16 rows hold head_dim = ", hd, " values, got ", row); return KvType::F16;
+    case at::kBFloat16:
+      TORCH_CHECK(row == hd, "kv: bfloat16 rows hold head_dim = ", hd, " values, got ", row);
+      return KvType::BF16;
+    case at::kByte:
+      TORCH_CHECK(hd % KV_Q8_BLOCK == 0 && row == kv_row_bytes(KvType::Q8_0, hd), "kv: q8_0 rows of head_dim ", hd,
+                  " (a multiple of 32) are ", kv_row_bytes(KvType::Q8_0, hd), " bytes, got ", row);
+      return KvType::Q8_0;
+    default: TORCH_CHECK(false, "kv: the cache must be float32, float16, bfloat16 or uint8 (q8_0), got ", cache.scalar_type());
+  }
+  return KvType::F32;
+}
+
+at::Tensor kv_store(const at::Tensor& x_in, const at::Tensor& like) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 2, "kv_store: x must be float32 (rows, head_dim)");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t n = x.size(0), hd = x.size(1);
+  const int64_t row = like.scalar_type() == at::kByte ? kv_row_bytes(KvType::Q8_0, hd) : hd;
+  at::Tensor out = at::empty({n, row}, like.options());
+  const KvType t = kv_type_of(out, hd);
+  const int64_t rb = kv_row_bytes(t, hd);
+  for (int64_t i = 0; i < n; ++i)
+    kv_store_row(t, x.data_ptr<float>() + i * hd, hd, static_cast<uint8_t*>(out.data_ptr()) + i * rb);
+  return out;
+}
+
+at::Tensor kv_attend(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in) {
+  TORCH_CHECK(q_in.scalar_type() == at::kFloat && q_in.dim() == 2 && k_in.dim() == 2 && k_in.sizes() == v_in.sizes() &&
+                  k_in.scalar_type() == v_in.scalar_type() && k_in.size(0) >= 1,
+              "kv_attend: q float32 (G, head_dim); k, v (n >= 1, row) of one cache type");
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const int64_t G = q.size(0), hd = q.size(1);
+  const KvType t = kv_type_of(k, hd);
+  at::Tensor out = at::empty({G, hd}, q.options());
+  attend(t, q.data_ptr<float>(), static_cast<const uint8_t*>(k.data_ptr()), static_cast<const uint8_t*>(v.data_ptr()),
+         k.size(0), hd, static_cast<float>(std::sqrt(static_cast<double>(hd))), out.data_ptr<float>(), G);
+  return out;
+}
+
+at::Tensor kv_scores(const at::Tensor& q_in, const at::Tensor& k_in) {
+  TORCH_CHECK(q_in.scalar_type() == at::kFloat && q_in.dim() == 2 && k_in.dim() == 2 && k_in.size(0) >= 1,
+              "kv_scores: q float32 (G, head_dim); k (n >= 1, row)");
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous();
+  const int64_t G = q.size(0), hd = q.size(1), n = k.size(0);
+  const KvType t = kv_type_of(k, hd);
+  at::Tensor out = at::empty({G, n}, q.options());
+  attention_scores(t, q.data_ptr<float>(), static_cast<const uint8_t*>(k.data_ptr()), n, hd,
+                   static_cast<float>(std::sqrt(static_cast<double>(hd))), out.data_ptr<float>(), G);
+  return out;
+}
+
 Decoder::Decoder(std::vector<DecoderLayer> layers, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
                  double norm_eps, at::Tensor cos, at::Tensor sin, at::Tensor norm, QWeight output)
     : layers_(std::move(layers)), norm_(std::move(norm)), output_(std::move(output)), n_heads_(n_heads),
@@ -116,11 +172,11 @@ at::Tensor Decoder::step(const at::Tensor& x_in, const at::Tensor& pos_in, const
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 3 && x_in.size(1) == 1 && x_in.size(2) == dim,
               "decoder: x must be float32 (B, 1, ", dim, "), got ", x_in.sizes());
   const int64_t B = x_in.size(0);
-  TORCH_CHECK(kc.scalar_type() == at::kFloat && vc.scalar_type() == at::kFloat && kc.is_contiguous() &&
-                  vc.is_contiguous() && kc.dim() == 5 && kc.sizes() == vc.sizes() && kc.size(0) == n_layers &&
-                  kc.size(2) == Hkv && kc.size(4) == hd,
-              "decoder: the KV cache must be contiguous float32 (", n_layers, ", slots, ", Hkv, ", L, ", hd, ")");
-  const int64_t S = kc.size(1), L = kc.size(3);
+  const KvType kvt = kv_type_of(kc, hd);
+  TORCH_CHECK(kc.scalar_type() == vc.scalar_type() && kc.is_contiguous() && vc.is_contiguous() && kc.dim() == 5 &&
+                  kc.sizes() == vc.sizes() && kc.size(0) == n_layers && kc.size(2) == Hkv,
+              "decoder: the KV cache must be two contiguous tensors (", n_layers, ", slots, ", Hkv, ", L, row)");
+  const int64_t S = kc.size(1), L = kc.size(3), rb = kv_row_bytes(kvt, hd);
   const at::Tensor pos_t = pos_in.to(at::kLong).contiguous(), slots_t = slots_in.to(at::kLong).contiguous();
   TORCH_CHECK(pos_t.numel() == B && slots_t.numel() == B, "decoder: pos and slots need one entry per row");
   const int64_t* pos = pos_t.data_ptr<int64_t>();
@@ -144,8 +200,8 @@ at::Tensor Decoder::step(const at::Tensor& x_in, const at::Tensor& pos_in, const
 
   for (int64_t l = 0; l < n_layers; ++l) {
     const DecoderLayer& ly = layers_[l];
-    float* kl = kc.data_ptr<float>() + l * S * Hkv * L * hd;
-    float* vl = vc.data_ptr<float>() + l * S * Hkv * L * hd;
+    uint8_t* kl = static_cast<uint8_t*>(kc.data_ptr()) + l * S * Hkv * L * rb;  // rows of rb bytes (qkv.h)
+    uint8_t* vl = static_cast<uint8_t*>(vc.data_ptr()) + l * S * Hkv * L * rb;
 
     // Attention: projections from one quantization of the normed input.
     rms_norm(x, ly.attention_norm.data_ptr<float>(), B, dim, eps_, xn.data());
@@ -163,9 +219,9 @@ at::Tensor Decoder::step(const at::Tensor& x_in, const at::Tensor& pos_in, const
       rope(q.data() + b * H * hd, H, hd, cos + pos[b] * half, sin + pos[b] * half);
       rope(k.data() + b * Hkv * hd, Hkv, hd, cos + pos[b] * half, sin + pos[b] * half);
       for (int64_t g = 0; g < Hkv; ++g) {
-        const int64_t at = ((slots[b] * Hkv + g) * L + pos[b]) * hd;
-        std::copy_n(k.data() + (b * Hkv + g) * hd, hd, kl + at);
-        std::copy_n(v.data() + (b * Hkv + g) * hd, hd, vl + at);
+        const int64_t at = ((slots[b] * Hkv + g) * L + pos[b]) * rb;
+        kv_store_row(kvt, k.data() + (b * Hkv + g) * hd, hd, kl + at);
+        kv_store_row(kvt, v.data() + (b * Hkv + g) * hd, hd, vl + at);
       }
     }
     // One task per (row, KV head): its H / Hkv query heads attend together (qattn.h), reading K and V once.
@@ -176,8 +232,9 @@ at::Tensor Decoder::step(const at::Tensor& x_in, const at::Tensor& pos_in, const
     at::parallel_for(0, B * Hkv, grain, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / Hkv, g = t % Hkv;
-        attend(q.data() + (b * H + g * G) * hd, kl + (slots[b] * Hkv + g) * L * hd, vl + (slots[b] * Hkv + g) * L * hd,
-               std::min(pos[b] + 1, kv_len), hd, scale, attn.data() + (b * H + g * G) * hd, G);
+        attend(kvt, q.data() + (b * H + g * G) * hd, kl + (slots[b] * Hkv + g) * L * rb,
+               vl + (slots[b] * Hkv + g) * L * rb, std::min(pos[b] + 1, kv_len), hd, scale,
+               attn.data() + (b * H + g * G) * hd, G);
       }
     });
     {

@@ -6,9 +6,20 @@
 
 #include <vector>
 
+#include "qkv.h"
 #include "qops.h"
 
 namespace lfq {
+
+// The element type of a KV cache tensor (..., row): float32 / float16 / bfloat16 rows of hd values, or uint8 rows of
+// q8_0 blocks (qkv.h); an error for anything else.
+KvType kv_type_of(const at::Tensor& cache, int64_t hd);
+// Rows x float32 (n, hd) stored as a cache of like's dtype would store them: (n, row) (tests, kv_types.encode's twin).
+at::Tensor kv_store(const at::Tensor& x, const at::Tensor& like);
+// The fused step's attention of G queries q float32 (G, hd) over one KV head's rows k, v (n, row): float32 (G, hd).
+at::Tensor kv_attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
+// Its scores q k^T / sqrt(hd): float32 (G, n).
+at::Tensor kv_scores(const at::Tensor& q, const at::Tensor& k);
 
 struct DecoderLayer {
   at::Tensor attention_norm, ffn_norm;  // float32 (dim,)
@@ -23,8 +34,8 @@ class Decoder {
   Decoder(std::vector<DecoderLayer> layers, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, double norm_eps,
           at::Tensor cos, at::Tensor sin, at::Tensor norm, QWeight output);
 
-  // x: float32 (B, 1, dim) token embeddings; pos, slots: int64 (B,); k_cache, v_cache: float32
-  // (n_layers, slots, n_kv_heads, max_seq_len, head_dim). Writes each row's keys and values at
+  // x: float32 (B, 1, dim) token embeddings; pos, slots: int64 (B,); k_cache, v_cache: (n_layers, slots,
+  // n_kv_heads, max_seq_len, row), rows of one KV element type (kv_type_of). Writes each row's keys and values at
   // (slot, pos) and attends over its positions [0, min(pos + 1, kv_len)). Returns the logits
   // (B, 1, vocab) in float32.
   at::Tensor step(const at::Tensor& x, const at::Tensor& pos, const at::Tensor& slots, at::Tensor& k_cache,

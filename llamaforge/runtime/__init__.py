@@ -19,7 +19,7 @@ import torch
 
 from llamaforge.kernels import get_extension
 from llamaforge.model import KVCache, ModelArgs, StepInput, Transformer, build_model, check_weights, empty_model
-from llamaforge.model import load_weights
+from llamaforge.model import kv_types, load_weights
 from llamaforge.quantize import quantize_model, quantize_model_weights
 from llamaforge.runtime.adapters import AdapterTable
 from llamaforge.runtime.fused import FusedDecode
@@ -33,12 +33,21 @@ class DecodeStep:
     tokens (B, 1); step: their `StepInput` (positions (B, 1), slots, kv_len, mask); cache: the KV cache.
     With `fused`, the C++ step runs where it computes what the modules would, and steps aside (the modules
     run) for swapped modules such as LoRA, hooks (tensor parallel adds some), autograd, activations or a
-    cache that are not float32, and non-CPU tensors. Without it, always the modules.
+    cache of another element type, and non-CPU tensors. Without it, always the modules.
+    `kv_type`: the element type of the caches made for this step (`new_cache`; model/kv_types.py), None for the
+    model's dtype.
     """
 
-    def __init__(self, model: Transformer, *, fused: bool = False) -> None:
+    def __init__(self, model: Transformer, *, fused: bool = False, kv_type: Optional[str] = None) -> None:
         self.model = model
         self.fused: Optional[FusedDecode] = FusedDecode() if fused and get_extension() is not None else None
+        self.kv_type = kv_types.check_kv_type(kv_type) or kv_types.check_kv_type(model.norm.weight.dtype) or "float32"
+
+    def new_cache(self, n_slots: int, max_seq_len: int) -> KVCache:
+        """A zeroed cache of n_slots sequences of max_seq_len positions in this step's `kv_type`, on the model's device."""
+        weight = self.model.norm.weight
+        return KVCache.for_model(self.model.args, n_slots, max_seq_len, dtype=weight.dtype, device=weight.device,
+                                 kv_type=self.kv_type)
 
     def __call__(self, tokens: torch.Tensor, step: StepInput, cache: KVCache) -> torch.Tensor:
         if self.fused is not None:
@@ -53,7 +62,7 @@ class DecodeStep:
         return self.fused is not None and self.fused.built
 
     def __repr__(self) -> str:
-        return f"DecodeStep(fused={self.fused is not None})"
+        return f"DecodeStep(fused={self.fused is not None}, kv_type={self.kv_type!r})"
 
 
 def build(args: ModelArgs, state_dict: Mapping[str, Any], *, device: torch.device, dtype: torch.dtype,
@@ -84,6 +93,7 @@ def prepare(
     world: int = 1,
     rank: int = 0,
     max_seq_len: Optional[int] = None,
+    kv_type: Optional[str] = None,
 ) -> tuple[Transformer, DecodeStep]:
     """The model ready for inference and the decode step to call on it.
 
@@ -94,6 +104,8 @@ def prepare(
         world, rank: a multi-process launch (torch.distributed already initialised): this rank's
             tensor-parallel slice is built instead.
         max_seq_len: the positions the rotary tables cover (default: the context `args` declares).
+        kv_type: the KV cache's element type ("float32", "float16", "bfloat16", "q8_0"); None chooses
+            (`kv_types.choose_kv_type`: float16 where weights stay GGUF-quantized, else the model's dtype).
 
     Returns:
         (model, decode): the model in eval mode, and its DecodeStep (fused on a one-process CPU model).
@@ -109,4 +121,7 @@ def prepare(
         model = build(args, state_dict, device=device, dtype=dtype, max_seq_len=max_seq_len)
     if quantize is not None:
         model = quantize_model_weights(model, quantize)
-    return model, DecodeStep(model, fused=device.type == "cpu" and world == 1)
+    quantized = any(not isinstance(v, torch.Tensor) for v in state_dict.values())
+    kv = kv_types.choose_kv_type(kv_type, model_dtype=dtype, quantized_weights=quantized)
+    kv_types.row_size(kv, model.args.head_dim)  # q8_0 needs whole blocks: a clear error now, not at the first step
+    return model, DecodeStep(model, fused=device.type == "cpu" and world == 1, kv_type=kv)
