@@ -177,8 +177,8 @@ class Llama:
             progress: show a progress bar while a large checkpoint loads.
             kv_type: the KV cache's element type, as llama.cpp's --cache-type-k/-v: "float32", "float16",
                 "bfloat16" or "q8_0" (blocks of 32 int8 with an fp16 scale; head_dim a multiple of 32), also
-                spelled f32 / f16 / bf16. None: float16 for a GGUF file whose weights stay quantized (as
-                llama.cpp), else the model's dtype (float32 on the CPU: the exact reference path).
+                spelled f32 / f16 / bf16. None: float16 for a GGUF file whose weights stay in quantized blocks
+                (Q4_K, Q8_0, ...; as llama.cpp), else the model's dtype (float32 on the CPU: the reference path).
 
         Returns:
             A Llama ready for `generate`, `text_completion` and `chat_completion`.
@@ -218,8 +218,8 @@ class Llama:
                 f"the tokenizer has {tokenizer.n_words} tokens but the model's vocabulary has {args.vocab_size}; "
                 f"is {tokenizer_path or 'the tokenizer'} the one that belongs to {path}?"
             )
-        kv = kv_types.choose_kv_type(kv_type, model_dtype=torch_dtype, quantized_weights=any(
-            not isinstance(v, torch.Tensor) for v in ckpt.state_dict.values()))
+        kv = kv_types.choose_kv_type(kv_type, model_dtype=torch_dtype,
+                                     quantized_weights=runtime.block_quantized(ckpt.state_dict))
         kv_types.row_size(kv, args.head_dim)  # q8_0 needs head_dim in whole blocks: say so before anything is built
         max_seq_len = _choose_max_seq_len(args, max_seq_len, max_batch_size, dev, kv)
         if max_seq_len > args.max_seq_len:

@@ -21,7 +21,7 @@ def describe(model=None, tokenizer_path=None) -> dict:
     """A plain dict describing a checkpoint and its tokenizer; loads no weights into a model."""
     import torch
 
-    from llamaforge import checkpoints
+    from llamaforge import checkpoints, runtime
     from llamaforge.errors import ConfigError
     from llamaforge.chat import chat_format_for
     from llamaforge.hub import resolve_model
@@ -39,7 +39,7 @@ def describe(model=None, tokenizer_path=None) -> dict:
         "tensor_types": dict(dtypes),
     }
     args = ckpt.args
-    quantized = any(getattr(t, "qtype", None) for t in ckpt.state_dict.values())
+    quantized = runtime.block_quantized(ckpt.state_dict)
     # What a CPU build picks without --kv-type, and what one position of one sequence takes in each type.
     per_position = {}
     for t in kv_types.KV_TYPES:

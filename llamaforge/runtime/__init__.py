@@ -24,7 +24,7 @@ from llamaforge.quantize import quantize_model, quantize_model_weights
 from llamaforge.runtime.adapters import AdapterTable
 from llamaforge.runtime.fused import FusedDecode
 
-__all__ = ["AdapterTable", "DecodeStep", "FusedDecode", "build", "prepare"]
+__all__ = ["AdapterTable", "DecodeStep", "FusedDecode", "block_quantized", "build", "prepare"]
 
 
 class DecodeStep:
@@ -63,6 +63,13 @@ class DecodeStep:
 
     def __repr__(self) -> str:
         return f"DecodeStep(fused={self.fused is not None}, kv_type={self.kv_type!r})"
+
+
+def block_quantized(state_dict: Mapping[str, Any]) -> bool:
+    """Whether weights arrive as GGUF quantized blocks (Q4_0, Q8_0, K-quants, ...), not as floats or 16-bit GGUF
+    weights kept 16-bit: what decides the default KV type (`kv_types.choose_kv_type`)."""
+    return any(getattr(v, "qtype", "F32") not in ("F32", "F16", "BF16") for v in state_dict.values()
+               if not isinstance(v, torch.Tensor))
 
 
 def build(args: ModelArgs, state_dict: Mapping[str, Any], *, device: torch.device, dtype: torch.dtype,
@@ -105,7 +112,7 @@ def prepare(
             tensor-parallel slice is built instead.
         max_seq_len: the positions the rotary tables cover (default: the context `args` declares).
         kv_type: the KV cache's element type ("float32", "float16", "bfloat16", "q8_0"); None chooses
-            (`kv_types.choose_kv_type`: float16 where weights stay GGUF-quantized, else the model's dtype).
+            (`kv_types.choose_kv_type`: float16 where weights stay in GGUF quantized blocks, else the model's dtype).
 
     Returns:
         (model, decode): the model in eval mode, and its DecodeStep (fused on a one-process CPU model).
@@ -121,7 +128,6 @@ def prepare(
         model = build(args, state_dict, device=device, dtype=dtype, max_seq_len=max_seq_len)
     if quantize is not None:
         model = quantize_model_weights(model, quantize)
-    quantized = any(not isinstance(v, torch.Tensor) for v in state_dict.values())
-    kv = kv_types.choose_kv_type(kv_type, model_dtype=dtype, quantized_weights=quantized)
+    kv = kv_types.choose_kv_type(kv_type, model_dtype=dtype, quantized_weights=block_quantized(state_dict))
     kv_types.row_size(kv, model.args.head_dim)  # q8_0 needs whole blocks: a clear error now, not at the first step
     return model, DecodeStep(model, fused=device.type == "cpu" and world == 1, kv_type=kv)
