@@ -200,3 +200,42 @@ def test_a_rows_result_does_not_depend_on_its_batch(kv_type):
                                                              slots=torch.tensor([r]), kv_len=160), alone_cache)
             assert torch.equal(alone[0], batch[r])
     assert torch.equal(cache.k, alone_cache.k)
+
+
+# -- Llama.build(kv_type=) and --kv-type -------------------------------------------------------------------
+
+def test_build_refuses_a_bad_kv_type_before_loading_anything(tmp_path):
+    from llamaforge import Llama
+
+    with pytest.raises(ConfigError, match="kv_type must be one of"):
+        Llama.build(tmp_path / "not-there", kv_type="q4_0")
+
+
+def test_the_cli_names_the_flag(tiny_checkpoints, capsys):
+    from llamaforge.cli.main import main
+
+    assert main(["generate", str(tiny_checkpoints.gguf), "-p", "x", "-n", "2", "--kv-type", "q4"]) == 1
+    assert "--kv-type must be one of float32, float16, bfloat16, q8_0" in capsys.readouterr().err
+    # head_dim 16 holds no q8_0 block: said in the flag's words, with what to use instead
+    assert main(["generate", str(tiny_checkpoints.gguf), "-p", "x", "-n", "2", "--kv-type", "q8_0"]) == 1
+    err = capsys.readouterr().err
+    assert "--kv-type q8_0 stores blocks of 32 values" in err and "use --kv-type float16" in err
+
+
+def test_build_chooses_and_reports_the_kv_type(tiny_checkpoints, tmp_path, capsys):
+    from llamaforge import Llama, checkpoints
+    from llamaforge.cli.main import main
+
+    t = tiny_checkpoints
+    floats = Llama.build(t.gguf, max_seq_len=64, max_batch_size=2, device="cpu")
+    assert floats.kv_type == "float32"  # a float checkpoint keeps the exact reference cache
+    q8 = checkpoints.save_gguf(t.args, t.state_dict, tmp_path / "tiny-q8_0.gguf", dtype="q8_0",
+                               tokenizer_metadata=checkpoints.load(t.gguf).gguf_metadata)
+    quantized = Llama.build(q8, max_seq_len=64, max_batch_size=2, device="cpu")
+    assert quantized.kv_type == kv_types.QUANTIZED_DEFAULT  # GGUF blocks: llama.cpp's f16 cache
+    asked = Llama.build(q8, max_seq_len=64, max_batch_size=2, device="cpu", kv_type="bf16")
+    assert asked.kv_type == "bfloat16"
+    rows, _ = asked.generate([[1, 5, 9]], max_gen_len=6, temperature=0)
+    assert asked.engine.cache.k.dtype == torch.bfloat16 and len(rows[0]) == 6  # the generated tokens
+    assert main(["info", str(q8)]) == 0
+    assert f"kv cache:    {kv_types.QUANTIZED_DEFAULT} by default on the CPU (--kv-type)" in capsys.readouterr().out
