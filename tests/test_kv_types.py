@@ -239,3 +239,15 @@ def test_build_chooses_and_reports_the_kv_type(tiny_checkpoints, tmp_path, capsy
     assert asked.engine.cache.k.dtype == torch.bfloat16 and len(rows[0]) == 6  # the generated tokens
     assert main(["info", str(q8)]) == 0
     assert f"kv cache:    {kv_types.QUANTIZED_DEFAULT} by default on the CPU (--kv-type)" in capsys.readouterr().out
+
+
+def test_perplexity_through_each_kv_type():
+    from llamaforge.training.eval import perplexity
+
+    model = model_for()
+    ids = torch.randint(0, 60, (150,), generator=torch.Generator().manual_seed(2)).tolist()
+    plain = perplexity(model, ids, window=64).nll
+    assert perplexity(model, ids, window=64, kv_type="float32").nll == pytest.approx(plain, rel=1e-6)
+    for t in ("float16", "bfloat16", "q8_0"):  # what the type loses: small, and not nothing
+        nll = perplexity(model, ids, window=64, kv_type=t).nll
+        assert nll != plain and nll == pytest.approx(plain, rel=1e-2)

@@ -52,7 +52,7 @@ class KVCache(nn.Module):
         kv_type: Optional[str] = None,
     ):
         super().__init__()
-        self.kv_type = kv_types.check_kv_type(kv_type) or kv_types.check_kv_type(dtype)
+        self.kv_type = kv_types.check_kv_type(kv_type) or kv_types.check_kv_type(dtype, name="dtype")
         self.head_dim = head_dim
         shape = (n_layers, n_slots, n_kv_heads, max_seq_len, kv_types.row_size(self.kv_type, head_dim))
         storage = kv_types.storage_dtype(self.kv_type)

@@ -41,7 +41,7 @@ class DecodeStep:
     def __init__(self, model: Transformer, *, fused: bool = False, kv_type: Optional[str] = None) -> None:
         self.model = model
         self.fused: Optional[FusedDecode] = FusedDecode() if fused and get_extension() is not None else None
-        self.kv_type = kv_types.check_kv_type(kv_type) or kv_types.check_kv_type(model.norm.weight.dtype) or "float32"
+        self.kv_type = kv_types.choose_kv_type(kv_type, model_dtype=model.norm.weight.dtype, quantized_weights=False)
 
     def new_cache(self, n_slots: int, max_seq_len: int) -> KVCache:
         """A zeroed cache of n_slots sequences of max_seq_len positions in this step's `kv_type`, on the model's device."""

@@ -81,8 +81,8 @@ def perplexity(
         progress: show a progress bar.
         kv_type: a KV cache element type ("float16", "q8_0", ...; `llamaforge.model.kv_types`): each window's
             keys and values are stored in a cache of that type and attention reads them back from it, as in
-            generation, so the result includes what that type loses. None, or the model's own float dtype
-            (which stores them unchanged): the plain forward.
+            generation, so the result includes what that type loses. None: the plain forward (a cache of the
+            model's own dtype stores the values unchanged and gives the same result).
 
     Raises:
         ConfigError: fewer than 2 tokens, or a window/stride out of range.
@@ -99,8 +99,6 @@ def perplexity(
         raise ConfigError(f"perplexity needs at least 2 tokens, got {len(token_ids)}")
     device = device or next(model.parameters()).device
     kv_type = kv_types.check_kv_type(kv_type)
-    if kv_type == kv_types.check_kv_type(model.norm.weight.dtype):
-        kv_type = None
     ids = torch.tensor(list(token_ids), dtype=torch.long)
     spans = windows(len(ids), window, stride)
     was_training = model.training
