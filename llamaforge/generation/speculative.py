@@ -32,7 +32,7 @@ from typing import Callable, Optional, Protocol, Sequence
 import torch
 
 from llamaforge.errors import GenerationError
-from llamaforge.model import KVCache, StepInput
+from llamaforge.model import StepInput
 from llamaforge.runtime import DecodeStep
 
 __all__ = [
