@@ -94,6 +94,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="decode batch sizes (after the shortest prompt)")
     s.add_argument("--steps", type=int, default=24, help="timed decode steps per run (short prompts)")
     s.add_argument("--long-steps", type=int, default=12, help="timed decode steps after a long prompt")
+    s.add_argument("--kv-type", default=None,
+                   help="llamaforge's KV cache type (float32, float16, bfloat16, q8_0; default: its build's choice)")
     a = p.parse_args(argv)
     if a.shape:
         a.engines = [e for e in a.engines if e != "transformers"]

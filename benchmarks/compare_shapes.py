@@ -137,7 +137,8 @@ def run_shapes(args, command: str, src: Path, text: str, bandwidth, machine) -> 
                 for fa in (args.flash_attn if engine == "llama.cpp" else [False]):
                     cfg = {"engine": engine, "model": str(files[t]), "threads": thr, "prompt_lens": args.contexts,
                            "prompts": prompts, "batches": args.batches, "steps": args.steps,
-                           "long_steps": args.long_steps, "runs": args.runs, "flash_attn": fa}
+                           "long_steps": args.long_steps, "runs": args.runs, "flash_attn": fa,
+                           "kv_type": args.kv_type}
                     tag = label({"engine": engine, "flash_attn": fa})
                     print(f"[compare] {t:<7} {thr} thr {tag:<17} load avg {os.getloadavg()[0]:.1f} ...", end=" ",
                           flush=True)

@@ -61,16 +61,16 @@ class LlamaforgeSteps:
 
         self.max_len = max(cfg["prompt_lens"]) + cfg["steps"] + 2
         self.llm = Llama.build(cfg["model"], max_seq_len=self.max_len, max_batch_size=max(cfg["batches"]),
-                               device="cpu", progress=False)
+                               device="cpu", progress=False, kv_type=cfg.get("kv_type"))
         self.model = self.llm.model
 
     def run(self, prompts: list[list[int]], steps: int) -> tuple[float, list[float], list[int]]:
         import torch
 
-        from llamaforge.model import KVCache, StepInput
+        from llamaforge.model import StepInput
 
         b, p = len(prompts), len(prompts[0])
-        cache = KVCache.for_model(self.model.args, b, p + steps + 1, dtype=torch.float32, device=torch.device("cpu"))
+        cache = self.llm.decode_step.new_cache(b, p + steps + 1)  # in the build's KV type (--kv-type)
         with torch.inference_mode():
             t0 = clocks()
             nxt = self.model(torch.tensor(prompts), 0, cache, last_only=True)[:, -1].argmax(-1)  # (B,)
@@ -87,9 +87,10 @@ class LlamaforgeSteps:
     def weight_bytes(self) -> tuple[int, int]:
         return module_weight_bytes(self.model)
 
-    def kv_bytes_per_position(self) -> int:  # float32 keys and values, all layers, one row
-        a = self.model.args
-        return 2 * a.n_layers * a.n_kv_heads * a.head_dim * 4
+    def kv_bytes_per_position(self) -> int:  # keys and values in the build's KV type, all layers, one row
+        from llamaforge.api import kv_bytes_per_token
+
+        return kv_bytes_per_token(self.model.args, self.llm.kv_type)
 
 
 class LlamaCppSteps:

@@ -21,7 +21,7 @@ import torch
 
 from llamaforge import devices, runtime
 from llamaforge.errors import ConfigError
-from llamaforge.model import ModelArgs, Transformer
+from llamaforge.model import ModelArgs, Transformer, kv_types
 from llamaforge.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -47,6 +47,7 @@ def build(
     adapters: Optional[Sequence[PathLike]] = None,
     progress: bool = True,
     compile: bool = False,
+    kv_type: Optional[str] = None,
 ) -> "Llama":
     """Load a checkpoint and its tokenizer, ready to generate.
 
@@ -76,6 +77,10 @@ def build(
             applied beside quantized ones (files: llamaforge.checkpoints.adapters; merging:
             llamaforge.training.adapters).
         progress: show a progress bar while a large checkpoint loads.
+        kv_type: the KV cache's element type, as llama.cpp's --cache-type-k/-v: "float32", "float16",
+            "bfloat16" or "q8_0" (blocks of 32 int8 with an fp16 scale; head_dim a multiple of 32), also
+            spelled f32 / f16 / bf16. None: float16 for a GGUF file whose weights stay in quantized blocks
+            (Q4_K, Q8_0, ...; as llama.cpp), else the model's dtype (float32 on the CPU: the reference path).
         compile: run the one-token decode steps through torch.compile (CUDA graphs on CUDA; see
             llamaforge.runtime.compiled); the first step of each batch size compiles.
 
@@ -90,6 +95,7 @@ def build(
         raise ConfigError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
     if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 1):
         raise ConfigError(f"max_seq_len must be a positive integer or None, got {max_seq_len!r}")
+    kv_types.check_kv_type(kv_type)
     world = devices.world_size()
     if model_parallel_size is not None and model_parallel_size != world:
         raise ConfigError(
@@ -116,7 +122,10 @@ def build(
             f"the tokenizer has {tokenizer.n_words} tokens but the model's vocabulary has {args.vocab_size}; "
             f"is {tokenizer_path or 'the tokenizer'} the one that belongs to {path}?"
         )
-    max_seq_len = choose_max_seq_len(args, max_seq_len, max_batch_size, dev, torch_dtype)
+    kv = kv_types.choose_kv_type(kv_type, model_dtype=torch_dtype,
+                                 quantized_weights=runtime.block_quantized(ckpt.state_dict))
+    kv_types.row_size(kv, args.head_dim)  # q8_0 needs head_dim in whole blocks: say so before anything is built
+    max_seq_len = choose_max_seq_len(args, max_seq_len, max_batch_size, dev, kv)
     if max_seq_len > args.max_seq_len:
         log.warning(
             "max_seq_len=%d is longer than the model's context length %d; quality may suffer past it",
@@ -126,7 +135,8 @@ def build(
 
     def make() -> tuple[Transformer, runtime.DecodeStep]:
         made, step = runtime.prepare(args, ckpt.state_dict, device=dev, dtype=torch_dtype, quantize=quantize,
-                                     world=world, rank=rank, max_seq_len=max_seq_len, compile=compile)
+                                     world=world, rank=rank, max_seq_len=max_seq_len, compile=compile,
+                                     kv_type=kv)
         if adapters:
             from llamaforge.training.adapters import apply_adapters
 
@@ -135,8 +145,8 @@ def build(
 
     model, decode_step = on_own_thread(make, world)
     log.info(
-        "loaded %s (%s, %.1fM parameters) on %s in %s in %.2fs",
-        path, ckpt.format, args.n_params / 1e6, dev, torch_dtype, time.perf_counter() - start,
+        "loaded %s (%s, %.1fM parameters) on %s in %s, KV cache %s, in %.2fs",
+        path, ckpt.format, args.n_params / 1e6, dev, torch_dtype, kv, time.perf_counter() - start,
     )
     return Llama(
         model, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size, device=dev,
@@ -163,18 +173,18 @@ def on_own_thread(fn: Callable[[], T], world: int = 1) -> T:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def kv_bytes_per_token(args: ModelArgs, dtype: torch.dtype) -> int:
-    """Bytes of KV cache one position of one sequence takes."""
-    return 2 * args.n_layers * args.n_kv_heads * args.head_dim * torch.empty((), dtype=dtype).element_size()
+def kv_bytes_per_token(args: ModelArgs, kv_type: str) -> int:
+    """Bytes of KV cache one position of one sequence takes, keys and values in `kv_type` (model/kv_types.py)."""
+    return 2 * args.n_layers * args.n_kv_heads * kv_types.row_bytes(kv_type, args.head_dim)
 
 
 def choose_max_seq_len(
-    args: ModelArgs, requested: Optional[int], max_batch_size: int, device: torch.device, dtype: torch.dtype
+    args: ModelArgs, requested: Optional[int], max_batch_size: int, device: torch.device, kv_type: str
 ) -> int:
     """The caller's max_seq_len, or the model's context length bounded by memory (and said in the log)."""
     if requested is not None:
         return requested
-    per_token = kv_bytes_per_token(args, dtype) * max_batch_size + 4 * args.head_dim  # + float32 cos/sin rows
+    per_token = kv_bytes_per_token(args, kv_type) * max_batch_size + 4 * args.head_dim  # + float32 cos/sin rows
     free = devices.available_memory_bytes(device)
     chosen = args.max_seq_len
     if free is not None:

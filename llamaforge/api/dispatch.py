@@ -121,7 +121,7 @@ def speculative_rows(llama: "Llama", prompt_tokens, max_gen_len: int, speculativ
 
 def own_decode_step(llama: "Llama") -> runtime.DecodeStep:
     """A DecodeStep like the Llama's for steps beside the engine's own (a fused step holds state)."""
-    return runtime.DecodeStep(llama.model, fused=llama.decode_step.fused is not None)
+    return runtime.DecodeStep(llama.model, fused=llama.decode_step.fused is not None, kv_type=llama.kv_type)
 
 
 def make_stream_job(llama: "Llama", prompt_tokens, max_gen_len, temperature, top_p, top_k, seed, options: dict, *,

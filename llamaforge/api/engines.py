@@ -83,7 +83,7 @@ class EngineHost:
         """Blocks of 64 positions `kv_memory` bytes of KV cache hold (None: the engine's default)."""
         if kv_memory is None:
             return None
-        return kv_memory // KVCache.bytes_per_block(self.model.args, self.model.norm.weight.dtype)
+        return kv_memory // KVCache.bytes_per_block(self.model.args, self.kv_type)
 
     def _set_engine(self, engine: Engine, *, owned: bool) -> None:
         if self._engine is not None and self._engine_owned:

@@ -78,6 +78,11 @@ class Llama(EngineHost):
         return self.model.args
 
     @property
+    def kv_type(self) -> str:
+        """The KV cache's element type: "float32", "float16", "bfloat16" or "q8_0" (Llama.build's `kv_type`)."""
+        return self.decode_step.kv_type
+
+    @property
     def weight_type(self) -> str:
         """How most of the model's matrices are stored: a GGUF quant name ("Q4_K", "Q8_0", ...) or F32 / F16 / BF16."""
         counts: collections.Counter = collections.Counter()

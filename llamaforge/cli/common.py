@@ -56,6 +56,9 @@ def add_model_flags(parser: argparse.ArgumentParser, *, max_seq_len: Any = None,
     parser.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", default=None,
                         help="float32, bfloat16 or float16 (default: by device; quantized GGUF stays quantized on CPU)")
+    parser.add_argument(*flag("kv_type"), dest="kv_type", default=None,
+                        help="KV cache element type: float32, float16, bfloat16 or q8_0 (f32/f16/bf16 too; "
+                             "default: float16 for quantized GGUF on the CPU, else the model's dtype)")
     parser.add_argument("--seed", type=int, default=1, help="random seed (Meta's build seeds with 1)")
     parser.add_argument("--compile", action="store_true",
                         help="decode steps through torch.compile (CUDA graphs on a GPU; the first step compiles)")
@@ -177,6 +180,7 @@ def build_from_flags(args: argparse.Namespace, *, max_seq_len: Any = _FROM_FLAGS
         device=args.device,
         dtype=args.dtype,
         compile=args.compile,
+        kv_type=args.kv_type,
     )
 
 
@@ -199,7 +203,7 @@ FLAGS = {
     "ckpt_dir": "MODEL", "tokenizer_path": "--tokenizer-path", "max_seq_len": "--max-seq-len",
     "max_batch_size": "--max-batch-size", "max_gen_len": "--max-gen-len", "temperature": "--temperature",
     "top_p": "--top-p", "top_k": "--top-k", "device": "--device", "dtype": "--dtype", "seed": "--seed",
-    "overwrite": "--overwrite", "shards": "--shards", "quantize": "--quantize",
+    "overwrite": "--overwrite", "shards": "--shards", "quantize": "--quantize", "kv_type": "--kv-type",
 }
 _PASS_TRUE = re.compile(r"\bpass (\w+)=True\b")
 _ASSIGN = re.compile(r"\b(\w+)=(?:'([^']*)'|\"([^\"]*)\"|([\w.:-]+))")

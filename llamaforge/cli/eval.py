@@ -3,7 +3,8 @@
 The text is encoded as one sequence (with BOS when the model uses one) and scored with a sliding
 window: `--window` tokens per forward pass, moved `--stride` tokens at a time (default window // 2),
 so every token but the first is scored once, with at least window - stride tokens of context after the
-first window. Lower is better; compare numbers only for the same text, tokenizer, window and stride.
+first window. Keys and values pass through the KV cache's element type (`--kv-type`) as in generation.
+Lower is better; compare numbers only for the same text, tokenizer, window and stride.
 """
 
 from __future__ import annotations
@@ -40,12 +41,12 @@ def run(args: argparse.Namespace) -> int:
         ids = ids[: args.max_tokens]
     window = args.window or min(llama.max_seq_len, 1024, max(2, len(ids)))
     result = perplexity(llama.model, ids, window=window, stride=args.stride, batch_size=args.batch_size,
-                        device=llama.device, progress=not args.json)
+                        device=llama.device, progress=not args.json, kv_type=llama.kv_type)
     if args.json:
         print(json.dumps({"model": str(llama.source), "data": str(path), "perplexity": result.perplexity,
                           "nll": result.nll, "tokens": result.n_tokens, "window": result.window,
-                          "stride": result.stride}))
+                          "stride": result.stride, "kv_type": llama.kv_type}))
     else:
         print(f"perplexity {result.perplexity:.4f}  (mean NLL {result.nll:.4f} nats/token, {result.n_tokens} tokens "
-              f"scored, window {result.window}, stride {result.stride}; model {llama.source}, text {path})")
+              f"scored, window {result.window}, stride {result.stride}, KV cache {llama.kv_type}; model {llama.source}, text {path})")
     return 0

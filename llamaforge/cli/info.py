@@ -19,9 +19,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def describe(model=None, tokenizer_path=None) -> dict:
     """A plain dict describing a checkpoint and its tokenizer; loads no weights into a model."""
-    from llamaforge import checkpoints
+    import torch
+
+    from llamaforge import checkpoints, runtime
+    from llamaforge.errors import ConfigError
     from llamaforge.chat import chat_format_for
     from llamaforge.hub import resolve_model
+    from llamaforge.model import kv_types
     from llamaforge.tokenizer import Tokenizer
 
     path = resolve_model(model)
@@ -33,6 +37,19 @@ def describe(model=None, tokenizer_path=None) -> dict:
         "args": ckpt.args.to_dict(),
         "parameters": ckpt.args.n_params,
         "tensor_types": dict(dtypes),
+    }
+    args = ckpt.args
+    quantized = runtime.block_quantized(ckpt.state_dict)
+    # What a CPU build picks without --kv-type, and what one position of one sequence takes in each type.
+    per_position = {}
+    for t in kv_types.KV_TYPES:
+        try:
+            per_position[t] = 2 * args.n_layers * args.n_kv_heads * kv_types.row_bytes(t, args.head_dim)
+        except ConfigError:  # q8_0 with a head_dim that is no multiple of 32
+            pass
+    info["kv_cache"] = {
+        "default_cpu": kv_types.choose_kv_type(None, model_dtype=torch.float32, quantized_weights=quantized),
+        "bytes_per_position": per_position,
     }
     try:
         tok = Tokenizer.from_source(ckpt.tokenizer_source, tokenizer_path, hint="--tokenizer_path")
@@ -63,4 +80,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"tensors:     {', '.join(f'{k} x{v}' for k, v in info['tensor_types'].items())}")
     print(f"tokenizer:   {info['tokenizer']}")
     print(f"chat format: {info.get('chat_format', '-')}")
+    kv = info["kv_cache"]
+    sizes = ", ".join(f"{t} {n / 1000:.1f} KB" for t, n in kv["bytes_per_position"].items())
+    print(f"kv cache:    {kv['default_cpu']} by default on the CPU (--kv-type); per position {sizes}")
     return 0

@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     # to it, no KV cache is allocated yet), and the slots get what the budget holds of it, below.
     llama = build_from_flags(args)
     args_ = llama.model.args
-    per_position = kv_bytes_per_token(args_, llama.model.norm.weight.dtype)
+    per_position = kv_bytes_per_token(args_, llama.kv_type)
     if budget is not None:
         said = "--kv-memory"
     elif args.max_seq_len is None:

@@ -111,14 +111,13 @@ class Runner:
         return self.model.args.vocab_size
 
     def new_cache(self, n_slots: int, max_seq_len: int) -> KVCache:
-        """A zeroed slot cache of n_slots sequences of max_seq_len positions, in the model's dtype."""
-        return KVCache.for_model(self.model.args, n_slots, max_seq_len, dtype=self.model.norm.weight.dtype,
-                                 device=self.device)
+        """A zeroed slot cache of n_slots sequences of max_seq_len positions, in the decode step's KV element type."""
+        return self.decode_step.new_cache(n_slots, max_seq_len)
 
     def new_pool(self, n_blocks: int, max_seq_len: int, block_size: int) -> KVCache:
-        """A zeroed pool of n_blocks blocks of block_size positions for sequences of up to max_seq_len."""
-        return KVCache.pool(self.model.args, n_blocks, max_seq_len, dtype=self.model.norm.weight.dtype,
-                            device=self.device, block_size=block_size)
+        """A zeroed pool of n_blocks blocks of block_size positions for sequences of up to max_seq_len, in the
+        decode step's KV element type."""
+        return self.decode_step.new_pool(n_blocks, max_seq_len, block_size)
 
     def prefill(self, cache: KVCache, chunks: Sequence[PrefillChunk]) -> list[torch.Tensor]:
         """Write the chunks of several sequences in one forward; per chunk logits (T, V), or (1, V) of its last.

@@ -32,7 +32,7 @@ from typing import Callable, Optional, Protocol, Sequence
 import torch
 
 from llamaforge.errors import GenerationError
-from llamaforge.model import KVCache, StepInput
+from llamaforge.model import StepInput
 from llamaforge.runtime import DecodeStep
 
 __all__ = [
@@ -64,7 +64,7 @@ class Steps:
 
 
 def model_steps(model: torch.nn.Module, max_seq_len: int, decode_step: Optional[DecodeStep] = None) -> Steps:
-    """`Steps` of a llamaforge Transformer over a fresh one-slot float32 KV cache of `max_seq_len`.
+    """`Steps` of a llamaforge Transformer over a fresh one-slot KV cache of `max_seq_len` (the decode step's kv_type).
 
     verify passes the rows as a batch of one-token rows, all in slot 0 at their own positions, to the
     decode step (`decode_step`, default the fused C++ step on the CPU, as `Llama.decode_step` is): it
@@ -75,8 +75,8 @@ def model_steps(model: torch.nn.Module, max_seq_len: int, decode_step: Optional[
     if max_seq_len > model.args.max_seq_len:
         raise GenerationError(f"max_seq_len {max_seq_len} exceeds the model's {model.args.max_seq_len}")
     device = model.norm.weight.device
-    cache = KVCache.for_model(model.args, 1, max_seq_len, dtype=torch.float32, device=device)
     decode = decode_step if decode_step is not None else DecodeStep(model, fused=device.type == "cpu")
+    cache = decode.new_cache(1, max_seq_len)  # in the decode step's KV element type
 
     def prefill(tokens: Sequence[int]) -> torch.Tensor:
         x = torch.tensor([list(tokens)], dtype=torch.long, device=device)  # (1, T)

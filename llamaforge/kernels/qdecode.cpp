@@ -8,7 +8,8 @@
 // cost more than the matmuls. Keys and values are read where they lie in the cache's blocks, through
 // each row's block table (no gather; where a position's row lives is `kv_row`'s alone). Each
 // row is computed on its own, so a row's result does not depend on the other rows of the batch. Rows
-// with a LoRA adapter get its deltas after each projection it adapts (lora_add, qlora.h).
+// with a LoRA adapter get its deltas after each projection it adapts (lora_add, qlora.h). The cache's
+// element type (float32, float16, bfloat16 or q8_0 blocks: qkv.h) is its tensors' dtype; rows are stored in it.
 
 #include "qdecode.h"
 
@@ -55,10 +56,10 @@ void rope(float* x, int64_t n_heads, int64_t head_dim, const float* cos, const f
   }
 }
 
-// Offset of the cached row of position `pos`, KV head g, in one layer's blocks (n_blocks, Hkv, bs, hd) of a
-// sequence whose block table is `table` (model/kv_cache.py's `locate`).
-inline int64_t kv_row(const int64_t* table, int64_t pos, int64_t g, int64_t Hkv, int64_t bs, int64_t hd) {
-  return ((table[pos / bs] * Hkv + g) * bs + pos % bs) * hd;
+// Byte offset of the cached row of position `pos`, KV head g, in one layer's blocks (n_blocks, Hkv, bs, rows of
+// rb bytes) of a sequence whose block table is `table` (model/kv_cache.py's `locate`).
+inline int64_t kv_row(const int64_t* table, int64_t pos, int64_t g, int64_t Hkv, int64_t bs, int64_t rb) {
+  return ((table[pos / bs] * Hkv + g) * bs + pos % bs) * rb;
 }
 
 bool any_quantized(const QWeight* const* ws, int n) {
@@ -90,6 +91,64 @@ void Decoder::check_adapters(const std::vector<std::shared_ptr<LoraAdapter>>& ad
       }
     }
   }
+}
+
+KvType kv_type_of(const at::Tensor& cache, int64_t hd) {
+  const int64_t row = cache.dim() > 0 ? cache.size(cache.dim() - 1) : -1;
+  switch (cache.scalar_type()) {
+    case at::kFloat: TORCH_CHECK(row == hd, "kv: float32 rows hold head_dim = ", hd, " values, got ", row); return KvType::F32;
+    case at::kHalf: TORCH_CHECK(row == hd, "kv: float16 rows hold head_dim = ", hd, " values, got ", row); return KvType::F16;
+    case at::kBFloat16:
+      TORCH_CHECK(row == hd, "kv: bfloat16 rows hold head_dim = ", hd, " values, got ", row);
+      return KvType::BF16;
+    case at::kByte:
+      TORCH_CHECK(hd % KV_Q8_BLOCK == 0 && row == kv_row_bytes(KvType::Q8_0, hd), "kv: q8_0 rows of head_dim ", hd,
+                  " (a multiple of 32) are ", kv_row_bytes(KvType::Q8_0, hd), " bytes, got ", row);
+      return KvType::Q8_0;
+    default: TORCH_CHECK(false, "kv: the cache must be float32, float16, bfloat16 or uint8 (q8_0), got ", cache.scalar_type());
+  }
+  return KvType::F32;
+}
+
+at::Tensor kv_store(const at::Tensor& x_in, const at::Tensor& like) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 2, "kv_store: x must be float32 (rows, head_dim)");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t n = x.size(0), hd = x.size(1);
+  const int64_t row = like.scalar_type() == at::kByte ? kv_row_bytes(KvType::Q8_0, hd) : hd;
+  at::Tensor out = at::empty({n, row}, like.options());
+  const KvType t = kv_type_of(out, hd);
+  const int64_t rb = kv_row_bytes(t, hd);
+  for (int64_t i = 0; i < n; ++i)
+    kv_store_row(t, x.data_ptr<float>() + i * hd, hd, static_cast<uint8_t*>(out.data_ptr()) + i * rb);
+  return out;
+}
+
+at::Tensor kv_attend(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in) {
+  TORCH_CHECK(q_in.scalar_type() == at::kFloat && q_in.dim() == 2 && k_in.dim() == 2 && k_in.sizes() == v_in.sizes() &&
+                  k_in.scalar_type() == v_in.scalar_type() && k_in.size(0) >= 1,
+              "kv_attend: q float32 (G, head_dim); k, v (n >= 1, row) of one cache type");
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const int64_t G = q.size(0), hd = q.size(1);
+  const KvType t = kv_type_of(k, hd);
+  at::Tensor out = at::empty({G, hd}, q.options());
+  const int64_t rb = kv_row_bytes(t, hd);
+  const KVBlocks kb{static_cast<const uint8_t*>(k.data_ptr()), nullptr, 0, 0, rb};  // contiguous rows
+  const KVBlocks vb{static_cast<const uint8_t*>(v.data_ptr()), nullptr, 0, 0, rb};
+  attend(t, q.data_ptr<float>(), kb, vb, k.size(0), hd, static_cast<float>(std::sqrt(static_cast<double>(hd))), out.data_ptr<float>(), G);
+  return out;
+}
+
+at::Tensor kv_scores(const at::Tensor& q_in, const at::Tensor& k_in) {
+  TORCH_CHECK(q_in.scalar_type() == at::kFloat && q_in.dim() == 2 && k_in.dim() == 2 && k_in.size(0) >= 1,
+              "kv_scores: q float32 (G, head_dim); k (n >= 1, row)");
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous();
+  const int64_t G = q.size(0), hd = q.size(1), n = k.size(0);
+  const KvType t = kv_type_of(k, hd);
+  at::Tensor out = at::empty({G, n}, q.options());
+  const KVBlocks kb{static_cast<const uint8_t*>(k.data_ptr()), nullptr, 0, 0, kv_row_bytes(t, hd)};
+  attention_scores(t, q.data_ptr<float>(), kb, n, hd,
+                   static_cast<float>(std::sqrt(static_cast<double>(hd))), out.data_ptr<float>(), G);
+  return out;
 }
 
 Decoder::Decoder(std::vector<DecoderLayer> layers, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
@@ -142,12 +201,11 @@ at::Tensor Decoder::step(const at::Tensor& x_in, const at::Tensor& pos_in, const
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 3 && x_in.size(1) == 1 && x_in.size(2) == dim,
               "decoder: x must be float32 (B, 1, ", dim, "), got ", x_in.sizes());
   const int64_t B = x_in.size(0);
-  TORCH_CHECK(kc.scalar_type() == at::kFloat && vc.scalar_type() == at::kFloat && kc.is_contiguous() &&
-                  vc.is_contiguous() && kc.dim() == 5 && kc.sizes() == vc.sizes() && kc.size(0) == n_layers &&
-                  kc.size(2) == Hkv && kc.size(4) == hd,
-              "decoder: the KV cache must be contiguous float32 (", n_layers, ", blocks, ", Hkv, ", block size, ", hd,
-              ")");
-  const int64_t NB = kc.size(1), BS = kc.size(3);
+  const KvType kvt = kv_type_of(kc, hd);
+  TORCH_CHECK(kc.scalar_type() == vc.scalar_type() && kc.is_contiguous() && vc.is_contiguous() && kc.dim() == 5 &&
+                  kc.sizes() == vc.sizes() && kc.size(0) == n_layers && kc.size(2) == Hkv,
+              "decoder: the KV cache must be two contiguous tensors (", n_layers, ", blocks, ", Hkv, ", block size, row)");
+  const int64_t NB = kc.size(1), BS = kc.size(3), rb = kv_row_bytes(kvt, hd);
   const at::Tensor pos_t = pos_in.to(at::kLong).contiguous(), blocks_t = blocks_in.to(at::kLong).contiguous();
   TORCH_CHECK(pos_t.numel() == B && blocks_t.dim() == 2 && blocks_t.size(0) == B,
               "decoder: pos (B,) and blocks (B, W) need one row per token");
@@ -183,8 +241,8 @@ at::Tensor Decoder::step(const at::Tensor& x_in, const at::Tensor& pos_in, const
 
   for (int64_t l = 0; l < n_layers; ++l) {
     const DecoderLayer& ly = layers_[l];
-    float* kl = kc.data_ptr<float>() + l * NB * Hkv * BS * hd;
-    float* vl = vc.data_ptr<float>() + l * NB * Hkv * BS * hd;
+    uint8_t* kl = static_cast<uint8_t*>(kc.data_ptr()) + l * NB * Hkv * BS * rb;  // rows of rb bytes (qkv.h)
+    uint8_t* vl = static_cast<uint8_t*>(vc.data_ptr()) + l * NB * Hkv * BS * rb;
 
     // Attention: projections from one quantization of the normed input.
     rms_norm(x, ly.attention_norm.data_ptr<float>(), B, dim, eps_, xn.data());
@@ -203,9 +261,9 @@ at::Tensor Decoder::step(const at::Tensor& x_in, const at::Tensor& pos_in, const
       rope(q.data() + b * H * hd, H, hd, cos + pos[b] * half, sin + pos[b] * half);
       rope(k.data() + b * Hkv * hd, Hkv, hd, cos + pos[b] * half, sin + pos[b] * half);
       for (int64_t g = 0; g < Hkv; ++g) {
-        const int64_t at = kv_row(blocks + b * W, pos[b], g, Hkv, BS, hd);
-        std::copy_n(k.data() + (b * Hkv + g) * hd, hd, kl + at);
-        std::copy_n(v.data() + (b * Hkv + g) * hd, hd, vl + at);
+        const int64_t at = kv_row(blocks + b * W, pos[b], g, Hkv, BS, rb);
+        kv_store_row(kvt, k.data() + (b * Hkv + g) * hd, hd, kl + at);
+        kv_store_row(kvt, v.data() + (b * Hkv + g) * hd, hd, vl + at);
       }
     }
     // One task per (row, KV head): its H / Hkv query heads attend together (qattn.h), reading K and V once.
@@ -216,10 +274,10 @@ at::Tensor Decoder::step(const at::Tensor& x_in, const at::Tensor& pos_in, const
     at::parallel_for(0, B * Hkv, grain, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / Hkv, g = t % Hkv;
-        // kv_row(table, pos) = table[pos / BS] * (Hkv * BS * hd) + g * BS * hd + (pos % BS) * hd, as KVBlocks reads it
-        const KVBlocks kb{kl + g * BS * hd, blocks + b * W, Hkv * BS * hd, BS};
-        const KVBlocks vb{vl + g * BS * hd, blocks + b * W, Hkv * BS * hd, BS};
-        attend(q.data() + (b * H + g * G) * hd, kb, vb, std::min(pos[b] + 1, kv_len), hd, scale,
+        // kv_row(table, pos) = table[pos / BS] * (Hkv * BS * rb) + g * BS * rb + (pos % BS) * rb, as KVBlocks reads it
+        const KVBlocks kb{kl + g * BS * rb, blocks + b * W, Hkv * BS * rb, BS, rb};
+        const KVBlocks vb{vl + g * BS * rb, blocks + b * W, Hkv * BS * rb, BS, rb};
+        attend(kvt, q.data() + (b * H + g * G) * hd, kb, vb, std::min(pos[b] + 1, kv_len), hd, scale,
                attn.data() + (b * H + g * G) * hd, G);
       }
     });

@@ -6,10 +6,21 @@
 
 #include <vector>
 
+#include "qkv.h"
 #include "qlora.h"
 #include "qops.h"
 
 namespace lfq {
+
+// The element type of a KV cache tensor (..., row): float32 / float16 / bfloat16 rows of hd values, or uint8 rows of
+// q8_0 blocks (qkv.h); an error for anything else.
+KvType kv_type_of(const at::Tensor& cache, int64_t hd);
+// Rows x float32 (n, hd) stored as a cache of like's dtype would store them: (n, row) (tests, kv_types.encode's twin).
+at::Tensor kv_store(const at::Tensor& x, const at::Tensor& like);
+// The fused step's attention of G queries q float32 (G, hd) over one KV head's rows k, v (n, row): float32 (G, hd).
+at::Tensor kv_attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
+// Its scores q k^T / sqrt(hd): float32 (G, n).
+at::Tensor kv_scores(const at::Tensor& q, const at::Tensor& k);
 
 struct DecoderLayer {
   at::Tensor attention_norm, ffn_norm;  // float32 (dim,)
@@ -25,11 +36,11 @@ class Decoder {
           at::Tensor cos, at::Tensor sin, at::Tensor norm, QWeight output);
 
   // x: float32 (B, 1, dim) token embeddings; pos: int64 (B,); blocks: int64 (B, W), each row's block table;
-  // k_cache, v_cache: float32 (n_layers, n_blocks, n_kv_heads, block_size, head_dim) (model/kv_cache.py).
-  // Writes each row's keys and values at its position (in block blocks[b][pos / block_size]) and attends
-  // over its positions [0, min(pos + 1, kv_len)). Returns the logits (B, 1, vocab) in float32.
-  // adapters, row_adapter: LoRA adapters (qlora.h) and, per row, the index of its adapter or -1
-  // (int64 (B,); undefined: no row has one).
+  // k_cache, v_cache: (n_layers, n_blocks, n_kv_heads, block_size, row) (model/kv_cache.py), rows of one KV
+  // element type (kv_type_of). Writes each row's keys and values at its position (in block
+  // blocks[b][pos / block_size]) and attends over its positions [0, min(pos + 1, kv_len)). Returns the logits
+  // (B, 1, vocab) in float32. adapters, row_adapter: LoRA adapters (qlora.h) and, per row, the index of its
+  // adapter or -1 (int64 (B,); undefined: no row has one).
   at::Tensor step(const at::Tensor& x, const at::Tensor& pos, const at::Tensor& blocks, at::Tensor& k_cache,
                   at::Tensor& v_cache, int64_t kv_len, const std::vector<std::shared_ptr<LoraAdapter>>& adapters = {},
                   const at::Tensor& row_adapter = at::Tensor()) const;

@@ -339,6 +339,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "whether the AVX-512 VNNI tiles are used; `on` switches them off (or back on where supported)",
       py::arg("on") = py::none());
 
+  m.def("kv_store", &kv_store, "rows (n, head_dim) as a KV cache of like's dtype stores them (qkv.h)", py::arg("x"),
+        py::arg("like"), release());
+  m.def("kv_attend", &kv_attend, "the fused step's attention of one KV head's queries (qattn.h)", py::arg("q"),
+        py::arg("k"), py::arg("v"), release());
+  m.def("kv_scores", &kv_scores, "its scores q k^T / sqrt(head_dim)", py::arg("q"), py::arg("k"), release());
   // The fused decode step (qdecode.h). A weight is (tensor, qt, N, K, layout, bias or None): GGUF bytes,
   // or a float (N, K) tensor with qt 0 (F32), 1 (F16), 30 (BF16); a layer is
   // (attention_norm, ffn_norm, [wq, wk, wv, wo, w1, w2, w3], q_norm or None, k_norm or None).

@@ -15,7 +15,9 @@ Two ways to make one:
   (`StepInput.blocks`). The engine's.
 
 Where a position's row lives is decided in one place, `locate` (the C++ step mirrors it in qdecode.cpp's
-`kv_row`). Generation creates the cache and passes it to `Transformer.forward`; the model never allocates one.
+`kv_row`). Generation creates the cache and passes it to `Transformer.forward`; the model never allocates one. Rows are stored in the cache's element
+type (`model/kv_types.py`: float32, float16, bfloat16 or q8_0 blocks); `update` converts on store and
+returns values in the dtype of the keys it was given.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 
 from llamaforge.errors import ConfigError
+from llamaforge.model import kv_types
 from llamaforge.model.step import StepInput
 
 BLOCK_SIZE = 64  # positions per block by default: the engine's prefill chunk and the C++ attention tile
@@ -50,7 +53,11 @@ def blocks_for(n_positions: int, block_size: int = BLOCK_SIZE) -> int:
 
 
 class KVCache(nn.Module):
-    """Keys and values of shape (n_layers, n_blocks, n_kv_heads, block_size, head_dim)."""
+    """Keys and values of shape (n_layers, n_blocks, n_kv_heads, block_size, row), one row per position of a
+    KV head in `kv_type` (`kv_types.row_size`: head_dim values, or head_dim / 32 q8_0 blocks of 34 bytes).
+
+    `dtype` is the float dtype of a cache made without a `kv_type` (the model's); `kv_type` wins when given.
+    """
 
     def __init__(
         self,
@@ -60,10 +67,11 @@ class KVCache(nn.Module):
         n_kv_heads: int,
         head_dim: int,
         *,
-        dtype: torch.dtype,
+        dtype: torch.dtype = torch.float32,
         device: torch.device,
         block_size: int = BLOCK_SIZE,
         n_blocks: Optional[int] = None,
+        kv_type: Optional[str] = None,
     ):
         """A slot cache of n_slots sequences of max_seq_len positions; with `n_blocks` (and n_slots 0) a pool
         of that many blocks whose sequences are at most max_seq_len long (`KVCache.pool`)."""
@@ -79,30 +87,34 @@ class KVCache(nn.Module):
         self.block_size = block_size
         self._max_seq_len = max_seq_len
         self.slot_tables: Optional[torch.Tensor] = tables  # (n_slots, width): slot s owns these blocks
-        shape = (n_layers, n_blocks, n_kv_heads, block_size, head_dim)
+        self.kv_type = kv_types.check_kv_type(kv_type) or kv_types.check_kv_type(dtype, name="dtype")
+        self.head_dim = head_dim
+        shape = (n_layers, n_blocks, n_kv_heads, block_size, kv_types.row_size(self.kv_type, head_dim))
+        storage = kv_types.storage_dtype(self.kv_type)
         # Zeros, not empty: positions past a sequence's end are masked, but 0 * NaN would still be NaN.
-        self.register_buffer("k", _lazy_zeros(shape, dtype, device), persistent=False)
-        self.register_buffer("v", _lazy_zeros(shape, dtype, device), persistent=False)
+        self.register_buffer("k", _lazy_zeros(shape, storage, device), persistent=False)
+        self.register_buffer("v", _lazy_zeros(shape, storage, device), persistent=False)
 
     @classmethod
-    def for_model(cls, args, n_slots: int, max_seq_len: int, *, dtype, device,
-                  block_size: int = BLOCK_SIZE) -> "KVCache":
+    def for_model(cls, args, n_slots: int, max_seq_len: int, *, dtype=torch.float32, device,
+                  block_size: int = BLOCK_SIZE, kv_type: Optional[str] = None) -> "KVCache":
         """A slot cache for the model `args` describes."""
         return cls(args.n_layers, n_slots, max_seq_len, args.n_kv_heads, args.head_dim, dtype=dtype, device=device,
-                   block_size=block_size)
+                   block_size=block_size, kv_type=kv_type)
 
     @classmethod
-    def pool(cls, args, n_blocks: int, max_seq_len: int, *, dtype, device, block_size: int = BLOCK_SIZE) -> "KVCache":
+    def pool(cls, args, n_blocks: int, max_seq_len: int, *, dtype=torch.float32, device,
+             block_size: int = BLOCK_SIZE, kv_type: Optional[str] = None) -> "KVCache":
         """A pool of n_blocks blocks for the model `args` describes; steps pass block tables."""
         if n_blocks < 1:
             raise ConfigError(f"a KV block pool needs at least one block, got {n_blocks}")
         return cls(args.n_layers, 0, max_seq_len, args.n_kv_heads, args.head_dim, dtype=dtype, device=device,
-                   block_size=block_size, n_blocks=n_blocks)
+                   block_size=block_size, n_blocks=n_blocks, kv_type=kv_type)
 
     @staticmethod
-    def bytes_per_block(args, dtype: torch.dtype, block_size: int = BLOCK_SIZE) -> int:
-        """Bytes of keys and values one block takes over all layers."""
-        return 2 * args.n_layers * args.n_kv_heads * block_size * args.head_dim * torch.empty((), dtype=dtype).element_size()
+    def bytes_per_block(args, kv_type: str, block_size: int = BLOCK_SIZE) -> int:
+        """Bytes of keys and values one block takes over all layers, rows in `kv_type` (model/kv_types.py)."""
+        return 2 * args.n_layers * args.n_kv_heads * block_size * kv_types.row_bytes(kv_type, args.head_dim)
 
     @property
     def n_slots(self) -> int:
@@ -135,25 +147,30 @@ class KVCache(nn.Module):
         """Write k, v (B, Hkv, T, hd) at the step's positions (B, T); return this batch's keys and values.
 
         Rows write and read through their block tables (`block_tables`). The returned tensors cover
-        positions [0, step.kv_len) (max_seq_len when None), gathered from the blocks: (B, Hkv, kv_len, hd).
+        positions [0, step.kv_len) (max_seq_len when None), gathered from the blocks: (B, Hkv, kv_len, hd), in
+        k's dtype (decoded from the cache's element type: what was stored, not what was given).
         """
         bsz, n_kv = k.shape[0], k.shape[1]
         kv_len = step.kv_len or self.max_seq_len
         tables = self.block_tables(step, bsz)
-        k_layer, v_layer = self.k[layer], self.v[layer]  # (n_blocks, Hkv, block_size, hd)
+        k_layer, v_layer = self.k[layer], self.v[layer]  # (n_blocks, Hkv, block_size, row)
         block, offset = self.locate(tables, step.positions)  # (B, T) each
-        # Advanced indices on dims 0 and 2 put (B, T) first: the target is (B, T, Hkv, hd).
-        k_layer[block, :, offset] = k.transpose(1, 2).to(k_layer.dtype)
-        v_layer[block, :, offset] = v.transpose(1, 2).to(v_layer.dtype)
+        # Advanced indices on dims 0 and 2 put (B, T) first: the target is (B, T, Hkv, row).
+        k_layer[block, :, offset] = kv_types.encode(k.transpose(1, 2), self.kv_type)
+        v_layer[block, :, offset] = kv_types.encode(v.transpose(1, 2), self.kv_type)
         n = blocks_for(kv_len, self.block_size)
         if n > tables.shape[1]:
             raise ConfigError(f"kv_len {kv_len} needs {n} blocks per row, but the block tables have {tables.shape[1]}")
-        # One gather: index (B, Hkv, n) of (block, head) pairs -> (B, Hkv, n, block_size, hd), contiguous.
+        # One gather: index (B, Hkv, n) of (block, head) pairs -> (B, Hkv, n, block_size, row), contiguous.
         rows = tables[:, None, :n]
         heads = torch.arange(n_kv, device=tables.device)[None, :, None]
-        keys = k_layer[rows, heads].view(bsz, n_kv, n * self.block_size, -1)[:, :, :kv_len]  # (B, Hkv, kv_len, hd)
+        keys = k_layer[rows, heads].view(bsz, n_kv, n * self.block_size, -1)[:, :, :kv_len]  # (B, Hkv, kv_len, row)
         values = v_layer[rows, heads].view(bsz, n_kv, n * self.block_size, -1)[:, :, :kv_len]
-        return keys, values
+        return kv_types.decode(keys, self.kv_type, k.dtype), kv_types.decode(values, self.kv_type, v.dtype)
+
+    def round_query(self, q: torch.Tensor) -> torch.Tensor:
+        """q (..., hd) as attention over this cache's keys uses it (through q8_0 for a q8_0 cache, see kv_types)."""
+        return kv_types.round_query(q, self.kv_type)
 
     def copy_block(self, src: int, dst: int, length: Optional[int] = None) -> None:
         """Copy positions [0, length) (the whole block when None) of block src into block dst."""

@@ -127,7 +127,8 @@ class Attention(nn.Module):
         q = xq.transpose(1, 2)  # (B, H, T, hd)
         k, v = xk.transpose(1, 2), xv.transpose(1, 2)  # (B, Hkv, T, hd)
         if cache is not None:
-            k, v = cache.update(self.layer_id, step, k, v)  # (B, Hkv, L, hd)
+            k, v = cache.update(self.layer_id, step, k, v)  # (B, Hkv, L, hd), as the cache stores them
+            q = cache.round_query(q)  # through q8_0 for a q8_0 cache's keys, as llama.cpp; else q itself
         # Query head h reads kv head h // (H / Hkv), as Meta's repeat_kv, without copying the cache.
         # No mask means: causal from position 0 (T > 1), or one query that sees every key (T == 1).
         if seqlen == 1:

@@ -19,14 +19,14 @@ import torch
 
 from llamaforge.kernels import get_extension
 from llamaforge.model import KVCache, ModelArgs, StepInput, Transformer, build_model, check_weights, empty_model
-from llamaforge.model import load_weights
+from llamaforge.model import kv_types, load_weights
 from llamaforge.quantize import quantize_model, quantize_model_weights
 from llamaforge.runtime import x8_cache
 from llamaforge.runtime.adapters import AdapterTable
 from llamaforge.runtime.compiled import CompiledDecode
 from llamaforge.runtime.fused import FusedDecode
 
-__all__ = ["AdapterTable", "CompiledDecode", "DecodeStep", "FusedDecode", "build", "prepare"]
+__all__ = ["AdapterTable", "CompiledDecode", "DecodeStep", "FusedDecode", "block_quantized", "build", "prepare"]
 
 
 class DecodeStep:
@@ -35,17 +35,33 @@ class DecodeStep:
     tokens (B, 1); step: their `StepInput` (positions (B, 1), slots, kv_len, mask); cache: the KV cache.
     With `fused`, the C++ step runs where it computes what the modules would (served LoRA adapters
     included: runtime/fused.py), and steps aside (the modules run) for other swapped modules, hooks (tensor
-    parallel adds some), autograd, activations or a cache that are not float32, and non-CPU tensors. With
+    parallel adds some), autograd, activations or a cache of another element type, and non-CPU tensors. With
     `compiled` (`Llama.build(compile=True)`), the modules through torch.compile (runtime/compiled.py: CUDA
     graphs on CUDA). Else, always the modules.
+    `kv_type`: the element type of the caches made for this step (`new_cache`, `new_pool`; model/kv_types.py),
+    None for the model's dtype.
     """
 
-    def __init__(self, model: Transformer, *, fused: bool = False, compiled: bool = False) -> None:
+    def __init__(self, model: Transformer, *, fused: bool = False, compiled: bool = False,
+                 kv_type: Optional[str] = None) -> None:
         self.model = model
         self.fused: Optional[FusedDecode] = (
             FusedDecode() if fused and not compiled and get_extension() is not None else None)
         self.compiled: Optional[CompiledDecode] = CompiledDecode(model) if compiled else None
         self.ran_fused = False  # whether the last call ran the fused C++ step (else the modules)
+        self.kv_type = kv_types.choose_kv_type(kv_type, model_dtype=model.norm.weight.dtype, quantized_weights=False)
+
+    def new_cache(self, n_slots: int, max_seq_len: int) -> KVCache:
+        """A zeroed slot cache of n_slots sequences of max_seq_len positions in this step's `kv_type`."""
+        weight = self.model.norm.weight
+        return KVCache.for_model(self.model.args, n_slots, max_seq_len, dtype=weight.dtype, device=weight.device,
+                                 kv_type=self.kv_type)
+
+    def new_pool(self, n_blocks: int, max_seq_len: int, block_size: int) -> KVCache:
+        """A zeroed pool of n_blocks blocks of block_size positions in this step's `kv_type`."""
+        weight = self.model.norm.weight
+        return KVCache.pool(self.model.args, n_blocks, max_seq_len, dtype=weight.dtype, device=weight.device,
+                            block_size=block_size, kv_type=self.kv_type)
 
     def __call__(self, tokens: torch.Tensor, step: StepInput, cache: KVCache) -> torch.Tensor:
         if self.fused is not None:
@@ -61,7 +77,14 @@ class DecodeStep:
         return self.model(tokens, step, cache, last_only=True)
 
     def __repr__(self) -> str:
-        return f"DecodeStep(fused={self.fused is not None}, compiled={self.compiled is not None})"
+        return f"DecodeStep(fused={self.fused is not None}, compiled={self.compiled is not None}, kv_type={self.kv_type!r})"
+
+
+def block_quantized(state_dict: Mapping[str, Any]) -> bool:
+    """Whether weights arrive as GGUF quantized blocks (Q4_0, Q8_0, K-quants, ...), not as floats or 16-bit GGUF
+    weights kept 16-bit: what decides the default KV type (`kv_types.choose_kv_type`)."""
+    return any(getattr(v, "qtype", "F32") not in ("F32", "F16", "BF16") for v in state_dict.values()
+               if not isinstance(v, torch.Tensor))
 
 
 def build(args: ModelArgs, state_dict: Mapping[str, Any], *, device: torch.device, dtype: torch.dtype,
@@ -95,6 +118,7 @@ def prepare(
     rank: int = 0,
     max_seq_len: Optional[int] = None,
     compile: bool = False,
+    kv_type: Optional[str] = None,
 ) -> tuple[Transformer, DecodeStep]:
     """The model ready for inference and the decode step to call on it.
 
@@ -107,6 +131,8 @@ def prepare(
         max_seq_len: the positions the rotary tables cover (default: the context `args` declares).
         compile: one-token steps through torch.compile (CUDA graphs on CUDA) instead of the fused C++ step
             or the plain modules.
+        kv_type: the KV cache's element type ("float32", "float16", "bfloat16", "q8_0"); None chooses
+            (`kv_types.choose_kv_type`: float16 where weights stay in GGUF quantized blocks, else the model's dtype).
 
     Returns:
         (model, decode): the model in eval mode, and its DecodeStep (fused on a one-process CPU model).
@@ -122,4 +148,6 @@ def prepare(
         model = build(args, state_dict, device=device, dtype=dtype, max_seq_len=max_seq_len)
     if quantize is not None:
         model = quantize_model_weights(model, quantize)
-    return model, DecodeStep(model, fused=device.type == "cpu" and world == 1, compiled=compile)
+    kv = kv_types.choose_kv_type(kv_type, model_dtype=dtype, quantized_weights=block_quantized(state_dict))
+    kv_types.row_size(kv, model.args.head_dim)  # q8_0 needs whole blocks: a clear error now, not at the first step
+    return model, DecodeStep(model, fused=device.type == "cpu" and world == 1, compiled=compile, kv_type=kv)

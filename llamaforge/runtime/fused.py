@@ -12,8 +12,9 @@ read from the KV cache in place.
 
 It applies only where it computes what the modules would: stock blocks whose projections are
 `QuantizedLinear` on the C++ kernels or float32 `nn.Linear`, no hooks (tensor parallel adds some),
-float32 activations and cache, CPU, no autograd. Anything else returns None and the DecodeStep runs the
-modules. The C++ decoder holds references to the weights and is rebuilt whenever a module or weight
+float32 activations, a cache of float32, float16, bfloat16 or q8_0 rows (stored and read in that type by
+the C++ step, as `KVCache.update` and `KVCache.round_query` do for the modules), CPU, no autograd.
+Anything else returns None and the DecodeStep runs the modules. The C++ decoder holds references to the weights and is rebuilt whenever a module or weight
 tensor of the model changes (LoRA surgery, `.to()`, new Parameters, `param.data = ...`): `Llama.model` is
 public, and a stale decoder would silently compute with old weights, so a ~0.1 ms check per step stays.
 A served adapter's `RowLoRA` (runtime/adapters.py) it runs as its base layer plus, for the rows of each
@@ -37,6 +38,8 @@ from llamaforge.quantize import QuantizedLinear
 from llamaforge.runtime.adapters import AdapterTable, RowLoRA
 
 _F32 = 0  # GGML type id of a plain float32 weight
+# The KV element types the C++ step stores and reads (model/kv_types.py): float rows, or uint8 q8_0 blocks.
+_CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.uint8)
 
 
 class FusedDecode:
@@ -69,7 +72,7 @@ class FusedDecode:
         if (
             torch.is_grad_enabled()
             or tokens.device.type != "cpu"
-            or cache.k.dtype != torch.float32
+            or cache.k.dtype not in _CACHE_DTYPES
             or nn.modules.module._global_forward_hooks
             or nn.modules.module._global_forward_pre_hooks
         ):

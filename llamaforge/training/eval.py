@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamaforge.errors import ConfigError
+from llamaforge.model import KVCache, kv_types
 
 
 @dataclass
@@ -66,6 +67,7 @@ def windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
 def perplexity(
     model: nn.Module, token_ids: Sequence[int], *, window: Optional[int] = None, stride: Optional[int] = None,
     batch_size: int = 1, device: Optional[torch.device] = None, progress: bool = False,
+    kv_type: Optional[str] = None,
 ) -> PerplexityResult:
     """Sliding-window perplexity of `model` (a Transformer) on `token_ids` (see the module docstring).
 
@@ -77,6 +79,10 @@ def perplexity(
         batch_size: windows per forward pass.
         device: where the model is (default: its first parameter's device).
         progress: show a progress bar.
+        kv_type: a KV cache element type ("float16", "q8_0", ...; `llamaforge.model.kv_types`): each window's
+            keys and values are stored in a cache of that type and attention reads them back from it, as in
+            generation, so the result includes what that type loses. None: the plain forward (a cache of the
+            model's own dtype stores the values unchanged and gives the same result).
 
     Raises:
         ConfigError: fewer than 2 tokens, or a window/stride out of range.
@@ -92,6 +98,7 @@ def perplexity(
     if len(token_ids) < 2:
         raise ConfigError(f"perplexity needs at least 2 tokens, got {len(token_ids)}")
     device = device or next(model.parameters()).device
+    kv_type = kv_types.check_kv_type(kv_type)
     ids = torch.tensor(list(token_ids), dtype=torch.long)
     spans = windows(len(ids), window, stride)
     was_training = model.training
@@ -110,7 +117,12 @@ def perplexity(
                 spans[i + len(group)][1] - spans[i + len(group)][0] == length:
             group.append(spans[i + len(group)])
         batch = torch.stack([ids[b:e] for b, e, _ in group]).to(device)  # (B, L)
-        logits = model(batch)  # (B, L, V) float32
+        if kv_type is None:
+            logits = model(batch)  # (B, L, V) float32
+        else:
+            cache = KVCache.for_model(model.args, len(group), length, dtype=model.norm.weight.dtype, device=device,
+                                      kv_type=kv_type)
+            logits = model(batch, 0, cache)
         for row, (b, e, first) in enumerate(group):
             pred = logits[row, first - b - 1:e - b - 1]  # logits at t-1 predict token t, for t in [first, e)
             target = batch[row, first - b:e - b]
