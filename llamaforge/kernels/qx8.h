@@ -26,6 +26,8 @@
 //         the 6-bit value minus 32 times the half's scale times d is w.
 #pragma once
 
+#include <cstdlib>
+
 #include "qcommon.h"
 
 namespace lfq {
@@ -202,8 +204,9 @@ inline __m256i bcast4(const int8_t* p) {
   return _mm256_set1_epi32(v);
 }
 
-// Whether this CPU (and OS) can run the AVX-512 VNNI tiles, and whether they are used (tests switch
-// them off to compare).
+// Whether this CPU (and OS) can run the AVX-512 VNNI tiles, and whether they are used: by default where
+// supported, unless LLAMAFORGE_X8_TILES=avx2 in the environment (the AVX2 tiles, as AVX2-only CPUs such as
+// Zen 3 run them; for tests and benchmarks on AVX-512 machines); use_vnni() switches at run time.
 inline bool vnni_supported() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
@@ -211,7 +214,10 @@ inline bool vnni_supported() {
 }
 
 inline bool& vnni_enabled() {
-  static bool on = vnni_supported();
+  static bool on = [] {
+    const char* env = std::getenv("LLAMAFORGE_X8_TILES");
+    return vnni_supported() && !(env != nullptr && std::strcmp(env, "avx2") == 0);
+  }();
   return on;
 }
 
