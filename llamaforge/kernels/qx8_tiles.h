@@ -15,12 +15,26 @@ namespace LFQ_TILE_NS {
 
 constexpr int MR_MAX = LFQ_TILE_VNNI ? 8 : 4;  // activation rows per tile (VNNI has 32 registers)
 
+// Q5_K: bit k of each byte of a fifth-bit plane vector moved to bit 4 (0x10), the rest cleared.
+inline __m256i fifth_bit(__m256i h, int k) {
+  const __m256i m = _mm256_set1_epi8(0x10);
+  switch (k) {
+    case 0: return _mm256_and_si256(_mm256_slli_epi16(h, 4), m);
+    case 1: return _mm256_and_si256(_mm256_slli_epi16(h, 3), m);
+    case 2: return _mm256_and_si256(_mm256_slli_epi16(h, 2), m);
+    case 3: return _mm256_and_si256(_mm256_slli_epi16(h, 1), m);
+    case 4: return _mm256_and_si256(h, m);
+    case 5: return _mm256_and_si256(_mm256_srli_epi16(h, 1), m);
+    case 6: return _mm256_and_si256(_mm256_srli_epi16(h, 2), m);
+    default: return _mm256_and_si256(_mm256_srli_epi16(h, 3), m);
+  }
+}
+
 // int32 lanes (one per weight row) += 32-column dot products of a nibble plane (+ the fifth bits at
 // q + X8_HI_OFF) with MR activation blocks xb[i].
 template <int MR, bool FIVE>
 inline void dot_u(const uint8_t* q, const int8_t* const* xb, __m256i* s32) {
   const __m256i lo4 = _mm256_set1_epi8(0x0F);
-  const __m256i one8 = _mm256_set1_epi8(1);
   __m256i h = _mm256_setzero_si256();
   if constexpr (FIVE) h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + X8_HI_OFF));
 #if !LFQ_TILE_VNNI
@@ -33,8 +47,8 @@ inline void dot_u(const uint8_t* q, const int8_t* const* xb, __m256i* s32) {
     __m256i lo = _mm256_and_si256(p, lo4);                              // W_j
     __m256i hi = _mm256_and_si256(_mm256_srli_epi16(p, 4), lo4);        // W_{j+4}
     if constexpr (FIVE) {
-      lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, j), one8), 4));
-      hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, j + 4), one8), 4));
+      lo = _mm256_or_si256(lo, fifth_bit(h, j));
+      hi = _mm256_or_si256(hi, fifth_bit(h, j + 4));
     }
     for (int i = 0; i < MR; ++i) {
 #if LFQ_TILE_VNNI
