@@ -72,7 +72,8 @@ def make_weights(ext, qtype: str, shape: str, raws: list[torch.Tensor]) -> list[
     info = kernels.qtype_info(qtype)
     out = []
     for raw, (n, k) in zip(raws, layer_shapes(shape) * (len(raws) // 7)):
-        if qtype in ("F16", "BF16"):
+        if qtype in ("F16", "BF16"):  # as kernels.repack: a copy in huge pages where the build has it
+            raw = ext.copy_streamed(raw) if hasattr(ext, "copy_streamed") else raw
             w = raw.view(torch.float16 if qtype == "F16" else torch.bfloat16).reshape(n, k)
             out.append((w, info.type_id, n, k, 0))
         elif ext.x8_supported(info.type_id):
