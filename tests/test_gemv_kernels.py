@@ -140,3 +140,20 @@ def test_avx2_tiles_forced_by_environment() -> None:
     env = dict(os.environ, LLAMAFORGE_X8_TILES="avx2")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "F16"])
+def test_streamed_weights_are_2mib_aligned_copies(qtype: str) -> None:
+    # repack puts weights of 2 MiB and more in 2 MiB-aligned memory marked for huge pages (x8 repack, or an
+    # F16/BF16 copy with the same bytes); whether the OS backs it with huge pages is its business.
+    n, k = 4096, 1024  # Q4_0: 2.4 MB, F16: 8.4 MB
+    raw = torch.from_numpy(exact_raw(qtype, n, k, seed=5)) if qtype != "F16" else \
+        torch.randint(0, 256, (n, 2 * k), dtype=torch.uint8)
+    packed, layout = kernels.repack(raw, qtype, n, k)
+    assert packed.data_ptr() % (2 << 20) == 0 and packed.data_ptr() != raw.data_ptr()
+    if qtype == "F16":
+        assert layout == "gguf" and torch.equal(packed, raw)
+    else:
+        assert layout == "x8" and torch.equal(kernels.to_gguf_layout(packed, qtype, n, k, layout), raw)
+    small = raw[:8].clone()
+    assert kernels.repack(small, qtype, 8, k)[0].data_ptr() % 64 == 0  # small ones: ordinary memory
