@@ -6,7 +6,7 @@ Run:  python benchmarks/decode_ab.py FILE.gguf [FILE.gguf ...] --trees /work/mai
 Each round runs, for every file, one process per tree (PYTHONPATH=tree, so that tree's kernels are
 built and used) and optionally one llama.cpp process, in turn, through benchmarks/compare_steps.py
 (`Llama.build(file)`, a prefill of `--prompt-len` tokens, then `--steps` one-token decode steps, each
-timed). The figure is the median over rounds of each process's median step, in process CPU
+timed). Load (wall seconds of the build) and peak RSS are printed too. The figure is the median over rounds of each process's median step, in process CPU
 milliseconds with one thread (robust to other jobs on a shared machine, which disturb it only through
 the memory bus and caches), with decode tok/s = 1000 / ms and GB/s = weight bytes per token / step.
 `--avx2` sets LLAMAFORGE_X8_TILES=avx2 for the llamaforge processes (the AVX2 tiles on an AVX-512 CPU,
@@ -42,7 +42,8 @@ def one(file: Path, engine: str, tree: Path | None, args: argparse.Namespace) ->
     if "error" in res:
         raise SystemExit(f"{engine} {tree or ''} on {file.name}: {res['error']}")
     cell = res["cells"][f"{args.prompt_len}x1"]
-    return {"ms": 1e3 / cell["decode_cpu_tok_s"], "bytes": res["bytes_per_token"]}
+    return {"ms": 1e3 / cell["decode_cpu_tok_s"], "bytes": res["bytes_per_token"], "load_s": res["load_s"],
+            "rss_mb": res["peak_rss_mb"]}
 
 
 def main() -> None:
@@ -70,8 +71,10 @@ def main() -> None:
         for name in runs:
             ms = statistics.median(r["ms"] for r in runs[name])
             gbs = runs[name][0]["bytes"] / ms / 1e6
+            load = statistics.median(r["load_s"] for r in runs[name])
             cells.append(f"{name}: {ms:.1f} ms = {1e3 / ms:.2f} tok/s, {gbs:.1f} GB/s "
-                         f"({min(r['ms'] for r in runs[name]):.1f}-{max(r['ms'] for r in runs[name]):.1f})")
+                         f"({min(r['ms'] for r in runs[name]):.1f}-{max(r['ms'] for r in runs[name]):.1f}); "
+                         f"load {load:.1f} s, peak RSS {max(r['rss_mb'] for r in runs[name]):.0f} MiB")
         print(f"{file.name}: " + " | ".join(cells), flush=True)
 
 
