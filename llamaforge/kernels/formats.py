@@ -142,22 +142,25 @@ def x8_to_gguf(raw: torch.Tensor, qtype: str, out_features: int, in_features: in
     d = sb[:, :, :16].reshape(groups, nsb, 8, 2).permute(0, 2, 1, 3)  # (G, row, nsb, 2 bytes)
     if qtype == "Q6_K":
         scales = sb[:, :, 16:144].reshape(groups, nsb, 16, 8).permute(0, 3, 1, 2)  # (G, row, nsb, half)
-        v = _x8_values(sb[:, :, 144:1168].reshape(groups, nsb, 8, 4, 8, 4))  # low 4 bits (G, nsb, sub, k, row, t)
-        hi = sb[:, :, 1168:].reshape(groups, nsb, 8, 2, 1, 8, 4)  # (G, nsb, sub, k // 4, 1, row, t)
-        shifts = torch.arange(0, 8, 2, device=raw.device, dtype=torch.uint8).reshape(4, 1, 1)
-        v = v | (((hi >> shifts) & 3).reshape(groups, nsb, 8, 8, 8, 4) << 4)  # bits 4-5 of value k
+        subs = sb[:, :, 144:].reshape(groups, nsb, 8, 192)  # per sub-block: nibble plane | two-bit plane
+        v = _x8_values(subs[..., :128].reshape(groups, nsb, 8, 4, 8, 4))  # low 4 bits (G, nsb, sub, k, row, t)
+        hi = subs[..., 128:].reshape(groups, nsb, 8, 2, 1, 8, 4)  # (G, nsb, sub, k // 4, 1, row, t)
+        at = torch.tensor([4, 6, 0, 2], device=raw.device, dtype=torch.uint8).reshape(4, 1, 1)  # bits of k % 4
+        v = v | (((hi >> at) & 3).reshape(groups, nsb, 8, 8, 8, 4) << 4)  # bits 4-5 of value k
         v = v.permute(0, 4, 1, 2, 3, 5).reshape(groups, 8, nsb, 2, 2, 2, 32)  # (G, row, nsb, h, s, c, col)
         # GGUF: ql[64h + 32c + e] = v[4h+c] low | v[4h+2+c] low << 4; qh[32h + e] = sum_s4 v[4h+s4] >> 4 << 2 s4
         ql = ((v[:, :, :, :, 0] & 0x0F) | ((v[:, :, :, :, 1] & 0x0F) << 4)).reshape(groups, 8, nsb, 128)
         v4 = v.reshape(groups, 8, nsb, 2, 4, 32)
-        qh = (((v4 >> 4) & 3) << shifts.reshape(4, 1)).sum(dim=-2, dtype=torch.uint8).reshape(groups, 8, nsb, 64)
+        shifts = torch.arange(0, 8, 2, device=raw.device, dtype=torch.uint8).reshape(4, 1)
+        qh = (((v4 >> 4) & 3) << shifts).sum(dim=-2, dtype=torch.uint8).reshape(groups, 8, nsb, 64)
         blocks = torch.cat([ql, qh, scales, d], dim=-1)
     elif qtype in ("Q4_K", "Q5_K"):
         dmin = sb[:, :, 16:32].reshape(groups, nsb, 8, 2).permute(0, 2, 1, 3)
         sc = sb[:, :, 32:96].reshape(groups, nsb, 8, 8).permute(0, 3, 1, 2)  # (G, row, nsb, sub)
         mn = sb[:, :, 96:160].reshape(groups, nsb, 8, 8).permute(0, 3, 1, 2)
-        planes = sb[:, :, 160:1184].reshape(groups, nsb, 8, 4, 8, 4)  # (G, nsb, sub, j, row, t)
-        fifth = sb[:, :, 1184:].reshape(groups, nsb, 8, 8, 4) if qtype == "Q5_K" else None
+        subs = sb[:, :, 160:].reshape(groups, nsb, 8, -1)  # per sub-block: nibble plane (| fifth-bit plane)
+        planes = subs[..., :128].reshape(groups, nsb, 8, 4, 8, 4)  # (G, nsb, sub, j, row, t)
+        fifth = subs[..., 128:].reshape(groups, nsb, 8, 8, 4) if qtype == "Q5_K" else None
         v = _x8_values(planes, fifth)  # (G, nsb, sub, k, row, t)
         v = v.permute(0, 4, 1, 2, 3, 5).reshape(groups, 8, nsb, 8, 32)  # (G, row, nsb, sub, column)
         pairs = v.reshape(groups, 8, nsb, 4, 2, 32)  # sub-blocks 2i and 2i+1 share bytes

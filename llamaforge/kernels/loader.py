@@ -10,6 +10,8 @@ environment), `get_extension()` returns None and callers use the pure-PyTorch pa
 Environment:
     LLAMAFORGE_KERNELS       "auto" (default: build/load the C++ kernels when the CPU can run them)
                              or "torch" (never build; always dequantize + F.linear).
+    LLAMAFORGE_X8_TILES      "avx2": the plain AVX2 x8 tiles even where the CPU has AVX-512 VNNI (what
+                             AVX2-only CPUs run; for tests and benchmarks), else the fastest this CPU has.
     LLAMAFORGE_KERNEL_CACHE  build/cache directory (default $XDG_CACHE_HOME/llamaforge/kernels,
                              i.e. ~/.cache/llamaforge/kernels).
 """

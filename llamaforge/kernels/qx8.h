@@ -11,17 +11,22 @@
 //   nibble plane (128 bytes):       byte 32(k % 4) + 4r + t holds W_k(r, t) & 15 in its low nibble
 //                                   for k < 4, in its high nibble for k >= 4
 //   fifth-bit plane (Q5_K, 32 bytes): bit k of byte 4r + t = bit 4 of W_k(r, t)
-// Super-blocks:
+//   two-bit plane (Q6_K, 64 bytes):  bits 4-5 of W_k(r, t) in byte 32(k / 4) + 4r + t, at bits 4-5, 6-7,
+//                                   0-1, 2-3 for k % 4 = 0, 1, 2, 3 (so that one shift and one AND by 0x30
+//                                   put them in place: none, >> 2, << 4, << 2)
+// Super-blocks (a sub-block's planes are adjacent, so that a tile reads its super-block front to back:
+// with the planes apart, Q5_K/Q6_K streamed from DRAM at 40-50% of the rate of the same loop on adjacent ones):
 //   Q4_0: d[8] f16 | nibbles                                               (144 bytes)
 //   Q4_1: d[8] f16 | m[8] f16 | nibbles                                    (160 bytes)
 //   Q8_0: d[8] f16 | int8 plane                                            (272 bytes)
 //   Q4_K: d[8] f16 | dmin[8] f16 | sc[8 sub][8 rows] u8 | mn[8 sub][8 rows] u8 | 8 nibble planes
 //                                                                          (1184 bytes)
-//   Q5_K: as Q4_K, then 8 fifth-bit planes                                 (1440 bytes)
-//   Q6_K: d[8] f16 | sc[16 halves][8 rows] i8 | 8 nibble planes | 8 two-bit planes (1680 bytes)
-//         two-bit plane (64 bytes): bits 2(k % 4), 2(k % 4) + 1 of byte 32(k / 4) + 4r + t hold
-//         bits 4-5 of W_k(r, t); the 6-bit value minus 32 times the half's scale times d is w.
+//   Q5_K: as Q4_K, but each sub-block's nibble plane followed by its fifth-bit plane (1440 bytes)
+//   Q6_K: d[8] f16 | sc[16 halves][8 rows] i8 | 8 x (nibble plane | two-bit plane) (1680 bytes);
+//         the 6-bit value minus 32 times the half's scale times d is w.
 #pragma once
+
+#include <cstdlib>
 
 #include "qcommon.h"
 
@@ -46,12 +51,13 @@ inline X8Format x8_format(int64_t qt) {
 
 inline bool x8_supported(int64_t qt) { return x8_format(qt).cols > 0; }
 
-// Offsets inside a super-block of the quants of 32-column sub-block j, and of its fifth-bit plane.
-inline int64_t x8_qoff(int64_t qt, int64_t j) {
-  return qt == T_Q4_1 ? 32 : (qt == T_Q4_K || qt == T_Q5_K) ? 160 + 128 * j : qt == T_Q6_K ? 144 + 128 * j : 16;
+// Offset inside a super-block of the quants (nibble or int8 plane) of 32-column sub-block j; a Q5_K
+// fifth-bit or Q6_K two-bit plane follows its nibble plane at + X8_HI_OFF.
+constexpr int64_t x8_qoff(int64_t qt, int64_t j) {
+  return qt == T_Q4_1 ? 32 : qt == T_Q4_K ? 160 + 128 * j : qt == T_Q5_K ? 160 + 160 * j : qt == T_Q6_K ? 144 + 192 * j : 16;
 }
-constexpr int64_t X8_QH_OFF = 1184;       // Q5_K fifth-bit planes (32 bytes per sub-block)
-constexpr int64_t X8_Q6_HI_OFF = 1168;    // Q6_K two-bit planes (64 bytes per sub-block)
+constexpr int64_t X8_HI_OFF = 128;
+constexpr int X8_Q6_SHIFT[4] = {4, 6, 0, 2};  // bit position in the two-bit plane of value k, by k % 4
 
 // The integer values of one GGUF block (32 for Q4_0/Q4_1/Q8_0, 256 for the K-quants), in column order.
 inline void gguf_block_values(int64_t qt, const uint8_t* blk, uint8_t* v) {
@@ -116,10 +122,8 @@ void repack_x8_group_t(const uint8_t* raw, int64_t bpr, int64_t rows, int64_t K,
               q[32 * k + 4 * r + t] = val;
             } else {
               q[32 * (k & 3) + 4 * r + t] |= static_cast<uint8_t>(k < 4 ? (val & 0xF) : (val & 0xF) << 4);
-              if (qt == T_Q5_K) p[X8_QH_OFF + 32 * j + 4 * r + t] |= static_cast<uint8_t>(((val >> 4) & 1) << k);
-              if (q6)
-                p[X8_Q6_HI_OFF + 64 * j + 32 * (k / 4) + 4 * r + t] |=
-                    static_cast<uint8_t>(((val >> 4) & 3) << (2 * (k & 3)));
+              if (qt == T_Q5_K) q[X8_HI_OFF + 4 * r + t] |= static_cast<uint8_t>(((val >> 4) & 1) << k);
+              if (q6) q[X8_HI_OFF + 32 * (k / 4) + 4 * r + t] |= static_cast<uint8_t>(((val >> 4) & 3) << X8_Q6_SHIFT[k & 3]);
             }
           }
         }
@@ -152,9 +156,9 @@ void dequant_row_x8_t(const uint8_t* w, int64_t n, int64_t K, float* out) {
           }
           const uint8_t byte = q[32 * (k & 3) + 4 * r + t];
           int val = k < 4 ? (byte & 0xF) : (byte >> 4);
-          if (qt == T_Q5_K) val |= ((p[X8_QH_OFF + 32 * j + 4 * r + t] >> k) & 1) << 4;
+          if (qt == T_Q5_K) val |= ((q[X8_HI_OFF + 4 * r + t] >> k) & 1) << 4;
           if (q6) {
-            val |= ((p[X8_Q6_HI_OFF + 64 * j + 32 * (k / 4) + 4 * r + t] >> (2 * (k & 3))) & 3) << 4;
+            val |= ((q[X8_HI_OFF + 32 * (k / 4) + 4 * r + t] >> X8_Q6_SHIFT[k & 3]) & 3) << 4;
             const float dh = dd * static_cast<float>(static_cast<int8_t>(p[16 + 8 * (2 * j + k / 4) + r]));
             *o = dh * static_cast<float>(val - 32);
           } else if (qt == T_Q4_0)
@@ -200,8 +204,9 @@ inline __m256i bcast4(const int8_t* p) {
   return _mm256_set1_epi32(v);
 }
 
-// Whether this CPU (and OS) can run the AVX-512 VNNI tiles, and whether they are used (tests switch
-// them off to compare).
+// Whether this CPU (and OS) can run the AVX-512 VNNI tiles, and whether they are used: by default where
+// supported, unless LLAMAFORGE_X8_TILES=avx2 in the environment (the AVX2 tiles, as AVX2-only CPUs such as
+// Zen 3 run them; for tests and benchmarks on AVX-512 machines); use_vnni() switches at run time.
 inline bool vnni_supported() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
@@ -209,7 +214,10 @@ inline bool vnni_supported() {
 }
 
 inline bool& vnni_enabled() {
-  static bool on = vnni_supported();
+  static bool on = [] {
+    const char* env = std::getenv("LLAMAFORGE_X8_TILES");
+    return vnni_supported() && !(env != nullptr && std::strcmp(env, "avx2") == 0);
+  }();
   return on;
 }
 

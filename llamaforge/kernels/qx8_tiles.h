@@ -14,16 +14,29 @@ namespace lfq {
 namespace LFQ_TILE_NS {
 
 constexpr int MR_MAX = LFQ_TILE_VNNI ? 8 : 4;  // activation rows per tile (VNNI has 32 registers)
-constexpr int64_t PF_AHEAD = 2048;             // bytes of weights prefetched ahead of the super-block in use
 
-// int32 lanes (one per weight row) += 32-column dot products of a nibble plane (+ fifth bits) with
-// MR activation blocks xb[i].
+// Q5_K: bit k of each byte of a fifth-bit plane vector moved to bit 4 (0x10), the rest cleared.
+inline __m256i fifth_bit(__m256i h, int k) {
+  const __m256i m = _mm256_set1_epi8(0x10);
+  switch (k) {
+    case 0: return _mm256_and_si256(_mm256_slli_epi16(h, 4), m);
+    case 1: return _mm256_and_si256(_mm256_slli_epi16(h, 3), m);
+    case 2: return _mm256_and_si256(_mm256_slli_epi16(h, 2), m);
+    case 3: return _mm256_and_si256(_mm256_slli_epi16(h, 1), m);
+    case 4: return _mm256_and_si256(h, m);
+    case 5: return _mm256_and_si256(_mm256_srli_epi16(h, 1), m);
+    case 6: return _mm256_and_si256(_mm256_srli_epi16(h, 2), m);
+    default: return _mm256_and_si256(_mm256_srli_epi16(h, 3), m);
+  }
+}
+
+// int32 lanes (one per weight row) += 32-column dot products of a nibble plane (+ the fifth bits at
+// q + X8_HI_OFF) with MR activation blocks xb[i].
 template <int MR, bool FIVE>
-inline void dot_u(const uint8_t* q, const uint8_t* qh, const int8_t* const* xb, __m256i* s32) {
+inline void dot_u(const uint8_t* q, const int8_t* const* xb, __m256i* s32) {
   const __m256i lo4 = _mm256_set1_epi8(0x0F);
-  const __m256i one8 = _mm256_set1_epi8(1);
   __m256i h = _mm256_setzero_si256();
-  if constexpr (FIVE) h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh));
+  if constexpr (FIVE) h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + X8_HI_OFF));
 #if !LFQ_TILE_VNNI
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i s16[MR];
@@ -34,8 +47,8 @@ inline void dot_u(const uint8_t* q, const uint8_t* qh, const int8_t* const* xb, 
     __m256i lo = _mm256_and_si256(p, lo4);                              // W_j
     __m256i hi = _mm256_and_si256(_mm256_srli_epi16(p, 4), lo4);        // W_{j+4}
     if constexpr (FIVE) {
-      lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, j), one8), 4));
-      hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, j + 4), one8), 4));
+      lo = _mm256_or_si256(lo, fifth_bit(h, j));
+      hi = _mm256_or_si256(hi, fifth_bit(h, j + 4));
     }
     for (int i = 0; i < MR; ++i) {
 #if LFQ_TILE_VNNI
@@ -58,14 +71,24 @@ inline void dot_u(const uint8_t* q, const uint8_t* qh, const int8_t* const* xb, 
   }
 }
 
-// Q6_K: int32 lanes += dot products of a sub-block's 6-bit values (nibble plane + two-bit plane)
-// with MR activation blocks, the first 16 columns into sa, the last 16 into sb (their scales differ).
+// Q6_K: bits 4-5 of value k (k % 4 = j) of a two-bit plane vector, in place (qx8.h: stored at 4-5, 6-7, 0-1, 2-3).
+inline __m256i q6_high(__m256i h, int j) {
+  const __m256i m = _mm256_set1_epi8(0x30);
+  switch (j) {
+    case 0: return _mm256_and_si256(h, m);
+    case 1: return _mm256_and_si256(_mm256_srli_epi16(h, 2), m);
+    case 2: return _mm256_and_si256(_mm256_slli_epi16(h, 4), m);
+    default: return _mm256_and_si256(_mm256_slli_epi16(h, 2), m);
+  }
+}
+
+// Q6_K: int32 lanes += dot products of a sub-block's 6-bit values (nibble plane q + two-bit plane at
+// q + X8_HI_OFF) with MR activation blocks, the first 16 columns into sa, the last 16 into sb (their scales differ).
 template <int MR>
-inline void dot_q6(const uint8_t* q, const uint8_t* hp, const int8_t* const* xb, __m256i* sa, __m256i* sb) {
+inline void dot_q6(const uint8_t* q, const int8_t* const* xb, __m256i* sa, __m256i* sb) {
   const __m256i lo4 = _mm256_set1_epi8(0x0F);
-  const __m256i three = _mm256_set1_epi8(3);
-  const __m256i ha = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(hp));
-  const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(hp + 32));
+  const __m256i ha = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + X8_HI_OFF));
+  const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + X8_HI_OFF + 32));
 #if !LFQ_TILE_VNNI
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i s16a[MR], s16b[MR];
@@ -73,10 +96,8 @@ inline void dot_q6(const uint8_t* q, const uint8_t* hp, const int8_t* const* xb,
 #endif
   for (int j = 0; j < 4; ++j) {
     const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * j));
-    const __m256i lo = _mm256_or_si256(
-        _mm256_and_si256(p, lo4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(ha, 2 * j), three), 4));
-    const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(p, 4), lo4),
-                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * j), three), 4));
+    const __m256i lo = _mm256_or_si256(_mm256_and_si256(p, lo4), q6_high(ha, j));
+    const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(p, 4), lo4), q6_high(hb, j));
     for (int i = 0; i < MR; ++i) {
 #if LFQ_TILE_VNNI
       sa[i] = _mm256_dpbusd_epi32(sa[i], lo, bcast4(xb[i] + 4 * j));
@@ -153,12 +174,6 @@ inline void tile(const uint8_t* gw, int64_t nsb, const Act& a, int64_t m0, float
   }
   for (int64_t sb = 0; sb < nsb; ++sb) {
     const uint8_t* p = gw + sb * SB;
-    // Q6_K reads two planes of a super-block in turn, which the hardware prefetcher follows badly: it
-    // streamed from DRAM at a third of Q4_K's bytes per second. Asking for the bytes PF_AHEAD ahead made
-    // it 1.5x faster (1 thread, 1B-shaped weights); Q5_K (also two planes) did not gain, Q4_K and Q8_0
-    // (one plane) lost 8-17%, so they stay without.
-    if constexpr (QT == T_Q6_K)
-      for (int64_t c = 0; c < SB; c += 64) _mm_prefetch(reinterpret_cast<const char*>(p + PF_AHEAD + c), _MM_HINT_T0);
     const __m256 dvec = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     if constexpr (QT == T_Q6_K) {
       __m256i s32b[MR];
@@ -171,7 +186,7 @@ inline void tile(const uint8_t* gw, int64_t nsb, const Act& a, int64_t m0, float
           xb[i] = xq[i] + 32 * b;
           s32[i] = s32b[i] = _mm256_setzero_si256();
         }
-        dot_q6<MR>(p + 144 + 128 * j, p + 1168 + 64 * j, xb, s32, s32b);
+        dot_q6<MR>(p + x8_qoff(QT, j), xb, s32, s32b);
         for (int i = 0; i < MR; ++i) {  // the values are stored + 32: subtract 32 * sum(x) per half
           const __m256i ia = _mm256_sub_epi32(s32[i], _mm256_set1_epi32(32 * xh[i][2 * b]));
           const __m256i ib = _mm256_sub_epi32(s32b[i], _mm256_set1_epi32(32 * xh[i][2 * b + 1]));
@@ -189,7 +204,7 @@ inline void tile(const uint8_t* gw, int64_t nsb, const Act& a, int64_t m0, float
       if constexpr (QT == T_Q8_0)
         dot_s8<MR>(p + 16, xb, s32);
       else
-        dot_u<MR, false>(p + (QT == T_Q4_1 ? 32 : 16), nullptr, xb, s32);
+        dot_u<MR, false>(p + x8_qoff(QT, 0), xb, s32);
       const __m256 mv = QT == T_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)))
                                      : _mm256_mul_ps(dvec, _mm256_set1_ps(-8.0f));
       for (int i = 0; i < MR; ++i) {
@@ -208,7 +223,7 @@ inline void tile(const uint8_t* gw, int64_t nsb, const Act& a, int64_t m0, float
           xb[i] = xq[i] + 32 * b;
           s32[i] = _mm256_setzero_si256();
         }
-        dot_u<MR, QT == T_Q5_K>(p + 160 + 128 * j, p + 1184 + 32 * j, xb, s32);
+        dot_u<MR, QT == T_Q5_K>(p + x8_qoff(QT, j), xb, s32);
         for (int i = 0; i < MR; ++i) {
           acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[i]), _mm256_mul_ps(dv, _mm256_set1_ps(xd[i][b])), acc[i]);
           acc[i] = _mm256_fnmadd_ps(mv, _mm256_set1_ps(xs[i][b]), acc[i]);
