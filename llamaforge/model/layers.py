@@ -133,10 +133,31 @@ class Attention(nn.Module):
         if seqlen == 1:
             out = decode_attention(q, k, v, step.mask)
         else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=step.mask, is_causal=step.mask is None, enable_gqa=q.shape[1] != k.shape[1]
-            )
+            out = prefill_attention(q, k, v, step.mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))  # (B, H, T, hd) -> (B, T, H*hd) -> (B, T, dim)
+
+
+def prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """Attention of T > 1 query positions: torch's SDPA, causal from position 0 when there is no mask.
+
+    q (B, H, T, hd); k, v (B, Hkv, L, hd); mask (B or 1, 1, T, L) or None. With a mask (a chunk of a
+    prompt after its first, read from the cache) and grouped-query heads, the H / Hkv query heads of a KV
+    head become rows of one attention over that head: SDPA's math kernel (which the engine's prefill
+    uses, for batch invariance) otherwise copies every key and value H / Hkv times per call, and that
+    copy was half of a 4096-token prefill's attention time (1B shape). The same products in the same
+    order: results are bit for bit those of `enable_gqa` (tests/test_prefill_attention.py).
+    """
+    bsz, n_heads, seqlen, head_dim = q.shape
+    n_kv = k.shape[1]
+    if mask is None or n_heads == n_kv or mask.shape[1] != 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                              enable_gqa=n_heads != n_kv)
+    rep = n_heads // n_kv
+    qg = q.reshape(bsz, n_kv, rep * seqlen, head_dim)  # (B, Hkv, rep * T, hd): head g * rep + r, row r * T + t
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask.repeat(1, 1, rep, 1))  # mask (B, 1, rep * T, L)
+    return out.reshape(bsz, n_heads, seqlen, head_dim)  # (B, Hkv, rep * T, hd) -> (B, H, T, hd)
 
 
 def decode_attention(
