@@ -199,7 +199,8 @@ inline float* tile_acc(float* acc, int64_t M, int64_t r, int64_t m) {
 }
 
 template <int64_t QT>
-void gemm_float(const void* w, int64_t n0, int64_t n1, int64_t K, const float* x, int64_t M, float* y, int64_t N) {
+void gemm_float_rows(const void* w, int64_t n0, int64_t n1, int64_t K, const float* x, int64_t M, float* y,
+                     int64_t N) {
   const uint16_t* w16 = static_cast<const uint16_t*>(w);
   const int64_t k8 = K / 8 * 8;
   thread_local std::vector<float> blk_buf, acc_buf;
@@ -233,6 +234,16 @@ void gemm_float(const void* w, int64_t n0, int64_t n1, int64_t K, const float* x
       }
     }
   }
+}
+
+// At most GEMM_MB activation rows per pass (their column block, GEMM_MB KiB, stays in L2 while every panel
+// reads it; all rows at once re-read a long prompt from memory once per panel).
+constexpr int64_t GEMM_MB = 256;
+
+template <int64_t QT>
+void gemm_float(const void* w, int64_t n0, int64_t n1, int64_t K, const float* x, int64_t M, float* y, int64_t N) {
+  for (int64_t m = 0; m < M; m += GEMM_MB)
+    gemm_float_rows<QT>(w, n0, n1, K, x + m * K, std::min(GEMM_MB, M - m), y + m * N, N);
 }
 
 }  // namespace
