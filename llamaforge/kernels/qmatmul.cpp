@@ -340,8 +340,15 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t qt, int64_t
     if (!is_float_type(qt)) rows.quantize(xf.data_ptr<float>(), M, K);
     const QWeight q{w, qt, N, K, layout, at::Tensor()};
     const QWeight* ws[1] = {&q};
-    float* ys[1] = {yp};
-    matmul_many(ws, ys, 1, rows.act(), xf.data_ptr<float>(), M);
+    // A long prompt in passes of QLINEAR_ROWS rows: every group of weight rows reads the pass's activations
+    // (QLINEAR_ROWS x K bytes, which stay in L2/L3) instead of all M rows from memory. Rows are independent.
+    constexpr int64_t QLINEAR_ROWS = 256;
+    const Act all = rows.act();
+    for (int64_t m = 0; m < M; m += QLINEAR_ROWS) {
+      const Act a{all.q + m * all.K, all.d + m * all.nb, all.s + m * all.nb, all.h + m * all.nb * 2, all.K, all.nb};
+      float* ys[1] = {yp + m * N};
+      matmul_many(ws, ys, 1, a, xf.data_ptr<float>() + m * K, std::min(QLINEAR_ROWS, M - m));
+    }
   }
   if (bias.has_value() && bias->defined()) y.add_(bias->to(at::kFloat));
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
