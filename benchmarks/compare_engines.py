@@ -138,6 +138,10 @@ def load_llamaforge(cfg: dict, max_batch: int):
     dtype = None if cfg["dtype"] in (None, "auto") else cfg["dtype"]
     g = Llama.build(cfg["model"], max_seq_len=cfg["prompt_len"] + cfg["gen_len"], max_batch_size=max_batch,
                     device="cpu", dtype=dtype, progress=False)
+    # The timed calls repeat the same prompts: without this the engine would reuse the KV of their whole
+    # 64-token chunks from the previous call and time only the last chunk's prefill (as llama.cpp's
+    # prefix match would, which load_llama_cpp turns off with llm.reset()).
+    g.open_engine(prefix_reuse=False).start()
 
     def gen(prompts, n):
         tokens, _ = g.generate([list(p) for p in prompts], max_gen_len=n, temperature=0, stop_ids=())

@@ -1,6 +1,8 @@
 """Micro-benchmark of the quantized Linear kernels (llamaforge.kernels) against fp32 F.linear.
 
 Run:  python benchmarks/kernels.py [--rows 1 4 16 128] [--threads 2] [--repeat 200] [--avx2]
+      python benchmarks/kernels.py --shape 1b --rows 64 128 --threads 1 [--types Q4_0 F16 ...] [--avx2]
+        (prefill: one layer of the 1B shape at every type, CPU time per call; see shape_sweep)
 
 For each matrix shape of the default model (SmolLM2-135M: dim 576, hidden 1536, kv 192, vocab
 49152, tied Q8_0 output), it times `F.linear` on the float32 weight, and `QuantizedLinear` (the
@@ -142,6 +144,53 @@ def model_sweep(repeat: int) -> None:
           f"quantized is {tf / tq:.1f}x faster")
 
 
+def random_raw(qtype: str, rows: int, cols: int, rng: np.random.Generator) -> torch.Tensor:
+    """GGUF bytes of a random (rows, cols) weight: gguf-py's quantizer where it has one, else random blocks
+    with small finite f16 scales (speed does not depend on the values)."""
+    import gguf
+
+    qt = gguf.GGMLQuantizationType[qtype]
+    if qtype in ("Q4_0", "Q8_0", "F16", "BF16"):
+        raw = gguf.quants.quantize((rng.standard_normal((rows, cols)) * 0.02).astype(np.float32), qt)
+        return torch.from_numpy(np.ascontiguousarray(raw).view(np.uint8).reshape(rows, -1))
+    info = kernels.qtype_info(qtype)
+    nb = cols // info.block
+    raw = rng.integers(0, 256, (rows, nb, info.bytes), dtype=np.uint8)
+    for off in ([208] if qtype == "Q6_K" else [0, 2]):
+        raw[:, :, off : off + 2] = rng.uniform(1e-3, 1e-2, (rows, nb, 1)).astype(np.float16).view(np.uint8)
+    return torch.from_numpy(raw.reshape(rows, nb * info.bytes))
+
+
+def shape_sweep(shape: str, rows: list[int], types: list[str], repeat: int) -> None:
+    """One layer's projections of a benchmarks/shapes.py shape (wq|wk|wv, wo, w1|w3, w2), every type, at
+    prefill-sized M: the process's CPU seconds per call on one thread (median of `repeat`), so that other
+    jobs on a shared machine disturb it only through caches and the memory bus."""
+    from shapes import SHAPES
+
+    s = SHAPES[shape]
+    kv = s.n_kv_heads * s.head_dim
+    mats = [(s.dim + 2 * kv, s.dim), (s.dim, s.dim), (2 * s.ffn, s.dim), (s.dim, s.ffn)]
+    rng = np.random.default_rng(0)
+    print(f"{s.name}, one layer's projections {mats}: CPU ms per layer and GOP/s (2 * M * weights)")
+    for qtype in types:
+        layers = [QuantizedLinear.from_gguf(random_raw(qtype, n, k, rng), qtype, (n, k)) for n, k in mats]
+        for m in rows:
+            xs = {k: torch.randn(m, k) for _, k in mats}
+            total = 0.0
+            for layer in layers:
+                x = xs[layer.in_features]
+                layer(x)
+                times = []
+                for _ in range(repeat):
+                    t0 = time.process_time()
+                    layer(x)
+                    times.append(time.process_time() - t0)
+                total += statistics.median(times)
+            ops = 2 * m * sum(n * k for n, k in mats)
+            print(f"{qtype:5s} M={m:4d} {total * 1e3:8.1f} ms {ops / total / 1e9:7.1f} GOP/s "
+                  f"({m / (total * s.n_layers):6.1f} tok/s for the {s.n_layers} layers' matmuls)", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 128])
@@ -149,6 +198,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=200)
     parser.add_argument("--sweep-repeat", type=int, default=20, help="repeats of the whole-model sweep (0: skip)")
     parser.add_argument("--avx2", action="store_true", help="use the AVX2 tiles even where AVX-512 VNNI exists")
+    parser.add_argument("--shape", choices=["1b", "3b", "8b"],
+                        help="instead: one layer of this shape (benchmarks/shapes.py) at --rows, every --types")
+    parser.add_argument("--types", nargs="+", default=["Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "F16", "BF16"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -159,6 +211,10 @@ def main() -> None:
         backend += " (AVX-512 VNNI tiles)" if kernels.get_extension().use_vnni() else " (AVX2 tiles)"
     print(f"kernels: {backend} (ready in {time.perf_counter() - t0:.1f} s), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    if args.shape:
+        with torch.inference_mode():
+            shape_sweep(args.shape, args.rows, args.types, max(3, args.repeat // 40))
+        return
     print(f"{'weight':32s} {'M':>4s} {'fp32 us':>10s} {'quant us':>10s} {'speed-up':>8s} {'GB/s':>6s}")
     with torch.inference_mode():
         for name, raw, qtype, shape in weights():

@@ -3,7 +3,9 @@
 Reference: float64 `x @ W.T` of the same (exactly converted) weights; float32 sums of K products agree to
 1e-5 relative. Tiles of 4 weight rows x 2 activation rows keep one accumulator per (row, activation)
 pair summed in the same order as a lone row, so results must be bit for bit independent of the batch
-and of which weight rows share a tile (exact equality). No test asserts on time.
+and of which weight rows share a tile (exact equality); the prefill GEMM (M >= 9 rows of a 16-bit
+weight) keeps that order, so its rows must equal rows computed alone, for M = 1..300. No test asserts
+on time.
 """
 
 from __future__ import annotations
@@ -48,3 +50,33 @@ def test_a_result_does_not_depend_on_its_batch_or_tile(qt):
         assert torch.equal(linear(x[m : m + 1], w, qt), full[m : m + 1])
     for j in range(n):  # row j alone (no tile) against its place inside a 4-row tile
         assert torch.equal(linear(x, w[j : j + 1].contiguous(), qt)[:, 0], full[:, j])
+
+
+# Prefill (M >= 9 rows) of a 16-bit weight runs a GEMM over weight blocks converted to float32 once
+# (panels of 16 rows x 256 columns, tiles of 4 weight rows x 3 activation rows); its pairs keep the
+# decode tiles' summation order, so every row must equal the same row computed alone, bit for bit.
+@pytest.mark.parametrize("qt", ["F16", "BF16"])
+@pytest.mark.parametrize("n,k", [(37, 264), (16, 520), (5, 7), (50, 256)])
+def test_prefill_gemm_rows_equal_decode_rows(qt, n, k):
+    g = torch.Generator().manual_seed(n + k)
+    w = torch.randn(n, k, generator=g).to(TYPES[qt][1])
+    x = torch.randn(300, k, generator=g)
+    alone = torch.cat([linear(x[m : m + 1], w, qt) for m in range(300)])
+    want = (x.double() @ w.double().T).float()
+    assert ((alone - want).norm() / want.norm()).item() < REL_TOL
+    sizes = range(1, 301) if (n, k) == (37, 264) else (9, 10, 11, 12, 13, 47, 64, 65, 128, 300)
+    for m in sizes:  # every M around the tile edges (3 rows) on one shape; edges of panels and blocks on all
+        assert torch.equal(linear(x[:m], w, qt), alone[:m]), m
+
+
+@pytest.mark.parametrize("qt", ["F16", "BF16"])
+def test_prefill_gemm_splits_across_threads_exactly(qt):
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(75, 136, generator=g).to(TYPES[qt][1])  # panels of 16 rows cut at every thread boundary
+    x = torch.randn(40, 136, generator=g)
+    one = linear(x, w, qt)
+    was = ext.min_bytes_per_thread(1)
+    try:
+        assert torch.equal(linear(x, w, qt), one)
+    finally:
+        ext.min_bytes_per_thread(was)

@@ -134,10 +134,71 @@ class Attention(nn.Module):
         if seqlen == 1:
             out = decode_attention(q, k, v, step.mask)
         else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=step.mask, is_causal=step.mask is None, enable_gqa=q.shape[1] != k.shape[1]
-            )
+            out = prefill_attention(q, k, v, step.mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))  # (B, H, T, hd) -> (B, T, H*hd) -> (B, T, dim)
+
+
+ATTENTION_BLOCK = 128  # keys per block of prefill_attention's online softmax (512 cost 8x at a 64-key cache)
+
+
+def prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """Attention of T > 1 query positions; causal from position 0 when there is no mask (torch's SDPA).
+
+    q (B, H, T, hd); k, v (B, Hkv, L, hd); mask (B or 1, 1, T, L) or None. With a mask (a prompt chunk
+    over the cache, as the engine prefills), the H / Hkv query heads of a KV head are rows of one
+    attention over that head (nothing copied per head: SDPA's math kernel, which the engine's prefill
+    asks for, copied every key and value H / Hkv times per call, half of a 4096-token prefill's attention
+    time on the 1B shape), and float32 runs `_blocked_attention`: an online softmax over blocks of
+    ATTENTION_BLOCK keys, so no (T, L) score matrix is ever made (1.3x faster than the math kernel at
+    4096 tokens). A row's result depends only on its own query, keys and mask, never on the other rows.
+    """
+    bsz, n_heads, seqlen, head_dim = q.shape
+    n_kv = k.shape[1]
+    if mask is None or mask.shape[1] != 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                              enable_gqa=n_heads != n_kv)
+    rep = n_heads // n_kv
+    qg = q.reshape(bsz, n_kv, rep * seqlen, head_dim)  # (B, Hkv, rep * T, hd): head g * rep + r, row r * T + t
+    mg = mask.repeat(1, 1, rep, 1) if rep > 1 else mask  # (B or 1, 1, rep * T, L)
+    if q.dtype == torch.float32:
+        out = _blocked_attention(qg, k, v, mg)
+    else:
+        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mg)
+    return out.reshape(bsz, n_heads, seqlen, head_dim)  # (B, Hkv, rep * T, hd) -> (B, H, T, hd)
+
+
+def _blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd), masked) v, one block of keys at a time (flash attention's online softmax).
+
+    q (B, G, R, hd); k, v (B, G, L, hd); mask (B or 1, 1, R, L). Blocks start at key 0 and all have
+    ATTENTION_BLOCK keys (the last padded), so keys past a row's mask (a longer L) only add exact zeros to
+    sums of the same shapes: a row's result does not depend on L either.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    neg_inf = float("-inf")
+    m = total = acc = None
+    for s in range(0, k.shape[2], ATTENTION_BLOCK):
+        kb, vb, mb = k[:, :, s : s + ATTENTION_BLOCK], v[:, :, s : s + ATTENTION_BLOCK], mask[..., s : s + ATTENTION_BLOCK]
+        if kb.shape[2] < ATTENTION_BLOCK:  # a last short block is padded with masked keys: every matmul has one shape
+            pad = ATTENTION_BLOCK - kb.shape[2]
+            kb, vb = F.pad(kb, (0, 0, 0, pad)), F.pad(vb, (0, 0, 0, pad))
+            mb = F.pad(mb, (0, pad), value=False)
+        scores = torch.matmul(q, kb.transpose(-1, -2)).mul_(scale)  # (B, G, R, block)
+        scores.masked_fill_(~mb, neg_inf)
+        new_m = scores.amax(-1, keepdim=True) if m is None else torch.maximum(m, scores.amax(-1, keepdim=True))
+        ref = new_m.masked_fill(new_m == neg_inf, 0.0)  # rows with no key yet: exp(-inf - 0) = 0, no NaN
+        p = scores.sub_(ref).exp_()
+        pv = torch.matmul(p, vb)  # (B, G, R, hd)
+        if m is None:
+            total, acc = p.sum(-1, keepdim=True), pv
+        else:
+            corr = (m - ref).exp_()  # (B, G, R, 1): the earlier blocks rescaled to the new maximum
+            total = total.mul_(corr).add_(p.sum(-1, keepdim=True))
+            acc = acc.mul_(corr).add_(pv)
+        m = new_m
+    return acc / total
 
 
 def decode_attention(

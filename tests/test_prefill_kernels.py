@@ -1,0 +1,60 @@
+"""The quantized prefill tiles (kernels/qx8_tiles.h) at prefill sizes: M > 8 activation rows.
+
+With AVX-512 VNNI, more than 8 rows take tiles of two groups of 8 weight rows in 512-bit vectors; every
+tile (any width, any number of activation rows) applies the same integer sums and the same float
+operations to each output, so a row of a prefill must equal that row computed alone (decode), bit for
+bit, and the AVX2 tiles must give the same numbers. References: exact equality for those; F.linear
+with gguf-py's dequantized weight within 3e-2 of the output norm (activations are int8 per 32 values,
+as llama.cpp's). Sizes M = 1..300 around the tile edges (8, 4, 3, 2, 1 rows; pairs of groups; an odd
+last group, a partial last group). No test asserts on time.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llamaforge import kernels
+from llamaforge.quantize import QuantizedLinear
+from tests.test_quantize import INT8_REL_TOL, make_raw, ref_dequant, rel_err
+
+ext = kernels.get_extension()
+pytestmark = pytest.mark.skipif(ext is None, reason="the C++ kernels are not available here")
+SIZES = [*range(1, 40), 63, 64, 65, 127, 128, 129, 255, 256, 300]
+
+
+def rows_alone(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([layer(x[m : m + 1]) for m in range(x.shape[0])])
+
+
+@pytest.mark.parametrize("qtype", list(kernels.X8_FORMATS))
+@pytest.mark.parametrize("out_f", [45, 64])  # 6 groups (the last partial) and 8 whole groups
+def test_prefill_rows_equal_rows_alone(qtype: str, out_f: int) -> None:
+    in_f = 512
+    raw = make_raw(qtype, out_f, in_f, seed=out_f)
+    layer = QuantizedLinear.from_gguf(torch.from_numpy(raw), qtype, (out_f, in_f))
+    assert layer.layout == "x8"
+    x = torch.randn(300, in_f, generator=torch.Generator().manual_seed(1))
+    alone = rows_alone(layer, x)
+    assert rel_err(alone, F.linear(x, ref_dequant(raw, qtype))) <= INT8_REL_TOL
+    for m in SIZES:
+        assert torch.equal(layer(x[:m]), alone[:m]), (qtype, m)
+
+
+@pytest.mark.parametrize("qtype", list(kernels.X8_FORMATS))
+def test_prefill_avx2_vnni_and_threads_agree(qtype: str) -> None:
+    raw = make_raw(qtype, 85, 256, seed=3)  # 11 groups: five pairs and one partial group alone
+    layer = QuantizedLinear.from_gguf(torch.from_numpy(raw), qtype, (85, 256))
+    x = torch.randn(70, 256, generator=torch.Generator().manual_seed(2))
+    want = layer(x)
+    was = ext.use_vnni(False)
+    try:
+        assert torch.equal(layer(x), want)
+    finally:
+        ext.use_vnni(was)
+    was = ext.min_bytes_per_thread(1)  # threads split at every group: pairs form differently
+    try:
+        assert torch.equal(layer(x), want)
+    finally:
+        ext.min_bytes_per_thread(was)
