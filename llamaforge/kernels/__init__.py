@@ -69,20 +69,17 @@ def gemm_rows(layout: str) -> int:
 def repack(raw: torch.Tensor, qtype: str, out_features: int, in_features: int) -> tuple[torch.Tensor, str]:
     """GGUF bytes -> (bytes, layout) in the fastest layout the C++ kernels have for `qtype` on this machine.
 
-    The x8 layout for the types that have one; F16/BF16 keep theirs, copied into huge-page memory (the
-    decode GEMV streams 15% faster from it than from a memory-mapped file's 4 KiB pages). Both copies are
-    in 2 MiB-aligned MADV_HUGEPAGE memory. Returns `raw` itself and "gguf" when there is nothing faster
-    (no kernels, non-CPU tensor, Q5_0/Q5_1, a weight under 2 MiB).
+    The x8 layout for the types that have one, in 2 MiB-aligned MADV_HUGEPAGE memory. F16/BF16 keep their
+    layout and stay where they are (a memory-mapped file's pages): a copy into huge-page memory streams
+    13-20% faster at decode, but makes load read and copy the whole file (1B BF16: 1.2 -> 10.7 s on a loaded
+    machine, 3 s quiet; an 8B F16 file would need 16 GB more at once), against the load target. Returns
+    `raw` itself and "gguf" when there is nothing faster (no kernels, non-CPU tensor, F16/BF16, Q5_0/Q5_1,
+    a weight under 2 MiB).
     """
     info = qtype_info(qtype)
     ext = get_extension()
     if ext is None or raw.device.type != "cpu":
         return raw, "gguf"
-    if info.name in ("F16", "BF16"):
-        if raw.numel() * raw.element_size() < 2 << 20:
-            return raw, "gguf"
-        flat = raw.contiguous().view(torch.uint8).reshape(raw.shape[0], -1)  # (rows, bytes per row)
-        return ext.copy_streamed(flat).view(raw.dtype).reshape(raw.shape), "gguf"
     if info.name not in X8_FORMATS:
         return raw, "gguf"
     return ext.repack_x8(raw.contiguous(), info.type_id, out_features, in_features), "x8"

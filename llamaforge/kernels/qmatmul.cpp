@@ -417,21 +417,6 @@ at::Tensor empty_streamed(int64_t rows, int64_t cols) {
   return at::from_blob(p, {rows, cols}, [len](void* q) { munmap(q, len); }, at::TensorOptions().dtype(at::kByte));
 }
 
-// A copy of 2-D uint8 bytes in empty_streamed memory (F16/BF16 weights, which have no x8 layout: their
-// decode GEMV streams 15% faster from huge pages than from the file's 4 KiB pages).
-at::Tensor copy_streamed(const at::Tensor& raw) {
-  TORCH_CHECK(raw.device().is_cpu() && raw.scalar_type() == at::kByte && raw.dim() == 2 && raw.is_contiguous(),
-              "llamaforge kernels: copy_streamed takes contiguous 2-D uint8 CPU bytes, got ", raw.scalar_type(), " ",
-              raw.sizes());
-  at::Tensor out = empty_streamed(raw.size(0), raw.size(1));
-  const int64_t row = raw.size(1);
-  const uint8_t* src = raw.data_ptr<uint8_t>();
-  uint8_t* dst = out.data_ptr<uint8_t>();
-  at::parallel_for(0, raw.size(0), std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, row)),
-                   [&](int64_t r0, int64_t r1) { std::memcpy(dst + r0 * row, src + r0 * row, (r1 - r0) * row); });
-  return out;
-}
-
 // GGUF bytes (N, bytes_per_row) -> the x8 layout (ceil(N / 8), K / 32 * super-block bytes).
 at::Tensor repack_x8(const at::Tensor& raw, int64_t qt, int64_t N, int64_t K) {
   check_weight(raw, qt, N, K, LAYOUT_GGUF);
@@ -462,7 +447,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("qt"), py::arg("N"), py::arg("K"), py::arg("layout") = 0, release());
   m.def("repack_x8", &repack_x8, "GGUF bytes -> x8 layout", py::arg("raw"), py::arg("qt"), py::arg("N"),
         py::arg("K"), release());
-  m.def("copy_streamed", &copy_streamed, "2-D uint8 bytes copied into huge-page memory", py::arg("raw"), release());
   m.def("x8_supported", &x8_supported, "whether a GGML type id has the x8 layout");
   m.def(
       "min_bytes_per_thread",
