@@ -565,11 +565,10 @@ class Llama:
         if speculative == "ngram":
             drafter: Any = spec.NgramDrafter()
         elif isinstance(speculative, Llama):
-            if speculative.args.vocab_size != self.args.vocab_size or \
-                    speculative.tokenizer.n_words != self.tokenizer.n_words:
-                raise GenerationError(
-                    f"the draft model's vocabulary ({speculative.tokenizer.n_words} tokens) is not this model's "
-                    f"({self.tokenizer.n_words}): a draft model must share the tokenizer")
+            spec.check_same_vocabulary(self.tokenizer, speculative.tokenizer)
+            if speculative.args.vocab_size != self.args.vocab_size:
+                raise GenerationError(f"the draft model's output has {speculative.args.vocab_size} logits, this "
+                                      f"model's {self.args.vocab_size}: a draft model must share the vocabulary")
             length = min(self.max_seq_len, speculative.max_seq_len)
             drafter = spec.ModelDrafter(spec.model_steps(speculative.model, length, speculative._own_decode_step()))
         else:
