@@ -1,6 +1,6 @@
 """Speculative greedy decoding (llamaforge.generation.speculative) against plain greedy steps.
 
-    python benchmarks/speculative.py [--model FILE.gguf] [--draft FILE.gguf] [--tokens 256] [--k 7]
+    python benchmarks/speculative.py [--model FILE.gguf] [--dtype float32] [--draft FILE.gguf|default] [--tokens 256] [--k 7]
                                      [--threads 1] [--repeats 3] [--only grounded|open] [--api]
 
 For each prompt of benchmarks/spec_prompts.py (input-grounded: repeat / fix / edit / summarise / quote a given
@@ -43,13 +43,16 @@ class Plain:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="GGUF file (default: the default model)")
-    p.add_argument("--draft", help="a draft model's GGUF (same tokenizer)")
+    p.add_argument("--dtype", help="the target's dtype (e.g. float32: the default model dequantized, a slower target "
+                   "of the same tokenizer for the default model to draft for)")
+    p.add_argument("--draft", help="a draft model's GGUF (same tokenizer), or 'default' for the default model")
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--k", type=int, default=7, help="most tokens drafted per round")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--only", choices=["grounded", "open"])
     p.add_argument("--api", action="store_true", help="also time Llama.generate end to end")
+    p.add_argument("--verbose", action="store_true", help="print the planner's measured round costs")
     a = p.parse_args()
 
     import torch
@@ -64,8 +67,11 @@ def main() -> None:
     clock = time.process_time if a.threads == 1 else time.perf_counter
     seq = 1024
     llm = Llama.build(a.model or default_model_path(), max_seq_len=seq, max_batch_size=1, device="cpu",
-                      progress=False)
-    draft = Llama.build(a.draft, max_seq_len=seq, max_batch_size=1, device="cpu", progress=False) if a.draft else None
+                      dtype=a.dtype, progress=False)
+    draft = None
+    if a.draft:
+        draft = Llama.build(default_model_path() if a.draft == "default" else a.draft, max_seq_len=seq,
+                            max_batch_size=1, device="cpu", progress=False)
     if draft is not None:
         check_same_vocabulary(llm.tokenizer, draft.tokenizer)
     tok = llm.tokenizer
@@ -73,7 +79,7 @@ def main() -> None:
     kinds = {"grounded": spec_prompts.GROUNDED, "open": spec_prompts.OPEN}
     if a.only:
         kinds = {a.only: kinds[a.only]}
-    print(f"model {a.model or 'default'}, up to {a.tokens} new tokens, k={a.k}, {a.threads} thread(s), "
+    print(f"model {a.model or 'default'} ({a.dtype or 'as stored'}), draft {a.draft}, up to {a.tokens} new tokens, k={a.k}, {a.threads} thread(s), "
           f"{'CPU' if a.threads == 1 else 'wall'} seconds, median of {a.repeats}")
     speedups: dict[tuple[str, str], list[float]] = {}
     for kind, prompts in kinds.items():
@@ -85,23 +91,26 @@ def main() -> None:
             runs: dict[str, list] = {label: [] for label in drafters}
             for _ in range(a.repeats + 1):  # the first round warms caches and is not kept
                 for label, make in drafters.items():
-                    st = SpecStats()
+                    st, plan = SpecStats(), DraftPlanner(k=a.k, clock=clock)
                     out = speculative_greedy(steps, prompt, a.tokens, make(), stats=st, stop_ids=tok.stop_ids,
-                                             planner=DraftPlanner(k=a.k, clock=clock))
-                    runs[label].append((out, st))
+                                             planner=plan)
+                    runs[label].append((out, st, plan))
             base_out = runs["plain"][0][0]
-            rate = {label: statistics.median((st.tokens - 1) / (st.seconds - st.prefill_seconds) for _, st in r[1:])
+            rate = {label: statistics.median((st.tokens - 1) / (st.seconds - st.prefill_seconds) for _, st, _ in r[1:])
                     for label, r in runs.items()}
             print(f"\n{kind} / {name}: prompt {len(prompt)} tokens, output {len(base_out)} tokens")
             for label, r in runs.items():
-                out, st = r[-1]
+                out, st, plan = r[-1]
                 x = rate[label] / rate["plain"]
                 if label != "plain":
                     speedups.setdefault((kind, label), []).append(x)
-                same = all(o == base_out for o, _ in r)
+                same = all(o == base_out for o, _, _ in r)
                 print(f"  {label:14} {rate[label]:6.1f} tok/s ({x:4.2f}x); identical {same}; acceptance "
                       f"{100 * st.acceptance:4.1f}% ({st.accepted}/{st.drafted}), {st.tokens_per_call:.2f} tokens "
                       f"per target call, {st.plain_steps} plain steps")
+                if a.verbose and label != "plain" and 0 in plan.cost:
+                    print("    round cost / plain step by draft length: " + ", ".join(
+                        f"{d}: {c / plan.cost[0]:.2f}" for d, c in sorted(plan.cost.items())))
             if a.api:
                 times = {"plain": [], "ngram": []}
                 for _ in range(a.repeats):

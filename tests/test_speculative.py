@@ -214,10 +214,12 @@ def test_planner_backs_off_a_costly_drafter_and_tries_again():
     assert p.length(None, 4, learns_unverified=False) > 0  # the prior says 1/2: worth a try
     for _ in range(3):
         p.record_acceptance(None, 4, 0)
-    assert [p.length(None, 4, learns_unverified=False) for _ in range(5)] == [0, 0, 0, 0, 1]  # off 3, then afresh
+    # off for 3 steps, then afresh: costs and acceptance forgotten, so the prior and a cost of 0.1 step a token
+    assert [p.length(None, 4, learns_unverified=False) for _ in range(5)] == [0, 0, 0, 0, 2]
+    p.record_round(2, 1.5)
     for _ in range(3):
-        p.record_acceptance(None, 1, 0)
-    assert [p.length(None, 4, learns_unverified=False) for _ in range(8)] == [0] * 7 + [1]  # waits twice as long
+        p.record_acceptance(None, 2, 0)
+    assert [p.length(None, 4, learns_unverified=False) for _ in range(8)] == [0] * 7 + [2]  # waits twice as long
 
 
 @needs_kernels

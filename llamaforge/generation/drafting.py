@@ -9,7 +9,7 @@
 - `ModelDrafter`: a smaller model with the same vocabulary, run greedily over its own KV cache.
 - `DraftPlanner` decides each round's draft length d (0: a plain one-token step), maximising the expected
   tokens per second: E(d) / c(d), with E(d) = 1 + sum_{j <= d} prod_{i <= j} p_i. The costs c(d) are the
-  measured seconds of rounds that drafted d tokens (drafting included), as moving averages, interpolated
+  measured seconds of rounds that drafted d tokens (drafting included), medians of the last few, interpolated
   where a length was not tried yet; p_i is the measured chance that the i-th drafted token is accepted
   once the ones before it were, per kind of proposal (`last_key`), from decayed counts under a Beta prior.
   A cheap drafter (prompt lookup) proposes every round and its proposals are scored against the output
@@ -22,7 +22,9 @@
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Optional, Protocol, Sequence
 
@@ -35,8 +37,8 @@ class Drafter(Protocol):
     """Proposes up to `k` tokens to follow `context` (the prompt and every token accepted so far).
 
     Optional attributes: `cheap` (True: proposing costs next to nothing, so the loop asks for the most it
-    may verify and the planner trims it) and `last_key` (a hashable kind of the last proposal, whose
-    acceptance the planner learns apart).
+    may verify and the planner trims it), `last_key` (a hashable kind of the last proposal, whose
+    acceptance the planner learns apart) and `warm(prompt)` (called once, with the prefill).
     """
 
     def propose(self, context: Sequence[int], k: int) -> list[int]: ...
@@ -87,7 +89,8 @@ class ModelDrafter:
     """A draft model run greedily over its own KV cache (the `Steps` of a smaller model, same vocabulary).
 
     It remembers which tokens its cache holds; after a rejection it re-feeds only the tokens past the
-    common prefix, in one verify call.
+    common prefix, in one verify call. `warm(prompt)` prefills its cache before the first round, so that
+    the prefill is not counted as the cost of a round.
     """
 
     cheap = False
@@ -96,6 +99,11 @@ class ModelDrafter:
     def __init__(self, steps) -> None:  # steps: generation.speculative.Steps
         self.steps = steps
         self.known: list[int] = []  # tokens whose keys/values are in the draft cache, positions 0..
+
+    def warm(self, prompt: Sequence[int]) -> None:
+        if len(prompt) <= self.steps.max_seq_len:
+            self.steps.prefill(prompt)
+            self.known = list(prompt)
 
     def propose(self, context: Sequence[int], k: int) -> list[int]:
         ctx = list(context)
@@ -141,7 +149,8 @@ def check_same_vocabulary(target, draft) -> None:
 class DraftPlanner:
     """Chooses each round's draft length from measured round costs and acceptance (see the module docstring).
 
-    k: most tokens drafted per round. alpha: weight of a new cost measurement. prior: Beta prior
+    k: most tokens drafted per round. window: a length's cost is the median of its last `window` rounds
+    (one slow round, a page fault or another job on the core, does not stop a length for good). prior: Beta prior
     (accepted, rejected) of each draft position's acceptance. decay: weight kept by old acceptance counts
     at each update (recent text counts more). reprobe: a plain step every this many rounds refreshes
     c(0), which grows with the context. backoff, max_backoff: plain steps a costly drafter waits after
@@ -150,7 +159,7 @@ class DraftPlanner:
     """
 
     k: int = 7
-    alpha: float = 0.25
+    window: int = 5
     prior: tuple[float, float] = (2.0, 1.0)
     decay: float = 0.97
     reprobe: int = 64
@@ -158,7 +167,8 @@ class DraftPlanner:
     max_backoff: int = 512
     slope: float = 0.1
     clock: Callable[[], float] = time.perf_counter
-    cost: dict[int, float] = field(default_factory=dict)  # draft length -> seconds of a round (moving average)
+    samples: dict[int, deque] = field(default_factory=dict)  # draft length -> seconds of its last rounds
+    cost: dict[int, float] = field(default_factory=dict)  # draft length -> median of its samples
     counts: dict[tuple[Hashable, int], list[float]] = field(default_factory=dict)  # (key, j) -> [accepted, tried]
     since_plain: int = 0
     off_for: int = 0  # plain steps left before a costly drafter is tried again
@@ -208,6 +218,8 @@ class DraftPlanner:
             self.off_for -= 1
             if self.off_for == 0:  # try afresh: forget what made it stop
                 self.counts = {kj: c for kj, c in self.counts.items() if kj[0] != key}
+                self.cost = {0: self.cost[0]}
+                self.samples = {0: self.samples[0]} if 0 in self.samples else {}
             return 0
         d = self.best_length(key, available)
         if d == 0 and not learns_unverified and available > 0:
@@ -222,8 +234,9 @@ class DraftPlanner:
 
     def record_round(self, drafted: int, seconds: float) -> None:
         """A round that verified `drafted` tokens (0: a plain step) took `seconds`, drafting included."""
-        old = self.cost.get(drafted)
-        self.cost[drafted] = seconds if old is None else (1 - self.alpha) * old + self.alpha * seconds
+        window = self.samples.setdefault(drafted, deque(maxlen=self.window))
+        window.append(seconds)
+        self.cost[drafted] = statistics.median(window)
         self.since_plain = 0 if drafted == 0 else self.since_plain + 1
 
     def record_acceptance(self, key: Hashable, drafted: int, accepted: int) -> None:

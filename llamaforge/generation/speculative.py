@@ -172,6 +172,8 @@ def speculative_greedy(
         return []
     context = list(prompt)
     out = [int(target.prefill(context).argmax())]
+    if hasattr(drafter, "warm"):
+        drafter.warm(context)
     st.prefill_seconds = plan.clock() - t_start
     # a cheap drafter's proposals, scored against the output as it appears: (index in out of the token
     # the proposal's first one stands for, proposal, key)
