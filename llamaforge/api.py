@@ -574,12 +574,13 @@ class Llama:
         else:
             raise GenerationError(f"speculative must be 'ngram' or a draft Llama, got {speculative!r}")
         target = spec.model_steps(self.model, self.max_seq_len, self._own_decode_step())
+        planner = spec.DraftPlanner()  # one for the call: what it measured on one prompt helps the next
         rows = []
         for p in prompt_tokens:
             n_new = min(max_gen_len, self.max_seq_len - len(p))
             if isinstance(drafter, spec.ModelDrafter):
                 n_new = min(n_new, drafter.steps.max_seq_len - len(p))
-            out = spec.speculative_greedy(target, p, n_new, drafter, stop_ids=sorted(stops))
+            out = spec.speculative_greedy(target, p, n_new, drafter, stop_ids=sorted(stops), planner=planner)
             rows.append(meta_cut(p + out, None, len(p), max_gen_len, echo, stops)[0])
         return rows
 

@@ -316,3 +316,25 @@ def test_llama_generate_speculative_equals_plain_greedy(default_tokenizer):
         llm.generate(prompts, max_gen_len=4, temperature=0.7, speculative="ngram")
     with pytest.raises(GenerationError, match="'ngram' or a draft Llama"):
         llm.generate(prompts, max_gen_len=4, temperature=0, speculative="eagle")
+
+
+
+@needs_kernels
+def test_default_model_steps_compute_as_the_engine_and_speculation_equals_plain(default_tokenizer):
+    """On the default model as shipped (Q4_1 on the int8 kernels), model_steps' prefill (the engine's canonical
+    chunks) gives the logits the engine gives Llama.generate: its logprob of the first token, to float
+    rounding (the model's forward over the whole prompt moves the logits by ~0.5 there, which becomes another
+    token a few dozen tokens on); and prompt lookup gives exactly Llama.generate's plain rows."""
+    from llamaforge.api import Llama
+
+    llm = Llama.build(max_seq_len=256, max_batch_size=2, device="cpu", progress=False)
+    chat = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+    prompts = [llm.tokenizer.encode(chat.format("Write an email to a colleague."), allow_special=True),
+               llm.tokenizer.encode(chat.format("Repeat exactly: " + "The quick brown fox jumps over the lazy dog. " * 3),
+                                    allow_special=True)]
+    rows, lps = llm.generate(prompts[:1], max_gen_len=1, temperature=0, logprobs=True)
+    first = model_steps(llm.model, 256).prefill(prompts[0])
+    assert int(first.argmax()) == rows[0][0]
+    assert float(torch.log_softmax(first, -1)[rows[0][0]]) == pytest.approx(lps[0][0], abs=1e-5)
+    plain_rows, _ = llm.generate(prompts, max_gen_len=24, temperature=0)
+    assert llm.generate(prompts, max_gen_len=24, temperature=0, speculative="ngram")[0] == plain_rows

@@ -29,7 +29,7 @@ import torch
 
 from llamaforge.errors import GenerationError
 from llamaforge.generation.drafting import DraftPlanner, Drafter, ModelDrafter, NgramDrafter, check_same_vocabulary
-from llamaforge.model import KVCache, StepInput
+from llamaforge.generation.runner import PrefillChunk, Runner, decode_logits
 from llamaforge.runtime import DecodeStep
 
 __all__ = [
@@ -61,25 +61,30 @@ class Steps:
     max_seq_len: int
 
 
-def model_steps(model: torch.nn.Module, max_seq_len: int, decode_step: Optional[DecodeStep] = None) -> Steps:
-    """`Steps` of a llamaforge Transformer over a fresh one-slot float32 KV cache of `max_seq_len`.
+def model_steps(model: torch.nn.Module, max_seq_len: int, decode_step: Optional[DecodeStep] = None, *,
+                chunk: int = 64) -> Steps:
+    """`Steps` of a llamaforge Transformer over a fresh one-slot KV cache of `max_seq_len`, computed as the engine
+    computes a sequence (generation/runner.py), so the output equals `Llama.generate`'s plain greedy output.
 
-    verify passes the rows as a batch of one-token rows, all in slot 0 at their own positions, to the
-    decode step (`decode_step`, default the fused C++ step on the CPU, as `Llama.decode_step` is): it
-    writes every row's keys and values before attention and lets each row attend over [0, its
-    position], which makes rows exact. Plain greedy decoding that the result must equal runs the same
-    decode step.
+    prefill runs the prompt in the engine's canonical chunks of `chunk` positions (the Engine's default);
+    verify passes the rows as a batch of one-token rows, all in slot 0 at their own positions, through the
+    engine's decode function and decode step (`decode_step`, default the fused C++ step on the CPU, as
+    `Llama.decode_step` is): it writes every row's keys and values before attention and lets each row
+    attend over [0, its position], which makes rows exact.
     """
     if max_seq_len > model.args.max_seq_len:
         raise GenerationError(f"max_seq_len {max_seq_len} exceeds the model's {model.args.max_seq_len}")
     device = model.norm.weight.device
-    cache = KVCache.for_model(model.args, 1, max_seq_len, dtype=torch.float32, device=device)
     decode = decode_step if decode_step is not None else DecodeStep(model, fused=device.type == "cpu")
+    runner = Runner(model, device, decode)
+    cache = runner.new_cache(1, max_seq_len)
 
     def prefill(tokens: Sequence[int]) -> torch.Tensor:
-        x = torch.tensor([list(tokens)], dtype=torch.long, device=device)  # (1, T)
+        tokens = list(tokens)
         with torch.inference_mode():
-            return model(x, 0, cache, last_only=True)[0, -1]
+            for start in range(0, len(tokens), chunk):
+                logits = runner.prefill(cache, [PrefillChunk(tokens[start : start + chunk], start, 0)])[0]
+        return logits[-1]
 
     def verify(tokens: Sequence[int], start: int) -> torch.Tensor:
         n = len(tokens)
@@ -88,9 +93,8 @@ def model_steps(model: torch.nn.Module, max_seq_len: int, decode_step: Optional[
         x = torch.tensor(list(tokens), dtype=torch.long, device=device).view(n, 1)  # (rows, 1)
         pos = torch.arange(start, start + n, device=device).view(n, 1)  # (rows, 1): one position per row
         slots = torch.zeros(n, dtype=torch.long, device=device)  # every row in the sequence's slot
-        step = StepInput.make(pos, n, 1, device=device, cache_len=max_seq_len, slots=slots, kv_len=start + n)
         with torch.inference_mode():
-            return decode(x, step, cache)[:, -1]  # (rows, V)
+            return decode_logits(decode, cache, x, pos, slots, max_pos=start + n - 1)  # (rows, V)
 
     return Steps(prefill, verify, max_seq_len)
 
