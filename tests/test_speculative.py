@@ -206,6 +206,17 @@ def test_planner_drafts_the_length_with_most_tokens_per_second():
         DraftPlanner(k=0)
 
 
+def test_a_new_kind_of_proposal_starts_from_what_drafting_achieved():
+    p = DraftPlanner(prior=(2.0, 1.0))
+    assert p.acceptance("new", 1) == pytest.approx(2 / 3)  # nothing measured: the prior
+    for _ in range(40):
+        p.record_acceptance(1, 3, 0)  # 1-token matches: never continued
+    assert p.acceptance("new", 1) < 0.1  # a first 4-token match is not trusted more than drafting has earned
+    for _ in range(10):
+        p.record_acceptance(4, 3, 3)
+    assert p.acceptance(4, 1) > 0.6 > p.acceptance(1, 1)  # each kind learns its own rate
+
+
 def test_planner_backs_off_a_costly_drafter_and_tries_again():
     p = DraftPlanner(k=4, backoff=3, prior=(1.0, 1.0))
     assert p.length(None, 4, learns_unverified=False) == 0  # c(0) first

@@ -11,7 +11,8 @@
   tokens per second: E(d) / c(d), with E(d) = 1 + sum_{j <= d} prod_{i <= j} p_i. The costs c(d) are the
   measured seconds of rounds that drafted d tokens (drafting included), medians of the last few, interpolated
   where a length was not tried yet; p_i is the measured chance that the i-th drafted token is accepted
-  once the ones before it were, per kind of proposal (`last_key`), from decayed counts under a Beta prior.
+  once the ones before it were, per kind of proposal (`last_key`), from decayed counts shrunk towards those
+  of all kinds (which start from a Beta prior).
   A cheap drafter (prompt lookup) proposes every round and its proposals are scored against the output
   as it appears, whether verified or not, so acceptance is known even while drafting is off and it turns
   itself back on when the text starts copying again. A costly drafter (a model) only learns from the
@@ -145,6 +146,9 @@ def check_same_vocabulary(target, draft) -> None:
                               f"model must share the tokenizer")
 
 
+_ALL = ("every kind of proposal",)  # the key of the pooled counts
+
+
 @dataclass
 class DraftPlanner:
     """Chooses each round's draft length from measured round costs and acceptance (see the module docstring).
@@ -155,7 +159,8 @@ class DraftPlanner:
     at each update (recent text counts more). reprobe: a plain step every this many rounds refreshes
     c(0), which grows with the context. backoff, max_backoff: plain steps a costly drafter waits after
     its drafts stopped paying (doubled on each failed try). slope: assumed cost of one more drafted token,
-    as a share of c(0), before any drafting was measured.
+    as a share of c(0), before any drafting was measured. margin: drafting must promise this much more
+    than plain steps (estimates from noisy timings should not make open-ended text slower).
     """
 
     k: int = 7
@@ -166,6 +171,7 @@ class DraftPlanner:
     backoff: int = 16
     max_backoff: int = 512
     slope: float = 0.1
+    margin: float = 0.03
     clock: Callable[[], float] = time.perf_counter
     samples: dict[int, deque] = field(default_factory=dict)  # draft length -> seconds of its last rounds
     cost: dict[int, float] = field(default_factory=dict)  # draft length -> median of its samples
@@ -179,9 +185,16 @@ class DraftPlanner:
             raise GenerationError(f"need k >= 1 drafted tokens per round, got k={self.k}")
 
     def acceptance(self, key: Hashable, j: int) -> float:
-        """Estimated chance that draft token j (1-based) of a `key` proposal is accepted, given j - 1 were."""
+        """Estimated chance that draft token j (1-based) of a `key` proposal is accepted, given j - 1 were: the
+        key's counts shrunk towards those of every key at j (themselves under `prior`), so a kind of proposal
+        seen for the first time starts from what drafting has been achieving, not from the prior."""
+        acc, tried = self.counts.get((_ALL, j), (0.0, 0.0))
+        pooled = (acc + self.prior[0]) / (tried + self.prior[0] + self.prior[1])
+        if key is _ALL:
+            return pooled
         acc, tried = self.counts.get((key, j), (0.0, 0.0))
-        return (acc + self.prior[0]) / (tried + self.prior[0] + self.prior[1])
+        weight = self.prior[0] + self.prior[1]
+        return (acc + weight * pooled) / (tried + weight)
 
     def round_cost(self, d: int) -> float:
         """Seconds of a round drafting d tokens: measured, else interpolated between measured lengths (and
@@ -199,7 +212,7 @@ class DraftPlanner:
 
     def best_length(self, key: Hashable, available: int) -> int:
         """The draft length in [0, min(k, available)] with the most expected tokens per second."""
-        best_rate, best_d = 1.0 / max(self.round_cost(0), 1e-12), 0
+        best_rate, best_d = (1.0 + self.margin) / max(self.round_cost(0), 1e-12), 0
         expected, p = 1.0, 1.0
         for d in range(1, min(self.k, available) + 1):
             p *= self.acceptance(key, d)
@@ -217,7 +230,7 @@ class DraftPlanner:
         if self.off_for > 0:
             self.off_for -= 1
             if self.off_for == 0:  # try afresh: forget what made it stop
-                self.counts = {kj: c for kj, c in self.counts.items() if kj[0] != key}
+                self.counts = {kj: c for kj, c in self.counts.items() if kj[0] != key and kj[0] is not _ALL}
                 self.cost = {0: self.cost[0]}
                 self.samples = {0: self.samples[0]} if 0 in self.samples else {}
             return 0
@@ -242,9 +255,11 @@ class DraftPlanner:
     def record_acceptance(self, key: Hashable, drafted: int, accepted: int) -> None:
         """Of a `key` proposal of `drafted` tokens, the first `accepted` agreed with the target."""
         for j in range(1, drafted + 1):
-            c = self.counts.setdefault((key, j), [0.0, 0.0])
-            c[0], c[1] = c[0] * self.decay, c[1] * self.decay + 1.0
+            for kind in (key, _ALL) if key is not _ALL else (_ALL,):
+                c = self.counts.setdefault((kind, j), [0.0, 0.0])
+                c[0], c[1] = c[0] * self.decay, c[1] * self.decay + 1.0
+                if j <= accepted:
+                    c[0] += 1.0
             if j > accepted:
                 break
-            c[0] += 1.0
 
