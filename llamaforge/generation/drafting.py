@@ -27,7 +27,7 @@ import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Optional, Protocol, Sequence
+from typing import Callable, Hashable, Protocol, Sequence
 
 from llamaforge.errors import GenerationError
 
