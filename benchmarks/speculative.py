@@ -1,46 +1,58 @@
 """Speculative greedy decoding (llamaforge.generation.speculative) against plain greedy steps.
 
-    python benchmarks/speculative.py [--model FILE.gguf] [--draft FILE.gguf] [--tokens 128] [--k 4] [--threads 1]
+    python benchmarks/speculative.py [--model FILE.gguf] [--dtype float32] [--draft FILE.gguf|default] [--tokens 256] [--k 7]
+                                     [--threads 1] [--repeats 3] [--only grounded|open] [--api]
 
-On an input-grounded prompt (repeat / lightly edit a given text: the answer copies from the prompt) and an
-open-ended one, it runs plain greedy decoding (one-token steps) and speculative decoding with prompt lookup
-(and with a draft model when --draft is given), up to a stop token, checks that the tokens are identical, and
-prints acceptance,
-tokens per verify round and the speed-up. Times are process CPU seconds (`time.process_time`) as well as wall
-seconds: with one thread, CPU time is what the decode costs, undisturbed by other jobs waiting for the cores
-(the shared machines here). Not run by the tests.
+For each prompt of benchmarks/spec_prompts.py (input-grounded: repeat / fix / edit / summarise / quote a given
+text; open-ended: nothing to copy) it runs plain greedy decoding (one-token steps through the same `Steps`) and
+speculative decoding with prompt lookup (and with a draft model when --draft is given), up to a stop token,
+alternating them `--repeats` times, checks that the tokens are identical, and prints the median decode speed
+(tokens after the prefill's one per second of decoding: the prefill is the same work in both), the speed-up,
+acceptance and tokens per target call, then the geometric mean speed-up per kind. Times are process CPU
+seconds (`time.process_time`) with one thread (what the decode costs, undisturbed by other jobs waiting for
+the cores on a shared machine), wall seconds otherwise; the planner measures rounds with the same clock.
+`--api` also times `Llama.generate(..., temperature=0)` against `speculative="ngram"` end to end (prefill
+included, through the engine for plain decoding). Not run by the tests.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
 import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-TEXT = (
-    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg of Mainz "
-    "combined a screw press, oil-based ink and movable type cast from a lead alloy. Before him, books in "
-    "Europe were copied by hand, mostly in monasteries, and a single Bible could take a scribe more than a "
-    "year. Within fifty years of the first printed Bible, presses were working in more than two hundred "
-    "cities, and millions of volumes had been printed."
-)
-PROMPTS = {
-    "input-grounded (repeat the text)": "<|im_start|>user\nRepeat this text exactly, word for word:\n\n" + TEXT
-    + "<|im_end|>\n<|im_start|>assistant\n",
-    "open-ended": "<|im_start|>user\nWrite a short story about a lighthouse keeper.<|im_end|>\n<|im_start|>assistant\n",
-}
+import spec_prompts  # noqa: E402
+
+
+class Plain:
+    """Drafts nothing: every round is a one-token step (plain greedy decoding)."""
+
+    cheap = True
+    last_key = None
+
+    def propose(self, context, k):
+        return []
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="GGUF file (default: the default model)")
-    p.add_argument("--draft", help="a draft model's GGUF (same vocabulary)")
-    p.add_argument("--tokens", type=int, default=128)
-    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--dtype", help="the target's dtype (e.g. float32: the default model dequantized, a slower target "
+                   "of the same tokenizer for the default model to draft for)")
+    p.add_argument("--draft", help="a draft model's GGUF (same tokenizer), or 'default' for the default model")
+    p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--k", type=int, default=7, help="most tokens drafted per round")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--only", choices=["grounded", "open"])
+    p.add_argument("--api", action="store_true", help="also time Llama.generate end to end")
+    p.add_argument("--verbose", action="store_true", help="print the planner's measured round costs")
     a = p.parse_args()
 
     import torch
@@ -48,44 +60,72 @@ def main() -> None:
     from llamaforge import Llama
     from llamaforge.default_model import default_model_path
     from llamaforge.generation.speculative import (
-        ModelDrafter, NgramDrafter, SpecStats, Speedometer, model_steps, speculative_greedy,
+        DraftPlanner, ModelDrafter, NgramDrafter, SpecStats, check_same_vocabulary, model_steps, speculative_greedy,
     )
 
     torch.set_num_threads(a.threads)
-    # what the Speedometer compares: CPU time with one thread (robust to other jobs), else wall time
     clock = time.process_time if a.threads == 1 else time.perf_counter
-    llm = Llama.build(a.model or default_model_path(), max_seq_len=1024, max_batch_size=1, device="cpu",
-                      progress=False)
-    draft = Llama.build(a.draft, max_seq_len=1024, max_batch_size=1, device="cpu", progress=False) if a.draft else None
+    seq = 1024
+    llm = Llama.build(a.model or default_model_path(), max_seq_len=seq, max_batch_size=1, device="cpu",
+                      dtype=a.dtype, progress=False)
+    draft = None
+    if a.draft:
+        draft = Llama.build(default_model_path() if a.draft == "default" else a.draft, max_seq_len=seq,
+                            max_batch_size=1, device="cpu", progress=False)
+    if draft is not None:
+        check_same_vocabulary(llm.tokenizer, draft.tokenizer)
     tok = llm.tokenizer
-    print(f"model {a.model or 'default'}, {a.tokens} new tokens, k={a.k}, {a.threads} thread(s)")
-    for name, text in PROMPTS.items():
-        prompt = tok.encode(text, allow_special=True)
-        steps = model_steps(llm.model, 1024)
-        never = Speedometer(clock=lambda: 0.0)  # plain: drafting never asked for (see below)
-        runs = {}
-
-        class Nothing:
-            def propose(self, context, k):
-                return []
-
-        drafters = {"plain": Nothing(), "prompt lookup": NgramDrafter()}
-        if draft is not None:
-            drafters["draft model"] = ModelDrafter(model_steps(draft.model, 1024))
-        for label, drafter in drafters.items():
-            for attempt in range(2):  # the second run is the one kept (the first warms caches)
-                st = SpecStats()
-                c0, w0 = time.process_time(), time.perf_counter()
-                out = speculative_greedy(steps, prompt, a.tokens, drafter, k=a.k, stats=st, stop_ids=tok.stop_ids,
-                                         speedometer=never if label == "plain" else Speedometer(clock=clock))
-                runs[label] = (out, time.process_time() - c0, time.perf_counter() - w0, st)
-        base = runs["plain"]
-        print(f"\n{name}: prompt {len(prompt)} tokens")
-        for label, (out, cpu, wall, st) in runs.items():
-            rounds = st.rounds + st.plain_steps
-            print(f"  {label:14} {len(out) / cpu:6.1f} tok/s CPU ({base[1] / cpu:4.2f}x), {len(out) / wall:6.1f} wall "
-                  f"({base[2] / wall:4.2f}x); identical {out == base[0]}; acceptance {100 * st.acceptance:4.1f}% "
-                  f"({st.accepted}/{st.drafted}), {len(out) / max(1, rounds):.2f} tokens per target call")
+    steps = model_steps(llm.model, seq)
+    kinds = {"grounded": spec_prompts.GROUNDED, "open": spec_prompts.OPEN}
+    if a.only:
+        kinds = {a.only: kinds[a.only]}
+    print(f"model {a.model or 'default'} ({a.dtype or 'as stored'}), draft {a.draft}, up to {a.tokens} new tokens, k={a.k}, {a.threads} thread(s), "
+          f"{'CPU' if a.threads == 1 else 'wall'} seconds, median of {a.repeats}")
+    speedups: dict[tuple[str, str], list[float]] = {}
+    for kind, prompts in kinds.items():
+        for name, text in prompts.items():
+            prompt = tok.encode(spec_prompts.chat(text), allow_special=True)
+            drafters = {"plain": Plain, "prompt lookup": NgramDrafter}
+            if draft is not None:
+                drafters["draft model"] = lambda: ModelDrafter(model_steps(draft.model, seq))
+            runs: dict[str, list] = {label: [] for label in drafters}
+            for _ in range(a.repeats + 1):  # the first round warms caches and is not kept
+                for label, make in drafters.items():
+                    st, plan = SpecStats(), DraftPlanner(k=a.k, clock=clock)
+                    out = speculative_greedy(steps, prompt, a.tokens, make(), stats=st, stop_ids=tok.stop_ids,
+                                             planner=plan)
+                    runs[label].append((out, st, plan))
+            base_out = runs["plain"][0][0]
+            rate = {label: statistics.median((st.tokens - 1) / (st.seconds - st.prefill_seconds) for _, st, _ in r[1:])
+                    for label, r in runs.items()}
+            print(f"\n{kind} / {name}: prompt {len(prompt)} tokens, output {len(base_out)} tokens")
+            for label, r in runs.items():
+                out, st, plan = r[-1]
+                x = rate[label] / rate["plain"]
+                if label != "plain":
+                    speedups.setdefault((kind, label), []).append(x)
+                same = all(o == base_out for o, _, _ in r)
+                print(f"  {label:14} {rate[label]:6.1f} tok/s ({x:4.2f}x); identical {same}; acceptance "
+                      f"{100 * st.acceptance:4.1f}% ({st.accepted}/{st.drafted}), {st.tokens_per_call:.2f} tokens "
+                      f"per target call, {st.plain_steps} plain steps")
+                if a.verbose and label != "plain" and 0 in plan.cost:
+                    print("    round cost / plain step by draft length: " + ", ".join(
+                        f"{d}: {c / plan.cost[0]:.2f}" for d, c in sorted(plan.cost.items())))
+            if a.api:
+                times = {"plain": [], "ngram": []}
+                for _ in range(a.repeats):
+                    for label in times:
+                        c0 = clock()
+                        rows, _ = llm.generate([prompt], max_gen_len=a.tokens, temperature=0,
+                                               speculative=None if label == "plain" else "ngram")
+                        times[label].append(clock() - c0)
+                t_plain, t_spec = statistics.median(times["plain"]), statistics.median(times["ngram"])
+                print(f"  Llama.generate end to end: plain {t_plain:.3f} s, ngram {t_spec:.3f} s "
+                      f"({t_plain / t_spec:.2f}x)")
+    print()
+    for (kind, label), xs in speedups.items():
+        geo = math.exp(sum(math.log(x) for x in xs) / len(xs))
+        print(f"{kind:9} {label:14} geometric mean {geo:.2f}x, min {min(xs):.2f}x, max {max(xs):.2f}x")
 
 
 if __name__ == "__main__":

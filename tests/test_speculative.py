@@ -1,12 +1,15 @@
-"""Speculative greedy decoding (llamaforge.generation.speculative): output equal to plain greedy decoding.
+"""Speculative greedy decoding (llamaforge.generation.speculative, drafting): output equal to plain greedy decoding.
 
 The reference is `llamaforge.generation.generate` at temperature 0 on the same tiny random model (prefill,
 then one-token steps). Equality is exact (token ids), and so is the verification forward: each row's logits
 bit for bit those of a one-token step at its position, which is what the equality rests on.
-No test asserts on time; the Speedometer is driven by a fake clock.
+No test asserts on time: planners run on a fake clock, advanced by a cost per verified row.
 """
 
 from __future__ import annotations
+
+import json
+import random
 
 import pytest
 import torch
@@ -15,10 +18,12 @@ from llamaforge import kernels
 from llamaforge.errors import GenerationError
 from llamaforge.generation import SamplingParams, generate
 from llamaforge.generation.speculative import (
+    DraftPlanner,
     ModelDrafter,
     NgramDrafter,
     SpecStats,
-    Speedometer,
+    Steps,
+    check_same_vocabulary,
     model_steps,
     speculative_greedy,
 )
@@ -49,9 +54,32 @@ def plain(model: Transformer, prompt: list[int], n: int) -> list[int]:
     return tokens[0]
 
 
+class CostClock:
+    """A fake clock for a planner: each target call advances it by base + per_row * (rows - 1)."""
+
+    def __init__(self, base: float = 1.0, per_row: float = 0.1):
+        self.now, self.base, self.per_row = 0.0, base, per_row
+
+    def __call__(self) -> float:
+        return self.now
+
+    def charge(self, steps: Steps) -> Steps:
+        def verify(tokens, start):
+            self.now += self.base + self.per_row * (len(tokens) - 1)
+            return steps.verify(tokens, start)
+
+        return Steps(steps.prefill, verify, steps.max_seq_len)
+
+
+def always_draft(k: int = 7) -> DraftPlanner:
+    """A planner on a clock that never moves: every length costs nothing, so it always drafts the most."""
+    return DraftPlanner(k=k, clock=lambda: 0.0)
+
+
 PROMPTS = [
     [1, 5, 9, 2, 7, 5, 9, 2, 7, 5, 9, 2, 3],  # repetitive: prompt lookup finds matches
     [3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 9, 3, 2, 38, 46, 26, 43],
+    [8, 1, 8, 1, 8, 1, 8, 1],
 ]
 
 
@@ -61,7 +89,7 @@ def test_verify_rows_equal_one_token_steps(scheme):
     """The batched verification forward is row- and position-exact against one-token steps."""
     model = make_model(scheme)
     one, many = model_steps(model, SEQ), model_steps(model, SEQ)
-    prompt, rows = PROMPTS[1], [4, 17, 33, 2, 60]
+    prompt, rows = PROMPTS[1], [4, 17, 33, 2, 60, 7, 7, 1]
     one.prefill(prompt)
     many.prefill(prompt)
     singles = torch.stack([one.verify([t], len(prompt) + i)[0] for i, t in enumerate(rows)])
@@ -75,11 +103,26 @@ def test_verify_rows_equal_one_token_steps(scheme):
 def test_ngram_drafting_gives_the_plain_greedy_output(scheme, prompt):
     model = make_model(scheme)
     want = plain(model, prompt, 40)
-    stats = SpecStats()
-    got = speculative_greedy(model_steps(model, SEQ), prompt, 40, NgramDrafter(), k=4, stats=stats,
-                             speedometer=Speedometer(backoff=0))
-    assert got == want
-    assert stats.tokens == 40 and stats.accepted <= stats.drafted
+    for planner in (always_draft(), DraftPlanner(k=5)):
+        stats = SpecStats()
+        got = speculative_greedy(model_steps(model, SEQ), prompt, 40, NgramDrafter(), stats=stats, planner=planner)
+        assert got == want
+        assert stats.tokens == 40 and stats.accepted <= stats.drafted
+        assert stats.rounds + stats.plain_steps + stats.accepted == 39  # each call: its accepted tokens + 1
+
+
+@needs_kernels
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 8])
+def test_short_outputs_and_the_end_of_the_cache(n):
+    """max_new_tokens edges: none, one (the prefill's token only), a draft that would run past the limit, and
+    an output that ends exactly at the last position of the cache."""
+    model = make_model("q8_0")
+    prompt = PROMPTS[0]
+    want = plain(model, prompt, n) if n else []
+    assert speculative_greedy(model_steps(model, SEQ), prompt, n, NgramDrafter(), planner=always_draft()) == want
+    long_prompt = (PROMPTS[0] * 8)[: SEQ - n]
+    got = speculative_greedy(model_steps(model, SEQ), long_prompt, n, NgramDrafter(), planner=always_draft())
+    assert got == (plain(model, long_prompt, n) if n else [])
 
 
 @needs_kernels
@@ -91,53 +134,132 @@ def test_draft_model_gives_the_plain_greedy_output(draft_seed):
     prompt = PROMPTS[1]
     want = plain(target, prompt, 36)
     stats = SpecStats()
-    never_off = Speedometer(clock=lambda: 0.0)  # equal (zero) times: drafting never turns itself off
-    got = speculative_greedy(model_steps(target, SEQ), prompt, 36, ModelDrafter(model_steps(draft, SEQ)), k=3,
-                             stats=stats, speedometer=never_off)
+    got = speculative_greedy(model_steps(target, SEQ), prompt, 36, ModelDrafter(model_steps(draft, SEQ)),
+                             stats=stats, planner=always_draft(3))
     assert got == want
     assert stats.rounds > 0
     if draft_seed == 0:
         assert stats.accepted == stats.drafted  # the same model drafts exactly what it verifies
-        assert stats.rounds + stats.plain_steps < 36  # several tokens per round
+        assert stats.rounds + stats.plain_steps < 36 // 2  # several tokens per round
     else:
         assert stats.accepted < stats.drafted
 
 
 @needs_kernels
-def test_stop_ids_cut_like_plain_decoding():
+@pytest.mark.parametrize("drafter", ["ngram", "model"])
+def test_stop_ids_cut_like_plain_decoding(drafter):
     model = make_model("q8_0")
     prompt = PROMPTS[0]
     full = plain(model, prompt, 30)
-    stop = full[7]
-    got = speculative_greedy(model_steps(model, SEQ), prompt, 30, NgramDrafter(), stop_ids=[stop])
-    assert got == full[: full.index(stop) + 1]
+    for stop in (full[0], full[7], full[-1]):  # the prefill's token, one inside a draft, the last
+        d = NgramDrafter() if drafter == "ngram" else ModelDrafter(model_steps(model, SEQ))
+        got = speculative_greedy(model_steps(model, SEQ), prompt, 30, d, stop_ids=[stop], planner=always_draft())
+        assert got == full[: full.index(stop) + 1]
+
+
+def naive_lookup(ctx: list[int], k: int, max_n: int) -> tuple[list[int], int]:
+    """Prompt lookup by a scan: the continuation of the latest earlier occurrence of the longest tail n-gram."""
+    for n in range(min(max_n, len(ctx) - 1), 0, -1):
+        for start in range(len(ctx) - n - 1, -1, -1):
+            if ctx[start : start + n] == ctx[-n:]:
+                return ctx[start + n : start + n + k], n
+    return [], 0
 
 
 def test_ngram_drafter_proposes_what_followed_the_latest_match():
     d = NgramDrafter(max_ngram=2, min_ngram=1)
     assert d.propose([1, 2, 3, 4, 1, 2, 5, 6, 1, 2], 3) == [5, 6, 1]  # latest "1 2" is followed by 5 6 1
+    assert d.last_key == 2
     assert d.propose([1, 2, 3, 4, 9, 3], 2) == [4, 9]  # no 2-gram match: the 1-gram "3"
-    assert d.propose([1, 2, 3], 4) == []
+    assert d.last_key == 1
+    assert d.propose([1, 2, 3], 4) == [] and d.last_key == 0
     with pytest.raises(GenerationError):
         NgramDrafter(max_ngram=1, min_ngram=2)
 
 
-def test_speedometer_turns_drafting_off_when_rounds_are_slower_and_probes_again():
-    m = Speedometer(backoff=3, reprobe=100)
-    assert not m.should_draft()  # no plain rate yet: measure one plain step first
-    m.record(False, 1.0, 1)
-    assert m.should_draft()
-    m.record(True, 1.0, 2)  # 0.5 s per token: faster than plain, stays on
-    assert m.should_draft()
-    m.record(True, 4.0, 2)  # EMA 0.3 * 2.0 + 0.7 * 0.5 = 0.95 < 1.0: still on
-    assert m.should_draft()
-    m.record(True, 8.0, 1)  # 0.3 * 8 + 0.7 * 0.95 > 1.0: off for 3 steps
-    assert [m.should_draft() for _ in range(4)] == [False, False, False, True]
-    m.record(True, 2.0, 1)  # the retry is slower again: off for twice as long
-    assert [m.should_draft() for _ in range(7)] == [False] * 6 + [True]
-    m.record(True, 0.5, 1)  # a round that pays resets the wait
-    m.record(True, 50.0, 1)
-    assert [m.should_draft() for _ in range(4)] == [False, False, False, True]
+def test_ngram_index_equals_a_scan_as_the_context_grows_and_changes():
+    """The incremental index proposes what a scan of the whole context does, as the context grows token by
+    token and when a new context is not an extension of the last one."""
+    rng = random.Random(0)
+    d = NgramDrafter(max_ngram=4)
+    for _ in range(3):
+        ctx = [rng.randrange(6) for _ in range(5)]
+        for _ in range(120):
+            assert (d.propose(ctx, 5), d.last_key) == naive_lookup(ctx, 5, 4)
+            ctx.append(rng.randrange(6))
+
+
+def test_planner_drafts_the_length_with_most_tokens_per_second():
+    p = DraftPlanner(k=7, prior=(0.0, 1.0))
+    p.cost = {0: 1.0, 3: 1.3, 7: 2.1}
+    assert p.round_cost(1) == pytest.approx(1.1) and p.round_cost(5) == pytest.approx(1.7)
+    assert p.best_length("any", 7) == 0  # a prior of zero acceptance: never worth it
+    for _ in range(50):
+        p.record_acceptance("long", 7, 7)  # always accepted
+        p.record_acceptance("short", 7, 0)  # never
+    assert p.best_length("long", 7) == 7  # ~7.4 tokens for 2.1 beats ~3.8 for 1.3
+    assert p.best_length("long", 3) == 3  # no more than the proposal holds
+    assert p.best_length("short", 7) == 0
+    p.cost[7] = 8.5
+    assert p.best_length("long", 7) == 3  # now 4 tokens for 1.3 is best
+    with pytest.raises(GenerationError, match="k >= 1"):
+        DraftPlanner(k=0)
+
+
+def test_a_new_kind_of_proposal_starts_from_what_drafting_achieved():
+    p = DraftPlanner(prior=(2.0, 1.0))
+    assert p.acceptance("new", 1) == pytest.approx(2 / 3)  # nothing measured: the prior
+    for _ in range(40):
+        p.record_acceptance(1, 3, 0)  # 1-token matches: never continued
+    assert p.acceptance("new", 1) < 0.1  # a first 4-token match is not trusted more than drafting has earned
+    for _ in range(10):
+        p.record_acceptance(4, 3, 3)
+    assert p.acceptance(4, 1) > 0.6 > p.acceptance(1, 1)  # each kind learns its own rate
+
+
+def test_planner_backs_off_a_costly_drafter_and_tries_again():
+    p = DraftPlanner(k=4, backoff=3, prior=(1.0, 1.0))
+    assert p.length(None, 4, learns_unverified=False) == 0  # c(0) first
+    p.record_round(0, 1.0)
+    p.cost.update({d: 1.0 + 0.25 * d for d in range(1, 5)})  # each drafted token costs a quarter step
+    assert p.length(None, 4, learns_unverified=False) > 0  # the prior says 1/2: worth a try
+    for _ in range(3):
+        p.record_acceptance(None, 4, 0)
+    # off for 3 steps, then afresh: costs and acceptance forgotten, so the prior and a cost of 0.1 step a token
+    assert [p.length(None, 4, learns_unverified=False) for _ in range(5)] == [0, 0, 0, 0, 2]
+    p.record_round(2, 1.5)
+    for _ in range(3):
+        p.record_acceptance(None, 2, 0)
+    assert [p.length(None, 4, learns_unverified=False) for _ in range(8)] == [0] * 7 + [2]  # waits twice as long
+
+
+@needs_kernels
+def test_drafting_turns_itself_off_when_it_does_not_pay_and_on_when_it_does():
+    """With rows that cost a full step each, a drafter that is never right is soon not verified at all; prompt
+    lookup on text that repeats itself keeps drafting. Output equal to plain decoding either way."""
+
+    class Wrong:
+        cheap = True
+        last_key = None
+
+        def propose(self, context, k):
+            return [(context[-1] + 1 + i) % 64 for i in range(k)]  # never what the model says (checked below)
+
+    model = make_model("q8_0")
+    prompt = PROMPTS[2]
+    want = plain(model, prompt, 60)
+    clock = CostClock(base=1.0, per_row=1.0)  # a row costs as much as a step: only sure drafts pay
+    stats = SpecStats()
+    got = speculative_greedy(clock.charge(model_steps(model, SEQ)), prompt, 60, Wrong(), stats=stats,
+                             planner=DraftPlanner(clock=clock))
+    assert got == want and stats.accepted == 0
+    assert stats.rounds <= 3 and stats.plain_steps >= 56  # a few tries, then plain steps
+    clock = CostClock(base=1.0, per_row=0.05)
+    stats = SpecStats()
+    got = speculative_greedy(clock.charge(model_steps(model, SEQ)), prompt, 60, NgramDrafter(), stats=stats,
+                             planner=DraftPlanner(clock=clock))
+    assert got == want
+    assert stats.tokens_per_call > 1.5 and stats.acceptance > 0.5  # the model repeats the prompt's loop
 
 
 def test_bad_arguments_are_clear_errors():
@@ -151,6 +273,29 @@ def test_bad_arguments_are_clear_errors():
         speculative_greedy(steps, [1, 2], 4, NgramDrafter(), k=0)
     with pytest.raises(GenerationError, match="exceeds"):
         model_steps(model, SEQ + 1)
+
+
+def word_tokenizer(tmp_path, words):
+    """A WordLevel tokenizer.json over `words` (ids in order), loaded as a llamaforge Tokenizer."""
+    from llamaforge.tokenizer import Tokenizer
+
+    path = tmp_path / f"tok{abs(hash(tuple(words)))}.json"
+    path.write_text(json.dumps({
+        "version": "1.0", "added_tokens": [], "normalizer": None, "post_processor": None, "decoder": None,
+        "pre_tokenizer": {"type": "WhitespaceSplit"},
+        "model": {"type": "WordLevel", "vocab": {w: i for i, w in enumerate(words)}, "unk_token": words[0]},
+    }))
+    return Tokenizer.from_file(path)
+
+
+def test_a_draft_tokenizer_must_be_the_targets(tmp_path):
+    words = [f"w{i}" for i in range(64)]
+    same, other = word_tokenizer(tmp_path, words), word_tokenizer(tmp_path, words[:10] + ["x"] + words[11:])
+    check_same_vocabulary(same, word_tokenizer(tmp_path, list(words)))
+    with pytest.raises(GenerationError, match="token 10"):
+        check_same_vocabulary(same, other)
+    with pytest.raises(GenerationError, match="63 tokens"):
+        check_same_vocabulary(same, word_tokenizer(tmp_path, words[:63]))
 
 
 def test_llama_generate_speculative_equals_plain_greedy(default_tokenizer):
@@ -171,10 +316,36 @@ def test_llama_generate_speculative_equals_plain_greedy(default_tokenizer):
 
     llm, draft = tiny(0), tiny(1)
     prompts = [PROMPTS[0], [5, 9, 2, 7, 5, 9, 2, 7]]
-    plain_rows, _ = llm.generate(prompts, max_gen_len=24, temperature=0)
-    assert llm.generate(prompts, max_gen_len=24, temperature=0, speculative="ngram")[0] == plain_rows
-    assert llm.generate(prompts, max_gen_len=24, temperature=0, speculative=draft)[0] == plain_rows
+    for max_gen_len in (1, 24, SEQ):  # SEQ: bounded by the cache, as plain decoding is
+        plain_rows, _ = llm.generate(prompts, max_gen_len=max_gen_len, temperature=0)
+        assert llm.generate(prompts, max_gen_len=max_gen_len, temperature=0, speculative="ngram")[0] == plain_rows
+        assert llm.generate(prompts, max_gen_len=max_gen_len, temperature=0, speculative=draft)[0] == plain_rows
+    stop = plain_rows[0][5]
+    want = llm.generate(prompts, max_gen_len=24, temperature=0, stop_ids=[stop])[0]
+    assert llm.generate(prompts, max_gen_len=24, temperature=0, stop_ids=[stop], speculative="ngram")[0] == want
     with pytest.raises(GenerationError, match="temperature=0"):
         llm.generate(prompts, max_gen_len=4, temperature=0.7, speculative="ngram")
     with pytest.raises(GenerationError, match="'ngram' or a draft Llama"):
         llm.generate(prompts, max_gen_len=4, temperature=0, speculative="eagle")
+
+
+
+@needs_kernels
+def test_default_model_steps_compute_as_the_engine_and_speculation_equals_plain(default_tokenizer):
+    """On the default model as shipped (Q4_1 on the int8 kernels), model_steps' prefill (the engine's canonical
+    chunks) gives the logits the engine gives Llama.generate: its logprob of the first token, to float
+    rounding (the model's forward over the whole prompt moves the logits by ~0.5 there, which becomes another
+    token a few dozen tokens on); and prompt lookup gives exactly Llama.generate's plain rows."""
+    from llamaforge.api import Llama
+
+    llm = Llama.build(max_seq_len=256, max_batch_size=2, device="cpu", progress=False)
+    chat = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+    prompts = [llm.tokenizer.encode(chat.format("Write an email to a colleague."), allow_special=True),
+               llm.tokenizer.encode(chat.format("Repeat exactly: " + "The quick brown fox jumps over the lazy dog. " * 3),
+                                    allow_special=True)]
+    rows, lps = llm.generate(prompts[:1], max_gen_len=1, temperature=0, logprobs=True)
+    first = model_steps(llm.model, 256).prefill(prompts[0])
+    assert int(first.argmax()) == rows[0][0]
+    assert float(torch.log_softmax(first, -1)[rows[0][0]]) == pytest.approx(lps[0][0], abs=1e-5)
+    plain_rows, _ = llm.generate(prompts, max_gen_len=24, temperature=0)
+    assert llm.generate(prompts, max_gen_len=24, temperature=0, speculative="ngram")[0] == plain_rows

@@ -99,22 +99,22 @@ def speculative_rows(llama: "Llama", prompt_tokens, max_gen_len: int, speculativ
     if speculative == "ngram":
         drafter: Any = spec.NgramDrafter()
     elif isinstance(speculative, Llama):
-        if speculative.args.vocab_size != llama.args.vocab_size or \
-                speculative.tokenizer.n_words != llama.tokenizer.n_words:
-            raise GenerationError(
-                f"the draft model's vocabulary ({speculative.tokenizer.n_words} tokens) is not this model's "
-                f"({llama.tokenizer.n_words}): a draft model must share the tokenizer")
+        spec.check_same_vocabulary(llama.tokenizer, speculative.tokenizer)
+        if speculative.args.vocab_size != llama.args.vocab_size:
+            raise GenerationError(f"the draft model's output has {speculative.args.vocab_size} logits, this "
+                                  f"model's {llama.args.vocab_size}: a draft model must share the vocabulary")
         length = min(llama.max_seq_len, speculative.max_seq_len)
         drafter = spec.ModelDrafter(spec.model_steps(speculative.model, length, own_decode_step(speculative)))
     else:
         raise GenerationError(f"speculative must be 'ngram' or a draft Llama, got {speculative!r}")
     target = spec.model_steps(llama.model, llama.max_seq_len, own_decode_step(llama))
+    planner = spec.DraftPlanner()  # one for the call: what it measured on one prompt helps the next
     rows = []
     for p in prompt_tokens:
         n_new = min(max_gen_len, llama.max_seq_len - len(p))
         if isinstance(drafter, spec.ModelDrafter):
             n_new = min(n_new, drafter.steps.max_seq_len - len(p))
-        out = spec.speculative_greedy(target, p, n_new, drafter, stop_ids=sorted(stops))
+        out = spec.speculative_greedy(target, p, n_new, drafter, stop_ids=sorted(stops), planner=planner)
         rows.append(meta_cut(p + out, None, len(p), max_gen_len, echo, stops)[0])
     return rows
 
