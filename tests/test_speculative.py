@@ -344,7 +344,10 @@ def test_default_model_steps_compute_as_the_engine_and_speculation_equals_plain(
                llm.tokenizer.encode(chat.format("Repeat exactly: " + "The quick brown fox jumps over the lazy dog. " * 3),
                                     allow_special=True)]
     rows, lps = llm.generate(prompts[:1], max_gen_len=1, temperature=0, logprobs=True)
-    first = model_steps(llm.model, 256).prefill(prompts[0])
+    from llamaforge.runtime import DecodeStep
+
+    # the Llama's KV element type (float16 for this block-quantized file), as Llama.generate's steps use it
+    first = model_steps(llm.model, 256, DecodeStep(llm.model, fused=True, kv_type=llm.kv_type)).prefill(prompts[0])
     assert int(first.argmax()) == rows[0][0]
     assert float(torch.log_softmax(first, -1)[rows[0][0]]) == pytest.approx(lps[0][0], abs=1e-5)
     plain_rows, _ = llm.generate(prompts, max_gen_len=24, temperature=0)
