@@ -221,6 +221,23 @@ def test_many_short_or_a_few_long_requests_in_one_budget(qmodel):
         engine(qmodel, kv_blocks=15)
 
 
+def test_a_pool_with_every_slot_at_full_context_admits_every_slot_at_once(qmodel):
+    """The default pool (n_slots x full context) keeps no watermark: with it, the last of four prompts that
+    together claim the whole pool waited for the others to finish, and a batch of 4 decoded as 3 + 1."""
+    rng = random.Random(2)
+    prompts = [[rng.randrange(3, VOCAB) for _ in range(MAX_SEQ - 7)] for _ in range(4)]  # all 16 blocks of a slot each
+    eng = checked(engine(qmodel))  # kv_blocks None: 4 slots x 16 blocks, all claimed by the prompts
+    widths = []
+    decode = eng.runner.decode
+    eng.runner.decode = lambda cache, tokens, *a, **kw: (widths.append(len(tokens)), decode(cache, tokens, *a, **kw))[1]
+    eng.start()
+    try:
+        assert run(eng, [job(p, 4) for p in prompts]) == solo(qmodel, prompts, [4] * 4)
+        assert widths and set(widths) == {4}  # every decode step has all four rows
+    finally:
+        eng.close()
+
+
 def test_a_preempted_request_resumes_with_its_solo_answer(qmodel):
     """Three requests that outgrow the pool together: the youngest is preempted (its blocks go back) and
     later resumed (prompt prefilled again, its tokens replayed by decode steps), and every answer, greedy

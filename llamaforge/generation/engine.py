@@ -121,7 +121,8 @@ class Engine:
         self.cache = self.runner.new_pool(kv_blocks, round_up(max_seq_len, KV_ALIGN), chunk)
         self.pool = BlockPool(kv_blocks, chunk, caching=prefix_reuse)
         self.sched = Scheduler(self.pool, n_slots,
-                               lambda src, dst, n: self.runner.copy_block(self.cache, src, dst, n))
+                               lambda src, dst, n: self.runner.copy_block(self.cache, src, dst, n),
+                               seq_blocks=blocks_for(max_seq_len, chunk))
         self.batch = Batch(self.runner, self.cache, self.sched, chunk=chunk, prefill_budget=self.prefill_budget,
                            max_seq_len=max_seq_len)
         self._lock = threading.Condition()

@@ -6,7 +6,8 @@ chunk), sized by a memory budget, so many short or a few long sequences fit in t
 - **Admission.** A waiting request joins when a slot (a sequence of the batch, at most `n_slots`) is free
   for each of its choices and the pool can give the blocks of its prompt (less the prefix-cache hits) plus,
   for sibling choices, a block each for the prompt's partial last block, with a watermark of 1% of the pool
-  left over while others run (as vLLM's), so a new request does not at once push a running one out.
+  left over while others run (as vLLM's), so a new request does not at once push a running one out; none
+  when the pool holds every slot at full context (the engine's default), where growth cannot run out.
 - **Growth.** A sequence draws a block when its next position starts one (decode steps), never earlier.
 - **Preemption by recompute, replayed.** When a decode step needs more blocks than the pool has (free +
   cached), the youngest request (by submission) is preempted: its blocks go back (full prompt blocks stay in
@@ -81,13 +82,17 @@ class Active:
 class Scheduler:
     """Who holds which KV blocks; the engine thread's alone."""
 
-    def __init__(self, pool: BlockPool, n_slots: int, copy_block: Callable[[int, int, int], None]):
-        """copy_block(src, dst, length) copies cached positions [0, length) between blocks (the runner's)."""
+    def __init__(self, pool: BlockPool, n_slots: int, copy_block: Callable[[int, int, int], None],
+                 seq_blocks: Optional[int] = None):
+        """copy_block(src, dst, length) copies cached positions [0, length) between blocks (the runner's);
+        seq_blocks: the blocks of one sequence at full context. A pool that holds every slot at full context
+        can never run out as sequences grow, so it keeps no watermark (it would only keep the last slot idle)."""
         self.pool = pool
         self.n_slots = n_slots
         self.block_size = pool.block_size
         self._copy_block = copy_block
-        self.watermark = max(1, int(pool.n_blocks * WATERMARK))
+        full = seq_blocks is not None and pool.n_blocks >= n_slots * seq_blocks
+        self.watermark = 0 if full else max(1, int(pool.n_blocks * WATERMARK))
         self.prefilling: list[Active] = []
         self.decoding: list[Seq] = []
         self.preempted: list[Active] = []  # oldest first; they resume before new requests are admitted
