@@ -13,11 +13,12 @@
 //
 // Blocking: a pass takes up to MB activation rows and packs them (columns [0, K / 8 * 8)) in the order the
 // tiles read them; a thread's weight rows go in panels of NP rows, each converted to float32 once per pass
-// (NP x K floats: 64 KiB at K = 2048, in L2) while the previous panel computes the next one's rows are
-// prefetched. A tile (TILE_ROWS activation rows x TILE_PAIRS pairs of weight rows) keeps its accumulators
-// in registers over all K columns, reading the panel and the packed rows as two sequential streams, and
-// finishes its pairs at once: no accumulator traffic, and nothing waits on the weights in memory (the
-// conversion reads the panel's rows side by side; one row at a time, from 4 KiB pages, ran 20% slower).
+// (NP x K floats: 64 KiB at K = 2048, in L2), and while a panel computes, the next one's rows are prefetched
+// (the conversion reads a panel's rows side by side: one 4 KiB row at a time stalled on every page, -20%).
+// An AVX-512 tile (TILE_ROWS activation rows x TILE_PAIRS pairs of weight rows) keeps its accumulators in
+// registers over all K columns, reading the panel and its packed rows as two sequential streams from L2; the
+// AVX2 tile, with half the registers, reads twice the bytes per FMA, more than L2 feeds, so it runs over
+// slices of KC columns of the panel (8 KiB, in L1) with its accumulators waiting in `acc` between slices.
 // No include guard on purpose.
 
 namespace lfq {
@@ -31,7 +32,7 @@ constexpr int TILE_PAIRS = 4, TILE_ROWS = 6;  // 8 weight rows x 6 activation ro
 constexpr int64_t KC = int64_t{1} << 40;     // columns per tile call: all (the accumulators stay in registers)
 #else
 constexpr int TILE_PAIRS = 2, TILE_ROWS = 3;  // 4 weight rows x 3 activation rows: 12 ymm accumulators
-constexpr int64_t KC = 256;  // columns per tile call: 12 ymm loads per 8 KiB of panel read from L1, not L2
+constexpr int64_t KC = 256;  // columns per tile call (all K at once here: 44-62 instead of 62-78 GFLOP/s)
 #endif
 
 // Panel rows [0, np) as float32: step s (columns 8s .. 8s + 7), pair p holds 16 floats at
@@ -112,10 +113,26 @@ inline void tile(const float* blk, int64_t p0, const float* xp, int64_t steps, f
 template <int MR>
 inline void tile_rows(const float* blk, int64_t pairs, const float* xp, int64_t steps, float* out, bool first) {
   int64_t p = 0;
-  for (; p + 2 <= pairs; p += 2) tile<2, MR>(blk, p, xp, steps, out, first);
+  for (; p + TILE_PAIRS <= pairs; p += TILE_PAIRS) tile<TILE_PAIRS, MR>(blk, p, xp, steps, out, first);
   if (p < pairs) tile<1, MR>(blk, p, xp, steps, out, first);
 }
 #endif
+
+// hsum (qcommon.h) of the 8 accumulators at a, a + 8, .., a + 56, as one vector: the same additions in the
+// same order, (v0 + v4) + (v2 + v6) and (v1 + v5) + (v3 + v7), then their sum, 8 rows side by side.
+inline __m256 hsum8(const float* a) {
+  __m256 t[4];  // t[j]: rows 2j, 2j + 1, each as its 4 sums v[i] + v[i + 4]
+  for (int j = 0; j < 4; ++j) {
+    const __m256 r0 = _mm256_loadu_ps(a + 16 * j), r1 = _mm256_loadu_ps(a + 16 * j + 8);
+    t[j] = _mm256_add_ps(_mm256_permute2f128_ps(r0, r1, 0x20), _mm256_permute2f128_ps(r0, r1, 0x31));
+  }
+  __m256 u[2];  // u[h]: rows 4h, 4h + 2 (low half) and 4h + 1, 4h + 3 (high half), each as (s0 + s2, s1 + s3)
+  for (int h = 0; h < 2; ++h)
+    u[h] = _mm256_add_ps(_mm256_shuffle_ps(t[2 * h], t[2 * h + 1], 0x44), _mm256_shuffle_ps(t[2 * h], t[2 * h + 1], 0xEE));
+  // rows 0, 2, 4, 6 | 1, 3, 5, 7, then in order
+  const __m256 v = _mm256_add_ps(_mm256_shuffle_ps(u[0], u[1], 0x88), _mm256_shuffle_ps(u[0], u[1], 0xDD));
+  return _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
 
 // y[:, n0:n1] for a pass of M <= MB activation rows (y row-major with N columns).
 template <int64_t QT>
@@ -160,6 +177,10 @@ void gemm_pass(const uint16_t* w, int64_t n0, int64_t n1, int64_t K, const float
     }
     for (int64_t m = 0; m < M; ++m) {  // as float_tile finishes a pair: the lanes' sum, then the tail
       const float* xm = x + m * K;
+      if (np == NP && k8 == K) {  // a whole panel row, no tail: its 8 lane sums at once
+        _mm256_storeu_ps(y + m * N + p0, hsum8(acc + m * NP * 8));
+        continue;
+      }
       for (int64_t r = 0; r < np; ++r) {
         float s = hsum(_mm256_loadu_ps(acc + (m * NP + r) * 8));
         const uint16_t* row = w + (p0 + r) * K;
