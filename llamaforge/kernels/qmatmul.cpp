@@ -73,10 +73,10 @@ void QuantizedRows::quantize(const float* x, int64_t M, int64_t k) {
   q.resize(static_cast<size_t>(M * K));
   d.resize(static_cast<size_t>(M * nb));
   s.resize(static_cast<size_t>(M * nb));
-  h.resize(static_cast<size_t>(M * nb * 2));
+  h.resize(static_cast<size_t>(M * nb));
   at::parallel_for(0, M, std::max<int64_t>(1, 32768 / K), [&](int64_t m0, int64_t m1) {
     quantize_rows(x + m0 * K, m1 - m0, K, q.data() + m0 * K, d.data() + m0 * nb, s.data() + m0 * nb,
-                  h.data() + m0 * nb * 2);
+                  h.data() + m0 * nb);
   });
 }
 
@@ -353,7 +353,7 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t qt, int64_t
     constexpr int64_t QLINEAR_ROWS = 256;
     const Act all = rows.act();
     for (int64_t m = 0; m < M; m += QLINEAR_ROWS) {
-      const Act a{all.q + m * all.K, all.d + m * all.nb, all.s + m * all.nb, all.h + m * all.nb * 2, all.K, all.nb};
+      const Act a{all.q + m * all.K, all.d + m * all.nb, all.s + m * all.nb, all.h + m * all.nb, all.K, all.nb};
       float* ys[1] = {yp + m * N};
       matmul_many(ws, ys, 1, a, xf.data_ptr<float>() + m * K, std::min(QLINEAR_ROWS, M - m));
     }
