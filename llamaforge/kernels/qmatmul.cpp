@@ -174,32 +174,27 @@ inline void float_rows(const void* w, int64_t n, int64_t K, const float* x, int6
   }
 }
 
-// y[:, n0:n1] = x (M, K) @ W[n0:n1].T for a plain float weight. 16-bit rows: 4 weight rows x 2 activation
-// rows per tile (8 accumulators, 4 weight streams), 8 rows x 1 at M = 1 (8 streams: 8% faster whole-model
-// F16 decode than 4), single rows x up to 4 activation rows at the edges. Float32 rows up to M = 7: single
-// rows x up to 4 activation rows, read as one sequential stream: interleaving several float32 rows lost a
-// third of the bandwidth here (1 thread, 135M/360M/1B row lengths, M = 1: 21-28 GB/s single vs 14-23 GB/s
-// with 8 rows, 10-16 with 2-4; M = 2 and 4 alike, before the prefetch), which made the float32 decode step of
-// the default model 50% slower. From M = 8 on the FMAs, not the bytes, bound the time: 3 rows x 4 activation
-// rows (1.2-1.5x the rate of 1 x 8 in a microbenchmark, M = 8 and 16, 576- and 1536-wide rows), single rows
-// (1 x 8 tiles, then 1 x 4 ...) at the end.
+// y[:, n0:n1] = x (M, K) @ W[n0:n1].T for a plain float weight, M <= 8 (decode) for 16-bit weights, any M for
+// float32. Where the bytes bound the time: 16-bit rows take 8 weight rows x 1 at M = 1 (8 streams: 8% faster
+// whole-model F16 decode than 4) and 4 x 2 at M = 2-3; float32 rows up to M = 7 single rows x up to 4
+// activation rows, read as one sequential stream: interleaving several float32 rows lost a third of the
+// bandwidth here (1 thread, 135M/360M/1B row lengths, M = 1: 21-28 GB/s single vs 14-23 GB/s with 8 rows, 10-16
+// with 2-4; M = 2 and 4 alike, before the prefetch), which made the float32 decode step of the default model 50%
+// slower. Where the FMAs bound it (16-bit from M = 4, float32 from M = 8): 3 rows x 4 activation rows (12
+// chains, 7 loads per 12 FMAs), in a microbenchmark 1.2-1.5x the rate of float32 1 x 8 (M = 8 and 16, 576- and
+// 1536-wide rows) and of F16 4 x 2 (M = 4, 2048- and 8192-wide rows). Single rows (1 x 8, 1 x 4, ...) at the end.
 template <int64_t QT>
 void matmul_float(const void* w, int64_t n0, int64_t n1, int64_t K, const float* x, int64_t M, float* y, int64_t N) {
   int64_t n = n0;
-  if constexpr (QT == T_F32) {
-    if (M >= 8)  // compute-bound: 3 rows x 4 activations (12 chains, 7 loads) did 1.2-1.5x the FMAs of 1 x 8
-      for (; n + 3 <= n1; n += 3) float_rows<QT, 3>(w, n, K, x, M, y, N);
-  } else {
+  if (M >= (QT == T_F32 ? 8 : 4)) {
+    for (; n + 3 <= n1; n += 3) float_rows<QT, 3>(w, n, K, x, M, y, N);
+  } else if constexpr (QT != T_F32) {
     if (M == 1)
       for (; n + 8 <= n1; n += 8) float_tile<QT, 8, 1, true>(w, n, K, x, 0, y, N);
     for (; n + 4 <= n1; n += 4) {
-      int64_t m = 0;
-      for (; m + 2 <= M; m += 2) {
-        if (m == 0) float_tile<QT, 4, 2, true>(w, n, K, x, m, y, N);
-        else float_tile<QT, 4, 2, false>(w, n, K, x, m, y, N);
-      }
-      if (m < M && m == 0) float_tile<QT, 4, 1, true>(w, n, K, x, m, y, N);
-      else if (m < M) float_tile<QT, 4, 1, false>(w, n, K, x, m, y, N);
+      if (M == 1) float_tile<QT, 4, 1, true>(w, n, K, x, 0, y, N);
+      else float_tile<QT, 4, 2, true>(w, n, K, x, 0, y, N);
+      if (M == 3) float_tile<QT, 4, 1, false>(w, n, K, x, 2, y, N);
     }
   }
   for (; n < n1; ++n) float_rows<QT, 1>(w, n, K, x, M, y, N);
