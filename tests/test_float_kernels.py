@@ -105,3 +105,24 @@ def test_prefill_gemm_splits_across_threads_exactly(qt):
         assert torch.equal(linear(x, w, qt), one)
     finally:
         ext.min_bytes_per_thread(was)
+
+
+@pytest.mark.parametrize("qt", list(TYPES))
+def test_decode_tiles_split_across_threads_exactly(qt):
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(77, 104, generator=g).to(TYPES[qt][1])  # thread ranges cut 8-, 4- and 3-row tiles anywhere
+    x = torch.randn(16, 104, generator=g)
+    sizes = (1, 2, 3, 4, 5, 8, 16) if qt == "F32" else (1, 2, 3, 4, 5, 8)
+    with torch.inference_mode():
+        was_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            one = [linear(x[:m], w, qt) for m in sizes]
+        finally:
+            torch.set_num_threads(was_threads)
+        was = ext.min_bytes_per_thread(1)
+        try:
+            for m, y in zip(sizes, one):
+                assert torch.equal(linear(x[:m], w, qt), y), m
+        finally:
+            ext.min_bytes_per_thread(was)
