@@ -63,3 +63,23 @@ def test_streamed_text_offsets_continue_the_text(client):
         whole = client.completions.create(echo=echo, **kw).choices[0]
         assert "".join(c.choices[0].text for c in chunks) == whole.text
         assert sent == len(whole.text) and len(chunks) > 3
+
+
+def test_text_too_long_for_any_tokenization_is_refused_before_tokenizing(client, monkeypatch):
+    """Before the fix a 7 MB prompt was tokenized (25 s of a core) only to be refused for its token count."""
+    from llamaforge.tokenizer import Tokenizer
+
+    def never(*a, **k):
+        raise AssertionError("tokenized text that cannot fit")
+
+    monkeypatch.setattr(Tokenizer, "encode", never)
+    huge = "hello world " * 60_000  # 720 kB: more than 64 tokens of at most 4x the longest token's bytes
+    for call in (lambda: client.completions.create(model="tiny", prompt=huge, max_tokens=1),
+                 lambda: client.completions.create(model="tiny", prompt=["hi", huge], max_tokens=1),
+                 lambda: client.chat.completions.create(model="tiny", max_tokens=1, messages=[
+                     {"role": "system", "content": huge[:400_000]}, {"role": "user", "content": huge[:400_000]}]),
+                 lambda: client.embeddings.create(model="tiny", input=huge)):
+        with pytest.raises(openai.BadRequestError) as err:
+            call()
+        assert err.value.status_code == 400 and err.value.body["code"] == "context_length_exceeded"
+        assert "bytes of text" in err.value.body["message"]
