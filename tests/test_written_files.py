@@ -14,6 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -74,3 +75,46 @@ def test_a_killed_write_leaves_no_file_under_the_final_name(tmp_path):
     args = tiny_args()
     save_gguf(args, random_state_dict(args), out)
     assert load(out).format == "gguf"
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_a_gguf_lora_for_a_qwen_base_is_what_llama_cpp_applies(kind, tmp_path):
+    """Failed before its fix: the GGUF LoRA file always said `llama` (llama.cpp refuses an adapter whose
+    architecture is not the model's) and kept B of wq / wk in Meta's rows where qwen2 / qwen3 GGUF weights
+    are rotate-half. The reference: transformers' model with the same deltas merged into its weights."""
+    from llamaforge.checkpoints.adapters import read_adapter, save_gguf_lora
+    from llamaforge.checkpoints.hf import meta_to_hf_qk
+    from llamaforge.convert import convert
+    from tests.test_architectures import TOKENS, make_hf
+
+    ref = make_hf(kind, tmp_path / "hf", dim=64, hidden=96)
+    base = convert(tmp_path / "hf", tmp_path / "f32.gguf", to="gguf", dtype="f32")
+    args = load(base).args
+    r, gen = 4, torch.Generator().manual_seed(1)
+    shapes = {"wq": args.n_heads * args.head_dim, "wk": args.n_kv_heads * args.head_dim,
+              "wv": args.n_kv_heads * args.head_dim}
+    weights = {f"layers.{i}.attention.{m}": (0.3 * torch.randn(r, args.dim, generator=gen),
+                                            0.3 * torch.randn(out, r, generator=gen))
+               for i in range(args.n_layers) for m, out in shapes.items()}
+    adapter = Adapter(weights, alpha=8.0, rank=r)
+    path = save_gguf_lora(adapter, args, tmp_path / "lora.gguf")
+    import gguf
+
+    assert gguf.GGUFReader(str(path)).get_field("general.architecture").contents() == kind
+    back = read_adapter(path, args)  # llamaforge reads its own file back in Meta's rows
+    for k, (a, b) in weights.items():
+        assert torch.equal(back.weights[k][0], a) and torch.equal(back.weights[k][1], b), k
+    llama_cpp = pytest.importorskip("llama_cpp")
+    hf_names = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj"}
+    with torch.no_grad():
+        for k, (a, b) in weights.items():
+            layer, m = int(k.split(".")[1]), k.rsplit(".", 1)[1]
+            heads = {"wq": args.n_heads, "wk": args.n_kv_heads}.get(m)
+            b_hf = meta_to_hf_qk(b, heads, args.head_dim) if heads else b
+            getattr(ref.model.layers[layer].self_attn, hf_names[m]).weight.add_(adapter.alpha / r * b_hf @ a)
+        want = ref(TOKENS).logits[0].numpy()
+    llm = llama_cpp.Llama(model_path=str(base), lora_path=str(path), n_ctx=64, logits_all=True, verbose=False,
+                          n_threads=1, type_k=0, type_v=0, flash_attn=False)  # float32 cache: exact to 1e-3
+    llm.eval(TOKENS[0].tolist())
+    got = np.array(llm.scores[: TOKENS.shape[1]])
+    np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
