@@ -131,3 +131,12 @@ def test_the_api_key_error_on_api_routes_is_ollama_shaped(default_tokenizer):
             ollama_client(c).list()
         assert err.value.status_code == 401 and "API key" in err.value.error
         assert json.loads(c.get("/v1/models").text)["error"]["code"] == "invalid_api_key"
+
+
+def test_unreadable_bodies_on_the_openai_routes_say_what_to_send(app_client):
+    """Invalid UTF-8 and too-deep nesting got FastAPI's "There was an error parsing the body"."""
+    for body in (b'{"prompt": "\xff\xfe", "max_tokens": 1}', b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"):
+        r = app_client.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", r.text
+        assert "UTF-8 JSON" in r.json()["error"]["message"]
+    assert app_client.get("/v1/models").status_code == 200

@@ -123,6 +123,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":  # FastAPI's words
+            return body(request, APIError(400, "the request body cannot be read as JSON: send UTF-8 JSON text, "
+                                          "nested at most a few hundred levels deep", code="invalid_json"))
         message = {404: "no such route", 405: "method not allowed on this route"}.get(exc.status_code, str(exc.detail))
         return body(request, APIError(exc.status_code, f"{message}: see GET /docs for the API"))
 
