@@ -47,7 +47,8 @@ def test_every_file_of_a_written_folder_follows_the_umask(umask_022, tmp_path, s
     assert stat.S_IMODE(gguf.stat().st_mode) == umask_022
     assert stat.S_IMODE(hf.stat().st_mode) == 0o755
     r = 4
-    adapter = Adapter({"layers.0.attention.wq": (torch.zeros(r, args.dim), torch.zeros(args.dim, r))}, alpha=8.0, rank=r)
+    wq = (torch.zeros(r, args.dim), torch.zeros(args.dim, r))
+    adapter = Adapter({"layers.0.attention.wq": wq}, alpha=8.0, rank=r)
     peft = save_peft(adapter, args, tmp_path / "lora")
     assert set(modes(peft).values()) == {umask_022}, modes(peft)
 

@@ -164,7 +164,8 @@ class Preparer:
     # -- endpoints ------------------------------------------------------------------------------
 
     def completion(self, req: CompletionRequest, fill: bool = False) -> Prepared:
-        """Jobs of a /v1/completions request; `fill`: max_tokens counts at most to a full context (Ollama's num_predict)."""
+        """Jobs of a /v1/completions request; `fill`: max_tokens counts at most to a full context
+        (Ollama's num_predict)."""
         adapter = self.adapter_for(req.model)
         self._check_n(req.n, req.best_of)
         if req.suffix:
