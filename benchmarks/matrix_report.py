@@ -187,8 +187,12 @@ def render(runs: list[dict], records: list[dict]) -> str:
            f". Load average {min(loads, default=0):.1f} to {max(loads, default=0):.1f} during the cells. Random "
            "weights in Llama shapes (benchmarks/shapes.py), files made by llama.cpp's quantizer. Decode: each "
            f"one-token step timed on its own, median of {s.get('steps', '?')} steps x {s.get('runs', '?')} runs "
-           f"at batch 1 after the short prompt, of {s.get('long_steps', '?')} after a long one and of one run "
-           "at batches; best = fastest step. GB/s = (weight bytes + KV cache at that context) x tok/s, and as a "
+           "at batch 1 after the short prompt" +
+           (f", of {s.get('long_steps', '?')} after a long one" if any(r["cell"]["context"] > 512 for r in records)
+            else "") +
+           (f", of {s.get('steps', '?')} steps of one run at batches" if any(r["cell"]["batches"] != [1]
+                                                                        for r in records) else "") +
+           "; best = fastest step. GB/s = (weight bytes + KV cache at that context) x tok/s, and as a "
            "share of the bandwidth at that thread count. Ratios: llamaforge / the faster of llama.cpp's "
            "flash-attention settings per figure. Load: a fresh process to the first token's logits "
            "(llamaforge's x8 cache written beforehand).", ""]

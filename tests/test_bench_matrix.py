@@ -63,6 +63,11 @@ def test_important_cells_come_first_and_tiers_never_go_back():
     assert {(c.threads, c.context, c.batches) for c in first} == {(2, 128, (1,))}
     tiers = [matrix.tier(c, 128) for c in plan]
     assert tiers == sorted(tiers)
+    first_of = lambda test: next(i for i, c in enumerate(plan) if test(c))  # noqa: E731
+    # then 8B at 128 tokens, the 4k prompts, batches, llama.cpp without flash attention, one thread
+    assert len(first) == first_of(lambda c: c.shape == "8b") < first_of(lambda c: c.context == 4096) \
+        < first_of(lambda c: c.batches != (1,)) < first_of(lambda c: c.label == "llama.cpp FA off") \
+        < first_of(lambda c: c.threads == 1)
     assert first[0].key == "1b/Q4_0/t2/llamaforge/p128/b1" and first[1].key == "1b/Q4_0/t2/llama.cpp-FA-on/p128/b1"
     assert plan[-1].threads == 1 or plan[-1].shape == "8b"
 
