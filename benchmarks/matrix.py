@@ -24,6 +24,7 @@ import datetime as _dt
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -249,7 +250,10 @@ class X8Caches:
                 break
             if old != mine:
                 old.unlink(missing_ok=True)
-        prime_x8_cache([gguf], self.timeout)
+        try:
+            prime_x8_cache([gguf], self.timeout)
+        except (subprocess.SubprocessError, OSError) as exc:  # the cell then writes it (and its load says so)
+            print(f"[matrix] priming the x8 cache of {gguf.name} failed ({exc}); the cell runs anyway", flush=True)
         self.primed.add(gguf)
 
     def drop(self, gguf: Path) -> None:
@@ -271,11 +275,12 @@ def run_matrix(args, command: str, src: Path, text: str, bandwidth, machine) -> 
     short = min(args.contexts)
     path = args.out or Path(__file__).resolve().parent / "_work" / "results" / f"matrix-{args.matrix}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
+    _, earlier = read_results(path)  # the cells of an earlier run also calibrate the estimates
     if not args.resume and not args.plan:
         moved = set_aside(path)
         if moved:
             print(f"[matrix] an earlier results file was moved to {moved} (--resume continues one)", flush=True)
-    runs, done = read_results(path)
+    done = earlier if args.resume else {}
     todo = pending(plan, done)
     files = {}
     for shape in args.shapes:
@@ -285,8 +290,13 @@ def run_matrix(args, command: str, src: Path, text: str, bandwidth, machine) -> 
     todo = [c for c in todo if c.type in files[c.shape]]
     sizes = {(c.shape, c.type): files[c.shape][c.type].stat().st_size for c in todo}
     estimates = {c.key: estimate_s(c, sizes[(c.shape, c.type)], args.steps, args.long_steps, args.runs) for c in todo}
+    # what the cells measured so far took against their estimates: the scale of the estimates from here on
+    timed = [r for r in earlier.values() if "error" not in r.get("result", {}) and r.get("estimate_s")]
+    spent, estimated = sum(r["wall_s"] for r in timed), sum(r["estimate_s"] for r in timed)
+    how = f"x {scale_of(spent, estimated):.2f}, from the {len(timed)} cells measured" if timed else "quiet machine"
     print(f"[matrix] {len(plan)} cells in the matrix, {len(plan) - len(pending(plan, done))} done in {path}, "
-          f"{len(todo)} to run, estimated (quiet machine):\n{plan_summary(todo, estimates, short)}", flush=True)
+          f"{len(todo)} to run, estimated ({how}):\n"
+          f"{plan_summary(todo, estimates, short, scale_of(spent, estimated))}", flush=True)
     for shape, t in missing:
         print(f"[matrix] skipped: {shape} {t} is not made; make it with `python benchmarks/shapes.py {shape} "
               f"--types {t}` (or pass --make-files)", flush=True)
@@ -306,9 +316,8 @@ def run_matrix(args, command: str, src: Path, text: str, bandwidth, machine) -> 
     prompts = {str(p): long_prompt(tok, text, p) for p in args.contexts}
     x8 = X8Caches(cache_dir() / "x8-matrix", args.timeout)
     last_use = {files[c.shape][c.type]: i for i, c in enumerate(todo)}
-    spent = estimated = 0.0
     for i, c in enumerate(todo):
-        scale = min(5.0, max(0.3, spent / estimated)) if estimated else 1.0
+        scale = scale_of(spent, estimated)
         left = scale * estimates[c.key]
         if args.budget_minutes and time.time() - started + left > 60 * args.budget_minutes:
             rest = scale * sum(estimates[x.key] for x in todo[i:]) / 60
@@ -337,6 +346,11 @@ def run_matrix(args, command: str, src: Path, text: str, bandwidth, machine) -> 
         write_markdown(path, render)
     print("\n" + write_markdown(path, render), flush=True)
     print(f"[matrix] results in {path} and {path.with_suffix('.md')}", flush=True)
+
+
+def scale_of(spent: float, estimated: float) -> float:
+    """Measured over estimated seconds of the cells so far (1 before any), kept within 0.3-5."""
+    return min(5.0, max(0.3, spent / estimated)) if estimated > 0 else 1.0
 
 
 def write_markdown(path: Path, render) -> str:

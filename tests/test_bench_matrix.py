@@ -89,6 +89,7 @@ def test_estimates_grow_with_size_context_batches_and_fewer_threads():
     assert est(matrix.Cell("1b", "Q4_0", 2, "llamaforge", False, 128, (4, 16))) > base
     assert est(matrix.Cell("1b", "Q4_0", 1, "llamaforge", False, 128, (1,))) > base
     assert est(c, size=4 * 10**9) > est(c, size=10**9)
+    assert (matrix.scale_of(0, 0), matrix.scale_of(30, 10), matrix.scale_of(1e6, 1)) == (1.0, 3.0, 5.0)
     # the shapes' weights, embedding included (49,152-token vocabulary)
     assert abs(matrix.n_params("1b") - 1.07e9) / 1.07e9 < 0.03
     assert abs(matrix.n_params("8b") - 7.38e9) / 7.38e9 < 0.03
@@ -204,6 +205,10 @@ def test_driver_keeps_each_cell_and_resume_finishes_the_rest(monkeypatch, tmp_pa
     runs, done = matrix.read_results(tmp_path / "m.jsonl")
     assert len(calls) == 5 and len(done) == 8 and len(runs) == 2  # 2 types x 2 engines x (batch 1, batches)
     assert "2.00x" in (tmp_path / "m.md").read_text()  # llamaforge 20 tok/s over llama.cpp's 10
+    # without --resume the finished file is set aside and every cell runs again
+    calls.clear()
+    matrix.run_matrix(_args(tmp_path), "cmd", tmp_path / "m.gguf", "text", _bandwidth, _machine)
+    assert len(calls) == 8 and len(list(tmp_path.glob("m.*.jsonl"))) == 1
 
 
 def test_driver_stops_at_its_budget(monkeypatch, tmp_path):
