@@ -6,7 +6,7 @@ ones) in the shapes of Meta's Llama 3.2 1B / 3B and Llama 3.1 8B, with the defau
 than Llama 3's 128,256 rows, 2.4-8% of the weights instead of 8-21%). Llama 3's rope scaling is left out
 (it changes no cost). One source file per shape is written by gguf-py, streamed tensor by tensor (an 8B never
 sits in memory): F16 at 1B and 3B, Q8_0 at 8B (an 8B F16 file is 15 GB; gguf-py's Q8_0 is llama.cpp's
-reference quantizer ported to numpy). That file is also the benchmark file of its type; every other type is
+reference quantizer ported to numpy; at 8B, 256 random rows repeat down each matrix, TILE_ROWS). That file is also the benchmark file of its type; every other type is
 made from it by llama.cpp's own quantizer (`llama_model_quantize` through llama-cpp-python), as a llama.cpp
 user makes them (from Q8_0 at 8B: llama.cpp picks each tensor's type by name, not by the source's type).
 Files are cached outside the repository in $LLAMAFORGE_BENCH_CACHE (default ~/.cache/llamaforge/bench-shapes);
@@ -51,6 +51,9 @@ SHAPES = {
 FTYPES = {"Q4_0": 2, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18, "Q8_0": 7, "F16": 1, "BF16": 32}
 # the type gguf-py writes each shape's source file in (the others are quantized from it)
 SOURCE_TYPE = {"1b": "F16", "3b": "F16", "8b": "Q8_0"}
+# rows of random weights a quantized source file repeats down each matrix: numpy's Q8_0 quantizer takes minutes
+# of a core for an 8B, and speed does not depend on values (every row is still read, none is shared)
+TILE_ROWS = 256
 ROPE_THETA = 500000.0
 CONTEXT = 8192
 
@@ -137,9 +140,11 @@ def write_source(shape: str, tokenizer_gguf: Path, dst: Path) -> None:
     for name, shp in tensors:
         if len(shp) == 1:
             w.write_tensor_data(np.ones(shp, dtype=np.float32))
-            continue
-        x = rng.standard_normal(shp, dtype=np.float32) * 0.02
-        w.write_tensor_data(x.astype(np.float16) if ggml is None else quantize(x, ggml))
+        elif ggml is None:
+            w.write_tensor_data((rng.standard_normal(shp, dtype=np.float32) * 0.02).astype(np.float16))
+        else:  # TILE_ROWS random rows, quantized once and repeated down the matrix (rows are blocks of their own)
+            rows = quantize(rng.standard_normal((TILE_ROWS, shp[1]), dtype=np.float32) * 0.02, ggml)
+            w.write_tensor_data(np.tile(rows, (shp[0] // TILE_ROWS, 1)))
     w.close()
     tmp.rename(dst)
 
