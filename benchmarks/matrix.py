@@ -225,40 +225,46 @@ def set_aside(path: Path) -> Optional[Path]:
 
 class X8Caches:
     """llamaforge's x8 caches of the matrix's files, in a folder of their own ($LLAMAFORGE_X8_CACHE for the
-    cells): one written before a file's first cell, deleted after its last; others evicted when disk is short."""
+    cells): one written before a file's first cell, deleted after its last; others evicted when disk is short,
+    and none written (the cells repack at load, "off") when even then the disk would keep less than X8_RESERVE."""
 
     def __init__(self, folder: Path, timeout: int):
-        self.folder, self.timeout, self.primed = folder, timeout, set()
+        self.folder, self.timeout, self.state = folder, timeout, {}
         folder.mkdir(parents=True, exist_ok=True)
-        os.environ["LLAMAFORGE_X8_CACHE"] = str(folder)  # the cells inherit it
 
     def _path(self, gguf: Path) -> Path:
         from llamaforge.runtime.x8_cache import cache_path
 
         return cache_path(gguf, self.folder)
 
-    def prime(self, gguf: Path) -> None:
-        """Make room, then load `gguf` once (writes its cache and brings the file into the page cache)."""
+    def use(self, gguf: Path) -> bool:
+        """Make room, load `gguf` once (writes its cache, brings the file into the page cache) and point the
+        cells at the folder; False (and the cells' cache off) when there is no room."""
         from compare_shapes import prime_x8_cache
 
-        if gguf in self.primed:
-            return
-        need = gguf.stat().st_size + X8_RESERVE
-        mine = self._path(gguf)
-        for old in sorted(self.folder.glob("*.x8"), key=lambda f: f.stat().st_mtime):
-            if shutil.disk_usage(self.folder).free >= need:
-                break
-            if old != mine:
-                old.unlink(missing_ok=True)
-        try:
-            prime_x8_cache([gguf], self.timeout)
-        except (subprocess.SubprocessError, OSError) as exc:  # the cell then writes it (and its load says so)
-            print(f"[matrix] priming the x8 cache of {gguf.name} failed ({exc}); the cell runs anyway", flush=True)
-        self.primed.add(gguf)
+        if gguf not in self.state:
+            need = gguf.stat().st_size + X8_RESERVE
+            mine = self._path(gguf)
+            for old in sorted(self.folder.glob("*.x8"), key=lambda f: f.stat().st_mtime):
+                if shutil.disk_usage(self.folder).free >= need:
+                    break
+                if old != mine:
+                    old.unlink(missing_ok=True)
+            self.state[gguf] = mine.exists() or shutil.disk_usage(self.folder).free >= need
+            os.environ["LLAMAFORGE_X8_CACHE"] = str(self.folder) if self.state[gguf] else "off"
+            if not self.state[gguf]:
+                print(f"[matrix] no disk for the x8 cache of {gguf.name}: its llamaforge cells repack at load",
+                      flush=True)
+            try:
+                prime_x8_cache([gguf], self.timeout)
+            except (subprocess.SubprocessError, OSError) as exc:  # the cell then writes it (and its load says so)
+                print(f"[matrix] priming the x8 cache of {gguf.name} failed ({exc}); the cell runs anyway", flush=True)
+        os.environ["LLAMAFORGE_X8_CACHE"] = str(self.folder) if self.state[gguf] else "off"  # the cells inherit it
+        return self.state[gguf]
 
     def drop(self, gguf: Path) -> None:
         self._path(gguf).unlink(missing_ok=True)
-        self.primed.discard(gguf)
+        self.state.pop(gguf, None)
 
 
 # --------------------------------------------------------------------------------------------- the run
@@ -325,8 +331,7 @@ def run_matrix(args, command: str, src: Path, text: str, bandwidth, machine) -> 
                   f"(~{rest:.0f} min); `--resume` runs them", flush=True)
             break
         f = files[c.shape][c.type]
-        if c.engine == "llamaforge":
-            x8.prime(f)
+        x8_on = x8.use(f) if c.engine == "llamaforge" else None
         cfg = {"engine": c.engine, "model": str(f), "threads": c.threads, "prompt_lens": [c.context],
                "prompts": {str(c.context): prompts[str(c.context)]}, "batches": list(c.batches), "plan": c.plan,
                "steps": args.steps, "long_steps": args.long_steps, "runs": args.runs, "flash_attn": c.flash_attn,
@@ -340,7 +345,7 @@ def run_matrix(args, command: str, src: Path, text: str, bandwidth, machine) -> 
         print(res["error"] if "error" in res else f"{wall:.0f} s", flush=True)
         append(path, {"kind": "cell", "key": c.key, "cell": asdict(c), "file": f.name, "wall_s": wall,
                       "estimate_s": estimates[c.key], "steps": args.steps, "long_steps": args.long_steps,
-                      "time": _dt.datetime.now().strftime("%H:%M:%S"), "result": res})
+                      "time": _dt.datetime.now().strftime("%H:%M:%S"), "x8_cache": x8_on, "result": res})
         if last_use[f] == i:
             x8.drop(f)
         write_markdown(path, render)

@@ -60,9 +60,13 @@ class Figures:
         return (c["_res"]["bytes_per_token"] + c["_res"]["kv_bytes_per_position"] * p) * c["decode_tok_s"] / 1e9
 
     def load_s(self, t: str, engine: str) -> Optional[float]:
-        c = self.cell(t, engine, self.short, 1) or next(
-            (self.cell(t, engine, p, 1) for p in self.contexts if self.cell(t, engine, p, 1)), None)
+        c = self.load_cell(t, engine)
         return None if c is None else c["_res"]["load_s"]
+
+    def load_cell(self, t: str, engine: str) -> Optional[dict]:
+        """The batch-1 cell whose load time stands for this file (the short prompt's, else any)."""
+        return self.cell(t, engine, self.short, 1) or next(
+            (self.cell(t, engine, p, 1) for p in self.contexts if self.cell(t, engine, p, 1)), None)
 
     def peer_best(self, t: str, p: int, b: int, name: str) -> Optional[float]:
         """llama.cpp's faster flash-attention setting for this figure."""
@@ -117,7 +121,9 @@ def figures_table(fg: Figures) -> list[str]:
             if (t, e) in fg.errors and not any(fg.cell(t, e, p, 1) for p in lens):
                 out.append(f"| {t} | {e} | {fg.errors[(t, e)][:120]} |")
                 continue
-            row = [t, e, _f(fg.load_s(t, e), "{:.2f}")]
+            lc = fg.load_cell(t, e)
+            no_x8 = lc is not None and lc["_rec"].get("x8_cache") is False  # repacked at load: no room for its cache
+            row = [t, e, _f(fg.load_s(t, e), "{:.2f}") + (" (no x8 cache)" if no_x8 else "")]
             row += [_f(fg.figure(t, e, p, 1, "prefill_tok_s")) for p in lens]
             for p in lens:
                 c = fg.cell(t, e, p, 1)

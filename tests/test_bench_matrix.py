@@ -279,3 +279,32 @@ def test_render_command_reads_a_jsonl(tmp_path, capsys):
     compare.main(["--render", str(path)])
     assert "#### Issue 15's targets" in capsys.readouterr().out
     assert json.loads(path.read_text().splitlines()[0])["kind"] == "run" and (tmp_path / "m.md").exists()
+
+
+def test_x8_caches_make_room_or_turn_off(monkeypatch, tmp_path):
+    import collections
+    import os
+
+    monkeypatch.setenv("LLAMAFORGE_X8_CACHE", "unset")
+    primed = []
+    monkeypatch.setattr(compare_shapes, "prime_x8_cache", lambda files, timeout: primed.extend(files))
+    model, other = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    model.write_bytes(b"x" * 1000)
+    other.write_bytes(b"x")
+    x8 = matrix.X8Caches(tmp_path / "x8", timeout=9)
+    old = x8._path(other)
+    old.write_bytes(b"old cache")
+    usage = collections.namedtuple("usage", "total used free")
+    free = {"bytes": matrix.X8_RESERVE}  # short of a 1000-byte file's cache until the old cache goes
+    monkeypatch.setattr(matrix.shutil, "disk_usage",
+                        lambda p: usage(0, 0, free["bytes"] + (0 if old.exists() else 10**6)))
+    assert x8.use(model) is True and not old.exists() and primed == [model]
+    assert os.environ["LLAMAFORGE_X8_CACHE"] == str(tmp_path / "x8")
+    assert x8.use(model) is True and primed == [model]  # primed once per file
+    x8.drop(model)
+    old.write_bytes(b"old cache")
+    free["bytes"] = -10**7  # no room even after evicting
+    assert x8.use(model) is False and os.environ["LLAMAFORGE_X8_CACHE"] == "off"
+    rec = _records()[:2]
+    rec[0]["x8_cache"] = False
+    assert "| Q4_0 | llamaforge | 0.50 (no x8 cache) |" in matrix_report.render([_run_record()], rec)
