@@ -77,7 +77,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch-gen-len", type=int, help="new tokens per sequence in batched runs (64; quick 32)")
     p.add_argument("--batch-runs", type=int, help="timed runs per batched figure (2; quick 1)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds one engine process may take")
-    p.add_argument("--out", type=Path, help="markdown file to write (default benchmarks/_work/results/)")
+    p.add_argument("--out", type=Path, help="markdown file to write (default benchmarks/_work/results/; --matrix: "
+                                           "its .jsonl results file)")
     p.add_argument("--no-setup", action="store_true", help="do not run setup_peers.sh first")
     p.add_argument("--render", type=Path, metavar="JSON",
                    help="only rewrite the tables of a saved run's .json (or a --matrix run's .jsonl)")
