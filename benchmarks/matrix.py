@@ -6,15 +6,17 @@ attention on and off) x measurements; one cell is one engine process (compare_st
     batches 4 / 16 after the short prompt: decode tok/s of B rows
 Cells run in tiers (TIERS), so a run cut short by `--budget-minutes`, a crash or a kill has the cells the
 issue's targets are judged on first: 1B and 3B at every type, 2 threads, 128 tokens; then 8B (a few minutes),
-the 4k prompts of 1B and 3B, batches (no target), llama.cpp without flash attention, one thread. Each finished cell is one JSON line appended to
-benchmarks/_work/results/matrix-<name>.jsonl (fsynced; a torn last line is ignored), and the markdown
-(matrix_report.py) is rewritten beside it after every cell; `--resume` skips the cells already there (failed
-ones run again). A time estimate per tier is printed before anything runs (`--plan` stops there); it is
-corrected, as cells finish, by the ratio of measured to estimated time so far.
+the 4k prompts of 1B and 3B, batches (no target), llama.cpp without flash attention, one thread. Each finished
+cell is one JSON line appended to benchmarks/_work/results/matrix-<name>.jsonl (fsynced; a torn last line is
+ignored), and the markdown (matrix_report.py) is rewritten beside it after every cell; `--resume` skips the
+cells already there (failed ones run again). A time estimate per tier is printed before anything runs
+(`--plan` stops there); it is scaled, as cells finish, by the ratio of measured to estimated time so far (and
+at the start by an earlier run's in the same results file).
 
 Disk: the 3B files take ~23 GB and an 8B Q8_0 7.8 GB; llamaforge's x8 cache (the repacked weights, about a
 file's size) goes to a folder of its own beside the shape files, a file's cache is deleted after its last
-cell, and older caches are evicted when the disk runs short. Not run by the tests (tests/test_bench_matrix.py
+cell and all of them when the run ends, older caches are evicted when the disk runs short, and none is
+written when even then less than X8_RESERVE would stay free. Not run by the tests (tests/test_bench_matrix.py
 checks the pure parts: the cells, their order, the estimates, resuming and the tables).
 """
 
@@ -266,6 +268,13 @@ class X8Caches:
         self._path(gguf).unlink(missing_ok=True)
         self.state.pop(gguf, None)
 
+    def clear(self) -> None:
+        """Delete every cache (and a killed writer's temporary file) in the folder: a run ends without leaving
+        gigabytes behind; `--resume` writes them again."""
+        for f in [*self.folder.glob("*.x8"), *self.folder.glob(".*.x8.*.tmp")]:
+            f.unlink(missing_ok=True)
+        self.state.clear()
+
 
 # --------------------------------------------------------------------------------------------- the run
 
@@ -322,35 +331,43 @@ def run_matrix(args, command: str, src: Path, text: str, bandwidth, machine) -> 
     prompts = {str(p): long_prompt(tok, text, p) for p in args.contexts}
     x8 = X8Caches(cache_dir() / "x8-matrix", args.timeout)
     last_use = {files[c.shape][c.type]: i for i, c in enumerate(todo)}
-    for i, c in enumerate(todo):
-        scale = scale_of(spent, estimated)
-        left = scale * estimates[c.key]
-        if args.budget_minutes and time.time() - started + left > 60 * args.budget_minutes:
-            rest = scale * sum(estimates[x.key] for x in todo[i:]) / 60
-            print(f"[matrix] --budget-minutes {args.budget_minutes} reached: {len(todo) - i} cells left "
-                  f"(~{rest:.0f} min); `--resume` runs them", flush=True)
-            break
-        f = files[c.shape][c.type]
-        x8_on = x8.use(f) if c.engine == "llamaforge" else None
-        cfg = {"engine": c.engine, "model": str(f), "threads": c.threads, "prompt_lens": [c.context],
-               "prompts": {str(c.context): prompts[str(c.context)]}, "batches": list(c.batches), "plan": c.plan,
-               "steps": args.steps, "long_steps": args.long_steps, "runs": args.runs, "flash_attn": c.flash_attn,
-               "kv_type": args.kv_type}
-        print(f"[matrix] {i + 1}/{len(todo)} {c.key} (~{left:.0f} s) load avg {os.getloadavg()[0]:.1f} ...", end=" ",
-              flush=True)
-        t0 = time.time()
-        res = run_cell(cfg, args.timeout)
-        wall = time.time() - t0
-        spent, estimated = spent + wall, estimated + estimates[c.key]
-        print(res["error"] if "error" in res else f"{wall:.0f} s", flush=True)
-        append(path, {"kind": "cell", "key": c.key, "cell": asdict(c), "file": f.name, "wall_s": wall,
-                      "estimate_s": estimates[c.key], "steps": args.steps, "long_steps": args.long_steps,
-                      "time": _dt.datetime.now().strftime("%H:%M:%S"), "x8_cache": x8_on, "result": res})
-        if last_use[f] == i:
-            x8.drop(f)
-        write_markdown(path, render)
+    try:
+        for i, c in enumerate(todo):
+            scale = scale_of(spent, estimated)
+            if args.budget_minutes and time.time() - started + scale * estimates[c.key] > 60 * args.budget_minutes:
+                rest = scale * sum(estimates[x.key] for x in todo[i:]) / 60
+                print(f"[matrix] --budget-minutes {args.budget_minutes} reached: {len(todo) - i} cells left "
+                      f"(~{rest:.0f} min); `--resume` runs them", flush=True)
+                break
+            f = files[c.shape][c.type]
+            print(f"[matrix] {i + 1}/{len(todo)} {c.key} (~{scale * estimates[c.key]:.0f} s) load avg "
+                  f"{os.getloadavg()[0]:.1f} ...", end=" ", flush=True)
+            rec = run_one(c, f, x8 if c.engine == "llamaforge" else None, prompts[str(c.context)], args, run_cell)
+            rec["estimate_s"] = estimates[c.key]
+            spent, estimated = spent + rec["wall_s"], estimated + estimates[c.key]
+            append(path, rec)
+            if last_use[f] == i:
+                x8.drop(f)
+            write_markdown(path, render)
+    finally:
+        x8.clear()
     print("\n" + write_markdown(path, render), flush=True)
     print(f"[matrix] results in {path} and {path.with_suffix('.md')}", flush=True)
+
+
+def run_one(c: Cell, f: Path, x8: Optional[X8Caches], prompt: list[int], args, run_cell) -> dict:
+    """One cell's engine process (through compare_shapes.run_cell); its record for the results file."""
+    x8_on = x8.use(f) if x8 is not None else None
+    cfg = {"engine": c.engine, "model": str(f), "threads": c.threads, "prompt_lens": [c.context],
+           "prompts": {str(c.context): prompt}, "batches": list(c.batches), "plan": c.plan, "steps": args.steps,
+           "long_steps": args.long_steps, "runs": args.runs, "flash_attn": c.flash_attn, "kv_type": args.kv_type}
+    t0 = time.time()
+    res = run_cell(cfg, args.timeout)
+    wall = time.time() - t0
+    print(res["error"] if "error" in res else f"{wall:.0f} s", flush=True)
+    return {"kind": "cell", "key": c.key, "cell": asdict(c), "file": f.name, "wall_s": wall, "steps": args.steps,
+            "long_steps": args.long_steps, "time": _dt.datetime.now().strftime("%H:%M:%S"), "x8_cache": x8_on,
+            "result": res}
 
 
 def scale_of(spent: float, estimated: float) -> float:

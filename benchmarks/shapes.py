@@ -6,9 +6,10 @@ ones) in the shapes of Meta's Llama 3.2 1B / 3B and Llama 3.1 8B, with the defau
 than Llama 3's 128,256 rows, 2.4-8% of the weights instead of 8-21%). Llama 3's rope scaling is left out
 (it changes no cost). One source file per shape is written by gguf-py, streamed tensor by tensor (an 8B never
 sits in memory): F16 at 1B and 3B, Q8_0 at 8B (an 8B F16 file is 15 GB; gguf-py's Q8_0 is llama.cpp's
-reference quantizer ported to numpy; at 8B, 256 random rows repeat down each matrix, TILE_ROWS). That file is also the benchmark file of its type; every other type is
-made from it by llama.cpp's own quantizer (`llama_model_quantize` through llama-cpp-python), as a llama.cpp
-user makes them (from Q8_0 at 8B: llama.cpp picks each tensor's type by name, not by the source's type).
+reference quantizer ported to numpy; at 8B, 256 random rows repeat down each matrix, TILE_ROWS). That file is
+also the benchmark file of its type; every other type is made from it by llama.cpp's own quantizer
+(`llama_model_quantize` through llama-cpp-python), as a llama.cpp user makes them (from Q8_0 at 8B: llama.cpp
+picks each tensor's type by name, not by the source's type).
 Files are cached outside the repository in $LLAMAFORGE_BENCH_CACHE (default ~/.cache/llamaforge/bench-shapes);
 a file is only remade when missing.
 
