@@ -305,6 +305,9 @@ def test_x8_caches_make_room_or_turn_off(monkeypatch, tmp_path):
     old.write_bytes(b"old cache")
     free["bytes"] = -10**7  # no room even after evicting
     assert x8.use(model) is False and os.environ["LLAMAFORGE_X8_CACHE"] == "off"
+    (tmp_path / "x8" / ".a.x8.1.tmp").write_bytes(b"torn")
+    x8.clear()  # the end of a run: no cache left behind
+    assert list((tmp_path / "x8").iterdir()) == []
     rec = _records()[:2]
     rec[0]["x8_cache"] = False
     assert "| Q4_0 | llamaforge | 0.50 (no x8 cache) |" in matrix_report.render([_run_record()], rec)
