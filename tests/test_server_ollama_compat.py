@@ -112,7 +112,7 @@ def test_every_api_error_has_ollamas_shape(app_client):
     r = app_client.post("/api/chat", content=b"x" * (2**20 + 1))
     assert r.status_code == 413 and isinstance(r.json()["error"], str)
     r = app_client.get("/v1/no-such-route")  # the OpenAI routes keep OpenAI's shape
-    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_the_api_key_error_on_api_routes_is_ollama_shaped(default_tokenizer):

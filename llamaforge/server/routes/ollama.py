@@ -262,6 +262,14 @@ def _check_model(s: Served, name: str) -> None:
                        param="model", code="model_not_found")
 
 
+def _load_reason(keep_alive: Optional[Union[int, float, str]]) -> str:
+    """Ollama's done_reason for an empty request: "unload" when keep_alive is zero ("0", 0, "0s"), else "load".
+
+    This server keeps its one model loaded either way; the answer is the one Ollama clients look for."""
+    text = str(keep_alive).strip().lower() if keep_alive is not None else ""
+    return "unload" if text.rstrip("smh").strip() in ("0", "0.0") else "load"
+
+
 def _base(s: Served) -> dict:
     return {"model": s.name, "created_at": _now()}
 
@@ -311,7 +319,8 @@ async def chat(request: Request, s: Served = Depends(served)):
     req: OllamaChatRequest = _parse(OllamaChatRequest, await _json(request))
     _check_model(s, req.model)
     if not req.messages:  # Ollama: an empty chat loads the model
-        return {**_base(s), "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "load"}
+        return {**_base(s), "message": {"role": "assistant", "content": ""}, "done": True,
+                "done_reason": _load_reason(req.keep_alive)}
     body: dict[str, Any] = {**_sampling(req), "messages": [_openai_message(i, m) for i, m in enumerate(req.messages)],
                             "stream": True, "stream_options": {"include_usage": True}}
     if req.tools:
@@ -340,7 +349,7 @@ async def generate(request: Request, s: Served = Depends(served)):
         if getattr(req, name):
             raise APIError(400, f"'{name}' is not supported by this server", param=name)
     if not req.prompt and not req.system:  # Ollama: an empty prompt loads the model
-        return {**_base(s), "response": "", "done": True, "done_reason": "load"}
+        return {**_base(s), "response": "", "done": True, "done_reason": _load_reason(req.keep_alive)}
     fields = {**_sampling(req), "stream": True, "stream_options": {"include_usage": True}}
     if req.raw:
         kind, openai_req = "completion", _translated(CompletionRequest, {**fields, "prompt": req.prompt or ""})
