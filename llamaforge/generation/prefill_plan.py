@@ -1,0 +1,134 @@
+"""Which prompt chunks one engine step computes, and how they are grouped into forwards.
+
+An engine step (`generation/batch.py`) runs the decode step of every decoding sequence first, then prompt
+chunks in what is left of its token budget (`max_num_batched_tokens`, as vLLM's chunked prefill; llama-server's
+`--batch-size`). This file decides the prompt part, in two moves:
+
+1. `allot`: the budget goes first come first served. The oldest prompt being prefilled gets all of its
+   remaining canonical chunks (positions [kC, (k+1)C)) that the budget covers before the next prompt gets any,
+   as vLLM's scheduler lets a running prefill continue before a new one starts; a step always computes at
+   least one chunk (a prompt never waits for the decodes to end), and the last chunk taken may pass the
+   budget by less than one chunk.
+2. `plan`: the allotted chunks, in that order, are cut into forwards of consecutive chunks (one forward may
+   hold the chunks of several prompts, never two of one prompt: chunk k + 1 reads chunk k's keys). A
+   prompt's first token is sampled and sent as soon as the forward with its last chunk is done, so one
+   forward per prompt gives the earliest first tokens, but every forward also has a fixed cost (reading
+   the weights, the per-layer work of the modules: about 8 rows' worth on the default model at one
+   thread), and its rows are padded to its widest chunk. The plan minimises the total time requests wait
+   in this step: a prompt whose last chunk is in forward k waits until forward k ends; every other request
+   the engine holds (decoding sequences, prompts that go on in a later step) waits for the whole step. The
+   cost of a forward is `fixed + rows`, in rows (padded: chunks x widest), with `fixed` measured as the
+   engine runs (`PrefillCosts`). Several prompts arriving together on a fast weight-reusing GEMM (large
+   `fixed`) share one forward; with prompts many rows long each gets its own, and the first comes first.
+
+How chunks are grouped changes speed, never results: every row of a prefill forward is computed as if
+alone (`generation/runner.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One prompt chunk of one step: positions [start, end) of `act`'s prompt; `final` if it ends the prompt."""
+
+    act: Any  # scheduler.Active (kept opaque here: this file knows nothing of the scheduler)
+    start: int
+    end: int
+    final: bool
+
+    @property
+    def rows(self) -> int:
+        return self.end - self.start
+
+
+def allot(acts: Sequence[Any], budget: int, chunk: int) -> list[Unit]:
+    """The chunks of one step, oldest prompt first: `acts` are the prompts being prefilled, in the order they
+    were admitted (each with `.next_pos` and `.job.prompt`); `budget` the step's prompt tokens (at least one
+    chunk is taken)."""
+    units: list[Unit] = []
+    left = max(budget, 1)
+    for act in acts:
+        n, pos = len(act.job.prompt), act.next_pos
+        while left > 0 and pos < n:
+            end = min(n, pos + chunk)
+            units.append(Unit(act, pos, end, end == n))
+            left -= end - pos
+            pos = end
+        if left <= 0:
+            break
+    return units
+
+
+def plan(units: Sequence[Unit], fixed_rows: float, others: int) -> list[list[Unit]]:
+    """Cut `units` (in `allot`'s order) into forwards of consecutive units, each prompt at most once per forward,
+    minimising the total waiting time of this step (see the module docstring).
+
+    fixed_rows: a forward's fixed cost in rows; others: requests that wait for the whole step whatever the plan.
+    """
+    n = len(units)
+    if n == 0:
+        return []
+    finals_from = [0] * (n + 1)  # final units in units[i:]
+    for i in range(n - 1, -1, -1):
+        finals_from[i] = finals_from[i + 1] + units[i].final
+    wait_from = [finals_from[i] + others for i in range(n + 1)]
+    best = [0.0] * (n + 1)  # best[i]: least waiting time of units[i:] from the start of their first forward
+    cut = [n] * (n + 1)
+    for i in range(n - 1, -1, -1):
+        best[i], widest = float("inf"), 0
+        for j in range(i + 1, n + 1):  # forward units[i:j]
+            if j - 1 > i and units[j - 1].act is units[j - 2].act:
+                break  # a prompt's next chunk needs the keys of this one: never in the same forward
+            widest = max(widest, units[j - 1].rows)
+            # This forward delays everything still waiting at its start; on a tie the longer forward wins.
+            total = (fixed_rows + (j - i) * widest) * max(wait_from[i], 1) + best[j]
+            if total <= best[i] + 1e-9:
+                best[i], cut[i] = total, j
+    forwards, i = [], 0
+    while i < n:
+        forwards.append(list(units[i:cut[i]]))
+        i = cut[i]
+    return forwards
+
+
+class PrefillCosts:
+    """What a prefill forward costs, `fixed + per_row * rows` seconds, fitted to the forwards the engine ran.
+
+    A least-squares line over (padded rows, seconds) with older forwards weighing less (`decay` per forward);
+    `fixed_rows` is its fixed part in rows, `prior` until the forwards seen differ enough in size to tell the two
+    apart (or when the fit says a forward's rows cost nothing, as a noisy machine can make it say).
+    """
+
+    def __init__(self, prior: float = 8.0, decay: float = 0.95, most: float = 1024.0):
+        self.prior = prior
+        self.decay = decay
+        self.most = most  # a fixed cost above this many rows is a bad fit, not a forward
+        self._s = self._x = self._y = self._xx = self._xy = 0.0
+        self.fixed_rows = prior
+
+    def add(self, rows: int, seconds: float) -> None:
+        d = self.decay
+        self._s, self._x, self._y = d * self._s + 1, d * self._x + rows, d * self._y + seconds
+        self._xx, self._xy = d * self._xx + rows * rows, d * self._xy + rows * seconds
+        spread = self._s * self._xx - self._x ** 2  # s^2 x the weighted variance of rows
+        if spread < self._s ** 2 * 4.0:  # rows differing by ~2 or less: slope and intercept cannot be told apart
+            return
+        per_row = (self._s * self._xy - self._x * self._y) / spread
+        if per_row <= 0:
+            return
+        fixed = (self._y - per_row * self._x) / self._s
+        self.fixed_rows = min(max(fixed / per_row, 0.0), self.most)
+
+
+class FixedCosts:
+    """A cost model that does not learn (tests, and callers who know their forwards): `fixed_rows` as given."""
+
+    def __init__(self, fixed_rows: float):
+        self.fixed_rows = fixed_rows
+
+    def add(self, rows: int, seconds: float) -> None:
+        pass
