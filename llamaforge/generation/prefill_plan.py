@@ -85,7 +85,7 @@ def plan(units: Sequence[Unit], fixed_rows: float, others: int) -> list[list[Uni
                 break  # a prompt's next chunk needs the keys of this one: never in the same forward
             widest = max(widest, units[j - 1].rows)
             # This forward delays everything still waiting at its start; on a tie the longer forward wins.
-            total = (fixed_rows + (j - i) * widest) * max(wait_from[i], 1) + best[j]
+            total = (fixed_rows + (j - i) * widest) * wait_from[i] + best[j]
             if total <= best[i] + 1e-9:
                 best[i], cut[i] = total, j
     forwards, i = [], 0
