@@ -289,7 +289,8 @@ class Engine:
         return {
             "slots": self.n_slots, "slots_free": self.n_slots - sched.seqs_in_use, "running": len(sched.decoding),
             "prefilling": len(sched.prefilling), "waiting": waiting + len(sched.preempted),
-            "max_queue": self.max_queue, "generated_tokens": self.generated_tokens, "decode_steps": self.steps,
+            "max_queue": self.max_queue, "max_num_batched_tokens": self.max_num_batched_tokens,
+            "generated_tokens": self.generated_tokens, "decode_steps": self.steps,
             "prompt_tokens": s.prompt_tokens, "prompt_tokens_cached": s.reused_tokens,
             "kv_blocks": pool.n_blocks, "kv_block_size": pool.block_size, "kv_blocks_in_use": pool.n_in_use,
             "kv_blocks_cached": pool.n_cached, "kv_blocks_free": pool.n_free, "kv_block_evictions": s.evictions,
