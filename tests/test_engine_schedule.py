@@ -32,12 +32,13 @@ def act(n_prompt: int, next_pos: int = 0):
 
 
 def waiting_time(forwards, fixed_rows, others):
-    """What `plan` minimises: each final unit waits until its forward ends, `others` until the last one does."""
+    """What `plan` minimises: each final unit waits until its forward ends (its first token) and until the last
+    one does (its second); `others` until the last one does."""
     clock, total = 0.0, 0.0
     for fw in forwards:
         clock += fixed_rows + len(fw) * max(u.rows for u in fw)
         total += clock * sum(u.final for u in fw)
-    return total + others * clock
+    return total + (others + sum(u.final for fw in forwards for u in fw)) * clock
 
 
 def test_allot_gives_the_budget_to_the_oldest_prompt_first():
@@ -82,7 +83,7 @@ def test_plan_splits_or_shares_forwards_by_their_fixed_cost():
     assert plan(units, 0.0, 0) == [[u] for u in units]  # nothing to share: each prompt alone, oldest first
     assert plan(units, 1000.0, 0) == [list(units)]  # a forward costs far more than its rows: all in one
     # requests already decoding wait for the whole step, so they push towards fewer forwards
-    assert len(plan(units, 8.0, 0)) > len(plan(units, 8.0, 16))
+    assert len(plan(units, 2.0, 0)) > len(plan(units, 2.0, 16))
     long_then_short = allot([act(30), act(4)], 256, CHUNK)  # 4 chunks of the first, then the short one
     assert [len(fw) for fw in plan(long_then_short, 0.0, 0)] == [1, 1, 1, 1, 1]
     assert plan([], 8.0, 3) == []

@@ -73,7 +73,8 @@ class Batch:
             all_logits = act.job.prompt_logprobs is not None and not act.prompt_sent
             chunks.append(PrefillChunk(act.job.prompt[act.next_pos:end], act.next_pos,
                                        self.sched.primary(act).blocks, all_logits=all_logits, adapter=act.adapter))
-        start = time.perf_counter()
+        clock = time.thread_time if self.cache.k.device.type == "cpu" else time.perf_counter
+        start = clock()  # on the CPU the engine thread's own time: what the forward cost, whatever else runs
         try:
             results = self.runner.prefill(self.cache, chunks)  # per job (T or 1, V)
         except Exception as exc:
@@ -81,7 +82,7 @@ class Batch:
             for act in acts:
                 self.fail(act, 500, f"prefill failed: {exc}")
             return
-        self.costs.add(len(chunks) * max(len(c.tokens) for c in chunks), time.perf_counter() - start)
+        self.costs.add(len(chunks) * max(len(c.tokens) for c in chunks), clock() - start)
         for act, chunk, logits in zip(acts, chunks, results):
             try:
                 self._chunk_done(act, chunk, logits)

@@ -15,8 +15,11 @@ chunks in what is left of its token budget (`max_num_batched_tokens`, as vLLM's 
    forward per prompt gives the earliest first tokens, but every forward also has a fixed cost (reading
    the weights, the per-layer work of the modules: about 8 rows' worth on the default model at one
    thread), and its rows are padded to its widest chunk. The plan minimises the total time requests wait
-   in this step: a prompt whose last chunk is in forward k waits until forward k ends; every other request
-   the engine holds (decoding sequences, prompts that go on in a later step) waits for the whole step. The
+   for their next token: a prompt whose last chunk is in forward k waits until forward k ends for its first
+   token, and for the whole step for its second (the next step's decode); every other request the engine
+   holds (decoding sequences, prompts that go on in a later step) waits for the whole step. So splitting
+   buys earlier first tokens only where it costs the rest little (on 16 short prompts together it also
+   saves padding, and the step ends no later than one forward of all of them would). The
    cost of a forward is `fixed + rows`, in rows (padded: chunks x widest), with `fixed` measured as the
    engine runs (`PrefillCosts`). Several prompts arriving together on a fast weight-reusing GEMM (large
    `fixed`) share one forward; with prompts many rows long each gets its own, and the first comes first.
@@ -67,7 +70,8 @@ def plan(units: Sequence[Unit], fixed_rows: float, others: int) -> list[list[Uni
     """Cut `units` (in `allot`'s order) into forwards of consecutive units, each prompt at most once per forward,
     minimising the total waiting time of this step (see the module docstring).
 
-    fixed_rows: a forward's fixed cost in rows; others: requests that wait for the whole step whatever the plan.
+    fixed_rows: a forward's fixed cost in rows; others: requests that wait for the whole step whatever the plan
+    (besides the prompts that finish in it, which wait for it for their second token).
     """
     n = len(units)
     if n == 0:
@@ -75,7 +79,7 @@ def plan(units: Sequence[Unit], fixed_rows: float, others: int) -> list[list[Uni
     finals_from = [0] * (n + 1)  # final units in units[i:]
     for i in range(n - 1, -1, -1):
         finals_from[i] = finals_from[i + 1] + units[i].final
-    wait_from = [finals_from[i] + others for i in range(n + 1)]
+    wait_from = [finals_from[i] + finals_from[0] + others for i in range(n + 1)]
     best = [0.0] * (n + 1)  # best[i]: least waiting time of units[i:] from the start of their first forward
     cut = [n] * (n + 1)
     for i in range(n - 1, -1, -1):
