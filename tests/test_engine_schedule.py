@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from llamaforge.generation.engine import Delta, Engine, Failure, Finish, Job
-from llamaforge.generation.prefill_plan import FixedCosts, PrefillCosts, Unit, allot, plan
+from llamaforge.generation.prefill_plan import allot, plan
 from llamaforge.generation.sampler import SamplingParams
 from llamaforge.model import ModelArgs, Transformer
 from llamaforge.quantize import quantize_model_weights
@@ -89,23 +89,6 @@ def test_plan_splits_or_shares_forwards_by_their_fixed_cost():
     assert plan([], 8.0, 3) == []
 
 
-def test_prefill_costs_learn_the_fixed_part_of_a_forward():
-    costs = PrefillCosts(prior=8.0)
-    costs.add(10, 0.022 + 0.0028 * 10)
-    assert costs.fixed_rows == 8.0  # one size of forward seen: the prior
-    for rows in [10, 64, 24, 160, 10, 64]:
-        costs.add(rows, 0.022 + 0.0028 * rows)  # the default model at one thread, roughly
-    assert costs.fixed_rows == pytest.approx(0.022 / 0.0028, rel=1e-6)
-    falling = PrefillCosts(prior=8.0)
-    for rows, seconds in [(10, 0.5), (64, 0.2), (24, 0.4)]:  # larger forwards cheaper: noise, not a model
-        falling.add(rows, seconds)
-    assert falling.fixed_rows == 8.0
-    proportional = PrefillCosts(prior=8.0)
-    for rows in [10, 64, 24]:
-        proportional.add(rows, 0.003 * rows)
-    assert proportional.fixed_rows == pytest.approx(0.0, abs=1e-6)
-
-
 @pytest.fixture(scope="module")
 def qmodel():
     torch.manual_seed(0)
@@ -126,7 +109,7 @@ class Recorder:
     def __init__(self, model, *, budget: int, fixed_rows: float, n_slots: int = 4):
         self.eng = Engine(model, None, n_slots=n_slots, max_seq_len=MAX_SEQ, device=CPU, chunk=CHUNK,
                           max_num_batched_tokens=budget, decode_step=DecodeStep(model, fused=True))
-        self.eng.batch.costs = FixedCosts(fixed_rows)
+        self.eng.batch.fixed_rows = fixed_rows
         self.log: list[tuple] = []
         self.prompts: list[list[int]] = []
         prefill, decode = self.eng.runner.prefill, self.eng.runner.decode

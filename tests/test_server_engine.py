@@ -497,9 +497,7 @@ def test_prompts_are_prefilled_together_with_their_solo_answers(tokenizer):
     qmodel = quantize_model_weights(copy.deepcopy(fmodel.eval()), "q8_0")
     eng = Engine(qmodel, tokenizer, n_slots=4, max_seq_len=MAX_SEQ, device=CPU, chunk=8, max_num_batched_tokens=64,
                  decode_step=DecodeStep(qmodel, fused=True))
-    from llamaforge.generation.prefill_plan import FixedCosts
-
-    eng.batch.costs = FixedCosts(1000.0)  # a forward costs far more than its rows: the prompts share forwards
+    eng.batch.fixed_rows = 1000.0  # a forward costs far more than its rows: the prompts share forwards
     rows_per_forward = []
     prefill = eng.runner.prefill
     eng.runner.prefill = lambda cache, chunks: (rows_per_forward.append(len(chunks)), prefill(cache, chunks))[1]

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 
 from llamaforge.generation.jobs import Delta, Event, Failure, Finish, PromptDone, Sink
-from llamaforge.generation.prefill_plan import PrefillCosts, allot, plan
+from llamaforge.generation.prefill_plan import allot, fixed_rows, plan
 from llamaforge.generation.runner import PrefillChunk, Runner
 from llamaforge.generation.sampler import TokenInfo, choose, logprob_info, prompt_logprob_info
 from llamaforge.generation.scheduler import Active, Scheduler, Seq
@@ -39,7 +39,7 @@ class Batch:
         self.chunk = chunk
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_seq_len = max_seq_len
-        self.costs = PrefillCosts()  # what a prefill forward costs, learnt from the forwards run (prefill_plan.py)
+        self.fixed_rows = fixed_rows(cache.k.device.type)  # a prefill forward's cost beyond its rows (prefill_plan.py)
         self.generated_tokens = 0
         self.steps = 0
 
@@ -58,7 +58,7 @@ class Batch:
             return budget
         finishing = {id(u.act) for u in units if u.final}
         others = len(self.sched.decoding) + sum(1 for a in self.sched.prefilling if id(a) not in finishing)
-        for forward in plan(units, self.costs.fixed_rows, others):
+        for forward in plan(units, self.fixed_rows, others):
             # a request may have ended (failed, cancelled by its sink) since the plan was made
             acts = [u.act for u in forward if u.act in self.sched.prefilling and u.act.next_pos == u.start]
             if acts:
@@ -73,8 +73,6 @@ class Batch:
             all_logits = act.job.prompt_logprobs is not None and not act.prompt_sent
             chunks.append(PrefillChunk(act.job.prompt[act.next_pos:end], act.next_pos,
                                        self.sched.primary(act).blocks, all_logits=all_logits, adapter=act.adapter))
-        clock = time.thread_time if self.cache.k.device.type == "cpu" else time.perf_counter
-        start = clock()  # on the CPU the engine thread's own time: what the forward cost, whatever else runs
         try:
             results = self.runner.prefill(self.cache, chunks)  # per job (T or 1, V)
         except Exception as exc:
@@ -82,7 +80,6 @@ class Batch:
             for act in acts:
                 self.fail(act, 500, f"prefill failed: {exc}")
             return
-        self.costs.add(len(chunks) * max(len(c.tokens) for c in chunks), clock() - start)
         for act, chunk, logits in zip(acts, chunks, results):
             try:
                 self._chunk_done(act, chunk, logits)

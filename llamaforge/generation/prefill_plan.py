@@ -20,9 +20,9 @@ chunks in what is left of its token budget (`max_num_batched_tokens`, as vLLM's 
    holds (decoding sequences, prompts that go on in a later step) waits for the whole step. So splitting
    buys earlier first tokens only where it costs the rest little (on 16 short prompts together it also
    saves padding, and the step ends no later than one forward of all of them would). The
-   cost of a forward is `fixed + rows`, in rows (padded: chunks x widest), with `fixed` measured as the
-   engine runs (`PrefillCosts`). Several prompts arriving together on a fast weight-reusing GEMM (large
-   `fixed`) share one forward; with prompts many rows long each gets its own, and the first comes first.
+   cost of a forward is `fixed + rows`, in rows (padded: chunks x widest), with `fixed` = `FIXED_ROWS` of
+   the device. Several prompts arriving together where forwards cost mostly their fixed part (a GPU) share
+   one forward; with prompts many rows long each gets its own, and the first comes first.
 
 How chunks are grouped changes speed, never results: every row of a prefill forward is computed as if
 alone (`generation/runner.py`).
@@ -32,6 +32,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Sequence
+
+# What a prefill forward costs beyond its rows, in rows' worth, by device type. CPU: measured with
+# `Runner.prefill` at one thread, CPU time, forwards of 1-16 prompts of 10 tokens: 22 ms + 2.8 ms a row on the
+# default model (8 rows), 76 ms + 13 ms a row on the 1B shape (6); the fit of one line over such forwards
+# moves between 6 and 10 with the sizes it is given, and timing forwards as the engine runs them gave 15-45
+# (per-prompt costs besides the rows: attention, masks, first-touch KV pages), too unsteady to learn online.
+# Elsewhere (a GPU: kernel launches, rows nearly free) not measured: large, so prompts share forwards.
+FIXED_ROWS = {"cpu": 8.0}
+FIXED_ROWS_ELSEWHERE = 512.0
+
+
+def fixed_rows(device_type: str) -> float:
+    """A prefill forward's fixed cost in rows on this kind of device (`FIXED_ROWS`)."""
+    return FIXED_ROWS.get(device_type, FIXED_ROWS_ELSEWHERE)
 
 
 @dataclass(frozen=True)
@@ -97,42 +111,3 @@ def plan(units: Sequence[Unit], fixed_rows: float, others: int) -> list[list[Uni
         forwards.append(list(units[i:cut[i]]))
         i = cut[i]
     return forwards
-
-
-class PrefillCosts:
-    """What a prefill forward costs, `fixed + per_row * rows` seconds, fitted to the forwards the engine ran.
-
-    A least-squares line over (padded rows, seconds) with older forwards weighing less (`decay` per forward);
-    `fixed_rows` is its fixed part in rows, `prior` until the forwards seen differ enough in size to tell the two
-    apart (or when the fit says a forward's rows cost nothing, as a noisy machine can make it say).
-    """
-
-    def __init__(self, prior: float = 8.0, decay: float = 0.95, most: float = 1024.0):
-        self.prior = prior
-        self.decay = decay
-        self.most = most  # a fixed cost above this many rows is a bad fit, not a forward
-        self._s = self._x = self._y = self._xx = self._xy = 0.0
-        self.fixed_rows = prior
-
-    def add(self, rows: int, seconds: float) -> None:
-        d = self.decay
-        self._s, self._x, self._y = d * self._s + 1, d * self._x + rows, d * self._y + seconds
-        self._xx, self._xy = d * self._xx + rows * rows, d * self._xy + rows * seconds
-        spread = self._s * self._xx - self._x ** 2  # s^2 x the weighted variance of rows
-        if spread < self._s ** 2 * 4.0:  # rows differing by ~2 or less: slope and intercept cannot be told apart
-            return
-        per_row = (self._s * self._xy - self._x * self._y) / spread
-        if per_row <= 0:
-            return
-        fixed = (self._y - per_row * self._x) / self._s
-        self.fixed_rows = min(max(fixed / per_row, 0.0), self.most)
-
-
-class FixedCosts:
-    """A cost model that does not learn (tests, and callers who know their forwards): `fixed_rows` as given."""
-
-    def __init__(self, fixed_rows: float):
-        self.fixed_rows = fixed_rows
-
-    def add(self, rows: int, seconds: float) -> None:
-        pass
