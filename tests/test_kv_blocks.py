@@ -40,8 +40,8 @@ def qmodel():
 
 
 def engine(model, *, kv_blocks=None, n_slots=4, chunk=8, **kw) -> Engine:
-    return Engine(model, None, n_slots=n_slots, max_seq_len=MAX_SEQ, device=CPU, chunk=chunk, max_num_batched_tokens=32,
-                  decode_step=DecodeStep(model, fused=True), kv_blocks=kv_blocks, **kw)
+    return Engine(model, None, n_slots=n_slots, max_seq_len=MAX_SEQ, device=CPU, chunk=chunk,
+                  max_num_batched_tokens=32, decode_step=DecodeStep(model, fused=True), kv_blocks=kv_blocks, **kw)
 
 
 def job(prompt, max_tokens, **kw) -> Job:

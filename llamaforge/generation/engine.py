@@ -95,9 +95,9 @@ class Engine:
         runner: Optional[Runner] = None,
         kv_blocks: Optional[int] = None,
     ):
-        """`n_slots`: sequences decoded together at most; `max_num_batched_tokens`: the tokens of one engine step
-        (its decode rows, then prompt tokens; at least one prompt chunk is computed per step); `kv_blocks`: the KV pool's blocks of `chunk`
-        positions (default, and at most: enough for every slot at `max_seq_len`, so nothing is preempted);
+        """`n_slots`: sequences decoded together at most; `max_num_batched_tokens`: the tokens of one engine
+        step (its decode rows, then prompt tokens; at least one prompt chunk is computed per step);
+        `kv_blocks`: the KV pool's blocks of `chunk` positions (default, and at most: enough for every slot at `max_seq_len`, so nothing is preempted);
         `decode_step` runs the decode steps (default: the model's modules; `Llama` passes its own);
         `adapters`: the LoRA adapters a job may name (`Job.adapter`), served in the same batches;
         `runner`: the model calls (default: a `Runner` of those; a tensor-parallel `Llama` passes a
