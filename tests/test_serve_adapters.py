@@ -137,7 +137,7 @@ def test_mixed_adapters_in_one_batch_equal_each_alone(tokenizer, tmp_path, quant
     table.add("a", tmp_path / "a")
     table.add("b", tmp_path / "b")
     step = DecodeStep(model, fused=True)
-    eng = Engine(model, tokenizer, n_slots=6, max_seq_len=MAX_SEQ, device=CPU, chunk=8, prefill_budget=64,
+    eng = Engine(model, tokenizer, n_slots=6, max_seq_len=MAX_SEQ, device=CPU, chunk=8, max_num_batched_tokens=64,
                  decode_step=step, adapters=table)
     eng.start()
     try:
