@@ -19,9 +19,12 @@ as a whole). ggml lists dimensions innermost-first, so a ggml [in, out] weight i
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import math
 import mmap
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -75,6 +78,21 @@ class GGUFQuantTensor:
         if last > first:
             self.mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
 
+    def populate(self) -> bool:
+        """Map the file pages under `raw` into this process now, as llama.cpp's MAP_POPULATE does; True if done.
+
+        Pages the page cache holds cost ~0.1 s of one core per GB to map, whether here or as page faults
+        at the first forward; here it is one `madvise(MADV_POPULATE_READ)` (Linux >= 5.14) called through
+        ctypes, which releases the GIL, so `Llama.build` overlaps it with the tokenizer. False (nothing
+        done, the first forward faults the pages in) without a mapping, off Linux, or on an older kernel.
+        """
+        libc = _libc()
+        if self.mapping is None or self.raw.numel() == 0 or libc is None:
+            return False
+        start = self.raw.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE  # the mapping starts on a page
+        length = self.raw.data_ptr() + self.raw.numel() - start
+        return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_POPULATE_READ) == 0
+
     @property
     def ndim(self) -> int:
         return len(self.shape)
@@ -86,6 +104,22 @@ class GGUFQuantTensor:
     def dequantize(self) -> torch.Tensor:
         """The float32 (out, in) weight these blocks encode."""
         return dequantize(self.raw, self.qtype, self.shape)
+
+
+_MADV_POPULATE_READ = 22  # linux/mman.h (Python's mmap module does not name it)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> Optional[ctypes.CDLL]:
+    """The C library, for madvise with the GIL released (None where there is no MADV_POPULATE_READ: not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        return libc
+    except (OSError, AttributeError):
+        return None
 
 
 def _address(buffer: Any) -> int:

@@ -10,8 +10,10 @@ are the kernel's page cache (shared by every process that loads the model), and 
     $LLAMAFORGE_X8_CACHE   a folder for the cache files (default $XDG_CACHE_HOME/llamaforge/x8),
                            or "off" to repack at every load (nothing written)
 
-One cache file per model path (a changed model overwrites its own cache file; each write deletes the files
-of models that no longer exist). A cache file is untrusted input, read as such:
+One cache file per model path and kernel build (a changed model overwrites its own cache file; two checkouts
+with other kernels sharing the folder each keep theirs); each write deletes the files of models that no longer
+exist and all but the `KEEP_PER_MODEL` files used last of each model (`prune`). A cache file is untrusted
+input, read as such:
 - it is used only when its header names exactly the key expected from the GGUF file being loaded: its
   path, the mapped file's identity (device, inode, size, mtime, ctime: any write or replacement changes ctime), a
   SHA-256 of the GGUF header and of samples of every weight's bytes, and the kernels' build (whose name
@@ -79,10 +81,11 @@ def cache_dir() -> Optional[Path]:
     return Path(base) / "llamaforge" / "x8"
 
 
-def cache_path(gguf_path: Path, folder: Path) -> Path:
-    """The cache file of the model at `gguf_path` (one per resolved path)."""
+def cache_path(gguf_path: Path, folder: Path, build: str) -> Path:
+    """The cache file of the model at `gguf_path` for the kernels `build` (one per resolved path and build, so
+    checkouts with other kernels sharing the folder keep files of their own instead of rewriting one)."""
     resolved = str(Path(gguf_path).resolve())
-    digest = hashlib.sha256(resolved.encode("utf-8", "surrogateescape")).hexdigest()[:20]
+    digest = hashlib.sha256(f"{resolved}\0{build}".encode("utf-8", "surrogateescape")).hexdigest()[:20]
     return folder / f"{Path(gguf_path).stem[:48]}-{digest}.x8"
 
 
@@ -105,12 +108,18 @@ def repacked(weights: Mapping[str, Any], *, folder: Optional[Path] = None,
     origin: GGUFFile = next(iter(todo.values())).origin
     if origin.identity is None:
         return dict(weights)
-    path = cache_path(origin.path, folder)
-    header = _header(origin, todo, ext.__name__, _checksum()[0])
+    build = _build_name(ext)
+    path = cache_path(origin.path, folder, build)
+    header = _header(origin, todo, build, _checksum()[0])
     packed = _read(path, header, todo)
     if packed is None:
         packed = _build(path, header, todo)
     return {k: packed.get(k, v) for k, v in weights.items()}
+
+
+def _build_name(ext: Any) -> str:
+    """The kernels' build (the extension's name: a hash of their sources, so it changes with the repack code)."""
+    return ext.__name__
 
 
 def _x8_bytes(w: GGUFQuantTensor) -> int:
@@ -192,6 +201,7 @@ def _read(path: Path, expected: dict, todo: Mapping[str, GGUFQuantTensor]) -> Op
                          warn=True)
     for w in todo.values():
         w.release()  # the key's samples were the only pages of the GGUF's weights read
+    _mark_used(path)
     log.info("x8 cache: mapped %s (%.0f MiB)", path, expected["file_size"] / 2**20)
     return {row[0]: PackedWeight(v.view(*kernels.x8_shape(row[1], row[2], row[3])), row[1], (row[2], row[3]))
             for row, v in zip(expected["tensors"], views)}
@@ -248,17 +258,27 @@ def _build(path: Path, header: dict, todo: Mapping[str, GGUFQuantTensor]) -> dic
     return packed
 
 
-def prune(folder: Path) -> list[Path]:
-    """Delete the cache files of models that no longer exist (and temporary files a killed writer left); returns them.
+KEEP_PER_MODEL = 2  # cache files (of as many kernel builds) kept per model: the one in use and the last other
 
-    Called after each write, so a folder holds one file per model on disk. Only each file's header (at most
-    `_MAX_HEADER` bytes) is read to learn which model it belongs to.
+
+def prune(folder: Path, keep: int = KEEP_PER_MODEL) -> list[Path]:
+    """Delete the cache files no model needs any more (and temporary files a killed writer left); returns them.
+
+    Called after each write. A file goes when its model no longer exists, or when `keep` files of the same
+    model (other kernel builds: another checkout, an older version) were used more recently; a load marks
+    its file used (its mtime). So the folder holds at most `keep` files per model on disk, about `keep`
+    times the models' size, and two checkouts that share it and alternate keep theirs. Only each file's
+    header (at most `_MAX_HEADER` bytes) is read to learn which model it belongs to.
     """
-    gone = []
+    gone, by_model = [], {}
     for file in folder.glob("*.x8"):
         model = _model_of(file)
         if model is not None and not os.path.exists(model):
             gone.append(file)
+        elif model is not None:
+            by_model.setdefault(model, []).append(file)
+    for files in by_model.values():
+        gone += sorted(files, key=_age_s)[keep:]
     gone += [tmp for tmp in folder.glob(".*.x8.*.tmp") if _age_s(tmp) > 3600]
     for file in gone:
         try:
@@ -266,6 +286,14 @@ def prune(folder: Path) -> list[Path]:
         except OSError:
             pass
     return gone
+
+
+def _mark_used(path: Path) -> None:
+    """Set the cache file's mtime to now: `prune` keeps the files used last."""
+    try:
+        os.utime(path)
+    except OSError:  # a read-only folder: the file is still good, only its age stays
+        pass
 
 
 def _model_of(file: Path) -> Optional[str]:
