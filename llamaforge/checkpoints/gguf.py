@@ -79,19 +79,8 @@ class GGUFQuantTensor:
             self.mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
 
     def populate(self) -> bool:
-        """Map the file pages under `raw` into this process now, as llama.cpp's MAP_POPULATE does; True if done.
-
-        Pages the page cache holds cost ~0.1 s of one core per GB to map, whether here or as page faults
-        at the first forward; here it is one `madvise(MADV_POPULATE_READ)` (Linux >= 5.14) called through
-        ctypes, which releases the GIL, so `Llama.build` overlaps it with the tokenizer. False (nothing
-        done, the first forward faults the pages in) without a mapping, off Linux, or on an older kernel.
-        """
-        libc = _libc()
-        if self.mapping is None or self.raw.numel() == 0 or libc is None:
-            return False
-        start = self.raw.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE  # the mapping starts on a page
-        length = self.raw.data_ptr() + self.raw.numel() - start
-        return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_POPULATE_READ) == 0
+        """Map the file pages under `raw` into this process now (`populate`); True if done."""
+        return populate([self]) == self.nbytes
 
     @property
     def ndim(self) -> int:
@@ -106,6 +95,38 @@ class GGUFQuantTensor:
         return dequantize(self.raw, self.qtype, self.shape)
 
 
+def populate(tensors: list[GGUFQuantTensor]) -> int:
+    """Map the file pages under these tensors into this process now, as llama.cpp's MAP_POPULATE does; returns
+    the bytes of the tensors done.
+
+    Pages the page cache holds cost ~0.1 s of one core per GB to map, whether here or as page faults at the
+    first forward; here it is `madvise(MADV_POPULATE_READ)` (Linux >= 5.14) called through ctypes, which
+    releases the GIL, once per run of neighbouring tensors (few calls: each return waits for the GIL, which
+    another thread may hold for up to 5 ms), so `Llama.build` overlaps it with the tokenizer. 0 (nothing done;
+    the first forward faults the pages in) without a mapping, off Linux, or on an older kernel.
+    """
+    spans = sorted((t.raw.data_ptr(), t.raw.data_ptr() + t.nbytes, t.nbytes) for t in tensors
+                   if t.mapping is not None and t.nbytes > 0)
+    runs: list[list[int]] = []
+    for start, end, nbytes in spans:
+        if runs and start - runs[-1][1] <= _NEIGHBOURS:  # the gap is alignment padding: one call for both
+            runs[-1][1], runs[-1][2] = max(runs[-1][1], end), runs[-1][2] + nbytes
+        else:
+            runs.append([start, end, nbytes])
+    return sum(nbytes for start, end, nbytes in runs if map_in(start, end - start))
+
+
+def map_in(address: int, nbytes: int) -> bool:
+    """`madvise(MADV_POPULATE_READ)` over the pages holding [address, address + nbytes) of a file mapping, without
+    the GIL (ctypes releases it); True if done. The mapping must start on a page (mmap's always do)."""
+    libc = _libc()
+    if libc is None or nbytes <= 0:
+        return False
+    first = address // mmap.PAGESIZE * mmap.PAGESIZE
+    return libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(address + nbytes - first), _MADV_POPULATE_READ) == 0
+
+
+_NEIGHBOURS = 1 << 16  # tensors at most this far apart are mapped in by one call
 _MADV_POPULATE_READ = 22  # linux/mman.h (Python's mmap module does not name it)
 
 

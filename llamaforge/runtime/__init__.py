@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from llamaforge.checkpoints.gguf import GGUFQuantTensor
+from llamaforge.checkpoints.gguf import GGUFQuantTensor, populate
 from llamaforge.devices import available_memory_bytes
 from llamaforge.kernels import X8_FORMATS, get_extension
 from llamaforge.model import KVCache, ModelArgs, StepInput, Transformer, build_model, check_weights, empty_model
@@ -128,7 +128,7 @@ def populate_in_place(weights: Mapping[str, Any], *, tied: bool) -> int:
     available = available_memory_bytes(torch.device("cpu"))
     if not todo or get_extension() is None or (available is not None and total > available // 2):
         return 0
-    return sum(w.nbytes for w in todo if w.populate())
+    return populate(todo)
 
 
 def prepare(
