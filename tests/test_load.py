@@ -15,7 +15,7 @@ from llamaforge.checkpoints.gguf import GGUFQuantTensor
 from llamaforge.errors import ChatFormatError, ConfigError
 from llamaforge.model import ModelArgs, Transformer
 
-linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_POPULATE_READ is Linux's")
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 
 
 def mapped_kib(address: int) -> int:

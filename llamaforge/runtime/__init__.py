@@ -113,11 +113,11 @@ def build(args: ModelArgs, state_dict: Mapping[str, Any], *, device: torch.devic
 
 
 def populate_in_place(weights: Mapping[str, Any], *, tied: bool) -> int:
-    """Map in now the file pages of the GGUF weights the layers read where they lie; returns the bytes mapped.
+    """Fault in now the file pages of the GGUF weights the layers read where they lie; returns the bytes done.
 
     F16/BF16 (and any type without an x8 layout) stay in the file's pages, which the first forward would
-    otherwise fault in one by one (~0.1-0.15 s of one core per GB, as llama.cpp's MAP_POPULATE pays at
-    load). Done here, on the loading thread and without the GIL, it overlaps the tokenizer (Llama.build).
+    otherwise fault in (~0.1-0.15 s of one core per GB, as llama.cpp's MAP_POPULATE pays at load). Done
+    here, on the loading thread and without the GIL (`checkpoints.gguf.populate`), it overlaps the tokenizer.
     The embedding table is read a row per token, so it is left to fault, unless the output shares it
     (`tied`). Nothing is done without the C++ kernels (the PyTorch path converts the weights anyway) or
     when the weights exceed half the memory available (the pages would push each other out).

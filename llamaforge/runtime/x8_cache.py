@@ -22,8 +22,8 @@ input, read as such:
   shapes, offsets, sizes): nothing is sized by what the cache file says, and its size must be exact;
 - every tensor's checksum is checked before use, on every load: XXH3-64 (the `xxhash` package; ~0.065 s of
   one core per GiB, holding the GIL) or, without it, CRC-32 (zlib; ~0.33 s per GiB, on the torch threads in
-  parallel), after one `madvise(MADV_POPULATE_READ)` has mapped the file's pages in (~0.06 s per GiB, without
-  the GIL: `Llama.build` builds the tokenizer meanwhile), which the first token would otherwise fault in.
+  parallel), after one torch op has faulted the file's pages in (~0.06 s per GiB, without the GIL:
+  `Llama.build` builds the tokenizer meanwhile), which the first token would otherwise fault in.
 Anything else (missing, truncated, corrupt, stale, another build) is a miss: logged, the weights repacked,
 the file rewritten atomically (temporary file + rename; not fsynced, since a torn file is only a miss).
 """
@@ -46,7 +46,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 
 from llamaforge import kernels
-from llamaforge.checkpoints.gguf import GGUFQuantTensor, map_in
+from llamaforge.checkpoints.gguf import GGUFQuantTensor, fault_in
 from llamaforge.checkpoints.gguf_reader import GGUFFile
 from llamaforge.checkpoints.save import atomic_file
 
@@ -194,7 +194,8 @@ def _read(path: Path, expected: dict, todo: Mapping[str, GGUFQuantTensor]) -> Op
     except OSError as e:
         return _miss(path, f"cannot read it ({e})", warn=True)
     views = [torch.frombuffer(buf, dtype=torch.uint8, count=row[5], offset=row[4]) for row in expected["tensors"]]
-    map_in(views[0].data_ptr(), expected["file_size"] - expected["tensors"][0][4])  # one call, without the GIL
+    fault_in(torch.frombuffer(buf, dtype=torch.uint8, count=expected["file_size"] - expected["tensors"][0][4],
+                              offset=expected["tensors"][0][4]))  # one call, without the GIL
     got = _sums(views)
     for row, value, want in zip(expected["tensors"], got, sums):
         if value != want:
