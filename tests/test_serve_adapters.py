@@ -203,7 +203,7 @@ def test_training_and_serving_read_one_adapter_file_alike(tokenizer, tmp_path):
     model = tiny(tokenizer)
     written = write_peft(tmp_path / "a", model)
     read = read_adapter(tmp_path / "a", model.args)
-    save_gguf_lora(read, tmp_path / "a.gguf")
+    save_gguf_lora(read, model.args, tmp_path / "a.gguf")
     table = AdapterTable(model)
     for name, path in (("peft", tmp_path / "a"), ("gguf", tmp_path / "a.gguf")):
         served = table.add(name, path)

@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llamaforge.api import Llama
 from llamaforge.server.auth import Guard
-from llamaforge.server.errors import APIError, error_body, from_validation_errors
+from llamaforge.server.errors import APIError, from_validation_errors
 from llamaforge.server.metrics import CountRequests, Metrics
 from llamaforge.server.prepare import Preparer
 from llamaforge.server.routes import ROUTERS
@@ -122,12 +122,14 @@ def _install_error_handlers(app: FastAPI) -> None:
         return body(request, from_validation_errors(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException):
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":  # FastAPI's words
+            return body(request, APIError(400, "the request body cannot be read as JSON: send UTF-8 JSON text, "
+                                          "nested at most a few hundred levels deep", code="invalid_json"))
         message = {404: "no such route", 405: "method not allowed on this route"}.get(exc.status_code, str(exc.detail))
-        return JSONResponse(error_body(exc.status_code, f"{message}: see GET /docs for the API"),
-                            status_code=exc.status_code)
+        return body(request, APIError(exc.status_code, f"{message}: see GET /docs for the API"))
 
     @app.exception_handler(Exception)
-    async def internal_error(_: Request, exc: Exception):
+    async def internal_error(request: Request, exc: Exception):
         log.exception("unhandled error")
-        return JSONResponse(error_body(500, f"internal server error: {type(exc).__name__}"), status_code=500)
+        return body(request, APIError(500, f"internal server error: {type(exc).__name__}"))
