@@ -236,3 +236,10 @@ def test_checkouts_with_other_kernels_sharing_a_folder_keep_their_own_files(gguf
     kept = set(cache.iterdir())
     assert kept == {x8_cache.cache_path(path, cache, f"{real(get_extension())}-{x}") for x in ("a", "c")}
     assert load_as("a")[1] == "mapped" and load_as("c")[1] == "mapped"
+
+
+def test_cache_path_defaults_to_these_kernels(ggufs, cache, caplog):
+    """benchmarks/matrix.py names a model's cache file with cache_path(gguf, folder): the file a load writes."""
+    path = ggufs[0]["q8_0"]
+    assert logits(path, caplog)[1] == "wrote"
+    assert list(cache.iterdir()) == [x8_cache.cache_path(path, cache)]

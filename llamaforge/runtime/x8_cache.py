@@ -82,9 +82,12 @@ def cache_dir() -> Optional[Path]:
     return Path(base) / "llamaforge" / "x8"
 
 
-def cache_path(gguf_path: Path, folder: Path, build: str) -> Path:
-    """The cache file of the model at `gguf_path` for the kernels `build` (one per resolved path and build, so
-    checkouts with other kernels sharing the folder keep files of their own instead of rewriting one)."""
+def cache_path(gguf_path: Path, folder: Path, build: Optional[str] = None) -> Path:
+    """The cache file of the model at `gguf_path` for the kernels `build` (default: these kernels' build), one per
+    resolved path and build, so checkouts with other kernels sharing the folder keep files of their own."""
+    if build is None:
+        ext = kernels.get_extension()
+        build = _build_name(ext) if ext is not None else ""
     resolved = str(Path(gguf_path).resolve())
     digest = hashlib.sha256(f"{resolved}\0{build}".encode("utf-8", "surrogateescape")).hexdigest()[:20]
     return folder / f"{Path(gguf_path).stem[:48]}-{digest}.x8"
