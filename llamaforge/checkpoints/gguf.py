@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from llamaforge.checkpoints import keymaps
@@ -97,7 +98,7 @@ def populate(tensors: list[GGUFQuantTensor]) -> int:
     bytes of the tensors done.
 
     Pages the page cache holds cost ~0.1 s of one core per GB to map, here or at the first forward. Here it is
-    a torch reduction reading one byte per page (the page-fault path, with the kernel's fault-around and
+    a numpy reduction reading one byte per page (the page-fault path, with the kernel's fault-around and
     readahead), which runs without the GIL, once per run of neighbouring tensors in one mapping (few calls:
     each return waits for the GIL, which another thread may hold for up to 5 ms), so `Llama.build` overlaps
     it with the tokenizer. (`madvise(MADV_POPULATE_READ)`, as llama.cpp's MAP_POPULATE, was measured here
@@ -121,10 +122,12 @@ def populate(tensors: list[GGUFQuantTensor]) -> int:
 
 
 def fault_in(view: torch.Tensor) -> None:
-    """Read one byte of every page of a (mapped) uint8 tensor, without the GIL (a torch op)."""
+    """Read one byte of every page of a (mapped) uint8 tensor, without the GIL, on this thread alone (a numpy
+    reduction: a torch one would start an OpenMP pool whose spinning workers take the core the tokenizer
+    beside it needs)."""
     flat = view.reshape(-1)
     if flat.numel():
-        flat[:: mmap.PAGESIZE].sum()
+        np.add.reduce(flat.numpy()[:: mmap.PAGESIZE], dtype=np.uint64)
 
 
 _NEIGHBOURS = 1 << 16  # tensors at most this far apart in one mapping are faulted in by one call

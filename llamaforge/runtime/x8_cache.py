@@ -22,7 +22,7 @@ input, read as such:
   shapes, offsets, sizes): nothing is sized by what the cache file says, and its size must be exact;
 - every tensor's checksum is checked before use, on every load: XXH3-64 (the `xxhash` package; ~0.065 s of
   one core per GiB, holding the GIL) or, without it, CRC-32 (zlib; ~0.33 s per GiB, on the torch threads in
-  parallel), after one torch op has faulted the file's pages in (~0.06 s per GiB, without the GIL:
+  parallel), after one numpy reduction has faulted the file's pages in (~0.06 s per GiB, without the GIL:
   `Llama.build` builds the tokenizer meanwhile), which the first token would otherwise fault in.
 Anything else (missing, truncated, corrupt, stale, another build) is a miss: logged, the weights repacked,
 the file rewritten atomically (temporary file + rename; not fsynced, since a torn file is only a miss).
