@@ -3,6 +3,7 @@
     python benchmarks/compare.py            # full run (every weight width, batches 4/8/16), ~30-60 min
     python benchmarks/compare.py --quick    # smoke run: 4-bit and 32-bit, shorter generations, minutes
     python benchmarks/compare.py --shape 1b # Llama 3.2 1B shape, every common type (compare_shapes.py)
+    python benchmarks/compare.py --matrix full --here --budget-minutes 35   # issue 15's whole matrix (matrix.py)
 
 Any python starts it: it first runs benchmarks/setup_peers.sh (the peers' venv at benchmarks/_work/venv,
 with a pinned llama-cpp-python built from its sdist), then re-executes itself in that venv. One process
@@ -76,9 +77,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch-gen-len", type=int, help="new tokens per sequence in batched runs (64; quick 32)")
     p.add_argument("--batch-runs", type=int, help="timed runs per batched figure (2; quick 1)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds one engine process may take")
-    p.add_argument("--out", type=Path, help="markdown file to write (default benchmarks/_work/results/)")
+    p.add_argument("--out", type=Path, help="markdown file to write (default benchmarks/_work/results/; --matrix: "
+                                           "its .jsonl results file)")
     p.add_argument("--no-setup", action="store_true", help="do not run setup_peers.sh first")
-    p.add_argument("--render", type=Path, metavar="JSON", help="only rewrite the tables of a saved run's .json")
+    p.add_argument("--render", type=Path, metavar="JSON",
+                   help="only rewrite the tables of a saved run's .json (or a --matrix run's .jsonl)")
     p.add_argument("--here", action="store_true",
                    help="run in this interpreter (it has llama-cpp-python) instead of the peers' venv")
     s = p.add_argument_group("--shape runs (benchmarks/compare_shapes.py): llamaforge and llama.cpp only")
@@ -96,7 +99,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     s.add_argument("--long-steps", type=int, default=12, help="timed decode steps after a long prompt")
     s.add_argument("--kv-type", default=None,
                    help="llamaforge's KV cache type (float32, float16, bfloat16, q8_0; default: its build's choice)")
+    m = p.add_argument_group("--matrix runs (benchmarks/matrix.py): every shape, type, thread count, engine setting, "
+                             "prompt length and batch above, the important cells first, kept in a JSON lines file")
+    m.add_argument("--matrix", choices=("full",), help="run the shape matrix (the flags above choose its axes)")
+    m.add_argument("--shapes", type=lambda x: x.split(","), default=["1b", "3b", "8b"], help="matrix shapes")
+    m.add_argument("--types-8b", type=lambda x: x.split(","), default=["Q4_0", "Q4_K_M", "Q8_0"],
+                   help="the 8B shape's types (of --types; its F16/BF16 files are 16 GB each)")
+    m.add_argument("--resume", action="store_true", help="keep the results file and skip the cells it has")
+    m.add_argument("--budget-minutes", type=float, help="start no cell that would end past this many minutes")
+    m.add_argument("--plan", action="store_true", help="print the cells' tiers and time estimate, run nothing")
+    m.add_argument("--make-files", action="store_true",
+                   help="make missing shape files first (otherwise their cells are skipped, with the command)")
     a = p.parse_args(argv)
+    if a.matrix:
+        bad = [s for s in a.shapes if s not in ("1b", "3b", "8b")]
+        if bad:
+            p.error(f"--shapes: unknown {bad}; choose from 1b,3b,8b")
+        a.engines = [e for e in a.engines if e != "transformers"]
+        a.runs = a.runs or 2
+        return a
     if a.shape:
         a.engines = [e for e in a.engines if e != "transformers"]
         a.runs = a.runs or 2
@@ -290,6 +311,12 @@ def rerender(saved: Path) -> None:
 def main(argv: list[str]) -> None:
     """Bootstrap into the venv, run every (bits, engine) cell, write the report."""
     args = parse_args(argv)
+    if args.render and args.render.suffix == ".jsonl":  # a --matrix results file
+        from matrix import write_markdown
+        from matrix_report import render as render_matrix
+
+        print(write_markdown(args.render, render_matrix))
+        return
     if args.render:
         rerender(args.render)
         return
@@ -298,6 +325,13 @@ def main(argv: list[str]) -> None:
 
     started = _dt.datetime.now()
     src = Path(args.model) if args.model else default_model()
+    if args.matrix:
+        from matrix import check_types, run_matrix
+
+        check_types(args.types)
+        command = "python benchmarks/compare.py " + " ".join(shlex.quote(a) for a in argv)
+        run_matrix(args, command, src, TEXT, bandwidth, machine)
+        return
     if args.shape:
         from compare_shapes import run_shapes
 

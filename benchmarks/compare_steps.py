@@ -1,9 +1,11 @@
-"""One engine, one file, one process: step-timed prefill and decode for `compare.py --shape`.
+"""One engine, one file, one process: step-timed prefill and decode for `compare.py --shape` and `--matrix`.
 
 Unlike compare_engines.py (which times whole generate calls and takes decode as T(N) - T(1), a difference
 that a long prompt's prefill noise swamps), this times the decode steps themselves: after a prefill of P
 tokens per row, each of `steps` one-token steps (B rows) is timed on its own; decode tok/s = B / median
 step time ("best": B / fastest step). Prefill tok/s = B * P / the prefill's time (fastest of `runs`).
+Batch 1 after a short prompt: a warm-up run, then `runs` runs; a batch or a long prompt (whose prefills are
+long): one run whose first WARM_STEPS steps are untimed.
 Both engines are driven at the same level:
     llamaforge  `Llama.build(file)`, then its model and decode step: `model(tokens (B, P), 0, cache,
                 last_only=True)` and `llm.decode_step(next (B, 1), StepInput, cache)` over a `KVCache` (the
@@ -59,7 +61,7 @@ class LlamaforgeSteps:
     def __init__(self, cfg: dict):
         from llamaforge import Llama
 
-        self.max_len = max(cfg["prompt_lens"]) + cfg["steps"] + 2
+        self.max_len = max(cfg["prompt_lens"]) + max(cfg["steps"], cfg["long_steps"]) + WARM_STEPS + 2
         self.llm = Llama.build(cfg["model"], max_seq_len=self.max_len, max_batch_size=max(cfg["batches"]),
                                device="cpu", progress=False, kv_type=cfg.get("kv_type"))
         self.model = self.llm.model
@@ -171,6 +173,19 @@ class LlamaCppSteps:
         return 2 * lc.llama_model_n_layer(m) * n_kv * (n_embd // n_head) * 2
 
 
+WARM_STEPS = 2  # untimed steps before the timed ones in a single run
+
+
+def plan(cfg: dict) -> list[tuple[int, int]]:
+    """The (prompt length, batch) measurements of this process: `cfg["plan"]` when given (compare.py --matrix),
+    else batch 1 at every prompt length and the batch sizes after the shortest."""
+    if cfg.get("plan"):
+        return [(int(p), int(b)) for p, b in cfg["plan"]]
+    short = min(cfg["prompt_lens"])
+    return [(p, b) for p in cfg["prompt_lens"] for b in ([1] + [x for x in cfg["batches"] if x > 1] if p == short
+                                                           else [1])]
+
+
 def run(cfg: dict) -> dict:
     import torch
 
@@ -189,22 +204,23 @@ def run(cfg: dict) -> dict:
     res["bytes_per_token"], res["bytes_held"] = eng.weight_bytes()
     res["kv_bytes_per_position"] = eng.kv_bytes_per_position()
     res["cells"] = {}
-    for p in cfg["prompt_lens"]:
+    for p, b in plan(cfg):
         prompt = cfg["prompts"][str(p)]
-        for b in ([1] + [x for x in cfg["batches"] if x > 1] if p == min(cfg["prompt_lens"]) else [1]):
-            rows = [prompt[i:] + prompt[:i] for i in range(b)]  # B different rotations of the text
-            steps = cfg["steps"] if p <= 512 else cfg["long_steps"]
-            runs = cfg["runs"] if p <= 512 else 1
-            pre, times, tokens = [], [], []
-            eng.run(rows, 2) if p <= 512 else None  # warm-up (a 4k prefill is its own warm-up)
-            for _ in range(runs):
+        rows = [prompt[i:] + prompt[:i] for i in range(b)]  # B different rotations of the text
+        steps = cfg["steps"] if p <= 512 else cfg["long_steps"]
+        pre, times, tokens = [], [], []
+        if p <= 512 and b == 1:
+            eng.run(rows, 2)  # warm-up (a 4k prefill is its own warm-up)
+            for _ in range(cfg["runs"]):
                 t_pre, t_steps, tokens = eng.run(rows, steps)
                 pre.append(t_pre)
                 times += t_steps
-            res["cells"][f"{p}x{b}"] = {**_figures(b, p, pre, times), "tokens": tokens,
-                                        "loadavg": os.getloadavg()[0]}
-            print(f"[{engine}] P={p} B={b}: prefill {res['cells'][f'{p}x{b}']['prefill_tok_s']:.1f} tok/s, "
-                  f"decode {res['cells'][f'{p}x{b}']['decode_tok_s']:.2f} tok/s", file=sys.stderr, flush=True)
+        else:  # one run (a batch's or a long prompt's prefill is long); its first WARM_STEPS steps are the warm-up
+            t_pre, t_steps, tokens = eng.run(rows, steps + WARM_STEPS)
+            pre, times = [t_pre], t_steps[WARM_STEPS:]
+        res["cells"][f"{p}x{b}"] = {**_figures(b, p, pre, times), "tokens": tokens, "loadavg": os.getloadavg()[0]}
+        print(f"[{engine}] P={p} B={b}: prefill {res['cells'][f'{p}x{b}']['prefill_tok_s']:.1f} tok/s, "
+              f"decode {res['cells'][f'{p}x{b}']['decode_tok_s']:.2f} tok/s", file=sys.stderr, flush=True)
     res["peak_rss_mb"] = peak_rss_mb()
     res["loadavg_end"] = os.getloadavg()[0]
     return res

@@ -8,7 +8,7 @@ weights: speed does not depend on their values) times enough layers to exceed th
 sweep streams the weights from DRAM as a decode step does, and times sweeps of `--rows` activation rows
 (M = 1: batch-1 decode) through the extension's `qlinear` on ONE thread, by process CPU time (other jobs
 on a shared machine disturb it only through the memory bus and caches). GB/s = weight bytes read / CPU
-seconds. With `--against OLD.so` (a built extension from ~/.cache/llamaforge/kernels, e.g. main's) the
+seconds; with `--rows` above 1 (the prefill tiles) GOP/s = 2 * rows * weights / CPU seconds instead. With `--against OLD.so` (a built extension from ~/.cache/llamaforge/kernels, e.g. main's) the
 builds are alternated round by round, each round of each build in a fresh process on weights repacked by
 its own `repack_x8` (a changed x8 layout is measured as it is), and the table shows the medians (and
 ranges) of `--rounds` rounds per build. `--avx2` forces the AVX2 tiles
@@ -139,13 +139,17 @@ def main() -> None:
             out = subprocess.run([*child, "--so", str(path)], capture_output=True, text=True, check=True).stdout
             results[b].append(json.loads(out.split("RESULT ", 1)[1]))
     tiles = results["this"][0]["tiles"]
+    # M > 1 (prefill tiles): GOP/s = 2 * M * weights / CPU s, the compute rate, instead of the streaming rate
+    unit = "GB/s = weight bytes / CPU s" if args.rows == 1 else "GOP/s = 2 * M * weights / CPU s"
     print(f"{args.shape} shape, M = {args.rows}, 1 thread, {tiles} tiles; builds alternated in fresh processes, "
-          f"median of {args.rounds} rounds (each the best of {args.sweeps} sweeps); GB/s = weight bytes / CPU s")
-    print(f"{'type':6s} " + " ".join(f"{b + ' GB/s':>22s}" for b in builds))
+          f"median of {args.rounds} rounds (each the best of {args.sweeps} sweeps); {unit}")
+    print(f"{'type':6s} " + " ".join(f"{b + ' ' + unit.split()[0]:>22s}" for b in builds))
     for qtype in args.types:
+        info = kernels.qtype_info(qtype)
+        per_gb = 1.0 if args.rows == 1 else 2 * args.rows * info.block / info.bytes  # GB/s -> GOP/s
         cells = []
         for b in builds:
-            v = sorted(r[qtype] for r in results[b])
+            v = sorted(r[qtype] * per_gb for r in results[b])
             cells.append(f"{statistics.median(v):8.1f} ({v[0]:.1f}-{v[-1]:.1f})")
         print(f"{qtype:6s} " + " ".join(f"{c:>22s}" for c in cells), flush=True)
 

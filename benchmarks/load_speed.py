@@ -7,6 +7,7 @@ falls on all of them):
     llama.cpp           llama_cpp.Llama(file, n_ctx=256), then one token evaluated (its logits)
     llamaforge          Llama.build(file) with the x8 cache off (LLAMAFORGE_X8_CACHE=off: every weight repacked)
     llamaforge cached   Llama.build(file) with the x8 cache written by an earlier run (runtime/x8_cache.py)
+    baseline            (--baseline PATH) as "llamaforge cached", with the llamaforge checkout at PATH
 then one token through the model (its logits). Each process reports the seconds (wall, and its CPU seconds:
 on a loaded machine the CPU figure is the robust one) from before the constructor to the first logits,
 the import time apart, and its peak RSS (VmHWM) over the RSS after imports. Threads: --threads (1 by
@@ -66,7 +67,7 @@ def child(cfg: dict) -> dict:
 
 def run(variant: str, model: Path, threads: int, cache: Path, baseline: Path | None = None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads),
-           "LLAMAFORGE_X8_CACHE": str(cache) if variant == "llamaforge cached" else "off"}
+           "LLAMAFORGE_X8_CACHE": str(cache) if variant in ("llamaforge cached", "baseline") else "off"}
     if variant == "baseline":  # another checkout of llamaforge, as it loads
         env["PYTHONPATH"] = str(baseline)
     cfg = {"variant": variant, "model": str(model), "threads": threads}
@@ -86,8 +87,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
     p.add_argument("--cache", type=Path, help="x8 cache folder (default: a temporary one, primed first)")
-    p.add_argument("--baseline", type=Path, help="also load with the llamaforge checkout at this path (variant "
-                   "'baseline', e.g. the code before a change)")
+    p.add_argument("--baseline", type=Path, help="also load with the llamaforge checkout at this path, x8 cache "
+                   "on (variant 'baseline', e.g. the code before a change)")
     p.add_argument("--model", type=Path, action="append", help="a GGUF file to load instead of the shapes (repeatable; "
                    "'default' for the default model)")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -108,9 +109,9 @@ def main() -> None:
     cache = a.cache or Path(tempfile.mkdtemp(prefix="x8-cache-"))
     if a.baseline:
         a.variants.append("baseline")
-    if "llamaforge cached" in a.variants:
-        for t in a.types:  # the first load writes the cache file
-            run("llamaforge cached", files[t], a.threads, cache)
+    for v in ("llamaforge cached", "baseline"):
+        for t in a.types if v in a.variants else ():  # the first load writes the cache file (each build its own)
+            run(v, files[t], a.threads, cache, a.baseline)
     results: dict = {}
     for r in range(a.repeats):
         for t in a.types:
@@ -121,7 +122,8 @@ def main() -> None:
                       f"(CPU {res['load_cpu_s']:.2f}), peak RSS {res['peak_rss_mb']:.0f} MiB, "
                       f"load avg {os.getloadavg()[0]:.1f}", flush=True)
     print(f"\n{a.shape} shape, {a.threads} thread(s), median of {a.repeats} fresh processes per cell; load = "
-          "constructor + first token's logits (imports apart); RSS over imports = peak - after imports\n")
+          "constructor + first token's logits (imports apart); RSS over imports = peak - after imports; load "
+          f"average at the end {os.getloadavg()[0]:.1f}\n")
     print("| type | engine | load s | load CPU s | build s | imports s | peak RSS MiB | RSS over imports MiB |")
     print("|---|---|---|---|---|---|---|---|")
     for t in a.types:

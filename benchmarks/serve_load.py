@@ -222,6 +222,8 @@ def start_llamaforge(args) -> tuple[subprocess.Popen, str]:
            "--max-queue", str(2 * max(args.levels)), "--log-level", "warning"]
     if not args.prefix_reuse:
         cmd.append("--no-prefix-reuse")
+    if args.max_num_batched_tokens:
+        cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     for i, folder in enumerate(args.lora_dirs):
         cmd += ["--lora", f"lora{i}={folder}"]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads)) if args.threads else None
@@ -240,6 +242,8 @@ def start_llama_server(args) -> tuple[subprocess.Popen, str]:
     cmd = [exe, "-m", args.model, "--host", "127.0.0.1", "--port", str(port), "--parallel", str(slots),
            "-c", str(args.max_seq_len * slots), "--threads", str(args.threads or os.cpu_count()),
            "--threads-batch", str(args.threads or os.cpu_count()), "--no-webui", "--log-disable"]
+    if args.max_num_batched_tokens:  # llama-server's logical batch: the tokens of one llama_decode
+        cmd += ["--batch-size", str(args.max_num_batched_tokens)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     wait_ready(proc, base, "llama-server")
@@ -303,6 +307,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per request (default 32)")
     p.add_argument("--max-seq-len", type=int, default=256, help="context per slot of the started servers")
     p.add_argument("--prefix-reuse", action="store_true", help="let the started servers reuse cached prefixes")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens per engine step of the started servers (llama-server: --batch-size; default: "
+                        "each server's own, 256 and 2048)")
     p.add_argument("--api-key", help="API key of the --url server")
     p.add_argument("--deadline", type=float, default=1800, help="stop after this many seconds (default 1800)")
     p.add_argument("--loras", type=int, default=0, help="serve this many random LoRA adapters, request i on i mod K")

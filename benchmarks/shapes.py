@@ -1,13 +1,21 @@
-"""Llama-shaped GGUF files at the sizes people run, for `benchmarks/compare.py --shape 1b|3b|8b`.
+"""Llama-shaped GGUF files at the sizes people run, for `benchmarks/compare.py --shape 1b|3b|8b` and `--matrix`.
 
 Speed does not depend on the weights' values, so the files hold random weights (normal, std 0.02; norms
 ones) in the shapes of Meta's Llama 3.2 1B / 3B and Llama 3.1 8B, with the default model's tokenizer
 (SmolLM2's 49,152-token vocabulary, copied from its GGUF: so the embedding and output layers are smaller
 than Llama 3's 128,256 rows, 2.4-8% of the weights instead of 8-21%). Llama 3's rope scaling is left out
-(it changes no cost). One F16 base file per shape is written once, streamed tensor by tensor (an 8B never
-sits in memory), then every type is made from it by llama.cpp's own quantizer (`llama_model_quantize`
-through llama-cpp-python), as a llama.cpp user makes them. Files are cached outside the repository in
-$LLAMAFORGE_BENCH_CACHE (default ~/.cache/llamaforge/bench-shapes); a file is only remade when missing.
+(it changes no cost). One source file per shape is written by gguf-py, streamed tensor by tensor (an 8B never
+sits in memory): F16 at 1B and 3B, Q8_0 at 8B (an 8B F16 file is 15 GB; gguf-py's Q8_0 is llama.cpp's
+reference quantizer ported to numpy; at 8B, 256 random rows repeat down each matrix, TILE_ROWS). That file is
+also the benchmark file of its type; every other type is made from it by llama.cpp's own quantizer
+(`llama_model_quantize` through llama-cpp-python), as a llama.cpp user makes them (from Q8_0 at 8B: llama.cpp
+picks each tensor's type by name, not by the source's type).
+Files are cached outside the repository in $LLAMAFORGE_BENCH_CACHE (default ~/.cache/llamaforge/bench-shapes);
+a file is only remade when missing.
+
+    python benchmarks/shapes.py 3b                        # every type of the 3B shape (~23 GB)
+    python benchmarks/shapes.py 8b --types Q4_0,Q4_K_M,Q8_0
+
 Not run by the tests.
 """
 
@@ -42,6 +50,11 @@ SHAPES = {
 
 # file type name -> llama.cpp ftype (llama_ftype enum in llama.h)
 FTYPES = {"Q4_0": 2, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18, "Q8_0": 7, "F16": 1, "BF16": 32}
+# the type gguf-py writes each shape's source file in (the others are quantized from it)
+SOURCE_TYPE = {"1b": "F16", "3b": "F16", "8b": "Q8_0"}
+# rows of random weights a quantized source file repeats down each matrix: numpy's Q8_0 quantizer takes minutes
+# of a core for an 8B, and speed does not depend on values (every row is still read, none is shared)
+TILE_ROWS = 256
 ROPE_THETA = 500000.0
 CONTEXT = 8192
 
@@ -75,12 +88,19 @@ def tensor_list(s: Shape, vocab: int) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def write_base(shape: str, tokenizer_gguf: Path, dst: Path) -> None:
-    """The F16 base file of `shape` with random weights and the tokenizer of `tokenizer_gguf` (atomic)."""
+def file_path(shape: str, type_name: str) -> Path:
+    """Where the `type_name` file of `shape` is cached."""
+    return cache_dir() / f"llama-{shape}-random.{type_name}.gguf"
+
+
+def write_source(shape: str, tokenizer_gguf: Path, dst: Path) -> None:
+    """The source file of `shape` (SOURCE_TYPE) with random weights and the tokenizer of `tokenizer_gguf` (atomic)."""
     import gguf
     import numpy as np
+    from gguf.quants import quantize
 
     s = SHAPES[shape]
+    qtype = SOURCE_TYPE[shape]
     src = gguf.GGUFReader(str(tokenizer_gguf))
     vocab = len(src.fields["tokenizer.ggml.tokens"].data)
     tmp = dst.with_suffix(".tmp")
@@ -96,16 +116,24 @@ def write_base(shape: str, tokenizer_gguf: Path, dst: Path) -> None:
     w.add_rope_freq_base(ROPE_THETA)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(vocab)
-    w.add_file_type(1)  # LLAMA_FTYPE_MOSTLY_F16
+    w.add_file_type(FTYPES[qtype])
+    if qtype != "F16":
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for key, field in src.fields.items():
         if key.startswith("tokenizer."):
             main = field.types[0]
             sub = field.types[-1] if main == gguf.GGUFValueType.ARRAY else None
             w.add_key_value(key, field.contents(), main, sub_type=sub)
     tensors = tensor_list(s, vocab)
+    ggml = gguf.GGMLQuantizationType.Q8_0 if qtype == "Q8_0" else None
     for name, shp in tensors:
-        dtype = np.float32 if len(shp) == 1 else np.float16
-        w.add_tensor_info(name, shp, np.dtype(dtype), int(np.prod(shp)) * np.dtype(dtype).itemsize)
+        if len(shp) == 1:
+            w.add_tensor_info(name, shp, np.dtype(np.float32), int(np.prod(shp)) * 4)
+        elif ggml is None:
+            w.add_tensor_info(name, shp, np.dtype(np.float16), int(np.prod(shp)) * 2)
+        else:  # block bytes: 34 per 32 weights
+            nbytes = int(np.prod(shp)) // 32 * 34
+            w.add_tensor_info(name, shp, np.dtype(np.float32), nbytes, raw_dtype=ggml)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
@@ -113,40 +141,70 @@ def write_base(shape: str, tokenizer_gguf: Path, dst: Path) -> None:
     for name, shp in tensors:
         if len(shp) == 1:
             w.write_tensor_data(np.ones(shp, dtype=np.float32))
-        else:
+        elif ggml is None:
             w.write_tensor_data((rng.standard_normal(shp, dtype=np.float32) * 0.02).astype(np.float16))
+        else:  # TILE_ROWS random rows, quantized once and repeated down the matrix (rows are blocks of their own)
+            rows = quantize(rng.standard_normal((TILE_ROWS, shp[1]), dtype=np.float32) * 0.02, ggml)
+            w.write_tensor_data(np.tile(rows, (shp[0] // TILE_ROWS, 1)))
     w.close()
     tmp.rename(dst)
 
 
-def shape_files(shape: str, types: list[str], tokenizer_gguf: Path, threads: int) -> dict[str, Path]:
-    """type name -> GGUF file of `shape`, made (once) by llama.cpp's quantizer from the F16 base."""
-    import ctypes
+def shape_files(shape: str, types: list[str], tokenizer_gguf: Path, threads: int,
+                make: bool = True) -> dict[str, Path]:
+    """type name -> GGUF file of `shape`, made (once) by llama.cpp's quantizer from the shape's source file.
 
-    import llama_cpp
-    from llama_cpp._logger import set_verbose
+    With `make=False` only the files already cached are returned (nothing is written)."""
+    import ctypes
 
     unknown = [t for t in types if t not in FTYPES]
     if unknown:
         sys.exit(f"--types: unknown {unknown}; choose from {','.join(FTYPES)}")
     folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    base = folder / f"llama-{shape}-random.F16-base.gguf"
-    if not base.exists():
-        print(f"[compare] writing the {shape} base file {base} (random F16 weights) ...", flush=True)
-        write_base(shape, tokenizer_gguf, base)
-    set_verbose(False)
-    out = {}
-    for t in types:
-        dst = folder / f"llama-{shape}-random.{t}.gguf"
-        if not dst.exists():
-            print(f"[compare] llama.cpp quantizer: {base.name} -> {dst.name}", flush=True)
-            params = llama_cpp.llama_model_quantize_default_params()
-            params.ftype, params.nthread, params.allow_requantize = FTYPES[t], threads, True
-            tmp = dst.with_suffix(".tmp")
-            rc = llama_cpp.llama_model_quantize(str(base).encode(), str(tmp).encode(), ctypes.byref(params))
-            if rc != 0:
-                sys.exit(f"llama_model_quantize to {t} failed with code {rc}")
-            tmp.rename(dst)
-        out[t] = dst
-    return out
+    if not make:
+        return {t: file_path(shape, t) for t in types if file_path(shape, t).exists()}
+    source = file_path(shape, SOURCE_TYPE[shape])
+    missing = [t for t in types if not file_path(shape, t).exists()]
+    if missing and not source.exists():
+        print(f"[compare] writing the {shape} source file {source} (random {SOURCE_TYPE[shape]} weights) ...",
+              flush=True)
+        write_source(shape, tokenizer_gguf, source)
+    if missing:
+        import llama_cpp
+        from llama_cpp._logger import set_verbose
+
+        set_verbose(False)  # the quantizer logs every tensor otherwise
+    for t in missing:
+        dst = file_path(shape, t)
+        if dst.exists():  # the source itself
+            continue
+        print(f"[compare] llama.cpp quantizer: {source.name} -> {dst.name}", flush=True)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.nthread, params.allow_requantize = FTYPES[t], threads, True
+        tmp = dst.with_suffix(".tmp")
+        rc = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0:
+            sys.exit(f"llama_model_quantize to {t} failed with code {rc}")
+        tmp.rename(dst)
+    return {t: file_path(shape, t) for t in types}
+
+
+def main(argv: list[str]) -> None:
+    """Make the files of one shape (the command in the docstring)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="make the benchmark shape files (benchmarks/shapes.py)")
+    p.add_argument("shape", choices=sorted(SHAPES))
+    p.add_argument("--types", type=lambda x: x.split(","), default=list(FTYPES), help="file types (default: all)")
+    p.add_argument("--threads", type=int, default=2, help="llama.cpp quantizer threads")
+    a = p.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from llamaforge.default_model import default_model_path
+
+    for t, f in shape_files(a.shape, a.types, default_model_path(), a.threads).items():
+        print(f"{t:<7} {f} {f.stat().st_size / 1e9:.2f} GB")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

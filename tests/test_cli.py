@@ -228,7 +228,7 @@ def test_serve_gives_the_pool_what_the_kv_budget_holds(tiny_checkpoints):
     port = free_port()
     # tiny model: 2 layers x 2 kv heads x head_dim 16 x (k, v) x 4 bytes = 512 B a position, 32 KiB a block of 64
     proc = subprocess.Popen([sys.executable, "-m", "llamaforge", "serve", str(tiny_checkpoints.gguf), "--port", str(port),
-                             "--kv-memory", "40KB", "--device", "cpu", "--log-level", "warning"],
+                             "--kv-memory", "40KB", "--device", "cpu", "--log-level", "warning", "-b", "128"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -239,7 +239,9 @@ def test_serve_gives_the_pool_what_the_kv_budget_holds(tiny_checkpoints):
                     break
             except httpx.HTTPError:
                 time.sleep(0.25)
-        assert httpx.get(base + "/health").json()["max_seq_len"] == 64  # 40 KB hold one block of 64 positions
+        health = httpx.get(base + "/health").json()
+        assert health["max_seq_len"] == 64  # 40 KB hold one block of 64 positions
+        assert health["max_num_batched_tokens"] == 128  # -b, llama-server's name for --max-num-batched-tokens
         got = httpx.post(base + "/v1/completions", timeout=60, json={
             "prompt": "hello world", "max_tokens": 40, "temperature": 0}).json()["choices"][0]["text"]
     finally:

@@ -1,8 +1,8 @@
 """The C++ kernels' plain-float weight matmul (F32 / F16 / BF16 weights, float32 activations).
 
 Reference: float64 `x @ W.T` of the same (exactly converted) weights; float32 sums of K products agree to
-1e-5 relative. Tiles of 4 weight rows x 2 activation rows keep one accumulator per (row, activation)
-pair summed in the same order as a lone row, so results must be bit for bit independent of the batch
+1e-5 relative. The decode tiles (float32: 1 weight row x 8/4/3/2/1 activation rows; 16-bit: 8 x 1 and 4 x 2)
+keep one accumulator per (row, activation) pair summed in the same order as a lone row, so results must be bit for bit independent of the batch
 and of which weight rows share a tile (exact equality); the prefill GEMM (M >= 9 rows of a 16-bit
 weight, kernels/qgemm_tiles.h) keeps that order in both its builds (AVX-512 where the CPU has it, and
 AVX2), so its rows must equal rows computed alone, for M = 1..300, and the two builds must agree bit for
@@ -40,17 +40,44 @@ def test_float_weights_match_float64(qt, n, k, m):
     assert ((got - want).norm() / want.norm()).item() < REL_TOL
 
 
+# Decode batches: float32 rows run 1 x 8, 1 x 4 then 1 x 3/2/1 tiles (M = 19 = 8 + 8 + 3), 16-bit rows 4 x 2
+# tiles and 8 x 1 at M = 1 (up to M = 8: from 9 rows on the prefill GEMM takes over).
 @pytest.mark.parametrize("qt", list(TYPES))
-def test_a_result_does_not_depend_on_its_batch_or_tile(qt):
-    g = torch.Generator().manual_seed(3)
-    n, k = 11, 136  # two tiles of 4 rows and 3 rows alone; k with a tail past the last 8
+@pytest.mark.parametrize("n,k", [(11, 136), (21, 37), (9, 1000)])  # k past the last 8; n past the 8/4-row tiles
+def test_a_result_does_not_depend_on_its_batch_or_tile(qt, n, k):
+    g = torch.Generator().manual_seed(n + k)
     w = torch.randn(n, k, generator=g).to(TYPES[qt][1])
-    x = torch.randn(7, k, generator=g)
+    rows = 19 if qt == "F32" else 8
+    x = torch.randn(rows, k, generator=g)
     full = linear(x, w, qt)
-    for m in range(7):
+    want = (x.double() @ w.double().T).float()
+    assert ((full - want).norm() / want.norm()).item() < REL_TOL
+    for m in range(rows):
         assert torch.equal(linear(x[m : m + 1], w, qt), full[m : m + 1])
-    for j in range(n):  # row j alone (no tile) against its place inside a 4-row tile
+    for m in range(1, rows + 1):  # every batch size: each tile width and edge
+        assert torch.equal(linear(x[:m], w, qt), full[:m]), m
+    for j in range(n):  # row j alone (no tile) against its place inside a 4- or 8-row tile
         assert torch.equal(linear(x, w[j : j + 1].contiguous(), qt)[:, 0], full[:, j])
+
+
+@pytest.mark.parametrize("qt", list(TYPES))
+def test_prefetch_distance_does_not_change_results(qt):
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(300, 520, generator=g).to(TYPES[qt][1])  # 300 rows: tiles cut where the prefetch runs past
+    x = torch.randn(8, 520, generator=g)
+    was = ext.float_prefetch()
+    try:
+        ys = []
+        for ahead in (0, 64, 8192, 1 << 20):  # off, one line, the default, far past the weight's end
+            assert ext.float_prefetch(ahead) in (was, 0, 64, 8192)
+            ys.append([linear(x[:m], w, qt) for m in (1, 2, 4, 8)])
+        for other in ys[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(ys[0], other))
+    finally:
+        ext.float_prefetch(was)
+    assert ext.float_prefetch() == was
+
+
 
 
 # Prefill (M >= 9 rows) of a 16-bit weight runs a GEMM over panels of 8 weight rows converted to float32
@@ -108,3 +135,24 @@ def test_prefill_gemm_builds_agree_bit_for_bit(qt):
     finally:
         ext.use_avx512_gemm(was)
     assert torch.equal(wide, narrow)
+
+
+@pytest.mark.parametrize("qt", list(TYPES))
+def test_decode_tiles_split_across_threads_exactly(qt):
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(77, 104, generator=g).to(TYPES[qt][1])  # thread ranges cut 8-, 4- and 3-row tiles anywhere
+    x = torch.randn(16, 104, generator=g)
+    sizes = (1, 2, 3, 4, 5, 8, 16) if qt == "F32" else (1, 2, 3, 4, 5, 8)
+    with torch.inference_mode():
+        was_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            one = [linear(x[:m], w, qt) for m in sizes]
+        finally:
+            torch.set_num_threads(was_threads)
+        was = ext.min_bytes_per_thread(1)
+        try:
+            for m, y in zip(sizes, one):
+                assert torch.equal(linear(x[:m], w, qt), y), m
+        finally:
+            ext.min_bytes_per_thread(was)

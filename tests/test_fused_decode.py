@@ -171,6 +171,25 @@ def test_a_row_does_not_depend_on_its_batch():
     assert torch.equal(batch[1], alone[0])
 
 
+def test_a_float32_row_does_not_depend_on_its_batch():
+    # 11 rows of float32 weights: the 1 x 8 tile, then 1 x 3 (qmatmul.cpp float_rows); each row alone is a 1 x 1
+    model = make_model(None)
+    lengths = [5, 9, 3, 7, 2, 11, 4, 6, 8, 10, 1]
+    slots = list(range(len(lengths)))
+    cache, last = prefill(model, lengths, slots, n_slots=len(lengths))
+    step = fused(model)
+    with torch.inference_mode():
+        alone = []
+        for b in slots:
+            c = copy.deepcopy(cache)
+            alone.append(step(torch.tensor([[last[b]]]), at(torch.tensor([[lengths[b]]]), c, 1, [b], 12), c)[0])
+        batch = step(torch.tensor(last).view(-1, 1), at(torch.tensor(lengths).view(-1, 1), cache, len(slots), slots, 12),
+                     cache)
+    assert step.ran_fused
+    for b in slots:
+        assert torch.equal(batch[b], alone[b]), b
+
+
 @pytest.mark.parametrize("scheme", ["q8_0", None])
 def test_greedy_generation_is_unchanged(scheme):
     model = make_model(scheme)

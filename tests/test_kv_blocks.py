@@ -40,8 +40,8 @@ def qmodel():
 
 
 def engine(model, *, kv_blocks=None, n_slots=4, chunk=8, **kw) -> Engine:
-    return Engine(model, None, n_slots=n_slots, max_seq_len=MAX_SEQ, device=CPU, chunk=chunk, prefill_budget=32,
-                  decode_step=DecodeStep(model, fused=True), kv_blocks=kv_blocks, **kw)
+    return Engine(model, None, n_slots=n_slots, max_seq_len=MAX_SEQ, device=CPU, chunk=chunk,
+                  max_num_batched_tokens=32, decode_step=DecodeStep(model, fused=True), kv_blocks=kv_blocks, **kw)
 
 
 def job(prompt, max_tokens, **kw) -> Job:
@@ -227,13 +227,14 @@ def test_a_pool_with_every_slot_at_full_context_admits_every_slot_at_once(qmodel
     rng = random.Random(2)
     prompts = [[rng.randrange(3, VOCAB) for _ in range(MAX_SEQ - 7)] for _ in range(4)]  # all 16 blocks of a slot each
     eng = checked(engine(qmodel))  # kv_blocks None: 4 slots x 16 blocks, all claimed by the prompts
-    widths = []
-    decode = eng.runner.decode
-    eng.runner.decode = lambda cache, tokens, *a, **kw: (widths.append(len(tokens)), decode(cache, tokens, *a, **kw))[1]
+    in_use = []  # sequences admitted at each prefill forward
+    prefill = eng.runner.prefill
+    eng.runner.prefill = lambda cache, chunks: (in_use.append(eng.sched.seqs_in_use), prefill(cache, chunks))[1]
     eng.start()
     try:
         assert run(eng, [job(p, 4) for p in prompts]) == solo(qmodel, prompts, [4] * 4)
-        assert widths and set(widths) == {4}  # every decode step has all four rows
+        # the prompts are prefilled one after another (oldest first), but all four held their slots at once
+        assert max(in_use) == 4
     finally:
         eng.close()
 

@@ -137,7 +137,7 @@ def test_mixed_adapters_in_one_batch_equal_each_alone(tokenizer, tmp_path, quant
     table.add("a", tmp_path / "a")
     table.add("b", tmp_path / "b")
     step = DecodeStep(model, fused=True)
-    eng = Engine(model, tokenizer, n_slots=6, max_seq_len=MAX_SEQ, device=CPU, chunk=8, prefill_budget=64,
+    eng = Engine(model, tokenizer, n_slots=6, max_seq_len=MAX_SEQ, device=CPU, chunk=8, max_num_batched_tokens=64,
                  decode_step=step, adapters=table)
     eng.start()
     try:
@@ -203,7 +203,7 @@ def test_training_and_serving_read_one_adapter_file_alike(tokenizer, tmp_path):
     model = tiny(tokenizer)
     written = write_peft(tmp_path / "a", model)
     read = read_adapter(tmp_path / "a", model.args)
-    save_gguf_lora(read, tmp_path / "a.gguf")
+    save_gguf_lora(read, model.args, tmp_path / "a.gguf")
     table = AdapterTable(model)
     for name, path in (("peft", tmp_path / "a"), ("gguf", tmp_path / "a.gguf")):
         served = table.add(name, path)

@@ -205,7 +205,9 @@ def test_echo_logprobs_n_seed_and_stop(client, model_id, llama):
     n_prompt = len(llama.tokenizer.encode(prompt))
     assert len(c.logprobs.tokens) == n_prompt + 4 and c.logprobs.token_logprobs[0] is None
     assert all(lp <= 0 for lp in c.logprobs.token_logprobs[1:])
-    assert all(len(t) <= 2 for t in c.logprobs.top_logprobs[1:])
+    # the 2 most likely and, as OpenAI does, the chosen token (up to logprobs + 1 entries)
+    assert all(len(t) <= 3 and t[tok] == lp for t, tok, lp in
+               zip(c.logprobs.top_logprobs[1:], c.logprobs.tokens[1:], c.logprobs.token_logprobs[1:]))
     plain = client.completions.create(model=model_id, prompt=prompt, max_tokens=4, temperature=0, echo=True)
     assert plain.choices[0].text == c.text and plain.choices[0].logprobs is None
     streamed = client.completions.create(model=model_id, prompt=prompt, max_tokens=4, temperature=0, echo=True,

@@ -49,7 +49,7 @@ def model(tokenizer):
 @pytest.fixture()
 def engine(model, tokenizer):
     eng = Engine(model, tokenizer, n_slots=4, max_seq_len=MAX_SEQ, device=CPU, max_queue=8, chunk=8,
-                 prefill_budget=16)
+                 max_num_batched_tokens=16)
     eng.start()
     yield eng
     eng.close()
@@ -394,7 +394,7 @@ def test_embeddings_are_normalised_mean_hidden_states(engine, model):
 def test_embeddings_share_the_schedule_and_can_be_cancelled(model, tokenizer):
     """A large embedding request runs a slice per engine step: a generation submitted after it finishes
     first, and cancelling the request stops its work at the next input."""
-    eng = Engine(model, tokenizer, n_slots=2, max_seq_len=MAX_SEQ, device=CPU, prefill_budget=64)
+    eng = Engine(model, tokenizer, n_slots=2, max_seq_len=MAX_SEQ, device=CPU, max_num_batched_tokens=64)
     done_inputs = []
     hidden_sum = eng.runner.hidden_sum
     eng.runner.hidden_sum = lambda cache, ids, start: (
@@ -495,8 +495,9 @@ def test_prompts_are_prefilled_together_with_their_solo_answers(tokenizer):
     with torch.no_grad():
         fmodel.output.weight.mul_(8)
     qmodel = quantize_model_weights(copy.deepcopy(fmodel.eval()), "q8_0")
-    eng = Engine(qmodel, tokenizer, n_slots=4, max_seq_len=MAX_SEQ, device=CPU, chunk=8, prefill_budget=64,
+    eng = Engine(qmodel, tokenizer, n_slots=4, max_seq_len=MAX_SEQ, device=CPU, chunk=8, max_num_batched_tokens=64,
                  decode_step=DecodeStep(qmodel, fused=True))
+    eng.batch.fixed_rows = 1000.0  # a forward costs far more than its rows: the prompts share forwards
     rows_per_forward = []
     prefill = eng.runner.prefill
     eng.runner.prefill = lambda cache, chunks: (rows_per_forward.append(len(chunks)), prefill(cache, chunks))[1]

@@ -123,6 +123,10 @@ def test_errors_are_ollama_shaped(served):
 def test_an_empty_chat_only_loads(served):
     reply = served["client"].chat(model=served["name"], messages=[])
     assert reply.done and reply.done_reason == "load"
+    for keep_alive in (0, "0", "0s"):  # Ollama's way to unload: its clients look for "unload"
+        reply = served["client"].generate(model=served["name"], prompt="", keep_alive=keep_alive)
+        assert reply.done and reply.done_reason == "unload"
+    assert served["client"].chat(model=served["name"], messages=[], keep_alive="5m").done_reason == "load"
 
 
 def _samples(text: str) -> dict:

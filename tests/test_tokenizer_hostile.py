@@ -62,7 +62,7 @@ def test_fuzzed_tokenizer_configs_are_llamaforge_errors_or_load(tmp_path_factory
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.text(max_size=12), min_size=1, max_size=20))
 def test_byte_level_piece_bytes_are_the_per_character_spelling(texts) -> None:
-    """`_byte_level_pieces` (one `translate` + `encode` per token) spells each normal token character by character:
+    """`_byte_level_pieces` (one `translate` + `encode` per token, when first asked) spells each normal token character by character:
     alphabet characters as their byte, any other character in UTF-8; control tokens as their UTF-8 text."""
     from llamaforge.tokenizers.backends import bytes_to_unicode
     from llamaforge.tokenizers.gguf_vocab import TOKEN_CONTROL, TOKEN_NORMAL, _byte_level_pieces
@@ -75,4 +75,18 @@ def test_byte_level_piece_bytes_are_the_per_character_spelling(texts) -> None:
     expected = [t.encode("utf-8") if ty == TOKEN_CONTROL else
                 b"".join(bytes([to_byte[c]]) if c in to_byte else c.encode("utf-8") for c in t)
                 for t, ty in zip(texts, types)]
-    assert _byte_level_pieces(texts, types) == expected
+    assert list(_byte_level_pieces(texts, types)) == expected
+
+
+def test_a_duplicate_token_and_a_non_string_token_are_named() -> None:
+    from llamaforge.tokenizers.gguf_vocab import build_gguf_vocab
+
+    fields = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default", "tokenizer.ggml.merges": [],
+              "tokenizer.ggml.tokens": ["a", "b", "c", "b", "a"]}
+    with pytest.raises(TokenizerError, match=r"duplicate token 'a' in the vocabulary \(ids 0 and 4\)"):
+        build_gguf_vocab(fields)
+    with pytest.raises(TokenizerError, match="not a list of strings"):
+        build_gguf_vocab({**fields, "tokenizer.ggml.tokens": ["a", 3]})
+    eot = build_gguf_vocab({**fields, "tokenizer.ggml.tokens": ["a", "b", "<|eot_id|>"]})
+    assert eot.special_tokens == {"<|eot_id|>": 2} and 2 in eot.stop_ids  # forced to control, as llama.cpp does
+    assert list(eot.piece_bytes) == [b"a", b"b", b"<|eot_id|>"]

@@ -106,7 +106,7 @@ def test_gguf_lora_holds_the_same_adapter_and_applies_over_quantized_weights(tmp
     apply_lora(model, ["wq", "wk", "wv", "w2"], rank=2, alpha=4.0)
     _randomize(model)
     adapter = adapter_from_state_dict(lora_state_dict(model), 4.0)
-    path = save_gguf_lora(adapter, tmp_path / "lora.gguf")
+    path = save_gguf_lora(adapter, args, tmp_path / "lora.gguf")
     reader = gguf.GGUFReader(str(path))
     assert reader.get_field("general.type").contents() == "adapter"
     assert reader.get_field("adapter.type").contents() == "lora"
@@ -176,6 +176,6 @@ def test_gguf_lora_loads_in_llama_cpp(tmp_path):  # pragma: no cover - needs lla
     base = Llama.build(None, max_seq_len=64, max_batch_size=1, device="cpu")
     model = base.model
     apply_lora(model, ["wq", "wv"], rank=2, alpha=4.0)
-    path = save_gguf_lora(adapter_from_state_dict(lora_state_dict(model), 4.0), tmp_path / "lora.gguf")
+    path = save_gguf_lora(adapter_from_state_dict(lora_state_dict(model), 4.0), base.args, tmp_path / "lora.gguf")
     llm = llama_cpp.Llama(model_path=str(default_model_path()), lora_path=str(path), n_ctx=64, verbose=False)
     assert llm("The capital of France is", max_tokens=4)["choices"][0]["text"] is not None

@@ -213,3 +213,33 @@ def test_cache_files_of_deleted_models_are_pruned_by_the_next_write(ggufs, cache
     assert did == "wrote"
     remaining = list(cache.iterdir())  # ...and prunes the deleted model's file and the old leftover
     assert len(remaining) == 1 and remaining[0] != doomed_cache and not leftover.exists()
+
+
+def test_checkouts_with_other_kernels_sharing_a_folder_keep_their_own_files(ggufs, cache, caplog, monkeypatch):
+    """Each kernel build has its own file per model (none rewrites another's); a write keeps the files used last."""
+    path = ggufs[0]["q8_0"]
+    real = x8_cache._build_name
+
+    def load_as(build):
+        monkeypatch.setattr(x8_cache, "_build_name", lambda ext: f"{real(ext)}-{build}")
+        return logits(path, caplog)
+
+    a, did_a = load_as("a")
+    b, did_b = load_as("b")
+    assert (did_a, did_b) == ("wrote", "wrote") and len(list(cache.iterdir())) == 2
+    assert torch.equal(a, b)
+    files = {f: f.stat().st_mtime_ns for f in cache.iterdir()}
+    os.utime(next(f for f in files if f != x8_cache.cache_path(path, cache, f"{real(get_extension())}-a")),
+             (1, 1))  # b's file looks old...
+    assert load_as("a")[1] == "mapped"  # ...a's file is a's, untouched by b, and now marked used
+    assert load_as("c")[1] == "wrote"  # a third build: the model's file used longest ago (b's) goes
+    kept = set(cache.iterdir())
+    assert kept == {x8_cache.cache_path(path, cache, f"{real(get_extension())}-{x}") for x in ("a", "c")}
+    assert load_as("a")[1] == "mapped" and load_as("c")[1] == "mapped"
+
+
+def test_cache_path_defaults_to_these_kernels(ggufs, cache, caplog):
+    """benchmarks/matrix.py names a model's cache file with cache_path(gguf, folder): the file a load writes."""
+    path = ggufs[0]["q8_0"]
+    assert logits(path, caplog)[1] == "wrote"
+    assert list(cache.iterdir()) == [x8_cache.cache_path(path, cache)]

@@ -2,10 +2,11 @@
 
 The steps, in order: the reference made a local path (`hub.resolve_model`), the device and dtype decided once
 (`devices`), under torchrun the process group, the checkpoint loaded (`checkpoints.load`: format from the
-contents, weights on the meta device, then assigned), the tokenizer it names (`Tokenizer.from_source`), the
-context length chosen (the caller's, or the model's bounded by memory), then `runtime.prepare` once: the model
-with its quantized layers (or tensor-parallel slice) and the `DecodeStep` the loops call. Loading and
-preparing run on a short-lived thread (`on_own_thread`, for OpenMP's sake).
+contents, weights on the meta device, then assigned), the context length chosen (the caller's, or the model's
+bounded by memory), then at the same time `runtime.prepare` once (the model with its quantized layers or
+tensor-parallel slice, and the `DecodeStep` the loops call) and the tokenizer the checkpoint names
+(`Tokenizer.from_source`) with its chat format (`beside_own_thread`). Loading and preparing run on a
+short-lived thread (`on_own_thread`, for OpenMP's sake).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence, TypeVar, Union
 import torch
 
 from llamaforge import devices, runtime
+from llamaforge.chat import ChatFormat, chat_format_for
 from llamaforge.errors import ConfigError
 from llamaforge.model import ModelArgs, Transformer, kv_types
 from llamaforge.tokenizer import Tokenizer
@@ -31,6 +33,7 @@ log = logging.getLogger("llamaforge")
 
 PathLike = Union[str, os.PathLike]
 T = TypeVar("T")
+U = TypeVar("U")
 
 
 def build(
@@ -115,13 +118,7 @@ def build(
     start = time.perf_counter()
     keep_quantized = dtype is None and dev.type == "cpu" and world == 1
     ckpt = on_own_thread(lambda: checkpoints.load(path, progress=progress, keep_quantized=keep_quantized), world)
-    tokenizer = Tokenizer.from_source(ckpt.tokenizer_source, tokenizer_path)
     args = ckpt.args
-    if tokenizer.n_words > args.vocab_size:
-        raise ConfigError(
-            f"the tokenizer has {tokenizer.n_words} tokens but the model's vocabulary has {args.vocab_size}; "
-            f"is {tokenizer_path or 'the tokenizer'} the one that belongs to {path}?"
-        )
     kv = kv_types.choose_kv_type(kv_type, model_dtype=torch_dtype,
                                  quantized_weights=runtime.block_quantized(ckpt.state_dict))
     kv_types.row_size(kv, args.head_dim)  # q8_0 needs head_dim in whole blocks: say so before anything is built
@@ -143,7 +140,16 @@ def build(
             apply_adapters(made, adapters)  # LoRA layers: the decode step runs the modules for them
         return made, step
 
-    model, decode_step = on_own_thread(make, world)
+    def text() -> tuple[Tokenizer, ChatFormat]:
+        tokenizer = Tokenizer.from_source(ckpt.tokenizer_source, tokenizer_path)
+        if tokenizer.n_words > args.vocab_size:
+            raise ConfigError(
+                f"the tokenizer has {tokenizer.n_words} tokens but the model's vocabulary has {args.vocab_size}; "
+                f"is {tokenizer_path or 'the tokenizer'} the one that belongs to {path}?"
+            )
+        return tokenizer, chat_format_for(tokenizer)  # a broken chat template is a ChatFormatError here
+
+    (tokenizer, chat_format), (model, decode_step) = beside_own_thread(text, make, world)
     log.info(
         "loaded %s (%s, %.1fM parameters) on %s in %s, KV cache %s, in %.2fs",
         path, ckpt.format, args.n_params / 1e6, dev, torch_dtype, kv, time.perf_counter() - start,
@@ -151,6 +157,7 @@ def build(
     return Llama(
         model, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size, device=dev,
         checkpoint_format=ckpt.format, source=path, decode_step=decode_step, rank=rank, world=world,
+        chat_format=chat_format,
     )
 
 
@@ -169,6 +176,26 @@ def on_own_thread(fn: Callable[[], T], world: int = 1) -> T:
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llamaforge-load")
     try:
         return pool.submit(fn).result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def beside_own_thread(here: Callable[[], T], there: Callable[[], U], world: int = 1) -> tuple[T, U]:
+    """(`here()`, `there()`), `there` on a short-lived thread of its own (`on_own_thread`) while `here` runs on
+    the caller's; under a multi-process launch both on the caller's thread, `here` first.
+
+    `Llama.build` builds the tokenizer and chat format (Python, ~0.1-0.25 s of one core) here while the
+    weights are prepared there, which is mostly work without the GIL (checksums and page faults of the x8
+    cache file, mapping F16/BF16 pages, repacking): on two cores the load takes about the longer of the two.
+    An exception of `here` is raised first, after `there` has finished (nothing is left running).
+    """
+    if world > 1:
+        return here(), there()
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llamaforge-load")
+    try:
+        future = pool.submit(there)
+        first = here()
+        return first, future.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

@@ -61,7 +61,7 @@ class EngineHost:
                 self._engine.start()
             return self._engine
 
-    def open_engine(self, *, n_slots: Optional[int] = None, max_queue: int = 64, prefill_budget: int = 256,
+    def open_engine(self, *, n_slots: Optional[int] = None, max_queue: int = 64, max_num_batched_tokens: int = 256,
                     prefix_reuse: bool = True, kv_memory: Optional[int] = None) -> Engine:
         """A new engine with these settings, which this Llama's calls use from now on; not started: its
         owner (the server, with its flags) calls `start()` and `close()`. Calls made before it starts wait.
@@ -74,7 +74,7 @@ class EngineHost:
         with self._engine_lock:
             self._set_engine(Engine(self.model, self.tokenizer, n_slots=n_slots or self.max_batch_size,
                                     max_seq_len=self.max_seq_len, device=self.device, max_queue=max_queue,
-                                    prefill_budget=prefill_budget, prefix_reuse=prefix_reuse,
+                                    max_num_batched_tokens=max_num_batched_tokens, prefix_reuse=prefix_reuse,
                                     decode_step=self.decode_step, adapters=self.adapters,
                                     runner=self._leader(), kv_blocks=self._kv_blocks(kv_memory)), owned=False)
             return self._engine

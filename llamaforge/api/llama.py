@@ -17,7 +17,7 @@ from llamaforge import runtime
 from llamaforge.api import dispatch
 from llamaforge.api.build import build as _build_llama
 from llamaforge.api.engines import EngineHost
-from llamaforge.chat import Dialog, Message, chat_format_for, has_special_tags
+from llamaforge.chat import ChatFormat, Dialog, Message, chat_format_for, has_special_tags
 from llamaforge.errors import ConfigError, GenerationError
 from llamaforge.generation.calls import stream_job
 from llamaforge.generation.checks import check_texts
@@ -55,10 +55,12 @@ class Llama(EngineHost):
         decode_step: Optional[runtime.DecodeStep] = None,
         rank: int = 0,
         world: int = 1,
+        chat_format: Optional[ChatFormat] = None,
     ):
         """Wrap a built model and its tokenizer; `decode_step` is the one-token step generation calls
         (default: the model's modules; `Llama.build` passes the one `llamaforge.runtime.prepare` chose);
-        `rank`, `world`: this process's place in a tensor-parallel launch (the model is its slice)."""
+        `rank`, `world`: this process's place in a tensor-parallel launch (the model is its slice);
+        `chat_format`: the tokenizer's (`chat_format_for(tokenizer)`, made here when not given)."""
         if decode_step is not None and decode_step.model is not model:
             raise ConfigError("decode_step must be a DecodeStep of this model (its .model is another one)")
         self.model = model
@@ -69,7 +71,7 @@ class Llama(EngineHost):
         self.device = device
         self.checkpoint_format = checkpoint_format
         self.source = source
-        self.chat_format = chat_format_for(tokenizer)
+        self.chat_format = chat_format if chat_format is not None else chat_format_for(tokenizer)
         self.rank, self.world = rank, world
         self._init_engines()
 

@@ -133,7 +133,7 @@ def read_adapter(path: PathLike, args: ModelArgs) -> Adapter:
     if p.is_dir():
         adapter = read_peft(p, args)
     elif p.is_file():
-        adapter = read_gguf_lora(p)
+        adapter = read_gguf_lora(p, args)
     else:
         raise CheckpointError(f"adapter {p} does not exist (give a PEFT adapter folder or a GGUF LoRA file)")
     for meta, (a, b) in adapter.weights.items():
@@ -199,9 +199,16 @@ def read_peft(folder: PathLike, args: ModelArgs) -> Adapter:
                    use_rslora=bool(cfg.get("use_rslora")))
 
 
-def read_gguf_lora(path: PathLike) -> Adapter:
-    """A llama.cpp GGUF LoRA file -> Adapter (through the one validated GGUF reader)."""
+def read_gguf_lora(path: PathLike, args: Optional[ModelArgs] = None) -> Adapter:
+    """A llama.cpp GGUF LoRA file -> Adapter (through the one validated GGUF reader).
+
+    With the base model's `args`, the file's `general.architecture` must be the model's (as llama.cpp
+    requires), and for qwen2 / qwen3 files, whose q/k rows are rotate-half, B of wq / wk is permuted to
+    Meta's rows.
+    """
+    from llamaforge.checkpoints.gguf import NEOX_ARCHS
     from llamaforge.checkpoints.gguf_reader import read_gguf
+    from llamaforge.checkpoints.gguf_write import gguf_arch
 
     path = Path(path)
     gguf_file = read_gguf(path)
@@ -209,6 +216,10 @@ def read_gguf_lora(path: PathLike) -> Adapter:
     if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":
         raise CheckpointError(f"{path} is a GGUF file but not a LoRA adapter (general.type = 'adapter', "
                               "adapter.type = 'lora'); give a model with `model`, an adapter with `adapters`")
+    arch = meta.get("general.architecture", "llama")
+    if args is not None and arch != gguf_arch(args):
+        raise CheckpointError(f"{path} is a LoRA adapter for a {arch!r} model, but this model is "
+                              f"{gguf_arch(args)!r}; is the adapter for another model?")
     alpha = meta.get("adapter.lora.alpha")
     if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))):
         raise CheckpointError(f"{path}: adapter.lora.alpha must be a number, got {alpha!r}")
@@ -225,7 +236,11 @@ def read_gguf_lora(path: PathLike) -> Adapter:
     for module, ab in pairs.items():
         if set(ab) != {"a", "b"}:
             raise CheckpointError(f"{path}: {module} has lora_{next(iter(ab))} without its pair")
-        weights[module] = (ab["a"], ab["b"])
+        a, b = ab["a"], ab["b"]
+        heads = _qk_heads(module, args) if args is not None and arch in NEOX_ARCHS else None
+        if heads is not None and b.shape[0] == heads * args.head_dim:  # other shapes: refused by read_adapter
+            b = hf_to_meta_qk(b, heads, args.head_dim).contiguous()  # (out, r): rows to Meta's rotary pairs
+        weights[module] = (a, b)
     ranks = {a.shape[0] for a, _ in weights.values()}
     if not weights or len(ranks) != 1:
         raise CheckpointError(f"{path}: a LoRA adapter needs tensor pairs of one rank, found ranks {sorted(ranks)}")
@@ -264,11 +279,18 @@ def save_peft(adapter: Adapter, args: ModelArgs, out_dir: PathLike, *, dropout: 
     return Path(out_dir)
 
 
-def save_gguf_lora(adapter: Adapter, out_path: PathLike, *, dtype: str = "f32", overwrite: bool = True) -> Path:
-    """Write `adapter` as a llama.cpp GGUF LoRA file (atomically): `llama-cli -m base.gguf --lora file`."""
+def save_gguf_lora(adapter: Adapter, args: ModelArgs, out_path: PathLike, *, dtype: str = "f32",
+                   overwrite: bool = True) -> Path:
+    """Write `adapter` as a llama.cpp GGUF LoRA file (atomically): `llama-cli -m base.gguf --lora file`.
+
+    The file names the base model's architecture (llama.cpp refuses an adapter of another), and for qwen2 /
+    qwen3 B of wq / wk goes back to their rotate-half rows, as the base GGUF's q/k are.
+    """
     import gguf
     import numpy as np
 
+    from llamaforge.checkpoints.gguf import NEOX_ARCHS
+    from llamaforge.checkpoints.gguf_write import gguf_arch
     from llamaforge.checkpoints.save import atomic_file
 
     if dtype not in ("f32", "f16"):
@@ -277,13 +299,17 @@ def save_gguf_lora(adapter: Adapter, out_path: PathLike, *, dtype: str = "f32", 
         raise ConfigError("a GGUF LoRA file has no rsLoRA scaling; merge the adapter or save it as PEFT")
     np_dtype = np.float32 if dtype == "f32" else np.float16
     with atomic_file(out_path, overwrite=overwrite) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), "llama")
+        arch = gguf_arch(args)
+        writer = gguf.GGUFWriter(str(tmp), arch)
         try:
             writer.add_type(gguf.GGUFType.ADAPTER)
             writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
             writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(adapter.alpha))
             for meta, (a, b) in sorted(adapter.weights.items()):
                 name = _name_in("gguf", meta)
+                heads = _qk_heads(meta, args) if arch in NEOX_ARCHS else None
+                if heads is not None:
+                    b = meta_to_hf_qk(b, heads, args.head_dim)  # (out, r): rows to rotate-half
                 writer.add_tensor(f"{name}.weight.lora_a", a.numpy().astype(np_dtype))  # (r, in)
                 writer.add_tensor(f"{name}.weight.lora_b", b.numpy().astype(np_dtype))  # (out, r)
             writer.write_header_to_file()

@@ -79,6 +79,8 @@ def atomic_dir(out_dir: PathLike, *, overwrite: bool = False) -> Iterator[Path]:
         os.chmod(tmp, umask_mode(0o777))
         yield tmp
         for f in tmp.iterdir():
+            if f.is_file():  # safetensors' save_file (>= 0.7) leaves 0600 files, unreadable to others
+                os.chmod(f, umask_mode())
             _fsync_path(f)
         _fsync_path(tmp)
         if out.exists() and any(out.iterdir()):

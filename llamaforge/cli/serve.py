@@ -39,8 +39,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="model id clients use (default: the file name)")
     p.add_argument("--max-queue", "--max_queue", dest="max_queue", type=int, default=64,
                    help="requests that may wait for a slot before new ones get 429")
-    p.add_argument("--prefill-budget", "--prefill_budget", dest="prefill_budget", type=int, default=256,
-                   help="most prompt tokens computed between two decode steps")
+    p.add_argument("--max-num-batched-tokens", "--max_num_batched_tokens", "-b", "--batch-size", "--prefill-budget",
+                   dest="max_num_batched_tokens", type=int, default=256, metavar="N",
+                   help="tokens of one engine step: a token for each running answer first, then prompt tokens, "
+                        "oldest prompt first (vLLM's --max-num-batched-tokens, llama-server's --batch-size; at "
+                        "least one 64-token prompt chunk per step). Lower: steadier tokens of running answers "
+                        "while prompts arrive; higher: earlier first tokens of long prompts")
     p.add_argument("--no-prefix-reuse", "--no_prefix_reuse", dest="no_prefix_reuse", action="store_true",
                    help="never reuse cached prompt prefixes")
     p.add_argument("--shutdown-timeout", "--shutdown_timeout", dest="shutdown_timeout", type=float, default=10.0,
@@ -104,7 +108,7 @@ def size_pool(*, per_position: int, slots: int, model_context: int, budget: Opti
 
 def run(args: argparse.Namespace) -> int:
     for name, value in (("--max-batch-size", args.max_batch_size), ("--max-queue", args.max_queue),
-                        ("--prefill-budget", args.prefill_budget)):
+                        ("--max-num-batched-tokens", args.max_num_batched_tokens)):
         if value < 1:
             raise UsageError(f"{name} must be at least 1, got {value}")
     budget = parse_size(args.kv_memory) if args.kv_memory is not None else None
@@ -151,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("llamaforge").setLevel(logging.INFO)
     app = create_app(
         llama, model_name=args.served_model_name, api_key=args.api_key, n_slots=args.max_batch_size,
-        max_queue=args.max_queue, prefill_budget=args.prefill_budget, prefix_reuse=not args.no_prefix_reuse,
+        max_queue=args.max_queue, max_num_batched_tokens=args.max_num_batched_tokens,
+        prefix_reuse=not args.no_prefix_reuse,
         kv_memory=blocks * BLOCK * per_position,
     )
     adapters = f" with LoRA adapters {', '.join(n for n, _ in loras)}" if loras else ""

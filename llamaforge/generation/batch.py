@@ -1,10 +1,12 @@
-"""The running batch of the engine: prompt chunks, decode steps, sampling, and how requests end.
+"""The running batch of the engine: engine steps (decodes first, then prompt chunks), sampling, endings.
 
 `generation/engine.py` owns the thread, the queue and admission; `generation/scheduler.py` decides who
-holds which KV blocks; this file executes the steps over them. Each engine loop iteration calls
-`prefill_step` (canonical chunks of several prompts per forward, up to the prefill budget) and
-`decode_step` (one token for every decoding sequence, each row with its own block table and position).
-Results go back through each request's `sink` callback; nothing a request does can stop the loop: a
+holds which KV blocks; `generation/prefill_plan.py` which prompt chunks a step computes and in which
+forwards; this file executes the steps over them. Each engine loop iteration calls `step`: one decode step
+(one token for every decoding sequence, each row with its own block table and position), so a running
+answer never waits behind a long prompt for more than one step's budget, then the step's prompt chunks in
+what is left of the budget, each prompt's first token sent as soon as the forward with its last chunk is
+done. Results go back through each request's `sink` callback; nothing a request does can stop the loop: a
 failure ends that request only (`fail`).
 """
 
@@ -17,6 +19,7 @@ from typing import Optional, Sequence
 import torch
 
 from llamaforge.generation.jobs import Delta, Event, Failure, Finish, PromptDone, Sink
+from llamaforge.generation.prefill_plan import allot, fixed_rows, plan
 from llamaforge.generation.runner import PrefillChunk, Runner
 from llamaforge.generation.sampler import TokenInfo, choose, logprob_info, prompt_logprob_info
 from llamaforge.generation.scheduler import Active, Scheduler, Seq
@@ -28,34 +31,39 @@ log = logging.getLogger("llamaforge.engine")
 class Batch:
     """The steps of the requests admitted to the engine (the engine thread's alone)."""
 
-    def __init__(self, runner: Runner, cache: KVCache, sched: Scheduler, *, chunk: int, prefill_budget: int,
+    def __init__(self, runner: Runner, cache: KVCache, sched: Scheduler, *, chunk: int, max_num_batched_tokens: int,
                  max_seq_len: int):
         self.runner = runner
         self.cache = cache
         self.sched = sched
         self.chunk = chunk
-        self.prefill_budget = prefill_budget
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.max_seq_len = max_seq_len
+        self.fixed_rows = fixed_rows(cache.k.device.type)  # a prefill forward's cost beyond its rows (prefill_plan.py)
         self.generated_tokens = 0
         self.steps = 0
 
-    def prefill_step(self) -> int:
-        """Compute prompt chunks until the step's budget is spent; returns the rest.
+    def step(self) -> tuple[int, float]:
+        """One engine step: the decode step of every decoding sequence, then prompt chunks in what is left of
+        `max_num_batched_tokens` (at least one chunk). Returns (tokens of the budget left, seconds the decode
+        step's forward took)."""
+        rows, seconds = self.decode_step()
+        return self.prefill_step(self.max_num_batched_tokens - rows), seconds
 
-        Each forward takes the next canonical chunk of every job being prefilled, first come first
-        served, as far as the budget goes (a job's next chunk needs its previous one, so a long prompt
-        gives one chunk per forward); what is left of the budget goes to further forwards.
-        """
-        budget = self.prefill_budget
-        while budget > 0 and self.sched.prefilling:
-            batch = []
-            for act in self.sched.prefilling:
-                if budget <= 0:
-                    break
-                batch.append(act)
-                budget -= min(len(act.job.prompt), act.next_pos + self.chunk) - act.next_pos
-            self._prefill_chunks(batch)
-        return budget
+    def prefill_step(self, budget: int) -> int:
+        """Compute the prompt chunks `prefill_plan.allot` gives this step's budget, in the forwards
+        `prefill_plan.plan` groups them into; returns the budget left."""
+        units = allot(self.sched.prefilling, budget, self.chunk)
+        if not units:
+            return budget
+        finishing = {id(u.act) for u in units if u.final}
+        others = len(self.sched.decoding) + sum(1 for a in self.sched.prefilling if id(a) not in finishing)
+        for forward in plan(units, self.fixed_rows, others):
+            # a request may have ended (failed, cancelled by its sink) since the plan was made
+            acts = [u.act for u in forward if u.act in self.sched.prefilling and u.act.next_pos == u.start]
+            if acts:
+                self._prefill_chunks(acts)
+        return budget - sum(u.rows for u in units)
 
     def _prefill_chunks(self, acts: Sequence[Active]) -> None:
         """One canonical chunk [start, start + C) of each job (start is a multiple of C), in one forward."""
@@ -107,12 +115,12 @@ class Batch:
             return
         self.take_tokens(act.seqs, last_logits.expand(len(act.seqs), -1))  # (n, V): every choice starts here
 
-    def decode_step(self) -> float:
-        """One decode step of every decoding sequence; returns the seconds its forward took."""
+    def decode_step(self) -> tuple[int, float]:
+        """One decode step of every decoding sequence; returns (its rows, the seconds its forward took)."""
         self.sched.grow()  # each sequence gets the block of its next position, or the youngest job waits
         seqs = [s for s in self.sched.decoding if not s.done]
         if not seqs:
-            return 0.0
+            return 0, 0.0
         start = time.perf_counter()
         try:
             logits = self.runner.decode(self.cache, [s.last for s in seqs], [s.pos for s in seqs],
@@ -121,7 +129,7 @@ class Batch:
             log.exception("decode step failed")
             for act in {id(s.job): s.job for s in seqs}.values():
                 self.fail(act, 500, f"decode step failed: {exc}")
-            return 0.0
+            return len(seqs), 0.0
         seconds = time.perf_counter() - start
         self.steps += 1
         sampled = []
@@ -131,10 +139,11 @@ class Batch:
                 s.last = s.replay.popleft()
             else:
                 sampled.append(i)
+        n_rows = len(seqs)
         if len(sampled) < len(seqs):
             seqs, logits = [seqs[i] for i in sampled], logits[sampled]
         self.take_tokens(seqs, logits)
-        return seconds
+        return n_rows, seconds
 
     def take_tokens(self, seqs: Sequence[Seq], logits: torch.Tensor) -> None:
         """Sample one token per sequence from logits (B, V) and send it on."""

@@ -12,13 +12,16 @@ does not fit the context or, alone, the pool. Each loop iteration (steps 3 and 4
 `generation/batch.py`)
 1. applies cancellations (a caller went away: its blocks are free at once);
 2. resumes preempted jobs, then admits waiting ones, sharing cached prefix blocks;
-3. computes up to `prefill_budget` prompt tokens of the jobs being prefilled, a chunk of several jobs in one
-   forward (as vLLM's chunked prefill), so a long prompt never
-   stalls the others for long; a job whose prompt is done samples its first tokens; embedding work
-   (`generation/embed.py`) takes what is left of that budget (at least one input);
-4. gives each decoding sequence the block its next position needs (preempting if the pool is short) and
-   runs one decode step for all of them together: each row names its block table and its own position,
-   so sequences of different lengths, sampling settings and ages share one forward.
+3. gives each decoding sequence the block its next position needs (preempting if the pool is short) and
+   runs one decode step for all of them together, first: each row names its block table and its own
+   position, so sequences of different lengths, sampling settings and ages share one forward, and a running
+   answer gets its token every step however long the prompts that arrive;
+4. computes prompt chunks in what is left of the step's token budget (`max_num_batched_tokens`, counting the
+   decode rows, as vLLM's chunked prefill; at least one chunk), first come first served: the oldest prompt
+   is finished before the next one starts, the chunks grouped into forwards so that each prompt's first
+   token is sent as soon as its own last chunk is computed, unless sharing a forward costs less waiting
+   (`generation/prefill_plan.py`); a job whose prompt is done samples its first tokens; embedding work
+   (`generation/embed.py`) takes what is left of the budget (at least one input).
 Results go back through each job's `sink` callback (called on the engine thread); nothing a request
 does can stop the loop: failures end that request only.
 
@@ -83,7 +86,7 @@ class Engine:
         max_seq_len: int,
         device: torch.device,
         max_queue: int = 64,
-        prefill_budget: int = 256,
+        max_num_batched_tokens: int = 256,
         chunk: int = 64,
         prefix_reuse: bool = True,
         max_embed_inputs: int = 2048,
@@ -92,8 +95,9 @@ class Engine:
         runner: Optional[Runner] = None,
         kv_blocks: Optional[int] = None,
     ):
-        """`n_slots`: sequences decoded together at most; `kv_blocks`: the KV pool's blocks of `chunk`
-        positions (default, and at most: enough for every slot at `max_seq_len`, so nothing is preempted);
+        """`n_slots`: sequences decoded together at most; `max_num_batched_tokens`: the tokens of one engine
+        step (its decode rows, then prompt tokens; at least one prompt chunk is computed per step);
+        `kv_blocks`: the KV pool's blocks of `chunk` positions (default, and at most: enough for every slot at `max_seq_len`, so nothing is preempted);
         `decode_step` runs the decode steps (default: the model's modules; `Llama` passes its own);
         `adapters`: the LoRA adapters a job may name (`Job.adapter`), served in the same batches;
         `runner`: the model calls (default: a `Runner` of those; a tensor-parallel `Llama` passes a
@@ -107,7 +111,7 @@ class Engine:
         self.max_seq_len = max_seq_len
         self.max_queue = max_queue
         self.chunk = chunk
-        self.prefill_budget = max(prefill_budget, chunk)
+        self.max_num_batched_tokens = max(max_num_batched_tokens, chunk)
         self.prefix_reuse = prefix_reuse
         self.vocab_size = self.runner.vocab_size
         self.n_slots = n_slots
@@ -123,8 +127,8 @@ class Engine:
         self.sched = Scheduler(self.pool, n_slots,
                                lambda src, dst, n: self.runner.copy_block(self.cache, src, dst, n),
                                seq_blocks=blocks_for(max_seq_len, chunk))
-        self.batch = Batch(self.runner, self.cache, self.sched, chunk=chunk, prefill_budget=self.prefill_budget,
-                           max_seq_len=max_seq_len)
+        self.batch = Batch(self.runner, self.cache, self.sched, chunk=chunk,
+                           max_num_batched_tokens=self.max_num_batched_tokens, max_seq_len=max_seq_len)
         self._lock = threading.Condition()
         self._waiting: deque[tuple[Job, Sink]] = deque()
         self._cancelled: set[int] = set()
@@ -285,7 +289,8 @@ class Engine:
         return {
             "slots": self.n_slots, "slots_free": self.n_slots - sched.seqs_in_use, "running": len(sched.decoding),
             "prefilling": len(sched.prefilling), "waiting": waiting + len(sched.preempted),
-            "max_queue": self.max_queue, "generated_tokens": self.generated_tokens, "decode_steps": self.steps,
+            "max_queue": self.max_queue, "max_num_batched_tokens": self.max_num_batched_tokens,
+            "generated_tokens": self.generated_tokens, "decode_steps": self.steps,
             "prompt_tokens": s.prompt_tokens, "prompt_tokens_cached": s.reused_tokens,
             "kv_blocks": pool.n_blocks, "kv_block_size": pool.block_size, "kv_blocks_in_use": pool.n_in_use,
             "kv_blocks_cached": pool.n_cached, "kv_blocks_free": pool.n_free, "kv_block_evictions": s.evictions,
@@ -325,8 +330,9 @@ class Engine:
                         except Exception as exc:  # e.g. a constraint that cannot start: this job only
                             log.exception("admitting a request failed")
                             safe_call(sink, Failure(500, f"could not start the request: {exc}"))
-                    self._embeds_step(self.batch.prefill_step())
-                    self._embed_credit += EMBED_SHARE * self.batch.decode_step()
+                    left, decode_seconds = self.batch.step()
+                    self._embed_credit += EMBED_SHARE * decode_seconds
+                    self._embeds_step(left)
                 except Exception as exc:  # a bug must not kill the loop: fail what is running, go on
                     log.exception("engine step failed")
                     self.batch.fail_all(500, f"internal error in the engine: {exc}")

@@ -101,13 +101,14 @@ inline void scale_min_k4(const uint8_t* q, uint8_t* sc, uint8_t* mn) {
 
 // ---------------------------------------------------------------------------------------------
 // Activations: int8 blocks of 32 with a float scale d, s = d * sum(q), and the integer sums of q
-// over each half of 16 (h, for Q6_K's per-16 scales).
+// over each half of 16 as one int16 pair per block (h: the first half in the low 16 bits; |sum| <= 16 * 127),
+// for Q6_K's per-16 scales (one vpmaddwd of a broadcast pair against the weight rows' scale pairs).
 
 struct Act {
   const int8_t* q;   // (M, K)
   const float* d;    // (M, nb)
   const float* s;    // (M, nb)
-  const int32_t* h;  // (M, nb, 2)
+  const int32_t* h;  // (M, nb): int16 pairs
   int64_t K;
   int64_t nb;
 };
@@ -136,8 +137,7 @@ inline void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float
       __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, id), rnd));
       const int32_t half0 = hsum_i32(_mm256_add_epi32(i0, i1)), half1 = hsum_i32(_mm256_add_epi32(i2, i3));
       const int32_t sum = half0 + half1;
-      hs[(m * nb + b) * 2] = half0;
-      hs[(m * nb + b) * 2 + 1] = half1;
+      hs[m * nb + b] = static_cast<int32_t>((static_cast<uint32_t>(half0) & 0xFFFFu) | (static_cast<uint32_t>(half1) << 16));
       __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
       packed = _mm256_permutevar8x32_epi32(packed, perm);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + m * K + b * 32), packed);

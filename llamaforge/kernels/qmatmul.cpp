@@ -75,10 +75,10 @@ void QuantizedRows::quantize(const float* x, int64_t M, int64_t k) {
   q.resize(static_cast<size_t>(M * K));
   d.resize(static_cast<size_t>(M * nb));
   s.resize(static_cast<size_t>(M * nb));
-  h.resize(static_cast<size_t>(M * nb * 2));
+  h.resize(static_cast<size_t>(M * nb));
   at::parallel_for(0, M, std::max<int64_t>(1, 32768 / K), [&](int64_t m0, int64_t m1) {
     quantize_rows(x + m0 * K, m1 - m0, K, q.data() + m0 * K, d.data() + m0 * nb, s.data() + m0 * nb,
-                  h.data() + m0 * nb * 2);
+                  h.data() + m0 * nb);
   });
 }
 
@@ -97,20 +97,44 @@ inline __m256 load8(const void* w, int64_t k) {
   }
 }
 
+// How far ahead (bytes of the weight stream) the float tiles prefetch into L2 (0: not at all): with 4 KiB
+// pages (a mapped file, or anonymous memory without MADV_HUGEPAGE) the hardware prefetcher stops at every
+// page boundary, and a tile with several FMA chains per weight load keeps too few misses in flight by itself
+// (the reorder buffer holds fewer loads): a float32 row at M = 4 streamed at 8 GB/s from DRAM without it, 20
+// GB/s with it (1 thread, 576 x 1536 rows), as fast as M = 1. Distances of 1-4 KiB gained less; prefetching
+// into L1 (T0) nothing. A knob (`float_prefetch`) so that benchmarks can show it on and off.
+int64_t& float_prefetch_bytes() {
+  static int64_t bytes = 8192;
+  return bytes;
+}
+
 // NR weight rows x MR activation rows of a plain float weight: y[m][n + r] for r < NR, i < MR (m = m0 + i).
 // Each (row, activation) pair has its own accumulator, summed lane-wise in k order, so the result of
 // a pair does not depend on NR, MR or the other rows (batch invariance); the NR x MR independent
-// FMA chains are what keep the loads in flight at M = 1 (one chain waits on the FMA latency).
-template <int64_t QT, int NR, int MR>
+// FMA chains are what keep the FMA units busy (one chain waits on the FMA latency). PF: prefetch the weight
+// rows' bytes `ahead` further on into L2, once per 64-byte line (the first tile over these rows: later
+// ones at m0 > 0 find them in cache). `ahead` is a whole number of NR-row tiles, so the line prefetched is
+// the one the same row of a later tile reads at this k.
+template <int64_t QT, int NR, int MR, bool PF>
 inline void float_tile(const void* w, int64_t n, int64_t K, const float* x, int64_t m0, float* y, int64_t N) {
   using elem = std::conditional_t<QT == T_F32, float, uint16_t>;
+  constexpr int64_t line = 64 / sizeof(elem);  // elements per cache line
   const int64_t k8 = K / 8 * 8;
   const elem* rows[NR];
   for (int r = 0; r < NR; ++r) rows[r] = static_cast<const elem*>(w) + (n + r) * K;
+  const int64_t tile = NR * K;  // elements a tile reads
+  const int64_t ahead = (float_prefetch_bytes() / static_cast<int64_t>(sizeof(elem)) + tile - 1) / tile * tile;
   __m256 acc[NR][MR];
   for (int r = 0; r < NR; ++r)
     for (int i = 0; i < MR; ++i) acc[r][i] = _mm256_setzero_ps();
   for (int64_t k = 0; k < k8; k += 8) {
+    // One chain on a float32 row (M = 1) keeps enough misses in flight itself: prefetching there cost 5-20%.
+    if constexpr (PF && !(QT == T_F32 && NR * MR == 1)) {
+      if (k % line == 0 && ahead > 0)  // the address may lie past the weight: a prefetch never faults
+        for (int r = 0; r < NR; ++r)
+          _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(rows[r] + k) + ahead * sizeof(elem)),
+                       _MM_HINT_T2);
+    }
     __m256 xv[MR];
     for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(x + (m0 + i) * K + k);
     for (int r = 0; r < NR; ++r) {
@@ -133,34 +157,52 @@ inline void float_tile(const void* w, int64_t n, int64_t K, const float* x, int6
   }
 }
 
-// y[:, n0:n1] = x (M, K) @ W[n0:n1].T for a plain float weight. 16-bit rows: 4 weight rows x 2 activation
-// rows per tile (8 accumulators, 4 weight streams), 8 rows x 1 at M = 1 (8 streams: 8% faster whole-model
-// F16 decode than 4), single rows x up to 4 activation rows at the edges. Float32 rows: single rows only,
-// read as one sequential stream: interleaving several float32 rows lost a third of the bandwidth here
-// (1 thread, 135M/360M/1B row lengths, M = 1: 21-28 GB/s single vs 14-23 GB/s with 8 rows, 10-16 with 2-4;
-// M = 2 and 4 alike), which made the float32 decode step of the default model 50% slower.
+// Activation rows [0, M) against NR weight rows from n in tiles of NR x MR (MR = 8 for a single row, 4, then
+// 3, 2 or 1 at the end); only the first tile prefetches (the others read the rows from cache).
+template <int64_t QT, int NR>
+inline void float_rows(const void* w, int64_t n, int64_t K, const float* x, int64_t M, float* y, int64_t N) {
+  int64_t m = 0;
+  auto tile = [&](auto mr) {
+    constexpr int MR = decltype(mr)::value;
+    if (m == 0) float_tile<QT, NR, MR, true>(w, n, K, x, m, y, N);
+    else float_tile<QT, NR, MR, false>(w, n, K, x, m, y, N);
+    m += MR;
+  };
+  if constexpr (NR == 1)
+    while (m + 8 <= M) tile(std::integral_constant<int, 8>{});
+  while (m + 4 <= M) tile(std::integral_constant<int, 4>{});
+  switch (M - m) {
+    case 3: tile(std::integral_constant<int, 3>{}); break;
+    case 2: tile(std::integral_constant<int, 2>{}); break;
+    case 1: tile(std::integral_constant<int, 1>{}); break;
+    default: break;
+  }
+}
+
+// y[:, n0:n1] = x (M, K) @ W[n0:n1].T for a plain float weight, M <= 8 (decode) for 16-bit weights, any M for
+// float32. Where the bytes bound the time: 16-bit rows take 8 weight rows x 1 at M = 1 (8 streams: 8% faster
+// whole-model F16 decode than 4) and 4 x 2 at M = 2-3; float32 rows up to M = 7 single rows x up to 4
+// activation rows, read as one sequential stream: interleaving several float32 rows lost a third of the
+// bandwidth here (1 thread, 135M/360M/1B row lengths, M = 1: 21-28 GB/s single vs 14-23 GB/s with 8 rows, 10-16
+// with 2-4; M = 2 and 4 alike, before the prefetch), which made the float32 decode step of the default model 50%
+// slower. Where the FMAs bound it (16-bit from M = 4, float32 from M = 8): 3 rows x 4 activation rows (12
+// chains, 7 loads per 12 FMAs), in a microbenchmark 1.2-1.5x the rate of float32 1 x 8 (M = 8 and 16, 576- and
+// 1536-wide rows) and of F16 4 x 2 (M = 4, 2048- and 8192-wide rows). Single rows (1 x 8, 1 x 4, ...) at the end.
 template <int64_t QT>
 void matmul_float(const void* w, int64_t n0, int64_t n1, int64_t K, const float* x, int64_t M, float* y, int64_t N) {
   int64_t n = n0;
-  if constexpr (QT != T_F32) {
+  if (M >= (QT == T_F32 ? 8 : 4)) {
+    for (; n + 3 <= n1; n += 3) float_rows<QT, 3>(w, n, K, x, M, y, N);
+  } else if constexpr (QT != T_F32) {
     if (M == 1)
-      for (; n + 8 <= n1; n += 8) float_tile<QT, 8, 1>(w, n, K, x, 0, y, N);
+      for (; n + 8 <= n1; n += 8) float_tile<QT, 8, 1, true>(w, n, K, x, 0, y, N);
     for (; n + 4 <= n1; n += 4) {
-      int64_t m = 0;
-      for (; m + 2 <= M; m += 2) float_tile<QT, 4, 2>(w, n, K, x, m, y, N);
-      if (m < M) float_tile<QT, 4, 1>(w, n, K, x, m, y, N);
+      if (M == 1) float_tile<QT, 4, 1, true>(w, n, K, x, 0, y, N);
+      else float_tile<QT, 4, 2, true>(w, n, K, x, 0, y, N);
+      if (M == 3) float_tile<QT, 4, 1, false>(w, n, K, x, 2, y, N);
     }
   }
-  for (; n < n1; ++n) {
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) float_tile<QT, 1, 4>(w, n, K, x, m, y, N);
-    switch (M - m) {
-      case 3: float_tile<QT, 1, 3>(w, n, K, x, m, y, N); break;
-      case 2: float_tile<QT, 1, 2>(w, n, K, x, m, y, N); break;
-      case 1: float_tile<QT, 1, 1>(w, n, K, x, m, y, N); break;
-      default: break;
-    }
-  }
+  for (; n < n1; ++n) float_rows<QT, 1>(w, n, K, x, M, y, N);
 }
 
 // From this many activation rows on (prefill), a 16-bit weight runs the GEMM of qgemm.h (same bits as
@@ -266,7 +308,7 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t qt, int64_t
     constexpr int64_t QLINEAR_ROWS = 256;
     const Act all = rows.act();
     for (int64_t m = 0; m < M; m += QLINEAR_ROWS) {
-      const Act a{all.q + m * all.K, all.d + m * all.nb, all.s + m * all.nb, all.h + m * all.nb * 2, all.K, all.nb};
+      const Act a{all.q + m * all.K, all.d + m * all.nb, all.s + m * all.nb, all.h + m * all.nb, all.K, all.nb};
       float* ys[1] = {yp + m * N};
       matmul_many(ws, ys, 1, a, xf.data_ptr<float>() + m * K, std::min(QLINEAR_ROWS, M - m));
     }
@@ -369,6 +411,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return was;
       },
       "weight bytes (times 4-row tiles) below which a matmul stays on one thread; `n` sets it",
+      py::arg("n") = py::none());
+  m.def(
+      "float_prefetch",
+      [](std::optional<int64_t> n) {
+        const int64_t was = float_prefetch_bytes();
+        if (n.has_value()) float_prefetch_bytes() = std::max<int64_t>(0, *n);
+        return was;
+      },
+      "bytes ahead that the float-weight tiles prefetch their rows into L2 (0: off); `n` sets it",
       py::arg("n") = py::none());
   m.def(
       "use_vnni",

@@ -1,13 +1,20 @@
-// The x8 matmul tiles (layout in qx8.h). qmatmul.cpp includes this file twice: as namespace
+// The x8 matmul tiles (layout in qx8.h). qkernels.cpp includes this file twice: as namespace
 // lfq::tiles_avx2 with LFQ_TILE_VNNI 0 (plain AVX2: _mm256_maddubs_epi16 sums in int16, widened by
 // _mm256_madd_epi16), and inside a `#pragma GCC target` region as lfq::tiles_vnni with
-// LFQ_TILE_VNNI 1 (AVX-512 VNNI's vpdpbusd on 256-bit vectors: u8 x s8 summed straight into
-// int32). Both compute the same exact integer sums followed by the same float operations, so
-// their results are identical.
+// LFQ_TILE_VNNI 1 (AVX-512 VNNI's vpdpbusd: u8 x s8 summed straight into int32). Both compute the
+// same exact integer sums followed by the same float operations, so their results are identical.
 //
-// A tile is one group of 8 weight rows against MR activation rows: per 32-column block and
-// activation row, one int32 vector holds the 8 rows' integer dot products, scaled once in float:
+// A tile is one group of 8 weight rows (V8: 256-bit vectors) against MR activation rows: per 32-column
+// block and activation row, one int32 vector holds the 8 rows' integer dot products, scaled once in float:
 //     acc += float(isum) * (d_w * d_x) + offset_w * s_x      (s_x = d_x * sum(q_x))
+// (Q6_K: isum already carries the two 16-column scales and the -32 offset, in int32, so one float
+// multiply-add per block as for the others.)
+// With VNNI and more than 8 activation rows (prefill), a tile takes two adjacent groups in 512-bit
+// vectors instead (V16: group g in the low half, g + 1 in the high half): the same operations on each
+// lane, so the same results, in half the instructions (Zen 4 runs a 512-bit op as two 256-bit halves,
+// so the multiply work per cycle is the same; what halves is the rest: broadcasts, unpacking, scaling,
+// loop overhead, and the front end's uops). Decode (M <= 8) keeps V8: one group streams front to back,
+// where two groups at once are two streams. The tile body is written once over the vector traits.
 // No include guard on purpose.
 
 namespace lfq {
@@ -15,48 +22,142 @@ namespace LFQ_TILE_NS {
 
 constexpr int MR_MAX = LFQ_TILE_VNNI ? 8 : 4;  // activation rows per tile (VNNI has 32 registers)
 
-// Q5_K: bit k of each byte of a fifth-bit plane vector moved to bit 4 (0x10), the rest cleared.
-inline __m256i fifth_bit(__m256i h, int k) {
-  const __m256i m = _mm256_set1_epi8(0x10);
-  switch (k) {
-    case 0: return _mm256_and_si256(_mm256_slli_epi16(h, 4), m);
-    case 1: return _mm256_and_si256(_mm256_slli_epi16(h, 3), m);
-    case 2: return _mm256_and_si256(_mm256_slli_epi16(h, 2), m);
-    case 3: return _mm256_and_si256(_mm256_slli_epi16(h, 1), m);
-    case 4: return _mm256_and_si256(h, m);
-    case 5: return _mm256_and_si256(_mm256_srli_epi16(h, 1), m);
-    case 6: return _mm256_and_si256(_mm256_srli_epi16(h, 2), m);
-    default: return _mm256_and_si256(_mm256_srli_epi16(h, 3), m);
+// One group of 8 weight rows per vector. `gs` (the byte distance to the next group) is unused here.
+struct V8 {
+  using I = __m256i;
+  using F = __m256;
+  static I load(const uint8_t* p, int64_t) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static F f16(const uint8_t* p, int64_t) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static F u8(const uint8_t* p, int64_t) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   }
+  static I i8(const uint8_t* p, int64_t) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+  static I bcast(const void* p) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+  }
+  static I set8(char c) { return _mm256_set1_epi8(c); }
+  static I set32(int32_t v) { return _mm256_set1_epi32(v); }
+  static I zero() { return _mm256_setzero_si256(); }
+  static I and_(I a, I b) { return _mm256_and_si256(a, b); }
+  static I or_(I a, I b) { return _mm256_or_si256(a, b); }
+  static I xor_(I a, I b) { return _mm256_xor_si256(a, b); }
+  static I srli16(I a, int n) { return _mm256_srli_epi16(a, n); }
+  static I slli16(I a, int n) { return _mm256_slli_epi16(a, n); }
+  static I slli32(I a, int n) { return _mm256_slli_epi32(a, n); }
+  static I add32(I a, I b) { return _mm256_add_epi32(a, b); }
+  static I sub32(I a, I b) { return _mm256_sub_epi32(a, b); }
+  static I mullo32(I a, I b) { return _mm256_mullo_epi32(a, b); }
+  static I madd16(I a, I b) { return _mm256_madd_epi16(a, b); }
+#if LFQ_TILE_VNNI
+  static I dpbusd(I acc, I u, I s) { return _mm256_dpbusd_epi32(acc, u, s); }
+  static I dpwssd(I acc, I a, I b) { return _mm256_dpwssd_epi32(acc, a, b); }
+#endif
+  static F fzero() { return _mm256_setzero_ps(); }
+  static F setf(float v) { return _mm256_set1_ps(v); }
+  static F cvt(I a) { return _mm256_cvtepi32_ps(a); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F fnma(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
+  static void store(float* out, F v, int64_t nvalid) {
+    if (nvalid == 8) {
+      _mm256_storeu_ps(out, v);
+      return;
+    }
+    float tmp[8];
+    _mm256_storeu_ps(tmp, v);
+    for (int64_t r = 0; r < nvalid; ++r) out[r] = tmp[r];
+  }
+};
+
+#if LFQ_TILE_VNNI
+// Two adjacent groups (16 weight rows) per vector: lanes 0-7 from the group at p, 8-15 from p + gs.
+struct V16 {
+  using I = __m512i;
+  using F = __m512;
+  static __m128i lo64(const uint8_t* p, int64_t gs) {  // 8 bytes of each group
+    return _mm_unpacklo_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)),
+                              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + gs)));
+  }
+  static I load(const uint8_t* p, int64_t gs) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))),
+                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + gs)), 1);
+  }
+  static F f16(const uint8_t* p, int64_t gs) {
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + gs));
+    return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(a), b, 1));
+  }
+  static F u8(const uint8_t* p, int64_t gs) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo64(p, gs))); }
+  static I i8(const uint8_t* p, int64_t gs) { return _mm512_cvtepi8_epi32(lo64(p, gs)); }
+  static I bcast(const void* p) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+  }
+  static I set8(char c) { return _mm512_set1_epi8(c); }
+  static I set32(int32_t v) { return _mm512_set1_epi32(v); }
+  static I zero() { return _mm512_setzero_si512(); }
+  static I and_(I a, I b) { return _mm512_and_si512(a, b); }
+  static I or_(I a, I b) { return _mm512_or_si512(a, b); }
+  static I xor_(I a, I b) { return _mm512_xor_si512(a, b); }
+  static I srli16(I a, int n) { return _mm512_srli_epi16(a, n); }
+  static I slli16(I a, int n) { return _mm512_slli_epi16(a, n); }
+  static I slli32(I a, int n) { return _mm512_slli_epi32(a, n); }
+  static I add32(I a, I b) { return _mm512_add_epi32(a, b); }
+  static I sub32(I a, I b) { return _mm512_sub_epi32(a, b); }
+  static I mullo32(I a, I b) { return _mm512_mullo_epi32(a, b); }
+  static I madd16(I a, I b) { return _mm512_madd_epi16(a, b); }
+  static I dpbusd(I acc, I u, I s) { return _mm512_dpbusd_epi32(acc, u, s); }
+  static I dpwssd(I acc, I a, I b) { return _mm512_dpwssd_epi32(acc, a, b); }
+  static F fzero() { return _mm512_setzero_ps(); }
+  static F setf(float v) { return _mm512_set1_ps(v); }
+  static F cvt(I a) { return _mm512_cvtepi32_ps(a); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F fnma(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
+  static void store(float* out, F v, int64_t nvalid) {
+    _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << nvalid) - 1), v);
+  }
+};
+#endif
+
+// Q5_K: bit k of each byte of a fifth-bit plane vector moved to bit 4 (0x10), the rest cleared.
+template <class V>
+inline typename V::I fifth_bit(typename V::I h, int k) {
+  const typename V::I m = V::set8(0x10);
+  return V::and_(k < 4 ? V::slli16(h, 4 - k) : k == 4 ? h : V::srli16(h, k - 4), m);
 }
 
 // int32 lanes (one per weight row) += 32-column dot products of a nibble plane (+ the fifth bits at
 // q + X8_HI_OFF) with MR activation blocks xb[i].
-template <int MR, bool FIVE>
-inline void dot_u(const uint8_t* q, const int8_t* const* xb, __m256i* s32) {
-  const __m256i lo4 = _mm256_set1_epi8(0x0F);
-  __m256i h = _mm256_setzero_si256();
-  if constexpr (FIVE) h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + X8_HI_OFF));
+template <class V, int MR, bool FIVE>
+inline void dot_u(const uint8_t* q, int64_t gs, const int8_t* const* xb, typename V::I* s32) {
+  using I = typename V::I;
+  const I lo4 = V::set8(0x0F);
+  I h = V::zero();
+  if constexpr (FIVE) h = V::load(q + X8_HI_OFF, gs);
 #if !LFQ_TILE_VNNI
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i s16[MR];
   for (int i = 0; i < MR; ++i) s16[i] = _mm256_setzero_si256();
 #endif
   for (int j = 0; j < 4; ++j) {
-    const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * j));
-    __m256i lo = _mm256_and_si256(p, lo4);                              // W_j
-    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(p, 4), lo4);        // W_{j+4}
+    const I p = V::load(q + 32 * j, gs);
+    I lo = V::and_(p, lo4);                // W_j
+    I hi = V::and_(V::srli16(p, 4), lo4);  // W_{j+4}
     if constexpr (FIVE) {
-      lo = _mm256_or_si256(lo, fifth_bit(h, j));
-      hi = _mm256_or_si256(hi, fifth_bit(h, j + 4));
+      lo = V::or_(lo, fifth_bit<V>(h, j));
+      hi = V::or_(hi, fifth_bit<V>(h, j + 4));
     }
     for (int i = 0; i < MR; ++i) {
 #if LFQ_TILE_VNNI
-      s32[i] = _mm256_dpbusd_epi32(s32[i], lo, bcast4(xb[i] + 4 * j));
-      s32[i] = _mm256_dpbusd_epi32(s32[i], hi, bcast4(xb[i] + 16 + 4 * j));
+      s32[i] = V::dpbusd(s32[i], lo, V::bcast(xb[i] + 4 * j));
+      s32[i] = V::dpbusd(s32[i], hi, V::bcast(xb[i] + 16 + 4 * j));
 #else
-      s16[i] = _mm256_add_epi16(s16[i], _mm256_maddubs_epi16(lo, bcast4(xb[i] + 4 * j)));
-      s16[i] = _mm256_add_epi16(s16[i], _mm256_maddubs_epi16(hi, bcast4(xb[i] + 16 + 4 * j)));
+      s16[i] = _mm256_add_epi16(s16[i], _mm256_maddubs_epi16(lo, V::bcast(xb[i] + 4 * j)));
+      s16[i] = _mm256_add_epi16(s16[i], _mm256_maddubs_epi16(hi, V::bcast(xb[i] + 16 + 4 * j)));
 #endif
     }
 #if !LFQ_TILE_VNNI
@@ -72,69 +173,72 @@ inline void dot_u(const uint8_t* q, const int8_t* const* xb, __m256i* s32) {
 }
 
 // Q6_K: bits 4-5 of value k (k % 4 = j) of a two-bit plane vector, in place (qx8.h: stored at 4-5, 6-7, 0-1, 2-3).
-inline __m256i q6_high(__m256i h, int j) {
-  const __m256i m = _mm256_set1_epi8(0x30);
-  switch (j) {
-    case 0: return _mm256_and_si256(h, m);
-    case 1: return _mm256_and_si256(_mm256_srli_epi16(h, 2), m);
-    case 2: return _mm256_and_si256(_mm256_slli_epi16(h, 4), m);
-    default: return _mm256_and_si256(_mm256_slli_epi16(h, 2), m);
-  }
+template <class V>
+inline typename V::I q6_high(typename V::I h, int j) {
+  const typename V::I m = V::set8(0x30);
+  return V::and_(j == 0 ? h : j == 1 ? V::srli16(h, 2) : j == 2 ? V::slli16(h, 4) : V::slli16(h, 2), m);
 }
 
-// Q6_K: int32 lanes += dot products of a sub-block's 6-bit values (nibble plane q + two-bit plane at
-// q + X8_HI_OFF) with MR activation blocks, the first 16 columns into sa, the last 16 into sb (their scales differ).
-template <int MR>
-inline void dot_q6(const uint8_t* q, const int8_t* const* xb, __m256i* sa, __m256i* sb) {
-  const __m256i lo4 = _mm256_set1_epi8(0x0F);
-  const __m256i ha = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + X8_HI_OFF));
-  const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + X8_HI_OFF + 32));
-#if !LFQ_TILE_VNNI
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256i s16a[MR], s16b[MR];
-  for (int i = 0; i < MR; ++i) s16a[i] = s16b[i] = _mm256_setzero_si256();
+// Q6_K: int32 lanes = one sub-block's exact integer sum  sc_a * sum_a + sc_b * sum_b  for MR activation
+// blocks, where sum_a, sum_b are the dot products of the first / last 16 columns' 6-bit values (nibble plane
+// q + two-bit plane at q + X8_HI_OFF) with the activations and sc_a, sc_b the halves' scales: int32 lanes
+// (sca, scb) for VNNI's vpmulld, int16 pairs (sc, sc) for AVX2's vpmaddwd (which widens and scales at once).
+// |sum| <= 16 * 63 * 127, times |sc| <= 128: every partial sum fits int32 (and int16 before the widening).
+template <class V, int MR>
+inline void dot_q6(const uint8_t* q, int64_t gs, const int8_t* const* xb, typename V::I sca, typename V::I scb,
+                   typename V::I* s32) {
+  using I = typename V::I;
+  const I lo4 = V::set8(0x0F);
+  const I ha = V::load(q + X8_HI_OFF, gs);
+  const I hb = V::load(q + X8_HI_OFF + 32, gs);
+  I sa[MR], sb[MR];
+#if LFQ_TILE_VNNI
+  for (int i = 0; i < MR; ++i) sa[i] = sb[i] = V::zero();
+#else
+  for (int i = 0; i < MR; ++i) s32[i] = V::zero();
 #endif
   for (int j = 0; j < 4; ++j) {
-    const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * j));
-    const __m256i lo = _mm256_or_si256(_mm256_and_si256(p, lo4), q6_high(ha, j));
-    const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(p, 4), lo4), q6_high(hb, j));
+    const I p = V::load(q + 32 * j, gs);
+    const I lo = V::or_(V::and_(p, lo4), q6_high<V>(ha, j));
+    const I hi = V::or_(V::and_(V::srli16(p, 4), lo4), q6_high<V>(hb, j));
     for (int i = 0; i < MR; ++i) {
 #if LFQ_TILE_VNNI
-      sa[i] = _mm256_dpbusd_epi32(sa[i], lo, bcast4(xb[i] + 4 * j));
-      sb[i] = _mm256_dpbusd_epi32(sb[i], hi, bcast4(xb[i] + 16 + 4 * j));
+      sa[i] = V::dpbusd(sa[i], lo, V::bcast(xb[i] + 4 * j));
+      sb[i] = V::dpbusd(sb[i], hi, V::bcast(xb[i] + 16 + 4 * j));
 #else
-      s16a[i] = _mm256_add_epi16(s16a[i], _mm256_maddubs_epi16(lo, bcast4(xb[i] + 4 * j)));
-      s16b[i] = _mm256_add_epi16(s16b[i], _mm256_maddubs_epi16(hi, bcast4(xb[i] + 16 + 4 * j)));
-#endif
-    }
-#if !LFQ_TILE_VNNI
-    if (j & 1) {  // an int16 lane holds 2 products of 6-bit weights (2 * 2 * 63 * 127 < 2^15)
-      for (int i = 0; i < MR; ++i) {
-        sa[i] = _mm256_add_epi32(sa[i], _mm256_madd_epi16(s16a[i], ones));
-        sb[i] = _mm256_add_epi32(sb[i], _mm256_madd_epi16(s16b[i], ones));
-        s16a[i] = s16b[i] = _mm256_setzero_si256();
+      const I pa = _mm256_maddubs_epi16(lo, V::bcast(xb[i] + 4 * j));
+      const I pb = _mm256_maddubs_epi16(hi, V::bcast(xb[i] + 16 + 4 * j));
+      if (j & 1) {  // an int16 lane holds 2 maddubs results of 6-bit weights (2 * 2 * 63 * 127 < 2^15)
+        s32[i] = V::add32(s32[i], V::madd16(_mm256_add_epi16(sa[i], pa), sca));
+        s32[i] = V::add32(s32[i], V::madd16(_mm256_add_epi16(sb[i], pb), scb));
+      } else {
+        sa[i] = pa;
+        sb[i] = pb;
       }
-    }
 #endif
+    }
   }
+#if LFQ_TILE_VNNI
+  for (int i = 0; i < MR; ++i) s32[i] = V::add32(V::mullo32(sa[i], sca), V::mullo32(sb[i], scb));
+#endif
 }
 
 // int32 lanes += 32-column dot products of an int8 plane (Q8_0) with MR activation blocks.
-template <int MR>
-inline void dot_s8(const uint8_t* q, const int8_t* const* xb, __m256i* s32) {
+template <class V, int MR>
+inline void dot_s8(const uint8_t* q, int64_t gs, const int8_t* const* xb, typename V::I* s32) {
 #if LFQ_TILE_VNNI
+  using I = typename V::I;
   // (x + 128) * w with x + 128 unsigned, minus 128 * sum(w) (one more vpdpbusd against ones).
-  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
-  const __m256i one8 = _mm256_set1_epi8(1);
-  __m256i sw = _mm256_setzero_si256();
+  const I flip = V::set8(static_cast<char>(0x80));
+  const I one8 = V::set8(1);
+  I sw = V::zero();
   for (int k = 0; k < 8; ++k) {
-    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * k));
-    sw = _mm256_dpbusd_epi32(sw, one8, w);
-    for (int i = 0; i < MR; ++i)
-      s32[i] = _mm256_dpbusd_epi32(s32[i], _mm256_xor_si256(bcast4(xb[i] + 4 * k), flip), w);
+    const I w = V::load(q + 32 * k, gs);
+    sw = V::dpbusd(sw, one8, w);
+    for (int i = 0; i < MR; ++i) s32[i] = V::dpbusd(s32[i], V::xor_(V::bcast(xb[i] + 4 * k), flip), w);
   }
-  const __m256i corr = _mm256_slli_epi32(sw, 7);
-  for (int i = 0; i < MR; ++i) s32[i] = _mm256_sub_epi32(s32[i], corr);
+  const I corr = V::slli32(sw, 7);
+  for (int i = 0; i < MR; ++i) s32[i] = V::sub32(s32[i], corr);
 #else
   // |w| * (x with w's sign): maddubs needs an unsigned operand; pairs stay below 2^15.
   const __m256i ones = _mm256_set1_epi16(1);
@@ -142,15 +246,20 @@ inline void dot_s8(const uint8_t* q, const int8_t* const* xb, __m256i* s32) {
     const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * k));
     const __m256i aw = _mm256_sign_epi8(w, w);
     for (int i = 0; i < MR; ++i) {
-      const __m256i xv = _mm256_sign_epi8(bcast4(xb[i] + 4 * k), w);
+      const __m256i xv = _mm256_sign_epi8(V::bcast(xb[i] + 4 * k), w);
       s32[i] = _mm256_add_epi32(s32[i], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xv), ones));
     }
   }
 #endif
 }
 
-template <int64_t QT, int MR>
-inline void tile(const uint8_t* gw, int64_t nsb, const Act& a, int64_t m0, float* y, int64_t ldy, int64_t nvalid) {
+// The weight rows of the group(s) at gw (8 per group; the next group gs bytes on) against activation rows
+// m0 .. m0 + MR - 1; the first nvalid rows are stored into y (row-major, ldy floats per row).
+template <class V, int64_t QT, int MR>
+inline void tile(const uint8_t* gw, int64_t gs, int64_t nsb, const Act& a, int64_t m0, float* y, int64_t ldy,
+                 int64_t nvalid) {
+  using I = typename V::I;
+  using F = typename V::F;
   constexpr bool KQ = QT == T_Q4_K || QT == T_Q5_K;
   constexpr int64_t SB = QT == T_Q4_0   ? 144
                          : QT == T_Q4_1 ? 160
@@ -158,88 +267,106 @@ inline void tile(const uint8_t* gw, int64_t nsb, const Act& a, int64_t m0, float
                          : QT == T_Q4_K ? 1184
                          : QT == T_Q5_K ? 1440
                                         : 1680;
-  __m256 acc[MR];
+  F acc[MR];
   const int8_t* xq[MR];
   const float* xd[MR];
   const float* xs[MR];
   const int32_t* xh[MR];
   const int8_t* xb[MR];
-  __m256i s32[MR];
+  I s32[MR];
   for (int i = 0; i < MR; ++i) {
-    acc[i] = _mm256_setzero_ps();
+    acc[i] = V::fzero();
     xq[i] = a.q + (m0 + i) * a.K;
     xd[i] = a.d + (m0 + i) * a.nb;
     xs[i] = a.s + (m0 + i) * a.nb;
-    xh[i] = a.h + (m0 + i) * a.nb * 2;
+    xh[i] = a.h + (m0 + i) * a.nb;
   }
   for (int64_t sb = 0; sb < nsb; ++sb) {
     const uint8_t* p = gw + sb * SB;
-    const __m256 dvec = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const F dvec = V::f16(p, gs);
     if constexpr (QT == T_Q6_K) {
-      __m256i s32b[MR];
+      const I lo16 = V::set32(0xFFFF);
+      F part[MR];  // this super-block's sum over j of isum * d_x, times d_w once at its end
+      for (int i = 0; i < MR; ++i) part[i] = V::fzero();
       for (int64_t j = 0; j < 8; ++j) {
         const int64_t b = sb * 8 + j;
-        const __m256 sca = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 16 + 16 * j))));
-        const __m256 scb = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 24 + 16 * j))));
-        const __m256 dva = _mm256_mul_ps(dvec, sca), dvb = _mm256_mul_ps(dvec, scb);
+        const I sca = V::i8(p + 16 + 16 * j, gs), scb = V::i8(p + 24 + 16 * j, gs);  // int32 lanes
+        // The values are stored + 32: -32 * (sca * sum_a(x) + scb * sum_b(x)), one vpmaddwd of the int16 pairs
+        // (-32 sca, -32 scb) with the activations' half sums (h0, h1) (|32 * 128|, |16 * 127| < 2^15).
+        const I neg = V::or_(V::and_(V::sub32(V::zero(), V::slli32(sca, 5)), lo16),
+                             V::slli32(V::sub32(V::zero(), V::slli32(scb, 5)), 16));
+#if LFQ_TILE_VNNI
+        const I wa = sca, wb = scb;
+#else
+        const I wa = V::or_(V::and_(sca, lo16), V::slli32(sca, 16));  // (sc, sc) int16 pairs for vpmaddwd
+        const I wb = V::or_(V::and_(scb, lo16), V::slli32(scb, 16));
+#endif
+        for (int i = 0; i < MR; ++i) xb[i] = xq[i] + 32 * b;
+        dot_q6<V, MR>(p + x8_qoff(QT, j), gs, xb, wa, wb, s32);
         for (int i = 0; i < MR; ++i) {
-          xb[i] = xq[i] + 32 * b;
-          s32[i] = s32b[i] = _mm256_setzero_si256();
-        }
-        dot_q6<MR>(p + x8_qoff(QT, j), xb, s32, s32b);
-        for (int i = 0; i < MR; ++i) {  // the values are stored + 32: subtract 32 * sum(x) per half
-          const __m256i ia = _mm256_sub_epi32(s32[i], _mm256_set1_epi32(32 * xh[i][2 * b]));
-          const __m256i ib = _mm256_sub_epi32(s32b[i], _mm256_set1_epi32(32 * xh[i][2 * b + 1]));
-          const __m256 xdv = _mm256_set1_ps(xd[i][b]);
-          acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia), _mm256_mul_ps(dva, xdv), acc[i]);
-          acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ib), _mm256_mul_ps(dvb, xdv), acc[i]);
+#if LFQ_TILE_VNNI
+          const I isum = V::dpwssd(s32[i], V::bcast(xh[i] + b), neg);
+#else
+          const I isum = V::add32(s32[i], V::madd16(V::bcast(xh[i] + b), neg));
+#endif
+          part[i] = V::fma(V::cvt(isum), V::setf(xd[i][b]), part[i]);
         }
       }
+      for (int i = 0; i < MR; ++i) acc[i] = V::fma(part[i], dvec, acc[i]);
     } else if constexpr (!KQ) {
       const int64_t b = sb;
       for (int i = 0; i < MR; ++i) {
         xb[i] = xq[i] + 32 * b;
-        s32[i] = _mm256_setzero_si256();
+        s32[i] = V::zero();
       }
       if constexpr (QT == T_Q8_0)
-        dot_s8<MR>(p + 16, xb, s32);
+        dot_s8<V, MR>(p + 16, gs, xb, s32);
       else
-        dot_u<MR, false>(p + x8_qoff(QT, 0), xb, s32);
-      const __m256 mv = QT == T_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)))
-                                     : _mm256_mul_ps(dvec, _mm256_set1_ps(-8.0f));
+        dot_u<V, MR, false>(p + x8_qoff(QT, 0), gs, xb, s32);
+      const F mv = QT == T_Q4_1 ? V::f16(p + 16, gs) : V::mul(dvec, V::setf(-8.0f));
       for (int i = 0; i < MR; ++i) {
-        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[i]), _mm256_mul_ps(dvec, _mm256_set1_ps(xd[i][b])), acc[i]);
-        if constexpr (QT != T_Q8_0) acc[i] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xs[i][b]), acc[i]);
+        acc[i] = V::fma(V::cvt(s32[i]), V::mul(dvec, V::setf(xd[i][b])), acc[i]);
+        if constexpr (QT != T_Q8_0) acc[i] = V::fma(mv, V::setf(xs[i][b]), acc[i]);
       }
     } else {
-      const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
+      const F dmin = V::f16(p + 16, gs);
       for (int64_t j = 0; j < 8; ++j) {
         const int64_t b = sb * 8 + j;
-        const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 32 + 8 * j))));
-        const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 96 + 8 * j))));
-        const __m256 dv = _mm256_mul_ps(dvec, sc);
-        const __m256 mv = _mm256_mul_ps(dmin, mn);  // subtracted: w = d * sc * q - dmin * mn
+        const F dv = V::mul(dvec, V::u8(p + 32 + 8 * j, gs));
+        const F mv = V::mul(dmin, V::u8(p + 96 + 8 * j, gs));  // subtracted: w = d * sc * q - dmin * mn
         for (int i = 0; i < MR; ++i) {
           xb[i] = xq[i] + 32 * b;
-          s32[i] = _mm256_setzero_si256();
+          s32[i] = V::zero();
         }
-        dot_u<MR, QT == T_Q5_K>(p + x8_qoff(QT, j), xb, s32);
+        dot_u<V, MR, QT == T_Q5_K>(p + x8_qoff(QT, j), gs, xb, s32);
         for (int i = 0; i < MR; ++i) {
-          acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[i]), _mm256_mul_ps(dv, _mm256_set1_ps(xd[i][b])), acc[i]);
-          acc[i] = _mm256_fnmadd_ps(mv, _mm256_set1_ps(xs[i][b]), acc[i]);
+          acc[i] = V::fma(V::cvt(s32[i]), V::mul(dv, V::setf(xd[i][b])), acc[i]);
+          acc[i] = V::fnma(mv, V::setf(xs[i][b]), acc[i]);
         }
       }
     }
   }
-  for (int i = 0; i < MR; ++i) {
-    float* out = y + (m0 + i) * ldy;
-    if (nvalid == 8) {
-      _mm256_storeu_ps(out, acc[i]);
-    } else {
-      float tmp[8];
-      _mm256_storeu_ps(tmp, acc[i]);
-      for (int64_t r = 0; r < nvalid; ++r) out[r] = tmp[r];
-    }
+  for (int i = 0; i < MR; ++i) V::store(y + (m0 + i) * ldy, acc[i], nvalid);
+}
+
+// The rows at gw against all M activation rows: MR rows per tile, then 4, 3, 2, 1. MR_MAX, but 6 for Q6_K's
+// 512-bit tiles: they hold four vectors per activation row (two half sums, this super-block's part, the total),
+// and 8 rows of those spilled out of the 32 registers (6 rows: 10-20% faster at M = 64).
+template <class V, int64_t QT>
+inline void tile_rows(const uint8_t* gw, int64_t gs, int64_t nsb, const Act& a, int64_t M, float* yg, int64_t N,
+                      int64_t nvalid) {
+  constexpr int MR = QT == T_Q6_K && !std::is_same_v<V, V8> ? 6 : MR_MAX;
+  int64_t m = 0;
+  for (; m + MR <= M; m += MR) tile<V, QT, MR>(gw, gs, nsb, a, m, yg, N, nvalid);
+  if (MR > 4 && M - m >= 4) {
+    tile<V, QT, 4>(gw, gs, nsb, a, m, yg, N, nvalid);
+    m += 4;
+  }
+  switch (M - m) {
+    case 3: tile<V, QT, 3>(gw, gs, nsb, a, m, yg, N, nvalid); break;
+    case 2: tile<V, QT, 2>(gw, gs, nsb, a, m, yg, N, nvalid); break;
+    case 1: tile<V, QT, 1>(gw, gs, nsb, a, m, yg, N, nvalid); break;
+    default: break;
   }
 }
 
@@ -248,22 +375,16 @@ template <int64_t QT>
 void groups(const uint8_t* w, int64_t g0, int64_t g1, int64_t N, int64_t K, const Act& a, int64_t M, float* y) {
   const X8Format f = x8_format(QT);
   const int64_t nsb = K / f.cols, gbytes = nsb * f.bytes;
-  for (int64_t g = g0; g < g1; ++g) {
-    const uint8_t* gw = w + g * gbytes;
-    const int64_t nvalid = std::min<int64_t>(8, N - g * 8);
-    float* yg = y + g * 8;
-    int64_t m = 0;
-    for (; m + MR_MAX <= M; m += MR_MAX) tile<QT, MR_MAX>(gw, nsb, a, m, yg, N, nvalid);
-    if (MR_MAX > 4 && M - m >= 4) {
-      tile<QT, 4>(gw, nsb, a, m, yg, N, nvalid);
-      m += 4;
+  for (int64_t g = g0; g < g1;) {
+#if LFQ_TILE_VNNI
+    if (M > 8 && g + 1 < g1) {  // prefill: two groups per 512-bit tile
+      tile_rows<V16, QT>(w + g * gbytes, gbytes, nsb, a, M, y + g * 8, N, std::min<int64_t>(16, N - g * 8));
+      g += 2;
+      continue;
     }
-    switch (M - m) {
-      case 3: tile<QT, 3>(gw, nsb, a, m, yg, N, nvalid); break;
-      case 2: tile<QT, 2>(gw, nsb, a, m, yg, N, nvalid); break;
-      case 1: tile<QT, 1>(gw, nsb, a, m, yg, N, nvalid); break;
-      default: break;
-    }
+#endif
+    tile_rows<V8, QT>(w + g * gbytes, gbytes, nsb, a, M, y + g * 8, N, std::min<int64_t>(8, N - g * 8));
+    g += 1;
   }
 }
 

@@ -10,17 +10,20 @@ are the kernel's page cache (shared by every process that loads the model), and 
     $LLAMAFORGE_X8_CACHE   a folder for the cache files (default $XDG_CACHE_HOME/llamaforge/x8),
                            or "off" to repack at every load (nothing written)
 
-One cache file per model path (a changed model overwrites its own cache file; each write deletes the files
-of models that no longer exist). A cache file is untrusted input, read as such:
+One cache file per model path and kernel build (a changed model overwrites its own cache file; two checkouts
+with other kernels sharing the folder each keep theirs); each write deletes the files of models that no longer
+exist and all but the `KEEP_PER_MODEL` files used last of each model (`prune`). A cache file is untrusted
+input, read as such:
 - it is used only when its header names exactly the key expected from the GGUF file being loaded: its
   path, the mapped file's identity (device, inode, size, mtime, ctime: any write or replacement changes ctime), a
   SHA-256 of the GGUF header and of samples of every weight's bytes, and the kernels' build (whose name
   changes with the repack code);
 - its table of tensors must equal the one computed here from the GGUF's validated shapes (names, types,
   shapes, offsets, sizes): nothing is sized by what the cache file says, and its size must be exact;
-- every tensor's checksum is checked before use, on every load: XXH3-64 (the `xxhash` package; ~0.05 s of
-  one core per GB) or, without it, CRC-32 (zlib; ~0.25 s per GB), in the same pass that brings the pages in,
-  which the first token would otherwise fault in.
+- every tensor's checksum is checked before use, on every load: XXH3-64 (the `xxhash` package; ~0.065 s of
+  one core per GiB, holding the GIL) or, without it, CRC-32 (zlib; ~0.33 s per GiB, on the torch threads in
+  parallel), after one numpy reduction has faulted the file's pages in (~0.06 s per GiB, without the GIL:
+  `Llama.build` builds the tokenizer meanwhile), which the first token would otherwise fault in.
 Anything else (missing, truncated, corrupt, stale, another build) is a miss: logged, the weights repacked,
 the file rewritten atomically (temporary file + rename; not fsynced, since a torn file is only a miss).
 """
@@ -43,7 +46,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 
 from llamaforge import kernels
-from llamaforge.checkpoints.gguf import GGUFQuantTensor
+from llamaforge.checkpoints.gguf import GGUFQuantTensor, fault_in
 from llamaforge.checkpoints.gguf_reader import GGUFFile
 from llamaforge.checkpoints.save import atomic_file
 
@@ -79,10 +82,14 @@ def cache_dir() -> Optional[Path]:
     return Path(base) / "llamaforge" / "x8"
 
 
-def cache_path(gguf_path: Path, folder: Path) -> Path:
-    """The cache file of the model at `gguf_path` (one per resolved path)."""
+def cache_path(gguf_path: Path, folder: Path, build: Optional[str] = None) -> Path:
+    """The cache file of the model at `gguf_path` for the kernels `build` (default: these kernels' build), one per
+    resolved path and build, so checkouts with other kernels sharing the folder keep files of their own."""
+    if build is None:
+        ext = kernels.get_extension()
+        build = _build_name(ext) if ext is not None else ""
     resolved = str(Path(gguf_path).resolve())
-    digest = hashlib.sha256(resolved.encode("utf-8", "surrogateescape")).hexdigest()[:20]
+    digest = hashlib.sha256(f"{resolved}\0{build}".encode("utf-8", "surrogateescape")).hexdigest()[:20]
     return folder / f"{Path(gguf_path).stem[:48]}-{digest}.x8"
 
 
@@ -105,12 +112,18 @@ def repacked(weights: Mapping[str, Any], *, folder: Optional[Path] = None,
     origin: GGUFFile = next(iter(todo.values())).origin
     if origin.identity is None:
         return dict(weights)
-    path = cache_path(origin.path, folder)
-    header = _header(origin, todo, ext.__name__, _checksum()[0])
+    build = _build_name(ext)
+    path = cache_path(origin.path, folder, build)
+    header = _header(origin, todo, build, _checksum()[0])
     packed = _read(path, header, todo)
     if packed is None:
         packed = _build(path, header, todo)
     return {k: packed.get(k, v) for k, v in weights.items()}
+
+
+def _build_name(ext: Any) -> str:
+    """The kernels' build (the extension's name: a hash of their sources, so it changes with the repack code)."""
+    return ext.__name__
 
 
 def _x8_bytes(w: GGUFQuantTensor) -> int:
@@ -184,14 +197,16 @@ def _read(path: Path, expected: dict, todo: Mapping[str, GGUFQuantTensor]) -> Op
     except OSError as e:
         return _miss(path, f"cannot read it ({e})", warn=True)
     views = [torch.frombuffer(buf, dtype=torch.uint8, count=row[5], offset=row[4]) for row in expected["tensors"]]
-    with ThreadPoolExecutor(max(1, min(len(views), torch.get_num_threads()))) as pool:
-        got = list(pool.map(_sum, views))  # zlib and xxhash release the GIL: the checks run in parallel
+    fault_in(torch.frombuffer(buf, dtype=torch.uint8, count=expected["file_size"] - expected["tensors"][0][4],
+                              offset=expected["tensors"][0][4]))  # one call, without the GIL
+    got = _sums(views)
     for row, value, want in zip(expected["tensors"], got, sums):
         if value != want:
             return _miss(path, f"tensor {row[0]!r} fails its {expected['key']['checksum']} check (corrupt)",
                          warn=True)
     for w in todo.values():
         w.release()  # the key's samples were the only pages of the GGUF's weights read
+    _mark_used(path)
     log.info("x8 cache: mapped %s (%.0f MiB)", path, expected["file_size"] / 2**20)
     return {row[0]: PackedWeight(v.view(*kernels.x8_shape(row[1], row[2], row[3])), row[1], (row[2], row[3]))
             for row, v in zip(expected["tensors"], views)}
@@ -216,6 +231,17 @@ def _table_sums(header: dict, expected: dict) -> Optional[list[int]]:
 
 def _sum(view: torch.Tensor) -> int:
     return _checksum()[2](memoryview(view.numpy()))
+
+
+def _sums(views: list[torch.Tensor]) -> list[int]:
+    """The checksum of each view. XXH3 holds the GIL while it hashes (python-xxhash does not release it), so
+    its checks run one after the other (a pool would only hand the GIL around); zlib's CRC-32 releases it, so
+    its checks run on the torch threads in parallel."""
+    threads = max(1, min(len(views), torch.get_num_threads()))
+    if _checksum()[0] != "crc32" or threads == 1:
+        return [_sum(v) for v in views]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(_sum, views))
 
 
 def _miss(path: Path, why: str, warn: bool = False) -> None:
@@ -248,17 +274,27 @@ def _build(path: Path, header: dict, todo: Mapping[str, GGUFQuantTensor]) -> dic
     return packed
 
 
-def prune(folder: Path) -> list[Path]:
-    """Delete the cache files of models that no longer exist (and temporary files a killed writer left); returns them.
+KEEP_PER_MODEL = 2  # cache files (of as many kernel builds) kept per model: the one in use and the last other
 
-    Called after each write, so a folder holds one file per model on disk. Only each file's header (at most
-    `_MAX_HEADER` bytes) is read to learn which model it belongs to.
+
+def prune(folder: Path, keep: int = KEEP_PER_MODEL) -> list[Path]:
+    """Delete the cache files no model needs any more (and temporary files a killed writer left); returns them.
+
+    Called after each write. A file goes when its model no longer exists, or when `keep` files of the same
+    model (other kernel builds: another checkout, an older version) were used more recently; a load marks
+    its file used (its mtime). So the folder holds at most `keep` files per model on disk, about `keep`
+    times the models' size, and two checkouts that share it and alternate keep theirs. Only each file's
+    header (at most `_MAX_HEADER` bytes) is read to learn which model it belongs to.
     """
-    gone = []
+    gone, by_model = [], {}
     for file in folder.glob("*.x8"):
         model = _model_of(file)
         if model is not None and not os.path.exists(model):
             gone.append(file)
+        elif model is not None:
+            by_model.setdefault(model, []).append(file)
+    for files in by_model.values():
+        gone += sorted(files, key=_age_s)[keep:]
     gone += [tmp for tmp in folder.glob(".*.x8.*.tmp") if _age_s(tmp) > 3600]
     for file in gone:
         try:
@@ -266,6 +302,14 @@ def prune(folder: Path) -> list[Path]:
         except OSError:
             pass
     return gone
+
+
+def _mark_used(path: Path) -> None:
+    """Set the cache file's mtime to now: `prune` keeps the files used last."""
+    try:
+        os.utime(path)
+    except OSError:  # a read-only folder: the file is still good, only its age stays
+        pass
 
 
 def _model_of(file: Path) -> Optional[str]:

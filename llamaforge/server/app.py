@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llamaforge.api import Llama
 from llamaforge.server.auth import Guard
-from llamaforge.server.errors import APIError, error_body, from_validation_errors
+from llamaforge.server.errors import APIError, from_validation_errors
 from llamaforge.server.metrics import CountRequests, Metrics
 from llamaforge.server.prepare import Preparer
 from llamaforge.server.routes import ROUTERS
@@ -55,7 +55,7 @@ def create_app(
     api_key: Optional[str] = None,
     n_slots: Optional[int] = None,
     max_queue: int = 64,
-    prefill_budget: int = 256,
+    max_num_batched_tokens: int = 256,
     prefix_reuse: bool = True,
     max_body_bytes: int = DEFAULT_MAX_BODY,
     kv_memory: Optional[int] = None,
@@ -69,7 +69,8 @@ def create_app(
             that load and unload LoRA adapters (routes/adapters.py) are open.
         n_slots: sequences decoded together (slots of the batch); default `llama.max_batch_size`.
         max_queue: requests that may wait for a slot before new ones get 429.
-        prefill_budget: most prompt tokens computed per engine step (in canonical chunks of 64).
+        max_num_batched_tokens: tokens of one engine step: its decode rows, then prompt tokens, oldest prompt
+            first (at least one chunk of 64), as vLLM's.
         prefix_reuse: reuse cached keys/values of shared prompt prefixes.
         max_body_bytes: larger request bodies get 413.
         kv_memory: bytes of the KV cache's block pool (default: every slot at the full context).
@@ -77,7 +78,7 @@ def create_app(
     source = Path(str(llama.source)) if getattr(llama, "source", None) else None
     name = model_name or (source.name.removesuffix(".gguf") if source else "llamaforge")
     names = {name} | ({str(source), source.name} if source else set())
-    engine = llama.open_engine(n_slots=n_slots, max_queue=max_queue, prefill_budget=prefill_budget,
+    engine = llama.open_engine(n_slots=n_slots, max_queue=max_queue, max_num_batched_tokens=max_num_batched_tokens,
                                prefix_reuse=prefix_reuse, kv_memory=kv_memory)
     prep = Preparer(llama, n_slots=engine.n_slots, max_queue=max_queue, model_id=name, aliases=names)
     metrics = Metrics(engine.stats)
@@ -122,12 +123,14 @@ def _install_error_handlers(app: FastAPI) -> None:
         return body(request, from_validation_errors(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException):
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":  # FastAPI's words
+            return body(request, APIError(400, "the request body cannot be read as JSON: send UTF-8 JSON text, "
+                                          "nested at most a few hundred levels deep", code="invalid_json"))
         message = {404: "no such route", 405: "method not allowed on this route"}.get(exc.status_code, str(exc.detail))
-        return JSONResponse(error_body(exc.status_code, f"{message}: see GET /docs for the API"),
-                            status_code=exc.status_code)
+        return body(request, APIError(exc.status_code, f"{message}: see GET /docs for the API"))
 
     @app.exception_handler(Exception)
-    async def internal_error(_: Request, exc: Exception):
+    async def internal_error(request: Request, exc: Exception):
         log.exception("unhandled error")
-        return JSONResponse(error_body(500, f"internal server error: {type(exc).__name__}"), status_code=500)
+        return body(request, APIError(500, f"internal server error: {type(exc).__name__}"))

@@ -31,11 +31,12 @@ class Guard:
             given = headers.get(b"authorization", b"")
             token = given[7:] if given[:7].lower() == b"bearer " else b""
             if not secrets.compare_digest(token, self.api_key):
-                return await _send_error(send, 401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
-                                         code="invalid_api_key")
+                return await _send_error(send, path, 401, "missing or incorrect API key: send "
+                                         "'Authorization: Bearer <key>'", code="invalid_api_key")
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await _send_error(send, 413, f"the request body has {int(declared)} bytes; the limit is {self.limit}")
+            return await _send_error(send, path, 413, f"the request body has {int(declared)} bytes; the limit is "
+                                     f"{self.limit}")
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
@@ -44,7 +45,7 @@ class Guard:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.limit:
-                return await _send_error(send, 413, f"the request body is over the limit of {self.limit} bytes")
+                return await _send_error(send, path, 413, f"the request body is over the limit of {self.limit} bytes")
             more = message.get("more_body", False)
         body = b"".join(chunks)
         await self.app(scope, _replay([{"type": "http.request", "body": body, "more_body": False}], receive), send)
@@ -58,6 +59,8 @@ def _replay(messages, receive):
     return replayed
 
 
-async def _send_error(send, status: int, message: str, code: Optional[str] = None) -> None:
-    response = JSONResponse(error_body(status, message, code=code), status_code=status)
+async def _send_error(send, path: str, status: int, message: str, code: Optional[str] = None) -> None:
+    """OpenAI's error body, or Ollama's `{"error": message}` on its /api routes."""
+    content = {"error": message} if path.startswith("/api/") else error_body(status, message, code=code)
+    response = JSONResponse(content, status_code=status)
     await response({"type": "http"}, None, send)

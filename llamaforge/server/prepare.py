@@ -61,8 +61,21 @@ class Preparer:
         self.max_queue = max_queue
         self.model_id = model_id
         self.model_names = {model_id, *aliases}
+        # No token stands for more than `longest` bytes of text; with 4x room for normalizers that shorten
+        # text (NFKC), text over max_text_bytes cannot fit the context and is refused before it is tokenized
+        # (a 7 MB prompt took 25 s of a core to be found too long).
+        longest = max((len(b) for b in self.tokenizer.token_bytes_table()), default=1)
+        self.max_text_bytes = 4 * max(longest, 1) * self.max_seq_len
 
     # -- shared checks --------------------------------------------------------------------------
+
+    def check_size(self, nbytes: int, param: str, what: str) -> None:
+        """A 400 for text too long to fit the context whatever its tokens (see max_text_bytes)."""
+        if nbytes > self.max_text_bytes:
+            raise bad_request(
+                f"{what} has {nbytes} bytes of text, more than {self.max_seq_len} tokens (this server's context) can "
+                f"hold: no token of this model covers more than {self.max_text_bytes // (4 * self.max_seq_len)} "
+                f"bytes; shorten it (prompts are never truncated)", param, "context_length_exceeded")
 
     def check_model(self, name: Optional[str]) -> None:
         if name is not None and name not in self.model_names:
@@ -87,7 +100,8 @@ class Preparer:
         return list(ids)
 
     def _check_fits(self, prompt: list[int], max_tokens: Optional[int], default: Optional[int], param: str,
-                    max_param: str = "max_tokens") -> int:
+                    max_param: str = "max_tokens", fill: bool = False) -> int:
+        """The tokens a prompt may generate; `fill` (Ollama's num_predict): no default, and cut to the room left."""
         if not prompt:
             raise bad_request("the prompt is empty; give at least one token", param, "empty_prompt")
         room = self.max_seq_len - len(prompt)
@@ -97,13 +111,13 @@ class Preparer:
                 f"(prompt + completion); shorten the prompt or restart the server with a larger --max-seq-len "
                 f"(prompts are never truncated)", param, "context_length_exceeded")
         if max_tokens is None:
-            return room if default is None else min(default, room)
-        if max_tokens > room:
+            return room if default is None or fill else min(default, room)
+        if max_tokens > room and not fill:
             raise bad_request(
                 f"max_tokens={max_tokens} does not fit: the prompt has {len(prompt)} tokens and the context is "
                 f"{self.max_seq_len}, so at most {room} tokens can be generated", max_param,
                 "context_length_exceeded")
-        return max_tokens
+        return min(max_tokens, room)
 
     def _params(self, req: SamplingFields) -> SamplingParams:
         bias = []
@@ -149,7 +163,9 @@ class Preparer:
 
     # -- endpoints ------------------------------------------------------------------------------
 
-    def completion(self, req: CompletionRequest) -> Prepared:
+    def completion(self, req: CompletionRequest, fill: bool = False) -> Prepared:
+        """Jobs of a /v1/completions request; `fill`: max_tokens counts at most to a full context
+        (Ollama's num_predict)."""
         adapter = self.adapter_for(req.model)
         self._check_n(req.n, req.best_of)
         if req.suffix:
@@ -162,7 +178,7 @@ class Preparer:
         params, stops = self._params(req), self._stops(req.stop)
         jobs, texts = [], []
         for ids, text in prompts:
-            max_tokens = self._check_fits(ids, req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, "prompt")
+            max_tokens = self._check_fits(ids, req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, "prompt", fill=fill)
             jobs.append(Job(
                 ids, max_tokens, params, n=req.n, seed=req.seed, stop_ids=self.tokenizer.stop_ids, stop=stops,
                 logprobs=req.logprobs, prompt_logprobs=req.logprobs if req.echo else None, adapter=adapter,
@@ -170,7 +186,8 @@ class Preparer:
             texts.append(text)
         return Prepared(jobs, req.n, texts, echo=req.echo)
 
-    def chat(self, req: ChatCompletionRequest) -> Prepared:
+    def chat(self, req: ChatCompletionRequest, fill: bool = False) -> Prepared:
+        """Jobs of a /v1/chat/completions request; `fill` as for `completion`."""
         adapter = self.adapter_for(req.model)
         self._check_n(req.n)
         if req.top_logprobs and not req.logprobs:
@@ -180,6 +197,8 @@ class Preparer:
             raise bad_request("max_tokens and max_completion_tokens disagree; give one", "max_completion_tokens")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         messages = [self._message(i, m) for i, m in enumerate(req.messages)]
+        self.check_size(sum(len((m["content"] or "").encode("utf-8")) for m in messages), "messages",
+                        "the messages' content")
         tools = tooling.tool_specs(req.tools) if req.tools else []
         choice = req.tool_choice
         if choice is not None and not isinstance(choice, str) and choice.function.name not in \
@@ -198,7 +217,7 @@ class Preparer:
             fmt = req.response_format
             constraint = self._constraint(fmt.model_dump(by_alias=True), "response_format", response_format=True)
         max_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        max_tokens = self._check_fits(prompt, max_tokens, None, "messages", max_param)
+        max_tokens = self._check_fits(prompt, max_tokens, None, "messages", max_param, fill=fill)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         job = Job(prompt, max_tokens, self._params(req), n=req.n, seed=req.seed,
                   stop_ids=frozenset(self.chat_format.stop_ids), stop=self._stops(req.stop), logprobs=logprobs,
@@ -241,10 +260,13 @@ class Preparer:
             raise bad_request(f"{param} is an empty list", param)
         if all(isinstance(p, int) for p in prompt):
             prompt = [prompt]
+        for p in prompt:  # every text checked before any is tokenized
+            if isinstance(p, str):
+                check_text(p, param)
+                self.check_size(len(p.encode("utf-8")), param, f"the {param}")
         out = []
         for p in prompt:
             if isinstance(p, str):
-                check_text(p, param)
                 ids = self.tokenizer.encode(p, bos=bos and self.tokenizer.add_bos)
                 out.append((ids, p))
             else:

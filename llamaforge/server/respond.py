@@ -115,6 +115,7 @@ class _Choice:
     tokens: list[TokenInfo] = field(default_factory=list)
     finish: Optional[str] = None
     completion_tokens: int = 0
+    streamed: int = 0  # characters of text sent so far (streamed completions: where text_offset goes on)
 
 
 class ResponseBuilder:
@@ -165,6 +166,9 @@ class ResponseBuilder:
                                   "bytes": list(self.tokenizer.token_bytes(i))} for i, lp in t.top]}
 
     def _completion_logprobs(self, infos: list[TokenInfo], offset: int) -> dict:
+        """The legacy `logprobs` object; `offset`: the text offset of the first token. Each top_logprobs
+        map also holds the chosen token (OpenAI: "always the logprob of the sampled token, so up to
+        logprobs+1 elements")."""
         tokens = [self._tok_str(t.id) for t in infos]
         offsets, pos = [], offset
         for s in tokens:
@@ -178,6 +182,7 @@ class ResponseBuilder:
                 d: dict[str, float] = {}
                 for i, lp in t.top:
                     d.setdefault(self._tok_str(i), lp)
+                d.setdefault(self._tok_str(t.id), t.logprob)
                 top.append(d)
         return {"tokens": tokens, "token_logprobs": [t.logprob for t in infos], "top_logprobs": top,
                 "text_offset": offsets}
@@ -246,6 +251,7 @@ async def stream_chunks(run: JobRun, rb: ResponseBuilder, include_usage: bool) -
             if isinstance(event, PromptDone) and rb.kind == "completion" and rb.prepared.echo:
                 for i in range(rb.prepared.n):  # echo: the prompt comes first
                     lp = rb._completion_logprobs(event.logprobs or [], 0) if event.logprobs is not None else None
+                    rb.choices[rb.index(k, i)].streamed = len(rb.prepared.prompt_texts[k])
                     yield rb.chunk([{"index": rb.index(k, i), "text": rb.prepared.prompt_texts[k],
                                      "logprobs": lp, "finish_reason": None}])
             if isinstance(event, (Delta, Finish)):
@@ -278,7 +284,9 @@ def _chunks_for(rb: ResponseBuilder, k: int, idx: int, event, started: set[int],
         if isinstance(event, Delta):
             if event.text or (job.logprobs is not None and event.tokens):
                 infos = [t for t in event.tokens if t.logprob is not None]
-                lp = rb._completion_logprobs(infos, 0) if job.logprobs is not None else None
+                c = rb.choices[idx]
+                lp = rb._completion_logprobs(infos, c.streamed) if job.logprobs is not None else None
+                c.streamed += len(event.text)
                 yield rb.chunk([{"index": idx, "text": event.text, "logprobs": lp, "finish_reason": None}])
         else:
             yield rb.chunk([{"index": idx, "text": "", "logprobs": None, "finish_reason": event.reason}])

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 from llamaforge.errors import TokenizerError
 
@@ -220,7 +220,7 @@ class HFBackend:
     vocabulary (whose user-defined tokens are stored as plain text, not in the byte alphabet).
     """
 
-    def __init__(self, tokenizer: object, piece_bytes: list[bytes] | None = None) -> None:
+    def __init__(self, tokenizer: object, piece_bytes: Sequence[bytes] | None = None) -> None:
         self._piece_bytes = piece_bytes
         self._byte_level: bool | None = None  # whether the decoder is byte-level, looked up when first needed
         self._setup(tokenizer)

@@ -22,6 +22,7 @@ llama.cpp does; unused (5) and byte (6) tokens are never produced from text by n
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -91,7 +92,7 @@ class GGUFVocab:
     chat_template: str | None
     special_tokens: dict[str, int]
     stop_ids: set[int] = field(default_factory=set)
-    piece_bytes: list[bytes] | None = None  # byte-level vocabularies: what each id decodes to
+    piece_bytes: BytePieces | None = None  # byte-level vocabularies: what each id decodes to
 
 
 def _get_id(fields: dict[str, Any], key: str, default: int | None, n_tokens: int) -> int | None:
@@ -136,19 +137,22 @@ def build_gguf_vocab(fields: dict[str, Any], source: str = "GGUF metadata") -> G
             "llamaforge reads 'gpt2' (byte-level BPE) and 'llama' (sentencepiece) vocabularies"
         )
     tokens = fields.get("tokenizer.ggml.tokens")
-    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+    if not isinstance(tokens, list) or not tokens or set(map(type, tokens)) != {str}:
         raise TokenizerError(f"{source}: tokenizer.ggml.tokens is missing or not a list of strings")
     n = len(tokens)
-    tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]  # as llama.cpp does
-    types = _list(fields, "tokenizer.ggml.token_type", n, TOKEN_NORMAL, source)
-    vocab: dict[str, int] = {}
-    for i, t in enumerate(tokens):
-        if t in vocab:
-            raise TokenizerError(f"{source}: duplicate token {t!r} in the vocabulary (ids {vocab[t]} and {i})")
-        vocab[t] = i
+    if "" in tokens:
+        tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]  # as llama.cpp does
+    types = list(_list(fields, "tokenizer.ggml.token_type", n, TOKEN_NORMAL, source))
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if len(vocab) < n:
+        i = next(i for i, t in enumerate(tokens) if vocab[t] != i)  # the first id of a token that comes again
+        raise TokenizerError(f"{source}: duplicate token {tokens[i]!r} in the vocabulary (ids {i} and "
+                             f"{tokens.index(tokens[i], i + 1)})")
 
     # llama.cpp forces end-of-generation tokens to control, whatever the file says
-    types = [TOKEN_CONTROL if t in EOG_TEXTS and ty in (TOKEN_NORMAL, TOKEN_USER_DEFINED) else ty for t, ty in zip(tokens, types)]
+    for t in EOG_TEXTS:
+        if vocab.get(t) is not None and types[vocab[t]] in (TOKEN_NORMAL, TOKEN_USER_DEFINED):
+            types[vocab[t]] = TOKEN_CONTROL
 
     if model == "gpt2":
         pre_name = fields.get("tokenizer.ggml.pre") or ""
@@ -206,24 +210,61 @@ def build_gguf_vocab(fields: dict[str, Any], source: str = "GGUF metadata") -> G
     )
 
 
-def _byte_level_pieces(tokens: list[str], types: list[int]) -> list[bytes]:
-    """What llama.cpp's `token_to_piece` gives for each token of a byte-level vocabulary.
+class BytePieces:
+    """What llama.cpp's `token_to_piece` gives for each id of a byte-level vocabulary, spelled when first asked.
 
-    Normal tokens are spelled in GPT-2's byte alphabet; control, user-defined and unknown tokens
-    are their text as it stands.
+    Normal tokens are spelled in GPT-2's byte alphabet; control, user-defined and unknown tokens are their
+    text as it stands. Spelling all of a 50k vocabulary costs ~0.02 s of the load; a decode asks for a few
+    ids, so each is spelled on first use and kept (two threads spelling one id write the same bytes).
+    Indexing, `len` and iteration are a list's.
     """
-    table = _byte_alphabet_table()
-    literal = (TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNKNOWN)
+
+    __slots__ = ("_tokens", "_types", "_spelled")
+
+    def __init__(self, tokens: list[str], types: list[int]) -> None:
+        self._tokens, self._types = tokens, types
+        self._spelled: list[bytes | None] = [None] * len(tokens)
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    def __getitem__(self, i: int) -> bytes:
+        piece = self._spelled[i]
+        if piece is None:
+            piece = self._spelled[i] = _spell(self._tokens[i], self._types[i])
+        return piece
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return (self[i] for i in range(len(self)))
+
+    def __getstate__(self) -> tuple[list[str], list[int]]:
+        return self._tokens, self._types
+
+    def __setstate__(self, state: tuple[list[str], list[int]]) -> None:
+        self.__init__(*state)  # type: ignore[misc]
+
+
+def _byte_level_pieces(tokens: list[str], types: list[int]) -> BytePieces:
+    """The byte pieces of a byte-level vocabulary (`BytePieces`: each spelled when first asked)."""
+    return BytePieces(tokens, types)
+
+
+_LITERAL = (TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNKNOWN)
+
+
+def _spell(token: str, token_type: int) -> bytes:
     # Each alphabet character becomes the Latin-1 character of its byte, each other character below U+0100
     # the Latin-1 spelling of its UTF-8 bytes, and `latin-1` encoding then gives the bytes (the error handler
     # spells the characters above U+00FF in UTF-8): one C-level pass per token, not a generator per character.
-    return [t.encode("utf-8") if ty in literal else t.translate(table).encode("latin-1", _UTF8_BEYOND_LATIN1)
-            for t, ty in zip(tokens, types)]
+    if token_type in _LITERAL:
+        return token.encode("utf-8")
+    return token.translate(_byte_alphabet_table()).encode("latin-1", _UTF8_BEYOND_LATIN1)
 
 
 _UTF8_BEYOND_LATIN1 = "llamaforge-utf8-beyond-latin1"
 
 
+@functools.lru_cache(maxsize=1)
 def _byte_alphabet_table() -> dict[int, str]:
     """`str.translate` table: GPT-2 alphabet character -> chr(its byte); other chars < 256 -> their UTF-8 bytes."""
     import codecs

@@ -418,7 +418,7 @@ class _Run:
         if self.info.is_main:
             adapter = adapter_from_state_dict(state, lora.alpha)
             path = save_peft(adapter, self.args, self.out / "adapter", dropout=lora.dropout, base_model=self.cfg.model)
-            save_gguf_lora(adapter, self.out / "adapter.gguf")
+            save_gguf_lora(adapter, self.args, self.out / "adapter.gguf")
             self.log.write(step=self.step, event="adapter", path=str(path))
         dist_utils.barrier(self.info)
         return path

@@ -17,11 +17,12 @@ from llamaforge.server.state import Served, served
 router = APIRouter()
 
 
-async def start(kind: str, req, s: Served) -> tuple[JobRun, ResponseBuilder]:
-    """Prepare and submit an OpenAI request ("completion" or "chat"); also what the Ollama routes run."""
+async def start(kind: str, req, s: Served, fill: bool = False) -> tuple[JobRun, ResponseBuilder]:
+    """Prepare and submit an OpenAI request ("completion" or "chat"); also what the Ollama routes run
+    (with `fill`: max_tokens counts at most to a full context, as Ollama's num_predict)."""
     if s.shutting_down:
         raise APIError(503, "the server is shutting down", code="shutting_down")
-    prepared = await run_in_threadpool(s.prep.completion if kind == "completion" else s.prep.chat, req)
+    prepared = await run_in_threadpool(s.prep.completion if kind == "completion" else s.prep.chat, req, fill)
     return JobRun(s.engine, prepared), ResponseBuilder(kind, prepared, prepared.jobs[0].adapter or s.name, s.llama.tokenizer)
 
 

@@ -5,6 +5,8 @@
     POST /api/embed       {"input": str | [str]} -> {"embeddings": [[...]]}; POST /api/embeddings (legacy, one prompt)
     GET  /api/tags        the served model, as `ollama list` shows it; GET /api/ps the same as loaded models
     POST /api/show        details, parameters, template and model_info of the served model
+    POST /api/pull        success for the served model (already here), 404 for any other; push, create,
+                          copy and delete answer 501 (the server serves the one model it loaded)
     GET  /api/version     the llamaforge version
 
 Each request is translated into the OpenAI request the /v1 routes take (so it is validated, admitted,
@@ -22,6 +24,7 @@ Sampling defaults are Ollama's (temperature 0.8, top_k 40, top_p 0.9).
 from __future__ import annotations
 
 import json
+import re
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,6 +49,9 @@ OPTION_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k
                  "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
                  "repeat_penalty": "repetition_penalty", "seed": "seed", "num_predict": "max_tokens", "stop": "stop"}
 NDJSON = "application/x-ndjson"
+# OpenAI field -> what an Ollama client sent, for error messages in the words of Ollama's API
+OLLAMA_WORDS = {field: f"options.{name}" for name, field in OPTION_FIELDS.items()} | {"response_format": "format"}
+_OPENAI_FIELD = re.compile(r"\b(" + "|".join(map(re.escape, OLLAMA_WORDS)) + r")\b")
 
 
 class _Loose(BaseModel):
@@ -132,6 +138,21 @@ def _parse(model: type[BaseModel], body: Any) -> Any:
         return model.model_validate(body)
     except ValidationError as exc:
         raise from_validation_errors(list(exc.errors())) from exc
+
+
+def _ollama_words(exc: APIError) -> APIError:
+    """An error about the translated OpenAI request, naming the Ollama fields the client sent
+    (`max_tokens` -> `options.num_predict`, `response_format` -> `format`)."""
+    exc.message = _OPENAI_FIELD.sub(lambda m: OLLAMA_WORDS[m.group(1)], exc.message)
+    return exc
+
+
+def _translated(model: type[BaseModel], body: dict) -> Any:
+    """The OpenAI request an Ollama request becomes; a 400 in Ollama's words if its values are not valid."""
+    try:
+        return _parse(model, body)
+    except APIError as exc:
+        raise _ollama_words(exc) from None
 
 
 def _sampling(req: _GenerateFields) -> dict[str, Any]:
@@ -241,6 +262,14 @@ def _check_model(s: Served, name: str) -> None:
                        param="model", code="model_not_found")
 
 
+def _load_reason(keep_alive: Optional[Union[int, float, str]]) -> str:
+    """Ollama's done_reason for an empty request: "unload" when keep_alive is zero ("0", 0, "0s"), else "load".
+
+    This server keeps its one model loaded either way; the answer is the one Ollama clients look for."""
+    text = str(keep_alive).strip().lower() if keep_alive is not None else ""
+    return "unload" if text.rstrip("smh").strip() in ("0", "0.0") else "load"
+
+
 def _base(s: Served) -> dict:
     return {"model": s.name, "created_at": _now()}
 
@@ -251,7 +280,10 @@ async def _answer(kind: str, openai_req: Any, stream: bool, shape: Callable[...,
 
     shape(piece) is a line carrying new text; shape(text, stats, answer) the last line, with the statistics.
     """
-    run, rb = await start(kind, openai_req, s)
+    try:  # num_predict past the context generates until it is full, as Ollama does (no 400)
+        run, rb = await start(kind, openai_req, s, fill=True)
+    except APIError as exc:
+        raise _ollama_words(exc) from None
     endpoint = "/api/generate" if request.url.path.endswith("/generate") else "/api/chat"
     chunks = observed(stream_chunks(run, rb, include_usage=True), run, endpoint, s)
     acc = _Answer(kind)
@@ -287,7 +319,8 @@ async def chat(request: Request, s: Served = Depends(served)):
     req: OllamaChatRequest = _parse(OllamaChatRequest, await _json(request))
     _check_model(s, req.model)
     if not req.messages:  # Ollama: an empty chat loads the model
-        return {**_base(s), "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "load"}
+        return {**_base(s), "message": {"role": "assistant", "content": ""}, "done": True,
+                "done_reason": _load_reason(req.keep_alive)}
     body: dict[str, Any] = {**_sampling(req), "messages": [_openai_message(i, m) for i, m in enumerate(req.messages)],
                             "stream": True, "stream_options": {"include_usage": True}}
     if req.tools:
@@ -305,7 +338,7 @@ async def chat(request: Request, s: Served = Depends(served)):
             message["tool_calls"] = _tool_calls(done.tool_calls)
         return {**_base(s), "message": message, "done": True, **stats}
 
-    return await _answer("chat", _parse(ChatCompletionRequest, body), req.stream, shape, request, s)
+    return await _answer("chat", _translated(ChatCompletionRequest, body), req.stream, shape, request, s)
 
 
 @router.post("/generate")
@@ -316,14 +349,14 @@ async def generate(request: Request, s: Served = Depends(served)):
         if getattr(req, name):
             raise APIError(400, f"'{name}' is not supported by this server", param=name)
     if not req.prompt and not req.system:  # Ollama: an empty prompt loads the model
-        return {**_base(s), "response": "", "done": True, "done_reason": "load"}
+        return {**_base(s), "response": "", "done": True, "done_reason": _load_reason(req.keep_alive)}
     fields = {**_sampling(req), "stream": True, "stream_options": {"include_usage": True}}
     if req.raw:
-        kind, openai_req = "completion", _parse(CompletionRequest, {**fields, "prompt": req.prompt or ""})
+        kind, openai_req = "completion", _translated(CompletionRequest, {**fields, "prompt": req.prompt or ""})
     else:
         messages = ([{"role": "system", "content": req.system}] if req.system else []) + \
             [{"role": "user", "content": req.prompt or ""}]
-        kind, openai_req = "chat", _parse(ChatCompletionRequest, {**fields, "messages": messages})
+        kind, openai_req = "chat", _translated(ChatCompletionRequest, {**fields, "messages": messages})
 
     def shape(piece: str, stats: Optional[dict] = None, done: Optional[_Answer] = None) -> dict:
         if stats is None:
@@ -390,6 +423,31 @@ async def show(request: Request, s: Served = Depends(served)):
             "modified_at": card["modified_at"]}
 
 
+@router.post("/pull")
+async def pull(request: Request, s: Served = Depends(served)):
+    """The served model is already here: Ollama's success answer (one line when streamed); any other a 404."""
+    body = await _json(request)
+    name = (body.get("model") or body.get("name")) if isinstance(body, dict) else None
+    if not isinstance(name, str) or not name:
+        raise APIError(400, "'model' is required: the name of the model to pull", param="model")
+    if not s.knows(name):
+        raise APIError(404, f"model '{name}' is not served here and this server loads no other model; it serves "
+                       f"'{s.name}' (to serve another, run `llamaforge pull {name}` and `llamaforge serve {name}`)",
+                       param="model", code="model_not_found")
+    if body.get("stream", True) is False:
+        return {"status": "success"}
+    return StreamingResponse(iter([json.dumps({"status": "success"}) + "\n"]), media_type=NDJSON)
+
+
+async def _not_managed(request: Request):
+    raise APIError(501, f"{request.method} {request.url.path} is not supported: this server serves the one model "
+                   "it loaded at start and does not create, copy, push or delete models")
+
+
+for _path, _method in (("/push", "POST"), ("/create", "POST"), ("/copy", "POST"), ("/delete", "DELETE")):
+    router.add_api_route(_path, _not_managed, methods=[_method], include_in_schema=False)
+
+
 @router.get("/version")
 async def version():
     return {"version": llamaforge.__version__}
@@ -401,3 +459,5 @@ async def _json(request: Request) -> Any:
         return json.loads(raw or b"{}")
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise APIError(400, f"the request body is not valid JSON: {exc}") from exc
+    except RecursionError:  # json's C scanner recurses per nesting level
+        raise APIError(400, "the request body is nested too deeply") from None

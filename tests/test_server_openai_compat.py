@@ -1,0 +1,85 @@
+"""The legacy completions `logprobs` object field by field as OpenAI documents it, through the official
+`openai` client, in process on a tiny random model (sampled at temperature 1, so the chosen token is often
+not the most likely one).
+
+Both failed before their fix: `top_logprobs` maps lacked the chosen token (OpenAI: "the API will always
+return the logprob of the sampled token, so there may be up to logprobs+1 elements"; `logprobs=0` gave
+empty maps), and every streamed chunk's `text_offset` started at 0 instead of where its text goes.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+torch = pytest.importorskip("torch")
+pytest.importorskip("fastapi")
+
+from starlette.testclient import TestClient  # noqa: E402
+
+from tests.test_server_ollama_compat import _InProcess  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def client(default_tokenizer):
+    from llamaforge.api import Llama
+    from llamaforge.model import ModelArgs, Transformer
+    from llamaforge.server.app import create_app
+
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=default_tokenizer.n_words,
+                                  hidden_dim=64, max_seq_len=64)).eval()
+    llama = Llama(model, default_tokenizer, max_seq_len=64, max_batch_size=2, device=torch.device("cpu"))
+    with TestClient(create_app(llama, model_name="tiny")) as c:
+        yield openai.OpenAI(base_url="http://testserver/v1", api_key="x", max_retries=0,
+                            http_client=httpx.Client(transport=_InProcess(c)))
+
+
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_top_logprobs_hold_the_chosen_token(client, k):
+    r = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=8, temperature=1.0,
+                                  seed=7, logprobs=k, echo=True)
+    lp = r.choices[0].logprobs
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # the first prompt token
+    for top, token, logprob in zip(lp.top_logprobs[1:], lp.tokens[1:], lp.token_logprobs[1:]):
+        assert top[token] == logprob
+        assert max(k, 1) <= len(top) <= k + 1
+        assert all(v <= 0 for v in top.values())
+
+
+def test_streamed_text_offsets_continue_the_text(client):
+    kw = dict(model="tiny", prompt="Once upon a time", max_tokens=8, temperature=1.0, seed=3, logprobs=1)
+    for echo in (False, True):
+        sent = 0
+        chunks = [c for c in client.completions.create(stream=True, echo=echo, **kw) if c.choices]
+        for chunk in chunks:
+            choice = chunk.choices[0]
+            if choice.logprobs is not None and choice.logprobs.tokens:
+                assert choice.logprobs.text_offset[0] == sent
+                offsets = choice.logprobs.text_offset
+                assert offsets == sorted(offsets)
+            sent += len(choice.text)
+        whole = client.completions.create(echo=echo, **kw).choices[0]
+        assert "".join(c.choices[0].text for c in chunks) == whole.text
+        assert sent == len(whole.text) and len(chunks) > 3
+
+
+def test_text_too_long_for_any_tokenization_is_refused_before_tokenizing(client, monkeypatch):
+    """Before the fix a 7 MB prompt was tokenized (25 s of a core) only to be refused for its token count."""
+    from llamaforge.tokenizer import Tokenizer
+
+    def never(*a, **k):
+        raise AssertionError("tokenized text that cannot fit")
+
+    monkeypatch.setattr(Tokenizer, "encode", never)
+    huge = "hello world " * 60_000  # 720 kB: more than 64 tokens of at most 4x the longest token's bytes
+    for call in (lambda: client.completions.create(model="tiny", prompt=huge, max_tokens=1),
+                 lambda: client.completions.create(model="tiny", prompt=["hi", huge], max_tokens=1),
+                 lambda: client.chat.completions.create(model="tiny", max_tokens=1, messages=[
+                     {"role": "system", "content": huge[:400_000]}, {"role": "user", "content": huge[:400_000]}]),
+                 lambda: client.embeddings.create(model="tiny", input=huge)):
+        with pytest.raises(openai.BadRequestError) as err:
+            call()
+        assert err.value.status_code == 400 and err.value.body["code"] == "context_length_exceeded"
+        assert "bytes of text" in err.value.body["message"]
