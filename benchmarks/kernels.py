@@ -197,7 +197,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=200)
     parser.add_argument("--sweep-repeat", type=int, default=20, help="repeats of the whole-model sweep (0: skip)")
-    parser.add_argument("--avx2", action="store_true", help="use the AVX2 tiles even where AVX-512 VNNI exists")
+    parser.add_argument("--avx2", action="store_true",
+                        help="use the AVX2 tiles (x8 and 16-bit GEMM) even where AVX-512 (VNNI) exists")
     parser.add_argument("--shape", choices=["1b", "3b", "8b"],
                         help="instead: one layer of this shape (benchmarks/shapes.py) at --rows, every --types")
     parser.add_argument("--types", nargs="+", default=["Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "F16", "BF16"])
@@ -207,8 +208,10 @@ def main() -> None:
     backend = kernels.backend_name()
     if backend == "cpp" and args.avx2:
         kernels.get_extension().use_vnni(False)
+        kernels.get_extension().use_avx512_gemm(False)
     if backend == "cpp":
         backend += " (AVX-512 VNNI tiles)" if kernels.get_extension().use_vnni() else " (AVX2 tiles)"
+        backend += ", 16-bit GEMM " + ("AVX-512" if kernels.get_extension().use_avx512_gemm() else "AVX2")
     print(f"kernels: {backend} (ready in {time.perf_counter() - t0:.1f} s), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}")
     if args.shape:

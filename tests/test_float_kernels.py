@@ -4,8 +4,9 @@ Reference: float64 `x @ W.T` of the same (exactly converted) weights; float32 su
 1e-5 relative. The decode tiles (float32: 1 weight row x 8/4/3/2/1 activation rows; 16-bit: 8 x 1 and 4 x 2)
 keep one accumulator per (row, activation) pair summed in the same order as a lone row, so results must be bit for bit independent of the batch
 and of which weight rows share a tile (exact equality); the prefill GEMM (M >= 9 rows of a 16-bit
-weight) keeps that order, so its rows must equal rows computed alone, for M = 1..300. No test asserts
-on time.
+weight, kernels/qgemm_tiles.h) keeps that order in both its builds (AVX-512 where the CPU has it, and
+AVX2), so its rows must equal rows computed alone, for M = 1..300, and the two builds must agree bit for
+bit. No test asserts on time.
 """
 
 from __future__ import annotations
@@ -77,27 +78,40 @@ def test_prefetch_distance_does_not_change_results(qt):
     assert ext.float_prefetch() == was
 
 
-# Prefill (M >= 9 rows) of a 16-bit weight runs a GEMM over weight blocks converted to float32 once
-# (panels of 16 rows x 256 columns, tiles of 4 weight rows x 3 activation rows); its pairs keep the
-# decode tiles' summation order, so every row must equal the same row computed alone, bit for bit.
+
+
+# Prefill (M >= 9 rows) of a 16-bit weight runs a GEMM over panels of 8 weight rows converted to float32
+# once per pass of 128 rows, in tiles of 8 weight rows x 6 activation rows (AVX-512) or 4 x 3 (AVX2); its
+# pairs keep the decode tiles' summation order, so every row must equal the same row computed alone, bit
+# for bit, on both builds.
+ISAS = ["avx512", "avx2"] if ext is not None and ext.use_avx512_gemm() else ["avx2"]
+
+
+@pytest.fixture(params=ISAS)
+def gemm_isa(request):
+    was = ext.use_avx512_gemm(request.param == "avx512")
+    yield request.param
+    ext.use_avx512_gemm(was)
+
+
 @pytest.mark.parametrize("qt", ["F16", "BF16"])
-@pytest.mark.parametrize("n,k", [(37, 264), (16, 520), (5, 7), (50, 256)])
-def test_prefill_gemm_rows_equal_decode_rows(qt, n, k):
+@pytest.mark.parametrize("n,k", [(37, 264), (16, 520), (5, 7), (50, 256), (9, 2056)])
+def test_prefill_gemm_rows_equal_decode_rows(qt, n, k, gemm_isa):
     g = torch.Generator().manual_seed(n + k)
     w = torch.randn(n, k, generator=g).to(TYPES[qt][1])
     x = torch.randn(300, k, generator=g)
     alone = torch.cat([linear(x[m : m + 1], w, qt) for m in range(300)])
     want = (x.double() @ w.double().T).float()
     assert ((alone - want).norm() / want.norm()).item() < REL_TOL
-    sizes = range(1, 301) if (n, k) == (37, 264) else (9, 10, 11, 12, 13, 47, 64, 65, 128, 300)
-    for m in sizes:  # every M around the tile edges (3 rows) on one shape; edges of panels and blocks on all
+    sizes = range(1, 301) if (n, k) == (37, 264) else (9, 10, 11, 12, 13, 47, 64, 65, 127, 128, 129, 300)
+    for m in sizes:  # every M around the tile edges (3, 6 rows) on one shape; edges of panels and passes on all
         assert torch.equal(linear(x[:m], w, qt), alone[:m]), m
 
 
 @pytest.mark.parametrize("qt", ["F16", "BF16"])
-def test_prefill_gemm_splits_across_threads_exactly(qt):
+def test_prefill_gemm_splits_across_threads_exactly(qt, gemm_isa):
     g = torch.Generator().manual_seed(5)
-    w = torch.randn(75, 136, generator=g).to(TYPES[qt][1])  # panels of 16 rows cut at every thread boundary
+    w = torch.randn(75, 136, generator=g).to(TYPES[qt][1])  # panels of 8 rows cut at every thread boundary
     x = torch.randn(40, 136, generator=g)
     one = linear(x, w, qt)
     was = ext.min_bytes_per_thread(1)
@@ -105,6 +119,22 @@ def test_prefill_gemm_splits_across_threads_exactly(qt):
         assert torch.equal(linear(x, w, qt), one)
     finally:
         ext.min_bytes_per_thread(was)
+
+
+@pytest.mark.skipif(len(ISAS) < 2, reason="this CPU has no AVX-512: only the AVX2 GEMM runs here")
+@pytest.mark.parametrize("qt", ["F16", "BF16"])
+def test_prefill_gemm_builds_agree_bit_for_bit(qt):
+    g = torch.Generator().manual_seed(11)
+    w = (torch.randn(203, 1030, generator=g) * 0.05).to(TYPES[qt][1])  # odd panels, a 6-column tail
+    x = torch.randn(140, 1030, generator=g)  # a pass of 128 rows and one of 12
+    was = ext.use_avx512_gemm(True)
+    try:
+        wide = linear(x, w, qt)
+        ext.use_avx512_gemm(False)
+        narrow = linear(x, w, qt)
+    finally:
+        ext.use_avx512_gemm(was)
+    assert torch.equal(wide, narrow)
 
 
 @pytest.mark.parametrize("qt", list(TYPES))

@@ -10,8 +10,9 @@ environment), `get_extension()` returns None and callers use the pure-PyTorch pa
 Environment:
     LLAMAFORGE_KERNELS       "auto" (default: build/load the C++ kernels when the CPU can run them)
                              or "torch" (never build; always dequantize + F.linear).
-    LLAMAFORGE_X8_TILES      "avx2": the plain AVX2 x8 tiles even where the CPU has AVX-512 VNNI (what
-                             AVX2-only CPUs run; for tests and benchmarks), else the fastest this CPU has.
+    LLAMAFORGE_X8_TILES      "avx2": the plain AVX2 tiles (x8 and the 16-bit prefill GEMM's) even where the
+                             CPU has AVX-512 (what AVX2-only CPUs run; for tests and benchmarks), else the
+                             fastest this CPU has.
     LLAMAFORGE_KERNEL_CACHE  build/cache directory (default $XDG_CACHE_HOME/llamaforge/kernels,
                              i.e. ~/.cache/llamaforge/kernels).
 """
@@ -35,9 +36,10 @@ import torch
 log = logging.getLogger("llamaforge.kernels")
 
 SOURCE = Path(__file__).with_name("qmatmul.cpp")  # the Python bindings
-SOURCES = (SOURCE, SOURCE.with_name("qkernels.cpp"), SOURCE.with_name("qdecode.cpp"))  # compiled in parallel
-HEADERS = ("qattn.h", "qcommon.h", "qdecode.h", "qkernels.h", "qkv.h", "qlora.h", "qops.h", "qrows.h", "qx8.h",
-           "qx8_tiles.h")
+SOURCES = (SOURCE, SOURCE.with_name("qkernels.cpp"), SOURCE.with_name("qdecode.cpp"),
+           SOURCE.with_name("qgemm.cpp"))  # compiled in parallel
+HEADERS = ("qattn.h", "qcommon.h", "qdecode.h", "qgemm.h", "qgemm_tiles.h", "qkernels.h", "qkv.h", "qlora.h", "qops.h",
+           "qrows.h", "qx8.h", "qx8_tiles.h")
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 ENV_BACKEND = "LLAMAFORGE_KERNELS"

@@ -10,8 +10,9 @@
 // dot product is an integer one (_mm256_maddubs_epi16 + _mm256_madd_epi16) scaled once in float.
 // Rows (or row groups) are split across threads with at::parallel_for (torch's OpenMP pool).
 // From `gemm_rows` activation rows on (prefill), block weights in GGUF layout are dequantized to float
-// tiles and multiplied with at::mm instead; 16-bit weights from 9 rows on run gemm_float (weight blocks
-// converted to float32 once per M rows, results bit-identical to the decode tiles'). dequantize* reproduce gguf-py's numpy dequantization bit for bit (the build
+// tiles and multiplied with at::mm instead; 16-bit weights from 9 rows on run the GEMM of qgemm.h (AVX-512
+// or AVX2 tiles over weight panels converted to float32 once per pass, results bit-identical to the decode
+// tiles'). dequantize* reproduce gguf-py's numpy dequantization bit for bit (the build
 // uses -ffp-contract=off so that no multiply-add is fused behind our back).
 
 // Only the torch headers needed (torch/extension.h would triple the compile time). The kernels
@@ -32,6 +33,7 @@
 #include "qcommon.h"
 #include "qkernels.h"
 #include "qdecode.h"
+#include "qgemm.h"
 #include "qops.h"
 #include "qx8.h"
 
@@ -203,98 +205,9 @@ void matmul_float(const void* w, int64_t n0, int64_t n1, int64_t K, const float*
   for (; n < n1; ++n) float_rows<QT, 1>(w, n, K, x, M, y, N);
 }
 
-// Prefill-sized inputs (M >= FLOAT_GEMM_ROWS) of a 16-bit weight: a GEMM over panels of GEMM_NP weight
-// rows and blocks of GEMM_KC columns. Each (GEMM_NP, GEMM_KC) block is converted to float32 once (16 KiB:
-// it stays in L1) and read by tiles of 4 weight rows x 3 activation rows for all M rows (one conversion
-// per weight per M rows instead of one per 2 rows; 12 independent FMA chains per tile). A tile's
-// accumulators are float_tile's (one 8-lane vector per pair, lanes summing the columns k = lane mod 8 in k
-// order), kept in `acc` between column blocks, summed and finished as float_tile finishes them: every
-// result is bit for bit the one matmul_float gives, whatever M or the tile (prefill rows equal decode rows).
-constexpr int64_t GEMM_NP = 16, GEMM_KC = 256;
+// From this many activation rows on (prefill), a 16-bit weight runs the GEMM of qgemm.h (same bits as
+// matmul_float's).
 constexpr int64_t FLOAT_GEMM_ROWS = 9;
-
-// acc[r][i] (8 floats each, row-major over r then i) += products of weight rows wp + r * GEMM_KC
-// (columns k0..k1 of the block, stored from 0) and activation rows x + i * K over columns [k0, k1).
-template <int NR, int MR>
-inline void gemm_tile(const float* wp, const float* x, int64_t K, int64_t k0, int64_t k1, float* acc) {
-  __m256 a[NR][MR];
-  for (int r = 0; r < NR; ++r)
-    for (int i = 0; i < MR; ++i) a[r][i] = _mm256_loadu_ps(acc + 8 * (r * MR + i));
-  for (int64_t k = k0; k < k1; k += 8) {
-    __m256 xv[MR];
-    for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(x + i * K + k);
-    for (int r = 0; r < NR; ++r) {
-      const __m256 wv = _mm256_loadu_ps(wp + r * GEMM_KC + (k - k0));
-      for (int i = 0; i < MR; ++i) a[r][i] = _mm256_fmadd_ps(wv, xv[i], a[r][i]);
-    }
-  }
-  for (int r = 0; r < NR; ++r)
-    for (int i = 0; i < MR; ++i) _mm256_storeu_ps(acc + 8 * (r * MR + i), a[r][i]);
-}
-
-// Activation rows [m, m + MR) against the block's np rows (tiles of 4, then single rows): acc points at
-// the rows' accumulators, MR per panel row (tile_acc).
-template <int MR>
-inline void gemm_block(const float* blk, int64_t np, const float* x, int64_t K, int64_t k0, int64_t k1, float* acc) {
-  int64_t r = 0;
-  for (; r + 4 <= np; r += 4) gemm_tile<4, MR>(blk + r * GEMM_KC, x, K, k0, k1, acc + 8 * r * MR);
-  for (; r < np; ++r) gemm_tile<1, MR>(blk + r * GEMM_KC, x, K, k0, k1, acc + 8 * r * MR);
-}
-
-// The accumulator of (panel row r, activation row m): the tile of activation rows m0 .. m0 + mr - 1
-// (mr = 3, or the last 1 or 2 rows) keeps its pairs at 8 * (m0 * GEMM_NP + r * mr + m - m0).
-inline float* tile_acc(float* acc, int64_t M, int64_t r, int64_t m) {
-  const int64_t m0 = m / 3 * 3, mr = std::min<int64_t>(3, M - m0);
-  return acc + 8 * (m0 * GEMM_NP + r * mr + (m - m0));
-}
-
-template <int64_t QT>
-void gemm_float_rows(const void* w, int64_t n0, int64_t n1, int64_t K, const float* x, int64_t M, float* y,
-                     int64_t N) {
-  const uint16_t* w16 = static_cast<const uint16_t*>(w);
-  const int64_t k8 = K / 8 * 8;
-  thread_local std::vector<float> blk_buf, acc_buf;
-  blk_buf.resize(static_cast<size_t>(GEMM_NP * GEMM_KC));
-  acc_buf.resize(static_cast<size_t>(M * GEMM_NP * 8));
-  float* blk = blk_buf.data();
-  float* acc = acc_buf.data();
-  for (int64_t p0 = n0; p0 < n1; p0 += GEMM_NP) {
-    const int64_t np = std::min(GEMM_NP, n1 - p0);
-    std::fill(acc_buf.begin(), acc_buf.end(), 0.0f);
-    for (int64_t k0 = 0; k0 < k8; k0 += GEMM_KC) {
-      const int64_t k1 = std::min(k8, k0 + GEMM_KC);
-      for (int64_t r = 0; r < np; ++r)  // (np, GEMM_KC) float32 block: rows p0 + r, columns k0 ..
-        for (int64_t k = k0; k < k1; k += 8) _mm256_storeu_ps(blk + r * GEMM_KC + (k - k0), load8<QT>(w16 + (p0 + r) * K, k));
-      int64_t m = 0;  // 3 activation rows at a time: they and the block stay in L1
-      for (; m + 3 <= M; m += 3) gemm_block<3>(blk, np, x + m * K, K, k0, k1, acc + 8 * m * GEMM_NP);
-      if (M - m == 2) gemm_block<2>(blk, np, x + m * K, K, k0, k1, acc + 8 * m * GEMM_NP);
-      if (M - m == 1) gemm_block<1>(blk, np, x + m * K, K, k0, k1, acc + 8 * m * GEMM_NP);
-    }
-    for (int64_t m = 0; m < M; ++m) {  // as float_tile finishes a pair: the lanes' sum, then the tail
-      for (int64_t r = 0; r < np; ++r) {
-        float s = hsum(_mm256_loadu_ps(tile_acc(acc, M, r, m)));
-        const uint16_t* row = w16 + (p0 + r) * K;
-        for (int64_t k = k8; k < K; ++k) {
-          float wk;
-          if constexpr (QT == T_F16) wk = _cvtsh_ss(row[k]);
-          else { const uint32_t b = static_cast<uint32_t>(row[k]) << 16; std::memcpy(&wk, &b, 4); }
-          s += wk * x[m * K + k];
-        }
-        y[m * N + p0 + r] = s;
-      }
-    }
-  }
-}
-
-// At most GEMM_MB activation rows per pass (their column block, GEMM_MB KiB, stays in L2 while every panel
-// reads it; all rows at once re-read a long prompt from memory once per panel).
-constexpr int64_t GEMM_MB = 256;
-
-template <int64_t QT>
-void gemm_float(const void* w, int64_t n0, int64_t n1, int64_t K, const float* x, int64_t M, float* y, int64_t N) {
-  for (int64_t m = 0; m < M; m += GEMM_MB)
-    gemm_float_rows<QT>(w, n0, n1, K, x + m * K, std::min(GEMM_MB, M - m), y + m * N, N);
-}
 
 }  // namespace
 
@@ -323,11 +236,11 @@ void matmul_many(const QWeight* const* ws, float* const* ys, int n, const Act& a
         matmul_float<T_F32>(q.w.data_ptr(), lo, hi, q.K, x, M, ys[i], q.N);
         continue;
       } else if (q.qt == T_F16) {
-        if (M >= FLOAT_GEMM_ROWS) gemm_float<T_F16>(q.w.data_ptr(), lo, hi, q.K, x, M, ys[i], q.N);
+        if (M >= FLOAT_GEMM_ROWS) gemm_float(T_F16, q.w.data_ptr(), lo, hi, q.K, x, M, ys[i], q.N);
         else matmul_float<T_F16>(q.w.data_ptr(), lo, hi, q.K, x, M, ys[i], q.N);
         continue;
       } else if (q.qt == T_BF16) {
-        if (M >= FLOAT_GEMM_ROWS) gemm_float<T_BF16>(q.w.data_ptr(), lo, hi, q.K, x, M, ys[i], q.N);
+        if (M >= FLOAT_GEMM_ROWS) gemm_float(T_BF16, q.w.data_ptr(), lo, hi, q.K, x, M, ys[i], q.N);
         else matmul_float<T_BF16>(q.w.data_ptr(), lo, hi, q.K, x, M, ys[i], q.N);
         continue;
       }
@@ -516,6 +429,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return was;
       },
       "whether the AVX-512 VNNI tiles are used; `on` switches them off (or back on where supported)",
+      py::arg("on") = py::none());
+  m.def(
+      "use_avx512_gemm",
+      [](std::optional<bool> on) {
+        const bool was = gemm_avx512_enabled();
+        if (on.has_value()) gemm_avx512_enabled() = *on && gemm_avx512_supported();
+        return was;
+      },
+      "whether the 16-bit prefill GEMM uses its AVX-512 tiles; `on` switches them off (or back on where supported)",
       py::arg("on") = py::none());
 
   m.def("kv_store", &kv_store, "rows (n, head_dim) as a KV cache of like's dtype stores them (qkv.h)", py::arg("x"),

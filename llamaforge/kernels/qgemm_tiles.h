@@ -1,0 +1,206 @@
+// The prefill GEMM of 16-bit (F16 / BF16) weights: y (M, N) = x (M, K) @ W.T, float32 activations and sums.
+// qgemm.cpp includes this file twice: as namespace lfq::gemm_avx2 with LFQ_GEMM_512 0 (tiles of 8-lane ymm
+// vectors, 16 registers) and inside a `#pragma GCC target` region as lfq::gemm_avx512 with LFQ_GEMM_512 1
+// (zmm vectors, each holding two weight rows' 8-lane accumulators side by side, 32 registers).
+//
+// The contract (shared with the decode tiles, float_tile in qmatmul.cpp): every (weight row n, activation
+// row m) pair has one 8-lane float32 accumulator; lane j sums w[n][k] * x[m][k] for k = j mod 8 in k order
+// with fused multiply-adds; then the 8 lanes are summed by hsum (qcommon.h) and the columns past the last
+// multiple of 8 added one by one. A zmm accumulator is two such 8-lane accumulators (weight rows 2p and
+// 2p + 1 against the same activation row, whose 8 columns are broadcast to both halves), so its lanes run
+// the very same operations in the same order: both builds, any M, any tile or thread split, give the same
+// bits as decode (tests/test_float_kernels.py checks every path against rows computed alone).
+//
+// Blocking: a pass takes up to MB activation rows and packs them (columns [0, K / 8 * 8)) in the order the
+// tiles read them; a thread's weight rows go in panels of NP rows, each converted to float32 once per pass
+// (NP x K floats: 64 KiB at K = 2048, in L2), and while a panel computes, the next one's rows are prefetched
+// (the conversion reads a panel's rows side by side: one 4 KiB row at a time stalled on every page, -20%).
+// An AVX-512 tile (TILE_ROWS activation rows x TILE_PAIRS pairs of weight rows) keeps its accumulators in
+// registers over all K columns, reading the panel and its packed rows as two sequential streams from L2; the
+// AVX2 tile, with half the registers, reads twice the bytes per FMA, more than L2 feeds, so it runs over
+// slices of KC columns of the panel (8 KiB, in L1) with its accumulators waiting in `acc` between slices.
+// No include guard on purpose.
+
+namespace lfq {
+namespace LFQ_GEMM_NS {
+
+constexpr int64_t NP = 8;         // weight rows per panel
+constexpr int64_t PAIRS = NP / 2;  // rows go in pairs (2p, 2p + 1)
+constexpr int64_t MB = 128;       // activation rows per pass (packed: 128 x K floats)
+#if LFQ_GEMM_512
+constexpr int TILE_PAIRS = 4, TILE_ROWS = 6;  // 8 weight rows x 6 activation rows: 24 zmm accumulators
+constexpr int64_t KC = int64_t{1} << 40;     // columns per tile call: all (the accumulators stay in registers)
+#else
+constexpr int TILE_PAIRS = 2, TILE_ROWS = 3;  // 4 weight rows x 3 activation rows: 12 ymm accumulators
+constexpr int64_t KC = 256;  // columns per tile call (all K at once here: 44-62 instead of 62-78 GFLOP/s)
+#endif
+
+// Panel rows [0, np) as float32: step s (columns 8s .. 8s + 7), pair p holds 16 floats at
+// blk + (s * PAIRS + p) * 16, row 2p's 8 columns then row 2p + 1's (zeros past np).
+template <int64_t QT>
+inline void convert_panel(const uint16_t* w, int64_t K, int64_t np, int64_t steps, float* blk) {
+  for (int64_t r = np; r < NP; ++r)
+    for (int64_t s = 0; s < steps; ++s) _mm256_storeu_ps(blk + (s * PAIRS + r / 2) * 16 + (r % 2) * 8, _mm256_setzero_ps());
+  for (int64_t s = 0; s < steps; ++s)
+    for (int64_t r = 0; r < np; ++r) {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * K + 8 * s));
+      __m256 v;
+      if constexpr (QT == T_F16) v = _mm256_cvtph_ps(h);
+      else v = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));  // bf16: a float's top half
+      _mm256_storeu_ps(blk + (s * PAIRS + r / 2) * 16 + (r % 2) * 8, v);
+    }
+}
+
+// Activation rows [0, M), columns [0, 8 * steps), packed by tile: the rows m0 .. m0 + mr - 1 of a tile
+// (m0 a multiple of TILE_ROWS) at xp + m0 * 8 * steps, step s of row m0 + i at + (s * mr + i) * 8.
+inline void pack_rows(const float* x, int64_t K, int64_t M, int64_t steps, float* xp) {
+  for (int64_t m0 = 0; m0 < M; m0 += TILE_ROWS) {
+    const int64_t mr = std::min<int64_t>(TILE_ROWS, M - m0);
+    float* out = xp + m0 * 8 * steps;
+    for (int64_t s = 0; s < steps; ++s)
+      for (int64_t i = 0; i < mr; ++i) _mm256_storeu_ps(out + (s * mr + i) * 8, _mm256_loadu_ps(x + (m0 + i) * K + 8 * s));
+  }
+}
+
+#if LFQ_GEMM_512
+// Pairs [0, P) of the panel against packed rows [0, MR) over `steps` steps: the accumulator of row r of the
+// panel and activation row i is at out + (i * NP + r) * 8, started from zero when `first`.
+template <int P, int MR>
+inline void tile(const float* blk, const float* xp, int64_t steps, float* out, bool first) {
+  __m512 a[P][MR];
+  for (int p = 0; p < P; ++p)
+    for (int i = 0; i < MR; ++i) a[p][i] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(out + (i * NP + 2 * p) * 8);
+  for (int64_t s = 0; s < steps; ++s) {
+    __m512 wv[P];
+    for (int p = 0; p < P; ++p) wv[p] = _mm512_loadu_ps(blk + (s * PAIRS + p) * 16);
+    for (int i = 0; i < MR; ++i) {  // activation row i's 8 columns in both halves
+      const __m512 xv = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_loadu_pd(reinterpret_cast<const double*>(xp + (s * MR + i) * 8))));
+      for (int p = 0; p < P; ++p) a[p][i] = _mm512_fmadd_ps(wv[p], xv, a[p][i]);
+    }
+  }
+  for (int p = 0; p < P; ++p)
+    for (int i = 0; i < MR; ++i) _mm512_storeu_ps(out + (i * NP + 2 * p) * 8, a[p][i]);
+}
+
+template <int MR>
+inline void tile_rows(const float* blk, int64_t pairs, const float* xp, int64_t steps, float* out, bool first) {
+  switch (pairs) {
+    case 4: return tile<4, MR>(blk, xp, steps, out, first);
+    case 3: return tile<3, MR>(blk, xp, steps, out, first);
+    case 2: return tile<2, MR>(blk, xp, steps, out, first);
+    default: return tile<1, MR>(blk, xp, steps, out, first);
+  }
+}
+#else
+// Pairs [p0, p0 + P) of the panel against packed rows [0, MR) over `steps` steps (accumulators as above).
+template <int P, int MR>
+inline void tile(const float* blk, int64_t p0, const float* xp, int64_t steps, float* out, bool first) {
+  __m256 a[2 * P][MR];
+  for (int r = 0; r < 2 * P; ++r)
+    for (int i = 0; i < MR; ++i) a[r][i] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(out + (i * NP + 2 * p0 + r) * 8);
+  for (int64_t s = 0; s < steps; ++s) {
+    __m256 xv[MR];
+    for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(xp + (s * MR + i) * 8);
+    for (int r = 0; r < 2 * P; ++r) {
+      const __m256 wv = _mm256_loadu_ps(blk + (s * PAIRS + p0 + r / 2) * 16 + (r % 2) * 8);
+      for (int i = 0; i < MR; ++i) a[r][i] = _mm256_fmadd_ps(wv, xv[i], a[r][i]);
+    }
+  }
+  for (int r = 0; r < 2 * P; ++r)
+    for (int i = 0; i < MR; ++i) _mm256_storeu_ps(out + (i * NP + 2 * p0 + r) * 8, a[r][i]);
+}
+
+template <int MR>
+inline void tile_rows(const float* blk, int64_t pairs, const float* xp, int64_t steps, float* out, bool first) {
+  int64_t p = 0;
+  for (; p + TILE_PAIRS <= pairs; p += TILE_PAIRS) tile<TILE_PAIRS, MR>(blk, p, xp, steps, out, first);
+  if (p < pairs) tile<1, MR>(blk, p, xp, steps, out, first);
+}
+#endif
+
+// hsum (qcommon.h) of the 8 accumulators at a, a + 8, .., a + 56, as one vector: the same additions in the
+// same order, (v0 + v4) + (v2 + v6) and (v1 + v5) + (v3 + v7), then their sum, 8 rows side by side.
+inline __m256 hsum8(const float* a) {
+  __m256 t[4];  // t[j]: rows 2j, 2j + 1, each as its 4 sums v[i] + v[i + 4]
+  for (int j = 0; j < 4; ++j) {
+    const __m256 r0 = _mm256_loadu_ps(a + 16 * j), r1 = _mm256_loadu_ps(a + 16 * j + 8);
+    t[j] = _mm256_add_ps(_mm256_permute2f128_ps(r0, r1, 0x20), _mm256_permute2f128_ps(r0, r1, 0x31));
+  }
+  __m256 u[2];  // u[h]: rows 4h, 4h + 2 (low half) and 4h + 1, 4h + 3 (high half), each as (s0 + s2, s1 + s3)
+  for (int h = 0; h < 2; ++h)
+    u[h] = _mm256_add_ps(_mm256_shuffle_ps(t[2 * h], t[2 * h + 1], 0x44), _mm256_shuffle_ps(t[2 * h], t[2 * h + 1], 0xEE));
+  // rows 0, 2, 4, 6 | 1, 3, 5, 7, then in order
+  const __m256 v = _mm256_add_ps(_mm256_shuffle_ps(u[0], u[1], 0x88), _mm256_shuffle_ps(u[0], u[1], 0xDD));
+  return _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// y[:, n0:n1] for a pass of M <= MB activation rows (y row-major with N columns).
+template <int64_t QT>
+void gemm_pass(const uint16_t* w, int64_t n0, int64_t n1, int64_t K, const float* x, int64_t M, float* y,
+               int64_t N) {
+  const int64_t k8 = K / 8 * 8, steps = k8 / 8, lines = (K * 2 + 63) / 64;
+  thread_local std::vector<float> blk_buf, x_buf;
+  blk_buf.resize(static_cast<size_t>(NP * k8));
+  x_buf.resize(static_cast<size_t>(M * k8));
+  float* blk = blk_buf.data();
+  pack_rows(x, K, M, steps, x_buf.data());
+  thread_local std::vector<float> acc_buf;  // (pass row, panel row) accumulators, 8 floats each
+  acc_buf.resize(static_cast<size_t>(MB * NP * 8));
+  float* acc = acc_buf.data();
+  const int64_t tiles = (M + TILE_ROWS - 1) / TILE_ROWS, slices = std::max<int64_t>(1, (steps * 8 + KC - 1) / KC);  // K < 8: one empty slice zeroes acc
+  for (int64_t p0 = n0; p0 < n1; p0 += NP) {
+    const int64_t np = std::min(NP, n1 - p0), pairs = (np + 1) / 2, next = std::min(NP, n1 - p0 - NP);
+    convert_panel<QT>(w + p0 * K, K, np, steps, blk);
+    for (int64_t c = 0; c < slices; ++c) {
+      const int64_t s0 = c * KC / 8, ss = std::min(KC / 8, steps - s0);  // this slice's 8-column steps
+      for (int64_t t = 0; t < tiles; ++t) {
+        // A share of the next panel's weight rows towards L2, so its conversion does not wait on memory.
+        const int64_t u = c * tiles + t, l0 = u * lines / (slices * tiles), l1 = (u + 1) * lines / (slices * tiles);
+        for (int64_t r = 0; r < next; ++r)
+          for (int64_t l = l0; l < l1; ++l)
+            _mm_prefetch(reinterpret_cast<const char*>(w + (p0 + NP + r) * K) + 64 * l, _MM_HINT_T1);
+        const int64_t m0 = t * TILE_ROWS, mr = std::min<int64_t>(TILE_ROWS, M - m0);
+        const float* b = blk + s0 * PAIRS * 16;
+        const float* xp = x_buf.data() + m0 * k8 + s0 * mr * 8;
+        float* out = acc + m0 * NP * 8;
+        switch (mr) {
+#if LFQ_GEMM_512
+          case 6: tile_rows<6>(b, pairs, xp, ss, out, c == 0); break;
+          case 5: tile_rows<5>(b, pairs, xp, ss, out, c == 0); break;
+          case 4: tile_rows<4>(b, pairs, xp, ss, out, c == 0); break;
+#endif
+          case 3: tile_rows<3>(b, pairs, xp, ss, out, c == 0); break;
+          case 2: tile_rows<2>(b, pairs, xp, ss, out, c == 0); break;
+          default: tile_rows<1>(b, pairs, xp, ss, out, c == 0); break;
+        }
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) {  // as float_tile finishes a pair: the lanes' sum, then the tail
+      const float* xm = x + m * K;
+      if (np == NP && k8 == K) {  // a whole panel row, no tail: its 8 lane sums at once
+        _mm256_storeu_ps(y + m * N + p0, hsum8(acc + m * NP * 8));
+        continue;
+      }
+      for (int64_t r = 0; r < np; ++r) {
+        float s = hsum(_mm256_loadu_ps(acc + (m * NP + r) * 8));
+        const uint16_t* row = w + (p0 + r) * K;
+        for (int64_t k = k8; k < K; ++k) {
+          float wk;
+          if constexpr (QT == T_F16) wk = _cvtsh_ss(row[k]);
+          else { const uint32_t b = static_cast<uint32_t>(row[k]) << 16; std::memcpy(&wk, &b, 4); }
+          s += wk * xm[k];
+        }
+        y[m * N + p0 + r] = s;
+      }
+    }
+  }
+}
+
+// y[:, n0:n1] = x (M, K) @ W[n0:n1].T for a 16-bit weight W (N, K) and float32 x, y (M, N): in passes of MB rows.
+template <int64_t QT>
+void gemm(const uint16_t* w, int64_t n0, int64_t n1, int64_t K, const float* x, int64_t M, float* y, int64_t N) {
+  for (int64_t m = 0; m < M; m += MB) gemm_pass<QT>(w, n0, n1, K, x + m * K, std::min(MB, M - m), y + m * N, N);
+}
+
+}  // namespace LFQ_GEMM_NS
+}  // namespace lfq
