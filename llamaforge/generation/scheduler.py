@@ -82,8 +82,7 @@ class Active:
 class Scheduler:
     """Who holds which KV blocks; the engine thread's alone."""
 
-    def __init__(self, pool: BlockPool, n_slots: int, copy_block: Callable[[int, int, int], None],
-                 seq_blocks: Optional[int] = None):
+    def __init__(self, pool: BlockPool, n_slots: int, copy_block: Callable[[int, int, int], None], seq_blocks: int):
         """copy_block(src, dst, length) copies cached positions [0, length) between blocks (the runner's);
         seq_blocks: the blocks of one sequence at full context. A pool that holds every slot at full context
         can never run out as sequences grow, so it keeps no watermark (it would only keep the last slot idle)."""
@@ -91,7 +90,7 @@ class Scheduler:
         self.n_slots = n_slots
         self.block_size = pool.block_size
         self._copy_block = copy_block
-        full = seq_blocks is not None and pool.n_blocks >= n_slots * seq_blocks
+        full = pool.n_blocks >= n_slots * seq_blocks
         self.watermark = 0 if full else max(1, int(pool.n_blocks * WATERMARK))
         self.prefilling: list[Active] = []
         self.decoding: list[Seq] = []
