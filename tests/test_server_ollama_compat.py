@@ -140,3 +140,19 @@ def test_unreadable_bodies_on_the_openai_routes_say_what_to_send(app_client):
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", r.text
         assert "UTF-8 JSON" in r.json()["error"]["message"]
     assert app_client.get("/v1/models").status_code == 200
+
+
+def test_embed_truncates_a_long_input_by_default_as_ollama_does(app_client):
+    """Ollama's /api/embed cuts each input to the context unless `truncate` is false (then it is an error)."""
+    client = ollama_client(app_client)
+    long = "one two three four five six seven eight nine ten " * 10  # far more than CTX tokens
+    cut = client.embed(model="tiny", input=long)
+    assert cut.prompt_eval_count == CTX and len(cut.embeddings) == 1
+    ids = app_client.post("/tokenize", json={"prompt": long}).json()["tokens"][:CTX]
+    same = app_client.post("/v1/embeddings", json={"input": ids}).json()["data"][0]["embedding"]
+    assert cut.embeddings[0] == pytest.approx(same, abs=1e-6)  # the first CTX tokens, embedded alone
+    with pytest.raises(ollama.ResponseError) as err:
+        client.embed(model="tiny", input=long, truncate=False)
+    assert err.value.status_code == 400 and "context" in err.value.error
+    r = app_client.post("/v1/embeddings", json={"input": long})  # OpenAI's route never truncates
+    assert r.status_code == 400

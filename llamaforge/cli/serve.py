@@ -162,7 +162,10 @@ def run(args: argparse.Namespace) -> int:
     adapters = f" with LoRA adapters {', '.join(n for n, _ in loras)}" if loras else ""
     print(f"llamaforge: serving {app.state.model_name}{adapters} on http://{args.host}:{args.port} "
           f"(chat page at /, OpenAI API at /v1)", flush=True)
-    grace = max(0.0, args.shutdown_timeout - 0.5)  # leave uvicorn time to send the streams' ends
+    # The engine ends running requests (each stream with an error event and [DONE]) after --shutdown-timeout;
+    # uvicorn's own cut of open connections comes 5 s later, only if the streams' ends could not be sent by
+    # then (a margin of 0.5 s lost that race on a loaded machine and cut the connections).
+    grace = max(0.0, args.shutdown_timeout)
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets=None):
@@ -170,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
             await super().shutdown(sockets)
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.shutdown_timeout)
+                            timeout_graceful_shutdown=grace + 5.0)
     try:
         Server(config).run()
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, once it has shut down

@@ -235,7 +235,9 @@ class Preparer:
             return self.tokenizer.encode(req.prompt, bos=req.add_special_tokens and self.tokenizer.add_bos)
         return self._encode_chat([self._message(i, m) for i, m in enumerate(req.messages)], None)
 
-    def embedding_inputs(self, req: EmbeddingRequest, dim: int) -> list[list[int]]:
+    def embedding_inputs(self, req: EmbeddingRequest, dim: int, *, truncate: bool = False) -> list[list[int]]:
+        """Each input's ids; one longer than the context is a 400, or with `truncate` (Ollama's /api/embed
+        default) cut to its first max_seq_len tokens, as Ollama truncates the end of each input."""
         self.check_model(req.model)
         if req.dimensions is not None and req.dimensions != dim:
             raise bad_request(f"this model's embeddings have {dim} dimensions; got dimensions={req.dimensions}",
@@ -244,7 +246,9 @@ class Preparer:
         for ids, _ in self._prompts(req.input, "input", bos=True):
             if not ids:
                 raise bad_request("an input is empty", "input")
-            if len(ids) > self.max_seq_len:
+            if len(ids) > self.max_seq_len and truncate:
+                ids = ids[: self.max_seq_len]
+            elif len(ids) > self.max_seq_len:
                 raise bad_request(f"an input has {len(ids)} tokens but the context is {self.max_seq_len}; "
                                   "inputs are never truncated", "input", "context_length_exceeded")
             out.append(ids)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import struct
+from functools import partial
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
@@ -32,11 +33,12 @@ async def embeddings(req: EmbeddingRequest, request: Request, s: Served = Depend
         return Response(status_code=499)
 
 
-async def embed(req: EmbeddingRequest, request: Request, s: Served) -> dict:
-    """The OpenAI embeddings body of `req` (ClientGone if the client leaves first); the Ollama routes use it too."""
+async def embed(req: EmbeddingRequest, request: Request, s: Served, *, truncate: bool = False) -> dict:
+    """The OpenAI embeddings body of `req` (ClientGone if the client leaves first); the Ollama routes use it too
+    (`truncate`: inputs longer than the context are cut to it instead of refused, Ollama's /api/embed default)."""
     if s.shutting_down:
         raise APIError(503, "the server is shutting down", code="shutting_down")
-    inputs = await run_in_threadpool(s.prep.embedding_inputs, req, s.llama.args.dim)
+    inputs = await run_in_threadpool(partial(s.prep.embedding_inputs, truncate=truncate), req, s.llama.args.dim)
     try:
         fut = s.engine.embed(inputs)
     except EngineClosed as exc:

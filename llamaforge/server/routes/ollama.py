@@ -373,7 +373,7 @@ async def embed(request: Request, s: Served = Depends(served)):
     t0 = time.monotonic()
     try:
         body = await openai_embed(_parse(EmbeddingRequest, {"input": req.input, "dimensions": req.dimensions}),
-                                  request, s)
+                                  request, s, truncate=req.truncate is not False)  # Ollama: truncate by default
     except ClientGone:
         return Response(status_code=499)
     return {"model": s.name, "embeddings": [d["embedding"] for d in body["data"]],
