@@ -156,3 +156,15 @@ def test_embed_truncates_a_long_input_by_default_as_ollama_does(app_client):
     assert err.value.status_code == 400 and "context" in err.value.error
     r = app_client.post("/v1/embeddings", json={"input": long})  # OpenAI's route never truncates
     assert r.status_code == 400
+
+
+def test_think_on_a_model_without_thinking_is_a_400_as_in_ollama(app_client):
+    client = ollama_client(app_client)
+    for call in (lambda think: client.chat(model="tiny", messages=[{"role": "user", "content": "hi"}], think=think,
+                                           options={"num_predict": 2}),
+                 lambda think: client.generate(model="tiny", prompt="hi", think=think, options={"num_predict": 2})):
+        for think in (True, "high"):
+            with pytest.raises(ollama.ResponseError) as err:
+                call(think)
+            assert err.value.status_code == 400 and "thinking" in err.value.error
+        assert call(False).done  # "think": false is what a client sends for a model without it

@@ -262,6 +262,13 @@ def _check_model(s: Served, name: str) -> None:
                        param="model", code="model_not_found")
 
 
+def _check_think(s: Served, think: Optional[Union[bool, str]]) -> None:
+    """Ollama answers `think` (true or a level) for a model without a thinking mode with a 400; none here has one."""
+    if think not in (None, False, "false"):
+        raise APIError(400, f"'{s.name}' does not support thinking (send \"think\": false or leave it out)",
+                       param="think")
+
+
 def _load_reason(keep_alive: Optional[Union[int, float, str]]) -> str:
     """Ollama's done_reason for an empty request: "unload" when keep_alive is zero ("0", 0, "0s"), else "load".
 
@@ -318,6 +325,7 @@ async def _answer(kind: str, openai_req: Any, stream: bool, shape: Callable[...,
 async def chat(request: Request, s: Served = Depends(served)):
     req: OllamaChatRequest = _parse(OllamaChatRequest, await _json(request))
     _check_model(s, req.model)
+    _check_think(s, req.think)
     if not req.messages:  # Ollama: an empty chat loads the model
         return {**_base(s), "message": {"role": "assistant", "content": ""}, "done": True,
                 "done_reason": _load_reason(req.keep_alive)}
@@ -345,6 +353,7 @@ async def chat(request: Request, s: Served = Depends(served)):
 async def generate(request: Request, s: Served = Depends(served)):
     req: OllamaGenerateRequest = _parse(OllamaGenerateRequest, await _json(request))
     _check_model(s, req.model)
+    _check_think(s, req.think)
     for name in ("suffix", "template", "context", "images"):
         if getattr(req, name):
             raise APIError(400, f"'{name}' is not supported by this server", param=name)
