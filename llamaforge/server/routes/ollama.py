@@ -418,12 +418,18 @@ async def ps(s: Served = Depends(served)):
                         "context_length": s.llama.max_seq_len}]}
 
 
+def _named_model(body: Any, verb: str) -> str:
+    """The model a show / pull body names (Ollama's clients send `model`, older ones `name`); 400 if none."""
+    name = (body.get("model") or body.get("name")) if isinstance(body, dict) else None
+    if not isinstance(name, str) or not name:
+        raise APIError(400, f"'model' is required: the name of the model to {verb}", param="model")
+    return name
+
+
 @router.post("/show")
 async def show(request: Request, s: Served = Depends(served)):
     body = await _json(request)
-    name = (body.get("model") or body.get("name")) if isinstance(body, dict) else None
-    if not isinstance(name, str) or not name:
-        raise APIError(400, "'model' is required: the name of the model to show", param="model")
+    name = _named_model(body, "show")
     _check_model(s, name)
     card = _card(s)
     return {"license": "", "modelfile": f"# served by llamaforge\nFROM {s.name}\n",
@@ -436,9 +442,7 @@ async def show(request: Request, s: Served = Depends(served)):
 async def pull(request: Request, s: Served = Depends(served)):
     """The served model is already here: Ollama's success answer (one line when streamed); any other a 404."""
     body = await _json(request)
-    name = (body.get("model") or body.get("name")) if isinstance(body, dict) else None
-    if not isinstance(name, str) or not name:
-        raise APIError(400, "'model' is required: the name of the model to pull", param="model")
+    name = _named_model(body, "pull")
     if not s.knows(name):
         raise APIError(404, f"model '{name}' is not served here and this server loads no other model; it serves "
                        f"'{s.name}' (to serve another, run `llamaforge pull {name}` and `llamaforge serve {name}`)",
