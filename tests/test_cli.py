@@ -54,9 +54,30 @@ def test_errors_are_one_line_messages_in_the_flags_words(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "missing"), "-p", "x"]) == 2  # found before the model loads
     err = capsys.readouterr().err
     assert err.startswith("error: MODEL ") and "does not exist" in err and "Traceback" not in err
-    assert main(["generate", "-p", "x", "--temperature", "0", "--max_seq_len", "0"]) == 1
-    err = capsys.readouterr().err
-    assert err.splitlines()[-1].startswith("error: --max-seq-len must be") and "max_seq_len" not in err
+    assert main(["generate", "-p", "x", "--max-seq-len", "32", "--max-batch-size", "1", "-p", "y"]) == 1
+    err = capsys.readouterr().err  # found by the library, said in the flags' words
+    assert err.splitlines()[-1].startswith("error: 2 prompts given but --max-batch-size is 1") and "max_batch" not in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["-n", "-5"], "argument --max-gen-len/--max_gen_len/-n: must be an integer >= 0, got -5"),
+    (["--max-seq-len", "0"], "argument --max-seq-len/--max_seq_len: must be an integer >= 1, got 0"),
+    (["--max-batch-size", "0"], "must be an integer >= 1, got 0"),
+    (["--top-p", "2"], "argument --top-p/--top_p: must be a number in [0, 1], got 2"),
+    (["--top-p", "nan"], "must be a number in [0, 1], got nan"),
+    (["--temperature", "-1"], "argument --temperature: must be a number >= 0, got -1"),
+    (["--temperature", "inf"], "must be a number >= 0, got inf"),
+    (["--top-k", "0"], "argument --top-k/--top_k: must be an integer >= 1, got 0"),
+    (["--top-k", "2.5"], "argument --top-k/--top_k: takes an integer >= 1, got '2.5'"),
+])
+def test_out_of_range_flags_are_usage_errors_before_the_model_loads(flags, message, capsys):
+    """Exit 2 at parse time, as for any bad flag (they were found after loading the model, exit 1)."""
+    for command in ("generate", "chat", "demo"):
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "/nonexistent/model.gguf", "-p", "x", *flags] if command == "generate"
+                 else [command, "/nonexistent/model.gguf", *flags])
+        assert exit_.value.code == 2
+        assert message in capsys.readouterr().err
 
 
 def test_console_script_runs_as_a_module():
