@@ -273,3 +273,17 @@ def test_serve_gives_the_pool_what_the_kv_budget_holds(tiny_checkpoints):
     expected = "".join(Llama.build(tiny_checkpoints.gguf, max_seq_len=64, device="cpu").stream_text_completion(
         "hello world", 40, temperature=0))  # decoded piece by piece, as the server does
     assert got == expected  # positions past the first few are right: the rotary tables cover the context
+
+
+def test_aliases_and_hf_co_references_are_models_not_missing_paths(tmp_path, monkeypatch, capsys):
+    """`llamaforge chat llama3.2` (an alias, as Ollama users write) reached the hub; it was 'does not exist'."""
+    from llamaforge.cli.common import looks_like_path
+
+    assert not any(map(looks_like_path, ["llama3.2", "smollm2", "org/name:Q4_K_M", "hf.co/org/name:Q8_0@v1"]))
+    assert all(map(looks_like_path, ["model.gguf", "models/7B/x", "./llama3.2", "nosuchalias", "org/m.gguf"]))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for ref in ("llama3.2", "hf.co/bartowski/SmolLM2-135M-Instruct-GGUF:Q4_K_M"):
+        assert main(["generate", ref, "-p", "x"]) == 1
+        err = capsys.readouterr().err
+        assert "not in the Hugging Face cache" in err and "HF_HUB_OFFLINE" in err and "does not exist" not in err

@@ -103,12 +103,13 @@ class UsageError(Exception):
 
 
 def looks_like_path(value: str) -> bool:
-    """True when MODEL is meant as a local path, not a hub reference like `org/name[:quant][@rev]`."""
+    """True when MODEL is meant as a local path, not a model reference (`org/name[:quant][@rev]`, an alias
+    such as `llama3.2`, `hf.co/org/name:Q4_K_M`): the hub's own parser decides."""
+    from llamaforge.hub.refs import parse_ref
+
     if value.startswith(("/", "./", "../", "~", ".\\")) or "\\" in value:
         return True
-    if value.endswith((".gguf", ".safetensors", ".pth", ".bin", ".json", ".model")):
-        return True
-    return value.count("/") != 1  # a bare name or a deeper relative path
+    return parse_ref(value) is None
 
 
 def check_model_path(value: Optional[str], flag_name: str = "MODEL") -> None:
