@@ -287,3 +287,27 @@ def test_aliases_and_hf_co_references_are_models_not_missing_paths(tmp_path, mon
         assert main(["generate", ref, "-p", "x"]) == 1
         err = capsys.readouterr().err
         assert "not in the Hugging Face cache" in err and "HF_HUB_OFFLINE" in err and "does not exist" not in err
+
+
+def test_run_answers_one_message_from_words_and_stdin_as_ollama_does(tiny_checkpoints, monkeypatch, capsys):
+    import io
+
+    from llamaforge.cli.run import message
+
+    gen = Llama.build(tiny_checkpoints.meta, max_seq_len=64, max_batch_size=1, device="cpu")
+    expected = gen.chat_completion([[{"role": "user", "content": "notes. summarize the llama"}]], temperature=0,
+                                   max_gen_len=6)[0]["generation"]["content"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("notes.\n"))  # stdin first, then the words (after a flag too)
+    assert main(["run", str(tiny_checkpoints.meta), "--temperature", "0", "summarize", "-n", "6", "the", "llama"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == expected + "\n" and "loading meta" in captured.err
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert main(["run", "/nonexistent/model.gguf"]) == 2  # nothing to answer, said before anything loads
+    assert "nothing to answer" in capsys.readouterr().err
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert message([], Terminal("")) is None  # no words on a terminal: a chat
+    assert message(["hi", "there"], Terminal("")) == "hi there"

@@ -19,7 +19,7 @@ from llamaforge.cli.common import HelpFormatter, UsageError, cli_message
 from llamaforge.errors import LlamaforgeError
 
 # Each module has `register(subparsers)`; heavy imports happen inside its `run`.
-COMMANDS = ["demo", "generate", "chat", "info", "convert", "quantize", "pull", "list", "rm", "show"]
+COMMANDS = ["demo", "run", "generate", "chat", "info", "convert", "quantize", "pull", "list", "rm", "show"]
 OPTIONAL_COMMANDS = ["serve", "train", "eval", "tokenizer"]
 
 
@@ -80,6 +80,10 @@ def _chosen_parser(parser: Parser, args: argparse.Namespace) -> Parser:
 
 def parse(parser: Parser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
     args, extras = parser.parse_known_args(argv)
+    words = getattr(args, "trailing_words", None)  # `run MODEL -n 5 why ...`: the words after a flag
+    if extras and words and not any(e.startswith("-") for e in extras):
+        getattr(args, words).extend(extras)
+        extras = []
     if extras:
         target = _chosen_parser(parser, args)
         unknown = extras[0].split("=", 1)[0]
