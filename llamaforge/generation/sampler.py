@@ -50,7 +50,8 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if not _is_number(self.temperature) or not 0 <= self.temperature < math.inf:
-            raise GenerationError(f"temperature must be a finite number >= 0 (0 means greedy), got {self.temperature!r}")
+            raise GenerationError(
+                f"temperature must be a finite number >= 0 (0 means greedy), got {self.temperature!r}")
         if not _is_number(self.top_p) or not 0 <= self.top_p <= 1:
             raise GenerationError(f"top_p must be a number in [0, 1] (0 keeps only the most likely token), "
                                   f"got {self.top_p!r}")
