@@ -312,3 +312,19 @@ def test_run_answers_one_message_from_words_and_stdin_as_ollama_does(tiny_checkp
 
     assert message([], Terminal("")) is None  # no words on a terminal: a chat
     assert message(["hi", "there"], Terminal("")) == "hi there"
+
+
+@pytest.mark.parametrize("command", [["run", "the", "llama"], ["generate", "-p", "the llama", "--stream"]])
+def test_a_reader_that_left_ends_the_command_quietly(tiny_checkpoints, command):
+    """`llamaforge run MODEL ... | head -c 5`: the write after the reader left was a BrokenPipeError traceback."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written
+    try:
+        proc = subprocess.run([sys.executable, "-m", "llamaforge", command[0], str(tiny_checkpoints.meta),
+                               "--temperature", "0", "-n", "4", *command[1:]],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141 and "Traceback" not in proc.stderr, proc.stderr

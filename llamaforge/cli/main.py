@@ -2,7 +2,7 @@
 
 Conventions every command gets from here: flags shown with their defaults, `--version`, "did you mean"
 for a mistyped command or flag, and errors printed as one line in the command line's words (exit 1 for
-a failure of the work, 2 for bad usage, 130 for Ctrl-C).
+a failure of the work, 2 for bad usage, 130 for Ctrl-C, 141 when the reader of stdout left).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import os
 import re
 import sys
 from typing import Optional, Sequence
@@ -109,6 +110,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `... | head`: the reader left; end quietly, as a tool killed by SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's own flush must not fail
+        return 141
 
 
 if __name__ == "__main__":
