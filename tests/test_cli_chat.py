@@ -194,4 +194,4 @@ def test_from_a_pipe_notes_go_to_stderr_and_stdout_holds_the_answers(tiny_llama,
         session.answer(text)
     captured = capsys.readouterr()
     assert "[context full: dropped the" in captured.err and "[" not in captured.out
-    assert captured.out.count("\n") == len(texts)  # not splitlines: a random model may answer a \\v
+    assert captured.out.count("\n") == len(texts)  # not splitlines: a random model may answer a \\v (vertical tab)

@@ -6,7 +6,8 @@
 
 The answer streams as it is generated; Ctrl-C stops it (what was said so far stays in the conversation),
 Ctrl-D or /bye leaves. When the conversation outgrows the context, the oldest exchanges are dropped (the
-system prompt stays) and a note says so. From a pipe, each line is one message and each answer one line.
+system prompt stays) and a note says so. From a pipe, each line is one message and each answer one line
+(notes on stderr).
 """
 
 from __future__ import annotations
