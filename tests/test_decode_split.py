@@ -73,7 +73,8 @@ def test_guided_chunks_give_the_static_splits_numbers(qtype):
 @pytest.mark.parametrize("scheme", ["q4_0", "q8_0", None])
 def test_fused_step_is_the_same_at_every_split(scheme):
     torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=512,
+    # hidden_dim 4352: the SwiGLU (over threads from 4096 values) is split too
+    model = Transformer(ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=4352,
                                   max_seq_len=32)).eval()
     if scheme is not None:
         model = quantize_model_weights(model, scheme)
