@@ -67,9 +67,10 @@ def child(cfg: dict) -> dict:
 
 def run(variant: str, model: Path, threads: int, cache: Path, baseline: Path | None = None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads),
-           "LLAMAFORGE_X8_CACHE": str(cache) if variant in ("llamaforge cached", "baseline") else "off"}
-    if variant == "baseline":  # another checkout of llamaforge, as it loads
-        env["PYTHONPATH"] = str(baseline)
+           "LLAMAFORGE_X8_CACHE": str(cache) if variant == "llamaforge cached" else "off"}
+    if variant == "baseline":  # another checkout of llamaforge, as it loads, with a cache folder of its own (the
+        env["PYTHONPATH"] = str(baseline)  # same kernels name the same file, which one checkout's use must not touch)
+        env["LLAMAFORGE_X8_CACHE"] = str(cache / "baseline")
     cfg = {"variant": variant, "model": str(model), "threads": threads}
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], capture_output=True, text=True,
                           env=env, timeout=600)
