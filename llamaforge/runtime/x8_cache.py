@@ -52,7 +52,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 
 from llamaforge import kernels
-from llamaforge.checkpoints.gguf import GGUFQuantTensor, fault_in
+from llamaforge.checkpoints.gguf import GGUFQuantTensor, _address, fault_in
 from llamaforge.checkpoints.gguf_reader import GGUFFile
 from llamaforge.checkpoints.save import atomic_file
 
@@ -150,8 +150,27 @@ def _checksum() -> tuple[str, int, Callable[[Any], int]]:
     return "xxh3_64", 16, xxhash.xxh3_64_intdigest
 
 
+def _prefetch_samples(todo: Mapping[str, GGUFQuantTensor]) -> None:
+    """Ask the kernel for the pages of the key's samples all at once (MADV_WILLNEED: reads in flight together).
+
+    With the GGUF out of the page cache (a first load after a reboot), faulting the samples in one by one
+    waited for ~230 reads in turn, each with a 128 KiB readahead: 0.9-2.5 s of wall and 0.14 s of CPU for a
+    1B Q4_K_M file here, against 0.05 s and 0.01 s with the reads issued first."""
+    if not hasattr(mmap, "MADV_WILLNEED"):
+        return
+    for w in todo.values():
+        if w.mapping is None or w.raw.numel() == 0:
+            continue
+        start = w.raw.data_ptr() - _address(w.mapping)
+        end = start + w.raw.numel()
+        for a, b in ((start, min(end, start + _SAMPLE)), (max(start, end - _SAMPLE), end)):
+            first = a // mmap.PAGESIZE * mmap.PAGESIZE
+            w.mapping.madvise(mmap.MADV_WILLNEED, first, b - first)
+
+
 def _header(origin: GGUFFile, todo: Mapping[str, GGUFQuantTensor], build: str, checksum: str) -> dict:
     """What the cache file of these weights must say: the key and the tensor table (checksums left blank)."""
+    _prefetch_samples(todo)
     fingerprint = hashlib.sha256(origin.buffer[: origin.data_offset])
     for w in todo.values():
         flat = w.raw.reshape(-1)
