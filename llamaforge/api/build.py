@@ -6,20 +6,17 @@ contents, weights on the meta device, then assigned), the context length chosen 
 bounded by memory), then at the same time `runtime.prepare` once (the model with its quantized layers or
 tensor-parallel slice, and the `DecodeStep` the loops call) and the tokenizer the checkpoint names
 (`Tokenizer.from_source`) with its chat format (`beside_own_thread`). Loading and preparing run on a
-short-lived thread (`on_own_thread`, for OpenMP's sake), with Python's cyclic garbage collector paused
-(`collector_paused`).
+short-lived thread (`on_own_thread`, for OpenMP's sake).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import dataclasses
-import gc
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence, TypeVar, Union
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, TypeVar, Union
 
 import torch
 
@@ -120,8 +117,7 @@ def build(
 
     start = time.perf_counter()
     keep_quantized = dtype is None and dev.type == "cpu" and world == 1
-    with collector_paused():
-        ckpt = on_own_thread(lambda: checkpoints.load(path, progress=progress, keep_quantized=keep_quantized), world)
+    ckpt = on_own_thread(lambda: checkpoints.load(path, progress=progress, keep_quantized=keep_quantized), world)
     args = ckpt.args
     kv = kv_types.choose_kv_type(kv_type, model_dtype=torch_dtype,
                                  quantized_weights=runtime.block_quantized(ckpt.state_dict))
@@ -153,8 +149,7 @@ def build(
             )
         return tokenizer, chat_format_for(tokenizer)  # a broken chat template is a ChatFormatError here
 
-    with collector_paused():
-        (tokenizer, chat_format), (model, decode_step) = beside_own_thread(text, make, world)
+    (tokenizer, chat_format), (model, decode_step) = beside_own_thread(text, make, world)
     log.info(
         "loaded %s (%s, %.1fM parameters) on %s in %s, KV cache %s, in %.2fs",
         path, ckpt.format, args.n_params / 1e6, dev, torch_dtype, kv, time.perf_counter() - start,
@@ -164,26 +159,6 @@ def build(
         checkpoint_format=ckpt.format, source=path, decode_step=decode_step, rank=rank, world=world,
         chat_format=chat_format,
     )
-
-
-@contextlib.contextmanager
-def collector_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector off while the block runs, then as it was.
-
-    A full collection walks every object alive (~170k once torch is imported: ~0.1 s of one core), and a
-    load's ~10^5 short-lived tuples (a vocabulary's merges) trigger one, a quarter of the default model's
-    load (benchmarks/RESULTS.md). What a load allocates is freed by reference counting or lives as long as
-    the model, so nothing it makes waits for the collector; the next collection after it finds little new.
-    The switch is the process's: a build running beside another leaves it on once the first one to switch
-    it off is done.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def on_own_thread(fn: Callable[[], T], world: int = 1) -> T:
