@@ -12,7 +12,7 @@
 // From `gemm_rows` activation rows on (prefill), block weights in GGUF layout are dequantized to float
 // tiles and multiplied with at::mm instead; 16-bit weights from 9 rows on run the GEMM of qgemm.h (AVX-512
 // or AVX2 tiles over weight panels converted to float32 once per pass, results bit-identical to the decode
-// tiles'). dequantize* reproduce gguf-py's numpy dequantization bit for bit (the build
+// tiles'). BF16 weights multiply bf16-rounded activations, summed as vdpbf16ps does (qgemm.h). dequantize* reproduce gguf-py's numpy dequantization bit for bit (the build
 // uses -ffp-contract=off so that no multiply-add is fused behind our back).
 
 // Only the torch headers needed (torch/extension.h would triple the compile time). The kernels
@@ -114,12 +114,13 @@ int64_t& float_prefetch_bytes() {
 // FMA chains are what keep the FMA units busy (one chain waits on the FMA latency). PF: prefetch the weight
 // rows' bytes `ahead` further on into L2, once per 64-byte line (the first tile over these rows: later
 // ones at m0 > 0 find them in cache). `ahead` is a whole number of NR-row tiles, so the line prefetched is
-// the one the same row of a later tile reads at this k.
+// the one the same row of a later tile reads at this k. BF16: x split, under a Bf16Mode (qgemm.h), each
+// 16-column step's odd then even products: vdpbf16ps's sums, emulated.
 template <int64_t QT, int NR, int MR, bool PF>
 inline void float_tile(const void* w, int64_t n, int64_t K, const float* x, int64_t m0, float* y, int64_t N) {
   using elem = std::conditional_t<QT == T_F32, float, uint16_t>;
   constexpr int64_t line = 64 / sizeof(elem);  // elements per cache line
-  const int64_t k8 = K / 8 * 8;
+  const int64_t k8 = QT == T_BF16 ? K / 16 * 16 : K / 8 * 8;  // the columns taken by vectors
   const elem* rows[NR];
   for (int r = 0; r < NR; ++r) rows[r] = static_cast<const elem*>(w) + (n + r) * K;
   const int64_t tile = NR * K;  // elements a tile reads
@@ -127,7 +128,7 @@ inline void float_tile(const void* w, int64_t n, int64_t K, const float* x, int6
   __m256 acc[NR][MR];
   for (int r = 0; r < NR; ++r)
     for (int i = 0; i < MR; ++i) acc[r][i] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < k8; k += 8) {
+  for (int64_t k = 0; k < k8; k += QT == T_BF16 ? 16 : 8) {
     // One chain on a float32 row (M = 1) keeps enough misses in flight itself: prefetching there cost 5-20%.
     if constexpr (PF && !(QT == T_F32 && NR * MR == 1)) {
       if (k % line == 0 && ahead > 0)  // the address may lie past the weight: a prefetch never faults
@@ -135,11 +136,21 @@ inline void float_tile(const void* w, int64_t n, int64_t K, const float* x, int6
           _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(rows[r] + k) + ahead * sizeof(elem)),
                        _MM_HINT_T2);
     }
-    __m256 xv[MR];
-    for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(x + (m0 + i) * K + k);
-    for (int r = 0; r < NR; ++r) {
-      const __m256 wv = load8<QT>(rows[r], k);
-      for (int i = 0; i < MR; ++i) acc[r][i] = _mm256_fmadd_ps(wv, xv[i], acc[r][i]);
+    if constexpr (QT == T_BF16) {  // 16 columns: the odd ones' products, then the even ones'
+      for (int r = 0; r < NR; ++r) {
+        const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[r] + k));
+        const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(d, _mm256_set1_epi32(-65536)));
+        const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(d, 16));
+        for (int i = 0; i < MR; ++i) acc[r][i] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(x + (m0 + i) * K + k), acc[r][i]);
+        for (int i = 0; i < MR; ++i) acc[r][i] = _mm256_fmadd_ps(even, _mm256_loadu_ps(x + (m0 + i) * K + k + 8), acc[r][i]);
+      }
+    } else {
+      __m256 xv[MR];
+      for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(x + (m0 + i) * K + k);
+      for (int r = 0; r < NR; ++r) {
+        const __m256 wv = load8<QT>(rows[r], k);
+        for (int i = 0; i < MR; ++i) acc[r][i] = _mm256_fmadd_ps(wv, xv[i], acc[r][i]);
+      }
     }
   }
   for (int r = 0; r < NR; ++r) {
@@ -209,6 +220,24 @@ void matmul_float(const void* w, int64_t n0, int64_t n1, int64_t K, const float*
 // matmul_float's).
 constexpr int64_t FLOAT_GEMM_ROWS = 9;
 
+// From this many activation rows on, a BF16 weight runs the GEMM where it has vdpbf16ps (same bits as the
+// decode tiles' emulation of it, and twice the products per instruction); a knob (`bf16_gemm_rows`) so that
+// benchmarks can move it.
+int64_t& bf16_gemm_rows() {
+  static int64_t rows = 4;
+  return rows;
+}
+
+// A BF16 weight's rows [n0, n1) against split bf16 activations xs (qgemm.h), under DAZ / FTZ as vdpbf16ps
+// computes (not inlined: no float operation may move across the MXCSR writes).
+__attribute__((noinline)) void matmul_bf16(const void* w, int64_t n0, int64_t n1, int64_t K, const float* xs,
+                                           int64_t M, float* y, int64_t N) {
+  const Bf16Mode mode;
+  const bool dot = gemm_avx512_enabled() && gemm_bf16dot_supported();
+  if (M >= (dot ? std::min(bf16_gemm_rows(), FLOAT_GEMM_ROWS) : FLOAT_GEMM_ROWS)) gemm_float(T_BF16, w, n0, n1, K, xs, M, y, N);
+  else matmul_float<T_BF16>(w, n0, n1, K, xs, M, y, N);
+}
+
 }  // namespace
 
 void matmul_many(const QWeight* const* ws, float* const* ys, int n, const Act& a, const float* x, int64_t M) {
@@ -227,6 +256,15 @@ void matmul_many(const QWeight* const* ws, float* const* ys, int n, const Act& a
   const int64_t work = std::max<int64_t>(1, bytes / units * ((M + 3) / 4));
   const int64_t grain = std::max<int64_t>(1, min_bytes_per_thread() / work);
   const bool vnni = vnni_enabled();
+  // BF16 weights read the activations rounded to bf16 and split (qgemm.h), made once for all of them.
+  thread_local std::vector<float> split;
+  const float* xs = nullptr;
+  for (int i = 0; i < n && xs == nullptr; ++i)
+    if (ws[i]->qt == T_BF16) {
+      split.resize(static_cast<size_t>(M * ws[i]->K));
+      bf16_split_rows(x, M, ws[i]->K, split.data());
+      xs = split.data();
+    }
   at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
     for (int i = 0; i < n; ++i) {
       const int64_t lo = std::max(u0, first[i]) - first[i], hi = std::min(u1, first[i + 1]) - first[i];
@@ -240,8 +278,7 @@ void matmul_many(const QWeight* const* ws, float* const* ys, int n, const Act& a
         else matmul_float<T_F16>(q.w.data_ptr(), lo, hi, q.K, x, M, ys[i], q.N);
         continue;
       } else if (q.qt == T_BF16) {
-        if (M >= FLOAT_GEMM_ROWS) gemm_float(T_BF16, q.w.data_ptr(), lo, hi, q.K, x, M, ys[i], q.N);
-        else matmul_float<T_BF16>(q.w.data_ptr(), lo, hi, q.K, x, M, ys[i], q.N);
+        matmul_bf16(q.w.data_ptr(), lo, hi, q.K, xs, M, ys[i], q.N);
         continue;
       }
       const uint8_t* wp = q.w.data_ptr<uint8_t>();
@@ -422,6 +459,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "bytes ahead that the float-weight tiles prefetch their rows into L2 (0: off); `n` sets it",
       py::arg("n") = py::none());
   m.def(
+      "bf16_gemm_rows",
+      [](std::optional<int64_t> n) {
+        const int64_t was = bf16_gemm_rows();
+        if (n.has_value()) bf16_gemm_rows() = std::max<int64_t>(1, *n);
+        return was;
+      },
+      "activation rows from which a BF16 weight takes the vdpbf16ps GEMM (where the CPU has it; else from 9 "
+      "rows on, the AVX2 GEMM); `n` sets it", py::arg("n") = py::none());
+  m.def(
       "use_vnni",
       [](std::optional<bool> on) {
         const bool was = vnni_enabled();
@@ -439,6 +485,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "whether the 16-bit prefill GEMM uses its AVX-512 tiles; `on` switches them off (or back on where supported)",
       py::arg("on") = py::none());
+  m.def("bf16dot_supported", &gemm_bf16dot_supported,
+        "whether the CPU has AVX512_BF16: the AVX-512 GEMM then runs BF16 weights with vdpbf16ps (else the AVX2 "
+        "tiles' exact emulation of it)");
 
   m.def("kv_store", &kv_store, "rows (n, head_dim) as a KV cache of like's dtype stores them (qkv.h)", py::arg("x"),
         py::arg("like"), release());
