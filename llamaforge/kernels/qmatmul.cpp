@@ -137,12 +137,15 @@ inline void float_tile(const void* w, int64_t n, int64_t K, const float* x, int6
                        _MM_HINT_T2);
     }
     if constexpr (QT == T_BF16) {  // 16 columns: the odd ones' products, then the even ones'
-      for (int r = 0; r < NR; ++r) {
-        const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[r] + k));
-        const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(d, _mm256_set1_epi32(-65536)));
-        const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(d, 16));
-        for (int i = 0; i < MR; ++i) acc[r][i] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(x + (m0 + i) * K + k), acc[r][i]);
-        for (int i = 0; i < MR; ++i) acc[r][i] = _mm256_fmadd_ps(even, _mm256_loadu_ps(x + (m0 + i) * K + k + 8), acc[r][i]);
+      for (int half = 0; half < 2; ++half) {  // the activations of a half in registers, as below
+        __m256 xv[MR];
+        for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(x + (m0 + i) * K + k + 8 * half);
+        for (int r = 0; r < NR; ++r) {
+          const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[r] + k));
+          const __m256 wv = _mm256_castsi256_ps(half == 0 ? _mm256_and_si256(d, _mm256_set1_epi32(-65536))
+                                                          : _mm256_slli_epi32(d, 16));
+          for (int i = 0; i < MR; ++i) acc[r][i] = _mm256_fmadd_ps(wv, xv[i], acc[r][i]);
+        }
       }
     } else {
       __m256 xv[MR];
@@ -217,24 +220,16 @@ void matmul_float(const void* w, int64_t n0, int64_t n1, int64_t K, const float*
 }
 
 // From this many activation rows on (prefill), a 16-bit weight runs the GEMM of qgemm.h (same bits as
-// matmul_float's).
+// matmul_float's). BF16 with vdpbf16ps too: at 2-8 rows its panel copies cost more than its faster
+// products save (1 thread, 16384 x 2048: M = 4 6.7 ms against 5.9 ms in the decode tiles, M = 6 7.8 / 6.4).
 constexpr int64_t FLOAT_GEMM_ROWS = 9;
-
-// From this many activation rows on, a BF16 weight runs the GEMM where it has vdpbf16ps (same bits as the
-// decode tiles' emulation of it, and twice the products per instruction); a knob (`bf16_gemm_rows`) so that
-// benchmarks can move it.
-int64_t& bf16_gemm_rows() {
-  static int64_t rows = 4;
-  return rows;
-}
 
 // A BF16 weight's rows [n0, n1) against split bf16 activations xs (qgemm.h), under DAZ / FTZ as vdpbf16ps
 // computes (not inlined: no float operation may move across the MXCSR writes).
 __attribute__((noinline)) void matmul_bf16(const void* w, int64_t n0, int64_t n1, int64_t K, const float* xs,
                                            int64_t M, float* y, int64_t N) {
   const Bf16Mode mode;
-  const bool dot = gemm_avx512_enabled() && gemm_bf16dot_supported();
-  if (M >= (dot ? std::min(bf16_gemm_rows(), FLOAT_GEMM_ROWS) : FLOAT_GEMM_ROWS)) gemm_float(T_BF16, w, n0, n1, K, xs, M, y, N);
+  if (M >= FLOAT_GEMM_ROWS) gemm_float(T_BF16, w, n0, n1, K, xs, M, y, N);
   else matmul_float<T_BF16>(w, n0, n1, K, xs, M, y, N);
 }
 
@@ -458,15 +453,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "bytes ahead that the float-weight tiles prefetch their rows into L2 (0: off); `n` sets it",
       py::arg("n") = py::none());
-  m.def(
-      "bf16_gemm_rows",
-      [](std::optional<int64_t> n) {
-        const int64_t was = bf16_gemm_rows();
-        if (n.has_value()) bf16_gemm_rows() = std::max<int64_t>(1, *n);
-        return was;
-      },
-      "activation rows from which a BF16 weight takes the vdpbf16ps GEMM (where the CPU has it; else from 9 "
-      "rows on, the AVX2 GEMM); `n` sets it", py::arg("n") = py::none());
   m.def(
       "use_vnni",
       [](std::optional<bool> on) {
