@@ -48,25 +48,52 @@ bool gemm_bf16dot_supported() {
   return ok;
 }
 
+namespace {
+
+// torch's round_to_nearest_even to bf16, as the float32 with a zero low half: NaN -> 0x7FC0, else add
+// half an ulp of bf16 (ties to even) and cut.
+inline float round_bf16(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  u = v != v ? 0x7FC00000u : (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+  float r;
+  std::memcpy(&r, &u, 4);
+  return r;
+}
+
+inline uint16_t bf16_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+}  // namespace
+
 void bf16_split_rows(const float* x, int64_t M, int64_t K, float* xs) {
   const int64_t k16 = K / 16 * 16;
-  auto round = [](float v) {  // torch's round_to_nearest_even: NaN -> 0x7FC0, else add half an ulp of bf16
-    uint32_t u;
-    std::memcpy(&u, &v, 4);
-    u = v != v ? 0x7FC00000u : (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
-    float r;
-    std::memcpy(&r, &u, 4);
-    return r;
-  };
   for (int64_t m = 0; m < M; ++m) {
     const float* in = x + m * K;
     float* out = xs + m * K;
     for (int64_t k = 0; k < k16; k += 16)
       for (int j = 0; j < 8; ++j) {  // step k / 16: odd columns, then even ones
-        out[k + j] = round(in[k + 2 * j + 1]);
-        out[k + 8 + j] = round(in[k + 2 * j]);
+        out[k + j] = round_bf16(in[k + 2 * j + 1]);
+        out[k + 8 + j] = round_bf16(in[k + 2 * j]);
       }
-    for (int64_t k = k16; k < K; ++k) out[k] = round(in[k]);
+    for (int64_t k = k16; k < K; ++k) out[k] = round_bf16(in[k]);
+  }
+}
+
+void bf16_rows(const float* xs, int64_t M, int64_t K, uint16_t* xb) {
+  const int64_t k16 = K / 16 * 16;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* in = xs + m * K;
+    uint16_t* out = xb + m * K;
+    for (int64_t k = 0; k < k16; k += 16)
+      for (int j = 0; j < 8; ++j) {
+        out[k + 2 * j + 1] = bf16_bits(in[k + j]);
+        out[k + 2 * j] = bf16_bits(in[k + 8 + j]);
+      }
+    for (int64_t k = k16; k < K; ++k) out[k] = bf16_bits(in[k]);
   }
 }
 

@@ -31,6 +31,8 @@ void gemm_float(int64_t qt, const void* w, int64_t n0, int64_t n1, int64_t K, co
 
 // Rows x (M, K) rounded to bf16 (nearest even; NaN stays NaN) in the split layout above: xs (M, K).
 void bf16_split_rows(const float* x, int64_t M, int64_t K, float* xs);
+// Split rows xs (M, K) as plain bf16 (M, K), columns in order: what vdpbf16ps reads.
+void bf16_rows(const float* xs, int64_t M, int64_t K, uint16_t* xb);
 
 // MXCSR with DAZ and FTZ set for the scope (this thread), as vdpbf16ps computes: the BF16 tiles' FMAs
 // then round as it does. Every BF16 matmul runs under one (its hsum and tail too, in every build).
