@@ -220,8 +220,9 @@ def test_bf16_activations_round_to_nearest_even(gemm_isa):
 def test_bf16_emulation_equals_vdpbf16ps_on_denormals():
     # vdpbf16ps reads denormal inputs as zero and flushes denormal sums (DAZ / FTZ, whatever MXCSR says); the
     # AVX2 tiles and the decode tiles emulate it under MXCSR's DAZ / FTZ. Products and sums around 2^-126,
-    # denormal bf16 weights and activations: the AVX-512 GEMM (vdpbf16ps), the AVX2 GEMM and the decode tiles
-    # must give the same bits, and these differ from IEEE arithmetic with denormals (the data reaches them).
+    # denormal bf16 weights and activations: the GEMM and the decode tiles, each with vdpbf16ps (AVX-512) and
+    # with its emulation (AVX2), must give the same bits, and these differ from IEEE arithmetic with denormals
+    # (the data reaches them).
     g = torch.Generator().manual_seed(9)
     n, k = 45, 1032
     w = (torch.randn(n, k, generator=g) * 2.0**-60).bfloat16()
@@ -231,12 +232,13 @@ def test_bf16_emulation_equals_vdpbf16ps_on_denormals():
     was = ext.use_avx512_gemm(True)
     try:
         wide = linear(x, w, "BF16")
+        wide_decode = torch.cat([linear(x[m : m + 4], w, "BF16") for m in range(0, 30, 4)])
         ext.use_avx512_gemm(False)
         narrow = linear(x, w, "BF16")
+        narrow_decode = torch.cat([linear(x[m : m + 4], w, "BF16") for m in range(0, 30, 4)])
     finally:
         ext.use_avx512_gemm(was)
-    decode = torch.cat([linear(x[m : m + 4], w, "BF16") for m in range(0, 30, 4)])
-    assert torch.equal(wide, narrow)
-    assert torch.equal(wide, decode)
+    for other in (narrow, wide_decode, narrow_decode):
+        assert torch.equal(wide, other)
     assert (wide != 0).any()
     assert not torch.equal(wide, bf16_dot(x, w))  # IEEE float32 (denormals kept) sums differently here
