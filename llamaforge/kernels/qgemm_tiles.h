@@ -20,8 +20,8 @@
 // Blocking: a pass takes up to MB activation rows and packs them (columns [0, kt), kt the whole steps) in
 // the order the tiles read them; a thread's weight rows go in panels of NP rows, each converted to float32
 // (or copied as bf16, vdpbf16ps) once per pass (NP x K floats: 64 KiB at K = 2048, in L2), and while a panel
-// computes, the next one's rows are prefetched
-// (the conversion reads a panel's rows side by side: one 4 KiB row at a time stalled on every page, -20%).
+// computes, the next one's rows are prefetched (the conversion reads a panel's rows side by side: one 4 KiB
+// row at a time stalled on every page, -20%).
 // An AVX-512 tile (TILE_ROWS activation rows x TILE_PAIRS pairs of weight rows) keeps its accumulators in
 // registers over all K columns, reading the panel and its packed rows as two sequential streams from L2; the
 // AVX2 tile, with half the registers, reads twice the bytes per FMA, more than L2 feeds, so it runs over

@@ -12,8 +12,9 @@
 // From `gemm_rows` activation rows on (prefill), block weights in GGUF layout are dequantized to float
 // tiles and multiplied with at::mm instead; 16-bit weights from 9 rows on run the GEMM of qgemm.h (AVX-512
 // or AVX2 tiles over weight panels converted to float32 once per pass, results bit-identical to the decode
-// tiles'). BF16 weights multiply bf16-rounded activations, summed as vdpbf16ps does (qgemm.h). dequantize* reproduce gguf-py's numpy dequantization bit for bit (the build
-// uses -ffp-contract=off so that no multiply-add is fused behind our back).
+// tiles'). BF16 weights multiply bf16-rounded activations, summed as vdpbf16ps does (qgemm.h).
+// dequantize* reproduce gguf-py's numpy dequantization bit for bit (the build uses -ffp-contract=off so
+// that no multiply-add is fused behind our back).
 
 // Only the torch headers needed (torch/extension.h would triple the compile time). The kernels
 // themselves are in qkernels.cpp, a torch-free translation unit that compiles in parallel.
