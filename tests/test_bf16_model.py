@@ -11,8 +11,8 @@ activations to bf16 and sum bf16 x bf16 products in float32 (kernels/qgemm.h). R
   rounding the logits are more than 10x further off (so the test sees a missing rounding);
 - transformers in bfloat16 end to end (every activation in bf16, as a user of the model runs it): within
   3e-2 relative (observed 7e-3).
-A row's result must not depend on its batch (exact equality): a batch of 9 decodes through the vdpbf16ps
-GEMM where the CPU has it, a lone row through the decode tiles' emulation of it. No test asserts on time.
+A row's result must not depend on its batch (exact equality): a batch of 9 decodes through the prefill
+GEMM (9 rows), a lone row through the decode tiles. No test asserts on time.
 """
 
 from __future__ import annotations
