@@ -126,6 +126,8 @@ def main() -> None:
     if args.so is not None:  # child: one round of one build, as JSON
         ext = load_so(args.so) if args.so.name != "this" else loader.get_extension()
         ext.use_vnni(not args.avx2)
+        if hasattr(ext, "use_avx512_gemm"):  # the 16-bit tiles (--rows above 8: their GEMM) too
+            ext.use_avx512_gemm(not args.avx2)
         print("RESULT " + json.dumps({"tiles": "AVX-512 VNNI" if ext.use_vnni() else "AVX2", **measure(ext, args)}))
         return
     if loader.get_extension() is None:

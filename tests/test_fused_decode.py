@@ -275,8 +275,10 @@ def test_deepcopy_keeps_a_working_fast_path():
 
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
 def test_16bit_gguf_stays_16bit_and_decodes_as_float32(tiny_checkpoints, tmp_path, dtype):
-    """A 16-bit GGUF on the CPU keeps its weights 16-bit (weight-only layers, float32 activations) and gives
-    the tokens of the same file dequantized to float32 (the same weight values: only summation order differs)."""
+    """A 16-bit GGUF on the CPU keeps its weights 16-bit (weight-only layers, float32 activations, rounded to
+    bf16 before each matmul of a BF16 weight) and gives the tokens of the same file dequantized to float32
+    (the same weight values, the same rounding of a BF16 model's matmul inputs: only summation order differs,
+    which for BF16 can move an activation across a bf16 rounding boundary, 2^-9 relative: observed 8e-4)."""
     from llamaforge import Llama, checkpoints
     from llamaforge.quantize import QuantizedLinear
 
@@ -288,12 +290,16 @@ def test_16bit_gguf_stays_16bit_and_decodes_as_float32(tiny_checkpoints, tmp_pat
     assert isinstance(wq, QuantizedLinear) and wq.qtype == dtype.upper()
     assert kept.model.norm.weight.dtype == torch.float32
     ref = Llama.build(path, max_seq_len=64, max_batch_size=2, device="cpu", dtype="float32")
+    if dtype == "bf16":
+        for m in ref.model.modules():
+            if isinstance(m, nn.Linear):
+                m.register_forward_pre_hook(lambda _m, args: (args[0].bfloat16().float(),))
     prompts = [[1, 5, 9, 13, 20, 7], [1, 3]]
     ours = kept.generate(prompts, max_gen_len=12, temperature=0, logprobs=True)
     theirs = ref.generate(prompts, max_gen_len=12, temperature=0, logprobs=True)
     assert ours[0] == theirs[0]
     for a, b in zip(ours[1], theirs[1]):
-        assert a == pytest.approx(b, abs=1e-4)
+        assert a == pytest.approx(b, abs=1e-4 if dtype == "f16" else 2e-3)
     assert kept.decode_step.ran_fused  # the one-token steps ran fused
 
 

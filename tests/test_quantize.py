@@ -4,7 +4,9 @@ References: `gguf.quants.dequantize` (gguf-py's numpy code) for the bytes, `F.li
 dequantized weight for the layers. Tolerances:
 - dequantize(), embedding rows: exact (bit-identical).
 - PyTorch fallback forward: ||y - ref|| <= 1e-5 * ||ref|| (fp32 matmul rounding).
-- C++ kernels, F16/BF16 weights: float32 products (converted on the fly): 1e-5 as the fallback.
+- C++ kernels, F16/BF16 weights: float32 products (converted on the fly): 1e-5 as the fallback; BF16 weights
+  multiply bf16-rounded activations on both paths (as the model's bf16 arithmetic), so their reference
+  rounds x to bf16 too (`ref_input`).
 - C++ kernels, block formats: the activation is quantized to int8 per 32 values, as llama.cpp does, so we require
   ||y - ref|| <= 3e-2 * ||ref|| (measured ~6e-3 on random data) for the int8 path; prefill-sized
   inputs (>= GEMM_MIN_ROWS rows) of weights kept in GGUF layout (Q5_0/Q5_1) take a float GEMM path
@@ -62,6 +64,11 @@ def ref_dequant(raw: np.ndarray, qtype: str) -> torch.Tensor:
     return torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype]).copy())
 
 
+def ref_input(x: torch.Tensor, qtype: str) -> torch.Tensor:
+    """The activations a layer of `qtype` multiplies: x itself, or rounded to bf16 for BF16 weights."""
+    return x.bfloat16().float() if qtype == "BF16" else x
+
+
 def check_forward(y: torch.Tensor, ref: torch.Tensor, layer: QuantizedLinear, rows: int) -> None:
     assert y.shape == ref.shape and y.dtype == ref.dtype
     int8_path = layer.uses_kernels and (rows < layer._gemm_rows or layer._gemm_rows == 0) and layer.qtype not in FLOAT_QTYPES
@@ -96,11 +103,11 @@ def test_forward_matches_linear(qtype: str, backend: str) -> None:
         for shape in [(in_f,), (1, in_f), (2, in_f), (3, in_f), (5, in_f), (2, 3, in_f), (kernels.GEMM_MIN_ROWS + 3, in_f)]:
             x = torch.randn(shape, generator=g)
             rows = x.numel() // in_f
-            check_forward(layer(x), F.linear(x, w), layer, rows)
+            check_forward(layer(x), F.linear(ref_input(x, qtype), w), layer, rows)
         # the PyTorch path over the layer's own bytes (as on CUDA/MPS), whatever their layout
         x = torch.randn(3, in_f, generator=g)
         y = kernels.qlinear(x, layer.qweight, qtype, out_f, in_f, layout=layer.layout, use_cpp=False)
-        assert rel_err(y, F.linear(x, w)) <= EXACT_REL_TOL
+        assert rel_err(y, F.linear(ref_input(x, qtype), w)) <= EXACT_REL_TOL
 
 
 @pytest.mark.skipif(not HAS_CPP, reason="C++ kernels unavailable")

@@ -106,7 +106,8 @@ def qlinear(
     """`F.linear(x, dequantize(raw), bias)` for x (..., in_features); the result has x's dtype.
 
     Uses the C++ kernels for CPU tensors when they are available and `use_cpp`, else the exact
-    PyTorch path (which also supports autograd with respect to x).
+    PyTorch path (which also supports autograd with respect to x). For BF16 weights both round x to bf16
+    first (as the model's own bf16 arithmetic does; kernels/qgemm.h).
     """
     info = qtype_info(qtype)
     ext = get_extension() if use_cpp else None
@@ -117,6 +118,8 @@ def qlinear(
         return ext.qlinear(*args)
     gguf_raw = to_gguf_layout(raw, info.name, out_features, in_features, layout)
     weight = dequantize_torch(gguf_raw, info.name, in_features).to(x.dtype)
+    if info.name == "BF16":  # bf16 activations, as the C++ kernels and the model's own bf16 arithmetic
+        x = x.to(torch.bfloat16).to(weight.dtype)
     return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
 

@@ -12,8 +12,9 @@
 // From `gemm_rows` activation rows on (prefill), block weights in GGUF layout are dequantized to float
 // tiles and multiplied with at::mm instead; 16-bit weights from 9 rows on run the GEMM of qgemm.h (AVX-512
 // or AVX2 tiles over weight panels converted to float32 once per pass, results bit-identical to the decode
-// tiles'). dequantize* reproduce gguf-py's numpy dequantization bit for bit (the build
-// uses -ffp-contract=off so that no multiply-add is fused behind our back).
+// tiles'). BF16 weights multiply bf16-rounded activations, summed as vdpbf16ps does (qgemm.h).
+// dequantize* reproduce gguf-py's numpy dequantization bit for bit (the build uses -ffp-contract=off so
+// that no multiply-add is fused behind our back).
 
 // Only the torch headers needed (torch/extension.h would triple the compile time). The kernels
 // themselves are in qkernels.cpp, a torch-free translation unit that compiles in parallel.
@@ -119,44 +120,14 @@ int64_t& float_prefetch_bytes() {
   return bytes;
 }
 
-// NR weight rows x MR activation rows of a plain float weight: y[m][n + r] for r < NR, i < MR (m = m0 + i).
-// Each (row, activation) pair has its own accumulator, summed lane-wise in k order, so the result of
-// a pair does not depend on NR, MR or the other rows (batch invariance); the NR x MR independent
-// FMA chains are what keep the FMA units busy (one chain waits on the FMA latency). PF: prefetch the weight
-// rows' bytes `ahead` further on into L2, once per 64-byte line (the first tile over these rows: later
-// ones at m0 > 0 find them in cache). `ahead` is a whole number of NR-row tiles, so the line prefetched is
-// the one the same row of a later tile reads at this k.
-template <int64_t QT, int NR, int MR, bool PF>
-inline void float_tile(const void* w, int64_t n, int64_t K, const float* x, int64_t m0, float* y, int64_t N) {
-  using elem = std::conditional_t<QT == T_F32, float, uint16_t>;
-  constexpr int64_t line = 64 / sizeof(elem);  // elements per cache line
-  const int64_t k8 = K / 8 * 8;
-  const elem* rows[NR];
-  for (int r = 0; r < NR; ++r) rows[r] = static_cast<const elem*>(w) + (n + r) * K;
-  const int64_t tile = NR * K;  // elements a tile reads
-  const int64_t ahead = (float_prefetch_bytes() / static_cast<int64_t>(sizeof(elem)) + tile - 1) / tile * tile;
-  __m256 acc[NR][MR];
-  for (int r = 0; r < NR; ++r)
-    for (int i = 0; i < MR; ++i) acc[r][i] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < k8; k += 8) {
-    // One chain on a float32 row (M = 1) keeps enough misses in flight itself: prefetching there cost 5-20%.
-    if constexpr (PF && !(QT == T_F32 && NR * MR == 1)) {
-      if (k % line == 0 && ahead > 0)  // the address may lie past the weight: a prefetch never faults
-        for (int r = 0; r < NR; ++r)
-          _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(rows[r] + k) + ahead * sizeof(elem)),
-                       _MM_HINT_T2);
-    }
-    __m256 xv[MR];
-    for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(x + (m0 + i) * K + k);
-    for (int r = 0; r < NR; ++r) {
-      const __m256 wv = load8<QT>(rows[r], k);
-      for (int i = 0; i < MR; ++i) acc[r][i] = _mm256_fmadd_ps(wv, xv[i], acc[r][i]);
-    }
-  }
+// The end of a float tile: each accumulator's 8 lanes summed (hsum), then columns [kv, K) one by one.
+template <int64_t QT, int NR, int MR, typename elem>
+inline void finish_tile(__m256 (&acc)[NR][MR], const elem* const* rows, int64_t kv, int64_t K, const float* x,
+                        int64_t m0, float* y, int64_t n, int64_t N) {
   for (int r = 0; r < NR; ++r) {
     for (int i = 0; i < MR; ++i) {
       float s = hsum(acc[r][i]);
-      for (int64_t k = k8; k < K; ++k) {
+      for (int64_t k = kv; k < K; ++k) {
         float wk;
         if constexpr (QT == T_F32) wk = rows[r][k];
         else if constexpr (QT == T_F16) wk = _cvtsh_ss(rows[r][k]);
@@ -166,6 +137,57 @@ inline void float_tile(const void* w, int64_t n, int64_t K, const float* x, int6
       y[(m0 + i) * N + n + r] = s;
     }
   }
+}
+
+// NR weight rows x MR activation rows of a plain float weight: y[m][n + r] for r < NR, i < MR (m = m0 + i).
+// Each (row, activation) pair has its own accumulator, summed lane-wise in k order, so the result of
+// a pair does not depend on NR, MR or the other rows (batch invariance); the NR x MR independent
+// FMA chains are what keep the FMA units busy (one chain waits on the FMA latency). PF: prefetch the weight
+// rows' bytes `ahead` further on into L2, once per 64-byte line (the first tile over these rows: later
+// ones at m0 > 0 find them in cache). `ahead` is a whole number of NR-row tiles, so the line prefetched is
+// the one the same row of a later tile reads at this k. BF16: x split, under a Bf16Mode (qgemm.h), each
+// 16-column step's odd then even products: vdpbf16ps's sums, emulated.
+template <int64_t QT, int NR, int MR, bool PF>
+inline void float_tile(const void* w, int64_t n, int64_t K, const float* x, int64_t m0, float* y, int64_t N) {
+  using elem = std::conditional_t<QT == T_F32, float, uint16_t>;
+  constexpr int64_t line = 64 / sizeof(elem);  // elements per cache line
+  const int64_t k8 = QT == T_BF16 ? K / 16 * 16 : K / 8 * 8;  // the columns taken by vectors
+  const elem* rows[NR];
+  for (int r = 0; r < NR; ++r) rows[r] = static_cast<const elem*>(w) + (n + r) * K;
+  const int64_t tile = NR * K;  // elements a tile reads
+  const int64_t ahead = (float_prefetch_bytes() / static_cast<int64_t>(sizeof(elem)) + tile - 1) / tile * tile;
+  __m256 acc[NR][MR];
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < MR; ++i) acc[r][i] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < k8; k += QT == T_BF16 ? 16 : 8) {
+    // One chain on a float32 row (M = 1) keeps enough misses in flight itself: prefetching there cost 5-20%.
+    if constexpr (PF && !(QT == T_F32 && NR * MR == 1)) {
+      if (k % line == 0 && ahead > 0)  // the address may lie past the weight: a prefetch never faults
+        for (int r = 0; r < NR; ++r)
+          _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(rows[r] + k) + ahead * sizeof(elem)),
+                       _MM_HINT_T2);
+    }
+    if constexpr (QT == T_BF16) {  // 16 columns: the odd ones' products, then the even ones'
+      for (int half = 0; half < 2; ++half) {  // the activations of a half in registers, as below
+        __m256 xv[MR];
+        for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(x + (m0 + i) * K + k + 8 * half);
+        for (int r = 0; r < NR; ++r) {
+          const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[r] + k));
+          const __m256 wv = _mm256_castsi256_ps(half == 0 ? _mm256_and_si256(d, _mm256_set1_epi32(-65536))
+                                                          : _mm256_slli_epi32(d, 16));
+          for (int i = 0; i < MR; ++i) acc[r][i] = _mm256_fmadd_ps(wv, xv[i], acc[r][i]);
+        }
+      }
+    } else {
+      __m256 xv[MR];
+      for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(x + (m0 + i) * K + k);
+      for (int r = 0; r < NR; ++r) {
+        const __m256 wv = load8<QT>(rows[r], k);
+        for (int i = 0; i < MR; ++i) acc[r][i] = _mm256_fmadd_ps(wv, xv[i], acc[r][i]);
+      }
+    }
+  }
+  finish_tile<QT, NR, MR>(acc, rows, k8, K, x, m0, y, n, N);
 }
 
 // Activation rows [0, M) against NR weight rows from n in tiles of NR x MR (MR = 8 for a single row, 4, then
@@ -216,9 +238,94 @@ void matmul_float(const void* w, int64_t n0, int64_t n1, int64_t K, const float*
   for (; n < n1; ++n) float_rows<QT, 1>(w, n, K, x, M, y, N);
 }
 
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512vl,avx512bf16")
+// The BF16 decode tiles on CPUs with AVX512_BF16: float_tile's tiles, prefetch and finish, each 16-column
+// step one vdpbf16ps per (weight row, activation row) pair instead of its emulation (the same bits). xb: the
+// activations as bf16 (M, K) (bf16_rows), xs: split (the tail columns are read from it).
+template <int NR, int MR, bool PF>
+inline void dot_tile(const uint16_t* w, int64_t n, int64_t K, const uint16_t* xb, const float* xs, int64_t m0,
+                     float* y, int64_t N) {
+  constexpr int64_t line = 32;  // bf16 per cache line
+  const int64_t k16 = K / 16 * 16;
+  const uint16_t* rows[NR];
+  for (int r = 0; r < NR; ++r) rows[r] = w + (n + r) * K;
+  const int64_t tile = NR * K;
+  const int64_t ahead = (float_prefetch_bytes() / 2 + tile - 1) / tile * tile;
+  __m256 acc[NR][MR];
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < MR; ++i) acc[r][i] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < k16; k += 16) {
+    if constexpr (PF) {
+      if (k % line == 0 && ahead > 0)
+        for (int r = 0; r < NR; ++r)
+          _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(rows[r] + k) + ahead * 2), _MM_HINT_T2);
+    }
+    __m256i xv[MR];
+    for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + (m0 + i) * K + k));
+    for (int r = 0; r < NR; ++r) {
+      const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[r] + k));
+      for (int i = 0; i < MR; ++i) acc[r][i] = _mm256_dpbf16_ps(acc[r][i], (__m256bh)d, (__m256bh)xv[i]);
+    }
+  }
+  finish_tile<T_BF16, NR, MR>(acc, rows, k16, K, xs, m0, y, n, N);
+}
+
+template <int NR>
+inline void dot_rows(const uint16_t* w, int64_t n, int64_t K, const uint16_t* xb, const float* xs, int64_t M,
+                     float* y, int64_t N) {
+  int64_t m = 0;
+  auto tile = [&](auto mr) {
+    constexpr int MR = decltype(mr)::value;
+    if (m == 0) dot_tile<NR, MR, true>(w, n, K, xb, xs, m, y, N);
+    else dot_tile<NR, MR, false>(w, n, K, xb, xs, m, y, N);
+    m += MR;
+  };
+  if constexpr (NR == 1)
+    while (m + 8 <= M) tile(std::integral_constant<int, 8>{});
+  while (m + 4 <= M) tile(std::integral_constant<int, 4>{});
+  switch (M - m) {
+    case 3: tile(std::integral_constant<int, 3>{}); break;
+    case 2: tile(std::integral_constant<int, 2>{}); break;
+    case 1: tile(std::integral_constant<int, 1>{}); break;
+    default: break;
+  }
+}
+
+// matmul_float<T_BF16> with vdpbf16ps, the same tiles.
+void matmul_bf16_dot(const uint16_t* w, int64_t n0, int64_t n1, int64_t K, const uint16_t* xb, const float* xs,
+                     int64_t M, float* y, int64_t N) {
+  int64_t n = n0;
+  if (M >= 4) {
+    for (; n + 3 <= n1; n += 3) dot_rows<3>(w, n, K, xb, xs, M, y, N);
+  } else {
+    if (M == 1)
+      for (; n + 8 <= n1; n += 8) dot_tile<8, 1, true>(w, n, K, xb, xs, 0, y, N);
+    for (; n + 4 <= n1; n += 4) {
+      if (M == 1) dot_tile<4, 1, true>(w, n, K, xb, xs, 0, y, N);
+      else dot_tile<4, 2, true>(w, n, K, xb, xs, 0, y, N);
+      if (M == 3) dot_tile<4, 1, false>(w, n, K, xb, xs, 2, y, N);
+    }
+  }
+  for (; n < n1; ++n) dot_rows<1>(w, n, K, xb, xs, M, y, N);
+}
+#pragma GCC pop_options
+
 // From this many activation rows on (prefill), a 16-bit weight runs the GEMM of qgemm.h (same bits as
-// matmul_float's).
+// matmul_float's). BF16 with vdpbf16ps too: at 2-8 rows its panel copies cost more than its faster
+// products save (1 thread, 16384 x 2048: M = 4 6.7 ms against 5.9 ms in the decode tiles, M = 6 7.8 / 6.4).
 constexpr int64_t FLOAT_GEMM_ROWS = 9;
+
+// A BF16 weight's rows [n0, n1) against split bf16 activations xs (qgemm.h) and, where the decode tiles
+// use vdpbf16ps, the same as plain bf16 xb (else null); under DAZ / FTZ as vdpbf16ps computes (not
+// inlined: no float operation may move across the MXCSR writes).
+__attribute__((noinline)) void matmul_bf16(const void* w, int64_t n0, int64_t n1, int64_t K, const float* xs,
+                                           const uint16_t* xb, int64_t M, float* y, int64_t N) {
+  const Bf16Mode mode;
+  if (M >= FLOAT_GEMM_ROWS) gemm_float(T_BF16, w, n0, n1, K, xs, M, y, N);
+  else if (xb != nullptr) matmul_bf16_dot(static_cast<const uint16_t*>(w), n0, n1, K, xb, xs, M, y, N);
+  else matmul_float<T_BF16>(w, n0, n1, K, xs, M, y, N);
+}
 
 }  // namespace
 
@@ -238,6 +345,24 @@ void matmul_many(const QWeight* const* ws, float* const* ys, int n, const Act& a
   const int64_t work = std::max<int64_t>(1, bytes / units * ((M + 3) / 4));
   const int64_t grain = std::max<int64_t>(1, min_bytes_per_thread() / work);
   const bool vnni = vnni_enabled();
+  // BF16 weights read the activations rounded to bf16 and split (qgemm.h), made once for all of them, and
+  // the decode tiles with vdpbf16ps the same as plain bf16.
+  thread_local std::vector<float> split;
+  thread_local std::vector<uint16_t> plain;
+  const float* xs = nullptr;
+  const uint16_t* xb = nullptr;
+  for (int i = 0; i < n && xs == nullptr; ++i)
+    if (ws[i]->qt == T_BF16) {
+      const int64_t K = ws[i]->K;
+      split.resize(static_cast<size_t>(M * K));
+      bf16_split_rows(x, M, K, split.data());
+      xs = split.data();
+      if (M < FLOAT_GEMM_ROWS && gemm_avx512_enabled() && gemm_bf16dot_supported()) {
+        plain.resize(static_cast<size_t>(M * K));
+        bf16_rows(xs, M, K, plain.data());
+        xb = plain.data();
+      }
+    }
   auto rows = [&](int64_t u0, int64_t u1) {
     for (int i = 0; i < n; ++i) {
       const int64_t lo = std::max(u0, first[i]) - first[i], hi = std::min(u1, first[i + 1]) - first[i];
@@ -251,8 +376,7 @@ void matmul_many(const QWeight* const* ws, float* const* ys, int n, const Act& a
         else matmul_float<T_F16>(q.w.data_ptr(), lo, hi, q.K, x, M, ys[i], q.N);
         continue;
       } else if (q.qt == T_BF16) {
-        if (M >= FLOAT_GEMM_ROWS) gemm_float(T_BF16, q.w.data_ptr(), lo, hi, q.K, x, M, ys[i], q.N);
-        else matmul_float<T_BF16>(q.w.data_ptr(), lo, hi, q.K, x, M, ys[i], q.N);
+        matmul_bf16(q.w.data_ptr(), lo, hi, q.K, xs, xb, M, ys[i], q.N);
         continue;
       }
       const uint8_t* wp = q.w.data_ptr<uint8_t>();
@@ -485,6 +609,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "whether the 16-bit prefill GEMM uses its AVX-512 tiles; `on` switches them off (or back on where supported)",
       py::arg("on") = py::none());
+  m.def("bf16dot_supported", &gemm_bf16dot_supported,
+        "whether the CPU has AVX512_BF16: the AVX-512 GEMM then runs BF16 weights with vdpbf16ps (else the AVX2 "
+        "tiles' exact emulation of it)");
 
   m.def("kv_store", &kv_store, "rows (n, head_dim) as a KV cache of like's dtype stores them (qkv.h)", py::arg("x"),
         py::arg("like"), release());
