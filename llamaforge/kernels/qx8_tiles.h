@@ -21,10 +21,6 @@ namespace lfq {
 namespace LFQ_TILE_NS {
 
 constexpr int MR_MAX = LFQ_TILE_VNNI ? 8 : 4;  // activation rows per tile (VNNI has 32 registers)
-#ifndef LFQ_KQ_MR_WIDE
-#define LFQ_KQ_MR_WIDE 12
-#endif
-constexpr int KQ_MR_WIDE = LFQ_KQ_MR_WIDE;  // K-quant rows per 512-bit tile (see tile_rows)
 
 // One group of 8 weight rows per vector. `gs` (the byte distance to the next group) is unused here.
 struct V8 {
@@ -65,12 +61,6 @@ struct V8 {
   static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
   static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static F fnma(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
-  static F loadf(const float* in, int64_t nvalid) {
-    if (nvalid == 8) return _mm256_loadu_ps(in);
-    float tmp[8] = {};
-    for (int64_t r = 0; r < nvalid; ++r) tmp[r] = in[r];
-    return _mm256_loadu_ps(tmp);
-  }
   static void store(float* out, F v, int64_t nvalid) {
     if (nvalid == 8) {
       _mm256_storeu_ps(out, v);
@@ -129,9 +119,6 @@ struct V16 {
   static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
   static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static F fnma(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
-  static F loadf(const float* in, int64_t nvalid) {
-    return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << nvalid) - 1), in);
-  }
   static void store(float* out, F v, int64_t nvalid) {
     _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << nvalid) - 1), v);
   }
@@ -269,32 +256,6 @@ inline void dot_s8(const uint8_t* q, int64_t gs, const int8_t* const* xb, typena
 #endif
 }
 
-#if LFQ_TILE_VNNI
-// A K-quant's 32-column sub-block at q (qx8.h planes) as the 8 vectors w[k] of the values of columns 4k .. 4k + 3
-// (unsigned: Q4_K 4 bits, Q5_K 5, Q6_K 6 stored + 32), decoded once for all the tile's activation rows.
-template <class V, int64_t QT>
-inline void decode_sub(const uint8_t* q, int64_t gs, typename V::I* w) {
-  using I = typename V::I;
-  const I lo4 = V::set8(0x0F);
-  I ha = V::zero(), hb = V::zero();
-  if constexpr (QT != T_Q4_K) ha = V::load(q + X8_HI_OFF, gs);
-  if constexpr (QT == T_Q6_K) hb = V::load(q + X8_HI_OFF + 32, gs);
-  for (int j = 0; j < 4; ++j) {
-    const I p = V::load(q + 32 * j, gs);
-    I lo = V::and_(p, lo4), hi = V::and_(V::srli16(p, 4), lo4);
-    if constexpr (QT == T_Q5_K) {
-      lo = V::or_(lo, fifth_bit<V>(ha, j));
-      hi = V::or_(hi, fifth_bit<V>(ha, j + 4));
-    } else if constexpr (QT == T_Q6_K) {
-      lo = V::or_(lo, q6_high<V>(ha, j));
-      hi = V::or_(hi, q6_high<V>(hb, j));
-    }
-    w[j] = lo;
-    w[j + 4] = hi;
-  }
-}
-#endif
-
 // Each lane of a (int32: the same in both) as an int16 pair (v, v), for vpmaddwd.
 template <class V>
 inline typename V::I pair16(typename V::I v) {
@@ -319,9 +280,7 @@ inline typename V::I madd_acc(typename V::I acc, typename V::I a, typename V::I 
 // is one exact int32 sum per weight row and activation row, scaled once in float:
 //     Q6_K:        acc += float(sum_h sc_h * sum_16(q - 32) x) * (d_w * d_x)
 //     Q4_K / Q5_K: acc += float(sum_j sc_j * sum_32 q x) * (d_w * d_x) - float(sum_j mn_j * sum_32 x) * (dmin_w * d_x)
-// (|sums| < 2^29: 256 columns of 6-bit values times 8-bit scales times 127.) Their float sums accumulate in y
-// itself (loaded and stored once per super-block and row): no float accumulators held in registers across
-// super-blocks, so the 512-bit tiles keep 8 weight vectors and 12 rows' int32 sums in registers.
+// (|sums| < 2^29: 256 columns of 6-bit values times 8-bit scales times 127.)
 template <class V, int64_t QT, int MR>
 inline void tile(const uint8_t* gw, int64_t gs, int64_t nsb, const Act& a, int64_t m0, float* y, int64_t ldy,
                  int64_t nvalid) {
@@ -371,31 +330,12 @@ inline void tile(const uint8_t* gw, int64_t gs, int64_t nsb, const Act& a, int64
 #else
         const I wa = pair16<V>(sca), wb = pair16<V>(scb);  // (sc, sc) int16 pairs for vpmaddwd
 #endif
-#if LFQ_TILE_VNNI
-        I w[8];
-        decode_sub<V, QT>(p + x8_qoff(QT, j), gs, w);
-        for (int i = 0; i < MR; ++i) {
-          const int8_t* x = xq[i] + 256 * sb + 32 * j;
-          I sa = V::dpbusd(V::zero(), w[0], V::bcast(x)), sbv = V::dpbusd(V::zero(), w[4], V::bcast(x + 16));
-          for (int k = 1; k < 4; ++k) {
-            sa = V::dpbusd(sa, w[k], V::bcast(x + 4 * k));
-            sbv = V::dpbusd(sbv, w[k + 4], V::bcast(x + 16 + 4 * k));
-          }
-          const I t = V::add32(tot[i], V::add32(V::mullo32(sa, wa), V::mullo32(sbv, wb)));
-          tot[i] = V::dpwssd(t, V::bcast(xbs[i] + 16 * sb + 2 * j), neg);
-        }
-#else
         for (int i = 0; i < MR; ++i) xb[i] = xq[i] + 256 * sb + 32 * j;
         dot_q6<V, MR>(p + x8_qoff(QT, j), gs, xb, wa, wb, s32);
         for (int i = 0; i < MR; ++i)
           tot[i] = V::add32(tot[i], madd_acc<V>(s32[i], V::bcast(xbs[i] + 16 * sb + 2 * j), neg));
-#endif
       }
-      for (int i = 0; i < MR; ++i) {
-        float* out = y + (m0 + i) * ldy;
-        const F prev = sb == 0 ? V::fzero() : V::loadf(out, nvalid);
-        V::store(out, V::fma(V::cvt(tot[i]), V::mul(dvec, V::setf(xd[i][sb])), prev), nvalid);
-      }
+      for (int i = 0; i < MR; ++i) acc[i] = V::fma(V::cvt(tot[i]), V::mul(dvec, V::setf(xd[i][sb])), acc[i]);
     } else if constexpr (!KQ) {
       const int64_t b = sb;
       for (int i = 0; i < MR; ++i) {
@@ -419,16 +359,9 @@ inline void tile(const uint8_t* gw, int64_t gs, int64_t nsb, const Act& a, int64
         const I sc = V::u8i(p + 32 + 8 * j, gs);  // int32 lanes
         for (int i = 0; i < MR; ++i) xb[i] = xq[i] + 256 * sb + 32 * j;
 #if LFQ_TILE_VNNI
-        I w[8];
-        decode_sub<V, QT>(p + x8_qoff(QT, j), gs, w);
-        for (int i = 0; i < MR; ++i) {
-          I s0 = V::dpbusd(V::zero(), w[0], V::bcast(xb[i])), s1 = V::dpbusd(V::zero(), w[1], V::bcast(xb[i] + 4));
-          for (int k = 2; k < 8; k += 2) {
-            s0 = V::dpbusd(s0, w[k], V::bcast(xb[i] + 4 * k));
-            s1 = V::dpbusd(s1, w[k + 1], V::bcast(xb[i] + 4 * k + 4));
-          }
-          tot[i] = V::add32(tot[i], V::mullo32(V::add32(s0, s1), sc));
-        }
+        for (int i = 0; i < MR; ++i) s32[i] = V::zero();
+        dot_u<V, MR, QT == T_Q5_K>(p + x8_qoff(QT, j), gs, xb, s32, sc);
+        for (int i = 0; i < MR; ++i) tot[i] = V::add32(tot[i], V::mullo32(s32[i], sc));
 #else
         dot_u<V, MR, QT == T_Q5_K>(p + x8_qoff(QT, j), gs, xb, tot, pair16<V>(sc));
 #endif
@@ -440,33 +373,28 @@ inline void tile(const uint8_t* gw, int64_t gs, int64_t nsb, const Act& a, int64
         for (int i = 0; i < MR; ++i) s32[i] = madd_acc<V>(s32[i], V::bcast(xbs[i] + 16 * sb + 2 * j), mn);
       }
       for (int i = 0; i < MR; ++i) {
-        float* out = y + (m0 + i) * ldy;
         const F dx = V::setf(xd[i][sb]);
-        const F prev = sb == 0 ? V::fzero() : V::loadf(out, nvalid);
-        V::store(out, V::fnma(V::cvt(s32[i]), V::mul(dmin, dx), V::fma(V::cvt(tot[i]), V::mul(dvec, dx), prev)), nvalid);
+        acc[i] = V::fma(V::cvt(tot[i]), V::mul(dvec, dx), acc[i]);
+        acc[i] = V::fnma(V::cvt(s32[i]), V::mul(dmin, dx), acc[i]);
       }
     }
   }
-  if constexpr (!KQ)
-    for (int i = 0; i < MR; ++i) V::store(y + (m0 + i) * ldy, acc[i], nvalid);
+  for (int i = 0; i < MR; ++i) V::store(y + (m0 + i) * ldy, acc[i], nvalid);
 }
 
-// The rows at gw against all M activation rows: MR rows per tile, then 8, 4, then 3, 2 or 1. MR: MR_MAX, but
-// KQ_MR_WIDE for the K-quants' 512-bit tiles (prefill): a sub-block's 8 decoded weight vectors serve that many
-// rows, each with one int32 accumulator (its float one is touched once per super-block).
+// The rows at gw against all M activation rows: MR rows per tile, then 4, 3, 2, 1. MR_MAX, but 6 for Q6_K's
+// 512-bit tiles: they hold four vectors per activation row (two half sums, this super-block's part, the total),
+// and 8 rows of those spilled out of the 32 registers (6 rows: 10-20% faster at M = 64).
 template <class V, int64_t QT>
 inline void tile_rows(const uint8_t* gw, int64_t gs, int64_t nsb, const Act& a, int64_t M, float* yg, int64_t N,
                       int64_t nvalid) {
-  constexpr bool KQ = QT == T_Q4_K || QT == T_Q5_K || QT == T_Q6_K;
-  constexpr int MR = KQ && !std::is_same_v<V, V8> ? KQ_MR_WIDE : MR_MAX;
+  constexpr int MR = QT == T_Q6_K && !std::is_same_v<V, V8> ? 6 : MR_MAX;
   int64_t m = 0;
   for (; m + MR <= M; m += MR) tile<V, QT, MR>(gw, gs, nsb, a, m, yg, N, nvalid);
-  if constexpr (MR > 8)
-    if (M - m >= 8) {
-      tile<V, QT, 8>(gw, gs, nsb, a, m, yg, N, nvalid);
-      m += 8;
-    }
-  for (; m + 4 <= M; m += 4) tile<V, QT, 4>(gw, gs, nsb, a, m, yg, N, nvalid);
+  if (MR > 4 && M - m >= 4) {
+    tile<V, QT, 4>(gw, gs, nsb, a, m, yg, N, nvalid);
+    m += 4;
+  }
   switch (M - m) {
     case 3: tile<V, QT, 3>(gw, gs, nsb, a, m, yg, N, nvalid); break;
     case 2: tile<V, QT, 2>(gw, gs, nsb, a, m, yg, N, nvalid); break;
