@@ -6,8 +6,9 @@
 //   1 "x8":   Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K repacked at load time into groups of 8 interleaved rows
 //             (qx8.h), 2-4x faster; same bytes per weight (+3% for K-quants). On CPUs with AVX-512
 //             VNNI (checked at run time) their tiles use vpdpbusd (qx8_tiles.h); all else is AVX2.
-// As in llama.cpp, each activation row is quantized to int8 in blocks of 32 (qcommon.h); a block's
-// dot product is an integer one (_mm256_maddubs_epi16 + _mm256_madd_epi16) scaled once in float.
+// As in llama.cpp, each activation row is quantized to int8 (qcommon.h): in blocks of 32 for Q4_0 .. Q8_0, whose
+// block dot product is an integer one scaled once in float; per 256 columns (Q8_K) for the K-quants, whose
+// sub-block scales multiply integer sums, one float scaling per super-block.
 // Rows (or row groups) are split across threads with at::parallel_for (torch's OpenMP pool).
 // From `gemm_rows` activation rows on (prefill), block weights in GGUF layout are dequantized to float
 // tiles and multiplied with at::mm instead; 16-bit weights from 9 rows on run the GEMM of qgemm.h (AVX-512
