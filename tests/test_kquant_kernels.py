@@ -8,7 +8,9 @@ sums per 16: ggml's block_q8_K), so that the weights' sub-block scales and mins 
   the kernels' integer sums are exact and a super-block adds 2-3 float32 roundings, so the error is below
   1e-6 of sum |w| |x| (observed 2e-8; the 32-column form would be off by ~1e-3).
 - The x8 tiles and the GGUF-layout rows make the same bits, and a fused decode step whose layers mix Q5_K,
-  Q6_K and Q8_0 (activations quantized once per form) equals the modules exactly.
+  Q6_K and Q8_0 (activations quantized once per form) matches the modules (a row alone: exactly).
+- Where llama-cpp-python is installed: ggml-cpu's own quantize_row_q8_K gives the same bytes, and its
+  ggml_vec_dot_q*_K_q8_K the same products within 2e-6 of sum |w| |x| (float32 sums in another order).
 No test asserts on time.
 """
 
@@ -160,3 +162,59 @@ def test_fused_step_mixing_activation_forms_equals_the_modules() -> None:
             alone = step(tokens[1:], at(pos[1:], alone_cache, 1, [1], t + 1), alone_cache)
             assert torch.equal(alone[0], ours[1]), t
             tokens = ref[:, -1].argmax(-1, keepdim=True)
+
+
+def _ggml_cpu():
+    """llama.cpp's CPU library (from llama-cpp-python), or skip."""
+    import ctypes
+    from pathlib import Path
+
+    try:
+        import llama_cpp
+    except ImportError:
+        pytest.skip("llama-cpp-python is not installed")
+    lib = Path(llama_cpp.__file__).parent / "lib"
+    base, cpu = sorted(lib.glob("libggml-base.so*")), sorted(lib.glob("libggml-cpu.so*"))
+    if not base or not cpu:
+        pytest.skip("llama-cpp-python ships no libggml-cpu here")
+    ctypes.CDLL(str(base[0]), mode=ctypes.RTLD_GLOBAL)
+    so = ctypes.CDLL(str(cpu[0]))
+    if hasattr(so, "ggml_cpu_init"):
+        so.ggml_cpu_init()
+    return so
+
+
+@pytest.mark.parametrize("qtype", KQUANTS)
+def test_q8k_and_dot_products_match_llama_cpp(qtype: str) -> None:
+    """ggml-cpu's own quantize_row_q8_K (block_q8_K: float d, int8 qs[256], int16 bsums[16]) gives our bytes, and
+    its ggml_vec_dot_q*_K_q8_K our products within the float64 bound above (both sum the same integers exactly)."""
+    import ctypes
+
+    so = _ggml_cpu()
+    so.quantize_row_q8_K.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    dot = getattr(so, f"ggml_vec_dot_{qtype.lower().replace('_k', '_K')}_q8_K")
+    dot.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,
+                    ctypes.c_size_t, ctypes.c_int]
+    n, k, m = 13, 768, 6
+    info = kernels.qtype_info(qtype)
+    raw = np.ascontiguousarray(make_raw(qtype, n, k, seed=8))
+    w = ref_dequant(raw, qtype)
+    x = activations(m, k, seed=9)
+    q, d, bs = EXT.quantize_q8k(x)
+    packed, _ = kernels.repack(torch.from_numpy(raw), qtype, n, k)
+    y = EXT.qlinear(x, packed, info.type_id, n, k, None, 0, kernels.LAYOUT_IDS["x8"])
+    _, bound = q8k_product(x, w)
+    theirs = np.zeros((m, n), np.float32)
+    out = np.zeros(1, np.float32)
+    for r in range(m):
+        row = np.ascontiguousarray(x[r].numpy())
+        blocks = np.zeros((k // 256, 292), np.uint8)
+        so.quantize_row_q8_K(row.ctypes.data, blocks.ctypes.data, k)
+        assert np.array_equal(blocks[:, :4].copy().view(np.float32)[:, 0], d[r].numpy())
+        assert np.array_equal(blocks[:, 4:260].view(np.int8).reshape(-1), q[r].numpy())
+        assert np.array_equal(blocks[:, 260:].copy().view(np.int16).reshape(-1), bs[r].numpy())
+        for c in range(n):
+            dot(k, out.ctypes.data, 0, raw[c].ctypes.data, 0, blocks.ctypes.data, 0, 1)
+            theirs[r, c] = out[0]
+    err = float(((torch.from_numpy(theirs).double() - y.double()).abs() / bound).max())
+    assert err <= 2 * REL_TOL, err  # observed 2e-8 (the 32-column activations of before: ~1e-3)
