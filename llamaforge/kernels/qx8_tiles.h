@@ -5,10 +5,8 @@
 // same exact integer sums followed by the same float operations, so their results are identical.
 //
 // A tile is one group of 8 weight rows (V8: 256-bit vectors) against MR activation rows: per 32-column
-// block and activation row, one int32 vector holds the 8 rows' integer dot products, scaled once in float:
-//     acc += float(isum) * (d_w * d_x) + offset_w * s_x      (s_x = d_x * sum(q_x))
-// (Q6_K: isum already carries the two 16-column scales and the -32 offset, in int32, so one float
-// multiply-add per block as for the others.)
+// block (Q4_0 / Q4_1 / Q8_0) or 256-column super-block (the K-quants, on Q8_K activations: see tile) and
+// activation row, one int32 vector holds the 8 rows' integer dot products, scaled once in float.
 // With VNNI and more than 8 activation rows (prefill), a tile takes two adjacent groups in 512-bit
 // vectors instead (V16: group g in the low half, g + 1 in the high half): the same operations on each
 // lane, so the same results, in half the instructions (Zen 4 runs a 512-bit op as two 256-bit halves,
