@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 from typing import Callable, Optional
 
+from bandwidth import describe
+
 MiB = 1024 * 1024
 
 
@@ -52,8 +54,8 @@ def render(meta: dict, cells: list[dict], decode: Callable[[list[int]], str]) ->
         f"`{a['llamaforge_dtype']}`",
         f"- load average (1 min) during the cells: {min(loads, default=0):.1f} to {max(loads, default=0):.1f} on "
         f"{m['cores']} cores: other jobs shared the machine, so read the ratios, not the absolute figures",
-        f"- memory bandwidth ({a['threads']} threads, 512 MiB): copy {bw['copy_gbs']:.1f} GB/s (read+write), read "
-        f"{bw['read_gbs']:.1f} GB/s; roofline = {bw['roofline_gbs']:.1f} GB/s / weight bytes read per token",
+        f"- memory bandwidth ({a['threads']} threads): {bw['roofline_gbs']:.1f} GB/s, {describe(bw)}; roofline = "
+        "that / weight bytes read per token",
         "",
         "#### Batch 1",
         "",

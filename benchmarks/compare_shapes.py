@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from bandwidth import describe
 from shapes import SHAPES, shape_files
 
 HERE = Path(__file__).resolve().parent
@@ -61,13 +62,14 @@ def label(c: dict) -> str:
 
 def render(meta: dict, cells: list[dict]) -> str:
     a, bw = meta["args"], meta["bandwidth"]["roofline_gbs"]
+    how = describe(meta["bandwidth"])
     short, lens = min(a["contexts"]), a["contexts"]
     batches = [b for b in a["batches"] if b > 1]
     m = meta["machine"]
     out = [f"### `{meta['command']}`", "",
            f"{meta['date']}, {meta['minutes']:.0f} min; {m['cpu']}, {m['cores']} cores, flags {m['flags']}; "
            f"{SHAPES[a['shape']].name} with random weights (benchmarks/shapes.py); memory bandwidth "
-           f"{bw:.1f} GB/s (best of copy/read, {a['threads_list'][-1]} threads); llamaforge {m['llamaforge']}, "
+           f"{bw:.1f} GB/s ({how}, {a['threads_list'][-1]} threads); llamaforge {m['llamaforge']}, "
            f"llama-cpp-python {m['llama_cpp_python']}, torch {m['torch']}. Load average "
            f"{meta['load_start']:.1f} at the start, {meta['load_end']:.1f} at the end. Decode: each one-token step timed on its own, median of "
            f"{a['steps']} steps x {a['runs']} runs ({a['long_steps']} x 1 at long prompts); best = fastest step; "
@@ -129,7 +131,7 @@ def run_shapes(args, command: str, src: Path, text: str, bandwidth, machine) -> 
     if "llamaforge" in args.engines:
         prime_x8_cache([files[t] for t in args.types], args.timeout)
     bw = bandwidth(max(args.threads_list))
-    print(f"[compare] memory bandwidth: copy {bw['copy_gbs']:.1f} GB/s, read {bw['read_gbs']:.1f} GB/s", flush=True)
+    print(f"[compare] memory bandwidth: {bw['roofline_gbs']:.1f} GB/s ({describe(bw)})", flush=True)
     cells = []
     for t in args.types:
         for thr in args.threads_list:

@@ -7,11 +7,13 @@ falls on all of them):
     llama.cpp           llama_cpp.Llama(file, n_ctx=256), then one token evaluated (its logits)
     llamaforge          Llama.build(file) with the x8 cache off (LLAMAFORGE_X8_CACHE=off: every weight repacked)
     llamaforge cached   Llama.build(file) with the x8 cache written by an earlier run (runtime/x8_cache.py)
-    baseline            (--baseline PATH) as "llamaforge cached", with the llamaforge checkout at PATH
+    baseline            (--baseline PATH) as "llamaforge cached", with the llamaforge checkout at PATH and an x8
+                        cache folder of its own (CACHE/baseline: the same kernels name the same file)
 then one token through the model (its logits). Each process reports the seconds (wall, and its CPU seconds:
 on a loaded machine the CPU figure is the robust one) from before the constructor to the first logits,
-the import time apart, and its peak RSS (VmHWM) over the RSS after imports. Threads: --threads (1 by
-default: the CPU seconds are then what the work costs). The files are the shapes compare.py --shape makes
+the import time apart, the CPU seconds of the full garbage collections inside it, and its peak RSS
+(VmHWM) over the RSS after imports. Threads: --threads (1 by default: the CPU seconds are then what the work
+costs). The files are the shapes compare.py --shape makes
 (benchmarks/shapes.py, cached under ~/.cache/llamaforge/bench-shapes). Not run by the tests.
 """
 
@@ -48,6 +50,11 @@ def child(cfg: dict) -> dict:
     from compare_engines import peak_rss_mb, rss_mb
 
     res = {"import_s": time.perf_counter() - t, "rss_after_imports_mb": rss_mb()}
+    import gc
+
+    full: list[float] = []  # CPU seconds of each full (generation 2) collection during the load
+    gc.callbacks.append(lambda phase, info: info["generation"] == 2 and full.append(
+        (-1 if phase == "start" else 1) * time.process_time()))
     w0, c0 = time.perf_counter(), time.process_time()
     if cfg["variant"] == "llama.cpp":
         llm = llama_cpp.Llama(model_path=cfg["model"], n_ctx=256, n_threads=cfg["threads"],
@@ -61,15 +68,16 @@ def child(cfg: dict) -> dict:
         with torch.inference_mode():
             first = float(llm.model(torch.tensor([[1]]), 0)[0, -1].max())
     res.update(load_s=time.perf_counter() - w0, load_cpu_s=time.process_time() - c0, peak_rss_mb=peak_rss_mb(),
-               first_logit_max=first)
+               first_logit_max=first, full_gcs=len(full) // 2, full_gc_s=sum(full[: len(full) // 2 * 2]))
     return res
 
 
 def run(variant: str, model: Path, threads: int, cache: Path, baseline: Path | None = None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads),
-           "LLAMAFORGE_X8_CACHE": str(cache) if variant in ("llamaforge cached", "baseline") else "off"}
-    if variant == "baseline":  # another checkout of llamaforge, as it loads
-        env["PYTHONPATH"] = str(baseline)
+           "LLAMAFORGE_X8_CACHE": str(cache) if variant == "llamaforge cached" else "off"}
+    if variant == "baseline":  # another checkout of llamaforge, as it loads, with a cache folder of its own (the
+        env["PYTHONPATH"] = str(baseline)  # same kernels name the same file, which one checkout's use must not touch)
+        env["LLAMAFORGE_X8_CACHE"] = str(cache / "baseline")
     cfg = {"variant": variant, "model": str(model), "threads": threads}
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], capture_output=True, text=True,
                           env=env, timeout=600)
@@ -119,19 +127,22 @@ def main() -> None:
                 res = run(v, files[t], a.threads, cache, a.baseline)
                 results.setdefault((t, v), []).append(res)
                 print(f"[load] {r + 1}/{a.repeats} {t:<7} {v:<18} load {res['load_s']:.2f} s "
-                      f"(CPU {res['load_cpu_s']:.2f}), peak RSS {res['peak_rss_mb']:.0f} MiB, "
+                      f"(CPU {res['load_cpu_s']:.2f}, of it {res['full_gcs']} full GCs {res['full_gc_s']:.2f}), "
+                      f"peak RSS {res['peak_rss_mb']:.0f} MiB, "
                       f"load avg {os.getloadavg()[0]:.1f}", flush=True)
     print(f"\n{a.shape} shape, {a.threads} thread(s), median of {a.repeats} fresh processes per cell; load = "
           "constructor + first token's logits (imports apart); RSS over imports = peak - after imports; load "
           f"average at the end {os.getloadavg()[0]:.1f}\n")
-    print("| type | engine | load s | load CPU s | build s | imports s | peak RSS MiB | RSS over imports MiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| type | engine | load s | load CPU s | of it full GCs s | build s | imports s | peak RSS MiB | "
+          "RSS over imports MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for t in a.types:
         for v in a.variants:
             rs = results[(t, v)]
-            med = {k: statistics.median(x[k] for x in rs) for k in
-                   ("load_s", "load_cpu_s", "build_s", "import_s", "peak_rss_mb", "rss_after_imports_mb")}
-            print(f"| {t} | {v} | {med['load_s']:.2f} | {med['load_cpu_s']:.2f} | {med['build_s']:.2f} | "
+            med = {k: statistics.median(x.get(k, 0) for x in rs) for k in
+                   ("load_s", "load_cpu_s", "full_gc_s", "build_s", "import_s", "peak_rss_mb", "rss_after_imports_mb")}
+            print(f"| {t} | {v} | {med['load_s']:.2f} | {med['load_cpu_s']:.2f} | {med['full_gc_s']:.2f} | "
+                  f"{med['build_s']:.2f} | "
                   f"{med['import_s']:.2f} | {med['peak_rss_mb']:.0f} | "
                   f"{statistics.median(x['peak_rss_mb'] - x['rss_after_imports_mb'] for x in rs):.0f} |")
 

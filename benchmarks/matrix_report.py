@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from bandwidth import describe
 from shapes import SHAPES
 
 ENGINES = ("llamaforge", "llama.cpp FA on", "llama.cpp FA off")
@@ -177,9 +178,10 @@ def render(runs: list[dict], records: list[dict]) -> str:
         return "(no run recorded yet)\n"
     last = runs[-1]
     m = last["machine"]
-    bws = {}
+    bws, how = {}, {}
     for r in runs:  # the latest measurement per thread count
         bws.update({int(k): v["roofline_gbs"] for k, v in r["bandwidth"].items()})
+        how.update({int(k): describe(v) for k, v in r["bandwidth"].items()})
     loads = [r["result"].get(k) for r in records for k in ("loadavg_start", "loadavg_end")
              if r["result"].get(k) is not None]
     ok = sum(_ok(r) for r in records)
@@ -188,8 +190,8 @@ def render(runs: list[dict], records: list[dict]) -> str:
            f"{runs[0]['date']} to {last['date']} ({len(runs)} run{'s' if len(runs) > 1 else ''} of the command, "
            f"{ok} cells measured, {len(records) - ok} failed); {m['cpu']}, {m['cores']} cores, flags {m['flags']}; "
            f"llamaforge {m['llamaforge']}, llama-cpp-python {m['llama_cpp_python']}, torch {m['torch']}. Memory "
-           "bandwidth (best of copy / read, 512 MiB): " + ", ".join(f"{bw:.1f} GB/s at {t} thread{'s' * (t > 1)}"
-                                                                   for t, bw in sorted(bws.items())) +
+           "read bandwidth: " + ", ".join(f"{bw:.1f} GB/s at {t} thread{'s' * (t > 1)} ({how[t]})"
+                                           for t, bw in sorted(bws.items())) +
            f". Load average {min(loads, default=0):.1f} to {max(loads, default=0):.1f} during the cells. Random "
            "weights in Llama shapes (benchmarks/shapes.py), files made by llama.cpp's quantizer. Decode: each "
            f"one-token step timed on its own, median of {s.get('steps', '?')} steps x {s.get('runs', '?')} runs "

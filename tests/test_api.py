@@ -209,3 +209,40 @@ def test_quantize_a_float_checkpoint(tiny_checkpoints, built):
     with torch.inference_mode():
         q, f = gen.model(ids)[0], built["hf"].model(ids)[0]
     assert (q.argmax(-1) == f.argmax(-1)).float().mean() >= 0.8
+
+
+@pytest.mark.parametrize("stop", ["<|eot_id|>", "<|end_of_text|>"])
+def test_llama3_rows_end_at_either_stop_token_on_every_path(tmp_path, stop):
+    """Meta's Llama 3 stops on <|end_of_text|> and <|eot_id|> alike: a model whose every next token is `stop`
+    gives empty generations (no stop token, no logprob) on the engine (greedy), Meta's lock-step mode (a sampled
+    batch) and chat_completion; with other stop_ids the same rows run to max_gen_len."""
+    import base64
+
+    from llamaforge.model import ModelArgs, Transformer
+    from llamaforge.tokenizer import Tokenizer
+
+    ranks = {bytes([b]): b for b in range(256)}
+    path = tmp_path / "tokenizer.model"
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+    tok = Tokenizer.from_file(path)
+    stop_id = tok.token_to_id(stop)
+    assert tok.stop_ids == {tok.token_to_id("<|end_of_text|>"), tok.token_to_id("<|eot_id|>")}
+    args = ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=tok.n_words, hidden_dim=64,
+                     max_seq_len=32)
+    torch.manual_seed(0)
+    model = Transformer(args)
+    with torch.no_grad():  # no layer adds anything and every token embeds alike: one next-token distribution
+        model.layers[0].attention.wo.weight.zero_()
+        model.layers[0].feed_forward.w2.weight.zero_()
+        model.tok_embeddings.weight.copy_(torch.ones(32))
+        model.output.weight.mul_(0.01)[stop_id] = torch.ones(32)
+    llama = Llama(model, tok, max_seq_len=32, max_batch_size=2, device=torch.device("cpu"))
+    for temperature in (0, 0.8):
+        out = llama.text_completion(["a", "bcd"], temperature=temperature, max_gen_len=5, logprobs=True)
+        assert out == [{"generation": "", "tokens": [], "logprobs": []}] * 2, temperature
+    echoed = llama.text_completion(["bcd"], temperature=0, max_gen_len=5, echo=True, logprobs=True)[0]
+    assert echoed["tokens"] == ["<|begin_of_text|>", "b", "c", "d"] and len(echoed["logprobs"]) == 4
+    assert llama.chat_completion([[{"role": "user", "content": "hi"}]], temperature=0)[0]["generation"]["content"] == ""
+    prompts = [tok.encode("a", bos=True), tok.encode("bcd", bos=True)]
+    rows, _ = llama.generate(prompts, 5, temperature=0, stop_ids=[tok.token_to_id("<|start_header_id|>")])
+    assert rows == [[stop_id] * 5] * 2

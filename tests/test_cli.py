@@ -54,9 +54,31 @@ def test_errors_are_one_line_messages_in_the_flags_words(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "missing"), "-p", "x"]) == 2  # found before the model loads
     err = capsys.readouterr().err
     assert err.startswith("error: MODEL ") and "does not exist" in err and "Traceback" not in err
-    assert main(["generate", "-p", "x", "--temperature", "0", "--max_seq_len", "0"]) == 1
-    err = capsys.readouterr().err
-    assert err.splitlines()[-1].startswith("error: --max-seq-len must be") and "max_seq_len" not in err
+    assert main(["generate", "-p", "x", "--max-seq-len", "32", "--max-batch-size", "1", "-p", "y"]) == 1
+    err = capsys.readouterr().err  # found by the library, said in the flags' words
+    assert err.splitlines()[-1].startswith("error: 2 prompts given but --max-batch-size is 1")
+    assert "max_batch" not in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["-n", "-5"], "argument --max-gen-len/--max_gen_len/-n: must be an integer >= 0, got -5"),
+    (["--max-seq-len", "0"], "argument --max-seq-len/--max_seq_len: must be an integer >= 1, got 0"),
+    (["--max-batch-size", "0"], "must be an integer >= 1, got 0"),
+    (["--top-p", "2"], "argument --top-p/--top_p: must be a number in [0, 1], got 2"),
+    (["--top-p", "nan"], "must be a number in [0, 1], got nan"),
+    (["--temperature", "-1"], "argument --temperature: must be a number >= 0, got -1"),
+    (["--temperature", "inf"], "must be a number >= 0, got inf"),
+    (["--top-k", "0"], "argument --top-k/--top_k: must be an integer >= 1, got 0"),
+    (["--top-k", "2.5"], "argument --top-k/--top_k: takes an integer >= 1, got '2.5'"),
+])
+def test_out_of_range_flags_are_usage_errors_before_the_model_loads(flags, message, capsys):
+    """Exit 2 at parse time, as for any bad flag (they were found after loading the model, exit 1)."""
+    for command in ("generate", "chat", "demo"):
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "/nonexistent/model.gguf", "-p", "x", *flags] if command == "generate"
+                 else [command, "/nonexistent/model.gguf", *flags])
+        assert exit_.value.code == 2
+        assert message in capsys.readouterr().err
 
 
 def test_console_script_runs_as_a_module():
@@ -252,3 +274,57 @@ def test_serve_gives_the_pool_what_the_kv_budget_holds(tiny_checkpoints):
     expected = "".join(Llama.build(tiny_checkpoints.gguf, max_seq_len=64, device="cpu").stream_text_completion(
         "hello world", 40, temperature=0))  # decoded piece by piece, as the server does
     assert got == expected  # positions past the first few are right: the rotary tables cover the context
+
+
+def test_aliases_and_hf_co_references_are_models_not_missing_paths(tmp_path, monkeypatch, capsys):
+    """`llamaforge chat llama3.2` (an alias, as Ollama users write) reached the hub; it was 'does not exist'."""
+    from llamaforge.cli.common import looks_like_path
+
+    assert not any(map(looks_like_path, ["llama3.2", "smollm2", "org/name:Q4_K_M", "hf.co/org/name:Q8_0@v1"]))
+    assert all(map(looks_like_path, ["model.gguf", "models/7B/x", "./llama3.2", "nosuchalias", "org/m.gguf"]))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for ref in ("llama3.2", "hf.co/bartowski/SmolLM2-135M-Instruct-GGUF:Q4_K_M"):
+        assert main(["generate", ref, "-p", "x"]) == 1
+        err = capsys.readouterr().err
+        assert "not in the Hugging Face cache" in err and "HF_HUB_OFFLINE" in err and "does not exist" not in err
+
+
+def test_run_answers_one_message_from_words_and_stdin_as_ollama_does(tiny_checkpoints, monkeypatch, capsys):
+    import io
+
+    from llamaforge.cli.run import message
+
+    gen = Llama.build(tiny_checkpoints.meta, max_seq_len=64, max_batch_size=1, device="cpu")
+    expected = gen.chat_completion([[{"role": "user", "content": "notes. summarize the llama"}]], temperature=0,
+                                   max_gen_len=6)[0]["generation"]["content"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("notes.\n"))  # stdin first, then the words (after a flag too)
+    assert main(["run", str(tiny_checkpoints.meta), "--temperature", "0", "summarize", "-n", "6", "the", "llama"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == expected + "\n" and "loading meta" in captured.err
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert main(["run", "/nonexistent/model.gguf"]) == 2  # nothing to answer, said before anything loads
+    assert "nothing to answer" in capsys.readouterr().err
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert message([], Terminal("")) is None  # no words on a terminal: a chat
+    assert message(["hi", "there"], Terminal("")) == "hi there"
+
+
+@pytest.mark.parametrize("command", [["run", "the", "llama"], ["generate", "-p", "the llama", "--stream"]])
+def test_a_reader_that_left_ends_the_command_quietly(tiny_checkpoints, command):
+    """`llamaforge run MODEL ... | head -c 5`: the write after the reader left was a BrokenPipeError traceback."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written
+    try:
+        proc = subprocess.run([sys.executable, "-m", "llamaforge", command[0], str(tiny_checkpoints.meta),
+                               "--temperature", "0", "-n", "4", *command[1:]],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141 and "Traceback" not in proc.stderr, proc.stderr

@@ -184,3 +184,14 @@ def test_the_repl_in_a_pty_on_the_default_model(tmp_path):
     child.close()
     assert child.exitstatus == 0
     assert json.loads((tmp_path / "pasted.json").read_text())["messages"][2]["content"] == "Say hi.\n\nThen stop."
+
+
+def test_from_a_pipe_notes_go_to_stderr_and_stdout_holds_the_answers(tiny_llama, capsys):
+    """The context notes were printed among the answers on stdout, breaking one line per answer in a pipe."""
+    session = ChatSession(tiny_llama, settings(max_gen_len=6), None, interactive=False)
+    texts = ["hello world the llama", "the model is", "meaning of life", "a sea otter", "theory of relativity states"]
+    for text in texts:
+        session.answer(text)
+    captured = capsys.readouterr()
+    assert "[context full: dropped the" in captured.err and "[" not in captured.out
+    assert captured.out.count("\n") == len(texts)  # not splitlines: a random model may answer a \\v (vertical tab)

@@ -9,6 +9,7 @@ import torch
 
 from llamaforge.errors import GenerationError
 from llamaforge.generation import SamplingParams, generate, sample_top_p
+from llamaforge.generation.sampler import sample
 from llamaforge.model import ModelArgs, Transformer
 from tests.reference import meta_generate
 
@@ -146,6 +147,7 @@ def test_top_p_keeps_the_token_that_crosses_the_threshold():
     "kwargs, match",
     [
         (dict(temperature=-0.1), "temperature"),
+        (dict(temperature=float("inf")), "temperature"),
         (dict(top_p=-0.1), "top_p"),
         (dict(top_p=1.5), "top_p"),
         (dict(top_p="0.9"), "top_p"),
@@ -162,6 +164,14 @@ def test_top_p_keeps_the_token_that_crosses_the_threshold():
 def test_bad_sampling_values_raise(kwargs, match):
     with pytest.raises(GenerationError, match=match):
         SamplingParams(**kwargs)
+
+
+def test_a_temperature_past_float32_keeps_top_k_masked():
+    """1e300 is inf in float32: masked logits (-inf) over it were NaN and torch.multinomial raised."""
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
+    gen = torch.Generator().manual_seed(0)
+    seen = {int(sample(logits, SamplingParams(temperature=1e300, top_k=2, top_p=1.0), gen)) for _ in range(100)}
+    assert seen == {0, 1}  # the two kept tokens, equally likely at this temperature
 
 
 def test_top_p_zero_is_meta_greedy(model):

@@ -264,3 +264,19 @@ def test_a_vocabulary_larger_than_the_model_is_refused(tmp_path):
     assert md["tokenizer.ggml.token_type"][tok.special_tokens["<|im_end|>"]] == 3  # control
     with pytest.raises(TokenizerError, match="embedding rows"):
         tokenizer_gguf_metadata(tok, n - 1)
+
+
+def test_a_tokenization_difference_is_shown_where_it_is(tiny_checkpoints, caplog):
+    """The warning printed the first 12 ids of both sides, identical when the difference came later (here the
+    test's sentencepiece model drops a trailing newline that the GGUF vocabulary, as llama.cpp, keeps)."""
+    import re
+
+    from llamaforge.tokenizer import Tokenizer
+    from llamaforge.tokenizers.gguf_export import tokenizer_gguf_metadata
+
+    with caplog.at_level("WARNING"):
+        tokenizer_gguf_metadata(Tokenizer.from_file(tiny_checkpoints.tokenizer), rebuild=Tokenizer.from_gguf_metadata)
+    m = re.search(r"as (\d+) tokens where the source gives (\d+), apart from token (\d+) on: "
+                  r"(\[.*?\]) against (\[.*?\])", caplog.text)
+    assert m is not None, caplog.text
+    assert m[1] != m[2] and m[4] != m[5]

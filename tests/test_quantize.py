@@ -465,3 +465,29 @@ def test_custom_op_traces_under_torch_compile() -> None:
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     x = torch.randn(2, 64)
     torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
+
+
+# f16 scales a corrupt or hostile file may hold: zero, negative zero, infinities, NaN, the extremes.
+EDGE_SCALES = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 65504, -65504, 6e-8], dtype=np.float16)
+SCALE_OFFSETS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q4_K": [0, 2],
+                 "Q5_K": [0, 2], "Q6_K": [208]}
+
+
+@pytest.mark.parametrize("qtype", sorted(SCALE_OFFSETS))
+def test_edge_scales_decode_as_gguf_py_and_never_crash(qtype: str) -> None:
+    """Random blocks whose scales are 0, -0, +-inf, NaN or +-65504 (one kind per row): every backend's
+    dequantize equals gguf-py's, NaN where it has NaN, and the forward runs at decode and prefill sizes."""
+    info = kernels.qtype_info(qtype)
+    rows, cols = len(EDGE_SCALES) * 2, 512
+    raw = np.random.default_rng(3).integers(0, 256, (rows, cols // info.block, info.bytes), dtype=np.uint8)
+    for off in SCALE_OFFSETS[qtype]:
+        raw[:, :, off: off + 2] = np.tile(EDGE_SCALES, 2).view(np.uint8).reshape(rows, 1, 2)
+    raw = raw.reshape(rows, -1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        ref = ref_dequant(raw, qtype)
+    assert ref.isnan().any() and (ref == 0).any()  # the edge cases are there
+    for backend in BACKENDS:
+        layer = QuantizedLinear.from_gguf(torch.from_numpy(raw), qtype, (rows, cols), backend=backend)
+        assert torch.equal(layer.dequantize().nan_to_num(nan=7.0), ref.nan_to_num(nan=7.0)), backend
+        for m in (1, 3, 20):
+            assert layer(torch.randn(m, cols)).shape == (m, rows)

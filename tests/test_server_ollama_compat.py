@@ -67,12 +67,19 @@ def test_a_deeply_nested_body_is_a_400_and_the_server_stays_up(app_client):
 
 def test_option_errors_name_the_ollama_fields(app_client):
     client = ollama_client(app_client)
-    for options, word in (({"num_predict": "many"}, "options.num_predict"), ({"temperature": 9}, "options.temperature"),
+    for options, word in (({"num_predict": "many"}, "options.num_predict"), ({"temperature": -1}, "options.temperature"),
                           ({"repeat_penalty": "x"}, "options.repeat_penalty"), ({"stop": 3}, "options.stop")):
         with pytest.raises(ollama.ResponseError) as err:
             client.generate(model="tiny", prompt="hi", options=options)
         assert err.value.status_code == 400
         assert word in err.value.error and "max_tokens" not in err.value.error, err.value.error
+
+
+def test_a_temperature_above_openais_bound_samples_as_ollama_does(app_client):
+    client = ollama_client(app_client)  # Ollama bounds a temperature below only; OpenAI's requests stop at 2
+    r = client.generate(model="tiny", prompt="hi", raw=True, options={"temperature": 9, "num_predict": 4, "seed": 1})
+    assert r.done and r.eval_count == 4
+    assert app_client.post("/v1/completions", json={"prompt": "hi", "temperature": 9}).status_code == 400
 
 
 def test_num_predict_past_the_context_generates_until_it_is_full(app_client):

@@ -61,9 +61,15 @@ def logits(path, caplog) -> tuple[torch.Tensor, str]:
     return out, "mapped" if "mapped" in said else "wrote" if "wrote" in said else "none"
 
 
+def cache_files(folder):
+    """The cache files in `folder` (not their stamps)."""
+    return sorted(folder.glob("*.x8"))
+
+
 def only_file(folder):
-    files = sorted(folder.iterdir())
-    assert len(files) == 1 and files[0].suffix == ".x8", files
+    files = cache_files(folder)
+    assert len(files) == 1, files
+    assert set(folder.iterdir()) == {files[0], x8_cache.stamp_path(files[0])}  # and its stamp, nothing else
     return files[0]
 
 
@@ -79,7 +85,7 @@ def test_loaded_from_the_cache_equals_loaded_cold(ggufs, cache, caplog, monkeypa
     monkeypatch.setenv(x8_cache.ENV, "off")
     off, did = logits(path, caplog)
     assert did == "none" and torch.equal(off, cold)
-    assert len(list(cache.iterdir())) == 1
+    assert len(cache_files(cache)) == 1
 
 
 def test_layers_view_the_mapped_file(ggufs, cache, caplog):
@@ -177,7 +183,7 @@ def test_a_changed_model_file_invalidates_its_cache(ggufs, cache, caplog, tmp_pa
     os.utime(path)  # even a touch (new mtime and ctime) is a change
     _, did = logits(path, caplog)
     assert did == "wrote"
-    assert len(list(cache.iterdir())) == 1  # one cache file per model path, replaced
+    assert len(cache_files(cache)) == 1  # one cache file per model path, replaced
 
 
 def test_an_unwritable_cache_folder_still_loads(ggufs, tmp_path, monkeypatch, caplog):
@@ -204,15 +210,15 @@ def test_cache_files_of_deleted_models_are_pruned_by_the_next_write(ggufs, cache
     doomed = tmp_path / "doomed.gguf"
     doomed.write_bytes(paths["q8_0"].read_bytes())
     logits(doomed, caplog)
-    (doomed_cache,) = cache.iterdir()
+    (doomed_cache,) = cache_files(cache)
     leftover = cache / f".{doomed_cache.name}.abcd.tmp"  # what a writer killed mid-way leaves
     leftover.write_bytes(b"partial")
     os.utime(leftover, (0, 0))
     doomed.unlink()
     _, did = logits(paths["q4_k_m"], caplog)  # another model's first load writes its cache file...
     assert did == "wrote"
-    remaining = list(cache.iterdir())  # ...and prunes the deleted model's file and the old leftover
-    assert len(remaining) == 1 and remaining[0] != doomed_cache and not leftover.exists()
+    remaining = only_file(cache)  # ...and prunes the deleted model's file, its stamp and the old leftover
+    assert remaining != doomed_cache and not leftover.exists()
 
 
 def test_checkouts_with_other_kernels_sharing_a_folder_keep_their_own_files(ggufs, cache, caplog, monkeypatch):
@@ -226,14 +232,13 @@ def test_checkouts_with_other_kernels_sharing_a_folder_keep_their_own_files(gguf
 
     a, did_a = load_as("a")
     b, did_b = load_as("b")
-    assert (did_a, did_b) == ("wrote", "wrote") and len(list(cache.iterdir())) == 2
+    assert (did_a, did_b) == ("wrote", "wrote") and len(cache_files(cache)) == 2
     assert torch.equal(a, b)
-    files = {f: f.stat().st_mtime_ns for f in cache.iterdir()}
-    os.utime(next(f for f in files if f != x8_cache.cache_path(path, cache, f"{real(get_extension())}-a")),
-             (1, 1))  # b's file looks old...
+    os.utime(x8_cache.stamp_path(x8_cache.cache_path(path, cache, f"{real(get_extension())}-b")),
+             (1, 1))  # b's file looks old (its stamp's mtime says when it was used last)...
     assert load_as("a")[1] == "mapped"  # ...a's file is a's, untouched by b, and now marked used
     assert load_as("c")[1] == "wrote"  # a third build: the model's file used longest ago (b's) goes
-    kept = set(cache.iterdir())
+    kept = set(cache_files(cache))
     assert kept == {x8_cache.cache_path(path, cache, f"{real(get_extension())}-{x}") for x in ("a", "c")}
     assert load_as("a")[1] == "mapped" and load_as("c")[1] == "mapped"
 
@@ -242,4 +247,89 @@ def test_cache_path_defaults_to_these_kernels(ggufs, cache, caplog):
     """benchmarks/matrix.py names a model's cache file with cache_path(gguf, folder): the file a load writes."""
     path = ggufs[0]["q8_0"]
     assert logits(path, caplog)[1] == "wrote"
-    assert list(cache.iterdir()) == [x8_cache.cache_path(path, cache)]
+    assert cache_files(cache) == [x8_cache.cache_path(path, cache)]
+
+
+def counting_sums(monkeypatch):
+    """Count the loads that check every tensor's checksum (calls of x8_cache._sums)."""
+    calls = []
+    real = x8_cache._sums
+    monkeypatch.setattr(x8_cache, "_sums", lambda views: calls.append(len(views)) or real(views))
+    return calls
+
+
+def test_a_cache_file_unchanged_since_its_check_is_not_checked_again_unless_asked(ggufs, cache, caplog, monkeypatch):
+    path = ggufs[0]["q4_k_m"]
+    calls = counting_sums(monkeypatch)
+    cold, did = logits(path, caplog)
+    assert did == "wrote" and calls == []  # the sums of the bytes just written go into the file and its stamp
+    warm, did = logits(path, caplog)
+    assert did == "mapped" and calls == [] and torch.equal(warm, cold)
+    monkeypatch.setenv(x8_cache.VERIFY_ENV, "1")
+    checked, did = logits(path, caplog)
+    assert did == "mapped" and len(calls) == 1 and calls[0] > 1 and torch.equal(checked, cold)
+
+
+def restamp(file):
+    """Rewrite the stamp as if `file`'s bytes had been checked as they are now (what bit rot under an
+    unchanged identity would look like to the stat check)."""
+    stamp = x8_cache.stamp_path(file)
+    seal = json.loads(stamp.read_text())
+    seal["identity"] = x8_cache._identity(file.stat())
+    stamp.write_text(json.dumps(seal))
+
+
+def keep_mtime(damage):
+    def damaged(file):
+        st = file.stat()
+        damage(file)
+        os.utime(file, ns=(st.st_atime_ns, st.st_mtime_ns))  # the ctime still moves
+    return damaged
+
+
+def stamp_garbage(file):
+    x8_cache.stamp_path(file).write_bytes(b"\xff" * 10)
+
+
+def stamp_missing(file):
+    x8_cache.stamp_path(file).unlink()
+
+
+def stamp_of_another_header(file):
+    stamp = x8_cache.stamp_path(file)
+    seal = json.loads(stamp.read_text())
+    seal["header"] = "0" * 64
+    stamp.write_text(json.dumps(seal))
+
+
+@pytest.mark.parametrize("damage", [keep_mtime(corrupt_one_byte), keep_mtime(another_build)])
+def test_a_write_that_keeps_the_mtime_is_still_a_change(ggufs, cache, caplog, damage):
+    path = ggufs[0]["q4_k_m"]
+    cold, _ = logits(path, caplog)
+    damage(only_file(cache))
+    again, did = logits(path, caplog)
+    assert did == "wrote" and torch.equal(again, cold)
+
+
+def test_verify_finds_damage_the_identity_does_not_show(ggufs, cache, caplog, monkeypatch):
+    path = ggufs[0]["q8_0"]
+    cold, _ = logits(path, caplog)
+    file = only_file(cache)
+    corrupt_one_byte(file)
+    restamp(file)
+    monkeypatch.setenv(x8_cache.VERIFY_ENV, "1")
+    again, did = logits(path, caplog)
+    assert did == "wrote" and torch.equal(again, cold)
+    assert "fails its" in caplog.text
+
+
+@pytest.mark.parametrize("damage", [stamp_garbage, stamp_missing, stamp_of_another_header])
+def test_a_stamp_that_does_not_match_means_a_full_check(ggufs, cache, caplog, monkeypatch, damage):
+    path = ggufs[0]["q4_k_m"]
+    cold, _ = logits(path, caplog)
+    calls = counting_sums(monkeypatch)
+    damage(only_file(cache)) if damage is not stamp_missing else damage(cache_files(cache)[0])
+    checked, did = logits(path, caplog)
+    assert did == "mapped" and len(calls) == 1 and torch.equal(checked, cold)
+    trusted, did = logits(path, caplog)  # the check wrote a good stamp
+    assert did == "mapped" and len(calls) == 1 and torch.equal(trusted, cold)

@@ -22,6 +22,9 @@ The package, by concept:
 
 from __future__ import annotations
 
+import gc
+import os
+
 from llamaforge.api.build import kv_bytes_per_token
 from llamaforge.api.llama import UNSAFE_ERROR, ChatPrediction, CompletionPrediction, Llama
 from llamaforge.chat import has_special_tags
@@ -29,6 +32,15 @@ from llamaforge.generation import (
     Delta, Engine, EngineClosed, Event, Failure, Finish, Job, PromptDone, QueueFull, SamplingParams, TokenInfo,
 )
 from llamaforge.generation.grammar import GrammarError, GrammarUnavailable
+
+# Everything imported by now (torch and the rest: ~170k objects the cyclic collector tracks) lives as long as
+# the process. Frozen out of the collector's sight (gc.freeze: reference counting still frees them), a full
+# collection walks only what came after: one fell inside every load, ~0.1 s of one core (a quarter of the
+# default model's load; benchmarks/RESULTS.md), and would fall inside serving later. Pausing the collector
+# during the load only moved it to the pause's end. Only reference cycles made before this import and
+# dropped later are never collected; LLAMAFORGE_GC_FREEZE=0 leaves the collector as it is.
+if os.environ.get("LLAMAFORGE_GC_FREEZE", "1") != "0":
+    gc.freeze()
 
 # The engine's types, for the layers above (server): they import them from here.
 __all__ = [

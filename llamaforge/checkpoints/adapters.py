@@ -10,7 +10,7 @@ B (out, r) float32 in Meta's row order, with `alpha` and `rank`: the update is `
   target_modules as Hugging Face names) and `adapter_model.safetensors` with PEFT's keys
   `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` (an optional `.default` before
   `.weight`). Hugging Face permutes the rows of q_proj / k_proj for its rotate-half rotary embedding, so
-  B of wq / wk is permuted the same way (`meta_to_hf_qk`, as the checkpoint loader does for the weights);
+  B of wq / wk is permuted the same way (`permute_qk_rows`, as the checkpoint loader does for the weights);
   A is not (its rows are the rank).
 - GGUF LoRA (`save_gguf_lora` / `read_gguf_lora`, a .gguf file), as llama.cpp's convert_lora_to_gguf.py
   writes it: general.type = "adapter", adapter.type = "lora", adapter.lora.alpha, tensors
@@ -31,7 +31,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from llamaforge.checkpoints.hf import hf_to_meta_qk, meta_to_hf_qk
+from llamaforge.checkpoints.hf import permute_qk_rows
 from llamaforge.checkpoints.keymaps import read_json_object
 from llamaforge.errors import CheckpointError, ConfigError
 from llamaforge.model import ModelArgs
@@ -57,6 +57,7 @@ _LAYER = re.compile(r"layers\.(\d+)\.(.+)")
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _GGUF_LAYER = re.compile(r"blk\.(\d+)\.(.+)")
 _PEFT_KEY = re.compile(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight")
+_QK = ("attention.wq", "attention.wk")  # modules whose rows Hugging Face permutes for rotate-half rotary
 
 
 @dataclass
@@ -97,15 +98,6 @@ def _meta_from(name: str, pattern: re.Pattern, column: int, where: str) -> str:
     if m is None or m.group(2) not in inverse:
         raise CheckpointError(f"{where}: adapter tensor for {name!r}, which is no projection of a Llama model")
     return f"layers.{m.group(1)}.{inverse[m.group(2)]}"
-
-
-def _qk_heads(meta: str, args: ModelArgs) -> Optional[int]:
-    """Heads whose rows Hugging Face permutes for this module (q: n_heads, k: n_kv_heads), else None."""
-    if meta.endswith("attention.wq"):
-        return args.n_heads
-    if meta.endswith("attention.wk"):
-        return args.n_kv_heads
-    return None
 
 
 def module_shape(meta: str, args: ModelArgs) -> tuple[int, int]:
@@ -188,12 +180,12 @@ def read_peft(folder: PathLike, args: ModelArgs) -> Adapter:
         if set(ab) != {"A", "B"}:
             raise CheckpointError(f"{weights_path}: {meta} has lora_{'A' if 'A' in ab else 'B'} but not its pair")
         a, b = ab["A"].float(), ab["B"].float()
-        heads = _qk_heads(meta, args)
-        if heads is not None:
-            if b.dim() != 2 or b.shape[0] != heads * args.head_dim:
+        if meta.endswith(_QK):
+            rows = module_shape(meta, args)[0]
+            if b.dim() != 2 or b.shape[0] != rows:
                 raise CheckpointError(f"{weights_path}: {meta} has lora_B {tuple(b.shape)}, the model's {meta} has "
-                                      f"{heads * args.head_dim} rows; is the adapter for another model?")
-            b = hf_to_meta_qk(b, heads, args.head_dim)  # (out, r): rows to Meta's interleaved rotary pairs
+                                      f"{rows} rows; is the adapter for another model?")
+            b = permute_qk_rows(f"{meta}.weight", b, args, to_meta=True)  # (out, r): rows to Meta's rotary pairs
         weights[meta] = (a.contiguous(), b.contiguous())
     return Adapter(weights, float(alpha), rank, str(folder), {"lora_dropout": cfg.get("lora_dropout", 0.0)},
                    use_rslora=bool(cfg.get("use_rslora")))
@@ -237,9 +229,9 @@ def read_gguf_lora(path: PathLike, args: Optional[ModelArgs] = None) -> Adapter:
         if set(ab) != {"a", "b"}:
             raise CheckpointError(f"{path}: {module} has lora_{next(iter(ab))} without its pair")
         a, b = ab["a"], ab["b"]
-        heads = _qk_heads(module, args) if args is not None and arch in NEOX_ARCHS else None
-        if heads is not None and b.shape[0] == heads * args.head_dim:  # other shapes: refused by read_adapter
-            b = hf_to_meta_qk(b, heads, args.head_dim).contiguous()  # (out, r): rows to Meta's rotary pairs
+        if (args is not None and arch in NEOX_ARCHS and module.endswith(_QK)
+                and b.shape[0] == module_shape(module, args)[0]):  # other shapes: refused by read_adapter
+            b = permute_qk_rows(f"{module}.weight", b, args, to_meta=True).contiguous()  # (out, r): Meta's rows
         weights[module] = (a, b)
     ranks = {a.shape[0] for a, _ in weights.values()}
     if not weights or len(ranks) != 1:
@@ -261,9 +253,7 @@ def save_peft(adapter: Adapter, args: ModelArgs, out_dir: PathLike, *, dropout: 
     targets = set()
     for meta, (a, b) in sorted(adapter.weights.items()):
         hf = _name_in("hf", meta)
-        heads = _qk_heads(meta, args)
-        if heads is not None:
-            b = meta_to_hf_qk(b, heads, args.head_dim)
+        b = permute_qk_rows(f"{meta}.weight", b, args, to_meta=False)  # (out, r): q/k rows to rotate-half
         tensors[f"{PEFT_PREFIX}{hf}.lora_A.weight"] = a.contiguous()
         tensors[f"{PEFT_PREFIX}{hf}.lora_B.weight"] = b.contiguous()
         targets.add(hf.rsplit(".", 1)[-1])
@@ -307,9 +297,8 @@ def save_gguf_lora(adapter: Adapter, args: ModelArgs, out_path: PathLike, *, dty
             writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(adapter.alpha))
             for meta, (a, b) in sorted(adapter.weights.items()):
                 name = _name_in("gguf", meta)
-                heads = _qk_heads(meta, args) if arch in NEOX_ARCHS else None
-                if heads is not None:
-                    b = meta_to_hf_qk(b, heads, args.head_dim)  # (out, r): rows to rotate-half
+                if arch in NEOX_ARCHS:
+                    b = permute_qk_rows(f"{meta}.weight", b, args, to_meta=False)  # (out, r): q/k to rotate-half
                 writer.add_tensor(f"{name}.weight.lora_a", a.numpy().astype(np_dtype))  # (r, in)
                 writer.add_tensor(f"{name}.weight.lora_b", b.numpy().astype(np_dtype))  # (out, r)
             writer.write_header_to_file()

@@ -6,7 +6,8 @@
 
 The answer streams as it is generated; Ctrl-C stops it (what was said so far stays in the conversation),
 Ctrl-D or /bye leaves. When the conversation outgrows the context, the oldest exchanges are dropped (the
-system prompt stays) and a note says so. From a pipe, each line is one message and each answer one line.
+system prompt stays) and a note says so. From a pipe, each line is one message and each answer one line
+(notes on stderr).
 """
 
 from __future__ import annotations
@@ -97,12 +98,16 @@ def _on_off(text: str) -> bool:
 class ChatSession:
     """A conversation with one model: the messages, the settings, and the commands that change them."""
 
-    def __init__(self, generator, settings: Settings, system: Optional[str]):
-        self.generator, self.settings = generator, settings
+    def __init__(self, generator, settings: Settings, system: Optional[str], *, interactive: bool = True):
+        self.generator, self.settings, self.interactive = generator, settings, interactive
         self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
 
     def say(self, text: str) -> None:
         print(text, flush=True)
+
+    def note(self, text: str) -> None:
+        """A remark on the session, not an answer: on stderr from a pipe, so stdout holds one line per answer."""
+        print(text, file=sys.stdout if self.interactive else sys.stderr, flush=True)
 
     # -- the conversation and its context --------------------------------------------------------------
 
@@ -118,7 +123,7 @@ class ChatSession:
         alone = len(fmt.encode_dialog(self.messages[:n_system] + self.messages[-1:]))
         if alone >= limit:
             self.messages.pop()
-            self.say(f"[this message takes {alone} tokens but the context holds {limit}; shorten it, or start "
+            self.note(f"[this message takes {alone} tokens but the context holds {limit}; shorten it, or start "
                      f"the chat with a larger --max-seq-len]")
             return None
         dropped = 0
@@ -128,7 +133,7 @@ class ChatSession:
             dropped += 2
             n_prompt = len(fmt.encode_dialog(self.messages))
         if dropped:
-            self.say(f"[context full: dropped the {dropped} oldest messages; the prompt is now {n_prompt} of "
+            self.note(f"[context full: dropped the {dropped} oldest messages; the prompt is now {n_prompt} of "
                      f"{limit} tokens]")
         return min(want, limit - n_prompt)
 
@@ -162,7 +167,9 @@ class ChatSession:
             print(pieces[-1], flush=True)
         except KeyboardInterrupt:
             stopped = True
-            self.say(" [stopped]")
+            if not self.interactive:
+                print(flush=True)  # the answer's line ends
+            self.note(" [stopped]")
         elapsed = time.perf_counter() - start
         self.messages.append({"role": "assistant", "content": "".join(pieces).strip()})
         if s["verbose"]:
@@ -170,7 +177,7 @@ class ChatSession:
             after = time.perf_counter() - first if first else 0.0
             rate = f"{(n_tokens - 1) / after:.1f} tokens/s" if n_tokens > 1 and after > 0 else "- tokens/s"
             ttft = f"{first - start:.2f}s" if first else "-"
-            self.say(f"[{n_tokens} tokens in {elapsed:.2f}s: {rate}; prompt {len(prompt)} tokens, first token "
+            self.note(f"[{n_tokens} tokens in {elapsed:.2f}s: {rate}; prompt {len(prompt)} tokens, first token "
                      f"after {ttft}{', stopped' if stopped else ''}]")
 
     # -- commands ------------------------------------------------------------------------------------------
@@ -281,7 +288,7 @@ def check_messages(messages: Any, path: Path) -> list[dict[str, str]]:
 def run(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
     generator = build_from_flags(args)
-    session = ChatSession(generator, Settings(args), args.system)
+    session = ChatSession(generator, Settings(args), args.system, interactive=interactive)
     reader = make_reader(interactive)
 
     def confirm(question: str) -> bool:

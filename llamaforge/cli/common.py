@@ -40,6 +40,25 @@ def flag(name: str) -> list[str]:
     return [dashed, "--" + name] if "_" in name else [dashed]
 
 
+def number(kind: type, low: float, high: Optional[float] = None):
+    """An argparse type: a finite `kind` (int or float) in [low, high], else a usage error (exit 2) naming the
+    range, before the model loads."""
+    bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+    noun = "an integer" if kind is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"takes {noun} {bound}, got {text!r}") from None
+        if not (low <= value < float("inf") and (high is None or value <= high)):
+            raise argparse.ArgumentTypeError(f"must be {noun} {bound}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def add_model_flags(parser: argparse.ArgumentParser, *, max_seq_len: Any = None, max_batch_size: int = 4) -> None:
     """MODEL (positional) or Meta's --ckpt-dir, plus --tokenizer-path, devices and context size."""
     parser.add_argument("model", nargs="?", default=None,
@@ -48,11 +67,11 @@ def add_model_flags(parser: argparse.ArgumentParser, *, max_seq_len: Any = None,
     parser.add_argument(*flag("ckpt_dir"), dest="ckpt_dir", default=None, help="same as MODEL (Meta's flag)")
     parser.add_argument(*flag("tokenizer_path"), dest="tokenizer_path", default=None,
                         help="tokenizer.model / tokenizer.json, when the checkpoint carries none")
-    parser.add_argument(*flag("max_seq_len"), dest="max_seq_len", type=int, default=max_seq_len,
+    parser.add_argument(*flag("max_seq_len"), dest="max_seq_len", type=number(int, 1), default=max_seq_len,
                         help="longest prompt + answer in tokens" + ("" if max_seq_len else
                                                                     " (default: the model's context length)"))
-    parser.add_argument(*flag("max_batch_size"), dest="max_batch_size", type=int, default=max_batch_size,
-                        help="most prompts per batch")
+    parser.add_argument(*flag("max_batch_size"), dest="max_batch_size", type=number(int, 1),
+                        default=max_batch_size, help="most prompts per batch")
     parser.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", default=None,
                         help="float32, bfloat16 or float16 (default: by device; quantized GGUF stays quantized on CPU)")
@@ -67,12 +86,13 @@ def add_model_flags(parser: argparse.ArgumentParser, *, max_seq_len: Any = None,
 
 def add_sampling_flags(parser: argparse.ArgumentParser, *, max_gen_len: Any = None) -> None:
     """--temperature, --top-p, --top-k and --max-gen-len, with Meta's defaults."""
-    parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="0 is greedy")
-    parser.add_argument(*flag("top_p"), dest="top_p", type=float, default=DEFAULT_TOP_P,
+    parser.add_argument("--temperature", type=number(float, 0), default=DEFAULT_TEMPERATURE, help="0 is greedy")
+    parser.add_argument(*flag("top_p"), dest="top_p", type=number(float, 0, 1), default=DEFAULT_TOP_P,
                         help="nucleus threshold (Meta's top-p)")
-    parser.add_argument(*flag("top_k"), dest="top_k", type=int, default=None,
+    parser.add_argument(*flag("top_k"), dest="top_k", type=number(int, 1), default=None,
                         help="keep only the k most likely tokens (default: all)")
-    parser.add_argument(*flag("max_gen_len"), "-n", dest="max_gen_len", type=int, default=max_gen_len,
+    parser.add_argument(*flag("max_gen_len"), "-n", dest="max_gen_len", type=number(int, 0),
+                        default=max_gen_len,
                         help="most tokens to generate")
 
 
@@ -83,12 +103,13 @@ class UsageError(Exception):
 
 
 def looks_like_path(value: str) -> bool:
-    """True when MODEL is meant as a local path, not a hub reference like `org/name[:quant][@rev]`."""
+    """True when MODEL is meant as a local path, not a model reference (`org/name[:quant][@rev]`, an alias
+    such as `llama3.2`, `hf.co/org/name:Q4_K_M`): the hub's own parser decides."""
+    from llamaforge.hub.refs import parse_ref
+
     if value.startswith(("/", "./", "../", "~", ".\\")) or "\\" in value:
         return True
-    if value.endswith((".gguf", ".safetensors", ".pth", ".bin", ".json", ".model")):
-        return True
-    return value.count("/") != 1  # a bare name or a deeper relative path
+    return parse_ref(value) is None
 
 
 def check_model_path(value: Optional[str], flag_name: str = "MODEL") -> None:

@@ -2,7 +2,7 @@
 
 Conventions every command gets from here: flags shown with their defaults, `--version`, "did you mean"
 for a mistyped command or flag, and errors printed as one line in the command line's words (exit 1 for
-a failure of the work, 2 for bad usage, 130 for Ctrl-C).
+a failure of the work, 2 for bad usage, 130 for Ctrl-C, 141 when the reader of stdout left).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import os
 import re
 import sys
 from typing import Optional, Sequence
@@ -19,7 +20,7 @@ from llamaforge.cli.common import HelpFormatter, UsageError, cli_message
 from llamaforge.errors import LlamaforgeError
 
 # Each module has `register(subparsers)`; heavy imports happen inside its `run`.
-COMMANDS = ["demo", "generate", "chat", "info", "convert", "quantize", "pull", "list", "rm", "show"]
+COMMANDS = ["demo", "run", "generate", "chat", "info", "convert", "quantize", "pull", "list", "rm", "show"]
 OPTIONAL_COMMANDS = ["serve", "train", "eval", "tokenizer"]
 
 
@@ -80,6 +81,10 @@ def _chosen_parser(parser: Parser, args: argparse.Namespace) -> Parser:
 
 def parse(parser: Parser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
     args, extras = parser.parse_known_args(argv)
+    words = getattr(args, "trailing_words", None)  # `run MODEL -n 5 why ...`: the words after a flag
+    if extras and words and not any(e.startswith("-") for e in extras):
+        getattr(args, words).extend(extras)
+        extras = []
     if extras:
         target = _chosen_parser(parser, args)
         unknown = extras[0].split("=", 1)[0]
@@ -105,6 +110,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `... | head`: the reader left; end quietly, as a tool killed by SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's own flush must not fail
+        return 141
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ reports by default.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Protocol, Sequence, Union
 
@@ -48,8 +49,9 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # a mapping {token id: bias} is accepted too
 
     def __post_init__(self) -> None:
-        if not _is_number(self.temperature) or not self.temperature >= 0:
-            raise GenerationError(f"temperature must be a number >= 0 (0 means greedy), got {self.temperature!r}")
+        if not _is_number(self.temperature) or not 0 <= self.temperature < math.inf:
+            raise GenerationError(
+                f"temperature must be a finite number >= 0 (0 means greedy), got {self.temperature!r}")
         if not _is_number(self.top_p) or not 0 <= self.top_p <= 1:
             raise GenerationError(f"top_p must be a number in [0, 1] (0 keeps only the most likely token), "
                                   f"got {self.top_p!r}")
@@ -107,11 +109,13 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[tor
     if params.top_k is not None and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    scaled = logits / params.temperature
+    # A temperature past the logits' float range would be inf there, and a masked -inf logit over it NaN.
+    temperature = min(params.temperature, torch.finfo(logits.dtype).max)
+    scaled = logits / temperature
     if bool(torch.isposinf(scaled).any()):
         # logits / temperature overflowed (a temperature near 0): softmax's limit there, the most likely
         # token(s), computed without infinities. Elsewhere Meta's formula exactly.
-        scaled = (logits - logits.max(dim=-1, keepdim=True).values) / params.temperature
+        scaled = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     probs = torch.softmax(scaled, dim=-1)
     if params.min_p > 0:
         probs = probs.masked_fill(probs < params.min_p * probs.max(dim=-1, keepdim=True).values, 0.0)

@@ -27,6 +27,7 @@
 
 #include <sys/mman.h>
 
+#include <atomic>
 #include <cstring>
 #include <tuple>
 #include <type_traits>
@@ -43,6 +44,16 @@ namespace lfq {
 
 int64_t& min_bytes_per_thread() {
   static int64_t bytes = int64_t{96} << 10;
+  return bytes;
+}
+
+// The least weight bytes a thread takes from the shared counter at once in a decode matmul (0: static halves).
+// Two threads given fixed halves wait at the end of every matmul for the slower one, and on a shared machine
+// one of them is often the slower by a time slice (another process, an interrupt): the fastest 3B decode steps
+// read 39-46 GB/s, their medians 27-34. Taken from a counter, the faster thread reads what the other has not
+// started. 64 KiB is ~3 us of streaming (the last chunk's wait); the first chunks are larger (guided).
+int64_t& decode_chunk_bytes() {
+  static int64_t bytes = int64_t{64} << 10;
   return bytes;
 }
 
@@ -245,7 +256,7 @@ void matmul_many(const QWeight* const* ws, float* const* ys, int n, const Act& a
   const int64_t work = std::max<int64_t>(1, bytes / units * ((M + 3) / 4));
   const int64_t grain = std::max<int64_t>(1, min_bytes_per_thread() / work);
   const bool vnni = vnni_enabled();
-  at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+  auto rows = [&](int64_t u0, int64_t u1) {
     for (int i = 0; i < n; ++i) {
       const int64_t lo = std::max(u0, first[i]) - first[i], hi = std::min(u1, first[i + 1]) - first[i];
       if (lo >= hi) continue;
@@ -270,7 +281,33 @@ void matmul_many(const QWeight* const* ws, float* const* ys, int n, const Act& a
       else
         matmul_x8_avx2(q.qt, wp, lo, hi, q.N, q.K, a, M, ys[i]);
     }
-  });
+  };
+  // Decode (M < FLOAT_GEMM_ROWS): guided chunks from a shared counter (decode_chunk_bytes); each output row
+  // is computed by the same code whichever thread takes it, so the split changes no bit. Prefill keeps the
+  // static split (its tiles pair row groups; it is bound by compute, not by a late thread).
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (units + grain - 1) / grain);
+  if (M >= FLOAT_GEMM_ROWS || decode_chunk_bytes() == 0 || threads < 2 || at::in_parallel_region()) {
+    at::parallel_for(0, units, grain, rows);
+  } else {
+    bool single = false;  // single-row units (GGUF layout, float weights): chunks of whole 8-row tiles
+    for (int i = 0; i < n; ++i) single = single || ws[i]->layout != LAYOUT_X8;
+    const int64_t align = single ? 8 : 1;
+    const int64_t least = (std::max<int64_t>(1, decode_chunk_bytes() / std::max<int64_t>(1, bytes / units)) +
+                           align - 1) / align * align;
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {  // one task per thread, each pulling chunks
+      int64_t u0 = next.load(std::memory_order_relaxed), u1 = 0;
+      for (;;) {
+        do {  // take 1 / (2 * threads) of what is left, at least `least` units
+          if (u0 >= units) return;
+          const int64_t take = (std::max(least, (units - u0) / (2 * threads)) + align - 1) / align * align;
+          u1 = std::min(units, u0 + take);
+        } while (!next.compare_exchange_weak(u0, u1, std::memory_order_relaxed));
+        rows(u0, u1);
+        u0 = next.load(std::memory_order_relaxed);
+      }
+    });
+  }
   for (int i = 0; i < n; ++i) {
     const QWeight& q = *ws[i];
     if (!q.bias.defined()) continue;
@@ -444,6 +481,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return was;
       },
       "weight bytes (times 4-row tiles) below which a matmul stays on one thread; `n` sets it",
+      py::arg("n") = py::none());
+  m.def(
+      "decode_chunk_bytes",
+      [](std::optional<int64_t> n) {
+        const int64_t was = decode_chunk_bytes();
+        if (n.has_value()) decode_chunk_bytes() = std::max<int64_t>(0, *n);
+        return was;
+      },
+      "least weight bytes a thread takes at once in a decode matmul (0: static halves); `n` sets it",
       py::arg("n") = py::none());
   m.def(
       "float_prefetch",

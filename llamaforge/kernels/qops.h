@@ -50,10 +50,13 @@ int act_forms(const QWeight* const* ws, int n);
 // y_i (M, N_i) = x @ W_i.T (+ bias_i) for weights W_0..W_{n-1} that share K: one parallel region
 // over all their rows, so small matrices (wk, wv) share threads with big ones instead of each waking
 // the pool. Quantized weights read `a` (x quantized once), float weights read x itself (float32
-// products and sums, the weight converted on the fly).
+// products and sums, the weight converted on the fly). Decode sizes (M < 9) split the rows in guided chunks
+// that the threads take from a shared counter; prefill in one static share per thread. Same bits either way.
 void matmul_many(const QWeight* const* ws, float* const* ys, int n, const Act& a, const float* x, int64_t M);
 
 // Weight bytes (times 4-row tiles) below which a matmul stays on one thread.
 int64_t& min_bytes_per_thread();
+// Least weight bytes a thread takes at once from a decode matmul's shared counter (0: a static split).
+int64_t& decode_chunk_bytes();
 
 }  // namespace lfq

@@ -131,8 +131,11 @@ inline typename V::I fifth_bit(typename V::I h, int k) {
 }
 
 // int32 lanes (one per weight row) += 32-column dot products of a nibble plane (+ the fifth bits at
-// q + X8_HI_OFF) with MR activation blocks xb[i]; AVX2 multiplies them by the int16 pairs `mul16` of each
-// lane as it widens them (ones, or a K-quant's sub-block scales: free), VNNI ignores it.
+// q + X8_HI_OFF) with MR activation blocks xb[i]. VNNI, decode (MR <= 4): the low and high nibbles' products
+// go into two int32 chains of 4 vpdpbusd, added at the end (one chain of 8 waits 8 latencies per block:
+// at M = 1 that, not the loads, bounded the tile in L2 to ~25 GB/s a core); integer sums, so the same bits.
+// AVX2 multiplies the sums by the int16 pairs `mul16` of each lane as it widens them (ones, or a K-quant's
+// sub-block scales: free); VNNI ignores it.
 template <class V, int MR, bool FIVE>
 inline void dot_u(const uint8_t* q, int64_t gs, const int8_t* const* xb, typename V::I* s32,
                   [[maybe_unused]] typename V::I mul16) {
@@ -140,7 +143,12 @@ inline void dot_u(const uint8_t* q, int64_t gs, const int8_t* const* xb, typenam
   const I lo4 = V::set8(0x0F);
   I h = V::zero();
   if constexpr (FIVE) h = V::load(q + X8_HI_OFF, gs);
-#if !LFQ_TILE_VNNI
+#if LFQ_TILE_VNNI
+  constexpr bool TWO = MR <= 4;
+  I t32[TWO ? MR : 1];
+  if constexpr (TWO)
+    for (int i = 0; i < MR; ++i) t32[i] = V::zero();
+#else
   __m256i s16[MR];
   for (int i = 0; i < MR; ++i) s16[i] = _mm256_setzero_si256();
 #endif
@@ -155,7 +163,8 @@ inline void dot_u(const uint8_t* q, int64_t gs, const int8_t* const* xb, typenam
     for (int i = 0; i < MR; ++i) {
 #if LFQ_TILE_VNNI
       s32[i] = V::dpbusd(s32[i], lo, V::bcast(xb[i] + 4 * j));
-      s32[i] = V::dpbusd(s32[i], hi, V::bcast(xb[i] + 16 + 4 * j));
+      if constexpr (TWO) t32[i] = V::dpbusd(t32[i], hi, V::bcast(xb[i] + 16 + 4 * j));
+      else s32[i] = V::dpbusd(s32[i], hi, V::bcast(xb[i] + 16 + 4 * j));
 #else
       s16[i] = _mm256_add_epi16(s16[i], _mm256_maddubs_epi16(lo, V::bcast(xb[i] + 4 * j)));
       s16[i] = _mm256_add_epi16(s16[i], _mm256_maddubs_epi16(hi, V::bcast(xb[i] + 16 + 4 * j)));
@@ -171,6 +180,10 @@ inline void dot_u(const uint8_t* q, int64_t gs, const int8_t* const* xb, typenam
     }
 #endif
   }
+#if LFQ_TILE_VNNI
+  if constexpr (TWO)
+    for (int i = 0; i < MR; ++i) s32[i] = V::add32(s32[i], t32[i]);
+#endif
 }
 
 // Q6_K: bits 4-5 of value k (k % 4 = j) of a two-bit plane vector, in place (qx8.h: stored at 4-5, 6-7, 0-1, 2-3).

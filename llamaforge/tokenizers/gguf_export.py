@@ -175,8 +175,10 @@ def _check_round_trip(md: dict[str, Any], tokenizer: Any, rebuild: Any, strict: 
         got = back.encode(probe, bos=False, eos=False)
         if want == got:
             continue
-        message = (f"the GGUF vocabulary built from {tokenizer.source} tokenizes {probe!r} as {got[:12]} where the "
-                   f"source gives {want[:12]}")
+        at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        message = (f"the GGUF vocabulary built from {tokenizer.source} tokenizes {probe!r} as {len(got)} tokens "
+                   f"where the source gives {len(want)}, apart from token {at} on: {got[at:at + 8]} against "
+                   f"{want[at:at + 8]}")
         if strict:
             raise TokenizerError(message + "; it cannot be embedded faithfully")
         logger.warning("%s: this sentencepiece model normalizes text in a way GGUF cannot express; llama.cpp "

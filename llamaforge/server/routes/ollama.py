@@ -147,10 +147,22 @@ def _ollama_words(exc: APIError) -> APIError:
     return exc
 
 
+class _OllamaChat(ChatCompletionRequest):
+    temperature: Optional[float] = Field(None, ge=0, allow_inf_nan=False)  # Ollama takes any temperature, not <= 2
+
+
+class _OllamaCompletion(CompletionRequest):
+    temperature: Optional[float] = Field(None, ge=0, allow_inf_nan=False)
+
+
+_OLLAMA_BOUNDS = {ChatCompletionRequest: _OllamaChat, CompletionRequest: _OllamaCompletion}
+
+
 def _translated(model: type[BaseModel], body: dict) -> Any:
-    """The OpenAI request an Ollama request becomes; a 400 in Ollama's words if its values are not valid."""
+    """The OpenAI request an Ollama request becomes (with Ollama's bounds where they are wider than OpenAI's);
+    a 400 in Ollama's words if its values are not valid."""
     try:
-        return _parse(model, body)
+        return _parse(_OLLAMA_BOUNDS[model], body)
     except APIError as exc:
         raise _ollama_words(exc) from None
 
