@@ -4,7 +4,7 @@ With AVX-512 VNNI, more than 8 rows take tiles of two groups of 8 weight rows in
 tile (any width, any number of activation rows) applies the same integer sums and the same float
 operations to each output, so a row of a prefill must equal that row computed alone (decode), bit for
 bit, and the AVX2 tiles must give the same numbers. References: exact equality for those; F.linear
-with gguf-py's dequantized weight within 3e-2 of the output norm (activations are int8 per 32 values,
+with gguf-py's dequantized weight within 3e-2 of the output norm (activations are int8 per 32 values, per 256 for the K-quants,
 as llama.cpp's). Sizes M = 1..300 around the tile edges (8 rows, or 6 in Q6_K's 512-bit tiles, then 4, 3,
 2, 1; pairs of groups; an odd last group, a partial last group). No test asserts on time.
 """

@@ -7,7 +7,7 @@ dequantized weight for the layers. Tolerances:
 - C++ kernels, F16/BF16 weights: float32 products (converted on the fly): 1e-5 as the fallback; BF16 weights
   multiply bf16-rounded activations on both paths (as the model's bf16 arithmetic), so their reference
   rounds x to bf16 too (`ref_input`).
-- C++ kernels, block formats: the activation is quantized to int8 per 32 values, as llama.cpp does, so we require
+- C++ kernels, block formats: the activation is quantized to int8 per 32 values (per 256 for K-quants, as Q8_K), as llama.cpp does, so we require
   ||y - ref|| <= 3e-2 * ||ref|| (measured ~6e-3 on random data) for the int8 path; prefill-sized
   inputs (>= GEMM_MIN_ROWS rows) of weights kept in GGUF layout (Q5_0/Q5_1) take a float GEMM path
   and must match to 1e-5. The AVX2 and AVX-512 VNNI tiles must agree exactly.

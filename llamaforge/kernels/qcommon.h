@@ -1,11 +1,14 @@
-// Shared helpers of the quantized matmul kernels: GGML type ids, AVX2 bit tricks, and the int8
-// quantization of activation rows (blocks of 32 with a float scale d and s = d * sum(q), as
-// llama.cpp's Q8_1). Torch-free, so these headers compile quickly.
+// Shared helpers of the quantized matmul kernels: GGML type ids, AVX2 bit tricks, and the two int8
+// quantizations of activation rows: blocks of 32 with a float scale d and s = d * sum(q) (as llama.cpp's
+// Q8_1, for Q4_0 / Q4_1 / Q5_x / Q8_0 weights), and blocks of 256 with one float d and int16 sums per 16
+// (llama.cpp's Q8_K, for the K-quants: their sub-block scales then multiply integer sums). Torch-free, so
+// these headers compile quickly.
 #pragma once
 
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -100,20 +103,83 @@ inline void scale_min_k4(const uint8_t* q, uint8_t* sc, uint8_t* mn) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Activations: int8 blocks of 32 with a float scale d, s = d * sum(q), and the integer sums of q
-// over each half of 16 as one int16 pair per block (h: the first half in the low 16 bits; |sum| <= 16 * 127),
-// for Q6_K's per-16 scales (one vpmaddwd of a broadcast pair against the weight rows' scale pairs).
+// Activations: int8 blocks of 32 with a float scale d and s = d * sum(q); and/or the Q8_K form.
 
 struct Act {
   const int8_t* q;   // (M, K)
   const float* d;    // (M, nb)
   const float* s;    // (M, nb)
-  const int32_t* h;  // (M, nb): int16 pairs
   int64_t K;
   int64_t nb;
+  // The Q8_K form (K-quant weights; null where no weight needs it): int8 (M, K), one float d per 256
+  // columns (M, K / 256), the int16 sums of q per 16 columns (M, K / 16).
+  const int8_t* kq = nullptr;
+  const float* kd = nullptr;
+  const int16_t* kbs = nullptr;
+
+  // Rows [m, ...) of this one.
+  Act from_row(int64_t m) const {
+    const int64_t nk = K / 256;
+    return Act{q ? q + m * K : nullptr, d ? d + m * nb : nullptr, s ? s + m * nb : nullptr, K, nb,
+               kq ? kq + m * K : nullptr, kd ? kd + m * nk : nullptr, kbs ? kbs + m * (K / 16) : nullptr};
+  }
 };
 
-inline void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* d, float* s, int32_t* hs) {
+// The activation forms a weight type reads: the blocks of 32 (ACT_Q8_32) or Q8_K's of 256 (ACT_Q8_K).
+constexpr int ACT_Q8_32 = 1, ACT_Q8_K = 2;
+inline bool reads_q8k(int64_t qt) { return qt == T_Q4_K || qt == T_Q5_K || qt == T_Q6_K; }
+inline int act_form(int64_t qt) { return is_float_type(qt) ? 0 : reads_q8k(qt) ? ACT_Q8_K : ACT_Q8_32; }
+
+// Q8_K (ggml-quants.c quantize_row_q8_K_ref, the same float operations): per 256 values, max = the first value
+// of the largest magnitude amax, iscale = -127 / max, q = min(127, round_half_even(iscale * x)) (ggml's
+// nearest_int), d = 1 / iscale; all zero where amax is 0. bsums: the sums of q per 16.
+inline void quantize_rows_q8k(const float* x, int64_t M, int64_t K, int8_t* q, float* d, int16_t* bs) {
+  const int64_t nb = K / 256;
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  constexpr int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* p = x + m * K + b * 256;
+      int8_t* qo = q + m * K + b * 256;
+      int16_t* so = bs + m * (K / 16) + b * 16;
+      __m256 mx = _mm256_setzero_ps();
+      for (int j = 0; j < 256; j += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(p + j), absmask));
+      __m128 h = _mm_max_ps(_mm256_extractf128_ps(mx, 1), _mm256_castps256_ps128(mx));
+      h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+      h = _mm_max_ss(h, _mm_movehdup_ps(h));
+      const float amax = _mm_cvtss_f32(h);
+      if (!(amax > 0.0f)) {  // all zero (a NaN amax quantizes to zeros as well, not to garbage)
+        std::memset(qo, 0, 256);
+        std::memset(so, 0, 32);
+        d[m * nb + b] = 0.0f;
+        continue;
+      }
+      int j0 = 0;
+      while (j0 < 255 && std::fabs(p[j0]) != amax) ++j0;  // amax is one of the |x|: the first of them
+      const float iscale = -127.0f / p[j0];
+      const __m256 id = _mm256_set1_ps(iscale);
+      const __m256i top = _mm256_set1_epi32(127);
+      for (int j = 0; j < 256; j += 32) {
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(p + j), id), rnd));
+        __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(p + j + 8), id), rnd));
+        __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(p + j + 16), id), rnd));
+        __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(p + j + 24), id), rnd));
+        i0 = _mm256_min_epi32(i0, top);
+        i1 = _mm256_min_epi32(i1, top);
+        i2 = _mm256_min_epi32(i2, top);
+        i3 = _mm256_min_epi32(i3, top);
+        so[j / 16] = static_cast<int16_t>(hsum_i32(_mm256_add_epi32(i0, i1)));
+        so[j / 16 + 1] = static_cast<int16_t>(hsum_i32(_mm256_add_epi32(i2, i3)));
+        __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(qo + j), _mm256_permutevar8x32_epi32(packed, perm));
+      }
+      d[m * nb + b] = 1.0f / iscale;
+    }
+  }
+}
+
+inline void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* d, float* s) {
   const int64_t nb = K / 32;
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -135,9 +201,7 @@ inline void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float
       __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, id), rnd));
       __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, id), rnd));
       __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, id), rnd));
-      const int32_t half0 = hsum_i32(_mm256_add_epi32(i0, i1)), half1 = hsum_i32(_mm256_add_epi32(i2, i3));
-      const int32_t sum = half0 + half1;
-      hs[m * nb + b] = static_cast<int32_t>((static_cast<uint32_t>(half0) & 0xFFFFu) | (static_cast<uint32_t>(half1) << 16));
+      const int32_t sum = hsum_i32(_mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)));
       __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
       packed = _mm256_permutevar8x32_epi32(packed, perm);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + m * K + b * 32), packed);

@@ -62,16 +62,10 @@ inline int64_t kv_row(const int64_t* table, int64_t pos, int64_t g, int64_t Hkv,
   return ((table[pos / bs] * Hkv + g) * bs + pos % bs) * rb;
 }
 
-bool any_quantized(const QWeight* const* ws, int n) {
-  for (int i = 0; i < n; ++i)
-    if (!is_float_type(ws[i]->qt)) return true;
-  return false;
-}
-
-// ys_i = x (M, K) @ W_i.T, quantizing x into `rows` only if a weight needs it.
+// ys_i = x (M, K) @ W_i.T, quantizing x into `rows` in the forms the weights read (none if all are float).
 void project(const QWeight* const* ws, float* const* ys, int n, const float* x, int64_t M, int64_t K,
              QuantizedRows& rows) {
-  if (any_quantized(ws, n)) rows.quantize(x, M, K);
+  if (const int forms = act_forms(ws, n)) rows.quantize(x, M, K, forms);
   matmul_many(ws, ys, n, rows.act(), x, M);
 }
 

@@ -6,8 +6,9 @@
 //   1 "x8":   Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K repacked at load time into groups of 8 interleaved rows
 //             (qx8.h), 2-4x faster; same bytes per weight (+3% for K-quants). On CPUs with AVX-512
 //             VNNI (checked at run time) their tiles use vpdpbusd (qx8_tiles.h); all else is AVX2.
-// As in llama.cpp, each activation row is quantized to int8 in blocks of 32 (qcommon.h); a block's
-// dot product is an integer one (_mm256_maddubs_epi16 + _mm256_madd_epi16) scaled once in float.
+// As in llama.cpp, each activation row is quantized to int8 (qcommon.h): in blocks of 32 for Q4_0 .. Q8_0, whose
+// block dot product is an integer one scaled once in float; per 256 columns (Q8_K) for the K-quants, whose
+// sub-block scales multiply integer sums, one float scaling per super-block.
 // Rows (or row groups) are split across threads with at::parallel_for (torch's OpenMP pool).
 // From `gemm_rows` activation rows on (prefill), block weights in GGUF layout are dequantized to float
 // tiles and multiplied with at::mm instead; 16-bit weights from 9 rows on run the GEMM of qgemm.h (AVX-512
@@ -29,6 +30,7 @@
 
 #include <atomic>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -81,17 +83,33 @@ void check_weight(const at::Tensor& w, int64_t qt, int64_t N, int64_t K, int64_t
               ") in layout ", layout);
 }
 
-void QuantizedRows::quantize(const float* x, int64_t M, int64_t k) {
+void QuantizedRows::quantize(const float* x, int64_t M, int64_t k, int f) {
   K = k;
   nb = K / 32;
-  q.resize(static_cast<size_t>(M * K));
-  d.resize(static_cast<size_t>(M * nb));
-  s.resize(static_cast<size_t>(M * nb));
-  h.resize(static_cast<size_t>(M * nb));
+  forms = f;
+  if (forms & ACT_Q8_32) {
+    q.resize(static_cast<size_t>(M * K));
+    d.resize(static_cast<size_t>(M * nb));
+    s.resize(static_cast<size_t>(M * nb));
+  }
+  if (forms & ACT_Q8_K) {
+    kq.resize(static_cast<size_t>(M * K));
+    kd.resize(static_cast<size_t>(M * (K / 256)));
+    kbs.resize(static_cast<size_t>(M * (K / 16)));
+  }
   at::parallel_for(0, M, std::max<int64_t>(1, 32768 / K), [&](int64_t m0, int64_t m1) {
-    quantize_rows(x + m0 * K, m1 - m0, K, q.data() + m0 * K, d.data() + m0 * nb, s.data() + m0 * nb,
-                  h.data() + m0 * nb);
+    if (forms & ACT_Q8_32)
+      quantize_rows(x + m0 * K, m1 - m0, K, q.data() + m0 * K, d.data() + m0 * nb, s.data() + m0 * nb);
+    if (forms & ACT_Q8_K)
+      quantize_rows_q8k(x + m0 * K, m1 - m0, K, kq.data() + m0 * K, kd.data() + m0 * (K / 256),
+                        kbs.data() + m0 * (K / 16));
   });
+}
+
+int act_forms(const QWeight* const* ws, int n) {
+  int f = 0;
+  for (int i = 0; i < n; ++i) f |= act_form(ws[i]->qt);
+  return f;
 }
 
 namespace {
@@ -461,7 +479,7 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t qt, int64_t
     }
   } else {
     QuantizedRows rows;  // float weights read x itself
-    if (!is_float_type(qt)) rows.quantize(xf.data_ptr<float>(), M, K);
+    if (!is_float_type(qt)) rows.quantize(xf.data_ptr<float>(), M, K, act_form(qt));
     const QWeight q{w, qt, N, K, layout, at::Tensor()};
     const QWeight* ws[1] = {&q};
     // A long prompt in passes of QLINEAR_ROWS rows: every group of weight rows reads the pass's activations
@@ -469,13 +487,26 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t qt, int64_t
     constexpr int64_t QLINEAR_ROWS = 256;
     const Act all = rows.act();
     for (int64_t m = 0; m < M; m += QLINEAR_ROWS) {
-      const Act a{all.q + m * all.K, all.d + m * all.nb, all.s + m * all.nb, all.h + m * all.nb, all.K, all.nb};
+      const Act a = all.from_row(m);
       float* ys[1] = {yp + m * N};
       matmul_many(ws, ys, 1, a, xf.data_ptr<float>() + m * K, std::min(QLINEAR_ROWS, M - m));
     }
   }
   if (bias.has_value() && bias->defined()) y.add_(bias->to(at::kFloat));
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+// x (M, K) float32, K a multiple of 256, in the Q8_K form the K-quant kernels read (qcommon.h): int8 q (M, K),
+// float32 d (M, K / 256), int16 bsums (M, K / 16). For tests against ggml's quantize_row_q8_K.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_q8k(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.size(1) % 256 == 0,
+              "llamaforge kernels: quantize_q8k takes a (M, K) CPU tensor with K a multiple of 256, got ", x.sizes());
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const int64_t M = xf.size(0), K = xf.size(1);
+  at::Tensor q = at::empty({M, K}, at::kChar), d = at::empty({M, K / 256}, at::kFloat);
+  at::Tensor bs = at::empty({M, K / 16}, at::kShort);
+  quantize_rows_q8k(xf.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), d.data_ptr<float>(), bs.data_ptr<int16_t>());
+  return {q, d, bs};
 }
 
 // All rows of w dequantized to float32: (N, K).
@@ -563,6 +594,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("qt"), py::arg("N"), py::arg("K"), py::arg("layout") = 0, release());
   m.def("repack_x8", &repack_x8, "GGUF bytes -> x8 layout", py::arg("raw"), py::arg("qt"), py::arg("N"),
         py::arg("K"), release());
+  m.def("quantize_q8k", &quantize_q8k, "activations (M, K) -> Q8_K (q, d, bsums) as the K-quant kernels read them",
+        py::arg("x"), release());
   m.def("x8_supported", &x8_supported, "whether a GGML type id has the x8 layout");
   m.def(
       "min_bytes_per_thread",

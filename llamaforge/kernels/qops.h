@@ -25,17 +25,27 @@ struct QWeight {
 // Raises c10::Error (a RuntimeError in Python) unless w holds an (N, K) weight of type qt in layout.
 void check_weight(const at::Tensor& w, int64_t qt, int64_t N, int64_t K, int64_t layout);
 
-// Activation rows quantized to int8 blocks of 32 (qcommon.h), reusable across calls of one size.
+// Activation rows quantized to int8 (qcommon.h) in the forms the weights read: blocks of 32, and/or Q8_K's
+// blocks of 256 for K-quant weights (a layer whose inputs feed both kinds quantizes x once per form);
+// reusable across calls.
 struct QuantizedRows {
-  std::vector<int8_t> q;
-  std::vector<float> d, s;
-  std::vector<int32_t> h;
+  std::vector<int8_t> q, kq;
+  std::vector<float> d, s, kd;
+  std::vector<int16_t> kbs;
   int64_t K = 0, nb = 0;
+  int forms = 0;
 
-  // Quantize x (M, K) row-major, threads over rows.
-  void quantize(const float* x, int64_t M, int64_t K);
-  Act act() const { return Act{q.data(), d.data(), s.data(), h.data(), K, nb}; }
+  // Quantize x (M, K) row-major into `forms` (ACT_Q8_32 | ACT_Q8_K), threads over rows.
+  void quantize(const float* x, int64_t M, int64_t K, int forms);
+  Act act() const {
+    const bool b32 = forms & ACT_Q8_32, bk = forms & ACT_Q8_K;
+    return Act{b32 ? q.data() : nullptr, b32 ? d.data() : nullptr, b32 ? s.data() : nullptr, K, nb,
+               bk ? kq.data() : nullptr, bk ? kd.data() : nullptr, bk ? kbs.data() : nullptr};
+  }
 };
+
+// The activation forms (ACT_Q8_32 | ACT_Q8_K) that weights W_0..W_{n-1} read (0: all float).
+int act_forms(const QWeight* const* ws, int n);
 
 // y_i (M, N_i) = x @ W_i.T (+ bias_i) for weights W_0..W_{n-1} that share K: one parallel region
 // over all their rows, so small matrices (wk, wv) share threads with big ones instead of each waking

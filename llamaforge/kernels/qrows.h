@@ -1,7 +1,11 @@
 // Kernels over weights in GGUF's own layout (one row of blocks per output feature), for every
 // supported type: a row-by-row int8 dot product (up to 4 activation rows share each decoded weight
 // block), and the exact dequantization (same float operations as gguf-py, no FMA contraction).
+// The K-quants read the activations' Q8_K form and make the x8 tiles' exact int32 sum per super-block and
+// its float operations (qx8_tiles.h), so both layouts give the same bits.
 #pragma once
+
+#include <cmath>
 
 #include "qcommon.h"
 
@@ -49,25 +53,128 @@ struct Acc {
     }
   }
 
-  // Q6_K: 32 weights d * sc16 * (qw - 32), qw in [0, 64), sc16 int16 lanes (two 16-element scales).
-  inline void add_q6(__m256i qw, __m256i sc16, float dscale, int64_t b) {
-    const __m256i m32 = _mm256_set1_epi8(32);
-    for (int i = 0; i < MR; ++i) {
-      const __m256i qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[i] + b * 32));
-      const __m256i p16 = _mm256_sub_epi16(_mm256_maddubs_epi16(qw, qx), _mm256_maddubs_epi16(m32, qx));
-      const __m256i p = _mm256_madd_epi16(p16, sc16);
-      acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(dscale * d[i][b]), _mm256_cvtepi32_ps(p), acc[i]);
-    }
-  }
-
   inline void store(float* out, int64_t ldo) const {
     for (int i = 0; i < MR; ++i) out[i * ldo] = hsum(acc[i]) + off[i];
   }
 };
 
+// K-quants: MR activation rows in their Q8_K form, one float accumulator each (qx8_tiles.h's operations).
+template <int MR>
+struct AccK {
+  float acc[MR];
+  const int8_t* q[MR];
+  const float* d[MR];
+  const int16_t* bs[MR];
+
+  AccK(const Act& a, int64_t m0) {
+    for (int i = 0; i < MR; ++i) {
+      acc[i] = 0.0f;
+      q[i] = a.kq + (m0 + i) * a.K;
+      d[i] = a.kd + (m0 + i) * (a.K / 256);
+      bs[i] = a.kbs + (m0 + i) * (a.K / 16);
+    }
+  }
+
+  // Super-block sb: acc += float(isum) * (dw * d_x), then (Q4_K / Q5_K) -= float(msum) * (dmin * d_x).
+  inline void add(int i, int64_t sb, int32_t isum, float dw) {
+    acc[i] = std::fma(static_cast<float>(isum), dw * d[i][sb], acc[i]);
+  }
+  inline void sub(int i, int64_t sb, int32_t msum, float dmin) {
+    acc[i] = std::fma(-static_cast<float>(msum), dmin * d[i][sb], acc[i]);
+  }
+
+  inline void store(float* out, int64_t ldo) const {
+    for (int i = 0; i < MR; ++i) out[i * ldo] = acc[i];
+  }
+};
+
+// One K-quant weight row against MR activation rows starting at m0 (Q8_K form).
+template <int64_t QT, int MR>
+void row_dot_k(const uint8_t* w, int64_t K, const Act& a, int64_t m0, float* out, int64_t ldo) {
+  AccK<MR> c(a, m0);
+  const __m256i lo4 = _mm256_set1_epi8(0x0F);
+  if constexpr (QT == T_Q4_K || QT == T_Q5_K) {
+    constexpr int64_t bytes = QT == T_Q4_K ? 144 : 176;
+    const __m256i one = _mm256_set1_epi8(1);
+    for (int64_t sb = 0; sb < K / 256; ++sb, w += bytes) {
+      const float dd = fp16(w), dmin = fp16(w + 2);
+      uint8_t sc[8], mn[8];
+      scale_min_k4(w + 4, sc, mn);
+      const uint8_t* qs = w + (QT == T_Q4_K ? 16 : 48);
+      __m256i qh = _mm256_setzero_si256();
+      if constexpr (QT == T_Q5_K) qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16));
+      __m256i isum[MR];
+      for (int i = 0; i < MR; ++i) isum[i] = _mm256_setzero_si256();
+      for (int j = 0; j < 8; j += 2) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 16 * j));
+        __m256i q0 = _mm256_and_si256(raw, lo4);
+        __m256i q1 = _mm256_and_si256(_mm256_srli_epi16(raw, 4), lo4);
+        if constexpr (QT == T_Q5_K) {
+          q0 = _mm256_or_si256(q0, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, j), one), 4));
+          q1 = _mm256_or_si256(q1, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, j + 1), one), 4));
+        }
+        const __m256i s0 = _mm256_set1_epi16(sc[j]), s1 = _mm256_set1_epi16(sc[j + 1]);
+        for (int i = 0; i < MR; ++i) {
+          const int8_t* x = c.q[i] + sb * 256 + 32 * j;
+          const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+          const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32));
+          isum[i] = _mm256_add_epi32(isum[i], _mm256_madd_epi16(_mm256_maddubs_epi16(q0, x0), s0));
+          isum[i] = _mm256_add_epi32(isum[i], _mm256_madd_epi16(_mm256_maddubs_epi16(q1, x1), s1));
+        }
+      }
+      for (int i = 0; i < MR; ++i) {
+        const int16_t* b = c.bs[i] + sb * 16;
+        int32_t msum = 0;
+        for (int j = 0; j < 8; ++j) msum += static_cast<int32_t>(mn[j]) * (b[2 * j] + b[2 * j + 1]);
+        c.add(i, sb, hsum_i32(isum[i]), dd);
+        c.sub(i, sb, msum, dmin);
+      }
+    }
+  } else {  // Q6_K: values stored + 32
+    const __m256i three = _mm256_set1_epi8(3);
+    for (int64_t sb = 0; sb < K / 256; ++sb, w += 210) {
+      const uint8_t* ql = w;
+      const uint8_t* qhp = w + 128;
+      const int8_t* sc = reinterpret_cast<const int8_t*>(w + 192);
+      const float dd = fp16(w + 208);
+      __m256i isum[MR];
+      for (int i = 0; i < MR; ++i) isum[i] = _mm256_setzero_si256();
+      for (int h = 0; h < 2; ++h) {
+        const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 64 * h));
+        const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 64 * h + 32));
+        const __m256i hv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qhp + 32 * h));
+        const __m256i lows[4] = {
+            _mm256_and_si256(l0, lo4), _mm256_and_si256(l1, lo4),
+            _mm256_and_si256(_mm256_srli_epi16(l0, 4), lo4), _mm256_and_si256(_mm256_srli_epi16(l1, 4), lo4)};
+        for (int s4 = 0; s4 < 4; ++s4) {
+          const __m256i hi = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hv, 2 * s4), three), 4);
+          const __m256i qw = _mm256_or_si256(lows[s4], hi);
+          const int si = 8 * h + 2 * s4;
+          const __m256i sc16 = _mm256_set_m128i(_mm_set1_epi16(sc[si + 1]), _mm_set1_epi16(sc[si]));
+          for (int i = 0; i < MR; ++i) {  // int16 pairs below 2 * 63 * 127: no saturation
+            const __m256i qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c.q[i] + sb * 256 + 32 * (4 * h + s4)));
+            isum[i] = _mm256_add_epi32(isum[i], _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qx), sc16));
+          }
+        }
+      }
+      for (int i = 0; i < MR; ++i) {
+        const int16_t* b = c.bs[i] + sb * 16;
+        int32_t corr = 0;
+        for (int hh = 0; hh < 16; ++hh) corr += static_cast<int32_t>(sc[hh]) * b[hh];
+        c.add(i, sb, hsum_i32(isum[i]) - 32 * corr, dd);
+      }
+    }
+  }
+  c.store(out, ldo);
+}
+
 // One weight row (nblk blocks of type QT) against MR activation rows starting at m0.
 template <int64_t QT, int MR>
 void row_dot(const uint8_t* w, int64_t K, const Act& a, int64_t m0, float* out, int64_t ldo) {
+  if constexpr (QT == T_Q4_K || QT == T_Q5_K || QT == T_Q6_K) {
+    row_dot_k<QT, MR>(w, K, a, m0, out, ldo);
+    return;
+  }
   Acc<MR> c(a, m0);
   const __m256i lo4 = _mm256_set1_epi8(0x0F);
   if constexpr (QT == T_Q8_0) {
@@ -88,50 +195,6 @@ void row_dot(const uint8_t* w, int64_t K, const Act& a, int64_t m0, float* out, 
   } else if constexpr (QT == T_Q5_1) {
     for (int64_t b = 0; b < K / 32; ++b, w += 24)
       c.add_u(_mm256_or_si256(nibbles(w + 8), fifth_bits(w + 4)), fp16(w), fp16(w + 2), b);
-  } else if constexpr (QT == T_Q4_K || QT == T_Q5_K) {
-    constexpr int64_t bytes = QT == T_Q4_K ? 144 : 176;
-    const __m256i one = _mm256_set1_epi8(1);
-    for (int64_t sb = 0; sb < K / 256; ++sb, w += bytes) {
-      const float dd = fp16(w), dmin = fp16(w + 2);
-      uint8_t sc[8], mn[8];
-      scale_min_k4(w + 4, sc, mn);
-      const uint8_t* qs = w + (QT == T_Q4_K ? 16 : 48);
-      __m256i qh = _mm256_setzero_si256();
-      if constexpr (QT == T_Q5_K) qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16));
-      for (int j = 0; j < 8; j += 2) {
-        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 16 * j));
-        __m256i q0 = _mm256_and_si256(raw, lo4);
-        __m256i q1 = _mm256_and_si256(_mm256_srli_epi16(raw, 4), lo4);
-        if constexpr (QT == T_Q5_K) {
-          q0 = _mm256_or_si256(q0, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, j), one), 4));
-          q1 = _mm256_or_si256(q1, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, j + 1), one), 4));
-        }
-        c.add_u(q0, dd * sc[j], -(dmin * mn[j]), sb * 8 + j);
-        c.add_u(q1, dd * sc[j + 1], -(dmin * mn[j + 1]), sb * 8 + j + 1);
-      }
-    }
-  } else if constexpr (QT == T_Q6_K) {
-    const __m256i three = _mm256_set1_epi8(3);
-    for (int64_t sb = 0; sb < K / 256; ++sb, w += 210) {
-      const uint8_t* ql = w;
-      const uint8_t* qhp = w + 128;
-      const int8_t* sc = reinterpret_cast<const int8_t*>(w + 192);
-      const float dd = fp16(w + 208);
-      for (int h = 0; h < 2; ++h) {
-        const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 64 * h));
-        const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 64 * h + 32));
-        const __m256i hv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qhp + 32 * h));
-        const __m256i lows[4] = {
-            _mm256_and_si256(l0, lo4), _mm256_and_si256(l1, lo4),
-            _mm256_and_si256(_mm256_srli_epi16(l0, 4), lo4), _mm256_and_si256(_mm256_srli_epi16(l1, 4), lo4)};
-        for (int s4 = 0; s4 < 4; ++s4) {
-          const __m256i hi = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hv, 2 * s4), three), 4);
-          const int si = 8 * h + 2 * s4;
-          const __m256i sc16 = _mm256_set_m128i(_mm_set1_epi16(sc[si + 1]), _mm_set1_epi16(sc[si]));
-          c.add_q6(_mm256_or_si256(lows[s4], hi), sc16, dd, sb * 8 + 4 * h + s4);
-        }
-      }
-    }
   }
   c.store(out, ldo);
 }

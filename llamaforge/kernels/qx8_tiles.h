@@ -5,10 +5,8 @@
 // same exact integer sums followed by the same float operations, so their results are identical.
 //
 // A tile is one group of 8 weight rows (V8: 256-bit vectors) against MR activation rows: per 32-column
-// block and activation row, one int32 vector holds the 8 rows' integer dot products, scaled once in float:
-//     acc += float(isum) * (d_w * d_x) + offset_w * s_x      (s_x = d_x * sum(q_x))
-// (Q6_K: isum already carries the two 16-column scales and the -32 offset, in int32, so one float
-// multiply-add per block as for the others.)
+// block (Q4_0 / Q4_1 / Q8_0) or 256-column super-block (the K-quants, on Q8_K activations: see tile) and
+// activation row, one int32 vector holds the 8 rows' integer dot products, scaled once in float.
 // With VNNI and more than 8 activation rows (prefill), a tile takes two adjacent groups in 512-bit
 // vectors instead (V16: group g in the low half, g + 1 in the high half): the same operations on each
 // lane, so the same results, in half the instructions (Zen 4 runs a 512-bit op as two 256-bit halves,
@@ -32,6 +30,7 @@ struct V8 {
     return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   }
   static I i8(const uint8_t* p, int64_t) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+  static I u8i(const uint8_t* p, int64_t) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
   static I bcast(const void* p) {
     int32_t v;
     std::memcpy(&v, p, 4);
@@ -91,6 +90,7 @@ struct V16 {
   }
   static F u8(const uint8_t* p, int64_t gs) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo64(p, gs))); }
   static I i8(const uint8_t* p, int64_t gs) { return _mm512_cvtepi8_epi32(lo64(p, gs)); }
+  static I u8i(const uint8_t* p, int64_t gs) { return _mm512_cvtepu8_epi32(lo64(p, gs)); }
   static I bcast(const void* p) {
     int32_t v;
     std::memcpy(&v, p, 4);
@@ -134,8 +134,11 @@ inline typename V::I fifth_bit(typename V::I h, int k) {
 // q + X8_HI_OFF) with MR activation blocks xb[i]. VNNI, decode (MR <= 4): the low and high nibbles' products
 // go into two int32 chains of 4 vpdpbusd, added at the end (one chain of 8 waits 8 latencies per block:
 // at M = 1 that, not the loads, bounded the tile in L2 to ~25 GB/s a core); integer sums, so the same bits.
+// AVX2 multiplies the sums by the int16 pairs `mul16` of each lane as it widens them (ones, or a K-quant's
+// sub-block scales: free); VNNI ignores it.
 template <class V, int MR, bool FIVE>
-inline void dot_u(const uint8_t* q, int64_t gs, const int8_t* const* xb, typename V::I* s32) {
+inline void dot_u(const uint8_t* q, int64_t gs, const int8_t* const* xb, typename V::I* s32,
+                  [[maybe_unused]] typename V::I mul16) {
   using I = typename V::I;
   const I lo4 = V::set8(0x0F);
   I h = V::zero();
@@ -146,7 +149,6 @@ inline void dot_u(const uint8_t* q, int64_t gs, const int8_t* const* xb, typenam
   if constexpr (TWO)
     for (int i = 0; i < MR; ++i) t32[i] = V::zero();
 #else
-  const __m256i ones = _mm256_set1_epi16(1);
   __m256i s16[MR];
   for (int i = 0; i < MR; ++i) s16[i] = _mm256_setzero_si256();
 #endif
@@ -172,7 +174,7 @@ inline void dot_u(const uint8_t* q, int64_t gs, const int8_t* const* xb, typenam
     // An int16 lane holds at most 8 products of 4-bit weights (8 * 2 * 15 * 127 < 2^15), 4 of 5-bit.
     if (j == 3 || (FIVE && j == 1)) {
       for (int i = 0; i < MR; ++i) {
-        s32[i] = _mm256_add_epi32(s32[i], _mm256_madd_epi16(s16[i], ones));
+        s32[i] = _mm256_add_epi32(s32[i], _mm256_madd_epi16(s16[i], mul16));
         s16[i] = _mm256_setzero_si256();
       }
     }
@@ -265,14 +267,37 @@ inline void dot_s8(const uint8_t* q, int64_t gs, const int8_t* const* xb, typena
 #endif
 }
 
+// Each lane of a (int32: the same in both) as an int16 pair (v, v), for vpmaddwd.
+template <class V>
+inline typename V::I pair16(typename V::I v) {
+  return V::or_(V::and_(v, V::set32(0xFFFF)), V::slli32(v, 16));
+}
+
+// acc + the vpmaddwd of int16 pairs a, b (VNNI: one vpdpwssd).
+template <class V>
+inline typename V::I madd_acc(typename V::I acc, typename V::I a, typename V::I b) {
+#if LFQ_TILE_VNNI
+  return V::dpwssd(acc, a, b);
+#else
+  return V::add32(acc, V::madd16(a, b));
+#endif
+}
+
 // The weight rows of the group(s) at gw (8 per group; the next group gs bytes on) against activation rows
 // m0 .. m0 + MR - 1; the first nvalid rows are stored into y (row-major, ldy floats per row).
+// Q4_0 / Q4_1 / Q8_0 read the activations' blocks of 32: per block, acc += float(isum) * (d_w * d_x) + m_w * s_x.
+// The K-quants read their Q8_K form (one d_x per 256 columns, int16 sums per 16) as llama.cpp's
+// ggml_vec_dot_q*_K_q8_K: the sub-block scales (and Q4_K/Q5_K's mins) multiply integer sums, so a super-block
+// is one exact int32 sum per weight row and activation row, scaled once in float:
+//     Q6_K:        acc += float(sum_h sc_h * sum_16(q - 32) x) * (d_w * d_x)
+//     Q4_K / Q5_K: acc += float(sum_j sc_j * sum_32 q x) * (d_w * d_x) - float(sum_j mn_j * sum_32 x) * (dmin_w * d_x)
+// (|sums| < 2^29: 256 columns of 6-bit values times 8-bit scales times 127.)
 template <class V, int64_t QT, int MR>
 inline void tile(const uint8_t* gw, int64_t gs, int64_t nsb, const Act& a, int64_t m0, float* y, int64_t ldy,
                  int64_t nvalid) {
   using I = typename V::I;
   using F = typename V::F;
-  constexpr bool KQ = QT == T_Q4_K || QT == T_Q5_K;
+  constexpr bool KQ = QT == T_Q4_K || QT == T_Q5_K || QT == T_Q6_K;
   constexpr int64_t SB = QT == T_Q4_0   ? 144
                          : QT == T_Q4_1 ? 160
                          : QT == T_Q8_0 ? 272
@@ -280,51 +305,48 @@ inline void tile(const uint8_t* gw, int64_t gs, int64_t nsb, const Act& a, int64
                          : QT == T_Q5_K ? 1440
                                         : 1680;
   F acc[MR];
-  const int8_t* xq[MR];
+  const int8_t* xq[MR];  // blocks of 32: q, d, s; Q8_K: q, d, bsums
   const float* xd[MR];
   const float* xs[MR];
-  const int32_t* xh[MR];
+  const int16_t* xbs[MR];
   const int8_t* xb[MR];
   I s32[MR];
   for (int i = 0; i < MR; ++i) {
     acc[i] = V::fzero();
-    xq[i] = a.q + (m0 + i) * a.K;
-    xd[i] = a.d + (m0 + i) * a.nb;
-    xs[i] = a.s + (m0 + i) * a.nb;
-    xh[i] = a.h + (m0 + i) * a.nb;
+    if constexpr (KQ) {
+      xq[i] = a.kq + (m0 + i) * a.K;
+      xd[i] = a.kd + (m0 + i) * (a.K / 256);
+      xbs[i] = a.kbs + (m0 + i) * (a.K / 16);
+    } else {
+      xq[i] = a.q + (m0 + i) * a.K;
+      xd[i] = a.d + (m0 + i) * a.nb;
+      xs[i] = a.s + (m0 + i) * a.nb;
+    }
   }
   for (int64_t sb = 0; sb < nsb; ++sb) {
     const uint8_t* p = gw + sb * SB;
     const F dvec = V::f16(p, gs);
     if constexpr (QT == T_Q6_K) {
       const I lo16 = V::set32(0xFFFF);
-      F part[MR];  // this super-block's sum over j of isum * d_x, times d_w once at its end
-      for (int i = 0; i < MR; ++i) part[i] = V::fzero();
+      I tot[MR];  // this super-block's int32 sum
+      for (int i = 0; i < MR; ++i) tot[i] = V::zero();
       for (int64_t j = 0; j < 8; ++j) {
-        const int64_t b = sb * 8 + j;
         const I sca = V::i8(p + 16 + 16 * j, gs), scb = V::i8(p + 24 + 16 * j, gs);  // int32 lanes
         // The values are stored + 32: -32 * (sca * sum_a(x) + scb * sum_b(x)), one vpmaddwd of the int16 pairs
-        // (-32 sca, -32 scb) with the activations' half sums (h0, h1) (|32 * 128|, |16 * 127| < 2^15).
+        // (-32 sca, -32 scb) with the activations' sums of the two halves (|32 * 128|, |16 * 127| < 2^15).
         const I neg = V::or_(V::and_(V::sub32(V::zero(), V::slli32(sca, 5)), lo16),
                              V::slli32(V::sub32(V::zero(), V::slli32(scb, 5)), 16));
 #if LFQ_TILE_VNNI
         const I wa = sca, wb = scb;
 #else
-        const I wa = V::or_(V::and_(sca, lo16), V::slli32(sca, 16));  // (sc, sc) int16 pairs for vpmaddwd
-        const I wb = V::or_(V::and_(scb, lo16), V::slli32(scb, 16));
+        const I wa = pair16<V>(sca), wb = pair16<V>(scb);  // (sc, sc) int16 pairs for vpmaddwd
 #endif
-        for (int i = 0; i < MR; ++i) xb[i] = xq[i] + 32 * b;
+        for (int i = 0; i < MR; ++i) xb[i] = xq[i] + 256 * sb + 32 * j;
         dot_q6<V, MR>(p + x8_qoff(QT, j), gs, xb, wa, wb, s32);
-        for (int i = 0; i < MR; ++i) {
-#if LFQ_TILE_VNNI
-          const I isum = V::dpwssd(s32[i], V::bcast(xh[i] + b), neg);
-#else
-          const I isum = V::add32(s32[i], V::madd16(V::bcast(xh[i] + b), neg));
-#endif
-          part[i] = V::fma(V::cvt(isum), V::setf(xd[i][b]), part[i]);
-        }
+        for (int i = 0; i < MR; ++i)
+          tot[i] = V::add32(tot[i], madd_acc<V>(s32[i], V::bcast(xbs[i] + 16 * sb + 2 * j), neg));
       }
-      for (int i = 0; i < MR; ++i) acc[i] = V::fma(part[i], dvec, acc[i]);
+      for (int i = 0; i < MR; ++i) acc[i] = V::fma(V::cvt(tot[i]), V::mul(dvec, V::setf(xd[i][sb])), acc[i]);
     } else if constexpr (!KQ) {
       const int64_t b = sb;
       for (int i = 0; i < MR; ++i) {
@@ -334,27 +356,37 @@ inline void tile(const uint8_t* gw, int64_t gs, int64_t nsb, const Act& a, int64
       if constexpr (QT == T_Q8_0)
         dot_s8<V, MR>(p + 16, gs, xb, s32);
       else
-        dot_u<V, MR, false>(p + x8_qoff(QT, 0), gs, xb, s32);
+        dot_u<V, MR, false>(p + x8_qoff(QT, 0), gs, xb, s32, V::set32(0x00010001));
       const F mv = QT == T_Q4_1 ? V::f16(p + 16, gs) : V::mul(dvec, V::setf(-8.0f));
       for (int i = 0; i < MR; ++i) {
         acc[i] = V::fma(V::cvt(s32[i]), V::mul(dvec, V::setf(xd[i][b])), acc[i]);
         if constexpr (QT != T_Q8_0) acc[i] = V::fma(mv, V::setf(xs[i][b]), acc[i]);
       }
-    } else {
+    } else {  // Q4_K, Q5_K
       const F dmin = V::f16(p + 16, gs);
+      I tot[MR];
+      for (int i = 0; i < MR; ++i) tot[i] = V::zero();
       for (int64_t j = 0; j < 8; ++j) {
-        const int64_t b = sb * 8 + j;
-        const F dv = V::mul(dvec, V::u8(p + 32 + 8 * j, gs));
-        const F mv = V::mul(dmin, V::u8(p + 96 + 8 * j, gs));  // subtracted: w = d * sc * q - dmin * mn
-        for (int i = 0; i < MR; ++i) {
-          xb[i] = xq[i] + 32 * b;
-          s32[i] = V::zero();
-        }
-        dot_u<V, MR, QT == T_Q5_K>(p + x8_qoff(QT, j), gs, xb, s32);
-        for (int i = 0; i < MR; ++i) {
-          acc[i] = V::fma(V::cvt(s32[i]), V::mul(dv, V::setf(xd[i][b])), acc[i]);
-          acc[i] = V::fnma(mv, V::setf(xs[i][b]), acc[i]);
-        }
+        const I sc = V::u8i(p + 32 + 8 * j, gs);  // int32 lanes
+        for (int i = 0; i < MR; ++i) xb[i] = xq[i] + 256 * sb + 32 * j;
+#if LFQ_TILE_VNNI
+        for (int i = 0; i < MR; ++i) s32[i] = V::zero();
+        dot_u<V, MR, QT == T_Q5_K>(p + x8_qoff(QT, j), gs, xb, s32, sc);
+        for (int i = 0; i < MR; ++i) tot[i] = V::add32(tot[i], V::mullo32(s32[i], sc));
+#else
+        dot_u<V, MR, QT == T_Q5_K>(p + x8_qoff(QT, j), gs, xb, tot, pair16<V>(sc));
+#endif
+      }
+      // The mins' sum: sum_j mn_j * (bsum_2j + bsum_2j+1), one vpmaddwd of (mn_j, mn_j) with the pair of sums.
+      for (int i = 0; i < MR; ++i) s32[i] = V::zero();
+      for (int64_t j = 0; j < 8; ++j) {
+        const I mn = pair16<V>(V::u8i(p + 96 + 8 * j, gs));
+        for (int i = 0; i < MR; ++i) s32[i] = madd_acc<V>(s32[i], V::bcast(xbs[i] + 16 * sb + 2 * j), mn);
+      }
+      for (int i = 0; i < MR; ++i) {
+        const F dx = V::setf(xd[i][sb]);
+        acc[i] = V::fma(V::cvt(tot[i]), V::mul(dvec, dx), acc[i]);
+        acc[i] = V::fnma(V::cvt(s32[i]), V::mul(dmin, dx), acc[i]);
       }
     }
   }
