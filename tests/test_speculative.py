@@ -191,18 +191,20 @@ class NaiveLookup:
         if best is None:
             return [], 0
         self.source = best[1]
-        return ctx[best[1] : best[1] + k], best[0]
+        return ctx[best[1] : best[1] + k], best[0].bit_length()
 
 
 def test_ngram_drafter_proposes_what_followed_the_longest_latest_match():
     d = NgramDrafter(max_ngram=2, min_ngram=1)
     assert d.propose([1, 2, 3, 4, 1, 2, 5, 6, 1, 2], 3) == [5, 6, 1]  # latest "1 2" is followed by 5 6 1
-    assert d.last_key == 2
+    assert d.last_key == 2  # a match of 2-3 tokens
     assert d.propose([1, 2, 3, 4, 9, 3], 2) == [4, 9]  # no 2-gram match: the 1-gram "3"
     assert d.last_key == 1
     assert d.propose([1, 2, 3], 4) == [] and d.last_key == 0
     # "1 2" occurs twice; the earlier one is preceded by 7 as the context's is: a 3-token match beats the latest
-    assert NgramDrafter(max_ngram=2).propose([7, 1, 2, 3, 9, 1, 2, 4, 7, 1, 2], 2) == [3, 9]
+    long = NgramDrafter(max_ngram=2)
+    assert long.propose([7, 1, 2, 3, 9, 1, 2, 4, 7, 1, 2], 2) == [3, 9]
+    assert long.propose([5, 6, 7, 8, 9, 1, 2, 5, 6, 7, 8], 2) == [9, 1] and long.last_key == 3  # 4-7 tokens
     with pytest.raises(GenerationError):
         NgramDrafter(max_ngram=1, min_ngram=2)
     with pytest.raises(GenerationError):
@@ -216,7 +218,7 @@ def test_ngram_drafter_resumes_a_copy_after_an_edit():
     d = NgramDrafter()
     assert d.propose(ctx, 3) == [4, 5, 6]
     ctx += [40, 5]  # the answer edited 4 into 40 and goes on copying
-    assert d.propose(ctx, 3) == [6, 7, 8] and d.last_key == 1
+    assert d.propose(ctx, 3) == [6, 7, 8] and d.last_key == 1  # a 1-token match, near the source
     assert NgramDrafter().propose(ctx, 3) == [30, 31, 0]  # without the source: the latest "5"
 
 

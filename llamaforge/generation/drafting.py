@@ -6,7 +6,7 @@
   the n-gram), or, when an edit broke the copy for a token or two, the match nearest to where the copy's
   source now is. An index of every n-gram's occurrences is kept up to date as the context grows, so a
   proposal costs a few dictionary look-ups, not a scan of the context. Its proposal carries the match
-  length as its `last_key`: a 20-token match is continued far more often than a 1-token one.
+  length (in powers of two) as its `last_key`: a 20-token match is continued far more often than a 1-token one.
 - `ModelDrafter`: a smaller model with the same vocabulary, run greedily over its own KV cache.
 - `DraftPlanner` decides each round's draft length d (0: a plain one-token step), maximising the expected
   tokens per second: E(d) / c(d), with E(d) = 1 + sum_{j <= d} prod_{i <= j} p_i. The costs c(d) are the
@@ -59,7 +59,9 @@ class NgramDrafter:
       nearest). An edit (a corrected word, a renamed name) breaks the match for a token or two; a copy
       resumes just after it, where a short match elsewhere in the text would send the proposal astray.
     The near candidate wins unless the longest match is more than `near_bonus` tokens longer. `last_key` is
-    the chosen match's length (0: no match): a long match is continued far more often than a short one.
+    the bit length of the chosen match's length (0: no match, 1: one token, 2: 2-3, 3: 4-7, ... 6: 32): a
+    long match is continued far more often than a short one, and in a copy run the match grows every
+    round, so exact lengths would each be a new kind of proposal with nothing learned about it yet.
     """
 
     cheap = True
@@ -129,7 +131,8 @@ class NgramDrafter:
                 best = (near[0], near[2])
         if best is None:
             return []
-        self.last_key, self._source = best
+        self._source = best[1]
+        self.last_key = best[0].bit_length()
         return ctx[best[1] : best[1] + k]
 
 
