@@ -86,15 +86,16 @@ PROMPTS = [
 @needs_kernels
 @pytest.mark.parametrize("scheme", ["q8_0", "q4_0", None])
 def test_verify_rows_equal_one_token_steps(scheme):
-    """The batched verification forward is row- and position-exact against one-token steps."""
+    """The batched verification forward is row- and position-exact against one-token steps, at every row count a
+    draft of up to 8 tokens gives (the integer kernels' tiles take 1-8 rows in one pass over the weights)."""
     model = make_model(scheme)
     one, many = model_steps(model, SEQ), model_steps(model, SEQ)
-    prompt, rows = PROMPTS[1], [4, 17, 33, 2, 60, 7, 7, 1]
+    prompt, rows = PROMPTS[1], [4, 17, 33, 2, 60, 7, 7, 1, 50]
     one.prefill(prompt)
     many.prefill(prompt)
     singles = torch.stack([one.verify([t], len(prompt) + i)[0] for i, t in enumerate(rows)])
-    batched = many.verify(rows, len(prompt))
-    assert torch.equal(singles, batched)
+    for n in range(1, len(rows) + 1):
+        assert torch.equal(singles[:n], many.verify(rows[:n], len(prompt))), f"{n} rows"
 
 
 @needs_kernels
@@ -161,11 +162,13 @@ class NaiveLookup:
     """Prompt lookup by scans of the whole context, the rule NgramDrafter's docstring states (defaults)."""
 
     def __init__(self, max_n: int = 4, max_match: int = 32, window: int = 8, bonus: int = 2, candidates: int = 16):
-        self.max_n, self.max_match, self.window, self.bonus, self.candidates = max_n, max_match, window, bonus, candidates
+        self.max_n, self.max_match, self.window, self.bonus = max_n, max_match, window, bonus
+        self.candidates = candidates
         self.source, self.seen = None, []
 
     def match(self, ctx: list[int], end: int) -> int:
-        return max(j for j in range(min(self.max_match, end) + 1) if j == 0 or ctx[end - j : end] == ctx[len(ctx) - j :])
+        tail = len(ctx)
+        return max(j for j in range(min(self.max_match, end) + 1) if j == 0 or ctx[end - j : end] == ctx[tail - j :])
 
     def propose(self, ctx: list[int], k: int) -> tuple[list[int], int]:
         if ctx[: len(self.seen)] != self.seen:
