@@ -1,14 +1,21 @@
 """Speculative greedy decoding (llamaforge.generation.speculative) against plain greedy steps.
 
     python benchmarks/speculative.py [--model FILE.gguf] [--dtype float32] [--draft FILE.gguf|default] [--tokens 256] [--k 7]
-                                     [--threads 1] [--repeats 3] [--only grounded|open] [--api]
+                                     [--threads 1] [--repeats 3] [--only grounded|open] [--api] [--costs-only]
 
 For each prompt of benchmarks/spec_prompts.py (input-grounded: repeat / fix / edit / summarise / quote a given
 text; open-ended: nothing to copy) it runs plain greedy decoding (one-token steps through the same `Steps`) and
 speculative decoding with prompt lookup (and with a draft model when --draft is given), up to a stop token,
 alternating them `--repeats` times, checks that the tokens are identical, and prints the median decode speed
 (tokens after the prefill's one per second of decoding: the prefill is the same work in both), the speed-up,
-acceptance and tokens per target call, then the geometric mean speed-up per kind. Times are process CPU
+acceptance and tokens per target call, then the geometric mean speed-up per kind. First it measures what a
+verification of r rows costs against a one-token step (r = 1..16, at a 200-token context, alternated, median):
+the cost curve every speed-up rests on (`--costs-only` stops there: with `--model` a 1B/3B shape file of
+benchmarks/shapes.py, whose random weights make no text worth drafting, it still gives the curve). Each prompt
+also prints two bounds replayed on the plain output at that curve: "best lengths" (this drafter's proposals,
+each cut at exactly what the model accepts: the planner's ceiling) and "any match" (every round drafts the
+longest run of the coming output that occurs anywhere earlier in the context: prompt lookup's ceiling).
+Times are process CPU
 seconds (`time.process_time`) with one thread (what the decode costs, undisturbed by other jobs waiting for
 the cores on a shared machine), wall seconds otherwise; the planner measures rounds with the same clock.
 `--api` also times `Llama.generate(..., temperature=0)` against `speculative="ngram"` end to end (prefill
@@ -40,6 +47,43 @@ class Plain:
         return []
 
 
+ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16)
+
+
+def cost_curve(steps, clock, repeats: int) -> dict[int, float]:
+    """Seconds of a verification of r rows (ROWS) at positions 200.., the row counts alternated, medians."""
+    ctx = list(range(100, 300))
+    steps.prefill(ctx)
+    times: dict[int, list[float]] = {r: [] for r in ROWS}
+    for _ in range(repeats + 1):  # the first round warms caches and is not kept
+        for r in ROWS:
+            t0 = clock()
+            steps.verify(ctx[:r], len(ctx))
+            times[r].append(clock() - t0)
+    return {r: statistics.median(t[1:]) for r, t in times.items()}
+
+
+def replay_bound(prompt, out, ratio: dict[int, float], k: int, drafter=None) -> float:
+    """Speed-up of replaying `out` at the cost curve `ratio` (rows -> cost of a one-token step) when every round
+    drafts exactly the tokens the model then accepts: of `drafter`'s proposal (up to k), or, with no drafter,
+    the longest run of the coming output found anywhere earlier in the context (up to k)."""
+    rows = sorted(ratio)
+    cost = lambda r: ratio[min((x for x in rows if x >= r), default=rows[-1])]  # noqa: E731
+    path, i, spent = list(prompt) + list(out), 0, 0.0
+    while i < len(out) - 1:
+        ctx, future = path[: len(prompt) + i + 1], out[i + 1 : i + 1 + min(k, len(out) - 2 - i)]
+        if drafter is not None:
+            proposal = drafter.propose(ctx, len(future))
+            agree = [a == b for a, b in zip(proposal, future)]
+            accepted = agree.index(False) if False in agree else len(agree)
+        else:
+            accepted = max((next((j for j in range(len(future)) if s + j >= len(ctx) or path[s + j] != future[j]),
+                                 len(future)) for s in range(len(ctx))), default=0)
+        spent += cost(accepted + 1)
+        i += accepted + 1
+    return (len(out) - 1) / spent if spent else 1.0
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="GGUF file (default: the default model)")
@@ -53,6 +97,7 @@ def main() -> None:
     p.add_argument("--only", choices=["grounded", "open"])
     p.add_argument("--api", action="store_true", help="also time Llama.generate end to end")
     p.add_argument("--verbose", action="store_true", help="print the planner's measured round costs")
+    p.add_argument("--costs-only", action="store_true", help="only measure the verification cost curve")
     a = p.parse_args()
 
     import torch
@@ -76,6 +121,12 @@ def main() -> None:
         check_same_vocabulary(llm.tokenizer, draft.tokenizer)
     tok = llm.tokenizer
     steps = model_steps(llm.model, seq)
+    curve = cost_curve(steps, clock, max(a.repeats, 3) * 3)
+    print("verification cost, rows: ms (x a one-token step): " + ", ".join(
+        f"{r}: {1000 * c:.2f} ({c / curve[1]:.2f}x)" for r, c in curve.items()))
+    if a.costs_only:
+        return
+    ratio = {r: c / curve[1] for r, c in curve.items()}
     kinds = {"grounded": spec_prompts.GROUNDED, "open": spec_prompts.OPEN}
     if a.only:
         kinds = {a.only: kinds[a.only]}
@@ -98,7 +149,9 @@ def main() -> None:
             base_out = runs["plain"][0][0]
             rate = {label: statistics.median((st.tokens - 1) / (st.seconds - st.prefill_seconds) for _, st, _ in r[1:])
                     for label, r in runs.items()}
-            print(f"\n{kind} / {name}: prompt {len(prompt)} tokens, output {len(base_out)} tokens")
+            print(f"\n{kind} / {name}: prompt {len(prompt)} tokens, output {len(base_out)} tokens; bounds at the "
+                  f"cost curve: best lengths {replay_bound(prompt, base_out, ratio, a.k, NgramDrafter()):.2f}x, "
+                  f"any match {replay_bound(prompt, base_out, ratio, a.k):.2f}x")
             for label, r in runs.items():
                 out, st, plan = r[-1]
                 x = rate[label] / rate["plain"]

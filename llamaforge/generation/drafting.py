@@ -1,11 +1,12 @@
 """What speculative decoding drafts, and how much of it is worth verifying (generation/speculative.py runs the loop).
 
 - `NgramDrafter` (prompt lookup, as Apoorv Saxena's "prompt lookup decoding", transformers'
-  `prompt_lookup_num_tokens` and vLLM's n-gram speculator): the tokens that followed the latest earlier
-  occurrence of the context's last n tokens, the longest n from `max_ngram` down that occurs. An index of
-  every n-gram's latest occurrence is kept up to date as the context grows, so a proposal costs a few
-  dictionary look-ups, not a scan of the context. Its proposal carries the matched n as its `last_key`:
-  a 4-token match is continued far more often than a 1-token one.
+  `prompt_lookup_num_tokens`, vLLM's n-gram speculator and llama.cpp's lookup decoding): the tokens that
+  followed an earlier occurrence of the context's last tokens: the longest match (extended backwards past
+  the n-gram), or, when an edit broke the copy for a token or two, the match nearest to where the copy's
+  source now is. An index of every n-gram's occurrences is kept up to date as the context grows, so a
+  proposal costs a few dictionary look-ups, not a scan of the context. Its proposal carries the match
+  length (in powers of two) as its `last_key`: a 20-token match is continued far more often than a 1-token one.
 - `ModelDrafter`: a smaller model with the same vocabulary, run greedily over its own KV cache.
 - `DraftPlanner` decides each round's draft length d (0: a plain one-token step), maximising the expected
   tokens per second: E(d) / c(d), with E(d) = 1 + sum_{j <= d} prod_{i <= j} p_i. The costs c(d) are the
@@ -27,7 +28,7 @@ import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Protocol, Sequence
+from typing import Callable, Hashable, Optional, Protocol, Sequence
 
 from llamaforge.errors import GenerationError
 
@@ -46,44 +47,93 @@ class Drafter(Protocol):
 
 
 class NgramDrafter:
-    """Prompt lookup: the tokens that followed the latest earlier occurrence of the context's last n tokens
-    (n from `max_ngram` down to `min_ngram`); `last_key` is the n matched (0: none)."""
+    """Prompt lookup: the tokens that followed an earlier occurrence of the context's last tokens.
+
+    Two candidates, the better one proposed:
+    - the longest match: among the latest `candidates` occurrences of the context's last n tokens (the
+      longest n from `max_ngram` down to `min_ngram` that occurs), the one whose match, extended backwards,
+      is longest (up to `max_match` tokens; ties: the latest);
+    - the match near the source: the text being copied continues where the last proposal's source would
+      be now (its start advanced by the tokens added since), so the positions within `window` of it whose
+      preceding tokens match the context's last ones are candidates too (the longest match, then the
+      nearest). An edit (a corrected word, a renamed name) breaks the match for a token or two; a copy
+      resumes just after it, where a short match elsewhere in the text would send the proposal astray.
+    The near candidate wins unless the longest match is more than `near_bonus` tokens longer. `last_key` is
+    the bit length of the chosen match's length (0: no match, 1: one token, 2: 2-3, 3: 4-7, ... 6: 32): a
+    long match is continued far more often than a short one, and in a copy run the match grows every
+    round, so exact lengths would each be a new kind of proposal with nothing learned about it yet.
+    """
 
     cheap = True
 
-    def __init__(self, max_ngram: int = 5, min_ngram: int = 1) -> None:
-        if not 1 <= min_ngram <= max_ngram:
-            raise GenerationError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
-        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+    def __init__(self, max_ngram: int = 4, min_ngram: int = 1, *, max_match: int = 32, window: int = 8,
+                 near_bonus: int = 2, candidates: int = 16) -> None:
+        if not 1 <= min_ngram <= max_ngram <= max_match:
+            raise GenerationError(f"need 1 <= min_ngram <= max_ngram <= max_match, got {min_ngram}, {max_ngram}, "
+                                  f"{max_match}")
+        if window < 0 or near_bonus < 0 or candidates < 1:
+            raise GenerationError(f"need window >= 0, near_bonus >= 0 and candidates >= 1, got {window}, "
+                                  f"{near_bonus}, {candidates}")
+        self.max_ngram, self.min_ngram, self.max_match = max_ngram, min_ngram, max_match
+        self.window, self.near_bonus, self.candidates = window, near_bonus, candidates
         self.last_key: Hashable = 0
         self._ctx: list[int] = []
-        # _latest[n][gram] = start of gram's latest occurrence that has a token after it
-        self._latest: list[dict[tuple[int, ...], int]] = [{} for _ in range(max_ngram + 1)]
+        # _starts[n][gram] = starts of gram's occurrences that have a token after them, oldest first
+        self._starts: list[dict[tuple[int, ...], list[int]]] = [{} for _ in range(max_ngram + 1)]
+        self._source: Optional[int] = None  # where the last proposal copied from, as of `_source_len` tokens
+        self._source_len = 0
 
     def _index(self, context: Sequence[int]) -> list[int]:
         """The context as a list, with the index extended over its new tokens (rebuilt if it is not an extension)."""
         ctx = list(context)
         old = len(self._ctx)
         if len(ctx) < old or ctx[:old] != self._ctx:
-            self._latest = [{} for _ in range(self.max_ngram + 1)]
-            old = 0
+            self._starts = [{} for _ in range(self.max_ngram + 1)]
+            self._source, old = None, 0
         for i in range(max(old, 1), len(ctx)):  # token i now follows the n-grams that end at i - 1
             for n in range(self.min_ngram, min(self.max_ngram, i) + 1):
-                self._latest[n][tuple(ctx[i - n : i])] = i - n
+                self._starts[n].setdefault(tuple(ctx[i - n : i]), []).append(i - n)
         self._ctx = ctx
         return ctx
+
+    def _match(self, ctx: list[int], end: int) -> int:
+        """How many tokens before position `end` equal the context's last ones (at most max_match)."""
+        last, m = len(ctx) - 1, 0
+        while m < self.max_match and m < end and ctx[end - 1 - m] == ctx[last - m]:
+            m += 1
+        return m
 
     def propose(self, context: Sequence[int], k: int) -> list[int]:
         ctx = self._index(context)
         self.last_key = 0
+        n_ctx = len(ctx)
+        if self._source is not None:  # the tokens added since the last proposal, as if copied from there
+            self._source += n_ctx - self._source_len
+        self._source_len = n_ctx
         if k <= 0:
             return []
-        for n in range(min(self.max_ngram, len(ctx) - 1), self.min_ngram - 1, -1):
-            start = self._latest[n].get(tuple(ctx[-n:]))
-            if start is not None:
-                self.last_key = n
-                return ctx[start + n : start + n + k]
-        return []
+        best: Optional[tuple[int, int]] = None  # (match length, continuation start)
+        for n in range(min(self.max_ngram, n_ctx - 1), self.min_ngram - 1, -1):
+            starts = self._starts[n].get(tuple(ctx[-n:]))
+            if starts:
+                for s in reversed(starts[-self.candidates :]):  # latest first: a tie keeps the latest
+                    m = self._match(ctx, s + n) if n == self.max_ngram else n
+                    if best is None or m > best[0]:
+                        best = (m, s + n)
+                break
+        if self._source is not None:
+            near: Optional[tuple[int, int, int]] = None  # (match length, -distance, continuation start)
+            for end in range(max(1, self._source - self.window), min(n_ctx - 1, self._source + self.window) + 1):
+                m = self._match(ctx, end)
+                if m >= self.min_ngram and (near is None or (m, -abs(end - self._source)) > near[:2]):
+                    near = (m, -abs(end - self._source), end)
+            if near is not None and (best is None or near[0] + self.near_bonus >= best[0]):
+                best = (near[0], near[2])
+        if best is None:
+            return []
+        self._source = best[1]
+        self.last_key = best[0].bit_length()
+        return ctx[best[1] : best[1] + k]
 
 
 class ModelDrafter:
