@@ -3,7 +3,7 @@
 For K-quant weights the C++ kernels quantize each activation row per 256 columns (one float d, int8 q, int16
 sums per 16: ggml's block_q8_K), so that the weights' sub-block scales and mins multiply integer sums.
 - The quantizer against a numpy transcription of ggml-quants.c's quantize_row_q8_K_ref: exact (q, d, bsums).
-- Every kernel path (x8 tiles, AVX2 and AVX-512 VNNI, decode M <= 8 and prefill M > 8; GGUF-layout rows)
+- Every kernel path (x8 tiles, AVX2 and AVX-512 VNNI, one-group tiles M <= 4 and two-group tiles M > 4; GGUF-layout rows)
   against the float64 product of gguf-py's dequantized weight with the Q8_K-dequantized activations (q * d):
   the kernels' integer sums are exact and a super-block adds 2-3 float32 roundings, so the error is below
   1e-6 of sum |w| |x| (observed 2e-8; the 32-column form would be off by ~1e-3).

@@ -1,6 +1,6 @@
-"""The quantized prefill tiles (kernels/qx8_tiles.h) at prefill sizes: M > 8 activation rows.
+"""The quantized prefill tiles (kernels/qx8_tiles.h) at prefill sizes: M > 4 activation rows.
 
-With AVX-512 VNNI, more than 8 rows take tiles of two groups of 8 weight rows in 512-bit vectors; every
+With AVX-512 VNNI, more than 4 rows take tiles of two groups of 8 weight rows in 512-bit vectors; every
 tile (any width, any number of activation rows) applies the same integer sums and the same float
 operations to each output, so a row of a prefill must equal that row computed alone (decode), bit for
 bit, and the AVX2 tiles must give the same numbers. References: exact equality for those; F.linear

@@ -7,12 +7,15 @@
 // A tile is one group of 8 weight rows (V8: 256-bit vectors) against MR activation rows: per 32-column
 // block (Q4_0 / Q4_1 / Q8_0) or 256-column super-block (the K-quants, on Q8_K activations: see tile) and
 // activation row, one int32 vector holds the 8 rows' integer dot products, scaled once in float.
-// With VNNI and more than 8 activation rows (prefill), a tile takes two adjacent groups in 512-bit
-// vectors instead (V16: group g in the low half, g + 1 in the high half): the same operations on each
-// lane, so the same results, in half the instructions (Zen 4 runs a 512-bit op as two 256-bit halves,
+// With VNNI and more than 4 activation rows (prefill, speculative verification, batches), a tile takes
+// two adjacent groups in 512-bit vectors instead (V16: group g in the low half, g + 1 in the high half):
+// the same operations on each lane, so the same results, in half the instructions (Zen 4 runs a 512-bit
+// op as two 256-bit halves,
 // so the multiply work per cycle is the same; what halves is the rest: broadcasts, unpacking, scaling,
-// loop overhead, and the front end's uops). Decode (M <= 8) keeps V8: one group streams front to back,
-// where two groups at once are two streams. The tile body is written once over the vector traits.
+// loop overhead, and the front end's uops). Up to 4 rows keep V8: one group streams front to back, where
+// two groups at once are two streams, and at 1-4 rows the stream is what bounds the time; from 5 rows the
+// instructions do (1B Q4_K_M, one thread: 5-8 rows 12-20% faster on V16, 2-4 rows no faster).
+// The tile body is written once over the vector traits.
 // No include guard on purpose.
 
 namespace lfq {
@@ -421,7 +424,7 @@ void groups(const uint8_t* w, int64_t g0, int64_t g1, int64_t N, int64_t K, cons
   const int64_t nsb = K / f.cols, gbytes = nsb * f.bytes;
   for (int64_t g = g0; g < g1;) {
 #if LFQ_TILE_VNNI
-    if (M > 8 && g + 1 < g1) {  // prefill: two groups per 512-bit tile
+    if (M > 4 && g + 1 < g1) {  // two groups per 512-bit tile: prefill, verification, batches of 5+
       tile_rows<V16, QT>(w + g * gbytes, gbytes, nsb, a, M, y + g * 8, N, std::min<int64_t>(16, N - g * 8));
       g += 2;
       continue;
