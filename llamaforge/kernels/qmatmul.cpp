@@ -581,6 +581,31 @@ at::Tensor repack_x8(const at::Tensor& raw, int64_t qt, int64_t N, int64_t K) {
 
 namespace py = pybind11;
 
+// A run-time knob as a Python function: returns its value; `n` sets it (to no less than `least`).
+static void def_knob(py::module_& m, const char* name, int64_t& (*knob)(), int64_t least, const char* doc) {
+  m.def(
+      name,
+      [knob, least](std::optional<int64_t> n) {
+        const int64_t was = knob();
+        if (n.has_value()) knob() = std::max<int64_t>(least, *n);
+        return was;
+      },
+      doc, py::arg("n") = py::none());
+}
+
+// A switch between tiles as a Python function: returns whether it was on; `on` switches it off, or back on
+// where `supported()`.
+static void def_switch(py::module_& m, const char* name, bool& (*flag)(), bool (*supported)(), const char* doc) {
+  m.def(
+      name,
+      [flag, supported](std::optional<bool> on) {
+        const bool was = flag();
+        if (on.has_value()) flag() = *on && supported();
+        return was;
+      },
+      doc, py::arg("on") = py::none());
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "llamaforge GGUF weight-only quantized matmul kernels (AVX2/FMA/F16C)";
   // The GIL is released while the kernels run, as torch's own ops do (other Python threads go on).
@@ -597,51 +622,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_q8k", &quantize_q8k, "activations (M, K) -> Q8_K (q, d, bsums) as the K-quant kernels read them",
         py::arg("x"), release());
   m.def("x8_supported", &x8_supported, "whether a GGML type id has the x8 layout");
-  m.def(
-      "min_bytes_per_thread",
-      [](std::optional<int64_t> n) {
-        const int64_t was = min_bytes_per_thread();
-        if (n.has_value()) min_bytes_per_thread() = std::max<int64_t>(1, *n);
-        return was;
-      },
-      "weight bytes (times 4-row tiles) below which a matmul stays on one thread; `n` sets it",
-      py::arg("n") = py::none());
-  m.def(
-      "decode_chunk_bytes",
-      [](std::optional<int64_t> n) {
-        const int64_t was = decode_chunk_bytes();
-        if (n.has_value()) decode_chunk_bytes() = std::max<int64_t>(0, *n);
-        return was;
-      },
-      "least weight bytes a thread takes at once in a decode matmul (0: static halves); `n` sets it",
-      py::arg("n") = py::none());
-  m.def(
-      "float_prefetch",
-      [](std::optional<int64_t> n) {
-        const int64_t was = float_prefetch_bytes();
-        if (n.has_value()) float_prefetch_bytes() = std::max<int64_t>(0, *n);
-        return was;
-      },
-      "bytes ahead that the float-weight tiles prefetch their rows into L2 (0: off); `n` sets it",
-      py::arg("n") = py::none());
-  m.def(
-      "use_vnni",
-      [](std::optional<bool> on) {
-        const bool was = vnni_enabled();
-        if (on.has_value()) vnni_enabled() = *on && vnni_supported();
-        return was;
-      },
-      "whether the AVX-512 VNNI tiles are used; `on` switches them off (or back on where supported)",
-      py::arg("on") = py::none());
-  m.def(
-      "use_avx512_gemm",
-      [](std::optional<bool> on) {
-        const bool was = gemm_avx512_enabled();
-        if (on.has_value()) gemm_avx512_enabled() = *on && gemm_avx512_supported();
-        return was;
-      },
-      "whether the 16-bit prefill GEMM uses its AVX-512 tiles; `on` switches them off (or back on where supported)",
-      py::arg("on") = py::none());
+  def_knob(m, "min_bytes_per_thread", &min_bytes_per_thread, 1,
+           "weight bytes (times 4-row tiles) below which a matmul stays on one thread; `n` sets it");
+  def_knob(m, "decode_chunk_bytes", &decode_chunk_bytes, 0,
+           "least weight bytes a thread takes at once in a decode matmul (0: static halves); `n` sets it");
+  def_knob(m, "float_prefetch", &float_prefetch_bytes, 0,
+           "bytes ahead that the float-weight tiles prefetch their rows into L2 (0: off); `n` sets it");
+  def_switch(m, "use_vnni", &vnni_enabled, &vnni_supported,
+             "whether the AVX-512 VNNI tiles are used; `on` switches them off (or back on where supported)");
+  def_switch(m, "use_avx512_gemm", &gemm_avx512_enabled, &gemm_avx512_supported,
+             "whether the 16-bit prefill GEMM uses its AVX-512 tiles; `on` switches them off (or back on where supported)");
   m.def("bf16dot_supported", &gemm_bf16dot_supported,
         "whether the CPU has AVX512_BF16: the AVX-512 GEMM then runs BF16 weights with vdpbf16ps (else the AVX2 "
         "tiles' exact emulation of it)");
