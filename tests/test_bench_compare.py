@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_bench_matrix import _load_as
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -23,6 +25,7 @@ def _load(name: str):
     return module
 
 
+bandwidth = _load_as("bandwidth")  # compare_shapes and the reports import it by name
 compare = _load("compare")
 compare_report = _load("compare_report")
 compare_engines = _load("compare_engines")
@@ -128,19 +131,6 @@ def test_module_weight_bytes_counts_tied_weights_once():
 
 # ----------------------------------------------------------------------------- --shape runs (made-up figures)
 
-import sys as _sys  # noqa: E402
-
-
-def _load_as(name: str):
-    """Import benchmarks/<name>.py under its own name (its dataclasses and `from shapes import` need that)."""
-    if name not in _sys.modules:
-        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-        _sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(_sys.modules[name])
-    return _sys.modules[name]
-
-
-bandwidth = _load_as("bandwidth")  # compare_shapes and the reports import it by name
 shapes = _load_as("shapes")
 compare_shapes = _load_as("compare_shapes")
 

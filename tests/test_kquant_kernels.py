@@ -22,6 +22,7 @@ import torch
 
 from llamaforge import kernels
 from llamaforge.quantize import QuantizedLinear, quantize_model_weights
+from tests.test_gemv_kernels import run_tiles
 from tests.test_quantize import make_raw, ref_dequant
 
 EXT = kernels.get_extension()
@@ -59,16 +60,6 @@ def activations(m: int, k: int, seed: int) -> torch.Tensor:
         x[1, 200] = 127.0
         x[2, 256:512] *= 1e-30  # tiny values (iscale large)
     return x
-
-
-def run_tiles(tiles: str, fn):
-    was = EXT.use_vnni(tiles == "vnni")
-    try:
-        if EXT.use_vnni() != (tiles == "vnni"):
-            pytest.skip("this CPU has no AVX-512 VNNI")
-        return fn()
-    finally:
-        EXT.use_vnni(was)
 
 
 def test_q8k_quantizer_matches_ggml() -> None:
