@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Callable, Optional, Sequence, TypeVar, Union
+from typing import Callable, Optional, Sequence, TypeVar, Union
 
 import torch
 
@@ -26,17 +26,16 @@ from llamaforge.errors import ConfigError
 from llamaforge.model import ModelArgs, Transformer, kv_types
 from llamaforge.tokenizer import Tokenizer
 
-if TYPE_CHECKING:
-    from llamaforge.api.llama import Llama
-
 log = logging.getLogger("llamaforge")
 
 PathLike = Union[str, os.PathLike]
 T = TypeVar("T")
 U = TypeVar("U")
+L = TypeVar("L")  # the class being built: Llama (`Llama.build` is this function as its classmethod)
 
 
 def build(
+    cls: type[L],
     ckpt_dir: Optional[PathLike] = None,
     tokenizer_path: Optional[PathLike] = None,
     max_seq_len: Optional[int] = None,
@@ -51,7 +50,7 @@ def build(
     progress: bool = True,
     compile: bool = False,
     kv_type: Optional[str] = None,
-) -> "Llama":
+) -> L:
     """Load a checkpoint and its tokenizer, ready to generate.
 
     Args:
@@ -91,7 +90,6 @@ def build(
         A Llama ready for `generate`, `text_completion` and `chat_completion`.
     """
     from llamaforge import checkpoints
-    from llamaforge.api.llama import Llama
     from llamaforge.hub import resolve_model
 
     if not isinstance(max_batch_size, int) or max_batch_size < 1:
@@ -154,7 +152,7 @@ def build(
         "loaded %s (%s, %.1fM parameters) on %s in %s, KV cache %s, in %.2fs",
         path, ckpt.format, args.n_params / 1e6, dev, torch_dtype, kv, time.perf_counter() - start,
     )
-    return Llama(
+    return cls(
         model, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size, device=dev,
         checkpoint_format=ckpt.format, source=path, decode_step=decode_step, rank=rank, world=world,
         chat_format=chat_format,

@@ -14,19 +14,17 @@ thread that did OpenMP work keeps a libgomp pool beside the engine thread's, whi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
 from llamaforge import runtime
+from llamaforge.api.engines import EngineHost
 from llamaforge.errors import GenerationError
 from llamaforge.generation import Job, SamplingParams, generate, meta_cut
 from llamaforge.generation.calls import run_jobs
 from llamaforge.generation.checks import check_max_gen_len, check_n, check_prompts, check_seed, check_stop
 from llamaforge.generation.checks import check_stop_ids
-
-if TYPE_CHECKING:
-    from llamaforge.api.llama import Llama
 
 SAMPLING_OPTIONS = ("min_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "logit_bias")
 
@@ -44,7 +42,7 @@ def take_sampling_options(options: dict) -> dict:
     return {k: options.pop(k) for k in SAMPLING_OPTIONS if k in options}
 
 
-def generate_rows(llama: "Llama", prompt_tokens, max_gen_len: int, params: SamplingParams, *,
+def generate_rows(llama: EngineHost, prompt_tokens, max_gen_len: int, params: SamplingParams, *,
                   logprobs: bool = False, echo: bool = False, seed=None, stop_ids=None, stop=None, n: int = 1,
                   response_format=None, speculative=None):
     """(tokens per row, logprobs per row or None, engine text per row or None) with Meta's output cut."""
@@ -90,15 +88,14 @@ def generate_rows(llama: "Llama", prompt_tokens, max_gen_len: int, params: Sampl
     return out_tokens, (out_lps if logprobs else None), texts
 
 
-def speculative_rows(llama: "Llama", prompt_tokens, max_gen_len: int, speculative, stops: frozenset[int],
+def speculative_rows(llama: EngineHost, prompt_tokens, max_gen_len: int, speculative, stops: frozenset[int],
                      echo: bool) -> list[list[int]]:
     """Greedy rows by speculative decoding (generation/speculative.py), cut as Meta's."""
-    from llamaforge.api.llama import Llama
     from llamaforge.generation import speculative as spec
 
     if speculative == "ngram":
         drafter: Any = spec.NgramDrafter()
-    elif isinstance(speculative, Llama):
+    elif isinstance(speculative, EngineHost):  # a draft Llama
         spec.check_same_vocabulary(llama.tokenizer, speculative.tokenizer)
         if speculative.args.vocab_size != llama.args.vocab_size:
             raise GenerationError(f"the draft model's output has {speculative.args.vocab_size} logits, this "
@@ -119,12 +116,12 @@ def speculative_rows(llama: "Llama", prompt_tokens, max_gen_len: int, speculativ
     return rows
 
 
-def own_decode_step(llama: "Llama") -> runtime.DecodeStep:
+def own_decode_step(llama: EngineHost) -> runtime.DecodeStep:
     """A DecodeStep like the Llama's for steps beside the engine's own (a fused step holds state)."""
     return runtime.DecodeStep(llama.model, fused=llama.decode_step.fused is not None, kv_type=llama.kv_type)
 
 
-def make_stream_job(llama: "Llama", prompt_tokens, max_gen_len, temperature, top_p, top_k, seed, options: dict, *,
+def make_stream_job(llama: EngineHost, prompt_tokens, max_gen_len, temperature, top_p, top_k, seed, options: dict, *,
                text: bool) -> Job:
     """The one job of a streaming call (`text`: the engine detokenizes it)."""
     prompt = check_prompts([prompt_tokens], llama.args.vocab_size, llama.max_seq_len)[0]
@@ -143,7 +140,7 @@ def make_stream_job(llama: "Llama", prompt_tokens, max_gen_len, temperature, top
                detokenize=text)
 
 
-def check_batch(llama: "Llama", prompt_tokens: Sequence[Sequence[int]]) -> None:
+def check_batch(llama: EngineHost, prompt_tokens: Sequence[Sequence[int]]) -> None:
     if len(prompt_tokens) > llama.max_batch_size:
         raise GenerationError(
             f"{len(prompt_tokens)} prompts given but max_batch_size is {llama.max_batch_size}; "
@@ -151,13 +148,13 @@ def check_batch(llama: "Llama", prompt_tokens: Sequence[Sequence[int]]) -> None:
         )
 
 
-def resolve_stop_ids(llama: "Llama", stop_ids: Optional[Sequence[int]]) -> frozenset[int]:
+def resolve_stop_ids(llama: EngineHost, stop_ids: Optional[Sequence[int]]) -> frozenset[int]:
     """The caller's stop ids, checked, or the tokenizer's."""
     checked = check_stop_ids(stop_ids, llama.args.vocab_size)
     return llama.tokenizer.stop_ids if checked is None else checked
 
 
-def generator(llama: "Llama", seed: Optional[int]) -> Optional[torch.Generator]:
+def generator(llama: EngineHost, seed: Optional[int]) -> Optional[torch.Generator]:
     """A private generator seeded with `seed`, or None (torch's global one)."""
     if seed is None:
         return None

@@ -42,6 +42,7 @@ class EngineHost:
     rank: int
     world: int
     args: "ModelArgs"
+    kv_type: str
 
     def _init_engines(self) -> None:
         self._engine: Optional[Engine] = None

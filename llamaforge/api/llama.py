@@ -97,7 +97,7 @@ class Llama(EngineHost):
                     weight.dtype, str(weight.dtype))] += 1
         return counts.most_common(1)[0][0] if counts else "unknown"
 
-    build = staticmethod(_build_llama)  # Llama.build(ckpt_dir, tokenizer_path, ...): see api/build.py
+    build = classmethod(_build_llama)  # Llama.build(ckpt_dir, tokenizer_path, ...): see api/build.py
 
     # -- generation on token ids ------------------------------------------------------------------
 
