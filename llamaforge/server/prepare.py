@@ -37,6 +37,7 @@ class Prepared:
     echo: bool = False  # completions: the prompt comes first in the text (and its logprobs in logprobs)
     tool_names: set[str] = field(default_factory=set)  # non-empty: parse tool calls from the answer
     forced_tool: bool = False
+    one_tool_call: bool = False  # parallel_tool_calls=false: only the first call the answer makes
 
 
 def check_text(text: str, param: str) -> None:
@@ -196,6 +197,7 @@ class Preparer:
                 and req.max_tokens != req.max_completion_tokens:
             raise bad_request("max_tokens and max_completion_tokens disagree; give one", "max_completion_tokens")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        self._check_unsupported_chat(req)
         messages = [self._message(i, m) for i, m in enumerate(req.messages)]
         self.check_size(sum(len((m["content"] or "").encode("utf-8")) for m in messages), "messages",
                         "the messages' content")
@@ -223,7 +225,23 @@ class Preparer:
                   stop_ids=frozenset(self.chat_format.stop_ids), stop=self._stops(req.stop), logprobs=logprobs,
                   constraint=constraint, adapter=adapter)
         names = {t["function"]["name"] for t in tools} if use_tools else set()
-        return Prepared([job], req.n, tool_names=names, forced_tool=forced)
+        return Prepared([job], req.n, tool_names=names, forced_tool=forced,
+                        one_tool_call=req.parallel_tool_calls is False)
+
+    @staticmethod
+    def _check_unsupported_chat(req: ChatCompletionRequest) -> None:
+        """400s for chat fields OpenAI has whose meaning this server cannot give (ignoring them would change
+        what the client gets without saying so)."""
+        for legacy in ("functions", "function_call"):
+            if getattr(req, legacy) is not None:
+                raise bad_request(f"{legacy} (OpenAI's deprecated function calling) is not supported; send the "
+                                  "functions as tools=[{\"type\": \"function\", \"function\": {...}}] and "
+                                  "function_call as tool_choice", legacy)
+        if req.modalities is not None and set(req.modalities) - {"text"}:
+            raise bad_request(f"modalities={req.modalities}: this server answers in text only (send [\"text\"] "
+                              "or leave modalities out)", "modalities")
+        if req.audio is not None:
+            raise bad_request("audio output is not supported: this server answers in text only", "audio")
 
     def tokenize(self, req: TokenizeRequest) -> list[int]:
         """The prompt ids a completion (`prompt`) or chat (`messages`) request would use."""

@@ -127,7 +127,12 @@ class ChatCompletionRequest(SamplingFields):
     response_format: Optional[ResponseFormat] = None
     tools: Optional[List[Tool]] = None
     tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
-    parallel_tool_calls: Optional[bool] = None
+    parallel_tool_calls: Optional[bool] = None  # false: at most one tool call per answer
+    # refused with a 400 when given (prepare.py): results would silently differ from what was asked
+    functions: Optional[List[Any]] = None
+    function_call: Optional[Any] = None
+    modalities: Optional[List[str]] = None
+    audio: Optional[Dict[str, Any]] = None
 
 
 class EmbeddingRequest(_Strict):
