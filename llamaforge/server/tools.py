@@ -7,7 +7,9 @@ JSON inside <tools></tools>, calls as <tool_call>{"name": ..., "arguments": {...
 tool results as <tool_response></tool_response> in a user turn.
 
 The answer is parsed back into `tool_calls`: every <tool_call>...</tool_call> block, or else an answer
-that is just a JSON object with "name" and "arguments" (or Llama 3.1's "parameters"). When
+that is just a JSON object with "name" and "arguments" (or Llama 3.1's "parameters"), or a JSON list of
+them (Mistral's, after its [TOOL_CALLS] token). Call ids are 9 alphanumeric characters, the form Mistral's
+templates require of the ids a client sends back (OpenAI's clients treat them as opaque). When
 `tool_choice` is "required" or names a function, decoding is constrained to such a JSON object (see
 `forced_call_schema`), so the call is well-formed JSON with arguments matching the function's schema.
 """
@@ -19,6 +21,7 @@ import re
 import uuid
 from typing import Any, Optional
 
+MISTRAL_CALLS = "[TOOL_CALLS]"
 TOOL_CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
 HERMES_SYSTEM = (
@@ -111,10 +114,12 @@ def parse_tool_calls(text: str, tool_names: set[str]) -> tuple[Optional[str], li
             calls.append(call)
             spans.append(m.span())
     if not calls:
-        call = _as_call(text.strip(), tool_names)
+        blob = text.strip().removeprefix(MISTRAL_CALLS).strip()
+        call = _as_call(blob, tool_names)
         if call is not None:
             return None, [call]
-        return text, []
+        listed = _as_call_list(blob, tool_names)
+        return (None, listed) if listed else (text, [])
     rest, pos = [], 0
     for a, b in spans:
         rest.append(text[pos:a])
@@ -124,18 +129,39 @@ def parse_tool_calls(text: str, tool_names: set[str]) -> tuple[Optional[str], li
     return (content or None), calls
 
 
-def _as_call(blob: str, tool_names: set[str]) -> Optional[dict]:
+def call_id() -> str:
+    """A fresh tool-call id: 9 alphanumeric characters (Mistral's templates refuse any other)."""
+    return uuid.uuid4().hex[:9]
+
+
+def _json(blob: str) -> Any:
     try:
-        obj = json.loads(blob)
+        return json.loads(blob)
     except (ValueError, RecursionError):
         return None
+
+
+def _as_call_list(blob: str, tool_names: set[str]) -> list[dict]:
+    """The calls of an answer that is a JSON list of calls, every one to a known function (else none)."""
+    items = _json(blob) if blob.startswith("[") else None
+    if not isinstance(items, list) or not items:
+        return []
+    calls = [_call(item, tool_names) for item in items]
+    return calls if all(c is not None for c in calls) else []
+
+
+def _as_call(blob: str, tool_names: set[str]) -> Optional[dict]:
+    return _call(_json(blob), tool_names)
+
+
+def _call(obj: Any, tool_names: set[str]) -> Optional[dict]:
     if not isinstance(obj, dict) or obj.get("name") not in tool_names:
         return None
     args = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(args, str):
         args = _loads_or_str(args)
     return {
-        "id": "call_" + uuid.uuid4().hex[:24],
+        "id": call_id(),
         "type": "function",
         "function": {"name": obj["name"], "arguments": args if isinstance(args, str) else json.dumps(args)},
     }

@@ -204,6 +204,22 @@ def _sampling(req: _GenerateFields) -> dict[str, Any]:
     return fields
 
 
+def _openai_messages(messages: list[OllamaMessage]) -> list[dict[str, Any]]:
+    """Ollama's messages as OpenAI's. Ollama's carry no call ids: each call gets one, and each tool result the
+    id of the call it answers (the first unanswered one of its `tool_name`, else the first unanswered one),
+    so templates that render ids (Mistral's, which require them) see a consistent dialog."""
+    out, pending = [], []
+    for i, m in enumerate(messages):
+        msg = _openai_message(i, m)
+        if msg.get("tool_calls"):
+            pending = [(c["id"], c["function"]["name"]) for c in msg["tool_calls"]]
+        elif m.role == "tool" and pending:
+            k = next((k for k, (_, name) in enumerate(pending) if name == m.tool_name), 0)
+            msg["tool_call_id"] = pending.pop(k)[0]
+        out.append(msg)
+    return out
+
+
 def _openai_message(i: int, m: OllamaMessage) -> dict[str, Any]:
     if m.images:
         raise APIError(400, f"messages[{i}] has images; this model takes text only", param=f"messages.{i}.images")
@@ -216,7 +232,8 @@ def _openai_message(i: int, m: OllamaMessage) -> dict[str, Any]:
                 raise APIError(400, f"messages[{i}].tool_calls[{j}] needs a function with a name",
                                param=f"messages.{i}.tool_calls")
             args = fn.get("arguments", {})
-            calls.append({"id": f"call_{i}_{j}", "type": "function",
+            # deterministic (the same dialog renders the same prompt: prefix cache, seeds), 9 alphanumerics
+            calls.append({"id": f"c{i % 10_000:04d}{j % 10_000:04d}", "type": "function",
                           "function": {"name": fn["name"], "arguments": args if isinstance(args, str)
                                        else json.dumps(args, ensure_ascii=False)}})
         out["tool_calls"] = calls
@@ -398,7 +415,7 @@ async def chat(request: Request, s: Served = Depends(served)):
     if not req.messages:  # Ollama: an empty chat loads the model
         return {**_base(s), "message": {"role": "assistant", "content": ""}, "done": True,
                 "done_reason": _load_reason(req.keep_alive)}
-    body: dict[str, Any] = {**_sampling(req), "messages": [_openai_message(i, m) for i, m in enumerate(req.messages)],
+    body: dict[str, Any] = {**_sampling(req), "messages": _openai_messages(req.messages),
                             "stream": True, "stream_options": {"include_usage": True}}
     if req.tools:
         body["tools"] = req.tools
