@@ -209,7 +209,7 @@ class Preparer:
         if choice == "required" and not tools:
             raise bad_request("tool_choice='required' needs tools", "tool_choice")
         use_tools = bool(tools) and choice != "none"
-        prompt = self._encode_chat(messages, tools if use_tools else None)
+        prompt = self._encode_chat(messages, tools if use_tools else None, req.chat_template_kwargs)
         forced = use_tools and choice is not None and choice != "auto"
         constraint = None
         if forced:
@@ -319,12 +319,17 @@ class Preparer:
             msg["name"] = m.name
         return msg
 
-    def _encode_chat(self, messages: list[dict], tools: Optional[list[dict]]) -> list[int]:
+    def _encode_chat(self, messages: list[dict], tools: Optional[list[dict]],
+                     variables: Optional[dict] = None) -> list[int]:
         fmt = self.chat_format
         has_tool_parts = any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
+        if variables is not None and fmt.name != "jinja":
+            raise bad_request(f"chat_template_kwargs needs a model with a chat template; this model's chat "
+                              f"format is {fmt.name}'s", "chat_template_kwargs")
+        extra = {"variables": variables} if variables is not None else {}
         try:
             if tooling.template_supports_tools(fmt):
-                return fmt.encode_dialog(tooling.template_messages(messages), tools=tools)
+                return fmt.encode_dialog(tooling.template_messages(messages), tools=tools, **extra)
             if tools or has_tool_parts:
                 messages = tooling.hermes_messages(messages, tools)
             plain = [{"role": m["role"], "content": m.get("content") or ""} for m in messages]
@@ -332,8 +337,10 @@ class Preparer:
                 if has_special_tags(plain):
                     raise bad_request("special tags ([INST], [/INST], <<SYS>>, <</SYS>>) are not allowed in "
                                       "messages for this model's chat format", "messages")
-            return fmt.encode_dialog(plain)
+            return fmt.encode_dialog(plain, **extra)
         except LlamaforgeError as exc:
+            if variables is not None and "template variable" in str(exc):
+                raise bad_request(f"chat_template_kwargs: {exc}", "chat_template_kwargs") from exc
             raise bad_request(f"the chat format rejected the messages: {exc}", "messages") from exc
 
     def _constraint(self, schema: Optional[dict], param: str, *, response_format: bool = False):

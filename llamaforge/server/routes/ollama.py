@@ -334,11 +334,17 @@ def _check_model(s: Served, name: str) -> None:
                        param="model", code="model_not_found")
 
 
-def _check_think(s: Served, think: Optional[Union[bool, str]]) -> None:
-    """Ollama answers `think` (true or a level) for a model without a thinking mode with a 400; none here has one."""
+def _think(s: Served, think: Optional[Union[bool, str]]) -> dict[str, Any]:
+    """The OpenAI fields of Ollama's `think`. `false` on a model whose template switches thinking
+    (`enable_thinking`, Qwen3's) turns it off there; `true` or a level is a 400, as Ollama answers for a model
+    without a thinking mode (thoughts are not separated into `thinking` here: leave `think` out to get the
+    model's default, its thoughts in the content)."""
     if think not in (None, False, "false"):
-        raise APIError(400, f"'{s.name}' does not support thinking (send \"think\": false or leave it out)",
-                       param="think")
+        raise APIError(400, f"'{s.name}' does not support thinking here: thoughts are not separated into "
+                       "\"thinking\" (send \"think\": false or leave it out)", param="think")
+    if think is not None and "enable_thinking" in (getattr(s.llama.chat_format, "template", None) or ""):
+        return {"chat_template_kwargs": {"enable_thinking": False}}
+    return {}
 
 
 def _check_keep_alive(keep_alive: Optional[Union[int, float, str]]) -> None:
@@ -410,13 +416,13 @@ async def _answer(kind: str, openai_req: Any, stream: bool, shape: Callable[...,
 async def chat(request: Request, s: Served = Depends(served)):
     req: OllamaChatRequest = _parse(OllamaChatRequest, await _json(request))
     _check_model(s, req.model)
-    _check_think(s, req.think)
+    thinking = _think(s, req.think)
     _check_keep_alive(req.keep_alive)
     if not req.messages:  # Ollama: an empty chat loads the model
         return {**_base(s), "message": {"role": "assistant", "content": ""}, "done": True,
                 "done_reason": _load_reason(req.keep_alive)}
     body: dict[str, Any] = {**_sampling(req), "messages": _openai_messages(req.messages),
-                            "stream": True, "stream_options": {"include_usage": True}}
+                            "stream": True, "stream_options": {"include_usage": True}, **thinking}
     if req.tools:
         body["tools"] = req.tools
     body.update(_logprob_fields(req, "chat"))
@@ -437,7 +443,7 @@ async def chat(request: Request, s: Served = Depends(served)):
 async def generate(request: Request, s: Served = Depends(served)):
     req: OllamaGenerateRequest = _parse(OllamaGenerateRequest, await _json(request))
     _check_model(s, req.model)
-    _check_think(s, req.think)
+    thinking = _think(s, req.think)
     _check_keep_alive(req.keep_alive)
     for name in ("suffix", "template", "context", "images"):
         if getattr(req, name):
@@ -451,7 +457,7 @@ async def generate(request: Request, s: Served = Depends(served)):
     else:
         messages = ([{"role": "system", "content": req.system}] if req.system else []) + \
             [{"role": "user", "content": req.prompt or ""}]
-        body = {**fields, **_logprob_fields(req, "chat"), "messages": messages}
+        body = {**fields, **_logprob_fields(req, "chat"), **thinking, "messages": messages}
         kind, openai_req = "chat", _translated(ChatCompletionRequest, body)
 
     def shape(piece: str, stats: Optional[dict] = None, done: Optional[_Answer] = None) -> dict:
