@@ -160,3 +160,18 @@ def test_a_list_with_an_unknown_function_stays_text():
 
     text = '[{"name": "get_weather", "arguments": {}}, {"name": "rm_rf", "arguments": {}}]'
     assert parse_tool_calls(text, {"get_weather"}) == (text, [])
+
+
+def test_mistral_small_named_calls_are_parsed():
+    """Mistral-Small-3.2's template writes calls as [TOOL_CALLS]name[CALL_ID]id[ARGS]{...}; its answers too."""
+    from llamaforge.server.tools import parse_tool_calls
+
+    text = ('Let me check.[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}'
+            '[TOOL_CALLS]get_weather[CALL_ID]a1b2c3d4e[ARGS]{"city": "Oslo"}')
+    content, calls = parse_tool_calls(text, {"get_weather"})
+    assert content == "Let me check."
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"city": "Paris"}, {"city": "Oslo"}]
+    for bad in ('[TOOL_CALLS]rm_rf[ARGS]{}', '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"} and more text',
+                '[TOOL_CALLS]get_weather[ARGS]not json',
+                '[TOOL_CALLS]get_weather[ARGS]{} so [TOOL_CALLS]get_weather[ARGS]{}'):
+        assert parse_tool_calls(bad, {"get_weather"}) == (bad, [])

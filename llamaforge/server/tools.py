@@ -8,7 +8,7 @@ tool results as <tool_response></tool_response> in a user turn.
 
 The answer is parsed back into `tool_calls`: every <tool_call>...</tool_call> block, or else an answer
 that is just a JSON object with "name" and "arguments" (or Llama 3.1's "parameters"), or a JSON list of
-them (Mistral's, after its [TOOL_CALLS] token). Call ids are 9 alphanumeric characters, the form Mistral's
+them (Mistral's, after its [TOOL_CALLS] token), or Mistral-Small-3's `[TOOL_CALLS]name[ARGS]{...}` calls. Call ids are 9 alphanumeric characters, the form Mistral's
 templates require of the ids a client sends back (OpenAI's clients treat them as opaque). When
 `tool_choice` is "required" or names a function, decoding is constrained to such a JSON object (see
 `forced_call_schema`), so the call is well-formed JSON with arguments matching the function's schema.
@@ -22,6 +22,8 @@ import uuid
 from typing import Any, Optional
 
 MISTRAL_CALLS = "[TOOL_CALLS]"
+# Mistral-Small-3 / Devstral (tokenizer v11+): [TOOL_CALLS]name[CALL_ID]id[ARGS]{...}, the call id optional
+MISTRAL_NAMED_RE = re.compile(r"\[TOOL_CALLS\]\s*([A-Za-z0-9_.\-]+)\s*(?:\[CALL_ID\]\s*[A-Za-z0-9]*\s*)?\[ARGS\]\s*")
 TOOL_CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
 HERMES_SYSTEM = (
@@ -114,6 +116,9 @@ def parse_tool_calls(text: str, tool_names: set[str]) -> tuple[Optional[str], li
             calls.append(call)
             spans.append(m.span())
     if not calls:
+        named = _mistral_named_calls(text, tool_names)
+        if named is not None:
+            return named
         blob = text.strip().removeprefix(MISTRAL_CALLS).strip()
         call = _as_call(blob, tool_names)
         if call is not None:
@@ -127,6 +132,29 @@ def parse_tool_calls(text: str, tool_names: set[str]) -> tuple[Optional[str], li
     rest.append(text[pos:])
     content = "".join(rest).strip()
     return (content or None), calls
+
+
+def _mistral_named_calls(text: str, tool_names: set[str]) -> Optional[tuple[Optional[str], list[dict]]]:
+    """(content, calls) of an answer in Mistral-Small-3's form, every call to a known function; else None."""
+    calls, pos, first = [], 0, None
+    for m in MISTRAL_NAMED_RE.finditer(text):
+        if m.start() < pos:  # inside the arguments of the call before
+            continue
+        if first is not None and text[pos:m.start()].strip():
+            return None  # text between calls: not this form
+        try:
+            args, end = json.JSONDecoder().raw_decode(text, m.end())
+        except (ValueError, RecursionError):
+            return None
+        call = _call({"name": m.group(1), "arguments": args}, tool_names)
+        if call is None or not isinstance(args, dict):
+            return None
+        first = m.start() if first is None else first
+        calls.append(call)
+        pos = end
+    if not calls or text[pos:].strip():
+        return None
+    return (text[:first].strip() or None), calls
 
 
 def call_id() -> str:
