@@ -175,3 +175,25 @@ def test_mistral_small_named_calls_are_parsed():
                 '[TOOL_CALLS]get_weather[ARGS]not json',
                 '[TOOL_CALLS]get_weather[ARGS]{} so [TOOL_CALLS]get_weather[ARGS]{}'):
         assert parse_tool_calls(bad, {"get_weather"}) == (bad, [])
+
+
+def test_ids_from_elsewhere_are_shortened_for_a_template_that_takes_only_nine(mistral):
+    """A dialog replayed from another server (OpenAI's `call_` + 24 ids) was a 400 from Mistral's template; each
+    id becomes 9 characters derived from it, so a call and its result still match."""
+    c, _ = mistral
+    long_id = "call_" + "Ab3" * 8
+    dialog = ASK + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": long_id, "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": long_id, "content": "sunny"}]
+    r = c.post("/v1/chat/completions", json={"messages": dialog, "tools": TOOLS, "max_tokens": 1})
+    assert r.status_code == 200, r.text
+    from llamaforge.server.tools import _nine, nine_char_ids
+
+    short = _nine(long_id)
+    assert len(short) == 9 and short.isalnum() and _nine(short) == short and nine_char_ids(NEMO)
+    same = [dict(m) for m in dialog]
+    same[1] = {**same[1], "tool_calls": [{**same[1]["tool_calls"][0], "id": short}]}
+    same[2] = {**same[2], "tool_call_id": short}
+    again = c.post("/v1/chat/completions", json={"messages": same, "tools": TOOLS, "max_tokens": 1}).json()
+    assert again["usage"]["prompt_tokens"] == r.json()["usage"]["prompt_tokens"]
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # the very same prompt

@@ -329,7 +329,8 @@ class Preparer:
         extra = {"variables": variables} if variables is not None else {}
         try:
             if tooling.template_supports_tools(fmt):
-                return fmt.encode_dialog(tooling.template_messages(messages), tools=tools, **extra)
+                nine = tooling.nine_char_ids(getattr(fmt, "template", None))
+                return fmt.encode_dialog(tooling.template_messages(messages, nine), tools=tools, **extra)
             if tools or has_tool_parts:
                 messages = tooling.hermes_messages(messages, tools)
             plain = [{"role": m["role"], "content": m.get("content") or ""} for m in messages]

@@ -16,6 +16,7 @@ templates require of the ids a client sends back (OpenAI's clients treat them as
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import uuid
@@ -78,14 +79,32 @@ def hermes_messages(messages: list[dict], tools: Optional[list[dict]]) -> list[d
     return out
 
 
-def template_messages(messages: list[dict]) -> list[dict]:
-    """Messages for a template with tool support: tool-call arguments as objects (HF convention)."""
+def nine_char_ids(template: Any) -> bool:
+    """True for a template that refuses tool-call ids other than 9 characters (Mistral's say so in the check
+    they raise from: `tool_call.id|length != 9`)."""
+    return isinstance(template, str) and "length != 9" in template
+
+
+def _nine(call_id: Any) -> Any:
+    """A client's tool-call id as 9 alphanumerics (kept if it is one; else a digest of it, so a call and the
+    result naming it still match), as vLLM shortens ids for Mistral models."""
+    if not isinstance(call_id, str) or (len(call_id) == 9 and call_id.isalnum()):
+        return call_id
+    return hashlib.sha256(call_id.encode("utf-8", "surrogatepass")).hexdigest()[:9]
+
+
+def template_messages(messages: list[dict], nine: bool = False) -> list[dict]:
+    """Messages for a template with tool support: tool-call arguments as objects (HF convention); with
+    `nine`, ids of 9 characters (see `nine_char_ids`)."""
+    ids = _nine if nine else (lambda i: i)
     out = []
     for msg in messages:
         msg = dict(msg)
+        if nine and msg.get("tool_call_id"):
+            msg["tool_call_id"] = ids(msg["tool_call_id"])
         if msg.get("tool_calls"):
             msg["tool_calls"] = [
-                {"id": c.get("id"), "type": "function",
+                {"id": ids(c.get("id")), "type": "function",
                  "function": {"name": c["function"]["name"], "arguments": _loads_or_str(c["function"]["arguments"])}}
                 for c in msg["tool_calls"]
             ]
