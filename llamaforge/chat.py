@@ -266,9 +266,11 @@ class JinjaChatFormat:
         self.stop_ids: frozenset[int] = tokenizer.stop_ids
         self._specials = special_splitter(tokenizer.special_tokens)
 
-    def _render(self, messages: list[dict[str, Any]], tools: list[Any] | None, add_generation_prompt: bool) -> str:
+    def _render(self, messages: list[dict[str, Any]], tools: list[Any] | None, add_generation_prompt: bool,
+                variables: Mapping[str, Any] | None = None) -> str:
         tok = self.tokenizer
         context: dict[str, Any] = {
+            **(variables or {}),
             "messages": messages,
             "add_generation_prompt": add_generation_prompt,
             "bos_token": _piece(tok, tok.bos_id),
@@ -279,15 +281,21 @@ class JinjaChatFormat:
         return chat_sandbox.render(self._template, context, self.origin)
 
     def render(
-        self, dialog: Sequence[Mapping[str, Any]], tools: list[Any] | None = None, add_generation_prompt: bool = True
+        self, dialog: Sequence[Mapping[str, Any]], tools: list[Any] | None = None, add_generation_prompt: bool = True,
+        variables: Mapping[str, Any] | None = None,
     ) -> str:
-        """The prompt text the template renders (as transformers' `apply_chat_template(tokenize=False)`)."""
-        return self._render(*_check_dialog(dialog, tools), add_generation_prompt)
+        """The prompt text the template renders (as transformers' `apply_chat_template(tokenize=False, **variables)`)."""
+        return self._render(*_check_dialog(dialog, tools), add_generation_prompt, _check_variables(variables))
 
     def encode_dialog(
-        self, dialog: Sequence[Mapping[str, Any]], tools: list[Any] | None = None, add_generation_prompt: bool = True
+        self, dialog: Sequence[Mapping[str, Any]], tools: list[Any] | None = None, add_generation_prompt: bool = True,
+        variables: Mapping[str, Any] | None = None,
     ) -> list[int]:
         """The prompt ids: template special tokens as control ids, message contents as plain text.
+
+        `variables` are extra template variables, as transformers' `apply_chat_template(**kwargs)` passes them
+        (Qwen3's `enable_thinking`): names of letters, digits and '_', values booleans, numbers or None (no
+        text, which could not be traced).
 
         Raises:
             ChatFormatError: the template fails, or it transforms a message content that holds a
@@ -295,12 +303,13 @@ class JinjaChatFormat:
                 become a control token).
         """
         messages, tools = _check_dialog(dialog, tools)
-        text = self._render(messages, tools, add_generation_prompt)
+        variables = _check_variables(variables)
+        text = self._render(messages, tools, add_generation_prompt, variables)
         contents: dict[int, str] = {}
         marked = _mark(messages, contents, self._specials)
         marked_tools = _mark(tools, contents, self._specials) if tools is not None else None
         try:
-            skeleton: str | None = self._render(marked, marked_tools, add_generation_prompt)
+            skeleton: str | None = self._render(marked, marked_tools, add_generation_prompt, variables)
         except ChatFormatError:
             skeleton = None
         ids = self._encode_traced(text, skeleton, contents) if skeleton is not None else None
@@ -374,6 +383,32 @@ def _check_dialog(dialog: Sequence[Mapping[str, Any]], tools: Any) -> tuple[list
             raise ChatFormatError(f"tools must be a list of tool descriptions, got {type(tools).__name__}")
         tools = _plain(list(tools), "tools")
     return messages, tools
+
+
+_VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_RESERVED = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "raise_exception",
+             "strftime_now", "namespace", "range", "dict", "lipsum", "cycler", "joiner"}
+
+
+def _check_variables(variables: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Extra template variables from a caller: identifier names that are not the template's own, scalar
+    non-text values (a caller's text there would reach the prompt untraced)."""
+    if variables is None:
+        return None
+    if not isinstance(variables, Mapping):
+        raise ChatFormatError(f"template variables must be a mapping, got {type(variables).__name__}")
+    if len(variables) > 64:
+        raise ChatFormatError(f"at most 64 template variables, got {len(variables)}")
+    out = {}
+    for name, value in variables.items():
+        if not isinstance(name, str) or not _VARIABLE.fullmatch(name) or name in _RESERVED:
+            raise ChatFormatError(f"template variable {name!r} is not allowed (a name of letters, digits and '_' "
+                                  f"other than {', '.join(sorted(_RESERVED))})")
+        if value is not None and not isinstance(value, (bool, int, float)):
+            raise ChatFormatError(f"template variable {name!r} must be true, false, a number or null, "
+                                  f"got {type(value).__name__}")
+        out[name] = value
+    return out
 
 
 # A caller's string left as it is in the sentinel rendering: short identifier-like text (a tool type,

@@ -95,3 +95,33 @@ def test_a_repository_without_a_loadable_checkpoint_says_what_it_has():
         plan([RepoFile("README.md"), RepoFile("model.onnx")], None, "o/M", _no_index)
     with pytest.raises(CheckpointNotFoundError, match="holds no GGUF files, so it has no Q8_0 quant"):
         plan([RepoFile("config.json"), RepoFile("model.safetensors")], "Q8_0", "o/M", _no_index)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("hf.co/unsloth/Qwen3-8B-GGUF:UD-Q4_K_XL", ModelRef("unsloth/Qwen3-8B-GGUF", "UD-Q4_K_XL")),  # was no reference
+    ("org/name:latest", ModelRef("org/name")),  # Ollama's default tag (was a request for a quant "LATEST")
+    ("hf.co/org/name:latest@v1", ModelRef("org/name", None, "v1")),
+    ("llama3.2:3b", ModelRef(ALIASES["llama3.2-3b"], None, None, alias="llama3.2:3b")),  # was quant "3B"
+    ("llama3.2:1b", ModelRef(ALIASES["llama3.2"], None, None, alias="llama3.2:1b")),
+    ("smollm2:360m", ModelRef(ALIASES["smollm2-360m"], None, None, alias="smollm2:360m")),
+    ("qwen2.5:0.5b", ModelRef(ALIASES["qwen2.5"], None, None, alias="qwen2.5:0.5b")),
+    ("qwen2.5:latest", ModelRef(ALIASES["qwen2.5"], None, None, alias="qwen2.5")),
+])
+def test_references_as_ollama_and_llama_cpp_users_write_them(text, expected):
+    assert parse_ref(text) == expected
+
+
+UNSLOTH = [RepoFile("Qwen3-8B-Q4_K_XL.gguf", 50), RepoFile("Qwen3-8B-UD-Q4_K_XL.gguf", 60),
+           RepoFile("UD-Q8_K_XL/Qwen3-8B-UD-Q8_K_XL-00001-of-00002.gguf", 70),
+           RepoFile("UD-Q8_K_XL/Qwen3-8B-UD-Q8_K_XL-00002-of-00002.gguf", 70)]
+
+
+@pytest.mark.parametrize("quant, files", [
+    ("UD-Q4_K_XL", ("Qwen3-8B-UD-Q4_K_XL.gguf",)),
+    ("q4_k_xl", ("Qwen3-8B-Q4_K_XL.gguf",)),  # the plain tag is the plain file, wherever it is listed
+    ("UD-Q8_K_XL", ("UD-Q8_K_XL/Qwen3-8B-UD-Q8_K_XL-00001-of-00002.gguf",
+                    "UD-Q8_K_XL/Qwen3-8B-UD-Q8_K_XL-00002-of-00002.gguf")),
+])
+def test_unsloth_dynamic_quant_tags_pick_their_files(quant, files):
+    assert plan(UNSLOTH, quant, "unsloth/Qwen3-8B-GGUF", _no_index).files == files
+    assert plan(list(reversed(UNSLOTH)), quant, "unsloth/Qwen3-8B-GGUF", _no_index).files == files

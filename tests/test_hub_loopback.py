@@ -7,6 +7,7 @@ folder. No test needs the internet.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -246,3 +247,49 @@ def test_cli_pull_in_a_fresh_process_reads_the_environment_and_shows_progress(hu
     bad = subprocess.run([sys.executable, "-m", "llamaforge.cli.main", "pull", f"{GGUF_REPO}:Q5_K_M"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "has no Q5_K_M GGUF file; it has: F32, Q8_0" in bad.stderr
+
+
+def test_concurrent_pulls_of_one_file_in_one_process_all_succeed_with_one_download(hub, repo_files):
+    """Threads pulling one reference (a server's requests, parallel builds) share huggingface_hub's lock
+    and the one transfer; the revision file each writes must not collide (its temporary name was the pid's
+    alone: two of four threads failed with FileNotFoundError)."""
+    import threading
+
+    name = "tiny-llama-F32.gguf"
+    results: list = []
+    barrier = threading.Barrier(6)
+
+    def one() -> None:
+        barrier.wait()
+        for _ in range(5):  # each pull writes the revision file, cached or not
+            try:
+                path = pull(f"{GGUF_REPO}:F32", progress=False).path
+                results.append(path.read_bytes() == repo_files[GGUF_REPO][name])
+            except Exception as exc:  # noqa: BLE001 - collected, the assert shows it
+                results.append(repr(exc))
+
+    threads = [threading.Thread(target=one) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [True] * 30
+    assert len(hub.gets(name)) == 1
+
+
+@pytest.mark.parametrize("err, words", [(errno.ENOSPC, "free some space"), (errno.EACCES, "make it writable"),
+                                        (errno.EROFS, "writable file system")])
+def test_a_cache_that_cannot_be_written_is_a_clear_error_naming_the_cache(hub, monkeypatch, capsys, err, words):
+    """Disk full, no permission, read-only: the CLI says so and what to do (was a traceback of an OSError)."""
+    import huggingface_hub.file_download
+
+    def fail(*args, **kwargs):
+        raise OSError(err, os.strerror(err), "blob.incomplete")
+
+    monkeypatch.setattr(huggingface_hub.file_download, "http_get", fail)
+    assert cli(["pull", f"{GGUF_REPO}:F32"]) == 1
+    message = capsys.readouterr().err
+    assert "tiny-llama-F32.gguf" in message and os.environ["HF_HUB_CACHE"] in message
+    assert os.strerror(err) in message and words in message and "Traceback" not in message
+    with pytest.raises(HubError, match=words):
+        pull(f"{GGUF_REPO}:F32", progress=False)

@@ -175,3 +175,64 @@ def test_think_on_a_model_without_thinking_is_a_400_as_in_ollama(app_client):
                 call(think)
             assert err.value.status_code == 400 and "thinking" in err.value.error
         assert call(False).done  # "think": false is what a client sends for a model without it
+
+
+@pytest.mark.parametrize("raw", [False, True])
+@pytest.mark.parametrize("stream", [False, True])
+def test_generate_logprobs_come_back_in_ollamas_shape_and_equal_the_openai_routes(app_client, raw, stream):
+    """`logprobs` / `top_logprobs` (Ollama 0.12.11+) were ignored on /api/generate and dropped from /api/chat's
+    answer. Greedy, so the chosen token is the most likely one; the values equal the /v1 route's."""
+    client = ollama_client(app_client)
+    options = {"temperature": 0, "num_predict": 4}
+    if stream:
+        parts = list(client.generate(model="tiny", prompt="hi", raw=raw, logprobs=True, top_logprobs=2,
+                                     options=options, stream=True))
+        got = [lp for p in parts for lp in (p.logprobs or [])]
+        text = "".join(p.response for p in parts)
+    else:
+        r = client.generate(model="tiny", prompt="hi", raw=raw, logprobs=True, top_logprobs=2, options=options)
+        got, text = list(r.logprobs), r.response
+    assert len(got) == 4 and "".join(lp.token for lp in got) == text
+    for lp in got:
+        assert lp.top_logprobs[0].token == lp.token and lp.top_logprobs[0].logprob == pytest.approx(lp.logprob)
+        assert len(lp.top_logprobs) == 2 or raw  # raw: the legacy map, which also holds the chosen token
+    if raw:
+        ref = app_client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4, "temperature": 0,
+                                                        "logprobs": 2}).json()["choices"][0]["logprobs"]
+        assert [lp.logprob for lp in got] == pytest.approx(ref["token_logprobs"], abs=1e-6)
+    else:
+        ref = app_client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0, "logprobs": True,
+            "top_logprobs": 2}).json()["choices"][0]["logprobs"]["content"]
+        assert [lp.logprob for lp in got] == pytest.approx([x["logprob"] for x in ref], abs=1e-6)
+
+
+def test_chat_logprobs_are_in_the_answer(app_client):
+    r = ollama_client(app_client).chat(model="tiny", messages=[{"role": "user", "content": "hi"}], logprobs=True,
+                                       options={"temperature": 0, "num_predict": 3})
+    assert len(r.logprobs) == 3 and "".join(lp.token for lp in r.logprobs) == r.message.content
+    assert r.logprobs[0].top_logprobs == []
+
+
+@pytest.mark.parametrize("option, value", [("mirostat", 2), ("typical_p", 0.5), ("tfs_z", 0.9)])
+def test_sampling_options_not_served_are_400s_unless_neutral(app_client, option, value):
+    """Were silently ignored: another sampler than the one asked for."""
+    client = ollama_client(app_client)
+    with pytest.raises(ollama.ResponseError) as err:
+        client.generate(model="tiny", prompt="hi", options={option: value, "num_predict": 1})
+    assert err.value.status_code == 400 and f"options.{option}" in err.value.error
+    neutral = {"mirostat": 0, "typical_p": 1.0, "tfs_z": 1.0}[option]
+    assert client.generate(model="tiny", prompt="hi", options={option: neutral, "num_predict": 1}).done
+
+
+@pytest.mark.parametrize("keep_alive, ok", [("5m", True), ("1h30m", True), ("0", True), ("-1", True), (300, True),
+                                            (-1, True), ("10", True), ("", True), ("bogus", False), ("5 m", False)])
+def test_keep_alive_takes_ollamas_durations_and_refuses_others(app_client, keep_alive, ok):
+    client = ollama_client(app_client)
+    call = lambda: client.generate(model="tiny", prompt="hi", keep_alive=keep_alive, options={"num_predict": 1})  # noqa: E731
+    if ok:
+        assert call().done
+    else:
+        with pytest.raises(ollama.ResponseError) as err:
+            call()
+        assert err.value.status_code == 400 and "keep_alive" in err.value.error

@@ -83,3 +83,27 @@ def test_text_too_long_for_any_tokenization_is_refused_before_tokenizing(client,
             call()
         assert err.value.status_code == 400 and err.value.body["code"] == "context_length_exceeded"
         assert "bytes of text" in err.value.body["message"]
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"functions": [TOOLS[0]["function"]]}, "functions"),
+    ({"function_call": "auto"}, "function_call"),
+    ({"modalities": ["text", "audio"]}, "modalities"),
+    ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+])
+def test_chat_fields_whose_meaning_is_not_served_are_400s_naming_them(client, extra, param):
+    """Each was silently ignored (a text answer to a request for function_call or audio)."""
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                       **extra)
+    assert err.value.body["param"] == param and param in err.value.body["message"]
+
+
+def test_text_only_modalities_are_served(client):
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                       modalities=["text"])
+    assert r.choices[0].message.content is not None

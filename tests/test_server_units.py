@@ -139,3 +139,22 @@ def test_the_server_imports_nothing_below_the_api():
     for package in ("cli", "integrations"):
         for path in (root / package).rglob("*.py"):
             assert "llamaforge.generation" not in path.read_text(encoding="utf-8"), path
+
+
+@pytest.mark.parametrize("parallel, expected", [(None, 2), (True, 2), (False, 1)])
+def test_parallel_tool_calls_false_keeps_only_the_first_call(default_tokenizer, parallel, expected):
+    """OpenAI's parallel_tool_calls=false: at most one call per answer (both calls were returned)."""
+    from llamaforge.api import Delta, Finish, Job
+    from llamaforge.server.prepare import Prepared
+    from llamaforge.server.respond import ResponseBuilder
+
+    answer = "".join(f'<tool_call>\n{{"name": "get_weather", "arguments": {{"city": "{c}"}}}}\n</tool_call>\n'
+                     for c in ("Paris", "Oslo"))
+    prepared = Prepared([Job([1, 2], 8)], 1, tool_names={"get_weather"}, one_tool_call=parallel is False)
+    rb = ResponseBuilder("chat", prepared, "tiny", default_tokenizer)
+    rb.add(0, Delta(0, answer, []))
+    rb.add(0, Finish(0, "stop", 30))
+    choice = rb.body()["choices"][0]
+    calls = choice["message"]["tool_calls"]
+    assert [json.loads(c["function"]["arguments"])["city"] for c in calls] == ["Paris", "Oslo"][:expected]
+    assert choice["finish_reason"] == "tool_calls"

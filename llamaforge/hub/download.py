@@ -9,6 +9,7 @@ thrown away if it does not match. huggingface_hub is imported here only, when a 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -106,6 +107,20 @@ def _hub_error(exc: BaseException, ref: ModelRef) -> Exception:
     )
 
 
+def _cache_error(exc: OSError, what: str, cache: Path) -> HubError:
+    """A file system failure while writing into the cache (disk full, no permission, read-only), said as such."""
+    reason = exc.strerror or str(exc)
+    hint = {errno.ENOSPC: "free some space there (`llamaforge rm` removes cached models)",
+            errno.EDQUOT: "free some space there (`llamaforge rm` removes cached models)",
+            errno.EACCES: "make it writable, or point HF_HUB_CACHE at a folder you can write",
+            errno.EPERM: "make it writable, or point HF_HUB_CACHE at a folder you can write",
+            errno.EROFS: "point HF_HUB_CACHE at a folder on a writable file system"}.get(
+                exc.errno, "check the folder, or point HF_HUB_CACHE elsewhere")
+    where = f" ({exc.filename})" if exc.filename else ""
+    return HubError(f"cannot write {what} into the Hugging Face cache {cache}: {reason}{where}; {hint}, "
+                    "then run the command again (a partial download resumes where it stopped)")
+
+
 def _git_blob_sha1(path: Path) -> str:
     h = hashlib.sha1()
     h.update(b"blob %d\0" % path.stat().st_size)
@@ -147,7 +162,8 @@ def pull(ref: ModelRef, *, progress: bool = True) -> Pulled:
 
     Raises:
         CheckpointNotFoundError: no such repository, revision or quant (the message lists the quants).
-        HubError: gated or private without a token, no network, or the Hub failed.
+        HubError: gated or private without a token, no network, the Hub failed, or the cache cannot be
+            written (disk full, no permission).
     """
     from huggingface_hub import HfApi, hf_hub_download, try_to_load_from_cache
 
@@ -183,6 +199,8 @@ def pull(ref: ModelRef, *, progress: bool = True) -> Pulled:
         except Exception as exc:
             if _is_hub_or_network(exc):
                 raise _hub_error(exc, ref) from None
+            if isinstance(exc, OSError):
+                raise _cache_error(exc, f"{name} of {ref}", cache) from None
             raise
         if not was_cached:
             _check(path, siblings[name], ref)
@@ -200,7 +218,10 @@ def pull(ref: ModelRef, *, progress: bool = True) -> Pulled:
     if missing:
         raise CheckpointNotFoundError(f"{ref.repo_id} names files it does not hold: {', '.join(missing)}")
     paths = tuple(fetch(name) for name in chosen.files)
-    store.write_ref(ref, commit, cache)
+    try:
+        store.write_ref(ref, commit, cache)
+    except OSError as exc:
+        raise _cache_error(exc, f"the revision of {ref}", cache) from None
     snapshot = store.repo_folder(ref.repo_id, cache) / "snapshots" / commit
     path = snapshot / chosen.primary if chosen.primary else snapshot
     return Pulled(ref, path, chosen.format, chosen.quant, commit, paths, downloaded)

@@ -1,9 +1,11 @@
 """Model references: what a user may type where a checkpoint path goes, parsed without any network call.
 
     org/name              a Hugging Face repository (its default branch)
-    org/name:Q8_0         a GGUF repository's file of that quant (case-insensitive)
+    org/name:Q8_0         a GGUF repository's file of that quant (case-insensitive; also tags as Unsloth's
+                          UD-Q4_K_XL; `:latest`, Ollama's default tag, is the default choice)
     org/name@v1.0         a branch, tag or commit of the repository (combines with :QUANT)
-    smollm2, llama3.2     short aliases for a few well-known repositories (ALIASES)
+    smollm2, llama3.2     short aliases for a few well-known repositories (ALIASES); with a size as
+                          Ollama's tags (llama3.2:3b, smollm2:360m, SIZES) the repository of that size
     hf.co/org/name:Q4_K_M the same, as Ollama and LM Studio write it
 
 A string is only a reference when it is not an existing path and has this shape, so a mistyped path
@@ -25,12 +27,20 @@ ALIASES: dict[str, str] = {
     "qwen2.5": "Qwen/Qwen2.5-0.5B-Instruct-GGUF",
 }
 
+# Ollama-style size tags of the aliases (`llama3.2:3b`): alias -> size -> repository
+SIZES: dict[str, dict[str, str]] = {
+    "smollm2": {"135M": ALIASES["smollm2"], "360M": ALIASES["smollm2-360m"]},
+    "llama3.2": {"1B": ALIASES["llama3.2"], "3B": ALIASES["llama3.2-3b"]},
+    "qwen2.5": {"0.5B": ALIASES["qwen2.5"]},
+}
+DEFAULT_TAG = "LATEST"  # Ollama's tag for a model's default: the default quant here
+
 # The Hub's repository id rules (huggingface_hub.utils.validate_repo_id): letters, digits, '-', '_', '.';
 # no '--' or '..'; not starting or ending with '-' or '.'; at most 96 characters.
 _PART = r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9_])?"
 _REF = re.compile(
     rf"^(?P<name>{_PART}(?:/{_PART})?)"
-    r"(?::(?P<quant>[A-Za-z0-9_]+))?"
+    r"(?::(?P<quant>[A-Za-z0-9_]+(?:[-.][A-Za-z0-9_]+)*))?"
     r"(?:@(?P<revision>[\w][\w./-]*))?$"
 )
 _HOST_PREFIXES = ("https://huggingface.co/", "huggingface.co/", "hf.co/")
@@ -80,10 +90,15 @@ def parse_ref(text: str) -> Optional[ModelRef]:
     if revision is not None and (".." in revision or revision.endswith("/")):
         return None
     quant = quant.upper() if quant else None
+    if quant == DEFAULT_TAG:
+        quant = None
     if "/" not in name:
         repo = ALIASES.get(name.lower())
         if repo is None:
             return None
+        sized = SIZES.get(name.lower(), {}).get(quant or "")
+        if sized is not None:
+            return ModelRef(sized, None, revision, alias=f"{name.lower()}:{quant.lower()}")
         return ModelRef(repo, quant, revision, alias=name.lower())
     return ModelRef(name, quant, revision)
 

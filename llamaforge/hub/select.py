@@ -39,6 +39,7 @@ class GGUFModel:
 
     quant: Optional[str]
     parts: tuple[RepoFile, ...]
+    stem: str = ""  # the name without part numbers and .gguf (with its folder): "UD-Q4_K_XL/M-UD-Q4_K_XL"
 
     @property
     def size(self) -> Optional[int]:
@@ -78,16 +79,20 @@ def gguf_models(files: Sequence[RepoFile]) -> list[GGUFModel]:
         if [i for i, _ in parts] != list(range(1, counts[key] + 1)):
             continue  # an incomplete split (some parts missing): not a usable model
         tag = _TAG.search(key.rsplit("/", 1)[-1])
-        models.append(GGUFModel(tag.group("tag").upper() if tag else None, tuple(f for _, f in parts)))
+        models.append(GGUFModel(tag.group("tag").upper() if tag else None, tuple(f for _, f in parts), key))
     return models
 
 
 def choose_gguf(models: Sequence[GGUFModel], quant: Optional[str], repo: str) -> GGUFModel:
     """The GGUF model for `quant` (or the default choice); a clear error naming the quants there are."""
     if quant is not None:
-        for m in models:
-            if m.quant == quant.upper():
-                return m
+        # a name ending in the tag (the quant, or a longer tag: "UD-Q4_K_XL"), the shortest first, so that
+        # Q4_K_XL is M-Q4_K_XL.gguf where M-UD-Q4_K_XL.gguf is there too
+        tail = quant.upper()
+        named = sorted((m for m in models if m.stem.upper().endswith(("-" + tail, "." + tail, "/" + tail))),
+                       key=lambda m: len(m.stem))
+        if named:
+            return named[0]
         have = ", ".join(sorted({m.quant or "?" for m in models}))
         raise CheckpointNotFoundError(
             f"{repo} has no {quant.upper()} GGUF file; it has: {have}. "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -67,7 +68,8 @@ def write_ref(ref: ModelRef, commit: str, cache: Optional[Path] = None) -> None:
         return
     ref_file = repo_folder(ref.repo_id, cache) / "refs" / ref.rev
     ref_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ref_file.with_name(ref_file.name + f".{os.getpid()}.tmp")
+    # one temporary name per thread: two pulls of one reference in one process must not share it
+    tmp = ref_file.with_name(ref_file.name + f".{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(commit)
     os.replace(tmp, ref_file)
 

@@ -37,6 +37,7 @@ class Prepared:
     echo: bool = False  # completions: the prompt comes first in the text (and its logprobs in logprobs)
     tool_names: set[str] = field(default_factory=set)  # non-empty: parse tool calls from the answer
     forced_tool: bool = False
+    one_tool_call: bool = False  # parallel_tool_calls=false: only the first call the answer makes
 
 
 def check_text(text: str, param: str) -> None:
@@ -196,6 +197,7 @@ class Preparer:
                 and req.max_tokens != req.max_completion_tokens:
             raise bad_request("max_tokens and max_completion_tokens disagree; give one", "max_completion_tokens")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        self._check_unsupported_chat(req)
         messages = [self._message(i, m) for i, m in enumerate(req.messages)]
         self.check_size(sum(len((m["content"] or "").encode("utf-8")) for m in messages), "messages",
                         "the messages' content")
@@ -207,7 +209,7 @@ class Preparer:
         if choice == "required" and not tools:
             raise bad_request("tool_choice='required' needs tools", "tool_choice")
         use_tools = bool(tools) and choice != "none"
-        prompt = self._encode_chat(messages, tools if use_tools else None)
+        prompt = self._encode_chat(messages, tools if use_tools else None, req.chat_template_kwargs)
         forced = use_tools and choice is not None and choice != "auto"
         constraint = None
         if forced:
@@ -223,7 +225,23 @@ class Preparer:
                   stop_ids=frozenset(self.chat_format.stop_ids), stop=self._stops(req.stop), logprobs=logprobs,
                   constraint=constraint, adapter=adapter)
         names = {t["function"]["name"] for t in tools} if use_tools else set()
-        return Prepared([job], req.n, tool_names=names, forced_tool=forced)
+        return Prepared([job], req.n, tool_names=names, forced_tool=forced,
+                        one_tool_call=req.parallel_tool_calls is False)
+
+    @staticmethod
+    def _check_unsupported_chat(req: ChatCompletionRequest) -> None:
+        """400s for chat fields OpenAI has whose meaning this server cannot give (ignoring them would change
+        what the client gets without saying so)."""
+        for legacy in ("functions", "function_call"):
+            if getattr(req, legacy) is not None:
+                raise bad_request(f"{legacy} (OpenAI's deprecated function calling) is not supported; send the "
+                                  "functions as tools=[{\"type\": \"function\", \"function\": {...}}] and "
+                                  "function_call as tool_choice", legacy)
+        if req.modalities is not None and set(req.modalities) - {"text"}:
+            raise bad_request(f"modalities={req.modalities}: this server answers in text only (send [\"text\"] "
+                              "or leave modalities out)", "modalities")
+        if req.audio is not None:
+            raise bad_request("audio output is not supported: this server answers in text only", "audio")
 
     def tokenize(self, req: TokenizeRequest) -> list[int]:
         """The prompt ids a completion (`prompt`) or chat (`messages`) request would use."""
@@ -301,12 +319,18 @@ class Preparer:
             msg["name"] = m.name
         return msg
 
-    def _encode_chat(self, messages: list[dict], tools: Optional[list[dict]]) -> list[int]:
+    def _encode_chat(self, messages: list[dict], tools: Optional[list[dict]],
+                     variables: Optional[dict] = None) -> list[int]:
         fmt = self.chat_format
         has_tool_parts = any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
+        if variables is not None and fmt.name != "jinja":
+            raise bad_request(f"chat_template_kwargs needs a model with a chat template; this model's chat "
+                              f"format is {fmt.name}'s", "chat_template_kwargs")
+        extra = {"variables": variables} if variables is not None else {}
         try:
             if tooling.template_supports_tools(fmt):
-                return fmt.encode_dialog(tooling.template_messages(messages), tools=tools)
+                nine = tooling.nine_char_ids(getattr(fmt, "template", None))
+                return fmt.encode_dialog(tooling.template_messages(messages, nine), tools=tools, **extra)
             if tools or has_tool_parts:
                 messages = tooling.hermes_messages(messages, tools)
             plain = [{"role": m["role"], "content": m.get("content") or ""} for m in messages]
@@ -314,8 +338,10 @@ class Preparer:
                 if has_special_tags(plain):
                     raise bad_request("special tags ([INST], [/INST], <<SYS>>, <</SYS>>) are not allowed in "
                                       "messages for this model's chat format", "messages")
-            return fmt.encode_dialog(plain)
+            return fmt.encode_dialog(plain, **extra)
         except LlamaforgeError as exc:
+            if variables is not None and "template variable" in str(exc):
+                raise bad_request(f"chat_template_kwargs: {exc}", "chat_template_kwargs") from exc
             raise bad_request(f"the chat format rejected the messages: {exc}", "messages") from exc
 
     def _constraint(self, schema: Optional[dict], param: str, *, response_format: bool = False):

@@ -213,6 +213,8 @@ class ResponseBuilder:
         finish = c.finish
         if self.prepared.tool_names:
             content, calls = parse_tool_calls(text, self.prepared.tool_names)
+            if self.prepared.one_tool_call:
+                calls = calls[:1]
             if calls:
                 message = {"role": "assistant", "content": content, "tool_calls": calls}
                 if finish == "stop":

@@ -127,7 +127,14 @@ class ChatCompletionRequest(SamplingFields):
     response_format: Optional[ResponseFormat] = None
     tools: Optional[List[Tool]] = None
     tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
-    parallel_tool_calls: Optional[bool] = None
+    parallel_tool_calls: Optional[bool] = None  # false: at most one tool call per answer
+    # vLLM's extension: extra variables for the model's chat template (Qwen3's enable_thinking)
+    chat_template_kwargs: Optional[Dict[str, Any]] = None
+    # refused with a 400 when given (prepare.py): results would silently differ from what was asked
+    functions: Optional[List[Any]] = None
+    function_call: Optional[Any] = None
+    modalities: Optional[List[str]] = None
+    audio: Optional[Dict[str, Any]] = None
 
 
 class EmbeddingRequest(_Strict):

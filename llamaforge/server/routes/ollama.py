@@ -17,7 +17,9 @@ that is not served).
 Where Ollama and this server differ: the context length is the server's `--max-seq-len` (`num_ctx` is
 ignored, as are options that tune Ollama's runner: `num_thread`, `num_gpu`, `num_batch`, `use_mmap`, ...);
 `repeat_penalty` applies over prompt and output (Ollama's over the last `repeat_last_n` tokens, which is
-ignored) and is off unless given; images, `suffix`, `template` overrides and `context` are refused with a 400.
+ignored) and is off unless given; images, `suffix`, `template` overrides and `context` are refused with a 400,
+and so are the samplers not served (`mirostat`, `typical_p`, `tfs_z` at other than their neutral values) and a
+`keep_alive` that is not a duration. `logprobs` / `top_logprobs` come back as Ollama's `logprobs` entries.
 Sampling defaults are Ollama's (temperature 0.8, top_k 40, top_p 0.9).
 """
 
@@ -48,9 +50,15 @@ DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9}
 OPTION_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
                  "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
                  "repeat_penalty": "repetition_penalty", "seed": "seed", "num_predict": "max_tokens", "stop": "stop"}
+# sampling options this server does not implement, with the value that leaves sampling as it is: any other
+# value is a 400 (ignoring it would sample otherwise than asked)
+UNSERVED_OPTIONS = {"mirostat": 0, "typical_p": 1.0, "tfs_z": 1.0}
 NDJSON = "application/x-ndjson"
 # OpenAI field -> what an Ollama client sent, for error messages in the words of Ollama's API
 OLLAMA_WORDS = {field: f"options.{name}" for name, field in OPTION_FIELDS.items()} | {"response_format": "format"}
+# Ollama's keep_alive: seconds (a number, or a number as text) or a Go duration ("5m", "1h30m", "-1s")
+_DURATION = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:(?:ns|us|µs|ms|s|m|h)(?:\d+(?:\.\d*)?|\.\d+)?)*"
+                       r"(?:ns|us|µs|ms|s|m|h)?")
 _OPENAI_FIELD = re.compile(r"\b(" + "|".join(map(re.escape, OLLAMA_WORDS)) + r")\b")
 
 
@@ -74,13 +82,13 @@ class _GenerateFields(_Loose):
     options: Optional[dict[str, Any]] = None
     keep_alive: Optional[Union[int, float, str]] = None
     think: Optional[Union[bool, str]] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = None
 
 
 class OllamaChatRequest(_GenerateFields):
     messages: list[OllamaMessage] = Field(default_factory=list)
     tools: Optional[list[dict[str, Any]]] = None
-    logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = None
 
 
 class OllamaGenerateRequest(_GenerateFields):
@@ -172,6 +180,11 @@ def _sampling(req: _GenerateFields) -> dict[str, Any]:
     if req.options is not None and not isinstance(req.options, dict):
         raise APIError(400, "'options' must be an object", param="options")
     fields: dict[str, Any] = dict(DEFAULTS)
+    for name, neutral in UNSERVED_OPTIONS.items():
+        value = (req.options or {}).get(name)
+        if value is not None and value != neutral:
+            raise APIError(400, f"options.{name}={value!r} is not supported by this server (leave it out or send "
+                           f"{neutral}); use temperature, top_k, top_p and min_p", param=f"options.{name}")
     for name, value in (req.options or {}).items():
         if name in OPTION_FIELDS and value is not None:
             fields[OPTION_FIELDS[name]] = value
@@ -191,6 +204,22 @@ def _sampling(req: _GenerateFields) -> dict[str, Any]:
     return fields
 
 
+def _openai_messages(messages: list[OllamaMessage]) -> list[dict[str, Any]]:
+    """Ollama's messages as OpenAI's. Ollama's carry no call ids: each call gets one, and each tool result the
+    id of the call it answers (the first unanswered one of its `tool_name`, else the first unanswered one),
+    so templates that render ids (Mistral's, which require them) see a consistent dialog."""
+    out, pending = [], []
+    for i, m in enumerate(messages):
+        msg = _openai_message(i, m)
+        if msg.get("tool_calls"):
+            pending = [(c["id"], c["function"]["name"]) for c in msg["tool_calls"]]
+        elif m.role == "tool" and pending:
+            k = next((k for k, (_, name) in enumerate(pending) if name == m.tool_name), 0)
+            msg["tool_call_id"] = pending.pop(k)[0]
+        out.append(msg)
+    return out
+
+
 def _openai_message(i: int, m: OllamaMessage) -> dict[str, Any]:
     if m.images:
         raise APIError(400, f"messages[{i}] has images; this model takes text only", param=f"messages.{i}.images")
@@ -203,13 +232,38 @@ def _openai_message(i: int, m: OllamaMessage) -> dict[str, Any]:
                 raise APIError(400, f"messages[{i}].tool_calls[{j}] needs a function with a name",
                                param=f"messages.{i}.tool_calls")
             args = fn.get("arguments", {})
-            calls.append({"id": f"call_{i}_{j}", "type": "function",
+            # deterministic (the same dialog renders the same prompt: prefix cache, seeds), 9 alphanumerics
+            calls.append({"id": f"c{i % 10_000:04d}{j % 10_000:04d}", "type": "function",
                           "function": {"name": fn["name"], "arguments": args if isinstance(args, str)
                                        else json.dumps(args, ensure_ascii=False)}})
         out["tool_calls"] = calls
     if m.tool_name:
         out["name"] = m.tool_name
     return out
+
+
+def _ollama_logprobs(lp: Optional[dict]) -> list[dict]:
+    """A chunk's OpenAI logprobs (chat's `content` list, or the legacy completions object) as Ollama's
+    `logprobs` entries: {"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}."""
+    if not lp:
+        return []
+    if "content" in lp:
+        return list(lp["content"] or [])
+    return [{"token": tok, "logprob": p, "bytes": list(tok.encode("utf-8")),
+             "top_logprobs": [{"token": t, "logprob": q, "bytes": list(t.encode("utf-8"))}
+                              for t, q in (top or {}).items()]}
+            for tok, p, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]) if p is not None]
+
+
+def _logprob_fields(req: _GenerateFields, kind: str) -> dict[str, Any]:
+    """The OpenAI fields of Ollama's `logprobs` / `top_logprobs` for a chat or completion request."""
+    if not req.logprobs:
+        if req.top_logprobs:
+            raise APIError(400, "top_logprobs needs \"logprobs\": true", param="top_logprobs")
+        return {}
+    if kind == "completion":
+        return {"logprobs": req.top_logprobs or 0}
+    return {"logprobs": True, **({"top_logprobs": req.top_logprobs} if req.top_logprobs else {})}
 
 
 def _tool_calls(calls: list[dict]) -> list[dict]:
@@ -234,6 +288,7 @@ class _Answer:
         self.tool_calls: list[dict] = []
         self.finish: Optional[str] = None
         self.usage: dict = {}
+        self.logprobs: list[dict] = []  # Ollama's entries not yet sent (a token's text may come with a later line)
 
     def add(self, chunk: dict) -> Optional[str]:
         """Take one chunk; return its new text (or None)."""
@@ -248,11 +303,16 @@ class _Answer:
                     self.tool_calls.extend(delta["tool_calls"])
             else:
                 piece = choice.get("text") or None
+            self.logprobs.extend(_ollama_logprobs(choice.get("logprobs")))
             if choice.get("finish_reason"):
                 self.finish = choice["finish_reason"]
             if piece:
                 self.text.append(piece)
         return piece
+
+    def take_logprobs(self) -> list[dict]:
+        out, self.logprobs = self.logprobs, []
+        return out
 
     def stats(self, timing) -> dict:
         end = timing.finished or time.monotonic()
@@ -274,11 +334,25 @@ def _check_model(s: Served, name: str) -> None:
                        param="model", code="model_not_found")
 
 
-def _check_think(s: Served, think: Optional[Union[bool, str]]) -> None:
-    """Ollama answers `think` (true or a level) for a model without a thinking mode with a 400; none here has one."""
+def _think(s: Served, think: Optional[Union[bool, str]]) -> dict[str, Any]:
+    """The OpenAI fields of Ollama's `think`. `false` on a model whose template switches thinking
+    (`enable_thinking`, Qwen3's) turns it off there; `true` or a level is a 400, as Ollama answers for a model
+    without a thinking mode (thoughts are not separated into `thinking` here: leave `think` out to get the
+    model's default, its thoughts in the content)."""
     if think not in (None, False, "false"):
-        raise APIError(400, f"'{s.name}' does not support thinking (send \"think\": false or leave it out)",
-                       param="think")
+        raise APIError(400, f"'{s.name}' does not support thinking here: thoughts are not separated into "
+                       "\"thinking\" (send \"think\": false or leave it out)", param="think")
+    if think is not None and "enable_thinking" in (getattr(s.llama.chat_format, "template", None) or ""):
+        return {"chat_template_kwargs": {"enable_thinking": False}}
+    return {}
+
+
+def _check_keep_alive(keep_alive: Optional[Union[int, float, str]]) -> None:
+    """A 400 for a keep_alive Ollama would refuse ("time: invalid duration"); the value itself changes nothing
+    here (the one model stays loaded)."""
+    if isinstance(keep_alive, str) and keep_alive.strip() and not _DURATION.fullmatch(keep_alive.strip()):
+        raise APIError(400, f"keep_alive {keep_alive!r} is not a duration: send seconds (300, -1 for ever) or "
+                       "a duration such as \"5m\", \"1h\" or \"0\"", param="keep_alive")
 
 
 def _load_reason(keep_alive: Optional[Union[int, float, str]]) -> str:
@@ -294,7 +368,7 @@ def _base(s: Served) -> dict:
 
 
 async def _answer(kind: str, openai_req: Any, stream: bool, shape: Callable[..., dict], request: Request,
-                  s: Served) -> Response:
+                  s: Served, logprobs: bool = False) -> Response:
     """Run an OpenAI request; reply with Ollama's NDJSON stream or one JSON object.
 
     shape(piece) is a line carrying new text; shape(text, stats, answer) the last line, with the statistics.
@@ -306,14 +380,19 @@ async def _answer(kind: str, openai_req: Any, stream: bool, shape: Callable[...,
     endpoint = "/api/generate" if request.url.path.endswith("/generate") else "/api/chat"
     chunks = observed(stream_chunks(run, rb, include_usage=True), run, endpoint, s)
     acc = _Answer(kind)
+
+    def with_logprobs(line: dict) -> dict:
+        return {**line, "logprobs": acc.take_logprobs()} if logprobs else line
+
     if stream:
         async def lines() -> AsyncIterator[str]:
             try:
                 async for chunk in chunks:
                     piece = acc.add(chunk)
                     if piece:
-                        yield json.dumps(shape(piece), ensure_ascii=False) + "\n"
-                yield json.dumps(shape("", acc.stats(run.timing), acc), ensure_ascii=False) + "\n"
+                        yield json.dumps(with_logprobs(shape(piece)), ensure_ascii=False) + "\n"
+                last = with_logprobs(shape("", acc.stats(run.timing), acc))
+                yield json.dumps(last, ensure_ascii=False) + "\n"
             except APIError as exc:
                 yield json.dumps({"error": exc.message}) + "\n"
             finally:
@@ -323,7 +402,7 @@ async def _answer(kind: str, openai_req: Any, stream: bool, shape: Callable[...,
     async def whole() -> dict:
         async for chunk in chunks:
             acc.add(chunk)
-        return shape("".join(acc.text), acc.stats(run.timing), acc)
+        return with_logprobs(shape("".join(acc.text), acc.stats(run.timing), acc))
 
     try:
         return JSONResponse(await unless_disconnected(whole(), request.receive))
@@ -337,18 +416,16 @@ async def _answer(kind: str, openai_req: Any, stream: bool, shape: Callable[...,
 async def chat(request: Request, s: Served = Depends(served)):
     req: OllamaChatRequest = _parse(OllamaChatRequest, await _json(request))
     _check_model(s, req.model)
-    _check_think(s, req.think)
+    thinking = _think(s, req.think)
+    _check_keep_alive(req.keep_alive)
     if not req.messages:  # Ollama: an empty chat loads the model
         return {**_base(s), "message": {"role": "assistant", "content": ""}, "done": True,
                 "done_reason": _load_reason(req.keep_alive)}
-    body: dict[str, Any] = {**_sampling(req), "messages": [_openai_message(i, m) for i, m in enumerate(req.messages)],
-                            "stream": True, "stream_options": {"include_usage": True}}
+    body: dict[str, Any] = {**_sampling(req), "messages": _openai_messages(req.messages),
+                            "stream": True, "stream_options": {"include_usage": True}, **thinking}
     if req.tools:
         body["tools"] = req.tools
-    if req.logprobs:
-        body["logprobs"] = True
-        if req.top_logprobs:
-            body["top_logprobs"] = req.top_logprobs
+    body.update(_logprob_fields(req, "chat"))
 
     def shape(piece: str, stats: Optional[dict] = None, done: Optional[_Answer] = None) -> dict:
         message: dict[str, Any] = {"role": "assistant", "content": piece}
@@ -358,14 +435,16 @@ async def chat(request: Request, s: Served = Depends(served)):
             message["tool_calls"] = _tool_calls(done.tool_calls)
         return {**_base(s), "message": message, "done": True, **stats}
 
-    return await _answer("chat", _translated(ChatCompletionRequest, body), req.stream, shape, request, s)
+    return await _answer("chat", _translated(ChatCompletionRequest, body), req.stream, shape, request, s,
+                         logprobs=bool(req.logprobs))
 
 
 @router.post("/generate")
 async def generate(request: Request, s: Served = Depends(served)):
     req: OllamaGenerateRequest = _parse(OllamaGenerateRequest, await _json(request))
     _check_model(s, req.model)
-    _check_think(s, req.think)
+    thinking = _think(s, req.think)
+    _check_keep_alive(req.keep_alive)
     for name in ("suffix", "template", "context", "images"):
         if getattr(req, name):
             raise APIError(400, f"'{name}' is not supported by this server", param=name)
@@ -373,18 +452,20 @@ async def generate(request: Request, s: Served = Depends(served)):
         return {**_base(s), "response": "", "done": True, "done_reason": _load_reason(req.keep_alive)}
     fields = {**_sampling(req), "stream": True, "stream_options": {"include_usage": True}}
     if req.raw:
-        kind, openai_req = "completion", _translated(CompletionRequest, {**fields, "prompt": req.prompt or ""})
+        body = {**fields, **_logprob_fields(req, "completion"), "prompt": req.prompt or ""}
+        kind, openai_req = "completion", _translated(CompletionRequest, body)
     else:
         messages = ([{"role": "system", "content": req.system}] if req.system else []) + \
             [{"role": "user", "content": req.prompt or ""}]
-        kind, openai_req = "chat", _translated(ChatCompletionRequest, {**fields, "messages": messages})
+        body = {**fields, **_logprob_fields(req, "chat"), **thinking, "messages": messages}
+        kind, openai_req = "chat", _translated(ChatCompletionRequest, body)
 
     def shape(piece: str, stats: Optional[dict] = None, done: Optional[_Answer] = None) -> dict:
         if stats is None:
             return {**_base(s), "response": piece, "done": False}
         return {**_base(s), "response": piece, "done": True, **stats}
 
-    return await _answer(kind, openai_req, req.stream, shape, request, s)
+    return await _answer(kind, openai_req, req.stream, shape, request, s, logprobs=bool(req.logprobs))
 
 
 @router.post("/embed")
