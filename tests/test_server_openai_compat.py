@@ -9,6 +9,8 @@ empty maps), and every streamed chunk's `text_offset` started at 0 instead of wh
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 openai = pytest.importorskip("openai")
@@ -107,3 +109,28 @@ def test_text_only_modalities_are_served(client):
     r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
                                        modalities=["text"])
     assert r.choices[0].message.content is not None
+
+
+@pytest.mark.parametrize("schema", [{"enum": ["yes", "no"]}, '{"enum": ["yes", "no"]}'])
+def test_vllms_guided_json_constrains_chat_and_completions(client, schema):
+    """vLLM's extension, sent by clients written for vLLM (`extra_body`); it was ignored: free text."""
+    pytest.importorskip("llguidance")
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "ok?"}], max_tokens=8,
+                                          temperature=1, seed=1, extra_body={"guided_json": schema})
+    assert json.loads(chat.choices[0].message.content) in ("yes", "no")
+    done = client.completions.create(model="tiny", prompt="ok?", max_tokens=8, temperature=1, seed=2, n=2,
+                                     extra_body={"guided_json": schema})
+    assert all(json.loads(c.text) in ("yes", "no") for c in done.choices)
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"guided_regex": "a+"}, "guided_regex"), ({"guided_choice": ["a", "b"]}, "guided_choice"),
+    ({"guided_grammar": "root ::= \"a\""}, "guided_grammar"), ({"structured_outputs": {"regex": "a"}}, "structured_outputs"),
+    ({"guided_json": "{not json"}, "guided_json"), ({"guided_json": {"type": "object"},
+                                                     "response_format": {"type": "json_object"}}, "guided_json"),
+])
+def test_other_guided_decoding_is_a_400_naming_it(client, extra, param):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                       extra_body=extra)
+    assert err.value.body["param"] == param

@@ -44,6 +44,13 @@ class SamplingFields(_Strict):
     stream_options: Optional[StreamOptions] = None
     max_tokens: Optional[int] = Field(None, ge=0)
     user: Optional[str] = None
+    # vLLM's structured-output extensions: guided_json is served (as a json_schema response_format); the
+    # others are a 400 (prepare.py), not an unconstrained answer
+    guided_json: Optional[Union[Dict[str, Any], str]] = None
+    guided_regex: Optional[Any] = None
+    guided_choice: Optional[Any] = None
+    guided_grammar: Optional[Any] = None
+    structured_outputs: Optional[Any] = None
 
 
 class CompletionRequest(SamplingFields):
