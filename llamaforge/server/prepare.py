@@ -19,7 +19,8 @@ from llamaforge.api import GrammarError, GrammarUnavailable, Job, SamplingParams
 from llamaforge.errors import GenerationError, LlamaforgeError
 from llamaforge.server.errors import APIError, bad_request
 from llamaforge.server.schemas import (
-    MAX_STOP_STRINGS, ChatCompletionRequest, CompletionRequest, EmbeddingRequest, SamplingFields, TokenizeRequest,
+    MAX_STOP_STRINGS, UNSERVED_EXTENSIONS, ChatCompletionRequest, CompletionRequest, EmbeddingRequest, SamplingFields,
+    TokenizeRequest,
 )
 from llamaforge.server import tools as tooling
 
@@ -352,8 +353,18 @@ class Preparer:
                 raise bad_request(f"chat_template_kwargs: {exc}", "chat_template_kwargs") from exc
             raise bad_request(f"the chat format rejected the messages: {exc}", "messages") from exc
 
+    @staticmethod
+    def _check_extensions(req: SamplingFields) -> None:
+        """A 400 for a vLLM extension this server does not implement, set to a value that would change the answer."""
+        extra = req.model_extra or {}
+        for name, neutral in UNSERVED_EXTENSIONS.items():
+            if name in extra and extra[name] != neutral and not (neutral is None and extra[name] == []):
+                raise bad_request(f"{name}={extra[name]!r} (vLLM's) is not supported by this server (leave it out"
+                                  + ("" if neutral is None else f" or send {json.dumps(neutral)}") + ")", name)
+
     def _guided(self, req: SamplingFields):
         """The constraint of vLLM's `guided_json` (a schema, or one as JSON text); a 400 for the other guided_*."""
+        self._check_extensions(req)
         for name in ("guided_regex", "guided_choice", "guided_grammar", "structured_outputs"):
             if getattr(req, name) is not None:
                 raise bad_request(f"{name} (vLLM's) is not supported; constrain the answer with guided_json or "

@@ -25,8 +25,20 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+# vLLM's sampling extensions this server does not implement, with the value that changes nothing: any other
+# value is a 400 (prepare.py); unknown fields otherwise stay ignored
+UNSERVED_EXTENSIONS: Dict[str, Any] = {
+    "min_tokens": 0, "ignore_eos": False, "include_stop_str_in_output": False, "use_beam_search": False,
+    "length_penalty": 1.0, "stop_token_ids": None, "truncate_prompt_tokens": None, "prompt_logprobs": None,
+    "skip_special_tokens": True, "add_generation_prompt": True, "continue_final_message": False, "echo": False,
+}
+
+
 class SamplingFields(_Strict):
-    """The sampling parameters both generation endpoints share."""
+    """The sampling parameters both generation endpoints share (unknown fields kept in `model_extra`, to
+    refuse the `UNSERVED_EXTENSIONS`)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
 
     model: Optional[str] = None
     temperature: Optional[float] = Field(None, ge=0, le=2, description="0 is greedy; default 0.6 (Meta's, as the CLI and the chat page)")
