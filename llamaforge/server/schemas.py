@@ -3,7 +3,8 @@
 Requests are validated strictly (a string is not a number, `true` is not an integer), each field with
 OpenAI's range, so a bad body becomes a 400 naming the field (see `server/errors.py`). Unknown fields
 are ignored, as clients often send extras (`user`, `metadata`, `store`). Fields OpenAI has and we do
-not implement either have a documented meaning here or are rejected with a 400 that says so.
+not implement either have a documented meaning here or are rejected with a 400 that says so, and so are
+vLLM's extensions that would change the answer (`UNSERVED_EXTENSIONS`, `guided_*` but `guided_json`).
 """
 
 from __future__ import annotations
