@@ -284,7 +284,8 @@ class JinjaChatFormat:
         self, dialog: Sequence[Mapping[str, Any]], tools: list[Any] | None = None, add_generation_prompt: bool = True,
         variables: Mapping[str, Any] | None = None,
     ) -> str:
-        """The prompt text the template renders (as transformers' `apply_chat_template(tokenize=False, **variables)`)."""
+        """The prompt text the template renders (as transformers' `apply_chat_template(tokenize=False,
+        **variables)`)."""
         return self._render(*_check_dialog(dialog, tools), add_generation_prompt, _check_variables(variables))
 
     def encode_dialog(

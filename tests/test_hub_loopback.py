@@ -57,6 +57,9 @@ def hub(repo_files, tmp_path, monkeypatch):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # loopback never goes through a proxy of the CI's
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no stored token (for subprocesses)
     monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))  # in-process
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import: a test that imported it while the variable was set
+    # (test_cli's offline reference test, when it runs first) would leave every later download refused
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HUGGINGFACE_HUB_CACHE"):
         monkeypatch.delenv(var, raising=False)
     yield server

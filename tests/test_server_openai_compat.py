@@ -9,6 +9,8 @@ empty maps), and every streamed chunk's `text_offset` started at 0 instead of wh
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 openai = pytest.importorskip("openai")
@@ -107,3 +109,53 @@ def test_text_only_modalities_are_served(client):
     r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
                                        modalities=["text"])
     assert r.choices[0].message.content is not None
+
+
+@pytest.mark.parametrize("schema", [{"enum": ["yes", "no"]}, '{"enum": ["yes", "no"]}'])
+def test_vllms_guided_json_constrains_chat_and_completions(client, schema):
+    """vLLM's extension, sent by clients written for vLLM (`extra_body`); it was ignored: free text."""
+    pytest.importorskip("llguidance")
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "ok?"}], max_tokens=8,
+                                          temperature=1, seed=1, extra_body={"guided_json": schema})
+    assert json.loads(chat.choices[0].message.content) in ("yes", "no")
+    done = client.completions.create(model="tiny", prompt="ok?", max_tokens=8, temperature=1, seed=2, n=2,
+                                     extra_body={"guided_json": schema})
+    assert all(json.loads(c.text) in ("yes", "no") for c in done.choices)
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"guided_regex": "a+"}, "guided_regex"), ({"guided_choice": ["a", "b"]}, "guided_choice"),
+    ({"guided_grammar": "root ::= \"a\""}, "guided_grammar"), ({"structured_outputs": {"regex": "a"}}, "structured_outputs"),
+    ({"guided_json": "{not json"}, "guided_json"), ({"guided_json": {"type": "object"},
+                                                     "response_format": {"type": "json_object"}}, "guided_json"),
+])
+def test_other_guided_decoding_is_a_400_naming_it(client, extra, param):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                       extra_body=extra)
+    assert err.value.body["param"] == param
+
+
+@pytest.mark.parametrize("name, value", [
+    ("min_tokens", 4), ("ignore_eos", True), ("include_stop_str_in_output", True), ("use_beam_search", True),
+    ("stop_token_ids", [5]), ("truncate_prompt_tokens", 8), ("skip_special_tokens", False),
+    ("add_generation_prompt", False), ("continue_final_message", True), ("echo", True),
+])
+def test_vllm_extensions_that_would_change_the_answer_are_400s(client, name, value):
+    """Clients written for vLLM send these in `extra_body`; they were dropped as unknown fields."""
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                       extra_body={name: value})
+    assert err.value.body["param"] == name and "vLLM" in err.value.body["message"]
+
+
+def test_vllm_extensions_at_their_neutral_values_and_other_extras_are_accepted(client):
+    neutral = {"min_tokens": 0, "ignore_eos": False, "skip_special_tokens": True, "stop_token_ids": [],
+               "add_generation_prompt": True, "some_client_field": {"x": 1}}
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                       extra_body=neutral)
+    assert r.choices[0].message.content is not None
+    r = client.completions.create(model="tiny", prompt="hi", max_tokens=2, echo=True, extra_body={"min_tokens": 0})
+    assert r.choices[0].text.startswith("hi")
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt="hi", max_tokens=2, extra_body={"min_tokens": 3})

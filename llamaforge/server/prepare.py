@@ -10,6 +10,8 @@ values are checked by the engine's `SamplingParams` (the same checks as the Pyth
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -17,7 +19,8 @@ from llamaforge.api import GrammarError, GrammarUnavailable, Job, SamplingParams
 from llamaforge.errors import GenerationError, LlamaforgeError
 from llamaforge.server.errors import APIError, bad_request
 from llamaforge.server.schemas import (
-    MAX_STOP_STRINGS, ChatCompletionRequest, CompletionRequest, EmbeddingRequest, SamplingFields, TokenizeRequest,
+    MAX_STOP_STRINGS, UNSERVED_EXTENSIONS, ChatCompletionRequest, CompletionRequest, EmbeddingRequest, SamplingFields,
+    TokenizeRequest,
 )
 from llamaforge.server import tools as tooling
 
@@ -177,12 +180,14 @@ class Preparer:
                               f"{self.max_queue} (--max-queue); send fewer prompts per request", "prompt",
                               "request_too_large")
         params, stops = self._params(req), self._stops(req.stop)
+        constraint = self._guided(req)
         jobs, texts = [], []
         for ids, text in prompts:
             max_tokens = self._check_fits(ids, req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, "prompt", fill=fill)
             jobs.append(Job(
                 ids, max_tokens, params, n=req.n, seed=req.seed, stop_ids=self.tokenizer.stop_ids, stop=stops,
                 logprobs=req.logprobs, prompt_logprobs=req.logprobs if req.echo else None, adapter=adapter,
+                constraint=constraint,
             ))
             texts.append(text)
         return Prepared(jobs, req.n, texts, echo=req.echo)
@@ -211,7 +216,11 @@ class Preparer:
         use_tools = bool(tools) and choice != "none"
         prompt = self._encode_chat(messages, tools if use_tools else None, req.chat_template_kwargs)
         forced = use_tools and choice is not None and choice != "auto"
-        constraint = None
+        constraint = self._guided(req)
+        if constraint is not None and (forced or (req.response_format is not None
+                                                  and req.response_format.type != "text")):
+            raise bad_request("guided_json and response_format / a forced tool_choice both constrain the answer; "
+                              "give one", "guided_json")
         if forced:
             name = None if isinstance(choice, str) else choice.function.name
             constraint = self._constraint(tooling.forced_call_schema(tools, name), "tool_choice")
@@ -343,6 +352,34 @@ class Preparer:
             if variables is not None and "template variable" in str(exc):
                 raise bad_request(f"chat_template_kwargs: {exc}", "chat_template_kwargs") from exc
             raise bad_request(f"the chat format rejected the messages: {exc}", "messages") from exc
+
+    @staticmethod
+    def _check_extensions(req: SamplingFields) -> None:
+        """A 400 for a vLLM extension this server does not implement, set to a value that would change the answer."""
+        extra = req.model_extra or {}
+        for name, neutral in UNSERVED_EXTENSIONS.items():
+            if name in extra and extra[name] != neutral and not (neutral is None and extra[name] == []):
+                raise bad_request(f"{name}={extra[name]!r} (vLLM's) is not supported by this server (leave it out"
+                                  + ("" if neutral is None else f" or send {json.dumps(neutral)}") + ")", name)
+
+    def _guided(self, req: SamplingFields):
+        """The constraint of vLLM's `guided_json` (a schema, or one as JSON text); a 400 for the other guided_*."""
+        self._check_extensions(req)
+        for name in ("guided_regex", "guided_choice", "guided_grammar", "structured_outputs"):
+            if getattr(req, name) is not None:
+                raise bad_request(f"{name} (vLLM's) is not supported; constrain the answer with guided_json or "
+                                  "response_format json_schema", name)
+        schema = req.guided_json
+        if schema is None:
+            return None
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except (ValueError, RecursionError) as exc:
+                raise bad_request(f"guided_json is text but not JSON: {exc}", "guided_json", "invalid_schema") from None
+        if not isinstance(schema, dict):
+            raise bad_request("guided_json must be a JSON schema object", "guided_json", "invalid_schema")
+        return self._constraint(schema, "guided_json")
 
     def _constraint(self, schema: Optional[dict], param: str, *, response_format: bool = False):
         """A constraint factory from a JSON schema, or from an OpenAI response_format (as the Python API's)."""

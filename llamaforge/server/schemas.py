@@ -3,7 +3,8 @@
 Requests are validated strictly (a string is not a number, `true` is not an integer), each field with
 OpenAI's range, so a bad body becomes a 400 naming the field (see `server/errors.py`). Unknown fields
 are ignored, as clients often send extras (`user`, `metadata`, `store`). Fields OpenAI has and we do
-not implement either have a documented meaning here or are rejected with a 400 that says so.
+not implement either have a documented meaning here or are rejected with a 400 that says so, and so are
+vLLM's extensions that would change the answer (`UNSERVED_EXTENSIONS`, `guided_*` but `guided_json`).
 """
 
 from __future__ import annotations
@@ -25,8 +26,20 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+# vLLM's sampling extensions this server does not implement, with the value that changes nothing: any other
+# value is a 400 (prepare.py); unknown fields otherwise stay ignored
+UNSERVED_EXTENSIONS: Dict[str, Any] = {
+    "min_tokens": 0, "ignore_eos": False, "include_stop_str_in_output": False, "use_beam_search": False,
+    "length_penalty": 1.0, "stop_token_ids": None, "truncate_prompt_tokens": None, "prompt_logprobs": None,
+    "skip_special_tokens": True, "add_generation_prompt": True, "continue_final_message": False, "echo": False,
+}
+
+
 class SamplingFields(_Strict):
-    """The sampling parameters both generation endpoints share."""
+    """The sampling parameters both generation endpoints share (unknown fields kept in `model_extra`, to
+    refuse the `UNSERVED_EXTENSIONS`)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
 
     model: Optional[str] = None
     temperature: Optional[float] = Field(None, ge=0, le=2, description="0 is greedy; default 0.6 (Meta's, as the CLI and the chat page)")
@@ -44,6 +57,13 @@ class SamplingFields(_Strict):
     stream_options: Optional[StreamOptions] = None
     max_tokens: Optional[int] = Field(None, ge=0)
     user: Optional[str] = None
+    # vLLM's structured-output extensions: guided_json is served (as a json_schema response_format); the
+    # others are a 400 (prepare.py), not an unconstrained answer
+    guided_json: Optional[Union[Dict[str, Any], str]] = None
+    guided_regex: Optional[Any] = None
+    guided_choice: Optional[Any] = None
+    guided_grammar: Optional[Any] = None
+    structured_outputs: Optional[Any] = None
 
 
 class CompletionRequest(SamplingFields):

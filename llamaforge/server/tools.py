@@ -8,8 +8,9 @@ tool results as <tool_response></tool_response> in a user turn.
 
 The answer is parsed back into `tool_calls`: every <tool_call>...</tool_call> block, or else an answer
 that is just a JSON object with "name" and "arguments" (or Llama 3.1's "parameters"), or a JSON list of
-them (Mistral's, after its [TOOL_CALLS] token), or Mistral-Small-3's `[TOOL_CALLS]name[ARGS]{...}` calls. Call ids are 9 alphanumeric characters, the form Mistral's
-templates require of the ids a client sends back (OpenAI's clients treat them as opaque). When
+them (Mistral's, after its [TOOL_CALLS] token), or Mistral-Small-3's `[TOOL_CALLS]name[ARGS]{...}` calls.
+Call ids are 9 alphanumeric characters, the form Mistral's templates require of the ids a client sends
+back (OpenAI's clients treat them as opaque). When
 `tool_choice` is "required" or names a function, decoding is constrained to such a JSON object (see
 `forced_call_schema`), so the call is well-formed JSON with arguments matching the function's schema.
 """
