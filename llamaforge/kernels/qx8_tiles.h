@@ -199,17 +199,17 @@ inline typename V::I q6_high(typename V::I h, int j) {
 #if LFQ_TILE_VNNI
 // Q6_K, VNNI: tot[i] += sc * s_i for one 16-column half (HALF 0: the first 16 columns of the sub-block at q,
 // low nibbles with the two-bit plane at q + X8_HI_OFF; HALF 1: the last 16, high nibbles with the plane at
-// + 32), where s_i starts at the activations' -32 * sum of the half (start[i], int32) and gathers the
+// + 32), where s_i starts at the activations' -32 * sum of the half (start[i][h], int32) and gathers the
 // dot products of the 6-bit values with activation row i: so s_i = sum_16 (q - 32) x exactly. One half at
 // a time keeps two vectors per activation row (s, tot), so 8 rows fit the 32 registers; p holds the
 // sub-block's four nibble vectors, loaded once for both halves.
 template <class V, int MR, int HALF>
 inline void half_q6(const typename V::I* p, typename V::I h, typename V::I sc, const int8_t* const* xb,
-                    const int32_t* const* start, typename V::I* tot) {
+                    const int32_t (*start)[16], int64_t hh, typename V::I* tot) {
   using I = typename V::I;
   const I lo4 = V::set8(0x0F);
   I s[MR];
-  for (int i = 0; i < MR; ++i) s[i] = V::bcast(start[i]);
+  for (int i = 0; i < MR; ++i) s[i] = V::bcast(start[i] + hh);
   for (int k = 0; k < 4; ++k) {
     const I w = V::or_(V::and_(HALF ? V::srli16(p[k], 4) : p[k], lo4), q6_high<V>(h, k));
     for (int i = 0; i < MR; ++i) s[i] = V::dpbusd(s[i], w, V::bcast(xb[i] + 16 * HALF + 4 * k));
@@ -344,23 +344,18 @@ inline void tile(const uint8_t* gw, int64_t gs, int64_t nsb, const Act& a, int64
       for (int i = 0; i < MR; ++i) tot[i] = V::zero();
 #if LFQ_TILE_VNNI
       // The values are stored + 32: each half's sum starts at -32 times the activations' sum of its 16 columns.
-      alignas(64) int32_t start32[MR][16];
-      const int32_t* start[MR];
+      alignas(64) int32_t start[MR][16];
       for (int i = 0; i < MR; ++i) {
         const __m512i bs = _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xbs[i] + 16 * sb)));
-        _mm512_store_si512(start32[i], _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(bs, 5)));
+        _mm512_store_si512(start[i], _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(bs, 5)));
       }
       for (int64_t j = 0; j < 8; ++j) {
         const uint8_t* q = p + x8_qoff(QT, j);
         I pk[4];
         for (int k = 0; k < 4; ++k) pk[k] = V::load(q + 32 * k, gs);
-        for (int i = 0; i < MR; ++i) {
-          xb[i] = xq[i] + 256 * sb + 32 * j;
-          start[i] = start32[i] + 2 * j;
-        }
-        half_q6<V, MR, 0>(pk, V::load(q + X8_HI_OFF, gs), V::i8(p + 16 + 16 * j, gs), xb, start, tot);
-        for (int i = 0; i < MR; ++i) ++start[i];
-        half_q6<V, MR, 1>(pk, V::load(q + X8_HI_OFF + 32, gs), V::i8(p + 24 + 16 * j, gs), xb, start, tot);
+        for (int i = 0; i < MR; ++i) xb[i] = xq[i] + 256 * sb + 32 * j;
+        half_q6<V, MR, 0>(pk, V::load(q + X8_HI_OFF, gs), V::i8(p + 16 + 16 * j, gs), xb, start, 2 * j, tot);
+        half_q6<V, MR, 1>(pk, V::load(q + X8_HI_OFF + 32, gs), V::i8(p + 24 + 16 * j, gs), xb, start, 2 * j + 1, tot);
       }
 #else
       const I lo16 = V::set32(0xFFFF);
