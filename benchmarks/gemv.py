@@ -1,7 +1,7 @@
 """Batch-1 decode GEMV streaming rate per weight type at Llama shapes, A/B between kernel builds.
 
 Run:  python benchmarks/gemv.py [--shape 1b|3b] [--types Q4_0,Q4_K,...] [--rows 1] [--avx2|--vnni]
-                                 [--against PATH.so ...] [--rounds 5]
+                                 [--against PATH.so ...] [--rounds 5] [--resident]
 
 For each type it makes one Llama layer's seven projections (wq wk wv wo w1 w2 w3 at the shape, random
 weights: speed does not depend on their values) times enough layers to exceed the 32 MiB L3, so every
@@ -11,7 +11,9 @@ on a shared machine disturb it only through the memory bus and caches). GB/s = w
 seconds; with `--rows` above 1 (the prefill tiles) GOP/s = 2 * rows * weights / CPU seconds instead. With `--against OLD.so` (a built extension from ~/.cache/llamaforge/kernels, e.g. main's) the
 builds are alternated round by round, each round of each build in a fresh process on weights repacked by
 its own `repack_x8` (a changed x8 layout is measured as it is), and the table shows the medians (and
-ranges) of `--rounds` rounds per build. `--avx2` forces the AVX2 tiles
+ranges) of `--rounds` rounds per build. `--resident` times one (dim, dim) projection instead, small
+enough to stay in the L3 cache: the tiles' compute rate alone (with `--rows` 5 and up: what prefill and
+speculative verification tiles can do, apart from DRAM). `--avx2` forces the AVX2 tiles
 where the CPU has AVX-512 (what AVX2-only CPUs such as Zen 3 run); `--vnni` keeps the AVX-512 ones.
 Not run by the tests.
 """
@@ -67,11 +69,11 @@ def layer_shapes(shape: str) -> list[tuple[int, int]]:
     return [(dim, dim), (kv, dim), (kv, dim), (dim, dim), (ffn, dim), (dim, ffn), (ffn, dim)]
 
 
-def make_weights(ext, qtype: str, shape: str, raws: list[torch.Tensor]) -> list[tuple]:
-    """(bytes, type id, N, K, layout id) per matrix, in the build's fastest layout."""
+def make_weights(ext, qtype: str, mats: list[tuple[int, int]], raws: list[torch.Tensor]) -> list[tuple]:
+    """(bytes, type id, N, K, layout id) per matrix (shapes `mats`, repeated), in the build's fastest layout."""
     info = kernels.qtype_info(qtype)
     out = []
-    for raw, (n, k) in zip(raws, layer_shapes(shape) * (len(raws) // 7)):
+    for raw, (n, k) in zip(raws, mats * (len(raws) // len(mats))):
         if qtype in ("F16", "BF16"):  # as kernels.repack: a copy in huge pages where the build has it
             raw = ext.copy_streamed(raw) if hasattr(ext, "copy_streamed") else raw
             w = raw.view(torch.float16 if qtype == "F16" else torch.bfloat16).reshape(n, k)
@@ -97,12 +99,13 @@ def measure(ext, args) -> dict[str, float]:
     with torch.inference_mode():
         for qtype in args.types:
             info = kernels.qtype_info(qtype)
-            layer_bytes = sum(info.bytes_per_row(k) * n for n, k in layer_shapes(args.shape))
-            n_layers = max(2, -(-3 * L3_BYTES // layer_bytes))
-            raws = [random_bytes(qtype, n, k, rng) for _ in range(n_layers) for n, k in layer_shapes(args.shape)]
+            mats = layer_shapes(args.shape)[:1] if args.resident else layer_shapes(args.shape)
+            layer_bytes = sum(info.bytes_per_row(k) * n for n, k in mats)
+            n_layers = 1 if args.resident else max(2, -(-3 * L3_BYTES // layer_bytes))
+            raws = [random_bytes(qtype, n, k, rng) for _ in range(n_layers) for n, k in mats]
             total = sum(r.numel() for r in raws)
-            ws = make_weights(ext, qtype, args.shape, raws)
-            xs = {k: torch.randn(args.rows, k) for k in {k for _, k in layer_shapes(args.shape)}}
+            ws = make_weights(ext, qtype, mats, raws)
+            xs = {k: torch.randn(args.rows, k) for k in {k for _, k in mats}}
             sweep_cpu_s(ext, ws, xs)  # warm-up
             out[qtype] = total / min(sweep_cpu_s(ext, ws, xs) for _ in range(args.sweeps)) / 1e9
             del raws, ws
@@ -117,6 +120,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians are reported")
     parser.add_argument("--sweeps", type=int, default=3, help="sweeps per type per round (the best is kept)")
     parser.add_argument("--against", type=Path, nargs="*", default=[], help="other built extensions (.so) to compare")
+    parser.add_argument("--resident", action="store_true", help="one (dim, dim) projection, held in the L3 cache")
     parser.add_argument("--so", type=Path, help=argparse.SUPPRESS)  # one build, one round (a child process)
     isa = parser.add_mutually_exclusive_group()
     isa.add_argument("--avx2", action="store_true", help="force the AVX2 tiles (as on AVX2-only CPUs)")
@@ -135,7 +139,8 @@ def main() -> None:
     builds = {"this": Path("this"), **{p.parent.name.rsplit("_", 1)[-1]: p for p in args.against}}
     results: dict[str, list[dict]] = {b: [] for b in builds}
     child = [sys.executable, __file__, "--shape", args.shape, "--types", ",".join(args.types), "--rows",
-             str(args.rows), "--sweeps", str(args.sweeps)] + (["--avx2"] if args.avx2 else [])
+             str(args.rows), "--sweeps", str(args.sweeps)] + (["--avx2"] if args.avx2 else []) + \
+            (["--resident"] if args.resident else [])
     for _ in range(args.rounds):  # builds alternate, each in a fresh process (pybind11 registers a type once)
         for b, path in builds.items():
             out = subprocess.run([*child, "--so", str(path)], capture_output=True, text=True, check=True).stdout
@@ -143,7 +148,8 @@ def main() -> None:
     tiles = results["this"][0]["tiles"]
     # M > 1 (prefill tiles): GOP/s = 2 * M * weights / CPU s, the compute rate, instead of the streaming rate
     unit = "GB/s = weight bytes / CPU s" if args.rows == 1 else "GOP/s = 2 * M * weights / CPU s"
-    print(f"{args.shape} shape, M = {args.rows}, 1 thread, {tiles} tiles; builds alternated in fresh processes, "
+    where = " (one (dim, dim) projection, in L3)" if args.resident else ""
+    print(f"{args.shape} shape{where}, M = {args.rows}, 1 thread, {tiles} tiles; builds alternated in fresh processes, "
           f"median of {args.rounds} rounds (each the best of {args.sweeps} sweeps); {unit}")
     print(f"{'type':6s} " + " ".join(f"{b + ' ' + unit.split()[0]:>22s}" for b in builds))
     for qtype in args.types:

@@ -110,7 +110,7 @@ def test_x8_tiles_and_gguf_rows_give_the_same_bits(qtype: str) -> None:
     x = activations(20, k, seed=7)
     rows = EXT.qlinear(x, raw, info.type_id, n, k, None, 0, kernels.LAYOUT_IDS["gguf"])
     for tiles in TILES:
-        for m in (1, 2, 5, 8, 9, 20):
+        for m in (1, 2, 5, 6, 7, 8, 9, 15, 20):  # every tile size: one group (<= 4), two groups (5-8), 8 + rest
             y = run_tiles(tiles, lambda: EXT.qlinear(x[:m], packed, info.type_id, n, k, None, 0, kernels.LAYOUT_IDS["x8"]))
             assert torch.equal(y, rows[:m]), (qtype, tiles, m)
 

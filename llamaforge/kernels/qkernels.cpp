@@ -4,8 +4,6 @@
 
 #include "qkernels.h"
 
-#include <type_traits>
-
 #include "qcommon.h"
 #include "qrows.h"
 #include "qx8.h"

@@ -16,6 +16,12 @@
 // two groups at once are two streams, and at 1-4 rows the stream is what bounds the time; from 5 rows the
 // instructions do (1B Q4_K_M, one thread: 5-8 rows 12-20% faster on V16, 2-4 rows no faster).
 // The tile body is written once over the vector traits.
+// What bounds the VNNI tiles from 5 rows on (Zen 4, measured with a register-only loop: 3.6 G vpdpbusd zmm/s
+// at 3.4 GHz, about one a cycle): vpdpbusd, vpdpwssd and vpmulld share those pipes (one zmm a cycle in all),
+// while and / or / shifts / adds / broadcast loads go beside them up to two zmm ops a cycle in all. A K-quant
+// super-block needs one vpmulld per 4 (Q6_K: per 16-column half) or 8 (Q4_K / Q5_K) vpdpbusd to apply its
+// sub-block scales exactly, and Q4_K / Q5_K one vpdpwssd per 8 for the mins: so ~80% of the vpdpbusd rate is
+// their ceiling (measured in L2: Q4_K 330, Q5_K 320, Q6_K 310 GOP/s a core at M = 8-64, of 460).
 // No include guard on purpose.
 
 namespace lfq {
@@ -196,11 +202,32 @@ inline typename V::I q6_high(typename V::I h, int j) {
   return V::and_(j == 0 ? h : j == 1 ? V::srli16(h, 2) : j == 2 ? V::slli16(h, 4) : V::slli16(h, 2), m);
 }
 
-// Q6_K: int32 lanes = one sub-block's exact integer sum  sc_a * sum_a + sc_b * sum_b  for MR activation
+#if LFQ_TILE_VNNI
+// Q6_K, VNNI: tot[i] += sc * s_i for one 16-column half (HALF 0: the first 16 columns of the sub-block at q,
+// low nibbles with the two-bit plane at q + X8_HI_OFF; HALF 1: the last 16, high nibbles with the plane at
+// + 32), where s_i starts at the activations' -32 * sum of the half (start[i][h], int32) and gathers the
+// dot products of the 6-bit values with activation row i: so s_i = sum_16 (q - 32) x exactly. One half at
+// a time keeps two vectors per activation row (s, tot), so 8 rows fit the 32 registers; p holds the
+// sub-block's four nibble vectors, loaded once for both halves.
+template <class V, int MR, int HALF>
+inline void half_q6(const typename V::I* p, typename V::I h, typename V::I sc, const int8_t* const* xb,
+                    const int32_t (*start)[16], int64_t hh, typename V::I* tot) {
+  using I = typename V::I;
+  const I lo4 = V::set8(0x0F);
+  I s[MR];
+  for (int i = 0; i < MR; ++i) s[i] = V::bcast(start[i] + hh);
+  for (int k = 0; k < 4; ++k) {
+    const I w = V::or_(V::and_(HALF ? V::srli16(p[k], 4) : p[k], lo4), q6_high<V>(h, k));
+    for (int i = 0; i < MR; ++i) s[i] = V::dpbusd(s[i], w, V::bcast(xb[i] + 16 * HALF + 4 * k));
+  }
+  for (int i = 0; i < MR; ++i) tot[i] = V::add32(tot[i], V::mullo32(s[i], sc));
+}
+#else
+// Q6_K, AVX2: int32 lanes = one sub-block's exact integer sum  sc_a * sum_a + sc_b * sum_b  for MR activation
 // blocks, where sum_a, sum_b are the dot products of the first / last 16 columns' 6-bit values (nibble plane
-// q + two-bit plane at q + X8_HI_OFF) with the activations and sc_a, sc_b the halves' scales: int32 lanes
-// (sca, scb) for VNNI's vpmulld, int16 pairs (sc, sc) for AVX2's vpmaddwd (which widens and scales at once).
-// |sum| <= 16 * 63 * 127, times |sc| <= 128: every partial sum fits int32 (and int16 before the widening).
+// q + two-bit plane at q + X8_HI_OFF) with the activations and sc_a, sc_b the halves' scales as int16 pairs
+// (sc, sc) for vpmaddwd (which widens and scales at once). |sum| <= 16 * 63 * 127, times |sc| <= 128: every
+// partial sum fits int32 (and int16 before the widening).
 template <class V, int MR>
 inline void dot_q6(const uint8_t* q, int64_t gs, const int8_t* const* xb, typename V::I sca, typename V::I scb,
                    typename V::I* s32) {
@@ -209,20 +236,12 @@ inline void dot_q6(const uint8_t* q, int64_t gs, const int8_t* const* xb, typena
   const I ha = V::load(q + X8_HI_OFF, gs);
   const I hb = V::load(q + X8_HI_OFF + 32, gs);
   I sa[MR], sb[MR];
-#if LFQ_TILE_VNNI
-  for (int i = 0; i < MR; ++i) sa[i] = sb[i] = V::zero();
-#else
   for (int i = 0; i < MR; ++i) s32[i] = V::zero();
-#endif
   for (int j = 0; j < 4; ++j) {
     const I p = V::load(q + 32 * j, gs);
     const I lo = V::or_(V::and_(p, lo4), q6_high<V>(ha, j));
     const I hi = V::or_(V::and_(V::srli16(p, 4), lo4), q6_high<V>(hb, j));
     for (int i = 0; i < MR; ++i) {
-#if LFQ_TILE_VNNI
-      sa[i] = V::dpbusd(sa[i], lo, V::bcast(xb[i] + 4 * j));
-      sb[i] = V::dpbusd(sb[i], hi, V::bcast(xb[i] + 16 + 4 * j));
-#else
       const I pa = _mm256_maddubs_epi16(lo, V::bcast(xb[i] + 4 * j));
       const I pb = _mm256_maddubs_epi16(hi, V::bcast(xb[i] + 16 + 4 * j));
       if (j & 1) {  // an int16 lane holds 2 maddubs results of 6-bit weights (2 * 2 * 63 * 127 < 2^15)
@@ -232,13 +251,10 @@ inline void dot_q6(const uint8_t* q, int64_t gs, const int8_t* const* xb, typena
         sa[i] = pa;
         sb[i] = pb;
       }
-#endif
     }
   }
-#if LFQ_TILE_VNNI
-  for (int i = 0; i < MR; ++i) s32[i] = V::add32(V::mullo32(sa[i], sca), V::mullo32(sb[i], scb));
-#endif
 }
+#endif
 
 // int32 lanes += 32-column dot products of an int8 plane (Q8_0) with MR activation blocks.
 template <class V, int MR>
@@ -330,25 +346,37 @@ inline void tile(const uint8_t* gw, int64_t gs, int64_t nsb, const Act& a, int64
     const uint8_t* p = gw + sb * SB;
     const F dvec = V::f16(p, gs);
     if constexpr (QT == T_Q6_K) {
-      const I lo16 = V::set32(0xFFFF);
       I tot[MR];  // this super-block's int32 sum
       for (int i = 0; i < MR; ++i) tot[i] = V::zero();
+#if LFQ_TILE_VNNI
+      // The values are stored + 32: each half's sum starts at -32 times the activations' sum of its 16 columns.
+      alignas(64) int32_t start[MR][16];
+      for (int i = 0; i < MR; ++i) {
+        const __m512i bs = _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xbs[i] + 16 * sb)));
+        _mm512_store_si512(start[i], _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(bs, 5)));
+      }
+      for (int64_t j = 0; j < 8; ++j) {
+        const uint8_t* q = p + x8_qoff(QT, j);
+        I pk[4];
+        for (int k = 0; k < 4; ++k) pk[k] = V::load(q + 32 * k, gs);
+        for (int i = 0; i < MR; ++i) xb[i] = xq[i] + 256 * sb + 32 * j;
+        half_q6<V, MR, 0>(pk, V::load(q + X8_HI_OFF, gs), V::i8(p + 16 + 16 * j, gs), xb, start, 2 * j, tot);
+        half_q6<V, MR, 1>(pk, V::load(q + X8_HI_OFF + 32, gs), V::i8(p + 24 + 16 * j, gs), xb, start, 2 * j + 1, tot);
+      }
+#else
+      const I lo16 = V::set32(0xFFFF);
       for (int64_t j = 0; j < 8; ++j) {
         const I sca = V::i8(p + 16 + 16 * j, gs), scb = V::i8(p + 24 + 16 * j, gs);  // int32 lanes
         // The values are stored + 32: -32 * (sca * sum_a(x) + scb * sum_b(x)), one vpmaddwd of the int16 pairs
         // (-32 sca, -32 scb) with the activations' sums of the two halves (|32 * 128|, |16 * 127| < 2^15).
         const I neg = V::or_(V::and_(V::sub32(V::zero(), V::slli32(sca, 5)), lo16),
                              V::slli32(V::sub32(V::zero(), V::slli32(scb, 5)), 16));
-#if LFQ_TILE_VNNI
-        const I wa = sca, wb = scb;
-#else
-        const I wa = pair16<V>(sca), wb = pair16<V>(scb);  // (sc, sc) int16 pairs for vpmaddwd
-#endif
         for (int i = 0; i < MR; ++i) xb[i] = xq[i] + 256 * sb + 32 * j;
-        dot_q6<V, MR>(p + x8_qoff(QT, j), gs, xb, wa, wb, s32);
+        dot_q6<V, MR>(p + x8_qoff(QT, j), gs, xb, pair16<V>(sca), pair16<V>(scb), s32);
         for (int i = 0; i < MR; ++i)
           tot[i] = V::add32(tot[i], madd_acc<V>(s32[i], V::bcast(xbs[i] + 16 * sb + 2 * j), neg));
       }
+#endif
       for (int i = 0; i < MR; ++i) acc[i] = V::fma(V::cvt(tot[i]), V::mul(dvec, V::setf(xd[i][sb])), acc[i]);
     } else if constexpr (!KQ) {
       const int64_t b = sb;
@@ -396,18 +424,23 @@ inline void tile(const uint8_t* gw, int64_t gs, int64_t nsb, const Act& a, int64
   for (int i = 0; i < MR; ++i) V::store(y + (m0 + i) * ldy, acc[i], nvalid);
 }
 
-// The rows at gw against all M activation rows: MR rows per tile, then 4, 3, 2, 1. MR_MAX, but 6 for Q6_K's
-// 512-bit tiles: they hold four vectors per activation row (two half sums, this super-block's part, the total),
-// and 8 rows of those spilled out of the 32 registers (6 rows: 10-20% faster at M = 64).
+// The rows at gw against all M activation rows: MR_MAX rows per tile, then one tile of the rest (each tile
+// unpacks the weights once: at 5-7 rows, 4 + 3 cost two unpackings). VNNI's Q6_K tiles keep two vectors per
+// activation row (half_q6), so 8 rows fit the 32 registers (they were 6 rows with four vectors per row).
 template <class V, int64_t QT>
 inline void tile_rows(const uint8_t* gw, int64_t gs, int64_t nsb, const Act& a, int64_t M, float* yg, int64_t N,
                       int64_t nvalid) {
-  constexpr int MR = QT == T_Q6_K && !std::is_same_v<V, V8> ? 6 : MR_MAX;
+  constexpr int MR = MR_MAX;
   int64_t m = 0;
   for (; m + MR <= M; m += MR) tile<V, QT, MR>(gw, gs, nsb, a, m, yg, N, nvalid);
-  if (MR > 4 && M - m >= 4) {
-    tile<V, QT, 4>(gw, gs, nsb, a, m, yg, N, nvalid);
-    m += 4;
+  if constexpr (MR > 4) {  // 5-7 rows left: one tile (each tile unpacks the weights once)
+    switch (M - m) {
+      case 7: return tile<V, QT, 7>(gw, gs, nsb, a, m, yg, N, nvalid);
+      case 6: return tile<V, QT, 6>(gw, gs, nsb, a, m, yg, N, nvalid);
+      case 5: return tile<V, QT, 5>(gw, gs, nsb, a, m, yg, N, nvalid);
+      case 4: return tile<V, QT, 4>(gw, gs, nsb, a, m, yg, N, nvalid);
+      default: break;
+    }
   }
   switch (M - m) {
     case 3: tile<V, QT, 3>(gw, gs, nsb, a, m, yg, N, nvalid); break;
