@@ -257,14 +257,24 @@ class JinjaChatFormat:
         self.origin = origin or f"the chat template of {tokenizer.source or 'the tokenizer'}"
         if not isinstance(template, str) or not template.strip():
             raise ChatFormatError(f"{self.origin} is empty")
-        try:
-            self._template = chat_sandbox.environment().from_string(template)
-        except Exception as e:  # noqa: BLE001 - a syntax error, or a parser recursion on hostile nesting
-            raise ChatFormatError(f"{self.origin} does not compile: {type(e).__name__}: {e}") from e
-        self.tokenizer = tokenizer
         self.template = template
+        # A template that compiled before (a mark in the cache folder, chat_sandbox.compiled_before) compiles at
+        # its first render; any other compiles now, so a broken one is a ChatFormatError here, at build.
+        self._compiled: Any = None
+        if not chat_sandbox.compiled_before(template):
+            self._compile()
+            chat_sandbox.remember_compiled(template)
+        self.tokenizer = tokenizer
         self.stop_ids: frozenset[int] = tokenizer.stop_ids
         self._specials = special_splitter(tokenizer.special_tokens)
+
+    def _compile(self) -> Any:
+        if self._compiled is None:  # two threads compiling at once make two equal templates: harmless
+            try:
+                self._compiled = chat_sandbox.environment().from_string(self.template)
+            except Exception as e:  # noqa: BLE001 - a syntax error, or a parser recursion on hostile nesting
+                raise ChatFormatError(f"{self.origin} does not compile: {type(e).__name__}: {e}") from e
+        return self._compiled
 
     def _render(self, messages: list[dict[str, Any]], tools: list[Any] | None, add_generation_prompt: bool,
                 variables: Mapping[str, Any] | None = None) -> str:
@@ -278,7 +288,7 @@ class JinjaChatFormat:
         }
         if tools is not None:
             context["tools"] = tools
-        return chat_sandbox.render(self._template, context, self.origin)
+        return chat_sandbox.render(self._compile(), context, self.origin)
 
     def render(
         self, dialog: Sequence[Mapping[str, Any]], tools: list[Any] | None = None, add_generation_prompt: bool = True,

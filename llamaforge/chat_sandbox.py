@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import json
 import os
 import re
 import threading
 import time
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Callable
 
 from llamaforge.errors import ChatFormatError
@@ -60,6 +62,51 @@ def _sized(value: Any) -> int:
 def _check_size(n: Any, what: str) -> None:
     if isinstance(n, int) and not isinstance(n, bool) and n > MAX_OUTPUT:
         raise _TooLarge(f"{what} asks for {n} characters or items, more than the limit of {MAX_OUTPUT}")
+
+
+CACHE_ENV = "LLAMAFORGE_TEMPLATE_CACHE"  # a folder for the marks of templates that compiled, or "off"
+
+
+def _mark(template: str) -> Path | None:
+    """Where the mark that `template` compiled with this jinja2 and this sandbox lives (None: marks are off).
+
+    Named by a SHA-256 of the template and of the identity (path, size, mtime) of jinja2's package and of this
+    file, so another jinja2 or another sandbox compiles the template again."""
+    value = os.environ.get(CACHE_ENV, "")
+    if value.lower() in ("off", "0", "false", "no"):
+        return None
+    import importlib.util
+
+    spec = importlib.util.find_spec("jinja2")  # without importing it (~30 ms)
+    if spec is None or spec.origin is None:
+        return None
+    digest = hashlib.sha256(template.encode("utf-8", "surrogatepass"))
+    for file in (spec.origin, __file__):
+        st = os.stat(file)
+        digest.update(f"\0{file}\0{st.st_size}\0{st.st_mtime_ns}".encode("utf-8", "surrogateescape"))
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(value or os.path.join(base, "llamaforge", "templates")) / f"{digest.hexdigest()[:40]}.ok"
+
+
+def compiled_before(template: str) -> bool:
+    """Whether `template` compiled before with this jinja2 and sandbox (its mark exists): then `Llama.build` can
+    leave importing jinja2 and compiling it (~40 ms of one core) to the first chat, knowing it compiles."""
+    try:
+        mark = _mark(template)
+        return mark is not None and mark.is_file()
+    except OSError:
+        return False
+
+
+def remember_compiled(template: str) -> None:
+    """Mark `template` as one that compiles (an empty file; a folder that cannot be written only means no mark)."""
+    try:
+        mark = _mark(template)
+        if mark is not None:
+            mark.parent.mkdir(parents=True, exist_ok=True)
+            mark.touch()
+    except OSError:
+        pass
 
 
 def environment() -> Any:

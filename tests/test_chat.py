@@ -245,3 +245,28 @@ def test_chat_format_choice(smol: Tokenizer, sp_tok: tuple[Tokenizer, object], t
     assert chat_format_for(sp_tok[0], template="{{ messages[0]['content'] }}").name == "jinja"
     with pytest.raises(ChatFormatError, match="special tokens"):
         Llama3ChatFormat(sp_tok[0])
+
+
+def test_a_template_that_compiled_before_compiles_at_its_first_render(smol: Tokenizer, tmp_path, monkeypatch) -> None:
+    """The first format of a template compiles it (a broken one is an error there, every time) and marks it; a
+    later one leaves jinja2 to the first render (chat_sandbox.compiled_before), which renders the same text.
+    Another jinja2 or sandbox (the mark's name changes with their files) compiles it again."""
+    from llamaforge import chat_sandbox
+
+    monkeypatch.setenv(chat_sandbox.CACHE_ENV, str(tmp_path))
+    compiled = []
+    environment = chat_sandbox.environment
+    monkeypatch.setattr(chat_sandbox, "environment", lambda: compiled.append(1) or environment())
+    dialog = [{"role": "user", "content": "hi"}]
+    first = JinjaChatFormat(smol, smol.chat_template)
+    assert len(compiled) == 1 and len(list(tmp_path.iterdir())) == 1
+    later = JinjaChatFormat(smol, smol.chat_template)
+    assert len(compiled) == 1  # nothing compiled at construction
+    assert later.encode_dialog(dialog) == first.encode_dialog(dialog) and len(compiled) == 2
+    for _ in range(2):
+        with pytest.raises(ChatFormatError, match="does not compile"):
+            JinjaChatFormat(smol, "{% for %}")
+    assert len(compiled) == 4 and len(list(tmp_path.iterdir())) == 1  # a broken one: tried each time, never marked
+    monkeypatch.setenv(chat_sandbox.CACHE_ENV, "off")
+    JinjaChatFormat(smol, smol.chat_template)
+    assert len(compiled) == 5

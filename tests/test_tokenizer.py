@@ -586,3 +586,24 @@ def test_lone_surrogates_are_a_tokenizer_error(toks: dict[str, Tokenizer]) -> No
                 tok.encode(text)
             with pytest.raises(TokenizerError, match="valid Unicode"):
                 tok.encode(text, allow_special=True)
+
+
+def test_gguf_merges_split_where_llama_cpp_splits_them() -> None:
+    """`split_merges` (str.split in C where no merge starts with a space) gives llama.cpp's split, at the first
+    space after the first character, on every shape of merge; one without that space is a TokenizerError."""
+    from llamaforge.errors import TokenizerError
+    from llamaforge.tokenizers.gguf_vocab import _ids_of, split_merges
+
+    def llama_cpp(m: str) -> tuple[str, str]:
+        pos = m.find(" ", 1)
+        return m[:pos], m[pos + 1:]
+
+    plain = ["Ġ t", "Ġt he", "a  b", "a b c", "é ü", "x "]
+    with_leading_space = plain + ["  a", " a b"]
+    for raw in (plain, with_leading_space):
+        assert split_merges(raw, "f.gguf") == [llama_cpp(m) for m in raw]
+    for bad in (["a b", "ab"], ["a b", " ab"]):
+        with pytest.raises(TokenizerError, match="no space separating"):
+            split_merges(bad, "f.gguf")
+    types = [1, 3, 1, 4, 2, 3, 1, 4]
+    assert _ids_of(types, (3, 2)) == [1, 4, 5] and _ids_of(types, (4,)) == [3, 7] and _ids_of(types, (6,)) == []

@@ -333,3 +333,18 @@ def test_a_stamp_that_does_not_match_means_a_full_check(ggufs, cache, caplog, mo
     assert did == "mapped" and len(calls) == 1 and torch.equal(checked, cold)
     trusted, did = logits(path, caplog)  # the check wrote a good stamp
     assert did == "mapped" and len(calls) == 1 and torch.equal(trusted, cold)
+
+
+def test_a_trusted_load_marks_its_stamp_used_without_rewriting_it(ggufs, cache, caplog):
+    """A load whose file is unchanged since its last check only sets the stamp's mtime (what `prune` orders by):
+    no new stamp file renamed over the old one (same inode, same bytes), so no rename waits for the disk."""
+    path = ggufs[0]["q8_0"]
+    logits(path, caplog)
+    stamp = x8_cache.stamp_path(only_file(cache))
+    os.utime(stamp, (1, 1))
+    before, text = stamp.stat(), stamp.read_bytes()
+    _, did = logits(path, caplog)
+    after = stamp.stat()
+    assert did == "mapped" and "unchanged since its last check" in caplog.text
+    assert after.st_ino == before.st_ino and stamp.read_bytes() == text
+    assert after.st_mtime > 1000

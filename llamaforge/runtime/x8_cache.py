@@ -237,7 +237,10 @@ def _read(path: Path, expected: dict, todo: Mapping[str, GGUFQuantTensor]) -> Op
             if value != want:
                 return _miss(path, f"tensor {row[0]!r} fails its {expected['key']['checksum']} check (corrupt)",
                              warn=True)
-    _write_stamp(path, seal)  # after a check: its seal; else it marks the file used (`prune`)
+    if trusted:
+        _mark_used(path)
+    else:
+        _write_stamp(path, seal)  # its sums matched: the file's identity now is the one to trust
     log.info("x8 cache: mapped %s (%.0f MiB, %s)", path, expected["file_size"] / 2**20,
              "unchanged since its last check" if trusted else "every tensor checked")
     return {row[0]: PackedWeight(v.view(*kernels.x8_shape(row[1], row[2], row[3])), row[1], (row[2], row[3]))
@@ -290,14 +293,23 @@ def _stamp(path: Path) -> Optional[dict]:
 
 
 def _write_stamp(path: Path, seal: dict) -> None:
-    """Write the stamp of the cache file at `path` (atomically: a torn stamp is a full check, never a wrong one).
-
-    Rewritten at every use, so its mtime says when the file was used last (`prune`); the cache file itself is
-    never touched after it is written (a touch would change its ctime, and so its identity)."""
+    """Write the stamp of the cache file at `path` (atomically: a torn stamp is a full check, never a wrong one),
+    after its checksums matched. The cache file itself is never touched after it is written (a touch would
+    change its ctime, and so its identity)."""
     try:
         with atomic_file(stamp_path(path), overwrite=True, durable=False) as tmp:
             tmp.write_text(json.dumps(seal))
     except OSError:  # a read-only folder: the next load checks the file again
+        pass
+
+
+def _mark_used(path: Path) -> None:
+    """Mark the cache file at `path` used now (its stamp's mtime, which `prune` orders by), without rewriting the
+    stamp: a rewrite is a new file renamed over the old one, which the filesystem may make wait for its journal
+    (0.6 ms of CPU and 4-12 ms of wall here, once 1.8 s of wall on a busy disk), against ~0.02 ms for `utime`."""
+    try:
+        os.utime(stamp_path(path))
+    except OSError:  # a read-only folder: the file only looks older to `prune`
         pass
 
 
@@ -404,7 +416,7 @@ def _age_s(file: Path) -> float:
 
 
 def _unused_s(file: Path) -> float:
-    """Seconds since the cache file was last used: its stamp's age (rewritten at each use), else its own."""
+    """Seconds since the cache file was last used: its stamp's age (touched at each use), else its own."""
     stamp = stamp_path(file)
     return _age_s(stamp) if stamp.exists() else _age_s(file)
 

@@ -23,6 +23,7 @@ llama.cpp does; unused (5) and byte (6) tokens are never produced from text by n
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -107,6 +108,21 @@ def _get_id(fields: dict[str, Any], key: str, default: int | None, n_tokens: int
     return value
 
 
+def _ids_of(types: list[int], wanted: tuple[int, ...]) -> list[int]:
+    """The ids whose token type is one of `wanted`, in order: `list.index` scans in C from each hit to the next
+    (a vocabulary has a few special tokens among 50k-150k normal ones), not a Python loop over every id."""
+    ids = []
+    for value in wanted:
+        i = -1
+        try:
+            while True:
+                i = types.index(value, i + 1)
+                ids.append(i)
+        except ValueError:
+            pass
+    return sorted(ids)
+
+
 def _list(fields: dict[str, Any], key: str, n: int, default: Any, source: str) -> list[Any]:
     value = fields.get(key)
     if value is None:
@@ -143,7 +159,7 @@ def build_gguf_vocab(fields: dict[str, Any], source: str = "GGUF metadata") -> G
     if "" in tokens:
         tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]  # as llama.cpp does
     types = list(_list(fields, "tokenizer.ggml.token_type", n, TOKEN_NORMAL, source))
-    vocab = {t: i for i, t in enumerate(tokens)}
+    vocab = dict(zip(tokens, range(n)))
     if len(vocab) < n:
         i = next(i for i, t in enumerate(tokens) if vocab[t] != i)  # the first id of a token that comes again
         raise TokenizerError(f"{source}: duplicate token {tokens[i]!r} in the vocabulary (ids {i} and "
@@ -178,8 +194,8 @@ def build_gguf_vocab(fields: dict[str, Any], source: str = "GGUF metadata") -> G
         bos = _get_id(fields, "tokenizer.ggml.bos_token_id", 1, n)
         eos = _get_id(fields, "tokenizer.ggml.eos_token_id", 2, n)
 
-    special = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (TOKEN_CONTROL, TOKEN_UNKNOWN)}
-    user_defined = [t for t, ty in zip(tokens, types) if ty == TOKEN_USER_DEFINED]
+    special = {tokens[i]: i for i in _ids_of(types, (TOKEN_CONTROL, TOKEN_UNKNOWN))}
+    user_defined = [tokens[i] for i in _ids_of(types, (TOKEN_USER_DEFINED,))]
     hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
     hf.add_tokens([AddedToken(t, special=False, normalized=False) for t in user_defined])
     if hf.get_vocab_size(with_added_tokens=True) != n:
@@ -288,12 +304,7 @@ def _byte_level_bpe(
     raw = fields.get("tokenizer.ggml.merges")
     if not isinstance(raw, list):
         raise TokenizerError(f"{source}: a 'gpt2' vocabulary needs tokenizer.ggml.merges, which is missing")
-    merges = []
-    for m in raw:
-        pos = m.find(" ", 1)  # llama.cpp splits at the first space after the first character
-        if pos < 0:
-            raise TokenizerError(f"{source}: merge {m!r} has no space separating its two halves")
-        merges.append((m[:pos], m[pos + 1 :]))
+    merges = split_merges(raw, source)
     try:
         bpe = models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges, dropout=None)
     except Exception as e:
@@ -305,6 +316,26 @@ def _byte_level_bpe(
     )
     hf.decoder = decoders.ByteLevel()
     return hf
+
+
+def split_merges(raw: list[str], source: str) -> list[tuple[str, str]]:
+    """GGUF merges ("left right") as (left, right) pairs, split where llama.cpp splits them: at the first space
+    after the first character.
+
+    Where no merge starts with a space (every real vocabulary: a byte-level alphabet spells spaces "Ġ") that is
+    the first space, and `str.split` finds it in C: 49k merges in ~9 ms, against ~17 ms for a Python loop.
+    """
+    if not any(map(str.startswith, raw, itertools.repeat(" "))):
+        merges = [tuple(m.split(" ", 1)) for m in raw]
+        if all(map((2).__eq__, map(len, merges))):
+            return merges  # type: ignore[return-value]
+    pairs = []
+    for m in raw:
+        pos = m.find(" ", 1)
+        if pos < 0:
+            raise TokenizerError(f"{source}: merge {m!r} has no space separating its two halves")
+        pairs.append((m[:pos], m[pos + 1 :]))
+    return pairs
 
 
 MAX_MERGE_WORK = 1 << 28  # character comparisons sentencepiece_merges may do (seconds, not hours)
