@@ -5,6 +5,7 @@
 #include "qkernels.h"
 
 #include <type_traits>
+#include <vector>
 
 #include "qcommon.h"
 #include "qrows.h"
