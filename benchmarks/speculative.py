@@ -2,6 +2,7 @@
 
     python benchmarks/speculative.py [--model FILE.gguf] [--dtype float32] [--draft FILE.gguf|default] [--tokens 256] [--k 7]
                                      [--threads 1] [--repeats 3] [--only grounded|open] [--api] [--costs-only]
+                                     [--kv-type float16|float32|bfloat16|q8_0]
 
 For each prompt of benchmarks/spec_prompts.py (input-grounded: repeat / fix / edit / summarise / quote a given
 text; open-ended: nothing to copy) it runs plain greedy decoding (one-token steps through the same `Steps`) and
@@ -15,7 +16,9 @@ benchmarks/shapes.py, whose random weights make no text worth drafting, it still
 also prints two bounds replayed on the plain output at that curve: "best lengths" (this drafter's proposals,
 each cut at exactly what the model accepts: the planner's ceiling) and "any match" (every round drafts the
 longest run of the coming output that occurs anywhere earlier in the context: prompt lookup's ceiling).
-Times are process CPU
+The target's (and a draft model's) steps are those `Llama.generate(..., speculative=...)` runs: the fused step
+over a KV cache of the Llama's `kv_type` (float16 for GGUF-quantized weights; `--kv-type` to choose another:
+this file before 2026-12-01 19:00 measured float32 caches). Times are process CPU
 seconds (`time.process_time`) with one thread (what the decode costs, undisturbed by other jobs waiting for
 the cores on a shared machine), wall seconds otherwise; the planner measures rounds with the same clock.
 `--api` also times `Llama.generate(..., temperature=0)` against `speculative="ngram"` end to end (prefill
@@ -98,11 +101,13 @@ def main() -> None:
     p.add_argument("--api", action="store_true", help="also time Llama.generate end to end")
     p.add_argument("--verbose", action="store_true", help="print the planner's measured round costs")
     p.add_argument("--costs-only", action="store_true", help="only measure the verification cost curve")
+    p.add_argument("--kv-type", help="the KV cache's element type (default: the Llama's, as the API runs it)")
     a = p.parse_args()
 
     import torch
 
     from llamaforge import Llama
+    from llamaforge.api.dispatch import own_decode_step
     from llamaforge.default_model import default_model_path
     from llamaforge.generation.speculative import (
         DraftPlanner, ModelDrafter, NgramDrafter, SpecStats, check_same_vocabulary, model_steps, speculative_greedy,
@@ -112,15 +117,16 @@ def main() -> None:
     clock = time.process_time if a.threads == 1 else time.perf_counter
     seq = 1024
     llm = Llama.build(a.model or default_model_path(), max_seq_len=seq, max_batch_size=1, device="cpu",
-                      dtype=a.dtype, progress=False)
+                      dtype=a.dtype, progress=False, kv_type=a.kv_type)
     draft = None
     if a.draft:
         draft = Llama.build(default_model_path() if a.draft == "default" else a.draft, max_seq_len=seq,
-                            max_batch_size=1, device="cpu", progress=False)
+                            max_batch_size=1, device="cpu", progress=False, kv_type=a.kv_type)
     if draft is not None:
         check_same_vocabulary(llm.tokenizer, draft.tokenizer)
     tok = llm.tokenizer
-    steps = model_steps(llm.model, seq)
+    steps = model_steps(llm.model, seq, own_decode_step(llm))
+    print(f"KV cache {llm.kv_type}" + (f", draft model's {draft.kv_type}" if draft is not None else ""))
     curve = cost_curve(steps, clock, max(a.repeats, 3) * 3)
     print("verification cost, rows: ms (x a one-token step): " + ", ".join(
         f"{r}: {1000 * c:.2f} ({c / curve[1]:.2f}x)" for r, c in curve.items()))
@@ -138,7 +144,7 @@ def main() -> None:
             prompt = tok.encode(spec_prompts.chat(text), allow_special=True)
             drafters = {"plain": Plain, "prompt lookup": NgramDrafter}
             if draft is not None:
-                drafters["draft model"] = lambda: ModelDrafter(model_steps(draft.model, seq))
+                drafters["draft model"] = lambda: ModelDrafter(model_steps(draft.model, seq, own_decode_step(draft)))
             runs: dict[str, list] = {label: [] for label in drafters}
             for _ in range(a.repeats + 1):  # the first round warms caches and is not kept
                 for label, make in drafters.items():

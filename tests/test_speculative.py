@@ -84,12 +84,14 @@ PROMPTS = [
 
 
 @needs_kernels
-@pytest.mark.parametrize("scheme", ["q8_0", "q4_0", None])
-def test_verify_rows_equal_one_token_steps(scheme):
+@pytest.mark.parametrize("kv_type", [None, "float16"])
+@pytest.mark.parametrize("scheme", ["q8_0", "q4_0", "q4_1", None])
+def test_verify_rows_equal_one_token_steps(scheme, kv_type):
     """The batched verification forward is row- and position-exact against one-token steps, at every row count a
-    draft of up to 8 tokens gives (the integer kernels' tiles take 1-8 rows in one pass over the weights)."""
+    draft of up to 8 tokens gives (the integer kernels' tiles take 1-8 rows in one pass over the weights) and at
+    9 (two weight groups per 512-bit tile), over a float32 cache and the float16 one a GGUF model's Llama uses."""
     model = make_model(scheme)
-    one, many = model_steps(model, SEQ), model_steps(model, SEQ)
+    one, many = (model_steps(model, SEQ, DecodeStep(model, fused=True, kv_type=kv_type)) for _ in range(2))
     prompt, rows = PROMPTS[1], [4, 17, 33, 2, 60, 7, 7, 1, 50]
     one.prefill(prompt)
     many.prefill(prompt)

@@ -65,33 +65,56 @@ inline __m256 exp256(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
-// s[g * ATTN_TILE + j] = q_g . k_(j0 + j) / scale for j < t: KJ keys x G queries of FMA chains per pass.
+// s[g * ATTN_TILE + j] = q_g . k_(j0 + j) for j < t (not yet divided by the scale: `TileScores` does that):
+// KJ keys x G queries of FMA chains per pass. The loops over a and g are unrolled so that the accumulators stay
+// in registers (GCC otherwise stored all KJ x G of them on the stack in every iteration).
 template <int G, int KJ, class KT>
-inline void attn_scores(const float* q, const uint8_t* K, int64_t rb, int64_t j0, int64_t t, int64_t hd, float scale,
-                        float* s) {
+inline void attn_scores(const float* q, const uint8_t* K, int64_t rb, int64_t j0, int64_t t, int64_t hd, float* s) {
   const int64_t h8 = hd / 8 * 8;
   int64_t j = 0;
   for (; j + KJ <= t; j += KJ) {
     __m256 acc[KJ][G];
+#pragma GCC unroll 8
     for (int a = 0; a < KJ; ++a)
+#pragma GCC unroll 8
       for (int g = 0; g < G; ++g) acc[a][g] = _mm256_setzero_ps();
     for (int64_t i = 0; i < h8; i += 8) {
+#pragma GCC unroll 8
       for (int a = 0; a < KJ; ++a) {
         const __m256 kv = KT::load8(K + (j0 + j + a) * rb, i);
+#pragma GCC unroll 8
         for (int g = 0; g < G; ++g) acc[a][g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * hd + i), kv, acc[a][g]);
       }
     }
-    for (int a = 0; a < KJ; ++a) {
-      const uint8_t* k = K + (j0 + j + a) * rb;
-      for (int g = 0; g < G; ++g) {
-        float v = hsum(acc[a][g]);
-        for (int64_t i = h8; i < hd; ++i) v += q[g * hd + i] * KT::load1(k, i);
-        s[g * ATTN_TILE + j + a] = v / scale;
+#pragma GCC unroll 8
+    for (int a = 0; a < KJ; ++a)
+#pragma GCC unroll 8
+      for (int g = 0; g < G; ++g) s[g * ATTN_TILE + j + a] = hsum(acc[a][g]);
+    if (h8 < hd) {
+      for (int a = 0; a < KJ; ++a) {
+        const uint8_t* k = K + (j0 + j + a) * rb;
+        for (int g = 0; g < G; ++g) {
+          float v = s[g * ATTN_TILE + j + a];
+          for (int64_t i = h8; i < hd; ++i) v += q[g * hd + i] * KT::load1(k, i);
+          s[g * ATTN_TILE + j + a] = v;
+        }
       }
     }
   }
   if constexpr (KJ > 1) {
-    if (j < t) attn_scores<G, 1, KT>(q, K, rb, j0 + j, t - j, hd, scale, s + j);
+    if (j < t) attn_scores<G, 1, KT>(q, K, rb, j0 + j, t - j, hd, s + j);
+  }
+}
+
+// s[g * ATTN_TILE + j] /= scale for j < t, 8 at a time (vdivps rounds as divss does: the same quotients).
+template <int G>
+inline void divide_scores(float* s, int64_t t, float scale) {
+  const __m256 sv = _mm256_set1_ps(scale);
+  for (int g = 0; g < G; ++g) {
+    float* sg = s + g * ATTN_TILE;
+    int64_t j = 0;
+    for (; j + 8 <= t; j += 8) _mm256_storeu_ps(sg + j, _mm256_div_ps(_mm256_loadu_ps(sg + j), sv));
+    for (; j < t; ++j) sg[j] = sg[j] / scale;
   }
 }
 
@@ -131,12 +154,16 @@ template <int G, int DC, class KT>
 inline void attn_values(const float* p, const uint8_t* V, int64_t rb, int64_t j0, int64_t t, int64_t hd, int64_t d0,
                         const float* c, float* o) {
   __m256 acc[DC][G];
+#pragma GCC unroll 8
   for (int u = 0; u < DC; ++u)
+#pragma GCC unroll 8
     for (int g = 0; g < G; ++g) acc[u][g] = _mm256_mul_ps(_mm256_loadu_ps(o + g * hd + d0 + 8 * u), _mm256_set1_ps(c[g]));
   for (int64_t j = 0; j < t; ++j) {
     const uint8_t* v = V + (j0 + j) * rb;
+#pragma GCC unroll 8
     for (int u = 0; u < DC; ++u) {
       const __m256 vv = KT::load8(v, d0 + 8 * u);
+#pragma GCC unroll 8
       for (int g = 0; g < G; ++g) acc[u][g] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + g * ATTN_TILE + j), vv, acc[u][g]);
     }
   }
@@ -168,10 +195,12 @@ struct TileScores {
 
   // s[g * ATTN_TILE + j] for keys j0 + j, j < t.
   void operator()(const uint8_t* K, int64_t rb, int64_t j0, int64_t t, int64_t hd, float scale, float* s) const {
-    if constexpr (q8)
+    if constexpr (q8) {
       attn_scores_q8<G, KJ>(qq.data(), qd.data(), K, rb, j0, t, hd, scale, s);
-    else
-      attn_scores<G, KJ, KT>(q, K, rb, j0, t, hd, scale, s);
+    } else {
+      attn_scores<G, KJ, KT>(q, K, rb, j0, t, hd, s);
+      divide_scores<G>(s, t, scale);
+    }
   }
 };
 
@@ -180,7 +209,9 @@ struct TileScores {
 template <int G, class KT>
 void attend_group(const float* q, const KVBlocks& kb, const KVBlocks& vb, int64_t n, int64_t hd, int64_t rb,
                   float scale, float* out) {
-  constexpr int DC = G >= 4 ? 1 : (G == 1 ? 4 : 2);  // output vectors per value pass
+  // Output vectors per value pass: DC x G FMA chains, at least 8 where 16 registers allow (fewer leave the
+  // pass waiting on the FMA latency); the pass's last vectors in passes of 2 and 1.
+  constexpr int DC = G == 1 || G == 2 ? 4 : G == 3 ? 3 : G == 4 ? 2 : 1;
   const TileScores<G, KT> scores(q, hd, rb);
   alignas(32) float s[G * ATTN_TILE];
   float mx[G], sum[G], c[G];
@@ -218,6 +249,9 @@ void attend_group(const float* q, const KVBlocks& kb, const KVBlocks& vb, int64_
     }
     int64_t d = 0;
     for (; d + 8 * DC <= h8; d += 8 * DC) attn_values<G, DC, KT>(s, V, rb, 0, t, hd, d, c, out);
+    if constexpr (DC > 2) {
+      for (; d + 16 <= h8; d += 16) attn_values<G, 2, KT>(s, V, rb, 0, t, hd, d, c, out);
+    }
     for (; d < h8; d += 8) attn_values<G, 1, KT>(s, V, rb, 0, t, hd, d, c, out);
     for (; d < hd; ++d) {
       for (int g = 0; g < G; ++g) {

@@ -4,6 +4,7 @@
 
 #include "qkernels.h"
 
+#include <vector>
 #include "qcommon.h"
 #include "qrows.h"
 #include "qx8.h"

@@ -14,7 +14,10 @@
 // so the multiply work per cycle is the same; what halves is the rest: broadcasts, unpacking, scaling,
 // loop overhead, and the front end's uops). Up to 4 rows keep V8: one group streams front to back, where
 // two groups at once are two streams, and at 1-4 rows the stream is what bounds the time; from 5 rows the
-// instructions do (1B Q4_K_M, one thread: 5-8 rows 12-20% faster on V16, 2-4 rows no faster).
+// instructions do (1B Q4_K_M, one thread: 5-8 rows 12-20% faster on V16, 2-4 rows no faster). That holds
+// for the K-quants; Q4_0 / Q4_1 / Q8_0 take V16 only from 9 rows: at 5-8 rows (speculative verification)
+// their V8 tile in one pass of all the rows is 1.4-2x faster (the default model's Q4_1 layers and Q8_0
+// output, one thread: 8 rows 7.3 against 10.0-11.1 ms, 5 rows 4.6-5.4 against 6.8-7.5 ms).
 // The tile body is written once over the vector traits.
 // What bounds the VNNI tiles from 5 rows on (Zen 4, measured with a register-only loop: 3.6 G vpdpbusd zmm/s
 // at 3.4 GHz, about one a cycle): vpdpbusd, vpdpwssd and vpmulld share those pipes (one zmm a cycle in all),
@@ -256,19 +259,19 @@ inline void dot_q6(const uint8_t* q, int64_t gs, const int8_t* const* xb, typena
 }
 #endif
 
-// int32 lanes += 32-column dot products of an int8 plane (Q8_0) with MR activation blocks.
+// int32 lanes += 32-column dot products of an int8 plane (Q8_0) with MR activation blocks. VNNI reads the
+// activations flipped (x + 128 as unsigned bytes: `groups` makes them once per call, not once per weight group).
 template <class V, int MR>
 inline void dot_s8(const uint8_t* q, int64_t gs, const int8_t* const* xb, typename V::I* s32) {
 #if LFQ_TILE_VNNI
   using I = typename V::I;
   // (x + 128) * w with x + 128 unsigned, minus 128 * sum(w) (one more vpdpbusd against ones).
-  const I flip = V::set8(static_cast<char>(0x80));
   const I one8 = V::set8(1);
   I sw = V::zero();
   for (int k = 0; k < 8; ++k) {
     const I w = V::load(q + 32 * k, gs);
     sw = V::dpbusd(sw, one8, w);
-    for (int i = 0; i < MR; ++i) s32[i] = V::dpbusd(s32[i], V::xor_(V::bcast(xb[i] + 4 * k), flip), w);
+    for (int i = 0; i < MR; ++i) s32[i] = V::dpbusd(s32[i], V::bcast(xb[i] + 4 * k), w);
   }
   const I corr = V::slli32(sw, 7);
   for (int i = 0; i < MR; ++i) s32[i] = V::sub32(s32[i], corr);
@@ -452,12 +455,26 @@ inline void tile_rows(const uint8_t* gw, int64_t gs, int64_t nsb, const Act& a, 
 
 // Groups [g0, g1) of an x8 weight against all M activation rows; y is (M, N) row-major.
 template <int64_t QT>
-void groups(const uint8_t* w, int64_t g0, int64_t g1, int64_t N, int64_t K, const Act& a, int64_t M, float* y) {
+void groups(const uint8_t* w, int64_t g0, int64_t g1, int64_t N, int64_t K, const Act& a_in, int64_t M, float* y) {
   const X8Format f = x8_format(QT);
   const int64_t nsb = K / f.cols, gbytes = nsb * f.bytes;
+  Act a = a_in;
+#if LFQ_TILE_VNNI
+  constexpr bool KQ = QT == T_Q4_K || QT == T_Q5_K || QT == T_Q6_K;
+  constexpr int64_t V16_FROM = KQ ? 5 : 9;  // activation rows from which two groups share a 512-bit tile
+  thread_local std::vector<int8_t> flipped;  // Q8_0: the activations as x + 128 (dot_s8)
+  if constexpr (QT == T_Q8_0) {
+    flipped.resize(static_cast<size_t>(M * K));
+    const __m256i bit7 = _mm256_set1_epi8(static_cast<char>(0x80));
+    for (int64_t i = 0; i < M * K; i += 32)  // K is a multiple of 32
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(flipped.data() + i),
+                          _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a_in.q + i)), bit7));
+    a.q = flipped.data();
+  }
+#endif
   for (int64_t g = g0; g < g1;) {
 #if LFQ_TILE_VNNI
-    if (M > 4 && g + 1 < g1) {  // two groups per 512-bit tile: prefill, verification, batches of 5+
+    if (M >= V16_FROM && g + 1 < g1) {  // two groups per 512-bit tile: prefill, verification, batches
       tile_rows<V16, QT>(w + g * gbytes, gbytes, nsb, a, M, y + g * 8, N, std::min<int64_t>(16, N - g * 8));
       g += 2;
       continue;
