@@ -64,7 +64,8 @@ def isa_of(engine: str) -> dict:
     ext = kernels.get_extension()
     return {"torch": torch.backends.cpu.get_cpu_capability(),
             "vnni": bool(ext is not None and ext.use_vnni()),
-            "avx512_gemm": bool(ext is not None and ext.use_avx512_gemm())}
+            "avx512_gemm": bool(ext is not None and ext.use_avx512_gemm()),
+            "bf16dot": bool(ext is not None and ext.use_bf16dot())}
 
 
 def check_isa(mode: str, engine: str, isa: dict) -> None:
@@ -74,6 +75,6 @@ def check_isa(mode: str, engine: str, isa: dict) -> None:
     if engine == "llama.cpp":
         bad = isa["avx512"] or "AVX2 = 1" not in isa["system_info"]
     else:
-        bad = isa["vnni"] or isa["avx512_gemm"] or isa["torch"] != "AVX2"
+        bad = isa["vnni"] or isa["avx512_gemm"] or isa["bf16dot"] or isa["torch"] != "AVX2"
     if bad:
         raise RuntimeError(f"--cpu avx2: this {engine} process does not run AVX2 only: {isa}")

@@ -40,9 +40,9 @@ def test_environment_per_engine(tmp_path, monkeypatch):
 
 
 def test_a_process_not_running_avx2_only_is_refused():
-    ok = {"torch": "AVX2", "vnni": False, "avx512_gemm": False}
+    ok = {"torch": "AVX2", "vnni": False, "avx512_gemm": False, "bf16dot": False}
     cpu_mode.check_isa("avx2", "llamaforge", ok)
-    for bad in ({"vnni": True}, {"avx512_gemm": True}, {"torch": "AVX512"}):
+    for bad in ({"vnni": True}, {"avx512_gemm": True}, {"bf16dot": True}, {"torch": "AVX512"}):
         with pytest.raises(RuntimeError, match="AVX2 only"):
             cpu_mode.check_isa("avx2", "llamaforge", {**ok, **bad})
         cpu_mode.check_isa("native", "llamaforge", {**ok, **bad})  # native: whatever the CPU has
@@ -58,7 +58,7 @@ def test_the_avx2_environment_is_what_a_llamaforge_process_runs():
     env = {**os.environ, **cpu_mode.cpu_env("avx2", "llamaforge")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, timeout=120)
     isa = json.loads(out.stdout.strip().splitlines()[-1])
-    assert isa == {"torch": "AVX2", "vnni": False, "avx512_gemm": False}
+    assert isa == {"torch": "AVX2", "vnni": False, "avx512_gemm": False, "bf16dot": False}
     cpu_mode.check_isa("avx2", "llamaforge", isa)
 
 

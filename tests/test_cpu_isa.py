@@ -56,9 +56,9 @@ def run(llm: Llama) -> list[torch.Tensor]:
     return out
 
 
-def switches(on: bool) -> tuple[bool, bool]:
-    """Both AVX-512 paths on (where the CPU has them) or off; returns what they were."""
-    return EXT.use_vnni(on), EXT.use_avx512_gemm(on)
+def switches(on: bool) -> tuple[bool, bool, bool]:
+    """The AVX-512 paths on (where the CPU has them) or off; returns what they were."""
+    return EXT.use_vnni(on), EXT.use_avx512_gemm(on), EXT.use_bf16dot(on)
 
 
 @pytest.mark.parametrize("qtype", TYPES)
@@ -69,18 +69,19 @@ def test_avx2_paths_give_the_default_bits(files, qtype):
     try:
         wide = run(llm)
         switches(False)
-        assert not EXT.use_vnni() and not EXT.use_avx512_gemm()
+        assert not EXT.use_vnni() and not EXT.use_avx512_gemm() and not EXT.use_bf16dot()
         narrow = run(llm)
     finally:
         EXT.use_vnni(was[0])
         EXT.use_avx512_gemm(was[1])
+        EXT.use_bf16dot(was[2])
     for i, (a, b) in enumerate(zip(wide, narrow)):
         assert torch.equal(a, b), (qtype, i, (a - b).abs().max().item())
 
 
 def test_the_environment_switch_turns_every_avx512_path_off():
     code = ("from llamaforge import kernels; e = kernels.get_extension(); "
-            "print(e.use_vnni(), e.use_avx512_gemm())")
+            "print(e.use_vnni(), e.use_avx512_gemm(), e.use_bf16dot())")
     env = dict(os.environ, LLAMAFORGE_X8_TILES="avx2")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, timeout=120)
-    assert out.stdout.split() == ["False", "False"]
+    assert out.stdout.split() == ["False", "False", "False"]
