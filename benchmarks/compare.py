@@ -4,6 +4,7 @@
     python benchmarks/compare.py --quick    # smoke run: 4-bit and 32-bit, shorter generations, minutes
     python benchmarks/compare.py --shape 1b # Llama 3.2 1B shape, every common type (compare_shapes.py)
     python benchmarks/compare.py --matrix full --here --budget-minutes 35   # issue 15's whole matrix (matrix.py)
+    python benchmarks/compare.py --shape 1b --here --cpu avx2,native ...     # both engines as an AVX2-only CPU too
 
 Any python starts it: it first runs benchmarks/setup_peers.sh (the peers' venv at benchmarks/_work/venv,
 with a pinned llama-cpp-python built from its sdist), then re-executes itself in that venv. One process
@@ -84,6 +85,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="only rewrite the tables of a saved run's .json (or a --matrix run's .jsonl)")
     p.add_argument("--here", action="store_true",
                    help="run in this interpreter (it has llama-cpp-python) instead of the peers' venv")
+    p.add_argument("--cpu", type=lambda x: x.split(","), default=["native"],
+                   help="instruction sets both engines run: native (all this CPU has) or avx2 (as an AVX2-only CPU "
+                        "such as Zen 3 runs them: benchmarks/cpu_mode.py); --shape takes both, avx2,native, "
+                        "alternating per engine and type")
     s = p.add_argument_group("--shape runs (benchmarks/compare_shapes.py): llamaforge and llama.cpp only")
     s.add_argument("--shape", choices=("1b", "3b", "8b"), help="Llama 3.2 1B / 3B, Llama 3.1 8B shapes, random weights")
     s.add_argument("--types", type=lambda x: x.split(","),
@@ -97,6 +102,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="decode batch sizes (after the shortest prompt)")
     s.add_argument("--steps", type=int, default=24, help="timed decode steps per run (short prompts)")
     s.add_argument("--long-steps", type=int, default=12, help="timed decode steps after a long prompt")
+    s.add_argument("--rounds", type=int, default=1,
+                   help="repeat every cell this many times, alternating; the tables give each figure's median")
     s.add_argument("--kv-type", default=None,
                    help="llamaforge's KV cache type (float32, float16, bfloat16, q8_0; default: its build's choice)")
     m = p.add_argument_group("--matrix runs (benchmarks/matrix.py): every shape, type, thread count, engine setting, "
@@ -111,6 +118,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     m.add_argument("--make-files", action="store_true",
                    help="make missing shape files first (otherwise their cells are skipped, with the command)")
     a = p.parse_args(argv)
+    from cpu_mode import MODES
+
+    if [c for c in a.cpu if c not in MODES] or not a.cpu or (len(a.cpu) > 1 and not a.shape):
+        p.error(f"--cpu: one of {', '.join(MODES)} (a list such as avx2,native only with --shape), "
+                f"got {','.join(a.cpu)}")
     if a.matrix:
         bad = [s for s in a.shapes if s not in ("1b", "3b", "8b")]
         if bad:
@@ -285,8 +297,11 @@ def dtype_for(engine: str, bits: int, args: argparse.Namespace) -> str | None:
 
 def run_cell(cfg: dict, timeout: int) -> dict:
     """One engine process; its result dict (with 'error' when it failed)."""
+    from cpu_mode import cpu_env
+
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg["threads"]), "MKL_NUM_THREADS": str(cfg["threads"]),
-           "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
+           "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1",
+           **cpu_env(cfg["cpu"], cfg["engine"])}
     t0 = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, str(HERE / "compare_engines.py"), "-"], input=json.dumps(cfg),
@@ -373,7 +388,7 @@ def main(argv: list[str]) -> None:
             cfg = {"engine": engine, "model": str(files[bits]), "dtype": dtype, "threads": args.threads,
                    "prompt_len": args.prompt_len, "gen_len": args.gen_len, "runs": args.runs, "prompts": batch,
                    "batch_sizes": args.batch_sizes, "batch_gen_len": args.batch_gen_len,
-                   "batch_runs": args.batch_runs, "forced": forced}
+                   "batch_runs": args.batch_runs, "forced": forced, "cpu": args.cpu[0]}
             print(f"[compare] {bits:>2}-bit {engine:<12} ({files[bits].name}, {dtype}) load avg "
                   f"{os.getloadavg()[0]:.1f} ...", end=" ", flush=True)
             res = run_cell(cfg, args.timeout)

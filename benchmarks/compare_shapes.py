@@ -13,12 +13,14 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from bandwidth import describe
+from cpu_mode import cpu_env
 from shapes import SHAPES, shape_files
 
 HERE = Path(__file__).resolve().parent
@@ -30,7 +32,9 @@ def long_prompt(tok, text: str, n: int) -> list[int]:
 
 
 def run_cell(cfg: dict, timeout: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(cfg["threads"]), "MKL_NUM_THREADS": str(cfg["threads"])}
+    """One compare_steps.py process for `cfg`, in the environment of its `cpu` mode (cpu_mode.py)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(cfg["threads"]), "MKL_NUM_THREADS": str(cfg["threads"]),
+           **cpu_env(cfg.get("cpu", "native"), cfg["engine"])}
     t0 = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, str(HERE / "compare_steps.py"), "-"], input=json.dumps(cfg),
@@ -55,9 +59,33 @@ def prime_x8_cache(files: list[Path], timeout: int) -> None:
 
 
 def label(c: dict) -> str:
+    cpu = "" if c.get("cpu", "native") == "native" else f" [{c['cpu']}]"
     if c["engine"] != "llama.cpp":
-        return c["engine"]
-    return f"llama.cpp FA {'on' if c['flash_attn'] else 'off'}"
+        return c["engine"] + cpu
+    return f"llama.cpp FA {'on' if c['flash_attn'] else 'off'}{cpu}"
+
+
+def merge_rounds(cells: list[dict]) -> list[dict]:
+    """One cell per (type, threads, engine, flash attention, cpu) of `--rounds` repeats: each figure the median
+    over the rounds (a loaded machine's processes alternate, so a slow minute hits every setting alike)."""
+    groups: dict = {}
+    for c in cells:
+        key = (c.get("type"), c.get("threads"), c["engine"], c.get("flash_attn"), c.get("cpu", "native"))
+        groups.setdefault(key, []).append(c)
+    out = []
+    for same in groups.values():
+        ok = [c for c in same if "error" not in c]
+        if len(ok) < 2:
+            out.append(ok[0] if ok else same[0])
+            continue
+        merged = {**ok[0], "rounds": len(ok), "cells": {}}
+        for k in ("load_s", "peak_rss_mb"):
+            merged[k] = statistics.median(c[k] for c in ok)
+        for name, fig in ok[0]["cells"].items():
+            merged["cells"][name] = {**fig, **{f: statistics.median(c["cells"][name][f] for c in ok)
+                                             for f, v in fig.items() if isinstance(v, float)}}
+        out.append(merged)
+    return out
 
 
 def render(meta: dict, cells: list[dict]) -> str:
@@ -73,6 +101,7 @@ def render(meta: dict, cells: list[dict]) -> str:
            f"llama-cpp-python {m['llama_cpp_python']}, torch {m['torch']}. Load average "
            f"{meta['load_start']:.1f} at the start, {meta['load_end']:.1f} at the end. Decode: each one-token step timed on its own, median of "
            f"{a['steps']} steps x {a['runs']} runs ({a['long_steps']} x 1 at long prompts); best = fastest step; "
+           + (f"each figure the median of {a['rounds']} alternating rounds; " if a.get("rounds", 1) > 1 else "") +
            "CPU-time: the process's CPU seconds per step (1 thread only: robust to other jobs on the cores). "
            "Load: a fresh process from the constructor to the first token's logits (llamaforge's x8 cache written "
            "beforehand).", ""]
@@ -100,18 +129,21 @@ def render(meta: dict, cells: list[dict]) -> str:
     keys = [("prefill", f"{p}x1", "prefill_tok_s") for p in lens] + \
         [("decode", f"{p}x1", "decode_tok_s") for p in lens] + \
         [("decode", f"{short}x{b}", "decode_tok_s") for b in batches] + \
-        ([("decode CPU-time", f"{short}x1", "decode_cpu_tok_s")] if a["threads_list"] == [1] else [])
-    head = ["type", "thr"] + [f"{k} {c}" for k, c, _ in keys] + ["load (lower is better)"]
+        ([("prefill CPU-time", f"{short}x1", "prefill_cpu_tok_s"),
+          ("decode CPU-time", f"{short}x1", "decode_cpu_tok_s")] if a["threads_list"] == [1] else [])
+    cpus = a.get("cpu") or ["native"]  # --cpu avx2,native: a row per mode, same engines, same run
+    head = ["type", "thr"] + (["cpu"] if len(cpus) > 1 else []) + [f"{k} {c}" for k, c, _ in keys] + \
+        ["load (lower is better)"]
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in a["types"]:
-        for thr in a["threads_list"]:
-            ours = [c for c in cells if c["type"] == t and c["threads"] == thr and c["engine"] == "llamaforge"
+        for thr, cpu in ((thr, cpu) for thr in a["threads_list"] for cpu in cpus):
+            mine = [c for c in cells if c["type"] == t and c["threads"] == thr and c.get("cpu", "native") == cpu
                     and "error" not in c]
-            peers = [c for c in cells if c["type"] == t and c["threads"] == thr and c["engine"] == "llama.cpp"
-                     and "error" not in c]
+            ours = [c for c in mine if c["engine"] == "llamaforge"]
+            peers = [c for c in mine if c["engine"] == "llama.cpp"]
             if not ours or not peers:
                 continue
-            row = [t, str(thr)]
+            row = [t, str(thr)] + ([cpu] if len(cpus) > 1 else [])
             for _, cell, fig in keys:
                 best = max(p["cells"][cell][fig] for p in peers)
                 row.append(f"{ours[0]['cells'][cell][fig] / best:.2f}x")
@@ -133,19 +165,20 @@ def run_shapes(args, command: str, src: Path, text: str, bandwidth, machine) -> 
     bw = bandwidth(max(args.threads_list))
     print(f"[compare] memory bandwidth: {bw['roofline_gbs']:.1f} GB/s ({describe(bw)})", flush=True)
     cells = []
-    for t in args.types:
+    for t, rnd in ((t, r) for r in range(args.rounds) for t in args.types):
         for thr in args.threads_list:
-            for engine in args.engines:
+            for engine, cpu in ((e, c) for e in args.engines for c in args.cpu):  # modes alternate per engine
                 for fa in (args.flash_attn if engine == "llama.cpp" else [False]):
                     cfg = {"engine": engine, "model": str(files[t]), "threads": thr, "prompt_lens": args.contexts,
                            "prompts": prompts, "batches": args.batches, "steps": args.steps,
                            "long_steps": args.long_steps, "runs": args.runs, "flash_attn": fa,
-                           "kv_type": args.kv_type}
-                    tag = label({"engine": engine, "flash_attn": fa})
+                           "kv_type": args.kv_type, "cpu": cpu}
+                    tag = label({"engine": engine, "flash_attn": fa, "cpu": cpu})
                     print(f"[compare] {t:<7} {thr} thr {tag:<17} load avg {os.getloadavg()[0]:.1f} ...", end=" ",
                           flush=True)
                     res = run_cell(cfg, args.timeout)
-                    res.update(type=t, threads=thr, engine=engine, flash_attn=fa, file=files[t].name)
+                    res.update(type=t, threads=thr, engine=engine, flash_attn=fa, file=files[t].name, cpu=cpu,
+                               round=rnd)
                     if "error" in res:
                         print(res["error"], flush=True)
                     else:
@@ -157,7 +190,7 @@ def run_shapes(args, command: str, src: Path, text: str, bandwidth, machine) -> 
             "command": command, "machine": machine(), "bandwidth": bw, "load_start": load_start,
             "load_end": os.getloadavg()[0], "args": {k: (str(v) if isinstance(v, Path) else v)
                                                      for k, v in vars(args).items()}}
-    text_md = render(meta, cells)
+    text_md = render(meta, merge_rounds(cells))
     print("\n" + text_md)
     out = args.out or HERE / "_work" / "results" / f"shape-{args.shape}-{started.strftime('%Y%m%d-%H%M%S')}.md"
     out.parent.mkdir(parents=True, exist_ok=True)

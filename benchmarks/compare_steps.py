@@ -13,7 +13,8 @@ Both engines are driven at the same level:
     llama.cpp   llama-cpp-python's low-level API: one context (`n_seq_max = B`, flash attention as asked),
                 the prompt in `llama_batch`es of `n_batch` tokens, then one `llama_decode` of B tokens per
                 step, greedy argmax of the rows' logits in numpy
-Prints one line `RESULT {json}`. Not run by the tests.
+Its environment chooses the instruction sets (`compare.py --cpu avx2`: cpu_mode.py), and `cfg["cpu"]` says which
+were asked for: the process checks it runs them. Prints one line `RESULT {json}`. Not run by the tests.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.append(str(Path(__file__).resolve().parent))  # compare_engines' helpers, after the packages
 from compare_engines import gguf_weight_bytes, module_weight_bytes, peak_rss_mb, rss_mb  # noqa: E402
+from cpu_mode import check_isa, isa_of  # noqa: E402
 
 
 def clocks() -> tuple[float, float]:
@@ -199,6 +201,8 @@ def run(cfg: dict) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     eng = LlamaCppSteps(cfg) if engine == "llama.cpp" else LlamaforgeSteps(cfg)
     res["build_s"] = time.perf_counter() - t0
+    res["cpu"], res["isa"] = cfg.get("cpu", "native"), isa_of(engine)
+    check_isa(res["cpu"], engine, res["isa"])  # --cpu avx2 (cpu_mode.py): nothing AVX-512 may run
     eng.run([cfg["prompts"][str(min(cfg["prompt_lens"]))][:1]], 0)  # what a user waits for: the first token
     res["load_s"], res["load_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
     res["bytes_per_token"], res["bytes_held"] = eng.weight_bytes()

@@ -288,7 +288,8 @@ def run_matrix(args, command: str, src: Path, text: str, bandwidth, machine) -> 
     plan = cells(args.shapes, args.types, args.threads_list, args.contexts, args.batches, args.flash_attn,
                  args.engines, args.types_8b)
     short = min(args.contexts)
-    path = args.out or Path(__file__).resolve().parent / "_work" / "results" / f"matrix-{args.matrix}.jsonl"
+    name = args.matrix if args.cpu == ["native"] else f"{args.matrix}-{args.cpu[0]}"  # --cpu avx2: a file of its own
+    path = args.out or Path(__file__).resolve().parent / "_work" / "results" / f"matrix-{name}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     _, earlier = read_results(path)  # the cells of an earlier run also calibrate the estimates
     if not args.resume and not args.plan:
@@ -360,7 +361,8 @@ def run_one(c: Cell, f: Path, x8: Optional[X8Caches], prompt: list[int], args, r
     x8_on = x8.use(f) if x8 is not None else None
     cfg = {"engine": c.engine, "model": str(f), "threads": c.threads, "prompt_lens": [c.context],
            "prompts": {str(c.context): prompt}, "batches": list(c.batches), "plan": c.plan, "steps": args.steps,
-           "long_steps": args.long_steps, "runs": args.runs, "flash_attn": c.flash_attn, "kv_type": args.kv_type}
+           "long_steps": args.long_steps, "runs": args.runs, "flash_attn": c.flash_attn, "kv_type": args.kv_type,
+           "cpu": args.cpu[0]}
     t0 = time.time()
     res = run_cell(cfg, args.timeout)
     wall = time.time() - t0

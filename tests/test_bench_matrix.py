@@ -28,6 +28,7 @@ def _load_as(name: str):
 
 
 bandwidth = _load_as("bandwidth")  # compare_shapes and the reports import it by name
+cpu_mode = _load_as("cpu_mode")  # compare_shapes, compare_steps and compare import it by name
 shapes = _load_as("shapes")
 compare_shapes = _load_as("compare_shapes")
 compare_steps = _load_as("compare_steps")

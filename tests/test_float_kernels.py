@@ -93,15 +93,23 @@ def test_prefetch_distance_does_not_change_results(qt):
 # Prefill (M >= 9 rows) of a 16-bit weight runs a GEMM over panels of 8 weight rows converted to float32
 # once per pass of 128 rows, in tiles of 8 weight rows x 6 activation rows (AVX-512) or 4 x 3 (AVX2); its
 # pairs keep the decode tiles' summation order, so every row must equal the same row computed alone, bit
-# for bit, on both builds.
-ISAS = ["avx512", "avx2"] if ext is not None and ext.use_avx512_gemm() else ["avx2"]
+# for bit, on both builds, and with the AVX-512 build's BF16 emulation ("avx512-nobf16": vdpbf16ps off, as on
+# AVX-512 CPUs without AVX512_BF16).
+ISAS = ["avx512", "avx512-nobf16", "avx2"] if ext is not None and ext.use_avx512_gemm() else ["avx2"]
+
+
+def set_isa(isa: str) -> tuple[bool, bool]:
+    """The 16-bit paths of `isa` on; returns the switches (AVX-512 GEMM, vdpbf16ps) as they were."""
+    was = ext.use_avx512_gemm(isa != "avx2"), ext.use_bf16dot(isa == "avx512")
+    return was
 
 
 @pytest.fixture(params=ISAS)
 def gemm_isa(request):
-    was = ext.use_avx512_gemm(request.param == "avx512")
+    was = set_isa(request.param)
     yield request.param
-    ext.use_avx512_gemm(was)
+    ext.use_avx512_gemm(was[0])
+    ext.use_bf16dot(was[1])
 
 
 @pytest.mark.parametrize("qt", ["F16", "BF16"])
@@ -137,14 +145,17 @@ def test_prefill_gemm_builds_agree_bit_for_bit(qt):
     g = torch.Generator().manual_seed(11)
     w = (torch.randn(203, 1030, generator=g) * 0.05).to(TYPES[qt][1])  # odd panels, a 6-column tail
     x = torch.randn(140, 1030, generator=g)  # a pass of 128 rows and one of 12
-    was = ext.use_avx512_gemm(True)
+    was = set_isa("avx512")
     try:
         wide = linear(x, w, qt)
-        ext.use_avx512_gemm(False)
+        set_isa("avx512-nobf16")
+        emulated = linear(x, w, qt)
+        set_isa("avx2")
         narrow = linear(x, w, qt)
     finally:
-        ext.use_avx512_gemm(was)
-    assert torch.equal(wide, narrow)
+        ext.use_avx512_gemm(was[0])
+        ext.use_bf16dot(was[1])
+    assert torch.equal(wide, narrow) and torch.equal(wide, emulated)
 
 
 @pytest.mark.parametrize("qt", list(TYPES))
@@ -229,16 +240,20 @@ def test_bf16_emulation_equals_vdpbf16ps_on_denormals():
     w[:, ::7] = (torch.randn(n, k, generator=g)[:, ::7] * 2.0**-128).bfloat16()  # denormal bf16 weights
     x = torch.randn(30, k, generator=g) * 2.0**-66
     x[:, 3::5] = torch.randn(30, k, generator=g)[:, 3::5] * 2.0**-130  # denormal activations
-    was = ext.use_avx512_gemm(True)
+    was = set_isa("avx512")
     try:
         wide = linear(x, w, "BF16")
         wide_decode = torch.cat([linear(x[m : m + 4], w, "BF16") for m in range(0, 30, 4)])
-        ext.use_avx512_gemm(False)
+        set_isa("avx512-nobf16")  # the AVX-512 GEMM's own emulation (Skylake-X .. Ice Lake)
+        emulated = linear(x, w, "BF16")
+        emulated_decode = torch.cat([linear(x[m : m + 4], w, "BF16") for m in range(0, 30, 4)])
+        set_isa("avx2")
         narrow = linear(x, w, "BF16")
         narrow_decode = torch.cat([linear(x[m : m + 4], w, "BF16") for m in range(0, 30, 4)])
     finally:
-        ext.use_avx512_gemm(was)
-    for other in (narrow, wide_decode, narrow_decode):
+        ext.use_avx512_gemm(was[0])
+        ext.use_bf16dot(was[1])
+    for other in (narrow, wide_decode, narrow_decode, emulated, emulated_decode):
         assert torch.equal(wide, other)
     assert (wide != 0).any()
     assert not torch.equal(wide, bf16_dot(x, w))  # IEEE float32 (denormals kept) sums differently here

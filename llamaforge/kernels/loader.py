@@ -10,9 +10,10 @@ environment), `get_extension()` returns None and callers use the pure-PyTorch pa
 Environment:
     LLAMAFORGE_KERNELS       "auto" (default: build/load the C++ kernels when the CPU can run them)
                              or "torch" (never build; always dequantize + F.linear).
-    LLAMAFORGE_X8_TILES      "avx2": the plain AVX2 tiles (x8 and the 16-bit prefill GEMM's) even where the
-                             CPU has AVX-512 (what AVX2-only CPUs run; for tests and benchmarks), else the
-                             fastest this CPU has.
+    LLAMAFORGE_X8_TILES      "avx2": no AVX-512 path even where the CPU has one (the AVX2 x8 tiles, the AVX2
+                             16-bit prefill GEMM, BF16 by the FMA emulation of vdpbf16ps): exactly what
+                             AVX2-only CPUs such as Zen 3 compute (the same bits), for tests and benchmarks;
+                             else the fastest this CPU has. torch's own ops follow ATEN_CPU_CAPABILITY.
     LLAMAFORGE_KERNEL_CACHE  build/cache directory (default $XDG_CACHE_HOME/llamaforge/kernels,
                              i.e. ~/.cache/llamaforge/kernels).
 """

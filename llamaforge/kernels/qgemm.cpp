@@ -1,5 +1,5 @@
 // The 16-bit weight prefill GEMM's translation unit: qgemm_tiles.h built twice, plain AVX2 and AVX-512
-// (with AVX512_BF16 for BF16 weights) under a target pragma, the build picked at run time (qgemm.h); and
+// (with AVX512_BF16 for vdpbf16ps, used only where the CPU has it) under a target pragma, the build picked at run time (qgemm.h); and
 // the BF16 weights' activation rounding. No torch headers, so this compiles in parallel with the bindings.
 
 #include "qgemm.h"
@@ -46,6 +46,11 @@ bool& gemm_avx512_enabled() {
 bool gemm_bf16dot_supported() {
   static const bool ok = gemm_avx512_supported() && __builtin_cpu_supports("avx512bf16");
   return ok;
+}
+
+bool& gemm_bf16dot_enabled() {
+  static bool on = gemm_bf16dot_supported() && gemm_avx512_enabled();
+  return on;
 }
 
 namespace {
@@ -104,8 +109,9 @@ void gemm_float(int64_t qt, const void* w, int64_t n0, int64_t n1, int64_t K, co
   if (qt == T_F16) {
     if (wide) gemm_avx512::gemm<T_F16>(w16, n0, n1, K, x, M, y, N);
     else gemm_avx2::gemm<T_F16>(w16, n0, n1, K, x, M, y, N);
-  } else {  // vdpbf16ps, or its emulation (the same bits)
-    if (wide && gemm_bf16dot_supported()) gemm_avx512::gemm<T_BF16>(w16, n0, n1, K, x, M, y, N);
+  } else {  // vdpbf16ps, or its emulation in 512- or 256-bit tiles (the same bits)
+    if (wide && gemm_bf16dot_enabled()) gemm_avx512::gemm<T_BF16, true>(w16, n0, n1, K, x, M, y, N);
+    else if (wide) gemm_avx512::gemm<T_BF16>(w16, n0, n1, K, x, M, y, N);
     else gemm_avx2::gemm<T_BF16>(w16, n0, n1, K, x, M, y, N);
   }
 }

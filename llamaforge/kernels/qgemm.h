@@ -1,6 +1,6 @@
 // Entry points of the 16-bit weight prefill GEMM's translation unit (qgemm.cpp, torch-free; the tiles are in
-// qgemm_tiles.h): AVX-512 tiles where the CPU has AVX-512F/VL (and AVX512_BF16 for BF16 weights), else AVX2,
-// same bits either way. Also the BF16 weights' activation rounding, which the decode tiles share.
+// qgemm_tiles.h): AVX-512 tiles where the CPU has AVX-512F/VL (BF16 weights with vdpbf16ps where it has
+// AVX512_BF16, else the tiles' FMA emulation of it), else AVX2, same bits either way. Also the BF16 weights' activation rounding, which the decode tiles share.
 //
 // BF16 weights multiply bf16 activations, as the model's own arithmetic does (transformers and Meta's
 // reference in bf16 round every activation to bf16 before each matmul) and as llama.cpp does: each
@@ -45,11 +45,14 @@ struct Bf16Mode {
 };
 
 // Whether this CPU can run the AVX-512 tiles, and whether they are used: by default where supported, unless
-// LLAMAFORGE_X8_TILES=avx2 in the environment (the AVX2 tiles everywhere, as AVX2-only CPUs run them).
+// LLAMAFORGE_X8_TILES=avx2 in the environment (the AVX2 tiles everywhere, as AVX2-only CPUs run them; it
+// turns vdpbf16ps off too, as gemm_bf16dot_enabled follows these tiles).
 bool gemm_avx512_supported();
 bool& gemm_avx512_enabled();
-// Whether the CPU has AVX512_BF16 (vdpbf16ps): the AVX-512 tiles run BF16 weights only where it does
-// (elsewhere BF16 weights take the AVX2 tiles' exact emulation).
+// Whether the CPU has AVX512_BF16 (vdpbf16ps), and whether BF16 weights use it (by default where it does;
+// off: the exact FMA emulation, in the AVX-512 tiles where those are on, else the AVX2 ones: what AVX-512
+// CPUs without AVX512_BF16, Skylake-X .. Ice Lake, run; the same bits either way).
 bool gemm_bf16dot_supported();
+bool& gemm_bf16dot_enabled();
 
 }  // namespace lfq

@@ -14,8 +14,10 @@
 // or thread split, give the same bits as decode (tests/test_float_kernels.py checks every path against rows
 // computed alone). The tiles see only "half-steps" of 8 floats: for F16 8 columns, for BF16 the odd or the
 // even 8 of a 16-column step (the weight panel and the split activation rows hold them in that order), so
-// one FMA per half-step is exactly the emulation of vdpbf16ps. The AVX-512 build runs BF16 weights with
-// vdpbf16ps itself on bf16 panels (step s: a pair's two rows, 16 bf16 each, in one zmm).
+// one FMA per half-step is exactly the emulation of vdpbf16ps (under DAZ / FTZ). The AVX-512 build runs BF16
+// weights with vdpbf16ps itself on bf16 panels (step s: a pair's two rows, 16 bf16 each, in one zmm) where the
+// CPU has AVX512_BF16 (gemm<T_BF16, true>), else its float tiles emulate it as for F16 (Skylake-X .. Ice Lake:
+// zmm FMAs, 24 accumulators over all K, instead of the AVX2 tiles' 12 over slices).
 //
 // Blocking: a pass takes up to MB activation rows and packs them (columns [0, kt), kt the whole steps) in
 // the order the tiles read them; a thread's weight rows go in panels of NP rows, each converted to float32
@@ -208,10 +210,11 @@ inline __m256 hsum8(const float* a) {
 }
 
 // y[:, n0:n1] for a pass of M <= MB activation rows (y row-major with N columns; BF16: x split, qgemm.h).
-template <int64_t QT>
+// DOT: vdpbf16ps on bf16 panels and rows (AVX-512 build, BF16 weights, a CPU with AVX512_BF16).
+template <int64_t QT, bool DOT>
 void gemm_pass(const uint16_t* w, int64_t n0, int64_t n1, int64_t K, const float* x, int64_t M, float* y,
                int64_t N) {
-  constexpr bool DOT = LFQ_GEMM_512 && QT == T_BF16;  // vdpbf16ps on bf16 panels and rows
+  static_assert(!DOT || (LFQ_GEMM_512 && QT == T_BF16), "vdpbf16ps: BF16 weights in the AVX-512 build only");
   const int64_t kt = QT == T_BF16 ? K / 16 * 16 : K / 8 * 8;  // the columns the tiles take
   const int64_t steps = DOT ? kt / 16 : kt / 8, lines = (K * 2 + 63) / 64;  // tile steps, weight row lines
   using elem = std::conditional_t<DOT, uint16_t, float>;  // what the panel and the packed rows hold
@@ -283,10 +286,11 @@ void gemm_pass(const uint16_t* w, int64_t n0, int64_t n1, int64_t K, const float
 }
 
 // y[:, n0:n1] = x (M, K) @ W[n0:n1].T for a 16-bit weight W (N, K), x (M, K) (BF16: split) and y (M, N): in
-// passes of MB rows.
-template <int64_t QT>
+// passes of MB rows; DOT as gemm_pass's.
+template <int64_t QT, bool DOT = false>
 void gemm(const uint16_t* w, int64_t n0, int64_t n1, int64_t K, const float* x, int64_t M, float* y, int64_t N) {
-  for (int64_t m = 0; m < M; m += MB) gemm_pass<QT>(w, n0, n1, K, x + m * K, std::min(MB, M - m), y + m * N, N);
+  for (int64_t m = 0; m < M; m += MB)
+    gemm_pass<QT, DOT>(w, n0, n1, K, x + m * K, std::min(MB, M - m), y + m * N, N);
 }
 
 }  // namespace LFQ_GEMM_NS

@@ -375,7 +375,7 @@ void matmul_many(const QWeight* const* ws, float* const* ys, int n, const Act& a
       split.resize(static_cast<size_t>(M * K));
       bf16_split_rows(x, M, K, split.data());
       xs = split.data();
-      if (M < FLOAT_GEMM_ROWS && gemm_avx512_enabled() && gemm_bf16dot_supported()) {
+      if (M < FLOAT_GEMM_ROWS && gemm_avx512_enabled() && gemm_bf16dot_enabled()) {
         plain.resize(static_cast<size_t>(M * K));
         bf16_rows(xs, M, K, plain.data());
         xb = plain.data();
@@ -633,8 +633,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   def_switch(m, "use_avx512_gemm", &gemm_avx512_enabled, &gemm_avx512_supported,
              "whether the 16-bit prefill GEMM uses its AVX-512 tiles; `on` switches them off (or back on where supported)");
   m.def("bf16dot_supported", &gemm_bf16dot_supported,
-        "whether the CPU has AVX512_BF16: the AVX-512 GEMM then runs BF16 weights with vdpbf16ps (else the AVX2 "
-        "tiles' exact emulation of it)");
+        "whether the CPU has AVX512_BF16: BF16 weights then run with vdpbf16ps (else the tiles' exact emulation of it)");
+  def_switch(m, "use_bf16dot", &gemm_bf16dot_enabled, &gemm_bf16dot_supported,
+             "whether BF16 weights use vdpbf16ps (with the AVX-512 tiles); `on` switches it off (the FMA emulation, as "
+             "on AVX-512 CPUs without AVX512_BF16) or back on where supported");
 
   m.def("kv_store", &kv_store, "rows (n, head_dim) as a KV cache of like's dtype stores them (qkv.h)", py::arg("x"),
         py::arg("like"), release());
