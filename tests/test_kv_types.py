@@ -142,6 +142,30 @@ def test_q8_0_scores_are_exact_int8_dot_products(G):
     assert torch.equal(ext.kv_scores(q, k).double(), ref)
 
 
+
+@needs_kernels
+@pytest.mark.parametrize("kv_type", TYPES)
+@pytest.mark.parametrize("G,hd,n", [
+    (3, 64, [61, 62, 63, 64, 65, 66, 67, 68, 69]),  # the default model's heads; rows across a tile's end
+    (1, 32, [200, 197, 198, 199, 129, 130]),  # any order; a row ending on a tile, one past it
+    (4, 64, [1, 2, 9]),
+    (8, 96, [70, 71]),  # hd not a multiple of 64: passes of 2 and 1 vectors
+    (9, 32, [33, 40, 64, 64]),  # G > 8; rows of equal length
+])
+def test_attention_of_several_rows_is_each_rows_own(kv_type, G, hd, n):
+    """kv_attend_rows (the fused step's verification rows, sharing each tile's reads) gives every row exactly
+    what kv_attend gives that row alone, at every element type, over tiles every row shares and each row's own
+    last tile."""
+    ext = kernels.get_extension()
+    g = torch.Generator().manual_seed(G * 100 + hd)
+    q = torch.randn(len(n), G, hd, generator=g) * 2
+    k = kv_types.encode(torch.randn(max(n), hd, generator=g) * 2, kv_type)
+    v = kv_types.encode(torch.randn(max(n), hd, generator=g), kv_type)
+    rows = ext.kv_attend_rows(q, k, v, torch.tensor(n))
+    for r, nr in enumerate(n):
+        assert torch.equal(rows[r], ext.kv_attend(q[r], k[:nr], v[:nr])), f"row {r} of {nr} keys"
+
+
 # -- the fused step against the modules, same cache type -----------------------------------------------------
 
 def model_for(n_heads: int = 4, n_kv_heads: int = 2, head_dim: int = 32) -> Transformer:

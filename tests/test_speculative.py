@@ -84,15 +84,18 @@ PROMPTS = [
 
 
 @needs_kernels
-@pytest.mark.parametrize("kv_type", [None, "float16"])
+@pytest.mark.parametrize("start", [17, 60])
+@pytest.mark.parametrize("kv_type", [None, "float16", "bfloat16", "q8_0"])
 @pytest.mark.parametrize("scheme", ["q8_0", "q4_0", "q4_1", None])
-def test_verify_rows_equal_one_token_steps(scheme, kv_type):
+def test_verify_rows_equal_one_token_steps(scheme, kv_type, start):
     """The batched verification forward is row- and position-exact against one-token steps, at every row count a
     draft of up to 8 tokens gives (the integer kernels' tiles take 1-8 rows in one pass over the weights) and at
-    9 (two weight groups per 512-bit tile), over a float32 cache and the float16 one a GGUF model's Llama uses."""
-    model = make_model(scheme)
+    9 (two weight groups per 512-bit tile), over a float32 cache, the float16 one a GGUF model's Llama uses, and
+    bfloat16 / q8_0; its rows attend together (qattn_rows.h), from 60 across the first 64-key tile and block."""
+    model = make_model(scheme, dim=128 if kv_type == "q8_0" else 64)  # q8_0 rows: head_dim a multiple of 32
     one, many = (model_steps(model, SEQ, DecodeStep(model, fused=True, kv_type=kv_type)) for _ in range(2))
-    prompt, rows = PROMPTS[1], [4, 17, 33, 2, 60, 7, 7, 1, 50]
+    prompt = PROMPTS[1] if start == 17 else [(7 * i + 3) % 64 for i in range(start)]
+    rows = [4, 17, 33, 2, 60, 7, 7, 1, 50]
     one.prefill(prompt)
     many.prefill(prompt)
     singles = torch.stack([one.verify([t], len(prompt) + i)[0] for i, t in enumerate(rows)])

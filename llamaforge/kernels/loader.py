@@ -39,7 +39,7 @@ log = logging.getLogger("llamaforge.kernels")
 SOURCE = Path(__file__).with_name("qmatmul.cpp")  # the Python bindings
 SOURCES = (SOURCE, SOURCE.with_name("qkernels.cpp"), SOURCE.with_name("qdecode.cpp"),
            SOURCE.with_name("qgemm.cpp"))  # compiled in parallel
-HEADERS = ("qattn.h", "qcommon.h", "qdecode.h", "qgemm.h", "qgemm_tiles.h", "qkernels.h", "qkv.h", "qlora.h", "qops.h",
+HEADERS = ("qattn.h", "qattn_rows.h", "qcommon.h", "qdecode.h", "qgemm.h", "qgemm_tiles.h", "qkernels.h", "qkv.h", "qlora.h", "qops.h",
            "qrows.h", "qx8.h", "qx8_tiles.h")
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp")
 LDFLAGS = ("-fopenmp",)

@@ -204,14 +204,69 @@ struct TileScores {
   }
 };
 
+// The online softmax of one tile for G queries (each on its own: the same bits in any grouping): s[g * ATTN_TILE + j] (j < t) turn from scores into
+// exp(s - new max); mx, sum carry each query's running max and sum, c the factor exp(old max - new max) the
+// outputs are rescaled by (0 on the first tile, where mx = -inf).
+inline void softmax_tile(float* s, int64_t G, int64_t t, float* mx, float* sum, float* c) {
+  for (int64_t g = 0; g < G; ++g) {
+    float* sg = s + g * ATTN_TILE;
+    float tmax = mx[g];
+    for (int64_t j = 0; j < t; ++j) tmax = std::max(tmax, sg[j]);
+    c[g] = std::exp(mx[g] - tmax);
+    const __m256 mv = _mm256_set1_ps(tmax);
+    __m256 ps = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= t; j += 8) {
+      const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sg + j), mv));
+      _mm256_storeu_ps(sg + j, e);
+      ps = _mm256_add_ps(ps, e);
+    }
+    float tsum = hsum(ps);
+    for (; j < t; ++j) {
+      sg[j] = std::exp(sg[j] - tmax);
+      tsum += sg[j];
+    }
+    sum[g] = sum[g] * c[g] + tsum;
+    mx[g] = tmax;
+  }
+}
+
+// out_g = out_g * c_g + sum_(j < t) p[g * ATTN_TILE + j] v_j for the t value rows V (type VT, rb bytes apart).
+template <int G, class VT>
+inline void values_tile(const float* p, const uint8_t* V, int64_t rb, int64_t t, int64_t hd, const float* c,
+                        float* out) {
+  // Output vectors per value pass: DC x G FMA chains, at least 8 where 16 registers allow (fewer leave the
+  // pass waiting on the FMA latency); the pass's last vectors in passes of 2 and 1.
+  constexpr int DC = G == 1 || G == 2 ? 4 : G == 3 ? 3 : G == 4 ? 2 : 1;
+  const int64_t h8 = hd / 8 * 8;
+  int64_t d = 0;
+  for (; d + 8 * DC <= h8; d += 8 * DC) attn_values<G, DC, VT>(p, V, rb, 0, t, hd, d, c, out);
+  if constexpr (DC > 2) {
+    for (; d + 16 <= h8; d += 16) attn_values<G, 2, VT>(p, V, rb, 0, t, hd, d, c, out);
+  }
+  for (; d < h8; d += 8) attn_values<G, 1, VT>(p, V, rb, 0, t, hd, d, c, out);
+  for (; d < hd; ++d) {
+    for (int g = 0; g < G; ++g) {
+      float od = out[g * hd + d] * c[g];
+      for (int64_t j = 0; j < t; ++j) od += p[g * ATTN_TILE + j] * VT::load1(V + j * rb, d);
+      out[g * hd + d] = od;
+    }
+  }
+}
+
+// out_g /= sum_g: the softmax's denominators, applied once at the end.
+inline void finish_rows(const float* sum, int64_t G, int64_t hd, float* out) {
+  for (int64_t g = 0; g < G; ++g) {
+    const float inv = 1.0f / sum[g];
+    for (int64_t d = 0; d < hd; ++d) out[g * hd + d] *= inv;
+  }
+}
+
 // out (G, hd) = attention of the G queries q (G, hd) over the cached keys/values [0, n) of kb, vb (rows of type
 // KT, rb bytes each); n >= 1.
 template <int G, class KT>
 void attend_group(const float* q, const KVBlocks& kb, const KVBlocks& vb, int64_t n, int64_t hd, int64_t rb,
                   float scale, float* out) {
-  // Output vectors per value pass: DC x G FMA chains, at least 8 where 16 registers allow (fewer leave the
-  // pass waiting on the FMA latency); the pass's last vectors in passes of 2 and 1.
-  constexpr int DC = G == 1 || G == 2 ? 4 : G == 3 ? 3 : G == 4 ? 2 : 1;
   const TileScores<G, KT> scores(q, hd, rb);
   alignas(32) float s[G * ATTN_TILE];
   float mx[G], sum[G], c[G];
@@ -220,51 +275,13 @@ void attend_group(const float* q, const KVBlocks& kb, const KVBlocks& vb, int64_
     sum[g] = 0.0f;
   }
   std::fill_n(out, G * hd, 0.0f);
-  const int64_t h8 = hd / 8 * 8;
   for (int64_t j0 = 0, t = 0; j0 < n; j0 += t) {
     t = std::min({ATTN_TILE, n - j0, kb.run(j0)});  // keys [j0, j0 + t): rows of one block
-    const uint8_t* K = kb.rows(j0);
-    const uint8_t* V = vb.rows(j0);
-    scores(K, rb, 0, t, hd, scale, s);
-    for (int g = 0; g < G; ++g) {
-      float* sg = s + g * ATTN_TILE;
-      float tmax = mx[g];
-      for (int64_t j = 0; j < t; ++j) tmax = std::max(tmax, sg[j]);
-      c[g] = std::exp(mx[g] - tmax);  // 0 on the first tile (mx = -inf)
-      const __m256 mv = _mm256_set1_ps(tmax);
-      __m256 ps = _mm256_setzero_ps();
-      int64_t j = 0;
-      for (; j + 8 <= t; j += 8) {
-        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sg + j), mv));
-        _mm256_storeu_ps(sg + j, e);
-        ps = _mm256_add_ps(ps, e);
-      }
-      float tsum = hsum(ps);
-      for (; j < t; ++j) {
-        sg[j] = std::exp(sg[j] - tmax);
-        tsum += sg[j];
-      }
-      sum[g] = sum[g] * c[g] + tsum;
-      mx[g] = tmax;
-    }
-    int64_t d = 0;
-    for (; d + 8 * DC <= h8; d += 8 * DC) attn_values<G, DC, KT>(s, V, rb, 0, t, hd, d, c, out);
-    if constexpr (DC > 2) {
-      for (; d + 16 <= h8; d += 16) attn_values<G, 2, KT>(s, V, rb, 0, t, hd, d, c, out);
-    }
-    for (; d < h8; d += 8) attn_values<G, 1, KT>(s, V, rb, 0, t, hd, d, c, out);
-    for (; d < hd; ++d) {
-      for (int g = 0; g < G; ++g) {
-        float od = out[g * hd + d] * c[g];
-        for (int64_t j = 0; j < t; ++j) od += s[g * ATTN_TILE + j] * KT::load1(V + j * rb, d);
-        out[g * hd + d] = od;
-      }
-    }
+    scores(kb.rows(j0), rb, 0, t, hd, scale, s);
+    softmax_tile(s, G, t, mx, sum, c);
+    values_tile<G, KT>(s, vb.rows(j0), rb, t, hd, c, out);
   }
-  for (int g = 0; g < G; ++g) {
-    const float inv = 1.0f / sum[g];
-    for (int64_t d = 0; d < hd; ++d) out[g * hd + d] *= inv;
-  }
+  finish_rows(sum, G, hd, out);
 }
 
 // Only the scores, s (G, n) = q K^T / scale, as attend_group computes them (for the tests of the kernels).

@@ -14,14 +14,17 @@
 #include "qdecode.h"
 
 #include "qattn.h"
+#include "qattn_rows.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 namespace lfq {
 namespace {
@@ -60,6 +63,51 @@ void rope(float* x, int64_t n_heads, int64_t head_dim, const float* cos, const f
 // rb bytes) of a sequence whose block table is `table` (model/kv_cache.py's `locate`).
 inline int64_t kv_row(const int64_t* table, int64_t pos, int64_t g, int64_t Hkv, int64_t bs, int64_t rb) {
   return ((table[pos / bs] * Hkv + g) * bs + pos % bs) * rb;
+}
+
+// Rows [first, first + rows) of a batch whose block tables agree over the blocks each row reads (keys[b] keys)
+// with the table of row `table`, the longest: they attend as one (attend_rows).
+struct RowGroup {
+  int64_t first, rows, table;
+};
+
+// The batch's rows in groups of consecutive rows that read the same blocks, each split in halves (the
+// largest first) while there are fewer tasks (groups x KV heads) than threads.
+std::vector<RowGroup> row_groups(const int64_t* blocks, int64_t W, int64_t BS, const int64_t* keys, int64_t B,
+                                 int64_t Hkv, int64_t threads) {
+  auto agree = [&](int64_t a, int64_t b) {  // row a reads its blocks where row b's table says (keys[a] <= keys[b])
+    for (int64_t j = 0; j <= (keys[a] - 1) / BS; ++j)
+      if (blocks[a * W + j] != blocks[b * W + j]) return false;
+    return true;
+  };
+  std::vector<RowGroup> groups;
+  for (int64_t b = 0; b < B; ++b) {
+    if (!groups.empty()) {
+      RowGroup& g = groups.back();
+      const bool longer = keys[b] > keys[g.table];
+      if (longer ? agree(g.table, b) : agree(b, g.table)) {
+        g.rows += 1;
+        if (longer) g.table = b;
+        continue;
+      }
+    }
+    groups.push_back({b, 1, b});
+  }
+  auto longest = [&](int64_t first, int64_t rows) {
+    int64_t t = first;
+    for (int64_t b = first; b < first + rows; ++b) t = keys[b] > keys[t] ? b : t;
+    return t;
+  };
+  while (static_cast<int64_t>(groups.size()) * Hkv < threads) {
+    auto big = std::max_element(groups.begin(), groups.end(),
+                                [](const RowGroup& a, const RowGroup& b) { return a.rows < b.rows; });
+    if (big->rows < 2) break;
+    const int64_t half = big->rows / 2;
+    const RowGroup second{big->first + half, big->rows - half, longest(big->first + half, big->rows - half)};
+    *big = {big->first, half, longest(big->first, half)};
+    groups.insert(big + 1, second);
+  }
+  return groups;
 }
 
 // ys_i = x (M, K) @ W_i.T, quantizing x into `rows` in the forms the weights read (none if all are float).
@@ -129,6 +177,27 @@ at::Tensor kv_attend(const at::Tensor& q_in, const at::Tensor& k_in, const at::T
   const KVBlocks kb{static_cast<const uint8_t*>(k.data_ptr()), nullptr, 0, 0, rb};  // contiguous rows
   const KVBlocks vb{static_cast<const uint8_t*>(v.data_ptr()), nullptr, 0, 0, rb};
   attend(t, q.data_ptr<float>(), kb, vb, k.size(0), hd, static_cast<float>(std::sqrt(static_cast<double>(hd))), out.data_ptr<float>(), G);
+  return out;
+}
+
+at::Tensor kv_attend_rows(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                          const at::Tensor& n_in) {
+  TORCH_CHECK(q_in.scalar_type() == at::kFloat && q_in.dim() == 3 && k_in.dim() == 2 && k_in.sizes() == v_in.sizes() &&
+                  k_in.scalar_type() == v_in.scalar_type() && n_in.dim() == 1 && n_in.size(0) == q_in.size(0),
+              "kv_attend_rows: q float32 (R, G, head_dim); k, v (n, row) of one cache type; n (R,)");
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const at::Tensor n = n_in.to(at::kLong).contiguous();
+  const int64_t R = q.size(0), G = q.size(1), hd = q.size(2);
+  for (int64_t r = 0; r < R; ++r)
+    TORCH_CHECK(n.data_ptr<int64_t>()[r] >= 1 && n.data_ptr<int64_t>()[r] <= k.size(0), "kv_attend_rows: n[", r,
+                "] = ", n.data_ptr<int64_t>()[r], " is not in [1, ", k.size(0), "]");
+  const KvType t = kv_type_of(k, hd);
+  at::Tensor out = at::empty({R, G, hd}, q.options());
+  const int64_t rb = kv_row_bytes(t, hd);
+  const KVBlocks kb{static_cast<const uint8_t*>(k.data_ptr()), nullptr, 0, 0, rb};  // contiguous rows
+  const KVBlocks vb{static_cast<const uint8_t*>(v.data_ptr()), nullptr, 0, 0, rb};
+  attend_rows(t, q.data_ptr<float>(), G * hd, kb, vb, n.data_ptr<int64_t>(), R, hd,
+              static_cast<float>(std::sqrt(static_cast<double>(hd))), out.data_ptr<float>(), G * hd, G);
   return out;
 }
 
@@ -223,6 +292,13 @@ at::Tensor Decoder::step(const at::Tensor& x_in, const at::Tensor& pos_in, const
                   " is not in [0, ", NB, ")");
   }
 
+  // Each row attends over keys [0, keys[b]); consecutive rows that read the same blocks for them (one
+  // sequence's verification rows) attend as one group (row_groups).
+  std::vector<int64_t> keys(B);
+  int64_t keys_max = 0;
+  for (int64_t b = 0; b < B; ++b) keys_max = std::max(keys_max, keys[b] = std::min(pos[b] + 1, kv_len));
+  const std::vector<RowGroup> groups = row_groups(blocks, W, BS, keys.data(), B, Hkv, at::get_num_threads());
+
   at::Tensor out = x_in.contiguous().clone();
   float* x = out.data_ptr<float>();
   const int64_t hidden = layers_[0].w1.N;
@@ -260,19 +336,23 @@ at::Tensor Decoder::step(const at::Tensor& x_in, const at::Tensor& pos_in, const
         kv_store_row(kvt, v.data() + (b * Hkv + g) * hd, hd, vl + at);
       }
     }
-    // One task per (row, KV head): its H / Hkv query heads attend together (qattn.h), reading K and V once.
-    int64_t keys_max = 0;
-    for (int64_t b = 0; b < B; ++b) keys_max = std::max(keys_max, std::min(pos[b] + 1, kv_len));
+    // One task per (group of rows of one sequence, KV head): its rows' H / Hkv query heads attend together,
+    // reading K and V once (qattn.h for one row, qattn_rows.h for several).
     const int64_t G = H / Hkv;
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, keys_max * hd * G));
-    at::parallel_for(0, B * Hkv, grain, [&](int64_t t0, int64_t t1) {
+    const int64_t n_groups = static_cast<int64_t>(groups.size());
+    at::parallel_for(0, n_groups * Hkv, grain, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t b = t / Hkv, g = t % Hkv;
+        const RowGroup& rg = groups[t / Hkv];
+        const int64_t g = t % Hkv, b = rg.first;
         // kv_row(table, pos) = table[pos / BS] * (Hkv * BS * rb) + g * BS * rb + (pos % BS) * rb, as KVBlocks reads it
-        const KVBlocks kb{kl + g * BS * rb, blocks + b * W, Hkv * BS * rb, BS, rb};
-        const KVBlocks vb{vl + g * BS * rb, blocks + b * W, Hkv * BS * rb, BS, rb};
-        attend(kvt, q.data() + (b * H + g * G) * hd, kb, vb, std::min(pos[b] + 1, kv_len), hd, scale,
-               attn.data() + (b * H + g * G) * hd, G);
+        const KVBlocks kb{kl + g * BS * rb, blocks + rg.table * W, Hkv * BS * rb, BS, rb};
+        const KVBlocks vb{vl + g * BS * rb, blocks + rg.table * W, Hkv * BS * rb, BS, rb};
+        if (rg.rows == 1)
+          attend(kvt, q.data() + (b * H + g * G) * hd, kb, vb, keys[b], hd, scale, attn.data() + (b * H + g * G) * hd, G);
+        else
+          attend_rows(kvt, q.data() + (b * H + g * G) * hd, H * hd, kb, vb, keys.data() + b, rg.rows, hd, scale,
+                      attn.data() + (b * H + g * G) * hd, H * hd, G);
       }
     });
     {

@@ -20,6 +20,9 @@ at::Tensor kv_store(const at::Tensor& x, const at::Tensor& like);
 // The fused step's attention of G queries q float32 (G, hd) over one KV head's rows k, v (n, row): float32 (G, hd).
 at::Tensor kv_attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
 // Its scores q k^T / sqrt(hd): float32 (G, n).
+// The attention of R rows at once (qattn_rows.h, as the fused step attends a sequence's verification rows): row r's
+// queries q[r] (G, hd) over k, v [0, n[r]) (n: int64 (R,), each in [1, k rows]): float32 (R, G, hd).
+at::Tensor kv_attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& n);
 at::Tensor kv_scores(const at::Tensor& q, const at::Tensor& k);
 
 struct DecoderLayer {
