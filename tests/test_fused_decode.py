@@ -190,6 +190,25 @@ def test_a_float32_row_does_not_depend_on_its_batch():
         assert torch.equal(batch[b], alone[b]), b
 
 
+def test_rows_of_several_sequences_in_one_batch_are_their_one_token_steps():
+    """Runs of rows of one slot attend together (kernels/qattn_rows.h, grouped by qdecode.cpp's row_groups): a
+    batch of slot 0 at 20, 21, 22, slot 1 at 14, 15, then slot 0 again at 23 gives each row what one-token steps
+    of its slot, in position order, give."""
+    model = make_model("q4_1")
+    cache, last = prefill(model, [20, 14], [0, 1])
+    alone_cache = copy.deepcopy(cache)
+    step = fused(model)
+    tokens, pos, slots = [last[0], 5, 17, last[1], 33, 8], [20, 21, 22, 14, 15, 23], [0, 0, 0, 1, 1, 0]
+    with torch.inference_mode():
+        batch = step(torch.tensor(tokens).view(-1, 1), at(torch.tensor(pos).view(-1, 1), cache, 6, slots, 40), cache)
+        order = sorted(range(6), key=lambda b: (slots[b], pos[b]))
+        alone = {b: step(torch.tensor([[tokens[b]]]), at(torch.tensor([[pos[b]]]), alone_cache, 1, [slots[b]], 40),
+                         alone_cache)[0] for b in order}
+    assert step.ran_fused
+    for b in range(6):
+        assert torch.equal(batch[b], alone[b]), f"row {b}: slot {slots[b]} at {pos[b]}"
+
+
 @pytest.mark.parametrize("scheme", ["q8_0", None])
 def test_greedy_generation_is_unchanged(scheme):
     model = make_model(scheme)
