@@ -46,9 +46,10 @@ constexpr int TILE_PAIRS = 4, TILE_ROWS = 6;  // 8 weight rows x 6 activation ro
 constexpr int64_t KC = int64_t{1} << 40;     // columns per tile call: all (the accumulators stay in registers)
 #else
 constexpr int TILE_PAIRS = 2, TILE_ROWS = 3;  // 4 weight rows x 3 activation rows: 12 ymm accumulators
-// Columns per tile call: a panel slice of 16 KiB (BF16's float32) or 8 KiB (F16's halves) beside 6 KiB of a
-// tile's rows in L1 (all K at once: 44-62 instead of 62-78 GFLOP/s; 1024 columns: BF16 -30%, F16 level).
-constexpr int64_t KC = 512;
+// Columns per tile call: a panel slice of 8 KiB (BF16's float32) or 4 KiB (F16's halves) beside 3 KiB of a
+// tile's rows in L1 (all K at once: 44-62 instead of 62-78 GFLOP/s; 512 columns: BF16 -10%, F16 level;
+// 1024: BF16 -30%).
+constexpr int64_t KC = 256;
 #endif
 
 // Panel rows [0, np) as float32: half-step s (F16: columns 8s .. 8s + 7; BF16: the odd columns of 16-column
