@@ -32,7 +32,7 @@
 // F16 panel stays in halves, each weight vector converted (vcvtph2ps, exact) as the tile loads it: half the
 // panel's bytes in L1, and on Zen 4 the conversions cost no FMA slot (the same 4 x 3 tile in L1 runs at the
 // FMA peak either way). Measured (one 1B-shaped (2048, 2048) projection, 128 rows, one thread, AVX2): the
-// float32 panel over 256-column slices with rows packed tile by tile ran ~80% of the FMA peak, this ~90%.
+// float32 panel with rows packed tile by tile ran 75-80% of the FMA peak, this 85-90%.
 // No include guard on purpose.
 
 namespace lfq {
