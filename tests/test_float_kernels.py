@@ -91,10 +91,11 @@ def test_prefetch_distance_does_not_change_results(qt):
 
 
 # Prefill (M >= 9 rows) of a 16-bit weight runs a GEMM over panels of 8 weight rows converted to float32
-# once per pass of 128 rows, in tiles of 8 weight rows x 6 activation rows (AVX-512) or 4 x 3 (AVX2); its
-# pairs keep the decode tiles' summation order, so every row must equal the same row computed alone, bit
-# for bit, on both builds, and with the AVX-512 build's BF16 emulation ("avx512-nobf16": vdpbf16ps off, as on
-# AVX-512 CPUs without AVX512_BF16).
+# (AVX2 F16: kept as halves, converted in the tile) once per pass of 128 rows, in tiles of 8 weight rows x
+# 6 activation rows (AVX-512) or 4 x 3 (AVX2) over slices of 256 columns (AVX2); its pairs keep the decode
+# tiles' summation order, so every row must equal the same row computed alone, bit for bit, on both builds,
+# and with the AVX-512 build's BF16 emulation ("avx512-nobf16": vdpbf16ps off, as on AVX-512 CPUs without
+# AVX512_BF16). At K = 520 and 2056 the AVX2 F16 tiles end in a slice of one 8-column step.
 ISAS = ["avx512", "avx512-nobf16", "avx2"] if ext is not None and ext.use_avx512_gemm() else ["avx2"]
 
 
