@@ -25,6 +25,18 @@
 // super-block needs one vpmulld per 4 (Q6_K: per 16-column half) or 8 (Q4_K / Q5_K) vpdpbusd to apply its
 // sub-block scales exactly, and Q4_K / Q5_K one vpdpwssd per 8 for the mins: so ~80% of the vpdpbusd rate is
 // their ceiling (measured in L2: Q4_K 330, Q5_K 320, Q6_K 310 GOP/s a core at M = 8-64, of 460).
+// The AVX2 K-quant tiles (no vpdpbusd: vpmaddubsw sums 2 products per int16 lane, vpmaddwd widens by the
+// sub-block scales), per 32 weights (one ymm of 8 rows x 4 columns) and activation row, 6 rows per tile:
+//   Q4_K (dot_kq): 1 broadcast load, 1 vpmaddubsw + 1/4 vpmaddwd (the multiply pipes: 1.25), 3/4 vpaddw +
+//     1/4 vpaddd, unpacking 1.5 / 6 rows, the mins 1/4 (8 vpmaddwd + 8 vpaddd per 256 columns): ~2.75 vector ops;
+//   Q5_K: the fifth bits add 3 / 6 rows: ~3.25;
+//   Q6_K (half_q6): 1 broadcast, 1 vpmaddubsw + 1/2 vpmaddwd (1.5), 1/2 vpaddw + 1/2 vpaddd, unpacking ~4 / 6
+//     rows, the -32 offset 1/4 (one vpmaddwd of the half sums per 32 columns): ~3.4.
+// With 2 ymm integer multiplies and 4 vector ops a cycle in all (Zen 3 / Zen 4), Q4_K is bound about as much by
+// the multiply pipes (0.63 cycles) as by the vector issue width (0.69), Q6_K by the issue width (0.85); 8 rows
+// per tile would amortize the unpacking further but do not fit the registers (measured no faster). Before, the
+// tiles kept 4 rows of 2 (Q4_K: int16 + int32) or 4 (Q6_K) vectors, and GCC reassociated each int16 chain into
+// a tree holding all of a sub-block's products at once: most vectors went through the stack (see `keep`).
 // No include guard on purpose.
 
 namespace lfq {
