@@ -173,8 +173,8 @@ inline typename V::I fifth_bit(typename V::I h, int k) {
 // q + X8_HI_OFF) with MR activation blocks xb[i]. VNNI, decode (MR <= 4): the low and high nibbles' products
 // go into two int32 chains of 4 vpdpbusd, added at the end (one chain of 8 waits 8 latencies per block:
 // at M = 1 that, not the loads, bounded the tile in L2 to ~25 GB/s a core); integer sums, so the same bits.
-// AVX2 multiplies the sums by the int16 pairs `mul16` of each lane as it widens them (ones, or a K-quant's
-// sub-block scales: free); VNNI ignores it.
+// AVX2 (Q4_0 / Q4_1 only: its K-quants take dot_kq) multiplies the sums by the int16 pairs `mul16` of each lane
+// as it widens them (ones); VNNI ignores it.
 template <class V, int MR, bool FIVE>
 inline void dot_u(const uint8_t* q, int64_t gs, const int8_t* const* xb, typename V::I* s32,
                   [[maybe_unused]] typename V::I mul16) {
@@ -188,6 +188,7 @@ inline void dot_u(const uint8_t* q, int64_t gs, const int8_t* const* xb, typenam
   if constexpr (TWO)
     for (int i = 0; i < MR; ++i) t32[i] = V::zero();
 #else
+  static_assert(!FIVE, "the AVX2 Q5_K tiles take dot_kq");
   __m256i s16[MR];
   for (int i = 0; i < MR; ++i) s16[i] = _mm256_setzero_si256();
 #endif
@@ -210,8 +211,8 @@ inline void dot_u(const uint8_t* q, int64_t gs, const int8_t* const* xb, typenam
 #endif
     }
 #if !LFQ_TILE_VNNI
-    // An int16 lane holds at most 8 products of 4-bit weights (8 * 2 * 15 * 127 < 2^15), 4 of 5-bit.
-    if (j == 3 || (FIVE && j == 1)) {
+    // An int16 lane holds at most 8 products of 4-bit weights (8 * 2 * 15 * 127 < 2^15).
+    if (j == 3) {
       for (int i = 0; i < MR; ++i) {
         s32[i] = _mm256_add_epi32(s32[i], _mm256_madd_epi16(s16[i], mul16));
         s16[i] = _mm256_setzero_si256();
