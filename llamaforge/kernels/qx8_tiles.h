@@ -25,12 +25,29 @@
 // super-block needs one vpmulld per 4 (Q6_K: per 16-column half) or 8 (Q4_K / Q5_K) vpdpbusd to apply its
 // sub-block scales exactly, and Q4_K / Q5_K one vpdpwssd per 8 for the mins: so ~80% of the vpdpbusd rate is
 // their ceiling (measured in L2: Q4_K 330, Q5_K 320, Q6_K 310 GOP/s a core at M = 8-64, of 460).
+// The AVX2 K-quant tiles (no vpdpbusd: vpmaddubsw sums 2 products per int16 lane, vpmaddwd widens by the
+// sub-block scales), per 32 weights (one ymm of 8 rows x 4 columns) and activation row, 6 rows per tile:
+//   Q4_K (dot_kq): 1 broadcast load, 1 vpmaddubsw + 1/4 vpmaddwd (the multiply pipes: 1.25), 3/4 vpaddw +
+//     1/4 vpaddd, unpacking 1.5 / 6 rows, the mins 1/4 (8 vpmaddwd + 8 vpaddd per 256 columns): ~2.75 vector ops;
+//   Q5_K: the fifth bits add 3 / 6 rows: ~3.25;
+//   Q6_K (half_q6): 1 broadcast, 1 vpmaddubsw + 1/2 vpmaddwd (1.5), 1/2 vpaddw + 1/2 vpaddd, unpacking ~4 / 6
+//     rows, the -32 offset 1/4 (one vpmaddwd of the half sums per 32 columns): ~3.4.
+// With 2 ymm integer multiplies and 4 vector ops a cycle in all (Zen 3 / Zen 4), Q4_K is bound about as much by
+// the multiply pipes (0.63 cycles) as by the vector issue width (0.69), Q6_K by the issue width (0.85); 8 rows
+// per tile would amortize the unpacking further but do not fit the registers (measured no faster). Before, the
+// tiles kept 4 rows of 2 (Q4_K: int16 + int32) or 4 (Q6_K) vectors, and GCC reassociated each int16 chain into
+// a tree holding all of a sub-block's products at once: most vectors went through the stack (see `keep`).
 // No include guard on purpose.
 
 namespace lfq {
 namespace LFQ_TILE_NS {
 
-constexpr int MR_MAX = LFQ_TILE_VNNI ? 8 : 4;  // activation rows per tile (VNNI has 32 registers)
+// Activation rows per tile: VNNI has 32 registers; AVX2's 16 hold 4 rows of dot_u's two accumulators (int16
+// and int32 sums: Q4_0 / Q4_1) or 6 rows of the K-quant tiles' one (dot_kq, half_q6; 8 rows measured no faster).
+template <int64_t QT>
+constexpr int mr_max() {
+  return LFQ_TILE_VNNI ? 8 : QT == T_Q4_K || QT == T_Q5_K || QT == T_Q6_K ? 6 : 4;
+}
 
 // One group of 8 weight rows per vector. `gs` (the byte distance to the next group) is unused here.
 struct V8 {
@@ -135,6 +152,16 @@ struct V16 {
 };
 #endif
 
+#if !LFQ_TILE_VNNI
+// GCC reassociates a chain of integer adds into a tree that keeps every product live at once (the AVX2
+// tiles then spilled most of their vectors to the stack: 1.3-1.6x slower); an empty asm on the accumulator
+// keeps the chain in program order. No instruction.
+inline __m256i keep(__m256i v) {
+  asm("" : "+x"(v));
+  return v;
+}
+#endif
+
 // Q5_K: bit k of each byte of a fifth-bit plane vector moved to bit 4 (0x10), the rest cleared.
 template <class V>
 inline typename V::I fifth_bit(typename V::I h, int k) {
@@ -146,8 +173,8 @@ inline typename V::I fifth_bit(typename V::I h, int k) {
 // q + X8_HI_OFF) with MR activation blocks xb[i]. VNNI, decode (MR <= 4): the low and high nibbles' products
 // go into two int32 chains of 4 vpdpbusd, added at the end (one chain of 8 waits 8 latencies per block:
 // at M = 1 that, not the loads, bounded the tile in L2 to ~25 GB/s a core); integer sums, so the same bits.
-// AVX2 multiplies the sums by the int16 pairs `mul16` of each lane as it widens them (ones, or a K-quant's
-// sub-block scales: free); VNNI ignores it.
+// AVX2 (Q4_0 / Q4_1 only: its K-quants take dot_kq) multiplies the sums by the int16 pairs `mul16` of each lane
+// as it widens them (ones); VNNI ignores it.
 template <class V, int MR, bool FIVE>
 inline void dot_u(const uint8_t* q, int64_t gs, const int8_t* const* xb, typename V::I* s32,
                   [[maybe_unused]] typename V::I mul16) {
@@ -161,6 +188,7 @@ inline void dot_u(const uint8_t* q, int64_t gs, const int8_t* const* xb, typenam
   if constexpr (TWO)
     for (int i = 0; i < MR; ++i) t32[i] = V::zero();
 #else
+  static_assert(!FIVE, "the AVX2 Q5_K tiles take dot_kq");
   __m256i s16[MR];
   for (int i = 0; i < MR; ++i) s16[i] = _mm256_setzero_si256();
 #endif
@@ -178,13 +206,13 @@ inline void dot_u(const uint8_t* q, int64_t gs, const int8_t* const* xb, typenam
       if constexpr (TWO) t32[i] = V::dpbusd(t32[i], hi, V::bcast(xb[i] + 16 + 4 * j));
       else s32[i] = V::dpbusd(s32[i], hi, V::bcast(xb[i] + 16 + 4 * j));
 #else
-      s16[i] = _mm256_add_epi16(s16[i], _mm256_maddubs_epi16(lo, V::bcast(xb[i] + 4 * j)));
-      s16[i] = _mm256_add_epi16(s16[i], _mm256_maddubs_epi16(hi, V::bcast(xb[i] + 16 + 4 * j)));
+      s16[i] = keep(_mm256_add_epi16(s16[i], _mm256_maddubs_epi16(lo, V::bcast(xb[i] + 4 * j))));
+      s16[i] = keep(_mm256_add_epi16(s16[i], _mm256_maddubs_epi16(hi, V::bcast(xb[i] + 16 + 4 * j))));
 #endif
     }
 #if !LFQ_TILE_VNNI
-    // An int16 lane holds at most 8 products of 4-bit weights (8 * 2 * 15 * 127 < 2^15), 4 of 5-bit.
-    if (j == 3 || (FIVE && j == 1)) {
+    // An int16 lane holds at most 8 products of 4-bit weights (8 * 2 * 15 * 127 < 2^15).
+    if (j == 3) {
       for (int i = 0; i < MR; ++i) {
         s32[i] = _mm256_add_epi32(s32[i], _mm256_madd_epi16(s16[i], mul16));
         s16[i] = _mm256_setzero_si256();
@@ -197,6 +225,39 @@ inline void dot_u(const uint8_t* q, int64_t gs, const int8_t* const* xb, typenam
     for (int i = 0; i < MR; ++i) s32[i] = V::add32(s32[i], t32[i]);
 #endif
 }
+
+#if !LFQ_TILE_VNNI
+// Q4_K / Q5_K, AVX2: int32 lanes s32[i] += the sub-block's 32-column dot products with activation block xb[i],
+// times the sub-block scales (int16 pairs mul16: vpmaddwd widens and scales at once). Two nibble vectors (16
+// columns) at a time: their four vpmaddubsw per activation row are summed in int16 (|4 * 2 * 31 * 127| < 2^15)
+// and widened at once, so only s32 stays live per row and MR_K rows fit the 16 registers (dot_u keeps an int16
+// sum per row across the sub-block: 4 rows).
+template <class V, int MR, bool FIVE>
+inline void dot_kq(const uint8_t* q, const int8_t* const* xb, __m256i* s32, __m256i mul16) {
+  const __m256i lo4 = _mm256_set1_epi8(0x0F);
+  __m256i h = _mm256_setzero_si256();
+  if constexpr (FIVE) h = V::load(q + X8_HI_OFF, 0);
+  for (int j = 0; j < 4; j += 2) {
+    __m256i w[4];  // values j, j + 4, j + 1, j + 5 (columns 4j.., 4j + 16.., 4j + 4.., 4j + 20..)
+    for (int u = 0; u < 2; ++u) {
+      const __m256i p = V::load(q + 32 * (j + u), 0);
+      w[2 * u] = _mm256_and_si256(p, lo4);
+      w[2 * u + 1] = _mm256_and_si256(_mm256_srli_epi16(p, 4), lo4);
+      if constexpr (FIVE) {
+        w[2 * u] = _mm256_or_si256(w[2 * u], fifth_bit<V>(h, j + u));
+        w[2 * u + 1] = _mm256_or_si256(w[2 * u + 1], fifth_bit<V>(h, j + u + 4));
+      }
+    }
+    for (int i = 0; i < MR; ++i) {
+      const __m256i a = _mm256_add_epi16(_mm256_maddubs_epi16(w[0], V::bcast(xb[i] + 4 * j)),
+                                         _mm256_maddubs_epi16(w[1], V::bcast(xb[i] + 16 + 4 * j)));
+      const __m256i b = _mm256_add_epi16(_mm256_maddubs_epi16(w[2], V::bcast(xb[i] + 4 * j + 4)),
+                                         _mm256_maddubs_epi16(w[3], V::bcast(xb[i] + 20 + 4 * j)));
+      s32[i] = keep(_mm256_add_epi32(s32[i], _mm256_madd_epi16(_mm256_add_epi16(a, b), mul16)));
+    }
+  }
+}
+#endif
 
 // Q6_K: bits 4-5 of value k (k % 4 = j) of a two-bit plane vector, in place (qx8.h: stored at 4-5, 6-7, 0-1, 2-3).
 template <class V>
@@ -226,34 +287,24 @@ inline void half_q6(const typename V::I* p, typename V::I h, typename V::I sc, c
   for (int i = 0; i < MR; ++i) tot[i] = V::add32(tot[i], V::mullo32(s[i], sc));
 }
 #else
-// Q6_K, AVX2: int32 lanes = one sub-block's exact integer sum  sc_a * sum_a + sc_b * sum_b  for MR activation
-// blocks, where sum_a, sum_b are the dot products of the first / last 16 columns' 6-bit values (nibble plane
-// q + two-bit plane at q + X8_HI_OFF) with the activations and sc_a, sc_b the halves' scales as int16 pairs
-// (sc, sc) for vpmaddwd (which widens and scales at once). |sum| <= 16 * 63 * 127, times |sc| <= 128: every
-// partial sum fits int32 (and int16 before the widening).
-template <class V, int MR>
-inline void dot_q6(const uint8_t* q, int64_t gs, const int8_t* const* xb, typename V::I sca, typename V::I scb,
-                   typename V::I* s32) {
+// Q6_K, AVX2: tot[i] += sc * s_i for one 16-column half (HALF as half_q6), where s_i is the dot product of
+// the half's 6-bit values (0..63, the -32 applied once per super-block from the activations' sums) with
+// activation row i: vpmaddubsw sums two products per int16 lane, two of those are added (|2 * 2 * 63 * 127| <
+// 2^15), and vpmaddwd by the int16 pairs (sc, sc) widens and scales them at once; exact int32 sums. Only
+// tot stays live per activation row (the pair's int16 sum is transient), so 6 rows fit the 16 registers.
+template <class V, int MR, int HALF>
+inline void half_q6(const uint8_t* q, int64_t gs, typename V::I h, typename V::I sc, const int8_t* const* xb,
+                    typename V::I* tot) {
   using I = typename V::I;
   const I lo4 = V::set8(0x0F);
-  const I ha = V::load(q + X8_HI_OFF, gs);
-  const I hb = V::load(q + X8_HI_OFF + 32, gs);
-  I sa[MR], sb[MR];
-  for (int i = 0; i < MR; ++i) s32[i] = V::zero();
-  for (int j = 0; j < 4; ++j) {
-    const I p = V::load(q + 32 * j, gs);
-    const I lo = V::or_(V::and_(p, lo4), q6_high<V>(ha, j));
-    const I hi = V::or_(V::and_(V::srli16(p, 4), lo4), q6_high<V>(hb, j));
+  for (int k = 0; k < 4; k += 2) {
+    const I p0 = V::load(q + 32 * k, gs), p1 = V::load(q + 32 * (k + 1), gs);
+    const I w0 = V::or_(V::and_(HALF ? V::srli16(p0, 4) : p0, lo4), q6_high<V>(h, k));
+    const I w1 = V::or_(V::and_(HALF ? V::srli16(p1, 4) : p1, lo4), q6_high<V>(h, k + 1));
     for (int i = 0; i < MR; ++i) {
-      const I pa = _mm256_maddubs_epi16(lo, V::bcast(xb[i] + 4 * j));
-      const I pb = _mm256_maddubs_epi16(hi, V::bcast(xb[i] + 16 + 4 * j));
-      if (j & 1) {  // an int16 lane holds 2 maddubs results of 6-bit weights (2 * 2 * 63 * 127 < 2^15)
-        s32[i] = V::add32(s32[i], V::madd16(_mm256_add_epi16(sa[i], pa), sca));
-        s32[i] = V::add32(s32[i], V::madd16(_mm256_add_epi16(sb[i], pb), scb));
-      } else {
-        sa[i] = pa;
-        sb[i] = pb;
-      }
+      const I s16 = _mm256_add_epi16(_mm256_maddubs_epi16(w0, V::bcast(xb[i] + 16 * HALF + 4 * k)),
+                                     _mm256_maddubs_epi16(w1, V::bcast(xb[i] + 16 * HALF + 4 * k + 4)));
+      tot[i] = keep(V::add32(tot[i], V::madd16(s16, sc)));
     }
   }
 }
@@ -367,17 +418,22 @@ inline void tile(const uint8_t* gw, int64_t gs, int64_t nsb, const Act& a, int64
         half_q6<V, MR, 1>(pk, V::load(q + X8_HI_OFF + 32, gs), V::i8(p + 24 + 16 * j, gs), xb, start, 2 * j + 1, tot);
       }
 #else
-      const I lo16 = V::set32(0xFFFF);
+      // The values are stored + 32: -32 * (sca * sum_a(x) + scb * sum_b(x)) per sub-block, one vpmaddwd of the
+      // int16 pairs (-32 sca, -32 scb) (the 16 scale bytes interleaved) with the activations' sums of the two
+      // halves (|32 * 128|, |16 * 127| < 2^15).
       for (int64_t j = 0; j < 8; ++j) {
-        const I sca = V::i8(p + 16 + 16 * j, gs), scb = V::i8(p + 24 + 16 * j, gs);  // int32 lanes
-        // The values are stored + 32: -32 * (sca * sum_a(x) + scb * sum_b(x)), one vpmaddwd of the int16 pairs
-        // (-32 sca, -32 scb) with the activations' sums of the two halves (|32 * 128|, |16 * 127| < 2^15).
-        const I neg = V::or_(V::and_(V::sub32(V::zero(), V::slli32(sca, 5)), lo16),
-                             V::slli32(V::sub32(V::zero(), V::slli32(scb, 5)), 16));
-        for (int i = 0; i < MR; ++i) xb[i] = xq[i] + 256 * sb + 32 * j;
-        dot_q6<V, MR>(p + x8_qoff(QT, j), gs, xb, pair16<V>(sca), pair16<V>(scb), s32);
-        for (int i = 0; i < MR; ++i)
-          tot[i] = V::add32(tot[i], madd_acc<V>(s32[i], V::bcast(xbs[i] + 16 * sb + 2 * j), neg));
+        const uint8_t* q = p + x8_qoff(QT, j);
+        const __m128i sc8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 + 16 * j));  // sca[8] | scb[8]
+        const I ab = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(sc8, _mm_srli_si128(sc8, 8)));  // (sca, scb) per lane
+        const I neg = _mm256_sub_epi16(V::zero(), _mm256_slli_epi16(ab, 5));
+        const I sca = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(sc8, sc8));  // (sca, sca) per lane
+        const I scb = _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(sc8, sc8));
+        for (int i = 0; i < MR; ++i) {
+          xb[i] = xq[i] + 256 * sb + 32 * j;
+          tot[i] = V::add32(tot[i], V::madd16(V::bcast(xbs[i] + 16 * sb + 2 * j), neg));
+        }
+        half_q6<V, MR, 0>(q, gs, V::load(q + X8_HI_OFF, gs), sca, xb, tot);
+        half_q6<V, MR, 1>(q, gs, V::load(q + X8_HI_OFF + 32, gs), scb, xb, tot);
       }
 #endif
       for (int i = 0; i < MR; ++i) acc[i] = V::fma(V::cvt(tot[i]), V::mul(dvec, V::setf(xd[i][sb])), acc[i]);
@@ -408,7 +464,7 @@ inline void tile(const uint8_t* gw, int64_t gs, int64_t nsb, const Act& a, int64
         dot_u<V, MR, QT == T_Q5_K>(p + x8_qoff(QT, j), gs, xb, s32, sc);
         for (int i = 0; i < MR; ++i) tot[i] = V::add32(tot[i], V::mullo32(s32[i], sc));
 #else
-        dot_u<V, MR, QT == T_Q5_K>(p + x8_qoff(QT, j), gs, xb, tot, pair16<V>(sc));
+        dot_kq<V, MR, QT == T_Q5_K>(p + x8_qoff(QT, j), xb, tot, pair16<V>(sc));
 #endif
       }
       // The mins' sum: sum_j mn_j * (bsum_2j + bsum_2j+1), one vpmaddwd of (mn_j, mn_j) with the pair of sums.
@@ -427,13 +483,13 @@ inline void tile(const uint8_t* gw, int64_t gs, int64_t nsb, const Act& a, int64
   for (int i = 0; i < MR; ++i) V::store(y + (m0 + i) * ldy, acc[i], nvalid);
 }
 
-// The rows at gw against all M activation rows: MR_MAX rows per tile, then one tile of the rest (each tile
+// The rows at gw against all M activation rows: mr_max rows per tile, then one tile of the rest (each tile
 // unpacks the weights once: at 5-7 rows, 4 + 3 cost two unpackings). VNNI's Q6_K tiles keep two vectors per
 // activation row (half_q6), so 8 rows fit the 32 registers (they were 6 rows with four vectors per row).
 template <class V, int64_t QT>
 inline void tile_rows(const uint8_t* gw, int64_t gs, int64_t nsb, const Act& a, int64_t M, float* yg, int64_t N,
                       int64_t nvalid) {
-  constexpr int MR = MR_MAX;
+  constexpr int MR = mr_max<QT>();
   int64_t m = 0;
   for (; m + MR <= M; m += MR) tile<V, QT, MR>(gw, gs, nsb, a, m, yg, N, nvalid);
   if constexpr (MR > 4) {  // 5-7 rows left: one tile (each tile unpacks the weights once)
