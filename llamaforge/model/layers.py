@@ -20,6 +20,26 @@ from llamaforge.model.kv_cache import KVCache
 from llamaforge.model.step import StepInput
 
 
+def owned_result(out: torch.Tensor, other: torch.Tensor) -> bool:
+    """Whether `out op= other` may replace `out op other`: autograd is off (nothing saved for a backward), `out`
+    already has the result's dtype and shape, and shares no memory with `other`.
+
+    Inference writes the elementwise steps of a block into tensors it just made instead of new ones: a
+    prefill's activations are large (a 128-token prefill of the 1B shape makes (128, 8192) float32 ones, 4 MiB,
+    several per layer), and fewer fresh ones hold fewer at once and leave glibc's heap less to fragment
+    (benchmarks/RESULTS.md, rss). The bits are those of the out-of-place expressions (tests/test_model.py).
+    Plain shape arithmetic on purpose: `torch.broadcast_shapes` imports sympy, 23 MiB resident at the first call.
+    """
+    return (
+        not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and out.dtype == torch.promote_types(out.dtype, other.dtype)
+        and other.dim() <= out.dim()
+        and all(o in (1, n) for o, n in zip(reversed(other.shape), reversed(out.shape)))  # other broadcasts to out
+        and out.untyped_storage().data_ptr() != other.untyped_storage().data_ptr()
+    )
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in float32 and cast back (as Meta's reference does)."""
 
@@ -30,8 +50,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        if owned_result(normed, self.weight):
+            return normed.mul_(self.weight)  # the same bits as `normed * weight`, without another activation
+        return normed * self.weight
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: Optional[RopeScaling]) -> torch.Tensor:
@@ -229,7 +251,13 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        # Without autograd silu and the product overwrite w1's output: the same bits as the line above, with
+        # two (..., hidden_dim) activations live instead of three (a prefill's largest).
+        gate = F.silu(self.w1(x), inplace=True)  # (..., hidden_dim)
+        up = self.w3(x)
+        return self.w2(gate.mul_(up) if owned_result(gate, up) else gate * up)
 
 
 class TransformerBlock(nn.Module):
@@ -243,5 +271,9 @@ class TransformerBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: StepInput, cache: Optional[KVCache] = None
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, step, cache)
-        return h + self.feed_forward(self.ffn_norm(h))
+        attn = self.attention(self.attention_norm(x), rope, step, cache)
+        # Without autograd the residual sums go into the sublayers' fresh outputs (a + b is b + a, bit for bit);
+        # x itself is never written.
+        h = attn.add_(x) if owned_result(attn, x) else x + attn
+        out = self.feed_forward(self.ffn_norm(h))
+        return out.add_(h) if owned_result(out, h) else h + out
