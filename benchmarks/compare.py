@@ -247,7 +247,7 @@ def bandwidth(threads: int) -> dict:
     del a, b
     copy_gbs, read_gbs = sorted(copy)[-2], sorted(read)[-2]  # second best: a noisy machine, not a lucky spike
     out = {"copy_gbs": copy_gbs, "read_gbs": read_gbs, "roofline_gbs": max(copy_gbs, read_gbs), "source": "torch"}
-    from bandwidth import describe, probe
+    from bandwidth import probe
 
     try:
         p = probe(threads)
@@ -375,6 +375,8 @@ def main(argv: list[str]) -> None:
 
     tok = Tokenizer.from_file(src)
     forced = batch[0] + tok.encode(ANSWER, allow_special=True)
+    from bandwidth import describe
+
     bw = bandwidth(args.threads)
     print(f"[compare] memory bandwidth: {bw['roofline_gbs']:.1f} GB/s ({describe(bw)})", flush=True)
     cells = []

@@ -136,7 +136,8 @@ def load_llamaforge(cfg: dict, max_batch: int):
     from llamaforge import Llama
 
     dtype = None if cfg["dtype"] in (None, "auto") else cfg["dtype"]
-    g = Llama.build(cfg["model"], max_seq_len=cfg["prompt_len"] + cfg["gen_len"], max_batch_size=max_batch,
+    length = max(cfg["prompt_len"] + cfg["gen_len"], len(cfg.get("forced") or ()))  # the forced text too
+    g = Llama.build(cfg["model"], max_seq_len=length, max_batch_size=max_batch,
                     device="cpu", dtype=dtype, progress=False)
     # The timed calls repeat the same prompts: without this the engine would reuse the KV of their whole
     # 64-token chunks from the previous call and time only the last chunk's prefill (as llama.cpp's

@@ -168,3 +168,15 @@ def test_build_model_refuses_quantized_tensors():
     sd["layers.0.attention.wq.weight"] = Blocks()
     with pytest.raises(CheckpointError, match="runtime.build"):
         build_model(model.args, sd, device=CPU, dtype=torch.float32)
+
+
+def test_a_forward_past_max_seq_len_is_a_clear_error():
+    """Tokens at positions past the rotary tables (the built max_seq_len) are a GenerationError naming
+    max_seq_len, not an IndexError from inside the rotary lookup."""
+    from llamaforge.errors import GenerationError
+
+    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16,
+                                  max_seq_len=8))
+    model(torch.zeros(1, 8, dtype=torch.long))  # exactly max_seq_len fits
+    with pytest.raises(GenerationError, match="max_seq_len"):
+        model(torch.zeros(1, 9, dtype=torch.long))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from llamaforge.generation.text import TextStream
 from llamaforge.server.tools import forced_call_schema, hermes_messages, parse_tool_calls

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llamaforge.errors import GenerationError
 from llamaforge.model.args import ModelArgs, RopeScaling
 from llamaforge.model.kv_cache import KVCache
 from llamaforge.model.step import StepInput
@@ -102,7 +103,12 @@ class RotaryEmbedding(nn.Module):
 
     def tables(self, input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cos and sin at positions input_pos (B, T), shaped (B, T, 1, hd/2) to broadcast over heads."""
-        return self.cos[input_pos].unsqueeze(2), self.sin[input_pos].unsqueeze(2)
+        try:
+            return self.cos[input_pos].unsqueeze(2), self.sin[input_pos].unsqueeze(2)
+        except IndexError:  # (on the CPU; nothing is checked on the happy path)
+            raise GenerationError(
+                f"positions up to {int(input_pos.max())} but the model was built for {self.max_seq_len} "
+                "(max_seq_len): build it with a larger max_seq_len, or pass fewer tokens") from None
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
