@@ -62,6 +62,18 @@ class TinyCheckpoints:
     gguf: Path
 
 
+def block_ggufs(t: "TinyCheckpoints", root: Path, types) -> tuple[dict, ModelArgs, dict]:
+    """GGUF files of one random 256-wide model (rows a multiple of the K-quants' 256 columns) with the tiny
+    vocabulary, one per type in `types` (save_gguf's names: "q4_k_m", "q8_0", ...): (files by type, args, vocab)."""
+    args = ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=t.args.vocab_size, hidden_dim=512,
+                     max_seq_len=64)
+    torch.manual_seed(0)
+    sd = {k: v.detach().clone() for k, v in Transformer(args).state_dict().items()}
+    vocab = checkpoints.load(t.gguf).gguf_metadata
+    files = {q: checkpoints.save_gguf(args, sd, root / f"m-{q}.gguf", dtype=q, tokenizer_metadata=vocab) for q in types}
+    return files, args, vocab
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> TinyCheckpoints:
     root = tmp_path_factory.mktemp("tiny")

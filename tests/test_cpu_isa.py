@@ -19,9 +19,10 @@ import sys
 import pytest
 import torch
 
-from llamaforge import Llama, checkpoints
+from llamaforge import Llama
 from llamaforge.kernels import get_extension
-from llamaforge.model import ModelArgs, StepInput, Transformer
+from llamaforge.model import StepInput
+from tests.conftest import block_ggufs
 
 EXT = get_extension()
 pytestmark = pytest.mark.skipif(EXT is None, reason="the C++ kernels are not available here")
@@ -31,14 +32,7 @@ TYPES = ["q4_0", "q8_0", "q4_k_m", "q6_k", "f16", "bf16"]  # what save_gguf writ
 
 @pytest.fixture(scope="module")
 def files(tiny_checkpoints, tmp_path_factory):
-    root = tmp_path_factory.mktemp("isa")
-    t = tiny_checkpoints
-    args = ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=t.args.vocab_size, hidden_dim=512,
-                     max_seq_len=64)
-    torch.manual_seed(0)
-    sd = {k: v.detach().clone() for k, v in Transformer(args).state_dict().items()}
-    vocab = checkpoints.load(t.gguf).gguf_metadata
-    return {q: checkpoints.save_gguf(args, sd, root / f"m-{q}.gguf", dtype=q, tokenizer_metadata=vocab) for q in TYPES}
+    return block_ggufs(tiny_checkpoints, tmp_path_factory.mktemp("isa"), TYPES)[0]
 
 
 def run(llm: Llama) -> list[torch.Tensor]:

@@ -13,8 +13,9 @@ import torch
 
 from llamaforge import Llama, checkpoints
 from llamaforge.kernels import get_extension
-from llamaforge.model import ModelArgs, Transformer
+from llamaforge.model import Transformer
 from llamaforge.runtime import x8_cache
+from tests.conftest import block_ggufs
 
 pytestmark = pytest.mark.skipif(get_extension() is None, reason="the x8 layout needs the C++ kernels")
 
@@ -25,15 +26,7 @@ LAST: dict = {}  # path -> the greedy tokens its last build generated
 @pytest.fixture(scope="module")
 def ggufs(tiny_checkpoints, tmp_path_factory):
     """A Q4_K_M file (Q4_K and Q6_K weights: 256-wide rows) and a Q8_0 one, with the tiny vocabulary."""
-    root = tmp_path_factory.mktemp("x8")
-    t = tiny_checkpoints
-    args = ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=t.args.vocab_size, hidden_dim=512,
-                     max_seq_len=64)
-    torch.manual_seed(0)
-    sd = {k: v.detach().clone() for k, v in Transformer(args).state_dict().items()}
-    vocab = checkpoints.load(t.gguf).gguf_metadata
-    return {q: checkpoints.save_gguf(args, sd, root / f"m-{q}.gguf", dtype=q, tokenizer_metadata=vocab)
-            for q in ("q4_k_m", "q8_0")}, args, vocab
+    return block_ggufs(tiny_checkpoints, tmp_path_factory.mktemp("x8"), ("q4_k_m", "q8_0"))
 
 
 @pytest.fixture(params=["xxh3_64", "crc32"])
