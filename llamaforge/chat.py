@@ -1,4 +1,4 @@
-"""Chat formats: a dialog of messages in, the prompt's token ids out (no model, no torch).
+"""Chat formats: which one a model gets, and the built-in ones (no model, no torch).
 
 - `Llama2ChatFormat`: Meta Llama 2's `chat_completion` encoding (github meta-llama/llama,
   `llama/generation.py`): an optional system message folded into the first user message between
@@ -6,44 +6,26 @@
   `[INST] user [/INST]` with BOS only.
 - `Llama3ChatFormat`: Meta llama3's `ChatFormat.encode_dialog_prompt` (header tokens, "\\n\\n",
   stripped content, `<|eot_id|>`, and an open assistant header at the end).
-- `JinjaChatFormat`: a model's own Jinja `chat_template` (GGUF metadata or tokenizer_config.json),
-  rendered the way transformers' `apply_chat_template` renders it, in a bounded sandbox (chat_sandbox.py).
-  Special tokens the *template* writes become control ids; text from the caller never does.
+- `JinjaChatFormat` (chat_template.py): a model's own Jinja `chat_template`, rendered in a bounded sandbox,
+  caller text traced so that it never becomes control tokens.
 
-Untrusted strings enter the chat format in one place, `_check_messages` + `_mark`: every message is
-checked (a known role, JSON-like values only), and every string the caller gave (content, name, tool
-names, descriptions and parameters, tool-call arguments, any extra field, dict keys; in messages and in
-`tools`) is replaced by a numbered sentinel for a second rendering, which tells where in the prompt
-each landed; special-token strings are only looked for outside those places. Only the role (one of a
-fixed set) and short identifier-like strings holding no special token are left as they are.
+Messages enter every format through one door (chat_dialog.py: `check_messages`).
 
 `chat_format_for(tokenizer)` picks one: a chat template wins, then Llama 3 header tokens, else Llama 2.
 """
 
 from __future__ import annotations
 
-import json
-import re
-from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, Protocol, TypedDict
+from typing import Any
 
-from llamaforge import chat_sandbox
+from llamaforge.chat_dialog import LLAMA2_ROLES, LLAMA3_ROLES, ChatFormat, Dialog, Message, check_messages, piece
+from llamaforge.chat_template import JinjaChatFormat
 from llamaforge.errors import ChatFormatError
 from llamaforge.tokenizer import Tokenizer
-from llamaforge.tokenizers.backends import special_splitter
 
-Role = Literal["system", "user", "assistant"]
-
-
-class Message(TypedDict):
-    """One chat message, as in Meta's `generation.py`."""
-
-    role: Role
-    content: str
-
-
-Dialog = list[Message]
+__all__ = ["UNSAFE_ERROR", "ChatFormat", "Dialog", "JinjaChatFormat", "Llama2ChatFormat", "Llama3ChatFormat",
+           "Message", "chat_format_for", "has_special_tags", "render_prompt"]
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
@@ -54,82 +36,6 @@ UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."
 def has_special_tags(dialog: Sequence[Mapping[str, Any]]) -> bool:
     """Meta Llama 2's unsafe-request check: does any message contain [INST], [/INST], <<SYS>> or <</SYS>>?"""
     return any(tag in str(msg.get("content", "")) for tag in SPECIAL_TAGS for msg in dialog)
-
-
-class ChatFormat(Protocol):
-    """How a model wants a dialog turned into a prompt."""
-
-    name: str
-    stop_ids: frozenset[int]
-
-    def encode_dialog(self, dialog: Sequence[Mapping[str, Any]]) -> list[int]:
-        """The prompt ids, ending where the assistant's answer begins."""
-        ...
-
-    def render(self, dialog: Sequence[Mapping[str, Any]]) -> str:
-        """The prompt as text, for display and debugging."""
-        ...
-
-
-# Roles each format knows. A role reaches the prompt as text (a header, a template branch), so it is
-# never free text: anything else is refused.
-LLAMA2_ROLES = frozenset({"system", "user", "assistant"})
-LLAMA3_ROLES = frozenset({"system", "user", "assistant", "ipython", "tool"})
-TEMPLATE_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "ipython", "function"})
-MAX_DEPTH = 32  # nesting of a message's values (tool-call arguments are JSON objects)
-
-
-def _plain(value: Any, where: str, depth: int = 0) -> Any:
-    """A deep copy of a JSON-like value (str, number, bool, None, lists, str-keyed mappings), or a ChatFormatError.
-
-    Anything else (an object whose str() a template would print, bytes, a set) is refused: only data
-    reaches a template.
-    """
-    if value is None or isinstance(value, (str, bool, int, float)):
-        return value
-    if depth >= MAX_DEPTH:
-        raise ChatFormatError(f"{where} is nested more than {MAX_DEPTH} levels deep")
-    if isinstance(value, Mapping):
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise ChatFormatError(f"{where} has a key {k!r} that is not a string")
-            out[k] = _plain(v, f"{where}[{k!r}]", depth + 1)
-        return out
-    if isinstance(value, (list, tuple)):
-        return [_plain(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
-    raise ChatFormatError(f"{where} is a {type(value).__name__}; message values must be JSON-like "
-                          "(str, number, bool, None, list, dict)")
-
-
-def _check_messages(
-    dialog: Sequence[Mapping[str, Any]], roles: frozenset[str], *, need_str_content: bool = True
-) -> list[dict[str, Any]]:
-    """The one door for messages: a list of plain dicts with a known role and JSON-like values.
-
-    Raises:
-        ChatFormatError: not a list of mappings, an unknown role, a non-str content where the format
-            needs one, or a value that is not JSON-like.
-    """
-    if isinstance(dialog, (str, bytes)) or not isinstance(dialog, Sequence):
-        raise ChatFormatError(f"a dialog is a list of messages, got {type(dialog).__name__}")
-    out = []
-    for i, msg in enumerate(dialog):
-        if not isinstance(msg, Mapping) or not isinstance(msg.get("role"), str):
-            raise ChatFormatError(f"message {i} must be a mapping with a str 'role', got {msg!r:.80}")
-        if msg["role"] not in roles:
-            raise ChatFormatError(
-                f"message {i} has role {msg['role']!r:.40}; this chat format knows the roles {sorted(roles)}"
-            )
-        if need_str_content and not isinstance(msg.get("content"), str):
-            got = type(msg.get("content")).__name__
-            raise ChatFormatError(f"message {i} ({msg['role']}) must have a str 'content', got {got}")
-        out.append(_plain(msg, f"message {i}"))
-    return out
-
-
-def _piece(tokenizer: Tokenizer, token_id: int | None) -> str:
-    return tokenizer.id_to_piece(token_id) if token_id is not None else ""
 
 
 # --------------------------------------------------------------------------- Llama 2
@@ -152,7 +58,7 @@ class Llama2ChatFormat:
         Raises:
             ChatFormatError: roles not system?, user, assistant, user, ... ending with user.
         """
-        msgs = _check_messages(dialog, LLAMA2_ROLES)
+        msgs = check_messages(dialog, LLAMA2_ROLES)
         if not msgs:
             raise ChatFormatError("the dialog is empty; it needs at least one 'user' message")
         offset = 0
@@ -188,7 +94,7 @@ class Llama2ChatFormat:
     def render(self, dialog: Sequence[Mapping[str, Any]]) -> str:
         """The same prompt as text, BOS/EOS written as their pieces ("<s>", "</s>")."""
         pairs, last = self.turns(dialog)
-        bos, eos = _piece(self.tokenizer, self.tokenizer.bos_id), _piece(self.tokenizer, self.tokenizer.eos_id)
+        bos, eos = piece(self.tokenizer, self.tokenizer.bos_id), piece(self.tokenizer, self.tokenizer.eos_id)
         text = "".join(f"{bos}{B_INST} {u.strip()} {E_INST} {a.strip()} {eos}" for u, a in pairs)
         return text + f"{bos}{B_INST} {last.strip()} {E_INST}"
 
@@ -221,7 +127,7 @@ class Llama3ChatFormat:
         """Exactly Meta llama3's `ChatFormat.encode_dialog_prompt`."""
         sp = self.tokenizer.special_tokens
         ids = [sp["<|begin_of_text|>"]]
-        for msg in _check_messages(dialog, LLAMA3_ROLES):
+        for msg in check_messages(dialog, LLAMA3_ROLES):
             ids += self.encode_header(msg["role"])
             ids += self.tokenizer.encode(msg["content"].strip())
             ids.append(sp["<|eot_id|>"])
@@ -231,257 +137,10 @@ class Llama3ChatFormat:
         """The same prompt as text."""
         turns = "".join(
             f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
-            for m in _check_messages(dialog, LLAMA3_ROLES)
+            for m in check_messages(dialog, LLAMA3_ROLES)
         )
         return f"<|begin_of_text|>{turns}<|start_header_id|>assistant<|end_header_id|>\n\n"
 
-
-# --------------------------------------------------------------------------- Jinja templates
-
-# Printable brackets (so `repr` and `tojson` keep them as they are) that templates do not write; a
-# caller's text never reaches the sentinel rendering except as identifiers, so it cannot forge one.
-_SENTINEL = re.compile("\u2983([0-9]+)\u2984")
-
-
-def _sentinel(i: int) -> str:
-    return f"\u2983{i}\u2984"
-
-
-class JinjaChatFormat:
-    """A model's Jinja chat template, rendered in a sandbox and tokenized without trusting message text."""
-
-    name = "jinja"
-
-    def __init__(self, tokenizer: Tokenizer, template: str, origin: str | None = None) -> None:
-        """`origin` names where the template came from in error messages (default: the tokenizer's source)."""
-        self.origin = origin or f"the chat template of {tokenizer.source or 'the tokenizer'}"
-        if not isinstance(template, str) or not template.strip():
-            raise ChatFormatError(f"{self.origin} is empty")
-        self.template = template
-        # A template that compiled before (a mark in the cache folder, chat_sandbox.compiled_before) compiles at
-        # its first render; any other compiles now, so a broken one is a ChatFormatError here, at build.
-        self._compiled: Any = None
-        if not chat_sandbox.compiled_before(template):
-            self._compile()
-            chat_sandbox.remember_compiled(template)
-        self.tokenizer = tokenizer
-        self.stop_ids: frozenset[int] = tokenizer.stop_ids
-        self._specials = special_splitter(tokenizer.special_tokens)
-
-    def _compile(self) -> Any:
-        if self._compiled is None:  # two threads compiling at once make two equal templates: harmless
-            try:
-                self._compiled = chat_sandbox.environment().from_string(self.template)
-            except Exception as e:  # noqa: BLE001 - a syntax error, or a parser recursion on hostile nesting
-                raise ChatFormatError(f"{self.origin} does not compile: {type(e).__name__}: {e}") from e
-        return self._compiled
-
-    def _render(self, messages: list[dict[str, Any]], tools: list[Any] | None, add_generation_prompt: bool,
-                variables: Mapping[str, Any] | None = None) -> str:
-        tok = self.tokenizer
-        context: dict[str, Any] = {
-            **(variables or {}),
-            "messages": messages,
-            "add_generation_prompt": add_generation_prompt,
-            "bos_token": _piece(tok, tok.bos_id),
-            "eos_token": _piece(tok, tok.eos_id),
-        }
-        if tools is not None:
-            context["tools"] = tools
-        return chat_sandbox.render(self._compile(), context, self.origin)
-
-    def render(
-        self, dialog: Sequence[Mapping[str, Any]], tools: list[Any] | None = None, add_generation_prompt: bool = True,
-        variables: Mapping[str, Any] | None = None,
-    ) -> str:
-        """The prompt text the template renders (as transformers' `apply_chat_template(tokenize=False,
-        **variables)`)."""
-        return self._render(*_check_dialog(dialog, tools), add_generation_prompt, _check_variables(variables))
-
-    def encode_dialog(
-        self, dialog: Sequence[Mapping[str, Any]], tools: list[Any] | None = None, add_generation_prompt: bool = True,
-        variables: Mapping[str, Any] | None = None,
-    ) -> list[int]:
-        """The prompt ids: template special tokens as control ids, message contents as plain text.
-
-        `variables` are extra template variables, as transformers' `apply_chat_template(**kwargs)` passes them
-        (Qwen3's `enable_thinking`): names of letters, digits and '_', values booleans, numbers or None (no
-        text, which could not be traced).
-
-        Raises:
-            ChatFormatError: the template fails, or it transforms a message content that holds a
-                special-token string in a way that cannot be traced (that string would otherwise
-                become a control token).
-        """
-        messages, tools = _check_dialog(dialog, tools)
-        variables = _check_variables(variables)
-        text = self._render(messages, tools, add_generation_prompt, variables)
-        contents: dict[int, str] = {}
-        marked = _mark(messages, contents, self._specials)
-        marked_tools = _mark(tools, contents, self._specials) if tools is not None else None
-        try:
-            skeleton: str | None = self._render(marked, marked_tools, add_generation_prompt, variables)
-        except ChatFormatError:
-            skeleton = None
-        ids = self._encode_traced(text, skeleton, contents) if skeleton is not None else None
-        if ids is None:
-            self._check_untraced(text, skeleton, contents)
-            ids = self.tokenizer.encode(text, allow_special=True)
-        tok = self.tokenizer
-        if tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
-            ids.insert(0, tok.bos_id)
-        return ids
-
-    def _check_untraced(self, text: str, skeleton: str | None, contents: dict[int, str]) -> None:
-        """Before encoding a prompt whose caller strings could not be located: refuse if any could be a token."""
-        if self._specials is None:
-            return
-        if any(self._specials.search(c) for c in contents.values()):
-            raise ChatFormatError(
-                f"a message or tool holds special-token text and {self.origin} transforms it in a way "
-                "llamaforge cannot trace; refusing to turn caller text into control tokens"
-            )
-        # caller strings that each hold none could still form one together: the prompt may hold no
-        # special token the rendering with sentinels lacks
-        if skeleton is not None:
-            have = Counter(m.group() for m in self._specials.finditer(text))
-            allowed = Counter(m.group() for m in self._specials.finditer(skeleton))
-            if have - allowed:
-                raise ChatFormatError(
-                    f"the dialog's text forms special tokens {sorted(have - allowed)} in {self.origin}'s "
-                    "output; refusing to turn caller text into control tokens"
-                )
-
-    def _encode_traced(self, text: str, skeleton: str, contents: dict[int, str]) -> list[int] | None:
-        parts = _SENTINEL.split(skeleton)
-        fixed, slots = parts[0::2], [int(s) for s in parts[1::2]]
-        if any(s not in contents for s in slots):
-            return None
-        spans = _locate(text, fixed, [contents[s] for s in slots])
-        if spans is None:
-            return None
-        # template regions: the text outside every content span
-        regions, pos = [], 0
-        for start, end in spans:
-            regions.append((pos, start))
-            pos = end
-        regions.append((pos, len(text)))
-        found = [
-            m for a, b in regions if self._specials is not None for m in self._specials.finditer(text, a, b)
-        ]
-        # the template's own special tokens, counted in the sentinel rendering: a located content
-        # must not have smuggled any more in
-        expected = Counter(m.group() for f in fixed if self._specials is not None for m in self._specials.finditer(f))
-        if Counter(m.group() for m in found) != expected:
-            return None
-        ids: list[int] = []
-        pos = 0
-        for m in found:
-            if m.start() > pos:
-                ids += self.tokenizer.encode(text[pos : m.start()])
-            ids.append(self.tokenizer.special_tokens[m.group()])
-            pos = m.end()
-        if pos < len(text):
-            ids += self.tokenizer.encode(text[pos:])
-        return ids
-
-
-def _check_dialog(dialog: Sequence[Mapping[str, Any]], tools: Any) -> tuple[list[dict[str, Any]], Any]:
-    """Messages and tools for a template, both through the one door."""
-    messages = _check_messages(dialog, TEMPLATE_ROLES, need_str_content=False)
-    if tools is not None:
-        if isinstance(tools, (str, bytes)) or not isinstance(tools, Sequence):
-            raise ChatFormatError(f"tools must be a list of tool descriptions, got {type(tools).__name__}")
-        tools = _plain(list(tools), "tools")
-    return messages, tools
-
-
-_VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
-_RESERVED = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "raise_exception",
-             "strftime_now", "namespace", "range", "dict", "lipsum", "cycler", "joiner"}
-
-
-def _check_variables(variables: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """Extra template variables from a caller: identifier names that are not the template's own, scalar
-    non-text values (a caller's text there would reach the prompt untraced)."""
-    if variables is None:
-        return None
-    if not isinstance(variables, Mapping):
-        raise ChatFormatError(f"template variables must be a mapping, got {type(variables).__name__}")
-    if len(variables) > 64:
-        raise ChatFormatError(f"at most 64 template variables, got {len(variables)}")
-    out = {}
-    for name, value in variables.items():
-        if not isinstance(name, str) or not _VARIABLE.fullmatch(name) or name in _RESERVED:
-            raise ChatFormatError(f"template variable {name!r} is not allowed (a name of letters, digits and '_' "
-                                  f"other than {', '.join(sorted(_RESERVED))})")
-        if value is not None and not isinstance(value, (bool, int, float)):
-            raise ChatFormatError(f"template variable {name!r} must be true, false, a number or null, "
-                                  f"got {type(value).__name__}")
-        out[name] = value
-    return out
-
-
-# A caller's string left as it is in the sentinel rendering: short identifier-like text (a tool type,
-# a function or parameter name, "object") that templates compare against. It cannot hold a special
-# token (checked too), and since everything else is a sentinel, no token can span it.
-_IDENTIFIER = re.compile(r"[A-Za-z0-9_.\-]{0,64}")
-
-
-def _mark(value: Any, texts: dict[int, str], specials: Any, key: str | None = None) -> Any:
-    """A copy of a checked message list (or tools) with each caller string replaced by a numbered sentinel.
-
-    The replaced strings are kept in `texts`. The `role` of a message stays (a fixed set, see
-    `_check_messages`), as do identifier-like strings without special-token text.
-    """
-
-    def mark(s: str) -> str:
-        if _IDENTIFIER.fullmatch(s) and not (specials is not None and specials.search(s)):
-            return s
-        texts[len(texts)] = s
-        return _sentinel(len(texts) - 1)
-
-    if isinstance(value, str):
-        return value if key == "role" else mark(value)
-    if isinstance(value, dict):
-        return {mark(k): _mark(v, texts, specials, k) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_mark(v, texts, specials) for v in value]
-    return value
-
-
-def _candidates(content: str) -> list[str]:
-    """How a template may write a string: as is, trimmed, inside JSON (`tojson`) or a printed list (repr)."""
-    out = []
-    forms = (content, content.strip(), content.lstrip(), content.rstrip(),
-             json.dumps(content, ensure_ascii=False)[1:-1], repr(content)[1:-1])
-    for c in forms:
-        if c not in out:
-            out.append(c)
-    return out
-
-
-def _locate(text: str, fixed: list[str], contents: list[str]) -> list[tuple[int, int]] | None:
-    """Where each content landed in `text`, given the template text around them (`fixed`).
-
-    Each content must appear as written or stripped (what templates do with `| trim`), followed by
-    the next template part. Anything else (a template that rewrites contents) gives None: guessing
-    where a rewritten content ends could let text inside it pass for the template's own tokens.
-    """
-    if not text.startswith(fixed[0]):
-        return None
-    spans, pos = [], len(fixed[0])
-    for k, content in enumerate(contents):
-        nxt, last = fixed[k + 1], k == len(contents) - 1
-        for cand in _candidates(content):
-            end = pos + len(cand)
-            if text.startswith(cand, pos) and text.startswith(nxt, end) and (not last or end + len(nxt) == len(text)):
-                break
-        else:
-            return None
-        spans.append((pos, end))
-        pos = end + len(nxt)
-    return spans if pos == len(text) else None
 
 
 # --------------------------------------------------------------------------- choosing a format
