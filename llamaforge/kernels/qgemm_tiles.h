@@ -48,7 +48,9 @@ constexpr int64_t KC = int64_t{1} << 40;     // columns per tile call: all (the 
 constexpr int TILE_PAIRS = 2, TILE_ROWS = 3;  // 4 weight rows x 3 activation rows: 12 ymm accumulators
 // Columns per tile call: a panel slice of 8 KiB (BF16's float32) or 4 KiB (F16's halves) beside 3 KiB of a
 // tile's rows in L1 (all K at once: 44-62 instead of 62-78 GFLOP/s; 512 columns: BF16 -10%, F16 level;
-// 1024: BF16 -30%).
+// 1024: BF16 -30%). Zen 3 (benchmarks/gemm16_ab.cpp, 256 vs each): all K F16 -5%, BF16 -24%; 1024 F16
+// level, BF16 -22%; 512 +3% both (noise); 128 F16 -5%. The stores and reloads between slices are 24 of
+// ~600 instructions per slice: keeping the accumulators over all K costs more in L2 reads than it saves.
 constexpr int64_t KC = 256;
 #endif
 
