@@ -22,8 +22,11 @@
 // Blocking: a pass takes up to MB activation rows and packs them (columns [0, kt), kt the whole steps) in
 // the order the tiles read them; a thread's weight rows go in panels of NP rows, each converted to float32
 // (or copied as bf16, vdpbf16ps; or, AVX2 F16, copied as halves) once per pass (NP x K floats: 64 KiB at
-// K = 2048, in L2), and while a panel computes, the next one's rows are prefetched (the conversion reads a
-// panel's rows side by side: one 4 KiB row at a time stalled on every page, -20%).
+// K = 2048, in L2), and in the AVX-512 build, while a panel computes, the next one's rows are prefetched (the
+// conversion reads a panel's rows side by side: one 4 KiB row at a time stalled on every page, -20%). The
+// AVX2 build does not prefetch: on Zen 3 the hardware prefetcher keeps up with the ~0.5 GB/s of weights a
+// 128-row pass reads, and without it one 1B layer's projections (benchmarks/kernels.py, 4 alternated runs)
+// ran BF16 -7% time, F16 level; gemm16_ab at K 2048 x N 16384: BF16 +7%, F16 +4% GFLOP/s.
 // An AVX-512 tile (TILE_ROWS activation rows x TILE_PAIRS pairs of weight rows) keeps its accumulators in
 // registers over all K columns, reading the panel and its packed rows as two sequential streams from L2; the
 // AVX2 tile, with half the registers, reads twice the bytes per FMA, more than L2 feeds, so it runs over
@@ -48,7 +51,9 @@ constexpr int64_t KC = int64_t{1} << 40;     // columns per tile call: all (the 
 constexpr int TILE_PAIRS = 2, TILE_ROWS = 3;  // 4 weight rows x 3 activation rows: 12 ymm accumulators
 // Columns per tile call: a panel slice of 8 KiB (BF16's float32) or 4 KiB (F16's halves) beside 3 KiB of a
 // tile's rows in L1 (all K at once: 44-62 instead of 62-78 GFLOP/s; 512 columns: BF16 -10%, F16 level;
-// 1024: BF16 -30%).
+// 1024: BF16 -30%). Zen 3 (benchmarks/gemm16_ab.cpp, 256 vs each): all K F16 -5%, BF16 -24%; 1024 F16
+// level, BF16 -22%; 512 +3% both (noise); 128 F16 -5%. The stores and reloads between slices are 24 of
+// ~600 instructions per slice: keeping the accumulators over all K costs more in L2 reads than it saves.
 constexpr int64_t KC = 256;
 #endif
 
@@ -277,11 +282,14 @@ void gemm_pass(const uint16_t* w, int64_t n0, int64_t n1, int64_t K, const float
     for (int64_t c = 0; c < slices; ++c) {
       const int64_t s0 = c * KC / 8, ss = std::min(KC / 8, steps - s0);  // this slice's steps
       for (int64_t t = 0; t < tiles; ++t) {
-        // A share of the next panel's weight rows towards L2, so its conversion does not wait on memory.
-        const int64_t u = c * tiles + t, l0 = u * lines / (slices * tiles), l1 = (u + 1) * lines / (slices * tiles);
-        for (int64_t r = 0; r < next; ++r)
-          for (int64_t l = l0; l < l1; ++l)
-            _mm_prefetch(reinterpret_cast<const char*>(w + (p0 + NP + r) * K) + 64 * l, _MM_HINT_T1);
+        // A share of the next panel's weight rows towards L2, so its conversion does not wait on memory
+        // (AVX-512 build only: not needed by the AVX2 build on Zen 3, see the top).
+        if constexpr (LFQ_GEMM_512) {
+          const int64_t u = c * tiles + t, l0 = u * lines / (slices * tiles), l1 = (u + 1) * lines / (slices * tiles);
+          for (int64_t r = 0; r < next; ++r)
+            for (int64_t l = l0; l < l1; ++l)
+              _mm_prefetch(reinterpret_cast<const char*>(w + (p0 + NP + r) * K) + 64 * l, _MM_HINT_T1);
+        }
         const int64_t m0 = t * TILE_ROWS, mr = std::min<int64_t>(TILE_ROWS, M - m0);
         const pelem* b = blk + s0 * PAIRS * PW;
         const elem* xp = xpk + s0 * RW * M + m0 * ss * RW;  // pack_rows' layout (AVX-512: s0 = 0, ss = steps)
