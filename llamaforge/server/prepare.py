@@ -104,8 +104,11 @@ class Preparer:
         return list(ids)
 
     def _check_fits(self, prompt: list[int], max_tokens: Optional[int], default: Optional[int], param: str,
-                    max_param: str = "max_tokens", fill: bool = False) -> int:
-        """The tokens a prompt may generate; `fill` (Ollama's num_predict): no default, and cut to the room left."""
+                    max_param: str = "max_tokens", fill: bool = False, zero_ok: bool = False) -> int:
+        """The tokens a prompt may generate; `fill` (Ollama's num_predict): no default, and cut to the room left;
+        0 only with `zero_ok` (a completion with echo scores its prompt, as vLLM's echo without generation)."""
+        if max_tokens is not None and max_tokens < 1 and not (fill or zero_ok):
+            raise bad_request(f"{max_param} must be at least 1, got {max_tokens}", max_param, "invalid_value")
         if not prompt:
             raise bad_request("the prompt is empty; give at least one token", param, "empty_prompt")
         room = self.max_seq_len - len(prompt)
@@ -183,7 +186,8 @@ class Preparer:
         constraint = self._guided(req)
         jobs, texts = [], []
         for ids, text in prompts:
-            max_tokens = self._check_fits(ids, req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, "prompt", fill=fill)
+            max_tokens = self._check_fits(ids, req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, "prompt", fill=fill,
+                                          zero_ok=req.echo)
             jobs.append(Job(
                 ids, max_tokens, params, n=req.n, seed=req.seed, stop_ids=self.tokenizer.stop_ids, stop=stops,
                 logprobs=req.logprobs, prompt_logprobs=req.logprobs if req.echo else None, adapter=adapter,
