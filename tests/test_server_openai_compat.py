@@ -159,3 +159,52 @@ def test_vllm_extensions_at_their_neutral_values_and_other_extras_are_accepted(c
     assert r.choices[0].text.startswith("hi")
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="tiny", prompt="hi", max_tokens=2, extra_body={"min_tokens": 3})
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("kind, param", [("completions", "max_tokens"), ("chat", "max_tokens"),
+                                         ("chat", "max_completion_tokens")])
+def test_max_tokens_zero_is_a_400_as_vllms_unless_echo_scores_the_prompt(client, kind, param, stream):
+    """vLLM: "max_tokens must be at least 1" (a 400, streamed or not); a completion with echo and max_tokens 0
+    scores the prompt (vLLM's echo without generation, lm-eval's use). Before: 200s with empty answers."""
+    if kind == "chat":
+        call = lambda **kw: client.chat.completions.create(  # noqa: E731
+            model="tiny", messages=[{"role": "user", "content": "hi"}], stream=stream, **kw)
+    else:
+        call = lambda **kw: client.completions.create(model="tiny", prompt="hi", stream=stream, **kw)  # noqa: E731
+    with pytest.raises(openai.BadRequestError) as exc:
+        call(**{param: 0})
+    assert exc.value.body["param"] == param and "at least 1" in exc.value.body["message"]
+    if kind == "completions":
+        out = call(max_tokens=0, echo=True, logprobs=1)
+        chunks = list(out) if stream else [out]
+        assert "".join(c.choices[0].text for c in chunks) == "hi"
+        assert chunks[-1].choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_tokens_absent_and_a_string_stop(client, stream):
+    """max_tokens absent: 16 on /v1/completions (OpenAI's and vLLM's default), the rest of the context on chat;
+    `stop` as a plain string is a one-element list (the answer ends before it, finish_reason "stop")."""
+    def text_and_reason(out):
+        chunks = list(out) if stream else [out]
+        pick = (lambda c: c.choices[0].text) if hasattr(chunks[0].choices[0], "text") else \
+            (lambda c: (c.choices[0].delta if stream else c.choices[0].message).content or "")
+        return "".join(pick(c) for c in chunks), chunks[-1].choices[0].finish_reason, chunks
+
+    bias = {"0": -100, "1": -100, "2": -100}  # no end token: it runs to its limit
+    _, reason, chunks = text_and_reason(client.completions.create(model="tiny", prompt="hi", stream=stream,
+                                                                  logit_bias=bias, temperature=0))
+    assert reason == "length" and (stream or chunks[0].usage.completion_tokens == 16)
+    out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], stream=stream,
+                                         logit_bias=bias, temperature=0, stream_options={"include_usage": True}
+                                         if stream else None)
+    chunks = list(out) if stream else [out]
+    usage = chunks[-1].usage
+    assert usage.prompt_tokens + usage.completion_tokens == 64  # the context of the fixture's model
+    full, _, _ = text_and_reason(client.completions.create(model="tiny", prompt="hi", stream=stream, logit_bias=bias,
+                                                           temperature=0, max_tokens=8))
+    stop = full[len(full) // 2:][:2]
+    cut, reason, _ = text_and_reason(client.completions.create(model="tiny", prompt="hi", stream=stream,
+                                                               logit_bias=bias, temperature=0, max_tokens=8, stop=stop))
+    assert reason == "stop" and cut == full[:full.index(stop)]

@@ -2,7 +2,7 @@
 
 Everything a request can get wrong that the schema cannot see is found here and reported as a 400
 naming the parameter: a prompt that does not fit the context (never truncated), `max_tokens` past
-it, token ids outside the vocabulary, a bad `logit_bias`, more choices than slots or more prompts than
+it or below 1 (0 only with a completion's `echo`), token ids outside the vocabulary, a bad `logit_bias`, more choices than slots or more prompts than
 the queue holds (limits no retry can meet), a schema the grammar engine rejects, a dialog the chat
 format refuses; a `model` that is not served is a 404 `model_not_found`, as OpenAI answers. Sampling
 values are checked by the engine's `SamplingParams` (the same checks as the Python API's).
@@ -104,8 +104,11 @@ class Preparer:
         return list(ids)
 
     def _check_fits(self, prompt: list[int], max_tokens: Optional[int], default: Optional[int], param: str,
-                    max_param: str = "max_tokens", fill: bool = False) -> int:
-        """The tokens a prompt may generate; `fill` (Ollama's num_predict): no default, and cut to the room left."""
+                    max_param: str = "max_tokens", fill: bool = False, zero_ok: bool = False) -> int:
+        """The tokens a prompt may generate; `fill` (Ollama's num_predict): no default, and cut to the room left;
+        0 only with `zero_ok` (a completion with echo scores its prompt, as vLLM's echo without generation)."""
+        if max_tokens is not None and max_tokens < 1 and not (fill or zero_ok):
+            raise bad_request(f"{max_param} must be at least 1, got {max_tokens}", max_param, "invalid_value")
         if not prompt:
             raise bad_request("the prompt is empty; give at least one token", param, "empty_prompt")
         room = self.max_seq_len - len(prompt)
@@ -183,7 +186,8 @@ class Preparer:
         constraint = self._guided(req)
         jobs, texts = [], []
         for ids, text in prompts:
-            max_tokens = self._check_fits(ids, req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, "prompt", fill=fill)
+            max_tokens = self._check_fits(ids, req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, "prompt", fill=fill,
+                                          zero_ok=req.echo)
             jobs.append(Job(
                 ids, max_tokens, params, n=req.n, seed=req.seed, stop_ids=self.tokenizer.stop_ids, stop=stops,
                 logprobs=req.logprobs, prompt_logprobs=req.logprobs if req.echo else None, adapter=adapter,
