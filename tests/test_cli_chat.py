@@ -154,8 +154,6 @@ def test_the_repl_in_a_pty_on_the_default_model(tmp_path):
     child.expect(r"\[y/N\]")
     type_line(child, "y", "conversation cleared")
     type_line(child, "/set max_gen_len 400", "max_gen_len = 400")
-    # greedy again: a sampled "story" can end at EOS before Ctrl-C arrives (a flake seen in CI)
-    type_line(child, "/set temperature 0", "temperature = 0")
     child.send("Write a very long story about a dragon.\r")
     child.expect_exact(ACCEPTED)
     child.expect(r"\w\w+ \w+")  # the answer has started
