@@ -5,7 +5,7 @@ Run:  python benchmarks/decode_knobs.py FILE.gguf [FILE.gguf ...] [--threads 2] 
 
 Each variant is a comma-separated list of `knob=value` for the C++ extension's setters (`decode_chunk_bytes`:
 0 = each thread a static half of every decode matmul, else guided chunks from a shared counter;
-`x8_prefetch`, `float_prefetch`: bytes of software prefetch ahead; `min_bytes_per_thread`). After a 16-token
+`float_prefetch`: bytes of software prefetch ahead in the float tiles; `min_bytes_per_thread`). After a 16-token
 prompt, blocks of `--steps` one-token steps (batch 1) run under each variant in turn, the order reversed every
 round, so that whatever else the machine does falls on all of them alike; per variant the median and fastest
 step (wall), the median CPU time (the one to read on one thread on a busy machine), GB/s = weight bytes /

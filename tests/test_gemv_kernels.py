@@ -122,6 +122,30 @@ def test_block_gemv_is_exact(qtype: str, tiles: str) -> None:
             assert torch.equal(y, reference(w, x[:5]))
 
 
+@pytest.mark.parametrize("tiles", TILES)
+@pytest.mark.parametrize("qtype", sorted(kernels.X8_FORMATS))
+def test_x8_prefetch_distance_changes_no_bit(qtype: str, tiles: str) -> None:
+    # The decode tiles (M <= 4) prefetch `x8_prefetch` bytes ahead of the super-block they read; 45 rows: the
+    # last group's prefetch runs past the weight's end (a prefetch never faults), 1 MiB: far past it.
+    info = kernels.qtype_info(qtype)
+    n, k = 45, 768 if info.block == 256 else 544
+    raw = exact_raw(qtype, n, k, seed=11)
+    w = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype]).copy())
+    packed, layout = kernels.repack(torch.from_numpy(raw), qtype, n, k)
+    x = exact_x(8, k, seed=12)
+    was = EXT.x8_prefetch()
+    try:
+        for ahead in (0, 64, 8192, 1 << 20):
+            EXT.x8_prefetch(ahead)
+            assert EXT.x8_prefetch() == ahead
+            for m in range(1, 9):
+                y = run_tiles(tiles, lambda: qlinear(x[:m], packed, info.type_id, n, k, kernels.LAYOUT_IDS[layout]))
+                assert torch.equal(y, reference(w, x[:m])), (qtype, tiles, ahead, m)
+    finally:
+        EXT.x8_prefetch(was)
+    assert EXT.x8_prefetch() == was
+
+
 @pytest.mark.parametrize("qtype", ["F16", "BF16"])
 def test_float_gemv_is_exact(qtype: str) -> None:
     g = torch.Generator().manual_seed(3)
