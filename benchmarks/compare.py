@@ -103,7 +103,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     s.add_argument("--steps", type=int, default=24, help="timed decode steps per run (short prompts)")
     s.add_argument("--long-steps", type=int, default=12, help="timed decode steps after a long prompt")
     s.add_argument("--rounds", type=int, default=1,
-                   help="repeat every cell this many times, alternating; the tables give each figure's median")
+                   help="--shape: repeat every cell this many times, alternating; the tables give each figure's median")
     s.add_argument("--kv-type", default=None,
                    help="llamaforge's KV cache type (float32, float16, bfloat16, q8_0; default: its build's choice)")
     m = p.add_argument_group("--matrix runs (benchmarks/matrix.py): every shape, type, thread count, engine setting, "
@@ -127,6 +127,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         bad = [s for s in a.shapes if s not in ("1b", "3b", "8b")]
         if bad:
             p.error(f"--shapes: unknown {bad}; choose from 1b,3b,8b")
+        if a.rounds != 1:
+            p.error("--rounds: --shape runs only; a --matrix cell runs once (repeat the command with another --out "
+                    "to measure it again)")
         a.engines = [e for e in a.engines if e != "transformers"]
         a.runs = a.runs or 2
         return a

@@ -113,6 +113,14 @@ def test_matrix_command_line():
         compare.parse_args(["--matrix", "full", "--shapes", "2b"])
 
 
+def test_matrix_refuses_rounds_it_would_not_run(capsys):
+    # --rounds repeats --shape cells; a matrix cell runs once, so the flag was accepted and silently ignored
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--matrix", "full", "--rounds", "3"])
+    assert "--rounds: --shape runs only" in capsys.readouterr().err
+    assert compare.parse_args(["--shape", "1b", "--rounds", "3"]).rounds == 3
+
+
 # ------------------------------------------------------------------------------ results file and resume
 
 
