@@ -142,8 +142,9 @@ def type_line(child, line: str, *then: str) -> None:
 
 @pytest.mark.slow
 def test_the_repl_in_a_pty_on_the_default_model(tmp_path):
-    # a context long enough that the story below streams for seconds: at 256 tokens it was ~2 s, and the Ctrl-C
-    # sent once it started twice landed after it ended in full-suite runs on a busy 2-core VM
+    # a context long enough that the story below streams for many seconds: at 256 tokens it streamed for ~2 s,
+    # and in two full-suite runs on a busy 2-core VM the Ctrl-C sent once it had started found no answer to stop
+    # (most likely it arrived after the answer had ended; that was not confirmed)
     child, pexpect = spawn_chat(tmp_path, "--verbose", "--max-seq-len", "2048")
     type_line(child, "/help", "/save FILE")
     type_line(child, "")  # an empty line is nothing, not the end
