@@ -4,8 +4,6 @@
 
 #include "qkernels.h"
 
-#include <xmmintrin.h>
-
 #include <vector>
 #include "qcommon.h"
 #include "qrows.h"

@@ -367,7 +367,7 @@ inline typename V::I madd_acc(typename V::I acc, typename V::I a, typename V::I 
 // (|sums| < 2^29: 256 columns of 6-bit values times 8-bit scales times 127.)
 template <class V, int64_t QT, int MR>
 inline void tile(const uint8_t* gw, int64_t gs, int64_t nsb, const Act& a, int64_t m0, float* y, int64_t ldy,
-                 int64_t nvalid, int64_t pf = 0) {
+                 int64_t nvalid, int64_t pf) {
   using I = typename V::I;
   using F = typename V::F;
   constexpr bool KQ = QT == T_Q4_K || QT == T_Q5_K || QT == T_Q6_K;
@@ -398,11 +398,9 @@ inline void tile(const uint8_t* gw, int64_t gs, int64_t nsb, const Act& a, int64
   }
   for (int64_t sb = 0; sb < nsb; ++sb) {
     const uint8_t* p = gw + sb * SB;
-    if constexpr (MR <= 4) {  // decode: the lines `pf` bytes ahead of this super-block (past the weight: no fault)
-      if (pf > 0)
-        for (int64_t l = 0; l < SB; l += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) + pf + l), _MM_HINT_T0);
-    }
+    if (pf > 0)  // decode sizes (tile_rows): the lines `pf` bytes ahead of this super-block (past the weight: no fault)
+      for (int64_t l = 0; l < SB; l += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) + pf + l), _MM_HINT_T0);
     const F dvec = V::f16(p, gs);
     if constexpr (QT == T_Q6_K) {
       I tot[MR];  // this super-block's int32 sum
@@ -495,14 +493,14 @@ template <class V, int64_t QT>
 inline void tile_rows(const uint8_t* gw, int64_t gs, int64_t nsb, const Act& a, int64_t M, float* yg, int64_t N,
                       int64_t nvalid) {
   constexpr int MR = mr_max<QT>();
-  const int64_t pf = M <= 4 ? x8_prefetch_bytes() : 0;  // decode sizes only
+  const int64_t pf = M <= 4 ? x8_prefetch_bytes() : 0;  // decode sizes only: one group of 8 rows per tile
   int64_t m = 0;
   for (; m + MR <= M; m += MR) tile<V, QT, MR>(gw, gs, nsb, a, m, yg, N, nvalid, pf);
   if constexpr (MR > 4) {  // 5-7 rows left: one tile (each tile unpacks the weights once)
     switch (M - m) {
-      case 7: return tile<V, QT, 7>(gw, gs, nsb, a, m, yg, N, nvalid);
-      case 6: return tile<V, QT, 6>(gw, gs, nsb, a, m, yg, N, nvalid);
-      case 5: return tile<V, QT, 5>(gw, gs, nsb, a, m, yg, N, nvalid);
+      case 7: return tile<V, QT, 7>(gw, gs, nsb, a, m, yg, N, nvalid, pf);
+      case 6: return tile<V, QT, 6>(gw, gs, nsb, a, m, yg, N, nvalid, pf);
+      case 5: return tile<V, QT, 5>(gw, gs, nsb, a, m, yg, N, nvalid, pf);
       case 4: return tile<V, QT, 4>(gw, gs, nsb, a, m, yg, N, nvalid, pf);
       default: break;
     }

@@ -2,10 +2,11 @@
 
 Everything a request can get wrong that the schema cannot see is found here and reported as a 400
 naming the parameter: a prompt that does not fit the context (never truncated), `max_tokens` past
-it or below 1 (0 only with a completion's `echo`), token ids outside the vocabulary, a bad `logit_bias`, more choices than slots or more prompts than
-the queue holds (limits no retry can meet), a schema the grammar engine rejects, a dialog the chat
-format refuses; a `model` that is not served is a 404 `model_not_found`, as OpenAI answers. Sampling
-values are checked by the engine's `SamplingParams` (the same checks as the Python API's).
+it or below 1 (0 only with a completion's `echo`), token ids outside the vocabulary, a bad `logit_bias`,
+more choices than slots or more prompts than the queue holds (limits no retry can meet), a schema the
+grammar engine rejects, a dialog the chat format refuses; a `model` that is not served is a 404
+`model_not_found`, as OpenAI answers. Sampling values are checked by the engine's `SamplingParams` (the
+same checks as the Python API's).
 """
 
 from __future__ import annotations
