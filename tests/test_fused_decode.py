@@ -34,13 +34,13 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def make_model(scheme: str | None = "q8_0", n_heads: int = 4, n_kv_heads: int = 2, bias: bool = False,
-               qkv_bias: bool = False, qk_norm: bool = False) -> Transformer:
+               qkv_bias: bool = False, qk_norm: bool = False, hidden_dim: int = 160) -> Transformer:
     """A random tiny model: GGUF-quantized (`scheme`) or float32 (None).
 
     qkv_bias / qk_norm give it Qwen2's biases or Qwen3's per-head q/k norms, with random values."""
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=64, n_layers=3, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=90,
-                                  hidden_dim=160, max_seq_len=48, qkv_bias=qkv_bias, qk_norm=qk_norm))
+                                  hidden_dim=hidden_dim, max_seq_len=48, qkv_bias=qkv_bias, qk_norm=qk_norm))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -188,6 +188,36 @@ def test_a_float32_row_does_not_depend_on_its_batch():
     assert step.ran_fused
     for b in slots:
         assert torch.equal(batch[b], alone[b]), b
+
+
+def test_swiglu_split_over_threads_keeps_each_row_its_own():
+    """The step's SwiGLU runs over the batch's B * hidden elements split among the threads at points that are
+    neither row starts nor multiples of 8 (11 rows of 390 here, two threads); its vector code covers each share's
+    last elements too, so every row is still bit for bit its one-token step, and matches the modules' F.silu."""
+    model = make_model(None, hidden_dim=390)
+    lengths = [5, 9, 3, 7, 2, 11, 4, 6, 8, 10, 1]
+    slots = list(range(len(lengths)))
+    cache, last = prefill(model, lengths, slots, n_slots=len(lengths))
+    ref_cache = copy.deepcopy(cache)
+    step = fused(model)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            alone = []
+            for b in slots:
+                c = copy.deepcopy(cache)
+                alone.append(step(torch.tensor([[last[b]]]), at(torch.tensor([[lengths[b]]]), c, 1, [b], 12), c)[0])
+            pos = torch.tensor(lengths).view(-1, 1)
+            batch = step(torch.tensor(last).view(-1, 1), at(pos, cache, len(slots), slots, 12), cache)
+            ref = model(torch.tensor(last).view(-1, 1), pos, ref_cache, slots=torch.tensor(slots), kv_len=12,
+                        last_only=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert step.ran_fused
+    for b in slots:
+        assert torch.equal(batch[b], alone[b]), b
+    assert rel(batch, ref) < REL_TOL
 
 
 def test_rows_of_several_sequences_in_one_batch_are_their_one_token_steps():
