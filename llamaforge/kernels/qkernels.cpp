@@ -25,13 +25,14 @@
 
 namespace lfq {
 
-// 8 KiB, as the float tiles' (qmatmul.cpp): on the Zen 5 VM (AVX-512 VNNI tiles, 1 thread, 1B shapes, the
-// weights in the x8 cache's file pages) a decode step took 6-17% less time with it (Q4_0 24.2 -> 20.7 ms, Q5_K_M
-// 28.2 -> 23.4, Q6_K 30.7 -> 27.0, Q8_0 37.6 -> 35.4; the AVX2 tiles Q4_0 -8%, Q4_K_M -14%; the default
-// model 5.2 -> 4.9), and at 2 threads, where the two cores share the memory bus, within noise of none
-// (benchmarks/RESULTS.md, "Eighth session").
+// Off by default: what it does depends on the core. On the Zen 5 VM of 2026-12-01 (AVX-512 VNNI tiles, 1 thread,
+// 1B shapes, the weights in the x8 cache's file pages) 8 KiB ahead took 6-17% off a decode step (Q4_0 24.2 ->
+// 20.7 ms, Q6_K 30.7 -> 27.0; 2 threads within noise); on the Zen 4 VM of 2026-12-02 the same 8 KiB made every
+// type slower at 1 thread, the K-quants most (Q4_K_M 28.5 -> 40.8 ms, Q5_K_M 41.8 -> 56.3, Q6_K 38.0 -> 61.1,
+// Q4_0 29.1 -> 30.9, Q8_0 and the default model within noise; the AVX2 tiles Q4_K_M 31.5 -> 44.8; an L2 hint
+// (T2) instead of T0 lost less and gained nothing). benchmarks/RESULTS.md, "Eighth session" and "Ninth session".
 int64_t& x8_prefetch_bytes() {
-  static int64_t bytes = 8192;
+  static int64_t bytes = 0;
   return bytes;
 }
 
