@@ -155,7 +155,7 @@ def chat_format_for(tokenizer: Tokenizer, template: str | None = None) -> ChatFo
     if template:
         return JinjaChatFormat(tokenizer, template, origin="the chat template given")
     if tokenizer.chat_template:
-        return JinjaChatFormat(tokenizer, tokenizer.chat_template)
+        return JinjaChatFormat(tokenizer, tokenizer.chat_template, named=tokenizer.chat_templates)
     if all(t in tokenizer.special_tokens for t in LLAMA3_TOKENS):
         return Llama3ChatFormat(tokenizer)
     return Llama2ChatFormat(tokenizer)

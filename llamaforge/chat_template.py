@@ -40,29 +40,49 @@ class JinjaChatFormat:
 
     name = "jinja"
 
-    def __init__(self, tokenizer: Tokenizer, template: str, origin: str | None = None) -> None:
-        """`origin` names where the template came from in error messages (default: the tokenizer's source)."""
+    def __init__(self, tokenizer: Tokenizer, template: str, origin: str | None = None,
+                 named: Mapping[str, str] | None = None) -> None:
+        """`origin` names where the template came from in error messages (default: the tokenizer's source);
+        `named`: the model's other templates by name (tokenizer_config.json's list, GGUF's
+        `tokenizer.chat_template.NAME`), of which "tool_use" renders requests with tools."""
         self.origin = origin or f"the chat template of {tokenizer.source or 'the tokenizer'}"
         if not isinstance(template, str) or not template.strip():
             raise ChatFormatError(f"{self.origin} is empty")
         self.template = template
+        self.templates: dict[str, str] = {**{k: v for k, v in (named or {}).items() if k != "default"},
+                                          "default": template}
         # A template that compiled before (a mark in the cache folder, chat_sandbox.compiled_before) compiles at
         # its first render; any other compiles now, so a broken one is a ChatFormatError here, at build.
-        self._compiled: Any = None
-        if not chat_sandbox.compiled_before(template):
-            self._compile()
-            chat_sandbox.remember_compiled(template)
+        self._compiled: dict[str, Any] = {}
+        for name, text in self.templates.items():
+            if not isinstance(text, str) or not text.strip():
+                raise ChatFormatError(f"{self._origin(name)} is empty")
+            if not chat_sandbox.compiled_before(text):
+                self._compile(name)
+                chat_sandbox.remember_compiled(text)
         self.tokenizer = tokenizer
         self.stop_ids: frozenset[int] = tokenizer.stop_ids
         self._specials = special_splitter(tokenizer.special_tokens)
 
-    def _compile(self) -> Any:
-        if self._compiled is None:  # two threads compiling at once make two equal templates: harmless
+    def _origin(self, name: str) -> str:
+        return self.origin if name == "default" else f"{self.origin} (its template {name!r})"
+
+    def template_name(self, tools: Any) -> str:
+        """The template a request renders with, by transformers' rule (`get_chat_template`): "tool_use" when
+        tools are given (a list, even empty) and the model has one, else the default."""
+        return "tool_use" if tools is not None and "tool_use" in self.templates else "default"
+
+    def template_for(self, tools: Any) -> str:
+        """The text of the template a request with these tools renders with (see `template_name`)."""
+        return self.templates[self.template_name(tools)]
+
+    def _compile(self, name: str = "default") -> Any:
+        if name not in self._compiled:  # two threads compiling at once make two equal templates: harmless
             try:
-                self._compiled = chat_sandbox.environment().from_string(self.template)
+                self._compiled[name] = chat_sandbox.environment().from_string(self.templates[name])
             except Exception as e:  # noqa: BLE001 - a syntax error, or a parser recursion on hostile nesting
-                raise ChatFormatError(f"{self.origin} does not compile: {type(e).__name__}: {e}") from e
-        return self._compiled
+                raise ChatFormatError(f"{self._origin(name)} does not compile: {type(e).__name__}: {e}") from e
+        return self._compiled[name]
 
     def _render(self, messages: list[dict[str, Any]], tools: list[Any] | None, add_generation_prompt: bool,
                 variables: Mapping[str, Any] | None = None) -> str:
@@ -76,7 +96,8 @@ class JinjaChatFormat:
         }
         if tools is not None:
             context["tools"] = tools
-        return chat_sandbox.render(self._compile(), context, self.origin)
+        name = self.template_name(tools)
+        return chat_sandbox.render(self._compile(name), context, self._origin(name))
 
     def render(
         self, dialog: Sequence[Mapping[str, Any]], tools: list[Any] | None = None, add_generation_prompt: bool = True,

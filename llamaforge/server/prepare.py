@@ -342,8 +342,8 @@ class Preparer:
                               f"format is {fmt.name}'s", "chat_template_kwargs")
         extra = {"variables": variables} if variables is not None else {}
         try:
-            if tooling.template_supports_tools(fmt):
-                nine = tooling.nine_char_ids(getattr(fmt, "template", None))
+            if tooling.template_supports_tools(fmt, tools):
+                nine = tooling.nine_char_ids(tooling.request_template(fmt, tools))
                 return fmt.encode_dialog(tooling.template_messages(messages, nine), tools=tools, **extra)
             if tools or has_tool_parts:
                 messages = tooling.hermes_messages(messages, tools)
