@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from llamaforge import chat_sandbox
-from llamaforge.chat_dialog import TEMPLATE_ROLES, check_messages, piece, plain
+from llamaforge.chat_dialog import TEMPLATE_ROLES, check_messages, piece, plain, think_tags
 from llamaforge.errors import ChatFormatError
 from llamaforge.tokenizer import Tokenizer
 from llamaforge.tokenizers.backends import special_splitter
@@ -63,6 +63,10 @@ class JinjaChatFormat:
         self.tokenizer = tokenizer
         self.stop_ids: frozenset[int] = tokenizer.stop_ids
         self._specials = special_splitter(tokenizer.special_tokens)
+        self.think_tags = think_tags(tokenizer, list(self.templates.values()))
+        # where the tags are control tokens, a caller's "</think>" in an answer of the history stays text, so a
+        # template that splits the thoughts off the content itself (Qwen3's) could not be traced
+        self._split_history = self.think_tags is not None and self.think_tags[1] in tokenizer.special_tokens
 
     def _origin(self, name: str) -> str:
         return self.origin if name == "default" else f"{self.origin} (its template {name!r})"
@@ -105,7 +109,8 @@ class JinjaChatFormat:
     ) -> str:
         """The prompt text the template renders (as transformers' `apply_chat_template(tokenize=False,
         **variables)`)."""
-        return self._render(*_check_dialog(dialog, tools), add_generation_prompt, _check_variables(variables))
+        messages, tools = _check_dialog(dialog, tools)
+        return self._render(self._thoughts_apart(messages), tools, add_generation_prompt, _check_variables(variables))
 
     def encode_dialog(
         self, dialog: Sequence[Mapping[str, Any]], tools: list[Any] | None = None, add_generation_prompt: bool = True,
@@ -123,6 +128,7 @@ class JinjaChatFormat:
                 become a control token).
         """
         messages, tools = _check_dialog(dialog, tools)
+        messages = self._thoughts_apart(messages)
         variables = _check_variables(variables)
         text = self._render(messages, tools, add_generation_prompt, variables)
         contents: dict[int, str] = {}
@@ -140,6 +146,25 @@ class JinjaChatFormat:
         if tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
             ids.insert(0, tok.bos_id)
         return ids
+
+    def _thoughts_apart(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """An assistant answer of the history that holds its thoughts (`<think>...</think>answer`, as a client sends
+        a whole earlier answer back) and no `reasoning_content`: the thoughts moved to `reasoning_content`, split
+        exactly as Qwen3's template splits them itself (text before `</think>` after the last `<think>`, and the
+        text after it, newlines trimmed). Templates that read `reasoning_content` render the same prompt; the
+        caller's text is then traced as two strings instead of one the template rewrites."""
+        if not self._split_history:
+            return messages
+        opening, closing = self.think_tags  # type: ignore[misc]
+        out = []
+        for m in messages:
+            content = m.get("content")
+            if m.get("role") == "assistant" and isinstance(content, str) and closing in content \
+                    and m.get("reasoning_content") is None:
+                m = {**m, "content": content.split(closing)[-1].lstrip("\n"),
+                     "reasoning_content": content.split(closing)[0].rstrip("\n").split(opening)[-1].lstrip("\n")}
+            out.append(m)
+        return out
 
     def _check_untraced(self, text: str, skeleton: str | None, contents: dict[int, str]) -> None:
         """Before encoding a prompt whose caller strings could not be located: refuse if any could be a token."""

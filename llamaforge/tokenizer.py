@@ -254,7 +254,7 @@ class Tokenizer:
                 raise TokenizerError(f"cannot save this {self.kind} tokenizer: its source file is unknown")
             shutil.copyfile(self.source, out / "tokenizer.model")
             return ["tokenizer.model"]
-        (out / "tokenizer.json").write_text(hf.to_str(pretty=True))
+        (out / "tokenizer.json").write_text(self._backend.to_json(pretty=True))
         config: dict[str, Any] = {"add_bos_token": self.add_bos, "add_eos_token": False}
         for key, token_id in (("bos_token", self.bos_id), ("eos_token", self.eos_id)):
             if token_id is not None:

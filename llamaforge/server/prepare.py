@@ -42,6 +42,8 @@ class Prepared:
     tool_names: set[str] = field(default_factory=set)  # non-empty: parse tool calls from the answer
     forced_tool: bool = False
     one_tool_call: bool = False  # parallel_tool_calls=false: only the first call the answer makes
+    # a thinking model's answers: (the tags around the thoughts, whether the prompt already opened them)
+    think: Optional[tuple[tuple[str, str], bool]] = None
 
 
 def check_text(text: str, param: str) -> None:
@@ -209,8 +211,8 @@ class Preparer:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         self._check_unsupported_chat(req)
         messages = [self._message(i, m) for i, m in enumerate(req.messages)]
-        self.check_size(sum(len((m["content"] or "").encode("utf-8")) for m in messages), "messages",
-                        "the messages' content")
+        texts = [t for m in messages for t in (m["content"], m.get("reasoning_content")) if t]
+        self.check_size(sum(len(t.encode("utf-8")) for t in texts), "messages", "the messages' content")
         tools = tooling.tool_specs(req.tools) if req.tools else []
         choice = req.tool_choice
         if choice is not None and not isinstance(choice, str) and choice.function.name not in \
@@ -220,6 +222,7 @@ class Preparer:
             raise bad_request("tool_choice='required' needs tools", "tool_choice")
         use_tools = bool(tools) and choice != "none"
         prompt = self._encode_chat(messages, tools if use_tools else None, req.chat_template_kwargs)
+        prompt = self._continued(getattr(req, "context", None), prompt)
         forced = use_tools and choice is not None and choice != "auto"
         constraint = self._guided(req)
         if constraint is not None and (forced or (req.response_format is not None
@@ -240,7 +243,26 @@ class Preparer:
                   constraint=constraint, adapter=adapter)
         names = {t["function"]["name"] for t in tools} if use_tools else set()
         return Prepared([job], req.n, tool_names=names, forced_tool=forced,
-                        one_tool_call=req.parallel_tool_calls is False)
+                        one_tool_call=req.parallel_tool_calls is False,
+                        think=self._thinking(prompt, req.reasoning_format, constrained=constraint is not None))
+
+    def _continued(self, context: Optional[list[int]], prompt: list[int]) -> list[int]:
+        """Ollama's /api/generate `context` (the ids of an earlier exchange, checked by its route) followed by the
+        new turn, whose leading BOS is dropped (one BOS begins the exchange, as Ollama's prompt has one)."""
+        if not context:
+            return prompt
+        bos = self.tokenizer.bos_id
+        return list(context) + (prompt[1:] if prompt and bos is not None and prompt[0] == bos else prompt)
+
+    def _thinking(self, prompt: list[int], reasoning_format: Optional[str], constrained: bool):
+        """How a chat answer's thoughts are split off (Prepared.think), as llama.cpp's server does by default:
+        for a model with a thinking mode (its chat format's `think_tags`), unless `reasoning_format` is "none" or
+        the answer is constrained (JSON from its first token, no thoughts); the thoughts are open from the start
+        when the prompt ends with the opening tag (llama.cpp's `thinking_forced_open`)."""
+        tags = getattr(self.chat_format, "think_tags", None)
+        if tags is None or reasoning_format == "none" or constrained:
+            return None
+        return tags, self.tokenizer.decode(prompt[-16:]).rstrip().endswith(tags[0])
 
     @staticmethod
     def _check_unsupported_chat(req: ChatCompletionRequest) -> None:
@@ -329,6 +351,9 @@ class Preparer:
             msg["tool_calls"] = [c.model_dump() for c in m.tool_calls]
         if m.tool_call_id:
             msg["tool_call_id"] = m.tool_call_id
+        if m.reasoning_content is not None:
+            check_text(m.reasoning_content, f"messages.{i}.reasoning_content")
+            msg["reasoning_content"] = m.reasoning_content
         if m.name:
             msg["name"] = m.name
         return msg
