@@ -56,14 +56,14 @@ def vocab(tmp_path_factory):
     return Tokenizer.from_file(plain), Tokenizer.from_file(opened)
 
 
-def _serve(tok, pieces, dialog=HI, tools=None):
+def _serve(tok, pieces, dialog=HI, tools=None, **app):
     """A server whose model answers `pieces` (after the prompt of `dialog`) and the end of the turn."""
     from llamaforge.chat import chat_format_for
     from llamaforge.server.app import create_app
 
     last = chat_format_for(tok).encode_dialog(dialog, tools=tools)[-1]
     llama = scripted_llama(tok, chain(tok, last, pieces), max_seq_len=1024)
-    return TestClient(create_app(llama, model_name="thinker"))
+    return TestClient(create_app(llama, model_name="thinker", **app))
 
 
 def _openai(c):
@@ -103,6 +103,8 @@ def test_thoughts_closed(vocab):
         thoughts, content, _ = _streamed(c)
         assert "".join(thoughts) == "Let me see. The user greets." and "".join(content) == "Hello there!"
         assert len(thoughts) == 2 and content[0] == "Hello"  # streamed as they come, not at the end
+        r = c.post("/v1/chat/completions", json={"messages": HI, "temperature": 0, "n": 2})
+        assert [ch["message"]["reasoning_content"] for ch in r.json()["choices"]] == ["Let me see. The user greets."] * 2
         raw = _chat(c, reasoning_format="none")["message"]  # llama.cpp's "none": as the model wrote it
         assert raw == {"role": "assistant", "content": "<think>Let me see. The user greets.</think>\n\nHello there!"}
 
@@ -126,6 +128,23 @@ def test_closing_tag_split_across_tokens(vocab):
         thoughts, content, _ = _streamed(c)
         assert "".join(thoughts) == "Let me see. The user greets." and "".join(content) == "Hello there!"
         assert not any("</th" in t for t in thoughts)  # the half tag was held back, never sent as thoughts
+
+
+def test_the_server_default_is_llama_cpp_s_flag(vocab):
+    """create_app(reasoning_format=...) is `--reasoning-format`: the default of /v1 requests, not of Ollama's."""
+    from llamaforge.errors import ConfigError
+    from llamaforge.server.app import create_app
+
+    tok, _ = vocab
+    pieces = ["<think>", *THOUGHTS, "</think>", *ANSWER]
+    with _serve(tok, pieces, reasoning_format="none") as c:
+        assert _chat(c)["message"]["content"].startswith("<think>Let me see.")
+        assert _chat(c, reasoning_format="auto")["message"]["content"] == "Hello there!"
+        reply = ollama.Client(host="http://testserver", transport=_InProcess(c)).chat(
+            model="thinker", messages=HI, options={"temperature": 0})
+        assert reply.message.thinking == "Let me see. The user greets."
+    with pytest.raises(ConfigError, match="reasoning_format"):
+        create_app(scripted_llama(tok, {}), reasoning_format="deepseek-legacy")
 
 
 def test_thoughts_opened_by_the_template(vocab):
@@ -236,6 +255,26 @@ def test_a_whole_earlier_answer_sent_back_renders_as_transformers_renders_it(tmp
     assert fmt.render(dialog, add_generation_prompt=False) == want
     ids = fmt.encode_dialog(dialog, add_generation_prompt=False)
     assert ids == list(ref.apply_chat_template(dialog, tokenize=True, add_generation_prompt=False, return_dict=False))
+    # the template's own tags are the tokens (thinking switched off: it writes an empty block)
+    off = fmt.encode_dialog(dialog[:1], variables={"enable_thinking": False})
+    assert off == list(ref.apply_chat_template(dialog[:1], tokenize=True, add_generation_prompt=True,
+                                               return_dict=False, enable_thinking=False))
+    assert off.count(ref.convert_tokens_to_ids("<think>")) == 1
+
+
+def test_a_thinking_model_is_told_from_its_files(tmp_path):
+    """Tags in the vocabulary, or a template that writes `</think>` or switches enable_thinking; else none."""
+    from pathlib import Path
+
+    from llamaforge.chat import chat_format_for
+    from llamaforge.tokenizer import Tokenizer
+
+    qwen3 = (Path(__file__).parent / "templates" / "Qwen-Qwen3-0.6B.jinja").read_text()
+    cases = [([], CHATML, None), (["<think>", "</think>"], CHATML, TAGS), ([], qwen3, TAGS), ([], OPENED, TAGS),
+             ([], CHATML.replace("{% endif %}", "{% if enable_thinking %}x{% endif %}{% endif %}"), TAGS)]
+    for k, (pieces, template, want) in enumerate(cases):
+        tok = Tokenizer.from_file(script_tokenizer(tmp_path / str(k), pieces, template))
+        assert chat_format_for(tok).think_tags == want, (pieces, template)
 
 
 @settings(max_examples=300, deadline=None)

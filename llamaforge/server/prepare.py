@@ -26,6 +26,7 @@ from llamaforge.server.schemas import (
 from llamaforge.server import tools as tooling
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+REASONING_FORMATS = ("auto", "deepseek", "none")  # llama.cpp server's (but "deepseek-legacy")
 
 # A request that omits them samples as Meta's API, the CLI and the chat page do (not OpenAI's 1.0 / 1.0).
 DEFAULT_TEMPERATURE, DEFAULT_TOP_P = SamplingParams.temperature, SamplingParams.top_p
@@ -58,8 +59,10 @@ def check_text(text: str, param: str) -> None:
 class Preparer:
     """Request validation and encoding for one served `Llama`."""
 
-    def __init__(self, llama, *, n_slots: int, max_queue: int, model_id: str, aliases: set[str] = frozenset()):
+    def __init__(self, llama, *, n_slots: int, max_queue: int, model_id: str, aliases: set[str] = frozenset(),
+                 reasoning_format: str = "auto"):
         self.llama = llama
+        self.reasoning_format = reasoning_format  # a request's default (llama.cpp's --reasoning-format)
         self.tokenizer = llama.tokenizer
         self.chat_format = llama.chat_format
         self.max_seq_len = llama.max_seq_len
@@ -244,7 +247,8 @@ class Preparer:
         names = {t["function"]["name"] for t in tools} if use_tools else set()
         return Prepared([job], req.n, tool_names=names, forced_tool=forced,
                         one_tool_call=req.parallel_tool_calls is False,
-                        think=self._thinking(prompt, req.reasoning_format, constrained=constraint is not None))
+                        think=self._thinking(prompt, req.reasoning_format or self.reasoning_format,
+                                             constrained=constraint is not None))
 
     def _continued(self, context: Optional[list[int]], prompt: list[int]) -> list[int]:
         """Ollama's /api/generate `context` (the ids of an earlier exchange, checked by its route) followed by the

@@ -299,7 +299,7 @@ def think_fields(s: Served, think: Optional[Union[bool, str]]) -> dict[str, Any]
             raise APIError(400, f'"{s.name}" does not support thinking', param="think")
         return {}
     if wanted:
-        return {}
+        return {"reasoning_format": "auto"}  # whatever the server's default for /v1 (--reasoning-format)
     fields: dict[str, Any] = {"reasoning_format": "none"}
     if any("enable_thinking" in t for t in (getattr(fmt, "templates", None) or {}).values()):
         fields["chat_template_kwargs"] = {"enable_thinking": False}
