@@ -238,7 +238,8 @@ class Tokenizer:
 
         A sentencepiece or tiktoken model is copied as `tokenizer.model`. A `tokenizers`-backed
         vocabulary (tokenizer.json, or a GGUF vocabulary rebuilt as one) is written as `tokenizer.json`
-        plus a `tokenizer_config.json` holding the chat template (a list of named ones where the model has them), BOS/EOS tokens and `add_bos_token`.
+        plus a `tokenizer_config.json` holding the chat template (a list of named ones where the model has
+        them), BOS/EOS tokens and `add_bos_token`.
 
         Returns:
             The names of the files written.

@@ -104,7 +104,8 @@ def test_thoughts_closed(vocab):
         assert "".join(thoughts) == "Let me see. The user greets." and "".join(content) == "Hello there!"
         assert len(thoughts) == 2 and content[0] == "Hello"  # streamed as they come, not at the end
         r = c.post("/v1/chat/completions", json={"messages": HI, "temperature": 0, "n": 2})
-        assert [ch["message"]["reasoning_content"] for ch in r.json()["choices"]] == ["Let me see. The user greets."] * 2
+        assert [ch["message"]["reasoning_content"] for ch in r.json()["choices"]] == \
+            ["Let me see. The user greets."] * 2
         raw = _chat(c, reasoning_format="none")["message"]  # llama.cpp's "none": as the model wrote it
         assert raw == {"role": "assistant", "content": "<think>Let me see. The user greets.</think>\n\nHello there!"}
 
@@ -260,6 +261,30 @@ def test_a_whole_earlier_answer_sent_back_renders_as_transformers_renders_it(tmp
     assert off == list(ref.apply_chat_template(dialog[:1], tokenize=True, add_generation_prompt=True,
                                                return_dict=False, enable_thinking=False))
     assert off.count(ref.convert_tokens_to_ids("<think>")) == 1
+
+
+def test_a_gguf_vocabulary_s_thinking_tags(tmp_path):
+    """In a GGUF file the tags are USER_DEFINED tokens (plain text to llama.cpp's tokenizer): control tokens here
+    too, written by the template only (the prompt ids equal transformers' on the tokenizer.json it came from)."""
+    transformers = pytest.importorskip("transformers")
+    from pathlib import Path
+
+    from llamaforge.chat import chat_format_for
+    from llamaforge.tokenizer import Tokenizer
+    from llamaforge.tokenizers.gguf_export import tokenizer_gguf_metadata
+
+    qwen3 = (Path(__file__).parent / "templates" / "Qwen-Qwen3-0.6B.jinja").read_text()
+    folder = script_tokenizer(tmp_path, ["<think>", "</think>"], qwen3)
+    md = tokenizer_gguf_metadata(Tokenizer.from_file(folder))
+    think = md["tokenizer.ggml.tokens"].index("<think>")
+    assert md["tokenizer.ggml.token_type"][think] == 4  # USER_DEFINED, as llama.cpp's converter writes it
+    fmt = chat_format_for(Tokenizer.from_gguf_metadata(md))
+    assert fmt.think_tags == TAGS
+    ref = transformers.PreTrainedTokenizerFast.from_pretrained(folder)
+    off = fmt.encode_dialog(HI, variables={"enable_thinking": False})
+    assert off == list(ref.apply_chat_template(HI, tokenize=True, add_generation_prompt=True, return_dict=False,
+                                               enable_thinking=False))
+    assert think in off and think not in fmt.encode_dialog([{"role": "user", "content": "<think>"}])
 
 
 def test_a_thinking_model_is_told_from_its_files(tmp_path):

@@ -213,8 +213,9 @@ def load_tiktoken(data: bytes, source: str) -> Loaded:
 def from_gguf_metadata(fields: dict[str, Any], source: str = "GGUF metadata") -> Loaded:
     """The tokenizer described by GGUF metadata (as returned by `read_gguf_metadata`)."""
     v = build_gguf_vocab(fields, source)
+    backend = HFBackend(v.tokenizer, v.piece_bytes)
     return Loaded(
-        backend=HFBackend(v.tokenizer, v.piece_bytes),
+        backend=backend,
         kind=v.kind,
         bos_id=v.bos_id,
         eos_id=v.eos_id,
@@ -223,7 +224,7 @@ def from_gguf_metadata(fields: dict[str, Any], source: str = "GGUF metadata") ->
         add_bos=v.add_bos,
         chat_template=v.chat_template,
         chat_templates=v.chat_templates,
-        special_tokens=v.special_tokens,
+        special_tokens={**v.special_tokens, **backend.special_tokens},  # the thinking tags too (HFBackend)
         extra_stop_ids=v.stop_ids,
     )
 

@@ -45,10 +45,10 @@ from llamaforge.server.respond import ClientGone, stream_chunks, unless_disconne
 from llamaforge.server.routes.embeddings import embed as openai_embed
 from llamaforge.server.routes.generate import observed, start
 from llamaforge.server.routes.ollama_wire import (DEFAULTS, NDJSON, Answer, OllamaChatRequest, OllamaEmbeddingsRequest,
-                                                 OllamaEmbedRequest, OllamaGenerateRequest, check_keep_alive,
-                                                 check_context, in_ollama_words, load_reason, logprob_fields, ollama_tool_calls,
-                                                 openai_messages, parse_body, sampling_fields, think_fields,
-                                                 translated)
+                                                 OllamaEmbedRequest, OllamaGenerateRequest, check_context,
+                                                 check_keep_alive, in_ollama_words, load_reason, logprob_fields,
+                                                 ollama_tool_calls, openai_messages, parse_body, sampling_fields,
+                                                 think_fields, translated)
 from llamaforge.server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from llamaforge.server.state import Served, served
 
