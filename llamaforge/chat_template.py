@@ -65,8 +65,9 @@ class JinjaChatFormat:
         self._specials = special_splitter(tokenizer.special_tokens)
         self.think_tags = think_tags(tokenizer, list(self.templates.values()))
         # where the tags are control tokens, a caller's "</think>" in an answer of the history stays text, so a
-        # template that splits the thoughts off the content itself (Qwen3's) could not be traced
-        self._split_history = self.think_tags is not None and self.think_tags[1] in tokenizer.special_tokens
+        # template that splits the thoughts off the content itself (Qwen3's, DeepSeek-R1's) could not be traced
+        self._split_history = self.think_tags is not None and self.think_tags[1] in tokenizer.special_tokens and \
+            any(self.think_tags[1] in t for t in self.templates.values())
 
     def _origin(self, name: str) -> str:
         return self.origin if name == "default" else f"{self.origin} (its template {name!r})"
@@ -151,8 +152,10 @@ class JinjaChatFormat:
         """An assistant answer of the history that holds its thoughts (`<think>...</think>answer`, as a client sends
         a whole earlier answer back) and no `reasoning_content`: the thoughts moved to `reasoning_content`, split
         exactly as Qwen3's template splits them itself (text before `</think>` after the last `<think>`, and the
-        text after it, newlines trimmed). Templates that read `reasoning_content` render the same prompt; the
-        caller's text is then traced as two strings instead of one the template rewrites."""
+        text after it, newlines trimmed), for a template that splits them itself (it holds `</think>`). Templates
+        that read `reasoning_content` (Qwen3's) render the same prompt, those that drop the thoughts (DeepSeek-R1's)
+        the same but for newlines after `</think>`; the caller's text is then traced as two strings instead of one
+        the template rewrites. Other templates get the answer as it is (its tags stay text)."""
         if not self._split_history:
             return messages
         opening, closing = self.think_tags  # type: ignore[misc]

@@ -256,6 +256,10 @@ def test_a_whole_earlier_answer_sent_back_renders_as_transformers_renders_it(tmp
     assert fmt.render(dialog, add_generation_prompt=False) == want
     ids = fmt.encode_dialog(dialog, add_generation_prompt=False)
     assert ids == list(ref.apply_chat_template(dialog, tokenize=True, add_generation_prompt=False, return_dict=False))
+    # a template that does not split thoughts off gets the answer whole (its tags as text, nothing dropped)
+    chatml = script_tokenizer(tmp_path / "chatml", ["<think>", "</think>"], CHATML)
+    plain = chat_format_for(Tokenizer.from_file(chatml))
+    assert "<think>\nI greet.\n</think>\n\nHello!" in plain.render(dialog[:2], add_generation_prompt=False)
     # the template's own tags are the tokens (thinking switched off: it writes an empty block)
     off = fmt.encode_dialog(dialog[:1], variables={"enable_thinking": False})
     assert off == list(ref.apply_chat_template(dialog[:1], tokenize=True, add_generation_prompt=True,
