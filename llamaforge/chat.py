@@ -19,7 +19,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from llamaforge.chat_dialog import LLAMA2_ROLES, LLAMA3_ROLES, ChatFormat, Dialog, Message, check_messages, piece
+from llamaforge.chat_dialog import (LLAMA2_ROLES, LLAMA3_ROLES, ChatFormat, Dialog, Message, check_messages, piece,
+                                    think_tags)
 from llamaforge.chat_template import JinjaChatFormat
 from llamaforge.errors import ChatFormatError
 from llamaforge.tokenizer import Tokenizer
@@ -51,6 +52,7 @@ class Llama2ChatFormat:
             raise ChatFormatError("the Llama 2 chat format needs a vocabulary with BOS and EOS tokens")
         self.tokenizer = tokenizer
         self.stop_ids: frozenset[int] = tokenizer.stop_ids | {tokenizer.eos_id}
+        self.think_tags = think_tags(tokenizer)
 
     def turns(self, dialog: Sequence[Mapping[str, Any]]) -> tuple[list[tuple[str, str]], str]:
         """Fold the system message and check the roles: `([(user, answer), ...], last_user)`.
@@ -117,6 +119,7 @@ class Llama3ChatFormat:
         sp = tokenizer.special_tokens
         stops = {sp["<|eot_id|>"]} | ({sp["<|end_of_text|>"]} if "<|end_of_text|>" in sp else set())
         self.stop_ids: frozenset[int] = tokenizer.stop_ids | stops
+        self.think_tags = think_tags(tokenizer)
 
     def encode_header(self, role: str) -> list[int]:
         """`<|start_header_id|>` role `<|end_header_id|>` "\\n\\n"."""
@@ -155,7 +158,7 @@ def chat_format_for(tokenizer: Tokenizer, template: str | None = None) -> ChatFo
     if template:
         return JinjaChatFormat(tokenizer, template, origin="the chat template given")
     if tokenizer.chat_template:
-        return JinjaChatFormat(tokenizer, tokenizer.chat_template)
+        return JinjaChatFormat(tokenizer, tokenizer.chat_template, named=tokenizer.chat_templates)
     if all(t in tokenizer.special_tokens for t in LLAMA3_TOKENS):
         return Llama3ChatFormat(tokenizer)
     return Llama2ChatFormat(tokenizer)

@@ -12,6 +12,7 @@ from typing import Any, Literal, Protocol, TypedDict
 
 from llamaforge.errors import ChatFormatError
 from llamaforge.tokenizer import Tokenizer
+from llamaforge.tokenizers.backends import THINK_TAGS
 
 Role = Literal["system", "user", "assistant"]
 
@@ -31,6 +32,7 @@ class ChatFormat(Protocol):
 
     name: str
     stop_ids: frozenset[int]
+    think_tags: tuple[str, str] | None  # the tags around the model's thoughts, if it has a thinking mode
 
     def encode_dialog(self, dialog: Sequence[Mapping[str, Any]]) -> list[int]:
         """The prompt ids, ending where the assistant's answer begins."""
@@ -101,3 +103,15 @@ def check_messages(
 def piece(tokenizer: Tokenizer, token_id: int | None) -> str:
     """A token's text as a format writes it (BOS / EOS pieces), "" for a vocabulary without that token."""
     return tokenizer.id_to_piece(token_id) if token_id is not None else ""
+
+
+def think_tags(tokenizer: Tokenizer, templates: Sequence[str] = ()) -> tuple[str, str] | None:
+    """`THINK_TAGS` when a model has a thinking mode, else None, told from its files, never its name: both tags
+    are tokens of its vocabulary (Qwen3, DeepSeek-R1), or a chat template of it writes or strips `</think>` or
+    switches thinking (`enable_thinking`)."""
+    opening, closing = THINK_TAGS
+    if opening in tokenizer.special_tokens and closing in tokenizer.special_tokens:
+        return THINK_TAGS
+    if any(closing in t or "enable_thinking" in t for t in templates):
+        return THINK_TAGS
+    return None

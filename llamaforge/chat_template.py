@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from llamaforge import chat_sandbox
-from llamaforge.chat_dialog import TEMPLATE_ROLES, check_messages, piece, plain
+from llamaforge.chat_dialog import TEMPLATE_ROLES, check_messages, piece, plain, think_tags
 from llamaforge.errors import ChatFormatError
 from llamaforge.tokenizer import Tokenizer
 from llamaforge.tokenizers.backends import special_splitter
@@ -40,29 +40,54 @@ class JinjaChatFormat:
 
     name = "jinja"
 
-    def __init__(self, tokenizer: Tokenizer, template: str, origin: str | None = None) -> None:
-        """`origin` names where the template came from in error messages (default: the tokenizer's source)."""
+    def __init__(self, tokenizer: Tokenizer, template: str, origin: str | None = None,
+                 named: Mapping[str, str] | None = None) -> None:
+        """`origin` names where the template came from in error messages (default: the tokenizer's source);
+        `named`: the model's other templates by name (tokenizer_config.json's list, GGUF's
+        `tokenizer.chat_template.NAME`), of which "tool_use" renders requests with tools."""
         self.origin = origin or f"the chat template of {tokenizer.source or 'the tokenizer'}"
         if not isinstance(template, str) or not template.strip():
             raise ChatFormatError(f"{self.origin} is empty")
         self.template = template
+        self.templates: dict[str, str] = {**{k: v for k, v in (named or {}).items() if k != "default"},
+                                          "default": template}
         # A template that compiled before (a mark in the cache folder, chat_sandbox.compiled_before) compiles at
         # its first render; any other compiles now, so a broken one is a ChatFormatError here, at build.
-        self._compiled: Any = None
-        if not chat_sandbox.compiled_before(template):
-            self._compile()
-            chat_sandbox.remember_compiled(template)
+        self._compiled: dict[str, Any] = {}
+        for name, text in self.templates.items():
+            if not isinstance(text, str) or not text.strip():
+                raise ChatFormatError(f"{self._origin(name)} is empty")
+            if not chat_sandbox.compiled_before(text):
+                self._compile(name)
+                chat_sandbox.remember_compiled(text)
         self.tokenizer = tokenizer
         self.stop_ids: frozenset[int] = tokenizer.stop_ids
         self._specials = special_splitter(tokenizer.special_tokens)
+        self.think_tags = think_tags(tokenizer, list(self.templates.values()))
+        # where the tags are control tokens, a caller's "</think>" in an answer of the history stays text, so a
+        # template that splits the thoughts off the content itself (Qwen3's, DeepSeek-R1's) could not be traced
+        self._split_history = self.think_tags is not None and self.think_tags[1] in tokenizer.special_tokens and \
+            any(self.think_tags[1] in t for t in self.templates.values())
 
-    def _compile(self) -> Any:
-        if self._compiled is None:  # two threads compiling at once make two equal templates: harmless
+    def _origin(self, name: str) -> str:
+        return self.origin if name == "default" else f"{self.origin} (its template {name!r})"
+
+    def template_name(self, tools: Any) -> str:
+        """The template a request renders with, by transformers' rule (`get_chat_template`): "tool_use" when
+        tools are given (a list, even empty) and the model has one, else the default."""
+        return "tool_use" if tools is not None and "tool_use" in self.templates else "default"
+
+    def template_for(self, tools: Any) -> str:
+        """The text of the template a request with these tools renders with (see `template_name`)."""
+        return self.templates[self.template_name(tools)]
+
+    def _compile(self, name: str = "default") -> Any:
+        if name not in self._compiled:  # two threads compiling at once make two equal templates: harmless
             try:
-                self._compiled = chat_sandbox.environment().from_string(self.template)
+                self._compiled[name] = chat_sandbox.environment().from_string(self.templates[name])
             except Exception as e:  # noqa: BLE001 - a syntax error, or a parser recursion on hostile nesting
-                raise ChatFormatError(f"{self.origin} does not compile: {type(e).__name__}: {e}") from e
-        return self._compiled
+                raise ChatFormatError(f"{self._origin(name)} does not compile: {type(e).__name__}: {e}") from e
+        return self._compiled[name]
 
     def _render(self, messages: list[dict[str, Any]], tools: list[Any] | None, add_generation_prompt: bool,
                 variables: Mapping[str, Any] | None = None) -> str:
@@ -76,7 +101,8 @@ class JinjaChatFormat:
         }
         if tools is not None:
             context["tools"] = tools
-        return chat_sandbox.render(self._compile(), context, self.origin)
+        name = self.template_name(tools)
+        return chat_sandbox.render(self._compile(name), context, self._origin(name))
 
     def render(
         self, dialog: Sequence[Mapping[str, Any]], tools: list[Any] | None = None, add_generation_prompt: bool = True,
@@ -84,7 +110,8 @@ class JinjaChatFormat:
     ) -> str:
         """The prompt text the template renders (as transformers' `apply_chat_template(tokenize=False,
         **variables)`)."""
-        return self._render(*_check_dialog(dialog, tools), add_generation_prompt, _check_variables(variables))
+        messages, tools = _check_dialog(dialog, tools)
+        return self._render(self._thoughts_apart(messages), tools, add_generation_prompt, _check_variables(variables))
 
     def encode_dialog(
         self, dialog: Sequence[Mapping[str, Any]], tools: list[Any] | None = None, add_generation_prompt: bool = True,
@@ -102,6 +129,7 @@ class JinjaChatFormat:
                 become a control token).
         """
         messages, tools = _check_dialog(dialog, tools)
+        messages = self._thoughts_apart(messages)
         variables = _check_variables(variables)
         text = self._render(messages, tools, add_generation_prompt, variables)
         contents: dict[int, str] = {}
@@ -119,6 +147,27 @@ class JinjaChatFormat:
         if tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
             ids.insert(0, tok.bos_id)
         return ids
+
+    def _thoughts_apart(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """An assistant answer of the history that holds its thoughts (`<think>...</think>answer`, as a client sends
+        a whole earlier answer back) and no `reasoning_content`: the thoughts moved to `reasoning_content`, split
+        exactly as Qwen3's template splits them itself (text before `</think>` after the last `<think>`, and the
+        text after it, newlines trimmed), for a template that splits them itself (it holds `</think>`). Templates
+        that read `reasoning_content` (Qwen3's) render the same prompt, those that drop the thoughts (DeepSeek-R1's)
+        the same but for newlines after `</think>`; the caller's text is then traced as two strings instead of one
+        the template rewrites. Other templates get the answer as it is (its tags stay text)."""
+        if not self._split_history:
+            return messages
+        opening, closing = self.think_tags  # type: ignore[misc]
+        out = []
+        for m in messages:
+            content = m.get("content")
+            if m.get("role") == "assistant" and isinstance(content, str) and closing in content \
+                    and m.get("reasoning_content") is None:
+                m = {**m, "content": content.split(closing)[-1].lstrip("\n"),
+                     "reasoning_content": content.split(closing)[0].rstrip("\n").split(opening)[-1].lstrip("\n")}
+            out.append(m)
+        return out
 
     def _check_untraced(self, text: str, skeleton: str | None, contents: dict[int, str]) -> None:
         """Before encoding a prompt whose caller strings could not be located: refuse if any could be a token."""

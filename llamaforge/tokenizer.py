@@ -58,6 +58,8 @@ class Tokenizer:
         stop_ids: ids that end a generation: EOS plus end-of-turn tokens.
         add_bos: whether the model expects BOS at the start of a prompt.
         chat_template: the model's Jinja chat template, or None.
+        chat_templates: its named templates beside that default (tokenizer_config.json's list, GGUF's
+            `tokenizer.chat_template.NAME`), name -> template; "tool_use" is the one for requests with tools.
         kind: "sentencepiece" | "tiktoken" | "hf" | "gguf-gpt2" | "gguf-llama".
         special_tokens: strings that map to ids only with `allow_special=True` -> their ids.
         special_ids: ids of control tokens (BOS, EOS, end-of-turn and the other special tokens).
@@ -75,6 +77,7 @@ class Tokenizer:
         self.eot_id: int | None = loaded.eot_id
         self.add_bos: bool = bool(loaded.add_bos)
         self.chat_template: str | None = loaded.chat_template
+        self.chat_templates: dict[str, str] = dict(loaded.chat_templates)
         self.special_tokens: dict[str, int] = dict(loaded.special_tokens)
         stops = {i for i in (self.eos_id, self.eot_id) if i is not None} | set(loaded.extra_stop_ids)
         self.stop_ids: frozenset[int] = frozenset(i for i in stops if 0 <= i < self.n_words)
@@ -235,7 +238,8 @@ class Tokenizer:
 
         A sentencepiece or tiktoken model is copied as `tokenizer.model`. A `tokenizers`-backed
         vocabulary (tokenizer.json, or a GGUF vocabulary rebuilt as one) is written as `tokenizer.json`
-        plus a `tokenizer_config.json` holding the chat template, BOS/EOS tokens and `add_bos_token`.
+        plus a `tokenizer_config.json` holding the chat template (a list of named ones where the model has
+        them), BOS/EOS tokens and `add_bos_token`.
 
         Returns:
             The names of the files written.
@@ -251,12 +255,15 @@ class Tokenizer:
                 raise TokenizerError(f"cannot save this {self.kind} tokenizer: its source file is unknown")
             shutil.copyfile(self.source, out / "tokenizer.model")
             return ["tokenizer.model"]
-        (out / "tokenizer.json").write_text(hf.to_str(pretty=True))
+        (out / "tokenizer.json").write_text(self._backend.to_json(pretty=True))
         config: dict[str, Any] = {"add_bos_token": self.add_bos, "add_eos_token": False}
         for key, token_id in (("bos_token", self.bos_id), ("eos_token", self.eos_id)):
             if token_id is not None:
                 config[key] = self._backend.id_to_piece(token_id)
-        if self.chat_template:
+        if self.chat_template and self.chat_templates:  # transformers' list of named templates
+            config["chat_template"] = [{"name": "default", "template": self.chat_template}] + [
+                {"name": name, "template": t} for name, t in self.chat_templates.items()]
+        elif self.chat_template:
             config["chat_template"] = self.chat_template
         (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         return ["tokenizer.json", "tokenizer_config.json"]

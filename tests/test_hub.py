@@ -90,6 +90,14 @@ def test_safetensors_files_come_from_the_index():
                     _no_index) == ["config.json", "model.safetensors"]
 
 
+def test_named_chat_templates_are_fetched_with_the_checkpoint():
+    """transformers keeps named templates (tool_use) in additional_chat_templates/NAME.jinja."""
+    listing = [RepoFile(n) for n in ("config.json", "chat_template.jinja", "additional_chat_templates/tool_use.jinja",
+                                     "additional_chat_templates/old/x.jinja", "model.safetensors")]
+    assert hf_files(listing, _no_index) == ["config.json", "chat_template.jinja",
+                                           "additional_chat_templates/tool_use.jinja", "model.safetensors"]
+
+
 def test_a_repository_without_a_loadable_checkpoint_says_what_it_has():
     with pytest.raises(CheckpointNotFoundError, match="it has: README.md, model.onnx"):
         plan([RepoFile("README.md"), RepoFile("model.onnx")], None, "o/M", _no_index)

@@ -233,6 +233,8 @@ def _f32(v: Any) -> float:
 def _expected_type(key: str) -> str | None:
     if key in KEY_TYPES:
         return KEY_TYPES[key]
+    if key.startswith("tokenizer.chat_template."):  # named templates ("tool_use")
+        return "str"
     arch, _, rest = key.partition(".")
     return _ARCH_KEYS.get(rest) if _ARCH_NAME.fullmatch(arch) else None
 

@@ -49,6 +49,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="never reuse cached prompt prefixes")
     p.add_argument("--shutdown-timeout", "--shutdown_timeout", dest="shutdown_timeout", type=float, default=10.0,
                    help="seconds running requests get to finish on Ctrl-C before they are cancelled")
+    p.add_argument("--reasoning-format", "--reasoning_format", dest="reasoning_format", default="auto",
+                   choices=["auto", "deepseek", "none"],
+                   help="a thinking model's chat answers on /v1 (llama-server's flag): auto / deepseek put its "
+                        "<think> thoughts in reasoning_content, none leaves them in the content; a request's "
+                        "reasoning_format wins (Ollama's routes follow their think)")
     p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
                    help="serve the PEFT LoRA adapter folder PATH as model NAME over the same base (repeatable); "
                         "requests with different adapters share batches")
@@ -157,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
         llama, model_name=args.served_model_name, api_key=args.api_key, n_slots=args.max_batch_size,
         max_queue=args.max_queue, max_num_batched_tokens=args.max_num_batched_tokens,
         prefix_reuse=not args.no_prefix_reuse,
-        kv_memory=blocks * BLOCK * per_position,
+        kv_memory=blocks * BLOCK * per_position, reasoning_format=args.reasoning_format,
     )
     adapters = f" with LoRA adapters {', '.join(n for n, _ in loras)}" if loras else ""
     print(f"llamaforge: serving {app.state.model_name}{adapters} on http://{args.host}:{args.port} "

@@ -174,7 +174,7 @@ class Batch:
             tail = seq.text.flush() if seq.text is not None else ""
             if tail:
                 self.send(seq.job, Delta(seq.index, tail, []))
-            self._finish(seq, "stop")
+            self._finish(seq, "stop", token)
             return
         seq.row.record(token)
         if seq.row.constraint is not None:
@@ -200,13 +200,13 @@ class Batch:
 
     # -- endings --------------------------------------------------------------------------------
 
-    def _finish(self, seq: Seq, reason: str) -> None:
+    def _finish(self, seq: Seq, reason: str, stop_id: Optional[int] = None) -> None:
         if seq.done:
             return
         seq.done = True
         self.sched.release(seq)
         seq.job.open_seqs -= 1
-        self.send(seq.job, Finish(seq.index, reason, seq.n_gen))
+        self.send(seq.job, Finish(seq.index, reason, seq.n_gen, stop_id))
 
     def drop(self, act: Active, *, keep_cache: bool) -> None:
         """End a request without telling it (cancelled, or its client is gone): its blocks go back."""

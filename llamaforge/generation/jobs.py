@@ -61,6 +61,7 @@ class Finish:
     index: int
     reason: str  # "stop" | "length"
     completion_tokens: int
+    stop_id: Optional[int] = None  # the stop id that ended it (generated, counted, never in a Delta)
 
 
 @dataclass

@@ -25,6 +25,7 @@ HF_CONFIG = "config.json"
 HF_EXTRA = ("generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
             "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+NAMED_TEMPLATES = "additional_chat_templates/"  # transformers' named chat templates, NAME.jinja
 
 
 @dataclass(frozen=True)
@@ -110,9 +111,12 @@ def hf_files(files: Sequence[RepoFile], read_index: Callable[[str], Optional[dic
     """The files a safetensors checkpoint needs, or None when the listing holds none.
 
     `read_index(name)` returns the parsed index JSON (it may need a download first), or None if absent.
-    Only files at the repository's root count (subfolders hold other formats: onnx/, original/).
+    Only files at the repository's root count (subfolders hold other formats: onnx/, original/), and the
+    named chat templates in `additional_chat_templates/`.
     """
     root = {f.path for f in files if "/" not in f.path}
+    templates = sorted(f.path for f in files if f.path.startswith(NAMED_TEMPLATES) and f.path.endswith(".jinja")
+                       and "/" not in f.path[len(NAMED_TEMPLATES):])
     if HF_CONFIG not in root:
         return None
     weights: list[str]
@@ -127,7 +131,7 @@ def hf_files(files: Sequence[RepoFile], read_index: Callable[[str], Optional[dic
         weights = sorted(p for p in root if p.endswith(".safetensors"))
         if not weights:
             return None
-    return [HF_CONFIG] + [p for p in HF_EXTRA if p in root] + weights
+    return [HF_CONFIG] + [p for p in HF_EXTRA if p in root] + templates + weights
 
 
 @dataclass(frozen=True)

@@ -36,10 +36,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llamaforge.api import Llama
+from llamaforge.errors import ConfigError
 from llamaforge.server.auth import Guard
 from llamaforge.server.errors import APIError, from_validation_errors
 from llamaforge.server.metrics import CountRequests, Metrics
-from llamaforge.server.prepare import Preparer
+from llamaforge.server.prepare import REASONING_FORMATS, Preparer
 from llamaforge.server.routes import ROUTERS
 from llamaforge.server.state import Served
 
@@ -59,6 +60,7 @@ def create_app(
     prefix_reuse: bool = True,
     max_body_bytes: int = DEFAULT_MAX_BODY,
     kv_memory: Optional[int] = None,
+    reasoning_format: str = "auto",
 ) -> FastAPI:
     """Build the app serving `llama` (a loaded `llamaforge.Llama`).
 
@@ -74,13 +76,19 @@ def create_app(
         prefix_reuse: reuse cached keys/values of shared prompt prefixes.
         max_body_bytes: larger request bodies get 413.
         kv_memory: bytes of the KV cache's block pool (default: every slot at the full context).
+        reasoning_format: a thinking model's chat answers on /v1 when a request does not say (llama.cpp's
+            `--reasoning-format`): "auto" / "deepseek" put the thoughts in `reasoning_content`, "none" leaves them in
+            the content. Ollama's routes follow their `think`.
     """
+    if reasoning_format not in REASONING_FORMATS:
+        raise ConfigError(f"reasoning_format must be one of {', '.join(REASONING_FORMATS)}, got {reasoning_format!r}")
     source = Path(str(llama.source)) if getattr(llama, "source", None) else None
     name = model_name or (source.name.removesuffix(".gguf") if source else "llamaforge")
     names = {name} | ({str(source), source.name} if source else set())
     engine = llama.open_engine(n_slots=n_slots, max_queue=max_queue, max_num_batched_tokens=max_num_batched_tokens,
                                prefix_reuse=prefix_reuse, kv_memory=kv_memory)
-    prep = Preparer(llama, n_slots=engine.n_slots, max_queue=max_queue, model_id=name, aliases=names)
+    prep = Preparer(llama, n_slots=engine.n_slots, max_queue=max_queue, model_id=name, aliases=names,
+                    reasoning_format=reasoning_format)
     metrics = Metrics(engine.stats)
     state = Served(llama, engine, prep, name, names, metrics, admin=api_key is not None)
 

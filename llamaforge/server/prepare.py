@@ -26,6 +26,7 @@ from llamaforge.server.schemas import (
 from llamaforge.server import tools as tooling
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+REASONING_FORMATS = ("auto", "deepseek", "none")  # llama.cpp server's (but "deepseek-legacy")
 
 # A request that omits them samples as Meta's API, the CLI and the chat page do (not OpenAI's 1.0 / 1.0).
 DEFAULT_TEMPERATURE, DEFAULT_TOP_P = SamplingParams.temperature, SamplingParams.top_p
@@ -42,6 +43,8 @@ class Prepared:
     tool_names: set[str] = field(default_factory=set)  # non-empty: parse tool calls from the answer
     forced_tool: bool = False
     one_tool_call: bool = False  # parallel_tool_calls=false: only the first call the answer makes
+    # a thinking model's answers: (the tags around the thoughts, whether the prompt already opened them)
+    think: Optional[tuple[tuple[str, str], bool]] = None
 
 
 def check_text(text: str, param: str) -> None:
@@ -56,8 +59,10 @@ def check_text(text: str, param: str) -> None:
 class Preparer:
     """Request validation and encoding for one served `Llama`."""
 
-    def __init__(self, llama, *, n_slots: int, max_queue: int, model_id: str, aliases: set[str] = frozenset()):
+    def __init__(self, llama, *, n_slots: int, max_queue: int, model_id: str, aliases: set[str] = frozenset(),
+                 reasoning_format: str = "auto"):
         self.llama = llama
+        self.reasoning_format = reasoning_format  # a request's default (llama.cpp's --reasoning-format)
         self.tokenizer = llama.tokenizer
         self.chat_format = llama.chat_format
         self.max_seq_len = llama.max_seq_len
@@ -209,8 +214,8 @@ class Preparer:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         self._check_unsupported_chat(req)
         messages = [self._message(i, m) for i, m in enumerate(req.messages)]
-        self.check_size(sum(len((m["content"] or "").encode("utf-8")) for m in messages), "messages",
-                        "the messages' content")
+        texts = [t for m in messages for t in (m["content"], m.get("reasoning_content")) if t]
+        self.check_size(sum(len(t.encode("utf-8")) for t in texts), "messages", "the messages' content")
         tools = tooling.tool_specs(req.tools) if req.tools else []
         choice = req.tool_choice
         if choice is not None and not isinstance(choice, str) and choice.function.name not in \
@@ -220,6 +225,7 @@ class Preparer:
             raise bad_request("tool_choice='required' needs tools", "tool_choice")
         use_tools = bool(tools) and choice != "none"
         prompt = self._encode_chat(messages, tools if use_tools else None, req.chat_template_kwargs)
+        prompt = self._continued(getattr(req, "context", None), prompt)
         forced = use_tools and choice is not None and choice != "auto"
         constraint = self._guided(req)
         if constraint is not None and (forced or (req.response_format is not None
@@ -240,7 +246,27 @@ class Preparer:
                   constraint=constraint, adapter=adapter)
         names = {t["function"]["name"] for t in tools} if use_tools else set()
         return Prepared([job], req.n, tool_names=names, forced_tool=forced,
-                        one_tool_call=req.parallel_tool_calls is False)
+                        one_tool_call=req.parallel_tool_calls is False,
+                        think=self._thinking(prompt, req.reasoning_format or self.reasoning_format,
+                                             constrained=constraint is not None))
+
+    def _continued(self, context: Optional[list[int]], prompt: list[int]) -> list[int]:
+        """Ollama's /api/generate `context` (the ids of an earlier exchange, checked by its route) followed by the
+        new turn, whose leading BOS is dropped (one BOS begins the exchange, as Ollama's prompt has one)."""
+        if not context:
+            return prompt
+        bos = self.tokenizer.bos_id
+        return list(context) + (prompt[1:] if prompt and bos is not None and prompt[0] == bos else prompt)
+
+    def _thinking(self, prompt: list[int], reasoning_format: Optional[str], constrained: bool):
+        """How a chat answer's thoughts are split off (Prepared.think), as llama.cpp's server does by default:
+        for a model with a thinking mode (its chat format's `think_tags`), unless `reasoning_format` is "none" or
+        the answer is constrained (JSON from its first token, no thoughts); the thoughts are open from the start
+        when the prompt ends with the opening tag (llama.cpp's `thinking_forced_open`)."""
+        tags = getattr(self.chat_format, "think_tags", None)
+        if tags is None or reasoning_format == "none" or constrained:
+            return None
+        return tags, self.tokenizer.decode(prompt[-16:]).rstrip().endswith(tags[0])
 
     @staticmethod
     def _check_unsupported_chat(req: ChatCompletionRequest) -> None:
@@ -329,6 +355,9 @@ class Preparer:
             msg["tool_calls"] = [c.model_dump() for c in m.tool_calls]
         if m.tool_call_id:
             msg["tool_call_id"] = m.tool_call_id
+        if m.reasoning_content is not None:
+            check_text(m.reasoning_content, f"messages.{i}.reasoning_content")
+            msg["reasoning_content"] = m.reasoning_content
         if m.name:
             msg["name"] = m.name
         return msg
@@ -342,8 +371,8 @@ class Preparer:
                               f"format is {fmt.name}'s", "chat_template_kwargs")
         extra = {"variables": variables} if variables is not None else {}
         try:
-            if tooling.template_supports_tools(fmt):
-                nine = tooling.nine_char_ids(getattr(fmt, "template", None))
+            if tooling.template_supports_tools(fmt, tools):
+                nine = tooling.nine_char_ids(tooling.request_template(fmt, tools))
                 return fmt.encode_dialog(tooling.template_messages(messages, nine), tools=tools, **extra)
             if tools or has_tool_parts:
                 messages = tooling.hermes_messages(messages, tools)

@@ -24,6 +24,7 @@ from llamaforge.api import Delta, Engine, EngineClosed, Failure, Finish, PromptD
 from llamaforge.errors import GenerationError
 from llamaforge.server.errors import APIError
 from llamaforge.server.prepare import Prepared
+from llamaforge.server.reasoning import ThinkSplit
 from llamaforge.server.tools import parse_tool_calls
 
 
@@ -115,7 +116,25 @@ class _Choice:
     tokens: list[TokenInfo] = field(default_factory=list)
     finish: Optional[str] = None
     completion_tokens: int = 0
+    stop_id: Optional[int] = None  # the stop id that ended it
     streamed: int = 0  # characters of text sent so far (streamed completions: where text_offset goes on)
+    split: Optional[ThinkSplit] = None  # a thinking model's chat answer: thoughts apart from the content
+    reasoning: list[str] = field(default_factory=list)
+    content: list[str] = field(default_factory=list)
+    fresh: tuple[str, str] = ("", "")  # the (thoughts, content) text the last event settled
+
+    def take(self, text: str, final: bool = False) -> None:
+        """Add a piece of the answer (`final`: its end) to the thoughts and the content."""
+        if self.split is None:
+            self.fresh = ("", text)
+        else:
+            thoughts, content = self.split.push(text)
+            if final:
+                more = self.split.flush()
+                thoughts, content = thoughts + more[0], content + more[1]
+            self.fresh = (thoughts, content)
+        self.reasoning.append(self.fresh[0])
+        self.content.append(self.fresh[1])
 
 
 class ResponseBuilder:
@@ -130,6 +149,9 @@ class ResponseBuilder:
         self.created = int(time.time())
         n = prepared.n
         self.choices = [_Choice() for _ in range(len(prepared.jobs) * n)]
+        if prepared.think is not None and kind == "chat":
+            for c in self.choices:
+                c.split = ThinkSplit(*prepared.think)
         self.prompt_infos: dict[int, list[TokenInfo]] = {}
         self.cached = 0
 
@@ -145,9 +167,18 @@ class ResponseBuilder:
             c = self.choices[self.index(k, event.index)]
             c.text.append(event.text)
             c.tokens.extend(event.tokens)
+            c.take(event.text)
         elif isinstance(event, Finish):
             c = self.choices[self.index(k, event.index)]
-            c.finish, c.completion_tokens = event.reason, event.completion_tokens
+            c.finish, c.completion_tokens, c.stop_id = event.reason, event.completion_tokens, event.stop_id
+            c.take("", final=True)
+
+    def exchange(self, idx: int) -> list[int]:
+        """The ids of a finished choice's whole exchange: its prompt, every token generated, and the stop id
+        that ended it (what the model saw, so that a prompt continuing it starts with the same ids)."""
+        c = self.choices[idx]
+        ids = list(self.prepared.jobs[idx // self.prepared.n].prompt) + [t.id for t in c.tokens]
+        return ids + ([c.stop_id] if c.stop_id is not None else [])
 
     def usage(self) -> dict:
         prompt = sum(len(j.prompt) for j in self.prepared.jobs)
@@ -203,12 +234,15 @@ class ResponseBuilder:
                     logprobs = self._completion_logprobs(infos, 0)
                 choices.append({"index": idx, "text": text, "logprobs": logprobs, "finish_reason": c.finish})
             else:
-                choices.append(self._chat_choice(idx, c, text))
+                choices.append(self._chat_choice(idx, c))
         obj = "text_completion" if self.kind == "completion" else "chat.completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "system_fingerprint": None, "choices": choices, "usage": self.usage()}
 
-    def _chat_choice(self, idx: int, c: _Choice, text: str) -> dict:
+    def _chat_choice(self, idx: int, c: _Choice) -> dict:
+        """A whole chat choice; tool calls are parsed from the content after the thoughts (a call inside the
+        thoughts is not made, as llama.cpp's parser reads the reasoning first)."""
+        text = "".join(c.content)
         message: dict[str, Any] = {"role": "assistant", "content": text}
         finish = c.finish
         if self.prepared.tool_names:
@@ -219,6 +253,9 @@ class ResponseBuilder:
                 message = {"role": "assistant", "content": content, "tool_calls": calls}
                 if finish == "stop":
                     finish = "tool_calls"
+        thoughts = "".join(c.reasoning)
+        if thoughts:
+            message["reasoning_content"] = thoughts
         logprobs = None
         if self.prepared.jobs[0].logprobs is not None:
             logprobs = {"content": [self._chat_logprob(t) for t in c.tokens if t.logprob is not None]}
@@ -297,26 +334,39 @@ def _chunks_for(rb: ResponseBuilder, k: int, idx: int, event, started: set[int],
         started.add(idx)
         yield rb.chunk([{"index": idx, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                          "finish_reason": None}])
+    c = rb.choices[idx]
+    thoughts, content = c.fresh
     if isinstance(event, Delta):
-        if buffered:
-            return
         infos = [t for t in event.tokens if t.logprob is not None]
-        if event.text or (job.logprobs is not None and infos):
-            lp = {"content": [rb._chat_logprob(t) for t in infos]} if job.logprobs is not None else None
-            yield rb.chunk([{"index": idx, "delta": {"content": event.text}, "logprobs": lp, "finish_reason": None}])
+        delta = _delta(thoughts, "" if buffered else content)
+        if delta or (job.logprobs is not None and infos and not buffered):
+            lp = {"content": [rb._chat_logprob(t) for t in infos]} \
+                if job.logprobs is not None and not buffered else None
+            yield rb.chunk([{"index": idx, "delta": delta or {"content": ""}, "logprobs": lp,
+                             "finish_reason": None}])
         return
     finish = event.reason
-    if buffered:
-        choice = rb._chat_choice(idx, rb.choices[idx], "".join(rb.choices[idx].text))
-        delta: dict[str, Any] = {}
-        if choice["message"].get("content"):
-            delta["content"] = choice["message"]["content"]
+    if buffered:  # tool calls are known now; the thoughts went out as they came
+        choice = rb._chat_choice(idx, c)
+        delta = _delta(thoughts, choice["message"].get("content") or "")
         if choice["message"].get("tool_calls"):
-            delta["tool_calls"] = [dict(c, index=j) for j, c in enumerate(choice["message"]["tool_calls"])]
+            delta["tool_calls"] = [dict(call, index=j) for j, call in enumerate(choice["message"]["tool_calls"])]
         finish = choice["finish_reason"]
         if delta:
             yield rb.chunk([{"index": idx, "delta": delta, "logprobs": choice["logprobs"], "finish_reason": None}])
+    elif thoughts or content:  # held back until the end: a partial tag, trailing whitespace of the thoughts
+        yield rb.chunk([{"index": idx, "delta": _delta(thoughts, content), "logprobs": None, "finish_reason": None}])
     yield rb.chunk([{"index": idx, "delta": {}, "logprobs": None, "finish_reason": finish}])
+
+
+def _delta(thoughts: str, content: str) -> dict:
+    """A chat chunk's delta: `reasoning_content` (llama.cpp's, vLLM's before `reasoning`) and `content`."""
+    delta: dict[str, Any] = {}
+    if thoughts:
+        delta["reasoning_content"] = thoughts
+    if content:
+        delta["content"] = content
+    return delta
 
 
 class ClientGone(Exception):

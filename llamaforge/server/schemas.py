@@ -102,6 +102,7 @@ class ChatMessage(_Strict):
     name: Optional[str] = None
     tool_calls: Optional[List[ToolCall]] = None
     tool_call_id: Optional[str] = None
+    reasoning_content: Optional[str] = None  # an earlier answer's thoughts, for templates that render them (Qwen3)
 
 
 class FunctionDef(_Strict):
@@ -150,6 +151,9 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: Optional[bool] = None  # false: at most one tool call per answer
     # vLLM's extension: extra variables for the model's chat template (Qwen3's enable_thinking)
     chat_template_kwargs: Optional[Dict[str, Any]] = None
+    # llama.cpp server's: "auto" / "deepseek" (default) put a thinking model's thoughts in reasoning_content,
+    # "none" leaves them in the content
+    reasoning_format: Optional[Literal["auto", "deepseek", "none"]] = None
     # refused with a 400 when given (prepare.py): results would silently differ from what was asked
     functions: Optional[List[Any]] = None
     function_call: Optional[Any] = None

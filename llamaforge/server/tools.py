@@ -37,9 +37,16 @@ HERMES_SYSTEM = (
 )
 
 
-def template_supports_tools(chat_format: Any) -> bool:
-    """True when the model's Jinja template renders `tools` itself."""
-    template = getattr(chat_format, "template", None)
+def request_template(chat_format: Any, tools: Optional[list]) -> Optional[str]:
+    """The Jinja template a request with these tools (None: none) renders with: a model's "tool_use" template
+    when tools are given and it has one (transformers' rule), else its default; None without a template."""
+    pick = getattr(chat_format, "template_for", None)
+    return pick(tools) if pick is not None else None
+
+
+def template_supports_tools(chat_format: Any, tools: Optional[list] = None) -> bool:
+    """True when the Jinja template a request with these tools renders with handles `tools` itself."""
+    template = request_template(chat_format, tools)
     return isinstance(template, str) and "tools" in template
 
 

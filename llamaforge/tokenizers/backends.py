@@ -10,7 +10,9 @@ BOS/EOS handling, id validation and everything model-specific live in `llamaforg
 - `TiktokenBackend`: Llama 3 `tokenizer.model`; `encode` is Meta's llama3 `Tokenizer.encode`
   (chunks of at most 400k characters and 25k consecutive (non-)whitespace characters).
 - `HFBackend`: a `tokenizers.Tokenizer` (a `tokenizer.json`, or a GGUF vocabulary rebuilt as one);
-  special added tokens are only matched when asked (`encode_special_tokens`).
+  special added tokens are only matched when asked (`encode_special_tokens`). The thinking tags
+  (`THINK_TAGS`), which Qwen3's and DeepSeek-R1's files add as *non-special* tokens (so `tokenizers` would
+  match them in any text), are control tokens here too: a caller's "<think>" stays text.
 """
 
 from __future__ import annotations
@@ -85,6 +87,11 @@ def bytes_to_unicode() -> dict[int, str]:
 
 _BYTE_TO_CHAR = bytes_to_unicode()
 _CHAR_TO_BYTE = {c: b for b, c in _BYTE_TO_CHAR.items()}
+
+
+# The tags around a reasoning model's thoughts (Qwen3, QwQ, DeepSeek-R1 and its distills), which llama.cpp's and
+# Ollama's parsers look for; where a vocabulary holds them as tokens they are control tokens
+THINK_TAGS = ("<think>", "</think>")
 
 
 def special_splitter(specials: dict[str, int]) -> re.Pattern[str] | None:
@@ -227,7 +234,21 @@ class HFBackend:
 
     def __getstate__(self) -> dict[str, object]:
         # `encode_special_tokens` is not part of a tokenizers.Tokenizer's pickled state: _setup sets it again
-        return {"json": self.with_special.to_str(), "piece_bytes": self._piece_bytes}  # type: ignore[attr-defined]
+        return {"json": self.to_json(), "piece_bytes": self._piece_bytes}
+
+    def to_json(self, pretty: bool = False) -> str:
+        """The tokenizer.json of this vocabulary, with the added tokens' flags as its file had them."""
+        text = self.with_special.to_str(pretty=pretty)  # type: ignore[attr-defined]
+        if not self._plain_tags:
+            return text
+        import json
+
+        spec = json.loads(text)
+        plain = {t.content for t in self._plain_tags}
+        for entry in spec.get("added_tokens", []):
+            if entry.get("content") in plain:
+                entry["special"] = False
+        return json.dumps(spec, indent=2 if pretty else None, ensure_ascii=False)
 
     def __setstate__(self, state: dict[str, object]) -> None:
         from tokenizers import Tokenizer as HFTokenizer
@@ -242,6 +263,16 @@ class HFBackend:
                 "this version of the `tokenizers` library cannot keep special tokens out of user text; "
                 "install tokenizers>=0.19"
             )
+        from tokenizers import AddedToken
+
+        # the thinking tags, added as plain tokens by their files, become special (the file's flags are kept for
+        # `to_json`), so that text only maps to them where a chat template writes them
+        self._plain_tags = [t for t in tokenizer.get_added_tokens_decoder().values()  # type: ignore[attr-defined]
+                            if t.content in THINK_TAGS and not t.special]
+        if self._plain_tags:
+            tokenizer.add_special_tokens([AddedToken(  # type: ignore[attr-defined]
+                t.content, single_word=t.single_word, lstrip=t.lstrip, rstrip=t.rstrip, normalized=t.normalized,
+                special=True) for t in self._plain_tags])
         self.with_special = tokenizer
         self.with_special.encode_special_tokens = False  # type: ignore[attr-defined]
         # `encode_special_tokens` is switched on around an encode of plain text, under this lock (a second copy

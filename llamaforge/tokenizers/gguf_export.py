@@ -69,6 +69,10 @@ def tokenizer_gguf_metadata(tokenizer: Any, vocab_size: Optional[int] = None, *,
         raise TokenizerError(f"the tokenizer has {n} tokens but the model only {vocab_size} embedding rows")
     if tokenizer.chat_template:
         md["tokenizer.chat_template"] = tokenizer.chat_template
+    for name, template in tokenizer.chat_templates.items():  # as gguf-py's add_chat_template writes a list
+        md[f"tokenizer.chat_template.{name}"] = template
+    if tokenizer.chat_templates:
+        md["tokenizer.chat_templates"] = list(tokenizer.chat_templates)
     if rebuild is not None:
         _check_round_trip(md, tokenizer, rebuild, strict=tokenizer.kind == "hf")
     return md

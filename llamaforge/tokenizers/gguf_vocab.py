@@ -92,6 +92,7 @@ class GGUFVocab:
     add_bos: bool
     chat_template: str | None
     special_tokens: dict[str, int]
+    chat_templates: dict[str, str] = field(default_factory=dict)  # `tokenizer.chat_template.NAME` ("tool_use")
     stop_ids: set[int] = field(default_factory=set)
     piece_bytes: BytePieces | None = None  # byte-level vocabularies: what each id decodes to
 
@@ -220,10 +221,22 @@ def build_gguf_vocab(fields: dict[str, Any], source: str = "GGUF metadata") -> G
         eot_id=eot,
         add_bos=add_bos_default if add_bos is None else bool(add_bos),
         chat_template=template if isinstance(template, str) and template else None,
+        chat_templates=named_templates(fields),
         special_tokens=special,
         stop_ids=stops,
         piece_bytes=_byte_level_pieces(tokens, types) if model == "gpt2" else None,
     )
+
+
+NAMED_TEMPLATE = "tokenizer.chat_template."
+
+
+def named_templates(fields: dict[str, Any]) -> dict[str, str]:
+    """The named chat templates of GGUF metadata, `tokenizer.chat_template.NAME` (as gguf-py writes a
+    tokenizer_config.json list: every name but "default", which is `tokenizer.chat_template`), NAME -> template;
+    llama.cpp reads `tokenizer.chat_template.tool_use`."""
+    return {key[len(NAMED_TEMPLATE):]: value for key, value in fields.items()
+            if key.startswith(NAMED_TEMPLATE) and len(key) > len(NAMED_TEMPLATE) and isinstance(value, str) and value}
 
 
 class BytePieces:

@@ -50,6 +50,7 @@ class Loaded:
     eot_id: int | None = None
     add_bos: bool = False
     chat_template: str | None = None
+    chat_templates: dict[str, str] = field(default_factory=dict)  # named templates beside the default ("tool_use")
     special_tokens: dict[str, int] = field(default_factory=dict)
     extra_stop_ids: set[int] = field(default_factory=set)
 
@@ -212,8 +213,9 @@ def load_tiktoken(data: bytes, source: str) -> Loaded:
 def from_gguf_metadata(fields: dict[str, Any], source: str = "GGUF metadata") -> Loaded:
     """The tokenizer described by GGUF metadata (as returned by `read_gguf_metadata`)."""
     v = build_gguf_vocab(fields, source)
+    backend = HFBackend(v.tokenizer, v.piece_bytes)
     return Loaded(
-        backend=HFBackend(v.tokenizer, v.piece_bytes),
+        backend=backend,
         kind=v.kind,
         bos_id=v.bos_id,
         eos_id=v.eos_id,
@@ -221,7 +223,8 @@ def from_gguf_metadata(fields: dict[str, Any], source: str = "GGUF metadata") ->
         eot_id=v.eot_id,
         add_bos=v.add_bos,
         chat_template=v.chat_template,
-        special_tokens=v.special_tokens,
+        chat_templates=v.chat_templates,
+        special_tokens={**v.special_tokens, **backend.special_tokens},  # the thinking tags too (HFBackend)
         extra_stop_ids=v.stop_ids,
     )
 
@@ -248,17 +251,32 @@ def _ids(value: Any, n_words: int) -> list[int]:
     return [v for v in values if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < n_words]
 
 
-def _chat_template(config: dict[str, Any] | None, folder: Path) -> str | None:
+def _chat_templates(config: dict[str, Any] | None, folder: Path) -> tuple[str | None, dict[str, str]]:
+    """The default chat template and the named others ("tool_use", ...), where transformers finds them: the files
+    `chat_template.jinja` and `additional_chat_templates/NAME.jinja` (which replace the config's entry), else
+    tokenizer_config.json's `chat_template` (a string, or a list of {"name", "template"}), else
+    chat_template.json's. A list without "default" gives its first template as the default."""
+    extra = folder / "additional_chat_templates"
+    named: dict[str, Any] = {}
     jinja = folder / "chat_template.jinja"
     if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    template = (config or {}).get("chat_template")
-    if template is None:
-        template = (_read_json(folder / "chat_template.json") or {}).get("chat_template")
-    if isinstance(template, list):  # [{"name": ..., "template": ...}]: take "default", else the first
-        named = {str(t.get("name")): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default", next(iter(named.values()), None))
-    return template if isinstance(template, str) and template else None
+        named["default"] = jinja.read_text(encoding="utf-8")
+    if extra.is_dir():
+        for f in sorted(extra.glob("*.jinja")):
+            named[f.name.removesuffix(".jinja")] = f.read_text(encoding="utf-8")
+    if not named:
+        template = (config or {}).get("chat_template")
+        if template is None:
+            template = (_read_json(folder / "chat_template.json") or {}).get("chat_template")
+        if isinstance(template, list):
+            named = {str(t.get("name")): t.get("template") for t in template if isinstance(t, dict)}
+        else:
+            named = {"default": template}
+    named = {k: v for k, v in named.items() if isinstance(v, str) and v}
+    default = named.pop("default", None)
+    if default is None and named:
+        default = named.pop(next(iter(named)))
+    return default, named
 
 
 def load_hf_json(data: bytes, file: Path) -> Loaded:
@@ -311,6 +329,7 @@ def load_hf_json(data: bytes, file: Path) -> Loaded:
     special = dict(backend.special_tokens)
     eot = next((special[t] for t in EOT_TEXTS if t in special), None)
     stops = {special[t] for t in EOG_TEXTS if t in special} | set(config_eos)
+    default_template, named_templates = _chat_templates(config, folder)
     return Loaded(
         backend=backend,
         kind="hf",
@@ -319,7 +338,8 @@ def load_hf_json(data: bytes, file: Path) -> Loaded:
         pad_id=-1 if pad is None else pad,
         eot_id=eot,
         add_bos=add_bos,
-        chat_template=_chat_template(config, folder),
+        chat_template=default_template,
+        chat_templates=named_templates,
         special_tokens=special,
         extra_stop_ids=stops,
     )

@@ -18,9 +18,13 @@ that is not served).
 Where Ollama and this server differ: the context length is the server's `--max-seq-len` (`num_ctx` is
 ignored, as are options that tune Ollama's runner: `num_thread`, `num_gpu`, `num_batch`, `use_mmap`, ...);
 `repeat_penalty` applies over prompt and output (Ollama's over the last `repeat_last_n` tokens, which is
-ignored) and is off unless given; images, `suffix`, `template` overrides and `context` are refused with a 400,
-and so are the samplers not served (`mirostat`, `typical_p`, `tfs_z` at other than their neutral values) and a
+ignored) and is off unless given; images, `suffix` and `template` overrides are refused with a 400, and so are
+the samplers not served (`mirostat`, `typical_p`, `tfs_z` at other than their neutral values) and a
 `keep_alive` that is not a duration. `logprobs` / `top_logprobs` come back as Ollama's `logprobs` entries.
+`think` is Ollama's (true by default on a model with a thinking mode, thoughts in `thinking`); /api/generate's
+`context` holds the exchange's token ids as the model saw and wrote them, and a continued prompt is those ids
+then the new turn (Ollama detokenizes and tokenizes them again, which can make an earlier turn's text into
+control tokens); raw mode takes and returns none. Raw prompts are not split into thoughts (Ollama's are).
 Sampling defaults are Ollama's (temperature 0.8, top_k 40, top_p 0.9).
 """
 
@@ -41,10 +45,10 @@ from llamaforge.server.respond import ClientGone, stream_chunks, unless_disconne
 from llamaforge.server.routes.embeddings import embed as openai_embed
 from llamaforge.server.routes.generate import observed, start
 from llamaforge.server.routes.ollama_wire import (DEFAULTS, NDJSON, Answer, OllamaChatRequest, OllamaEmbeddingsRequest,
-                                                 OllamaEmbedRequest, OllamaGenerateRequest, check_keep_alive,
-                                                 in_ollama_words, load_reason, logprob_fields, ollama_tool_calls,
-                                                 openai_messages, parse_body, sampling_fields, think_fields,
-                                                 translated)
+                                                 OllamaEmbedRequest, OllamaGenerateRequest, check_context,
+                                                 check_keep_alive, in_ollama_words, load_reason, logprob_fields,
+                                                 ollama_tool_calls, openai_messages, parse_body, sampling_fields,
+                                                 think_fields, translated)
 from llamaforge.server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from llamaforge.server.state import Served, served
 
@@ -66,10 +70,12 @@ def _card(s: Served) -> dict:
             f"{family}.attention.head_count_kv": args.n_kv_heads, f"{family}.feed_forward_length": args.hidden_dim,
             f"{family}.vocab_size": args.vocab_size}
     template = llama.tokenizer.chat_template or ""
+    tools = any("tools" in t for t in [template, *llama.tokenizer.chat_templates.values()])
+    thinking = getattr(llama.chat_format, "think_tags", None) is not None
     return {"details": details, "model_info": info, "template": template,
             "size": sum(p.stat().st_size for p in files),
             "modified_at": datetime.fromtimestamp(mtime, timezone.utc).isoformat().replace("+00:00", "Z"),
-            "capabilities": ["completion"] + (["tools"] if "tools" in template else [])}
+            "capabilities": ["completion"] + (["tools"] if tools else []) + (["thinking"] if thinking else [])}
 
 
 def _now() -> str:
@@ -93,7 +99,8 @@ async def _answer(kind: str, openai_req: Any, stream: bool, shape: Callable[...,
                   s: Served, logprobs: bool = False) -> Response:
     """Run an OpenAI request; reply with Ollama's NDJSON stream or one JSON object.
 
-    shape(piece) is a line carrying new text; shape(text, stats, answer) the last line, with the statistics.
+    shape(piece, thinking) is a line carrying new text (thoughts too, when split off); shape(text, stats, answer,
+    thinking) the last line, with the statistics.
     """
     try:  # num_predict past the context generates until it is full, as Ollama does (no 400)
         run, rb = await start(kind, openai_req, s, fill=True)
@@ -111,8 +118,10 @@ async def _answer(kind: str, openai_req: Any, stream: bool, shape: Callable[...,
             try:
                 async for chunk in chunks:
                     piece = acc.add(chunk)
-                    if piece:
-                        yield json.dumps(with_logprobs(shape(piece)), ensure_ascii=False) + "\n"
+                    if piece or acc.thought:
+                        yield json.dumps(with_logprobs(shape(piece or "", thinking=acc.thought)),
+                                         ensure_ascii=False) + "\n"
+                acc.exchange = rb.exchange(0)
                 last = with_logprobs(shape("", acc.stats(run.timing), acc))
                 yield json.dumps(last, ensure_ascii=False) + "\n"
             except APIError as exc:
@@ -124,7 +133,8 @@ async def _answer(kind: str, openai_req: Any, stream: bool, shape: Callable[...,
     async def whole() -> dict:
         async for chunk in chunks:
             acc.add(chunk)
-        return with_logprobs(shape("".join(acc.text), acc.stats(run.timing), acc))
+        acc.exchange = rb.exchange(0)
+        return with_logprobs(shape("".join(acc.text), acc.stats(run.timing), acc, thinking="".join(acc.thinking)))
 
     try:
         return JSONResponse(await unless_disconnected(whole(), request.receive))
@@ -149,8 +159,11 @@ async def chat(request: Request, s: Served = Depends(served)):
         body["tools"] = req.tools
     body.update(logprob_fields(req, "chat"))
 
-    def shape(piece: str, stats: Optional[dict] = None, done: Optional[Answer] = None) -> dict:
+    def shape(piece: str, stats: Optional[dict] = None, done: Optional[Answer] = None,
+              thinking: Optional[str] = None) -> dict:
         message: dict[str, Any] = {"role": "assistant", "content": piece}
+        if thinking:
+            message["thinking"] = thinking
         if stats is None:
             return {**_base(s), "message": message, "done": False}
         if done.tool_calls:
@@ -167,9 +180,13 @@ async def generate(request: Request, s: Served = Depends(served)):
     _check_model(s, req.model)
     thinking = think_fields(s, req.think)
     check_keep_alive(req.keep_alive)
-    for name in ("suffix", "template", "context", "images"):
+    for name in ("suffix", "template", "images"):
         if getattr(req, name):
             raise APIError(400, f"'{name}' is not supported by this server", param=name)
+    if req.raw and (req.system or req.context):  # Ollama's words
+        raise APIError(400, "raw mode does not support template, system, or context",
+                       param="system" if req.system else "context")
+    check_context(s, req.context)
     if not req.prompt and not req.system:  # Ollama: an empty prompt loads the model
         return {**_base(s), "response": "", "done": True, "done_reason": load_reason(req.keep_alive)}
     fields = {**sampling_fields(req), "stream": True, "stream_options": {"include_usage": True}}
@@ -179,13 +196,19 @@ async def generate(request: Request, s: Served = Depends(served)):
     else:
         messages = ([{"role": "system", "content": req.system}] if req.system else []) + \
             [{"role": "user", "content": req.prompt or ""}]
-        body = {**fields, **logprob_fields(req, "chat"), **thinking, "messages": messages}
+        body = {**fields, **logprob_fields(req, "chat"), **thinking, "messages": messages,
+                **({"context": req.context} if req.context else {})}
         kind, openai_req = "chat", translated(ChatCompletionRequest, body)
 
-    def shape(piece: str, stats: Optional[dict] = None, done: Optional[Answer] = None) -> dict:
+    def shape(piece: str, stats: Optional[dict] = None, done: Optional[Answer] = None,
+              thinking: Optional[str] = None) -> dict:
+        line = {**_base(s), "response": piece, **({"thinking": thinking} if thinking else {})}
         if stats is None:
-            return {**_base(s), "response": piece, "done": False}
-        return {**_base(s), "response": piece, "done": True, **stats}
+            return {**line, "done": False}
+        line = {**line, "done": True, **stats}
+        if done.exchange is not None and not req.raw:  # Ollama: the ids of the exchange, to continue it
+            line["context"] = done.exchange
+        return line
 
     return await _answer(kind, openai_req, req.stream, shape, request, s, logprobs=bool(req.logprobs))
 

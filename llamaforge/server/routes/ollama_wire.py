@@ -10,7 +10,7 @@ import re
 import time
 from typing import Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from llamaforge.server.errors import APIError, from_validation_errors
 from llamaforge.server.schemas import ChatCompletionRequest, CompletionRequest
@@ -69,7 +69,7 @@ class OllamaGenerateRequest(_GenerateFields):
     raw: bool = False
     suffix: Optional[str] = None
     template: Optional[str] = None
-    context: Optional[list[int]] = None
+    context: Optional[list[StrictInt]] = None
     images: Optional[list[Any]] = None
 
 
@@ -101,6 +101,8 @@ def in_ollama_words(exc: APIError) -> APIError:
 
 class _OllamaChat(ChatCompletionRequest):
     temperature: Optional[float] = Field(None, ge=0, allow_inf_nan=False)  # Ollama takes any temperature, not <= 2
+    # /api/generate's `context` (checked by check_context): the prompt continues these ids
+    context: Optional[list[int]] = None
 
 
 class _OllamaCompletion(CompletionRequest):
@@ -168,6 +170,8 @@ def _openai_message(i: int, m: OllamaMessage) -> dict[str, Any]:
     if m.images:
         raise APIError(400, f"messages[{i}] has images; this model takes text only", param=f"messages.{i}.images")
     out: dict[str, Any] = {"role": m.role, "content": m.content or ""}
+    if m.thinking:  # an earlier answer's thoughts, for the template (Ollama passes them as .Thinking)
+        out["reasoning_content"] = m.thinking
     if m.tool_calls:
         calls = []
         for j, call in enumerate(m.tool_calls):
@@ -229,6 +233,9 @@ class Answer:
     def __init__(self, kind: str):
         self.kind = kind
         self.text: list[str] = []
+        self.thinking: list[str] = []
+        self.thought: Optional[str] = None  # the thoughts the last chunk carried
+        self.exchange: Optional[list[int]] = None  # the finished exchange's ids (/api/generate's `context`)
         self.tool_calls: list[dict] = []
         self.finish: Optional[str] = None
         self.usage: dict = {}
@@ -238,11 +245,14 @@ class Answer:
         """Take one chunk; return its new text (or None)."""
         if chunk.get("usage"):
             self.usage = chunk["usage"]
-        piece = None
+        piece, self.thought = None, None
         for choice in chunk.get("choices", []):
             if self.kind == "chat":
                 delta = choice.get("delta", {})
                 piece = delta.get("content") or None
+                self.thought = delta.get("reasoning_content") or None
+                if self.thought:
+                    self.thinking.append(self.thought)
                 if delta.get("tool_calls"):
                     self.tool_calls.extend(delta["tool_calls"])
             else:
@@ -269,17 +279,50 @@ class Answer:
                 "eval_duration": int((end - first) * 1e9)}
 
 
+THINK_LEVELS = ("high", "medium", "low", "max")  # Ollama's ThinkValue strings: any of them turns thinking on
+
+
 def think_fields(s: Served, think: Optional[Union[bool, str]]) -> dict[str, Any]:
-    """The OpenAI fields of Ollama's `think`. `false` on a model whose template switches thinking
-    (`enable_thinking`, Qwen3's) turns it off there; `true` or a level is a 400, as Ollama answers for a model
-    without a thinking mode (thoughts are not separated into `thinking` here: leave `think` out to get the
-    model's default, its thoughts in the content)."""
-    if think not in (None, False, "false"):
-        raise APIError(400, f"'{s.name}' does not support thinking here: thoughts are not separated into "
-                       "\"thinking\" (send \"think\": false or leave it out)", param="think")
-    if think is not None and "enable_thinking" in (getattr(s.llama.chat_format, "template", None) or ""):
-        return {"chat_template_kwargs": {"enable_thinking": False}}
-    return {}
+    """The OpenAI fields of Ollama's `think`.
+
+    As Ollama's server: on a model with a thinking mode (its chat format's `think_tags`) `think` left out means
+    true, and true or a level puts the thoughts in `thinking`; `false` leaves the answer as the model writes it
+    and turns thinking off where the template switches it (`enable_thinking`, Qwen3's); on a model without one,
+    true or a level is a 400 ("... does not support thinking")."""
+    if isinstance(think, str) and think not in THINK_LEVELS:
+        raise APIError(400, f"invalid think value {think!r}: send true, false or one of {', '.join(THINK_LEVELS)}",
+                       param="think")
+    fmt = s.llama.chat_format
+    wanted = think is None or think is True or isinstance(think, str)
+    if getattr(fmt, "think_tags", None) is None:
+        if think is not None and wanted:
+            raise APIError(400, f'"{s.name}" does not support thinking', param="think")
+        return {}
+    if wanted:
+        return {"reasoning_format": "auto"}  # whatever the server's default for /v1 (--reasoning-format)
+    fields: dict[str, Any] = {"reasoning_format": "none"}
+    if any("enable_thinking" in t for t in (getattr(fmt, "templates", None) or {}).values()):
+        fields["chat_template_kwargs"] = {"enable_thinking": False}
+    return fields
+
+
+def check_context(s: Served, context: Optional[list[int]]) -> None:
+    """A 400 for an Ollama `context` that cannot be the ids of an exchange with this model: more ids than its
+    context holds (refused before anything else is done with them), or ids outside its vocabulary. Control-token
+    ids pass as ids (the context this server returns holds the template's own, `<|im_start|>`, ...), as a
+    token-id prompt on /v1/completions does; no text is ever read into them."""
+    if context is None:
+        return
+    limit = s.llama.max_seq_len
+    if len(context) >= limit:
+        raise APIError(400, f"'context' has {len(context)} token ids but this server's context is {limit} tokens "
+                       "(the earlier exchange and the new prompt together, with room for an answer); start a new "
+                       "exchange without it", param="context")
+    vocab = s.llama.args.vocab_size
+    bad = [t for t in context if not 0 <= t < vocab]
+    if bad:
+        raise APIError(400, f"'context' has token ids outside the vocabulary [0, {vocab}): {bad[:5]}; send the "
+                       "context an earlier response returned", param="context")
 
 
 def check_keep_alive(keep_alive: Optional[Union[int, float, str]]) -> None:
