@@ -51,7 +51,7 @@ def test_float_weights_match_float64(qt, n, k, m):
 
 
 # Decode batches: float32 rows run 1 x 8, 1 x 4 then 1 x 3/2/1 tiles (M = 19 = 8 + 8 + 3), 16-bit rows 4 x 2
-# tiles and 8 x 1 at M = 1 (up to M = 8: from 9 rows on the prefill GEMM takes over).
+# tiles and 2 x 1 at M = 1 (up to M = 8: from 9 rows on the prefill GEMM takes over).
 @pytest.mark.parametrize("qt", list(TYPES))
 @pytest.mark.parametrize("n,k", [(11, 136), (21, 37), (9, 1000)])  # k past the last 8; n past the 8/4-row tiles
 def test_a_result_does_not_depend_on_its_batch_or_tile(qt, n, k):
