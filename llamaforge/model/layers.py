@@ -259,11 +259,40 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        rows = x.numel() // x.shape[-1]
+        if rows < 2 * FFN_ROWS or not all(rows_independent(w, x) for w in (self.w1, self.w2, self.w3)):
+            return self._swiglu(x)
+        # A long prompt's rows in pieces of ~FFN_ROWS: each row's result is its own (the projections say so),
+        # so the bits are those of one call, and the (rows, hidden_dim) activations, a 4096-token prefill's
+        # largest (128 MiB each at the 1B shape), are never made whole. Every piece has >= FFN_ROWS rows.
+        flat = x.reshape(rows, x.shape[-1])  # (N, dim)
+        n = rows // FFN_ROWS
+        bounds = [rows * i // n for i in range(n + 1)]
+        out = None
+        for a, b in zip(bounds, bounds[1:]):
+            piece = self._swiglu(flat[a:b])  # (b - a, dim)
+            if out is None:
+                out = piece.new_empty((rows, piece.shape[-1]))
+            out[a:b] = piece
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def _swiglu(self, x: torch.Tensor) -> torch.Tensor:
         # Without autograd silu and the product overwrite w1's output: the same bits as the line above, with
         # two (..., hidden_dim) activations live instead of three (a prefill's largest).
         gate = F.silu(self.w1(x), inplace=True)  # (..., hidden_dim)
         up = self.w3(x)
         return self.w2(gate.mul_(up) if owned_result(gate, up) else gate * up)
+
+
+FFN_ROWS = 512  # rows per piece of a long prompt's feed-forward (llama.cpp's default n_ubatch)
+
+
+def rows_independent(linear: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `linear(x)`'s rows are bit for bit those of each row alone, whatever the other rows: a
+    projection says so itself (`rows_independent(x)`, the quantized layers' C++ kernels); a plain
+    nn.Linear does not (a BLAS may block its rows differently at another row count)."""
+    says = getattr(linear, "rows_independent", None)
+    return bool(says(x)) if callable(says) else False
 
 
 class TransformerBlock(nn.Module):

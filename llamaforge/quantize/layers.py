@@ -207,6 +207,12 @@ class QuantizedLinear(nn.Module):
         return kernels.qlinear(x, self.qweight, self.qtype, self.out_features, self.in_features, self.bias,
                                layout=self.layout, use_cpp=False)
 
+    def rows_independent(self, x: torch.Tensor) -> bool:
+        """Whether forward(x) runs the C++ kernels, whose every output row depends on its own input row only
+        (the same bits at any row count; tests/test_ffn_rows.py): model/layers.py `rows_independent`."""
+        return (self.uses_kernels and x.device.type == "cpu" and not self.exact
+                and not (x.requires_grad and torch.is_grad_enabled()))
+
     def extra_repr(self) -> str:
         path = "cpp" if self.uses_kernels else "torch"
         return (
