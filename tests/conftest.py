@@ -97,6 +97,17 @@ def tiny_checkpoints(tmp_path_factory) -> TinyCheckpoints:
     )
 
 
+def tiny_llama(tok, max_seq_len: int, max_batch_size: int = 2):
+    """A random one-block Llama (dim 32, seed 0) over the tokenizer `tok`, on the CPU: for tests of what
+    surrounds a model (templates, the server), not of its numbers."""
+    from llamaforge import Llama
+
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=tok.n_words, hidden_dim=64,
+                                  max_seq_len=max_seq_len)).eval()
+    return Llama(model, tok, max_seq_len=max_seq_len, max_batch_size=max_batch_size, device=torch.device("cpu"))
+
+
 @pytest.fixture(scope="session")
 def default_gguf() -> Path:
     return default_model_path()

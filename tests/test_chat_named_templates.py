@@ -126,19 +126,14 @@ def test_a_broken_named_template_is_refused_by_name(listed: Path) -> None:
 
 
 def test_the_server_renders_requests_with_tools_with_tool_use(listed: Path) -> None:
-    torch = pytest.importorskip("torch")
     pytest.importorskip("fastapi")
     from starlette.testclient import TestClient
 
-    from llamaforge.api import Llama
-    from llamaforge.model import ModelArgs, Transformer
     from llamaforge.server.app import create_app
+    from tests.conftest import tiny_llama
 
     tok = Tokenizer.from_file(listed)
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=tok.n_words, hidden_dim=64,
-                                  max_seq_len=512)).eval()
-    llama = Llama(model, tok, max_seq_len=512, max_batch_size=2, device=torch.device("cpu"))
+    llama = tiny_llama(tok, 512)
     ref = transformers.PreTrainedTokenizerFast.from_pretrained(listed)
     with TestClient(create_app(llama, model_name="named")) as c:
         def prompt_tokens(**extra) -> int:

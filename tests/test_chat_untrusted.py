@@ -171,17 +171,12 @@ def test_template_origin_is_named_when_it_does_not_compile(smol: Tokenizer) -> N
 
 def test_message_fields_over_http_never_become_control_tokens(smol: Tokenizer) -> None:
     pytest.importorskip("fastapi")
-    import torch
     from starlette.testclient import TestClient
 
-    from llamaforge.api import Llama
-    from llamaforge.model import ModelArgs, Transformer
     from llamaforge.server.app import create_app
+    from tests.conftest import tiny_llama
 
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=smol.n_words, hidden_dim=64,
-                                  max_seq_len=256)).eval()
-    llama = Llama(model, smol, max_seq_len=256, max_batch_size=1, device=torch.device("cpu"))
+    llama = tiny_llama(smol, 256, max_batch_size=1)
     llama.chat_format = JinjaChatFormat(smol, EVERYTHING)
     messages = [
         {"role": "user", "content": ATTACK, "name": "bob" + ATTACK},
@@ -244,17 +239,13 @@ def test_llama2_dialogs_are_checked_before_the_unsafe_tag_answer(tiny_checkpoint
 
 def test_developer_role_over_http_is_the_system_prompt_of_meta_formats(tiny_checkpoints) -> None:
     pytest.importorskip("fastapi")
-    import torch
     from starlette.testclient import TestClient
 
-    from llamaforge.api import Llama
-    from llamaforge.model import ModelArgs, Transformer
     from llamaforge.server.app import create_app
+    from tests.conftest import tiny_llama
 
     tok = Tokenizer.from_file(tiny_checkpoints.tokenizer)
-    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=tok.n_words, hidden_dim=64,
-                                  max_seq_len=128)).eval()
-    llama = Llama(model, tok, max_seq_len=128, max_batch_size=1, device=torch.device("cpu"))
+    llama = tiny_llama(tok, 128, max_batch_size=1)
     assert llama.chat_format.name == "llama2"
     with TestClient(create_app(llama, model_name="tiny"), raise_server_exceptions=False) as client:
         def tokens(role: str) -> list[int]:

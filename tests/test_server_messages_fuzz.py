@@ -37,21 +37,16 @@ TOOL = st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_
 
 @pytest.fixture(scope="module")
 def served():
-    import torch
     from starlette.testclient import TestClient
 
-    from llamaforge.api import Llama
     from llamaforge.chat import JinjaChatFormat
     from llamaforge.default_model import default_model_path
-    from llamaforge.model import ModelArgs, Transformer
     from llamaforge.server.app import create_app
     from llamaforge.tokenizer import Tokenizer
+    from tests.conftest import tiny_llama
 
     tok = Tokenizer.from_file(default_model_path())
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=tok.n_words, hidden_dim=64,
-                                  max_seq_len=512)).eval()
-    llama = Llama(model, tok, max_seq_len=512, max_batch_size=2, device=torch.device("cpu"))
+    llama = tiny_llama(tok, 512)
     llama.chat_format = JinjaChatFormat(tok, EVERYTHING)
     with TestClient(create_app(llama, model_name="tiny"), raise_server_exceptions=False) as client:
         yield client, tok

@@ -166,18 +166,13 @@ def test_metrics_count_requests_tokens_and_latency(served):
 
 def test_the_api_key_guards_the_ollama_routes_too(default_tokenizer):
     """In process (no second server): /api routes answer 401 without the key, and work with it."""
-    import torch
     from starlette.testclient import TestClient
 
-    from llamaforge.api import Llama
-    from llamaforge.model import ModelArgs, Transformer
     from llamaforge.server.app import create_app
+    from tests.conftest import tiny_llama
 
     tok = default_tokenizer
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=tok.n_words, hidden_dim=64,
-                                  max_seq_len=64)).eval()
-    llama = Llama(model, tok, max_seq_len=64, max_batch_size=2, device=torch.device("cpu"))
+    llama = tiny_llama(tok, 64)
     with TestClient(create_app(llama, model_name="tiny", api_key="k")) as c:
         assert c.get("/api/tags").status_code == 401
         r = c.get("/api/tags", headers={"Authorization": "Bearer k"})

@@ -27,15 +27,11 @@ CTX = 48
 
 @pytest.fixture(scope="module")
 def app_client(default_tokenizer):
-    from llamaforge.api import Llama
-    from llamaforge.model import ModelArgs, Transformer
     from llamaforge.server.app import create_app
+    from tests.conftest import tiny_llama
 
     tok = default_tokenizer
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=tok.n_words, hidden_dim=64,
-                                  max_seq_len=CTX)).eval()
-    llama = Llama(model, tok, max_seq_len=CTX, max_batch_size=2, device=torch.device("cpu"))
+    llama = tiny_llama(tok, CTX)
     with TestClient(create_app(llama, model_name="tiny", max_body_bytes=2**20)) as c:
         yield c
 

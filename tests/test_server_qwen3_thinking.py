@@ -35,20 +35,16 @@ DIALOG = [{"role": "system", "content": "Be brief."}, {"role": "user", "content"
 
 @pytest.fixture(scope="module")
 def qwen3(tmp_path_factory):
-    from llamaforge.api import Llama
-    from llamaforge.model import ModelArgs, Transformer
     from llamaforge.server.app import create_app
     from llamaforge.tokenizer import Tokenizer
+    from tests.conftest import tiny_llama
 
     folder = tmp_path_factory.mktemp("qwen3-tok")
     write_qwen_tokenizer(folder)
     config = json.loads((folder / "tokenizer_config.json").read_text())
     (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": QWEN3}))
     tok = Tokenizer.from_file(folder)
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=tok.n_words, hidden_dim=64,
-                                  max_seq_len=256)).eval()
-    llama = Llama(model, tok, max_seq_len=256, max_batch_size=2, device=torch.device("cpu"))
+    llama = tiny_llama(tok, 256)
     hf = transformers.PreTrainedTokenizerFast.from_pretrained(folder)
     with TestClient(create_app(llama, model_name="qwen3")) as c:
         yield c, hf

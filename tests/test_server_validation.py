@@ -12,7 +12,6 @@ import asyncio
 import json
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
@@ -20,20 +19,14 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 
-from llamaforge.model import ModelArgs, Transformer  # noqa: E402
+from tests.conftest import tiny_llama  # noqa: E402
 
 MAX_SEQ = 64
 
 
 @pytest.fixture(scope="module")
 def llama(default_tokenizer):
-    from llamaforge.api import Llama
-
-    tok = default_tokenizer
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=tok.n_words, hidden_dim=64,
-                                  max_seq_len=MAX_SEQ)).eval()
-    return Llama(model, tok, max_seq_len=MAX_SEQ, max_batch_size=2, device=torch.device("cpu"))
+    return tiny_llama(default_tokenizer, MAX_SEQ)
 
 
 @pytest.fixture(scope="module")
