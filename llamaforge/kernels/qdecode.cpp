@@ -396,7 +396,8 @@ at::Tensor Decoder::step(const at::Tensor& x_in, const at::Tensor& pos_in, const
       lora_add(lora, l, 6, xn.data(), dim, up.data(), hidden);
     }
     // SwiGLU over the threads (elementwise: the same bits however the range is split).
-    at::parallel_for(0, B * hidden, 2048, [&](int64_t i0, int64_t i1) { swiglu(gate.data() + i0, up.data() + i0, i1 - i0); });
+    at::parallel_for(0, B * hidden, 2048,
+                     [&](int64_t i0, int64_t i1) { swiglu(gate.data() + i0, up.data() + i0, i1 - i0); });
     {
       const QWeight* ws[1] = {&ly.w2};
       float* ys[1] = {proj.data()};

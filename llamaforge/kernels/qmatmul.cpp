@@ -235,24 +235,26 @@ inline void float_rows(const void* w, int64_t n, int64_t K, const float* x, int6
 // read front to back: one Zen 4 thread's 1B decode step 13% faster for F16, 9% for BF16 than with 8 rows, whose
 // 8 streams a row apart the hardware prefetcher follows worse; 3 rows in between; 2 threads F16 5% faster, BF16
 // the same; benchmarks/f16_layout.cpp, RESULTS.md "Ninth session") and 4 x 2 at M = 2-3; float32 rows up to
-// M = 7 single rows x up to 4 activation rows, read as one sequential stream: interleaving several float32 rows lost a third of the
-// bandwidth here (1 thread, 135M/360M/1B row lengths, M = 1: 21-28 GB/s single vs 14-23 GB/s with 8 rows, 10-16
-// with 2-4; M = 2 and 4 alike, before the prefetch), which made the float32 decode step of the default model 50%
-// slower. Where the FMAs bound it (16-bit from M = 4, float32 from M = 8): 3 rows x 4 activation rows (12
-// chains, 7 loads per 12 FMAs), in a microbenchmark 1.2-1.5x the rate of float32 1 x 8 (M = 8 and 16, 576- and
-// 1536-wide rows) and of F16 4 x 2 (M = 4, 2048- and 8192-wide rows). Single rows (1 x 8, 1 x 4, ...) at the end.
+// M = 7 single rows x up to 4 activation rows, read as one sequential stream: interleaving several float32 rows
+// lost a third of the bandwidth here (1 thread, 135M/360M/1B row lengths, M = 1: 21-28 GB/s single vs 14-23 GB/s
+// with 8 rows, 10-16 with 2-4; M = 2 and 4 alike, before the prefetch), which made the float32 decode step of the
+// default model 50% slower. Where the FMAs bound it (16-bit from M = 4, float32 from M = 8): 3 rows x 4
+// activation rows (12 chains, 7 loads per 12 FMAs), in a microbenchmark 1.2-1.5x the rate of float32 1 x 8 (M = 8
+// and 16, 576- and 1536-wide rows) and of F16 4 x 2 (M = 4, 2048- and 8192-wide rows). Single rows (1 x 8, 1 x 4,
+// ...) at the end.
 template <int64_t QT>
 void matmul_float(const void* w, int64_t n0, int64_t n1, int64_t K, const float* x, int64_t M, float* y, int64_t N) {
   int64_t n = n0;
   if (M >= (QT == T_F32 ? 8 : 4)) {
     for (; n + 3 <= n1; n += 3) float_rows<QT, 3>(w, n, K, x, M, y, N);
   } else if constexpr (QT != T_F32) {
-    if (M == 1)
+    if (M == 1) {
       for (; n + 2 <= n1; n += 2) float_tile<QT, 2, 1, true>(w, n, K, x, 0, y, N);
-    for (; n + 4 <= n1; n += 4) {
-      if (M == 1) float_tile<QT, 4, 1, true>(w, n, K, x, 0, y, N);
-      else float_tile<QT, 4, 2, true>(w, n, K, x, 0, y, N);
-      if (M == 3) float_tile<QT, 4, 1, false>(w, n, K, x, 2, y, N);
+    } else {
+      for (; n + 4 <= n1; n += 4) {
+        float_tile<QT, 4, 2, true>(w, n, K, x, 0, y, N);
+        if (M == 3) float_tile<QT, 4, 1, false>(w, n, K, x, 2, y, N);
+      }
     }
   }
   for (; n < n1; ++n) float_rows<QT, 1>(w, n, K, x, M, y, N);
@@ -319,12 +321,13 @@ void matmul_bf16_dot(const uint16_t* w, int64_t n0, int64_t n1, int64_t K, const
   if (M >= 4) {
     for (; n + 3 <= n1; n += 3) dot_rows<3>(w, n, K, xb, xs, M, y, N);
   } else {
-    if (M == 1)
+    if (M == 1) {
       for (; n + 2 <= n1; n += 2) dot_tile<2, 1, true>(w, n, K, xb, xs, 0, y, N);
-    for (; n + 4 <= n1; n += 4) {
-      if (M == 1) dot_tile<4, 1, true>(w, n, K, xb, xs, 0, y, N);
-      else dot_tile<4, 2, true>(w, n, K, xb, xs, 0, y, N);
-      if (M == 3) dot_tile<4, 1, false>(w, n, K, xb, xs, 2, y, N);
+    } else {
+      for (; n + 4 <= n1; n += 4) {
+        dot_tile<4, 2, true>(w, n, K, xb, xs, 0, y, N);
+        if (M == 3) dot_tile<4, 1, false>(w, n, K, xb, xs, 2, y, N);
+      }
     }
   }
   for (; n < n1; ++n) dot_rows<1>(w, n, K, xb, xs, M, y, N);
