@@ -2,8 +2,10 @@
 
 Reference: torch SDPA with `enable_gqa=True` on the same tensors (math kernel), to 1e-5 (float32: the
 online softmax over blocks of keys sums in another order) and exactly for bfloat16 (the same SDPA call
-with a KV head's query heads folded into rows). Batch invariance, exactly: a row's result is the same
-alone and among other rows, and with more keys past its mask (a longer cache read). Shapes: batch rows
+with a KV head's query heads folded into rows), both under the math kernel as the engine asks for it;
+without that ask (a long forward's pieces) SDPA's own kernel, to 1e-5. Batch invariance under the
+engine's ask, exactly: a row's result is the same alone and among other rows, and with more keys past its
+mask (a longer cache read). Shapes: batch rows
 with their own masks, odd chunk lengths, keys across several blocks, MHA, no mask (causal). No test
 asserts on time.
 """
@@ -38,10 +40,17 @@ SHAPES = [(1, 8, 2, 64, 256, False), (3, 9, 3, 17, 2 * ATTENTION_BLOCK + 64, Tru
           (1, 6, 1, 33, ATTENTION_BLOCK + 1, False)]
 
 
+def engine_attention(q, k, v, mask):
+    """prefill_attention as the engine calls it: under the math kernel (the blocked online softmax)."""
+    with sdpa_kernel(SDPBackend.MATH):
+        return prefill_attention(q, k, v, mask)
+
+
+@pytest.mark.parametrize("attention", [engine_attention, prefill_attention], ids=["engine", "sdpa-choice"])
 @pytest.mark.parametrize("bsz,n_heads,n_kv,seqlen,keys,per_row", SHAPES)
-def test_matches_sdpa(bsz, n_heads, n_kv, seqlen, keys, per_row):
+def test_matches_sdpa(bsz, n_heads, n_kv, seqlen, keys, per_row, attention):
     q, k, v, mask = chunk(bsz, n_heads, n_kv, seqlen, keys, per_row)
-    got = prefill_attention(q, k, v, mask)
+    got = attention(q, k, v, mask)
     assert got.shape == (bsz, n_heads, seqlen, 16)
     torch.testing.assert_close(got, reference(q, k, v, mask), rtol=1e-5, atol=1e-5)
     qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
@@ -51,13 +60,13 @@ def test_matches_sdpa(bsz, n_heads, n_kv, seqlen, keys, per_row):
 
 def test_a_row_is_the_same_alone_in_a_batch_and_over_more_keys():
     q, k, v, mask = chunk(3, 8, 2, 20, ATTENTION_BLOCK + 128, True, seed=2)
-    batch = prefill_attention(q, k, v, mask)
+    batch = engine_attention(q, k, v, mask)
     for b in range(3):
-        alone = prefill_attention(q[b : b + 1], k[b : b + 1], v[b : b + 1], mask[b : b + 1])
+        alone = engine_attention(q[b : b + 1], k[b : b + 1], v[b : b + 1], mask[b : b + 1])
         assert torch.equal(alone, batch[b : b + 1])
         last = int(mask[b, 0, -1].nonzero().max()) + 1  # keys this row can see
         keys = -(-last // 64) * 64  # the cache read rounded up to 64, as the engine reads it
-        cut = prefill_attention(q[b : b + 1], k[b : b + 1, :, :keys], v[b : b + 1, :, :keys], mask[b : b + 1, ..., :keys])
+        cut = engine_attention(q[b : b + 1], k[b : b + 1, :, :keys], v[b : b + 1, :, :keys], mask[b : b + 1, ..., :keys])
         assert torch.equal(cut, batch[b : b + 1])
 
 
@@ -70,5 +79,5 @@ def test_no_mask_is_causal_from_position_zero():
 def test_a_row_is_the_same_in_a_narrower_chunk():
     # The engine right-pads a batch's chunks to the widest: a row's queries must not depend on that width.
     q, k, v, mask = chunk(1, 8, 2, 24, 300, False, seed=3)
-    full = prefill_attention(q, k, v, mask)
-    assert torch.equal(prefill_attention(q[:, :, :9], k, v, mask[:, :, :9]), full[:, :, :9])
+    full = engine_attention(q, k, v, mask)
+    assert torch.equal(engine_attention(q[:, :, :9], k, v, mask[:, :, :9]), full[:, :, :9])

@@ -174,17 +174,20 @@ def prefill_attention(
 ) -> torch.Tensor:
     """Attention of T > 1 query positions; causal from position 0 when there is no mask (torch's SDPA).
 
-    q (B, H, T, hd); k, v (B, Hkv, L, hd); mask (B or 1, 1, T, L) or None. With a mask (a prompt chunk
-    over the cache, as the engine prefills), the H / Hkv query heads of a KV head are rows of one
-    attention over that head (nothing copied per head: SDPA's math kernel, which the engine's prefill
-    asks for, copied every key and value H / Hkv times per call, half of a 4096-token prefill's attention
-    time on the 1B shape), and float32 runs `_blocked_attention`: an online softmax over blocks of
-    ATTENTION_BLOCK keys, so no (T, L) score matrix is ever made (1.3x faster than the math kernel at
-    4096 tokens). A row's result depends only on its own query, keys and mask, never on the other rows.
+    q (B, H, T, hd); k, v (B, Hkv, L, hd); mask (B or 1, 1, T, L) or None. With a mask and SDPA's flash
+    kernel allowed (a long forward's pieces after the first, `Transformer.forward`), SDPA's own choice: on
+    the CPU its flash kernel takes the mask and the grouped heads (2x faster than the blocked softmax
+    below at the 1B shape's 512-query pieces). Under the math kernel, which the engine asks for because
+    its rows must be batch-invariant, the H / Hkv query heads of a KV head are rows of one attention over
+    that head (nothing copied per head: the math kernel copied every key and value H / Hkv times per
+    call, half of a 4096-token prefill's attention time on the 1B shape), and float32 runs
+    `_blocked_attention`: an online softmax over blocks of ATTENTION_BLOCK keys, so no (T, L) score matrix
+    is ever made (1.3x faster than the math kernel at 4096 tokens), and a row's result depends only on its
+    own query, keys and mask, never on the other rows.
     """
     bsz, n_heads, seqlen, head_dim = q.shape
     n_kv = k.shape[1]
-    if mask is None or mask.shape[1] != 1:
+    if mask is None or mask.shape[1] != 1 or torch.backends.cuda.flash_sdp_enabled():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                               enable_gqa=n_heads != n_kv)
     rep = n_heads // n_kv
