@@ -151,14 +151,17 @@ class Runner:
         tables = block_tables([c.blocks for c in chunks], blocks_for(kv_len, cache.block_size), self.device)
         step = StepInput.make(pos, *ids.shape, device=self.device, cache_len=cache.max_seq_len, kv_len=kv_len,
                               blocks=tables)
+        # Only the rows' wanted positions go through the last feed-forward and the output layer: per row its
+        # chunk's positions or its last one, the shorter lists padded with their last (computed, not used).
+        wanted = [list(range(lens[i])) if c.all_logits else [lens[i] - 1] for i, c in enumerate(chunks)]
+        n = max(len(w) for w in wanted)
+        keep = torch.tensor([w + w[-1:] * (n - len(w)) for w in wanted], dtype=torch.long, device=self.device)
         with self._rows([c.adapter for c in chunks]):
             with _MATH_ATTENTION, sdpa_kernel(SDPBackend.MATH):
-                hidden = self.model.hidden_states(ids, step, cache)  # (B, W, dim)
-            # Only the rows' wanted positions go through the output layer: (sum of wanted, dim).
-            wanted = [hidden[i, : lens[i]] if c.all_logits else hidden[i, lens[i] - 1 : lens[i]]
-                      for i, c in enumerate(chunks)]
-            logits = self.model.output(torch.cat(wanted)).float()  # (sum of wanted, V)
-        return list(torch.split(logits, [w.shape[0] for w in wanted]))
+                hidden = self.model.hidden_states(ids, step, cache, keep=keep)  # (B, n, dim)
+            rows = torch.cat([hidden[i, : len(w)] for i, w in enumerate(wanted)])  # (sum of wanted, dim)
+            logits = self.model.output(rows).float()  # (sum of wanted, V)
+        return list(torch.split(logits, [len(w) for w in wanted]))
 
     def decode(self, cache: KVCache, tokens: Sequence[int], pos: Sequence[int], blocks: Sequence[Sequence[int]],
                adapters: Optional[Sequence[Optional[ServedAdapter]]] = None) -> torch.Tensor:

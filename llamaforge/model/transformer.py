@@ -14,7 +14,7 @@ from torch import nn
 from llamaforge.errors import CheckpointError, ConfigError
 from llamaforge.model.args import ModelArgs
 from llamaforge.model.kv_cache import KVCache
-from llamaforge.model.layers import RMSNorm, RotaryEmbedding, TransformerBlock
+from llamaforge.model.layers import RMSNorm, RotaryEmbedding, TransformerBlock, keep_positions
 from llamaforge.model.step import StepInput
 
 
@@ -58,6 +58,7 @@ class Transformer(nn.Module):
         slots: Optional[torch.Tensor] = None,
         kv_len: Optional[int] = None,
         layer: Optional[int] = None,
+        keep: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Final normalised hidden states (B, T, dim) for tokens (B, T).
 
@@ -67,14 +68,20 @@ class Transformer(nn.Module):
         cache, slots: the KV cache to write and read, and the slot of each row (rows 0..B-1 by default).
         layer: stop after the first `layer` blocks and return their (un-normalised) output instead;
             0 gives the token embeddings.
+        keep: (B, n) positions of each row: only their states are returned, (B, n, dim), and the last block's
+            feed-forward runs on them alone (`TransformerBlock.forward`); every position's keys and values are
+            still written to `cache`.
         """
         step = self.step_input(tokens, input_pos, cache, slots, kv_len)
+        blocks = self.layers[:layer]
         if layer is not None and not 0 <= layer <= len(self.layers):
             raise ConfigError(f"layer must be in [0, {len(self.layers)}], got {layer}")
         rope = self.rope.tables(step.positions)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
-        for block in self.layers[:layer]:
-            h = block(h, rope, step, cache)
+        if keep is not None and len(blocks) == 0:
+            h = keep_positions(h, keep)
+        for i, block in enumerate(blocks):
+            h = block(h, rope, step, cache, keep=keep if i == len(blocks) - 1 else None)
         return h if layer is not None else self.norm(h)
 
     def forward(
@@ -89,12 +96,39 @@ class Transformer(nn.Module):
         """Logits in float32: (B, T, vocab), or (B, 1, vocab) for the last position when `last_only`.
 
         Always the modules: the decode loop's one-token step (`llamaforge.runtime.DecodeStep`) may run a fused
-        equivalent instead, by its own choice, never by replacing this method.
+        equivalent instead, by its own choice, never by replacing this method. Without autograd, a forward of
+        more than UBATCH tokens over a cache from an int start (a long prompt's prefill, as Meta's `generate`
+        runs it) goes through the model in pieces of UBATCH positions, each piece's keys and values in the
+        cache before the next reads them, as llama.cpp's `n_ubatch`: its activations are those of UBATCH
+        positions (at the 1B shape a 4096-token prefill held 424 MiB of them over the weights at once).
         """
-        h = self.hidden_states(tokens, input_pos, cache, slots, kv_len)
-        if last_only:
-            h = h[:, -1:]
-        return self.output(h).float()
+        bsz, seqlen = tokens.shape
+        if (seqlen > UBATCH and cache is not None and isinstance(input_pos, (int, type(None))) and kv_len is None
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+            return self._forward_in_pieces(tokens, input_pos or 0, cache, slots, last_only)
+        keep = torch.full((bsz, 1), seqlen - 1, device=tokens.device) if last_only else None
+        return self.output(self.hidden_states(tokens, input_pos, cache, slots, kv_len, keep=keep)).float()
+
+    def _forward_in_pieces(self, tokens: torch.Tensor, start: int, cache: KVCache, slots: Optional[torch.Tensor],
+                           last_only: bool) -> torch.Tensor:
+        bsz, seqlen = tokens.shape
+        nothing = torch.empty((bsz, 0), dtype=torch.long, device=tokens.device)  # no position's output is wanted
+        out = None
+        for s in range(0, seqlen, UBATCH):
+            piece = tokens[:, s : s + UBATCH]
+            if last_only and s + UBATCH < seqlen:  # only the cache is wanted from this piece
+                self.hidden_states(piece, start + s, cache, slots, keep=nothing)
+                continue
+            logits = self.forward(piece, start + s, cache, slots, last_only=last_only)
+            if last_only:
+                return logits  # (B, 1, V)
+            if out is None:
+                out = logits.new_empty((bsz, seqlen, logits.shape[-1]))
+            out[:, s : s + piece.shape[1]] = logits
+        return out
+
+
+UBATCH = 512  # positions per piece of a long forward over a KV cache (llama.cpp's default n_ubatch)
 
 
 class _SkipInit(torch.overrides.TorchFunctionMode):
