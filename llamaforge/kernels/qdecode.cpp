@@ -224,6 +224,54 @@ at::Tensor kv_attend_rows(const at::Tensor& q_in, const at::Tensor& k_in, const 
   return out;
 }
 
+at::Tensor kv_attend_blocks(const at::Tensor& q_in, const at::Tensor& k_layer, const at::Tensor& v_layer,
+                            const at::Tensor& tables_in, const at::Tensor& n_in) {
+  TORCH_CHECK(q_in.scalar_type() == at::kFloat && q_in.dim() == 4 && k_layer.dim() == 4 &&
+                  k_layer.sizes() == v_layer.sizes() && k_layer.scalar_type() == v_layer.scalar_type() &&
+                  k_layer.is_contiguous() && v_layer.is_contiguous() && tables_in.dim() == 2 && n_in.dim() == 2 &&
+                  tables_in.size(0) == q_in.size(0) && n_in.size(0) == q_in.size(0) && n_in.size(1) == q_in.size(1),
+              "kv_attend_blocks: q float32 (B, T, H, head_dim); one layer's k, v blocks (NB, Hkv, BS, row), "
+              "contiguous; tables (B, W); n (B, T)");
+  const at::Tensor q = q_in.contiguous(), tables_t = tables_in.to(at::kLong).contiguous(),
+                   n_t = n_in.to(at::kLong).contiguous();
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), hd = q.size(3);
+  const int64_t NB = k_layer.size(0), Hkv = k_layer.size(1), BS = k_layer.size(2), W = tables_t.size(1);
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "kv_attend_blocks: ", H, " query heads over ", Hkv, " KV heads");
+  const KvType t = kv_type_of(k_layer, hd);
+  const int64_t* tables = tables_t.data_ptr<int64_t>();
+  const int64_t* n = n_t.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t most = 0;
+    for (int64_t i = 0; i < T; ++i) {
+      TORCH_CHECK(n[b * T + i] >= 1 && n[b * T + i] <= W * BS, "kv_attend_blocks: n[", b, ", ", i, "] = ",
+                  n[b * T + i], " is not in [1, ", W * BS, "]");
+      most = std::max(most, n[b * T + i]);
+    }
+    for (int64_t j = 0; j < (most + BS - 1) / BS; ++j)
+      TORCH_CHECK(tables[b * W + j] >= 0 && tables[b * W + j] < NB, "kv_attend_blocks: block ", tables[b * W + j],
+                  " is not in [0, ", NB, ")");
+  }
+  at::Tensor out = at::empty({B, T, H, hd}, q.options());
+  const int64_t rb = kv_row_bytes(t, hd), G = H / Hkv;
+  const auto* kl = static_cast<const uint8_t*>(k_layer.data_ptr());
+  const auto* vl = static_cast<const uint8_t*>(v_layer.data_ptr());
+  const float scale = static_cast<float>(std::sqrt(static_cast<double>(hd)));
+  const float* qp = q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  // One task per (row, KV head), as the fused step's: a row's T positions and G query heads attend together,
+  // each position's result the bits attend gives it alone (qattn_rows.h), whatever else is in the batch.
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t b = task / Hkv, g = task % Hkv;
+      const KVBlocks kb{kl + g * BS * rb, tables + b * W, Hkv * BS * rb, BS, rb};
+      const KVBlocks vb{vl + g * BS * rb, tables + b * W, Hkv * BS * rb, BS, rb};
+      attend_rows(t, qp + (b * T * H + g * G) * hd, H * hd, kb, vb, n + b * T, T, hd, scale,
+                  op + (b * T * H + g * G) * hd, H * hd, G);
+    }
+  });
+  return out;
+}
+
 at::Tensor kv_scores(const at::Tensor& q_in, const at::Tensor& k_in) {
   TORCH_CHECK(q_in.scalar_type() == at::kFloat && q_in.dim() == 2 && k_in.dim() == 2 && k_in.size(0) >= 1,
               "kv_scores: q float32 (G, head_dim); k (n >= 1, row)");

@@ -19,10 +19,14 @@ KvType kv_type_of(const at::Tensor& cache, int64_t hd);
 at::Tensor kv_store(const at::Tensor& x, const at::Tensor& like);
 // The fused step's attention of G queries q float32 (G, hd) over one KV head's rows k, v (n, row): float32 (G, hd).
 at::Tensor kv_attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
-// Its scores q k^T / sqrt(hd): float32 (G, n).
 // The attention of R rows at once (qattn_rows.h, as the fused step attends a sequence's verification rows): row r's
 // queries q[r] (G, hd) over k, v [0, n[r]) (n: int64 (R,), each in [1, k rows]): float32 (R, G, hd).
 at::Tensor kv_attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& n);
+// Each row's T query positions (B, T, H, hd) over its sequence's keys and values [0, n[b, t]) in one layer of
+// a paged KV cache (NB, Hkv, BS, row), read in place through the rows' block tables (B, W): a prompt chunk.
+at::Tensor kv_attend_blocks(const at::Tensor& q, const at::Tensor& k_layer, const at::Tensor& v_layer,
+                            const at::Tensor& tables, const at::Tensor& n);
+// kv_attend's scores q k^T / sqrt(hd): float32 (G, n).
 at::Tensor kv_scores(const at::Tensor& q, const at::Tensor& k);
 
 struct DecoderLayer {

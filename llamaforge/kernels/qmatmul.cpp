@@ -651,6 +651,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("k"), py::arg("v"), release());
   m.def("kv_attend_rows", &kv_attend_rows, "the attention of several rows of one sequence at once (qattn_rows.h)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("n"), release());
+  m.def("kv_attend_blocks", &kv_attend_blocks,
+        "a prompt chunk's attention over a paged KV cache's blocks, read in place (qattn_rows.h per row and KV head)",
+        py::arg("q"), py::arg("k_layer"), py::arg("v_layer"), py::arg("tables"), py::arg("n"), release());
   m.def("kv_scores", &kv_scores, "its scores q k^T / sqrt(head_dim)", py::arg("q"), py::arg("k"), release());
   // The fused decode step (qdecode.h). A weight is (tensor, qt, N, K, layout, bias or None): GGUF bytes,
   // or a float (N, K) tensor with qt 0 (F32), 1 (F16), 30 (BF16); a layer is

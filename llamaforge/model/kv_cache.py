@@ -23,7 +23,7 @@ returns values in the dtype of the keys it was given.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -94,6 +94,11 @@ class KVCache(nn.Module):
         # Zeros, not empty: positions past a sequence's end are masked, but 0 * NaN would still be NaN.
         self.register_buffer("k", _lazy_zeros(shape, storage, device), persistent=False)
         self.register_buffer("v", _lazy_zeros(shape, storage, device), persistent=False)
+        # A kernel that attends over one layer's blocks in place (`attend`), set by whoever has one (the runtime
+        # sets the C++ one on the CPU caches it makes): fn(q (B, T, H, hd) float32, k_layer, v_layer (n_blocks,
+        # Hkv, block_size, row), tables (B, W), n (B, T)) -> (B, T, H, hd), position t of row b over its keys
+        # [0, n[b, t]). The model itself imports no kernels.
+        self.block_attention: Optional[Callable[..., torch.Tensor]] = None
 
     @classmethod
     def for_model(cls, args, n_slots: int, max_seq_len: int, *, dtype=torch.float32, device,
@@ -152,12 +157,8 @@ class KVCache(nn.Module):
         """
         bsz, n_kv = k.shape[0], k.shape[1]
         kv_len = step.kv_len or self.max_seq_len
-        tables = self.block_tables(step, bsz)
+        tables = self._write(layer, step, k, v)
         k_layer, v_layer = self.k[layer], self.v[layer]  # (n_blocks, Hkv, block_size, row)
-        block, offset = self.locate(tables, step.positions)  # (B, T) each
-        # Advanced indices on dims 0 and 2 put (B, T) first: the target is (B, T, Hkv, row).
-        k_layer[block, :, offset] = kv_types.encode(k.transpose(1, 2), self.kv_type)
-        v_layer[block, :, offset] = kv_types.encode(v.transpose(1, 2), self.kv_type)
         n = blocks_for(kv_len, self.block_size)
         if n > tables.shape[1]:
             raise ConfigError(f"kv_len {kv_len} needs {n} blocks per row, but the block tables have {tables.shape[1]}")
@@ -167,6 +168,35 @@ class KVCache(nn.Module):
         keys = k_layer[rows, heads].view(bsz, n_kv, n * self.block_size, -1)[:, :, :kv_len]  # (B, Hkv, kv_len, row)
         values = v_layer[rows, heads].view(bsz, n_kv, n * self.block_size, -1)[:, :, :kv_len]
         return kv_types.decode(keys, self.kv_type, k.dtype), kv_types.decode(values, self.kv_type, v.dtype)
+
+    def _write(self, layer: int, step: StepInput, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store k, v (B, Hkv, T, hd) at the step's positions (B, T) of layer `layer`; return the rows' tables."""
+        tables = self.block_tables(step, k.shape[0])
+        k_layer, v_layer = self.k[layer], self.v[layer]  # (n_blocks, Hkv, block_size, row)
+        block, offset = self.locate(tables, step.positions)  # (B, T) each
+        # Advanced indices on dims 0 and 2 put (B, T) first: the target is (B, T, Hkv, row).
+        k_layer[block, :, offset] = kv_types.encode(k.transpose(1, 2), self.kv_type)
+        v_layer[block, :, offset] = kv_types.encode(v.transpose(1, 2), self.kv_type)
+        return tables
+
+    def attend(
+        self, layer: int, step: StepInput, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> Optional[torch.Tensor]:
+        """Write k, v (B, Hkv, T, hd) as `update` does and return the attention (B, H, T, hd) of q (B, H, T, hd),
+        each query at position p over its row's cached positions [0, min(p + 1, kv_len)), by `block_attention`
+        reading the blocks in place (no gathered copy of the keys and values, no mask).
+
+        None, with nothing written, where there is no such kernel or it does not apply: one query (the decode
+        step's own attention), no mask (causal from position 0: SDPA's), autograd, or queries that are not
+        float32 on the CPU.
+        """
+        if (self.block_attention is None or q.shape[2] == 1 or step.mask is None or torch.is_grad_enabled()
+                or q.dtype != torch.float32 or q.device.type != "cpu"):
+            return None
+        tables = self._write(layer, step, k, v)
+        n = (step.positions + 1).clamp_(max=step.kv_len or self.max_seq_len)  # (B, T) keys each query sees
+        out = self.block_attention(q.transpose(1, 2), self.k[layer], self.v[layer], tables, n)  # (B, T, H, hd)
+        return out.transpose(1, 2)
 
     def round_query(self, q: torch.Tensor) -> torch.Tensor:
         """q (..., hd) as attention over this cache's keys uses it (through q8_0 for a q8_0 cache, see kv_types)."""

@@ -154,15 +154,16 @@ class Attention(nn.Module):
         xq, xk = apply_rope(xq, *rope), apply_rope(xk, *rope)
         q = xq.transpose(1, 2)  # (B, H, T, hd)
         k, v = xk.transpose(1, 2), xv.transpose(1, 2)  # (B, Hkv, T, hd)
-        if cache is not None:
-            k, v = cache.update(self.layer_id, step, k, v)  # (B, Hkv, L, hd), as the cache stores them
-            q = cache.round_query(q)  # through q8_0 for a q8_0 cache's keys, as llama.cpp; else q itself
-        # Query head h reads kv head h // (H / Hkv), as Meta's repeat_kv, without copying the cache.
-        # No mask means: causal from position 0 (T > 1), or one query that sees every key (T == 1).
-        if seqlen == 1:
-            out = decode_attention(q, k, v, step.mask)
-        else:
-            out = prefill_attention(q, k, v, step.mask)
+        # A prompt chunk over the cache: the cache's kernel over its blocks in place, where it has one.
+        out = cache.attend(self.layer_id, step, q, k, v) if cache is not None else None
+        if out is None:
+            if cache is not None:
+                k, v = cache.update(self.layer_id, step, k, v)  # (B, Hkv, L, hd), as the cache stores them
+                q = cache.round_query(q)  # through q8_0 for a q8_0 cache's keys, as llama.cpp; else q itself
+            # Query head h reads kv head h // (H / Hkv), as Meta's repeat_kv, without copying the cache.
+            # No mask means: causal from position 0 (T > 1), or one query that sees every key (T == 1).
+            attend = decode_attention if seqlen == 1 else prefill_attention
+            out = attend(q, k, v, step.mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))  # (B, H, T, hd) -> (B, T, H*hd) -> (B, T, dim)
 
 
