@@ -166,6 +166,22 @@ def test_avx2_tiles_forced_by_environment() -> None:
     assert out.stdout.strip() == "False"
 
 
+@pytest.mark.parametrize("qtype", sorted(kernels.X8_FORMATS))
+def test_x8_repack_moves_every_bit(qtype: str) -> None:
+    # Any GGUF bytes (every bit pattern, scales included: Q4_K/Q5_K's 12 packed bytes use all 96 bits) repack
+    # into x8 bytes that torch's independent inverse (kernels/formats.py) turns back into the same bytes; a last
+    # partial group's missing rows are zero, as the repack of the same rows followed by rows of zero bytes.
+    info = kernels.qtype_info(qtype)
+    k = 3 * (256 if info.block == 256 else 32) if qtype != "Q4_0" else 17 * 32
+    bpr = k // info.block * info.bytes
+    raw = torch.randint(0, 256, (45, bpr), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    packed, layout = kernels.repack(raw, qtype, 45, k)
+    assert layout == "x8" and packed.shape == (6, k // kernels.X8_FORMATS[qtype][0] * kernels.X8_FORMATS[qtype][1])
+    assert torch.equal(kernels.to_gguf_layout(packed, qtype, 45, k, layout), raw)
+    padded, _ = kernels.repack(torch.cat([raw, torch.zeros(3, bpr, dtype=torch.uint8)]), qtype, 48, k)
+    assert torch.equal(packed, padded)
+
+
 @pytest.mark.parametrize("qtype", ["Q4_0", "F16"])
 def test_streamed_weights_are_2mib_aligned_copies(qtype: str) -> None:
     # repack puts x8 weights of 2 MiB and more in 2 MiB-aligned memory marked for huge pages (whether the OS

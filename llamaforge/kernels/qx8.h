@@ -59,52 +59,54 @@ constexpr int64_t x8_qoff(int64_t qt, int64_t j) {
 constexpr int64_t X8_HI_OFF = 128;
 constexpr int X8_Q6_SHIFT[4] = {4, 6, 0, 2};  // bit position in the two-bit plane of value k, by k % 4
 
-// The integer values of one GGUF block (32 for Q4_0/Q4_1/Q8_0, 256 for the K-quants), in column order.
-inline void gguf_block_values(int64_t qt, const uint8_t* blk, uint8_t* v) {
-  if (qt == T_Q8_0) {
-    std::memcpy(v, blk + 2, 32);
-  } else if (qt == T_Q4_0 || qt == T_Q4_1) {
-    const uint8_t* qs = blk + (qt == T_Q4_1 ? 4 : 2);
-    for (int e = 0; e < 16; ++e) {
-      v[e] = qs[e] & 0xF;
-      v[e + 16] = qs[e] >> 4;
-    }
-  } else if (qt == T_Q6_K) {
-    for (int h = 0; h < 2; ++h)
-      for (int s4 = 0; s4 < 4; ++s4)
-        for (int e = 0; e < 32; ++e) {
-          const int l = (blk[64 * h + 32 * (s4 & 1) + e] >> (4 * (s4 >> 1))) & 0xF;
-          const int hb = (blk[128 + 32 * h + e] >> (2 * s4)) & 3;
-          v[128 * h + 32 * s4 + e] = static_cast<uint8_t>(l | (hb << 4));
-        }
-  } else {
-    const bool five = qt == T_Q5_K;
-    const uint8_t* qs = blk + (five ? 48 : 16);
-    const uint8_t* qh = blk + 16;
-    for (int j = 0; j < 8; ++j)
-      for (int e = 0; e < 32; ++e)
-        v[32 * j + e] = ((qs[32 * (j / 2) + e] >> (4 * (j & 1))) & 0xF) | (five ? ((qh[e] >> j) & 1) << 4 : 0);
+inline uint32_t ld32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+inline void st32(uint8_t* p, uint32_t v) { std::memcpy(p, &v, 4); }
+constexpr uint32_t X8_NIB = 0x0F0F0F0Fu;  // the low nibble of each byte of a word
+
+// The integer values of GGUF block `blk` at columns 32j + 4k .. 32j + 4k + 3 (sub-block j of a K-quant's 8;
+// j = 0 for the 32-column types), one per byte of a word in column order (x86 is little-endian). Whole
+// words, not bytes: a shift moves each byte's bits down, the mask drops what came in from the next byte.
+template <int64_t qt>
+inline uint32_t block_word(const uint8_t* blk, int j, int k) {
+  if constexpr (qt == T_Q8_0) {
+    return ld32(blk + 2 + 4 * k);
+  } else if constexpr (qt == T_Q4_0 || qt == T_Q4_1) {  // values 0-15 low nibbles, 16-31 high ones
+    return (ld32(blk + (qt == T_Q4_1 ? 4 : 2) + 4 * (k & 3)) >> (k < 4 ? 0 : 4)) & X8_NIB;
+  } else if constexpr (qt == T_Q6_K) {  // sub-block j = 4h + s4: low nibbles and two high bits
+    const int h = j / 4, s4 = j % 4;
+    const uint32_t lo = (ld32(blk + 64 * h + 32 * (s4 & 1) + 4 * k) >> (4 * (s4 >> 1))) & X8_NIB;
+    const uint32_t hi = (ld32(blk + 128 + 32 * h + 4 * k) >> (2 * s4)) & 0x03030303u;
+    return lo | hi << 4;
+  } else {  // Q4_K / Q5_K: sub-blocks 2i and 2i + 1 are the low and high nibbles of 32 bytes; Q5_K's fifth bits
+    const uint32_t lo = (ld32(blk + (qt == T_Q5_K ? 48 : 16) + 32 * (j / 2) + 4 * k) >> (4 * (j & 1))) & X8_NIB;
+    if constexpr (qt == T_Q5_K) return lo | ((ld32(blk + 16 + 4 * k) >> j) & 0x01010101u) << 4;
+    return lo;
   }
 }
 
-// Repack rows [0, rows) (rows <= 8) of GGUF bytes into one group of x8 super-blocks.
+// Repack rows [0, rows) (rows <= 8) of GGUF bytes into one group of x8 super-blocks (a last partial group's
+// other rows zero). Each plane's bytes are put together a word (4 columns of one row) at a time, the sub-block
+// loop unrolled: one core repacks a 1B file's weights 2.6-3.6x as fast as byte by byte (Q4_K_M 0.72-0.94 ->
+// 0.28-0.30 s, Q5_K_M 1.3 -> 0.37, Q6_K 1.6-1.8 -> 0.53; Q4_0 / Q8_0 1.5-2.1x: benchmarks/repack_speed.py).
 template <int64_t qt>
 void repack_x8_group_t(const uint8_t* raw, int64_t bpr, int64_t rows, int64_t K, uint8_t* out) {
   const TypeInfo ti = type_info(qt);
   const X8Format f = x8_format(qt);
-  const bool kquant = f.cols == 256;
-  uint8_t v[256];
+  constexpr bool q6 = qt == T_Q6_K, k45 = qt == T_Q4_K || qt == T_Q5_K;
   for (int64_t sb = 0; sb < K / f.cols; ++sb) {
     uint8_t* p = out + sb * f.bytes;
-    std::memset(p, 0, f.bytes);
+    if (rows < 8) std::memset(p, 0, f.bytes);
     for (int64_t r = 0; r < rows; ++r) {
       const uint8_t* blk = raw + r * bpr + sb * ti.bytes;
-      const bool q6 = qt == T_Q6_K;
-      std::memcpy(p + 2 * r, blk + (q6 ? 208 : 0), 2);                                // d
-      if (qt == T_Q4_1 || (kquant && !q6)) std::memcpy(p + 16 + 2 * r, blk + 2, 2);  // m or dmin
-      if (q6) {
+      std::memcpy(p + 2 * r, blk + (q6 ? 208 : 0), 2);                       // d
+      if (qt == T_Q4_1 || k45) std::memcpy(p + 16 + 2 * r, blk + 2, 2);     // m or dmin
+      if constexpr (q6) {
         for (int hh = 0; hh < 16; ++hh) p[16 + 8 * hh + r] = blk[192 + hh];
-      } else if (kquant) {
+      } else if constexpr (k45) {
         uint8_t sc[8], mn[8];
         scale_min_k4(blk + 4, sc, mn);
         for (int j = 0; j < 8; ++j) {
@@ -112,19 +114,25 @@ void repack_x8_group_t(const uint8_t* raw, int64_t bpr, int64_t rows, int64_t K,
           p[96 + 8 * j + r] = mn[j];
         }
       }
-      gguf_block_values(qt, blk, v);
-      for (int64_t j = 0; j < f.cols / 32; ++j) {
-        uint8_t* q = p + x8_qoff(qt, j);
-        for (int k = 0; k < 8; ++k) {
-          for (int t = 0; t < 4; ++t) {
-            const uint8_t val = v[32 * j + 4 * k + t];
-            if (qt == T_Q8_0) {
-              q[32 * k + 4 * r + t] = val;
-            } else {
-              q[32 * (k & 3) + 4 * r + t] |= static_cast<uint8_t>(k < 4 ? (val & 0xF) : (val & 0xF) << 4);
-              if (qt == T_Q5_K) q[X8_HI_OFF + 4 * r + t] |= static_cast<uint8_t>(((val >> 4) & 1) << k);
-              if (q6) q[X8_HI_OFF + 32 * (k / 4) + 4 * r + t] |= static_cast<uint8_t>(((val >> 4) & 3) << X8_Q6_SHIFT[k & 3]);
-            }
+#pragma GCC unroll 8
+      for (int j = 0; j < f.cols / 32; ++j) {  // unrolled: each j's shifts and offsets become constants
+        uint8_t* q = p + x8_qoff(qt, j) + 4 * r;
+        uint32_t w[8];
+        for (int k = 0; k < 8; ++k) w[k] = block_word<qt>(blk, j, k);
+        if constexpr (qt == T_Q8_0) {
+          for (int k = 0; k < 8; ++k) st32(q + 32 * k, w[k]);
+          continue;
+        }
+        for (int k = 0; k < 4; ++k) st32(q + 32 * k, (w[k] & X8_NIB) | (w[k + 4] & X8_NIB) << 4);  // nibble plane
+        if constexpr (qt == T_Q5_K) {  // bit k of a byte: the fifth bit of value k
+          uint32_t b = 0;
+          for (int k = 0; k < 8; ++k) b |= ((w[k] >> 4) & 0x01010101u) << k;
+          st32(q + X8_HI_OFF, b);
+        } else if constexpr (q6) {  // two bits of values 4i .. 4i + 3 in byte 32i + 4r + t
+          for (int i = 0; i < 2; ++i) {
+            uint32_t b = 0;
+            for (int k = 4 * i; k < 4 * i + 4; ++k) b |= ((w[k] >> 4) & 0x03030303u) << X8_Q6_SHIFT[k & 3];
+            st32(q + X8_HI_OFF + 32 * i, b);
           }
         }
       }

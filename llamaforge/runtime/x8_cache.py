@@ -1,7 +1,7 @@
 """The x8 cache: a GGUF file's quantized weights already repacked for the C++ kernels, in a file mapped at load.
 
 The kernels read Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K weights in the "x8" layout (8 interleaved rows, qx8.h), so a
-quantized GGUF model is repacked at load: ~1.1 s of one core for a 1B Q4_K_M (85% of `Llama.build`), and
+quantized GGUF model is repacked at load: ~0.3 s of one core for a 1B Q4_K_M (1.1 s before the word-wide repack), and
 even a repack that cost nothing beyond a copy would pay ~0.3 s to fault in and fill fresh memory. The first
 load therefore writes the repacked bytes to a cache file; later loads map that file read-only-in-effect
 (private, copy-on-write) and the layers view it, as llama.cpp maps its GGUF: no weight is copied, the pages
