@@ -3,6 +3,7 @@ file that is corrupt, truncated, tampered with or stale is detected, never used,
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -81,24 +82,54 @@ def test_loaded_from_the_cache_equals_loaded_cold(ggufs, cache, caplog, monkeypa
     assert len(cache_files(cache)) == 1
 
 
-def test_layers_view_the_mapped_file(ggufs, cache, caplog):
-    path = ggufs[0]["q4_k_m"]
-    logits(path, caplog)
-    llm = Llama.build(path, max_seq_len=32, max_batch_size=1, device="cpu", progress=False)
-    wq = llm.model.layers[0].attention.wq
-    assert wq.layout == "x8"
-    with open(only_file(cache), "rb") as f:
-        f.seek(0, 2)
-        size = f.tell()
-    # no copy: the layer's bytes are the file's (a private mapping; its pages are the page cache's)
+@pytest.mark.parametrize("first", [True, False], ids=["the load that writes it", "a later load"])
+def test_layers_view_the_mapped_file(ggufs, cache, caplog, first):
+    # no copy: the layer's bytes are the file's (a private mapping; its pages are the page cache's), also at the
+    # first load, which repacks straight into the file's pages and then maps it as later loads do
     if not os.path.exists("/proc/self/maps"):
         pytest.skip("needs Linux's /proc/self/maps to see which file a tensor's memory maps")
+    path = ggufs[0]["q4_k_m"]
+    if not first:
+        logits(path, caplog)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=x8_cache.__name__):
+        llm = Llama.build(path, max_seq_len=32, max_batch_size=1, device="cpu", progress=False)
+    assert ("wrote" if first else "mapped") in caplog.text
+    wq = llm.model.layers[0].attention.wq
+    assert wq.layout == "x8"
+    size = only_file(cache).stat().st_size
     maps = open("/proc/self/maps").read()
     name = str(only_file(cache))
     spans = [line.split()[0].split("-") for line in maps.splitlines() if line.endswith(name)]
     ptr = wq.qweight.data_ptr()
     assert any(int(a, 16) <= ptr < int(b, 16) for a, b in spans), "wq does not view the cache file"
     assert size > wq.qweight.numel()
+
+
+def test_a_full_disk_is_said_and_the_load_goes_on_from_memory(ggufs, cache, caplog, monkeypatch):
+    # The file's space is reserved before any page is written through the mapping: a full disk is an error
+    # there (a page written through a mapping on a full disk would be a SIGBUS), the temporary file goes.
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    out, did = logits(ggufs[0]["q8_0"], caplog)
+    assert did == "none" and "cannot write" in caplog.text and "No space left" in caplog.text
+    assert not cache.exists() or list(cache.iterdir()) == []
+    monkeypatch.setenv(x8_cache.ENV, "off")
+    ref, _ = logits(ggufs[0]["q8_0"], caplog)
+    assert torch.equal(out, ref)
+
+
+def test_without_fallocate_the_space_is_reserved_by_writing_it(ggufs, cache, caplog, monkeypatch):
+    monkeypatch.delattr(os, "posix_fallocate", raising=False)  # as on macOS
+    cold, did = logits(ggufs[0]["q8_0"], caplog)
+    assert did == "wrote"
+    warm, did = logits(ggufs[0]["q8_0"], caplog)
+    assert did == "mapped" and torch.equal(warm, cold)
+    monkeypatch.setenv(x8_cache.VERIFY_ENV, "1")  # every byte the checksums say
+    checked, did = logits(ggufs[0]["q8_0"], caplog)
+    assert did == "mapped" and torch.equal(checked, cold) and "every tensor checked" in caplog.text
 
 
 def corrupt_one_byte(file):

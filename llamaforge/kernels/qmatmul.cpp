@@ -569,18 +569,30 @@ at::Tensor empty_streamed(int64_t rows, int64_t cols) {
   return at::from_blob(p, {rows, cols}, [len](void* q) { munmap(q, len); }, at::TensorOptions().dtype(at::kByte));
 }
 
-// GGUF bytes (N, bytes_per_row) -> the x8 layout (ceil(N / 8), K / 32 * super-block bytes).
-at::Tensor repack_x8(const at::Tensor& raw, int64_t qt, int64_t N, int64_t K) {
+// GGUF bytes (N, bytes_per_row) -> the x8 layout (ceil(N / 8), K / columns * super-block bytes), written into
+// `out`: uint8, contiguous, exactly that many bytes (e.g. a view of the x8 cache file's writable mapping, so
+// the repacked bytes go straight into the file's pages: no copy of the weights, no second lot of fresh memory).
+void repack_x8_into(const at::Tensor& raw, int64_t qt, int64_t N, int64_t K, const at::Tensor& out) {
   check_weight(raw, qt, N, K, LAYOUT_GGUF);
   TORCH_CHECK(x8_supported(qt), "llamaforge kernels: no x8 layout for GGML type id ", qt);
   const int64_t G = (N + 7) / 8, gbytes = K / x8_format(qt).cols * x8_format(qt).bytes, bpr = raw.size(1);
-  at::Tensor out = empty_streamed(G, gbytes);
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kByte && out.is_contiguous() && out.numel() == G * gbytes,
+              "repack_x8_into: out must be a contiguous CPU uint8 tensor of ", G * gbytes, " bytes, got ",
+              out.numel(), " bytes of ", out.scalar_type());
   const uint8_t* rp = raw.data_ptr<uint8_t>();
   uint8_t* op = out.data_ptr<uint8_t>();
   at::parallel_for(0, G, 16, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g)
       repack_x8_group(qt, rp + g * 8 * bpr, bpr, std::min<int64_t>(8, N - g * 8), K, op + g * gbytes);
   });
+}
+
+// The same into fresh 2 MiB-aligned memory marked for huge pages (empty_streamed).
+at::Tensor repack_x8(const at::Tensor& raw, int64_t qt, int64_t N, int64_t K) {
+  check_weight(raw, qt, N, K, LAYOUT_GGUF);
+  TORCH_CHECK(x8_supported(qt), "llamaforge kernels: no x8 layout for GGML type id ", qt);
+  at::Tensor out = empty_streamed((N + 7) / 8, K / x8_format(qt).cols * x8_format(qt).bytes);
+  repack_x8_into(raw, qt, N, K, out);
   return out;
 }
 
@@ -624,6 +636,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("qt"), py::arg("N"), py::arg("K"), py::arg("layout") = 0, release());
   m.def("repack_x8", &repack_x8, "GGUF bytes -> x8 layout", py::arg("raw"), py::arg("qt"), py::arg("N"),
         py::arg("K"), release());
+  m.def("repack_x8_into", &repack_x8_into, "GGUF bytes -> x8 layout, written into `out` (uint8, contiguous, "
+        "exactly the x8 size)", py::arg("raw"), py::arg("qt"), py::arg("N"), py::arg("K"), py::arg("out"), release());
   m.def("quantize_q8k", &quantize_q8k, "activations (M, K) -> Q8_K (q, d, bsums) as the K-quant kernels read them",
         py::arg("x"), release());
   m.def("x8_supported", &x8_supported, "whether a GGML type id has the x8 layout");

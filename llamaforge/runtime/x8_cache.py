@@ -3,9 +3,10 @@
 The kernels read Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K weights in the "x8" layout (8 interleaved rows, qx8.h), so a
 quantized GGUF model is repacked at load: ~0.3 s of one core for a 1B Q4_K_M (1.1 s before the word-wide repack), and
 even a repack that cost nothing beyond a copy would pay ~0.3 s to fault in and fill fresh memory. The first
-load therefore writes the repacked bytes to a cache file; later loads map that file read-only-in-effect
-(private, copy-on-write) and the layers view it, as llama.cpp maps its GGUF: no weight is copied, the pages
-are the kernel's page cache (shared by every process that loads the model), and peak memory is one copy.
+load therefore repacks straight into the pages of a new cache file (mapped shared and writable, its disk space
+reserved first) and then maps it as every later load does: read-only-in-effect (private, copy-on-write), the
+layers viewing it, as llama.cpp maps its GGUF: no weight is copied, the pages are the kernel's page cache
+(shared by every process that loads the model), and peak memory is one copy, at the first load too.
 
     $LLAMAFORGE_X8_CACHE   a folder for the cache files (default $XDG_CACHE_HOME/llamaforge/x8),
                            or "off" to repack at every load (nothing written)
@@ -36,6 +37,7 @@ A stamp is untrusted too: one that is missing, unreadable or of another file or 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -198,8 +200,10 @@ def _encode(header: dict) -> bytes:
     return _PREFIX.pack(MAGIC, len(text)) + text
 
 
-def _read(path: Path, expected: dict, todo: Mapping[str, GGUFQuantTensor]) -> Optional[dict[str, PackedWeight]]:
-    """The cached weights if `path` holds exactly what `expected` describes with intact bytes, else None."""
+def _read(path: Path, expected: dict, todo: Mapping[str, GGUFQuantTensor],
+          announce: bool = True) -> Optional[dict[str, PackedWeight]]:
+    """The cached weights if `path` holds exactly what `expected` describes with intact bytes, else None.
+    `announce`: log the mapping (not for the file this load has just written: `_build` says so)."""
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -241,8 +245,9 @@ def _read(path: Path, expected: dict, todo: Mapping[str, GGUFQuantTensor]) -> Op
         _mark_used(path)
     else:
         _write_stamp(path, seal)  # its sums matched: the file's identity now is the one to trust
-    log.info("x8 cache: mapped %s (%.0f MiB, %s)", path, expected["file_size"] / 2**20,
-             "unchanged since its last check" if trusted else "every tensor checked")
+    if announce:
+        log.info("x8 cache: mapped %s (%.0f MiB, %s)", path, expected["file_size"] / 2**20,
+                 "unchanged since its last check" if trusted else "every tensor checked")
     return {row[0]: PackedWeight(v.view(*kernels.x8_shape(row[1], row[2], row[3])), row[1], (row[2], row[3]))
             for row, v in zip(expected["tensors"], views)}
 
@@ -335,28 +340,65 @@ def _miss(path: Path, why: str, warn: bool = False) -> None:
 
 
 def _build(path: Path, header: dict, todo: Mapping[str, GGUFQuantTensor]) -> dict[str, PackedWeight]:
-    """Repack every weight (releasing its file pages as it goes) and write the cache file; returns the weights."""
-    packed: dict[str, PackedWeight] = {}
+    """Write the cache file, the weights repacked straight into its pages, and map it as a later load does;
+    returns the weights (views of the file). Where it cannot be written, the weights repacked in memory."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(path, overwrite=True, durable=False) as tmp, open(tmp, "wb") as f:
-            f.truncate(header["file_size"])
-            for row in header["tensors"]:
-                packed[row[0]] = w = _repack(todo[row[0]])
-                f.seek(row[4])
-                f.write(memoryview(w.raw.numpy()).cast("B"))
-                row[6] = f"{_sum(w.raw):0{len(row[6])}x}"
-            f.seek(0)
-            f.write(_encode(header))
+        with atomic_file(path, overwrite=True, durable=False) as tmp:
+            _write(tmp, header, todo)
         _write_stamp(path, _seal(_identity(os.stat(path)), header))  # its sums are those of the bytes just written
-        log.info("x8 cache: wrote %s (%.0f MiB)", path, header["file_size"] / 2**20)
         prune(path.parent)
-    except OSError as e:  # a full disk or a read-only cache folder: run from memory, as without the cache
+    except (OSError, ValueError) as e:  # a full disk, a read-only folder, a filesystem that cannot map files
         log.warning("x8 cache: cannot write %s (%s); the weights are repacked at every load", path, e)
-        for name, w in todo.items():
-            if name not in packed:
-                packed[name] = _repack(w)
+        return {name: _repack(w) for name, w in todo.items()}
+    packed = _read(path, header, todo, announce=False)
+    if packed is None:  # replaced or removed in the meantime by another process: still no reason to fail the load
+        return {name: _repack(w) for name, w in todo.items()}
+    log.info("x8 cache: wrote %s (%.0f MiB)", path, header["file_size"] / 2**20)
     return packed
+
+
+def _write(tmp: Path, header: dict, todo: Mapping[str, GGUFQuantTensor]) -> None:
+    """The cache file's bytes into `tmp`: its disk space reserved first, then every weight repacked into a shared
+    mapping of it (the x8 bytes land in the file's page-cache pages: no copy of the weights and no second lot of
+    fresh memory, which on the VMs here cost 0.25-1.8 s per 600 MB), its checksum taken, and the header last."""
+    size = header["file_size"]
+    with open(tmp, "r+b") as f:
+        _reserve(f, size)
+        buf = mmap.mmap(f.fileno(), size)  # shared and writable
+        try:
+            for row in header["tensors"]:
+                w = todo[row[0]]
+                view = torch.frombuffer(buf, dtype=torch.uint8, count=row[5], offset=row[4])
+                kernels.repack_into(w.raw, w.qtype, int(w.shape[0]), int(w.shape[1]), view)
+                w.release()  # its bytes are in the file now: drop the GGUF's pages from this process
+                row[6] = f"{_sum(view):0{len(row[6])}x}"
+                del view
+            encoded = _encode(header)
+            buf[: len(encoded)] = encoded
+        finally:
+            try:
+                buf.close()
+            except BufferError:  # an exception's traceback still holds a view: the mapping goes with it
+                pass
+
+
+def _reserve(f: Any, size: int) -> None:
+    """Give the open file `f` `size` bytes of disk before its pages are written through a mapping: a full disk is
+    then an OSError here, where a page written through the mapping would kill the process (SIGBUS)."""
+    try:
+        os.posix_fallocate(f.fileno(), 0, size)
+        return
+    except AttributeError:  # no posix_fallocate (macOS)
+        pass
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # what a filesystem without fallocate answers
+            raise
+    chunk = bytes(min(size, 64 << 20))
+    f.seek(0)
+    for start in range(0, size, len(chunk)):
+        f.write(chunk[: size - start])
+    f.flush()
 
 
 KEEP_PER_MODEL = 2  # cache files (of as many kernel builds) kept per model: the one in use and the last other
