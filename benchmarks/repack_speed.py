@@ -39,8 +39,7 @@ def main() -> None:
     from shapes import file_path
 
     torch.set_num_threads(a.threads)
-    ext = kernels.get_extension()
-    if ext is None:
+    if kernels.get_extension() is None:
         sys.exit("repack_speed: the C++ kernels did not build here (see llamaforge/kernels/loader.py)")
     for t in a.types:
         path = file_path(a.shape, t)
@@ -51,14 +50,14 @@ def main() -> None:
             if x.tensor_type.name in kernels.X8_FORMATS and x.name != "token_embd.weight":
                 n, k = int(x.shape[1]), int(x.shape[0])
                 raw = torch.from_numpy(np.ascontiguousarray(x.data).reshape(n, -1))
-                weights.append((raw, kernels.qtype_info(x.tensor_type.name).type_id, n, k))
+                weights.append((raw, x.tensor_type.name, n, k))
         for raw, *_ in weights:
             raw.sum()  # fault the file's pages in: the repack is timed, not the disk
         best = float("inf")
         for _ in range(a.repeats):
             t0 = time.perf_counter()
-            for raw, qt, n, k in weights:
-                ext.repack_x8(raw, qt, n, k)
+            for raw, qtype, n, k in weights:
+                kernels.repack(raw, qtype, n, k)
             best = min(best, time.perf_counter() - t0)
         gb = sum(raw.numel() for raw, *_ in weights) / 1e9
         print(f"{a.shape} {t:<7} {gb:.2f} GB repacked in {best:.3f} s ({gb / best:.2f} GB/s), {a.threads} thread(s)",

@@ -172,7 +172,7 @@ def test_x8_repack_moves_every_bit(qtype: str) -> None:
     # into x8 bytes that torch's independent inverse (kernels/formats.py) turns back into the same bytes; a last
     # partial group's missing rows are zero, as the repack of the same rows followed by rows of zero bytes.
     info = kernels.qtype_info(qtype)
-    k = 3 * (256 if info.block == 256 else 32) if qtype != "Q4_0" else 17 * 32
+    k = 768 if info.block == 256 else 544  # 3 super-blocks; 17 blocks of 32
     bpr = k // info.block * info.bytes
     raw = torch.randint(0, 256, (45, bpr), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
     packed, layout = kernels.repack(raw, qtype, 45, k)

@@ -89,10 +89,10 @@ def repack(raw: torch.Tensor, qtype: str, out_features: int, in_features: int) -
 def repack_into(raw: torch.Tensor, qtype: str, out_features: int, in_features: int, out: torch.Tensor) -> None:
     """Write the x8 bytes of GGUF bytes `raw` into `out` (uint8, contiguous, `x8_shape`'s size): the x8 cache's
     first load repacks straight into the pages of the file it writes. Needs the kernels and an x8 type."""
-    ext = get_extension()
-    if ext is None or qtype_info(qtype).name not in X8_FORMATS:
+    info, ext = qtype_info(qtype), get_extension()
+    if ext is None or info.name not in X8_FORMATS:
         raise RuntimeError(f"no x8 repack of {qtype} here (the C++ kernels are absent or have no x8 layout for it)")
-    ext.repack_x8_into(raw.contiguous(), qtype_info(qtype).type_id, out_features, in_features, out)
+    ext.repack_x8_into(raw.contiguous(), info.type_id, out_features, in_features, out)
 
 
 def to_gguf_layout(raw: torch.Tensor, qtype: str, out_features: int, in_features: int, layout: str) -> torch.Tensor:

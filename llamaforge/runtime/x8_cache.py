@@ -350,12 +350,12 @@ def _build(path: Path, header: dict, todo: Mapping[str, GGUFQuantTensor]) -> dic
         prune(path.parent)
     except (OSError, ValueError) as e:  # a full disk, a read-only folder, a filesystem that cannot map files
         log.warning("x8 cache: cannot write %s (%s); the weights are repacked at every load", path, e)
-        return {name: _repack(w) for name, w in todo.items()}
-    packed = _read(path, header, todo, announce=False)
-    if packed is None:  # replaced or removed in the meantime by another process: still no reason to fail the load
-        return {name: _repack(w) for name, w in todo.items()}
-    log.info("x8 cache: wrote %s (%.0f MiB)", path, header["file_size"] / 2**20)
-    return packed
+        packed = None
+    else:
+        packed = _read(path, header, todo, announce=False)  # None only if another process replaced it meanwhile
+        if packed is not None:
+            log.info("x8 cache: wrote %s (%.0f MiB)", path, header["file_size"] / 2**20)
+    return packed if packed is not None else {name: _repack(w) for name, w in todo.items()}
 
 
 def _write(tmp: Path, header: dict, todo: Mapping[str, GGUFQuantTensor]) -> None:
