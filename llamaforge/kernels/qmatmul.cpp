@@ -569,30 +569,40 @@ at::Tensor empty_streamed(int64_t rows, int64_t cols) {
   return at::from_blob(p, {rows, cols}, [len](void* q) { munmap(q, len); }, at::TensorOptions().dtype(at::kByte));
 }
 
-// GGUF bytes (N, bytes_per_row) -> the x8 layout (ceil(N / 8), K / columns * super-block bytes), written into
-// `out`: uint8, contiguous, exactly that many bytes (e.g. a view of the x8 cache file's writable mapping, so
-// the repacked bytes go straight into the file's pages: no copy of the weights, no second lot of fresh memory).
-void repack_x8_into(const at::Tensor& raw, int64_t qt, int64_t N, int64_t K, const at::Tensor& out) {
+// The bytes of one group of 8 rows of an (N, K) weight in the x8 layout, once `raw` is checked to be its GGUF
+// bytes and its type one with an x8 layout.
+static int64_t checked_x8_group_bytes(const at::Tensor& raw, int64_t qt, int64_t N, int64_t K) {
   check_weight(raw, qt, N, K, LAYOUT_GGUF);
   TORCH_CHECK(x8_supported(qt), "llamaforge kernels: no x8 layout for GGML type id ", qt);
-  const int64_t G = (N + 7) / 8, gbytes = K / x8_format(qt).cols * x8_format(qt).bytes, bpr = raw.size(1);
-  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kByte && out.is_contiguous() && out.numel() == G * gbytes,
-              "repack_x8_into: out must be a contiguous CPU uint8 tensor of ", G * gbytes, " bytes, got ",
-              out.numel(), " bytes of ", out.scalar_type());
+  return K / x8_format(qt).cols * x8_format(qt).bytes;
+}
+
+// Checked GGUF bytes (N, bytes_per_row) -> the x8 layout, ceil(N / 8) groups of `gbytes`, at `op`.
+static void repack_x8_groups(const at::Tensor& raw, int64_t qt, int64_t N, int64_t K, int64_t gbytes, uint8_t* op) {
+  const int64_t bpr = raw.size(1);
   const uint8_t* rp = raw.data_ptr<uint8_t>();
-  uint8_t* op = out.data_ptr<uint8_t>();
-  at::parallel_for(0, G, 16, [&](int64_t g0, int64_t g1) {
+  at::parallel_for(0, (N + 7) / 8, 16, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g)
       repack_x8_group(qt, rp + g * 8 * bpr, bpr, std::min<int64_t>(8, N - g * 8), K, op + g * gbytes);
   });
 }
 
+// GGUF bytes (N, bytes_per_row) -> the x8 layout (ceil(N / 8), K / columns * super-block bytes), written into
+// `out`: uint8, contiguous, exactly that many bytes (e.g. a view of the x8 cache file's writable mapping, so
+// the repacked bytes go straight into the file's pages: no copy of the weights, no second lot of fresh memory).
+void repack_x8_into(const at::Tensor& raw, int64_t qt, int64_t N, int64_t K, const at::Tensor& out) {
+  const int64_t gbytes = checked_x8_group_bytes(raw, qt, N, K), G = (N + 7) / 8;
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kByte && out.is_contiguous() && out.numel() == G * gbytes,
+              "repack_x8_into: out must be a contiguous CPU uint8 tensor of ", G * gbytes, " bytes, got ",
+              out.numel(), " bytes of ", out.scalar_type());
+  repack_x8_groups(raw, qt, N, K, gbytes, out.data_ptr<uint8_t>());
+}
+
 // The same into fresh 2 MiB-aligned memory marked for huge pages (empty_streamed).
 at::Tensor repack_x8(const at::Tensor& raw, int64_t qt, int64_t N, int64_t K) {
-  check_weight(raw, qt, N, K, LAYOUT_GGUF);
-  TORCH_CHECK(x8_supported(qt), "llamaforge kernels: no x8 layout for GGML type id ", qt);
-  at::Tensor out = empty_streamed((N + 7) / 8, K / x8_format(qt).cols * x8_format(qt).bytes);
-  repack_x8_into(raw, qt, N, K, out);
+  const int64_t gbytes = checked_x8_group_bytes(raw, qt, N, K);
+  at::Tensor out = empty_streamed((N + 7) / 8, gbytes);
+  repack_x8_groups(raw, qt, N, K, gbytes, out.data_ptr<uint8_t>());
   return out;
 }
 
