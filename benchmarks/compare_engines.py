@@ -37,6 +37,21 @@ from typing import Callable, Sequence
 GenFn = Callable[[Sequence[Sequence[int]], int], list]
 
 
+def import_engine(engine: str) -> None:
+    """Import `engine` with its native libraries before its load is timed (import time, as torch's is):
+    `import llama_cpp` loads llama.cpp's shared libraries; llamaforge loads its C++ kernels on first use, so
+    that use is made here, or the load column would hold one engine's library loading and not the other's."""
+    if engine == "llama.cpp":
+        import llama_cpp  # noqa: F401
+    elif engine == "transformers":
+        import transformers  # noqa: F401
+    else:
+        import llamaforge  # noqa: F401
+        from llamaforge.kernels import get_extension
+
+        get_extension()
+
+
 def rss_mb() -> float:
     """Current resident set size of this process, MiB (from /proc/self/status)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -281,12 +296,7 @@ def run(cfg: dict) -> dict:
 
     torch.set_num_threads(cfg["threads"])
     engine = cfg["engine"]
-    if engine == "llama.cpp":
-        import llama_cpp  # noqa: F401  (import cost outside the load time, as torch's is)
-    elif engine == "transformers":
-        import transformers  # noqa: F401
-    else:
-        import llamaforge  # noqa: F401
+    import_engine(engine)
     res: dict = {"engine": engine, "rss_after_imports_mb": rss_mb(), "loadavg_start": os.getloadavg()[0]}
     t0 = time.perf_counter()
     gen, handle, forced = LOADERS[engine](cfg, 1)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.append(str(Path(__file__).resolve().parent))  # compare_engines' helpers, after the packages
-from compare_engines import gguf_weight_bytes, module_weight_bytes, peak_rss_mb, rss_mb  # noqa: E402
+from compare_engines import gguf_weight_bytes, import_engine, module_weight_bytes, peak_rss_mb, rss_mb  # noqa: E402
 from cpu_mode import check_isa, isa_of  # noqa: E402
 
 
@@ -193,10 +193,7 @@ def run(cfg: dict) -> dict:
 
     torch.set_num_threads(cfg["threads"])
     engine = cfg["engine"]
-    if engine == "llama.cpp":
-        import llama_cpp  # noqa: F401  (import cost outside the load time)
-    else:
-        import llamaforge  # noqa: F401
+    import_engine(engine)
     res: dict = {"engine": engine, "rss_after_imports_mb": rss_mb(), "loadavg_start": os.getloadavg()[0]}
     t0, c0 = time.perf_counter(), time.process_time()
     eng = LlamaCppSteps(cfg) if engine == "llama.cpp" else LlamaforgeSteps(cfg)
