@@ -195,12 +195,20 @@ def test_a_running_answer_gets_a_token_every_step_while_a_long_prompt_prefills(q
     rng = random.Random(2)
     short, long_ = [rng.randrange(3, VOCAB) for _ in range(4)], [rng.randrange(3, VOCAB) for _ in range(80)]
     rec = Recorder(qmodel, budget=2 * CHUNK, fixed_rows=8.0)
+    submitted, decode = threading.Event(), rec.eng.runner.decode
+
+    def held(*a, **kw):  # the short answer's steps wait for the long prompt: on a busy machine this thread could
+        submitted.wait(60)  # otherwise wake after all 40 of its tokens, with nothing left to interleave
+        return decode(*a, **kw)
+
+    rec.eng.runner.decode = held
     rec.eng.start()
     try:
         rec.submit([short], 40)
-        while not rec.tokens[0]:  # the short answer is running
+        while not rec.tokens[0]:  # the short answer is running (its first token is the prefill's)
             threading.Event().wait(0.001)
         rec.submit([long_], 4)
+        submitted.set()
         rec.wait(2)
     finally:
         rec.eng.close()
