@@ -52,6 +52,16 @@ def test_tags_ps_show_describe_the_served_model(served):
     assert client.show(name + ":latest").details.family == "llama"
 
 
+def test_head_answers_where_ollama_s_server_does(served):
+    """The `ollama` command line sends `HEAD /` before each command and gives up on anything but a 2xx."""
+    for path in ("/", "/api/tags", "/api/version"):
+        r = httpx.head(served["base"] + path, timeout=30)
+        assert r.status_code == 200, (path, r.status_code, r.text)
+        assert r.content == b"", path  # a HEAD answer has no body
+    assert httpx.post(served["base"] + "/", timeout=30).status_code == 405
+    assert "<html" in httpx.get(served["base"] + "/", timeout=30).text.lower()
+
+
 def test_chat_equals_the_openai_route(served):
     client, name = served["client"], served["name"]
     reply = client.chat(model=name, messages=QUESTION, options=OPTS)

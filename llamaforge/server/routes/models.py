@@ -1,4 +1,8 @@
-"""GET / (the chat page), /favicon.ico, GET /health, GET /v1/models and GET /v1/models/{id}."""
+"""GET / (the chat page), /favicon.ico, GET /health, GET /v1/models and GET /v1/models/{id}.
+
+`/` also answers HEAD, as Ollama's server does: the `ollama` command line checks that a server is up with
+`HEAD /` before every command (run, list, show, pull, ps), so a 405 there would make it say no server runs.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ CHAT_PAGE, FAVICON = STATIC / "chat.html", STATIC / "favicon.ico"
 router = APIRouter()
 
 
-@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+@router.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
 async def chat_page():
     return HTMLResponse(CHAT_PAGE.read_text(encoding="utf-8"))
 

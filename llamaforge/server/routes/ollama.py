@@ -8,6 +8,7 @@
     POST /api/pull        success for the served model (already here), 404 for any other; push, create,
                           copy and delete answer 501 (the server serves the one model it loaded)
     GET  /api/version     the llamaforge version
+    (/api/tags and /api/version answer HEAD too, as Ollama's server does; `HEAD /` is in routes/models.py)
 
 Each request is translated into the OpenAI request the /v1 routes take (so it is validated, admitted,
 batched and sampled in exactly the same way), and the OpenAI chunks are translated back (both in
@@ -245,7 +246,7 @@ def _listing(s: Served) -> dict:
             "digest": "", "details": card["details"]}
 
 
-@router.get("/tags")
+@router.api_route("/tags", methods=["GET", "HEAD"])
 async def tags(s: Served = Depends(served)):
     return {"models": [_listing(s)]}
 
@@ -299,7 +300,7 @@ for _path, _method in (("/push", "POST"), ("/create", "POST"), ("/copy", "POST")
     router.add_api_route(_path, _not_managed, methods=[_method], include_in_schema=False)
 
 
-@router.get("/version")
+@router.api_route("/version", methods=["GET", "HEAD"])
 async def version():
     return {"version": llamaforge.__version__}
 
