@@ -358,20 +358,17 @@ def run_matrix(args, command: str, src: Path, text: str, bandwidth, machine) -> 
     print(f"[matrix] results in {path} and {path.with_suffix('.md')}", flush=True)
 
 
-def warm_page_cache(f: Path, meminfo: Path = Path("/proc/meminfo")) -> str:
+def warm_page_cache(f: Path, available: Optional[int]) -> str:
     """Read `f` through once, untimed, so each engine's load starts from the page cache: cells run llamaforge
     first on each file, and a file that had fallen out of the cache was read from disk on llamaforge's load
     clock, then found cached by llama.cpp's (3B BF16 3.8-4.8 s against 0.5 s in the fifteenth session). A file
-    larger than half the available memory is left alone (it could not stay cached: the 8B files on 23 GiB).
-    Returns what was done, for the cell's record."""
+    larger than half the `available` bytes of memory is left alone (it could not stay cached: the 8B files on
+    23 GiB). Returns what was done, for the cell's record."""
+    if available is None:
+        return "not read (available memory unknown)"
     size = f.stat().st_size
-    try:
-        avail = next(int(line.split()[1]) * 1024 for line in meminfo.read_text().splitlines()
-                     if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        return "not read (no MemAvailable)"
-    if size > avail // 2:
-        return f"not read ({size / 2**30:.1f} GiB > half of {avail / 2**30:.1f} GiB available)"
+    if size > available // 2:
+        return f"not read ({size / 2**30:.1f} GiB > half of {available / 2**30:.1f} GiB available)"
     with open(f, "rb", buffering=0) as fh:
         while fh.read(1 << 24):
             pass
@@ -380,8 +377,11 @@ def warm_page_cache(f: Path, meminfo: Path = Path("/proc/meminfo")) -> str:
 
 def run_one(c: Cell, f: Path, x8: Optional[X8Caches], prompt: list[int], args, run_cell) -> dict:
     """One cell's engine process (through compare_shapes.run_cell); its record for the results file."""
+    import torch
+    from llamaforge.devices import available_memory_bytes
+
     x8_on = x8.use(f) if x8 is not None else None
-    page_cache = warm_page_cache(f)
+    page_cache = warm_page_cache(f, available_memory_bytes(torch.device("cpu")))
     cfg = {"engine": c.engine, "model": str(f), "threads": c.threads, "prompt_lens": [c.context],
            "prompts": {str(c.context): prompt}, "batches": list(c.batches), "plan": c.plan, "steps": args.steps,
            "long_steps": args.long_steps, "runs": args.runs, "flash_attn": c.flash_attn, "kv_type": args.kv_type,
