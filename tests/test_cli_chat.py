@@ -166,7 +166,6 @@ def test_the_repl_in_a_pty_on_the_default_model(tmp_path):
     # sent once the answer streams and again every 10 s; "[stopped]" passes, the hint means the answer had ended
     # (the story is asked for again, up to 3 times), and an answer that three Ctrl-C did not stop fails with the
     # output's end
-    stopped = False
     for _ in range(3):
         child.send("Write a very long story about a dragon.\r")
         child.expect_exact(ACCEPTED)
@@ -179,10 +178,10 @@ def test_the_repl_in_a_pty_on_the_default_model(tmp_path):
         else:
             raise AssertionError(f"three Ctrl-C 10 s apart stopped nothing; the output's end: {child.before[-1500:]!r}")
         if seen == 0:
-            stopped = True
             break
         child.expect_exact(READING)  # the answer had ended before the Ctrl-C: ask again
-    assert stopped, "three answers ended before a Ctrl-C sent while each streamed"
+    else:
+        raise AssertionError("three answers ended before a Ctrl-C sent while each streamed")
     child.expect_exact(READING)
     type_line(child, "/load " + str(tmp_path / "chat.json"), "loaded 2 messages")
     child.sendeof()  # Ctrl-D leaves
