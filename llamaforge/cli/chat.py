@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -285,8 +286,21 @@ def check_messages(messages: Any, path: Path) -> list[dict[str, str]]:
     return out
 
 
+def take_ctrl_c() -> None:
+    """Make Ctrl-C raise KeyboardInterrupt even when this process was started with SIGINT ignored.
+
+    A shell without job control starts `cmd &` with SIGINT ignored, the exec keeps that, and Python then
+    installs no KeyboardInterrupt handler, so a chat launched from a script or a test runner in the background
+    ignored every Ctrl-C sent while an answer streamed (the line editor reads its own Ctrl-C as a key, so
+    the prompt still worked). A person at the terminal means "stop the answer": take the key back."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def run(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
+    if interactive:
+        take_ctrl_c()
     generator = build_from_flags(args)
     session = ChatSession(generator, Settings(args), args.system, interactive=interactive)
     reader = make_reader(interactive)
