@@ -183,7 +183,8 @@ def plan_summary(todo: list[Cell], estimates: dict[str, float], short: int, scal
 
 def read_results(path: Path) -> tuple[list[dict], dict[str, dict]]:
     """(run records, the latest record of each cell key) of a results file; lines that do not parse (a
-    write cut by a kill) are skipped."""
+    write cut by a kill) are skipped. Each cell record gets `run_bandwidth`, the memory probe of the run it
+    was measured in (the run record before it in the file): its share of bandwidth is rated against that."""
     runs, done = [], {}
     if not path.exists():
         return runs, done
@@ -197,6 +198,7 @@ def read_results(path: Path) -> tuple[list[dict], dict[str, dict]]:
         if rec.get("kind") == "run":
             runs.append(rec)
         elif rec.get("kind") == "cell" and isinstance(rec.get("cell"), dict):
+            rec["run_bandwidth"] = runs[-1].get("bandwidth", {}) if runs else {}
             done[rec["key"]] = rec
     return runs, done
 

@@ -31,7 +31,7 @@ class Figures:
     """The figures of one (shape, threads): lookups by (type, engine label, prompt length, batch)."""
 
     def __init__(self, records: list[dict], shape: str, threads: int, bandwidth_gbs: Optional[float]):
-        self.shape, self.threads, self.bw = shape, threads, bandwidth_gbs
+        self.shape, self.threads, self.bw = shape, threads, bandwidth_gbs  # bw: for records without their run's
         mine = [r for r in records if r["cell"]["shape"] == shape and r["cell"]["threads"] == threads]
         self.records = mine
         self.contexts = sorted({r["cell"]["context"] for r in mine})
@@ -59,6 +59,16 @@ class Figures:
         if c is None:
             return None
         return (c["_res"]["bytes_per_token"] + c["_res"]["kv_bytes_per_position"] * p) * c["decode_tok_s"] / 1e9
+
+    def share(self, t: str, engine: str, p: int) -> Optional[float]:
+        """gbs over the bandwidth probed in the same run as the cell (machines drift between runs: 36 then
+        44.9 GB/s at 2 threads in the fifteenth session), else over the latest probe."""
+        g, c = self.gbs(t, engine, p), self.cell(t, engine, p, 1)
+        if g is None:
+            return None
+        own = c["_rec"].get("run_bandwidth", {}).get(str(self.threads), {}).get("roofline_gbs")
+        bw = own or self.bw
+        return g / bw if bw else None
 
     def load_s(self, t: str, engine: str) -> Optional[float]:
         c = self.load_cell(t, engine)
@@ -130,8 +140,8 @@ def figures_table(fg: Figures) -> list[str]:
                 c = fg.cell(t, e, p, 1)
                 row.append("·" if c is None else f"{c['decode_tok_s']:.2f} ({c['decode_best_tok_s']:.2f})")
             for p in lens:
-                g = fg.gbs(t, e, p)
-                row.append("·" if g is None else f"{g:.1f} ({100 * g / fg.bw:.0f}%)" if fg.bw else f"{g:.1f}")
+                g, share = fg.gbs(t, e, p), fg.share(t, e, p)
+                row.append("·" if g is None else f"{g:.1f} ({100 * share:.0f}%)" if share else f"{g:.1f}")
             row += [_f(fg.figure(t, e, short, b, "decode_tok_s")) for b in fg.batches]
             c = fg.cell(t, e, short, 1)
             row.append(_f(None if c is None else c["_res"]["peak_rss_mb"], "{:.0f}"))
@@ -158,10 +168,9 @@ def target_rows(fg: Figures) -> list[list[str]]:
     long = max(fg.contexts) if fg.contexts and max(fg.contexts) > fg.short else None
     rows = []
     for t in fg.types:
-        g = fg.gbs(t, "llamaforge", fg.short)
         row = [fg.shape, str(fg.threads), t,
                _verdict(fg.ratio(t, fg.short, 1, "decode_tok_s"), DECODE_RATIO) if small else "·",
-               _verdict(g / fg.bw if g and fg.bw else None, BANDWIDTH, fmt="{:.0%}") if small else "·",
+               _verdict(fg.share(t, "llamaforge", fg.short), BANDWIDTH, fmt="{:.0%}") if small else "·",
                _verdict(fg.ratio(t, fg.short, 1, "prefill_tok_s"), PREFILL_RATIO),
                _verdict(fg.ratio(t, long, 1, "prefill_tok_s"), PREFILL_RATIO) if long else "·",
                _verdict(fg.ratio(t, long, 1, "decode_tok_s"), LONG_DECODE_RATIO) if long else "·",
@@ -178,10 +187,12 @@ def render(runs: list[dict], records: list[dict]) -> str:
         return "(no run recorded yet)\n"
     last = runs[-1]
     m = last["machine"]
-    bws, how = {}, {}
-    for r in runs:  # the latest measurement per thread count
+    bws, how, seen = {}, {}, {}
+    for r in runs:  # the latest measurement per thread count, and the range over the runs
         bws.update({int(k): v["roofline_gbs"] for k, v in r["bandwidth"].items()})
         how.update({int(k): describe(v) for k, v in r["bandwidth"].items()})
+        for k, v in r["bandwidth"].items():
+            seen.setdefault(int(k), []).append(v["roofline_gbs"])
     loads = [r["result"].get(k) for r in records for k in ("loadavg_start", "loadavg_end")
              if r["result"].get(k) is not None]
     ok = sum(_ok(r) for r in records)
@@ -190,7 +201,9 @@ def render(runs: list[dict], records: list[dict]) -> str:
            f"{runs[0]['date']} to {last['date']} ({len(runs)} run{'s' if len(runs) > 1 else ''} of the command, "
            f"{ok} cells measured, {len(records) - ok} failed); {m['cpu']}, {m['cores']} cores, flags {m['flags']}; "
            f"llamaforge {m['llamaforge']}, llama-cpp-python {m['llama_cpp_python']}, torch {m['torch']}. Memory "
-           "read bandwidth: " + ", ".join(f"{bw:.1f} GB/s at {t} thread{'s' * (t > 1)} ({how[t]})"
+           "read bandwidth: " + ", ".join(f"{bw:.1f} GB/s at {t} thread{'s' * (t > 1)} ({how[t]}"
+                                           + (f"; {min(seen[t]):.1f}-{max(seen[t]):.1f} over the runs" if
+                                              min(seen[t]) != max(seen[t]) else "") + ")"
                                            for t, bw in sorted(bws.items())) +
            f". Load average {min(loads, default=0):.1f} to {max(loads, default=0):.1f} during the cells. Random "
            "weights in Llama shapes (benchmarks/shapes.py), files made by llama.cpp's quantizer. Decode: each "
@@ -201,9 +214,9 @@ def render(runs: list[dict], records: list[dict]) -> str:
            (f", of {s.get('steps', '?')} steps of one run at batches" if any(r["cell"]["batches"] != [1]
                                                                         for r in records) else "") +
            "; best = fastest step. GB/s = (weight bytes + KV cache at that context) x tok/s, and as a "
-           "share of the bandwidth at that thread count. Ratios: llamaforge / the faster of llama.cpp's "
-           "flash-attention settings per figure. Load: a fresh process to the first token's logits "
-           "(llamaforge's x8 cache written beforehand).", ""]
+           "share of the bandwidth probed at that thread count in the cell's own run. Ratios: llamaforge / the "
+           "faster of llama.cpp's flash-attention settings per figure. Load: a fresh process to the first "
+           "token's logits (llamaforge's x8 cache written beforehand).", ""]
     targets = []
     for shape in SHAPES:
         for thr in sorted({r["cell"]["threads"] for r in records if r["cell"]["shape"] == shape}, reverse=True):

@@ -271,6 +271,25 @@ def test_tables_ratios_bandwidth_and_targets():
     assert "5 met, 2 missed of 7 measured" in text
 
 
+def test_each_cell_is_rated_against_its_own_runs_bandwidth_probe(tmp_path):
+    # the probe drifts between runs of a resumed matrix (36 then 44.9 GB/s at 2 threads); rating every cell
+    # against the newest moved the share of cells measured in earlier runs
+    recs = _records()
+    first = next(r for r in recs if r["cell"]["type"] == "Q4_0" and r["cell"]["engine"] == "llamaforge"
+                 and r["cell"]["context"] == 128)
+    path = tmp_path / "m.jsonl"
+    matrix.append(path, _run_record())
+    matrix.append(path, first)
+    later = _run_record()
+    later["bandwidth"] = {"2": {"roofline_gbs": 40.0}, "1": {"roofline_gbs": 15.0}}
+    matrix.append(path, later)
+    runs, done = matrix.read_results(path)
+    assert done[first["key"]]["run_bandwidth"]["2"]["roofline_gbs"] == 20.0
+    text = matrix_report.render(runs, list(done.values()))
+    assert "26.0 (130%)" in text and "26.0 (65%)" not in text  # 26 GB/s over its own run's 20, not the later 40
+    assert "40.0 GB/s at 2 threads" in text and "20.0-40.0 over the runs" in text
+
+
 def test_eight_b_has_no_decode_or_bandwidth_target_and_missing_figures_are_dots():
     rec = _records()[:2]
     for r in rec:
