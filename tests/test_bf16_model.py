@@ -56,7 +56,8 @@ def bf16_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("bf16")
     ref = make_hf("mistral", root / "hf", dim=64, hidden=104)
     path = convert(root / "hf", root / "bf16.gguf", to="gguf", dtype="bf16")
-    gen = Llama.build(str(path), max_seq_len=64, max_batch_size=9, device="cpu")
+    # a float32 KV cache, as the reference keeps K and V (a GGUF's default is llama.cpp's f16: test_kv_types.py)
+    gen = Llama.build(str(path), max_seq_len=64, max_batch_size=9, device="cpu", kv_type="float32")
     for layer in (gen.model.layers[0].attention.wq, gen.model.layers[0].feed_forward.w2, gen.model.output):
         assert isinstance(layer, QuantizedLinear) and layer.qtype == "BF16" and layer.uses_kernels
     return ref, gen

@@ -325,8 +325,8 @@ def test_deepcopy_keeps_a_working_fast_path():
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
 def test_16bit_gguf_stays_16bit_and_decodes_as_float32(tiny_checkpoints, tmp_path, dtype):
     """A 16-bit GGUF on the CPU keeps its weights 16-bit (weight-only layers, float32 activations, rounded to
-    bf16 before each matmul of a BF16 weight) and gives the tokens of the same file dequantized to float32
-    (the same weight values, the same rounding of a BF16 model's matmul inputs: only summation order differs,
+    bf16 before each matmul of a BF16 weight; llama.cpp's f16 KV cache) and gives the tokens of the same file
+    dequantized to float32 over the same cache type (the same weight values, the same rounding of a BF16 model's matmul inputs: only summation order differs,
     which for BF16 can move an activation across a bf16 rounding boundary, 2^-9 relative: observed 8e-4)."""
     from llamaforge import Llama, checkpoints
     from llamaforge.quantize import QuantizedLinear
@@ -338,7 +338,8 @@ def test_16bit_gguf_stays_16bit_and_decodes_as_float32(tiny_checkpoints, tmp_pat
     wq = kept.model.layers[0].attention.wq
     assert isinstance(wq, QuantizedLinear) and wq.qtype == dtype.upper()
     assert kept.model.norm.weight.dtype == torch.float32
-    ref = Llama.build(path, max_seq_len=64, max_batch_size=2, device="cpu", dtype="float32")
+    assert kept.kv_type == "float16"
+    ref = Llama.build(path, max_seq_len=64, max_batch_size=2, device="cpu", dtype="float32", kv_type="float16")
     if dtype == "bf16":
         for m in ref.model.modules():
             if isinstance(m, nn.Linear):

@@ -68,11 +68,11 @@ def test_q8_0_encode_is_ggml_block_q8_0():
 
 
 def test_the_default_kv_type():
-    assert kv_types.choose_kv_type(None, model_dtype=torch.float32, quantized_weights=False) == "float32"
-    assert kv_types.choose_kv_type(None, model_dtype=torch.bfloat16, quantized_weights=False) == "bfloat16"
-    assert kv_types.choose_kv_type(None, model_dtype=torch.float32, quantized_weights=True) == \
-        kv_types.QUANTIZED_DEFAULT
-    assert kv_types.choose_kv_type("q8_0", model_dtype=torch.float32, quantized_weights=False) == "q8_0"
+    assert kv_types.choose_kv_type(None, model_dtype=torch.float32, gguf_weights=False) == "float32"
+    assert kv_types.choose_kv_type(None, model_dtype=torch.bfloat16, gguf_weights=False) == "bfloat16"
+    assert kv_types.choose_kv_type(None, model_dtype=torch.float32, gguf_weights=True) == \
+        kv_types.GGUF_DEFAULT
+    assert kv_types.choose_kv_type("q8_0", model_dtype=torch.float32, gguf_weights=False) == "q8_0"
 
 
 @pytest.mark.parametrize("kv_type", TYPES)
@@ -256,13 +256,17 @@ def test_build_chooses_and_reports_the_kv_type(tiny_checkpoints, tmp_path, capsy
     q8 = checkpoints.save_gguf(t.args, t.state_dict, tmp_path / "tiny-q8_0.gguf", dtype="q8_0",
                                tokenizer_metadata=checkpoints.load(t.gguf).gguf_metadata)
     quantized = Llama.build(q8, max_seq_len=64, max_batch_size=2, device="cpu")
-    assert quantized.kv_type == kv_types.QUANTIZED_DEFAULT  # GGUF blocks: llama.cpp's f16 cache
+    assert quantized.kv_type == kv_types.GGUF_DEFAULT  # GGUF blocks: llama.cpp's f16 cache
+    f16 = checkpoints.save_gguf(t.args, t.state_dict, tmp_path / "tiny-f16.gguf", dtype="f16",
+                                tokenizer_metadata=checkpoints.load(t.gguf).gguf_metadata)
+    assert Llama.build(f16, max_seq_len=64, max_batch_size=2, device="cpu").kv_type == kv_types.GGUF_DEFAULT
+    assert Llama.build(f16, max_seq_len=64, max_batch_size=2, device="cpu", dtype="float32").kv_type == "float32"
     asked = Llama.build(q8, max_seq_len=64, max_batch_size=2, device="cpu", kv_type="bf16")
     assert asked.kv_type == "bfloat16"
     rows, _ = asked.generate([[1, 5, 9]], max_gen_len=6, temperature=0)
     assert asked.engine.cache.k.dtype == torch.bfloat16 and len(rows[0]) == 6  # the generated tokens
     assert main(["info", str(q8)]) == 0
-    assert f"kv cache:    {kv_types.QUANTIZED_DEFAULT} by default on the CPU (--kv-type)" in capsys.readouterr().out
+    assert f"kv cache:    {kv_types.GGUF_DEFAULT} by default on the CPU (--kv-type)" in capsys.readouterr().out
 
 
 def test_perplexity_through_each_kv_type():

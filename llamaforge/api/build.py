@@ -81,8 +81,8 @@ def build(
         progress: show a progress bar while a large checkpoint loads.
         kv_type: the KV cache's element type, as llama.cpp's --cache-type-k/-v: "float32", "float16",
             "bfloat16" or "q8_0" (blocks of 32 int8 with an fp16 scale; head_dim a multiple of 32), also
-            spelled f32 / f16 / bf16. None: float16 for a GGUF file whose weights stay in quantized blocks
-            (Q4_K, Q8_0, ...; as llama.cpp), else the model's dtype (float32 on the CPU: the reference path).
+            spelled f32 / f16 / bf16. None: float16 for a GGUF file whose weights stay as it holds them
+            (Q4_K, Q8_0, F16, ...; as llama.cpp), else the model's dtype (float32 on the CPU: the reference path).
         compile: run the one-token decode steps through torch.compile (CUDA graphs on CUDA; see
             llamaforge.runtime.compiled); the first step of each batch size compiles.
 
@@ -118,7 +118,7 @@ def build(
     ckpt = on_own_thread(lambda: checkpoints.load(path, progress=progress, keep_quantized=keep_quantized), world)
     args = ckpt.args
     kv = kv_types.choose_kv_type(kv_type, model_dtype=torch_dtype,
-                                 quantized_weights=runtime.block_quantized(ckpt.state_dict))
+                                 gguf_weights=runtime.holds_gguf_weights(ckpt.state_dict))
     kv_types.row_size(kv, args.head_dim)  # q8_0 needs head_dim in whole blocks: say so before anything is built
     max_seq_len = choose_max_seq_len(args, max_seq_len, max_batch_size, dev, kv)
     if max_seq_len > args.max_seq_len:

@@ -39,7 +39,7 @@ def describe(model=None, tokenizer_path=None) -> dict:
         "tensor_types": dict(dtypes),
     }
     args = ckpt.args
-    quantized = runtime.block_quantized(ckpt.state_dict)
+    gguf_weights = runtime.holds_gguf_weights(ckpt.state_dict)
     # What a CPU build picks without --kv-type, and what one position of one sequence takes in each type.
     per_position = {}
     for t in kv_types.KV_TYPES:
@@ -48,7 +48,7 @@ def describe(model=None, tokenizer_path=None) -> dict:
         except ConfigError:  # q8_0 with a head_dim that is no multiple of 32
             pass
     info["kv_cache"] = {
-        "default_cpu": kv_types.choose_kv_type(None, model_dtype=torch.float32, quantized_weights=quantized),
+        "default_cpu": kv_types.choose_kv_type(None, model_dtype=torch.float32, gguf_weights=gguf_weights),
         "bytes_per_position": per_position,
     }
     try:

@@ -27,8 +27,8 @@ _ALIASES = {"f32": "float32", "fp32": "float32", "f16": "float16", "fp16": "floa
 _FLOAT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _NAMES = {v: k for k, v in _FLOAT.items()}
 Q8_BLOCK, Q8_BYTES = 32, 34  # values and bytes of one block_q8_0
-# The KV type quantized GGUF models get on the CPU when none is asked for (see `choose_kv_type`).
-QUANTIZED_DEFAULT = "float16"
+# The KV type GGUF models get on the CPU when none is asked for (see `choose_kv_type`): llama.cpp's.
+GGUF_DEFAULT = "float16"
 
 
 def check_kv_type(kv_type: object, *, name: str = "kv_type") -> Optional[str]:
@@ -45,16 +45,18 @@ def check_kv_type(kv_type: object, *, name: str = "kv_type") -> Optional[str]:
     raise ConfigError(f"{name} must be one of {', '.join(KV_TYPES)} (or f32, f16, bf16), got {kv_type!r}")
 
 
-def choose_kv_type(requested: object, *, model_dtype: torch.dtype, quantized_weights: bool) -> str:
+def choose_kv_type(requested: object, *, model_dtype: torch.dtype, gguf_weights: bool) -> str:
     """The KV type a build uses: the one asked for, else the model's float dtype, except that a model whose
-    weights stay GGUF-quantized (CPU) gets `QUANTIZED_DEFAULT`, as llama.cpp's f16 cache (benchmarks/RESULTS.md
-    has the perplexity and speed that decided it). Float checkpoints keep a cache of their own dtype, which is
-    what the tests against Meta's reference and transformers compare exactly."""
+    weights stay as a GGUF file holds them (CPU: quantized blocks, or F16 / BF16 kept 16-bit) gets
+    `GGUF_DEFAULT`, as llama.cpp's f16 cache (benchmarks/RESULTS.md has the perplexity and speed that decided it:
+    at 4096 tokens a float32 cache doubled what a decode step's attention reads, and 1B F16 decoded at 0.79x
+    llama.cpp). Float checkpoints (Meta, Hugging Face, F32 GGUF) keep a cache of their own dtype, which is what
+    the tests against Meta's reference and transformers compare exactly."""
     chosen = check_kv_type(requested)
     if chosen is not None:
         return chosen
-    if quantized_weights:
-        return QUANTIZED_DEFAULT
+    if gguf_weights:
+        return GGUF_DEFAULT
     return _NAMES.get(model_dtype, "float32")
 
 

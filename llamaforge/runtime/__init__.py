@@ -28,7 +28,7 @@ from llamaforge.runtime.adapters import AdapterTable
 from llamaforge.runtime.compiled import CompiledDecode
 from llamaforge.runtime.fused import FusedDecode
 
-__all__ = ["AdapterTable", "CompiledDecode", "DecodeStep", "FusedDecode", "block_quantized", "build",
+__all__ = ["AdapterTable", "CompiledDecode", "DecodeStep", "FusedDecode", "holds_gguf_weights", "build",
            "populate_in_place", "prepare"]
 
 
@@ -52,7 +52,7 @@ class DecodeStep:
             FusedDecode() if fused and not compiled and get_extension() is not None else None)
         self.compiled: Optional[CompiledDecode] = CompiledDecode(model) if compiled else None
         self.ran_fused = False  # whether the last call ran the fused C++ step (else the modules)
-        self.kv_type = kv_types.choose_kv_type(kv_type, model_dtype=model.norm.weight.dtype, quantized_weights=False)
+        self.kv_type = kv_types.choose_kv_type(kv_type, model_dtype=model.norm.weight.dtype, gguf_weights=False)
 
     def new_cache(self, n_slots: int, max_seq_len: int) -> KVCache:
         """A zeroed slot cache of n_slots sequences of max_seq_len positions in this step's `kv_type`."""
@@ -91,11 +91,10 @@ class DecodeStep:
         return f"DecodeStep(fused={self.fused is not None}, compiled={self.compiled is not None}, kv_type={self.kv_type!r})"
 
 
-def block_quantized(state_dict: Mapping[str, Any]) -> bool:
-    """Whether weights arrive as GGUF quantized blocks (Q4_0, Q8_0, K-quants, ...), not as floats or 16-bit GGUF
-    weights kept 16-bit: what decides the default KV type (`kv_types.choose_kv_type`)."""
-    return any(getattr(v, "qtype", "F32") not in ("F32", "F16", "BF16") for v in state_dict.values()
-               if not isinstance(v, torch.Tensor))
+def holds_gguf_weights(state_dict: Mapping[str, Any]) -> bool:
+    """Whether weights stay as a GGUF file holds them (quantized blocks, or F16 / BF16 kept 16-bit), not as
+    float tensors: what decides the default KV type (`kv_types.choose_kv_type`)."""
+    return any(not isinstance(v, torch.Tensor) for v in state_dict.values())
 
 
 def build(args: ModelArgs, state_dict: Mapping[str, Any], *, device: torch.device, dtype: torch.dtype,
@@ -164,7 +163,7 @@ def prepare(
         compile: one-token steps through torch.compile (CUDA graphs on CUDA) instead of the fused C++ step
             or the plain modules.
         kv_type: the KV cache's element type ("float32", "float16", "bfloat16", "q8_0"); None chooses
-            (`kv_types.choose_kv_type`: float16 where weights stay in GGUF quantized blocks, else the model's dtype).
+            (`kv_types.choose_kv_type`: float16 where weights stay as a GGUF file holds them, else the model's dtype).
 
     Returns:
         (model, decode): the model in eval mode, and its DecodeStep (fused on a one-process CPU model).
@@ -180,6 +179,6 @@ def prepare(
         model = build(args, state_dict, device=device, dtype=dtype, max_seq_len=max_seq_len)
     if quantize is not None:
         model = quantize_model_weights(model, quantize)
-    kv = kv_types.choose_kv_type(kv_type, model_dtype=dtype, quantized_weights=block_quantized(state_dict))
+    kv = kv_types.choose_kv_type(kv_type, model_dtype=dtype, gguf_weights=holds_gguf_weights(state_dict))
     kv_types.row_size(kv, model.args.head_dim)  # q8_0 needs whole blocks: a clear error now, not at the first step
     return model, DecodeStep(model, fused=device.type == "cpu" and world == 1, compiled=compile, kv_type=kv)
