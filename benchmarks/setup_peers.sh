@@ -60,18 +60,49 @@ else
     echo "[setup_peers] python packages already at their pins ($STAMP)"
 fi
 
-if have llama_cpp_python "$LLAMA_CPP_PYTHON_VERSION"; then
-    echo "[setup_peers] llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION already built"
-else
-    LOG="$WORK/llama-cpp-build.log"
-    echo "[setup_peers] building llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION from its sdist (~15 min on 2 cores); log: $LOG"
+LOG="$WORK/llama-cpp-build.log"
+NO_AMX_STAMP="$VENV/.llama-cpp-no-amx"  # present: the build has AMX compiled out (see below)
+build_llama_cpp() {  # build_llama_cpp [EXTRA_C_FLAGS]
+    echo "[setup_peers] building llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION from its sdist (~15 min on 2 cores)${1:+ with $1}; log: $LOG"
     # CPU only: no BLAS (llama.cpp's own quantized kernels are what is compared), no CUDA/Vulkan/Metal,
-    # no llava/mtmd library (not used), native instruction set (AVX2 on the dev machines).
-    CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_BLAS=OFF -DGGML_CUDA=OFF -DGGML_VULKAN=OFF -DGGML_METAL=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
+    # no llava/mtmd library (not used), native instruction set (-march=native, as llama.cpp users build it).
+    CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_BLAS=OFF -DGGML_CUDA=OFF -DGGML_VULKAN=OFF -DGGML_METAL=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF${1:+ -DCMAKE_C_FLAGS='$1' -DCMAKE_CXX_FLAGS='$1'}" \
     CMAKE_BUILD_PARALLEL_LEVEL="$JOBS" \
-        nice -n 19 "${PIP[@]}" install --no-binary llama-cpp-python -v \
+        nice -n 19 "${PIP[@]}" install --no-binary llama-cpp-python --no-cache-dir --force-reinstall --no-deps -v \
         "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" >"$LOG" 2>&1 \
         || { echo "[setup_peers] llama-cpp-python build FAILED; last lines of $LOG:"; tail -30 "$LOG"; exit 1; }
+}
+# One prefill of the default model in a process of its own: 0 when llama.cpp computes, else not.
+smoke() {
+    "$VENV/bin/python" - <<'EOF' >/dev/null 2>&1
+import llama_cpp
+from llama_cpp._logger import set_verbose
+from llamaforge.default_model import default_model_path
+set_verbose(False)
+llm = llama_cpp.Llama(model_path=str(default_model_path()), n_ctx=256, n_threads=2, verbose=False)
+llm.eval(list(range(100, 164)))
+EOF
+}
+
+if have llama_cpp_python "$LLAMA_CPP_PYTHON_VERSION"; then
+    echo "[setup_peers] llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION already built$([ -f "$NO_AMX_STAMP" ] && echo ' (AMX compiled out)')"
+else
+    rm -f "$NO_AMX_STAMP"
+    build_llama_cpp
+fi
+# On some Intel CPUs with AMX (seen on a 2-core Sapphire Rapids-class VM, 2026-12-04) llama.cpp's AMX matmul
+# dies on its first tile-config load (ldtilecfg: general protection fault), while oneDNN's AMX runs there.
+# Where the smoke prefill dies and the CPU has AMX, build again with AMX compiled out: llama.cpp then runs
+# its AVX-512 / VNNI kernels and repacked layouts, the fastest it has that work here; RESULTS.md says so.
+if ! smoke; then
+    if [ ! -f "$NO_AMX_STAMP" ] && grep -q amx_int8 /proc/cpuinfo 2>/dev/null; then
+        echo "[setup_peers] llama.cpp died in its first prefill on this AMX CPU; rebuilding with AMX compiled out"
+        build_llama_cpp "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+        touch "$NO_AMX_STAMP"
+        smoke || { echo "[setup_peers] llama.cpp still fails its smoke prefill without AMX; see $LOG"; exit 1; }
+    else
+        echo "[setup_peers] llama.cpp fails its smoke prefill of the default model; see $LOG"; exit 1
+    fi
 fi
 
 "$VENV/bin/python" - <<'EOF'
