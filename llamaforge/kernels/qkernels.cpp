@@ -4,6 +4,8 @@
 
 #include "qkernels.h"
 
+#include <cpuid.h>
+
 #include <vector>
 #include "qcommon.h"
 #include "qrows.h"
@@ -25,14 +27,24 @@
 
 namespace lfq {
 
-// Off by default: what it does depends on the core. On the Zen 5 VM of 2026-12-01 (AVX-512 VNNI tiles, 1 thread,
-// 1B shapes, the weights in the x8 cache's file pages) 8 KiB ahead took 6-17% off a decode step (Q4_0 24.2 ->
-// 20.7 ms, Q6_K 30.7 -> 27.0; 2 threads within noise); on the Zen 4 VM of 2026-12-02 the same 8 KiB made every
-// type slower at 1 thread, the K-quants most (Q4_K_M 28.5 -> 40.8 ms, Q5_K_M 41.8 -> 56.3, Q6_K 38.0 -> 61.1,
-// Q4_0 29.1 -> 30.9, Q8_0 and the default model within noise; the AVX2 tiles Q4_K_M 31.5 -> 44.8; an L2 hint
-// (T2) instead of T0 lost less and gained nothing). benchmarks/RESULTS.md, "Eighth session" and "Ninth session".
+// What it does depends on the core, so the default follows the CPU's vendor: 1 KiB ahead on Intel, off elsewhere.
+// On the Zen 5 VM of 2026-12-01 (AVX-512 VNNI tiles, 1 thread, 1B shapes, the weights in the x8 cache's file
+// pages) 8 KiB ahead took 6-17% off a decode step (Q4_0 24.2 -> 20.7 ms, Q6_K 30.7 -> 27.0; 2 threads within
+// noise); on the Zen 4 VM of 2026-12-02 the same 8 KiB made every type slower at 1 thread, the K-quants most
+// (Q4_K_M 28.5 -> 40.8 ms, Q5_K_M 41.8 -> 56.3, Q6_K 38.0 -> 61.1, Q4_0 29.1 -> 30.9; an L2 hint (T2) instead
+// of T0 lost less and gained nothing). On the Intel Sapphire Rapids-class VM of 2026-12-04, whose core streams
+// ~19 GB/s alone against a Zen 4's ~30, 1 KiB ahead took 12-18% off every x8 type's 1B step at 1 and 2 threads,
+// in the VNNI and the AVX2 tiles alike (2 threads, VNNI: Q4_0 27.9 -> 24.4 ms, Q4_K_M 30.4 -> 26.3, Q5_K_M
+// 35.9 -> 29.7, Q6_K 38.2 -> 32.8; 3B Q4_K_M 81.3 -> 71.1), 512 B-2 KiB about as much, 4 KiB and more lost.
+// benchmarks/RESULTS.md, "Eighth session", "Ninth session" and "Seventeenth session".
+static bool intel_cpu() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid(0, &a, &b, &c, &d)) return false;
+  return b == 0x756e6547u && d == 0x49656e69u && c == 0x6c65746eu;  // "Genu" "ineI" "ntel"
+}
+
 int64_t& x8_prefetch_bytes() {
-  static int64_t bytes = 0;
+  static int64_t bytes = intel_cpu() ? 1024 : 0;
   return bytes;
 }
 

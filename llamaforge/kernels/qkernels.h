@@ -19,8 +19,8 @@ void matmul_x8_avx2(int64_t qt, const uint8_t* w, int64_t g0, int64_t g1, int64_
 void matmul_x8_vnni(int64_t qt, const uint8_t* w, int64_t g0, int64_t g1, int64_t N, int64_t K, const Act& a,
                     int64_t M, float* y);
 
-// How far ahead (bytes of the weight stream) the x8 tiles prefetch at decode sizes (M <= 4; 0, the default: not at
-// all; qkernels.cpp has why).
+// How far ahead (bytes of the weight stream) the x8 tiles prefetch at decode sizes (M <= 4; 0: not at all; by
+// default 1 KiB on Intel CPUs, 0 elsewhere: qkernels.cpp has why).
 // A prefetch changes no value, so no bit moves whatever it is (the `x8_prefetch` knob, benchmarks/decode_knobs.py).
 int64_t& x8_prefetch_bytes();
 
