@@ -374,9 +374,12 @@ def test_graceful_shutdown_finishes_running_streams(server, model_id):
 
 def test_shutdown_past_the_timeout_ends_streams_with_an_error_event_and_done():
     """A stream still running when --shutdown-timeout runs out gets an error event and [DONE], not a cut."""
-    proc, base = start_server("--shutdown-timeout", "1")
+    # 8176 tokens: ~30 s of the default model on a fast core, far past the 1 s timeout (240 ended inside it on
+    # a Sapphire Rapids-class VM, so the stream finished before the shutdown and the test failed).
+    long_seq = 8192
+    proc, base = start_server("--shutdown-timeout", "1", "--max-seq-len", str(long_seq))
     try:
-        body = {"prompt": "Count from one to a thousand:", "max_tokens": MAX_SEQ - 16, "temperature": 0,
+        body = {"prompt": "Count from one to a thousand:", "max_tokens": long_seq - 16, "temperature": 0,
                 "stream": True, "logit_bias": {"0": -100, "1": -100, "2": -100}}  # never stops by itself
         with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as resp:
             lines = resp.iter_lines()
