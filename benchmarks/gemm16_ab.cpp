@@ -6,7 +6,10 @@
 // Build (from the repository root; OLD.h e.g. `git show main:llamaforge/kernels/qgemm_tiles.h > /tmp/old.h`):
 //   g++ -O3 -mavx2 -mfma -mf16c -ffp-contract=off -std=c++17 -Illamaforge/kernels \
 //       -DTILES_A='"/tmp/old.h"' -DTILES_B='"qgemm_tiles.h"' benchmarks/gemm16_ab.cpp -o /tmp/gemm16_ab
-// Run:  /tmp/gemm16_ab [M 128] [K 2048] [N 2048] [type 1 = F16 | 30 = BF16] [rounds 15]
+// The AVX-512 tiles instead: add -DLFQ_AB_512=1 -mavx512f -mavx512bw -mavx512vl -mavx512bf16; there type 31 is BF16
+// by vdpbf16ps and 30 its FMA emulation (the same bits: A = B = the same header compares the two paths' speed
+// across runs; on the Sapphire Rapids-class VM of 2026-12-04 the emulation ran 10-18% faster, RESULTS.md).
+// Run:  /tmp/gemm16_ab [M 128] [K 2048] [N 2048] [type 1 = F16 | 30 = BF16 | 31] [rounds 15]
 #include <immintrin.h>
 
 #include <algorithm>
@@ -20,7 +23,10 @@
 
 #include "qcommon.h"
 
-#define LFQ_GEMM_512 0
+#ifndef LFQ_AB_512
+#define LFQ_AB_512 0
+#endif
+#define LFQ_GEMM_512 LFQ_AB_512
 #define LFQ_GEMM_NS tiles_a
 #include TILES_A
 #undef LFQ_GEMM_NS
@@ -44,8 +50,14 @@ int main(int argc, char** argv) {
   using namespace lfq;
   const int64_t M = argc > 1 ? atoll(argv[1]) : 128, K = argc > 2 ? atoll(argv[2]) : 2048, N = argc > 3 ? atoll(argv[3]) : 2048;
   const int qt = argc > 4 ? atoi(argv[4]) : 1, rounds = argc > 5 ? atoi(argv[5]) : 15;
-  if (qt != 1 && qt != 30) return fprintf(stderr, "type: 1 (F16) or 30 (BF16)\n"), 2;
+  if (qt != 1 && qt != 30 && !(LFQ_AB_512 && qt == 31))
+    return fprintf(stderr, "type: 1 (F16), 30 (BF16) or, AVX-512 only, 31 (BF16 by vdpbf16ps)\n"), 2;
+#if LFQ_AB_512
+  const Gemm gemm[2] = {qt == 1 ? tiles_a::gemm<T_F16> : qt == 30 ? tiles_a::gemm<T_BF16> : tiles_a::gemm<T_BF16, true>,
+                        qt == 1 ? tiles_b::gemm<T_F16> : qt == 30 ? tiles_b::gemm<T_BF16> : tiles_b::gemm<T_BF16, true>};
+#else
   const Gemm gemm[2] = {qt == 1 ? tiles_a::gemm<T_F16> : tiles_a::gemm<T_BF16>, qt == 1 ? tiles_b::gemm<T_F16> : tiles_b::gemm<T_BF16>};
+#endif
   std::mt19937 g(1);
   std::normal_distribution<float> d(0, 1);
   std::vector<uint16_t> w(N * K);
@@ -60,11 +72,11 @@ int main(int argc, char** argv) {
     v = d(g);
     uint32_t u;
     std::memcpy(&u, &v, 4);
-    if (qt == 30) u &= 0xFFFF0000u, std::memcpy(&v, &u, 4);
+    if (qt != 1) u &= 0xFFFF0000u, std::memcpy(&v, &u, 4);
   }
   std::vector<float> y[2] = {std::vector<float>(M * N), std::vector<float>(M * N)};
   std::vector<double> t[2];
-  if (qt == 30) _mm_setcsr(_mm_getcsr() | 0x8040u);  // as Bf16Mode: DAZ / FTZ
+  if (qt != 1) _mm_setcsr(_mm_getcsr() | 0x8040u);  // as Bf16Mode: DAZ / FTZ
   for (int r = 0; r < rounds; ++r)
     for (int j = 0; j < 2; ++j) {
       const int v = (j + r) % 2;
@@ -73,7 +85,7 @@ int main(int argc, char** argv) {
       t[v].push_back(cpu_s() - t0);
     }
   const double gflop = 2.0 * M * N * K * 1e-9;
-  printf("M=%lld K=%lld N=%lld %s:", (long long)M, (long long)K, (long long)N, qt == 1 ? "F16" : "BF16");
+  printf("M=%lld K=%lld N=%lld %s:", (long long)M, (long long)K, (long long)N, qt == 1 ? "F16" : qt == 30 ? "BF16" : "BF16 vdpbf16ps");
   for (int v = 0; v < 2; ++v) {
     std::sort(t[v].begin(), t[v].end());
     printf("  %s %.1f / %.1f", v ? "B" : "A", gflop / t[v][rounds / 2], gflop / t[v][0]);
