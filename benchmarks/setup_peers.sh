@@ -62,13 +62,13 @@ fi
 
 LOG="$WORK/llama-cpp-build.log"
 NO_AMX_STAMP="$VENV/.llama-cpp-no-amx"  # present: the build has AMX compiled out (see below)
-build_llama_cpp() {  # build_llama_cpp [EXTRA_C_FLAGS]
+build_llama_cpp() {  # build_llama_cpp [EXTRA_C_FLAGS]: with flags, a rebuild that neither takes nor leaves pip's cached wheel
     echo "[setup_peers] building llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION from its sdist (~15 min on 2 cores)${1:+ with $1}; log: $LOG"
     # CPU only: no BLAS (llama.cpp's own quantized kernels are what is compared), no CUDA/Vulkan/Metal,
     # no llava/mtmd library (not used), native instruction set (-march=native, as llama.cpp users build it).
     CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_BLAS=OFF -DGGML_CUDA=OFF -DGGML_VULKAN=OFF -DGGML_METAL=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF${1:+ -DCMAKE_C_FLAGS='$1' -DCMAKE_CXX_FLAGS='$1'}" \
     CMAKE_BUILD_PARALLEL_LEVEL="$JOBS" \
-        nice -n 19 "${PIP[@]}" install --no-binary llama-cpp-python --no-cache-dir --force-reinstall --no-deps -v \
+        nice -n 19 "${PIP[@]}" install --no-binary llama-cpp-python ${1:+--no-cache-dir --force-reinstall --no-deps} -v \
         "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" >"$LOG" 2>&1 \
         || { echo "[setup_peers] llama-cpp-python build FAILED; last lines of $LOG:"; tail -30 "$LOG"; exit 1; }
 }
