@@ -227,6 +227,11 @@ inline void tile_rows(const E* blk, int64_t pairs, const float* xp, int64_t step
 }
 #endif
 
+// The first 64-byte boundary at or after p (a buffer over-allocated by 16 floats).
+inline float* align64(float* p) {
+  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t{63});
+}
+
 // hsum (qcommon.h) of the 8 accumulators at a, a + 8, .., a + 56, as one vector: the same additions in the
 // same order, (v0 + v4) + (v2 + v6) and (v1 + v5) + (v3 + v7), then their sum, 8 rows side by side.
 inline __m256 hsum8(const float* a) {
@@ -256,18 +261,20 @@ void gemm_pass(const uint16_t* w, int64_t n0, int64_t n1, int64_t K, const float
   using pelem = std::conditional_t<DOT || HALVES, uint16_t, float>;  // what the panel holds
   constexpr int64_t PW = DOT ? 32 : 16, RW = DOT ? 16 : 8;  // elements per step: of a pair, of a packed row
   thread_local std::vector<float> blk_buf, x_buf;  // DOT: bf16 in their first halves
-  blk_buf.resize(static_cast<size_t>(NP * kt));
-  x_buf.resize(static_cast<size_t>(M * kt));
-  pelem* blk = reinterpret_cast<pelem*>(blk_buf.data());  // 16-bit: only read and written by vector intrinsics
-  elem* xpk = reinterpret_cast<elem*>(x_buf.data());
+  blk_buf.resize(static_cast<size_t>(NP * kt + 16));
+  x_buf.resize(static_cast<size_t>(M * kt + 16));
+  // 16-bit: only read and written by vector intrinsics. Both on 64-byte boundaries, so that no panel vector and
+  // no packed row's step straddles two cache lines (malloc gives 16 bytes: then every zmm load split in two).
+  pelem* blk = reinterpret_cast<pelem*>(align64(blk_buf.data()));
+  elem* xpk = reinterpret_cast<elem*>(align64(x_buf.data()));
 #if LFQ_GEMM_512
   if constexpr (DOT) pack_rows_bf16(x, K, M, steps, xpk);
   else
 #endif
     pack_rows(x, K, M, steps, xpk);
   thread_local std::vector<float> acc_buf;  // (pass row, panel row) accumulators, 8 floats each
-  acc_buf.resize(static_cast<size_t>(MB * NP * 8));
-  float* acc = acc_buf.data();
+  acc_buf.resize(static_cast<size_t>(MB * NP * 8 + 16));
+  float* acc = align64(acc_buf.data());
   const int64_t tiles = (M + TILE_ROWS - 1) / TILE_ROWS, slices = std::max<int64_t>(1, (steps * 8 + KC - 1) / KC);  // K < 8: one empty slice zeroes acc
   for (int64_t p0 = n0; p0 < n1; p0 += NP) {
     const int64_t np = std::min(NP, n1 - p0), pairs = (np + 1) / 2, next = std::min(NP, n1 - p0 - NP);
