@@ -54,5 +54,9 @@ bool& gemm_avx512_enabled();
 // CPUs without AVX512_BF16, Skylake-X .. Ice Lake, run; the same bits either way).
 bool gemm_bf16dot_supported();
 bool& gemm_bf16dot_enabled();
+// Whether the prefill GEMM itself uses vdpbf16ps where gemm_bf16dot_enabled() (else its emulation, the same bits):
+// by default on, except on Intel CPUs, where the emulation measured faster (qgemm.cpp). The decode tiles follow
+// gemm_bf16dot_enabled() alone.
+bool& gemm_bf16dot_prefill();
 
 }  // namespace lfq

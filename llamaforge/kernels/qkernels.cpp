@@ -4,8 +4,6 @@
 
 #include "qkernels.h"
 
-#include <cpuid.h>
-
 #include <vector>
 #include "qcommon.h"
 #include "qrows.h"
@@ -37,12 +35,6 @@ namespace lfq {
 // in the VNNI and the AVX2 tiles alike (2 threads, VNNI: Q4_0 27.9 -> 24.4 ms, Q4_K_M 30.4 -> 26.3, Q5_K_M
 // 35.9 -> 29.7, Q6_K 38.2 -> 32.8; 3B Q4_K_M 81.3 -> 71.1), 512 B-2 KiB about as much, 4 KiB and more lost.
 // benchmarks/RESULTS.md, "Eighth session", "Ninth session" and "Seventeenth session".
-static bool intel_cpu() {
-  unsigned a = 0, b = 0, c = 0, d = 0;
-  if (!__get_cpuid(0, &a, &b, &c, &d)) return false;
-  return b == 0x756e6547u && d == 0x49656e69u && c == 0x6c65746eu;  // "Genu" "ineI" "ntel"
-}
-
 int64_t& x8_prefetch_bytes() {
   static int64_t bytes = intel_cpu() ? 1024 : 0;
   return bytes;

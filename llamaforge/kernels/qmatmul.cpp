@@ -666,6 +666,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              "whether the 16-bit prefill GEMM uses its AVX-512 tiles; `on` switches them off (or back on where supported)");
   m.def("bf16dot_supported", &gemm_bf16dot_supported,
         "whether the CPU has AVX512_BF16: BF16 weights then run with vdpbf16ps (else the tiles' exact emulation of it)");
+  def_switch(m, "use_bf16dot_gemm", &gemm_bf16dot_prefill, &gemm_bf16dot_supported,
+             "whether the prefill GEMM uses vdpbf16ps where use_bf16dot is on (default: not on Intel CPUs, where its "
+             "exact FMA emulation ran faster); `on` switches it");
   def_switch(m, "use_bf16dot", &gemm_bf16dot_enabled, &gemm_bf16dot_supported,
              "whether BF16 weights use vdpbf16ps (with the AVX-512 tiles); `on` switches it off (the FMA emulation, as "
              "on AVX-512 CPUs without AVX512_BF16) or back on where supported");
