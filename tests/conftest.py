@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import random
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,3 +135,21 @@ def default_llama():
     from llamaforge import Llama
 
     return Llama.build(max_seq_len=512, max_batch_size=4, device="cpu", dtype="float32")
+
+
+def cpu_vendor() -> str:
+    """/proc/cpuinfo's vendor_id ("GenuineIntel", "AuthenticAMD", ...); "" where it has none."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("vendor_id")), "")
+
+
+def fresh_kernel_defaults(*getters: str) -> list[str]:
+    """What the C++ extension's knobs / switches `getters` return, called without an argument, in a fresh process:
+    their defaults (tests in this process set them, and put them back)."""
+    code = ("from llamaforge import kernels; e = kernels.get_extension(); "
+            f"print(*(getattr(e, g)() for g in {getters!r}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    return out[-len(getters):]

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from llamaforge import kernels
+from tests.conftest import cpu_vendor, fresh_kernel_defaults
 
 ext = kernels.get_extension()
 pytestmark = pytest.mark.skipif(ext is None, reason="the C++ kernels are not available here")
@@ -146,21 +147,15 @@ def test_prefill_gemm_splits_across_threads_exactly(qt, gemm_isa):
         ext.min_bytes_per_thread(was)
 
 
-@pytest.mark.skipif(len(ISAS) < 2, reason="this CPU has no AVX-512: only the AVX2 GEMM runs here")
 def test_prefill_gemm_vdpbf16ps_default_follows_the_cpu_vendor():
     # The GEMM runs BF16 by vdpbf16ps where the CPU has it, except on Intel, where its exact FMA emulation measured
-    # faster (qgemm.cpp); the decode tiles keep vdpbf16ps. A fresh process: tests here set the switches.
-    import subprocess
-    import sys
-
-    vendor = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("vendor_id")), "")
-    code = ("from llamaforge import kernels; e = kernels.get_extension(); "
-            "print(e.bf16dot_supported(), e.use_bf16dot_gemm())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-2:]
+    # faster (qgemm.cpp); the decode tiles keep vdpbf16ps.
+    vendor, out = cpu_vendor(), fresh_kernel_defaults("bf16dot_supported", "use_bf16dot_gemm")
     supported, gemm = (v == "True" for v in out)
     assert gemm == (supported and vendor != "GenuineIntel"), (vendor, out)
 
 
+@pytest.mark.skipif(len(ISAS) < 2, reason="this CPU has no AVX-512: only the AVX2 GEMM runs here")
 @pytest.mark.parametrize("qt", ["F16", "BF16"])
 def test_prefill_gemm_builds_agree_bit_for_bit(qt):
     g = torch.Generator().manual_seed(11)

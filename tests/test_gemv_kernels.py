@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from llamaforge import kernels
+from tests.conftest import cpu_vendor, fresh_kernel_defaults
 
 EXT = kernels.get_extension()
 pytestmark = pytest.mark.skipif(EXT is None, reason="C++ kernels unavailable")
@@ -148,11 +149,8 @@ def test_x8_prefetch_distance_changes_no_bit(qtype: str, tiles: str) -> None:
 
 def test_x8_prefetch_default_follows_the_cpu_vendor() -> None:
     # 1 KiB ahead on Intel (measured: 12-18% off a decode step there), off elsewhere (it cost up to 1.6x on a Zen 4).
-    # A fresh process: other tests set the knob (and put it back).
-    vendor = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("vendor_id")), "")
-    code = "from llamaforge import kernels; print(kernels.get_extension().x8_prefetch())"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1]
-    assert int(out) == (1024 if vendor == "GenuineIntel" else 0), (vendor, out)
+    vendor, (ahead,) = cpu_vendor(), fresh_kernel_defaults("x8_prefetch")
+    assert int(ahead) == (1024 if vendor == "GenuineIntel" else 0), (vendor, ahead)
 
 
 @pytest.mark.parametrize("qtype", ["F16", "BF16"])

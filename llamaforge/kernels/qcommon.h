@@ -5,7 +5,6 @@
 // these headers compile quickly.
 #pragma once
 
-#include <cpuid.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -15,15 +14,9 @@
 
 namespace lfq {
 
-// Whether the CPU is an Intel one (cpuid vendor "GenuineIntel"): some defaults measured per vendor follow it
-// (the x8 tiles' prefetch distance, the prefill GEMM's BF16 path).
-inline bool intel_cpu() {
-  static const bool intel = [] {
-    unsigned a = 0, b = 0, c = 0, d = 0;
-    return __get_cpuid(0, &a, &b, &c, &d) && b == 0x756e6547u && d == 0x49656e69u && c == 0x6c65746eu;
-  }();
-  return intel;
-}
+// Whether the CPU is an Intel one (GCC's cpuid reading, as the __builtin_cpu_supports checks): some defaults
+// measured per vendor follow it (the x8 tiles' prefetch distance, the prefill GEMM's BF16 path).
+inline bool intel_cpu() { return __builtin_cpu_is("intel"); }
 
 // GGML type ids (gguf.GGMLQuantizationType values).
 constexpr int64_t T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8;
